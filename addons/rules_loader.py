@@ -1,0 +1,139 @@
+"""Load the rules directory into the shared holder, and reload it when files change.
+
+The gateway refuses to run on bad rules: at start-up an invalid directory stops mitmproxy;
+later an invalid edit is reported and the previous rules stay in force. Until rules are
+loaded every flow is refused (fail closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from mitmproxy import ctx, exceptions, http
+
+from addons.config import ConfigError, Rules, load_rules, rule_files
+from addons.guard import guarded, refuse
+
+log = logging.getLogger("agentgate.rules")
+
+
+class RulesHolder:
+    """The rules in force. Addons read `holder.rules` on every flow (one attribute load)."""
+
+    def __init__(self, rules: Rules | None = None) -> None:
+        self.rules: Rules | None = rules
+        self.version = 0 if rules is None else 1
+        self.last_error: str | None = None
+        self._listeners: list[Callable[[Rules], None]] = []
+        self._lock = threading.Lock()
+
+    def on_change(self, fn: Callable[[Rules], None]) -> None:
+        """Call fn(rules) whenever new rules are installed (and now, if loaded)."""
+        self._listeners.append(fn)
+        if self.rules is not None:
+            fn(self.rules)
+
+    def install(self, rules: Rules) -> None:
+        with self._lock:
+            self.rules = rules
+            self.version += 1
+            self.last_error = None
+        for fn in self._listeners:
+            fn(rules)
+
+
+def snapshot(directory: str) -> tuple[tuple[str, int, int], ...]:
+    """(name, mtime_ns, size) of every rules file: cheap change detection."""
+    out = []
+    try:
+        for p in rule_files(directory):
+            st = p.stat()
+            out.append((p.name, st.st_mtime_ns, st.st_size))
+    except OSError:
+        return ()
+    return tuple(out)
+
+
+class RulesLoader:
+    def __init__(self, holder: RulesHolder) -> None:
+        self.holder = holder
+        self._snapshot: tuple = ()
+        self._watch: asyncio.Task | None = None
+
+    def load(self, loader) -> None:
+        loader.add_option("agentgate_rules", str, os.environ.get("AGENTGATE_RULES", "rules"),
+                          "Directory of agentgate rules (*.yaml).")
+        loader.add_option("agentgate_data", str, os.environ.get("AGENTGATE_DATA", "data"),
+                          "Directory for agentgate's state (DuckDB audit store).")
+        loader.add_option("agentgate_rules_poll_ms", int, 1000,
+                          "Milliseconds between checks for changed rules files (0: never reload).")
+
+    def configure(self, updated: set[str]) -> None:
+        if "agentgate_rules" not in updated:
+            return
+        directory = ctx.options.agentgate_rules
+        try:
+            rules = load_rules(directory)
+        except ConfigError as e:
+            self.holder.last_error = str(e)
+            log.error("agentgate: invalid rules: %s", e)
+            if self.holder.rules is None:
+                # Refuse to start rather than run a gateway without rules.
+                _shutdown()
+            raise exceptions.OptionsError(f"invalid rules: {e}") from None
+        self._snapshot = snapshot(directory)
+        self.holder.install(rules)
+        log.info("agentgate: rules loaded from %s (%d files, %d upstreams)",
+                 Path(directory).resolve(), len(rules.files), len(rules.upstreams))
+
+    def running(self) -> None:
+        if ctx.options.agentgate_rules_poll_ms > 0 and self._watch is None:
+            self._watch = asyncio.create_task(self._watcher())
+
+    def done(self) -> None:
+        if self._watch:
+            self._watch.cancel()
+
+    async def _watcher(self) -> None:
+        while True:
+            await asyncio.sleep(ctx.options.agentgate_rules_poll_ms / 1000)
+            directory = ctx.options.agentgate_rules
+            snap = snapshot(directory)
+            if snap == self._snapshot:
+                continue
+            self._snapshot = snap
+            try:
+                rules = await asyncio.to_thread(load_rules, directory)
+            except ConfigError as e:
+                self.holder.last_error = str(e)
+                log.error("agentgate: rules change rejected, previous rules stay in force: %s", e)
+                continue
+            except Exception as e:  # noqa: BLE001 - keep the old rules on any failure
+                self.holder.last_error = f"{type(e).__name__}: {e}"
+                log.error("agentgate: rules reload failed (%s); previous rules stay in force",
+                          type(e).__name__)
+                continue
+            self.holder.install(rules)
+            log.info("agentgate: rules reloaded (version %d)", self.holder.version)
+
+    @guarded("rules")
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if self.holder.rules is None:
+            refuse(flow, 503, "gateway has no valid rules loaded", "no_rules", "rules")
+
+    @guarded("rules")
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if self.holder.rules is None:
+            refuse(flow, 503, "gateway has no valid rules loaded", "no_rules", "rules")
+
+
+def _shutdown() -> None:
+    try:
+        ctx.master.shutdown()
+    except Exception:  # noqa: BLE001 - no master in unit tests
+        log.debug("no master to shut down")

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# agentgate bootstrap: find Python >= 3.12, keep .venv in sync with setup.cfg, make the
+# interception CA, then run the gateway (mitmdump / mitmweb), the tests, the demo or the CLI.
+#
+#   ./run_proxy.sh [mitmproxy args…]        gateway under mitmdump on 127.0.0.1:8080
+#   ./run_proxy.sh web [mitmproxy args…]    the same under mitmweb
+#   ./run_proxy.sh test [pytest args…]      the whole test suite
+#   ./run_proxy.sh demo                     a real LangGraph agent through the gateway
+#   ./run_proxy.sh bench [args…]            benchmarks (writes BENCHMARKS.md)
+#   ./run_proxy.sh cli ARGS…                the agentgate command (rules check, token verify…)
+#
+# Env: AGENTGATE_LISTEN (host:port), AGENTGATE_RULES (dir), AGENTGATE_DATA (dir),
+#      AGENTGATE_PYTHON (interpreter to use), AGENTGATE_VENV (virtualenv dir).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cd "$ROOT"
+VENV=${AGENTGATE_VENV:-$ROOT/.venv}
+LISTEN=${AGENTGATE_LISTEN:-127.0.0.1:8080}
+RULES=${AGENTGATE_RULES:-$ROOT/rules}
+DATA=${AGENTGATE_DATA:-$ROOT/data}
+CERTS=$ROOT/certs
+
+say() { printf 'agentgate: %s\n' "$*" >&2; }
+die() { say "$*"; exit 1; }
+
+py_ok() { # is $1 a Python >= 3.12 that can make a venv?
+  "$1" -c 'import sys, venv; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1
+}
+
+find_python() {
+  if [[ -n ${AGENTGATE_PYTHON:-} ]]; then
+    py_ok "$AGENTGATE_PYTHON" || die "AGENTGATE_PYTHON=$AGENTGATE_PYTHON is not a Python >= 3.12"
+    echo "$AGENTGATE_PYTHON"; return
+  fi
+  local c p root
+  # PATH first. 3.13 is preferred: on 3.12 mitmproxy 12.2 pins typing-extensions <= 4.14,
+  # which the test clients (pydantic) cannot share.
+  for c in python3.13 python3.14 python3.12 python3 python; do
+    p=$(command -v "$c" 2>/dev/null) || continue
+    py_ok "$p" && { echo "$p"; return; }
+  done
+  # then pyenv's versions, newest first
+  root=$( (command -v pyenv >/dev/null && pyenv root) 2>/dev/null || echo "${PYENV_ROOT:-$HOME/.pyenv}")
+  if [[ -d $root/versions ]]; then
+    for p in $(ls -d "$root"/versions/3.13* "$root"/versions/3.14* "$root"/versions/3.1[2-9]* \
+               2>/dev/null | awk '!seen[$0]++'); do
+      [[ -x $p/bin/python3 ]] && py_ok "$p/bin/python3" && { echo "$p/bin/python3"; return; }
+    done
+  fi
+  die "no Python >= 3.12 found (looked on PATH for python3.13/3.14/3.12/python3 and in $root/versions). Install one (e.g. 'pyenv install 3.13') or set AGENTGATE_PYTHON."
+}
+
+ensure_venv() { # $1: extras ("" | demo | test)
+  local extras=$1 want stamp
+  if [[ ! -x $VENV/bin/python ]] || ! py_ok "$VENV/bin/python"; then
+    local py; py=$(find_python)
+    say "creating virtualenv $VENV with $("$py" -c 'import sys; print(sys.version.split()[0])') ($py)"
+    rm -rf "$VENV"
+    "$py" -m venv "$VENV"
+  fi
+  want=$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)
+  stamp=$VENV/.agentgate-deps${extras:+-$extras}
+  if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
+    return  # dependencies already match setup.cfg: no pip run at all
+  fi
+  say "installing dependencies${extras:+ ($extras)} into $VENV …"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}" \
+    || die "dependency installation failed (see pip output above)"
+  echo "$want" > "$stamp"
+  [[ -n $extras ]] && echo "$want" > "$VENV/.agentgate-deps"  # extras include the base
+  return 0
+}
+
+ensure_ca() {
+  mkdir -p "$CERTS"
+  if [[ ! -f $CERTS/mitmproxy-ca.pem ]]; then
+    say "generating the interception CA in $CERTS (private key stays here, never committed)"
+    "$VENV/bin/python" - "$CERTS" <<'EOF'
+import sys
+from pathlib import Path
+from mitmproxy.certs import CertStore
+CertStore.from_store(Path(sys.argv[1]), "mitmproxy", 2048)
+EOF
+    chmod 600 "$CERTS"/mitmproxy-ca.pem "$CERTS"/mitmproxy-ca.p12 2>/dev/null || true
+  fi
+}
+
+run_gateway() { # $1: mitmdump | mitmweb
+  local tool=$1; shift
+  ensure_venv ""
+  ensure_ca
+  mkdir -p "$DATA"
+  local host=${LISTEN%:*} port=${LISTEN##*:}
+  [[ $host != "$LISTEN" && $port =~ ^[0-9]+$ ]] || die "AGENTGATE_LISTEN must be host:port, got '$LISTEN'"
+  # Refuse to start on bad rules, with the file, key and reason.
+  "$VENV/bin/agentgate" rules check "$RULES" >&2 || die "not starting: fix the rules above"
+  cat >&2 <<EOF
+
+agentgate: starting $tool on $LISTEN (rules: $RULES, data: $DATA)
+In the agent's container (the token is the agent's short-lived OIDC token):
+  export HTTPS_PROXY=http://agent:\${OIDC_TOKEN}@$LISTEN
+  export HTTP_PROXY=http://agent:\${OIDC_TOKEN}@$LISTEN
+  export SSL_CERT_FILE=$CERTS/mitmproxy-ca-cert.pem
+  export REQUESTS_CA_BUNDLE=$CERTS/mitmproxy-ca-cert.pem
+
+EOF
+  export AGENTGATE_RULES=$RULES AGENTGATE_DATA=$DATA
+  exec "$VENV/bin/$tool" -s "$ROOT/addons/gateway.py" \
+    --listen-host "$host" --listen-port "$port" \
+    --set confdir="$CERTS" \
+    --set agentgate_rules="$RULES" --set agentgate_data="$DATA" \
+    --set connection_strategy=lazy \
+    "$@"
+}
+
+cmd=${1:-}
+case $cmd in
+  web) shift; run_gateway mitmweb "$@" ;;
+  test)
+    shift
+    ensure_venv test
+    ensure_ca
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  demo)
+    shift
+    ensure_venv demo
+    exec "$VENV/bin/agentgate" demo "$@"
+    ;;
+  bench)
+    shift
+    ensure_venv test
+    exec "$VENV/bin/python" -m bench "$@"
+    ;;
+  cli)
+    shift
+    ensure_venv ""
+    exec "$VENV/bin/agentgate" "$@"
+    ;;
+  -h|--help|help)
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    ;;
+  *) run_gateway mitmdump "$@" ;;
+esac
