@@ -10,7 +10,8 @@ Section owners (each parser lives beside the logic it configures):
   upstreams  -> this module
   identity   -> addons.identity_config.parse_identity
   masking    -> addons.masking_config.parse_masking
-  policies   -> addons.policy_config.parse_policies (list), approvals -> parse_approvals
+  policies   -> addons.policy_config.parse_policies (list)
+  approvals  -> addons.approvals_config.parse_approvals
   recorder   -> addons.recorder_config.parse_recorder
 """
 
@@ -175,7 +176,8 @@ class Upstream:
         return False
 
 
-_HOST_RE = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?$|^\[[0-9a-f:.]+\](:\d{1,5})?$")
+_HOST_RE = re.compile(
+    r"^(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?$|^\[[0-9a-f:.]+\](:\d{1,5})?$")
 
 
 def host_matches(pattern: str, host: str, port: int) -> bool:
@@ -368,9 +370,10 @@ def _iter_list(lists: list[tuple[str, Any]], section: str) -> Iterator[tuple[Any
 def load_rules(directory: str | Path) -> Rules:
     """Parse every YAML file of a rules directory. Raises ConfigError."""
     # imported here so each concern's parser can import helpers from this module
+    from addons.approvals_config import parse_approvals
     from addons.identity_config import parse_identity
     from addons.masking_config import parse_masking
-    from addons.policy_config import parse_approvals, parse_policies
+    from addons.policy_config import parse_policies
     from addons.recorder_config import parse_recorder
 
     d = Path(directory)
