@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from urllib.parse import parse_qsl, urlencode
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 
 from addons.guard import guarded, refuse
 from addons.rules_loader import RulesHolder
@@ -34,9 +34,68 @@ def strip_credentials(headers: http.Headers, extra: str | None = None) -> list[s
     return removed
 
 
+REDACTED = "[injected by agentgate]"
+
+
+def scrub_injected(flow: http.HTTPFlow) -> None:
+    """Replace the injected real credential on the flow once it has been sent.
+
+    mitmproxy serialises `flow.request` to the wire after the request hooks; from the first
+    hook after that (responseheaders / error) the value is only a liability: mitmdump's
+    dumper, `-w` flow files, mitmweb and our recorder all read the flow object.
+    """
+    meta = flow.metadata.get("upstream")
+    header = meta.get("injected") if isinstance(meta, dict) else None
+    if header and flow.request.headers.get(header, REDACTED) != REDACTED:
+        flow.request.headers[header] = REDACTED
+
+
+class CredentialScrubber:
+    """Runs first in the addon chain so no default addon (dumper, save, view) sees the
+    secret on the response/error path; see scrub_injected."""
+
+    name = "agentgate_scrubber"
+
+    @guarded("credentials", skip_answered=False)
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        scrub_injected(flow)
+
+    @guarded("credentials", skip_answered=False)
+    def response(self, flow: http.HTTPFlow) -> None:
+        scrub_injected(flow)
+
+    @guarded("credentials", skip_answered=False)
+    def error(self, flow: http.HTTPFlow) -> None:
+        scrub_injected(flow)
+
+
 class Credentials:
     def __init__(self, holder: RulesHolder) -> None:
         self.holder = holder
+        self.scrubber = CredentialScrubber()
+
+    def load(self, loader) -> None:
+        # mitmproxy runs addons in chain order and scripts come after the built-in addons,
+        # so the scrubber is put at the very front of the chain explicitly.
+        master = getattr(ctx, "master", None)
+        addons = getattr(master, "addons", None)
+        if addons is None or addons.get(CredentialScrubber.name) is not None:
+            return
+        addons.register(self.scrubber)
+        addons.chain.insert(0, self.scrubber)
+
+    def done(self) -> None:
+        master = getattr(ctx, "master", None)
+        if master is not None and master.addons.get(CredentialScrubber.name) is self.scrubber:
+            master.addons.remove(self.scrubber)
+
+    @guarded("credentials", skip_answered=False)
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        scrub_injected(flow)
+
+    @guarded("credentials", skip_answered=False)
+    def error(self, flow: http.HTTPFlow) -> None:
+        scrub_injected(flow)
 
     @guarded("credentials")
     def request(self, flow: http.HTTPFlow) -> None:

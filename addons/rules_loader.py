@@ -81,10 +81,8 @@ class RulesLoader:
             rules = load_rules(directory)
         except ConfigError as e:
             self.holder.last_error = str(e)
-            log.error("agentgate: invalid rules: %s", e)
-            if self.holder.rules is None:
-                # Refuse to start rather than run a gateway without rules.
-                _shutdown()
+            # At start-up mitmdump exits on an error logged while starting ("Error logged
+            # during startup, exiting..."); later the previous rules stay in force.
             raise exceptions.OptionsError(f"invalid rules: {e}") from None
         self._snapshot = snapshot(directory)
         self.holder.install(rules)
@@ -131,9 +129,3 @@ class RulesLoader:
         if self.holder.rules is None:
             refuse(flow, 503, "gateway has no valid rules loaded", "no_rules", "rules")
 
-
-def _shutdown() -> None:
-    try:
-        ctx.master.shutdown()
-    except Exception:  # noqa: BLE001 - no master in unit tests
-        log.debug("no master to shut down")

@@ -20,6 +20,8 @@ import pytest
 
 from addons.standin import StandIn
 
+pytest_plugins = ["oidc_fixtures"]
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
