@@ -22,7 +22,9 @@ import contextlib
 import json
 import logging
 import re
+import ssl
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
@@ -264,3 +266,111 @@ async def _send(writer: asyncio.StreamWriter, status: int, payload: dict[str, An
     if not head_only:
         writer.write(data)
     await writer.drain()
+
+
+# ---------------------------------------------------------------- notifications
+class Notifier:
+    """POSTs Slack-compatible JSON about new holds, directly (never through the proxy).
+
+    Each delivery runs in its own task with exponential backoff; a failure is logged and
+    retried and never touches the hold. The URL is treated as a secret (Slack puts the
+    token in the path): only its scheme and host appear in logs.
+    """
+
+    def __init__(self) -> None:
+        self._ssl: dict[str | None, ssl.SSLContext] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.sent = 0
+        self.failed_attempts = 0
+
+    def submit(self, url: str, payload: dict[str, Any], *, retries: int, backoff: float,
+               max_backoff: float, timeout: float, ca_file: str | None = None,
+               still_wanted: Callable[[], bool] = lambda: True) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(self._deliver(
+            url, payload, retries, backoff, max_backoff, timeout, ca_file, still_wanted))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2)
+
+    async def _deliver(self, url: str, payload: dict[str, Any], retries: int, backoff: float,
+                       max_backoff: float, timeout: float, ca_file: str | None,
+                       still_wanted: Callable[[], bool]) -> bool:
+        where = safe_url(url)
+        label = payload.get("approval_id", "")
+        for attempt in range(retries + 1):
+            if attempt and not still_wanted():
+                return False  # decided meanwhile: nobody needs the reminder any more
+            try:
+                status = await post_json(url, payload, timeout=timeout,
+                                         ssl_context=await self._context(url, ca_file))
+                if 200 <= status < 300:
+                    self.sent += 1
+                    return True
+                problem = f"HTTP {status}"
+            except (OSError, TimeoutError, ssl.SSLError, ValueError,
+                    asyncio.IncompleteReadError) as e:
+                problem = type(e).__name__
+            self.failed_attempts += 1
+            if attempt == retries:
+                break
+            delay = min(max_backoff, backoff * (2 ** attempt))
+            log.warning("agentgate: approval %s: notification to %s failed (%s); retry %d/%d "
+                        "in %.1fs", label, where, problem, attempt + 1, retries, delay)
+            await asyncio.sleep(delay)
+        log.error("agentgate: approval %s: notification to %s failed after %d attempts (%s); "
+                  "the request stays held", label, where, retries + 1, problem)
+        return False
+
+    async def _context(self, url: str, ca_file: str | None) -> ssl.SSLContext | None:
+        if not url.lower().startswith("https:"):
+            return None
+        if ca_file not in self._ssl:
+            # loading CA files is blocking file I/O: once per file, off the event loop
+            self._ssl[ca_file] = await asyncio.to_thread(ssl.create_default_context,
+                                                         cafile=ca_file)
+        return self._ssl[ca_file]
+
+
+def safe_url(url: str) -> str:
+    """scheme://host[:port] of a URL: what may be logged of a webhook address."""
+    u = urllib.parse.urlsplit(url)
+    return f"{u.scheme}://{u.hostname or '?'}" + (f":{u.port}" if u.port else "")
+
+
+async def post_json(url: str, payload: dict[str, Any], *, timeout: float,
+                    ssl_context: ssl.SSLContext | None = None) -> int:
+    """POST JSON over a fresh connection; returns the HTTP status. Raises OSError etc."""
+    u = urllib.parse.urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError("not an http(s) URL")
+    port = u.port or (443 if u.scheme == "https" else 80)
+    target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+    host_header = u.hostname + (f":{u.port}" if u.port else "")
+    if ":" in u.hostname:
+        host_header = f"[{u.hostname}]" + (f":{u.port}" if u.port else "")
+    body = json.dumps(payload).encode()
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(
+            u.hostname, port, ssl=ssl_context if u.scheme == "https" else None,
+            server_hostname=u.hostname if u.scheme == "https" else None)
+        try:
+            writer.write((f"POST {target} HTTP/1.1\r\nHost: {host_header}\r\n"
+                          "Content-Type: application/json\r\nUser-Agent: agentgate\r\n"
+                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                          ).encode("latin-1") + body)
+            await writer.drain()
+            line = await reader.readline()
+            parts = line.split(None, 2)
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
+                raise ValueError("not an HTTP response")
+            return int(parts[1])
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
