@@ -65,8 +65,11 @@ ensure_venv() { # $1: extras ("" | demo | test)
     return  # dependencies already match setup.cfg: no pip run at all
   fi
   say "installing dependencies${extras:+ ($extras)} into $VENV …"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}" \
-    || die "dependency installation failed (see pip output above)"
+  # (this machine's pip config names local index folders that may not exist: drop that noise)
+  if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+        -e ".${extras:+[$extras]}" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); then
+    die "dependency installation failed (see pip output above)"
+  fi
   echo "$want" > "$stamp"
   [[ -n $extras ]] && echo "$want" > "$VENV/.agentgate-deps"  # extras include the base
   return 0

@@ -220,6 +220,24 @@ def redact_header_pairs(pairs: Sequence[Sequence[Any]], names: frozenset[str],
     return tuple(out)
 
 
+CREDENTIAL_QUERY_KEYS = frozenset({"key", "api_key", "apikey", "access_token", "token",
+                                   "api-key", "x-api-key"})
+
+
+def redact_query(url: str) -> str:
+    """The URL with credential-like query parameters' values redacted."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url
+    parts = []
+    for item in query.split("&"):
+        k, eq, _v = item.partition("=")
+        if eq and k.lower() in CREDENTIAL_QUERY_KEYS:
+            item = f"{k}={REDACTED}"
+        parts.append(item)
+    return base + "?" + "&".join(parts)
+
+
 def _header(pairs: Sequence[Sequence[bytes]], name: str) -> str | None:
     for k, v in pairs:
         if k.decode("latin-1").lower() == name:

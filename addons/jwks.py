@@ -62,7 +62,7 @@ def fetch_json(url: str, timeout: float, ca_file: str | None = None) -> Any:
             else ssl.create_default_context()
         handlers.append(urllib.request.HTTPSHandler(context=ctx))
     opener = urllib.request.build_opener(*handlers)
-    req = urllib.request.Request(url, headers={"accept": "application/json",
+    req = urllib.request.Request(url, headers={"accept": "application/json",  # noqa: S310 - scheme checked above
                                                "user-agent": "agentgate-jwks/1"})
     try:
         with opener.open(req, timeout=timeout) as resp:

@@ -37,19 +37,18 @@ log = logging.getLogger("agentgate.masking")
 
 STRATEGIES = ("placeholder", "redact", "partial", "hash")
 
-# Short labels for placeholders: `[EMAIL_1]` reads better than `[EMAIL_ADDRESS_1]`.
+# Short labels for placeholders; the detectors' own names (EMAIL, PHONE, …) are used as
+# they are, these only shorten the long presidio-style spellings.
 LABELS = {
     "EMAIL_ADDRESS": "EMAIL",
     "PHONE_NUMBER": "PHONE",
     "IBAN_CODE": "IBAN",
-    "IP_ADDRESS": "IP",
-    "CREDIT_CARD": "CARD",
-    "US_SSN": "SSN",
 }
 
 # Entities whose separators carry no meaning: "4111 1111 1111 1111" and "4111111111111111"
 # are the same card and must get the same placeholder.
-_DIGIT_ENTITIES = {"CREDIT_CARD", "US_SSN", "PHONE_NUMBER", "IBAN_CODE"}
+_DIGIT_ENTITIES = {"CREDIT_CARD", "US_SSN", "PHONE", "PHONE_NUMBER", "IBAN", "IBAN_CODE"}
+_CASELESS_ENTITIES = {"EMAIL", "EMAIL_ADDRESS"}
 _INVISIBLE = re.compile(r"[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f"
                         r"\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff"
                         r"\uffa0]")
@@ -87,7 +86,7 @@ def canonical(entity: str, value: str) -> str:
     v = unicodedata.normalize("NFKC", _INVISIBLE.sub("", value))
     if entity in _DIGIT_ENTITIES:
         v = _NON_ALNUM.sub("", v).upper()
-    elif entity == "EMAIL_ADDRESS":
+    elif entity in _CASELESS_ENTITIES:
         v = v.lower()
     return v
 

@@ -275,8 +275,9 @@ def _op_string(text: str, where: Where) -> tuple[str, Any]:
     for op in COMPARE_OPS:
         if s.startswith(op):
             rest = s[len(op):].strip()
-            if not rest:
-                raise where.error(f"missing value after {op!r}")
+            if not rest or rest[0] in "<>=!":
+                raise where.error(f"expected an operator (> >= < <= == !=) and a value, "
+                                  f"got {text!r}")
             return op, _scalar(rest)
     raise where.error(f"expected an operator (> >= < <= == !=) and a value, got {text!r}")
 

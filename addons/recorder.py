@@ -1,10 +1,281 @@
-"""The recorder addon. Not built yet: flows pass through unchanged (see its issue)."""
+"""The recorder addon: every finished flow becomes a hash-chained row in DuckDB.
+
+Hooks (all guarded, fail closed):
+- `requestheaders`: names the flow's session early (so annotate shows it in mitmweb) from
+  the agent's session header, else the client connection; remembers the URL the agent asked
+  for (credentials may re-route the request with `forward_to`); refuses new flows with 503
+  `recorder_unavailable` while the store cannot be written or its backlog is full.
+- `request`: a session named in the JSON body (`metadata.thread_id` …) when no header did.
+- `response` (also reached by flows another addon answered: blocked, denied, timed-out
+  approvals, refusals), `error` (upstream failures, killed flows, client aborts) and
+  `http_connect_error` (CONNECT refused, e.g. default-deny egress): snapshot the flow with
+  `flow.get_state()` and queue it; the writer thread redacts, hashes and stores it.
+- `done` (mitmproxy calls it on SIGTERM/SIGINT too): write everything queued, then close.
+
+Pure logic lives in addons/audit_store.py, the thread in addons/audit_writer.py.
+"""
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
+import logging
+import re
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import ctx, http
+from mitmproxy.io import tnetstring
+from mitmproxy.net import encoding
+
+from addons import audit_store as store
+from addons.audit_writer import AuditWriter
+from addons.guard import already_answered, guarded, refuse
+from addons.recorder_config import RecorderConfig
 from addons.rules_loader import RulesHolder
+
+log = logging.getLogger("agentgate.recorder")
+
+DB_NAME = "agentgate.duckdb"
+_SESSION_RE = re.compile(r"[^A-Za-z0-9._:@/+=#-]")
+MAX_SESSION_LEN = 128
+SECRETS_TTL = 5.0  # seconds; credential files may be rotated while we run
+
+
+def clean_session(value: Any) -> str | None:
+    """A session id safe for comments, logs and SQL output (bounded, printable)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    text = _SESSION_RE.sub("_", str(value).strip())[:MAX_SESSION_LEN]
+    return text or None
+
+
+def body_session(doc: Any, keys: tuple[str, ...]) -> tuple[str, str] | None:
+    """(key, value) of the first dotted key present in a JSON document."""
+    for key in keys:
+        cur = doc
+        for part in key.split("."):
+            if not isinstance(cur, dict) or part not in cur:
+                cur = None
+                break
+            cur = cur[part]
+        value = clean_session(cur)
+        if value:
+            return key, value
+    return None
+
+
+def _decode(content: bytes, enc: str) -> bytes:
+    out = encoding.decode(content, enc)
+    if not isinstance(out, bytes):
+        raise ValueError("decoder returned text")
+    return out
+
+
+def build_row(pending: store.Pending) -> dict[str, Any]:
+    return store.build_row(pending, decode=_decode, dumps=tnetstring.dumps)
 
 
 class Recorder:
     def __init__(self, holder: RulesHolder) -> None:
         self.holder = holder
+        self.writer: AuditWriter | None = None
+        self.start_error: str | None = None
+        self._recorded: OrderedDict[str, None] = OrderedDict()
+        self._secrets: tuple[str, ...] = ()
+        self._secrets_at = 0.0
+        self._redact: frozenset[str] = store.REDACT_HEADERS
+        holder.on_change(self._rules_changed)
+
+    # ------------------------------------------------------------ configuration
+    @property
+    def cfg(self) -> RecorderConfig:
+        rules = self.holder.rules
+        cfg = getattr(rules, "recorder", None) if rules is not None else None
+        return cfg if isinstance(cfg, RecorderConfig) else RecorderConfig()
+
+    def _rules_changed(self, rules: Any) -> None:
+        cfg = self.cfg
+        names = set(store.REDACT_HEADERS) | {h.lower() for h in cfg.redact_headers}
+        for up in getattr(rules, "upstreams", ()):
+            if up.credential is not None:
+                names.add(up.credential.header.lower())
+        self._redact = frozenset(names)
+        self._secrets_at = 0.0  # re-resolve
+        w = self.writer
+        if w is not None:
+            w.batch_size = cfg.batch_size
+            w.interval = cfg.batch_interval_ms / 1000
+            w.max_pending = cfg.max_pending
+            w.retention_days = cfg.retention_days
+            if self.db_path(cfg) != w.path:
+                log.warning("agentgate: recorder.path changed; restart the gateway to record "
+                            "to the new file (still writing %s)", w.path)
+
+    def db_path(self, cfg: RecorderConfig | None = None) -> Path:
+        cfg = cfg or self.cfg
+        try:
+            data = Path(ctx.options.agentgate_data)
+        except (AttributeError, KeyError):
+            data = Path("data")
+        if cfg.path:
+            p = Path(cfg.path).expanduser()
+            return p if p.is_absolute() else data / p
+        return data / DB_NAME
+
+    def _secret_values(self) -> tuple[str, ...]:
+        """The real upstream credentials, so they can be scrubbed by value anywhere."""
+        now = time.monotonic()
+        if now - self._secrets_at < SECRETS_TTL:
+            return self._secrets
+        vals: set[str] = set()
+        rules = self.holder.rules
+        for up in getattr(rules, "upstreams", ()) if rules is not None else ():
+            ref = up.credential
+            if ref is None:
+                continue
+            value = ref.resolve()
+            if value:
+                vals.add(value)
+                if ref.prefix and value.startswith(ref.prefix):
+                    vals.add(value[len(ref.prefix):])
+        self._secrets = tuple(sorted(vals))
+        self._secrets_at = now
+        return self._secrets
+
+    # ------------------------------------------------------------ lifecycle
+    def running(self) -> None:
+        cfg = self.cfg
+        if not cfg.enabled:
+            log.warning("agentgate: recording is OFF (recorder.enabled: false)")
+            return
+        if not ctx.options.store_streamed_bodies:
+            # Streamed bodies (SSE) are otherwise not kept on the flow: record them too.
+            ctx.options.update(store_streamed_bodies=True)
+        self.start(self.db_path(cfg))
+
+    def start(self, path: str | Path) -> None:
+        cfg = self.cfg
+        writer = AuditWriter(path, build=build_row, batch_size=cfg.batch_size,
+                             interval=cfg.batch_interval_ms / 1000,
+                             max_pending=cfg.max_pending, retention_days=cfg.retention_days,
+                             serve_queries=cfg.query_socket)
+        try:
+            writer.start()
+        except Exception as e:  # noqa: BLE001 - fail closed: refuse flows, say why
+            self.start_error = (f"cannot open the audit store {path}: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+            log.error("agentgate: %s; every flow will be refused", self.start_error)
+            return
+        self.start_error = None
+        self.writer = writer
+
+    def done(self) -> None:
+        # Synchronous on purpose: while we flush, the event loop produces no new responses
+        # that could escape unrecorded; mitmproxy exits right after `done`.
+        if self.writer is not None:
+            self.writer.close()
+
+    def unavailable(self) -> str | None:
+        if not self.cfg.enabled:
+            return None
+        if self.writer is None:
+            return self.start_error or "the audit store is not open"
+        return self.writer.overloaded()
+
+    # ------------------------------------------------------------ hooks
+    @guarded("recorder", skip_answered=False)
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        cfg = self.cfg
+        info: dict[str, Any] = {"origin": store.redact_query(flow.request.url)}
+        session = None
+        for name in cfg.session_headers:
+            session = clean_session(flow.request.headers.get(name))
+            if session:
+                info["session_source"] = f"header:{name}"
+                break
+        if not session:
+            session = f"conn-{flow.client_conn.id}"
+            info["session_source"] = "connection"
+        flow.metadata["session"] = session
+        flow.metadata["recorder"] = info
+        if already_answered(flow):
+            return
+        why = self.unavailable()
+        if why:
+            refuse(flow, 503, f"audit store unavailable, request refused (fail closed): {why}",
+                   "recorder_unavailable", "recorder")
+
+    @guarded("recorder", skip_answered=False)
+    def request(self, flow: http.HTTPFlow) -> None:
+        info = flow.metadata.get("recorder")
+        if not isinstance(info, dict) or info.get("session_source") != "connection":
+            return
+        keys = self.cfg.session_body_keys
+        content = flow.request.raw_content
+        if not keys or not content or len(content) > 1 << 20:
+            return
+        if "json" not in flow.request.headers.get("content-type", "").lower():
+            return
+        try:
+            doc = json.loads(flow.request.get_content(strict=False) or b"")
+        except (ValueError, UnicodeDecodeError):
+            return  # not ours to judge; masking/policy handle malformed bodies
+        found = body_session(doc, keys)
+        if found:
+            info["session_source"] = f"body:{found[0]}"
+            flow.metadata["session"] = found[1]
+
+    @guarded("recorder", skip_answered=False)
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._record(flow, "response")
+
+    @guarded("recorder", skip_answered=False)
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._record(flow, "error")
+
+    @guarded("recorder", skip_answered=False)
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        self._record(flow, "connect_error")
+
+    # ------------------------------------------------------------ recording
+    def _record(self, flow: http.HTTPFlow, kind: str) -> None:
+        cfg = self.cfg
+        if not cfg.enabled or flow.id in self._recorded:
+            return
+        writer = self.writer
+        if writer is None or writer.closed:
+            # Cannot be recorded (store never opened, or already closed at shutdown): the
+            # client must not get an answer that is not in the audit trail.
+            if kind == "response" and flow.response is not None and flow.live:
+                log.error("agentgate: audit store not writable; killing an unrecordable flow")
+                flow.kill()
+            return
+        meta = flow.metadata
+        session = meta.get("session")
+        if not isinstance(session, str) or not session:
+            session = f"conn-{flow.client_conn.id}"
+            meta["session"] = session
+        info = meta.get("recorder")
+        if not isinstance(info, dict):
+            info = meta["recorder"] = {"session_source": "connection"}
+        if flow.response is not None and flow.response.stream:
+            info["streamed"] = True
+        state = flow.get_state()
+        state["metadata"] = copy.deepcopy(meta)  # later changes must not race the writer
+        origin = info.get("origin")
+        pending = store.Pending(state=state, session=session,
+                                origin_url=origin if isinstance(origin, str) else None,
+                                kind=kind, secrets=self._secret_values(),
+                                redact=self._redact, max_body=cfg.max_body_bytes)
+        writer.submit(pending)
+        self._recorded[flow.id] = None
+        if len(self._recorded) > 10_000:
+            self._recorded.popitem(last=False)
+
+
+# A stable builder for tests and the benchmark.
+build = functools.partial(store.build_row, decode=_decode, dumps=tnetstring.dumps)

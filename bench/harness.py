@@ -23,6 +23,7 @@ import ssl
 import statistics
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -195,19 +196,29 @@ def upstream_certs(certdir: Path) -> tuple[Path, Path, Path]:
     return make_test_ca(certdir)
 
 
-def start_standin(workdir: Path, certdir: Path) -> Proc:
+def start_standin(workdir: Path, certdir: Path, stream_delay: float = 0.0) -> Proc:
     """The stand-in (ThreadingHTTPServer) in its own process, so its GIL is not ours.
 
-    With TCP_NODELAY: the stand-in writes headers and body in two send()s, and Nagle +
-    the client's delayed ACK then add ~40 ms to every reply, which would drown the
-    sub-millisecond differences measured here.
+    Three changes for benchmarking, made from outside its module: TCP_NODELAY (it writes
+    headers and body in two send()s, and Nagle + the client's delayed ACK would add ~40 ms
+    to every reply, drowning sub-millisecond differences); SSE events `stream_delay`
+    seconds apart (a model's pace, so time to first token differs from time to the end);
+    and no request log (it would grow for the whole run).
     """
     port = free_port()
-    code = ("import addons.standin as s; s._Handler.disable_nagle_algorithm = True; "
-            "s.main()")
-    p = spawn("standin", [sys.executable, "-c", code, "--port", str(port),
-                          "--certdir", str(certdir)],
-              port, workdir / "standin.log", ready="stand-in on")
+    code = textwrap.dedent(f"""\
+        import time, addons.standin as s
+        s._Handler.disable_nagle_algorithm = True
+        st = s.StandIn("127.0.0.1", {port}, {str(certdir)!r})
+        st.stream_defaults["delay"] = {float(stream_delay)!r}
+        st.record = lambda entry: None
+        st.start()
+        print("stand-in on", st.url, flush=True)
+        while True:
+            time.sleep(3600)
+        """)
+    p = spawn("standin", [sys.executable, "-c", code], port, workdir / "standin.log",
+              ready="stand-in on")
     p.url = f"https://127.0.0.1:{port}"
     return p
 
@@ -606,6 +617,21 @@ def basic_proxy_auth(user: str, password: str) -> str:
 
 
 # ---------------------------------------------------------------- TTFT client
+def _has_content(data: bytes) -> bool:
+    """Does this SSE data line carry a non-empty text delta (OpenAI chat chunk)?"""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return False
+    if not isinstance(obj, dict):
+        return False
+    for choice in obj.get("choices") or []:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and delta.get("content"):
+            return True
+    return False
+
+
 class _Conn:
     """One keep-alive HTTPS connection, direct or tunnelled through an HTTP proxy."""
 
@@ -684,8 +710,7 @@ class _Conn:
             while b"\n\n" in events:
                 ev, events = events.split(b"\n\n", 1)
                 for ln in ev.split(b"\n"):
-                    if ln.startswith(b"data:") and b'"content":"' in ln \
-                            and b'"content":""' not in ln:
+                    if ln.startswith(b"data:") and _has_content(ln[5:]):
                         first = time.perf_counter() - t0
                         return
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import secrets
 import textwrap
@@ -73,6 +74,7 @@ class OIDCProvider:
         import oidc_provider_mock
         import werkzeug.serving
 
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request
         self.app = oidc_provider_mock.app()
         self._server = werkzeug.serving.make_server("127.0.0.1", 0, self.app, threaded=True)
         self.port = self._server.server_port
@@ -323,3 +325,136 @@ def make_local_issuer() -> Iterator[Any]:
 
 def dedent(text: str) -> str:
     return textwrap.dedent(text)
+
+
+# ---------------------------------------------------------------- the attack battery
+def sign_raw(header: str | dict[str, Any], payload: str | dict[str, Any], key: Any) -> str:
+    """Sign exact header/payload JSON texts with RS256 (for duplicate members, NaN, …)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    h = header if isinstance(header, str) else json.dumps(header)
+    p = payload if isinstance(payload, str) else json.dumps(payload)
+    signing_input = f"{b64url(h)}.{b64url(p)}"
+    sig = key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+    return f"{signing_input}.{b64url(sig)}"
+
+
+def hmac_token(header: dict[str, Any], claims: dict[str, Any], secret: bytes,
+               alg: str = "HS256") -> str:
+    import hashlib
+    import hmac
+    digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
+    h = dict(header, alg=alg)
+    signing_input = f"{b64url(json.dumps(h))}.{b64url(json.dumps(claims))}"
+    sig = hmac.new(secret, signing_input.encode(), digest).digest()
+    return f"{signing_input}.{b64url(sig)}"
+
+
+def attack_tokens(issuer: LocalIssuer, other: LocalIssuer,
+                  trusted_other_audience: str = "other-service") -> list[tuple[str, str]]:
+    """(name, token) for every attack class in SECURITY.md. None may be accepted by a
+    gateway trusting `issuer` (audience issuer.audience) and `other` (audience
+    `trusted_other_audience`). `other`'s JWKS URL is also used as a jku/x5u bait: a test
+    asserts it was never fetched because of these tokens."""
+    good = issuer.claims()
+    kid = issuer.kid
+    key = issuer.keys[kid][0]
+    h = {"alg": "RS256", "kid": kid, "typ": "JWT"}
+    attacker = new_rsa_key()
+    valid = issuer.token()
+    vh, vp, vs = valid.split(".")
+    out: list[tuple[str, str]] = []
+
+    def add(name: str, token: str) -> None:
+        out.append((name, token))
+
+    # alg=none, all casings, with and without a signature segment
+    for alg in ("none", "None", "NONE", "nOnE"):
+        unsigned = f"{b64url(json.dumps(dict(h, alg=alg)))}.{b64url(json.dumps(good))}"
+        add(f"alg-{alg}-empty-sig", unsigned + ".")
+        add(f"alg-{alg}-with-sig", unsigned + "." + vs)
+    # stripped / null signature
+    add("stripped-signature", f"{vh}.{vp}.")
+    add("no-signature-segment", f"{vh}.{vp}")
+    add("null-signature", f"{vh}.{vp}.{b64url(bytes(256))}")
+    add("signature-of-other-token", f"{vh}.{b64url(json.dumps(dict(good, sub='admin')))}.{vs}")
+    # HS/RS key confusion: the issuer's public key as an HMAC secret (PEM, DER, JWK)
+    jwk_text = json.dumps(public_jwk(key, kid)).encode()
+    for fmt, secret in (("pem", public_pem(key)), ("der", public_der(key)),
+                        ("jwk", jwk_text)):
+        for alg in ("HS256", "HS512"):
+            add(f"key-confusion-{alg}-{fmt}", hmac_token(h, good, secret, alg))
+    # kid injection
+    for name, bad_kid in (("traversal", "../../../../../dev/null"),
+                          ("sql", "x' UNION SELECT 'secret' --"),
+                          ("unknown", "no-such-kid"),
+                          ("url", "https://evil.example/key")):
+        add(f"kid-{name}-attacker-key", jose_jwt.encode(good, private_pem(attacker).decode(),
+                                                        "RS256", headers={"kid": bad_kid}))
+        add(f"kid-{name}-hmac-empty", hmac_token({"kid": bad_kid}, good, b""))
+    second = issuer.add_key()  # published too: kid names one key, signed by another
+    add("kid-mismatch", jose_jwt.encode(good, private_pem(issuer.keys[second][0]).decode(),
+                                        "RS256", headers={"kid": kid}))
+    add("no-kid-several-keys", jose_jwt.encode(good, private_pem(key).decode(), "RS256"))
+    # key-location headers: attacker key advertised in the token itself
+    attacker_jwk = public_jwk(attacker, kid)
+    for hdr, value in (("jku", other.jwks_uri), ("x5u", other.jwks_uri + "?x5u"),
+                       ("jwk", attacker_jwk),
+                       ("x5c", [base64.b64encode(public_der(attacker)).decode()])):
+        add(f"header-{hdr}", jose_jwt.encode(good, private_pem(attacker).decode(), "RS256",
+                                             headers={"kid": kid, hdr: value}))
+    # time claims
+    now = int(time.time())
+    add("expired", issuer.sign(dict(good, exp=now - 3600, iat=now - 7200)))
+    add("nbf-future", issuer.sign(dict(good, nbf=now + 3600)))
+    add("iat-future", issuer.sign(dict(good, iat=now + 3600, exp=now + 7200)))
+    add("missing-exp", issuer.sign({k: v for k, v in good.items() if k != "exp"}))
+    add("missing-iat", issuer.sign({k: v for k, v in good.items() if k != "iat"}))
+    add("exp-string", issuer.sign(dict(good, exp=str(now + 300))))
+    add("exp-infinity-signed", sign_raw(
+        h, json.dumps({k: v for k, v in good.items() if k != "exp"})[:-1]
+        + ', "exp": Infinity}', key))
+    # audience / issuer
+    add("wrong-aud", issuer.sign(dict(good, aud="someone-else")))
+    add("wrong-aud-list", issuer.sign(dict(good, aud=["a", "b"])))
+    add("missing-aud", issuer.sign({k: v for k, v in good.items() if k != "aud"}))
+    add("empty-aud", issuer.sign(dict(good, aud=[])))
+    add("wrong-iss", issuer.sign(dict(good, iss="https://evil.example")))
+    add("missing-iss", issuer.sign({k: v for k, v in good.items() if k != "iss"}))
+    add("iss-trailing-slash", issuer.sign(dict(good, iss=issuer.issuer + "/")))
+    add("missing-sub", issuer.sign({k: v for k, v in good.items() if k != "sub"}))
+    # issuer mix-up: trusted issuer B's key for A's issuer, B's token for A's audience
+    add("mixup-b-key-claims-a", other.sign(dict(good)))
+    add("mixup-b-token-a-audience", other.sign(other.claims(aud=issuer.audience)))
+    add("mixup-a-token-b-audience-as-b", issuer.sign(dict(good, iss=other.issuer,
+                                                          aud=trusted_other_audience)))
+    # crit
+    add("crit-unknown", issuer.sign(good, headers={"crit": ["x-custom"], "x-custom": 1}))
+    add("crit-exp", issuer.sign(good, headers={"crit": ["exp"]}))
+    # size
+    add("oversized", issuer.sign(dict(good, pad="A" * 9000)))
+    add("oversized-unsigned", "a" * 100_000)
+    # malformed
+    add("garbage", "not-a-token")
+    add("bad-base64", "@@@.###.$$$")
+    add("bad-base64-payload", f"{vh}.!!!{vp}.{vs}")
+    add("padded-base64", f"{vh}=.{vp}.{vs}")
+    add("bad-json-header", f"{b64url('{not json')}.{vp}.{vs}")
+    add("bad-json-payload", f"{vh}.{b64url('{not json')}.{vs}")
+    add("payload-array", sign_raw(h, "[1, 2, 3]", key))
+    add("payload-string", sign_raw(h, '"hello"', key))
+    add("payload-number", sign_raw(h, "123", key))
+    add("payload-null", sign_raw(h, "null", key))
+    add("header-array", f"{b64url('[1]')}.{vp}.{vs}")
+    add("duplicate-claim", sign_raw(h, json.dumps(good)[:-1] + ', "aud": "evil"}', key))
+    add("duplicate-header-alg", sign_raw(json.dumps(h)[:-1] + ', "alg": "none"}',
+                                         json.dumps(good), key))
+    add("duplicate-dots", f"{vh}..{vp}.{vs}")
+    add("leading-dot", f".{vh}.{vp}.{vs}")
+    add("trailing-dot", f"{vh}.{vp}.{vs}.")
+    add("jwe-five-parts", f"{vh}.{vp}.{vs}.{vs}.{vs}")
+    add("non-ascii", f"{vh}.{vp}.{vs}\u00e9")
+    add("alg-es256-with-rsa-key", jose_jwt.encode(good, private_pem(new_ec_key()).decode(),
+                                                  "ES256", headers={"kid": kid}))
+    add("alg-missing", f"{b64url(json.dumps({'kid': kid}))}.{vp}.{vs}")
+    return out

@@ -1,0 +1,85 @@
+"""A real OIDC provider on 127.0.0.1 for the demo: oidc-provider-mock in a thread.
+
+It serves discovery, JWKS and RS256-signed ID tokens through its real authorization-code
+flow; `token()` logs a subject in and returns the ID token the provider signed, with the
+extra claims (groups, exp …) set on the user first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+import urllib.parse
+import urllib.request
+from typing import Any
+from urllib.error import HTTPError
+
+# The mock provider refuses plain-HTTP OAuth endpoints unless this is set (loopback only).
+os.environ.setdefault("AUTHLIB_INSECURE_TRANSPORT", "1")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_NO_REDIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
+
+
+class DemoIdP:
+    def __init__(self) -> None:
+        import oidc_provider_mock
+        import werkzeug.serving
+
+        self.app = oidc_provider_mock.app()
+        self._server = werkzeug.serving.make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.issuer = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,),
+                                        daemon=True, name="oidc-provider-mock")
+        self._lock = threading.Lock()
+
+    def start(self) -> DemoIdP:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def identity_yaml(self, audience: str = "agentgate") -> str:
+        return (f"identity:\n  required: true\n  issuers:\n    - issuer: {self.issuer}\n"
+                f"      audience: {audience}\n")
+
+    def token(self, sub: str, groups: list[str] | None = None, aud: str = "agentgate",
+              expires_in: int = 300) -> str:
+        now = int(time.time())
+        claims = {"groups": list(groups or []), "iat": now, "exp": now + expires_in}
+        redirect = "http://127.0.0.1/callback"
+        with self._lock:
+            _DIRECT.open(urllib.request.Request(  # noqa: S310 - the local provider
+                f"{self.issuer}/users/{urllib.parse.quote(sub, safe='')}",
+                data=json.dumps(claims).encode(), method="PUT",
+                headers={"content-type": "application/json"}), timeout=10).close()
+            query = urllib.parse.urlencode({
+                "client_id": aud, "redirect_uri": redirect, "response_type": "code",
+                "scope": "openid", "state": secrets.token_hex(4)})
+            try:
+                _NO_REDIRECT.open(urllib.request.Request(  # noqa: S310
+                    f"{self.issuer}/oauth2/authorize?{query}",
+                    data=urllib.parse.urlencode({"sub": sub}).encode()), timeout=10)
+                raise RuntimeError("the OIDC provider did not redirect after login")
+            except HTTPError as e:
+                if e.code != 302:
+                    raise
+                location = e.headers["location"]
+            code = urllib.parse.parse_qs(urllib.parse.urlparse(location).query)["code"][0]
+            resp = _DIRECT.open(urllib.request.Request(  # noqa: S310
+                f"{self.issuer}/oauth2/token", data=urllib.parse.urlencode({
+                    "grant_type": "authorization_code", "code": code, "client_id": aud,
+                    "client_secret": "unused", "redirect_uri": redirect}).encode()),
+                timeout=10)
+            return json.load(resp)["id_token"]

@@ -1,0 +1,236 @@
+"""`python -m bench [--quick] [--only NAME…] [--soak-minutes N]` (or `./run_proxy.sh bench`).
+
+Runs every component micro-benchmark (`bench/bench_*.py`, each in its own process so one
+that fails or hangs is reported without stopping the others), then the end-to-end load
+comparison (`bench/e2e.py`), and writes BENCHMARKS.md: the machine, the targets and whether
+they are met, every section, all from this one run.
+
+NAME for --only: `e2e`, a component's concern (`masking` for bench/bench_masking.py) or its
+module name. `--soak-minutes 10` adds the memory soak (suite under steady load, RSS drift).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pkgutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import bench
+from bench import e2e
+from bench import harness as h
+
+MASKING_TARGET_MB_S = 50.0
+
+# Run inside a child process: the component's run() and markdown(), results as JSON.
+_CHILD = """
+import json, sys, time
+import importlib
+name, quick, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+mod = importlib.import_module("bench." + name)
+t0 = time.monotonic()
+res = mod.run(quick=quick)
+secs = time.monotonic() - t0
+md = mod.markdown(res)
+with open(out, "w") as f:
+    json.dump({"results": res, "markdown": md, "seconds": secs}, f, default=repr)
+"""
+
+
+def components() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__)
+                  if m.name.startswith("bench_"))
+
+
+def selected(only: list[str] | None) -> tuple[list[str], bool]:
+    comps = components()
+    if not only:
+        return comps, True
+    want = {w.removeprefix("bench.").removesuffix(".py") for w in only}
+    picked = [c for c in comps if c in want or c.removeprefix("bench_") in want]
+    unknown = want - {"e2e"} - set(picked) - {c.removeprefix("bench_") for c in picked}
+    if unknown:
+        raise SystemExit(f"bench: unknown benchmark(s) {sorted(unknown)}; "
+                         f"have: e2e, {', '.join(c.removeprefix('bench_') for c in comps)}")
+    return picked, "e2e" in want
+
+
+def run_component(name: str, quick: bool, timeout: float) -> dict[str, Any]:
+    """Run bench.<name> in a child process; never raises."""
+    with tempfile.TemporaryDirectory(prefix="agentgate-bench-") as d:
+        out = Path(d) / "result.json"
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run([sys.executable, "-c", _CHILD, name, "1" if quick else "0",
+                                str(out)], cwd=str(h.ROOT), capture_output=True, text=True,
+                               timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"ok": False, "error": f"timed out after {timeout:.0f} s",
+                    "seconds": time.monotonic() - t0}
+        if p.returncode != 0 or not out.exists():
+            tail = (p.stderr or p.stdout).strip().splitlines()[-12:]
+            return {"ok": False, "error": "\n".join(tail) or f"exit {p.returncode}",
+                    "seconds": time.monotonic() - t0}
+        data = json.loads(out.read_text())
+        data["ok"] = True
+        return data
+
+
+def masking_throughput(results: dict[str, Any]) -> float | None:
+    """The masking MB/s per core with all detectors on, prose-like text, from a component
+    bench's results: the largest-body value under a key that names MB/s. Components are
+    encouraged to report it directly as `mb_per_s_all_detectors`."""
+    for comp in ("bench_masking", "bench_detectors"):
+        r = (results.get(comp) or {}).get("results")
+        if not isinstance(r, dict):
+            continue
+        if isinstance(r.get("mb_per_s_all_detectors"), int | float):
+            return float(r["mb_per_s_all_detectors"])
+        found: list[float] = []
+        _walk_mb(r, "", found)
+        if found:
+            return min(found)  # the conservative reading
+    return None
+
+
+def _walk_mb(x: Any, key: str, found: list[float]) -> None:
+    if isinstance(x, dict):
+        for k, v in x.items():
+            _walk_mb(v, f"{key}.{k}".lower(), found)
+    elif isinstance(x, list):
+        for v in x:
+            _walk_mb(v, key, found)
+    elif isinstance(x, int | float) and not isinstance(x, bool) and any(
+            m in key for m in ("mb_s", "mb/s", "mbps", "mb_per_s")):
+        found.append(float(x))
+
+
+def render(facts: dict[str, Any], comps: dict[str, dict[str, Any]], e2e_res: dict | None,
+           args: argparse.Namespace, total_s: float) -> str:
+    cmd = "python -m bench" + (" --quick" if args.quick else "") + \
+        (f" --only {' '.join(args.only)}" if args.only else "") + \
+        (f" --soak-minutes {args.soak_minutes:g}" if args.soak_minutes else "")
+    out = ["# agentgate benchmarks", "",
+           f"Written by `{cmd}` (`./run_proxy.sh bench`) in {total_s:.0f} s. Every number "
+           "below comes from this one run on this machine; absolute numbers vary by "
+           "machine, the ratios are the point. Rerun to refresh."]
+    if args.quick:
+        out += ["", "> **Quick mode**: short runs, for checking the harness; not for "
+                "conclusions."]
+    out += ["", "## Machine", "", h.facts_markdown(facts), ""]
+    rows = e2e.targets(e2e_res) if e2e_res and not e2e_res.get("error") else []
+    mb = masking_throughput(comps)
+    if mb is not None:
+        ok = mb >= MASKING_TARGET_MB_S
+        rows.append(("masking, prose, all detectors (>= 50 MB/s per core)", f"{mb:.1f} MB/s",
+                     "met" if ok else "MISSED",
+                     "" if ok else f"missed by {MASKING_TARGET_MB_S - mb:.1f} MB/s"))
+    elif comps:
+        rows.append(("masking, prose, all detectors (>= 50 MB/s per core)", "n/a",
+                     "not measured", "no masking component benchmark result"))
+    if rows:
+        out += ["## Targets (issue 7)", "", "| target | measured | verdict | note |",
+                "|---|---|---|---|"]
+        out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+        out.append("")
+    if e2e_res is not None:
+        out += [e2e.markdown(e2e_res), ""]
+    if comps:
+        out += ["## Component micro-benchmarks", ""]
+        for name, r in comps.items():
+            if r.get("ok"):
+                md = (r.get("markdown") or "").strip()
+                if not md.startswith("#"):
+                    out += [f"### {name}", ""]
+                out += [_demote(md), "", f"_({name}: {r.get('seconds', 0):.1f} s)_", ""]
+            else:
+                out += [f"### {name}: FAILED", "", "The component benchmark failed; the "
+                        "others ran. Its error:", "", "```", str(r.get("error", ""))[-2000:],
+                        "```", ""]
+    if e2e_res and e2e_res.get("profile"):
+        out += [e2e.profile_markdown(e2e_res["profile"]), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _demote(md: str) -> str:
+    """Component sections become level-3 headings under "Component micro-benchmarks"."""
+    lines = []
+    in_code = False
+    for line in md.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        if not in_code and line.startswith("#"):
+            hashes = len(line) - len(line.lstrip("#"))
+            if hashes < 3:
+                line = "#" * (3 + hashes - 1) + line[hashes:]
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short runs (harness check)")
+    ap.add_argument("--only", nargs="+", metavar="NAME",
+                    help="run only these: e2e and/or component names (e.g. masking)")
+    ap.add_argument("--soak-minutes", type=float, default=0,
+                    help="add a memory soak of N minutes under steady load (RSS drift)")
+    ap.add_argument("--concerns", default=",".join(e2e.CONCERNS),
+                    help="suite concerns to switch on in the e2e run (default: all: "
+                         f"{','.join(e2e.CONCERNS)})")
+    ap.add_argument("--profile-seconds", type=float, default=None,
+                    help="py-spy profile of the suite under load (default 15, 0 in --quick)")
+    ap.add_argument("--component-timeout", type=float, default=None,
+                    help="seconds before a component benchmark is abandoned (default 180)")
+    ap.add_argument("--output", default=str(h.ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--json", default=None, help="also write the raw results here")
+    args = ap.parse_args(argv)
+
+    comps_to_run, want_e2e = selected(args.only)
+    concerns = tuple(c.strip() for c in args.concerns.split(",") if c.strip())
+    bad = set(concerns) - set(e2e.CONCERNS)
+    if bad:
+        ap.error(f"unknown concern(s) {sorted(bad)}; choose from {','.join(e2e.CONCERNS)}")
+    profile_s = args.profile_seconds if args.profile_seconds is not None else \
+        (0 if args.quick else 15)
+    timeout = args.component_timeout or (90 if args.quick else 180)
+
+    t0 = time.monotonic()
+    facts = h.machine_facts()
+    comps: dict[str, dict[str, Any]] = {}
+    for name in comps_to_run:
+        print(f"bench: {name} …", file=sys.stderr, flush=True)
+        comps[name] = run_component(name, args.quick, timeout)
+        status = "ok" if comps[name]["ok"] else "FAILED: " + \
+            comps[name]["error"].splitlines()[-1][:200]
+        print(f"bench: {name} {status} ({comps[name].get('seconds', 0):.1f} s)",
+              file=sys.stderr, flush=True)
+    e2e_res = None
+    if want_e2e:
+        print("bench: e2e (direct / bare mitmdump / suite) …", file=sys.stderr, flush=True)
+        try:
+            e2e_res = e2e.run(quick=args.quick, soak_minutes=args.soak_minutes,
+                              concerns=concerns, profile_seconds=profile_s)
+        except Exception as e:  # noqa: BLE001 - report, keep the component results
+            e2e_res = {"error": f"{type(e).__name__}: {e}",
+                       "suite_log_tail": traceback.format_exc()[-1500:]}
+        print(f"bench: e2e {'FAILED: ' + e2e_res['error'] if e2e_res.get('error') else 'ok'}",
+              file=sys.stderr, flush=True)
+    text = render(facts, comps, e2e_res, args, time.monotonic() - t0)
+    Path(args.output).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"facts": facts, "components": comps,
+                                               "e2e": e2e_res}, indent=1, default=repr))
+    print(f"bench: wrote {args.output} ({time.monotonic() - t0:.0f} s)", file=sys.stderr)
+    print(text)
+    failed = [n for n, r in comps.items() if not r.get("ok")]
+    return 1 if failed or (e2e_res and e2e_res.get("error")) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

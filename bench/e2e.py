@@ -1,0 +1,582 @@
+"""End-to-end load: direct to the upstream vs bare mitmdump vs the full agentgate suite.
+
+One invocation starts everything, side by side, on 127.0.0.1:
+- the upstream: nginx answering a canned OpenAI completion (fast and cheap in CPU, so it
+  is not what limits a run) for the throughput runs; the stand-in (addons/standin.py) for
+  streamed (SSE) replies, where it paces events 2 ms apart like a model would;
+- `direct`: `hey` straight to the upstream;
+- `bare`: `mitmdump` with no addon and the same TLS interception (the client trusts
+  mitmproxy's CA, mitmdump verifies the upstream via ssl_verify_upstream_trusted_ca);
+  `stream_large_bodies=1m` so that it streams SSE replies as the suite does (1 KB/100 KB
+  request bodies and the canned reply are below that, so they are buffered, as in the suite);
+- `suite`: `mitmdump -s addons/gateway.py` with the concerns in `CONCERNS` switched on by
+  rules (see `suite_rules`), a token from a local RS256 issuer on the CONNECT
+  (`-x http://agent:TOKEN@proxy`, the documented HTTPS_PROXY form).
+
+All three runs of a cell use the very same URL (the suite's upstreams declare the
+upstream's `127.0.0.1:port`), so only the path through the proxy differs. Configurations are
+interleaved and repeated; medians are reported, and mitmdump's CPU time per request, which
+other load on a shared machine disturbs much less than wall-clock throughput.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from bench import harness as h
+
+# The concerns the suite runs with; `--concerns` on the command line narrows it.
+CONCERNS = ("identity", "policy", "masking", "recording")
+
+TARGETS = {
+    "throughput_ratio_c16_1k": 0.90,   # suite/bare req/s
+    "added_p50_ms_c1": 0.3,            # suite p50 - bare p50
+    "ttft_delta_ms": 2.0,              # suite TTFT - bare TTFT
+    "rss_drift_pct": 5.0,              # soak
+}
+
+GATEWAY_ENV = {"OPENAI_API_KEY": "sk-bench-not-a-real-key-000000000000000000000000"}
+
+
+# ---------------------------------------------------------------- suite rules
+def suite_rules(upstream_hostport: str, standin_hostport: str, issuer: h.TokenIssuer | None,
+                concerns: tuple[str, ...]) -> dict[str, str]:
+    """Rules files for the suite, one file per concern so a concern can be left out.
+
+    Everything on: tokens required and verified against the local issuer, every masking
+    detector, a policy set whose block/approve rules are evaluated on every request but do
+    not match the benchmark's traffic, and recording of every flow to DuckDB.
+    """
+    files = {"10-upstreams.yaml": textwrap.dedent(f"""\
+        upstreams:
+          - name: bench-openai
+            hosts: ["{upstream_hostport}"]
+            dialect: openai
+            credential: {{header: Authorization, prefix: "Bearer ", env: OPENAI_API_KEY}}
+          - name: bench-stream
+            hosts: ["{standin_hostport}"]
+            dialect: openai
+            credential: {{header: Authorization, prefix: "Bearer ", env: OPENAI_API_KEY}}
+        """)}
+    if "identity" in concerns and issuer is not None:
+        files["20-identity.yaml"] = textwrap.dedent(f"""\
+            identity:
+              required: true
+              issuers:
+                - issuer: {issuer.issuer}
+                  audience: {issuer.audience}
+                  jwks_uri: {issuer.issuer}/jwks.json
+            """)
+    else:
+        files["20-identity.yaml"] = "identity:\n  required: false\n"
+    if "masking" in concerns:
+        files["30-masking.yaml"] = textwrap.dedent("""\
+            masking:
+              enabled: true
+            """)
+    if "policy" in concerns:
+        files["40-policies.yaml"] = textwrap.dedent("""\
+            policies:
+              - name: no-gpt3
+                action: block
+                when: {model: ["gpt-3.5-turbo"]}
+                message: gpt-3.5 is retired
+              - name: allow-agents
+                action: allow
+                when: {upstream: [bench-openai, bench-stream]}
+            """)
+    if "recording" in concerns:
+        files["50-recorder.yaml"] = textwrap.dedent("""\
+            recorder:
+              enabled: true
+            """)
+    return files
+
+
+def write_rules(rules_dir: Path, files: dict[str, str]) -> dict[str, str]:
+    """Write the rules and validate them as the gateway would. A file the current parsers
+    reject is left out (and reported), so the run measures what exists today.
+
+    Returns {file: reason} for each file left out.
+    """
+    from addons.config import ConfigError, load_rules
+
+    rules_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (rules_dir / name).write_text(text)
+    dropped: dict[str, str] = {}
+    for _ in range(len(files)):
+        try:
+            load_rules(rules_dir)
+            return dropped
+        except ConfigError as e:
+            bad = Path(e.file).name
+            if bad not in files or bad == "10-upstreams.yaml" or bad in dropped:
+                raise
+            dropped[bad] = f"{e.key}: {e.reason}"
+            if bad == "20-identity.yaml":
+                (rules_dir / bad).write_text("identity:\n  required: false\n")
+            else:
+                (rules_dir / bad).unlink()
+    load_rules(rules_dir)
+    return dropped
+
+
+# ---------------------------------------------------------------- the run
+def _settings(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"seconds": 1.5, "repeats": 1, "ttft_n": 10, "warmup_s": 0.5}
+    return {"seconds": 5.0, "repeats": 2, "ttft_n": 40, "warmup_s": 1.0}
+
+
+def _check(url: str, proxy: str | None, body: Path, proxy_auth_url: str | None) -> str:
+    """One request through a configuration; '' if it got a 2xx, else what went wrong."""
+    r = h.run_hey(url, concurrency=1, requests=1, proxy=proxy_auth_url or proxy,
+                  body_file=body)
+    if r.requests == 1:
+        return ""
+    return f"status {r.status or '-'} {r.error_text}".strip()
+
+
+def run(quick: bool = False, soak_minutes: float = 0, concerns: tuple[str, ...] = CONCERNS,
+        profile_seconds: float = 0, workdir: Path | None = None) -> dict[str, Any]:
+    cfg = _settings(quick)
+    tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="agentgate-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {"settings": cfg, "concerns": list(concerns), "notes": []}
+    procs: list[h.Proc] = []
+    issuer: h.TokenIssuer | None = None
+    try:
+        certs = tmp / "upstream-certs"
+        upstream_ca, _, _ = h.upstream_certs(certs)
+        standin = h.start_standin(tmp, certs, stream_delay=0.002)
+        procs.append(standin)
+        try:
+            upstream = h.start_nginx(tmp, certs)
+            procs.append(upstream)
+            out["upstream"] = "nginx (canned OpenAI completion)"
+        except (RuntimeError, OSError) as e:
+            upstream = standin
+            out["upstream"] = "stand-in (nginx unavailable)"
+            out["notes"].append(f"nginx unavailable ({e}); throughput is bounded by the "
+                                "stand-in")
+        up_hostport = upstream.url.removeprefix("https://")
+        st_hostport = standin.url.removeprefix("https://")
+
+        if "identity" in concerns:
+            issuer = h.TokenIssuer().start()
+        files = suite_rules(up_hostport, st_hostport, issuer, concerns)
+        dropped = write_rules(tmp / "rules", files)
+        active = list(concerns)
+        for f, why in dropped.items():
+            concern = {"20-identity.yaml": "identity", "30-masking.yaml": "masking",
+                       "40-policies.yaml": "policy", "50-recorder.yaml": "recording"}.get(f, f)
+            if concern in active:
+                active.remove(concern)
+            out["notes"].append(f"{concern} left out: today's parser rejects {f} ({why})")
+        out["active_concerns"] = active
+        token = issuer.token(lifetime=3600 + int(soak_minutes * 60)) \
+            if issuer and "identity" in active else None
+
+        confdir = h.make_confdir(tmp / "mitm-conf")
+        bare = h.start_mitmdump("bare", tmp, confdir, upstream_ca,
+                                sets=["stream_large_bodies=1m"])
+        procs.append(bare)
+        data = tmp / "data"
+        data.mkdir(exist_ok=True)
+        suite = h.start_mitmdump(
+            "suite", tmp, confdir, upstream_ca,
+            scripts=[str(h.ROOT / "addons" / "gateway.py")],
+            sets=[f"agentgate_rules={tmp / 'rules'}", f"agentgate_data={data}",
+                  "agentgate_rules_poll_ms=0"],
+            env={**GATEWAY_ENV, "AGENTGATE_RULES": str(tmp / "rules"),
+                 "AGENTGATE_DATA": str(data)})
+        procs.append(suite)
+        suite_proxy = suite.url.replace("http://", f"http://agent:{token}@") if token \
+            else suite.url
+        proxies = {"direct": None, "bare": bare.url, "suite": suite_proxy}
+        pids = {"bare": bare.pid, "suite": suite.pid}
+
+        bodies = {"1KB": tmp / "body-1k.json", "100KB": tmp / "body-100k.json"}
+        bodies["1KB"].write_bytes(h.chat_body(1024))
+        bodies["100KB"].write_bytes(h.chat_body(100 * 1024))
+        url = upstream.url + "/v1/chat/completions"
+
+        out["checks"] = {}
+        for name, px in proxies.items():
+            err = _check(url, px, bodies["1KB"], px)
+            out["checks"][name] = err or "ok"
+            if err:
+                out["notes"].append(f"{name}: a single request failed: {err}")
+        if any(v != "ok" for v in out["checks"].values()):
+            out["error"] = "a configuration could not serve a request: " + \
+                "; ".join(f"{k}: {v}" for k, v in out["checks"].items() if v != "ok")
+            out["suite_log_tail"] = suite.logs()[-1500:]
+            return out
+
+        # warm-up: certificates generated, JWKS fetched, code paths hot
+        for px in proxies.values():
+            h.run_hey(url, concurrency=16, seconds=cfg["warmup_s"], proxy=px,
+                      body_file=bodies["1KB"])
+
+        runs: dict[str, list[dict[str, Any]]] = {}
+        order = list(proxies)
+        for rep in range(cfg["repeats"]):
+            for body_name, body in bodies.items():
+                for conc in (1, 16):
+                    # rotate the order each repetition so drift in machine load is shared
+                    rot = order[rep % 3:] + order[:rep % 3]
+                    for name in rot:
+                        cpu0 = h.cpu_seconds(pids[name]) if name in pids else 0.0
+                        r = h.run_hey(url, concurrency=conc, seconds=cfg["seconds"],
+                                      proxy=proxies[name], body_file=body).as_dict()
+                        if name in pids and r["requests"]:
+                            r["cpu_ms_per_req"] = round(
+                                (h.cpu_seconds(pids[name]) - cpu0) * 1000 / r["requests"], 3)
+                        runs.setdefault(f"{name}|{body_name}|{conc}", []).append(r)
+        out["cells"] = {k: _median_cell(v) for k, v in runs.items()}
+        out["rss_peak_kib"] = {n: h.proc_status(p).get("VmHWM") for n, p in pids.items()}
+
+        # streamed replies: time to first token (stand-in, events 2 ms apart)
+        sbody = h.chat_body(400, stream=True)
+        surl = standin.url + "/v1/chat/completions"
+        out["ttft"] = {}
+        for name, px in proxies.items():
+            try:
+                out["ttft"][name] = h.ttft(surl, proxy=_plain(px), n=cfg["ttft_n"],
+                                           body=sbody, proxy_auth=_auth(px))
+            except (OSError, ConnectionError) as e:
+                out["ttft"][name] = {"error": f"{type(e).__name__}: {e}"}
+
+        if profile_seconds > 0:
+            out["profile"] = profile_under_load(
+                suite.pid, url, suite_proxy, bodies["1KB"], profile_seconds, tmp)
+
+        if soak_minutes > 0:
+            out["soak"] = _soak(suite.pid, url, suite_proxy, bodies["1KB"], soak_minutes)
+
+        out["rss_peak_kib"] = {n: h.proc_status(p).get("VmHWM") for n, p in pids.items()}
+        out["suite_errors_in_log"] = sum(1 for line in suite.logs().splitlines()
+                                         if "error" in line.lower())
+        return out
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        if issuer:
+            issuer.stop()
+        if workdir is None and not os.environ.get("AGENTGATE_BENCH_KEEP"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _plain(proxy: str | None) -> str | None:
+    if not proxy:
+        return None
+    scheme, _, rest = proxy.partition("://")
+    return f"{scheme}://{rest.split('@')[-1]}"
+
+
+def _auth(proxy: str | None) -> str | None:
+    if not proxy or "@" not in proxy:
+        return None
+    userinfo = proxy.partition("://")[2].split("@")[0]
+    user, _, password = userinfo.partition(":")
+    return h.basic_proxy_auth(user, password)
+
+
+def _median_cell(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    def med(key: str) -> float | None:
+        vals = [r[key] for r in rs if r.get(key) is not None and r.get("requests")]
+        return round(statistics.median(vals), 3) if vals else None
+    return {"rps": med("rps"), "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"),
+            "mean_ms": med("mean_ms"), "cpu_ms_per_req": med("cpu_ms_per_req"),
+            "requests": sum(r["requests"] for r in rs),
+            "errors": sum(r["errors"] for r in rs),
+            "runs": [{"rps": r["rps"], "p50_ms": r["p50_ms"]} for r in rs],
+            "error_text": next((r["error_text"] for r in rs if r.get("error_text")), "")}
+
+
+def _soak(pid: int, url: str, proxy: str, body: Path, minutes: float) -> dict[str, Any]:
+    """Steady load (c=8, 1 KB) on the suite for `minutes`, sampling its RSS."""
+    interval = max(1.0, minutes * 60 / 300)
+    with h.RssSampler(pid, interval) as sampler:
+        r = h.run_hey(url, concurrency=8, seconds=minutes * 60, proxy=proxy, body_file=body,
+                      csv_out=False)
+    d = h.rss_drift(sampler.samples)
+    d.update(minutes=minutes, requests=r.requests, errors=r.errors, rps=r.rps,
+             trace=[(round(t), kib) for t, kib in sampler.samples[:: max(1, len(
+                 sampler.samples) // 20)]])
+    return d
+
+
+# ---------------------------------------------------------------- report
+def ratios(res: dict[str, Any]) -> dict[str, Any]:
+    cells = res.get("cells") or {}
+
+    def get(cfg: str, body: str, c: int, key: str) -> float | None:
+        return (cells.get(f"{cfg}|{body}|{c}") or {}).get(key)
+
+    out: dict[str, Any] = {}
+    for body in ("1KB", "100KB"):
+        for c in (1, 16):
+            s, b, d = (get(x, body, c, "rps") for x in ("suite", "bare", "direct"))
+            out[f"suite/bare rps {body} c={c}"] = round(s / b, 3) if s and b else None
+            out[f"bare/direct rps {body} c={c}"] = round(b / d, 3) if b and d else None
+            sp, bp = get("suite", body, c, "p50_ms"), get("bare", body, c, "p50_ms")
+            out[f"added p50 ms {body} c={c}"] = round(sp - bp, 3) \
+                if sp is not None and bp is not None else None
+            sc, bc = get("suite", body, c, "cpu_ms_per_req"), get("bare", body, c,
+                                                                 "cpu_ms_per_req")
+            out[f"added CPU ms/req {body} c={c}"] = round(sc - bc, 3) \
+                if sc is not None and bc is not None else None
+    t = res.get("ttft") or {}
+    if "ttft_p50_ms" in t.get("suite", {}) and "ttft_p50_ms" in t.get("bare", {}):
+        out["ttft delta ms"] = round(t["suite"]["ttft_p50_ms"] - t["bare"]["ttft_p50_ms"], 3)
+    return out
+
+
+def targets(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(target, measured, verdict, note) rows for the summary table."""
+    r = ratios(res)
+    rows = []
+
+    def row(name: str, value: float | None, limit: float, higher_is_better: bool,
+            unit: str, fmt: str = "{:.3f}") -> None:
+        if value is None:
+            rows.append((name, "n/a", "not measured", ""))
+            return
+        ok = value >= limit if higher_is_better else value <= limit
+        miss = "" if ok else (f"missed by {fmt.format(abs(value - limit))}{unit}")
+        rows.append((name, fmt.format(value) + unit, "met" if ok else "MISSED", miss))
+
+    row("suite/bare throughput, c=16, 1 KB (>= 0.90x)", r.get("suite/bare rps 1KB c=16"),
+        TARGETS["throughput_ratio_c16_1k"], True, "x")
+    row("added p50 latency, c=1, 1 KB (<= 0.3 ms)", r.get("added p50 ms 1KB c=1"),
+        TARGETS["added_p50_ms_c1"], False, " ms")
+    row("added p50 latency, c=1, 100 KB (<= 0.3 ms)", r.get("added p50 ms 100KB c=1"),
+        TARGETS["added_p50_ms_c1"], False, " ms")
+    row("TTFT suite - bare (<= 2 ms)", r.get("ttft delta ms"), TARGETS["ttft_delta_ms"],
+        False, " ms")
+    soak = res.get("soak") or {}
+    if soak.get("drift_pct") is not None:
+        row(f"RSS drift over {soak['minutes']:g} min soak (< 5%)", soak["drift_pct"],
+            TARGETS["rss_drift_pct"], False, " %", "{:.2f}")
+    else:
+        rows.append(("RSS drift over 10 min soak (< 5%)", "not run",
+                     "run with --soak-minutes 10", ""))
+    return rows
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = ["## End-to-end: direct vs bare mitmdump vs agentgate suite", ""]
+    s = res.get("settings", {})
+    on = ", ".join(res.get("active_concerns", [])) or "none"
+    lines.append(
+        f"Upstream: {res.get('upstream', '?')}; streamed replies from the stand-in (events "
+        f"2 ms apart). Load: `hey`, keep-alive, POST of an OpenAI chat request with "
+        f"prose-like text (one email and one phone number per ~900 bytes). "
+        f"{s.get('seconds')} s per run, {s.get('repeats')} interleaved repetition(s), "
+        f"medians shown. Suite concerns on: **{on}**"
+        f" (asked: {', '.join(res.get('concerns', []))}).")
+    for n in res.get("notes", []):
+        lines.append(f"\n> note: {n}")
+    if res.get("error"):
+        lines += ["", f"**E2E failed:** {res['error']}", "", "```",
+                  res.get("suite_log_tail", ""), "```"]
+        return "\n".join(lines)
+    lines += ["", "| body | c | config | req/s | p50 ms | p99 ms | mean ms | mitmdump CPU "
+              "ms/req | errors |", "|---|---|---|---|---|---|---|---|---|"]
+    cells = res.get("cells", {})
+    for body in ("1KB", "100KB"):
+        for c in (1, 16):
+            for cfg in ("direct", "bare", "suite"):
+                x = cells.get(f"{cfg}|{body}|{c}")
+                if not x:
+                    continue
+                cpu = x.get("cpu_ms_per_req")
+                lines.append(f"| {body} | {c} | {cfg} | {x['rps']} | {x['p50_ms']} | "
+                             f"{x['p99_ms']} | {x['mean_ms']} | "
+                             f"{'' if cpu is None else cpu} | {x['errors']} |")
+    lines += ["", "Ratios (same run):", "", "| ratio | value |", "|---|---|"]
+    for k, v in ratios(res).items():
+        lines.append(f"| {k} | {v if v is not None else 'n/a'} |")
+    t = res.get("ttft", {})
+    if t:
+        lines += ["", "### Time to first token (streamed, c=1, keep-alive)", "",
+                  "| config | n | TTFT p50 ms | TTFT p90 ms | full stream p50 ms |",
+                  "|---|---|---|---|---|"]
+        for cfg in ("direct", "bare", "suite"):
+            x = t.get(cfg, {})
+            if "error" in x:
+                lines.append(f"| {cfg} | error: {x['error']} | | | |")
+            elif x:
+                lines.append(f"| {cfg} | {x['n']} | {x['ttft_p50_ms']} | {x['ttft_p90_ms']} | "
+                             f"{x['total_p50_ms']} |")
+    rss = res.get("rss_peak_kib", {})
+    if rss:
+        lines += ["", "### Memory", "", "| process | peak RSS (VmHWM) |", "|---|---|"]
+        for n, v in rss.items():
+            lines.append(f"| mitmdump {n} | {v / 1024:.1f} MiB |" if v else f"| {n} | n/a |")
+    soak = res.get("soak")
+    if soak:
+        lines += ["", f"Soak: {soak.get('minutes')} min at c=8, 1 KB, through the suite: "
+                  f"{soak.get('requests')} requests ({soak.get('errors')} errors), RSS "
+                  f"{(soak.get('early_kib') or 0) / 1024:.1f} MiB after warm-up -> "
+                  f"{(soak.get('late_kib') or 0) / 1024:.1f} MiB at the end "
+                  f"(drift {soak.get('drift_pct')} %, max "
+                  f"{(soak.get('max_kib') or 0) / 1024:.1f} MiB, {soak.get('samples')} "
+                  "samples)."]
+    return "\n".join(lines)
+
+
+
+# ---------------------------------------------------------------- profile
+def py_spy() -> str | None:
+    cand = h.BIN / "py-spy"
+    return str(cand) if cand.exists() else shutil.which("py-spy")
+
+
+def profile_under_load(pid: int, url: str, proxy: str, body: Path, seconds: float,
+                       workdir: Path, concurrency: int = 16) -> dict[str, Any]:
+    """Sample the suite's mitmdump with py-spy while `hey` loads it; summarise the stacks."""
+    import subprocess
+    import threading
+
+    spy = py_spy()
+    if not spy:
+        return {"error": "py-spy is not installed (pip install py-spy)"}
+    raw = workdir / "profile.txt"
+    load = threading.Thread(target=h.run_hey, args=(url,), kwargs=dict(
+        concurrency=concurrency, seconds=seconds + 2, proxy=proxy, body_file=body,
+        csv_out=False), daemon=True)
+    load.start()
+    try:
+        p = subprocess.run([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                            "--rate", "250", "--format", "raw", "--output", str(raw),
+                            "--nonblocking"], capture_output=True, text=True,
+                           timeout=seconds + 60)
+    finally:
+        load.join(seconds + 60)
+    if p.returncode != 0 or not raw.exists():
+        return {"error": (p.stderr or p.stdout).strip()[-500:] or f"py-spy exit {p.returncode}"}
+    summary = summarise_stacks(raw.read_text())
+    summary.update(seconds=seconds, concurrency=concurrency)
+    return summary
+
+
+def _frame_key(frame: str) -> tuple[str, str]:
+    """'func (path/to/file.py:123)' -> ('func', 'path/to/file.py'); py-spy already gives
+    paths relative to sys.path (addons/x.py, mitmproxy/…, asyncio/…)."""
+    name, _, loc = frame.partition(" (")
+    path = loc.rstrip(")").rsplit(":", 1)[0]
+    root = str(h.ROOT) + "/"
+    if path.startswith(root):
+        path = path[len(root):]
+    elif "site-packages/" in path:
+        path = path.split("site-packages/", 1)[1]
+    return name.strip(), path
+
+
+def _area(label: str) -> str:
+    first, _, rest = label.partition("/")
+    if first == "addons":
+        return "agentgate " + rest.removesuffix(".py")
+    if first == "mitmproxy":
+        return "mitmproxy " + (rest.split("/")[0].removesuffix(".py") if rest else "")
+    if first in ("asyncio", "selectors.py"):
+        return "asyncio event loop"
+    if first in ("OpenSSL", "ssl.py", "cryptography"):
+        return "TLS (pyOpenSSL/ssl)"
+    return first.removesuffix(".py")
+
+
+def _thread_of(frames: list[tuple[str, str]]) -> str:
+    for name, _label in frames:
+        if name.endswith("run_forever"):
+            return "event loop (main thread)"
+    # a worker thread: name it by its first frame past threading's bootstrap
+    for name, label in frames:
+        if not label.startswith(("threading.py", "concurrent/")):
+            return f"thread: {name} ({label})"
+    return "thread: " + (frames[0][0] if frames else "?")
+
+
+def summarise_stacks(text: str, top: int = 20) -> dict[str, Any]:
+    """py-spy raw (collapsed) stacks -> share per thread, inclusive % of our functions,
+    self % of all leaf functions, and self % by area (our modules, mitmproxy, TLS, …)."""
+    total = 0
+    incl: dict[str, int] = {}
+    self_t: dict[str, int] = {}
+    area_self: dict[str, int] = {}
+    threads: dict[str, int] = {}
+    ours_any = 0
+    loop_total = 0
+    loop_ours = 0
+    for line in text.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        count = int(n)
+        frames = [_frame_key(f) for f in stack.split(";") if f]
+        if not frames:
+            continue
+        total += count
+        thread = _thread_of(frames)
+        threads[thread] = threads.get(thread, 0) + count
+        seen: set[str] = set()
+        in_ours = False
+        for name, label in frames:
+            if label.startswith("addons/"):
+                in_ours = True
+                key = f"{name} ({label})"
+                if key not in seen:
+                    seen.add(key)
+                    incl[key] = incl.get(key, 0) + count
+        if thread.startswith("event loop"):
+            loop_total += count
+            loop_ours += count if in_ours else 0
+        if in_ours:
+            ours_any += count
+        leaf_name, leaf_label = frames[-1]
+        k = f"{leaf_name} ({leaf_label})"
+        self_t[k] = self_t.get(k, 0) + count
+        area = _area(leaf_label)
+        area_self[area] = area_self.get(area, 0) + count
+
+    def pct(d: dict[str, int]) -> list[tuple[str, float]]:
+        return [(k, round(v * 100 / total, 1)) for k, v in
+                sorted(d.items(), key=lambda kv: -kv[1])[:top]] if total else []
+
+    return {"samples": total,
+            "ours_inclusive_pct": round(ours_any * 100 / total, 1) if total else 0.0,
+            "loop_ours_pct": round(loop_ours * 100 / loop_total, 1) if loop_total else 0.0,
+            "threads": pct(threads), "ours_inclusive": pct(incl), "self": pct(self_t),
+            "areas": pct(area_self)}
+
+
+def profile_markdown(p: dict[str, Any]) -> str:
+    lines = ["## Profile: the suite under load", ""]
+    if p.get("error"):
+        return "\n".join(lines + [f"Not profiled: {p['error']}"])
+    lines.append(
+        f"py-spy, {p.get('seconds'):g} s at 250 Hz on the suite's mitmdump while `hey` sends "
+        f"1 KB prompts at c={p.get('concurrency')}; {p['samples']} samples of the busy "
+        f"thread(s) (all threads; a thread waiting on the GIL counts as busy). Stacks "
+        f"inside agentgate's own code (addons/): **{p['ours_inclusive_pct']} %** of all "
+        f"samples, **{p.get('loop_ours_pct')} %** of the event-loop thread's; the rest is "
+        "mitmproxy's proxy core, TLS and the event loop, which bare mitmdump pays too.")
+    lines += ["", "Samples by thread:", "", "| thread | % |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in p.get("threads", [])[:8]]
+    lines += ["", "Self time by area (leaf frame):", "", "| area | % |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in p.get("areas", [])[:12]]
+    lines += ["", "agentgate functions, inclusive (time in them and what they call):", "",
+              "| function | % |", "|---|---|"]
+    lines += [f"| `{k}` | {v} |" for k, v in p.get("ours_inclusive", [])[:15]]
+    lines += ["", "Top leaf functions (self time):", "", "| function | % |", "|---|---|"]
+    lines += [f"| `{k}` | {v} |" for k, v in p.get("self", [])[:15]]
+    return "\n".join(lines)
