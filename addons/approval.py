@@ -60,7 +60,8 @@ MODEL_SCAN_BYTES = 1024 * 1024
 
 
 def spec_from_decision(dec: dict[str, Any], cfg: ApprovalsConfig) -> ApprovalSpec:
-    """The approval the rule asks for; missing values come from the `approvals` section.
+    """The approval the rule asks for; a missing timeout / on_timeout comes from the
+    `approvals` section, and mitmweb approval needs both the rule and the section to allow it.
 
     Raises ValueError on a malformed decision (the guard then refuses the flow: fail closed).
     """
@@ -84,9 +85,11 @@ def spec_from_decision(dec: dict[str, Any], cfg: ApprovalsConfig) -> ApprovalSpe
     if on_timeout not in ("deny", "allow"):
         raise ValueError("decision.approval.on_timeout must be deny or allow")
     allow_mitmweb = ap.get("allow_mitmweb")
-    allow_mitmweb = cfg.allow_mitmweb if allow_mitmweb is None else allow_mitmweb
+    allow_mitmweb = False if allow_mitmweb is None else allow_mitmweb
     if not isinstance(allow_mitmweb, bool):
         raise ValueError("decision.approval.allow_mitmweb must be true or false")
+    # `approvals.allow_mitmweb: false` is the security team's master switch over every rule
+    allow_mitmweb = allow_mitmweb and cfg.allow_mitmweb
     rule = dec.get("rule")
     return ApprovalSpec(rule=rule if isinstance(rule, str) and rule else "(unnamed rule)",
                         groups=tuple(groups), min_approvals=n, timeout=float(timeout),
@@ -244,14 +247,14 @@ class Approval:
     async def _verify_reviewer(self, token: str) -> dict[str, Any]:
         if self._verify is not None:
             return await self._verify(token)
-        from addons.identity import verify_token  # the identity concern's contract
-        try:
-            from addons.jwt_verify import TokenError
-        except ImportError:  # identity not built: every reviewer token is unverifiable
-            raise RuntimeError("token verification is not available") from None
+        # the identity concern's contract; an ImportError here is a 503 for the reviewer
+        from addons.identity import verify_token
+        from addons.jwt_verify import TokenError
         try:
             return await verify_token(self.holder, token)
         except TokenError as e:
+            if getattr(e, "status", 401) >= 500:  # no keys loaded, no rules: not the token
+                raise RuntimeError("token verification unavailable") from None
             raise AuthError(str(getattr(e, "reason", "") or "invalid token")) from None
 
     # ------------------------------------------------------------ holding a flow

@@ -4,10 +4,10 @@
 approvals:
   listen: 127.0.0.1:8081          # reviewers' HTTP API ("off": no API)
   link_base: https://gw.internal:8081
-  default_timeout: 900            # seconds, for rules that give none
-  on_timeout: deny                # deny | allow, for rules that give none
+  default_timeout: 300            # seconds, for decisions that carry none
+  on_timeout: deny                # deny | allow, for decisions that carry none
   timeout_status: 403             # 403 or 408 on timeout
-  allow_mitmweb: false            # default for rules that don't say
+  allow_mitmweb: true             # master switch: false = no rule's allow_mitmweb applies
   max_pending: 1000
   preview_chars: 2000
   notify:
@@ -121,10 +121,10 @@ def _host_of(url: str) -> str:
 class ApprovalsConfig:
     listen: tuple[str, int] | None = ("127.0.0.1", 8081)
     link_base: str = ""
-    default_timeout: float = 900.0
+    default_timeout: float = 300.0
     on_timeout: str = "deny"
     timeout_status: int = 403
-    allow_mitmweb: bool = False
+    allow_mitmweb: bool = True
     max_pending: int = 1000
     preview_chars: int = 2000
     notify: NotifyConfig | None = None
@@ -138,7 +138,7 @@ class ApprovalsConfig:
         notify = self.notify.describe() if self.notify else "no notifications"
         return (f"approvals: API {api}, default timeout {self.default_timeout:g}s "
                 f"(on timeout {self.on_timeout}, {self.timeout_status}), "
-                f"mitmweb {'may' if self.allow_mitmweb else 'may not'} approve, {notify}")
+                f"mitmweb approval {'per rule' if self.allow_mitmweb else 'off'}, {notify}")
 
 
 def _parse_notify(raw: Any, where: Where) -> NotifyConfig:
@@ -209,12 +209,12 @@ def parse_approvals(section: MapSection) -> ApprovalsConfig:
     return ApprovalsConfig(
         listen=listen,
         link_base=link_base,
-        default_timeout=float(expect_number(d.get("default_timeout", 900),
+        default_timeout=float(expect_number(d.get("default_timeout", 300),
                                             w("default_timeout"), minimum=0.01,
                                             maximum=MAX_TIMEOUT)),
         on_timeout=on_timeout,
         timeout_status=timeout_status,
-        allow_mitmweb=expect_bool(d.get("allow_mitmweb", False), w("allow_mitmweb")),
+        allow_mitmweb=expect_bool(d.get("allow_mitmweb", True), w("allow_mitmweb")),
         max_pending=expect_int(d.get("max_pending", 1000), w("max_pending"), minimum=1,
                                maximum=1_000_000),
         preview_chars=expect_int(d.get("preview_chars", 2000), w("preview_chars"),

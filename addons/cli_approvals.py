@@ -91,7 +91,7 @@ def call(args: argparse.Namespace, method: str, path: str,
          body: dict[str, Any] | None = None) -> dict[str, Any]:
     url = base_url(args) + path
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={
+    req = urllib.request.Request(url, data=data, method=method, headers={  # noqa: S310 - http(s) checked
         "Authorization": f"Bearer {read_token(args)}", "Accept": "application/json",
         **({"Content-Type": "application/json"} if data is not None else {})})
     handlers: list[Any] = [urllib.request.ProxyHandler({})]

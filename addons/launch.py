@@ -104,7 +104,9 @@ def start_gateway(rules_dir: Path, confdir: Path, data_dir: Path, log_path: Path
             "--set", f"agentgate_rules={rules_dir}",
             "--set", f"agentgate_data={data_dir}",
             "--set", "connection_strategy=lazy",
-            "--set", "agentgate_rules_poll_ms=200"]
+            "--set", "agentgate_rules_poll_ms=200",
+            # each gateway gets its own reviewers' API port, so several can run side by side
+            "--set", f"agentgate_approvals_listen=127.0.0.1:{free_port()}"]
     if web:
         args += ["--set", f"web_port={free_port()}", "--set", "web_open_browser=false"]
     if standin_ca is not None:

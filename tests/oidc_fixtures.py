@@ -199,7 +199,9 @@ def public_jwk(key: Any, kid: str, alg: str = "RS256") -> dict[str, Any]:
 class LocalIssuer:
     """Discovery + JWKS served from keys the test holds; every fetch counted."""
 
-    def __init__(self, audience: str = "agentgate") -> None:
+    def __init__(self, audience: str = "agentgate",
+                 tls: tuple[Any, Any] | None = None) -> None:
+        """`tls=(cert_pem_path, key_pem_path)` serves https instead of http."""
         self.audience = audience
         self.keys: dict[str, tuple[Any, str]] = {}  # kid -> (private key, alg)
         self.published: list[str] = []             # kids in the JWKS
@@ -237,8 +239,14 @@ class LocalIssuer:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        if tls is not None:
+            import ssl
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+            self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
-        self.issuer = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if tls is not None else "http"
+        self.issuer = f"{scheme}://127.0.0.1:{self.port}"
         self.jwks_uri = f"{self.issuer}/jwks"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
                                         name="local-issuer")
@@ -313,8 +321,8 @@ def local_issuer() -> Iterator[LocalIssuer]:
 def make_local_issuer() -> Iterator[Any]:
     started: list[LocalIssuer] = []
 
-    def make(audience: str = "agentgate") -> LocalIssuer:
-        li = LocalIssuer(audience).start()
+    def make(audience: str = "agentgate", tls: tuple[Any, Any] | None = None) -> LocalIssuer:
+        li = LocalIssuer(audience, tls).start()
         started.append(li)
         return li
 

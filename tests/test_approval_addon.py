@@ -359,11 +359,16 @@ def test_malformed_decision_fails_closed_and_queue_limit() -> None:
 
 
 def test_spec_defaults_from_config() -> None:
-    cfg = ApprovalsConfig(default_timeout=42, on_timeout="allow", allow_mitmweb=True)
+    cfg = ApprovalsConfig(default_timeout=42, on_timeout="allow")
     spec = spec_from_decision({"action": "approve", "rule": "r",
                                "approval": {"groups": "reviewers"}}, cfg)
-    assert spec.timeout == 42 and spec.on_timeout == "allow" and spec.allow_mitmweb
+    assert spec.timeout == 42 and spec.on_timeout == "allow" and not spec.allow_mitmweb
     assert spec.groups == ("reviewers",) and spec.min_approvals == 1
+    dec = decision(allow_mitmweb=True, timeout=7)
+    assert spec_from_decision(dec, cfg).allow_mitmweb
+    assert spec_from_decision(dec, cfg).timeout == 7
+    # the section's master switch overrides every rule
+    assert not spec_from_decision(dec, ApprovalsConfig(allow_mitmweb=False)).allow_mitmweb
     for bad in ({"groups": [1]}, {"timeout": -1}, {"on_timeout": "x"},
                 {"allow_mitmweb": "yes"}, {"min_approvals": True}):
         with pytest.raises(ValueError):

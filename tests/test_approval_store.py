@@ -192,7 +192,8 @@ def test_config_defaults(tmp_path: Path) -> None:
     rules = load_rules(write_rules(tmp_path, "upstreams: []\n"))
     cfg = rules.approvals
     assert cfg == ApprovalsConfig()
-    assert cfg.listen == ("127.0.0.1", 8081) and cfg.default_timeout == 900
+    assert cfg.listen == ("127.0.0.1", 8081) and cfg.default_timeout == 300
+    assert cfg.allow_mitmweb is True
     assert cfg.link("ap-1") == "http://127.0.0.1:8081/approvals/ap-1"
     assert "API http://127.0.0.1:8081" in cfg.describe()
 
@@ -207,7 +208,7 @@ def test_config_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
           default_timeout: 30
           on_timeout: allow
           timeout_status: 408
-          allow_mitmweb: true
+          allow_mitmweb: false
           max_pending: 10
           preview_chars: 100
           notify:
@@ -221,7 +222,7 @@ def test_config_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = rules.approvals
     assert cfg.listen == ("::1", 9000) and cfg.on_timeout == "allow"
     assert cfg.link("ap-1") == "https://gw.internal:8443/approvals/ap-1"
-    assert cfg.timeout_status == 408 and cfg.allow_mitmweb and cfg.max_pending == 10
+    assert cfg.timeout_status == 408 and not cfg.allow_mitmweb and cfg.max_pending == 10
     n = cfg.notify
     assert n.retries == 2 and n.backoff == 0.5 and n.ca_file == str(ca)
     monkeypatch.delenv("SLACK_URL", raising=False)

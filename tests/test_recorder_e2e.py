@@ -1,0 +1,259 @@
+"""Recorder through a real mitmdump: real SDK clients, the CLI while the gateway runs,
+export + replay with real mitmdump processes, SIGTERM under load, no leaked credentials."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import duckdb
+import openai
+import pytest
+from conftest import BIN, GATEWAY_ENV, ROOT, Gateway, free_port
+
+pytestmark = pytest.mark.integration
+
+AGENT_KEY = "sk-agent-side-key-that-must-never-reach-the-store-0000"
+EMAIL = "jane.roe.recorder@example.com"
+# approvals API off: its default port would collide between parallel gateways
+RULES = "{standin_upstreams}" + "identity:\n  required: false\n" + \
+    "approvals:\n  listen: \"off\"\n" + "recorder:\n  batch_interval_ms: 20\n"
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "addons.cli", *args], cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def sdk(proxy: str, ca: Path, session: str | None = None) -> openai.OpenAI:
+    headers = {"X-Agent-Session": session} if session else None
+    return openai.OpenAI(api_key=AGENT_KEY, max_retries=0, timeout=30, default_headers=headers,
+                         http_client=openai.DefaultHttpxClient(proxy=proxy, verify=str(ca)))
+
+
+def db_of(gw: Gateway) -> Path:
+    return gw.data_dir / "agentgate.duckdb"
+
+
+def assert_no_secrets(*paths: Path) -> None:
+    for p in paths:
+        for f in [p] + sorted(p.parent.glob(p.name + ".wal")):
+            data = f.read_bytes()
+            for name, value in GATEWAY_ENV.items():
+                assert value.encode() not in data, f"{name} leaked into {f}"
+            assert AGENT_KEY.encode() not in data, f"agent key leaked into {f}"
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.3).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("process did not listen")
+
+
+@pytest.fixture
+def gw(gateway_factory) -> Gateway:
+    return gateway_factory(RULES)
+
+
+def test_record_query_live_export_and_replay(gw: Gateway, standin, tmp_path: Path,
+                                             gateway_confdir: Path) -> None:
+    standin.clear()
+    client = sdk(gw.proxy_url(), gw.ca_cert, session="run-42")
+    r1 = client.chat.completions.create(model="gpt-4o-mini",
+                                        messages=[{"role": "user", "content": f"hi {EMAIL}"}])
+    chunks = client.chat.completions.create(model="gpt-4o-mini", stream=True,
+                                            messages=[{"role": "user", "content": "stream me"}])
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == "echo: stream me"
+    # refused at CONNECT (default-deny egress): still a record
+    with pytest.raises(openai.APIConnectionError):
+        sdk(gw.proxy_url(), gw.ca_cert).with_options(
+            base_url="https://evil.example.org/v1").models.list()
+    # a body-named session (LangGraph thread id in request metadata), no header
+    sdk(gw.proxy_url(), gw.ca_cert).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "from a thread"}],
+        metadata={"thread_id": "lg-thread-7"})
+
+    db = db_of(gw)
+    deadline = time.monotonic() + 10
+    while True:  # the writer batches every 20 ms; the CLI asks the running gateway
+        q = cli("audit", "query", "--db", str(db), "--format", "json",
+                "SELECT seq, session_id, outcome, status, method, url, upstream, model, "
+                "request_headers, response_body_note, decode(response_body) AS resp "
+                "FROM flows ORDER BY seq")
+        assert q.returncode == 0, q.stderr
+        rows = [json.loads(line) for line in q.stdout.splitlines()]
+        if len(rows) >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(rows) == 4, rows
+    by_session = {r["session_id"]: r for r in rows}
+    run = [r for r in rows if r["session_id"] == "run-42"]
+    assert [r["status"] for r in run] == [200, 200]
+    assert run[0]["url"] == "https://api.openai.com/v1/chat/completions"
+    assert run[0]["upstream"] == "openai" and run[0]["model"] == "gpt-4o-mini"
+    assert r1.choices[0].message.content in run[0]["resp"]
+    # the SSE body is recorded whole (store_streamed_bodies)
+    assert "chat.completion.chunk" in run[1]["resp"] and "[DONE]" in run[1]["resp"]
+    for r in run:
+        hdrs = {k.lower(): v for k, v in json.loads(r["request_headers"])}
+        assert hdrs["authorization"] == "[REDACTED]"
+    refused = [r for r in rows if r["method"] == "CONNECT"]
+    assert refused and refused[0]["outcome"] == "refused" and refused[0]["status"] == 403
+    assert by_session["lg-thread-7"]["outcome"] == "forwarded"
+
+    # sessions and verify work while the gateway holds the write lock
+    s = cli("audit", "sessions", "--db", str(db), "--format", "json")
+    assert s.returncode == 0, s.stderr
+    sess = {json.loads(line)["session_id"]: json.loads(line) for line in s.stdout.splitlines()}
+    assert sess["run-42"]["flows"] == 2
+    v = cli("audit", "verify", "--db", str(db))
+    assert v.returncode == 0 and "4 records verified" in v.stdout, v.stdout + v.stderr
+    # only read-only statements
+    bad = cli("audit", "query", "--db", str(db), "DELETE FROM flows")
+    assert bad.returncode == 1 and "read-only" in bad.stderr
+    bad = cli("audit", "query", "--db", str(db), "SELECT * FROM read_text('/etc/hostname')")
+    assert bad.returncode == 1
+
+    out = tmp_path / "run42.mitm"
+    e = cli("export", "--db", str(db), "--session", "run-42", "-o", str(out))
+    assert e.returncode == 0 and "wrote 2 flows" in e.stdout, e.stdout + e.stderr
+
+    # mitmdump reads it
+    rd = subprocess.run([str(BIN / "mitmdump"), "-nr", str(out), "--set",
+                         f"confdir={gateway_confdir}"],
+                        capture_output=True, text=True, timeout=60)
+    assert rd.returncode == 0, rd.stderr
+    assert "api.openai.com" in rd.stdout and "/v1/chat/completions" in rd.stdout
+
+    # server replay: the same client completes offline with the recorded answers
+    port = free_port()
+    rp = subprocess.Popen([str(BIN / "mitmdump"), "--server-replay", str(out),
+                           "--listen-host", "127.0.0.1", "--listen-port", str(port),
+                           "--set", f"confdir={gateway_confdir}",
+                           "--set", "server_replay_extra=kill",
+                           "--set", "connection_strategy=lazy"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_port(port, rp)
+        standin.clear()
+        replay = sdk(f"http://127.0.0.1:{port}", gw.ca_cert, session="run-42")
+        again = replay.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": f"hi {EMAIL}"}])
+        assert again.choices[0].message.content == r1.choices[0].message.content
+        chunks = replay.chat.completions.create(
+            model="gpt-4o-mini", stream=True,
+            messages=[{"role": "user", "content": "stream me"}])
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) \
+            == "echo: stream me"
+        with pytest.raises(openai.APIConnectionError):  # not recorded: killed, not forwarded
+            replay.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "never said"}])
+        assert standin.requests == []  # offline: nothing reached an upstream
+    finally:
+        rp.terminate()
+        rp.wait(10)
+
+    # client replay re-sends the recorded requests through the gateway
+    standin.clear()
+    cr = subprocess.run([str(BIN / "mitmdump"), "-n", "-C", str(out),
+                         "--mode", f"upstream:http://127.0.0.1:{gw.port}",
+                         "--set", f"confdir={tmp_path / 'replayconf'}",
+                         "--set", f"ssl_verify_upstream_trusted_ca={gw.ca_cert}"],
+                        capture_output=True, text=True, timeout=60)
+    assert cr.returncode == 0, cr.stdout + cr.stderr
+    paths = [r["path"] for r in standin.requests]
+    assert paths == ["/v1/chat/completions", "/v1/chat/completions"], cr.stdout
+    for r in standin.requests:  # the gateway injected its key; the export carried none
+        assert dict(r["headers"])["authorization"] == f"Bearer {GATEWAY_ENV['OPENAI_API_KEY']}"
+
+    assert gw.stop() == 0
+    con = duckdb.connect(str(db), read_only=True)
+    n, findings = con.execute("SELECT count(*), sum(findings_total) FROM flows").fetchone()
+    con.close()
+    assert n == 6  # 4 + the 2 client-replayed requests
+    assert_no_secrets(db, out)
+    if findings:  # masking ran: the raw value it replaced must not be stored or exported
+        for p in (db, out):
+            assert EMAIL.encode() not in p.read_bytes()
+    v = cli("audit", "verify", "--db", str(db))
+    assert v.returncode == 0 and "6 records verified" in v.stdout, v.stdout + v.stderr
+
+
+def _post(proxy_port: int, ca: Path, i: int) -> bool:
+    import ssl
+    ctx = ssl.create_default_context(cafile=str(ca))
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({"https": f"http://127.0.0.1:{proxy_port}"}),
+        urllib.request.HTTPSHandler(context=ctx))
+    body = json.dumps({"model": "m", "messages": [{"role": "user",
+                                                   "content": f"load-{i:04d}"}]}).encode()
+    req = urllib.request.Request("https://api.openai.com/v1/chat/completions", data=body,
+                                 headers={"content-type": "application/json",
+                                          "X-Agent-Session": "load"})
+    try:
+        with opener.open(req, timeout=20) as r:
+            return r.status == 200 and b"load-" in r.read()
+    except Exception:
+        return False
+
+
+def test_sigterm_under_load_keeps_every_answered_request(gw: Gateway) -> None:
+    answered: list[int] = []
+    lock = threading.Lock()
+    counter = iter(range(200))
+    started = threading.Event()
+
+    def worker() -> None:
+        for i in counter:
+            ok = _post(gw.port, gw.ca_cert, i)
+            if ok:
+                with lock:
+                    answered.append(i)
+                    if len(answered) >= 60:
+                        started.set()
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    assert started.wait(60)
+    gw.proc.send_signal(signal.SIGTERM)  # mid-load
+    for t in threads:
+        t.join(60)
+    assert gw.proc.wait(30) == 0
+    assert 60 <= len(answered) < 200 or len(answered) == 200
+    con = duckdb.connect(str(db_of(gw)), read_only=True)
+    bodies = [b.decode() for (b,) in con.execute(
+        "SELECT request_body FROM flows WHERE status = 200 AND session_id = 'load'").fetchall()]
+    con.close()
+    recorded = {int(b.split("load-")[1][:4]) for b in bodies}
+    missing = sorted(set(answered) - recorded)
+    assert not missing, f"{len(missing)} answered requests not recorded: {missing[:10]}"
+    assert "audit store flushed and closed" in gw.logs()
+    v = cli("audit", "verify", "--db", str(db_of(gw)))
+    assert v.returncode == 0, v.stdout + v.stderr
+
+
+def test_unwritable_store_refuses_flows(gateway_factory, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    gw = gateway_factory(RULES + f"  path: {blocker}/sub/agentgate.duckdb\n")
+    with pytest.raises(openai.APIStatusError) as ei:
+        sdk(gw.proxy_url(), gw.ca_cert).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    assert ei.value.status_code == 503
+    assert "audit store unavailable" in str(ei.value)
+    assert ei.value.body["code"] == "recorder_unavailable"
