@@ -7,8 +7,9 @@ One invocation starts everything, side by side, on 127.0.0.1:
 - `direct`: `hey` straight to the upstream;
 - `bare`: `mitmdump` with no addon and the same TLS interception (the client trusts
   mitmproxy's CA, mitmdump verifies the upstream via ssl_verify_upstream_trusted_ca);
-  `stream_large_bodies=1m` so that it streams SSE replies as the suite does (1 KB/100 KB
-  request bodies and the canned reply are below that, so they are buffered, as in the suite);
+  for time to first token, a second bare mitmdump with a one-hook addon that streams
+  `text/event-stream` replies (mitmdump buffers whole responses by default; the suite's
+  masking streams SSE);
 - `suite`: `mitmdump -s addons/gateway.py` with the concerns in `CONCERNS` switched on by
   rules (see `suite_rules`), a token from a local RS256 issuer on the CONNECT
   (`-x http://agent:TOKEN@proxy`, the documented HTTPS_PROXY form).
@@ -40,6 +41,12 @@ TARGETS = {
     "ttft_delta_ms": 2.0,              # suite TTFT - bare TTFT
     "rss_drift_pct": 5.0,              # soak
 }
+
+STREAM_SSE_ADDON = """\
+def responseheaders(flow):
+    if flow.response.headers.get("content-type", "").startswith("text/event-stream"):
+        flow.response.stream = True
+"""
 
 GATEWAY_ENV = {"OPENAI_API_KEY": "sk-bench-not-a-real-key-000000000000000000000000"}
 
@@ -185,9 +192,16 @@ def run(quick: bool = False, soak_minutes: float = 0, concerns: tuple[str, ...] 
             if issuer and "identity" in active else None
 
         confdir = h.make_confdir(tmp / "mitm-conf")
-        bare = h.start_mitmdump("bare", tmp, confdir, upstream_ca,
-                                sets=["stream_large_bodies=1m"])
+        bare = h.start_mitmdump("bare", tmp, confdir, upstream_ca)
         procs.append(bare)
+        # TTFT needs a bare mitmdump that streams SSE like the suite does; mitmdump buffers
+        # whole responses unless told otherwise, and stream_large_bodies only kicks in after
+        # that many bytes of a chunked reply. A one-hook addon is the minimum.
+        sse_script = tmp / "stream_sse.py"
+        sse_script.write_text(STREAM_SSE_ADDON)
+        bare_sse = h.start_mitmdump("bare-sse", tmp, confdir, upstream_ca,
+                                    scripts=[str(sse_script)])
+        procs.append(bare_sse)
         data = tmp / "data"
         data.mkdir(exist_ok=True)
         suite = h.start_mitmdump(
@@ -247,7 +261,8 @@ def run(quick: bool = False, soak_minutes: float = 0, concerns: tuple[str, ...] 
         sbody = h.chat_body(400, stream=True)
         surl = standin.url + "/v1/chat/completions"
         out["ttft"] = {}
-        for name, px in proxies.items():
+        ttft_proxies = {**proxies, "bare": bare_sse.url}
+        for name, px in ttft_proxies.items():
             try:
                 out["ttft"][name] = h.ttft(surl, proxy=_plain(px), n=cfg["ttft_n"],
                                            body=sbody, proxy_auth=_auth(px))
@@ -378,7 +393,8 @@ def markdown(res: dict[str, Any]) -> str:
     on = ", ".join(res.get("active_concerns", [])) or "none"
     lines.append(
         f"Upstream: {res.get('upstream', '?')}; streamed replies from the stand-in (events "
-        f"2 ms apart). Load: `hey`, keep-alive, POST of an OpenAI chat request with "
+        f"2 ms apart; for TTFT, bare = mitmdump + a one-hook addon streaming "
+        f"text/event-stream). Load: `hey`, keep-alive, POST of an OpenAI chat request with "
         f"prose-like text (one email and one phone number per ~900 bytes). "
         f"{s.get('seconds')} s per run, {s.get('repeats')} interleaved repetition(s), "
         f"medians shown. Suite concerns on: **{on}**"
@@ -496,14 +512,14 @@ def _area(label: str) -> str:
 
 
 def _thread_of(frames: list[tuple[str, str]]) -> str:
-    for name, _label in frames:
-        if name.endswith("run_forever"):
-            return "event loop (main thread)"
-    # a worker thread: name it by its first frame past threading's bootstrap
+    """Worker threads start in threading's bootstrap; everything else is the event loop
+    (py-spy's non-blocking sampling sometimes cuts the bottom of a main-thread stack)."""
+    if not frames or not frames[0][1].startswith("threading.py"):
+        return "event loop (main thread)"
     for name, label in frames:
         if not label.startswith(("threading.py", "concurrent/")):
             return f"thread: {name} ({label})"
-    return "thread: " + (frames[0][0] if frames else "?")
+    return "thread: " + frames[-1][0]
 
 
 def summarise_stacks(text: str, top: int = 20) -> dict[str, Any]:

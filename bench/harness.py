@@ -294,7 +294,9 @@ def start_mitmdump(name: str, workdir: Path, confdir: Path, upstream_ca: Path, *
     """`mitmdump` on a free port; the client trusts `confdir`'s CA, mitmdump verifies the
     upstream against `upstream_ca` (ssl_verify_upstream_trusted_ca), as in production."""
     port = free_port()
-    args = [str(BIN / "mitmdump"), "-q" if not scripts else "--set=termlog_verbosity=warn",
+    # flow_detail=0: no per-flow line on stdout (Dumper), for every configuration alike
+    args = [str(BIN / "mitmdump"), "--set", "flow_detail=0",
+            "--set", "termlog_verbosity=warn",
             "--listen-host", "127.0.0.1", "--listen-port", str(port),
             "--set", f"confdir={confdir}",
             "--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}",

@@ -190,6 +190,23 @@ def public_der(key: Any) -> bytes:
                                          serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+def sign_jws(header: dict[str, Any], claims: dict[str, Any], key: Any,
+             alg: str = "RS256") -> str:
+    """Compact JWS signed directly with `cryptography` (fast: no PEM round trip)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+    signing_input = f"{b64url(json.dumps(header))}.{b64url(json.dumps(claims))}".encode()
+    digest = {"256": hashes.SHA256(), "384": hashes.SHA384(), "512": hashes.SHA512()}[alg[2:]]
+    if alg.startswith("RS"):
+        sig = key.sign(signing_input, padding.PKCS1v15(), digest)
+    else:
+        r, s_ = decode_dss_signature(key.sign(signing_input, ec.ECDSA(digest)))
+        size = (key.curve.key_size + 7) // 8
+        sig = r.to_bytes(size, "big") + s_.to_bytes(size, "big")
+    return f"{signing_input.decode()}.{b64url(sig)}"
+
+
 def public_jwk(key: Any, kid: str, alg: str = "RS256") -> dict[str, Any]:
     d = jose_jwk.construct(public_pem(key), alg).to_dict()
     d.update(kid=kid, use="sig", alg=alg)
@@ -300,10 +317,9 @@ class LocalIssuer:
              headers: dict[str, Any] | None = None) -> str:
         kid = kid or self.kid
         key, alg = self.keys[kid]
-        hdrs = {"kid": kid}
+        hdrs: dict[str, Any] = {"alg": alg, "typ": "JWT", "kid": kid}
         hdrs.update(headers or {})
-        return jose_jwt.encode(claims, private_pem(key).decode(), algorithm=alg,
-                               headers=hdrs)
+        return sign_jws(hdrs, claims, key, alg)
 
     def identity_yaml(self, audience: str | list[str] | None = None, **opts: Any) -> str:
         return identity_yaml_for(self.issuer, audience or self.audience, **opts)

@@ -174,3 +174,16 @@ def test_langgraph_agent_end_to_end(gw: Gateway, standin) -> None:
     assert json.loads(hook["body"])["text"] == "the nightly build is green"
     for r in standin.requests:
         assert "managed-by-agentgate" not in json.dumps(r)
+
+
+def test_mitmweb_runs_the_same_suite(gateway_factory, no_identity, standin) -> None:
+    gw = gateway_factory("{standin_upstreams}" + no_identity, web=True)
+    assert "Web server listening" in gw.logs()
+    standin.clear()
+    r = sdk(gw).chat.completions.create(model="gpt-4o-mini",
+                                        messages=[{"role": "user", "content": "via web"}])
+    assert r.choices[0].message.content == "echo: via web"
+    assert dict(standin.requests[0]["headers"])["authorization"] == f"Bearer {REAL_OPENAI_KEY}"
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        proxied_urlopen(gw, "http://evil.example.org/", b"{}")
+    assert ei.value.code == 403

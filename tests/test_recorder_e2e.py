@@ -145,6 +145,7 @@ def test_record_query_live_export_and_replay(gw: Gateway, standin, tmp_path: Pat
                            "--listen-host", "127.0.0.1", "--listen-port", str(port),
                            "--set", f"confdir={gateway_confdir}",
                            "--set", "server_replay_extra=kill",
+                           "--set", "server_replay_reuse=true",
                            "--set", "connection_strategy=lazy"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -163,6 +164,10 @@ def test_record_query_live_export_and_replay(gw: Gateway, standin, tmp_path: Pat
             replay.chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "never said"}])
         assert standin.requests == []  # offline: nothing reached an upstream
+    except BaseException:
+        rp.terminate()
+        print(rp.communicate(timeout=10)[0])
+        raise
     finally:
         rp.terminate()
         rp.wait(10)

@@ -1,0 +1,116 @@
+"""Checksums and plausibility checks used by the detectors (pure functions, no I/O)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+
+def luhn_ok(digits: str) -> bool:
+    """ISO/IEC 7812 check digit over an ASCII digit string."""
+    total = 0
+    parity = len(digits) % 2
+    for i, ch in enumerate(digits):
+        d = ord(ch) - 48
+        if i % 2 == parity:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def mod97_ok(value: str) -> bool:
+    """ISO 7064 MOD 97-10 as used by IBAN: move the first 4 chars to the end, letters->10..35."""
+    s = value[4:] + value[:4]
+    rem = 0
+    for ch in s:
+        if "0" <= ch <= "9":
+            rem = (rem * 10 + ord(ch) - 48) % 97
+        elif "A" <= ch <= "Z":
+            rem = (rem * 100 + ord(ch) - 55) % 97
+        else:
+            return False
+    return rem == 1
+
+
+# (lowest prefix, highest prefix, allowed lengths). Prefixes compare on the same number of
+# leading digits. Sources: issuers' published IIN ranges (Visa, Mastercard incl. the 2-series
+# 2221-2720, Amex, Discover incl. the China UnionPay co-brand 622126-622925, JCB, Diners,
+# UnionPay, Maestro, Mir, RuPay, Verve, Troy, UATP).
+_R = range
+CARD_RANGES: tuple[tuple[int, int, frozenset[int]], ...] = (
+    (4, 4, frozenset((13, 16, 19))),                     # Visa
+    (51, 55, frozenset((16,))),                          # Mastercard
+    (2221, 2720, frozenset((16,))),                      # Mastercard 2-series
+    (34, 34, frozenset((15,))), (37, 37, frozenset((15,))),  # Amex
+    (6011, 6011, frozenset(_R(16, 20))),                 # Discover
+    (644, 649, frozenset(_R(16, 20))), (65, 65, frozenset(_R(16, 20))),
+    (622126, 622925, frozenset(_R(16, 20))),
+    (3528, 3589, frozenset(_R(16, 20))),                 # JCB
+    (300, 305, frozenset(_R(14, 20))), (3095, 3095, frozenset(_R(14, 20))),  # Diners
+    (36, 36, frozenset(_R(14, 20))), (38, 39, frozenset(_R(16, 20))),
+    (62, 62, frozenset(_R(16, 20))), (81, 81, frozenset(_R(16, 20))),  # UnionPay
+    (50, 50, frozenset(_R(13, 20))), (56, 69, frozenset(_R(13, 20))),  # Maestro & co
+    (2200, 2204, frozenset(_R(16, 20))),                 # Mir
+    (60, 60, frozenset(_R(16, 20))), (82, 82, frozenset((16,))), (508, 508, frozenset((16,))),
+    (9792, 9792, frozenset((16,))),                      # Troy
+    (1, 1, frozenset((15,))),                            # UATP
+)
+
+
+def card_issuer_ok(digits: str) -> bool:
+    n = len(digits)
+    for lo, hi, lengths in CARD_RANGES:
+        if n not in lengths:
+            continue
+        k = len(str(lo))
+        if lo <= int(digits[:k]) <= hi:
+            return True
+    return False
+
+
+def card_ok(digits: str) -> bool:
+    return 13 <= len(digits) <= 19 and card_issuer_ok(digits) and luhn_ok(digits)
+
+
+# Published advertising / sample numbers the SSA voided; not anyone's number.
+SSN_SAMPLES = frozenset(("078051120", "219099999", "457555462"))
+
+
+def ssn_ok(digits: str) -> bool:
+    """SSA rules: no area 000, 666 or 9xx, no group 00, no serial 0000, not a voided sample,
+    not one digit repeated (111-11-1111 is a placeholder, never issued)."""
+    if len(digits) != 9:
+        return False
+    area, group, serial = digits[:3], digits[3:5], digits[5:]
+    if area == "000" or area == "666" or area[0] == "9":
+        return False
+    if group == "00" or serial == "0000":
+        return False
+    if digits in SSN_SAMPLES or digits == digits[0] * 9:
+        return False
+    return True
+
+
+def shannon_entropy(s: str) -> float:
+    if not s:
+        return 0.0
+    n = len(s)
+    return -sum(c / n * math.log2(c / n) for c in Counter(s).values())
+
+
+def looks_placeholder(s: str, min_entropy: float = 2.5) -> bool:
+    """True for strings no real secret looks like: 'xxxxxxxx', 'ZZZZ…', 'abcdefgh…1234567'.
+
+    Real tokens are random: their character entropy is high and they do not run through the
+    alphabet. This only decides between a secret and an obvious stand-in; the shape was
+    already matched by the caller.
+    """
+    if shannon_entropy(s) < min_entropy:
+        return True
+    if len(s) >= 8:
+        steps = sum(1 for a, b in zip(s, s[1:], strict=False) if ord(b) - ord(a) == 1)
+        if steps * 2 > len(s) - 1:
+            return True
+    return False
