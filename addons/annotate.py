@@ -24,7 +24,8 @@ def summary(meta: dict[str, Any]) -> str:
     dec = meta.get("decision")
     if isinstance(dec, dict) and dec.get("action"):
         parts.append(f"decision: {dec['action']}"
-                     + (f" by rule {dec['rule']}" if dec.get("rule") else ""))
+                     + (f" by rule {dec['rule']}" if dec.get("rule") else "")
+                     + (" (observed only, not enforced)" if dec.get("observed") else ""))
     appr = meta.get("approval")
     if isinstance(appr, dict) and appr.get("state"):
         parts.append(f"approval: {appr['state']}"

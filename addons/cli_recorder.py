@@ -40,7 +40,7 @@ def default_db() -> Path:
         if path:
             p = Path(path).expanduser()
             return p if p.is_absolute() else data / p
-    except Exception:  # noqa: BLE001 - rules are optional for the audit commands
+    except Exception:  # noqa: BLE001, S110 - rules are optional for the audit commands
         pass
     return data / DB_NAME
 
@@ -164,6 +164,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--as-forwarded", action="store_true",
                    help="keep the address the gateway forwarded to (forward_to) instead of "
                         "the host the agent asked for")
+    e.add_argument("--via", metavar="PROXY_URL",
+                   help="prepare the flows for `mitmdump --client-replay FILE --mode "
+                        "upstream:PROXY_URL` (re-send through a gateway, e.g. "
+                        "http://127.0.0.1:8080); mitmproxy requires the recorded proxy mode "
+                        "to match")
     e.set_defaults(func=cmd_export)
 
 
@@ -227,7 +232,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (AuditError, argparse.ArgumentTypeError) as e:
         print(f"agentgate export: {e}", file=sys.stderr)
         return 1
-    n = write_mitm(rows, args.output, as_forwarded=args.as_forwarded)
+    n = write_mitm(rows, args.output, as_forwarded=args.as_forwarded, via=args.via)
     if n == 0:
         print(f"agentgate export: no recorded flows for session {args.session!r}",
               file=sys.stderr)
@@ -236,13 +241,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_mitm(rows: list, output: Path, as_forwarded: bool = False) -> int:
+def write_mitm(rows: list, output: Path, as_forwarded: bool = False,
+               via: str | None = None) -> int:
     """Rebuild flows from their stored (already redacted) state and write a .mitm file."""
     from urllib.parse import urlsplit
 
     from mitmproxy import flow as mflow
     from mitmproxy import io as mio
     from mitmproxy.io import compat, tnetstring
+    from mitmproxy.proxy.mode_specs import ProxyMode
 
     from addons.audit_store import REDACTED
 
@@ -265,6 +272,8 @@ def write_mitm(rows: list, output: Path, as_forwarded: bool = False) -> int:
                 # carries no placeholder the identity step would reject as a token.
                 for name in [k for k, v in req.headers.items(multi=True) if v == REDACTED]:
                     del req.headers[name]
+            if via:
+                flow.client_conn.proxy_mode = ProxyMode.parse(f"upstream:{via}")
             writer.add(flow)
             n += 1
     tmp.replace(output)

@@ -50,18 +50,33 @@ class _State:
         self.store = JwksStore()
         self.config: IdentityConfig | None = None
         self.verifier: TokenVerifier | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     def verifier_for(self, rules: Rules | None) -> TokenVerifier:
         if rules is None:
             raise TokenError("gateway has no valid rules loaded", "no_rules", 503)
         cfg = rules.identity
         if self.verifier is None or cfg is not self.config:
-            # New rules: keep JWKS of unchanged issuers, forget verified tokens (audiences,
-            # issuers or claim mappings may have changed).
+            if self.verifier is not None and cfg == self.config:
+                self.config = cfg  # a reload that left the identity section as it was
+                return self.verifier
+            # New identity rules: keep JWKS of unchanged issuers, forget verified tokens
+            # (audiences, issuers or claim mappings may have changed).
             self.store.update(cfg)
             self.config = cfg
             self.verifier = TokenVerifier(cfg, self.store.lookup)
+            self._prefetch()
         return self.verifier
+
+    def _prefetch(self) -> None:
+        """Load new issuers' keys in the background, so the first request does not wait."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop (CLI, unit tests): keys load on first use
+        task = loop.create_task(self.store.prefetch())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 _states: weakref.WeakKeyDictionary[RulesHolder, _State] = weakref.WeakKeyDictionary()
@@ -145,7 +160,6 @@ class Identity:
         # client connection id -> (token, identity) for tunnels authenticated at CONNECT.
         # The token stays in process memory only, to re-verify each request on the tunnel.
         self._conns: dict[str, tuple[str, dict[str, Any]]] = {}
-        self._prefetch: asyncio.Task | None = None
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -161,10 +175,9 @@ class Identity:
             self.state.store.ca_file = ca or None
 
     def running(self) -> None:
-        # Load issuers' keys now, so the first request does not wait for the IdP.
-        if self.holder.rules is not None and self._prefetch is None:
-            self.state.verifier_for(self.holder.rules)
-            self._prefetch = asyncio.get_running_loop().create_task(self.state.store.prefetch())
+        # Build the verifier now (which loads the issuers' keys in the background) and on
+        # every rules change, so the first request does not wait for the IdP.
+        self.holder.on_change(self.state.verifier_for)  # also runs now if rules are loaded
 
     # ------------------------------------------------------------ helpers
     def _refuse(self, flow: http.HTTPFlow, err: TokenError, proxy: bool) -> None:
@@ -210,7 +223,10 @@ class Identity:
         assert rules is not None  # RulesLoader refuses flows before rules exist
         cfg: IdentityConfig = rules.identity
         if cfg.required and not cfg.issuers:
-            self._refuse(flow, self._missing(cfg), proxy=True)
+            # Without credentials the tunnel is allowed so that the inner request gets a
+            # readable 401 in the API's dialect; nothing is forwarded either way.
+            if "proxy-authorization" in flow.request.headers:
+                self._refuse(flow, self._missing(cfg), proxy=True)
             return
         if "proxy" not in cfg.sources:
             return

@@ -95,10 +95,10 @@ def start_gateway(rules_dir: Path, confdir: Path, data_dir: Path, log_path: Path
                   standin_ca: Path | None = None, env: dict[str, str] | None = None,
                   gateway_env: dict[str, str] | None = None,
                   extra_args: tuple[str, ...] = (), web: bool = False,
-                  wait: bool = True) -> Gateway:
+                  wait: bool = True, script: Path | None = None) -> Gateway:
     port = free_port()
     args = [str(BIN / ("mitmweb" if web else "mitmdump")),
-            "-s", str(ROOT / "addons" / "gateway.py"),
+            "-s", str(script or ROOT / "addons" / "gateway.py"),
             "--listen-host", "127.0.0.1", "--listen-port", str(port),
             "--set", f"confdir={confdir}",
             "--set", f"agentgate_rules={rules_dir}",

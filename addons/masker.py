@@ -139,8 +139,10 @@ class Session:
                 self._by_value.move_to_end(key)
             # Only values the agent itself sent may come back to it: a value the model
             # produced on its own keeps its placeholder on the way back too.
-            if restorable and ph not in self._restore:
+            # (the latest spelling the agent used is the one it gets back)
+            if restorable:
                 self._restore[ph] = value
+                self._restore.move_to_end(ph)
                 if len(self._restore) > self._max_entries:
                     self._restore.popitem(last=False)
             return ph
@@ -258,6 +260,19 @@ class Masker:
     @property
     def max_len(self) -> int:
         return int(self.detectors.max_len)
+
+    @property
+    def context_len(self) -> int:
+        """Already-sent characters a stream keeps in front of new text (left context)."""
+        return int(getattr(self.detectors, "context_len", 128))
+
+    def holdback(self, text: str) -> int:
+        """How many trailing characters of a stream buffer a match could still extend into
+        (the detectors' own estimate when they have one, else the longest match)."""
+        fn = getattr(self.detectors, "holdback", None)
+        if fn is None:
+            return min(self.max_len, len(text))
+        return int(fn(text))
 
     def find(self, text: str) -> list[Any]:
         return self.detectors.find(text) if text else []

@@ -212,7 +212,7 @@ class Masking:
         resp.headers.pop("content-encoding", None)
         if "content-length" in resp.headers:
             del resp.headers["content-length"]
-            if resp.http_version == "HTTP/1.1":
+            if flow.request.http_version == "HTTP/1.1":  # the client side's framing
                 resp.headers["transfer-encoding"] = "chunked"
 
     @guarded("masking")
@@ -259,7 +259,7 @@ def _safe_stream(masker: StreamMasker) -> Any:
     def stream(data: bytes) -> list[bytes] | bytes:
         try:
             return masker(data)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - fail closed: abort, never pass unmasked
             # The type only: an exception text could quote the stream's content.
             log.error("masking: stream aborted (%s)", type(e).__name__)
             raise RuntimeError("masking failed; stream aborted") from None

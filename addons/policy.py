@@ -37,7 +37,9 @@ def facts_from_flow(flow: http.HTTPFlow, now: float | None = None) -> RequestFac
         return flowbody.parsed_json(flow)
 
     return RequestFacts(
-        flow.request.method, flow.request.pretty_host, flow.request.path,
+        # request.host is where the request really goes (CONNECT target / absolute URL),
+        # not the Host header the agent chose
+        flow.request.method, flow.request.host, flow.request.path,
         upstream=up.get("name") if isinstance(up, dict) else None,
         identity=ident if isinstance(ident, dict) else None,
         body=body, json_loader=parsed, now=now)

@@ -21,6 +21,7 @@ from addons.config import (
     expect_bool,
     expect_int,
     expect_map,
+    expect_number,
     expect_str,
     expect_str_list,
 )
@@ -119,11 +120,15 @@ def parse_approval(d: dict[str, Any], where: Where) -> ApprovalSpec:
             "otherwise nobody could ever approve")
     min_approvals = expect_int(d.get("min_approvals", 1), where.child("min_approvals"),
                                minimum=1, maximum=100)
-    timeout = expect_int(d.get("timeout", 300), where.child("timeout"), minimum=1,
-                         maximum=MAX_TIMEOUT)
-    on_timeout = expect_str(d.get("on_timeout", "deny"), where.child("on_timeout"))
-    if on_timeout not in ("deny", "allow"):
-        raise where.child("on_timeout").error(f"must be deny or allow, got {on_timeout!r}")
+    timeout = None
+    if d.get("timeout") is not None:
+        timeout = expect_number(d["timeout"], where.child("timeout"), minimum=0.01,
+                                maximum=MAX_TIMEOUT)
+    on_timeout = None
+    if d.get("on_timeout") is not None:
+        on_timeout = expect_str(d["on_timeout"], where.child("on_timeout"))
+        if on_timeout not in ("deny", "allow"):
+            raise where.child("on_timeout").error(f"must be deny or allow, got {on_timeout!r}")
     return ApprovalSpec(groups=groups, min_approvals=min_approvals, timeout=timeout,
                         on_timeout=on_timeout, allow_mitmweb=allow_mitmweb)
 

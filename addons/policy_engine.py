@@ -59,7 +59,7 @@ class RequestFacts:
                  now: float | None = None) -> None:
         self.method = method.upper()
         self.host = host.lower().rstrip(".")
-        self.path = path.split("?", 1)[0] or "/"
+        self.path = normalize_path(path)
         self.upstream = upstream
         ident = identity if isinstance(identity, dict) else {}
         self.authenticated = bool(ident.get("sub"))
@@ -150,6 +150,28 @@ class RequestFacts:
         if t is None:
             t = self._local[key] = datetime.datetime.fromtimestamp(self.now, tz)
         return t
+
+
+def normalize_path(path: str) -> str:
+    """The URL path as a server resolves it, so rules cannot be dodged by spelling:
+    no query or fragment, percent-decoded, repeated slashes collapsed, `.` and `..`
+    segments removed (`/v1/./chat//%63ompletions` -> `/v1/chat/completions`)."""
+    from urllib.parse import unquote
+    p = unquote(path.split("?", 1)[0].split("#", 1)[0], errors="replace")
+    if "//" not in p and "/." not in p:
+        return p if p.startswith("/") else "/" + p
+    out: list[str] = []
+    segs = p.split("/")
+    for seg in segs:
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(seg)
+    trailing = "/" if segs[-1] in ("", ".", "..") and out else ""
+    return "/" + "/".join(out) + trailing
 
 
 # ---------------------------------------------------------------- text and tool extraction
@@ -555,8 +577,10 @@ def tools_test(match: Callable[[str], bool]) -> Check:
 class ApprovalSpec:
     groups: tuple[str, ...]
     min_approvals: int = 1
-    timeout: int = 300
-    on_timeout: str = "deny"
+    # None: not set by the rule; the approval addon applies the `approvals` section's
+    # default_timeout / on_timeout (300 s, deny)
+    timeout: float | None = None
+    on_timeout: str | None = None
     allow_mitmweb: bool = False
 
     def to_metadata(self) -> dict[str, Any]:
@@ -660,24 +684,19 @@ def evaluate(policies: PolicySet, facts: RequestFacts, *,
     """
     observations: list[tuple[str, str]] = []
     first_obs: PolicyRule | None = None
-    matched = False
     for rule in policies.rules:
-        for check in rule.match.checks:  # inlined Match.__call__: the hot loop
+        for check in rule.match.checks:  # Match.__call__ inlined: this is the hot loop
             if not check(facts):
                 break
-        else:
-            matched = True
-        if not matched:
-            continue
-        matched = False
-        if rule.observing:
-            observations.append((rule.name, rule.action))
-            if first_obs is None:
-                first_obs = rule
-            continue
-        observed = (observe_only or policies.observe_only) and rule.action != "allow"
-        return Decision(rule.action, rule.name, _message(rule), observed,
-                        rule.approval, tuple(observations))
+        else:  # every condition held
+            if rule.observing:
+                observations.append((rule.name, rule.action))
+                if first_obs is None:
+                    first_obs = rule
+                continue
+            observed = (observe_only or policies.observe_only) and rule.action != "allow"
+            return Decision(rule.action, rule.name, _message(rule), observed,
+                            rule.approval, tuple(observations))
     if first_obs is not None:
         return Decision(first_obs.action, first_obs.name, _message(first_obs), True,
                         first_obs.approval, tuple(observations))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 
+from addons import sentinel
 from addons.config import ConfigError, Rules, load_rules, rule_files
 from addons.guard import guarded, refuse
 
@@ -64,8 +65,13 @@ class RulesLoader:
         self.holder = holder
         self._snapshot: tuple = ()
         self._watch: asyncio.Task | None = None
+        self._sentinel: sentinel.PipelineSentinel | None = None
 
     def load(self, loader) -> None:
+        master = getattr(ctx, "master", None)
+        if master is not None and hasattr(master, "addons"):
+            self._sentinel = sentinel.attach(master)
+            self._sentinel.loaded += 1
         loader.add_option("agentgate_rules", str, os.environ.get("AGENTGATE_RULES", "rules"),
                           "Directory of agentgate rules (*.yaml).")
         loader.add_option("agentgate_data", str, os.environ.get("AGENTGATE_DATA", "data"),
@@ -96,6 +102,9 @@ class RulesLoader:
     def done(self) -> None:
         if self._watch:
             self._watch.cancel()
+        if self._sentinel is not None:
+            self._sentinel.loaded -= 1
+            self._sentinel = None
 
     async def _watcher(self) -> None:
         while True:

@@ -23,7 +23,7 @@ handled by what it carries:
 
 With restore on, known placeholders in the model's text are replaced by the originals
 (JSON-escaped in tool-call argument streams); the emit boundary never splits a
-placeholder. Nothing is buffered beyond one event plus `hold` characters per channel.
+placeholder. Nothing is buffered beyond one event plus the held tail per channel.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from addons.masker import MAX_PLACEHOLDER_LEN, PARTIAL_PLACEHOLDER_RE, count
 
 log = logging.getLogger("agentgate.masking")
 
-LEFT_CONTEXT = 128  # already emitted characters kept so detectors see word boundaries
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _LINE_SPLIT = re.compile(r"\r\n|\r|\n")
 
@@ -127,11 +126,12 @@ def _event(name: str | None, obj: Any) -> bytes:
 class TextChannel:
     """Incremental masking of one reassembled text (one choice / block / tool call)."""
 
-    __slots__ = ("ctx", "hold", "escape", "buf", "done", "template")
+    __slots__ = ("ctx", "hold", "escape", "buf", "done", "template", "left")
 
-    def __init__(self, ctx: Masked, hold: int, json_mode: bool = False) -> None:
+    def __init__(self, ctx: Masked, hold: int | None = None, json_mode: bool = False) -> None:
         self.ctx = ctx
-        self.hold = hold
+        self.hold = hold    # fixed hold-back, or None: ask the detectors per buffer
+        self.left = ctx.masker.context_len
         self.escape = json_escape if json_mode else None
         self.buf = ""       # left context (already emitted) + text not yet emitted
         self.done = 0       # how much of buf was already emitted
@@ -146,15 +146,22 @@ class TextChannel:
         if text:
             self.buf += text
         buf = self.buf
-        cut = len(buf) if final else len(buf) - self.hold
+        ctx = self.ctx
+        if final:
+            cut = len(buf)
+        elif self.hold is not None:
+            cut = len(buf) - self.hold
+        else:
+            cut = len(buf) - ctx.masker.holdback(buf)
         if cut <= self.done:
             return ""
-        ctx = self.ctx
         found = ctx.masker.find(buf)
         if not final:
             for f in found:
                 if f.start < cut < f.end:
-                    cut = f.end  # a match that starts before the cut is complete (max_len)
+                    # it reaches into the tail that may still grow: hold all of it
+                    cut = f.start
+                    break
             if ctx.restore:
                 lo = max(self.done, cut - MAX_PLACEHOLDER_LEN)
                 m = PARTIAL_PLACEHOLDER_RE.search(buf, lo, cut)
@@ -166,7 +173,7 @@ class TextChannel:
             if cut <= self.done:
                 return ""
         out = self._render(buf, found, self.done, cut)
-        keep = max(0, cut - LEFT_CONTEXT)
+        keep = max(0, cut - self.left)
         self.buf = buf[keep:]
         self.done = cut - keep
         return out
@@ -186,7 +193,7 @@ class TextChannel:
             repl = ctx.masker.replacement(f.entity, f.value, session, ctx.restorable)
             out.append(escape(repl) if escape else repl)
             count(ctx.findings, f.entity, ctx.masker.strategy(f.entity))
-            pos = min(f.end, hi) if f.end > hi else f.end
+            pos = f.end
         gap = buf[pos:hi]
         out.append(session.restore(gap, escape) if restore and session else gap)
         return "".join(out)
@@ -249,9 +256,11 @@ class StreamMasker:
     def __init__(self, ctx: Masked, hold: int | None = None, max_event: int = 16 << 20,
                  decoder: StreamDecoder | None = None) -> None:
         self.ctx = ctx
-        self.hold = max(ctx.masker.max_len if hold is None else hold, 0)
-        if ctx.restore:
-            self.hold = max(self.hold, MAX_PLACEHOLDER_LEN)
+        # None: the detectors tell per buffer how much to keep (a few characters in
+        # prose); a number: a fixed hold-back (tests, detectors without an estimate).
+        self.hold = hold
+        if hold is not None and ctx.restore:
+            self.hold = max(hold, MAX_PLACEHOLDER_LEN)
         self.splitter = EventSplitter(max_event)
         self.decoder = decoder
         self.channels: dict[tuple, TextChannel] = {}

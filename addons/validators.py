@@ -111,6 +111,6 @@ def looks_placeholder(s: str, min_entropy: float = 2.5) -> bool:
         return True
     if len(s) >= 8:
         steps = sum(1 for a, b in zip(s, s[1:], strict=False) if ord(b) - ord(a) == 1)
-        if steps * 2 > len(s) - 1:
+        if steps * 4 > (len(s) - 1) * 3:
             return True
     return False

@@ -27,6 +27,7 @@ import shutil
 import statistics
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,13 @@ def responseheaders(flow):
     if flow.response.headers.get("content-type", "").startswith("text/event-stream"):
         flow.response.stream = True
 """
+
+RULE_FILES = {"20-identity.yaml": "identity", "30-masking.yaml": "masking",
+              "40-policies.yaml": "policy", "45-approvals.yaml": "policy",
+              "50-recorder.yaml": "recording"}
+# guard.py's step names (in "internal error in <step> (hook)") -> the concern to switch off
+STEP_CONCERN = {"identity": "identity", "masking": "masking", "policy": "policy",
+                "approval": "policy", "recorder": "recording"}
 
 GATEWAY_ENV = {"OPENAI_API_KEY": "sk-bench-not-a-real-key-000000000000000000000000"}
 
@@ -75,34 +83,49 @@ def suite_rules(upstream_hostport: str, standin_hostport: str, issuer: h.TokenIs
         files["20-identity.yaml"] = textwrap.dedent(f"""\
             identity:
               required: true
+              sources: [proxy, bearer, x-api-key]
               issuers:
                 - issuer: {issuer.issuer}
                   audience: {issuer.audience}
                   jwks_uri: {issuer.issuer}/jwks.json
+                  algorithms: [RS256]
             """)
     else:
         files["20-identity.yaml"] = "identity:\n  required: false\n"
     if "masking" in concerns:
-        files["30-masking.yaml"] = textwrap.dedent("""\
-            masking:
-              enabled: true
-            """)
+        # every built-in detector is on by default
+        files["30-masking.yaml"] = "masking:\n  enabled: true\n"
+    else:
+        files["30-masking.yaml"] = "masking:\n  enabled: false\n"
     if "policy" in concerns:
+        # A realistic set: a model block list, a prompt scan (regex + words), an approval
+        # rule on tool calls and a group allow rule, all evaluated on every request; none
+        # blocks or holds the benchmark's traffic.
         files["40-policies.yaml"] = textwrap.dedent("""\
             policies:
-              - name: no-gpt3
+              - name: restricted-models
+                match: {model: ["gpt-5*", "claude-opus-*"]}
                 action: block
-                when: {model: ["gpt-3.5-turbo"]}
-                message: gpt-3.5 is retired
-              - name: allow-agents
+                message: this model is not approved for agents
+              - name: no-customer-ssn
+                match: {prompt: {regex: ['\\b\\d{3}-\\d{2}-\\d{4}\\b'],
+                                 words: [project bluebird]}}
+                action: block
+                message: forbidden content in prompt
+              - name: destructive-tools
+                match: {tools: ["delete_*", "drop_*"]}
+                action: approve
+                approvers: [reviewers]
+                timeout: 60
+              - name: agents-may-use-models
+                match: {upstream: [bench-openai, bench-stream]}
                 action: allow
-                when: {upstream: [bench-openai, bench-stream]}
             """)
-    if "recording" in concerns:
-        files["50-recorder.yaml"] = textwrap.dedent("""\
-            recorder:
-              enabled: true
-            """)
+    # the reviewers' API is part of the suite; on a free port (its default, 8081, may be
+    # taken by another gateway on this machine)
+    files["45-approvals.yaml"] = f"approvals:\n  listen: 127.0.0.1:{h.free_port()}\n"
+    files["50-recorder.yaml"] = "recorder:\n  enabled: {}\n".format(
+        "true" if "recording" in concerns else "false")
     return files
 
 
@@ -127,8 +150,11 @@ def write_rules(rules_dir: Path, files: dict[str, str]) -> dict[str, str]:
             if bad not in files or bad == "10-upstreams.yaml" or bad in dropped:
                 raise
             dropped[bad] = f"{e.key}: {e.reason}"
-            if bad == "20-identity.yaml":
-                (rules_dir / bad).write_text("identity:\n  required: false\n")
+            off = {"20-identity.yaml": "identity:\n  required: false\n",
+                   "30-masking.yaml": "masking:\n  enabled: false\n",
+                   "50-recorder.yaml": "recorder:\n  enabled: false\n"}.get(bad)
+            if off:
+                (rules_dir / bad).write_text(off)
             else:
                 (rules_dir / bad).unlink()
     load_rules(rules_dir)
@@ -142,97 +168,158 @@ def _settings(quick: bool) -> dict[str, Any]:
     return {"seconds": 5.0, "repeats": 2, "ttft_n": 40, "warmup_s": 1.0}
 
 
-def _check(url: str, proxy: str | None, body: Path, proxy_auth_url: str | None) -> str:
-    """One request through a configuration; '' if it got a 2xx, else what went wrong."""
-    r = h.run_hey(url, concurrency=1, requests=1, proxy=proxy_auth_url or proxy,
-                  body_file=body)
-    if r.requests == 1:
+def _check(url: str, proxy: str | None, body: Path) -> str:
+    """One request through a configuration; '' if it got a 2xx, else what went wrong
+    (status, agentgate's refusal code and message)."""
+    try:
+        status, hdrs, data = h.one_request(url, body.read_bytes(), proxy=proxy)
+    except (OSError, ConnectionError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    if 200 <= status < 300:
         return ""
-    return f"status {r.status or '-'} {r.error_text}".strip()
+    return f"status {status} {hdrs.get('x-agentgate-refused', '')} {data[:300]!r}"
+
+
+class _Env:
+    """What every configuration shares in one run: upstreams, CA, bodies, the issuer."""
+
+    def __init__(self, tmp: Path, cfg: dict[str, Any], soak_minutes: float) -> None:
+        self.tmp = tmp
+        self.cfg = cfg
+        self.soak_minutes = soak_minutes
+        self.procs: list[h.Proc] = []
+        self.issuer: h.TokenIssuer | None = None
+        self.notes: list[str] = []
+        self.n_suites = 0
+
+    def spawn(self, p: h.Proc) -> h.Proc:
+        self.procs.append(p)
+        return p
+
+    def start_suite(self, concerns: tuple[str, ...], name: str = "suite"
+                    ) -> tuple[h.Proc, str, list[str], str]:
+        """The suite with every concern asked for that works today: a concern whose rules
+        today's parser rejects, or whose addon fails on the benchmark's request, is
+        switched off (and said so in the notes) rather than sinking the whole comparison.
+        Returns (process, proxy URL with the token, active concerns, error or '')."""
+        active = list(concerns)
+        if "identity" in active and self.issuer is None:
+            self.issuer = h.TokenIssuer().start()
+        err = ""
+        for _ in range(len(CONCERNS) + 1):
+            self.n_suites += 1
+            n = self.n_suites
+            files = suite_rules(self.up_hostport, self.st_hostport, self.issuer, tuple(active))
+            rules_dir = self.tmp / f"rules{n}"
+            for f, why in write_rules(rules_dir, files).items():
+                concern = RULE_FILES.get(f, f)
+                if concern in active:
+                    active.remove(concern)
+                self.notes.append(f"{name}: {concern} left out: today's parser rejects {f} "
+                                  f"({why})")
+            token = self.issuer.token(lifetime=3600 + int(self.soak_minutes * 60)) \
+                if self.issuer and "identity" in active else None
+            data = self.tmp / f"data{n}"
+            data.mkdir(exist_ok=True)
+            suite = self.spawn(h.start_mitmdump(
+                f"{name}{n}", self.tmp, self.confdir, self.upstream_ca,
+                scripts=[str(h.ROOT / "addons" / "gateway.py")],
+                sets=[f"agentgate_rules={rules_dir}", f"agentgate_data={data}",
+                      "agentgate_rules_poll_ms=0"],
+                env={**GATEWAY_ENV, "AGENTGATE_RULES": str(rules_dir),
+                     "AGENTGATE_DATA": str(data)}))
+            proxy = suite.url.replace("http://", f"http://agent:{token}@") if token \
+                else suite.url
+            err = _check(self.url, proxy, self.bodies["1KB"])
+            if not err:
+                return suite, proxy, active, ""
+            if not suite.alive():
+                return suite, proxy, active, (f"mitmdump exited: {err}\n"
+                                              + suite.logs()[-1500:])
+            failed = next((c for step, c in STEP_CONCERN.items()
+                           if f"internal error in {step} " in err and c in active), None)
+            if failed is None:
+                return suite, proxy, active, err + "\n" + suite.logs()[-1500:]
+            last = (suite.logs().strip().splitlines() or [""])[-1][:200]
+            self.notes.append(f"{name}: {failed} switched off: its addon failed on the "
+                              f"benchmark request ({err[:200]}); log: {last}")
+            active.remove(failed)
+            suite.stop()
+        return suite, proxy, active, err
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        if self.issuer:
+            self.issuer.stop()
+
+
+def _measure(url: str, proxy: str | None, pid: int | None, conc: int, seconds: float,
+             body: Path) -> dict[str, Any]:
+    cpu0 = h.cpu_seconds(pid) if pid else 0.0
+    r = h.run_hey(url, concurrency=conc, seconds=seconds, proxy=proxy, body_file=body).as_dict()
+    if pid and r["requests"]:
+        r["cpu_ms_per_req"] = round((h.cpu_seconds(pid) - cpu0) * 1000 / r["requests"], 3)
+    return r
 
 
 def run(quick: bool = False, soak_minutes: float = 0, concerns: tuple[str, ...] = CONCERNS,
-        profile_seconds: float = 0, workdir: Path | None = None) -> dict[str, Any]:
+        profile_seconds: float = 0, breakdown: bool | None = None,
+        workdir: Path | None = None) -> dict[str, Any]:
+    """The whole comparison; see the module docstring. `breakdown` (default: not in quick
+    mode) adds one suite per concern alone, to show what each one costs."""
     cfg = _settings(quick)
+    breakdown = (not quick) if breakdown is None else breakdown
+    if not h.HEY:
+        return {"settings": cfg, "error": "hey is not installed (apt-get install -y hey)"}
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="agentgate-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
-    out: dict[str, Any] = {"settings": cfg, "concerns": list(concerns), "notes": []}
-    procs: list[h.Proc] = []
-    issuer: h.TokenIssuer | None = None
+    out: dict[str, Any] = {"settings": cfg, "concerns": list(concerns)}
+    env = _Env(tmp, cfg, soak_minutes)
+    out["notes"] = env.notes
     try:
         certs = tmp / "upstream-certs"
-        upstream_ca, _, _ = h.upstream_certs(certs)
-        standin = h.start_standin(tmp, certs, stream_delay=0.002)
-        procs.append(standin)
+        env.upstream_ca, _, _ = h.upstream_certs(certs)
+        standin = env.spawn(h.start_standin(tmp, certs, stream_delay=0.002))
         try:
-            upstream = h.start_nginx(tmp, certs)
-            procs.append(upstream)
+            upstream = env.spawn(h.start_nginx(tmp, certs))
             out["upstream"] = "nginx (canned OpenAI completion)"
         except (RuntimeError, OSError) as e:
             upstream = standin
             out["upstream"] = "stand-in (nginx unavailable)"
-            out["notes"].append(f"nginx unavailable ({e}); throughput is bounded by the "
-                                "stand-in")
-        up_hostport = upstream.url.removeprefix("https://")
-        st_hostport = standin.url.removeprefix("https://")
-
-        if "identity" in concerns:
-            issuer = h.TokenIssuer().start()
-        files = suite_rules(up_hostport, st_hostport, issuer, concerns)
-        dropped = write_rules(tmp / "rules", files)
-        active = list(concerns)
-        for f, why in dropped.items():
-            concern = {"20-identity.yaml": "identity", "30-masking.yaml": "masking",
-                       "40-policies.yaml": "policy", "50-recorder.yaml": "recording"}.get(f, f)
-            if concern in active:
-                active.remove(concern)
-            out["notes"].append(f"{concern} left out: today's parser rejects {f} ({why})")
-        out["active_concerns"] = active
-        token = issuer.token(lifetime=3600 + int(soak_minutes * 60)) \
-            if issuer and "identity" in active else None
-
-        confdir = h.make_confdir(tmp / "mitm-conf")
-        bare = h.start_mitmdump("bare", tmp, confdir, upstream_ca)
-        procs.append(bare)
+            env.notes.append(f"nginx unavailable ({e}); throughput is bounded by the stand-in")
+        env.up_hostport = upstream.url.removeprefix("https://")
+        env.st_hostport = standin.url.removeprefix("https://")
+        env.confdir = h.make_confdir(tmp / "mitm-conf")
+        bare = env.spawn(h.start_mitmdump("bare", tmp, env.confdir, env.upstream_ca))
         # TTFT needs a bare mitmdump that streams SSE like the suite does; mitmdump buffers
         # whole responses unless told otherwise, and stream_large_bodies only kicks in after
         # that many bytes of a chunked reply. A one-hook addon is the minimum.
         sse_script = tmp / "stream_sse.py"
         sse_script.write_text(STREAM_SSE_ADDON)
-        bare_sse = h.start_mitmdump("bare-sse", tmp, confdir, upstream_ca,
-                                    scripts=[str(sse_script)])
-        procs.append(bare_sse)
-        data = tmp / "data"
-        data.mkdir(exist_ok=True)
-        suite = h.start_mitmdump(
-            "suite", tmp, confdir, upstream_ca,
-            scripts=[str(h.ROOT / "addons" / "gateway.py")],
-            sets=[f"agentgate_rules={tmp / 'rules'}", f"agentgate_data={data}",
-                  "agentgate_rules_poll_ms=0"],
-            env={**GATEWAY_ENV, "AGENTGATE_RULES": str(tmp / "rules"),
-                 "AGENTGATE_DATA": str(data)})
-        procs.append(suite)
-        suite_proxy = suite.url.replace("http://", f"http://agent:{token}@") if token \
-            else suite.url
-        proxies = {"direct": None, "bare": bare.url, "suite": suite_proxy}
-        pids = {"bare": bare.pid, "suite": suite.pid}
-
-        bodies = {"1KB": tmp / "body-1k.json", "100KB": tmp / "body-100k.json"}
+        bare_sse = env.spawn(h.start_mitmdump("bare-sse", tmp, env.confdir, env.upstream_ca,
+                                              scripts=[str(sse_script)]))
+        env.bodies = bodies = {"1KB": tmp / "body-1k.json", "100KB": tmp / "body-100k.json"}
         bodies["1KB"].write_bytes(h.chat_body(1024))
         bodies["100KB"].write_bytes(h.chat_body(100 * 1024))
-        url = upstream.url + "/v1/chat/completions"
-
+        env.url = url = upstream.url + "/v1/chat/completions"
         out["checks"] = {}
-        for name, px in proxies.items():
-            err = _check(url, px, bodies["1KB"], px)
+        for name, px in (("direct", None), ("bare", bare.url)):
+            err = _check(url, px, bodies["1KB"])
             out["checks"][name] = err or "ok"
             if err:
-                out["notes"].append(f"{name}: a single request failed: {err}")
-        if any(v != "ok" for v in out["checks"].values()):
-            out["error"] = "a configuration could not serve a request: " + \
-                "; ".join(f"{k}: {v}" for k, v in out["checks"].items() if v != "ok")
-            out["suite_log_tail"] = suite.logs()[-1500:]
+                out["error"] = f"{name} could not serve a request: {err}"
+                return out
+
+        suite, suite_proxy, active, err = env.start_suite(concerns)
+        out["checks"]["suite"] = err or "ok"
+        out["active_concerns"] = active
+        if err:
+            out["error"] = f"suite could not serve a request: {err.splitlines()[0]}"
+            out["suite_log_tail"] = "\n".join(err.splitlines()[1:])
             return out
+        proxies = {"direct": None, "bare": bare.url, "suite": suite_proxy}
+        pids = {"bare": bare.pid, "suite": suite.pid}
 
         # warm-up: certificates generated, JWKS fetched, code paths hot
         for px in proxies.values():
@@ -245,63 +332,65 @@ def run(quick: bool = False, soak_minutes: float = 0, concerns: tuple[str, ...] 
             for body_name, body in bodies.items():
                 for conc in (1, 16):
                     # rotate the order each repetition so drift in machine load is shared
-                    rot = order[rep % 3:] + order[:rep % 3]
-                    for name in rot:
-                        cpu0 = h.cpu_seconds(pids[name]) if name in pids else 0.0
-                        r = h.run_hey(url, concurrency=conc, seconds=cfg["seconds"],
-                                      proxy=proxies[name], body_file=body).as_dict()
-                        if name in pids and r["requests"]:
-                            r["cpu_ms_per_req"] = round(
-                                (h.cpu_seconds(pids[name]) - cpu0) * 1000 / r["requests"], 3)
-                        runs.setdefault(f"{name}|{body_name}|{conc}", []).append(r)
+                    for name in order[rep % 3:] + order[:rep % 3]:
+                        runs.setdefault(f"{name}|{body_name}|{conc}", []).append(_measure(
+                            url, proxies[name], pids.get(name), conc, cfg["seconds"], body))
         out["cells"] = {k: _median_cell(v) for k, v in runs.items()}
-        out["rss_peak_kib"] = {n: h.proc_status(p).get("VmHWM") for n, p in pids.items()}
 
         # streamed replies: time to first token (stand-in, events 2 ms apart)
         sbody = h.chat_body(400, stream=True)
         surl = standin.url + "/v1/chat/completions"
         out["ttft"] = {}
-        ttft_proxies = {**proxies, "bare": bare_sse.url}
-        for name, px in ttft_proxies.items():
+        for name, px in {**proxies, "bare": bare_sse.url}.items():
             try:
-                out["ttft"][name] = h.ttft(surl, proxy=_plain(px), n=cfg["ttft_n"],
-                                           body=sbody, proxy_auth=_auth(px))
+                out["ttft"][name] = h.ttft(surl, proxy=px, n=cfg["ttft_n"], body=sbody)
             except (OSError, ConnectionError) as e:
                 out["ttft"][name] = {"error": f"{type(e).__name__}: {e}"}
 
         if profile_seconds > 0:
             out["profile"] = profile_under_load(
                 suite.pid, url, suite_proxy, bodies["1KB"], profile_seconds, tmp)
-
         if soak_minutes > 0:
             out["soak"] = _soak(suite.pid, url, suite_proxy, bodies["1KB"], soak_minutes)
-
         out["rss_peak_kib"] = {n: h.proc_status(p).get("VmHWM") for n, p in pids.items()}
-        out["suite_errors_in_log"] = sum(1 for line in suite.logs().splitlines()
-                                         if "error" in line.lower())
+        out["suite_log_errors"] = [line[:200] for line in suite.logs().splitlines()
+                                   if "error" in line.lower()][:5]
+        if breakdown:
+            out["breakdown"] = _breakdown(env, bare, active)
         return out
     finally:
-        for p in reversed(procs):
-            p.stop()
-        if issuer:
-            issuer.stop()
+        env.stop()
         if workdir is None and not os.environ.get("AGENTGATE_BENCH_KEEP"):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _plain(proxy: str | None) -> str | None:
-    if not proxy:
-        return None
-    scheme, _, rest = proxy.partition("://")
-    return f"{scheme}://{rest.split('@')[-1]}"
-
-
-def _auth(proxy: str | None) -> str | None:
-    if not proxy or "@" not in proxy:
-        return None
-    userinfo = proxy.partition("://")[2].split("@")[0]
-    user, _, password = userinfo.partition(":")
-    return h.basic_proxy_auth(user, password)
+def _breakdown(env: _Env, bare: h.Proc, concerns: list[str]) -> dict[str, Any]:
+    """One suite per concern alone (plus none: the frame only), each measured right after
+    a bare run, 1 KB: c=16 throughput and CPU per request, c=1 p50."""
+    out: dict[str, Any] = {}
+    secs = max(2.0, env.cfg["seconds"] * 0.6)
+    body = env.bodies["1KB"]
+    for label, only in [("frame only (no concern)", ())] + [(c, (c,)) for c in concerns]:
+        suite, proxy, active, err = env.start_suite(only, name=f"only-{label.split()[0]}")
+        if err or (only and not active):
+            out[label] = {"error": (err or "could not be switched on").splitlines()[0][:200]}
+            suite.stop()
+            continue
+        h.run_hey(env.url, concurrency=16, seconds=env.cfg["warmup_s"], proxy=proxy,
+                  body_file=body)
+        b16 = _measure(env.url, bare.url, bare.pid, 16, secs, body)
+        s16 = _measure(env.url, proxy, suite.pid, 16, secs, body)
+        b1 = _measure(env.url, bare.url, bare.pid, 1, secs, body)
+        s1 = _measure(env.url, proxy, suite.pid, 1, secs, body)
+        out[label] = {
+            "ratio_c16": round(s16["rps"] / b16["rps"], 3) if b16["rps"] else None,
+            "rps_c16": s16["rps"], "bare_rps_c16": b16["rps"],
+            "added_cpu_ms": round(s16.get("cpu_ms_per_req", 0) - b16.get("cpu_ms_per_req", 0),
+                                  3),
+            "added_p50_ms_c1": round(s1["p50_ms"] - b1["p50_ms"], 3),
+            "errors": s16["errors"] + s1["errors"]}
+        suite.stop()
+    return out
 
 
 def _median_cell(rs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -433,6 +522,20 @@ def markdown(res: dict[str, Any]) -> str:
             elif x:
                 lines.append(f"| {cfg} | {x['n']} | {x['ttft_p50_ms']} | {x['ttft_p90_ms']} | "
                              f"{x['total_p50_ms']} |")
+    bd = res.get("breakdown")
+    if bd:
+        lines += ["", "### What each concern costs (suite with only that concern on, 1 KB)", "",
+                  "Each row is its own mitmdump with the frame (rules, upstreams, credentials, "
+                  "annotate) plus one concern, measured right after bare mitmdump.", "",
+                  "| concern | suite/bare req/s, c=16 | added CPU ms/req | added p50 ms, c=1 |",
+                  "|---|---|---|---|"]
+        for k, v in bd.items():
+            if "error" in v:
+                lines.append(f"| {k} | error: {v['error']} | | |")
+            else:
+                lines.append(f"| {k} | {v['ratio_c16']} ({v['rps_c16']} vs "
+                             f"{v['bare_rps_c16']}) | {v['added_cpu_ms']} | "
+                             f"{v['added_p50_ms_c1']} |")
     rss = res.get("rss_peak_kib", {})
     if rss:
         lines += ["", "### Memory", "", "| process | peak RSS (VmHWM) |", "|---|---|"]
@@ -471,17 +574,23 @@ def profile_under_load(pid: int, url: str, proxy: str, body: Path, seconds: floa
         concurrency=concurrency, seconds=seconds + 2, proxy=proxy, body_file=body,
         csv_out=False), daemon=True)
     load.start()
+    cpu0, t0 = h.thread_cpu(pid), time.monotonic()
     try:
         p = subprocess.run([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
                             "--rate", "250", "--format", "raw", "--output", str(raw),
                             "--nonblocking"], capture_output=True, text=True,
                            timeout=seconds + 60)
     finally:
+        cpu1, t1 = h.thread_cpu(pid), time.monotonic()
         load.join(seconds + 60)
+    wall = max(t1 - t0, 1e-6)
+    main = (cpu1.get(pid, 0) - cpu0.get(pid, 0)) / wall
+    others = sum(v - cpu0.get(tid, 0) for tid, v in cpu1.items() if tid != pid) / wall
     if p.returncode != 0 or not raw.exists():
         return {"error": (p.stderr or p.stdout).strip()[-500:] or f"py-spy exit {p.returncode}"}
     summary = summarise_stacks(raw.read_text())
-    summary.update(seconds=seconds, concurrency=concurrency)
+    summary.update(seconds=seconds, concurrency=concurrency,
+                   cpu_main=round(main, 2), cpu_other_threads=round(others, 2))
     return summary
 
 
@@ -586,6 +695,11 @@ def profile_markdown(p: dict[str, Any]) -> str:
         f"inside agentgate's own code (addons/): **{p['ours_inclusive_pct']} %** of all "
         f"samples, **{p.get('loop_ours_pct')} %** of the event-loop thread's; the rest is "
         "mitmproxy's proxy core, TLS and the event loop, which bare mitmdump pays too.")
+    if "cpu_main" in p:
+        lines += ["", f"CPU while profiled (from /proc, cores busy): event-loop thread "
+                  f"**{p['cpu_main']}**, all other threads of the process together "
+                  f"**{p['cpu_other_threads']}** (the machine has {os.cpu_count()} cores, "
+                  "shared with the load generator and the upstream)."]
     lines += ["", "Samples by thread:", "", "| thread | % |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in p.get("threads", [])[:8]]
     lines += ["", "Self time by area (leaf frame):", "", "| area | % |", "|---|---|"]

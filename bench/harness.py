@@ -183,6 +183,12 @@ def spawn(name: str, args: Sequence[str], port: int, log_path: Path,
                     raise RuntimeError(f"{name} did not start:\n{p.logs()[-3000:]}")
                 time.sleep(0.05)
         wait_port(port, max(1.0, deadline - time.monotonic()), proc)
+        if "-s" in args:
+            # an addon's start-up error makes mitmdump exit right after it began listening
+            time.sleep(0.3)
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n"
+                                   f"{p.logs()[-3000:]}")
     except BaseException:
         p.stop()
         raise
@@ -328,6 +334,22 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread (task) of a process: {tid: seconds}."""
+    out: dict[int, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in tids:
+        stat = _read(f"/proc/{pid}/task/{tid}/stat")
+        if stat:
+            fields = stat.rsplit(")", 1)[1].split()
+            out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 class RssSampler:
@@ -732,6 +754,29 @@ class _Conn:
         end = time.perf_counter() - t0
         return (first if first is not None else end), end
 
+    def request(self, path: str, body: bytes, headers: Sequence[str] = ()
+                ) -> tuple[int, dict[str, str], bytes]:
+        """POST and read the whole reply: (status, headers (lower-case), body)."""
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                + "".join(f"{h}\r\n" for h in headers) + "\r\n").encode()
+        self.sock.sendall(head + body)
+        status = int(self._line().split()[1])
+        hdrs: dict[str, str] = {}
+        while line := self._line():
+            k, _, v = line.decode("latin-1").partition(":")
+            hdrs[k.strip().lower()] = v.strip()
+        if "chunked" in hdrs.get("transfer-encoding", "").lower():
+            data = b""
+            while size := int(self._line().split(b";")[0], 16):
+                data += self._exact(size)
+                self._exact(2)
+            while self._line():
+                pass
+        else:
+            data = self._exact(int(hdrs.get("content-length", "0")))
+        return status, hdrs, data
+
     def close(self) -> None:
         try:
             self.sock.close()
@@ -739,23 +784,40 @@ class _Conn:
             pass
 
 
-def ttft(url: str, *, proxy: str | None = None, n: int = 50, body: bytes = b"",
-         headers: Sequence[str] = (), proxy_auth: str | None = None,
-         warmup: int = 3) -> dict[str, Any]:
-    """Time to first token over `n` sequential streamed requests on one keep-alive
-    connection (c=1: queueing does not blur the per-request overhead)."""
+def _open(url: str, proxy: str | None, proxy_auth: str | None) -> tuple[_Conn, str]:
     from urllib.parse import urlsplit
     u = urlsplit(url)
     px = None
     if proxy:
         p = urlsplit(proxy)
         px = (p.hostname or "127.0.0.1", p.port or 8080)
-    conn = _Conn(u.hostname or "127.0.0.1", u.port or 443, px, proxy_auth)
+        if p.username and not proxy_auth:
+            proxy_auth = basic_proxy_auth(p.username, p.password or "")
+    return _Conn(u.hostname or "127.0.0.1", u.port or 443, px, proxy_auth), u.path or "/"
+
+
+def one_request(url: str, body: bytes, *, proxy: str | None = None,
+                proxy_auth: str | None = None, headers: Sequence[str] = ()
+                ) -> tuple[int, dict[str, str], bytes]:
+    """One POST (direct or through a proxy; credentials in the proxy URL are honoured)."""
+    conn, path = _open(url, proxy, proxy_auth)
+    try:
+        return conn.request(path, body, headers)
+    finally:
+        conn.close()
+
+
+def ttft(url: str, *, proxy: str | None = None, n: int = 50, body: bytes = b"",
+         headers: Sequence[str] = (), proxy_auth: str | None = None,
+         warmup: int = 3) -> dict[str, Any]:
+    """Time to first token over `n` sequential streamed requests on one keep-alive
+    connection (c=1: queueing does not blur the per-request overhead)."""
+    conn, path = _open(url, proxy, proxy_auth)
     firsts: list[float] = []
     totals: list[float] = []
     try:
         for i in range(n + warmup):
-            f, t = conn.stream(u.path or "/", body, headers)
+            f, t = conn.stream(path, body, headers)
             if i >= warmup:
                 firsts.append(f * 1000)
                 totals.append(t * 1000)

@@ -71,7 +71,7 @@ def gateway_factory(tmp_path: Path, gateway_confdir: Path,
 
     def make(rules: str | dict[str, str] | Path | None = None, *,
              env: dict[str, str] | None = None, extra_args: tuple[str, ...] = (),
-             web: bool = False, wait: bool = True) -> Gateway:
+             web: bool = False, wait: bool = True, script: Path | None = None) -> Gateway:
         n = len(started)
         if isinstance(rules, Path):
             rules_dir = rules
@@ -87,7 +87,7 @@ def gateway_factory(tmp_path: Path, gateway_confdir: Path,
         data_dir.mkdir(exist_ok=True)
         gw = start_gateway(rules_dir, gateway_confdir, data_dir, tmp_path / f"gateway{n}.log",
                            standin_ca=standin.ca_path, env=env, extra_args=extra_args, web=web,
-                           wait=wait)
+                           wait=wait, script=script)
         started.append(gw)
         return gw
 
@@ -100,6 +100,24 @@ def gateway_factory(tmp_path: Path, gateway_confdir: Path,
 def no_identity() -> str:
     """Rules fragment for tests of other concerns that run without OIDC tokens."""
     return "identity:\n  required: false\n"
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_mitmproxy_log_handlers() -> Iterator[None]:
+    """taddons.context() leaves its master's log handler on the root logger; once that
+    master's loop is closed, any later log record raises inside the handler. Drop those."""
+    import logging
+
+    def drop() -> None:
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            loop = getattr(getattr(h, "master", None), "event_loop", None)
+            if loop is not None and loop.is_closed():
+                root.removeHandler(h)
+
+    drop()
+    yield
+    drop()
 
 
 def have(tool: str) -> bool:

@@ -265,8 +265,8 @@ class LocalIssuer:
         scheme = "https" if tls is not None else "http"
         self.issuer = f"{scheme}://127.0.0.1:{self.port}"
         self.jwks_uri = f"{self.issuer}/jwks"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
-                                        name="local-issuer")
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True, name="local-issuer")
         self.kid = self.add_key()
 
     def start(self) -> LocalIssuer:
@@ -375,11 +375,13 @@ def hmac_token(header: dict[str, Any], claims: dict[str, Any], secret: bytes,
 
 
 def attack_tokens(issuer: LocalIssuer, other: LocalIssuer,
-                  trusted_other_audience: str = "other-service") -> list[tuple[str, str]]:
+                  trusted_other_audience: str = "other-service",
+                  bait_url: str | None = None) -> list[tuple[str, str]]:
     """(name, token) for every attack class in SECURITY.md. None may be accepted by a
     gateway trusting `issuer` (audience issuer.audience) and `other` (audience
-    `trusted_other_audience`). `other`'s JWKS URL is also used as a jku/x5u bait: a test
-    asserts it was never fetched because of these tokens."""
+    `trusted_other_audience`). `bait_url` (default: `other`'s JWKS) goes into jku/x5u
+    headers: a test serves it from an untrusted LocalIssuer and asserts it is never fetched."""
+    bait = bait_url or other.jwks_uri
     good = issuer.claims()
     kid = issuer.kid
     key = issuer.keys[kid][0]
@@ -422,7 +424,7 @@ def attack_tokens(issuer: LocalIssuer, other: LocalIssuer,
     add("no-kid-several-keys", jose_jwt.encode(good, private_pem(key).decode(), "RS256"))
     # key-location headers: attacker key advertised in the token itself
     attacker_jwk = public_jwk(attacker, kid)
-    for hdr, value in (("jku", other.jwks_uri), ("x5u", other.jwks_uri + "?x5u"),
+    for hdr, value in (("jku", bait), ("x5u", bait + "?x5u"),
                        ("jwk", attacker_jwk),
                        ("x5c", [base64.b64encode(public_der(attacker)).decode()])):
         add(f"header-{hdr}", jose_jwt.encode(good, private_pem(attacker).decode(), "RS256",

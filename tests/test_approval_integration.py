@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-from conftest import Gateway, free_port
+from conftest import Gateway
 from test_approval_addon import Receiver
 
 from addons.cli import main as cli_main
@@ -97,12 +98,20 @@ class Env:
         return rc, out.out, out.err
 
 
+def api_url(gw: Gateway) -> str:
+    deadline = time.monotonic() + 10
+    while not (m := re.search(r"approvals API listening at (http://\S+)", gw.logs())):
+        assert time.monotonic() < deadline, gw.logs()
+        time.sleep(0.05)
+    return m.group(1)
+
+
 @pytest.fixture
 def env(gateway_factory, oidc_provider, standin) -> Any:
-    port = free_port()
     receiver = Receiver(fail=1)  # the first delivery fails: retried, hold unaffected
+    # (the launcher gives every gateway its own API port with agentgate_approvals_listen)
     rules = ("{standin_upstreams}" + oidc_provider.identity_yaml() + POLICIES
-             + f"approvals:\n  listen: 127.0.0.1:{port}\n  link_base: https://gw.example\n"
+             + "approvals:\n  link_base: https://gw.example\n"
              f"  notify: {{url: '{receiver.url}', retries: 3, backoff: 0.2}}\n")
     gw = gateway_factory(rules)
     tokens = {
@@ -112,11 +121,7 @@ def env(gateway_factory, oidc_provider, standin) -> Any:
         "bob": oidc_provider.token(sub="bob", groups=["reviewers", "sre"]),
         "mallory": oidc_provider.token(sub="mallory", groups=["developers"]),
     }
-    deadline = time.monotonic() + 10
-    while "approvals API listening" not in gw.logs():
-        assert time.monotonic() < deadline, gw.logs()
-        time.sleep(0.05)
-    e = Env(gw, f"http://127.0.0.1:{port}", tokens, receiver)
+    e = Env(gw, api_url(gw), tokens, receiver)
     yield e
     e.pool.shutdown(wait=False, cancel_futures=True)
     receiver.stop()
@@ -125,10 +130,11 @@ def env(gateway_factory, oidc_provider, standin) -> Any:
 def test_approve_deny_timeout_and_two_of_n(env: Env, standin, capsys) -> None:
     standin.clear()
     # -- approved through the real CLI by a reviewer with a valid OIDC token
-    fut = env.ask("bulk-one")
+    fut = env.ask("bulk-one", "make 500 synthetic customer records like jane.roe@example.com")
     a = env.wait_pending("bulk-one")
     assert a["rule"] == "bulk-synthetic" and a["requester"] == "agent-7"
     assert "synthetic customer records" in a["preview"] and a["min_approvals"] == 1
+    assert "jane.roe@example.com" not in json.dumps(a)  # reviewers see the masked body
     assert not fut.done()
     rc, out, err = env.cli(capsys, "list")
     assert rc == 0 and a["id"] in out and "bulk-synthetic" in out and "agent-7" in out
@@ -148,8 +154,9 @@ def test_approve_deny_timeout_and_two_of_n(env: Env, standin, capsys) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "approved" in proc.stdout and "alice" in proc.stdout
     reply = fut.result(30)
-    assert reply.choices[0].message.content == "echo: make 500 synthetic customer records"
+    assert reply.choices[0].message.content.startswith("echo: make 500 synthetic customer")
     assert len(standin.requests) == 1
+    assert "jane.roe@example.com" not in json.dumps(standin.requests[0])
 
     # -- denied with a reason: the SDK raises a readable PermissionDeniedError
     fut = env.ask("bulk-one", "another batch")
@@ -237,3 +244,99 @@ def test_anthropic_stream_held_then_approved_and_client_gone(env: Env, standin) 
         assert time.monotonic() < deadline, env.gw.logs()[-2000:]
         time.sleep(0.1)
     assert "the client disconnected" in env.gw.logs()
+
+
+class MitmWeb:
+    """mitmweb's own REST API (what its UI and command bar call)."""
+
+    def __init__(self, gw: Gateway, password: str) -> None:
+        deadline = time.monotonic() + 20
+        while not (m := re.search(r"Web server listening at (http://[^/\s]+)", gw.logs())):
+            assert time.monotonic() < deadline, gw.logs()
+            time.sleep(0.05)
+        self.base = m.group(1)
+        self.password = password
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        req = urllib.request.Request(self.base + path, method=method,
+                                     data=json.dumps(body).encode() if body is not None
+                                     else (b"" if method == "POST" else None))
+        req.add_header("Authorization", f"Bearer {self.password}")
+        # tornado's XSRF check: the same token in cookie and header
+        req.add_header("Cookie", "_mitmproxy_xsrf=agentgatetest")
+        req.add_header("X-XSRFToken", "agentgatetest")
+        req.add_header("Content-Type", "application/json")
+        with self.opener.open(req, timeout=10) as r:
+            data = r.read()
+        return json.loads(data) if data.strip() else None
+
+    def held(self, rule: str, timeout: float = 20) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for f in self.call("GET", "/flows"):
+                if f.get("intercepted") and rule in (f.get("comment") or ""):
+                    return f
+            time.sleep(0.1)
+        raise AssertionError(f"no intercepted flow for rule {rule}")
+
+
+def test_mitmweb_shows_holds_and_commands_decide(gateway_factory, no_identity,
+                                                 standin) -> None:
+    rules = ("{standin_upstreams}" + no_identity + """
+policies:
+  - name: web-reviewers-only
+    match: {model: [web-strict]}
+    action: approve
+    approvers: [reviewers]
+    timeout: 60
+  - name: web-operator-may
+    match: {model: [web-operator]}
+    action: approve
+    approvers: [reviewers]
+    allow_mitmweb: true
+    timeout: 60
+""")
+    gw = gateway_factory(rules, web=True, extra_args=("--set", "web_password=agentgate-pw"))
+    web = MitmWeb(gw, "agentgate-pw")
+    client = openai.OpenAI(api_key="unused", max_retries=0, timeout=60,
+                           http_client=openai.DefaultHttpxClient(proxy=gw.proxy_url(),
+                                                                 verify=str(gw.ca_cert)))
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+
+    def ask(model: str) -> concurrent.futures.Future:
+        return pool.submit(lambda: client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"hi {model}"}]))
+
+    try:
+        # a strict rule: mitmweb's resume button is ignored, approve refused, deny works
+        fut = ask("web-strict")
+        f = web.held("web-reviewers-only")
+        assert f["marked"] == "⌛" and "agentgate approvals approve ap-" in f["comment"]
+        web.call("POST", f"/flows/{f['id']}/resume")
+        deadline = time.monotonic() + 10
+        while "mitmweb resume ignored" not in (f := web.held("web-reviewers-only"))["comment"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert not fut.done()
+        out = web.call("POST", "/commands/agentgate.approve", {"arguments": ["@all"]})
+        assert "does not allow approval from mitmweb" in out["error"]
+        assert not fut.done()
+        out = web.call("POST", "/commands/agentgate.approvals", {"arguments": []})
+        assert len(out["value"]) == 1 and "web-reviewers-only" in out["value"][0]
+        web.call("POST", "/commands/agentgate.deny",
+                 {"arguments": ["@all", "not from the web UI"]})
+        with pytest.raises(openai.PermissionDeniedError) as ei:
+            fut.result(30)
+        assert "not from the web UI" in str(ei.value)
+        assert ei.value.body["code"] == "approval_denied"
+
+        # a rule that allows the operator: resume in mitmweb approves
+        fut = ask("web-operator")
+        f = web.held("web-operator-may")
+        assert "agentgate.approve in mitmweb" in f["comment"]
+        web.call("POST", f"/flows/{f['id']}/resume")
+        assert fut.result(30).choices[0].message.content == "echo: hi web-operator"
+        assert "mitmweb-operator" in gw.logs()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)

@@ -187,3 +187,45 @@ def test_mitmweb_runs_the_same_suite(gateway_factory, no_identity, standin) -> N
     with pytest.raises(urllib.error.HTTPError) as ei:
         proxied_urlopen(gw, "http://evil.example.org/", b"{}")
     assert ei.value.code == 403
+
+
+def test_broken_script_reload_closes_the_gateway(gateway_factory, no_identity, standin,
+                                                 tmp_path: Path) -> None:
+    """mitmproxy reloads a changed script and runs without it if it fails: refuse then."""
+    import shutil
+    import time
+    script = tmp_path / "gateway.py"
+    shutil.copy(ROOT / "addons" / "gateway.py", script)
+    gw = gateway_factory("{standin_upstreams}" + no_identity, script=script)
+    c = sdk(gw)
+    assert c.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "a"}]).choices
+    script.write_text(script.read_text() + "\nthis is not python(\n")
+    deadline = time.monotonic() + 20
+    while "Loading script" not in gw.logs().split("proxy listening", 1)[1]:
+        assert time.monotonic() < deadline, gw.logs()
+        time.sleep(0.2)
+    time.sleep(0.5)
+    standin.clear()
+    # a new connection is refused at CONNECT (503), before any TLS
+    with pytest.raises(openai.APIConnectionError) as ei:
+        sdk(gw).chat.completions.create(model="gpt-4o-mini",
+                                        messages=[{"role": "user", "content": "b"}])
+    assert "503" in repr(ei.value.__cause__)
+    # plain HTTP shows the JSON reason
+    with pytest.raises(urllib.error.HTTPError) as he:
+        proxied_urlopen(gw, "http://api.openai.com/v1/models")
+    assert he.value.code == 503
+    assert "pipeline_not_loaded" in he.value.read().decode()
+    assert standin.requests == []
+    # fixing the script brings the pipeline back
+    shutil.copy(ROOT / "addons" / "gateway.py", script)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            sdk(gw).chat.completions.create(model="gpt-4o-mini",
+                                            messages=[{"role": "user", "content": "c"}])
+            break
+        except (openai.APIStatusError, openai.APIConnectionError):
+            assert time.monotonic() < deadline, gw.logs()
+            time.sleep(0.3)

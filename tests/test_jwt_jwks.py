@@ -151,16 +151,12 @@ def test_unreachable_issuer(make_local_issuer) -> None:
 
 def test_discovery_must_name_the_same_issuer(make_local_issuer) -> None:
     li = make_local_issuer()
-    li.issuer_in_discovery = "http://127.0.0.1:1"
-    orig = li.issuer
-    cfg = cfg_for(li)
-    li.issuer = "http://127.0.0.1:1"  # the discovery document now names another issuer
-    v = make_verifier(cfg)
-    li.issuer = orig
-    tok = li.token()
-    li.issuer = "http://127.0.0.1:1"
+    alias = f"http://localhost:{li.port}"  # same server; its discovery names 127.0.0.1
+    v = make_verifier(IdentityConfig(issuers=(IssuerConfig(issuer=alias,
+                                                           audiences=("agentgate",)),)))
     with pytest.raises(TokenError, match="JWKS not loaded: discovery document names another"):
-        run(v.verify(tok))
+        run(v.verify(li.sign(li.claims(iss=alias))))
+    assert li.fetches["jwks"] == 0
 
 
 def test_fetch_does_not_block_the_event_loop(make_local_issuer) -> None:

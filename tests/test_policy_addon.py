@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,23 @@ def anthropic_flow(body, **kw) -> http.HTTPFlow:
                     dialect="anthropic", **kw)
 
 
+def drop_stale_log_handlers() -> None:
+    """taddons.context() leaves its master's log handler on the root logger; once that
+    master's loop is closed, any later log record raises in the handler. Drop those."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        loop = getattr(getattr(h, "master", None), "event_loop", None)
+        if loop is not None and loop.is_closed():
+            root.removeHandler(h)
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_mitmproxy_log_handlers():
+    drop_stale_log_handlers()
+    yield
+    drop_stale_log_handlers()
+
+
 @pytest.fixture
 def addon(tmp_path: Path) -> Policy:
     return Policy(make_holder(tmp_path))
@@ -83,6 +101,7 @@ def run(addon: Policy, flow: http.HTTPFlow, **options) -> http.HTTPFlow:
                 tctx.configure(addon, **options)
             addon.request(flow)
     asyncio.run(go())
+    drop_stale_log_handlers()
     return flow
 
 
@@ -143,7 +162,7 @@ def test_approve_sets_approval_metadata_and_passes_on(addon: Policy) -> None:
     d = f.metadata["decision"]
     assert d["action"] == "approve" and d["rule"] == "bulk" and d["observed"] is False
     assert d["approval"] == {"groups": ["reviewers"], "min_approvals": 2, "timeout": 60,
-                             "on_timeout": "deny", "allow_mitmweb": False}
+                             "on_timeout": None, "allow_mitmweb": False}
 
 
 def test_observe_rule_passes(addon: Policy) -> None:
@@ -231,3 +250,19 @@ def test_flowbody_cache_follows_body_changes() -> None:
     assert flowbody.parsed_json(f)["model"] == "b"
     f.request.content = b"not json"
     assert flowbody.parsed_json(f) is None
+
+
+def test_host_condition_uses_real_destination_not_host_header(tmp_path: Path) -> None:
+    addon = Policy(make_holder(tmp_path, """
+upstreams:
+  - {name: openai, hosts: [api.openai.com], dialect: openai}
+policies:
+  - {name: no-openai-embeddings, match: {host: [api.openai.com], path: ["/v1/embeddings"]},
+     action: block}
+"""))
+    f = flow_for("https://api.openai.com/v1/./embeddings?x=1", {"input": "x"},
+                 upstream="openai", dialect="openai")
+    f.request.headers["host"] = "innocent.example"
+    assert f.request.pretty_host == "innocent.example"
+    run(addon, f)
+    assert f.response.status_code == 403

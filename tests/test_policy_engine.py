@@ -78,6 +78,8 @@ def decide(ps, **kw):
     ("policies:\n  - {name: a, action: approve}", "policies[0].approvers", "nobody could"),
     ("policies:\n  - {name: a, action: approve, approvers: [x], on_timeout: maybe}",
      "policies[0].on_timeout", "deny or allow"),
+    ("policies:\n  - {name: a, action: approve, approvers: [x], timeout: 0}",
+     "policies[0].timeout", ">= 0.01"),
     ("policies:\n  - {name: a, action: approve, approvers: [x], min_approvals: 0}",
      "policies[0].min_approvals", ">= 1"),
     ("policies:\n  - {name: a, action: block, approvers: [x]}",
@@ -114,7 +116,7 @@ def test_describe_and_defaults(tmp_path: Path) -> None:
     assert ps.describe() == "3 rules (1 block, 1 approve, 1 observe); mode observe_only"
     spec = ps.rules[1].approval
     assert (spec.groups, spec.min_approvals, spec.timeout, spec.on_timeout,
-            spec.allow_mitmweb) == (("rev",), 1, 300, "deny", False)
+            spec.allow_mitmweb) == (("rev",), 1, None, None, False)
     assert parse_policies([], ()).describe() == "0 rules"
 
 
@@ -171,8 +173,9 @@ def test_global_observe_only(tmp_path: Path) -> None:
         assert d.enforced_action == "allow"
         assert "approval" not in d.to_metadata()
     enforced = evaluate(ps, facts({"model": "y"})).to_metadata()
-    assert enforced["approval"] == {"groups": ["r"], "min_approvals": 1, "timeout": 300,
-                                    "on_timeout": "deny", "allow_mitmweb": False}
+    # timeout / on_timeout unset: the approvals section's defaults apply
+    assert enforced["approval"] == {"groups": ["r"], "min_approvals": 1, "timeout": None,
+                                    "on_timeout": None, "allow_mitmweb": False}
     mode = policies("policies:\n  - {mode: observe_only}\n"
                     "  - {name: blk, action: block}\n", tmp_path)
     d = decide(mode, body={})
@@ -450,3 +453,82 @@ def test_facts_are_computed_once() -> None:
     assert f.model == "m" and f.prompt_text == "hi" and f.prompt_text == "hi"
     assert f.tool_names == frozenset()
     assert loads == [1]
+
+
+# ---------------------------------------------------------------- literal prefilter
+def test_required_literals() -> None:
+    import re
+
+    from addons.policy_engine import required_literals
+    assert required_literals(re.compile(r"\bcase-\d{4}\b")) == {"case-"}
+    assert required_literals(re.compile(r"(?i)(?<!\w)(?:Alpha|beta\s+gamma)(?!\w)")) == \
+        {"alpha", "gamma"}
+    assert required_literals(re.compile(r"abc|\d+")) is None      # one branch has no literal
+    assert required_literals(re.compile(r"(?:xyz)?\d")) is None   # optional: not required
+    assert required_literals(re.compile(r"(?:xyz)+\d")) == {"xyz"}
+    assert required_literals(re.compile(r"a.b")) is None          # too short to help
+
+
+def test_case_classes_match_re_ignorecase() -> None:
+    """Every character `re.IGNORECASE` equates with an ASCII letter folds to that letter."""
+    import re
+
+    from addons.policy_engine import fold
+    letters = {c: re.compile(re.escape(c), re.IGNORECASE)
+               for c in "abcdefghijklmnopqrstuvwxyz"}
+    for cp in range(0x80, 0x20000):
+        if 0xD800 <= cp < 0xE000:
+            continue
+        ch = chr(cp)
+        for letter, rx in letters.items():
+            if rx.fullmatch(ch):
+                assert fold(ch) == letter, (hex(cp), letter)
+
+
+@pytest.mark.parametrize("text", [
+    "the Secret Project is on", "the ſecret project", "SECRET\u00a0PROJECT",
+    "secret projects", "a secretproject", "bluebİrd launch", "BLUEBIRD", "ΣΊΣΥΦΟΣ σίσυφος",
+    "no match here", "straße", "STRASSE", "ẞ", "Kelvin \u212aelvin", "case-1234 ok",
+    "CASE-1234", "café ☕ — “quoted” secret  project",
+])
+def test_prefilter_never_changes_the_result(text: str) -> None:
+    import re
+
+    from addons.policy_engine import prompt_test
+    patterns = [re.compile(p, f) for p, f in (
+        (r"(?<!\w)(?:secret\s+project|bluebird)(?!\w)", re.I),
+        (r"(?<!\w)(?:secret\s+project|bluebird)(?!\w)", 0),
+        (r"\bcase-\d{4}\b", re.I), (r"σίσυφος", re.I), (r"straße", re.I), (r"kelvin", re.I),
+        (r"Secret", 0))]
+    for p in patterns:
+        f = RequestFacts("POST", "h", "/", body=text.encode())
+        assert prompt_test(p)(f) is (p.search(text) is not None), (p.pattern, text)
+
+
+def test_readme_example_is_valid(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "rules" / "README.md").read_text()
+    section = readme[readme.index("### `policies`"):]
+    example = section[section.index("```yaml\n") + 8:]
+    example = example[:example.index("```")]
+    (tmp_path / "a.yaml").write_text(UPSTREAMS + "  - {name: slack-hook, hosts: "
+                                     "[hooks.slack.com], dialect: webhook}\n")
+    (tmp_path / "b.yaml").write_text(example)
+    ps = load_rules(tmp_path).policies
+    assert len(ps) == 7
+    ssn = {"model": "gpt-4o", "messages": [{"role": "user", "content": "ssn 123-45-6789"}]}
+    assert decide(ps, body=ssn).rule == "no-customer-identifiers"
+    assert decide(ps, body={"model": "gpt-4o", "n": 20}).action == "approve"
+
+
+@pytest.mark.parametrize("raw,norm", [
+    ("/v1/chat/completions", "/v1/chat/completions"),
+    ("/v1/chat/completions?x=1#f", "/v1/chat/completions"),
+    ("/v1/./chat//%63ompletions", "/v1/chat/completions"),
+    ("/v1/x/../chat/completions", "/v1/chat/completions"),
+    ("/../../v1/chat/", "/v1/chat/"),
+    ("/v1/chat%2Fcompletions", "/v1/chat/completions"),
+    ("", "/"),
+    ("/", "/"),
+])
+def test_path_normalisation(raw: str, norm: str) -> None:
+    assert RequestFacts("GET", "h", raw).path == norm

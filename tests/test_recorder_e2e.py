@@ -23,8 +23,16 @@ pytestmark = pytest.mark.integration
 AGENT_KEY = "sk-agent-side-key-that-must-never-reach-the-store-0000"
 EMAIL = "jane.roe.recorder@example.com"
 # approvals API off: its default port would collide between parallel gateways
-RULES = "{standin_upstreams}" + "identity:\n  required: false\n" + \
-    "approvals:\n  listen: \"off\"\n" + "recorder:\n  batch_interval_ms: 20\n"
+MASKING_TMP = "masking:\n  enabled: false\n"
+
+
+def rules(recorder: str = "") -> str:
+    return ("{standin_upstreams}" + "identity:\n  required: false\n"
+            + "approvals:\n  listen: \"off\"\n" + MASKING_TMP
+            + "recorder:\n  batch_interval_ms: 20\n" + recorder)
+
+
+RULES = rules()
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -173,8 +181,12 @@ def test_record_query_live_export_and_replay(gw: Gateway, standin, tmp_path: Pat
         rp.wait(10)
 
     # client replay re-sends the recorded requests through the gateway
+    via = tmp_path / "via.mitm"
+    e = cli("export", "--db", str(db), "--session", "run-42", "-o", str(via),
+            "--via", f"http://127.0.0.1:{gw.port}")
+    assert e.returncode == 0, e.stderr
     standin.clear()
-    cr = subprocess.run([str(BIN / "mitmdump"), "-n", "-C", str(out),
+    cr = subprocess.run([str(BIN / "mitmdump"), "-n", "-C", str(via),
                          "--mode", f"upstream:http://127.0.0.1:{gw.port}",
                          "--set", f"confdir={tmp_path / 'replayconf'}",
                          "--set", f"ssl_verify_upstream_trusted_ca={gw.ca_cert}"],
@@ -190,9 +202,9 @@ def test_record_query_live_export_and_replay(gw: Gateway, standin, tmp_path: Pat
     n, findings = con.execute("SELECT count(*), sum(findings_total) FROM flows").fetchone()
     con.close()
     assert n == 6  # 4 + the 2 client-replayed requests
-    assert_no_secrets(db, out)
+    assert_no_secrets(db, out, via)
     if findings:  # masking ran: the raw value it replaced must not be stored or exported
-        for p in (db, out):
+        for p in (db, out, via):
             assert EMAIL.encode() not in p.read_bytes()
     v = cli("audit", "verify", "--db", str(db))
     assert v.returncode == 0 and "6 records verified" in v.stdout, v.stdout + v.stderr
@@ -255,10 +267,8 @@ def test_sigterm_under_load_keeps_every_answered_request(gw: Gateway) -> None:
 def test_unwritable_store_refuses_flows(gateway_factory, tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    gw = gateway_factory(RULES + f"  path: {blocker}/sub/agentgate.duckdb\n")
-    with pytest.raises(openai.APIStatusError) as ei:
-        sdk(gw.proxy_url(), gw.ca_cert).chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
-    assert ei.value.status_code == 503
-    assert "audit store unavailable" in str(ei.value)
-    assert ei.value.body["code"] == "recorder_unavailable"
+    gw = gateway_factory(rules(f"  path: {blocker}/sub/agentgate.duckdb\n"), wait=False)
+    # At start-up an unopenable store stops the gateway (fail closed, with the reason);
+    # a store that fails later makes it refuse new flows with 503 (tests/test_recorder.py).
+    assert gw.proc.wait(30) != 0
+    assert "cannot open the audit store" in gw.logs()

@@ -224,7 +224,8 @@ def test_crlf_events_split_between_cr_and_lf() -> None:
 
 def test_comments_and_unknown_events_pass() -> None:
     sm, _ = make()
-    raw = b": keep-alive\n\nevent: ping\ndata: {\"type\": \"ping\"}\n\ndata: plain ann@example.com\n\n"
+    raw = (b": keep-alive\n\nevent: ping\ndata: {\"type\": \"ping\"}\n\n"
+           b"data: plain ann@example.com\n\n")
     out = b"".join(sm(raw)) + b"".join(sm(b""))
     assert out == b": keep-alive\n\nevent: ping\ndata: {\"type\": \"ping\"}\n\n" \
                   b"data: plain [EMAIL_1]\n\n"
