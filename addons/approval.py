@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from mitmproxy import command, connection, ctx, exceptions, flow, hooks, http
@@ -164,6 +164,7 @@ class Approval:
         self._api_spec: tuple[str, int] | None | bool = False  # False: not started
         self._api_lock: asyncio.Lock | None = None
         self._running = False
+        self._tasks: set[asyncio.Task] = set()
         holder.on_change(self._rules_changed)
 
     # ------------------------------------------------------------ options and lifecycle
@@ -182,16 +183,19 @@ class Approval:
             if self._running:
                 self._spawn(self._start_api())
 
-    async def running(self) -> None:
+    # `running` and `done` are sync on purpose: on a script reload mitmproxy invokes them
+    # with invoke_addon_sync, which refuses coroutine hooks and aborts the reload.
+    def running(self) -> None:
         self._running = True
-        await self._start_api()
+        self._spawn(self._start_api())
 
-    async def done(self) -> None:
+    def done(self) -> None:
         self._running = False
         for approval_id in list(self._flows):
             self.store.cancel(approval_id, "the gateway is stopping")
-        await self.notifier.close()
-        await self.api.stop()
+        self.notifier.cancel_all()
+        self.api.close_now()
+        self._api_spec = False
 
     def _config(self) -> ApprovalsConfig:
         rules = self.holder.rules
@@ -212,13 +216,15 @@ class Approval:
         if self._running:
             self._spawn(self._start_api())
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            coro.close()  # type: ignore[attr-defined]
+            coro.close()
             return
-        loop.create_task(coro)  # type: ignore[arg-type]
+        task = loop.create_task(coro)
+        self._tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._tasks.discard)
 
     async def _start_api(self) -> None:
         if self._api_lock is None:
@@ -235,6 +241,7 @@ class Approval:
             try:
                 host, port = await self.api.start(*want)
             except OSError as e:
+                self._api_spec = False  # try again on the next rules or option change
                 log.error("agentgate: approvals API cannot listen on %s (%s); held requests "
                           "can only be decided in mitmweb or time out",
                           url_for(want), e.strerror or type(e).__name__)
@@ -402,6 +409,7 @@ class Approval:
                              ca_file=n.ca_file, still_wanted=lambda: not a.decided)
 
     # ------------------------------------------------------------ client gone
+    @guarded(STEP, skip_answered=False)
     def client_disconnected(self, client: connection.Client) -> None:
         for approval_id, f in list(self._flows.items()):
             if f.client_conn.id == client.id:

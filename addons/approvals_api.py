@@ -157,6 +157,16 @@ class ApprovalsAPI:
         self.address = (sock[0], sock[1])
         return self.address
 
+    def close_now(self) -> None:
+        """Stop listening at once (sync: mitmproxy calls `done` synchronously on a script
+        reload, and an async `done` there aborts the reload)."""
+        if self._server is not None:
+            self._server.close()
+            for t in list(self._conns):
+                t.cancel()
+            self._server = None
+            self.address = None
+
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -291,6 +301,10 @@ class Notifier:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def cancel_all(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
 
     async def close(self) -> None:
         for t in list(self._tasks):

@@ -136,7 +136,7 @@ class ApprovalsConfig:
     def describe(self) -> str:
         api = url_for(self.listen) or "off"
         notify = self.notify.describe() if self.notify else "no notifications"
-        return (f"approvals: API {api}, default timeout {self.default_timeout:g}s "
+        return (f"API {api}, default timeout {self.default_timeout:g}s "
                 f"(on timeout {self.on_timeout}, {self.timeout_status}), "
                 f"mitmweb approval {'per rule' if self.allow_mitmweb else 'off'}, {notify}")
 

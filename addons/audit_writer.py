@@ -88,7 +88,8 @@ class _Handler(socketserver.StreamRequestHandler):
         line = self.rfile.readline(1 << 20)
         try:
             req = json.loads(line)
-            con = self.server.db.cursor()  # own connection to the same database
+            with self.server.lock:
+                con = self.server.db.cursor()  # own connection to the same database
             try:
                 # One snapshot for multi-statement operations (verify), rolled back always.
                 con.execute("BEGIN TRANSACTION")
@@ -107,7 +108,8 @@ class QueryServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
     def __init__(self, path: str, db: duckdb.DuckDBPyConnection) -> None:
-        self.db = db
+        self.db = db.cursor()  # only ever used to open one connection per request
+        self.lock = threading.Lock()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # stale socket of a gateway that died; we hold the DB lock now
         old = os.umask(0o177)
@@ -176,7 +178,8 @@ class AuditWriter:
         if self.serve_queries:
             try:
                 self._server = QueryServer(socket_path(self.path), self._con)
-                threading.Thread(target=self._server.serve_forever, name="agentgate-audit-query",
+                threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                 name="agentgate-audit-query",
                                  daemon=True).start()
             except OSError as e:
                 log.warning("agentgate: audit query socket unavailable (%s); `agentgate audit` "
@@ -292,6 +295,9 @@ class AuditWriter:
         self._retry = []
         while len(rows) < self.batch_size and self._queue:
             item = self._queue.popleft()
+            # Building is Python work holding the GIL: yield it between rows so the event
+            # loop (which shares this process) is never held up for a whole batch.
+            time.sleep(0)
             try:
                 rows.append(self.build(item))
             except Exception as e:  # noqa: BLE001 - never drop a flow: minimal record

@@ -52,6 +52,8 @@ SKIP_KEYS = frozenset({
     "tool_choice", "reasoning_effort", "file_id", "item_id", "response_id", "cache_control",
     "b64_json", "file_data",
 })
+LOGPROB_KEYS = frozenset({"logprobs", "top_logprobs"})
+_PLAIN_KEY = re.compile(r"[A-Za-z_]+")
 _DATA_URL = re.compile(r"\s*data:[\w.+-]+/[\w.+-]+(;[\w.+-]+=[^;,]*)*;base64,", re.ASCII)
 
 
@@ -153,7 +155,7 @@ class _Slots:
     """Strings of a document, joined into one text with their positions."""
 
     __slots__ = ("texts", "starts", "setters", "owners", "parts", "pos", "glue_key",
-                 "subdocs", "llm")
+                 "subdocs", "llm", "forced")
 
     def __init__(self, llm: bool) -> None:
         self.texts: list[str] = []
@@ -166,6 +168,7 @@ class _Slots:
         # (parent owner, setter, parsed object) of JSON documents nested in strings
         self.subdocs: list[tuple[int, Callable[[str], None], Any]] = []
         self.llm = llm
+        self.forced: set[int] = set()  # owners changed by the walk itself (logprobs dropped)
 
     def add(self, text: str, setter: Callable[[str], None], owner: int,
             glue: tuple[int, int] | None = None) -> None:
@@ -188,7 +191,9 @@ class _Slots:
         head = text.lstrip()[:1]
         if head in ("{", "[") and len(text) >= 2:
             try:
-                inner = json.loads(text)
+                inner = loads(text)
+            except DuplicateKeys:
+                raise Unparseable("JSON object with duplicate keys", 400) from None
             except (ValueError, RecursionError):
                 inner = None
             if isinstance(inner, dict | list):
@@ -221,6 +226,12 @@ class _Slots:
             v = d[k]
             if llm and (k in SKIP_KEYS or _is_binary_field(d, k, v)):
                 continue
+            if llm and k in LOGPROB_KEYS and v and isinstance(v, dict | list):
+                # the output again, one token per entry: no detector sees a value split
+                # over tokens, so it cannot be masked there; drop it
+                d[k] = None if isinstance(v, dict) else []
+                self.forced.add(owner)
+                continue
             if k == "text" and text_last:
                 continue
             self._walk_key(d, k, owner)
@@ -230,7 +241,7 @@ class _Slots:
             self.add_string(d["text"], _setter(d, "text"), owner, depth, glue)
 
     def _walk_key(self, d: dict, k: str, owner: int) -> None:
-        if len(k) < 6 or (k.isidentifier() and k.isascii() and not any(c.isdigit() for c in k)):
+        if len(k) < 6 or _PLAIN_KEY.fullmatch(k):
             return  # plain field names: nothing a detector could match
 
         def rename(new: str, d: dict = d, k: str = k) -> None:
@@ -244,9 +255,12 @@ class _Slots:
         if isinstance(v, str):
             if v:
                 self.add_string(v, _setter(container, key), owner, depth)
-        elif isinstance(v, bool) or v is None or isinstance(v, float):
+        elif isinstance(v, bool) or v is None:
             return
-        elif isinstance(v, int):
+        elif isinstance(v, _Float):
+            if len(v.text) >= 5:
+                self.add(v.text, _setter(container, key), owner)
+        elif isinstance(v, int | float):
             if abs(v) >= 10_000:  # nothing shorter than 5 digits is ever a finding
                 self.add(str(v), _setter(container, key), owner)
         elif isinstance(v, dict | list):
@@ -269,8 +283,43 @@ def _is_binary_field(d: dict, k: str, v: Any) -> bool:
     return False
 
 
+class _Float(float):
+    """A JSON number with a fraction or exponent, remembering how it was written (a card
+    number written as `4111111111111111.0` must be checked as written)."""
+
+    text: str
+
+    def __new__(cls, text: str) -> _Float:
+        f = super().__new__(cls, text)
+        f.text = text
+        return f
+
+
+class DuplicateKeys(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        # Parsers disagree on which duplicate wins: the upstream could read the one we
+        # did not check. Refuse rather than guess.
+        raise DuplicateKeys
+    return d
+
+
+def loads(data: str | bytes) -> Any:
+    """json.loads, refusing duplicate keys and keeping the text of non-integer numbers."""
+    return json.loads(data, object_pairs_hook=_no_duplicates, parse_float=_Float)
+
+
 def _dump(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        out = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+        out.encode("utf-8")
+        return out
+    except UnicodeEncodeError:  # lone surrogates (valid JSON escapes, not valid UTF-8)
+        return json.dumps(obj, separators=(",", ":"))
 
 
 class Masked:
@@ -297,38 +346,53 @@ class Masked:
     # -- slots
     def _apply(self, slots: _Slots) -> bool:
         """Mask all slots with one detector pass. True if anything changed."""
-        if not slots.texts:
+        if not slots.texts and not slots.forced:
             return False
         joined = "".join(slots.parts)
         found = self.masker.find(joined)
         restore = self.restore and "[" in joined
-        if not found and not restore:
+        if not found and not restore and not slots.forced:
             return False
-        masker, session = self.masker, self.session
+        masker, session, restorable = self.masker, self.session, self.restorable
         texts, starts = slots.texts, slots.starts
+        n = len(texts)
+        ends = [s + len(t) for s, t in zip(starts, texts, strict=True)]
         # per slot: list of (local start, local end, replacement)
         edits: dict[int, list[tuple[int, int, str]]] = {}
+        counts: dict[str, int] = {}
         last_end = -1
         for f in found:
-            if f.start < last_end:
+            fs, fe = f.start, f.end
+            if fs < last_end:
                 continue
-            last_end = f.end
-            i = bisect_right(starts, f.start) - 1
+            last_end = fe
+            i = bisect_right(starts, fs) - 1
             if i < 0:
                 i = 0
-            if f.start >= starts[i] + len(texts[i]) and i + 1 < len(texts):
+            if fs >= ends[i] and i + 1 < n:
                 i += 1  # the finding starts in a separator
-            repl = masker.replacement(f.entity, f.value, session, self.restorable)
-            count(self.findings, f.entity, masker.strategy(f.entity))
-            first = True
-            while i < len(texts) and starts[i] < f.end:
-                s, e = starts[i], starts[i] + len(texts[i])
-                lo, hi = max(f.start, s) - s, min(f.end, e) - s
+            entity = f.entity
+            counts[entity] = counts.get(entity, 0) + 1
+            repl = masker.replacement(entity, f.value, session, restorable)
+            s = starts[i]
+            if fs >= s and fe <= ends[i]:  # the usual case: inside one slot
+                e = edits.get(i)
+                if e is None:
+                    edits[i] = [(fs - s, fe - s, repl)]
+                else:
+                    e.append((fs - s, fe - s, repl))
+                continue
+            first = True  # split across slots: replacement where it starts, rest removed
+            while i < n and starts[i] < fe:
+                s = starts[i]
+                lo, hi = max(fs, s) - s, min(fe, ends[i]) - s
                 if hi > lo or first:
                     edits.setdefault(i, []).append((lo, max(lo, hi), repl if first else ""))
                     first = False
                 i += 1
-        changed_owners: set[int] = set()
+        for entity, k in counts.items():
+            count(self.findings, entity, masker.strategy(entity), k)
+        changed_owners: set[int] = set(slots.forced)
         targets = range(len(texts)) if restore else sorted(edits)
         for i in targets:
             old = texts[i]
@@ -373,7 +437,9 @@ class Masked:
 
     def json_bytes(self, content: bytes) -> bytes | None:
         try:
-            obj = json.loads(content)
+            obj = loads(content)
+        except DuplicateKeys:
+            raise Unparseable("JSON object with duplicate keys", 400) from None
         except (ValueError, RecursionError):
             raise Unparseable("body is not valid JSON", 400) from None
         if not isinstance(obj, dict | list):
@@ -460,6 +526,12 @@ class Masked:
                 return self.multipart_bytes(content, boundary, pass_text)
             if mime in ("application/x-ndjson", "application/jsonl", "application/x-jsonlines"):
                 return self.ndjson_bytes(content)
+            if content.lstrip()[:1] in (b"{", b"["):
+                # JSON under another media type: JSON-aware if it parses, text otherwise
+                try:
+                    return self.json_bytes(content)
+                except Unparseable:
+                    pass
             try:
                 text = content.decode(charset)
             except (UnicodeDecodeError, LookupError):

@@ -48,11 +48,10 @@ def detect_dialect(obj: Any) -> str:
             return "anthropic"
     for m in obj.get("messages") or ():
         content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list) and any(
-                isinstance(p, dict) and p.get("type") in ("tool_use", "tool_result", "image")
-                and "source" in p or (isinstance(p, dict) and p.get("type") in
-                                      ("tool_use", "tool_result")) for p in content):
-            return "anthropic"
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and (part.get("type") in ("tool_use", "tool_result")
+                                           or "source" in part):
+                return "anthropic"
     if "messages" in obj or "input" in obj or "instructions" in obj:
         return "openai"
     return "generic"

@@ -232,33 +232,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (AuditError, argparse.ArgumentTypeError) as e:
         print(f"agentgate export: {e}", file=sys.stderr)
         return 1
-    n = write_mitm(rows, args.output, as_forwarded=args.as_forwarded, via=args.via)
+    n, masked = write_mitm(rows, args.output, as_forwarded=args.as_forwarded, via=args.via)
     if n == 0:
         print(f"agentgate export: no recorded flows for session {args.session!r}",
               file=sys.stderr)
         return 1
     print(f"wrote {n} flows to {args.output}")
+    if masked:
+        print(f"note: {masked} of them were masked before they left, so an agent's raw "
+              "request will not match them byte for byte; for mitmdump --server-replay add "
+              "--set server_replay_ignore_content=true (answers in recorded order)",
+              file=sys.stderr)
     return 0
 
 
 def write_mitm(rows: list, output: Path, as_forwarded: bool = False,
-               via: str | None = None) -> int:
-    """Rebuild flows from their stored (already redacted) state and write a .mitm file."""
+               via: str | None = None) -> tuple[int, int]:
+    """Rebuild flows from their stored (already redacted) state and write a .mitm file.
+
+    Returns (flows written, flows whose content the masker changed)."""
     from urllib.parse import urlsplit
 
     from mitmproxy import flow as mflow
     from mitmproxy import io as mio
-    from mitmproxy.io import compat, tnetstring
+    from mitmproxy.io import compat
     from mitmproxy.proxy.mode_specs import ProxyMode
 
-    from addons.audit_store import REDACTED
+    from addons.audit_store import REDACTED, load_state
 
-    n = 0
+    n = masked = 0
     tmp = output.with_name(output.name + ".part")
     with open(tmp, "wb") as fh:
         writer = mio.FlowWriter(fh)
         for _id, url, blob in rows:
-            state = compat.migrate_flow(tnetstring.loads(bytes(blob)))
+            state = compat.migrate_flow(load_state(blob))
             flow = mflow.Flow.from_state(state)
             req = getattr(flow, "request", None)
             if req is not None:
@@ -272,9 +279,11 @@ def write_mitm(rows: list, output: Path, as_forwarded: bool = False,
                 # carries no placeholder the identity step would reject as a token.
                 for name in [k for k, v in req.headers.items(multi=True) if v == REDACTED]:
                     del req.headers[name]
+            if flow.metadata.get("findings"):
+                masked += 1
             if via:
                 flow.client_conn.proxy_mode = ProxyMode.parse(f"upstream:{via}")
             writer.add(flow)
             n += 1
     tmp.replace(output)
-    return n
+    return n, masked

@@ -34,7 +34,7 @@ escapes), detection runs on the normalised text, and spans are mapped back, so a
 from __future__ import annotations
 
 import ipaddress
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,9 +44,10 @@ from addons.masking_config import BUILTIN_ENTITIES, MaskingConfig
 from addons.normalize import normalize
 from addons.secrets_rules import (
     AWS_SECRET,
-    AWS_SECRET_CONTEXT,
     AWS_SECRET_WINDOW,
+    AWS_SECRET_WORDS,
     SECRET_RULES,
+    SecretRule,
     aws_secret_ok,
     pem_end,
 )
@@ -85,6 +86,18 @@ def _card_grouping_ok(lens: list[int]) -> bool:
         return True
     first = lens[0]
     return all(n == first for n in lens[:-1]) and lens[-1] <= first
+
+
+def _card_retry(m: regex.Match) -> int:
+    """After a failed candidate: its second group may start a card when the first group
+    does not belong ("12 4111 1111 1111 1111"); equal groups ("1 1 1 1 …") cannot, so
+    skip the whole candidate (keeps a hostile '1 1 1 …' body linear)."""
+    sep = m.group("sep")
+    if sep is None:
+        return m.end()
+    first, _, rest = m.group(0).partition(sep)
+    second = rest.split(sep, 1)[0]
+    return m.start() + len(first) + 1 if len(first) != len(second) else m.end()
 
 
 def _card_span(m: regex.Match, t: str) -> tuple[int, int] | None:
@@ -153,15 +166,14 @@ def _iban_span(m: regex.Match, t: str) -> tuple[int, int] | None:
         # "VG96 VPVG 0000 0123 4567 8901 X" stops before " X"
         parts = raw.split(sep)
         total = 0
-        k = 0
-        for k, p in enumerate(parts):
-            total += len(p)
-            if total >= want:
-                break
+        used = 0
+        while used < len(parts) and total < want:
+            total += len(parts[used])
+            used += 1
         if total != want:
             return None
-        value = "".join(parts[: k + 1])
-        end = m.start() + len(sep.join(parts[: k + 1]))
+        value = "".join(parts[:used])
+        end = m.start() + len(sep.join(parts[:used]))
     # as written an IBAN is upper case; 'LV80 bANK …' is not one
     if any(c.islower() for c in value) or not mod97_ok(value):
         return None
@@ -282,7 +294,11 @@ _IPV6 = _c(r"(?<![\w:.%])(?:[0-9A-Fa-f]{1,4}|(?=::))(?::[0-9A-Fa-f]{0,4}){1,7}"
            r"(?P<zone>%[0-9A-Za-z_\-]{1,16})?"
            r"(?P<cidr>/(?:12[0-8]|1[01][0-9]|[1-9]?[0-9])(?![0-9]))?"
            r"(?![\w:]|\.[0-9])")
-_V6_TRIGGER = _c(r":[0-9A-Fa-f:]")
+# an IPv6 address has '::' or at least two colons close together; prose colons ("Note: ",
+# "10:30") do not, so candidates are few
+_V6_TRIGGER = _c(r":(?:(?<=[0-9A-Fa-f]:)[0-9A-Fa-f]{0,4}:|[0-9A-Fa-f]{0,4}:(?=[0-9A-Fa-f/]))")
+# IPv4 candidates: digit.digit.digit.digit, then the exact pattern at that position
+_V4_TRIGGER = _c(r"[0-9](?<![\w.][0-9])[0-9]{0,2}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]")
 _V6_BACK = _c(r"(?r)[0-9A-Fa-f:]{1,45}")
 
 
@@ -298,11 +314,29 @@ def _ipv6_ok(m: regex.Match) -> bool:
         return False  # bare '::' is Haskell / C++ / slicing syntax far more often than an IP
     if addr != "::" and not any(c.isdigit() for c in addr):
         return False  # 'Add::Bee', 'dead:beef::' — identifiers, not addresses
+    if addr.startswith("::") and addr.count(":") == 2 and len(addr) <= 4 and addr != "::1" \
+            and not cidr:
+        return False  # Python slices 'a[::2]', 'b[::10]'; '::1' (loopback) is kept
     try:
         ipaddress.IPv6Address(addr)
     except ValueError:
         return False
     return True
+
+
+def _find_ipv4(t: str, out: list) -> None:
+    pos = 0
+    search = _V4_TRIGGER.search
+    while True:
+        tm = search(t, pos)
+        if tm is None:
+            return
+        m = _IPV4.match(t, tm.start())
+        if m is not None:
+            out.append((m.start(), m.end(), "IP_ADDRESS", 20))
+            pos = m.end()
+        else:
+            pos = tm.start() + 1
 
 
 def _find_ipv6(t: str, out: list) -> None:
@@ -316,9 +350,10 @@ def _find_ipv6(t: str, out: list) -> None:
         bm = _V6_BACK.match(t, max(0, c - 45), c)
         s = bm.start() if bm else c
         m = _IPV6.match(t, s)
-        if m is not None and m.end() > c and _ipv6_ok(m):
-            out.append((m.start(), m.end(), "IP_ADDRESS", 20))
-            pos = m.end()
+        if m is not None and m.end() > c:
+            if _ipv6_ok(m):
+                out.append((m.start(), m.end(), "IP_ADDRESS", 20))
+            pos = m.end()  # a failed candidate is skipped whole ('1::1::1::…' stays linear)
         else:
             pos = c + 1
 
@@ -345,6 +380,23 @@ def _find_emails(t: str, out: list) -> None:
         i = t.find("@", nxt)
 
 
+# ---------------------------------------------------------------------------- PEM
+def _find_pem(rule: SecretRule, t: str, out: list) -> None:
+    """Private-key blocks; the next BEGIN is looked for after the end of the previous block,
+    so text made of BEGIN lines costs one pass."""
+    pos = 0
+    while True:
+        m = rule.pattern.search(t, pos)
+        if m is None:
+            return
+        end = pem_end(m, t)
+        if end is None:
+            pos = m.end()
+            continue
+        out.append((m.start(), end, rule.entity, rule.priority))
+        pos = end
+
+
 # ---------------------------------------------------------------------------- assembly
 SpanFn = Callable[[regex.Match, str], "tuple[int, int] | None"]
 
@@ -356,24 +408,45 @@ class _RegexDet:
     span: SpanFn | None
     priority: int
     gate: tuple[str, ...] = ()      # skip unless one of these substrings occurs
-    # when a candidate fails validation, look again from its next character (a valid value
-    # may start at a later group: "12 4111 1111 1111 1111"), instead of after it
-    retry: bool = False
+    # where to look again after a candidate failed validation (default: after it); cards
+    # and IBANs may start at a later group of the candidate ("12 4111 1111 1111 1111")
+    retry: Callable[[regex.Match], int] | None = None
 
 
-_PII: tuple[_RegexDet, ...] = (
-    _RegexDet("CREDIT_CARD", _CARD, _card_span, 50, retry=True),
-    _RegexDet("IBAN", _IBAN, _iban_span, 45, retry=True),
+# Detectors of numbers written with digits and separators. They run only inside "numeric
+# clusters" (_NUM_CLUSTER, one fast scan) that hold at least _NUM_MIN_DIGITS digits, so prose
+# with the odd date or price costs almost nothing.
+_NUMERIC: tuple[_RegexDet, ...] = (
+    _RegexDet("CREDIT_CARD", _CARD, _card_span, 50, retry=_card_retry),
     _RegexDet("US_SSN", _SSN, _ssn_span, 40),
     _RegexDet("PHONE", _PHONE_NANP, _nanp_span, 30),
-    _RegexDet("PHONE", _PHONE_INTL, _intl_span, 30, ("+",)),
+    _RegexDet("PHONE", _PHONE_INTL, _intl_span, 30),
     _RegexDet("PHONE", _PHONE_TRUNK, _trunk_span, 30),
     _RegexDet("PHONE", _PHONE_CN, None, 30),
     _RegexDet("PHONE", _PHONE_BARE, _bare_span, 30),
-    _RegexDet("IP_ADDRESS", _IPV4, None, 20, (".",)),
 )
+_IBAN_DET = _RegexDet("IBAN", _IBAN, _iban_span, 45, retry=lambda m: m.start() + 1)
+# the shortest value these detectors accept has 9 digits (SSN, national phone numbers), so
+# dates and prices never qualify
+_NUM_CLUSTER = _c(r"[0-9](?:[ .\-()]{0,3}[0-9]){8,}")
 
-_DIGIT = _c(r"[0-9]")
+
+def _run(d: _RegexDet, t: str, pos: int, endpos: int, out: list) -> None:
+    search = d.pattern.search
+    while True:
+        m = search(t, pos, endpos)
+        if m is None:
+            return
+        span = d.span(m, t) if d.span is not None else m.span()
+        if span is not None:
+            out.append((span[0], span[1], d.entity, d.priority))
+            pos = max(span[1], m.start() + 1)
+        else:
+            pos = max(d.retry(m) if d.retry else m.end(), m.start() + 1)
+
+
+# below this length, `in` tests of a rule's literals are cheaper than starting its scan
+_SHORT_TEXT = 16384
 
 # longest span per built-in entity, in normalised characters
 _MAX_LEN: dict[str, int] = {
@@ -384,12 +457,21 @@ for _r in SECRET_RULES:
     _MAX_LEN[_r.entity] = max(_MAX_LEN.get(_r.entity, 0), _r.max_len)
 # an escape (\uXXXX, 6 chars) can stand for each normalised character
 _ESCAPE_WIDTH = 6
+_PII_ENTITIES = frozenset(("EMAIL", "PHONE", "US_SSN", "CREDIT_CARD", "IBAN", "IP_ADDRESS"))
 # left context worth carrying in a stream: word boundaries and the AWS secret's keyword
 CONTEXT_LEN = AWS_SECRET_WINDOW + 16
 
-_HOLD_TOKEN = _c(r"(?r)\S{1,512}")
-_HOLD_GROUPS = _c(r"(?r)(?:[+(]?[0-9A-Z][0-9A-Z)]{0,7}[ .\-]){1,10}")
+# a token may be as long as the longest whitespace-free match (a JWT); PEM blocks, the only
+# long matches with whitespace inside, are handled on their own
+_TOKEN_MAX = max(r.max_len for r in SECRET_RULES if r.entity != "PRIVATE_KEY")
+_HOLD_TOKEN = _c(r"(?r)\S{1,N}".replace("N", str(_TOKEN_MAX)))
+# short groups of digits / capitals (any script's digits, full-width forms, invisible
+# characters inside) with a separator: "4111 1111 ", "+44 (20) ", "DE89 3704 ", "078 05 "
+_G = r"\dA-Z\uFF10-\uFF19\uFF21-\uFF3A"
+_HOLD_GROUPS = _c(r"(?r)(?:[+(]?[" + _G + r"][" + _G + r")\u200b-\u200d\u2060\ufeff\u00ad]{0,12}"
+                  r"[\s.\-\u2010-\u2015\u2212]){1,12}")
 _PEM_OPEN = "-----BEGIN "
+_PEM_CLOSE = _c(r"-----END [A-Z0-9 ]{1,40}-----")
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,10 +491,11 @@ class DetectorSet:
         self.config = config or MaskingConfig()
         enabled = set(self.config.enabled_builtins())
         self._enabled = frozenset(enabled)
-        self._pii = tuple(d for d in _PII if d.entity in enabled)
+        self._numeric = tuple(d for d in _NUMERIC if d.entity in enabled)
+        self._iban = "IBAN" in enabled
+        self._ip = "IP_ADDRESS" in enabled
         self._secrets = tuple(r for r in SECRET_RULES if r.entity in enabled)
         self._email = "EMAIL" in enabled
-        self._ipv6 = "IP_ADDRESS" in enabled
         self._aws_secret = "AWS_SECRET_KEY" in enabled
         self._custom = tuple(
             _Custom(c.name,
@@ -421,10 +504,15 @@ class DetectorSet:
                     c.validator, c.context, c.context_window, c.max_length)
             for c in self.config.custom if c.enabled)
         self._allow = tuple(regex.compile(p) for p in self.config.allow)
-        lens = [_MAX_LEN[e] for e in enabled] + [c.max_length for c in self._custom]
-        # bounded: the largest is a PEM block (32 KiB body + header/footer)
-        self.max_len: int = max(lens, default=0) * _ESCAPE_WIDTH if lens else 0
+        # max_len: PII values may be written with an escape per character (\u0034 is six
+        # characters for one digit), so they count six-fold; secrets count as written. The
+        # bound is the PEM block: 32 KiB of body plus header and footer.
+        lens = [_MAX_LEN[e] * (_ESCAPE_WIDTH if e in _PII_ENTITIES else 1) for e in enabled]
+        lens += [c.max_length * _ESCAPE_WIDTH for c in self._custom]
+        self.max_len: int = max(lens, default=0)
         self.context_len: int = CONTEXT_LEN * _ESCAPE_WIDTH
+        self._pem_hold = min(self.max_len, _MAX_LEN["PRIVATE_KEY"])
+        self._custom_hold = max((c.max_length for c in self._custom), default=0)
         self._strategies = {e: self.config.strategy_for(e) for e in enabled}
         for c in self._custom:
             self._strategies[c.entity] = self.config.strategy_for(c.entity)
@@ -458,53 +546,84 @@ class DetectorSet:
 
     def _candidates(self, t: str) -> list[tuple[int, int, str, int]]:
         out: list[tuple[int, int, str, int]] = []
+        seen: dict[str, bool] = {}
+        short = len(t) < _SHORT_TEXT
         for r in self._secrets:
-            if not any(lit in t for lit in r.literals):
+            if r.literals and (short or r.always_gate):
+                present = False
+                for lit in r.literals:
+                    hit = seen.get(lit)
+                    if hit is None:
+                        hit = seen[lit] = lit in t
+                    if hit:
+                        present = True
+                        break
+                if not present:
+                    continue
+            if r.entity == "PRIVATE_KEY":
+                _find_pem(r, t, out)
                 continue
+            has_pre = "pre" in r.pattern.groupindex
             for m in r.pattern.finditer(t):
-                if r.entity == "PRIVATE_KEY":
-                    end = pem_end(m, t)
-                    if end is not None:
-                        out.append((m.start(), end, r.entity, r.priority))
-                elif r.check is None or r.check(m):
-                    out.append((m.start(), m.end(), r.entity, r.priority))
+                if r.check is None or r.check(m):
+                    start = m.start("pre") if has_pre and m.start("pre") >= 0 else m.start()
+                    out.append((start, m.end(), r.entity, r.priority))
         if self._aws_secret:
             self._find_aws_secret(t, out)
         if self._email and "@" in t:
             _find_emails(t, out)
-        has_digit = _DIGIT.search(t) is not None
-        if has_digit:
-            for d in self._pii:
-                if d.gate and not any(g in t for g in d.gate):
-                    continue
-                search = d.pattern.search
-                pos = 0
-                while True:
-                    m = search(t, pos)
-                    if m is None:
-                        break
-                    span = d.span(m, t) if d.span is not None else m.span()
-                    if span is not None:
-                        out.append((span[0], span[1], d.entity, d.priority))
-                        pos = max(span[1], m.start() + 1)
-                    else:
-                        pos = m.start() + 1 if d.retry else max(m.end(), m.start() + 1)
-            if self._ipv6 and ":" in t:
+        if self._iban:
+            _run(_IBAN_DET, t, 0, len(t), out)
+        if self._numeric:
+            n = len(t)
+            for cm in _NUM_CLUSTER.finditer(t):
+                s, e = cm.span()
+                # a '+' or '(' just before the cluster belongs to it; the lookarounds of the
+                # detectors see outside the window, and endpos leaves room for look-aheads
+                lo, hi = max(0, s - 2), min(n, e + 3)
+                for d in self._numeric:
+                    _run(d, t, lo, hi, out)
+        if self._ip:
+            if "." in t:
+                _find_ipv4(t, out)
+            if ":" in t:
                 _find_ipv6(t, out)
         for c in self._custom:
             self._find_custom(c, t, out)
         return out
 
-    def _find_aws_secret(self, t: str, out: list) -> None:
-        last = -1
-        for cm in AWS_SECRET_CONTEXT.finditer(t):
-            if cm.start() < last:
-                continue
-            for m in AWS_SECRET.finditer(t, cm.end(), min(len(t), cm.end() + AWS_SECRET_WINDOW)):
-                if aws_secret_ok(m.group(0)):
+    @staticmethod
+    def _find_aws_secret(t: str, out: list) -> None:
+        low, words = t.lower(), AWS_SECRET_WORDS[::3]
+        if len(low) != len(t):  # a character changed length: look for the usual casings
+            low, words = t, AWS_SECRET_WORDS
+        ends: list[int] = []
+        for word in words:
+            i = low.find(word)
+            while i != -1:
+                ends.append(i + len(word))
+                i = low.find(word, i + 1)
+        if not ends:
+            return
+        ends.sort()
+        # scan the union of the windows after each word once (a body of 'aws aws aws …'
+        # stays linear); a key counts when a word ends at most WINDOW characters before it
+        n = len(t)
+        lo, hi = ends[0], min(n, ends[0] + AWS_SECRET_WINDOW + 41)
+        spans: list[tuple[int, int]] = []
+        for e in ends[1:]:
+            if e <= hi:
+                hi = min(n, e + AWS_SECRET_WINDOW + 41)
+            else:
+                spans.append((lo, hi))
+                lo, hi = e, min(n, e + AWS_SECRET_WINDOW + 41)
+        spans.append((lo, hi))
+        for lo, hi in spans:
+            for m in AWS_SECRET.finditer(t, lo, hi):
+                k = bisect_right(ends, m.start()) - 1
+                if k >= 0 and m.start() - ends[k] <= AWS_SECRET_WINDOW and \
+                        aws_secret_ok(m.group(0)):
                     out.append((m.start(), m.end(), "AWS_SECRET_KEY", 60))
-                    last = m.end()
-                    break
 
     @staticmethod
     def _find_custom(c: _Custom, t: str, out: list) -> None:
@@ -531,28 +650,27 @@ class DetectorSet:
     def holdback(self, text: str) -> int:
         """How many characters at the end of `text` a match could still extend into.
 
-        A stream masker emits `text[:len(text) - holdback(text)]` (after masking) and keeps
-        the rest for the next chunk. Always <= max_len.
+        A stream masker emits (masked) `text[:len(text) - holdback(text)]` and keeps the rest
+        for the next chunk; a finding that starts in the emitted part is final. The tail is:
+        an open `-----BEGIN … PRIVATE KEY-----` block (from its BEGIN), else the last
+        whitespace-free token plus the short digit/capital groups before it ("4111 1111 ",
+        "+44 (20) "), plus — with custom detectors — their longest `max_length`.
+        Always <= max_len; in prose it is the length of the word being written.
         """
         n = len(text)
         if n == 0:
             return 0
         keep = 0
-        # an unterminated private-key block: hold from its BEGIN
-        i = text.rfind(_PEM_OPEN, max(0, n - self.max_len))
-        if i != -1 and "PRIVATE_KEY" in self._enabled and "-----END " not in text[i + 11:]:
-            keep = n - i
-        # the last whitespace-free token (a key, an e-mail, an escape being written …)
-        tm = _HOLD_TOKEN.match(text, max(0, n - 512), n)
-        start = tm.start() if tm else n
-        if tm is None and text[-1].isspace():
-            start = n
-        # short digit/upper-case groups before it: "4111 1111 ", "+44 (20) ", "DE89 3704 "
-        gm = _HOLD_GROUPS.match(text, max(0, start - 120), start)
+        if "PRIVATE_KEY" in self._enabled:
+            i = text.rfind(_PEM_OPEN, max(0, n - self._pem_hold))
+            if i != -1 and _PEM_CLOSE.search(text, i + len(_PEM_OPEN)) is None:
+                keep = n - i
+        tm = _HOLD_TOKEN.match(text, max(0, n - _TOKEN_MAX * 2), n)
+        start = tm.start() if tm is not None else n
+        gm = _HOLD_GROUPS.match(text, max(0, start - 160), start)
         if gm is not None:
             start = gm.start()
-        keep = max(keep, n - start)
-        # a trailing separator may still join the next digits
+        keep = max(keep, n - start, self._custom_hold)
         return min(keep, self.max_len, n)
 
 

@@ -24,6 +24,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import os
 import weakref
 from pathlib import Path
 from typing import Any
@@ -163,9 +164,9 @@ class Identity:
 
     def load(self, loader: Any) -> None:
         loader.add_option(
-            "agentgate_identity_ca", str | None, None,
+            "agentgate_identity_ca", str | None, os.environ.get("AGENTGATE_IDENTITY_CA") or None,
             "PEM CA bundle trusted when fetching https token issuers' discovery/JWKS "
-            "(default: the system CAs).")
+            "(default: $AGENTGATE_IDENTITY_CA, else the system CAs).")
 
     def configure(self, updated: set[str]) -> None:
         if "agentgate_identity_ca" in updated:
@@ -240,7 +241,8 @@ class Identity:
             if cfg.required:
                 self._refuse(flow, err, proxy=True)
             return
-        self._conns[flow.client_conn.id] = (token, ident)
+        if flow.client_conn.connected:  # not if it closed while we fetched keys (no leak)
+            self._conns[flow.client_conn.id] = (token, ident)
         flow.metadata["identity"] = _identity_meta(ident, "proxy")
         del flow.request.headers["proxy-authorization"]
 
@@ -267,6 +269,7 @@ class Identity:
         why = upstream_denial(self._upstream(flow), ident)
         if why is not None:
             refuse(flow, 403, why, "identity_not_allowed", STEP)
+            log.info("agentgate: %s", why)
 
     async def _authenticate(self, flow: http.HTTPFlow, cfg: IdentityConfig
                             ) -> tuple[dict[str, Any] | None, str]:

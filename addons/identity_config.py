@@ -65,6 +65,16 @@ class IssuerConfig:
     jwks_max_age: int = 3600              # refresh known keys in the background after this
     fetch_timeout: int = 5
 
+    def __post_init__(self) -> None:
+        # A bare string here would turn membership tests into substring tests
+        # ("RS" in "RS256", set("agentgate") -> letters): python-jose's own pitfall.
+        for name in ("audiences", "algorithms", "azp"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+                raise TypeError(f"IssuerConfig.{name} must be a tuple of strings")
+        if not self.audiences:
+            raise TypeError("IssuerConfig.audiences must not be empty")
+
     @property
     def label(self) -> str:
         return self.name or self.issuer

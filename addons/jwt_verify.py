@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import jose
 from jose.backends.cryptography_backend import CryptographyECKey, CryptographyRSAKey
 from jose.exceptions import JOSEError
 
@@ -41,6 +42,13 @@ _KID = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces
 KEY_HINT_HEADERS = ("jku", "x5u", "jwk", "x5c")
 EC_CURVES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
 MIN_RSA_BITS = 2048
+
+
+# CVE-2024-33663 (key confusion) and CVE-2024-33664/29370 (JWE bombs) are fixed in 3.4.0.
+# Importing the cryptography key classes above also guarantees the `cryptography` backend
+# (the `ecdsa` fallback has an unfixed timing attack, CVE-2024-23342).
+if tuple(int(x) for x in jose.__version__.split(".")[:2]) < (3, 4):  # pragma: no cover
+    raise ImportError(f"python-jose {jose.__version__} is too old: agentgate needs >= 3.4.0")
 
 
 class TokenError(Exception):
@@ -392,7 +400,7 @@ class TokenVerifier:
             return None
         if self.clock() >= ident["exp"]:
             # never past exp (the leeway applies only to a full verification)
-            del self._cache[h]
+            self._cache.pop(h, None)
             return None
         self._cache.move_to_end(h)
         self.hits += 1
@@ -415,7 +423,9 @@ class TokenVerifier:
             raise TokenError(f"token too large ({len(token)} bytes, "
                              f"limit {issuer.max_token_bytes})")
         if parsed.alg not in issuer.algorithms:
-            raise TokenError(f"algorithm {parsed.alg[:20]} is not allowed for this issuer")
+            # alg is attacker text: printable ASCII only in a message that reaches logs
+            alg = re.sub(r"[^\x21-\x7e]", "?", parsed.alg[:20])
+            raise TokenError(f"algorithm {alg} is not allowed for this issuer")
         # Claims first: an expired or foreign-audience token never triggers a key fetch.
         ident = check_claims(parsed, issuer, self.clock())
         key = await self.key_lookup(issuer, parsed.kid)

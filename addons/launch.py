@@ -67,6 +67,13 @@ class Gateway:
         auth = f"agent:{token}@" if token else ""
         return f"http://{auth}127.0.0.1:{self.port}"
 
+    @property
+    def approvals_url(self) -> str | None:
+        """The reviewers' API address, as the approval addon logged it."""
+        import re
+        m = re.search(r"approvals API listening at (\S+)", self.logs())
+        return m.group(1) if m else None
+
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -106,10 +106,12 @@ def partial(value: str, keep: int = 4) -> str:
 class Session:
     """Placeholders of one (identity, session): value -> placeholder, placeholder -> value."""
 
-    __slots__ = ("_by_value", "_restore", "_counters", "_max_entries", "last_used", "lock")
+    __slots__ = ("_by_value", "_by_raw", "_restore", "_counters", "_max_entries", "last_used",
+                 "lock")
 
     def __init__(self, max_entries: int = 10_000) -> None:
         self._by_value: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._by_raw: dict[tuple[str, str], str] = {}
         self._restore: OrderedDict[str, str] = OrderedDict()
         self._counters: dict[str, int] = {}
         self._max_entries = max_entries
@@ -123,6 +125,12 @@ class Session:
         return len(self._by_value)
 
     def placeholder(self, entity: str, value: str, restorable: bool) -> str:
+        raw_key = (entity, value)
+        with self.lock:
+            # the exact spelling seen before: skip normalising it again
+            ph = self._by_raw.get(raw_key)
+            if ph is not None and (not restorable or self._restore.get(ph) == value):
+                return ph
         key = (entity, canonical(entity, value))
         with self.lock:
             ph = self._by_value.get(key)
@@ -137,6 +145,9 @@ class Session:
                     self._restore.pop(old, None)
             else:
                 self._by_value.move_to_end(key)
+            if len(self._by_raw) >= self._max_entries:
+                self._by_raw.clear()  # only a cache: rebuilt as values come back
+            self._by_raw[raw_key] = ph
             # Only values the agent itself sent may come back to it: a value the model
             # produced on its own keeps its placeholder on the way back too.
             # (the latest spelling the agent used is the one it gets back)

@@ -14,7 +14,10 @@ Hooks:
   (400/415 in the caller's dialect) unless `masking.on_unparseable: pass_text`; a body
   that had a Content-Encoding is sent re-encoded as identity when it changed;
 - responseheaders: `text/event-stream` responses are streamed through a StreamMasker
-  (never buffered whole); Content-Encoding is undone on the fly and sent as identity;
+  (never buffered whole); Content-Encoding is undone on the fly and sent as identity.
+  Where masking does not apply, SSE is still streamed (mitmproxy would buffer it whole).
+  A non-SSE response mitmproxy would stream (stream_large_bodies) or one declared over
+  `max_body_bytes` is refused (502), since it cannot be masked whole;
 - response: other responses are masked whole; with `restore: true` on the upstream, the
   placeholders of this session in the model's answer are put back for the agent.
 
@@ -140,6 +143,9 @@ class Masking:
         elif flow.request.stream:
             refuse(flow, 413, "a streamed request body cannot be masked", "body_too_large",
                    "masking")
+        if flow.response is not None:
+            # mitmproxy cannot answer and stream the request at once (stream_large_bodies)
+            flow.request.stream = False
 
     @guarded("masking")
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -191,23 +197,36 @@ class Masking:
         resp = flow.response
         if resp is None or "refusal" in flow.metadata:
             return
-        if not resp.headers.get("content-type", "").lower().startswith("text/event-stream"):
-            return
+        sse = resp.headers.get("content-type", "").lower().startswith("text/event-stream")
         plan = self._plan(flow)
         if plan is None:
+            if sse:
+                resp.stream = True  # unmasked, but never buffered whole (time to first token)
             return
         cfg, up = plan
+        if not sse:
+            cl = resp.headers.get("content-length", "")
+            if resp.stream or (cl.strip().isdigit() and int(cl) > cfg.max_body_bytes):
+                # mitmproxy would stream it (stream_large_bodies) or it is over the limit:
+                # it cannot be masked whole, and it must not pass unmasked.
+                _refuse_stream(flow, "upstream response over masking.max_body_bytes cannot "
+                               "be masked", "body_too_large")
+            return
         enc = resp.headers.get("content-encoding", "")
         try:
             decoder = StreamDecoder(enc) if enc else None
         except Unparseable as e:
-            _refuse_stream(flow, f"response stream cannot be masked: {e.reason}")
+            _refuse_stream(flow, f"response stream cannot be masked: {e.reason}",
+                           "unmaskable_body")
             return
-        ctx = Masked(self.masker(), self._session(flow), self._findings(flow),
+        found = flow.metadata.get("findings")
+        if not isinstance(found, dict):
+            found = {}  # put in flow.metadata by the stream once something is found
+        ctx = Masked(self.masker(), self._session(flow), found,
                      restorable=False, restore=bool(up and up.restore),
                      dialect=self._dialect(flow, up))
         masker = StreamMasker(ctx, max_event=cfg.max_body_bytes, decoder=decoder)
-        resp.stream = _safe_stream(masker)
+        resp.stream = _safe_stream(masker, flow, found)
         # The body changes length and is sent decoded.
         resp.headers.pop("content-encoding", None)
         if "content-length" in resp.headers:
@@ -253,23 +272,28 @@ class Masking:
             merge(self._findings(flow), found)
 
 
-def _safe_stream(masker: StreamMasker) -> Any:
-    """Abort the stream (fail closed) if masking a chunk fails; never pass it unmasked."""
+def _safe_stream(masker: StreamMasker, flow: http.HTTPFlow, found: dict) -> Any:
+    """The stream callable: masks each chunk, keeps the flow's findings up to date, and
+    aborts the stream (fail closed) if masking a chunk fails; never passes it unmasked."""
 
     def stream(data: bytes) -> list[bytes] | bytes:
         try:
-            return masker(data)
+            out = masker(data)
         except Exception as e:  # noqa: BLE001 - fail closed: abort, never pass unmasked
             # The type only: an exception text could quote the stream's content.
             log.error("masking: stream aborted (%s)", type(e).__name__)
             raise RuntimeError("masking failed; stream aborted") from None
+        if found and flow.metadata.get("findings") is not found:
+            flow.metadata["findings"] = found
+        return out
 
     return stream
 
 
-def _refuse_stream(flow: http.HTTPFlow, message: str) -> None:
-    """Refuse at responseheaders time: answer with an error and swallow the upstream body."""
-    refuse(flow, 502, message, "unmaskable_body", "masking")
+def _refuse_stream(flow: http.HTTPFlow, message: str, code: str) -> None:
+    """Refuse at responseheaders time: answer with an error and swallow the upstream body
+    (streamed away chunk by chunk, never buffered)."""
+    refuse(flow, 502, message, code, "masking")
     assert flow.response is not None
     body = flow.response.content or b""
     sent = [False]

@@ -1,4 +1,4 @@
-"""Parse the `masking` section of the rules: which detectors run, how findings are replaced.
+r"""Parse the `masking` section of the rules: which detectors run, how findings are replaced.
 
 ```yaml
 masking:
@@ -285,9 +285,17 @@ def parse_masking(section: MapSection) -> MaskingConfig:
     cfg = MaskingConfig(enabled=enabled, on_unparseable=on_unparseable, max_body_bytes=max_body,
                         hmac_key_env=hmac_env, default_strategy=default_strategy,
                         entities=entities, custom=tuple(custom), allow=tuple(allow))
-    uses_hash = any(cfg.strategy_for(n) == "hash" for n in BUILTIN_ENTITIES if
-                    cfg.entity(n).enabled) or any(c.strategy == "hash" for c in custom)
-    if uses_hash and not hmac_env:
-        raise section.where("hmac_key_env").error(
-            "the hash strategy needs hmac_key_env (the environment variable holding its key)")
+    if not hmac_env:
+        # name the first setting that asks for `hash`, in the file that sets it
+        users = [(section.where("entities").child(n), n) for n in BUILTIN_ENTITIES
+                 if cfg.entity(n).enabled and cfg.strategy_for(n) == "hash"
+                 and n in (d.get("entities") or {})]
+        users += [(section.where("custom").child(i), c.name) for i, c in enumerate(custom)
+                  if c.strategy == "hash"]
+        if not users and default_strategy == "hash":
+            users = [(section.where("default_strategy"), "default_strategy")]
+        if users:
+            w, name = users[0]
+            raise w.error(f"{name} uses the hash strategy, which needs masking.hmac_key_env "
+                          "(the environment variable holding its key)")
     return cfg

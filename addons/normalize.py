@@ -21,30 +21,23 @@ from bisect import bisect_right
 
 import regex
 
-# Non-ASCII characters worth folding; everything else (accented letters, CJK, emoji …) is
-# left alone so that ordinary non-English prose costs one C-level scan and nothing more.
-_FOLD_CLASS = (
-    r"[[\p{Nd}\p{No}\p{Cf}\p{Zs}\p{Pd}\u0300-\u036F\u1AB0-\u1AFF\u1DC0-\u1DFF\u20D0-\u20FF"
-    r"\uFE00-\uFE0F\uFE20-\uFE2F\U000E0000-\U000E01EF\uFF01-\uFF5E\U0001D400-\U0001D7FF"
-    r"\u2212\u2024\u2027\u3000\u180E\u034F\u115F\u1160\u3164\uFFA0]--[\x00-\x7F]]"
-)
-_SCAN = regex.compile(
-    r"\\u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})"  # surrogate pair
-    r"|\\u([0-9a-fA-F]{4})"
-    r"|%([0-9A-Fa-f]{2})"
-    r"|&\#(?:[xX]([0-9A-Fa-f]{1,6})|([0-9]{1,7}));"
-    r"|(" + _FOLD_CLASS + r")",
-    regex.V1,
-)
+_ESC_U = regex.compile(r"\\u(?:([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})"
+                      r"|([0-9a-fA-F]{4}))")
+_ESC_PCT = regex.compile(r"%([0-9A-Fa-f]{2})")
+_ESC_HTML = regex.compile(r"&#(?:[xX]([0-9A-Fa-f]{1,6})|([0-9]{1,7}));")
 _ALWAYS_DROP = frozenset("\u115f\u1160\u3164\uffa0\u034f\u180e")
+# punctuation that matters inside the values we detect (full-width forms fold to these)
+_KEEP_PUNCT = frozenset("@.-+()/_:=%&#\\")
+_NON_ASCII = regex.compile(r"[^\x00-\x7F]+")
 
 
 class _FoldTable(dict):
-    """char -> folded text ('' to drop), computed on first use and cached."""
+    """code point -> folded text ('' to drop), computed on first use and cached; usable
+    with str.translate."""
 
-    def __missing__(self, ch: str) -> str:
-        value = _fold_char(ch)
-        self[ch] = value
+    def __missing__(self, cp: int) -> str:
+        value = _fold_char(chr(cp))
+        self[cp] = value
         return value
 
 
@@ -66,7 +59,7 @@ def _fold_char(ch: str) -> str:
     if cat == "Pd" or ch == "\u2212":
         return "-"
     n = unicodedata.normalize("NFKC", ch)
-    if len(n) == 1 and n.isascii():
+    if len(n) == 1 and n.isascii() and (n.isalnum() or n in _KEEP_PUNCT):
         return n
     return ch
 
@@ -110,27 +103,24 @@ class Normalized:
         return self.orig_start(start), self.orig_end(end)
 
 
-def _decode(m: regex.Match) -> str:
-    """The text an escape or foldable character stands for (after folding)."""
+def _unescape_u(m: regex.Match) -> str:
     g = m.groups()
-    if g[6] is not None:
-        return FOLD[g[6]]
     if g[0] is not None:
         hi, lo = int(g[0], 16), int(g[1], 16)
-        ch = chr(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))
-    elif g[2] is not None:
-        ch = chr(int(g[2], 16))
-    elif g[3] is not None:
-        code = int(g[3], 16)
-        if not 0x20 <= code <= 0x7E:
-            return m.group(0)
-        return chr(code)
-    else:
-        code = int(g[4], 16) if g[4] is not None else int(g[5])
-        if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
-            return m.group(0)
-        ch = chr(code)
-    return FOLD[ch]
+        return FOLD[0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)]
+    return FOLD[int(g[2], 16)]
+
+
+def _unescape_pct(m: regex.Match) -> str:
+    code = int(m.group(1), 16)
+    return chr(code) if 0x20 <= code <= 0x7E else m.group(0)
+
+
+def _unescape_html(m: regex.Match) -> str:
+    code = int(m.group(1), 16) if m.group(1) is not None else int(m.group(2))
+    if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+        return m.group(0)
+    return FOLD[code]
 
 
 def needs_normalizing(text: str) -> bool:
@@ -139,8 +129,36 @@ def needs_normalizing(text: str) -> bool:
 
 def normalize(text: str) -> Normalized | None:
     """Normalised form of `text`, or None when nothing needed folding (use `text` itself)."""
-    if not needs_normalizing(text):
+    if text.isascii() and "\\u" not in text and "%" not in text and "&#" not in text:
         return None
+    # (start, end, replacement) of every unit to replace, from literal-first scans that the
+    # regex engine runs at memory speed
+    units: list[tuple[int, int, str]] = []
+    if "\\u" in text:
+        units.extend((m.start(), m.end(), _unescape_u(m)) for m in _ESC_U.finditer(text))
+    if "%" in text:
+        units.extend((m.start(), m.end(), _unescape_pct(m)) for m in _ESC_PCT.finditer(text))
+    if "&#" in text:
+        units.extend((m.start(), m.end(), _unescape_html(m)) for m in _ESC_HTML.finditer(text))
+    if not text.isascii():
+        for m in _NON_ASCII.finditer(text):
+            run = m.group()
+            if run.translate(FOLD) == run:
+                continue  # accented letters, CJK, emoji …: nothing to fold
+            base = m.start()
+            folded = run.translate(FOLD)
+            if len(folded) == len(run):
+                # one character for one (full-width digits …): positions do not move, so
+                # the run is a single unit of equal length, no per-character map needed
+                units.append((base, m.end(), folded))
+                continue
+            for k, ch in enumerate(run):
+                f = FOLD[ord(ch)]
+                if f != ch:
+                    units.append((base + k, base + k + 1, f))
+    if not units:
+        return None
+    units.sort()
     pieces: list[str] = []
     bp_norm: list[int] = []
     bp_orig: list[int] = []
@@ -148,24 +166,29 @@ def normalize(text: str) -> Normalized | None:
     last = 0  # original position copied up to
     npos = 0  # length of the normalised text so far
     changed = False
-    for m in _SCAN.finditer(text):
-        rep = _decode(m)
-        s, e = m.span()
-        if rep == text[s:e]:
+    for s, e, rep in units:
+        if s < last or rep == text[s:e]:
             continue
         changed = True
         if s > last:
             pieces.append(text[last:s])
             npos += s - last
-        if rep:
-            # each output char of a replacement maps to the whole unit (rep is 1 char in
-            # practice; longer replacements are treated as one unit for every char)
-            for k in range(len(rep)):
-                bp_norm.append(npos + k)
-                bp_orig.append(s)
-                unit_end[npos + k] = e
+        if len(rep) == e - s and e - s > 1:
+            # equal-length run folded char by char: still a 1:1 copy position-wise
+            bp_norm.append(npos)
+            bp_orig.append(s)
             pieces.append(rep)
             npos += len(rep)
+            bp_norm.append(npos)
+            bp_orig.append(e)
+            last = e
+            continue
+        for k in range(len(rep)):
+            bp_norm.append(npos + k)
+            bp_orig.append(s)
+            unit_end[npos + k] = e
+        pieces.append(rep)
+        npos += len(rep)
         bp_norm.append(npos)
         bp_orig.append(e)
         last = e

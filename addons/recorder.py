@@ -18,7 +18,6 @@ Pure logic lives in addons/audit_store.py, the thread in addons/audit_writer.py.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import logging
 import re
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, http
-from mitmproxy.io import tnetstring
 from mitmproxy.net import encoding
 
 from addons import audit_store as store
@@ -76,7 +74,7 @@ def _decode(content: bytes, enc: str) -> bytes:
 
 
 def build_row(pending: store.Pending) -> dict[str, Any]:
-    return store.build_row(pending, decode=_decode, dumps=tnetstring.dumps)
+    return store.build_row(pending, decode=_decode)
 
 
 class Recorder:
@@ -88,6 +86,7 @@ class Recorder:
         self._secrets: tuple[str, ...] = ()
         self._secrets_at = 0.0
         self._redact: frozenset[str] = store.REDACT_HEADERS
+        self._running = False
         holder.on_change(self._rules_changed)
 
     # ------------------------------------------------------------ configuration
@@ -106,6 +105,11 @@ class Recorder:
         self._redact = frozenset(names)
         self._secrets_at = 0.0  # re-resolve
         w = self.writer
+        if w is None and cfg.enabled and self._running:
+            # Recording switched on by a rules change: open the store now (until it is
+            # open, flows are refused).
+            self.start(self.db_path(cfg))
+            return
         if w is not None:
             w.batch_size = cfg.batch_size
             w.interval = cfg.batch_interval_ms / 1000
@@ -148,6 +152,7 @@ class Recorder:
 
     # ------------------------------------------------------------ lifecycle
     def running(self) -> None:
+        self._running = True
         cfg = self.cfg
         if not cfg.enabled:
             log.warning("agentgate: recording is OFF (recorder.enabled: false)")
@@ -277,5 +282,4 @@ class Recorder:
             self._recorded.popitem(last=False)
 
 
-# A stable builder for tests and the benchmark.
-build = functools.partial(store.build_row, decode=_decode, dumps=tnetstring.dumps)
+build = build_row  # the builder the writer uses (tests and the benchmark)

@@ -1,7 +1,8 @@
 """Shapes of provider secrets (API keys, tokens, private keys, JWTs).
 
-Each rule: entity, a literal every match starts with (a cheap `in` test skips the regex when
-the literal is absent), the regex, the part whose randomness is checked (group "r"), and the
+Each rule: entity, optional gate literals (a cheap `in` test skips a slow regex when absent),
+the regex (starting with its literal, so the engine skips to it quickly), the part whose
+randomness is checked (group "r"), and the
 longest match. Shapes follow the providers' documented formats and the gitleaks /
 detect-secrets rules; a shape-matching value that is an obvious stand-in ('xxxx…', 'ZZZZ…',
 'abcdefgh…') is not a secret (validators.looks_placeholder).
@@ -26,11 +27,15 @@ _TOK = r"A-Za-z0-9_\-"
 @dataclass(frozen=True, slots=True)
 class SecretRule:
     entity: str
-    literals: tuple[str, ...]   # the rule runs only when one of these occurs (() = always)
+    # every match contains one of these. Short texts test them with `in` before running the
+    # regex (cheaper than setting up a scan); long texts run the regex directly, which starts
+    # with the literal and so skips through the text as fast as `in` would.
+    literals: tuple[str, ...]
     pattern: regex.Pattern
     max_len: int
     check: Callable[[regex.Match], bool] | None = None
     priority: int = 80
+    always_gate: bool = False   # test the literals whatever the text's length
 
 
 def _c(p: str) -> regex.Pattern:
@@ -71,12 +76,15 @@ _BLANK_LINE = regex.compile(r"\n[ \t\r]*\n")
 
 
 def pem_end(m: regex.Match, text: str) -> int | None:
-    """End of a private-key block, or None when it has no body (nothing to protect)."""
-    body = m.group("body")
-    if body is not None:
-        return m.end() if body.strip() else None
+    """End of the private-key block whose BEGIN line `m` matched, or None when it has no
+    body (nothing to protect): through `-----END <same kind>-----` when it follows within
+    PEM_MAX_BODY characters, else through the line before the next blank line."""
     start = m.end()
     limit = min(len(text), start + PEM_MAX_BODY)
+    footer = "-----END " + m.group("kind") + "-----"
+    i = text.find(footer, start, limit + len(footer))
+    if i != -1:
+        return i + len(footer) if text[start:i].strip() else None
     blank = _BLANK_LINE.search(text, start, limit)
     end = blank.start() if blank else limit
     while end > start and text[end - 1].isspace():
@@ -91,24 +99,22 @@ PEM_MAX_BODY = 32 * 1024
 SECRET_RULES: tuple[SecretRule, ...] = (
     SecretRule(
         "PRIVATE_KEY", ("-----BEGIN ",),
-        # the whole block through END when it follows within PEM_MAX_BODY characters; without
-        # an END (a truncated paste) the following lines up to a blank line (pem_end)
-        _c(r"-----BEGIN (?P<kind>(?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?)-----"
-           r"(?:(?P<body>[\s\S]{0,%d}?)-----END (?P=kind)-----)?" % PEM_MAX_BODY),
+        # the BEGIN line; pem_end finds the end of the block
+        _c(r"-----BEGIN (?P<kind>(?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?)-----"),
         PEM_MAX_BODY + 120, None, priority=100),
     SecretRule(
         "JWT", ("eyJ",),
         _c(r"(?P<h>eyJ(?<![" + _TOK + r"]eyJ)[A-Za-z0-9_\-]{10,4096})\."
            r"(?P<p>[A-Za-z0-9_\-]{4,12288})(?:\.[A-Za-z0-9_\-]{0,2048})?"
            r"(?![A-Za-z0-9_\-])"),
-        4096 + 12288 + 2048 + 2, _jwt_ok, priority=90),
+        4096 + 12288 + 2048 + 2, _jwt_ok, priority=90, always_gate=True),
     SecretRule(
-        "ANTHROPIC_KEY", ("sk-ant-",),
+        "ANTHROPIC_KEY", ("sk-",),
         _c(r"sk-ant-api(?<![" + _TOK + r"]sk-ant-api)\d\d-(?P<r>[A-Za-z0-9_\-]{93})AA"
            r"(?![" + _TOK + "])"),
         120, _random),
     SecretRule(
-        "ANTHROPIC_ADMIN_KEY", ("sk-ant-",),
+        "ANTHROPIC_ADMIN_KEY", ("sk-",),
         _c(r"sk-ant-admin(?<![" + _TOK + r"]sk-ant-admin)\d\d-(?P<r>[A-Za-z0-9_\-]{93})AA"
            r"(?![" + _TOK + "])"),
         120, _random),
@@ -126,25 +132,30 @@ SECRET_RULES: tuple[SecretRule, ...] = (
         _c(r"A(?:KIA|SIA|BIA|CCA|3T[A-Z0-9])(?<![A-Za-z0-9]A(?:KIA|SIA|BIA|CCA|3T[A-Z0-9]))"
            r"(?P<r>[A-Z2-7]{16})(?![A-Za-z0-9])"),
         20, _random),
+    # long-term Bedrock keys: ABSK + base64("BedrockAPIKey-…")
     SecretRule(
-        "AWS_BEDROCK_KEY", ("ABSK", "bedrock-api-key-"),
-        # long-term keys: ABSK + base64("BedrockAPIKey-…"); short-term: bedrock-api-key- +
-        # base64("bedrock.amazonaws.com/…")
-        _c(r"(?:ABSKQmVkcm9ja0FQSUtleS(?<![A-Za-z0-9+/]ABSKQmVkcm9ja0FQSUtleS)"
-           r"(?P<r>[A-Za-z0-9+/]{100,140}={0,2})"
-           r"|bedrock-api-key-(?<![A-Za-z0-9+/]bedrock-api-key-)YmVkcm9jay5hbWF6b25hd3MuY29t"
-           r"[A-Za-z0-9+/=%]{0,2048})(?![A-Za-z0-9+/=])"),
-        2100, lambda m: m.group("r") is None or (len(m.group(0)) % 4 == 0
-                                                  and not looks_placeholder(m.group("r")))),
+        "AWS_BEDROCK_KEY", ("ABSK",),
+        _c(r"ABSKQmVkcm9ja0FQSUtleS(?<![A-Za-z0-9+/]ABSKQmVkcm9ja0FQSUtleS)"
+           r"(?P<r>[A-Za-z0-9+/]{100,140}={0,2})(?![A-Za-z0-9+/=])"),
+        170, lambda m: len(m.group(0)) % 4 == 0 and not looks_placeholder(m.group("r"))),
+    # short-term Bedrock keys: bedrock-api-key- + base64("bedrock.amazonaws.com/…")
+    SecretRule(
+        "AWS_BEDROCK_KEY", ("bedrock-api-key-",),
+        _c(r"bedrock-api-key-(?<![A-Za-z0-9+/]bedrock-api-key-)YmVkcm9jay5hbWF6b25hd3MuY29t"
+           r"[A-Za-z0-9+/=%]{0,2048}(?![A-Za-z0-9+/=])"),
+        2100),
+    # GitHub and Hugging Face: the scan starts at the rare '_' and looks back for the prefix
+    # (group "pre" gives the real start of the token)
     SecretRule(
         "GITHUB_TOKEN", ("_",),
-        _c(r"gh(?:[pousr]_(?<![" + _TOK + r"]gh[pousr]_)(?P<r>[A-Za-z0-9]{36,251})"
-           r"|ithub_pat_(?<![" + _TOK + r"]github_pat_)(?P<r>[A-Za-z0-9_]{82}))"
+        _c(r"_(?<=(?<![" + _TOK + r"])(?P<pre>gh[pousr]|github_pat)_)"
+           r"(?:(?<=gh[pousr]_)(?P<r>[A-Za-z0-9]{36,251})|(?<=github_pat_)(?P<r>[A-Za-z0-9_]{82}))"
            r"(?![" + _TOK + "])"),
         260, _random),
     SecretRule(
         "SLACK_WEBHOOK", ("hooks.slack.com/",),
-        _c(r"hooks\.slack\.com/(?:services|workflows|triggers)/"
+        _c(r"hooks\.slack\.com/(?:(?<=(?P<pre>https?://)hooks\.slack\.com/))?"
+           r"(?:services|workflows|triggers)/"
            r"(?P<r>[A-Za-z0-9+/]{20,120})(?![A-Za-z0-9+/])"),
         160, _random),
     SecretRule(
@@ -161,8 +172,7 @@ SECRET_RULES: tuple[SecretRule, ...] = (
         39, _random),
     SecretRule(
         "HUGGINGFACE_TOKEN", ("_",),
-        _c(r"(?:hf_|api_org_)(?<![A-Za-z0-9_](?:hf_|api_org_))(?P<r>[A-Za-z]{34})"
-           r"(?![A-Za-z0-9_])"),
+        _c(r"_(?<=(?<![A-Za-z0-9_])(?P<pre>hf|api_org)_)(?P<r>[A-Za-z]{34})(?![A-Za-z0-9_])"),
         42, _random),
     SecretRule(
         "PERPLEXITY_KEY", ("pplx-",),
@@ -172,8 +182,9 @@ SECRET_RULES: tuple[SecretRule, ...] = (
 
 # AWS secret access keys have no prefix: 40 base64 characters, accepted only next to a word
 # that names them and only when random enough.
-AWS_SECRET_WORDS = ("aws", "secret")
-AWS_SECRET = _c(r"(?<![A-Za-z0-9/+=])(?P<r>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])")
+# the context words in the casings people write them
+AWS_SECRET_WORDS = ("aws", "AWS", "Aws", "secret", "SECRET", "Secret")
+AWS_SECRET = _c(r"(?<![A-Za-z0-9/+])(?P<r>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])")
 AWS_SECRET_WINDOW = 80
 
 

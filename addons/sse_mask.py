@@ -35,7 +35,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from addons.bodies import Masked, Unparseable, json_escape
+from addons.bodies import Masked, Unparseable, json_escape, loads
 from addons.masker import MAX_PLACEHOLDER_LEN, PARTIAL_PLACEHOLDER_RE, count
 
 log = logging.getLogger("agentgate.masking")
@@ -322,8 +322,8 @@ class StreamMasker:
             new = self.ctx.text(data)
             return [raw if new == data else ev.render(new)]
         try:
-            obj = json.loads(data)
-        except (ValueError, RecursionError):
+            obj = loads(data)
+        except (ValueError, RecursionError):  # incl. duplicate keys: mask it as raw text
             new = self.ctx.text(data)
             return [raw if new == data else ev.render(new)]
         if isinstance(obj, dict):
@@ -354,15 +354,25 @@ class StreamMasker:
             idx = choice.get("index", 0)
             closing = choice.get("finish_reason") is not None
             fed: set[tuple] = set()
+            if choice.get("logprobs"):
+                choice["logprobs"] = None  # per-token output: cannot be masked, dropped
             delta = choice.get("delta")
             if isinstance(delta, dict):
-                for field in ("content", "refusal", "reasoning_content"):
+                for field in ("content", "refusal", "reasoning_content", "reasoning"):
                     v = delta.get(field)
                     if isinstance(v, str):
                         key = ("chat", idx, field)
                         ch = self.channel(key)
                         ch.template = _chat_template(base, idx, field, None, ev.name)
                         delta[field] = ch.feed(v, closing)
+                        fed.add(key)
+                for field, sub in (("function_call", "arguments"), ("audio", "transcript")):
+                    holder = delta.get(field)
+                    if isinstance(holder, dict) and isinstance(holder.get(sub), str):
+                        key = ("chat", idx, field)
+                        ch = self.channel(key, json_mode=field == "function_call")
+                        ch.template = _chat_template(base, idx, field, None, ev.name, sub)
+                        holder[sub] = ch.feed(holder[sub], closing)
                         fed.add(key)
                 for tc in delta.get("tool_calls") or ():
                     fn = tc.get("function") if isinstance(tc, dict) else None
@@ -384,6 +394,8 @@ class StreamMasker:
     def _responses(self, ev: SSEEvent, obj: dict, typ: str) -> list[bytes]:
         if typ.endswith(".delta") and isinstance(obj.get("delta"), str):
             kind = typ[:-len(".delta")]
+            if obj.get("logprobs"):
+                obj["logprobs"] = []  # per-token output: cannot be masked, dropped
             key = ("resp", kind, obj.get("output_index"), obj.get("content_index"),
                    obj.get("summary_index"))
             ch = self.channel(key, json_mode="arguments" in kind or "input" in kind)
@@ -431,10 +443,12 @@ class StreamMasker:
 
 
 def _chat_template(base: dict, idx: int, field: str, tidx: int | None,
-                   name: str | None) -> Callable[[str], bytes]:
+                   name: str | None, sub: str | None = None) -> Callable[[str], bytes]:
     def make(text: str) -> bytes:
         if field == "tool":
             delta: dict = {"tool_calls": [{"index": tidx, "function": {"arguments": text}}]}
+        elif sub is not None:
+            delta = {field: {sub: text}}
         else:
             delta = {field: text}
         return _event(name, {**base, "choices": [{"index": idx, "delta": delta,

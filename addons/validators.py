@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from functools import lru_cache
 
 
 def luhn_ok(digits: str) -> bool:
@@ -59,15 +60,19 @@ CARD_RANGES: tuple[tuple[int, int, frozenset[int]], ...] = (
 )
 
 
-def card_issuer_ok(digits: str) -> bool:
-    n = len(digits)
+@lru_cache(maxsize=4096)
+def card_lengths(prefix6: str) -> frozenset[int]:
+    """Card lengths the issuer ranges allow for numbers starting with these 6 digits."""
+    out: set[int] = set()
     for lo, hi, lengths in CARD_RANGES:
-        if n not in lengths:
-            continue
         k = len(str(lo))
-        if lo <= int(digits[:k]) <= hi:
-            return True
-    return False
+        if lo <= int(prefix6[:k]) <= hi:
+            out |= lengths
+    return frozenset(out)
+
+
+def card_issuer_ok(digits: str) -> bool:
+    return len(digits) in card_lengths(digits[:6])
 
 
 def card_ok(digits: str) -> bool:

@@ -43,7 +43,110 @@ SECRET_ENTITY = {
 
 # Every case where the engine's answer differs from the corpus, with the reason. The test
 # suite asserts this exact set, so an improvement or a regression both show up.
-KNOWN_DISAGREEMENTS: dict[str, str] = {}
+KNOWN_DISAGREEMENTS: dict[str, str] = {
+    'pii#50': (
+        'corpus contradicts itself: pii#51 (same text, leniency 0) expects '
+        "'is415-555-0132' found; a phone number glued to a word is still a phone number, "
+        'so we mask it'),
+    'pii#52': (
+        'corpus contradicts itself: pii#53 (same text, leniency 1) expects '
+        "'91-415-555-0132' found; we mask it (country code 91 + number)"),
+    'pii#54': (
+        'corpus contradicts itself: pii#55/56/58 (same number, lower leniency) expect '
+        "'+91 4155 550132' found; a valid +CC number is masked"),
+    'pii#402': (
+        "bare '::' (unspecified address, presidio scores it 0.05-0.15) is not personal "
+        'data and is Haskell/C++/Python slice syntax far more often; masking it would '
+        "break code. '::/0' with a prefix is still found"),
+    'pii#405': (
+        "same as pii#402: 'src=::' is not masked; 'dst=::1' is"),
+    'pii#487': (
+        "same as pii#402: a bare '::' is not masked (not personal data; code syntax)"),
+    'secret#24': (
+        "AKIAIOSFODNN7EXAMPLE is AWS's documented example key; we keep no 'EXAMPLE' "
+        "exception because detect-secrets' matching example secret (secret#299) must be "
+        'found, and masking a sample key is harmless'),
+    'secret#154': (
+        "a PRIVATE KEY block with a placeholder body ('anything'): a private-key header "
+        "is signal enough and detect-secrets expects bodies like 'super secret private "
+        "key here' (secret#313) found; the two sources contradict, we mask any non-empty "
+        'block'),
+    'secret#292': (
+        "AKIA + 'ZZZZ…' is a placeholder, the same shape as gitleaks' negative "
+        'AKIAXXXXXXXXXXXXXXXX (secret#23); one entropy rule for all providers rejects '
+        'stand-ins'),
+    'secret#295': (
+        "placeholder 'ZZZZ…' key id, see secret#292"),
+    'secret#296': (
+        "placeholder 'ZZZZ…' key id, see secret#292"),
+    'secret#297': (
+        "placeholder 'ZZZZ…' key id, see secret#292"),
+    'secret#298': (
+        "placeholder 'ZZZZ…' key id, see secret#292"),
+    'secret#312': (
+        "webhook URL with an all-'x' path (Txxxxxxxx/Bxxxxxxxx/xxxx…) is a placeholder; "
+        'same entropy rule as secret#292'),
+    'secret#233': (
+        'a well-formed, random Google API key that gitleaks allowlists by value as a '
+        'known public key; a key in a prompt is still a key, we keep no per-value list '
+        '(operators can add one with masking.allow)'),
+    'secret#234': (
+        'a well-formed, random Google API key that gitleaks allowlists by value as a '
+        'known public key; a key in a prompt is still a key, we keep no per-value list '
+        '(operators can add one with masking.allow)'),
+    'secret#235': (
+        'a well-formed, random Google API key that gitleaks allowlists by value as a '
+        'known public key; a key in a prompt is still a key, we keep no per-value list '
+        '(operators can add one with masking.allow)'),
+    'secret#236': (
+        'a well-formed, random Google API key that gitleaks allowlists by value as a '
+        'known public key; a key in a prompt is still a key, we keep no per-value list '
+        '(operators can add one with masking.allow)'),
+    'secret#237': (
+        'a well-formed, random Google API key that gitleaks allowlists by value as a '
+        'known public key; a key in a prompt is still a key, we keep no per-value list '
+        '(operators can add one with masking.allow)'),
+    'secret#238': (
+        'a well-formed, random Google API key that gitleaks allowlists by value as a '
+        'known public key; a key in a prompt is still a key, we keep no per-value list '
+        '(operators can add one with masking.allow)'),
+    'secret#239': (
+        'a well-formed, random Google API key that gitleaks allowlists by value as a '
+        'known public key; a key in a prompt is still a key, we keep no per-value list '
+        '(operators can add one with masking.allow)'),
+    'secret#240': (
+        'a well-formed, random Google API key that gitleaks allowlists by value as a '
+        'known public key; a key in a prompt is still a key, we keep no per-value list '
+        '(operators can add one with masking.allow)'),
+    'secret#241': (
+        'a well-formed, random Google API key that gitleaks allowlists by value as a '
+        'known public key; a key in a prompt is still a key, we keep no per-value list '
+        '(operators can add one with masking.allow)'),
+    'secret#242': (
+        'a well-formed, random Google API key that gitleaks allowlists by value as a '
+        'known public key; a key in a prompt is still a key, we keep no per-value list '
+        '(operators can add one with masking.allow)'),
+    'secret#243': (
+        'a well-formed, random Google API key that gitleaks allowlists by value as a '
+        'known public key; a key in a prompt is still a key, we keep no per-value list '
+        '(operators can add one with masking.allow)'),
+    'secret#244': (
+        'a well-formed, random Google API key that gitleaks allowlists by value as a '
+        'known public key; a key in a prompt is still a key, we keep no per-value list '
+        '(operators can add one with masking.allow)'),
+    'secret#245': (
+        'a well-formed, random Google API key that gitleaks allowlists by value as a '
+        'known public key; a key in a prompt is still a key, we keep no per-value list '
+        '(operators can add one with masking.allow)'),
+    'secret#246': (
+        'a well-formed, random Google API key that gitleaks allowlists by value as a '
+        'known public key; a key in a prompt is still a key, we keep no per-value list '
+        '(operators can add one with masking.allow)'),
+    'secret#247': (
+        'a well-formed, random Google API key that gitleaks allowlists by value as a '
+        'known public key; a key in a prompt is still a key, we keep no per-value list '
+        '(operators can add one with masking.allow)'),
+}
 
 
 def load_corpus(directory: Path = CORPUS_DIR) -> tuple[list[dict], list[dict]]:
@@ -149,13 +252,15 @@ def prose(n_chars: int, seed: int = 7, non_ascii: bool = False) -> str:
 
 
 def _throughput(ds: DetectorSet, text: str, min_seconds: float) -> float:
+    """MB of UTF-8 input per CPU-second of this process (one core; CPU time rather than wall
+    time so that other processes on a shared machine do not distort it)."""
     ds.find(text)  # warm-up
     n = 0
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     while True:
         ds.find(text)
         n += 1
-        dt = time.perf_counter() - t0
+        dt = time.process_time() - t0
         if dt >= min_seconds:
             break
     return len(text.encode("utf-8")) * n / dt / 1e6
@@ -209,8 +314,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", "Found, but with a different span than the corpus gives:", ""]
         for cid in sorted(q["span_diffs"], key=_case_key):
             lines.append(f"- `{cid}` {q['span_diffs'][cid]}")
-    lines += ["", "Throughput of `DetectorSet.find` (all detectors on, one core, MB/s of "
-              "UTF-8 input):", "", "| text | ASCII prose | prose with non-ASCII words |",
+    lines += ["", "Throughput of `DetectorSet.find` (all detectors on, one core: MB of UTF-8 "
+              "input per CPU-second):", "", "| text | ASCII prose | prose with non-ASCII words |",
               "|---|---:|---:|"]
     for label, v in results["speed"].items():
         if "non_ascii" in v:

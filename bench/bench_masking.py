@@ -11,8 +11,9 @@
    apart), sequential requests on one keep-alive connection, in the same run:
    `bare` = `mitmdump` with no script and the same TLS interception (it buffers the whole
    response, as mitmproxy does by default), `bare-sse` = mitmdump with a one-hook addon
-   that only streams text/event-stream (the fair baseline), and `suite` = `mitmdump -s
-   addons/gateway.py` with identity (token on the CONNECT), policy, masking and recording.
+   that only streams text/event-stream (the fair baseline), `suite` = `mitmdump -s
+   addons/gateway.py` with identity (token on the CONNECT), policy, masking and recording,
+   and `suite-nomask` the same with masking off (masking's own share).
 """
 
 from __future__ import annotations
@@ -135,16 +136,29 @@ def ttft(quick: bool) -> dict[str, Any]:
                                                   "recording")))
         for f, why in dropped.items():
             out["notes"].append(f"{f} left out ({why})")
-        data = tmp / "data"
-        data.mkdir()
-        suite = h.start_mitmdump(
-            "suite", tmp, confdir, upstream_ca, scripts=[str(h.ROOT / "addons" / "gateway.py")],
-            sets=[f"agentgate_rules={rules}", f"agentgate_data={data}",
-                  "agentgate_rules_poll_ms=0"],
-            env={**GATEWAY_ENV, "AGENTGATE_RULES": str(rules), "AGENTGATE_DATA": str(data)})
-        procs.append(suite)
+        # the same suite with masking off, to show masking's own share
+        rules_off = tmp / "rules-nomask"
+        write_rules(rules_off, suite_rules(hostport, hostport, issuer,
+                                           ("identity", "policy", "recording")))
+
+        def suite_proc(name: str, rules_dir: Path) -> h.Proc:
+            data = tmp / f"data-{name}"
+            data.mkdir()
+            p = h.start_mitmdump(
+                name, tmp, confdir, upstream_ca,
+                scripts=[str(h.ROOT / "addons" / "gateway.py")],
+                sets=[f"agentgate_rules={rules_dir}", f"agentgate_data={data}",
+                      "agentgate_rules_poll_ms=0"],
+                env={**GATEWAY_ENV, "AGENTGATE_RULES": str(rules_dir),
+                     "AGENTGATE_DATA": str(data)})
+            procs.append(p)
+            return p
+
+        suite = suite_proc("suite", rules)
+        suite_off = suite_proc("suite-nomask", rules_off)
         token = issuer.token(lifetime=3600)
         proxies = {"bare": bare.url, "bare-sse": bare_sse.url,
+                   "suite-nomask": suite_off.url.replace("http://", f"http://agent:{token}@"),
                    "suite": suite.url.replace("http://", f"http://agent:{token}@")}
         url = standin.url + "/v1/chat/completions"
         body = h.chat_body(1024, stream=True)
@@ -157,7 +171,7 @@ def ttft(quick: bool) -> dict[str, Any]:
         totals: dict[str, list[float]] = {k: [] for k in proxies}
         for r in range(rounds):
             order = list(proxies)
-            order = order[r % 3:] + order[:r % 3]  # share drift in machine load
+            order = order[r % len(order):] + order[:r % len(order)]  # share load drift
             for name in order:
                 res = h.ttft(url, proxy=proxies[name], n=n, body=body)
                 samples[name].append(res["ttft_p50_ms"])
@@ -167,6 +181,8 @@ def ttft(quick: bool) -> dict[str, Any]:
                          "total_p50_ms": round(statistics.median(totals[name]), 3)}
         out["added_ttft_ms_vs_bare_sse"] = round(
             out["suite"]["ttft_p50_ms"] - out["bare-sse"]["ttft_p50_ms"], 3)
+        out["masking_ttft_ms"] = round(
+            out["suite"]["ttft_p50_ms"] - out["suite-nomask"]["ttft_p50_ms"], 3)
         out["added_ttft_ms_vs_bare"] = round(
             out["suite"]["ttft_p50_ms"] - out["bare"]["ttft_p50_ms"], 3)
         return out
@@ -223,11 +239,15 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {tt['bare']['total_p50_ms']} |",
             f"| bare mitmdump streaming SSE (one-hook addon) | "
             f"{tt['bare-sse']['ttft_p50_ms']} | {tt['bare-sse']['total_p50_ms']} |",
+            f"| suite without masking (identity, policy, recording) | "
+            f"{tt['suite-nomask']['ttft_p50_ms']} | {tt['suite-nomask']['total_p50_ms']} |",
             f"| full suite (identity, policy, masking, recording) | "
             f"{tt['suite']['ttft_p50_ms']} | {tt['suite']['total_p50_ms']} |",
             "",
             f"Added time to first token by the suite: {tt['added_ttft_ms_vs_bare_sse']} ms "
-            f"vs streaming bare mitmdump, {tt['added_ttft_ms_vs_bare']} ms vs bare mitmdump. "
+            f"vs streaming bare mitmdump ({tt['masking_ttft_ms']} ms of it masking: suite "
+            f"with vs without masking), {tt['added_ttft_ms_vs_bare']} ms vs bare mitmdump "
+            "(which buffers the whole stream). "
             "The masker holds back only the tail a match could still extend into "
             "(`DetectorSet.holdback`: a few characters in prose), never `max_len`.",
         ]

@@ -503,7 +503,8 @@ def parse_hey_summary(text: str) -> LoadResult:
 def hey_args(url: str, *, concurrency: int, seconds: float | None = None,
              requests: int | None = None, proxy: str | None = None,
              body_file: Path | None = None, headers: Iterable[str] = (),
-             method: str = "POST", timeout_s: int = 20, csv_out: bool = True) -> list[str]:
+             method: str = "POST", timeout_s: int = 20, csv_out: bool = True,
+             rate: float | None = None) -> list[str]:
     if not HEY:
         raise RuntimeError("hey is not installed (apt-get install -y hey)")
     args = [HEY, "-c", str(concurrency), "-m", method, "-t", str(timeout_s),
@@ -512,6 +513,8 @@ def hey_args(url: str, *, concurrency: int, seconds: float | None = None,
         args += ["-z", f"{seconds:g}s"]
     else:
         args += ["-n", str(requests or concurrency * 100)]
+    if rate:
+        args += ["-q", f"{rate:g}"]  # requests per second, per worker
     if proxy:
         args += ["-x", proxy]
     if body_file is not None:

@@ -352,7 +352,7 @@ def test_malformed_decision_fails_closed_and_queue_limit() -> None:
             await addon.request(h)
             assert h.response.status_code == 429
             assert json.loads(h.response.content)["error"]["code"] == "approval_queue_full"
-            await addon.done()  # gateway stopping: held flows are answered, not hung
+            addon.done()  # gateway stopping: held flows are answered, not hung
             await asyncio.wait_for(task, 5)
             assert g.response.status_code == 503
     run(main)
@@ -508,3 +508,102 @@ def test_slack_payload_names_rule_and_commands() -> None:
     p = slack_payload(a, "http://gw/approvals/" + a.id)
     assert f"agentgate approvals approve {a.id}" in p["text"] and "rule: bulk" in p["text"]
     assert "agent-1" in p["text"] and "model m" in p["text"]
+
+
+def test_listener_follows_option_and_rules() -> None:
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    async def main() -> None:
+        addon = make_addon(ApprovalsConfig(listen=("127.0.0.1", 0)))
+        with taddons.context(addon) as tctx:
+            with pytest.raises(exceptions.OptionsError):
+                tctx.configure(addon, agentgate_approvals_listen="nowhere")
+            addon.running()
+            await until(lambda: addon.api.address is not None)
+            assert addon.api.address[1] != 0
+            # a rules reload with another address moves the listener
+            port = free_port()
+            addon.holder.install(FakeRules(ApprovalsConfig(listen=("127.0.0.1", port))))
+            await until(lambda: addon.api.address == ("127.0.0.1", port))
+            assert addon._link("ap-1") == f"http://127.0.0.1:{port}/approvals/ap-1"
+            addon.holder.install(FakeRules(ApprovalsConfig(listen=None)))
+            await until(lambda: addon.api.address is None)
+            # the option overrides the rules
+            port = free_port()
+            tctx.configure(addon, agentgate_approvals_listen=f"127.0.0.1:{port}")
+            await until(lambda: addon.api.address == ("127.0.0.1", port))
+            # a port in use: logged, the gateway runs on (holds can still time out)
+            with socket.socket() as busy:
+                busy.bind(("127.0.0.1", 0))
+                busy.listen()
+                taken = busy.getsockname()[1]
+                tctx.configure(addon, agentgate_approvals_listen=f"127.0.0.1:{taken}")
+                await until(lambda: addon.api.address is None)
+                await asyncio.sleep(0.05)
+                assert addon.api.address is None
+            addon.done()
+            assert addon.api.address is None
+    run(main)
+
+
+def test_notification_over_https_with_own_ca(standin) -> None:
+    """The stand-in's webhook receiver (HTTPS, private CA) gets the Slack JSON directly."""
+    standin.clear()
+
+    async def main() -> None:
+        cfg = ApprovalsConfig(listen=None, notify=NotifyConfig(
+            url=f"{standin.url}/services/T1/B1/hook", retries=0, timeout=5,
+            ca_file=str(standin.ca_path)))
+        addon = make_addon(cfg)
+        with taddons.context(addon):
+            f = held_flow(decision())
+            task = asyncio.create_task(addon.request(f))
+            await until(lambda: addon.notifier.sent == 1)
+            aid = addon.store.pending()[0].id
+            addon.store.approve(aid, "bob", ["reviewers"])
+            await asyncio.wait_for(task, 5)
+        # without the CA the TLS handshake fails: logged, counted, not delivered
+        bad = make_addon(ApprovalsConfig(listen=None, notify=NotifyConfig(
+            url=f"{standin.url}/services/T1/B1/hook", retries=0, timeout=5)))
+        with taddons.context(bad):
+            g = held_flow(decision())
+            task = asyncio.create_task(bad.request(g))
+            await until(lambda: bad.notifier.failed_attempts == 1)
+            assert g.intercepted and not task.done()
+            bad.store.cancel(bad.store.pending()[0].id, "done")
+            await asyncio.wait_for(task, 5)
+    run(main)
+    [req] = [r for r in standin.requests if r["path"].startswith("/services/")]
+    body = json.loads(req["body"])
+    assert body["rule"] == "bulk" and "agentgate approvals approve ap-" in body["text"]
+
+
+def test_contract_with_the_policy_engine() -> None:
+    """What the policy engine really writes is what this addon reads."""
+    from addons.config import Where
+    from addons.policy_config import parse_policies
+    from addons.policy_engine import Decision
+
+    ps = parse_policies([
+        ({"name": "defaults", "action": "approve", "approvers": ["g"]}, Where("f", "p[0]")),
+        ({"name": "explicit", "action": "approve", "approvers": ["g", "h"], "timeout": 12,
+          "min_approvals": 2, "on_timeout": "allow", "allow_mitmweb": True},
+         Where("f", "p[1]")),
+    ], ())
+    cfg = ApprovalsConfig(default_timeout=77, on_timeout="deny")
+    specs = []
+    for rule in ps.rules:
+        meta = Decision(action="approve", rule=rule.name, message="m",
+                        approval=rule.approval).to_metadata()
+        json.dumps(meta)  # plain data only
+        specs.append(spec_from_decision(meta, cfg))
+    assert specs[0].timeout == 77 and specs[0].on_timeout == "deny"
+    assert specs[0].groups == ("g",) and not specs[0].allow_mitmweb
+    assert specs[1].timeout == 12 and specs[1].on_timeout == "allow"
+    assert specs[1].min_approvals == 2 and specs[1].allow_mitmweb
+    assert specs[1].groups == ("g", "h") and specs[1].rule == "explicit"

@@ -223,7 +223,8 @@ def test_anthropic_stream_held_then_approved_and_client_gone(env: Env, standin) 
         status, out = env.api("GET", "/approvals", "bob")
         if out["approvals"]:
             break
-        assert time.monotonic() < deadline
+        assert not fut.done(), (fut.exception(), env.gw.logs()[-3000:])
+        assert time.monotonic() < deadline, env.gw.logs()[-3000:]
         time.sleep(0.1)
     [a] = out["approvals"]
     assert a["what"]["upstream"] == "anthropic" and a["what"]["path"] == "/v1/messages"

@@ -103,8 +103,20 @@ def test_secret_in_compressed_body_is_scrubbed() -> None:
     row = store.build_row(p, decode=gz)
     assert SECRET.encode() not in row["request_body"]
     assert row["request_body"] == b'{"k":"[REDACTED]"}'
-    st = json.loads(row["flow_state"])  # default dumper is JSON in the pure module
-    assert "content-encoding" not in [k for k, _ in st["request"]["headers"]]
+    st = store.load_state(row["flow_state"])
+    assert b"content-encoding" not in [k for k, _ in st["request"]["headers"]]
+    assert st["request"]["content"] == b'{"k":"[REDACTED]"}'
+
+
+def test_state_roundtrip_is_exact() -> None:
+    st = state(5, body=b"\xff\x00binary", meta={"session": "s", "n": 1.0, "b": b"x"})
+    row = store.build_row(store.Pending(st, "s"))
+    back = store.load_state(row["flow_state"])
+    assert back["request"]["content"] == b"\xff\x00binary"
+    assert back["request"]["method"] == b"POST" and back["request"]["host"] == "127.0.0.1"
+    assert back["metadata"] == {"session": "s", "n": 1.0, "b": b"x"}
+    assert [tuple(h) for h in back["response"]["headers"]][0] == \
+        (b"content-type", b"application/json")
 
 
 def test_outcomes() -> None:
@@ -253,3 +265,14 @@ def test_sessions_summary(con) -> None:
     assert res["a"]["flows"] == 3 and res["a"]["blocks"] == 0
     assert res["b"]["blocks"] == 1 and res["b"]["findings"] == 4
     assert [r[0] for r in store.export_rows(con, "a")] == ["flow-0", "flow-1", "flow-2"]
+
+
+def test_restored_response_is_stored_masked() -> None:
+    st = state(6, meta={"masked_response": b'{"text":"<EMAIL_1>"}',
+                        "findings": {"EMAIL": {"count": 1}}})
+    st["response"]["content"] = b'{"text":"jane@example.com"}'
+    row = store.build_row(store.Pending(st, "s"))
+    assert row["response_body"] == b'{"text":"<EMAIL_1>"}'
+    assert b"jane@example.com" not in row["flow_state"]
+    assert "masked_response" not in row["metadata"]
+    assert "restored" in row["response_body_note"]

@@ -238,3 +238,47 @@ def test_deep_json_refused() -> None:
     deep = b"[" * 300 + b"]" * 300
     with pytest.raises(Unparseable):
         m.body(deep, "application/json")
+
+
+def test_duplicate_keys_refused() -> None:
+    """Parsers disagree on which duplicate wins: never forward one we did not check."""
+    m, _, _ = ctx()
+    raw = b'{"messages": [{"role": "user", "content": "4111 1111 1111 1111", "content": "hi"}]}'
+    with pytest.raises(Unparseable) as e:
+        m.body(raw, "application/json")
+    assert e.value.status == 400
+    nested = json.dumps({"a": '{"x": "ann@example.com", "x": 1}'}).encode()
+    with pytest.raises(Unparseable):
+        ctx("webhook")[0].body(nested, "application/json")
+
+
+def test_float_numbers_checked_as_written() -> None:
+    m, _, _ = ctx("webhook")
+    out = m.body(b'{"card": 4111111111111111.0, "pi": 3.14159, "big": 1e400}',
+                 "application/json")
+    assert out is not None and b"4111" not in out and b"CREDIT_CARD_1" in out
+
+
+def test_lone_surrogates_survive() -> None:
+    m, _, _ = ctx("webhook")
+    out = m.body(b'{"a": "\\ud800 ann@example.com"}', "application/json")
+    assert json.loads(out) == {"a": "\ud800 [EMAIL_1]"}
+    out.decode("utf-8")  # valid UTF-8 on the wire
+
+
+def test_json_under_text_content_type_is_json_aware() -> None:
+    m, _, _ = ctx("generic")
+    out = m.body(b'{"a": "\\u0061nn@example.com"}', "text/plain")
+    assert json.loads(out) == {"a": "[EMAIL_1]"}
+    assert m.body(b"{not json ann@example.com", "text/plain") == b"{not json [EMAIL_1]"
+
+
+def test_response_logprobs_dropped() -> None:
+    m, _, _ = ctx("openai")
+    resp = {"choices": [{"message": {"content": "hi"}, "logprobs": {"content": [
+        {"token": "ann@", "top_logprobs": []}, {"token": "example.com"}]}}]}
+    out = json.loads(m.body(body(resp), "application/json"))
+    assert out["choices"][0]["logprobs"] is None and out["choices"][0]["message"]["content"] == "hi"
+    assert m.body(body({"choices": [{"logprobs": None}]}), "application/json") is None
+    # the request flags keep their values
+    assert m.body(body({"logprobs": True, "top_logprobs": 5}), "application/json") is None

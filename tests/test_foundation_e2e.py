@@ -103,10 +103,19 @@ def test_raising_addon_refuses_never_passes(gateway_factory, no_identity, standi
     addon = next(a for a in gateway.build() if type(a).__name__.lower() == step)
     if not hook_methods(addon):
         pytest.skip(f"{step} has no hooks yet (its issue is open)")
-    gw = gateway_factory("{standin_upstreams}" + no_identity,
+    rules = "{standin_upstreams}" + no_identity
+    if step == "approval":
+        # the approval step only uses its state for a flow that must be held
+        rules += ("policies:\n  - name: hold-everything\n    match: {upstream: [openai]}\n"
+                  "    action: approve\n    approvers: [reviewers]\n")
+    gw = gateway_factory(rules,
                          env={"AGENTGATE_TEST_FAULT": step},
                          extra_args=("-s", str(ROOT / "tests" / "fault_inject.py")))
-    assert f"poisoned {step}" in gw.logs()
+    import time
+    deadline = time.monotonic() + 15
+    while f"poisoned {step}" not in gw.logs():  # logged from `running`, just after start
+        assert time.monotonic() < deadline, gw.logs()
+        time.sleep(0.05)
     standin.clear()
     try:
         r = sdk(gw).chat.completions.with_raw_response.create(

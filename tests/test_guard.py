@@ -139,3 +139,13 @@ def test_anthropic_dialect_error_shape() -> None:
         Boom().request(f)
     body = json.loads(f.response.content)
     assert body["type"] == "error" and body["error"]["type"] == "overloaded_error"
+
+
+def test_lifecycle_hooks_are_sync() -> None:
+    """On a script reload mitmproxy calls load/configure/running/done with
+    invoke_addon_sync, which raises on coroutine hooks and aborts the reload."""
+    for addon in gateway.build():
+        for name in ("load", "configure", "running", "done"):
+            fn = getattr(type(addon), name, None)
+            if fn is not None:
+                assert not inspect.iscoroutinefunction(fn), f"{type(addon).__name__}.{name}"

@@ -59,6 +59,7 @@ def test_attack_battery_against_cli(tmp_path, trio, capsys) -> None:
     assert bait.fetches == {"discovery": 0, "jwks": 0}  # jku/x5u never followed
 
 
+@pytest.mark.integration
 def test_stdin_and_real_entry_point(tmp_path, trio) -> None:
     a, b, _ = trio
     d = rules_dir(tmp_path, a, b)

@@ -288,3 +288,17 @@ def test_plain_http_proxy_requests(gateway_factory, local_issuer, standin) -> No
         'Basic realm="agentgate"', 'Bearer realm="agentgate"']
     bad = post("Bearer " + local_issuer.token(aud="elsewhere"))
     assert bad.status == 407 and b"wrong audience" in bad.body
+
+
+def test_https_issuer_with_private_ca_option(gateway_factory, make_local_issuer, standin
+                                             ) -> None:
+    """An https issuer signed by a private CA (e.g. the Kubernetes API server)."""
+    ca = standin.ca_path
+    li = make_local_issuer(tls=(ca.parent / "leaf.pem", ca.parent / "leaf.key"))
+    rules = {"upstreams.yaml": "{standin_upstreams}", "identity.yaml": li.identity_yaml()}
+    gw = gateway_factory(rules, extra_args=("--set", f"agentgate_identity_ca={ca}"))
+    assert chat(oa(gw, api_key=li.token())) == "echo: hi"
+    plain = gateway_factory(rules)  # system CAs only: the issuer's certificate is unknown
+    with pytest.raises(openai.InternalServerError) as e:
+        chat(oa(plain, api_key=li.token()))
+    assert e.value.status_code == 503 and "keys unavailable" in e.value.message

@@ -218,3 +218,30 @@ def test_parse_token_rejects_before_decoding() -> None:
     with pytest.raises(TokenError) as e:
         parse_token("")
     assert e.value.code == "token_missing"
+
+
+def test_string_lists_are_refused_in_issuer_config() -> None:
+    # "RS" in "RS256" / set("agentgate"): never let a bare string become a substring test
+    with pytest.raises(TypeError, match="algorithms"):
+        IssuerConfig(issuer="https://x", audiences=("a",), algorithms="RS256")  # type: ignore
+    with pytest.raises(TypeError, match="audiences"):
+        IssuerConfig(issuer="https://x", audiences="agentgate")  # type: ignore
+    with pytest.raises(TypeError, match="audiences"):
+        IssuerConfig(issuer="https://x", audiences=())
+
+
+def test_uses_python_jose_cryptography_backend() -> None:
+    import jose
+
+    from addons import jwt_verify
+    assert tuple(int(x) for x in jose.__version__.split(".")[:2]) >= (3, 4)
+    assert jwt_verify.CryptographyRSAKey.__module__ == "jose.backends.cryptography_backend"
+
+
+def test_attacker_text_in_reasons_is_sanitised(issuers) -> None:
+    a, b = issuers
+    v = TokenVerifier(config(a, b), StaticKeys(a, b))
+    tok = a.sign(a.claims(), headers={"alg": "RS256\nFORGED LOG LINE"})
+    with pytest.raises(TokenError) as e:
+        verify(v, tok)
+    assert "\n" not in e.value.reason and "not allowed" in e.value.reason

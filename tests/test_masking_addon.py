@@ -271,3 +271,55 @@ def test_session_sources(tmp_path: Path) -> None:
     c = flow("openai", chat("x"))
     assert m._session(a) is m._session(b)  # recorder's session wins over the header
     assert m._session(c) is not m._session(a)
+
+
+def test_large_or_mitmproxy_streamed_response_refused_never_passed(tmp_path: Path) -> None:
+    m = addon_for(tmp_path, "masking:\n  max_body_bytes: 2048\n")
+    for headers, preset_stream in (({"content-length": "999999"}, False), ({}, True)):
+        f = flow("hook", b"")
+        with taddons.context(m):
+            run(m.request(f))
+            f.response = tutils.tresp(content=None, headers=http.Headers(
+                content_type="application/json", **{k.replace("-", "_"): v
+                                                    for k, v in headers.items()}))
+            f.response.stream = preset_stream  # as stream_large_bodies would set it
+            m.responseheaders(f)
+        assert f.response.status_code == 502
+        assert f.response.stream(b'{"email": "ann@example.com"}') == []
+        assert b"body_too_large" in b"".join(f.response.stream(b""))
+        with taddons.context(m):
+            run(m.response(f))  # left alone: already refused
+        assert f.response.status_code == 502
+
+
+def test_streamed_request_refused_and_not_streamed(tmp_path: Path) -> None:
+    m = addon_for(tmp_path)
+    f = flow("openai", b"")
+    f.request.stream = True  # stream_large_bodies
+    with taddons.context(m):
+        m.requestheaders(f)
+    assert f.response.status_code == 413 and f.request.stream is False
+
+
+def test_unmasked_sse_is_still_streamed(tmp_path: Path) -> None:
+    m = addon_for(tmp_path)
+    f = flow("raw", b"")
+    f.response = tutils.tresp(content=None, headers=http.Headers(
+        content_type="text/event-stream"))
+    with taddons.context(m):
+        m.responseheaders(f)
+    assert f.response.stream is True
+
+
+def test_stream_findings_appear_only_when_found(tmp_path: Path) -> None:
+    m = addon_for(tmp_path)
+    f = flow("anthropic", {"messages": []}, path="/v1/messages")
+    with taddons.context(m):
+        run(m.request(f))
+        f.response = tutils.tresp(content=None, headers=http.Headers(
+            content_type="text/event-stream"))
+        m.responseheaders(f)
+    f.response.stream(b'data: {"type": "ping"}\n\n')
+    assert "findings" not in f.metadata
+    f.response.stream(b'data: {"type": "x", "note": "ann@example.com"}\n\n')
+    assert f.metadata["findings"] == {"EMAIL": {"count": 1, "strategy": "placeholder"}}

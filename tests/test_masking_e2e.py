@@ -335,3 +335,30 @@ def test_cli_mask(tmp_path: Path) -> None:
     rep = json.loads(p.stdout)["findings"]
     assert rep["EMAIL"] == {"count": 1, "strategy": "placeholder"}
     assert EMAIL not in p.stdout.decode()
+
+
+def test_anthropic_restore_streaming_and_not(gateway_factory, standin) -> None:
+    ups = standin_upstreams_yaml(standin).replace(
+        "    dialect: anthropic\n", "    dialect: anthropic\n    restore: true\n")
+    g = gateway_factory(ups + "identity:\n  required: false\n")
+    standin.clear()
+    c = an(g)
+    msg = c.messages.create(model="claude-sonnet-4-5", max_tokens=100,
+                            messages=[{"role": "user", "content": PROMPT}])
+    assert msg.content[0].text == f"echo: {PROMPT}"
+    standin.stream_defaults["delta_chars"] = 3
+    try:
+        with c.messages.stream(model="claude-sonnet-4-5", max_tokens=100,
+                               messages=[{"role": "user", "content": PROMPT}]) as s:
+            assert "".join(s.text_stream) == f"echo: {PROMPT}"
+        tools = [{"name": "lookup", "description": "CRM",
+                  "input_schema": {"type": "object",
+                                   "properties": {"query": {"type": "string"}}}}]
+        with c.messages.stream(model="claude-sonnet-4-5", max_tokens=100, tools=tools,
+                               messages=[{"role": "user", "content": f"find {EMAIL}"}]) as s:
+            final = s.get_final_message()
+    finally:
+        standin.stream_defaults["delta_chars"] = 8
+    (block,) = [b for b in final.content if b.type == "tool_use"]
+    assert block.input == {"query": f"find {EMAIL}"}  # restored inside input_json_delta
+    assert_clean(standin)

@@ -254,3 +254,24 @@ def test_event_without_end_is_bounded() -> None:
     sm, _ = make(max_event=1000)
     with pytest.raises(StreamTooLarge):
         sm(b"data: " + b"a" * 2000)
+
+
+def test_logprobs_dropped_and_legacy_function_call_masked() -> None:
+    sm, _ = make()
+    base = {"object": "chat.completion.chunk"}
+    raw = sse([
+        (None, {**base, "choices": [{"index": 0, "delta": {"content": "ann@"},
+                                     "logprobs": {"content": [{"token": "ann@"}]}}]}),
+        (None, {**base, "choices": [{"index": 0, "delta": {"content": "example.com"},
+                                     "logprobs": {"content": [{"token": "example.com"}]}}]}),
+        (None, {**base, "choices": [{"index": 0, "delta": {
+            "function_call": {"name": "f", "arguments": '{"to": "bob@exa'}}}]}),
+        (None, {**base, "choices": [{"index": 0, "delta": {
+            "function_call": {"arguments": 'mple.com"}'}}}]}),
+        (None, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        (None, "[DONE]")])
+    out, _ = run(sm, raw, seed=5)
+    assert b"ann@" not in out and b"bob@" not in out and b"token" not in out
+    args = "".join(json.loads(ev.data)["choices"][0]["delta"].get("function_call", {})
+                   .get("arguments", "") for ev in events(out) if ev.data != "[DONE]")
+    assert json.loads(args) == {"to": "[EMAIL_2]"}

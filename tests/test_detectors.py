@@ -1,0 +1,449 @@
+"""Unit tests of the detection engine (addons.detectors): validation, evasions, positions."""
+
+from __future__ import annotations
+
+import pytest
+
+from addons.detectors import ENTITIES, SAMPLES, DetectorSet, Finding
+from addons.masking_config import BUILTIN_ENTITIES, MaskingConfig
+from addons.normalize import normalize
+from addons.validators import card_ok, looks_placeholder, luhn_ok, mod97_ok, ssn_ok
+
+DS = DetectorSet()
+
+
+def luhn_complete(prefix: str, length: int) -> str:
+    """prefix padded with zeros to length-1 digits plus the Luhn check digit."""
+    body = prefix + "0" * (length - 1 - len(prefix))
+    for d in "0123456789":
+        if luhn_ok(body + d):
+            return body + d
+    raise AssertionError("unreachable")
+
+
+def found(text: str, ds: DetectorSet = DS) -> list[tuple[str, str]]:
+    return [(f.entity, f.value) for f in ds.find(text)]
+
+
+def entities(text: str, ds: DetectorSet = DS) -> list[str]:
+    return [f.entity for f in ds.find(text)]
+
+
+# ---------------------------------------------------------------------------- API shape
+def test_entities_match_config_list():
+    assert tuple(BUILTIN_ENTITIES) == ENTITIES
+    assert set(SAMPLES) == set(ENTITIES)
+
+
+@pytest.mark.parametrize("entity", sorted(SAMPLES))
+def test_every_sample_is_found_with_exact_span(entity):
+    sample = SAMPLES[entity]
+    text = f"before «{sample}» after"
+    fs = DS.find(text)
+    assert [f.entity for f in fs] == [entity]
+    f = fs[0]
+    assert f.value == text[f.start:f.end]
+    if entity == "AWS_SECRET_KEY":
+        assert f.value == sample.split(" = ")[1]
+    else:
+        assert f.value == sample
+
+
+def test_findings_sorted_non_overlapping_and_positions_are_original():
+    parts = [f"{k.lower()} {v}" for k, v in SAMPLES.items()]
+    text = "Intro text. " + " ; ".join(parts) + " end"
+    fs = DS.find(text)
+    assert len(fs) == len(SAMPLES)
+    for a, b in zip(fs, fs[1:], strict=False):
+        assert a.end <= b.start
+    for f in fs:
+        assert isinstance(f, Finding)
+        assert text[f.start:f.end] == f.value
+        assert f.end - f.start <= DS.max_len
+
+
+def test_finding_is_frozen():
+    f = DS.find("mail a@example.com")[0]
+    with pytest.raises(AttributeError):
+        f.start = 3  # type: ignore[misc]
+
+
+def test_empty_and_disabled():
+    assert DS.find("") == []
+    assert DetectorSet(MaskingConfig(enabled=False)).find(SAMPLES["EMAIL"]) == []
+
+
+# ---------------------------------------------------------------------------- cards
+@pytest.mark.parametrize("prefix,length", [
+    ("4", 13), ("4", 16), ("4", 19), ("51", 16), ("55", 16), ("2221", 16), ("2720", 16),
+    ("34", 15), ("37", 15), ("6011", 16), ("65", 19), ("644", 16), ("622126", 16),
+    ("3528", 16), ("3589", 19), ("300", 14), ("36", 14), ("62", 17), ("6759", 16),
+    ("2200", 16), ("1", 15),
+])
+def test_card_issuer_ranges_accepted(prefix, length):
+    number = luhn_complete(prefix, length)
+    assert card_ok(number)
+    assert found(f"card {number} ok") == [("CREDIT_CARD", number)]
+
+
+@pytest.mark.parametrize("prefix,length", [
+    ("2220", 16), ("2721", 16), ("4", 15), ("34", 16), ("7", 16), ("9", 16), ("0", 16),
+    ("1", 13), ("51", 15), ("8", 16),
+])
+def test_card_outside_issuer_ranges_rejected(prefix, length):
+    number = luhn_complete(prefix, length)
+    assert not card_ok(number)
+    assert "CREDIT_CARD" not in entities(f"card {number} ok")
+
+
+def test_card_luhn_failure_rejected():
+    assert entities("4111 1111 1111 1112") == []
+
+
+@pytest.mark.parametrize("text", [
+    "4111111111111111", "4111 1111 1111 1111", "4111-1111-1111-1111", "4111.1111.1111.1111",
+    "3714 496353 98431", "4 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1", "41 11 11 11 11 11 11 11",
+    "4111 1111 1111 1111 12/25",
+])
+def test_card_separators_and_groupings(text):
+    fs = DS.find(f"pay with {text} now")
+    assert [f.entity for f in fs] == ["CREDIT_CARD"]
+    assert fs[0].value.replace(" ", "").replace("-", "").replace(".", "")[:15] in \
+        text.replace(" ", "").replace("-", "").replace(".", "")
+
+
+@pytest.mark.parametrize("text", [
+    "4111 1111-1111 1111",     # mixed separators
+    "411 1111 1111 11111",     # not a card grouping
+    "4111  1111  1111  1111",  # double spaces
+    "order 41111111111111111111",  # 20 digits
+])
+def test_card_inconsistent_grouping_rejected(text):
+    assert "CREDIT_CARD" not in entities(text)
+
+
+def test_two_cards_in_a_row_both_found():
+    t = "4012888888881881 4012-8888-8888-1881 4012 8888 8888 1881 4111 1111 1111 1111"
+    assert entities(t) == ["CREDIT_CARD"] * 4
+
+
+# ---------------------------------------------------------------------------- SSN
+@pytest.mark.parametrize("ssn", ["078-05-1123", "078 05 1123", "078.05.1123", "078051123",
+                                 "123-45-6789", "665-12-3456", "899-99-9998"])
+def test_ssn_valid(ssn):
+    assert found(f"SSN {ssn}.") == [("US_SSN", ssn)]
+
+
+@pytest.mark.parametrize("ssn", ["000-12-3456", "666-12-3456", "900-12-3456", "987-65-4321",
+                                 "123-00-4567", "123-45-0000", "078-05-1120", "219-09-9999",
+                                 "111-11-1111", "078-05.1123", "0780511234"])
+def test_ssn_invalid(ssn):
+    assert "US_SSN" not in entities(f"SSN {ssn}.")
+
+
+def test_ssn_rules_function():
+    assert ssn_ok("078051123") and not ssn_ok("666051123") and not ssn_ok("07805112")
+
+
+# ---------------------------------------------------------------------------- IBAN
+@pytest.mark.parametrize("iban", ["DE89370400440532013000", "DE89 3704 0044 0532 0130 00",
+                                  "GB29-NWBK-6016-1331-9268-19", "NO9386011117947",
+                                  "MT84MALT011000012345MTLCAST001S"])
+def test_iban_valid(iban):
+    assert found(f"IBAN: {iban}, thanks") == [("IBAN", iban)]
+
+
+@pytest.mark.parametrize("iban", ["DE89370400440532013001", "DE8937040044053201300",
+                                  "de89370400440532013000", "GB29 nWBK 6016 1331 9268 19",
+                                  "XX89370400440532013000", "DE89/3704/0044/0532/0130/00"])
+def test_iban_invalid(iban):
+    assert "IBAN" not in entities(f"IBAN: {iban}, thanks")
+
+
+def test_iban_group_boundary_with_trailing_text():
+    t = "this is an iban VG96 VPVG 0000 0123 4567 8901 X in a sentence"
+    assert found(t) == [("IBAN", "VG96 VPVG 0000 0123 4567 8901")]
+
+
+def test_mod97():
+    assert mod97_ok("GB82WEST12345698765432") and not mod97_ok("GB82WEST12345698765433")
+
+
+# ---------------------------------------------------------------------------- e-mail
+@pytest.mark.parametrize("email", ["jane.doe@example.com", "a+tag@sub.example.co.uk",
+                                   "user@xn--80ak6aa92e.com", "josé@exämple.de",
+                                   "x_y-z%1@host-name.io"])
+def test_email_valid(email):
+    assert found(f"mail <{email}> today") == [("EMAIL", email)]
+
+
+@pytest.mark.parametrize("text", ["info@presidio.", "hello-world here", "@handle on social",
+                                  "a@b", "user@2001:db8::1", "price 5@3.00"])
+def test_email_invalid(text):
+    assert "EMAIL" not in entities(text)
+
+
+# ---------------------------------------------------------------------------- phone
+@pytest.mark.parametrize("phone", ["(415) 555-0132", "415-555-0132", "415.555.0132",
+                                   "+1 415 555 0132", "1-415-555-0132", "+14155550132",
+                                   "+44 (20) 7123 4567", "+33 1 42 68 53 00", "+49 30 1234567",
+                                   "+55 11 98456 5666", "090-1234-5678", "09-7625400",
+                                   "13812345678", "020 7123 4567"])
+def test_phone_valid(phone):
+    assert found(f"call me at {phone} please") == [("PHONE", phone)]
+
+
+@pytest.mark.parametrize("text", [
+    "order 4155550132 shipped",          # bare 10 digits without a phone word
+    "(911) 555-0132", "415-911-0132",    # N11 service codes
+    "+999 1234 5678",                    # unassigned country code
+    "2024-06-01 10:30:00", "total 1234567 units", "id 078-05-1123-4567",
+    "pages 123-456-789",
+])
+def test_phone_false_positives(text):
+    assert "PHONE" not in entities(text)
+
+
+def test_bare_ten_digits_with_phone_word():
+    assert found("my phone: 4155550132") == [("PHONE", "4155550132")]
+
+
+def test_country_code_without_plus_taken_into_span():
+    t = "my international one is 91-415-555-0132"
+    assert found(t) == [("PHONE", "91-415-555-0132")]
+
+
+# ---------------------------------------------------------------------------- IP
+@pytest.mark.parametrize("ip", ["192.168.1.1", "10.0.0.0/8", "255.255.255.255", "0.0.0.0",
+                                "2001:db8::1", "fe80::1%eth0", "::1", "::ffff:192.0.2.1",
+                                "2001:db8::/32", "684D:1111:222:3333:4444:5555:6:77", "::/0"])
+def test_ip_valid(ip):
+    assert found(f"host ({ip}) up") == [("IP_ADDRESS", ip)]
+
+
+@pytest.mark.parametrize("text", [
+    "Version 1.2.3", "256.1.1.1", "192.168.1", "IP192.168.1.1text", "std::cout",
+    "MyClass::toString", "Time 12:34:56", "MAC aa:bb:cc:dd:ee:ff", "a :: b", "x[::2]",
+    "Add::Bee", "2001::db8::1", "fe80::1text", "::ffff:192.168.1",
+])
+def test_ip_false_positives(text):
+    assert "IP_ADDRESS" not in entities(text)
+
+
+# ---------------------------------------------------------------------------- secrets
+@pytest.mark.parametrize("text", [
+    "ghp_xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    "AKIAXXXXXXXXXXXXXXXX",
+    "AIzaSyabcdefghijklmnopqrstuvwxyz1234567",
+    "hf_xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    "xoxb-12345-abcd234",
+    "sk-proj-Xi8tdMjHV6pmbBbwilTeT4BlbkFJ3UDnpdEwNNm6wVBpYM0o",
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ.eyJzdWIiOiIxMjM0NTY3ODkwIn0.abc",
+    "-----BEGIN OPENSSH PRIVATE KEY----------END OPENSSH PRIVATE KEY-----",
+    "git sha 3f786850e387550fdab836ed7e6dc881de23001b and secret hash",
+    "uuid 123e4567-e89b-12d3-a456-426614174000",
+])
+def test_secret_placeholders_and_lookalikes_not_found(text):
+    assert found(text) == []
+
+
+def test_placeholder_heuristic():
+    assert looks_placeholder("xxxxxxxxxxxxxxxx")
+    assert looks_placeholder("abcdefghijklmnopqrstuvwxyz123456")
+    assert not looks_placeholder("ST6ZN3J5ZSABAZLX")
+
+
+def test_aws_secret_needs_context_word():
+    key = "kW9pQ2xR7vT4mN8bZ3cF6hJ1sL5dG0yA/EuIoP+q"
+    assert found(f"value = {key}") == []
+    assert found(f"AWS_SECRET_ACCESS_KEY={key}") == [("AWS_SECRET_KEY", key)]
+    assert found(f"my Secret: '{key}'") == [("AWS_SECRET_KEY", key)]
+
+
+def test_private_key_block_without_end_is_masked_to_blank_line():
+    t = "key:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEpQIBAAKCAQEAn6/O8li\nyxR5MsXFu9P\n\nafter"
+    fs = DS.find(t)
+    assert [f.entity for f in fs] == ["PRIVATE_KEY"]
+    assert fs[0].value.endswith("yxR5MsXFu9P") and "after" not in fs[0].value
+
+
+def test_private_key_block_in_json_string():
+    t = ('{"key": "-----BEGIN PRIVATE KEY-----\\nMIIEvQIBADANBgkqhkiG9w0B\\n'
+         '-----END PRIVATE KEY-----"}')
+    fs = DS.find(t)
+    assert [f.entity for f in fs] == ["PRIVATE_KEY"]
+    assert fs[0].value.endswith("-----END PRIVATE KEY-----")
+
+
+def test_jwt_needs_json_header():
+    good = SAMPLES["JWT"]
+    assert entities(good) == ["JWT"]
+    bad = "bm90X3ZhbGlkX2pzb25fYXRfYWxs.bm90X3ZhbGlkX2pzb25fYXRfYWxs.SflKxwRJSMeKKF2QT4fwpMeJf36"
+    assert entities(bad) == []
+
+
+def test_secret_inside_url_and_quotes():
+    t = f'curl "https://api.x.com/?token={SAMPLES["GITHUB_TOKEN"]}&x=1"'
+    assert found(t) == [("GITHUB_TOKEN", SAMPLES["GITHUB_TOKEN"])]
+
+
+# ---------------------------------------------------------------------------- evasions
+def test_fullwidth_and_other_script_digits():
+    t = "card ４１１１ １１１１ １１１１ １１１１ end"
+    fs = DS.find(t)
+    assert [f.entity for f in fs] == ["CREDIT_CARD"]
+    assert fs[0].value == "４１１１ １１１１ １１１１ １１１１"
+    arabic = "SSN ٠٧٨-٠٥-١١٢٣"  # Arabic-Indic digits
+    assert found(arabic) == [("US_SSN", "٠٧٨-٠٥-١١٢٣")]
+    math = "ssn 𝟎𝟕𝟖-𝟎𝟓-𝟏𝟏𝟐𝟑"
+    assert found(math) == [("US_SSN", "𝟎𝟕𝟖-𝟎𝟓-𝟏𝟏𝟐𝟑")]
+
+
+@pytest.mark.parametrize("zw", ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad"])
+def test_zero_width_characters(zw):
+    card = zw.join("4111111111111111")
+    t = f"pay {card} now"
+    fs = DS.find(t)
+    assert [(f.entity, f.value) for f in fs] == [("CREDIT_CARD", card)]
+    email = f"jane{zw}.doe@exa{zw}mple.com"
+    assert found(f"mail {email}") == [("EMAIL", email)]
+    key = SAMPLES["GITHUB_TOKEN"]
+    hidden = key[:10] + zw + key[10:]
+    assert found(f"token {hidden}") == [("GITHUB_TOKEN", hidden)]
+
+
+def test_json_unicode_escapes_in_text():
+    t = r"my card is \u0034111 1111 1111 1111 and mail jane\u0040example.com"
+    fs = DS.find(t)
+    assert [(f.entity, f.value) for f in fs] == [
+        ("CREDIT_CARD", r"\u0034111 1111 1111 1111"), ("EMAIL", r"jane\u0040example.com")]
+    # every character escaped
+    esc = "".join(f"\\u{ord(c):04x}" for c in "078-05-1123")
+    assert found(f"ssn {esc}!") == [("US_SSN", esc)]
+
+
+def test_url_and_html_escapes():
+    assert found("q=jane.doe%40example.com&x=1") == [("EMAIL", "jane.doe%40example.com")]
+    assert found("ssn &#48;78-05-1123") == [("US_SSN", "&#48;78-05-1123")]
+    assert found("ssn &#x30;78-05-1123") == [("US_SSN", "&#x30;78-05-1123")]
+
+
+def test_unicode_separators():
+    for sep in ("\u00a0", "\u2009", "\u2013", "\u2212", "\u3000"):
+        card = sep.join(["4111", "1111", "1111", "1111"])
+        assert found(f"card {card}") == [("CREDIT_CARD", card)], repr(sep)
+
+
+def test_fullwidth_letters_in_keys_and_email():
+    key = SAMPLES["GITHUB_TOKEN"]
+    wide = "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in key)
+    assert found(f"token {wide}") == [("GITHUB_TOKEN", wide)]
+    assert found("mail jane＠example．com") == [("EMAIL", "jane＠example．com")]
+
+
+def test_tool_call_arguments_json_in_json_string():
+    # the arguments string of a tool call, as it appears once the outer JSON is decoded
+    args = '{"to": "jane.doe@example.com", "card": "4111 1111 1111 1111"}'
+    assert entities(args) == ["EMAIL", "CREDIT_CARD"]
+    # and still escaped, as raw text of the outer document
+    raw = args.replace('"', '\\"')
+    assert entities(raw) == ["EMAIL", "CREDIT_CARD"]
+
+
+def test_normalize_offset_map():
+    t = "a\u200bb\\u0063d４%65"
+    n = normalize(t)
+    assert n is not None and n.text == "abcd4e"
+    assert [n.span(i, i + 1) for i in range(len(n.text))] == [
+        (0, 1), (2, 3), (3, 9), (9, 10), (10, 11), (11, 14)]
+    assert normalize("plain ascii") is None
+
+
+def test_non_ascii_prose_without_foldable_characters_is_not_rewritten():
+    assert normalize("café naïve Zürich 日本語 😀 “quoted”") is None
+
+
+# ---------------------------------------------------------------------------- overlaps
+def test_longer_more_specific_wins():
+    # the digits inside a Slack token are not a phone number or card
+    assert entities(SAMPLES["SLACK_TOKEN"]) == ["SLACK_TOKEN"]
+    # an IBAN's digits are not a card
+    assert entities("DE89370400440532013000") == ["IBAN"]
+    # an IP inside a URL is found, the URL is not
+    assert found("http://10.1.2.3:8080/x") == [("IP_ADDRESS", "10.1.2.3")]
+
+
+# ---------------------------------------------------------------------------- config
+def test_disabled_entity_and_strategies():
+    from addons.masking_config import EntityConfig
+    ents = {n: EntityConfig(True, "placeholder") for n in BUILTIN_ENTITIES}
+    ents["EMAIL"] = EntityConfig(False, "placeholder")
+    ents["CREDIT_CARD"] = EntityConfig(True, "partial")
+    ds = DetectorSet(MaskingConfig(entities=ents))
+    assert entities("jane@example.com 4111 1111 1111 1111", ds) == ["CREDIT_CARD"]
+    assert ds.strategy_for("CREDIT_CARD") == "partial"
+    assert ds.strategy_for("PHONE") == "placeholder"
+    assert "EMAIL" not in ds.entities
+
+
+def test_custom_detector_with_validator_and_context():
+    from addons.masking_config import CustomDetector
+    cfg = MaskingConfig(custom=(
+        CustomDetector("EMPLOYEE_ID", r"EMP-\d{6}", context=("employee",), strategy="redact"),
+        CustomDetector("ACCOUNT", r"\b\d{10}\b", validator="luhn"),
+    ))
+    ds = DetectorSet(cfg)
+    assert found("employee EMP-123456", ds) == [("EMPLOYEE_ID", "EMP-123456")]
+    assert found("ticket EMP-123456", ds) == []
+    good = luhn_complete("12345", 10)
+    bad = good[:-1] + str((int(good[-1]) + 1) % 10)
+    assert found(f"acct {good} / {bad}", ds) == [("ACCOUNT", good)]
+    assert ds.strategy_for("EMPLOYEE_ID") == "redact"
+
+
+def test_allow_list():
+    ds = DetectorSet(MaskingConfig(allow=(r"support@example\.com",)))
+    assert found("write support@example.com or jane@example.com", ds) == [
+        ("EMAIL", "jane@example.com")]
+
+
+# ---------------------------------------------------------------------------- streaming
+STREAM_TEXT = (
+    "Hello, please contact jane.doe@example.com or call (415) 555-0132 / +44 (20) 7123 4567. "
+    "Card 4111 1111 1111 1111, SSN 078-05-1123, IBAN DE89 3704 0044 0532 0130 00, host "
+    "2001:db8::1 and 10.0.0.1. Keys: " + SAMPLES["OPENAI_KEY"] + " " + SAMPLES["JWT"]
+    + " aws_secret_access_key = kW9pQ2xR7vT4mN8bZ3cF6hJ1sL5dG0yA/EuIoP+q\n"
+    + SAMPLES["PRIVATE_KEY"] + "\nthe end. Full-width ４１１１ １１１１ １１１１ １１１１ and "
+    r"escaped \u0034111111111111111 done."
+)
+
+
+def test_holdback_makes_emitted_findings_final():
+    """For every cut point: a finding of the whole text that starts before the emitted
+    boundary is already found, with the same span, in the prefix alone."""
+    full = [(f.start, f.end, f.entity) for f in DS.find(STREAM_TEXT)]
+    assert len(full) >= 14
+    for cut in range(1, len(STREAM_TEXT)):
+        prefix = STREAM_TEXT[:cut]
+        safe = cut - DS.holdback(prefix)
+        pre = {(f.start, f.end, f.entity) for f in DS.find(prefix)}
+        for f in full:
+            if f[0] < safe:
+                assert f in pre, (cut, f, STREAM_TEXT[f[0]:f[1]])
+
+
+def test_holdback_small_in_prose():
+    assert DS.holdback("The model answered quickly and") == 3
+    assert DS.holdback("The model answered quickly. ") == 0
+    assert DS.holdback("card 4111 1111 11") == len("4111 1111 11")
+    assert DS.holdback("x\n-----BEGIN PRIVATE KEY-----\nMIIE") == len(
+        "-----BEGIN PRIVATE KEY-----\nMIIE")
+    assert DS.holdback("") == 0
+
+
+def test_max_len_is_bounded_and_covers_findings():
+    assert 30_000 < DS.max_len < 64_000
+    pem = "-----BEGIN PRIVATE KEY-----\n" + ("QUJD" * 16 + "\n") * 400 + \
+        "-----END PRIVATE KEY-----"
+    fs = DS.find(pem)
+    assert [f.entity for f in fs] == ["PRIVATE_KEY"] and fs[0].end - fs[0].start <= DS.max_len
