@@ -54,12 +54,18 @@ class DemoIdP:
         return (f"identity:\n  required: true\n  issuers:\n    - issuer: {self.issuer}\n"
                 f"      audience: {audience}\n")
 
-    def token(self, sub: str, groups: list[str] | None = None, aud: str = "agentgate",
-              expires_in: int = 300) -> str:
+    def token(self, sub: str = "agent-1", groups: list[str] | tuple[str, ...] = (),
+              aud: str = "agentgate", expires_in: int = 300, **extra: Any) -> str:
+        """A real ID token from the provider's authorization-code flow (client_id = aud).
+
+        The mock copies a user's claims into the ID token after its own, so `extra` claims
+        (roles, exp, nbf, azp …; None drops one) end up signed as given."""
         now = int(time.time())
-        claims = {"groups": list(groups or []), "iat": now, "exp": now + expires_in}
+        claims: dict[str, Any] = {"groups": list(groups), "iat": now, "exp": now + expires_in}
+        claims.update(extra)
+        claims = {k: v for k, v in claims.items() if v is not None}
         redirect = "http://127.0.0.1/callback"
-        with self._lock:
+        with self._lock:  # user claims are per subject: one login at a time
             _DIRECT.open(urllib.request.Request(  # noqa: S310 - the local provider
                 f"{self.issuer}/users/{urllib.parse.quote(sub, safe='')}",
                 data=json.dumps(claims).encode(), method="PUT",

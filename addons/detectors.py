@@ -445,6 +445,12 @@ def _run(d: _RegexDet, t: str, pos: int, endpos: int, out: list) -> None:
             pos = max(d.retry(m) if d.retry else m.end(), m.start() + 1)
 
 
+# Every built-in value contains a digit, '@', ':', '_', '/', '+', an escape or a non-ASCII
+# character (before normalisation), or one of the secrets' literals: a short string with
+# none of them (most JSON fields: roles, model names, plain words) is answered at once.
+_MAYBE = _c(r"[0-9@:_/+%\\&\x80-\U0010FFFF]|sk-|AKIA|ASIA|ABIA|ACCA|A3T|xox|xapp|AIza|pplx-|"
+            r"ABSK|eyJ|bedrock-|-----BEGIN")
+_QUICK_LEN = 256
 # below this length, `in` tests of a rule's literals are cheaper than starting its scan
 _SHORT_TEXT = 16384
 
@@ -528,6 +534,8 @@ class DetectorSet:
     def find(self, text: str) -> list[Finding]:
         if not text or not self.config.enabled:
             return []
+        if len(text) < _QUICK_LEN and not self._custom and _MAYBE.search(text) is None:
+            return []  # e.g. "assistant", "gpt-4o-mini", "Hello, how are you?"
         norm = normalize(text)
         t = norm.text if norm is not None else text
         cands = self._candidates(t)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
-import os
 import secrets
 import textwrap
 import threading
@@ -26,7 +24,6 @@ import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.error import HTTPError
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -34,8 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jose import jwk as jose_jwk
 from jose import jwt as jose_jwt
 
-# The mock provider refuses plain-HTTP OAuth endpoints unless this is set.
-os.environ.setdefault("AUTHLIB_INSECURE_TRANSPORT", "1")
+from addons.demo_idp import DemoIdP
 
 
 def b64url(data: bytes | str) -> str:
@@ -58,30 +54,16 @@ def identity_yaml_for(issuer: str, audience: str | list[str] = "agentgate",
     return "\n".join(lines) + "\n"
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-_NO_REDIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
 
 
-class OIDCProvider:
-    """oidc-provider-mock running in a thread on 127.0.0.1."""
+class OIDCProvider(DemoIdP):
+    """oidc-provider-mock in a thread (addons/demo_idp.py), counting discovery and JWKS
+    fetches and able to rotate its signing key."""
 
     def __init__(self) -> None:
-        import oidc_provider_mock
-        import werkzeug.serving
-
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request
-        self.app = oidc_provider_mock.app()
-        self._server = werkzeug.serving.make_server("127.0.0.1", 0, self.app, threaded=True)
+        super().__init__()
         self.port = self._server.server_port
-        self.issuer = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,),
-                                        daemon=True, name="oidc-provider-mock")
-        self._lock = threading.Lock()
         # count fetches of the discovery document and the JWKS (key-rotation tests)
         self.fetches = {"discovery": 0, "jwks": 0}
         self._storage: Any = None
@@ -98,48 +80,12 @@ class OIDCProvider:
                 self.fetches["discovery"] += 1
 
     def start(self) -> OIDCProvider:
-        self._thread.start()
+        super().start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().stop()
         self._thread.join(5)
-
-    def token(self, sub: str = "agent-1", groups: list[str] | tuple[str, ...] = (),
-              aud: str = "agentgate", expires_in: int = 300, **claims: Any) -> str:
-        """A real ID token from the provider's authorization-code flow (client_id = aud)."""
-        now = int(time.time())
-        user_claims: dict[str, Any] = {"groups": list(groups), "iat": now,
-                                       "exp": now + expires_in}
-        user_claims.update(claims)
-        user_claims = {k: v for k, v in user_claims.items() if v is not None}
-        redirect = "http://127.0.0.1/callback"
-        with self._lock:  # user claims are per subject: one login at a time
-            req = urllib.request.Request(
-                f"{self.issuer}/users/{urllib.parse.quote(sub, safe='')}",
-                data=json.dumps(user_claims).encode(), method="PUT",
-                headers={"content-type": "application/json"})
-            _DIRECT.open(req, timeout=10).close()
-            query = urllib.parse.urlencode({
-                "client_id": aud, "redirect_uri": redirect, "response_type": "code",
-                "scope": "openid", "state": secrets.token_hex(4)})
-            try:
-                resp = _NO_REDIRECT.open(urllib.request.Request(
-                    f"{self.issuer}/oauth2/authorize?{query}",
-                    data=urllib.parse.urlencode({"sub": sub}).encode()), timeout=10)
-                raise AssertionError(f"provider did not redirect: {resp.status}")
-            except HTTPError as e:
-                if e.code != 302:
-                    raise
-                location = e.headers["location"]
-            code = urllib.parse.parse_qs(urllib.parse.urlparse(location).query)["code"][0]
-            resp = _DIRECT.open(urllib.request.Request(
-                f"{self.issuer}/oauth2/token", data=urllib.parse.urlencode({
-                    "grant_type": "authorization_code", "code": code, "client_id": aud,
-                    "client_secret": "unused", "redirect_uri": redirect}).encode()),
-                timeout=10)
-            return json.load(resp)["id_token"]
 
     def rotate_key(self) -> str:
         """Replace the provider's signing key (the mock keeps one key); returns the new kid."""

@@ -447,3 +447,24 @@ def test_max_len_is_bounded_and_covers_findings():
         "-----END PRIVATE KEY-----"
     fs = DS.find(pem)
     assert [f.entity for f in fs] == ["PRIVATE_KEY"] and fs[0].end - fs[0].start <= DS.max_len
+
+
+@pytest.mark.parametrize("entity", sorted(SAMPLES))
+def test_short_ascii_text_fast_path_misses_nothing(entity):
+    # short pure-ASCII strings take the quick pre-check; every sample must pass it
+    text = f"x {SAMPLES[entity]} y"
+    assert [f.entity for f in DS.find(text)] == [entity]
+
+
+@pytest.mark.parametrize("text", [
+    "1" * 20000, "1 " * 10000, "4111 " * 4000, "12-" * 7000, "1." * 10000, "ab:" * 7000,
+    ":" * 20000, "1::" * 7000, "a@" * 10000, "-----BEGIN PRIVATE KEY-----" * 700,
+    "eyJ" * 7000, "%41" * 7000, "\u200b1" * 10000, "aws " * 5000, "AB12 " * 4000,
+])
+def test_hostile_inputs_stay_fast(text):
+    import time
+    t0 = time.process_time()
+    DS.find(text)
+    DS.holdback(text)
+    # ~20 KB: linear work is a few ms; quadratic behaviour would take seconds
+    assert time.process_time() - t0 < 0.5
