@@ -501,6 +501,16 @@ class DetectorSet:
         self._iban = "IBAN" in enabled
         self._ip = "IP_ADDRESS" in enabled
         self._secrets = tuple(r for r in SECRET_RULES if r.entity in enabled)
+        # short texts: rules grouped by gate literal; long texts: every rule, except those
+        # whose regex is slow without its literal (always_gate), which keep an `in` test
+        self._ungated = tuple(r for r in self._secrets if not r.literals)
+        by_lit: dict[str, list[SecretRule]] = {}
+        for r in self._secrets:
+            for lit in r.literals:
+                by_lit.setdefault(lit, []).append(r)
+        self._by_literal = tuple((lit, tuple(rs)) for lit, rs in by_lit.items())
+        self._long_rules_all = tuple(r for r in self._secrets if not r.always_gate)
+        self._long_gated = tuple(r for r in self._secrets if r.always_gate)
         self._email = "EMAIL" in enabled
         self._aws_secret = "AWS_SECRET_KEY" in enabled
         self._custom = tuple(
@@ -554,20 +564,16 @@ class DetectorSet:
 
     def _candidates(self, t: str) -> list[tuple[int, int, str, int]]:
         out: list[tuple[int, int, str, int]] = []
-        seen: dict[str, bool] = {}
-        short = len(t) < _SHORT_TEXT
-        for r in self._secrets:
-            if r.literals and (short or r.always_gate):
-                present = False
-                for lit in r.literals:
-                    hit = seen.get(lit)
-                    if hit is None:
-                        hit = seen[lit] = lit in t
-                    if hit:
-                        present = True
-                        break
-                if not present:
-                    continue
+        if len(t) < _SHORT_TEXT:
+            # one `in` test per distinct literal, then only the rules it gates
+            rules: list[SecretRule] = list(self._ungated)
+            for lit, group in self._by_literal:
+                if lit in t:
+                    rules.extend(r for r in group if r not in rules)
+        else:
+            rules = list(self._long_rules_all)
+            rules.extend(r for r in self._long_gated if any(lit in t for lit in r.literals))
+        for r in rules:
             if r.entity == "PRIVATE_KEY":
                 _find_pem(r, t, out)
                 continue
