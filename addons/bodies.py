@@ -91,7 +91,7 @@ def decode_content(raw: bytes, encoding: str, limit: int) -> bytes:
         elif coding == "zstd":
             data = _unzstd(data, limit)
         else:
-            raise Unparseable(f"unsupported content-encoding {coding!r}", 415)
+            raise Unparseable(f"unsupported content-encoding {coding[:40]!r}", 415)
         if len(data) > limit:
             raise TooLarge
     if len(data) > limit:

@@ -51,7 +51,7 @@ from addons.secrets_rules import (
     aws_secret_ok,
     pem_end,
 )
-from addons.validators import card_ok, luhn_ok, mod97_ok, ssn_ok
+from addons.validators import card_lengths, card_ok, luhn_ok, mod97_ok, ssn_ok
 
 __all__ = ["Finding", "DetectorSet", "ENTITIES", "SAMPLES"]
 
@@ -107,14 +107,21 @@ def _card_span(m: regex.Match, t: str) -> tuple[int, int] | None:
     # the number starts the run of groups; trailing groups may be something else
     # ("4111 1111 1111 1111 12/25"), so try the longest prefix of groups first
     groups = m.group(0).split(sep)
+    digits = "".join(groups)
+    allowed = card_lengths(digits[:6])
+    if not allowed:
+        return None
     lens = [len(g) for g in groups]
-    for j in range(len(groups), 1, -1):
-        digits = "".join(groups[:j])
-        if len(digits) > 19:
-            continue
-        if len(digits) < 13:
+    total = 0
+    ends = []  # (number of groups, digits so far)
+    for j, n in enumerate(lens, 1):
+        total += n
+        if total > 19:
             break
-        if _card_grouping_ok(lens[:j]) and card_ok(digits):
+        if total in allowed and j > 1:
+            ends.append((j, total))
+    for j, total in reversed(ends):
+        if _card_grouping_ok(lens[:j]) and luhn_ok(digits[:total]):
             return m.start(), m.start() + len(sep.join(groups[:j]))
     return None
 
@@ -149,11 +156,16 @@ IBAN_LENGTHS: dict[str, int] = {
 # by one consistent space or dash
 _IBAN = _c(r"[A-Z]{2}(?<![A-Za-z0-9][A-Z]{2})[0-9]{2}(?:[A-Za-z0-9]{11,30}(?![A-Za-z0-9])"
            r"|(?P<sep>[ \-])[A-Za-z0-9]{1,4}(?:(?P=sep)[A-Za-z0-9]{1,4}){2,8})")
+# the same in lower case, found from its check digits (a scan that starts at a lower-case
+# letter would visit most of the text)
+_IBAN_LOWER = _c(r"[0-9]{2}(?<=(?<![A-Za-z0-9])[a-z]{2}[0-9]{2})"
+                 r"(?:[a-z0-9]{11,30}(?![A-Za-z0-9])"
+                 r"|(?P<sep>[ \-])[a-z0-9]{1,4}(?:(?P=sep)[a-z0-9]{1,4}){2,8})")
 
 
 def _iban_span(m: regex.Match, t: str) -> tuple[int, int] | None:
     raw = m.group(0)
-    want = IBAN_LENGTHS.get(raw[:2])
+    want = IBAN_LENGTHS.get(raw[:2].upper())
     if want is None:
         return None
     sep = m.group("sep")
@@ -174,8 +186,12 @@ def _iban_span(m: regex.Match, t: str) -> tuple[int, int] | None:
             return None
         value = "".join(parts[:used])
         end = m.start() + len(sep.join(parts[:used]))
-    # as written an IBAN is upper case; 'LV80 bANK …' is not one
-    if any(c.islower() for c in value) or not mod97_ok(value):
+    # written upper case, or all lower case (an easy disguise); 'LV80 bANK …' is neither
+    if any(c.islower() for c in value):
+        if not value.islower():
+            return None
+        value = value.upper()
+    if not mod97_ok(value):
         return None
     return m.start(), end
 
@@ -300,6 +316,7 @@ _V6_TRIGGER = _c(r":(?:(?<=[0-9A-Fa-f]:)[0-9A-Fa-f]{0,4}:|[0-9A-Fa-f]{0,4}:(?=[0
 # IPv4 candidates: digit.digit.digit.digit, then the exact pattern at that position
 _V4_TRIGGER = _c(r"[0-9](?<![\w.][0-9])[0-9]{0,2}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]")
 _V6_BACK = _c(r"(?r)[0-9A-Fa-f:]{1,45}")
+_V6_RUN = _c(r"[0-9A-Fa-f:.]*")
 
 
 def _ipv6_ok(m: regex.Match) -> bool:
@@ -355,29 +372,26 @@ def _find_ipv6(t: str, out: list) -> None:
                 out.append((m.start(), m.end(), "IP_ADDRESS", 20))
             pos = m.end()  # a failed candidate is skipped whole ('1::1::1::…' stays linear)
         else:
-            pos = c + 1
+            # only the start of a hex/colon run can start an address (the look-behind
+            # rejects any later position), so nothing else in this run can match
+            pos = _V6_RUN.match(t, c).end() + 1
 
 
 # ---------------------------------------------------------------------------- e-mail
-_EMAIL_LOCAL_BACK = _c(r"(?r)[\w.%+\-]{1,64}")
-_EMAIL = _c(r"[\w%+\-](?:[\w.%+\-]{0,63})@(?:[^\W_](?:[\w\-]{0,61}[^\W_])?\.)+"
+# found from the '@' (rare in text) with the local part captured by a look-behind, so the
+# whole scan runs inside the regex engine
+_EMAIL = _c(r"@(?<=(?<![\w.%+\-])(?P<pre>[\w.%+\-]{1,64})@)"
+            r"(?:[^\W_](?:[\w\-]{0,61}[^\W_])?\.)+"
             r"(?:[^\W\d_]{2,63}|xn--[A-Za-z0-9\-]{1,59})(?![\w\-])")
 
 
 def _find_emails(t: str, out: list) -> None:
-    i = t.find("@")
-    while i != -1:
-        bm = _EMAIL_LOCAL_BACK.match(t, max(0, i - 64), i)
-        nxt = i + 1
-        if bm is not None:
-            s = bm.start()
-            while s < i and t[s] == ".":
-                s += 1
-            m = _EMAIL.match(t, s)
-            if m is not None:
-                out.append((m.start(), m.end(), "EMAIL", 35))
-                nxt = m.end()
-        i = t.find("@", nxt)
+    for m in _EMAIL.finditer(t):
+        s = m.start("pre")
+        while t[s] == ".":  # a local part does not start with a dot
+            s += 1
+        if s < m.start():
+            out.append((s, m.end(), "EMAIL", 35))
 
 
 # ---------------------------------------------------------------------------- PEM
@@ -426,6 +440,21 @@ _NUMERIC: tuple[_RegexDet, ...] = (
     _RegexDet("PHONE", _PHONE_BARE, _bare_span, 30),
 )
 _IBAN_DET = _RegexDet("IBAN", _IBAN, _iban_span, 45, retry=lambda m: m.start() + 1)
+
+
+def _iban_lower_span(m: regex.Match, t: str) -> tuple[int, int] | None:
+    # re-run the upper-case logic on the match extended by its two letters
+    start = m.start() - 2
+    m2 = _IBAN_ANY.match(t, start)
+    if m2 is None:
+        return None
+    return _iban_span(m2, t)
+
+
+_IBAN_ANY = _c(r"[A-Za-z]{2}[0-9]{2}(?:[A-Za-z0-9]{11,30}(?![A-Za-z0-9])"
+               r"|(?P<sep>[ \-])[A-Za-z0-9]{1,4}(?:(?P=sep)[A-Za-z0-9]{1,4}){2,8})")
+_IBAN_LOWER_DET = _RegexDet("IBAN", _IBAN_LOWER, _iban_lower_span, 45,
+                            retry=lambda m: m.start() + 1)
 # the shortest value these detectors accept has 9 digits (SSN, national phone numbers), so
 # dates and prices never qualify
 _NUM_CLUSTER = _c(r"[0-9](?:[ .\-()]{0,3}[0-9]){8,}")
@@ -588,6 +617,7 @@ class DetectorSet:
             _find_emails(t, out)
         if self._iban:
             _run(_IBAN_DET, t, 0, len(t), out)
+            _run(_IBAN_LOWER_DET, t, 0, len(t), out)
         if self._numeric:
             n = len(t)
             for cm in _NUM_CLUSTER.finditer(t):
@@ -676,9 +706,14 @@ class DetectorSet:
             return 0
         keep = 0
         if "PRIVATE_KEY" in self._enabled:
-            i = text.rfind(_PEM_OPEN, max(0, n - self._pem_hold))
-            if i != -1 and _PEM_CLOSE.search(text, i + len(_PEM_OPEN)) is None:
-                keep = n - i
+            # walk BEGIN … END pairs; the first BEGIN without an END is still open
+            i = text.find(_PEM_OPEN, max(0, n - self._pem_hold))
+            while i != -1:
+                close = _PEM_CLOSE.search(text, i + len(_PEM_OPEN))
+                if close is None:
+                    keep = n - i
+                    break
+                i = text.find(_PEM_OPEN, close.end())
         tm = _HOLD_TOKEN.match(text, max(0, n - _TOKEN_MAX * 2), n)
         start = tm.start() if tm is not None else n
         gm = _HOLD_GROUPS.match(text, max(0, start - 160), start)

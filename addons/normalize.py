@@ -134,31 +134,38 @@ def normalize(text: str) -> Normalized | None:
     # (start, end, replacement) of every unit to replace, from literal-first scans that the
     # regex engine runs at memory speed
     units: list[tuple[int, int, str]] = []
+    sources = 0
     if "\\u" in text:
+        sources += 1
         units.extend((m.start(), m.end(), _unescape_u(m)) for m in _ESC_U.finditer(text))
     if "%" in text:
+        sources += 1
         units.extend((m.start(), m.end(), _unescape_pct(m)) for m in _ESC_PCT.finditer(text))
     if "&#" in text:
+        sources += 1
         units.extend((m.start(), m.end(), _unescape_html(m)) for m in _ESC_HTML.finditer(text))
     if not text.isascii():
+        sources += 1
+        add = units.append
         for m in _NON_ASCII.finditer(text):
             run = m.group()
-            if run.translate(FOLD) == run:
-                continue  # accented letters, CJK, emoji …: nothing to fold
-            base = m.start()
             folded = run.translate(FOLD)
-            if len(folded) == len(run):
-                # one character for one (full-width digits …): positions do not move, so
-                # the run is a single unit of equal length, no per-character map needed
-                units.append((base, m.end(), folded))
+            if folded == run:
+                continue  # accented letters, CJK, emoji …: nothing to fold
+            if len(folded) == len(run) or len(run) == 1:
+                # one character for one (full-width digits …) keeps positions: the run is
+                # one unit; a single dropped character (ZWSP) is one unit too
+                add((m.start(), m.end(), folded))
                 continue
+            base = m.start()
             for k, ch in enumerate(run):
                 f = FOLD[ord(ch)]
                 if f != ch:
-                    units.append((base + k, base + k + 1, f))
+                    add((base + k, base + k + 1, f))
     if not units:
         return None
-    units.sort()
+    if sources > 1:
+        units.sort()
     pieces: list[str] = []
     bp_norm: list[int] = []
     bp_orig: list[int] = []
@@ -167,28 +174,31 @@ def normalize(text: str) -> Normalized | None:
     npos = 0  # length of the normalised text so far
     changed = False
     for s, e, rep in units:
-        if s < last or rep == text[s:e]:
+        if s < last:
+            continue
+        r = len(rep)
+        if r == e - s:
+            if rep == text[s:e]:
+                continue  # an escape left as it was (%0A, &#0;)
+            # same length (full-width digits, NBSP -> ' '): positions keep their offset,
+            # so no breakpoint is needed
+            changed = True
+            if s > last:
+                pieces.append(text[last:s])
+            pieces.append(rep)
+            npos += (s - last) + r
+            last = e
             continue
         changed = True
         if s > last:
             pieces.append(text[last:s])
             npos += s - last
-        if len(rep) == e - s and e - s > 1:
-            # equal-length run folded char by char: still a 1:1 copy position-wise
-            bp_norm.append(npos)
-            bp_orig.append(s)
-            pieces.append(rep)
-            npos += len(rep)
-            bp_norm.append(npos)
-            bp_orig.append(e)
-            last = e
-            continue
-        for k in range(len(rep)):
+        for k in range(r):  # a shorter replacement: each char stands for the whole unit
             bp_norm.append(npos + k)
             bp_orig.append(s)
             unit_end[npos + k] = e
         pieces.append(rep)
-        npos += len(rep)
+        npos += r
         bp_norm.append(npos)
         bp_orig.append(e)
         last = e

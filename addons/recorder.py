@@ -225,8 +225,12 @@ class Recorder:
             return
         if "json" not in flow.request.headers.get("content-type", "").lower():
             return
+        text = flow.request.get_content(strict=False) or b""
+        # Cheap pre-check: parse only bodies that mention a configured key's first part.
+        if not any(k.split(".", 1)[0].encode() in text for k in keys):
+            return
         try:
-            doc = json.loads(flow.request.get_content(strict=False) or b"")
+            doc = json.loads(text)
         except (ValueError, UnicodeDecodeError):
             return  # not ours to judge; masking/policy handle malformed bodies
         found = body_session(doc, keys)

@@ -219,7 +219,7 @@ class StreamDecoder:
                 import zstandard
                 self.steps.append(zstandard.ZstdDecompressor().decompressobj().decompress)
             else:
-                raise Unparseable(f"unsupported content-encoding {coding!r}", 415)
+                raise Unparseable(f"unsupported content-encoding {coding[:40]!r}", 415)
 
     def __call__(self, data: bytes) -> bytes:
         for step in self.steps:

@@ -323,3 +323,23 @@ def test_stream_findings_appear_only_when_found(tmp_path: Path) -> None:
     assert "findings" not in f.metadata
     f.response.stream(b'data: {"type": "x", "note": "ann@example.com"}\n\n')
     assert f.metadata["findings"] == {"EMAIL": {"count": 1, "strategy": "placeholder"}}
+
+
+@pytest.mark.parametrize("enc", ["gzip", "br", "zstd", "deflate"])
+def test_compressed_response_masked_and_sent_identity(tmp_path: Path, enc: str) -> None:
+    import zlib
+
+    import brotli
+    import zstandard
+    comp = {"gzip": gzip.compress, "br": brotli.compress, "deflate": zlib.compress,
+            "zstd": zstandard.ZstdCompressor().compress}[enc]
+    m = addon_for(tmp_path)
+    f = flow("anthropic", {"messages": []}, path="/v1/messages")
+    with taddons.context(m):
+        run(m.request(f))
+        f.response = tutils.tresp(
+            content=comp(b'{"content": [{"type": "text", "text": "eve@example.com"}]}'),
+            headers=http.Headers(content_type="application/json", content_encoding=enc))
+        run(m.response(f))
+    assert "content-encoding" not in f.response.headers
+    assert json.loads(f.response.content)["content"][0]["text"] == "[EMAIL_1]"

@@ -296,3 +296,12 @@ def test_redacts_extra_and_injected_headers(rec: Recorder, tmp_path: Path) -> No
     run(rec, f)
     (row,) = rows(rec)
     assert dict(json.loads(row["request_headers"]))["X-Internal"] == store.REDACTED
+
+
+def test_session_shows_in_the_mitmweb_comment(rec: Recorder) -> None:
+    from addons.annotate import Annotate
+    f = openai_flow(headers={"X-Agent-Session": "run-77"})
+    a = Annotate()
+    rec.requestheaders(f)  # the recorder runs after annotate in every hook…
+    a.request(f)  # …but annotate's next hook already sees the session
+    assert "session: run-77" in f.comment

@@ -50,13 +50,28 @@ def db_of(gw: Gateway) -> Path:
     return gw.data_dir / "agentgate.duckdb"
 
 
-def assert_no_secrets(*paths: Path) -> None:
+def assert_no_secrets(*paths: Path, values: tuple[str, ...] = ()) -> None:
+    """No real credential (nor the agent's key) in the files' bytes, nor — because DuckDB
+    may store strings compressed, where a byte grep could miss them — in any column."""
+    values = (*GATEWAY_ENV.values(), AGENT_KEY, *values)
     for p in paths:
         for f in [p] + sorted(p.parent.glob(p.name + ".wal")):
             data = f.read_bytes()
-            for name, value in GATEWAY_ENV.items():
-                assert value.encode() not in data, f"{name} leaked into {f}"
-            assert AGENT_KEY.encode() not in data, f"agent key leaked into {f}"
+            for value in values:
+                assert value.encode() not in data, f"{value[:12]}… leaked into {f}"
+        if p.suffix == ".duckdb":
+            con = duckdb.connect(str(p), read_only=True)
+            try:
+                for table in ("flows", "approvals"):
+                    cols = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
+                    for value in values:
+                        hits = con.execute(
+                            f"SELECT count(*) FROM {table} WHERE "
+                            + " OR ".join(f"position(? IN CAST({c} AS VARCHAR)) > 0"
+                                          for c in cols), [value] * len(cols)).fetchone()[0]
+                        assert hits == 0, f"{value[:12]}… stored in {table}"
+            finally:
+                con.close()
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -209,8 +224,7 @@ def test_record_query_live_export_and_replay(gw: Gateway, standin, tmp_path: Pat
     assert n == 6  # 4 + the 2 client-replayed requests
     assert_no_secrets(db, out, via)
     if findings:  # masking ran: the raw value it replaced must not be stored or exported
-        for p in (db, out, via):
-            assert EMAIL.encode() not in p.read_bytes()
+        assert_no_secrets(db, out, via, values=(EMAIL,))
     v = cli("audit", "verify", "--db", str(db))
     assert v.returncode == 0 and "6 records verified" in v.stdout, v.stdout + v.stderr
 
@@ -268,6 +282,7 @@ def test_sigterm_under_load_keeps_every_answered_request(gw: Gateway) -> None:
     recorded = {int(b.split("load-")[1][:4]): st for b, st in got}
     missing = sorted(i for i in answered if recorded.get(i) != answered[i])
     assert not missing, f"{len(missing)} answered requests not recorded: {missing[:10]}"
+    assert_no_secrets(db_of(gw))
     assert "audit store flushed and closed" in gw.logs()
     v = cli("audit", "verify", "--db", str(db_of(gw)))
     assert v.returncode == 0, v.stdout + v.stderr
@@ -346,4 +361,60 @@ def test_langgraph_run_exported_and_replayed_offline(gw: Gateway, standin, tmp_p
     assert offline.returncode == 0, offline.stderr
     assert offline.stdout == live.stdout
     assert standin.requests == []
-    assert_no_secrets(out)
+    assert gw.stop(signal.SIGINT) == 0  # Ctrl-C also flushes and closes the store
+    assert "audit store flushed and closed (2 records this run" in gw.logs()
+    assert_no_secrets(out, db_of(gw))
+
+
+POLICIES = """policies:
+  - name: no-blocked-model
+    match: {model: "gpt-blocked"}
+    action: block
+    message: that model is not allowed
+  - name: hold-bulk
+    match: {model: "gpt-bulk"}
+    action: approve
+    approvers: [reviewers]
+    timeout: 1
+"""
+
+
+def test_blocked_timed_out_and_refused_flows_are_records(gateway_factory) -> None:
+    """Flows answered by the gateway itself (policy block, approval timeout, default-deny in
+    requestheaders, CONNECT refusal) reach the store with their decision and rule."""
+    gw = gateway_factory(rules() + POLICIES)
+    client = sdk(gw.proxy_url(), gw.ca_cert, session="pol-1")
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(model="gpt-blocked",
+                                       messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.APIStatusError):  # held, nobody approves, times out: denied
+        client.chat.completions.create(model="gpt-bulk",
+                                       messages=[{"role": "user", "content": "y"}])
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler(
+        {"http": gw.proxy_url()}))
+    req = urllib.request.Request("http://evil.example.org/x", data=b"{}",
+                                 headers={"X-Agent-Session": "pol-1"})
+    with pytest.raises(urllib.error.HTTPError) as ei:  # refused in requestheaders
+        opener.open(req, timeout=20)
+    assert ei.value.code == 403
+    gw.stop()
+    con = duckdb.connect(str(db_of(gw)), read_only=True)
+    rows = con.execute("SELECT model, status, outcome, decision, rule, refusal_code, "
+                       "approval_id, approval->>'state' FROM flows WHERE session_id = 'pol-1' "
+                       "ORDER BY seq").fetchall()
+    approvals = con.execute("SELECT id, rule, decision FROM approvals").fetchall()
+    ok = store_verify(con)
+    con.close()
+    assert ok
+    assert rows[0][:5] == ("gpt-blocked", 403, "refused", "block", "no-blocked-model")
+    bulk = rows[1]
+    assert bulk[:5] == ("gpt-bulk", 403, "refused", "approve", "hold-bulk")
+    assert bulk[7] == "timeout" and bulk[5] == "approval_timeout"
+    assert approvals == [(bulk[6], "hold-bulk", "timeout")]
+    assert rows[2][1:3] == (403, "refused") and rows[2][5] == "destination_not_allowed"
+    assert_no_secrets(db_of(gw))
+
+
+def store_verify(con) -> bool:
+    from addons import audit_store
+    return audit_store.verify(con).ok
