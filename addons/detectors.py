@@ -43,17 +43,24 @@ import regex
 from addons.masking_config import BUILTIN_ENTITIES, MaskingConfig
 from addons.normalize import normalize
 from addons.secrets_rules import (
+    ASSIGNMENT,
     AWS_SECRET,
     AWS_SECRET_WINDOW,
     AWS_SECRET_WORDS,
+    BEARER,
+    ENV_ASSIGNMENT,
+    PASSWORD_WORDS,
     SECRET_RULES,
+    URL_PASSWORD,
     SecretRule,
     aws_secret_ok,
+    bearer_ok,
+    password_ok,
     pem_end,
 )
 from addons.validators import card_lengths, card_ok, luhn_ok, mod97_ok, ssn_ok
 
-__all__ = ["Finding", "DetectorSet", "ENTITIES", "SAMPLES"]
+__all__ = ["Finding", "DetectorSet", "ENTITIES", "SAMPLES", "SAMPLE_VALUES"]
 
 ENTITIES: tuple[str, ...] = tuple(BUILTIN_ENTITIES)
 
@@ -390,8 +397,11 @@ def _find_emails(t: str, out: list) -> None:
         s = m.start("pre")
         while t[s] == ".":  # a local part does not start with a dot
             s += 1
-        if s < m.start():
-            out.append((s, m.end(), "EMAIL", 35))
+        if s >= m.start():
+            continue
+        if s and t[s - 1] == ":" and t.rfind("://", max(0, s - 80), s) != -1:
+            continue  # 'scheme://user:secret@host': a password in a URL, not an address
+        out.append((s, m.end(), "EMAIL", 35))
 
 
 # ---------------------------------------------------------------------------- PEM
@@ -409,6 +419,47 @@ def _find_pem(rule: SecretRule, t: str, out: list) -> None:
             continue
         out.append((m.start(), end, rule.entity, rule.priority))
         pos = end
+
+
+# ---------------------------------------------------------------------------- passwords
+_IDENT_BACK = _c(r"(?r)[A-Za-z0-9_\-]{0,30}")
+_TEMPLATE = _c(r"[$<{%].*|[*xX]+|\.\.\.")
+_ENV_WORDS = ("PASS", "SECRET", "TOKEN", "KEY", "CREDENTIAL")
+
+
+def _find_passwords(t: str, low: str | None, out: list) -> None:
+    if "://" in t:
+        for m in URL_PASSWORD.finditer(t):
+            v = m.group("v")
+            if not _TEMPLATE.fullmatch(v):
+                out.append((m.start("v"), m.end("v"), "PASSWORD", 25))
+    if low is None:
+        low = t  # lengths changed when lower-cased: find the lower-case spellings only
+    done = -1
+    for word in PASSWORD_WORDS:
+        i = low.find(word)
+        while i != -1:
+            if i >= done:
+                bm = _IDENT_BACK.match(t, max(0, i - 30), i)
+                m = ASSIGNMENT.match(t, bm.start() if bm else i)
+                if m is not None and password_ok(m.group("v")):
+                    out.append((m.start("v"), m.end("v"), "PASSWORD", 25))
+                    done = m.end()
+            i = low.find(word, i + len(word))
+    if any(w in t for w in _ENV_WORDS):
+        for m in ENV_ASSIGNMENT.finditer(t):
+            if password_ok(m.group("v")):
+                out.append((m.start("v"), m.end("v"), "PASSWORD", 25))
+
+
+def _find_bearer(t: str, low: str | None, out: list) -> None:
+    src = low if low is not None else t
+    i = src.find("bearer")
+    while i != -1:
+        m = BEARER.match(t, i)
+        if m is not None and bearer_ok(m.group("v")):
+            out.append((m.start("v"), m.end("v"), "BEARER_TOKEN", 28))
+        i = src.find("bearer", i + 6)
 
 
 # ---------------------------------------------------------------------------- assembly
@@ -486,7 +537,7 @@ _SHORT_TEXT = 16384
 # longest span per built-in entity, in normalised characters
 _MAX_LEN: dict[str, int] = {
     "EMAIL": 64 + 1 + 255, "PHONE": 32, "US_SSN": 11, "CREDIT_CARD": 19 + 18, "IBAN": 34 + 8,
-    "IP_ADDRESS": 45 + 17 + 4, "AWS_SECRET_KEY": 40,
+    "IP_ADDRESS": 45 + 17 + 4, "AWS_SECRET_KEY": 40, "PASSWORD": 256, "BEARER_TOKEN": 4100,
 }
 for _r in SECRET_RULES:
     _MAX_LEN[_r.entity] = max(_MAX_LEN.get(_r.entity, 0), _r.max_len)
@@ -542,6 +593,8 @@ class DetectorSet:
         self._long_gated = tuple(r for r in self._secrets if r.always_gate)
         self._email = "EMAIL" in enabled
         self._aws_secret = "AWS_SECRET_KEY" in enabled
+        self._password = "PASSWORD" in enabled
+        self._bearer = "BEARER_TOKEN" in enabled
         self._custom = tuple(
             _Custom(c.name,
                     regex.compile(c.pattern, regex.V0 | (regex.IGNORECASE if c.ignore_case
@@ -611,8 +664,17 @@ class DetectorSet:
                 if r.check is None or r.check(m):
                     start = m.start("pre") if has_pre and m.start("pre") >= 0 else m.start()
                     out.append((start, m.end(), r.entity, r.priority))
+        low: str | None = None
+        if self._aws_secret or self._password or self._bearer:
+            low = t.lower()
+            if len(low) != len(t):
+                low = None
         if self._aws_secret:
-            self._find_aws_secret(t, out)
+            self._find_aws_secret(t, low, out)
+        if self._password:
+            _find_passwords(t, low, out)
+        if self._bearer:
+            _find_bearer(t, low, out)
         if self._email and "@" in t:
             _find_emails(t, out)
         if self._iban:
@@ -637,9 +699,9 @@ class DetectorSet:
         return out
 
     @staticmethod
-    def _find_aws_secret(t: str, out: list) -> None:
-        low, words = t.lower(), AWS_SECRET_WORDS[::3]
-        if len(low) != len(t):  # a character changed length: look for the usual casings
+    def _find_aws_secret(t: str, low: str | None, out: list) -> None:
+        words = AWS_SECRET_WORDS[::3]
+        if low is None:  # lower-casing changed lengths: look for the usual casings
             low, words = t, AWS_SECRET_WORDS
         ends: list[int] = []
         for word in words:
@@ -768,4 +830,18 @@ SAMPLES: dict[str, str] = {
                    "DAC4AWkdwKYSd8\nKs14IReLcYgADhoXk56ZzXI=\n-----END PRIVATE KEY-----",
     "JWT": "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9"
            "lIiwiaWF0IjoxNTE2MjM5MDIyfQ.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c",
+    "STRIPE_KEY": "sk_test_ZI3Kz4JToTVFincwL746OJs4",
+    "GITLAB_TOKEN": "glpat-D6VvOLHNIgWB980vzxNI",
+    "NPM_TOKEN": "npm_GPl6ArRp9vhZUbrs3HpA0Aylwe8WfMMsEqtN",
+    "PYPI_TOKEN": "pypi-AgEIcHlwaS5vcmcddGz2zv25OWlepk4eCn0p0Xs1W2hjJTfipk_b1TStKIW6VIMDdSMbmKT"
+                  "M-CS",
+    "SENDGRID_KEY": "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",
+    "BEARER_TOKEN": "Authorization: Bearer n49QVJ8ANmb4u9icuNiVGuZyJKhxgy9s",
+    "PASSWORD": "postgres://app:S3cr3t-Pa55w0rd@db.internal:5432/prod",
+}
+# the part of a sample that is the finding, where the sample carries context around it
+SAMPLE_VALUES: dict[str, str] = {
+    "AWS_SECRET_KEY": "kW9pQ2xR7vT4mN8bZ3cF6hJ1sL5dG0yA/EuIoP+q",
+    "BEARER_TOKEN": "n49QVJ8ANmb4u9icuNiVGuZyJKhxgy9s",
+    "PASSWORD": "S3cr3t-Pa55w0rd",
 }

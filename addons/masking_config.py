@@ -73,6 +73,14 @@ BUILTIN_ENTITIES: dict[str, str] = {
     "PERPLEXITY_KEY": "Perplexity API key (pplx-…)",
     "PRIVATE_KEY": "PEM / PGP private key block",
     "JWT": "JSON Web Token (base64url JSON header.payload[.signature])",
+    "STRIPE_KEY": "Stripe secret / restricted key (sk_live_…, rk_live_…, sk_test_…)",
+    "GITLAB_TOKEN": "GitLab personal access token (glpat-…)",
+    "NPM_TOKEN": "npm access token (npm_…)",
+    "PYPI_TOKEN": "PyPI upload token (pypi-Ag…)",
+    "SENDGRID_KEY": "SendGrid API key (SG.….…)",
+    "BEARER_TOKEN": "opaque token after 'Bearer ' (Authorization values pasted into text)",
+    "PASSWORD": "password in a URL (scheme://user:PASSWORD@host) or a quoted value assigned "
+                "to a password/secret/token/api_key key; unquoted only in UPPER_CASE env lines",
 }
 
 SECTION_KEYS = {"enabled", "on_unparseable", "max_body_bytes", "hmac_key_env", "default_strategy",

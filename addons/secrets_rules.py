@@ -175,6 +175,28 @@ SECRET_RULES: tuple[SecretRule, ...] = (
         _c(r"_(?<=(?<![A-Za-z0-9_])(?P<pre>hf|api_org)_)(?P<r>[A-Za-z]{34})(?![A-Za-z0-9_])"),
         42, _random),
     SecretRule(
+        "STRIPE_KEY", ("k_",),
+        _c(r"k_(?<=(?<![" + _TOK + r"])(?P<pre>[rs])k_)(?:live|test)_(?P<r>[0-9A-Za-z]{20,247})"
+           r"(?![" + _TOK + "])"),
+        260, _random),
+    SecretRule(
+        "GITLAB_TOKEN", ("glpat-",),
+        _c(r"glpat-(?<![" + _TOK + r"]glpat-)(?P<r>[0-9A-Za-z_\-]{20,64})(?![" + _TOK + "])"),
+        70, _random),
+    SecretRule(
+        "NPM_TOKEN", ("npm_",),
+        _c(r"npm_(?<![" + _TOK + r"]npm_)(?P<r>[A-Za-z0-9]{36})(?![" + _TOK + "])"),
+        40, _random),
+    SecretRule(
+        "PYPI_TOKEN", ("pypi-Ag",),
+        _c(r"pypi-Ag(?<![" + _TOK + r"]pypi-Ag)(?P<r>[A-Za-z0-9_\-]{50,400})(?![" + _TOK + "])"),
+        410, _random),
+    SecretRule(
+        "SENDGRID_KEY", ("SG.",),
+        _c(r"SG\.(?<![" + _TOK + r"]SG\.)(?P<r>[A-Za-z0-9_\-]{22}\.[A-Za-z0-9_\-]{43})"
+           r"(?![" + _TOK + "])"),
+        69, _random),
+    SecretRule(
         "PERPLEXITY_KEY", ("pplx-",),
         _c(r"pplx-(?<![" + _TOK + r"]pplx-)(?P<r>[A-Za-z0-9]{48})(?![A-Za-z0-9])"),
         53, _random),
@@ -192,3 +214,42 @@ def aws_secret_ok(value: str) -> bool:
     return (not looks_placeholder(value, 3.5)
             and any(c.isdigit() or c in "/+" for c in value)
             and any(c.islower() for c in value) and any(c.isupper() for c in value))
+
+
+# ---------------------------------------------------------------------------- passwords
+# scheme://user:PASSWORD@host — the password only is the finding
+URL_PASSWORD = _c(r"://(?<=[A-Za-z][A-Za-z0-9+.\-]{0,20}://)[^\s:/@?#\[\]\"'<>]{1,64}:"
+                  r"(?P<v>[^\s@/?#\"'<>]{1,128})@(?=[A-Za-z0-9\[])")
+# key = "value" / "key": "value" / key: 'value' for password-like keys (quoted values only),
+# and KEY=value lines of env files (upper-case keys, unquoted values)
+PASSWORD_WORDS = ("pass", "pwd", "secret", "token", "key", "credential")
+ASSIGNMENT = _c(
+    r"(?i:[a-z0-9_\-]{0,30}(?:pass(?:word|wd|phrase)?|pwd|secret|token|api[_\-]?key|apikey|"
+    r"access[_\-]?key|private[_\-]?key|credentials?)[a-z0-9_\-]{0,30})"
+    r"[\"']?[ \t]{0,3}(?:=|:|=>|:=)[ \t]{0,3}"
+    r"(?:(?P<q>[\"'`])(?P<v>[^\"'`\s\\]{6,256})(?P=q))")
+ENV_ASSIGNMENT = _c(
+    r"(?m)^[ \t]*(?:export[ \t]+)?[A-Z0-9_]{0,40}(?:PASSWORD|PASSWD|PASSPHRASE|SECRET|TOKEN|"
+    r"API_KEY|APIKEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)[A-Z0-9_]{0,40}[ \t]*[=:][ \t]*"
+    r"(?P<v>[^\s\"'`#$<{]{6,256})[ \t]*$")
+_NOT_A_VALUE = regex.compile(
+    r"[A-Z0-9_]+|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+|.*(?:xxxx|XXXX|\*\*\*).*|"
+    r"(?i:changeme|change_me|password|passwd|secret|your[_\-].*|my[_\-].*|example.*|"
+    r"redacted|placeholder|none|null|true|false|undefined|<.*>|\$\{.*\}|%\(.*)")
+
+
+def password_ok(value: str) -> bool:
+    """A real-looking secret value: not an env-var name, attribute path, template or
+    well-known stand-in, and not low-entropy."""
+    if value[:1] in "$<{%" or _NOT_A_VALUE.fullmatch(value):
+        return False
+    return not looks_placeholder(value, 2.5)
+
+
+# Authorization values pasted into text: 'Bearer <token>' (JWTs are found as JWT)
+BEARER = _c(r"(?i:bearer)[ \t]+(?P<v>[A-Za-z0-9._~+/\-]{16,4096}=*)(?![A-Za-z0-9._~+/=\-])")
+
+
+def bearer_ok(value: str) -> bool:
+    return (not _NOT_A_VALUE.fullmatch(value) and not looks_placeholder(value, 3.0)
+            and any(c.isdigit() for c in value))
