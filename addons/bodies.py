@@ -325,20 +325,34 @@ def _dump(obj: Any) -> str:
 class Masked:
     """Masking context of one flow direction: who, which session, what was found."""
 
-    __slots__ = ("masker", "session", "findings", "restorable", "restore", "llm")
+    __slots__ = ("masker", "session", "findings", "restorable", "restore", "llm", "detect")
 
     def __init__(self, masker: Masker, session: Session | None, findings: Findings, *,
-                 restorable: bool = True, restore: bool = False, dialect: str = "generic"
-                 ) -> None:
+                 restorable: bool = True, restore: bool = False, dialect: str = "generic",
+                 detect: bool = True) -> None:
         self.masker = masker
         self.session = session
         self.findings = findings
         self.restorable = restorable
         self.restore = restore and session is not None
         self.llm = dialect in LLM_DIALECTS
+        # detect=False: a restore-only pass over a body this context already masked
+        # (the masked body is what gets recorded; the restored one goes to the agent).
+        self.detect = detect
+
+    def variant(self, *, restore: bool | None = None, detect: bool | None = None) -> Masked:
+        """The same context (session, findings) with restore and/or detection switched."""
+        out = Masked(self.masker, self.session, self.findings, restorable=self.restorable,
+                     restore=self.restore if restore is None else restore,
+                     detect=self.detect if detect is None else detect)
+        out.llm = self.llm
+        return out
 
     # -- one text
     def text(self, text: str, escape: Callable[[str], str] | None = None) -> str:
+        if not self.detect:
+            session = self.session
+            return session.restore(text, escape) if self.restore and session else text
         return self.masker.mask_text(text, self.session, self.findings,
                                      restorable=self.restorable, restore=self.restore,
                                      escape=escape)
@@ -349,7 +363,7 @@ class Masked:
         if not slots.texts and not slots.forced:
             return False
         joined = "".join(slots.parts)
-        found = self.masker.find(joined)
+        found = self.masker.find(joined) if self.detect else []
         restore = self.restore and "[" in joined
         if not found and not restore and not slots.forced:
             return False

@@ -1,8 +1,10 @@
 """The addon list mitmdump loads: `mitmdump -s addons/gateway.py`.
 
-Order is the data path (ARCHITECTURE.md): rules -> upstreams -> identity -> policy ->
-masking -> approval -> credentials on the way out; masking (responses) and the recorder
-on the way back. Addons talk only through `flow.metadata`.
+Order is the data path (ARCHITECTURE.md): rules -> upstreams -> identity -> sessions ->
+policy -> masking -> approval -> credentials on the way out; masking (responses) and the
+recorder on the way back. Addons talk only through `flow.metadata`. Two small addons sit
+outside the script at the front of mitmproxy's chain: the pipeline sentinel (refuses all
+traffic while this script is not loaded) and the credential scrubber.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from addons.masking import Masking
 from addons.policy import Policy
 from addons.recorder import Recorder
 from addons.rules_loader import RulesHolder, RulesLoader
+from addons.sessions import Sessions
 from addons.upstreams import Upstreams
 
 
@@ -26,6 +29,7 @@ def build(holder: RulesHolder | None = None) -> list[object]:
         RulesLoader(holder),
         Upstreams(holder),
         Identity(holder),
+        Sessions(holder),
         Policy(holder),
         Masking(holder),
         Approval(holder),

@@ -21,11 +21,18 @@ Hooks:
 - response: other responses are masked whole; with `restore: true` on the upstream, the
   placeholders of this session in the model's answer are put back for the agent.
 
+Restore never reaches the audit store: the answer is masked first and restored in a second,
+detection-free pass; the masked answer is left in `flow.metadata["masked_response"]`
+(bytes, decoded), which the recorder stores instead of what the agent got (body column and
+flow state). For SSE the masked stream is accumulated as events go out (at most
+`max_body_bytes`, then cut with an SSE comment saying so) and set at the end of the stream.
+
 Upstreams with `mask: false` and `masking.enabled: false` skip all of it. Findings per flow
 go to `flow.metadata["findings"]` = {ENTITY: {"count": n, "strategy": s}}, never a value.
 
 Session (whose placeholders are stable, and whose originals may be restored): the
-recorder's `flow.metadata["session"]` if set, else the agent's `X-Agent-Session` header,
+recorder's `flow.metadata["session"]` if set (header or connection, and a body-named
+thread set by addons/sessions.py before masking runs), else the agent's `X-Agent-Session` header,
 else the client connection; always bound to the identity subject as well, so a session id
 alone never reaches another identity's values. The session is fixed when the request is
 masked and reused for its response.
@@ -65,6 +72,30 @@ def mask_message(ctx: Masked, raw: bytes, encoding: str, content_type: str, limi
         raise TooLarge
     data = decode_content(raw, encoding, limit) if encoding else raw
     return ctx.body(data, content_type, pass_text)
+
+
+def mask_response(ctx: Masked, raw: bytes, encoding: str, content_type: str, limit: int,
+                  pass_text: bool, restore: bool) -> tuple[bytes | None, bytes | None]:
+    """(decoded body for the agent, or None when unchanged; the masked body to record
+    instead, or None when the agent gets the masked body itself).
+
+    Masks first, then (with `restore`) puts this session's originals back in a second,
+    detection-free pass over the masked body: the masked body is what the upstream's
+    answer looks like with no raw value in it, and it is what the audit store keeps.
+    Raises Unparseable/TooLarge."""
+    if len(raw) > limit:
+        raise TooLarge
+    data = decode_content(raw, encoding, limit) if encoding else raw
+    masked = ctx.body(data, content_type, pass_text)
+    if not restore:
+        return masked, None
+    base = data if masked is None else masked
+    if b"[" not in base:  # every placeholder starts with "["
+        return masked, None
+    restored = ctx.variant(restore=True, detect=False).body(base, content_type, pass_text)
+    if restored is None or restored == base:
+        return masked, None
+    return restored, base
 
 
 class Masking:
@@ -225,7 +256,8 @@ class Masking:
         ctx = Masked(self.masker(), self._session(flow), found,
                      restorable=False, restore=bool(up and up.restore),
                      dialect=self._dialect(flow, up))
-        masker = StreamMasker(ctx, max_event=cfg.max_body_bytes, decoder=decoder)
+        masker = StreamMasker(ctx, max_event=cfg.max_body_bytes, decoder=decoder,
+                              max_masked_copy=cfg.max_body_bytes)
         resp.stream = _safe_stream(masker, flow, found)
         # The body changes length and is sent decoded.
         resp.headers.pop("content-encoding", None)
@@ -248,15 +280,15 @@ class Masking:
             return
         found: dict = {}
         ctx = Masked(self.masker(), self._session(flow), found, restorable=False,
-                     restore=bool(up and up.restore), dialect=self._dialect(flow, up))
+                     dialect=self._dialect(flow, up))
         args = (ctx, raw, resp.headers.get("content-encoding", ""),
                 resp.headers.get("content-type", ""), cfg.max_body_bytes,
-                cfg.on_unparseable == "pass_text")
+                cfg.on_unparseable == "pass_text", bool(up and up.restore))
         try:
             if len(raw) >= THREAD_MIN_BYTES:
-                new = await asyncio.to_thread(mask_message, *args)
+                new, masked = await asyncio.to_thread(mask_response, *args)
             else:
-                new = mask_message(*args)
+                new, masked = mask_response(*args)
         except TooLarge:
             refuse(flow, 502, "upstream response over masking.max_body_bytes cannot be masked",
                    "body_too_large", "masking")
@@ -265,6 +297,9 @@ class Masking:
             refuse(flow, 502, f"upstream response cannot be masked: {e.reason}",
                    "unmaskable_body", "masking")
             return
+        if masked is not None:
+            # restore: the agent gets its originals back; the recorder stores this instead
+            flow.metadata["masked_response"] = masked
         if new is not None:
             resp.headers.pop("content-encoding", None)
             resp.content = new
@@ -285,6 +320,10 @@ def _safe_stream(masker: StreamMasker, flow: http.HTTPFlow, found: dict) -> Any:
             raise RuntimeError("masking failed; stream aborted") from None
         if found and flow.metadata.get("findings") is not found:
             flow.metadata["findings"] = found
+        if data == b"" and masker.restored:
+            # restore: the agent got its originals back; the recorder stores the masked
+            # stream instead (set before mitmproxy's response hook, which follows the end)
+            flow.metadata["masked_response"] = masker.masked_copy()
         return out
 
     return stream

@@ -129,22 +129,28 @@ def needs_normalizing(text: str) -> bool:
 
 def normalize(text: str) -> Normalized | None:
     """Normalised form of `text`, or None when nothing needed folding (use `text` itself)."""
-    if text.isascii() and "\\u" not in text and "%" not in text and "&#" not in text:
+    is_ascii = text.isascii()
+    # each test scans the text once; the backslash and ampersand are rare, so test them
+    # alone before the two-character sequences
+    has_u = "\\" in text and "\\u" in text
+    has_pct = "%" in text
+    has_amp = "&" in text and "&#" in text
+    if is_ascii and not (has_u or has_pct or has_amp):
         return None
     # (start, end, replacement) of every unit to replace, from literal-first scans that the
     # regex engine runs at memory speed
     units: list[tuple[int, int, str]] = []
     sources = 0
-    if "\\u" in text:
+    if has_u:
         sources += 1
         units.extend((m.start(), m.end(), _unescape_u(m)) for m in _ESC_U.finditer(text))
-    if "%" in text:
+    if has_pct:
         sources += 1
         units.extend((m.start(), m.end(), _unescape_pct(m)) for m in _ESC_PCT.finditer(text))
-    if "&#" in text:
+    if has_amp:
         sources += 1
         units.extend((m.start(), m.end(), _unescape_html(m)) for m in _ESC_HTML.finditer(text))
-    if not text.isascii():
+    if not is_ascii:
         sources += 1
         add = units.append
         for m in _NON_ASCII.finditer(text):

@@ -5,7 +5,9 @@ Hooks (all guarded, fail closed):
   the agent's session header, else the client connection; remembers the URL the agent asked
   for (credentials may re-route the request with `forward_to`); refuses new flows with 503
   `recorder_unavailable` while the store cannot be written or its backlog is full.
-- `request`: a session named in the JSON body (`metadata.thread_id` …) when no header did.
+- a session named in the JSON body (`metadata.thread_id` …) when no header did is read by
+  addons/sessions.py's `request` hook, which runs before policy and masking (masking keys
+  its placeholder map by session, so it must know the session before it masks).
 - `response` (also reached by flows another addon answered: blocked, denied, timed-out
   approvals, refusals), `error` (upstream failures, killed flows, client aborts) and
   `http_connect_error` (CONNECT refused, e.g. default-deny egress): snapshot the flow with
@@ -18,9 +20,7 @@ Pure logic lives in addons/audit_store.py, the thread in addons/audit_writer.py.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import re
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -34,36 +34,12 @@ from addons.audit_writer import AuditWriter
 from addons.guard import already_answered, guarded, refuse
 from addons.recorder_config import RecorderConfig
 from addons.rules_loader import RulesHolder
+from addons.sessions import body_session, clean_session  # noqa: F401 - re-exported
 
 log = logging.getLogger("agentgate.recorder")
 
 DB_NAME = "agentgate.duckdb"
-_SESSION_RE = re.compile(r"[^A-Za-z0-9._:@/+=#-]")
-MAX_SESSION_LEN = 128
 SECRETS_TTL = 5.0  # seconds; credential files may be rotated while we run
-
-
-def clean_session(value: Any) -> str | None:
-    """A session id safe for comments, logs and SQL output (bounded, printable)."""
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        return None
-    text = _SESSION_RE.sub("_", str(value).strip())[:MAX_SESSION_LEN]
-    return text or None
-
-
-def body_session(doc: Any, keys: tuple[str, ...]) -> tuple[str, str] | None:
-    """(key, value) of the first dotted key present in a JSON document."""
-    for key in keys:
-        cur = doc
-        for part in key.split("."):
-            if not isinstance(cur, dict) or part not in cur:
-                cur = None
-                break
-            cur = cur[part]
-        value = clean_session(cur)
-        if value:
-            return key, value
-    return None
 
 
 def _decode(content: bytes, enc: str) -> bytes:
@@ -213,30 +189,6 @@ class Recorder:
         if why:
             refuse(flow, 503, f"audit store unavailable, request refused (fail closed): {why}",
                    "recorder_unavailable", "recorder")
-
-    @guarded("recorder", skip_answered=False)
-    def request(self, flow: http.HTTPFlow) -> None:
-        info = flow.metadata.get("recorder")
-        if not isinstance(info, dict) or info.get("session_source") != "connection":
-            return
-        keys = self.cfg.session_body_keys
-        content = flow.request.raw_content
-        if not keys or not content or len(content) > 1 << 20:
-            return
-        if "json" not in flow.request.headers.get("content-type", "").lower():
-            return
-        text = flow.request.get_content(strict=False) or b""
-        # Cheap pre-check: parse only bodies that mention a configured key's first part.
-        if not any(k.split(".", 1)[0].encode() in text for k in keys):
-            return
-        try:
-            doc = json.loads(text)
-        except (ValueError, UnicodeDecodeError):
-            return  # not ours to judge; masking/policy handle malformed bodies
-        found = body_session(doc, keys)
-        if found:
-            info["session_source"] = f"body:{found[0]}"
-            flow.metadata["session"] = found[1]
 
     @guarded("recorder", skip_answered=False)
     def response(self, flow: http.HTTPFlow) -> None:

@@ -75,21 +75,45 @@ def _jwt_ok(m: regex.Match) -> bool:
 _BLANK_LINE = regex.compile(r"\n[ \t\r]*\n")
 
 
+_PEM_HEADER_LINE = regex.compile(r"(?m)^[ \t]*[A-Za-z][A-Za-z0-9\-]*:[^\n]*$")
+_PEM_NOISE = regex.compile(r"\\[nr]|[\s\"'`+,]")
+_B64 = regex.compile(r"[A-Za-z0-9+/=]+")
+
+
+def pem_body_ok(body: str) -> bool:
+    """The body of a key block looks like one: base64 (after removing the quotes, `\\n`
+    escapes and `+` of a key written as a string literal in code, and `Proc-Type:` style
+    header lines), at least 32 characters, with upper case, lower case and digits. A header
+    followed by prose or code is a mention of a key, not a key."""
+    clean = _PEM_NOISE.sub("", _PEM_HEADER_LINE.sub("", body))
+    if len(clean) < 32 or not _B64.fullmatch(clean):
+        return False
+    return (any(c.isupper() for c in clean) and any(c.islower() for c in clean)
+            and any(c.isdigit() for c in clean))
+
+
 def pem_end(m: regex.Match, text: str) -> int | None:
-    """End of the private-key block whose BEGIN line `m` matched, or None when it has no
-    body (nothing to protect): through `-----END <same kind>-----` when it follows within
+    """End of the private-key block whose BEGIN line `m` matched, or None when what follows
+    is not a key body: through `-----END <same kind>-----` when it follows within
     PEM_MAX_BODY characters, else through the line before the next blank line."""
     start = m.end()
     limit = min(len(text), start + PEM_MAX_BODY)
+    # a body never holds another BEGIN line: stop there (keeps a text of BEGIN lines linear)
+    nxt = text.find("-----BEGIN ", start, limit)
+    if nxt != -1:
+        limit = nxt
     footer = "-----END " + m.group("kind") + "-----"
     i = text.find(footer, start, limit + len(footer))
     if i != -1:
-        return i + len(footer) if text[start:i].strip() else None
+        return i + len(footer) if pem_body_ok(text[start:i]) else None
     blank = _BLANK_LINE.search(text, start, limit)
     end = blank.start() if blank else limit
     while end > start and text[end - 1].isspace():
         end -= 1
-    return end if end > start else None
+    if end <= start:
+        return None
+    # a truncated block: keep the base64 lines (the body may be cut anywhere)
+    return end if pem_body_ok(text[start:end]) else None
 
 
 PEM_MAX_BODY = 32 * 1024
@@ -126,7 +150,7 @@ SECRET_RULES: tuple[SecretRule, ...] = (
            r"(?:(?P<r>[A-Za-z0-9_\-]{10,200}T3BlbkFJ[A-Za-z0-9_\-]{10,200})"
            r"|(?<=(?:proj|svcacct|admin)-)(?P<r>[A-Za-z0-9_\-]{80,250}))"
            r"(?![" + _TOK + "])"),
-        420, _random),
+        420, _random, always_gate=True),
     SecretRule(
         "AWS_ACCESS_KEY", (),
         _c(r"A(?:KIA|SIA|BIA|CCA|3T[A-Z0-9])(?<![A-Za-z0-9]A(?:KIA|SIA|BIA|CCA|3T[A-Z0-9]))"
@@ -182,11 +206,11 @@ SECRET_RULES: tuple[SecretRule, ...] = (
     SecretRule(
         "GITLAB_TOKEN", ("glpat-",),
         _c(r"glpat-(?<![" + _TOK + r"]glpat-)(?P<r>[0-9A-Za-z_\-]{20,64})(?![" + _TOK + "])"),
-        70, _random),
+        70, _random, always_gate=True),
     SecretRule(
         "NPM_TOKEN", ("npm_",),
         _c(r"npm_(?<![" + _TOK + r"]npm_)(?P<r>[A-Za-z0-9]{36})(?![" + _TOK + "])"),
-        40, _random),
+        40, _random, always_gate=True),
     SecretRule(
         "PYPI_TOKEN", ("pypi-Ag",),
         _c(r"pypi-Ag(?<![" + _TOK + r"]pypi-Ag)(?P<r>[A-Za-z0-9_\-]{50,400})(?![" + _TOK + "])"),
@@ -199,7 +223,7 @@ SECRET_RULES: tuple[SecretRule, ...] = (
     SecretRule(
         "PERPLEXITY_KEY", ("pplx-",),
         _c(r"pplx-(?<![" + _TOK + r"]pplx-)(?P<r>[A-Za-z0-9]{48})(?![A-Za-z0-9])"),
-        53, _random),
+        53, _random, always_gate=True),
 )
 
 # AWS secret access keys have no prefix: 40 base64 characters, accepted only next to a word
@@ -211,8 +235,11 @@ AWS_SECRET_WINDOW = 80
 
 
 def aws_secret_ok(value: str) -> bool:
+    """40 random base64 characters have mixed case and several digits (or '/' '+'); a
+    CamelCase identifier such as 'V1OrganizationExternalKeysPostRequestGcp' has not."""
+    digits = sum(c.isdigit() for c in value)
     return (not looks_placeholder(value, 3.5)
-            and any(c.isdigit() or c in "/+" for c in value)
+            and (digits >= 2 or (digits >= 1 and ("/" in value or "+" in value)))
             and any(c.islower() for c in value) and any(c.isupper() for c in value))
 
 
@@ -220,28 +247,49 @@ def aws_secret_ok(value: str) -> bool:
 # scheme://user:PASSWORD@host — the password only is the finding
 URL_PASSWORD = _c(r"://(?<=[A-Za-z][A-Za-z0-9+.\-]{0,20}://)[^\s:/@?#\[\]\"'<>]{1,64}:"
                   r"(?P<v>[^\s@/?#\"'<>]{1,128})@(?=[A-Za-z0-9\[])")
-# key = "value" / "key": "value" / key: 'value' for password-like keys (quoted values only),
-# and KEY=value lines of env files (upper-case keys, unquoted values)
-PASSWORD_WORDS = ("pass", "pwd", "secret", "token", "key", "credential")
-ASSIGNMENT = _c(
-    r"(?i:[a-z0-9_\-]{0,30}(?:pass(?:word|wd|phrase)?|pwd|secret|token|api[_\-]?key|apikey|"
-    r"access[_\-]?key|private[_\-]?key|credentials?)[a-z0-9_\-]{0,30})"
-    r"[\"']?[ \t]{0,3}(?:=|:|=>|:=)[ \t]{0,3}"
-    r"(?:(?P<q>[\"'`])(?P<v>[^\"'`\s\\]{6,256})(?P=q))")
-ENV_ASSIGNMENT = _c(
-    r"(?m)^[ \t]*(?:export[ \t]+)?[A-Z0-9_]{0,40}(?:PASSWORD|PASSWD|PASSPHRASE|SECRET|TOKEN|"
-    r"API_KEY|APIKEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)[A-Z0-9_]{0,40}[ \t]*[=:][ \t]*"
-    r"(?P<v>[^\s\"'`#$<{]{6,256})[ \t]*$")
+# key = "value" / "key": "value" / key: 'value' / key => "value" for password-like keys
+# (quoted values only), and KEY=value lines of env files (upper-case keys, unquoted
+# values). Both scans start at '=' or ':' (rare in prose) and look back for the key.
+# the key must END with one of these words (db_password, client_secret, access_token,
+# OPENAI_API_KEY, password2) — 'token_endpoint' or 'secret_name' do not name a secret
+_PW_KEY = (r"(?:pass(?:word|wd|phrase)?|pwd|secret|token|api[_\-]?key|apikey|access[_\-]?key|"
+           r"private[_\-]?key|credentials?)[0-9]{0,2}")
+
+
+def _assignment(op: str) -> regex.Pattern:
+    """Both forms for one operator character; a scan that starts with one literal character
+    is ten times faster than one that starts with a class. '==' (a comparison) is not an
+    assignment."""
+    o = regex.escape(op)
+    return _c(
+        o + r"(?<![=!<>]" + o + r")(?:(?<=(?<![A-Za-z0-9_\-])(?i:[a-z0-9_\-]{0,30}" + _PW_KEY
+        + r")[\"']?[ \t]{0,3}" + o + r")(?:>|(?<=:)=)?(?!=)[ \t]{0,3}"
+        r"(?P<q>[\"'`])(?P<v>[^\"'`\s\\]{6,256})(?P=q)"
+        r"|(?<=(?m:^)[ \t]*(?:export[ \t]+)?[A-Z0-9_]{0,40}(?:PASSWORD|PASSWD|PASSPHRASE|SECRET|"
+        r"TOKEN|API_KEY|APIKEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)[0-9]{0,2}[ \t]*" + o
+        + r")(?!=)[ \t]*(?P<v>[^\s\"'`#$<{]{6,256})[ \t]*(?=\r?\n|$))")
+
+
+PASSWORD_ASSIGNMENTS = (_assignment("="), _assignment(":"))
+# values that are names, paths or stand-ins rather than secrets: env-var names, attribute
+# paths, URLs and paths, templates, 'xxxx' / '****'
 _NOT_A_VALUE = regex.compile(
     r"[A-Z0-9_]+|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+|.*(?:xxxx|XXXX|\*\*\*).*|"
+    r"/.*|[a-z][a-z0-9+.\-]*://.*|"
     r"(?i:changeme|change_me|password|passwd|secret|your[_\-].*|my[_\-].*|example.*|"
     r"redacted|placeholder|none|null|true|false|undefined|<.*>|\$\{.*\}|%\(.*)")
+# a secret value has a digit or a symbol: plain words and identifiers ('client_secret_basic',
+# 'invalidCredentials', 'X-API-Key') are names in code, not passwords
+_HAS_DIGIT_OR_SYMBOL = regex.compile(r"[^A-Za-z_\-.]")
 
 
 def password_ok(value: str) -> bool:
-    """A real-looking secret value: not an env-var name, attribute path, template or
-    well-known stand-in, and not low-entropy."""
-    if value[:1] in "$<{%" or _NOT_A_VALUE.fullmatch(value):
+    """A real-looking secret value: a digit or symbol in it, not an env-var name, attribute
+    path, template or well-known stand-in, and not low-entropy."""
+    value = value.rstrip(",;")  # 'KEY: SomeName,' is code, the comma is not part of it
+    if len(value) < 6 or value[:1] in "$<{%" or _NOT_A_VALUE.fullmatch(value):
+        return False
+    if _HAS_DIGIT_OR_SYMBOL.search(value) is None:
         return False
     return not looks_placeholder(value, 2.5)
 

@@ -24,6 +24,11 @@ handled by what it carries:
 With restore on, known placeholders in the model's text are replaced by the originals
 (JSON-escaped in tool-call argument streams); the emit boundary never splits a
 placeholder. Nothing is buffered beyond one event plus the held tail per channel.
+
+Restore is a second step over the masked text: each emitted event is rendered masked
+first, then restored for the agent. With restore on, the masked rendering of the whole
+stream is kept as well (`masked_copy()`, at most `max_masked_copy` bytes): the audit
+store records it instead of the restored stream, so no original reaches it.
 """
 
 from __future__ import annotations
@@ -118,8 +123,67 @@ def _dump(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+class _Dual:
+    """Text of a channel as the agent gets it (restored) and as masked (recorded)."""
+
+    __slots__ = ("shown", "kept")
+
+    def __init__(self, shown: str, kept: str) -> None:
+        self.shown = shown
+        self.kept = kept
+
+    def __repr__(self) -> str:  # never show the restored originals
+        return f"<_Dual {len(self.kept)} chars>"
+
+
+class _Pair(bytes):
+    """An event as the agent gets it (the bytes themselves) and as masked (`.masked`)."""
+
+    masked: bytes
+
+
+def _pair(shown: bytes, kept: bytes) -> bytes:
+    if shown == kept:
+        return shown
+    out = _Pair(shown)
+    out.masked = kept
+    return out
+
+
+def _kept(o: Any) -> str:
+    if isinstance(o, _Dual):
+        return o.kept
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _dumps(obj: Any) -> tuple[str, str | None]:
+    """(JSON as the agent gets it, JSON as masked, or None when both are the same)."""
+    dual = False
+
+    def shown(o: Any) -> str:
+        nonlocal dual
+        if isinstance(o, _Dual):
+            dual = True
+            return o.shown
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=shown)
+    if not dual:
+        return text, None
+    return text, json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=_kept)
+
+
 def _event(name: str | None, obj: Any) -> bytes:
-    return ((f"event: {name}\n" if name else "") + f"data: {_dump(obj)}\n\n").encode()
+    head = f"event: {name}\n" if name else ""
+    text, kept = _dumps(obj)
+    out = (head + f"data: {text}\n\n").encode()
+    return out if kept is None else _pair(out, (head + f"data: {kept}\n\n").encode())
+
+
+def _render(ev: SSEEvent, obj: Any) -> bytes:
+    text, kept = _dumps(obj)
+    out = ev.render(text)
+    return out if kept is None else _pair(out, ev.render(kept))
 
 
 # ---------------------------------------------------------------- one text channel
@@ -141,8 +205,9 @@ class TextChannel:
     def pending(self) -> int:
         return len(self.buf) - self.done
 
-    def feed(self, text: str, final: bool = False) -> str:
-        """Add text; return the masked text that is safe to emit now."""
+    def feed(self, text: str, final: bool = False) -> str | _Dual:
+        """Add text; return the masked text that is safe to emit now (a _Dual when
+        restoring changed it: restored for the agent, masked for the record)."""
         if text:
             self.buf += text
         buf = self.buf
@@ -178,9 +243,9 @@ class TextChannel:
         self.done = cut - keep
         return out
 
-    def _render(self, buf: str, found: list[Any], lo: int, hi: int) -> str:
+    def _render(self, buf: str, found: list[Any], lo: int, hi: int) -> str | _Dual:
         ctx = self.ctx
-        session, restore, escape = ctx.session, ctx.restore, self.escape
+        session, escape = ctx.session, self.escape
         out: list[str] = []
         pos = lo
         for f in found:
@@ -188,15 +253,19 @@ class TextChannel:
                 continue  # emitted earlier
             if f.start >= hi:
                 break
-            gap = buf[pos:max(pos, f.start)]
-            out.append(session.restore(gap, escape) if restore and session else gap)
+            out.append(buf[pos:max(pos, f.start)])
             repl = ctx.masker.replacement(f.entity, f.value, session, ctx.restorable)
             out.append(escape(repl) if escape else repl)
             count(ctx.findings, f.entity, ctx.masker.strategy(f.entity))
             pos = f.end
-        gap = buf[pos:hi]
-        out.append(session.restore(gap, escape) if restore and session else gap)
-        return "".join(out)
+        out.append(buf[pos:hi])
+        masked = "".join(out)
+        if ctx.restore and session is not None and "[" in masked:
+            # feed() never cuts through a placeholder when restoring: each is whole here
+            shown = session.restore(masked, escape)
+            if shown != masked:
+                return _Dual(shown, masked)
+        return masked
 
 
 # ---------------------------------------------------------------- incremental decoding
@@ -254,8 +323,17 @@ class StreamMasker:
     """
 
     def __init__(self, ctx: Masked, hold: int | None = None, max_event: int = 16 << 20,
-                 decoder: StreamDecoder | None = None) -> None:
+                 decoder: StreamDecoder | None = None, max_masked_copy: int = 16 << 20
+                 ) -> None:
         self.ctx = ctx
+        # With restore: contexts that mask without restoring, and restore without
+        # detecting (for whole events); and the masked copy of the stream for the record.
+        self.plain = ctx.variant(restore=False) if ctx.restore else ctx
+        self.restorer = ctx.variant(detect=False) if ctx.restore else None
+        self.masked: bytearray | None = bytearray() if ctx.restore else None
+        self.max_masked_copy = max_masked_copy
+        self.masked_over = False
+        self.restored = False  # the agent got something the masked copy does not have
         # None: the detectors tell per buffer how much to keep (a few characters in
         # prose); a number: a fixed hold-back (tests, detectors without an estimate).
         self.hold = hold
@@ -278,7 +356,7 @@ class StreamMasker:
         out: list[bytes] = []
         for raw in self.splitter.feed(data):
             out.extend(self.event(raw))
-        return [b for b in out if b]
+        return self._emit(out)
 
     def end(self) -> list[bytes]:
         if self.ended:
@@ -289,7 +367,41 @@ class StreamMasker:
         if rest.strip():
             out.extend(self.event(rest))
         out.extend(self.flush(lambda key: True))
-        return [b for b in out if b]
+        return self._emit(out)
+
+    # -- the masked copy (restore on)
+    def _emit(self, out: list[bytes]) -> list[bytes]:
+        if self.masked is None:
+            return [b for b in out if b]
+        res: list[bytes] = []
+        for b in out:
+            if not b:
+                continue
+            if type(b) is _Pair:
+                self.restored = True
+                self._keep(b.masked)
+                res.append(bytes(b))
+            else:
+                self._keep(b)
+                res.append(b)
+        return res
+
+    def _keep(self, data: bytes) -> None:
+        copy = self.masked
+        if copy is None or self.masked_over:
+            return
+        if len(copy) + len(data) > self.max_masked_copy:
+            # Bounded: the record gets the masked stream up to here and this note, never
+            # the restored rest (the agent's stream itself goes on).
+            self.masked_over = True
+            copy += (f": agentgate: masked copy truncated at {len(copy)} bytes "
+                     f"(masking.max_body_bytes)\n\n").encode()
+            return
+        copy += data
+
+    def masked_copy(self) -> bytes | None:
+        """The stream as masked, before restore (None when restore is off)."""
+        return None if self.masked is None else bytes(self.masked)
 
     # -- channels
     def channel(self, key: tuple, json_mode: bool = False) -> TextChannel:
@@ -319,13 +431,11 @@ class StreamMasker:
         if stripped == "[DONE]":
             return [*self.flush(lambda key: True), raw]
         if stripped[:1] not in ("{", "["):
-            new = self.ctx.text(data)
-            return [raw if new == data else ev.render(new)]
+            return [self._text_event(ev, data)]
         try:
             obj = loads(data)
         except (ValueError, RecursionError):  # incl. duplicate keys: mask it as raw text
-            new = self.ctx.text(data)
-            return [raw if new == data else ev.render(new)]
+            return [self._text_event(ev, data)]
         if isinstance(obj, dict):
             typ = obj.get("type")
             if isinstance(obj.get("choices"), list):
@@ -338,10 +448,19 @@ class StreamMasker:
                     return self._anthropic(ev, obj, typ)
         return self._generic(ev, obj)
 
+    def _text_event(self, ev: SSEEvent, data: str) -> bytes:
+        new = self.plain.text(data)
+        kept = ev.raw if new == data else ev.render(new)
+        if self.restorer is None:
+            return kept
+        shown = self.restorer.text(new)
+        return kept if shown == new else _pair(ev.render(shown), kept)
+
     def _generic(self, ev: SSEEvent, obj: Any) -> list[bytes]:
-        if self.ctx.json_obj(obj):
-            return [ev.render(_dump(obj))]
-        return [ev.raw]
+        kept = ev.render(_dump(obj)) if self.plain.json_obj(obj) else ev.raw
+        if self.restorer is not None and self.restorer.json_obj(obj):
+            return [_pair(ev.render(_dump(obj)), kept)]
+        return [kept]
 
     # -- OpenAI chat completions chunks
     def _chat(self, ev: SSEEvent, obj: dict) -> list[bytes]:
@@ -388,7 +507,7 @@ class StreamMasker:
                                   skip=fed)
                 for key in fed:
                     self.channels.pop(key, None)
-        return [*pre, ev.render(_dump(obj))]
+        return [*pre, _render(ev, obj)]
 
     # -- OpenAI responses events
     def _responses(self, ev: SSEEvent, obj: dict, typ: str) -> list[bytes]:
@@ -402,7 +521,7 @@ class StreamMasker:
             template = dict(obj)
             ch.template = lambda text, t=template, n=ev.name: _event(n, {**t, "delta": text})
             obj["delta"] = ch.feed(obj["delta"])
-            return [ev.render(_dump(obj))]
+            return [_render(ev, obj)]
         pre: list[bytes] = []
         if typ.endswith(".done") and typ != "response.output_item.done":
             kind = typ[:-len(".done")]
@@ -432,7 +551,7 @@ class StreamMasker:
                         n, {"type": "content_block_delta", "index": i,
                             "delta": {"type": d, f: text}})
                     delta[field] = ch.feed(delta[field])
-                    return [ev.render(_dump(obj))]
+                    return [_render(ev, obj)]
             return self._generic(ev, obj)
         if typ == "content_block_stop":
             idx = obj.get("index", 0)

@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="suite concerns to switch on in the e2e run (default: all: "
                          f"{','.join(e2e.CONCERNS)})")
     ap.add_argument("--profile-seconds", type=float, default=None,
-                    help="py-spy profile of the suite under load (default 15, 0 in --quick)")
+                    help="seconds of py-spy profile of bare mitmdump and of the suite under "
+                         "load (default 10 each, 0 in --quick)")
     ap.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=None,
                     help="also measure a suite per concern alone (default: on, off in --quick)")
     ap.add_argument("--component-timeout", type=float, default=None,
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown concern(s) {sorted(bad)}; choose from {','.join(e2e.CONCERNS)}")
     profile_s = args.profile_seconds if args.profile_seconds is not None else \
-        (0 if args.quick else 15)
+        (0 if args.quick else 10)
     timeout = args.component_timeout or (90 if args.quick else 180)
 
     t0 = time.monotonic()

@@ -260,6 +260,8 @@ def _measure(url: str, proxy: str | None, pid: int | None, conc: int, seconds: f
     r = h.run_hey(url, concurrency=conc, seconds=seconds, proxy=proxy, body_file=body).as_dict()
     if pid and r["requests"]:
         r["cpu_ms_per_req"] = round((h.cpu_seconds(pid) - cpu0) * 1000 / r["requests"], 3)
+    if pid:
+        r["rss_kib_after"] = h.proc_status(pid).get("VmRSS")
     return r
 
 
@@ -287,7 +289,8 @@ def run(quick: bool = False, soak_minutes: float = 0, concerns: tuple[str, ...] 
         except (RuntimeError, OSError) as e:
             upstream = standin
             out["upstream"] = "stand-in (nginx unavailable)"
-            env.notes.append(f"nginx unavailable ({e}); throughput is bounded by the stand-in")
+            env.notes.append(f"nginx unavailable ({e}); throughput may be bounded by the "
+                             "stand-in (apt-get install -y nginx-light)")
         env.up_hostport = upstream.url.removeprefix("https://")
         env.st_hostport = standin.url.removeprefix("https://")
         env.confdir = h.make_confdir(tmp / "mitm-conf")
@@ -349,7 +352,8 @@ def run(quick: bool = False, soak_minutes: float = 0, concerns: tuple[str, ...] 
 
         if profile_seconds > 0:
             out["profile"] = profile_under_load(
-                suite.pid, url, suite_proxy, bodies["1KB"], profile_seconds, tmp)
+                {"bare": (bare.pid, bare.url), "suite": (suite.pid, suite_proxy)}, url,
+                bodies["1KB"], profile_seconds, tmp)
         if soak_minutes > 0:
             out["soak"] = _soak(suite.pid, url, suite_proxy, bodies["1KB"], soak_minutes)
         out["rss_peak_kib"] = {n: h.proc_status(p).get("VmHWM") for n, p in pids.items()}
@@ -399,6 +403,7 @@ def _median_cell(rs: list[dict[str, Any]]) -> dict[str, Any]:
         return round(statistics.median(vals), 3) if vals else None
     return {"rps": med("rps"), "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"),
             "mean_ms": med("mean_ms"), "cpu_ms_per_req": med("cpu_ms_per_req"),
+            "rss_kib_after": max((r.get("rss_kib_after") or 0 for r in rs), default=0),
             "requests": sum(r["requests"] for r in rs),
             "errors": sum(r["errors"] for r in rs),
             "runs": [{"rps": r["rps"], "p50_ms": r["p50_ms"]} for r in rs],
@@ -537,20 +542,31 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", "### What each concern costs (suite with only that concern on, 1 KB)", "",
                   "Each row is its own mitmdump with the frame (rules, upstreams, credentials, "
                   "annotate) plus one concern, measured right after bare mitmdump.", "",
-                  "| concern | suite/bare req/s, c=16 | added CPU ms/req | added p50 ms, c=1 |",
-                  "|---|---|---|---|"]
+                  "| concern | suite/bare req/s, c=16 | added CPU ms/req | of which the "
+                  "concern (minus frame) | added p50 ms, c=1 |",
+                  "|---|---|---|---|---|"]
+        frame = (bd.get("frame only (no concern)") or {}).get("added_cpu_ms")
         for k, v in bd.items():
             if "error" in v:
-                lines.append(f"| {k} | error: {v['error']} | | |")
+                lines.append(f"| {k} | error: {v['error']} | | | |")
             else:
+                alone = "" if frame is None or k.startswith("frame") else \
+                    f"{v['added_cpu_ms'] - frame:.3f}"
                 lines.append(f"| {k} | {v['ratio_c16']} ({v['rps_c16']} vs "
-                             f"{v['bare_rps_c16']}) | {v['added_cpu_ms']} | "
+                             f"{v['bare_rps_c16']}) | {v['added_cpu_ms']} | {alone} | "
                              f"{v['added_p50_ms_c1']} |")
     rss = res.get("rss_peak_kib", {})
     if rss:
         lines += ["", "### Memory", "", "| process | peak RSS (VmHWM) |", "|---|---|"]
         for n, v in rss.items():
             lines.append(f"| mitmdump {n} | {v / 1024:.1f} MiB |" if v else f"| {n} | n/a |")
+        phases = [(f"{b} c={c}", cells.get(f"suite|{b}|{c}", {}).get("rss_kib_after"),
+                   cells.get(f"bare|{b}|{c}", {}).get("rss_kib_after"))
+                  for b in ("1KB", "100KB") for c in (1, 16)]
+        if any(v for _, v, _ in phases):
+            lines += ["", "RSS after each load phase (largest over repetitions), suite / bare: "
+                      + ", ".join(f"{k}: {(v or 0) / 1024:.0f} / {(bv or 0) / 1024:.0f} MiB"
+                                  for k, v, bv in phases) + "."]
     soak = res.get("soak")
     if soak:
         lines += ["", f"Soak: {soak.get('minutes')} min at 100 req/s (4 workers), 1 KB, "
@@ -573,38 +589,64 @@ def py_spy() -> str | None:
     return str(cand) if cand.exists() else shutil.which("py-spy")
 
 
-def profile_under_load(pid: int, url: str, proxy: str, body: Path, seconds: float,
-                       workdir: Path, concurrency: int = 16) -> dict[str, Any]:
-    """Sample the suite's mitmdump with py-spy while `hey` loads it; summarise the stacks."""
+PROFILE_RATE = 500  # samples per second
+
+
+def _spy(pid: int, url: str, proxy: str | None, body: Path, seconds: float, raw: Path,
+         concurrency: int) -> dict[str, Any]:
+    """py-spy --gil on one process while hey loads it: stacks of whoever holds the GIL,
+    i.e. the Python work, plus per-thread CPU from /proc and the requests served."""
     import subprocess
     import threading
 
     spy = py_spy()
     if not spy:
         return {"error": "py-spy is not installed (pip install py-spy)"}
-    raw = workdir / "profile.txt"
-    load = threading.Thread(target=h.run_hey, args=(url,), kwargs=dict(
-        concurrency=concurrency, seconds=seconds + 2, proxy=proxy, body_file=body,
-        csv_out=False), daemon=True)
-    load.start()
+    res: dict[str, h.LoadResult] = {}
+
+    def load() -> None:
+        res["r"] = h.run_hey(url, concurrency=concurrency, seconds=seconds + 2, proxy=proxy,
+                             body_file=body)
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    time.sleep(1.0)  # connections and TLS set up before sampling starts
     cpu0, t0 = h.thread_cpu(pid), time.monotonic()
     try:
         p = subprocess.run([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
-                            "--rate", "250", "--format", "raw", "--output", str(raw),
-                            "--nonblocking"], capture_output=True, text=True,
-                           timeout=seconds + 60)
+                            "--rate", str(PROFILE_RATE), "--format", "raw", "--output",
+                            str(raw), "--nonblocking", "--gil"], capture_output=True,
+                           text=True, timeout=seconds + 60)
     finally:
         cpu1, t1 = h.thread_cpu(pid), time.monotonic()
-        load.join(seconds + 60)
-    wall = max(t1 - t0, 1e-6)
-    main = (cpu1.get(pid, 0) - cpu0.get(pid, 0)) / wall
-    others = sum(v - cpu0.get(tid, 0) for tid, v in cpu1.items() if tid != pid) / wall
+        t.join(seconds + 60)
     if p.returncode != 0 or not raw.exists():
         return {"error": (p.stderr or p.stdout).strip()[-500:] or f"py-spy exit {p.returncode}"}
-    summary = summarise_stacks(raw.read_text())
-    summary.update(seconds=seconds, concurrency=concurrency,
-                   cpu_main=round(main, 2), cpu_other_threads=round(others, 2))
+    r = res.get("r")
+    nreq = (r.rps if r else 0) * int(seconds)
+    wall = max(t1 - t0, 1e-6)
+    summary = summarise_stacks(raw.read_text(), rate=PROFILE_RATE, requests=nreq)
+    summary.update(
+        rps=r.rps if r else 0,
+        cpu_main=round((cpu1.get(pid, 0) - cpu0.get(pid, 0)) / wall, 2),
+        cpu_other_threads=round(sum(v - cpu0.get(tid, 0) for tid, v in cpu1.items()
+                                    if tid != pid) / wall, 2),
+        cpu_ms_per_req=round(sum(v - cpu0.get(tid, 0) for tid, v in cpu1.items()) * 1000
+                             / nreq, 3) if nreq else None)
     return summary
+
+
+def profile_under_load(targets: dict[str, tuple[int, str | None]], url: str, body: Path,
+                       seconds: float, workdir: Path, concurrency: int = 16
+                       ) -> dict[str, Any]:
+    """Profile bare mitmdump and the suite alike, so the difference per request shows
+    what the suite adds and where: {name: summary}."""
+    out: dict[str, Any] = {"seconds": seconds, "concurrency": concurrency,
+                           "rate": PROFILE_RATE}
+    for name, (pid, proxy) in targets.items():
+        out[name] = _spy(pid, url, proxy, body, seconds, workdir / f"profile-{name}.txt",
+                         concurrency)
+    return out
 
 
 def _frame_key(frame: str) -> tuple[str, str]:
@@ -644,17 +686,18 @@ def _thread_of(frames: list[tuple[str, str]]) -> str:
     return "thread: " + frames[-1][0]
 
 
-def summarise_stacks(text: str, top: int = 20) -> dict[str, Any]:
-    """py-spy raw (collapsed) stacks -> share per thread, inclusive % of our functions,
-    self % of all leaf functions, and self % by area (our modules, mitmproxy, TLS, …)."""
+def summarise_stacks(text: str, rate: int = PROFILE_RATE, requests: float = 0,
+                     top: int = 20) -> dict[str, Any]:
+    """py-spy raw (collapsed) stacks -> where the time goes: by thread, by area of the
+    leaf frame (our modules, mitmproxy, TLS, asyncio …), and by agentgate function with
+    the library calls it makes (attributed to the innermost agentgate frame; guard.py's
+    wrapper is skipped). With `requests`, also in milliseconds per request."""
     total = 0
-    incl: dict[str, int] = {}
-    self_t: dict[str, int] = {}
-    area_self: dict[str, int] = {}
     threads: dict[str, int] = {}
+    areas: dict[str, int] = {}
+    ours_fn: dict[str, int] = {}
+    ours_mod: dict[str, int] = {}
     ours_any = 0
-    loop_total = 0
-    loop_ours = 0
     for line in text.splitlines():
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
@@ -666,60 +709,77 @@ def summarise_stacks(text: str, top: int = 20) -> dict[str, Any]:
         total += count
         thread = _thread_of(frames)
         threads[thread] = threads.get(thread, 0) + count
-        seen: set[str] = set()
-        in_ours = False
-        for name, label in frames:
-            if label.startswith("addons/"):
-                in_ours = True
-                key = f"{name} ({label})"
-                if key not in seen:
-                    seen.add(key)
-                    incl[key] = incl.get(key, 0) + count
-        if thread.startswith("event loop"):
-            loop_total += count
-            loop_ours += count if in_ours else 0
-        if in_ours:
+        area = _area(frames[-1][1])
+        areas[area] = areas.get(area, 0) + count
+        ours = [f for f in frames if f[1].startswith("addons/") and f[1] != "addons/guard.py"]
+        if ours:
             ours_any += count
-        leaf_name, leaf_label = frames[-1]
-        k = f"{leaf_name} ({leaf_label})"
-        self_t[k] = self_t.get(k, 0) + count
-        area = _area(leaf_label)
-        area_self[area] = area_self.get(area, 0) + count
+            name, label = ours[-1]
+            key = f"{name} ({label})"
+            ours_fn[key] = ours_fn.get(key, 0) + count
+            ours_mod[label] = ours_mod.get(label, 0) + count
 
-    def pct(d: dict[str, int]) -> list[tuple[str, float]]:
-        return [(k, round(v * 100 / total, 1)) for k, v in
-                sorted(d.items(), key=lambda kv: -kv[1])[:top]] if total else []
+    def rows(d: dict[str, int], n: int = top) -> list[tuple[str, float, float | None]]:
+        """(key, % of samples, ms per request or None)."""
+        if not total:
+            return []
+        return [(k, round(v * 100 / total, 1),
+                 round(v * 1000 / rate / requests, 4) if requests else None)
+                for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:n]]
 
-    return {"samples": total,
-            "ours_inclusive_pct": round(ours_any * 100 / total, 1) if total else 0.0,
-            "loop_ours_pct": round(loop_ours * 100 / loop_total, 1) if loop_total else 0.0,
-            "threads": pct(threads), "ours_inclusive": pct(incl), "self": pct(self_t),
-            "areas": pct(area_self)}
+    return {"samples": total, "requests": round(requests),
+            "ms_per_req": round(total * 1000 / rate / requests, 3) if requests else None,
+            "ours_pct": round(ours_any * 100 / total, 1) if total else 0.0,
+            "ours_ms_per_req": round(ours_any * 1000 / rate / requests, 3)
+            if requests else None,
+            "threads": rows(threads, 6), "areas": rows(areas, 40),
+            "ours_functions": rows(ours_fn), "ours_modules": rows(ours_mod)}
 
 
 def profile_markdown(p: dict[str, Any]) -> str:
-    lines = ["## Profile: the suite under load", ""]
-    if p.get("error"):
-        return "\n".join(lines + [f"Not profiled: {p['error']}"])
+    lines = ["## Profile: where the suite's time goes", ""]
+    bare, suite = p.get("bare") or {}, p.get("suite") or {}
+    if p.get("error") or suite.get("error") or not suite:
+        return "\n".join(lines + [f"Not profiled: {p.get('error') or suite.get('error')}"])
     lines.append(
-        f"py-spy, {p.get('seconds'):g} s at 250 Hz on the suite's mitmdump while `hey` sends "
-        f"1 KB prompts at c={p.get('concurrency')}; {p['samples']} samples of the busy "
-        f"thread(s) (all threads; a thread waiting on the GIL counts as busy). Stacks "
-        f"inside agentgate's own code (addons/): **{p['ours_inclusive_pct']} %** of all "
-        f"samples, **{p.get('loop_ours_pct')} %** of the event-loop thread's; the rest is "
-        "mitmproxy's proxy core, TLS and the event loop, which bare mitmdump pays too.")
-    if "cpu_main" in p:
-        lines += ["", f"CPU while profiled (from /proc, cores busy): event-loop thread "
-                  f"**{p['cpu_main']}**, all other threads of the process together "
-                  f"**{p['cpu_other_threads']}** (the machine has {os.cpu_count()} cores, "
-                  "shared with the load generator and the upstream)."]
-    lines += ["", "Samples by thread:", "", "| thread | % |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in p.get("threads", [])[:8]]
-    lines += ["", "Self time by area (leaf frame):", "", "| area | % |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in p.get("areas", [])[:12]]
-    lines += ["", "agentgate functions, inclusive (time in them and what they call):", "",
-              "| function | % |", "|---|---|"]
-    lines += [f"| `{k}` | {v} |" for k, v in p.get("ours_inclusive", [])[:15]]
-    lines += ["", "Top leaf functions (self time):", "", "| function | % |", "|---|---|"]
-    lines += [f"| `{k}` | {v} |" for k, v in p.get("self", [])[:15]]
+        f"py-spy `--gil` at {p.get('rate')} Hz, {p.get('seconds'):g} s on each of bare "
+        f"mitmdump and the suite while `hey` sends 1 KB prompts at c={p.get('concurrency')}. "
+        "A sample is taken from whichever thread holds the GIL, so the samples add up to the "
+        "Python work of the process; divided by the requests served in the window they give "
+        "**GIL milliseconds per request**, comparable between the two. CPU per request is "
+        "from /proc (all threads, including native code that runs without the GIL).")
+    lines += ["", "| | bare | suite | added |", "|---|---|---|---|"]
+
+    def fmt(v: Any) -> str:
+        return "n/a" if v is None else f"{v}"
+
+    b_ms, s_ms = bare.get("ms_per_req"), suite.get("ms_per_req")
+    lines.append(f"| GIL ms per request | {fmt(b_ms)} | {fmt(s_ms)} | "
+                 f"{fmt(round(s_ms - b_ms, 3) if b_ms and s_ms else None)} |")
+    b_cpu, s_cpu = bare.get("cpu_ms_per_req"), suite.get("cpu_ms_per_req")
+    lines.append(f"| CPU ms per request | {fmt(b_cpu)} | {fmt(s_cpu)} | "
+                 f"{fmt(round(s_cpu - b_cpu, 3) if b_cpu and s_cpu else None)} |")
+    lines.append(f"| req/s while profiled | {fmt(bare.get('rps'))} | {fmt(suite.get('rps'))} | |")
+    lines.append(f"| cores busy: event loop / other threads | {bare.get('cpu_main')} / "
+                 f"{bare.get('cpu_other_threads')} | {suite.get('cpu_main')} / "
+                 f"{suite.get('cpu_other_threads')} | |")
+    lines.append(f"| in agentgate code (innermost frame in addons/) | 0 | "
+                 f"{fmt(suite.get('ours_ms_per_req'))} ms ({suite.get('ours_pct')} %) | |")
+    b_areas = {k: ms for k, _pct, ms in bare.get("areas", [])}
+    lines += ["", "GIL ms per request by area (leaf frame), largest additions first:", "",
+              "| area | bare | suite | added |", "|---|---|---|---|"]
+    s_areas = {k: ms for k, _pct, ms in suite.get("areas", [])}
+    keys = sorted(set(b_areas) | set(s_areas),
+                  key=lambda k: -((s_areas.get(k) or 0) - (b_areas.get(k) or 0)))
+    for k in keys[:14]:
+        bv, sv = b_areas.get(k) or 0, s_areas.get(k) or 0
+        lines.append(f"| {k} | {bv:.3f} | {sv:.3f} | {sv - bv:+.3f} |")
+    lines += ["", "Suite, by agentgate module (its own code and the library calls it makes):",
+              "", "| module | GIL ms/req | % of the suite's samples |", "|---|---|---|"]
+    lines += [f"| {k} | {ms} | {pct} |" for k, pct, ms in suite.get("ours_modules", [])[:12]]
+    lines += ["", "Suite, top agentgate functions (same attribution):", "",
+              "| function | GIL ms/req | % |", "|---|---|---|"]
+    lines += [f"| `{k}` | {ms} | {pct} |" for k, pct, ms in suite.get("ours_functions", [])[:15]]
+    lines += ["", "Suite, GIL samples by thread:", "", "| thread | % |", "|---|---|"]
+    lines += [f"| {k} | {pct} |" for k, pct, _ms in suite.get("threads", [])]
     return "\n".join(lines)

@@ -182,7 +182,10 @@ def spawn(name: str, args: Sequence[str], port: int, log_path: Path,
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name} did not start:\n{p.logs()[-3000:]}")
                 time.sleep(0.05)
-        wait_port(port, max(1.0, deadline - time.monotonic()), proc)
+        try:
+            wait_port(port, max(1.0, deadline - time.monotonic()), proc)
+        except RuntimeError as e:
+            raise RuntimeError(f"{name}: {e}:\n{p.logs()[-3000:]}") from None
         if "-s" in args:
             # an addon's start-up error makes mitmdump exit right after it began listening
             time.sleep(0.3)
@@ -296,13 +299,13 @@ def make_confdir(path: Path) -> Path:
 
 def start_mitmdump(name: str, workdir: Path, confdir: Path, upstream_ca: Path, *,
                    scripts: Sequence[str] = (), sets: Sequence[str] = (),
-                   env: dict[str, str] | None = None) -> Proc:
+                   env: dict[str, str] | None = None, log_level: str = "warn") -> Proc:
     """`mitmdump` on a free port; the client trusts `confdir`'s CA, mitmdump verifies the
     upstream against `upstream_ca` (ssl_verify_upstream_trusted_ca), as in production."""
     port = free_port()
     # flow_detail=0: no per-flow line on stdout (Dumper), for every configuration alike
     args = [str(BIN / "mitmdump"), "--set", "flow_detail=0",
-            "--set", "termlog_verbosity=warn",
+            "--set", f"termlog_verbosity={log_level}",
             "--listen-host", "127.0.0.1", "--listen-port", str(port),
             "--set", f"confdir={confdir}",
             "--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}",

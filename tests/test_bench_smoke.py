@@ -75,20 +75,26 @@ def test_percentile_and_rss_drift():
 def test_summarise_stacks_attributes_our_code_and_threads():
     raw = "\n".join([
         "<module> (mitmdump:8);BaseEventLoop.run_forever (asyncio/base_events.py:679);"
-        "Masking.request (addons/masking.py:10);mask (addons/detectors.py:5) 30",
+        "wrapper (addons/guard.py:3);Masking.request (addons/masking.py:10);"
+        "mask (addons/detectors.py:5);dumps (json/__init__.py:9) 30",
         "<module> (mitmdump:8);BaseEventLoop.run_forever (asyncio/base_events.py:679);"
         "Connection.recv (OpenSSL/SSL.py:2038) 50",
         "Thread._bootstrap (threading.py:1012);Writer._run (addons/audit_writer.py:40);"
         "append (addons/audit_store.py:99) 20",
     ])
-    s = e2e.summarise_stacks(raw)
-    assert s["samples"] == 100
-    assert s["ours_inclusive_pct"] == 50.0
-    assert s["loop_ours_pct"] == pytest.approx(37.5)
-    assert dict(s["threads"])["event loop (main thread)"] == 80.0
-    assert dict(s["areas"])["TLS (pyOpenSSL/ssl)"] == 50.0
-    assert dict(s["ours_inclusive"])["Masking.request (addons/masking.py)"] == 30.0
-    assert "Profile" in e2e.profile_markdown({**s, "seconds": 5, "concurrency": 16})
+    s = e2e.summarise_stacks(raw, rate=100, requests=10)
+    assert s["samples"] == 100 and s["ours_pct"] == 50.0
+    assert s["ms_per_req"] == 100.0                  # 100 samples at 100 Hz over 10 requests
+    assert dict((k, p) for k, p, _ in s["threads"])["event loop (main thread)"] == 80.0
+    areas = {k: ms for k, _, ms in s["areas"]}
+    assert areas["TLS (pyOpenSSL/ssl)"] == 50.0 and areas["json"] == 30.0
+    # library time is attributed to the innermost agentgate frame, never to guard.py
+    fns = {k: p for k, p, _ in s["ours_functions"]}
+    assert fns == {"mask (addons/detectors.py)": 30.0, "append (addons/audit_store.py)": 20.0}
+    md = e2e.profile_markdown({"rate": 100, "seconds": 5, "concurrency": 16,
+                               "bare": e2e.summarise_stacks(raw.splitlines()[1], 100, 10),
+                               "suite": s})
+    assert "GIL ms per request" in md and "| json | 0.000 | 30.000 | +30.000 |" in md
 
 
 def _fake_e2e() -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from addons.detectors import ENTITIES, SAMPLE_VALUES, SAMPLES, DetectorSet, Finding
+from addons.detectors import CONTEXT_SAMPLES, ENTITIES, SAMPLES, DetectorSet, Finding
 from addons.masking_config import BUILTIN_ENTITIES, MaskingConfig
 from addons.normalize import normalize
 from addons.validators import card_ok, looks_placeholder, luhn_ok, mod97_ok, ssn_ok
@@ -32,25 +32,28 @@ def entities(text: str, ds: DetectorSet = DS) -> list[str]:
 # ---------------------------------------------------------------------------- API shape
 def test_entities_match_config_list():
     assert tuple(BUILTIN_ENTITIES) == ENTITIES
-    assert set(SAMPLES) == set(ENTITIES)
+    assert set(SAMPLES) | set(CONTEXT_SAMPLES) == set(ENTITIES)
 
 
-@pytest.mark.parametrize("entity", sorted(SAMPLES))
+ALL_SAMPLES = {**{k: (v, v) for k, v in SAMPLES.items()}, **CONTEXT_SAMPLES}
+
+
+@pytest.mark.parametrize("entity", sorted(ALL_SAMPLES))
 def test_every_sample_is_found_with_exact_span(entity):
-    sample = SAMPLES[entity]
+    sample, value = ALL_SAMPLES[entity]
     text = f"before «{sample}» after"
     fs = DS.find(text)
     assert [f.entity for f in fs] == [entity]
     f = fs[0]
     assert f.value == text[f.start:f.end]
-    assert f.value == SAMPLE_VALUES.get(entity, sample)
+    assert f.value == value
 
 
 def test_findings_sorted_non_overlapping_and_positions_are_original():
-    parts = [f"{k.lower()} {v}" for k, v in SAMPLES.items()]
+    parts = [f"{k.lower()} {v[0]}" for k, v in ALL_SAMPLES.items()]
     text = "Intro text. " + " ; ".join(parts) + " end"
     fs = DS.find(text)
-    assert len(fs) == len(SAMPLES)
+    assert len(fs) == len(ALL_SAMPLES)
     for a, b in zip(fs, fs[1:], strict=False):
         assert a.end <= b.start
     for f in fs:
@@ -114,6 +117,8 @@ def test_card_separators_and_groupings(text):
     "411 1111 1111 11111",     # not a card grouping
     "4111  1111  1111  1111",  # double spaces
     "order 41111111111111111111",  # 20 digits
+    "ratio 1.3862943611198906",    # decimals
+    "562 493 168 782 883",         # 3-digit groups
 ])
 def test_card_inconsistent_grouping_rejected(text):
     assert "CREDIT_CARD" not in entities(text)
@@ -126,14 +131,25 @@ def test_two_cards_in_a_row_both_found():
 
 # ---------------------------------------------------------------------------- SSN
 @pytest.mark.parametrize("ssn", ["078-05-1123", "078 05 1123", "078.05.1123", "078051123",
-                                 "123-45-6789", "665-12-3456", "899-99-9998"])
+                                 "123-45-6789", "665-12-3456", "899-99-9998", "078-051123"])
 def test_ssn_valid(ssn):
     assert found(f"SSN {ssn}.") == [("US_SSN", ssn)]
 
 
+def test_bare_nine_digits_need_an_ssn_word():
+    assert found('{"id": "194521489"}') == []
+    assert found("oauth_timestamp=137131201") == []
+    assert found("my social security number: 078051123") == [("US_SSN", "078051123")]
+    assert found("ssn=078051123") == [("US_SSN", "078051123")]
+    assert found("078-05-1123") == [("US_SSN", "078-05-1123")]  # separators: no word needed
+
+
 @pytest.mark.parametrize("ssn", ["000-12-3456", "666-12-3456", "900-12-3456", "987-65-4321",
+                                 "02111-1307",  # ZIP+4, not an SSN
                                  "123-00-4567", "123-45-0000", "078-05-1120", "219-09-9999",
-                                 "111-11-1111", "078-05.1123", "0780511234"])
+                                 "111-11-1111", "078-05.1123", "0780511234",
+                                 "#_Toc398718022", "issuecomment-817742836",
+                                 "123456789abcdef", "id_078051123", "f(123456789)"])
 def test_ssn_invalid(ssn):
     assert "US_SSN" not in entities(f"SSN {ssn}.")
 
@@ -196,6 +212,7 @@ def test_phone_valid(phone):
     "(911) 555-0132", "415-911-0132",    # N11 service codes
     "+999 1234 5678",                    # unassigned country code
     "2024-06-01 10:30:00", "total 1234567 units", "id 078-05-1123-4567",
+    "Boston, MA  02111-1307  USA",
     "pages 123-456-789",
 ])
 def test_phone_false_positives(text):
@@ -245,10 +262,55 @@ def test_secret_placeholders_and_lookalikes_not_found(text):
     assert found(text) == []
 
 
+@pytest.mark.parametrize("text,value", [
+    ('password = "hunter2isgreat"', "hunter2isgreat"),
+    ('password = "c0rrect-horse-battery"', "c0rrect-horse-battery"),
+    ('{"password": "Tr0ub4dor&3"}', "Tr0ub4dor&3"),
+    ("db:\n  password: 'pa55-w0rd-x'\n", "pa55-w0rd-x"),
+    ('client_secret => "0a9f8e7d6c5b4a39"', "0a9f8e7d6c5b4a39"),
+    ("DB_PASSWORD=s3cr3tV4lue\nOTHER=1", "s3cr3tV4lue"),
+    ("export GITHUB_TOKEN=tok3nValue99", "tok3nValue99"),
+    ("mysql://root:hunter2@localhost/db", "hunter2"),
+    ("postgres://app:S3cr3t-Pa55w0rd@db.internal:5432/prod", "S3cr3t-Pa55w0rd"),
+])
+def test_password_values(text, value):
+    assert found(text) == [("PASSWORD", value)]
+
+
+@pytest.mark.parametrize("text", [
+    'api_key = os.environ.get("X")', "password = getpass()", '"token_type": "bearer"',
+    '"api_key_env": "OPENAI_API_KEY"', 'secret: "changeme"', "https://user:${PASS}@host",
+    'password = "<your password>"', 'token = "xxxxxxxxxxxx"', "the key point is",
+    "password: hashed_password", '"max_tokens": 1024', "self.token = tokenizer.encode(x)",
+    'password = "${DB_PASSWORD}"', "PASSWORD=$DB_PASSWORD",
+    'if token == "keyword":', 'token_endpoint = "https://example.com/oauth/token"',
+    'token_endpoint_auth_method = "client_secret_basic"', '"secret": "unreserved"',
+    "RESULT_INVALID_CREDENTIALS: 'invalidCredentials'", 'TOKEN_ENDPOINT = "/v1/oauth/token"',
+    "  RESULT_INVALID_CREDENTIALS: LDAPInvalidCredentialsResult,",
+    'password = "correcthorsebattery"',  # a plain word reads as a name in code
+    '"x-api-key": "X-API-Key"', "proto://user:PASS@host", "https://user:password@host",
+])
+def test_password_lookalikes(text):
+    assert found(text) == []
+
+
+def test_bearer_tokens():
+    assert found('curl -H "Authorization: Bearer n49QVJ8ANmb4u9icuNiVGuZyJKhxgy9s"') == [
+        ("BEARER_TOKEN", "n49QVJ8ANmb4u9icuNiVGuZyJKhxgy9s")]
+    assert found("Authorization: Bearer $TOKEN") == []
+    assert found("Authorization: Bearer YOUR_API_KEY_HERE") == []
+    # a JWT after Bearer is reported as a JWT
+    assert entities(f"Authorization: Bearer {SAMPLES['JWT']}") == ["JWT"]
+
+
 def test_placeholder_heuristic():
     assert looks_placeholder("xxxxxxxxxxxxxxxx")
     assert looks_placeholder("abcdefghijklmnopqrstuvwxyz123456")
     assert not looks_placeholder("ST6ZN3J5ZSABAZLX")
+
+
+def test_aws_secret_is_not_a_camelcase_identifier():
+    assert found("Aws, V1OrganizationExternalKeysPostRequestGcp,") == []
 
 
 def test_aws_secret_needs_context_word():
@@ -266,11 +328,29 @@ def test_private_key_block_without_end_is_masked_to_blank_line():
 
 
 def test_private_key_block_in_json_string():
-    t = ('{"key": "-----BEGIN PRIVATE KEY-----\\nMIIEvQIBADANBgkqhkiG9w0B\\n'
+    t = ('{"key": "-----BEGIN PRIVATE KEY-----\\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSj\\n'
          '-----END PRIVATE KEY-----"}')
     fs = DS.find(t)
     assert [f.entity for f in fs] == ["PRIVATE_KEY"]
     assert fs[0].value.endswith("-----END PRIVATE KEY-----")
+
+
+@pytest.mark.parametrize("text", [
+    "-----BEGIN RSA PRIVATE KEY-----\nsuper secret private key here\n-----END RSA PRIVATE KEY-----",
+    'assert s.startswith(b"-----BEGIN EC PRIVATE KEY-----")\nassert s.endswith(b"-----END '
+    'EC PRIVATE KEY-----")',
+    'boundary = b"-----BEGIN PRIVATE KEY-----\\n"\nchunks = split(b"\\n" + boundary, fp.read())',
+    "when your file has '-----BEGIN RSA PRIVATE KEY-----' and '-----END RSA PRIVATE KEY-----'",
+])
+def test_private_key_header_without_key_body_is_not_masked(text):
+    assert found(text) == []
+
+
+def test_private_key_as_string_literals_in_code():
+    t = ('key = (\n    "-----BEGIN EC PRIVATE KEY-----\\n"\n'
+         '    "MF8CAQEEGF7IQgvW75JSqULpiQQ8op9WH6Uldw6xxaAKBggqhkjOPQMBAaE0AzIA\\n"\n'
+         '    "-----END EC PRIVATE KEY-----\\n"\n)')
+    assert entities(t) == ["PRIVATE_KEY"]
 
 
 def test_jwt_needs_json_header():
@@ -441,23 +521,25 @@ def test_holdback_small_in_prose():
 
 def test_max_len_is_bounded_and_covers_findings():
     assert 30_000 < DS.max_len < 64_000
-    pem = "-----BEGIN PRIVATE KEY-----\n" + ("QUJD" * 16 + "\n") * 400 + \
+    pem = "-----BEGIN PRIVATE KEY-----\n" + ("QUJDa2V5MDEy" * 5 + "\n") * 400 + \
         "-----END PRIVATE KEY-----"
     fs = DS.find(pem)
     assert [f.entity for f in fs] == ["PRIVATE_KEY"] and fs[0].end - fs[0].start <= DS.max_len
 
 
-@pytest.mark.parametrize("entity", sorted(SAMPLES))
+@pytest.mark.parametrize("entity", sorted(ALL_SAMPLES))
 def test_short_ascii_text_fast_path_misses_nothing(entity):
     # short pure-ASCII strings take the quick pre-check; every sample must pass it
-    text = f"x {SAMPLES[entity]} y"
+    text = f"x {ALL_SAMPLES[entity][0]} y"
     assert [f.entity for f in DS.find(text)] == [entity]
 
 
 @pytest.mark.parametrize("text", [
     "1" * 20000, "1 " * 10000, "4111 " * 4000, "12-" * 7000, "1." * 10000, "ab:" * 7000,
     ":" * 20000, "1::" * 7000, "a@" * 10000, "-----BEGIN PRIVATE KEY-----" * 700,
+    "-----BEGIN PRIVATE KEY-----\n" * 700, "-----BEGIN PRIVATE KEY-----\nQUJDa2V5MDEy\n" * 500,
     "eyJ" * 7000, "%41" * 7000, "\u200b1" * 10000, "aws " * 5000, "AB12 " * 4000,
+    "=" * 20000, "a:" * 10000, "a://b:c@" * 2500, "Bearer " * 3000, 'token: "' * 2500,
 ])
 def test_hostile_inputs_stay_fast(text):
     import time
@@ -470,7 +552,9 @@ def test_hostile_inputs_stay_fast(text):
 
 def _random_text(rnd, n_parts: int) -> str:
     noise = ["word ", "Zürich ", "\u200b", "４", "\\u0034", "%40", "&#52;", " - ", "1", "::",
-             "@", ".", "\n", "-----BEGIN PRIVATE KEY-----\n", "\u00ad", "😀", "(", "+", "  "]
+             "@", ".", "\n", "-----BEGIN PRIVATE KEY-----\n", "\u00ad", "😀", "(", "+", "  ",
+             " ssn 078051123 ", ' password = "Tr0ub4dor&3" ', "\nDB_PASSWORD=s3cr3tV4lue\n"]
+    noise += [text for text, _ in CONTEXT_SAMPLES.values()]
     parts = []
     for _ in range(n_parts):
         if rnd.random() < 0.3:

@@ -343,3 +343,53 @@ def test_compressed_response_masked_and_sent_identity(tmp_path: Path, enc: str) 
         run(m.response(f))
     assert "content-encoding" not in f.response.headers
     assert json.loads(f.response.content)["content"][0]["text"] == "[EMAIL_1]"
+
+
+# ---------------------------------------------------------------- restore vs the record
+def test_restored_response_leaves_the_masked_body_for_the_recorder(tmp_path: Path) -> None:
+    m = addon_for(tmp_path)
+    f = flow("openai", chat("I am ann@example.com"), headers={"x-agent-session": "r1"})
+    answer = {"choices": [{"message": {"role": "assistant",
+                                       "content": "hi [EMAIL_1], cc bob@example.com"}}]}
+    with taddons.context(m):
+        run(m.request(f))
+        f.response = tutils.tresp(content=gzip.compress(json.dumps(answer).encode()),
+                                  headers=http.Headers(content_type="application/json",
+                                                       content_encoding="gzip"))
+        run(m.response(f))
+    assert json.loads(f.response.content)["choices"][0]["message"]["content"] == \
+        "hi ann@example.com, cc [EMAIL_2]"
+    kept = f.metadata["masked_response"]
+    assert isinstance(kept, bytes)  # decoded, masked, before restore
+    assert json.loads(kept)["choices"][0]["message"]["content"] == "hi [EMAIL_1], cc [EMAIL_2]"
+    # nothing to restore, or no restore on the upstream: the agent's body is the record
+    g = flow("openai", chat("x"), headers={"x-agent-session": "r2"})
+    h = flow("anthropic", chat("ann@example.com"), path="/v1/messages")
+    with taddons.context(m):
+        for fl in (g, h):
+            run(m.request(fl))
+            fl.response = tutils.tresp(content=json.dumps(answer).encode(),
+                                       headers=http.Headers(content_type="application/json"))
+            run(m.response(fl))
+    assert "masked_response" not in g.metadata and "masked_response" not in h.metadata
+    assert b"[EMAIL_1]" in h.response.content
+
+
+def test_restored_stream_leaves_the_masked_stream_for_the_recorder(tmp_path: Path) -> None:
+    m = addon_for(tmp_path)
+    f = flow("openai", chat("ann@example.com"))
+    with taddons.context(m):
+        run(m.request(f))
+        f.response = tutils.tresp(content=None, headers=http.Headers(
+            content_type="text/event-stream"))
+        m.responseheaders(f)
+    events = "".join(
+        f'data: {json.dumps({"choices": [{"index": 0, "delta": {"content": p}}]})}\n\n'
+        for p in ["write to [EMA", "IL_1] or eve@exa", "mple.com"]) + "data: [DONE]\n\n"
+    out = list(f.response.stream(events.encode()))
+    assert "masked_response" not in f.metadata  # only complete at the end of the stream
+    out += f.response.stream(b"")
+    assert b"ann@example.com" in b"".join(out)
+    kept = f.metadata["masked_response"]
+    assert b"ann@" not in kept and b"eve@" not in kept
+    assert b"[EMAIL_1]" in kept and b"[EMAIL_2]" in kept and b"[DONE]" in kept

@@ -31,7 +31,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.enabled and cfg.on_unparseable == "refuse" and cfg.hmac_key_env is None
     assert cfg.enabled_builtins() == tuple(BUILTIN_ENTITIES)
     assert all(cfg.strategy_for(n) == "placeholder" for n in BUILTIN_ENTITIES)
-    assert cfg.describe().startswith("masking on: 20 built-in detectors")
+    assert cfg.describe().startswith("masking on: 27 built-in detectors")
     hash(cfg)
 
 
@@ -74,7 +74,7 @@ def test_full_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.custom[1].validator == "luhn" and cfg.custom[1].strategy == "redact"
     assert cfg.strategy_for("ACCOUNT_NO") == "redact"
     d = cfg.describe()
-    assert "18 built-in detectors (2 off)" in d and "2 custom" in d and "pass_text" in d
+    assert "25 built-in detectors (2 off)" in d and "2 custom" in d and "pass_text" in d
     monkeypatch.setenv("MASK_KEY", "k3y")
     assert cfg.hmac_key() == b"k3y"
     monkeypatch.delenv("MASK_KEY")

@@ -18,6 +18,7 @@ from addons.guard import refuse
 from addons.recorder import Recorder, body_session, clean_session
 from addons.recorder_config import RecorderConfig
 from addons.rules_loader import RulesHolder
+from addons.sessions import Sessions
 
 REAL = "sk-proj-UNITREALKEY-000000000000000000000000"
 
@@ -70,7 +71,7 @@ def openai_flow(body: dict | None = None, headers: dict | None = None) -> http.H
 
 def run(r: Recorder, f: http.HTTPFlow, *, forward: bool = True) -> None:
     r.requestheaders(f)
-    r.request(f)
+    Sessions(r.holder).request(f)  # the body-named session, before masking
     if forward:  # what credentials does: the real key goes upstream, to another address
         f.request.headers["authorization"] = f"Bearer {REAL}"
         f.request.host, f.request.port = "127.0.0.1", 9443
@@ -87,12 +88,12 @@ def test_session_from_header_body_or_connection(rec: Recorder) -> None:
     b = openai_flow({"model": "m", "metadata": {"thread_id": "lg-9"}})
     rec.requestheaders(b)
     assert b.metadata["session"] == f"conn-{b.client_conn.id}"
-    rec.request(b)
+    Sessions(rec.holder).request(b)
     assert b.metadata["session"] == "lg-9"
     assert b.metadata["recorder"]["session_source"] == "body:metadata.thread_id"
     c = openai_flow({"model": "m"})
     rec.requestheaders(c)
-    rec.request(c)
+    Sessions(rec.holder).request(c)
     assert c.metadata["session"] == f"conn-{c.client_conn.id}"
 
 
@@ -129,7 +130,7 @@ def test_flow_answered_earlier_is_recorded(rec: Recorder) -> None:
     f.metadata["decision"] = {"action": "block", "rule": "no-secrets"}
     rec.requestheaders(f)
     assert f.response.status_code == 403  # not replaced by the recorder
-    rec.request(f)
+    Sessions(rec.holder).request(f)
     rec.response(f)
     (row,) = rows(rec)
     assert (row["outcome"], row["decision"], row["rule"], row["status"]) == \

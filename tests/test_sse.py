@@ -275,3 +275,50 @@ def test_logprobs_dropped_and_legacy_function_call_masked() -> None:
     args = "".join(json.loads(ev.data)["choices"][0]["delta"].get("function_call", {})
                    .get("arguments", "") for ev in events(out) if ev.data != "[DONE]")
     assert json.loads(args) == {"to": "[EMAIL_2]"}
+
+
+# ---------------------------------------------------------------- restore: the masked copy
+def _agent_sent(*values: str) -> Session:
+    s = Session()
+    m = Masker(FakeDetectors())
+    for v in values:
+        m.mask_text(v, s, {})
+    return s
+
+
+@pytest.mark.parametrize("kind", ["chat", "anthropic", "responses", "text"])
+def test_restored_stream_keeps_a_masked_copy_without_originals(kind: str) -> None:
+    s = _agent_sent("ann@example.com")
+    s._restore["[EMAIL_1]"] = 'ann"q@example.com'  # escaping differs between the two
+    sm, found = make(restore=True, session=s)
+    text = "Hi [EMAIL_1], meet eve@example.com and [EMAIL_1]!"
+    args = json.dumps({"to": "[EMAIL_1]"})
+    raw = {"chat": lambda: chat_stream(text, 3, tool_args=args),
+           "anthropic": lambda: anthropic_stream(text, 3, json_args=args),
+           "responses": lambda: responses_stream(text, 3),
+           "text": lambda: b"data: plain [EMAIL_1] and eve@example.com\n\n"}[kind]()
+    out, _ = run(sm, raw, seed=2)
+    copy = sm.masked_copy()
+    assert sm.restored and copy is not None
+    assert b"ann" in out and b"eve@" not in out  # the agent gets its own value back only
+    assert b"ann" not in copy and b"eve@" not in copy
+    assert b"[EMAIL_1]" in copy and b"[EMAIL_2]" in copy
+    if kind == "chat":  # the same stream, with the placeholders kept
+        assert chat_text(copy) == ("Hi [EMAIL_1], meet [EMAIL_2] and [EMAIL_1]!", args)
+        content, got_args = chat_text(out)
+        assert content == 'Hi ann"q@example.com, meet [EMAIL_2] and ann"q@example.com!'
+        assert json.loads(got_args) == {"to": 'ann"q@example.com'}
+        assert found == {"EMAIL": {"count": 1, "strategy": "placeholder"}}  # counted once
+
+
+def test_no_masked_copy_without_restore_and_bounded_with_it() -> None:
+    sm, _ = make()
+    run(sm, chat_stream("Hi [EMAIL_1]", 2))
+    assert sm.masked_copy() is None and not sm.restored
+    s = _agent_sent("ann@example.com")
+    sm, _ = make(restore=True, session=s, max_masked_copy=300)
+    out, _ = run(sm, chat_stream("Hi [EMAIL_1]. " * 40, 4))
+    copy = sm.masked_copy()
+    assert out.count(b"ann@example.com") == 40
+    assert copy is not None and b"ann@" not in copy
+    assert len(copy) < 400 and b"masked copy truncated at" in copy
