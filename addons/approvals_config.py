@@ -23,7 +23,6 @@ No mitmproxy import: `agentgate rules check` uses the same parser.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from addons.config import (
     expect_map,
     expect_number,
     expect_str,
+    read_secret,
 )
 
 APPROVALS_KEYS = {"listen", "link_base", "default_timeout", "on_timeout", "timeout_status",
@@ -92,15 +92,7 @@ class NotifyConfig:
     def resolve(self) -> str | None:
         if self.url:
             return self.url
-        raw: str | None = None
-        if self.url_env:
-            raw = os.environ.get(self.url_env) or None
-        elif self.url_file:
-            try:
-                raw = Path(self.url_file).read_text(encoding="utf-8").strip() or None
-            except OSError:
-                raw = None
-        return raw
+        return read_secret(self.url_env, self.url_file)
 
     def describe(self) -> str:
         if self.url_env:

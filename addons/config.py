@@ -127,6 +127,19 @@ def expect_regex(value: Any, where: Where, flags: int = 0) -> re.Pattern[str]:
 
 
 # ---------------------------------------------------------------- upstreams
+def read_secret(env: str | None, file: str | None) -> str | None:
+    """A secret from an environment variable or a file (re-read each call, so a rotated
+    Kubernetes secret needs no restart); None when unset, empty or unreadable."""
+    if env:
+        return os.environ.get(env) or None
+    if file:
+        try:
+            return Path(file).read_text(encoding="utf-8").strip() or None
+        except OSError:
+            return None
+    return None
+
+
 @dataclass(frozen=True)
 class SecretRef:
     """Where the gateway finds an upstream's real credential. Never holds the value."""
@@ -138,14 +151,7 @@ class SecretRef:
 
     def resolve(self) -> str | None:
         """The header value to inject, or None when the secret is not available."""
-        raw: str | None = None
-        if self.env:
-            raw = os.environ.get(self.env) or None
-        elif self.file:
-            try:
-                raw = Path(self.file).read_text(encoding="utf-8").strip() or None
-            except OSError:
-                raw = None
+        raw = read_secret(self.env, self.file)
         if raw is None:
             return None
         return f"{self.prefix}{raw}"
