@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                        "suite_log_tail": traceback.format_exc()[-1500:]}
         print(f"bench: e2e {'FAILED: ' + e2e_res['error'] if e2e_res.get('error') else 'ok'}",
               file=sys.stderr, flush=True)
+    facts["loadavg_at_end"] = h.machine_facts()["loadavg_at_start"]
     text = render(facts, comps, e2e_res, args, time.monotonic() - t0)
     Path(args.output).write_text(text)
     if args.json:

@@ -419,8 +419,15 @@ def _soak(pid: int, url: str, proxy: str, body: Path, minutes: float) -> dict[st
         r = h.run_hey(url, concurrency=4, rate=25, seconds=minutes * 60, proxy=proxy,
                       body_file=body, csv_out=False)
     d = h.rss_drift(sampler.samples)
+    if r.errors:
+        # what the failures look like (one more request now, with its body)
+        try:
+            st, hdrs, data = h.one_request(url, body.read_bytes(), proxy=proxy)
+            d["after_soak"] = f"{st} {hdrs.get('x-agentgate-refused', '')} {data[:200]!r}"
+        except (OSError, ConnectionError, ValueError) as e:
+            d["after_soak"] = f"{type(e).__name__}: {e}"
     d.update(minutes=minutes, requests=r.requests, errors=r.errors, rps=r.rps,
-             error_text=r.error_text[:200],
+             status=r.status, error_text=r.error_text[:300],
              trace=[(round(t), kib) for t, kib in
                     sampler.samples[:: max(1, -(-len(sampler.samples) // 20))]])
     return d
@@ -491,6 +498,41 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def bounds(res: dict[str, Any]) -> list[str]:
+    """What bounds the missed targets, from this run's own measurements."""
+    out: list[str] = []
+    cells = res.get("cells") or {}
+    bd = res.get("breakdown") or {}
+    frame = (bd.get("frame only (no concern)") or {}).get("added_cpu_ms")
+    costs = sorted(((k, v["added_cpu_ms"] - (frame or 0)) for k, v in bd.items()
+                    if "error" not in v and not k.startswith("frame")), key=lambda kv: -kv[1])
+    b1 = (cells.get("bare|1KB|16") or {}).get("cpu_ms_per_req")
+    s1 = (cells.get("suite|1KB|16") or {}).get("cpu_ms_per_req")
+    if b1 and s1:
+        need = b1 / TARGETS["throughput_ratio_c16_1k"] - b1
+        text = (f"1 KB: bare mitmdump spends {b1} ms of CPU per request and the suite {s1} ms; "
+                f"0.90x would allow {need:.2f} ms of added CPU per request, the suite adds "
+                f"{s1 - b1:.2f} ms")
+        if costs:
+            text += " (by concern, each alone minus the frame: " + ", ".join(
+                f"{k} {v:.2f} ms" for k, v in costs) + (f"; frame {frame:.2f} ms" if frame
+                                                      is not None else "") + ")"
+        out.append(text + ". Added p50 at c=1 follows the event-loop share of the same work.")
+    b100 = (cells.get("bare|100KB|1") or {}).get("cpu_ms_per_req")
+    s100 = (cells.get("suite|100KB|1") or {}).get("cpu_ms_per_req")
+    if b100 and s100:
+        out.append(f"100 KB: {s100} ms of CPU per request in the suite vs {b100} ms bare: the "
+                   "body-size-proportional work (masking detectors, policy prompt patterns, "
+                   "recording the body) on one core decides it; see the component sections "
+                   "for MB/s.")
+    prof = (res.get("profile") or {}).get("suite") or {}
+    mods = prof.get("ours_modules") or []
+    if mods:
+        out.append("Profile (1 KB, c=16), agentgate modules by GIL ms per request: " + ", ".join(
+            f"{k.removeprefix('addons/')} {ms}" for k, _pct, ms in mods[:6]) + ".")
+    return out
+
+
 def markdown(res: dict[str, Any]) -> str:
     lines = ["## End-to-end: direct vs bare mitmdump vs agentgate suite", ""]
     s = res.get("settings", {})
@@ -525,6 +567,9 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["", "Ratios (same run):", "", "| ratio | value |", "|---|---|"]
     for k, v in ratios(res).items():
         lines.append(f"| {k} | {v if v is not None else 'n/a'} |")
+    bnd = bounds(res)
+    if bnd:
+        lines += ["", "What bounds it:", ""] + [f"- {b}" for b in bnd]
     t = res.get("ttft", {})
     if t:
         lines += ["", "### Time to first token (streamed, c=1, keep-alive)", "",
@@ -571,7 +616,11 @@ def markdown(res: dict[str, Any]) -> str:
     if soak:
         lines += ["", f"Soak: {soak.get('minutes')} min at 100 req/s (4 workers), 1 KB, "
                   f"through the suite: "
-                  f"{soak.get('requests')} requests ({soak.get('errors')} errors), RSS "
+                  f"{soak.get('requests')} requests ({soak.get('errors')} errors; status "
+                  f"{soak.get('status')}"
+                  + (f"; {soak['error_text']}" if soak.get("error_text") else "")
+                  + (f"; then: {soak['after_soak']}" if soak.get("after_soak") else "")
+                  + "), RSS "
                   f"{(soak.get('early_kib') or 0) / 1024:.1f} MiB after warm-up -> "
                   f"{(soak.get('late_kib') or 0) / 1024:.1f} MiB at the end "
                   f"(drift {soak.get('drift_pct')} %, max "

@@ -103,7 +103,9 @@ def facts_markdown(f: dict[str, Any]) -> str:
         f"| mitmproxy | {f['mitmproxy']} |",
         f"| hey | {f['hey']} |",
         f"| nginx | {f['nginx'] or 'n/a'} |",
-        f"| load average at start | {' '.join(f['loadavg_at_start'])} |",
+        f"| load average (1/5/15 min) at start | {' '.join(f['loadavg_at_start'])} |",
+        *([f"| load average at end | {' '.join(f['loadavg_at_end'])} |"]
+          if f.get("loadavg_at_end") else []),
     ])
 
 

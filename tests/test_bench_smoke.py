@@ -124,6 +124,19 @@ def test_targets_say_by_how_much_they_are_missed():
     assert ttft[2] == "MISSED" and "1.000" in ttft[3]
 
 
+def test_bounds_name_the_costliest_concern():
+    res = _fake_e2e()
+    res["breakdown"] = {
+        "frame only (no concern)": {"added_cpu_ms": 0.2, "ratio_c16": 1, "rps_c16": 1,
+                                    "bare_rps_c16": 1, "added_p50_ms_c1": 0},
+        "recording": {"added_cpu_ms": 1.2, "ratio_c16": 1, "rps_c16": 1, "bare_rps_c16": 1,
+                      "added_p50_ms_c1": 0}}
+    text = " ".join(e2e.bounds(res))
+    assert "recording 1.00 ms" in text and "frame 0.20 ms" in text
+    assert "0.90x would allow 0.11 ms" in text
+    assert "What bounds it" in e2e.markdown(res)
+
+
 def test_report_includes_failed_component_and_machine():
     facts = h.machine_facts()
     comps = {
