@@ -26,7 +26,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import connection, ctx, http
+from mitmproxy import version as mitmproxy_version
 from mitmproxy.net import encoding
 
 from addons import audit_store as store
@@ -53,6 +54,59 @@ def build_row(pending: store.Pending) -> dict[str, Any]:
     return store.build_row(pending, decode=_decode)
 
 
+class ConnStates:
+    """Serialised connection states, reused across the flows of a kept-alive connection.
+
+    `flow.get_state()` re-serialises both connections for every flow, including their
+    certificate chains as PEM; on the event loop that was the largest part of recording.
+    A state is reused while nothing that `get_state` reports can have changed (the key).
+    The cached dicts are shared, so they are treated as read-only (the store copies on
+    write).
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self._cache: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        self._size = size
+
+    def get(self, conn: connection.Connection) -> dict[str, Any]:
+        key = (conn.id, conn.state, conn.error, conn.timestamp_start, conn.timestamp_end,
+               conn.timestamp_tls_setup, conn.tls_version, len(conn.certificate_list),
+               conn.sni, conn.alpn, conn.peername, conn.sockname,
+               getattr(conn, "timestamp_tcp_setup", None), getattr(conn, "address", None),
+               getattr(conn, "via", None))
+        st = self._cache.get(key)
+        if st is None:
+            st = self._cache[key] = conn.get_state()
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        return st
+
+
+def flow_state(flow: http.HTTPFlow, conns: ConnStates) -> dict[str, Any]:
+    """Exactly `flow.get_state()` (a test holds it to that), with cached connections."""
+    state: dict[str, Any] = {
+        "version": mitmproxy_version.FLOW_FORMAT_VERSION,
+        "type": flow.type,
+        "id": flow.id,
+        "error": flow.error.get_state() if flow.error else None,
+        "client_conn": conns.get(flow.client_conn),
+        "server_conn": conns.get(flow.server_conn),
+        "intercepted": flow.intercepted,
+        "is_replay": flow.is_replay,
+        "marked": flow.marked,
+        "metadata": copy.deepcopy(flow.metadata),
+        "comment": flow.comment,
+        "timestamp_created": flow.timestamp_created,
+    }
+    backup = flow._backup  # noqa: SLF001 - mirrors Flow.get_state
+    state["backup"] = copy.deepcopy(backup) if backup is not None and backup != state \
+        else None
+    state["request"] = flow.request.get_state()
+    state["response"] = flow.response.get_state() if flow.response else None
+    state["websocket"] = flow.websocket.get_state() if flow.websocket else None
+    return state
+
+
 class Recorder:
     def __init__(self, holder: RulesHolder) -> None:
         self.holder = holder
@@ -63,6 +117,7 @@ class Recorder:
         self._secrets_at = 0.0
         self._redact: frozenset[str] = store.REDACT_HEADERS
         self._running = False
+        self._conns = ConnStates()
         holder.on_change(self._rules_changed)
 
     # ------------------------------------------------------------ configuration
@@ -225,8 +280,8 @@ class Recorder:
             info = meta["recorder"] = {"session_source": "connection"}
         if flow.response is not None and flow.response.stream:
             info["streamed"] = True
-        state = flow.get_state()
-        state["metadata"] = copy.deepcopy(meta)  # later changes must not race the writer
+        # a snapshot (metadata deep-copied): later changes must not race the writer
+        state = flow_state(flow, self._conns)
         origin = info.get("origin")
         pending = store.Pending(state=state, session=session,
                                 origin_url=origin if isinstance(origin, str) else None,

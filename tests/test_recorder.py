@@ -219,8 +219,8 @@ def test_after_close_unrecordable_responses_are_killed(rec: Recorder) -> None:
 def test_hook_exception_fails_closed(rec: Recorder, monkeypatch) -> None:
     f = openai_flow()
     rec.requestheaders(f)
-    monkeypatch.setattr(f, "get_state", lambda: 1 / 0)
     f.response = tflow.tresp()
+    monkeypatch.setattr(f.response, "get_state", lambda: 1 / 0)
     rec.response(f)
     assert f.response.status_code == 502
     assert f.metadata["refusal"]["step"] == "recorder"
@@ -306,3 +306,27 @@ def test_session_shows_in_the_mitmweb_comment(rec: Recorder) -> None:
     rec.requestheaders(f)  # the recorder runs after annotate in every hook…
     a.request(f)  # …but annotate's next hook already sees the session
     assert "session: run-77" in f.comment
+
+
+def test_flow_state_equals_mitmproxy_get_state() -> None:
+    """The recorder's cached-connection snapshot must stay identical to get_state()."""
+    from mitmproxy.test import tflow
+
+    from addons.recorder import ConnStates, flow_state
+    conns = ConnStates()
+    flows = [tflow.tflow(), tflow.tflow(resp=True), tflow.tflow(err=True),
+             tflow.twebsocketflow()]
+    f = tflow.tflow(resp=True)
+    f.backup()
+    f.request.content = b"changed"
+    f.metadata["x"] = {"nested": [1, 2]}
+    flows.append(f)
+    for fl in flows:
+        assert flow_state(fl, conns) == fl.get_state()
+        assert flow_state(fl, conns) == fl.get_state()  # cached connections too
+    # a connection that changed is serialised again
+    g = tflow.tflow(resp=True)
+    first = flow_state(g, conns)
+    g.client_conn.timestamp_end = 12345.0
+    assert flow_state(g, conns)["client_conn"]["timestamp_end"] == 12345.0
+    assert first["client_conn"]["timestamp_end"] != 12345.0
