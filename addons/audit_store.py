@@ -385,6 +385,22 @@ def dump_state(st: dict[str, Any], scrub: Scrubber) -> bytes:
             return list(o)
         raise TypeError(f"not serialisable in a flow state: {type(o).__name__}")
 
+    # Header lists are most of the bytes objects in a state; tagging them as one latin-1
+    # list ({"$h": …}, lossless for any bytes) saves the per-object `default` callback.
+    # Values are scrubbed as bytes first (a secret in latin-1 text may look different).
+    st = dict(st)
+    for part in ("request", "response"):
+        msg = st.get(part)
+        if msg:
+            msg = dict(msg)
+            for key in ("headers", "trailers"):
+                pairs = msg.get(key)
+                if pairs and all(isinstance(k, bytes) and isinstance(v, bytes)
+                                 for k, v in pairs):
+                    msg[key] = {"$h": [[k.decode("latin-1"),
+                                        (scrub.bytes(v) if scrub else v).decode("latin-1")]
+                                       for k, v in pairs]}
+            st[part] = msg
     text = json.dumps(st, default=default, separators=(",", ":"), ensure_ascii=False)
     for v in scrub.text:
         text = text.replace(json.dumps(v, ensure_ascii=False)[1:-1], REDACTED)
@@ -393,6 +409,8 @@ def dump_state(st: dict[str, Any], scrub: Scrubber) -> bytes:
 
 def _state_hook(d: dict[str, Any]) -> Any:
     if len(d) == 1:
+        if "$h" in d:
+            return [[k.encode("latin-1"), v.encode("latin-1")] for k, v in d["$h"]]
         if "$bytes" in d:
             return d["$bytes"].encode("utf-8", "surrogatepass")
         if "$b64" in d:
