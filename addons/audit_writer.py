@@ -42,7 +42,7 @@ log = logging.getLogger("agentgate.recorder")
 # DuckDB's defaults are a buffer pool of 80% of RAM and one worker thread per core: in a
 # gateway that inserts all day the pool grows with the file (a 10-minute soak drifted 42%)
 # and its threads compete with the event loop. Bounded and single-threaded instead.
-DB_CONFIG = {"enable_external_access": False, "memory_limit": "256MB", "threads": 1}
+DB_CONFIG = {"enable_external_access": False, "memory_limit": "64MB", "threads": 1}
 
 
 def socket_path(db_path: str | Path) -> str:
