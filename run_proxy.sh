@@ -134,6 +134,15 @@ case $cmd in
   bench)
     shift
     ensure_venv test
+    if ! command -v hey >/dev/null || ! command -v nginx >/dev/null; then
+      if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        say "installing hey and nginx-light (load generator and fast upstream for the benchmarks)"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey nginx-light) \
+          >/dev/null 2>&1 || say "could not install hey/nginx-light; the report will say what is missing"
+      else
+        say "hey and nginx are needed for the end-to-end benchmark: apt-get install -y hey nginx-light"
+      fi
+    fi
     exec "$VENV/bin/python" -m bench "$@"
     ;;
   cli)
