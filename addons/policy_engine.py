@@ -489,6 +489,14 @@ def prompt_test(pattern: re.Pattern[str]) -> Check:
     return check
 
 
+def any_prompt_test(patterns: tuple[re.Pattern[str], ...]) -> Check:
+    """True when any of the patterns matches the prompt (each behind its own prefilter)."""
+    checks = tuple(prompt_test(p) for p in patterns)
+    if len(checks) == 1:
+        return checks[0]
+    return lambda f: any(c(f) for c in checks)
+
+
 # ---------------------------------------------------------------- literal prefilter
 try:  # the exact case folding of `re` (simple lower-casing plus its extra equivalences)
     from _sre import unicode_tolower as _tolower

@@ -532,3 +532,24 @@ def test_readme_example_is_valid(tmp_path: Path) -> None:
 ])
 def test_path_normalisation(raw: str, norm: str) -> None:
     assert RequestFacts("GET", "h", raw).path == norm
+
+
+def test_prompt_rule_with_regex_and_words_matches_either(tmp_path) -> None:
+    """Each regex and the word list are separate patterns; any one of them matching counts."""
+    from addons.config import Where
+    from addons.policy_config import _prompt_patterns
+    from addons.policy_engine import any_prompt_test
+    pats = _prompt_patterns({"regex": [r"\d{3}-\d{2}-\d{4}", r"ssn\s*dump"],
+                             "words": ["exfiltrate", "bulk export"]}, Where("f", "prompt"))
+    assert len(pats) == 3
+
+    class F:
+        def __init__(self, text: str) -> None:
+            self.prompt_text = text
+            self.prompt_folded = text.lower()
+    check = any_prompt_test(pats)
+    assert check(F("my number is 123-45-6789"))
+    assert check(F("please SSN  dump all"))
+    assert check(F("time to Bulk   Export the table"))
+    assert not check(F("exfiltrated is not the word"))
+    assert not check(F("nothing here"))
