@@ -132,7 +132,8 @@ def _print_human(result: dict[str, Any]) -> None:
             print(f"      {k}: {v}")
         print(f"      body: {r['body'][:300]}")
     print(f"\n== recorded in {result['recorded_in']}")
-    print(f"   (query it: agentgate audit sessions --data {Path(result['recorded_in']).parent})")
+    print(f"   (query it: agentgate audit sessions --db {result['recorded_in']};"
+          f" agentgate audit verify --db {result['recorded_in']})")
     print(f"   gateway log: {result['gateway_log']}")
 
 
