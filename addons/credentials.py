@@ -89,14 +89,6 @@ class Credentials:
         if master is not None and master.addons.get(CredentialScrubber.name) is self.scrubber:
             master.addons.remove(self.scrubber)
 
-    @guarded("credentials", skip_answered=False)
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        scrub_injected(flow)
-
-    @guarded("credentials", skip_answered=False)
-    def error(self, flow: http.HTTPFlow) -> None:
-        scrub_injected(flow)
-
     @guarded("credentials")
     def request(self, flow: http.HTTPFlow) -> None:
         rules = self.holder.rules
