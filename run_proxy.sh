@@ -33,21 +33,26 @@ find_python() {
     py_ok "$AGENTGATE_PYTHON" || die "AGENTGATE_PYTHON=$AGENTGATE_PYTHON is not a Python >= 3.12"
     echo "$AGENTGATE_PYTHON"; return
   fi
-  local c p root
-  # PATH first. 3.13 is preferred: on 3.12 mitmproxy 12.2 pins typing-extensions <= 4.14,
-  # which the test clients (pydantic) cannot share.
-  for c in python3.13 python3.14 python3.12 python3 python; do
+  local minor c p root
+  root=$( (command -v pyenv >/dev/null && pyenv root) 2>/dev/null || echo "${PYENV_ROOT:-$HOME/.pyenv}")
+  # 3.13 is preferred wherever it is (PATH or pyenv): on 3.12 mitmproxy 12.2 pins
+  # typing-extensions <= 4.14, which the test clients (pydantic) cannot share. A pyenv shim on
+  # PATH may answer for a version other than its name, so versions are tried newest-preferred
+  # first and each candidate is asked for its real version by py_ok.
+  for minor in 3.13 3.14 3.12; do
+    p=$(command -v "python$minor" 2>/dev/null) && py_ok "$p" \
+      && [[ $("$p" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) == "$minor" ]] \
+      && { echo "$p"; return; }
+    if [[ -d $root/versions ]]; then
+      for p in $(ls -d "$root"/versions/"$minor"* 2>/dev/null | sort -rV); do
+        [[ -x $p/bin/python3 ]] && py_ok "$p/bin/python3" && { echo "$p/bin/python3"; return; }
+      done
+    fi
+  done
+  for c in python3 python; do
     p=$(command -v "$c" 2>/dev/null) || continue
     py_ok "$p" && { echo "$p"; return; }
   done
-  # then pyenv's versions, newest first
-  root=$( (command -v pyenv >/dev/null && pyenv root) 2>/dev/null || echo "${PYENV_ROOT:-$HOME/.pyenv}")
-  if [[ -d $root/versions ]]; then
-    for p in $(ls -d "$root"/versions/3.13* "$root"/versions/3.14* "$root"/versions/3.1[2-9]* \
-               2>/dev/null | awk '!seen[$0]++'); do
-      [[ -x $p/bin/python3 ]] && py_ok "$p/bin/python3" && { echo "$p/bin/python3"; return; }
-    done
-  fi
   die "no Python >= 3.12 found (looked on PATH for python3.13/3.14/3.12/python3 and in $root/versions). Install one (e.g. 'pyenv install 3.13') or set AGENTGATE_PYTHON."
 }
 
