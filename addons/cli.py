@@ -18,12 +18,13 @@ import sys
 # module -> it defines register(subparsers); kept as names so a missing optional
 # dependency of one command does not break the others.
 COMMAND_MODULES = (
-    "addons.cli_rules",
-    "addons.cli_identity",
-    "addons.cli_masking",
-    "addons.cli_policy",
-    "addons.cli_recorder",
-    "addons.demo",
+    "addons.config.cli",
+    "addons.identity.cli",
+    "addons.masking.cli",
+    "addons.policy.cli",
+    "addons.approval.cli",
+    "addons.recording.cli",
+    "addons.devkit.demo",
 )
 
 

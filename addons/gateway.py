@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import logging
 
-from addons.annotate import Annotate
-from addons.approval import Approval
-from addons.credentials import Credentials
-from addons.identity import Identity
-from addons.masking import Masking
-from addons.policy import Policy
-from addons.recorder import Recorder
-from addons.rules_loader import RulesHolder, RulesLoader
-from addons.sessions import Sessions
-from addons.upstreams import Upstreams
+from addons.approval.addon import Approval
+from addons.config.addon import RulesLoader
+from addons.config.holder import RulesHolder
+from addons.egress.credentials import Credentials
+from addons.egress.upstreams import Upstreams
+from addons.frame.annotate import Annotate
+from addons.identity.addon import Identity
+from addons.masking.addon import Masking
+from addons.policy.addon import Policy
+from addons.recording.addon import Recorder
+from addons.recording.sessions import Sessions
 
 
 def build(holder: RulesHolder | None = None) -> list[object]:

@@ -3,7 +3,7 @@
 `run()` measures, in one process:
 - precision / recall per entity on ../shared/corpus (presidio PII cases, gitleaks and
   detect-secrets secret cases), listing every case where the engine and the corpus disagree
-  with the reason (KNOWN_DISAGREEMENTS; tests/test_corpus.py asserts the exact list),
+  with the reason (KNOWN_DISAGREEMENTS; tests/masking/test_corpus.py asserts the exact list),
 - `DetectorSet.find` throughput in MB/s on one core for 1 KB, 100 KB and 1 MB of prose-like
   text with all detectors on (ASCII prose, and the same prose with non-ASCII words).
 
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from addons.detectors import DetectorSet
+from addons.masking.detectors import DetectorSet
 
 CORPUS_DIR = Path(os.environ.get("AGENTGATE_CORPUS",
                                   Path(__file__).resolve().parents[2] / "shared" / "corpus"))

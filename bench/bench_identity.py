@@ -1,6 +1,6 @@
 """Token verification cost per request: verified-token cache hit vs miss (no network).
 
-Measured with the gateway's own code (addons.jwt_verify.TokenVerifier, keys already loaded
+Measured with the gateway's own code (addons.identity.jwt.TokenVerifier, keys already loaded
 from a JWKS document, as after the first fetch):
 - miss: strict parse + claim checks + signature verification (RS256 2048-bit, ES256 P-256),
   i.e. the first request with a new token;
@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from addons.identity_config import IdentityConfig, IssuerConfig
-from addons.jwt_verify import TokenVerifier, parse_jwks, parse_token, select_key
+from addons.identity.config import IdentityConfig, IssuerConfig
+from addons.identity.jwt import TokenVerifier, parse_jwks, parse_token, select_key
 
 ISSUER = "https://idp.bench.example"
 
@@ -142,10 +142,10 @@ def _addon(loop: asyncio.AbstractEventLoop, toks: list[str], table: Any, n: int,
     """Identity.requestheaders per request on a test flow (verifier cache hit and miss)."""
     from mitmproxy.test import taddons, tflow
 
-    import addons.identity as identity_mod
-    from addons.config import load_rules
-    from addons.identity import Identity
-    from addons.rules_loader import RulesHolder
+    import addons.identity.addon as identity_mod
+    from addons.config.holder import RulesHolder
+    from addons.config.loader import load_rules
+    from addons.identity.addon import Identity
 
     out: dict[str, Any] = {}
     for label, cache in (("addon_hit_us", 10000), ("addon_miss_us", 0)):

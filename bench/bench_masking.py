@@ -45,11 +45,11 @@ def _cpu_per_op(fn: Any, min_seconds: float, min_runs: int) -> float:
 
 
 def throughput(quick: bool) -> dict[str, Any]:
-    from addons.bodies import Masked
-    from addons.detectors import DetectorSet
-    from addons.masker import Masker, Session
-    from addons.masking_config import MaskingConfig
-    from addons.sse_mask import StreamMasker
+    from addons.masking.bodies import Masked
+    from addons.masking.config import MaskingConfig
+    from addons.masking.detectors import DetectorSet
+    from addons.masking.masker import Masker, Session
+    from addons.masking.sse import StreamMasker
 
     det = DetectorSet(MaskingConfig())  # every built-in detector on
     masker = Masker(det, b"bench-key")

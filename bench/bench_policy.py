@@ -18,9 +18,10 @@ import sys
 import time
 from typing import Any
 
-from addons.config import Upstream, Where
-from addons.policy_config import parse_policies
-from addons.policy_engine import PolicySet, RequestFacts, evaluate
+from addons.config.schema import Where
+from addons.egress.config import Upstream
+from addons.policy.config import parse_policies
+from addons.policy.engine import PolicySet, RequestFacts, evaluate
 
 UPSTREAMS = (Upstream("openai", ("api.openai.com",), "openai", None),
              Upstream("anthropic", ("api.anthropic.com",), "anthropic", None))
@@ -106,7 +107,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         evaluate(empty, f)
     out["facts_only_us"] = (time.perf_counter_ns() - t0) / n0 / 1000
     # the same 1,000 rules without the literal prefilter of prompt patterns, for scale
-    import addons.policy_engine as engine
+    import addons.policy.engine as engine
     saved = engine.required_literals
     engine.required_literals = lambda *a, **k: None
     try:

@@ -54,9 +54,9 @@ def _states(n: int) -> list[dict[str, Any]]:
 
 
 def writer_throughput(n: int, batch: int = 500) -> dict[str, Any]:
-    from addons import audit_store as store
-    from addons.audit_writer import AuditWriter, open_db
-    from addons.recorder import build_row
+    from addons.recording import store
+    from addons.recording.addon import build_row
+    from addons.recording.writer import AuditWriter, open_db
 
     states = _states(min(n, 2000))
     secrets = ("sk-bench-REAL-0000000000000000",)

@@ -2,7 +2,7 @@
 
 One invocation starts everything, side by side, on 127.0.0.1:
 - the upstream: nginx answering a canned OpenAI completion (fast and cheap in CPU, so it
-  is not what limits a run) for the throughput runs; the stand-in (addons/standin.py) for
+  is not what limits a run) for the throughput runs; the stand-in (addons/devkit/standin.py) for
   streamed (SSE) replies, where it paces events 2 ms apart like a model would;
 - `direct`: `hey` straight to the upstream;
 - `bare`: `mitmdump` with no addon and the same TLS interception (the client trusts
@@ -135,7 +135,8 @@ def write_rules(rules_dir: Path, files: dict[str, str]) -> dict[str, str]:
 
     Returns {file: reason} for each file left out.
     """
-    from addons.config import ConfigError, load_rules
+    from addons.config.loader import load_rules
+    from addons.config.schema import ConfigError
 
     rules_dir.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
@@ -760,7 +761,7 @@ def summarise_stacks(text: str, rate: int = PROFILE_RATE, requests: float = 0,
         threads[thread] = threads.get(thread, 0) + count
         area = _area(frames[-1][1])
         areas[area] = areas.get(area, 0) + count
-        ours = [f for f in frames if f[1].startswith("addons/") and f[1] != "addons/guard.py"]
+        ours = [f for f in frames if f[1].startswith("addons/") and f[1] != "addons/frame/guard.py"]
         if ours:
             ours_any += count
             name, label = ours[-1]

@@ -203,7 +203,7 @@ def spawn(name: str, args: Sequence[str], port: int, log_path: Path,
 # ---------------------------------------------------------------- upstreams
 def upstream_certs(certdir: Path) -> tuple[Path, Path, Path]:
     """(ca, leaf, key) for 127.0.0.1/localhost, shared by the stand-in and nginx."""
-    from addons.standin import make_test_ca
+    from addons.devkit.standin import make_test_ca
     return make_test_ca(certdir)
 
 
@@ -218,7 +218,7 @@ def start_standin(workdir: Path, certdir: Path, stream_delay: float = 0.0) -> Pr
     """
     port = free_port()
     code = textwrap.dedent(f"""\
-        import time, addons.standin as s
+        import time, addons.devkit.standin as s
         s._Handler.disable_nagle_algorithm = True
         st = s.StandIn("127.0.0.1", {port}, {str(certdir)!r})
         st.stream_defaults["delay"] = {float(stream_delay)!r}

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from addons.launch import (  # noqa: F401 - re-exported for tests
+from addons.devkit.launch import (  # noqa: F401 - re-exported for tests
     BIN,
     Gateway,
     free_port,
     standin_upstreams_yaml,
 )
-from addons.launch import start_gateway as _start_gateway
-from addons.standin import StandIn
+from addons.devkit.launch import start_gateway as _start_gateway
+from addons.devkit.standin import StandIn
 
-pytest_plugins = ["oidc_fixtures"]
+pytest_plugins = ["tests.oidc_fixtures"]
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,8 @@ user's non-standard claims into the ID token *after* its own claims, so `exp`, `
 
 `LocalIssuer` / `local_issuer` serve discovery + JWKS from keys the test holds, count every
 fetch, rotate keys, go "down", and sign anything (the attack battery needs tokens no real
-provider would issue). Registered in tests/conftest.py by `pytest_plugins = ["oidc_fixtures"]`.
+provider would issue). Registered in tests/conftest.py:
+`pytest_plugins = ["tests.oidc_fixtures"]`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jose import jwk as jose_jwk
 from jose import jwt as jose_jwt
 
-from addons.demo_idp import DemoIdP
+from addons.devkit.idp import DemoIdP
 
 
 def b64url(data: bytes | str) -> str:
@@ -58,7 +59,7 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class OIDCProvider(DemoIdP):
-    """oidc-provider-mock in a thread (addons/demo_idp.py), counting discovery and JWKS
+    """oidc-provider-mock in a thread (addons/devkit/idp.py), counting discovery and JWKS
     fetches and able to rotate its signing key."""
 
     def __init__(self) -> None:

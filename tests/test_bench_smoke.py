@@ -75,12 +75,12 @@ def test_percentile_and_rss_drift():
 def test_summarise_stacks_attributes_our_code_and_threads():
     raw = "\n".join([
         "<module> (mitmdump:8);BaseEventLoop.run_forever (asyncio/base_events.py:679);"
-        "wrapper (addons/guard.py:3);Masking.request (addons/masking.py:10);"
-        "mask (addons/detectors.py:5);dumps (json/__init__.py:9) 30",
+        "wrapper (addons/frame/guard.py:3);Masking.request (addons/masking/addon.py:10);"
+        "mask (addons/masking/detectors.py:5);dumps (json/__init__.py:9) 30",
         "<module> (mitmdump:8);BaseEventLoop.run_forever (asyncio/base_events.py:679);"
         "Connection.recv (OpenSSL/SSL.py:2038) 50",
-        "Thread._bootstrap (threading.py:1012);Writer._run (addons/audit_writer.py:40);"
-        "append (addons/audit_store.py:99) 20",
+        "Thread._bootstrap (threading.py:1012);Writer._run (addons/recording/writer.py:40);"
+        "append (addons/recording/store.py:99) 20",
     ])
     s = e2e.summarise_stacks(raw, rate=100, requests=10)
     assert s["samples"] == 100 and s["ours_pct"] == 50.0
@@ -90,7 +90,8 @@ def test_summarise_stacks_attributes_our_code_and_threads():
     assert areas["TLS (pyOpenSSL/ssl)"] == 50.0 and areas["json"] == 30.0
     # library time is attributed to the innermost agentgate frame, never to guard.py
     fns = {k: p for k, p, _ in s["ours_functions"]}
-    assert fns == {"mask (addons/detectors.py)": 30.0, "append (addons/audit_store.py)": 20.0}
+    assert fns == {"mask (addons/masking/detectors.py)": 30.0,
+                   "append (addons/recording/store.py)": 20.0}
     md = e2e.profile_markdown({"rate": 100, "seconds": 5, "concurrency": 16,
                                "bare": e2e.summarise_stacks(raw.splitlines()[1], 100, 10),
                                "suite": s})

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import GATEWAY_ENV, REAL_OPENAI_KEY, ROOT, Gateway
+
+from tests.conftest import GATEWAY_ENV, REAL_OPENAI_KEY, ROOT, Gateway
 
 pytestmark = pytest.mark.integration
 
@@ -97,9 +98,8 @@ FAULT_STEPS = ["rulesloader", "upstreams", "identity", "policy", "masking", "app
 @pytest.mark.parametrize("step", FAULT_STEPS)
 def test_raising_addon_refuses_never_passes(gateway_factory, no_identity, standin,
                                             step: str) -> None:
-    from test_guard import hook_methods
-
     from addons import gateway
+    from tests.frame.test_guard import hook_methods
     addon = next(a for a in gateway.build() if type(a).__name__.lower() == step)
     if not hook_methods(addon):
         pytest.skip(f"{step} has no hooks yet (its issue is open)")
@@ -170,7 +170,7 @@ def test_bad_rules_refuse_to_start(gateway_factory, tmp_path: Path) -> None:
 def test_langgraph_agent_end_to_end(gw: Gateway, standin) -> None:
     """A real LangGraph agent (model node + webhook tool node), env-configured only."""
     standin.clear()
-    p = subprocess.run([sys.executable, "-m", "addons.demo_agent", "the nightly build is green"],
+    p = subprocess.run([sys.executable, "-m", "addons.devkit.agent", "the nightly build is green"],
                        env=gw.client_env(), capture_output=True, text=True, timeout=120,
                        cwd=str(ROOT))
     assert p.returncode == 0, p.stdout + p.stderr

@@ -1,0 +1,1 @@
+"""Held flows and their reviewers: store, API, notifications, CLI."""

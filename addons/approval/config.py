@@ -1,0 +1,215 @@
+"""Parse the `approvals` section of the rules: reviewers' API, notifications, defaults.
+
+```yaml
+approvals:
+  listen: 127.0.0.1:8081          # reviewers' HTTP API ("off": no API)
+  link_base: https://gw.internal:8081
+  default_timeout: 300            # seconds, for decisions that carry none
+  on_timeout: deny                # deny | allow, for decisions that carry none
+  timeout_status: 403             # 403 or 408 on timeout
+  allow_mitmweb: true             # master switch: false = no rule's allow_mitmweb applies
+  max_pending: 1000
+  preview_chars: 2000
+  notify:
+    url_env: SLACK_WEBHOOK_URL    # or url: / url_file:
+    retries: 5
+    backoff: 1
+    max_backoff: 60
+    timeout: 5
+    ca_file: /etc/ssl/internal-ca.pem
+```
+No mitmproxy import: `agentgate rules check` uses the same parser.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from addons.config.schema import (
+    MapSection,
+    Where,
+    expect_bool,
+    expect_int,
+    expect_map,
+    expect_number,
+    expect_str,
+    read_secret,
+)
+
+APPROVALS_KEYS = {"listen", "link_base", "default_timeout", "on_timeout", "timeout_status",
+                  "allow_mitmweb", "max_pending", "preview_chars", "notify"}
+NOTIFY_KEYS = {"url", "url_env", "url_file", "retries", "backoff", "max_backoff", "timeout",
+               "ca_file"}
+DEFAULT_LISTEN = "127.0.0.1:8081"
+MAX_TIMEOUT = 7 * 24 * 3600
+
+_LISTEN_RE = re.compile(r"^(?:\[([0-9a-fA-F:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})$")
+_URL_RE = re.compile(r"^https?://[^\s/?#]+(?:/[^\s]*)?$")
+
+
+def parse_listen(text: str) -> tuple[str, int] | None:
+    """`host:port` / `[v6]:port` -> (host, port); "off" / "" -> None. Raises ValueError."""
+    text = text.strip()
+    if text.lower() in ("", "off", "none", "false"):
+        return None
+    m = _LISTEN_RE.match(text)
+    if not m:
+        raise ValueError(f"expected host:port (e.g. {DEFAULT_LISTEN}) or off, got {text!r}")
+    port = int(m.group(3))
+    if port > 65535:
+        raise ValueError(f"port out of range: {port}")
+    return (m.group(1) or m.group(2)), port
+
+
+def url_for(listen: tuple[str, int] | None) -> str:
+    if listen is None:
+        return ""
+    host, port = listen
+    if ":" in host:
+        host = f"[{host}]"
+    if host in ("0.0.0.0", "[::]"):
+        host = "127.0.0.1"
+    return f"http://{host}:{port}"
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """Where new holds are announced. Holds the URL's *source*, not the URL itself when it
+    comes from the environment or a file (a Slack webhook URL is a secret)."""
+
+    url: str | None = None
+    url_env: str | None = None
+    url_file: str | None = None
+    retries: int = 5
+    backoff: float = 1.0
+    max_backoff: float = 60.0
+    timeout: float = 5.0
+    ca_file: str | None = None
+
+    def resolve(self) -> str | None:
+        if self.url:
+            return self.url
+        return read_secret(self.url_env, self.url_file)
+
+    def describe(self) -> str:
+        if self.url_env:
+            src = f"${self.url_env}"
+        elif self.url_file:
+            src = f"file {self.url_file}"
+        else:
+            src = _host_of(self.url or "")
+        return f"webhook {src} ({self.retries} retries)"
+
+
+def _host_of(url: str) -> str:
+    m = re.match(r"^(https?://[^/?#]+)", url)
+    return m.group(1) if m else "?"
+
+
+@dataclass(frozen=True)
+class ApprovalsConfig:
+    listen: tuple[str, int] | None = ("127.0.0.1", 8081)
+    link_base: str = ""
+    default_timeout: float = 300.0
+    on_timeout: str = "deny"
+    timeout_status: int = 403
+    allow_mitmweb: bool = True
+    max_pending: int = 1000
+    preview_chars: int = 2000
+    notify: NotifyConfig | None = None
+
+    def link(self, approval_id: str, listen: tuple[str, int] | None = None) -> str:
+        base = (self.link_base or url_for(listen or self.listen)).rstrip("/")
+        return f"{base}/approvals/{approval_id}" if base else ""
+
+    def describe(self) -> str:
+        api = url_for(self.listen) or "off"
+        notify = self.notify.describe() if self.notify else "no notifications"
+        return (f"API {api}, default timeout {self.default_timeout:g}s "
+                f"(on timeout {self.on_timeout}, {self.timeout_status}), "
+                f"mitmweb approval {'per rule' if self.allow_mitmweb else 'off'}, {notify}")
+
+
+def _parse_notify(raw: Any, where: Where) -> NotifyConfig:
+    d = expect_map(raw, where, NOTIFY_KEYS)
+    sources = [k for k in ("url", "url_env", "url_file") if d.get(k) is not None]
+    if len(sources) != 1:
+        raise where.error("give exactly one of 'url', 'url_env' (environment variable) or "
+                          "'url_file' (secret file)")
+    url = url_env = url_file = None
+    if "url" in sources:
+        url = expect_str(d["url"], where.child("url")).strip()
+        if not _URL_RE.match(url):
+            raise where.child("url").error("expected an http:// or https:// URL")
+    if "url_env" in sources:
+        url_env = expect_str(d["url_env"], where.child("url_env"))
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", url_env):
+            raise where.child("url_env").error(f"not an environment variable name: {url_env!r}")
+    if "url_file" in sources:
+        url_file = expect_str(d["url_file"], where.child("url_file"))
+    ca_file = None
+    if d.get("ca_file") is not None:
+        ca_file = expect_str(d["ca_file"], where.child("ca_file"))
+        if not Path(ca_file).is_file():
+            raise where.child("ca_file").error(f"no such file: {ca_file}")
+    backoff = float(expect_number(d.get("backoff", 1.0), where.child("backoff"),
+                                  minimum=0.01, maximum=3600))
+    max_backoff = float(expect_number(d.get("max_backoff", 60.0), where.child("max_backoff"),
+                                      minimum=0.01, maximum=86400))
+    if max_backoff < backoff:
+        raise where.child("max_backoff").error("must be >= backoff")
+    return NotifyConfig(
+        url=url, url_env=url_env, url_file=url_file,
+        retries=expect_int(d.get("retries", 5), where.child("retries"), minimum=0,
+                           maximum=1000),
+        backoff=backoff, max_backoff=max_backoff,
+        timeout=float(expect_number(d.get("timeout", 5.0), where.child("timeout"),
+                                    minimum=0.1, maximum=300)),
+        ca_file=ca_file,
+    )
+
+
+def parse_approvals(section: MapSection) -> ApprovalsConfig:
+    d = expect_map(section.data, section.where(), APPROVALS_KEYS)
+    w = section.where
+    listen: tuple[str, int] | None = ("127.0.0.1", 8081)
+    if "listen" in d:
+        value = d["listen"]
+        if value is False or value is None:
+            listen = None
+        else:
+            try:
+                listen = parse_listen(expect_str(value, w("listen")))
+            except ValueError as e:
+                raise w("listen").error(str(e)) from None
+    link_base = ""
+    if d.get("link_base") is not None:
+        link_base = expect_str(d["link_base"], w("link_base")).strip().rstrip("/")
+        if not _URL_RE.match(link_base):
+            raise w("link_base").error("expected an http:// or https:// URL")
+    on_timeout = d.get("on_timeout", "deny")
+    if on_timeout not in ("deny", "allow"):
+        raise w("on_timeout").error(f"must be deny or allow, got {on_timeout!r}")
+    timeout_status = expect_int(d.get("timeout_status", 403), w("timeout_status"))
+    if timeout_status not in (403, 408):
+        raise w("timeout_status").error(
+            f"must be 403 or 408, got {timeout_status} (SDKs retry a 408 on their own)")
+    notify = _parse_notify(d["notify"], w("notify")) if d.get("notify") is not None else None
+    return ApprovalsConfig(
+        listen=listen,
+        link_base=link_base,
+        default_timeout=float(expect_number(d.get("default_timeout", 300),
+                                            w("default_timeout"), minimum=0.01,
+                                            maximum=MAX_TIMEOUT)),
+        on_timeout=on_timeout,
+        timeout_status=timeout_status,
+        allow_mitmweb=expect_bool(d.get("allow_mitmweb", True), w("allow_mitmweb")),
+        max_pending=expect_int(d.get("max_pending", 1000), w("max_pending"), minimum=1,
+                               maximum=1_000_000),
+        preview_chars=expect_int(d.get("preview_chars", 2000), w("preview_chars"),
+                                 minimum=0, maximum=1_000_000),
+        notify=notify,
+    )

@@ -1,0 +1,141 @@
+"""Load and validate a rules directory into typed, immutable objects.
+
+Every YAML file in the directory may hold any of the top-level sections below; list
+sections are concatenated across files (in file-name order), mapping sections are merged
+key by key and a key defined twice is an error. Every error names the file, the key path
+and the reason, so a bad edit is easy to find. No mitmproxy import here: the CLI
+(`agentgate rules check`) and the tests use the same code as the gateway.
+
+The only module that knows every concern's section parser (each lives beside the logic it
+configures):
+  upstreams  -> addons.egress.config.parse_upstreams (list)
+  identity   -> addons.identity.config.parse_identity
+  masking    -> addons.masking.config.parse_masking
+  policies   -> addons.policy.config.parse_policies (list)
+  approvals  -> addons.approval.config.parse_approvals
+  recorder   -> addons.recording.config.parse_recorder
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from addons.approval.config import parse_approvals
+from addons.config.schema import ConfigError, MapSection, Where, expect_map
+from addons.egress.config import Upstream, parse_upstreams
+from addons.identity.config import parse_identity
+from addons.masking.config import parse_masking
+from addons.policy.config import parse_policies
+from addons.recording.config import parse_recorder
+
+
+@dataclass(frozen=True)
+class Rules:
+    directory: str
+    files: tuple[str, ...]
+    upstreams: tuple[Upstream, ...]
+    identity: Any
+    masking: Any
+    policies: Any
+    approvals: Any
+    recorder: Any
+
+    def upstream_for(self, host: str, port: int) -> Upstream | None:
+        for up in self.upstreams:
+            if up.matches(host, port):
+                return up
+        return None
+
+    def upstream_named(self, name: str) -> Upstream | None:
+        for up in self.upstreams:
+            if up.name == name:
+                return up
+        return None
+
+
+LIST_SECTIONS = ("upstreams", "policies")
+MAP_SECTIONS = ("identity", "masking", "approvals", "recorder")
+
+
+def rule_files(directory: str | Path) -> list[Path]:
+    d = Path(directory)
+    return sorted(p for p in d.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(str(path), "<file>", f"cannot read: {e}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        pos = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(str(path), "<yaml>", f"{pos}{problem}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(str(path), "<top>", "a rules file must be a mapping of sections")
+    known = set(LIST_SECTIONS) | set(MAP_SECTIONS)
+    for key in doc:
+        if key not in known:
+            raise ConfigError(str(path), str(key),
+                              f"unknown section (allowed: {', '.join(sorted(known))})")
+    return doc
+
+
+def _iter_list(lists: list[tuple[str, Any]], section: str) -> Iterator[tuple[Any, Where]]:
+    for file, value in lists:
+        where = Where(file, section)
+        if value is None:
+            continue
+        if not isinstance(value, list):
+            raise where.error(f"expected a list, got {type(value).__name__}")
+        for i, item in enumerate(value):
+            yield item, where.child(i)
+
+
+def load_rules(directory: str | Path) -> Rules:
+    """Parse every YAML file of a rules directory. Raises ConfigError."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ConfigError(str(d), "<dir>", "rules directory does not exist")
+    files = rule_files(d)
+    lists: dict[str, list[tuple[str, Any]]] = {s: [] for s in LIST_SECTIONS}
+    maps: dict[str, dict[str, Any]] = {s: {} for s in MAP_SECTIONS}
+    origins: dict[str, dict[str, str]] = {s: {} for s in MAP_SECTIONS}
+    for path in files:
+        doc = _load_yaml(path)
+        for section, value in doc.items():
+            if section in LIST_SECTIONS:
+                lists[section].append((str(path), value))
+                continue
+            where = Where(str(path), section)
+            for key, v in expect_map(value, where).items():
+                if key in maps[section]:
+                    raise where.child(key).error(
+                        f"already set in {origins[section][key]}")
+                maps[section][key] = v
+                origins[section][key] = str(path)
+
+    def section(name: str) -> MapSection:
+        return MapSection(name, maps[name], origins[name])
+
+    upstreams = parse_upstreams(list(_iter_list(lists["upstreams"], "upstreams")))
+    return Rules(
+        directory=str(d),
+        files=tuple(str(p) for p in files),
+        upstreams=upstreams,
+        identity=parse_identity(section("identity")),
+        masking=parse_masking(section("masking")),
+        policies=parse_policies(list(_iter_list(lists["policies"], "policies")), upstreams),
+        approvals=parse_approvals(section("approvals")),
+        recorder=parse_recorder(section("recorder")),
+    )

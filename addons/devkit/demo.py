@@ -1,0 +1,151 @@
+"""`agentgate demo`: a real LangGraph agent through a real gateway, all on this machine.
+
+It starts the local stand-in upstream (OpenAI wire format + a webhook receiver), a real OIDC
+provider (oidc-provider-mock) that issues the agent's short-lived token, and the gateway
+(`mitmdump -s addons/gateway.py`) on free ports, with rules that route api.openai.com and
+hooks.example.com to the stand-in. The agent runs as a separate process whose whole
+configuration is `HTTPS_PROXY` (token as proxy password) and `SSL_CERT_FILE`. Then it prints
+what the agent sent, what the upstream received and where the flows were recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from addons.devkit.launch import ROOT, Gateway, standin_upstreams_yaml, start_gateway
+
+PII_QUESTION = ("Tell the team that the nightly build is green. Customer contact for the "
+                "release note: jane.doe@example.com, +1 415 555 0100.")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run a real LangGraph agent through a local gateway")
+    p.add_argument("question", nargs="?", default=PII_QUESTION)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run_cli)
+
+
+def _demo_rules(standin: Any, identity_yaml: str) -> dict[str, str]:
+    return {
+        "upstreams.yaml": standin_upstreams_yaml(standin),
+        "identity.yaml": identity_yaml,
+        "policies.yaml": textwrap.dedent("""\
+            policies:
+              - name: no-bulk-generation
+                match: {upstream: [openai], fields: {n: "> 10"}}
+                action: block
+                message: bulk generation is not allowed from agents
+            """),
+    }
+
+
+def _redact(value: str, secret_values: list[str]) -> str:
+    for s in secret_values:
+        if s and s in value:
+            value = value.replace(s, f"<gateway secret, {len(s)} chars>")
+    return value
+
+
+def run_demo(question: str, workdir: Path) -> dict[str, Any]:
+    from addons.devkit.idp import DemoIdP
+    from addons.devkit.standin import StandIn
+
+    secrets_env = {
+        "OPENAI_API_KEY": "sk-demo-" + secrets.token_hex(20),
+        "ANTHROPIC_API_KEY": "sk-ant-demo-" + secrets.token_hex(20),
+        "WEBHOOK_TOKEN": "whk-demo-" + secrets.token_hex(12),
+    }
+    idp = DemoIdP().start()
+    standin = StandIn(certdir=workdir / "standin-certs").start()
+    gw: Gateway | None = None
+    try:
+        rules_dir = workdir / "rules"
+        rules_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in _demo_rules(standin, idp.identity_yaml()).items():
+            (rules_dir / name).write_text(text)
+        confdir = workdir / "certs"
+        confdir.mkdir(exist_ok=True)
+        from mitmproxy.certs import CertStore
+        CertStore.from_store(confdir, "mitmproxy", 2048)
+        data_dir = workdir / "data"
+        data_dir.mkdir(exist_ok=True)
+        gw = start_gateway(rules_dir, confdir, data_dir, workdir / "gateway.log",
+                           standin_ca=standin.ca_path, gateway_env=secrets_env)
+        token = idp.token(sub="langgraph-demo-agent", groups=["demo-agents"])
+        env = gw.client_env(token)
+        env["DEMO_WEBHOOK_URL"] = "https://hooks.example.com/agent-events"
+        proc = subprocess.run([sys.executable, "-m", "addons.devkit.agent", question], env=env,
+                              capture_output=True, text=True, timeout=180, cwd=str(ROOT))
+        try:
+            agent = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            agent = {"error": f"agent exited {proc.returncode}: {proc.stderr[-2000:]}"}
+        gw.stop()
+        secret_values = list(secrets_env.values()) + [token]
+        received = []
+        for r in standin.requests:
+            headers = {k: _redact(v, secret_values) for k, v in r["headers"]
+                       if k in ("authorization", "x-api-key", "x-webhook-token", "host")}
+            received.append({"method": r["method"], "path": r["path"], "headers": headers,
+                             "body": r["body"]})
+        return {
+            "agent": agent,
+            "agent_env": {"HTTPS_PROXY": gw.proxy_url("<token>"),
+                          "SSL_CERT_FILE": str(gw.ca_cert)},
+            "upstream_received": received,
+            "recorded_in": str(data_dir / "agentgate.duckdb"),
+            "gateway_log": str(workdir / "gateway.log"),
+            "leaked": [k for k, v in secrets_env.items()
+                       if v in proc.stdout or v in proc.stderr],
+        }
+    finally:
+        if gw is not None:
+            gw.stop()
+        standin.stop()
+        idp.stop()
+
+
+def _print_human(result: dict[str, Any]) -> None:
+    agent = result["agent"]
+    print("== the agent (a LangGraph graph: model node + webhook tool node)")
+    print(f"   configured with only: HTTPS_PROXY={result['agent_env']['HTTPS_PROXY']}")
+    print(f"                         SSL_CERT_FILE={result['agent_env']['SSL_CERT_FILE']}")
+    if "error" in agent:
+        print(f"   FAILED: {agent['error']}")
+    for m in agent.get("transcript", []):
+        line = m["content"] if isinstance(m["content"], str) else json.dumps(m["content"])
+        calls = "".join(f" -> tool {c['name']}({json.dumps(c['args'])})"
+                        for c in m.get("tool_calls", []))
+        print(f"   {m['role']:>6}: {line}{calls}")
+    print("\n== what the upstream received (after the gateway)")
+    for r in result["upstream_received"]:
+        print(f"   {r['method']} {r['path']}")
+        for k, v in r["headers"].items():
+            print(f"      {k}: {v}")
+        print(f"      body: {r['body'][:300]}")
+    print(f"\n== recorded in {result['recorded_in']}")
+    print(f"   (query it: agentgate audit sessions --db {result['recorded_in']};"
+          f" agentgate audit verify --db {result['recorded_in']})")
+    print(f"   gateway log: {result['gateway_log']}")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    import logging
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the IdP's access log
+    workdir = Path(tempfile.mkdtemp(prefix="agentgate-demo-"))
+    result = run_demo(args.question, workdir)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_human(result)
+    if not args.json:
+        print(f"   work directory (rules, DuckDB, logs): {workdir}")
+    return 1 if "error" in result["agent"] or result["leaked"] else 0

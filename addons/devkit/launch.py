@@ -1,0 +1,143 @@
+"""Start real gateway processes: used by the tests, `agentgate demo` and the benchmarks.
+
+A `Gateway` is `mitmdump -s addons/gateway.py` (or mitmweb) on a free 127.0.0.1 port with a
+given rules directory, data directory and interception CA.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def standin_upstreams_yaml(standin) -> str:
+    """Upstreams with real public host names, routed to the stand-in by `forward_to`."""
+    return textwrap.dedent(f"""\
+        upstreams:
+          - name: openai
+            hosts: [api.openai.com]
+            dialect: openai
+            forward_to: {standin.url}
+            credential: {{header: Authorization, prefix: "Bearer ", env: OPENAI_API_KEY}}
+          - name: anthropic
+            hosts: [api.anthropic.com]
+            dialect: anthropic
+            forward_to: {standin.url}
+            credential: {{header: x-api-key, env: ANTHROPIC_API_KEY}}
+          - name: webhook
+            hosts: [hooks.example.com]
+            dialect: webhook
+            forward_to: {standin.url}
+            credential: {{header: X-Webhook-Token, env: WEBHOOK_TOKEN}}
+        """)
+
+
+class Gateway:
+    """A running `mitmdump -s addons/gateway.py` process."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, confdir: Path, rules_dir: Path,
+                 data_dir: Path, log_path: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.confdir = confdir
+        self.rules_dir = rules_dir
+        self.data_dir = data_dir
+        self.log_path = log_path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.confdir / "mitmproxy-ca-cert.pem"
+
+    def proxy_url(self, token: str | None = None) -> str:
+        auth = f"agent:{token}@" if token else ""
+        return f"http://{auth}127.0.0.1:{self.port}"
+
+    @property
+    def approvals_url(self) -> str | None:
+        """The reviewers' API address, as the approval addon logged it."""
+        import re
+        m = re.search(r"approvals API listening at (\S+)", self.logs())
+        return m.group(1) if m else None
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client_env(self, token: str | None = None) -> dict[str, str]:
+        """Environment for an agent process: nothing but proxy and CA."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.lower().endswith("_proxy") and not k.endswith("_API_KEY")
+               and k not in ("WEBHOOK_TOKEN",)}
+        env.update(HTTPS_PROXY=self.proxy_url(token), HTTP_PROXY=self.proxy_url(token),
+                   SSL_CERT_FILE=str(self.ca_cert), REQUESTS_CA_BUNDLE=str(self.ca_cert),
+                   NO_PROXY="", no_proxy="")
+        return env
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def start_gateway(rules_dir: Path, confdir: Path, data_dir: Path, log_path: Path,
+                  standin_ca: Path | None = None, env: dict[str, str] | None = None,
+                  gateway_env: dict[str, str] | None = None,
+                  extra_args: tuple[str, ...] = (), web: bool = False,
+                  wait: bool = True, script: Path | None = None) -> Gateway:
+    port = free_port()
+    args = [str(BIN / ("mitmweb" if web else "mitmdump")),
+            "-s", str(script or ROOT / "addons" / "gateway.py"),
+            "--listen-host", "127.0.0.1", "--listen-port", str(port),
+            "--set", f"confdir={confdir}",
+            "--set", f"agentgate_rules={rules_dir}",
+            "--set", f"agentgate_data={data_dir}",
+            "--set", "connection_strategy=lazy",
+            "--set", "agentgate_rules_poll_ms=200",
+            # each gateway gets its own reviewers' API port, so several can run side by side
+            "--set", f"agentgate_approvals_listen=127.0.0.1:{free_port()}"]
+    if web:
+        args += ["--set", f"web_port={free_port()}", "--set", "web_open_browser=false"]
+    if standin_ca is not None:
+        args += ["--set", f"ssl_verify_upstream_trusted_ca={standin_ca}"]
+    args += list(extra_args)
+    penv = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    penv.update(gateway_env or {})
+    penv.update(env or {})
+    log_file = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=penv,
+                            cwd=str(ROOT))
+    gw = Gateway(proc, port, confdir, rules_dir, data_dir, log_path)
+    if wait:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mitmdump exited {proc.returncode}:\n{gw.logs()}")
+            if "proxy listening" in gw.logs():
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    return gw
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        gw.stop()
+        raise RuntimeError(f"mitmdump did not start:\n{gw.logs()}")
+    return gw

@@ -1,0 +1,54 @@
+"""Keep the gateway closed when its addon script is not loaded.
+
+mitmproxy reloads `addons/gateway.py` whenever the file changes and, if the new version fails
+to load, simply runs without it — an open proxy. The same happens when the script is removed
+from the `scripts` option (e.g. from mitmweb). The sentinel is registered directly on the
+master's addon chain (not under the script), at the front, and refuses every flow while the
+agentgate pipeline is not loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import http
+
+from addons.frame.guard import guarded, refuse
+
+log = logging.getLogger("agentgate")
+
+
+class PipelineSentinel:
+    name = "agentgate_sentinel"
+
+    def __init__(self) -> None:
+        self.loaded = 0  # number of live pipelines (a reload briefly has old + new)
+
+    def _check(self, flow: http.HTTPFlow) -> None:
+        if self.loaded <= 0:
+            refuse(flow, 503, "the agentgate addon pipeline is not loaded (script failed to "
+                   "load or was removed); all traffic is refused", "pipeline_not_loaded",
+                   "sentinel")
+
+    @guarded("sentinel")
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        self._check(flow)
+
+    @guarded("sentinel")
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._check(flow)
+
+    @guarded("sentinel")
+    def request(self, flow: http.HTTPFlow) -> None:
+        self._check(flow)
+
+
+def attach(master) -> PipelineSentinel:
+    """The master's sentinel, registered at the front of the chain on first use."""
+    addons = master.addons
+    sentinel = addons.get(PipelineSentinel.name)
+    if sentinel is None:
+        sentinel = PipelineSentinel()
+        addons.register(sentinel)
+        addons.chain.insert(0, sentinel)
+    return sentinel

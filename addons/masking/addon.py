@@ -1,0 +1,353 @@
+"""The masking addon: PII and secrets masked in requests, responses and live SSE streams.
+
+A thin adapter from flows to the pure modules:
+  addons.masking.detectors  where values are (the detector engine)
+  addons.masking.masker     what replaces them, and the per-session placeholder map
+  addons.masking.bodies     where inside a body (JSON-aware placement, forms, multipart, encodings)
+  addons.masking.sse   incremental masking of text/event-stream responses
+
+Hooks:
+- requestheaders: refuse early what can never be masked (a declared body over
+  `masking.max_body_bytes`, a request mitmproxy is streaming);
+- request: mask the query string and the body before it leaves (runs after identity and
+  policy, before approval and credentials); a body that cannot be parsed is refused
+  (400/415 in the caller's dialect) unless `masking.on_unparseable: pass_text`; a body
+  that had a Content-Encoding is sent re-encoded as identity when it changed;
+- responseheaders: `text/event-stream` responses are streamed through a StreamMasker
+  (never buffered whole); Content-Encoding is undone on the fly and sent as identity.
+  Where masking does not apply, SSE is still streamed (mitmproxy would buffer it whole).
+  A non-SSE response mitmproxy would stream (stream_large_bodies) or one declared over
+  `max_body_bytes` is refused (502), since it cannot be masked whole;
+- response: other responses are masked whole; with `restore: true` on the upstream, the
+  placeholders of this session in the model's answer are put back for the agent.
+
+Restore never reaches the audit store: the answer is masked first and restored in a second,
+detection-free pass; the masked answer is left in `flow.metadata["masked_response"]`
+(bytes, decoded), which the recorder stores instead of what the agent got (body column and
+flow state). For SSE the masked stream is accumulated as events go out (at most
+`max_body_bytes`, then cut with an SSE comment saying so) and set at the end of the stream.
+
+Upstreams with `mask: false` and `masking.enabled: false` skip all of it. Findings per flow
+go to `flow.metadata["findings"]` = {ENTITY: {"count": n, "strategy": s}}, never a value.
+
+Session (whose placeholders are stable, and whose originals may be restored): the
+recorder's `flow.metadata["session"]` if set (header or connection, and a body-named
+thread set by recording/sessions.py before masking runs), else the agent's `X-Agent-Session` header,
+else the client connection; always bound to the identity subject as well, so a session id
+alone never reaches another identity's values. The session is fixed when the request is
+masked and reused for its response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from typing import Any
+
+from mitmproxy import http
+
+from addons.config.holder import RulesHolder
+from addons.frame.guard import guarded, refuse
+from addons.masking.bodies import Masked, TooLarge, Unparseable, decode_content
+from addons.masking.masker import (
+    Masker,
+    Session,
+    SessionStore,
+    hmac_key_from_env,
+    merge,
+    session_key,
+)
+from addons.masking.sse import StreamDecoder, StreamMasker
+
+log = logging.getLogger("agentgate.masking")
+
+# Bodies above this many bytes are masked in a worker thread, so that the event loop
+# keeps serving other flows meanwhile.
+THREAD_MIN_BYTES = 64 * 1024
+SESSION_HEADER = "x-agent-session"
+
+# The hash strategy's key when `masking.hmac_key_env` names no set variable: random per
+# process (stable across rules reloads), so hashes correlate within one gateway run only.
+_PROCESS_KEY = hmac_key_from_env(None)[0]
+
+
+def mask_message(ctx: Masked, raw: bytes, encoding: str, content_type: str, limit: int,
+                 pass_text: bool) -> bytes | None:
+    """Decoded, masked body, or None when nothing changed. Raises Unparseable/TooLarge."""
+    if len(raw) > limit:
+        raise TooLarge
+    data = decode_content(raw, encoding, limit) if encoding else raw
+    return ctx.body(data, content_type, pass_text)
+
+
+def mask_response(ctx: Masked, raw: bytes, encoding: str, content_type: str, limit: int,
+                  pass_text: bool, restore: bool) -> tuple[bytes | None, bytes | None]:
+    """(decoded body for the agent, or None when unchanged; the masked body to record
+    instead, or None when the agent gets the masked body itself).
+
+    Masks first, then (with `restore`) puts this session's originals back in a second,
+    detection-free pass over the masked body: the masked body is what the upstream's
+    answer looks like with no raw value in it, and it is what the audit store keeps.
+    Raises Unparseable/TooLarge."""
+    if len(raw) > limit:
+        raise TooLarge
+    data = decode_content(raw, encoding, limit) if encoding else raw
+    masked = ctx.body(data, content_type, pass_text)
+    if not restore:
+        return masked, None
+    base = data if masked is None else masked
+    if b"[" not in base:  # every placeholder starts with "["
+        return masked, None
+    restored = ctx.variant(restore=True, detect=False).body(base, content_type, pass_text)
+    if restored is None or restored == base:
+        return masked, None
+    return restored, base
+
+
+class Masking:
+    def __init__(self, holder: RulesHolder) -> None:
+        self.holder = holder
+        self.sessions = SessionStore()
+        self._masker: Masker | None = None
+        self._masker_cfg: Any = None
+        self._flow_sessions: weakref.WeakKeyDictionary[http.HTTPFlow, Session] = \
+            weakref.WeakKeyDictionary()
+
+    # -- configuration
+    def masker(self) -> Masker:
+        """The masker of the rules in force (rebuilt when the masking section changes)."""
+        rules = self.holder.rules
+        assert rules is not None  # RulesLoader refuses flows before rules exist
+        cfg = rules.masking
+        if self._masker is None or self._masker_cfg is not cfg:
+            from addons.masking.detectors import DetectorSet  # the detector engine (other module)
+            key = cfg.hmac_key() if hasattr(cfg, "hmac_key") else None
+            if key is None and getattr(cfg, "hmac_key_env", None):
+                log.warning("masking: %s is not set; the hash strategy uses a random key "
+                            "for this process only", cfg.hmac_key_env)
+            self._masker = Masker(DetectorSet(cfg), key or _PROCESS_KEY, self.sessions)
+            self._masker_cfg = cfg
+        return self._masker
+
+    def _plan(self, flow: http.HTTPFlow) -> tuple[Any, Any] | None:
+        """(masking config, upstream) when masking applies to this flow, else None."""
+        rules = self.holder.rules
+        if rules is None:
+            raise RuntimeError("no rules")
+        cfg = rules.masking
+        if not getattr(cfg, "enabled", True):
+            return None
+        meta = flow.metadata.get("upstream")
+        up = rules.upstream_named(meta.get("name")) if isinstance(meta, dict) else None
+        if up is not None and not up.mask:
+            return None
+        return cfg, up  # an unresolved upstream is masked too (fail closed)
+
+    def _session(self, flow: http.HTTPFlow) -> Session:
+        s = self._flow_sessions.get(flow)
+        if s is not None:
+            return s
+        sid = flow.metadata.get("session") or flow.request.headers.get(SESSION_HEADER) \
+            or f"conn:{flow.client_conn.id}"
+        ident = flow.metadata.get("identity")
+        sub = ident.get("sub") if isinstance(ident, dict) else None
+        s = self.sessions.get(session_key(sub, str(sid)))
+        self._flow_sessions[flow] = s
+        return s
+
+    @staticmethod
+    def _dialect(flow: http.HTTPFlow, up: Any) -> str:
+        return up.dialect if up is not None else "generic"
+
+    @staticmethod
+    def _findings(flow: http.HTTPFlow) -> dict:
+        f = flow.metadata.get("findings")
+        if not isinstance(f, dict):
+            f = flow.metadata["findings"] = {}
+        return f
+
+    # -- requests
+    @guarded("masking")
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        plan = self._plan(flow)
+        if plan is None:
+            return
+        cfg, _ = plan
+        cl = flow.request.headers.get("content-length", "")
+        if cl.strip().isdigit() and int(cl) > cfg.max_body_bytes:
+            refuse(flow, 413, f"request body over masking.max_body_bytes "
+                   f"({cfg.max_body_bytes} bytes) cannot be masked", "body_too_large", "masking")
+        elif flow.request.stream:
+            refuse(flow, 413, "a streamed request body cannot be masked", "body_too_large",
+                   "masking")
+        if flow.response is not None:
+            # mitmproxy cannot answer and stream the request at once (stream_large_bodies)
+            flow.request.stream = False
+
+    @guarded("masking")
+    async def request(self, flow: http.HTTPFlow) -> None:
+        plan = self._plan(flow)
+        if plan is None:
+            return
+        cfg, up = plan
+        masker = self.masker()
+        found: dict = {}
+        ctx = Masked(masker, self._session(flow), found, restorable=True,
+                     dialect=self._dialect(flow, up))
+        req = flow.request
+        if "?" in req.path:
+            pairs = ctx.pairs(list(req.query.items(multi=True)))
+            if pairs is not None:
+                req.query = pairs
+        raw = req.raw_content
+        if raw is None:
+            refuse(flow, 413, "a streamed request body cannot be masked", "body_too_large",
+                   "masking")
+            return
+        if raw:
+            args = (ctx, raw, req.headers.get("content-encoding", ""),
+                    req.headers.get("content-type", ""), cfg.max_body_bytes,
+                    cfg.on_unparseable == "pass_text")
+            try:
+                if len(raw) >= THREAD_MIN_BYTES:
+                    new = await asyncio.to_thread(mask_message, *args)
+                else:
+                    new = mask_message(*args)
+            except TooLarge:
+                refuse(flow, 413, f"request body over masking.max_body_bytes "
+                       f"({cfg.max_body_bytes} bytes, decoded) cannot be masked",
+                       "body_too_large", "masking")
+                return
+            except Unparseable as e:
+                refuse(flow, e.status, f"request body cannot be masked: {e.reason}",
+                       "unmaskable_body", "masking")
+                return
+            if new is not None:
+                req.headers.pop("content-encoding", None)
+                req.content = new
+        if found:
+            merge(self._findings(flow), found)
+
+    # -- responses
+    @guarded("masking")
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None or "refusal" in flow.metadata:
+            return
+        sse = resp.headers.get("content-type", "").lower().startswith("text/event-stream")
+        plan = self._plan(flow)
+        if plan is None:
+            if sse:
+                resp.stream = True  # unmasked, but never buffered whole (time to first token)
+            return
+        cfg, up = plan
+        if not sse:
+            cl = resp.headers.get("content-length", "")
+            if resp.stream or (cl.strip().isdigit() and int(cl) > cfg.max_body_bytes):
+                # mitmproxy would stream it (stream_large_bodies) or it is over the limit:
+                # it cannot be masked whole, and it must not pass unmasked.
+                _refuse_stream(flow, "upstream response over masking.max_body_bytes cannot "
+                               "be masked", "body_too_large")
+            return
+        enc = resp.headers.get("content-encoding", "")
+        try:
+            decoder = StreamDecoder(enc) if enc else None
+        except Unparseable as e:
+            _refuse_stream(flow, f"response stream cannot be masked: {e.reason}",
+                           "unmaskable_body")
+            return
+        found = flow.metadata.get("findings")
+        if not isinstance(found, dict):
+            found = {}  # put in flow.metadata by the stream once something is found
+        ctx = Masked(self.masker(), self._session(flow), found,
+                     restorable=False, restore=bool(up and up.restore),
+                     dialect=self._dialect(flow, up))
+        masker = StreamMasker(ctx, max_event=cfg.max_body_bytes, decoder=decoder,
+                              max_masked_copy=cfg.max_body_bytes)
+        resp.stream = _safe_stream(masker, flow, found)
+        # The body changes length and is sent decoded.
+        resp.headers.pop("content-encoding", None)
+        if "content-length" in resp.headers:
+            del resp.headers["content-length"]
+            if flow.request.http_version == "HTTP/1.1":  # the client side's framing
+                resp.headers["transfer-encoding"] = "chunked"
+
+    @guarded("masking")
+    async def response(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None or resp.stream or "refusal" in flow.metadata:
+            return  # streamed (masked on the fly) or our own error answer
+        plan = self._plan(flow)
+        if plan is None:
+            return
+        cfg, up = plan
+        raw = resp.raw_content
+        if not raw:
+            return
+        found: dict = {}
+        ctx = Masked(self.masker(), self._session(flow), found, restorable=False,
+                     dialect=self._dialect(flow, up))
+        args = (ctx, raw, resp.headers.get("content-encoding", ""),
+                resp.headers.get("content-type", ""), cfg.max_body_bytes,
+                cfg.on_unparseable == "pass_text", bool(up and up.restore))
+        try:
+            if len(raw) >= THREAD_MIN_BYTES:
+                new, masked = await asyncio.to_thread(mask_response, *args)
+            else:
+                new, masked = mask_response(*args)
+        except TooLarge:
+            refuse(flow, 502, "upstream response over masking.max_body_bytes cannot be masked",
+                   "body_too_large", "masking")
+            return
+        except Unparseable as e:
+            refuse(flow, 502, f"upstream response cannot be masked: {e.reason}",
+                   "unmaskable_body", "masking")
+            return
+        if masked is not None:
+            # restore: the agent gets its originals back; the recorder stores this instead
+            flow.metadata["masked_response"] = masked
+        if new is not None:
+            resp.headers.pop("content-encoding", None)
+            resp.content = new
+        if found:
+            merge(self._findings(flow), found)
+
+
+def _safe_stream(masker: StreamMasker, flow: http.HTTPFlow, found: dict) -> Any:
+    """The stream callable: masks each chunk, keeps the flow's findings up to date, and
+    aborts the stream (fail closed) if masking a chunk fails; never passes it unmasked."""
+
+    def stream(data: bytes) -> list[bytes] | bytes:
+        try:
+            out = masker(data)
+        except Exception as e:  # noqa: BLE001 - fail closed: abort, never pass unmasked
+            # The type only: an exception text could quote the stream's content.
+            log.error("masking: stream aborted (%s)", type(e).__name__)
+            raise RuntimeError("masking failed; stream aborted") from None
+        if found and flow.metadata.get("findings") is not found:
+            flow.metadata["findings"] = found
+        if data == b"" and masker.restored:
+            # restore: the agent got its originals back; the recorder stores the masked
+            # stream instead (set before mitmproxy's response hook, which follows the end)
+            flow.metadata["masked_response"] = masker.masked_copy()
+        return out
+
+    return stream
+
+
+def _refuse_stream(flow: http.HTTPFlow, message: str, code: str) -> None:
+    """Refuse at responseheaders time: answer with an error and swallow the upstream body
+    (streamed away chunk by chunk, never buffered)."""
+    refuse(flow, 502, message, code, "masking")
+    assert flow.response is not None
+    body = flow.response.content or b""
+    sent = [False]
+
+    def swallow(data: bytes) -> list[bytes] | bytes:
+        if data == b"" and not sent[0]:
+            sent[0] = True
+            return [body]
+        return []
+
+    flow.response.stream = swallow

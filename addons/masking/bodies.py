@@ -1,0 +1,600 @@
+"""Where masking applies inside an HTTP body (pure: no mitmproxy import).
+
+A body is decoded (content-encoding, then its media type) into *slots*: every string and
+integer of a JSON document, every key and value of a form, every text part of a multipart
+body, or the whole text. The slots are joined into ONE text and the detectors run once
+over it (one pass per body, whatever its shape), then each finding is mapped back to the
+slot(s) it covers and the document is rebuilt. Nothing changes byte-wise when nothing is
+found: the original body is forwarded as is.
+
+Joining rules, so that a value split across fields is still caught where it is plausible
+without gluing unrelated fields together:
+- consecutive `text` parts of one content list (OpenAI chat/responses content parts,
+  Anthropic content and system blocks, or any list of `{"text": ...}` objects) are joined
+  with nothing between them, as the model reads them: `["call 555-01", "23-4567"]` is one
+  phone number; the replacement goes where the value starts and the rest of it is removed
+  from the following part;
+- every other slot is separated by a newline.
+
+JSON-aware details:
+- JSON string escapes (`\\u0034`) are gone after parsing, so the detectors see real text;
+- a string that itself holds a JSON object or array (OpenAI tool-call `arguments`, tool
+  results, webhook payloads) is parsed and walked too, and re-serialised only if changed;
+- integers are checked as text (a card number sent as a JSON number becomes a string);
+- object keys are checked as well;
+- for the LLM dialects (openai, anthropic) structural fields (`model`, `role`, `type`, ids,
+  `signature`, `encrypted_content` …) and base64 payloads (`data:` URLs, `source.data` of
+  base64 images/documents, `input_audio.data`, `file_data`, `b64_json`) are left alone:
+  they carry no prose, and rewriting them would break the request.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import zlib
+from bisect import bisect_right
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from addons.masking.masker import Findings, Masker, Session, count
+
+LLM_DIALECTS = ("openai", "anthropic")
+MAX_DEPTH = 256
+
+# Structural fields of the LLM APIs: never prose, and changing them breaks the call.
+SKIP_KEYS = frozenset({
+    "model", "role", "type", "id", "object", "tool_call_id", "call_id", "tool_use_id",
+    "previous_response_id", "signature", "encrypted_content", "finish_reason",
+    "stop_reason", "status", "media_type", "detail", "format", "voice", "service_tier",
+    "tool_choice", "reasoning_effort", "file_id", "item_id", "response_id", "cache_control",
+    "b64_json", "file_data",
+})
+LOGPROB_KEYS = frozenset({"logprobs", "top_logprobs"})
+_PLAIN_KEY = re.compile(r"[A-Za-z_]+")
+_DATA_URL = re.compile(r"\s*data:[\w.+-]+/[\w.+-]+(;[\w.+-]+=[^;,]*)*;base64,", re.ASCII)
+
+
+class Unparseable(Exception):
+    """The body cannot be masked: `status` 400 (malformed) or 415 (unsupported)."""
+
+    def __init__(self, reason: str, status: int = 415) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class TooLarge(Exception):
+    """The (decoded) body is over the configured limit."""
+
+
+# ---------------------------------------------------------------- content-encoding
+def decode_content(raw: bytes, encoding: str, limit: int) -> bytes:
+    """Undo `Content-Encoding` (gzip, deflate, br, zstd; a list is undone right to left),
+    refusing more than `limit` decoded bytes (decompression bombs)."""
+    codings = [c.strip().lower() for c in (encoding or "").split(",") if c.strip()]
+    data = raw
+    for coding in reversed(codings):
+        if coding == "identity":
+            continue
+        if coding in ("gzip", "x-gzip"):
+            data = _inflate(data, 16 + zlib.MAX_WBITS, limit)
+        elif coding == "deflate":
+            try:
+                data = _inflate(data, zlib.MAX_WBITS, limit)
+            except Unparseable:
+                data = _inflate(data, -zlib.MAX_WBITS, limit)  # raw deflate, seen in the wild
+        elif coding == "br":
+            data = _unbrotli(data, limit)
+        elif coding == "zstd":
+            data = _unzstd(data, limit)
+        else:
+            raise Unparseable(f"unsupported content-encoding {coding[:40]!r}", 415)
+        if len(data) > limit:
+            raise TooLarge
+    if len(data) > limit:
+        raise TooLarge
+    return data
+
+
+def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
+    out = bytearray()
+    rest = data
+    try:
+        while rest:
+            d = zlib.decompressobj(wbits)
+            out += d.decompress(rest, limit + 1 - len(out))
+            if len(out) > limit or d.unconsumed_tail:
+                raise TooLarge
+            if not d.eof:
+                raise Unparseable("truncated compressed body", 400)
+            rest = d.unused_data if wbits > 16 else b""  # gzip may hold several members
+    except zlib.error:
+        raise Unparseable("corrupt compressed body", 400) from None
+    return bytes(out)
+
+
+def _unbrotli(data: bytes, limit: int) -> bytes:
+    import brotli
+    d = brotli.Decompressor()
+    try:
+        out = bytearray(d.process(data, output_buffer_limit=limit + 1))
+        while len(out) <= limit and not d.is_finished() and not d.can_accept_more_data():
+            out += d.process(b"", output_buffer_limit=limit + 1 - len(out))
+    except brotli.error:
+        raise Unparseable("corrupt compressed body", 400) from None
+    if len(out) > limit:
+        raise TooLarge
+    if not d.is_finished():
+        raise Unparseable("truncated compressed body", 400)
+    return bytes(out)
+
+
+def _unzstd(data: bytes, limit: int) -> bytes:
+    import zstandard
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data),
+                                                           read_across_frames=True)
+        out = bytearray()
+        while True:
+            chunk = reader.read(min(1 << 20, limit + 1 - len(out)))
+            if not chunk:
+                break
+            out += chunk
+            if len(out) > limit:
+                raise TooLarge
+    except zstandard.ZstdError:
+        raise Unparseable("corrupt compressed body", 400) from None
+    return bytes(out)
+
+
+# ---------------------------------------------------------------- slots
+class _Slots:
+    """Strings of a document, joined into one text with their positions."""
+
+    __slots__ = ("texts", "starts", "setters", "owners", "parts", "pos", "glue_key",
+                 "subdocs", "llm", "forced")
+
+    def __init__(self, llm: bool) -> None:
+        self.texts: list[str] = []
+        self.starts: list[int] = []
+        self.setters: list[Callable[[str], None]] = []
+        self.owners: list[int] = []
+        self.parts: list[str] = []
+        self.pos = 0
+        self.glue_key: tuple[int, int] | None = None
+        # (parent owner, setter, parsed object) of JSON documents nested in strings
+        self.subdocs: list[tuple[int, Callable[[str], None], Any]] = []
+        self.llm = llm
+        self.forced: set[int] = set()  # owners changed by the walk itself (logprobs dropped)
+
+    def add(self, text: str, setter: Callable[[str], None], owner: int,
+            glue: tuple[int, int] | None = None) -> None:
+        sep = "" if glue is not None and self.glue_key is not None and \
+            glue == (self.glue_key[0], self.glue_key[1] + 1) else "\n"
+        if self.texts:
+            self.parts.append(sep)
+            self.pos += len(sep)
+        self.texts.append(text)
+        self.starts.append(self.pos)
+        self.setters.append(setter)
+        self.owners.append(owner)
+        self.parts.append(text)
+        self.pos += len(text)
+        self.glue_key = glue
+
+    def add_string(self, text: str, setter: Callable[[str], None], owner: int,
+                   depth: int, glue: tuple[int, int] | None = None) -> None:
+        """A string slot, or a nested JSON document when the string holds one."""
+        head = text.lstrip()[:1]
+        if head in ("{", "[") and len(text) >= 2:
+            try:
+                inner = loads(text)
+            except DuplicateKeys:
+                raise Unparseable("JSON object with duplicate keys", 400) from None
+            except (ValueError, RecursionError):
+                inner = None
+            if isinstance(inner, dict | list):
+                self.subdocs.append((owner, setter, inner))
+                self.walk(inner, len(self.subdocs) - 1, depth + 1)
+                return
+        self.add(text, setter, owner, glue)
+
+    def walk(self, node: Any, owner: int, depth: int = 0) -> None:
+        if depth > MAX_DEPTH:
+            raise Unparseable("JSON nested too deeply", 400)
+        if isinstance(node, dict):
+            self._walk_dict(node, owner, depth, None)
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                if isinstance(item, dict):
+                    self._walk_dict(item, owner, depth + 1, (id(node), i))
+                else:
+                    self._walk_value(node, i, item, owner, depth + 1)
+        else:
+            raise Unparseable("not a JSON document", 400)
+
+    def _walk_dict(self, d: dict, owner: int, depth: int,
+                   glue: tuple[int, int] | None) -> None:
+        if depth > MAX_DEPTH:
+            raise Unparseable("JSON nested too deeply", 400)
+        llm = self.llm
+        text_last = isinstance(d.get("text"), str)
+        for k in list(d):
+            v = d[k]
+            if llm and (k in SKIP_KEYS or _is_binary_field(d, k, v)):
+                continue
+            if llm and k in LOGPROB_KEYS and v and isinstance(v, dict | list):
+                # the output again, one token per entry: no detector sees a value split
+                # over tokens, so it cannot be masked there; drop it
+                d[k] = None if isinstance(v, dict) else []
+                self.forced.add(owner)
+                continue
+            if k == "text" and text_last:
+                continue
+            self._walk_key(d, k, owner)
+            self._walk_value(d, k, v, owner, depth + 1)
+        if text_last and "text" in d:
+            # the text part last, so consecutive parts of one list are adjacent slots
+            self.add_string(d["text"], _setter(d, "text"), owner, depth, glue)
+
+    def _walk_key(self, d: dict, k: str, owner: int) -> None:
+        if len(k) < 6 or _PLAIN_KEY.fullmatch(k):
+            return  # plain field names: nothing a detector could match
+
+        def rename(new: str, d: dict = d, k: str = k) -> None:
+            items = [(new if key == k else key, val) for key, val in d.items()]
+            d.clear()
+            d.update(items)
+
+        self.add(k, rename, owner)
+
+    def _walk_value(self, container: Any, key: Any, v: Any, owner: int, depth: int) -> None:
+        if isinstance(v, str):
+            if v:
+                self.add_string(v, _setter(container, key), owner, depth)
+        elif isinstance(v, bool) or v is None:
+            return
+        elif isinstance(v, _Float):
+            if len(v.text) >= 5:
+                self.add(v.text, _setter(container, key), owner)
+        elif isinstance(v, int | float):
+            if abs(v) >= 10_000:  # nothing shorter than 5 digits is ever a finding
+                self.add(str(v), _setter(container, key), owner)
+        elif isinstance(v, dict | list):
+            self.walk(v, owner, depth)
+
+
+def _setter(container: Any, key: Any) -> Callable[[str], None]:
+    def set_(value: str) -> None:
+        container[key] = value
+    return set_
+
+
+def _is_binary_field(d: dict, k: str, v: Any) -> bool:
+    if not isinstance(v, str):
+        return False
+    if len(v) > 64 and _DATA_URL.match(v[:256]):
+        return True
+    if k == "data" and (d.get("type") == "base64" or "format" in d):
+        return True  # Anthropic base64 source, OpenAI input_audio
+    return False
+
+
+class _Float(float):
+    """A JSON number with a fraction or exponent, remembering how it was written (a card
+    number written as `4111111111111111.0` must be checked as written)."""
+
+    text: str
+
+    def __new__(cls, text: str) -> _Float:
+        f = super().__new__(cls, text)
+        f.text = text
+        return f
+
+
+class DuplicateKeys(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        # Parsers disagree on which duplicate wins: the upstream could read the one we
+        # did not check. Refuse rather than guess.
+        raise DuplicateKeys
+    return d
+
+
+def loads(data: str | bytes) -> Any:
+    """json.loads, refusing duplicate keys and keeping the text of non-integer numbers."""
+    return json.loads(data, object_pairs_hook=_no_duplicates, parse_float=_Float)
+
+
+def _dump(obj: Any) -> str:
+    try:
+        out = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+        out.encode("utf-8")
+        return out
+    except UnicodeEncodeError:  # lone surrogates (valid JSON escapes, not valid UTF-8)
+        return json.dumps(obj, separators=(",", ":"))
+
+
+class Masked:
+    """Masking context of one flow direction: who, which session, what was found."""
+
+    __slots__ = ("masker", "session", "findings", "restorable", "restore", "llm", "detect")
+
+    def __init__(self, masker: Masker, session: Session | None, findings: Findings, *,
+                 restorable: bool = True, restore: bool = False, dialect: str = "generic",
+                 detect: bool = True) -> None:
+        self.masker = masker
+        self.session = session
+        self.findings = findings
+        self.restorable = restorable
+        self.restore = restore and session is not None
+        self.llm = dialect in LLM_DIALECTS
+        # detect=False: a restore-only pass over a body this context already masked
+        # (the masked body is what gets recorded; the restored one goes to the agent).
+        self.detect = detect
+
+    def variant(self, *, restore: bool | None = None, detect: bool | None = None) -> Masked:
+        """The same context (session, findings) with restore and/or detection switched."""
+        out = Masked(self.masker, self.session, self.findings, restorable=self.restorable,
+                     restore=self.restore if restore is None else restore,
+                     detect=self.detect if detect is None else detect)
+        out.llm = self.llm
+        return out
+
+    # -- one text
+    def text(self, text: str, escape: Callable[[str], str] | None = None) -> str:
+        if not self.detect:
+            session = self.session
+            return session.restore(text, escape) if self.restore and session else text
+        return self.masker.mask_text(text, self.session, self.findings,
+                                     restorable=self.restorable, restore=self.restore,
+                                     escape=escape)
+
+    # -- slots
+    def _apply(self, slots: _Slots) -> bool:
+        """Mask all slots with one detector pass. True if anything changed."""
+        if not slots.texts and not slots.forced:
+            return False
+        joined = "".join(slots.parts)
+        found = self.masker.find(joined) if self.detect else []
+        restore = self.restore and "[" in joined
+        if not found and not restore and not slots.forced:
+            return False
+        masker, session, restorable = self.masker, self.session, self.restorable
+        texts, starts = slots.texts, slots.starts
+        n = len(texts)
+        ends = [s + len(t) for s, t in zip(starts, texts, strict=True)]
+        # per slot: list of (local start, local end, replacement)
+        edits: dict[int, list[tuple[int, int, str]]] = {}
+        counts: dict[str, int] = {}
+        last_end = -1
+        for f in found:
+            fs, fe = f.start, f.end
+            if fs < last_end:
+                continue
+            last_end = fe
+            i = bisect_right(starts, fs) - 1
+            if i < 0:
+                i = 0
+            if fs >= ends[i] and i + 1 < n:
+                i += 1  # the finding starts in a separator
+            entity = f.entity
+            counts[entity] = counts.get(entity, 0) + 1
+            repl = masker.replacement(entity, f.value, session, restorable)
+            s = starts[i]
+            if fs >= s and fe <= ends[i]:  # the usual case: inside one slot
+                e = edits.get(i)
+                if e is None:
+                    edits[i] = [(fs - s, fe - s, repl)]
+                else:
+                    e.append((fs - s, fe - s, repl))
+                continue
+            first = True  # split across slots: replacement where it starts, rest removed
+            while i < n and starts[i] < fe:
+                s = starts[i]
+                lo, hi = max(fs, s) - s, min(fe, ends[i]) - s
+                if hi > lo or first:
+                    edits.setdefault(i, []).append((lo, max(lo, hi), repl if first else ""))
+                    first = False
+                i += 1
+        for entity, k in counts.items():
+            count(self.findings, entity, masker.strategy(entity), k)
+        changed_owners: set[int] = set(slots.forced)
+        targets = range(len(texts)) if restore else sorted(edits)
+        for i in targets:
+            old = texts[i]
+            new = self._rebuild(old, edits.get(i, ()), restore)
+            if new != old:
+                slots.setters[i](new)
+                changed_owners.add(slots.owners[i])
+        if not changed_owners:
+            return False
+        # Re-serialise changed nested documents, innermost (latest found) first.
+        dirty = set(changed_owners)
+        for idx in range(len(slots.subdocs) - 1, -1, -1):
+            if idx in dirty:
+                parent, setter, obj = slots.subdocs[idx]
+                setter(_dump(obj))
+                dirty.add(parent)
+        return True
+
+    def _rebuild(self, old: str, edits: Any, restore: bool) -> str:
+        if not edits:
+            return self.session.restore(old) if restore and self.session else old
+        out: list[str] = []
+        pos = 0
+        for lo, hi, repl in edits:
+            gap = old[pos:lo]
+            out.append(self.session.restore(gap) if restore and self.session else gap)
+            out.append(repl)
+            pos = hi
+        gap = old[pos:]
+        out.append(self.session.restore(gap) if restore and self.session else gap)
+        return "".join(out)
+
+    # -- JSON
+    def json_obj(self, obj: Any) -> bool:
+        """Mask a parsed JSON document in place. True if it changed."""
+        slots = _Slots(self.llm)
+        if isinstance(obj, dict | list):
+            slots.walk(obj, -1)
+        else:
+            return False
+        return self._apply(slots)
+
+    def json_bytes(self, content: bytes) -> bytes | None:
+        try:
+            obj = loads(content)
+        except DuplicateKeys:
+            raise Unparseable("JSON object with duplicate keys", 400) from None
+        except (ValueError, RecursionError):
+            raise Unparseable("body is not valid JSON", 400) from None
+        if not isinstance(obj, dict | list):
+            if isinstance(obj, str):
+                new = self.text(obj)
+                return None if new == obj else _dump(new).encode()
+            return None
+        return _dump(obj).encode() if self.json_obj(obj) else None
+
+    # -- forms and query strings
+    def pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]] | None:
+        """Mask keys and values of a form or query string. None if unchanged."""
+        rows = [[k, v] for k, v in pairs]
+        slots = _Slots(False)
+        for row in rows:
+            if row[0]:
+                slots.add_string(row[0], _setter(row, 0), -1, 0)
+            if row[1]:
+                slots.add_string(row[1], _setter(row, 1), -1, 0)
+        if not self._apply(slots):
+            return None
+        return [(k, v) for k, v in rows]
+
+    def form_bytes(self, content: bytes, charset: str = "utf-8") -> bytes | None:
+        try:
+            text = content.decode(charset)
+            pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=False,
+                              encoding=charset, errors="strict", max_num_fields=1_000_000)
+        except (UnicodeDecodeError, LookupError, ValueError):
+            raise Unparseable("form body cannot be decoded", 400) from None
+        new = self.pairs(pairs)
+        if new is None:
+            return None
+        return urlencode(new, encoding=charset).encode("ascii")
+
+    # -- multipart
+    def multipart_bytes(self, content: bytes, boundary: str, pass_text: bool) -> bytes | None:
+        delim = b"--" + boundary.encode("latin-1")
+        chunks = content.split(delim)
+        if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
+            raise Unparseable("malformed multipart body", 400)
+        changed = False
+        out = [chunks[0]]
+        for part in chunks[1:-1]:
+            if not part.startswith(b"\r\n") or not part.endswith(b"\r\n"):
+                raise Unparseable("malformed multipart body", 400)
+            head_end = part.find(b"\r\n\r\n")
+            if head_end < 0:
+                raise Unparseable("malformed multipart body", 400)
+            head, body = part[:head_end + 4], part[head_end + 4:-2]
+            headers = _part_headers(head)
+            cte = headers.get("content-transfer-encoding", "").lower()
+            if cte not in ("", "7bit", "8bit", "binary"):
+                raise Unparseable(f"multipart content-transfer-encoding {cte!r}", 415)
+            new = self.body(body, headers.get("content-type", "text/plain"), pass_text,
+                            in_multipart=True)
+            if new is not None:
+                changed = True
+                part = head + new + b"\r\n"
+            out.append(part)
+        out.append(chunks[-1])
+        return delim.join(out) if changed else None
+
+    # -- any body
+    def body(self, content: bytes, content_type: str, pass_text: bool = False,
+             in_multipart: bool = False) -> bytes | None:
+        """Masked body (decoded, identity) or None when nothing changed.
+        Raises Unparseable when it cannot be masked and `pass_text` is off."""
+        if not content:
+            return None
+        mime, params = parse_content_type(content_type)
+        charset = params.get("charset", "utf-8")
+        try:
+            if mime == "application/json" or mime.endswith("+json") or (
+                    not mime and content.lstrip()[:1] in (b"{", b"[")) or (
+                    self.llm and not mime and not in_multipart):
+                return self.json_bytes(content)
+            if mime == "application/x-www-form-urlencoded":
+                return self.form_bytes(content, charset)
+            if mime.startswith("multipart/"):
+                boundary = params.get("boundary")
+                if not boundary:
+                    raise Unparseable("multipart body without boundary", 400)
+                return self.multipart_bytes(content, boundary, pass_text)
+            if mime in ("application/x-ndjson", "application/jsonl", "application/x-jsonlines"):
+                return self.ndjson_bytes(content)
+            if content.lstrip()[:1] in (b"{", b"["):
+                # JSON under another media type: JSON-aware if it parses, text otherwise
+                try:
+                    return self.json_bytes(content)
+                except Unparseable:
+                    pass
+            try:
+                text = content.decode(charset)
+            except (UnicodeDecodeError, LookupError):
+                raise Unparseable("body is not text in a known charset", 415) from None
+            new = self.text(text)
+            return None if new == text else new.encode(charset)
+        except Unparseable:
+            if not pass_text:
+                raise
+            # Explicit opt-in: mask the bytes as Latin-1 text (a lossless byte <-> char
+            # mapping), so nothing is lost and anything readable is still masked.
+            text = content.decode("latin-1")
+            new = self.text(text)
+            return None if new == text else new.encode("latin-1", "replace")
+
+    def ndjson_bytes(self, content: bytes) -> bytes | None:
+        lines = content.split(b"\n")
+        changed = False
+        for i, line in enumerate(lines):
+            if line.strip():
+                new = self.json_bytes(line)
+                if new is not None:
+                    lines[i] = new
+                    changed = True
+        return b"\n".join(lines) if changed else None
+
+
+def _part_headers(head: bytes) -> dict[str, str]:
+    out = {}
+    for line in head.decode("latin-1").split("\r\n"):
+        name, sep, value = line.partition(":")
+        if sep:
+            out[name.strip().lower()] = value.strip()
+    return out
+
+
+def parse_content_type(value: str | None) -> tuple[str, dict[str, str]]:
+    """('application/json', {'charset': 'utf-8'}) from a Content-Type header."""
+    if not value:
+        return "", {}
+    mime, *rest = value.split(";")
+    params = {}
+    for p in rest:
+        k, sep, v = p.partition("=")
+        if sep:
+            params[k.strip().lower()] = v.strip().strip('"')
+    return mime.strip().lower(), params
+
+
+def json_escape(value: str) -> str:
+    """A value as it must appear inside a JSON string literal (for streamed arguments)."""
+    return json.dumps(value, ensure_ascii=False)[1:-1]

@@ -1,0 +1,886 @@
+"""Find PII and secrets in text: validated detectors on the `regex` module, no mitmproxy.
+
+API (what the masking placement code uses):
+
+    ds = DetectorSet(rules.masking)          # precompiles everything; reuse it
+    for f in ds.find(text):                  # sorted, non-overlapping Finding(entity, start,
+        ...                                  #   end, value) in ORIGINAL text positions
+    ds.strategy_for("EMAIL")                 # "placeholder" | "redact" | "partial" | "hash"
+    ds.max_len                               # longest span any detector can match
+    ds.holdback(pending_text)                # chars at the end of a stream buffer to keep back
+
+Entities (placeholders become `[EMAIL_1]`): EMAIL, PHONE, US_SSN, CREDIT_CARD, IBAN,
+IP_ADDRESS, OPENAI_KEY, ANTHROPIC_KEY, ANTHROPIC_ADMIN_KEY, AWS_ACCESS_KEY, AWS_SECRET_KEY,
+AWS_BEDROCK_KEY, GITHUB_TOKEN, SLACK_TOKEN, SLACK_WEBHOOK, GOOGLE_API_KEY, HUGGINGFACE_TOKEN,
+PERPLEXITY_KEY, PRIVATE_KEY, JWT, STRIPE_KEY, GITLAB_TOKEN, NPM_TOKEN, PYPI_TOKEN,
+SENDGRID_KEY, BEARER_TOKEN, PASSWORD — plus the rules' custom detectors. `SAMPLES` holds one
+synthetic value per entity that is caught on its own (for tests); `CONTEXT_SAMPLES` the
+entities that need words around them (BEARER_TOKEN, PASSWORD; AWS_SECRET_KEY is in both).
+
+Streaming (SSE): do not hold back `max_len` characters — it is large because a PEM private
+key may legitimately be 32 KiB. Use `holdback(buffer)`: it is the length of the tail that a
+match could still extend into (the last token, a run of short digit groups such as
+"4111 1111 ", or an open `-----BEGIN … PRIVATE KEY-----` block), bounded by `max_len`; in
+prose it is a few characters. Keep `context_len` characters of already-sent ORIGINAL text in
+front of the buffer you pass to find() so that left context (word boundaries, the "aws
+secret" word before a secret key) is still seen, and ignore findings that end inside that
+carried context.
+
+Overlaps: the longer finding wins; on equal length the more specific entity (provider
+secrets > card > IBAN > SSN > e-mail > phone > IP > bearer token > password).
+
+Positions: the text is first normalised (addons.masking.normalize: Unicode digits, zero-width
+characters, `\\u0034` / `%34` / `&#52;` escapes), detection runs on the normalised text,
+and spans are mapped back, so a finding's `value` is exactly `text[start:end]` of what was
+passed in.
+
+Cost: ~50 MB/s per core on ASCII prose, 25-40 MB/s on prose with non-ASCII words; every
+detector stays linear on hostile input (worst case measured ~1.3 MB/s, e.g. a body of
+'1' + zero-width space repeated) — see bench/bench_detectors.py.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import regex
+
+from addons.masking.config import BUILTIN_ENTITIES, MaskingConfig
+from addons.masking.normalize import normalize
+from addons.masking.secret_rules import (
+    AWS_SECRET,
+    AWS_SECRET_WINDOW,
+    AWS_SECRET_WORDS,
+    BEARER,
+    PASSWORD_ASSIGNMENTS,
+    SECRET_RULES,
+    URL_PASSWORD,
+    SecretRule,
+    aws_secret_ok,
+    bearer_ok,
+    password_ok,
+    pem_end,
+)
+from addons.masking.validators import card_lengths, card_ok, luhn_ok, mod97_ok, ssn_ok
+
+__all__ = ["Finding", "DetectorSet", "ENTITIES", "SAMPLES", "CONTEXT_SAMPLES"]
+
+ENTITIES: tuple[str, ...] = tuple(BUILTIN_ENTITIES)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    entity: str
+    start: int   # positions in the ORIGINAL text passed to find()
+    end: int
+    value: str   # text[start:end]
+
+
+def _c(p: str, flags: int = 0) -> regex.Pattern:
+    return regex.compile(p, regex.V0 | flags)
+
+
+# ---------------------------------------------------------------------------- cards
+# 13-19 digits, either in one run or in groups of 1-6 digits separated by ONE consistent
+# separator (space, dash or dot). Single-digit groups are allowed on purpose: "4 1 1 1 …"
+# is an evasion, and the issuer range + Luhn keep plain number lists out.
+# (Patterns start by consuming a digit, then look behind: the engine scans fastest so.)
+# (not the decimals of a number: '1.3862943611198906')
+_CARD = _c(r"[0-9](?<![0-9A-Za-z][0-9])(?<![0-9][.,][0-9])(?:[0-9]{12,18}(?![0-9])"
+           r"|[0-9]{0,5}(?P<sep>[ .\-])[0-9]{1,6}(?:(?P=sep)[0-9]{1,6}){1,17}(?![0-9]))")
+
+
+def _card_grouping_ok(lens: list[int]) -> bool:
+    """Groups as card numbers are written: equal groups of 4 with a shorter-or-equal last
+    one (4-4-4-4, 4-4-4-4-3, 4-4-4-1), the 1-1-1… / 2-2-2… evasions, or Amex/Diners 4-6-5 /
+    4-6-4."""
+    if len(lens) == 3 and lens[0] == 4 and lens[1] == 6:
+        return True
+    first = lens[0]
+    # groups of 4 (the way cards are printed), or of 1-2 digits (a spacing evasion); not
+    # 3-3-3-3-3 or 5-5-5, which are how long numbers and tables are written
+    return first in (1, 2, 4) and all(n == first for n in lens[:-1]) and lens[-1] <= first
+
+
+def _card_retry(m: regex.Match) -> int:
+    """After a failed candidate: its second group may start a card when the first group
+    does not belong ("12 4111 1111 1111 1111"); equal groups ("1 1 1 1 …") cannot, so
+    skip the whole candidate (keeps a hostile '1 1 1 …' body linear)."""
+    sep = m.group("sep")
+    if sep is None:
+        return m.end()
+    first, _, rest = m.group(0).partition(sep)
+    second = rest.split(sep, 1)[0]
+    return m.start() + len(first) + 1 if len(first) != len(second) else m.end()
+
+
+def _card_span(m: regex.Match, t: str) -> tuple[int, int] | None:
+    sep = m.group("sep")
+    if sep is None:
+        return m.span() if card_ok(m.group(0)) else None
+    # the number starts the run of groups; trailing groups may be something else
+    # ("4111 1111 1111 1111 12/25"), so try the longest prefix of groups first
+    groups = m.group(0).split(sep)
+    digits = "".join(groups)
+    allowed = card_lengths(digits[:6])
+    if not allowed:
+        return None
+    lens = [len(g) for g in groups]
+    total = 0
+    ends = []  # (number of groups, digits so far)
+    for j, n in enumerate(lens, 1):
+        total += n
+        if total > 19:
+            break
+        if total in allowed and j > 1:
+            ends.append((j, total))
+    for j, total in reversed(ends):
+        if _card_grouping_ok(lens[:j]) and luhn_ok(digits[:total]):
+            return m.start(), m.start() + len(sep.join(groups[:j]))
+    return None
+
+
+# ---------------------------------------------------------------------------- US SSN
+# AAA-GG-SSSS with one consistent separator (or none), plus the 3-6 dash grouping presidio
+# also accepts; validated with the SSA rules (validators.ssn_ok). Not the 5-4 grouping: that
+# is how ZIP+4 codes are written ('Boston, MA 02111-1307' is in every GPL header).
+# Not inside a word or an identifier ('#_Toc398718022', 'issue-817742836', '123456789abc').
+_SSN = _c(r"[0-9]{3}(?<![A-Za-z0-9_][0-9]{3})(?<![0-9][.\-][0-9]{3})"
+          r"(?:(?P<sep>[ .\-]?)[0-9]{2}(?P=sep)[0-9]{4}|-[0-9]{6})"
+          r"(?![A-Za-z0-9_]|[.\-][0-9])")
+
+
+_SSN_WORDS = _c(r"(?i)ssn|social[ \-_]?sec|soc\.? ?sec|\bss#|\btin\b|itin|tax ?id|taxpayer|"
+                r"sozialversicherung|seguro social")
+
+
+def _ssn_span(m: regex.Match, t: str) -> tuple[int, int] | None:
+    raw = m.group(0)
+    if raw.isdigit():
+        # nine bare digits are far more often an id, a count or a timestamp than an SSN
+        # ('"id": "194521489"', 'oauth_timestamp=137131201'): they need a word such as
+        # "SSN" or "social security" nearby. Written with separators they do not.
+        if (m.start() and t[m.start() - 1] in "-#/.+") or raw in ("123456789", "987654321"):
+            return None
+        # (the word must come before the number: a stream may already have sent the
+        # number when a word after it arrives)
+        if _SSN_WORDS.search(t, max(0, m.start() - 40), m.start()) is None:
+            return None
+    digits = raw.replace("-", "").replace(".", "").replace(" ", "")
+    return m.span() if ssn_ok(digits) else None
+
+
+
+
+
+# ---------------------------------------------------------------------------- IBAN
+IBAN_LENGTHS: dict[str, int] = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22,
+    "BI": 27, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DJ": 27,
+    "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FK": 18, "FO": 18, "FR": 27,
+    "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28, "HN": 28, "HR": 21, "HU": 28,
+    "IE": 22, "IL": 23, "IQ": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28,
+    "LC": 32, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22,
+    "MK": 19, "MN": 20, "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18, "NO": 15, "OM": 23,
+    "PK": 24, "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24,
+    "SC": 31, "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25, "SV": 28,
+    "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30,
+}
+# country code + check digits, then the BBAN in one run or in groups of up to 4 separated
+# by one consistent space or dash
+_IBAN = _c(r"[A-Z]{2}(?<![A-Za-z0-9][A-Z]{2})[0-9]{2}(?:[A-Za-z0-9]{11,30}(?![A-Za-z0-9])"
+           r"|(?P<sep>[ \-])[A-Za-z0-9]{1,4}(?:(?P=sep)[A-Za-z0-9]{1,4}){2,8})")
+# the same in lower case, found from its check digits (a scan that starts at a lower-case
+# letter would visit most of the text)
+_IBAN_LOWER = _c(r"[0-9]{2}(?<=(?<![A-Za-z0-9])[a-z]{2}[0-9]{2})"
+                 r"(?:[a-z0-9]{11,30}(?![A-Za-z0-9])"
+                 r"|(?P<sep>[ \-])[a-z0-9]{1,4}(?:(?P=sep)[a-z0-9]{1,4}){2,8})")
+
+
+def _iban_span(m: regex.Match, t: str) -> tuple[int, int] | None:
+    raw = m.group(0)
+    want = IBAN_LENGTHS.get(raw[:2].upper())
+    if want is None:
+        return None
+    sep = m.group("sep")
+    if sep is None:
+        if len(raw) != want:
+            return None
+        value, end = raw, m.end()
+    else:
+        # take groups up to the country's length; it must end on a group boundary, so
+        # "VG96 VPVG 0000 0123 4567 8901 X" stops before " X"
+        parts = raw.split(sep)
+        total = 0
+        used = 0
+        while used < len(parts) and total < want:
+            total += len(parts[used])
+            used += 1
+        if total != want:
+            return None
+        value = "".join(parts[:used])
+        end = m.start() + len(sep.join(parts[:used]))
+    # written upper case, or all lower case (an easy disguise); 'LV80 bANK …' is neither
+    if any(c.islower() for c in value):
+        if not value.islower():
+            return None
+        value = value.upper()
+    if not mod97_ok(value):
+        return None
+    return m.start(), end
+
+
+# ---------------------------------------------------------------------------- phone
+# E.164 country calling codes (ITU), used to validate '+CC …' numbers.
+_CC = frozenset(
+    "1 7 20 27 30 31 32 33 34 36 39 40 41 43 44 45 46 47 48 49 51 52 53 54 55 56 57 58 60 61 "
+    "62 63 64 65 66 81 82 84 86 90 91 92 93 94 95 98 211 212 213 216 218 220 221 222 223 224 "
+    "225 226 227 228 229 230 231 232 233 234 235 236 237 238 239 240 241 242 243 244 245 246 "
+    "247 248 249 250 251 252 253 254 255 256 257 258 260 261 262 263 264 265 266 267 268 269 "
+    "290 291 297 298 299 350 351 352 353 354 355 356 357 358 359 370 371 372 373 374 375 376 "
+    "377 378 379 380 381 382 383 385 386 387 389 420 421 423 500 501 502 503 504 505 506 507 "
+    "508 509 590 591 592 593 594 595 596 597 598 599 670 672 673 674 675 676 677 678 679 680 "
+    "681 682 683 685 686 687 688 689 690 691 692 800 808 850 852 853 855 856 870 878 880 881 "
+    "882 883 886 888 960 961 962 963 964 965 966 967 968 970 971 972 973 974 975 976 977 979 "
+    "992 993 994 995 996 998".split())
+
+
+def _nanp_ok(d10: str) -> bool:
+    """Area code and exchange start with 2-9 and are not N11 service codes."""
+    if len(d10) != 10 or d10[0] in "01" or d10[3] in "01":
+        return False
+    return d10[1:3] != "11" and d10[4:6] != "11"
+
+
+# 415-555-0132, 415.555.0132, 415 555 0132 and (415) 555-0132; a country code in front
+# ('1-', '+1 ', '91-') is taken into the span by _nanp_span
+_PHONE_NANP = _c(r"(?:[0-9]{3}(?<![0-9]{4})[ .\-]|\([0-9]{3}\)[ .\-]?)"
+                 r"[0-9]{3}[ .\-][0-9]{4}(?![0-9]|[.\-][0-9])")
+_NANP_CC = _c(r"(?r)(?<![0-9+])(\+?[0-9]{1,3})[ .\-]?")
+# +CC then digit groups (optionally one in parentheses), 8-15 digits in all
+_PHONE_INTL = _c(r"\+(?<![\w+]\+)[1-9][0-9]{0,2}(?:[ .\-]?(?:\([0-9]{1,4}\)|[0-9]{1,6})){1,8}"
+                 r"(?![0-9])")
+# national numbers with a trunk prefix 0: 09-7625400, 090-1234-5678, 020 7123 4567,
+# 01 42 68 53 00; not '00…' (an international prefix) and not SSN-like 078-05-1123
+_PHONE_TRUNK = _c(r"0(?<![\w+\-.]0)(?<![0-9][ .\-]0)[1-9][0-9]{0,3}(?:[ \-][0-9]{2,8}){1,4}"
+                  r"(?![0-9]|[ .\-][0-9])")
+# Chinese mobile numbers: 1[3-9]x xxxx xxxx
+_PHONE_CN = _c(r"1(?<![0-9A-Za-z+\-.]1)(?<![0-9][ .\-]1)[3-9][0-9]"
+               r"(?:[0-9]{8}|([ \-])[0-9]{4}\1[0-9]{4})(?![0-9A-Za-z_]|[ .\-][0-9])")
+# ten bare digits only count as a phone number right after a word that says so
+_PHONE_BARE = _c(r"[2-9](?<![0-9A-Za-z_+\-.][2-9])[0-9]{2}[2-9][0-9]{6}"
+                 r"(?![0-9A-Za-z_]|[.\-][0-9])")
+_PHONE_WORDS = _c(r"(?i)phone|tel\b|call|mobile|cell|fax|whatsapp|sms|contact|reach|number|"
+                  r"ph\.|tlf|telefon|t[eé]l[eé]phone|n[uú]mero")
+
+
+def _digits(s: str) -> str:
+    return "".join(c for c in s if "0" <= c <= "9")
+
+
+def _nanp_span(m: regex.Match, t: str) -> tuple[int, int] | None:
+    s, e = m.span()
+    if not _nanp_ok(_digits(m.group(0))):
+        return None
+    prev = t[s - 1] if s else ""
+    if prev.isdigit():
+        return None
+    cm = _NANP_CC.match(t, max(0, s - 5), s) if prev in "+-. " else None
+    if cm is not None and cm.group(1).lstrip("+") in _CC:
+        return cm.start(), e  # '+1 ', '1-', '91-' belong to the number
+    if prev in "+-.":
+        return None  # inside a longer dash/dot sequence that is not a phone number
+    return s, e
+
+
+def _cc_of(d: str) -> str | None:
+    for k in (1, 2, 3):
+        if d[:k] in _CC:
+            return d[:k]
+    return None
+
+
+def _intl_span(m: regex.Match, t: str) -> tuple[int, int] | None:
+    text = m.group(0)
+    # cut at group boundaries from the right until the digit count fits E.164
+    cuts = [i for i in range(1, len(text)) if text[i] in " .-(" and text[i - 1] not in " .-("]
+    ends = [len(text)] + [c for c in reversed(cuts)]
+    for end in ends:
+        d = _digits(text[:end])
+        cc = _cc_of(d)
+        if cc is None:
+            return None
+        if cc == "1":
+            if len(d) == 11 and _nanp_ok(d[1:]):
+                return m.start(), m.start() + end
+            continue
+        if 8 <= len(d) <= 15 and len(d) - len(cc) >= 6:
+            return m.start(), m.start() + end
+    return None
+
+
+def _trunk_span(m: regex.Match, t: str) -> tuple[int, int] | None:
+    parts = regex.split(r"[ \-]", m.group(0))
+    if [len(p) for p in parts] == [5, 4] and "-" in m.group(0):
+        return None  # 02111-1307: a ZIP+4 code
+    rest = [len(p) for p in parts[1:]]
+    # subscriber groups: all pairs (French style, 4+ of them) or all of 3+ digits
+    if not (all(n >= 3 for n in rest) or (all(n == 2 for n in rest) and len(rest) >= 4)):
+        return None
+    n = sum(len(p) for p in parts)
+    return m.span() if 9 <= n <= 11 else None
+
+
+def _bare_span(m: regex.Match, t: str) -> tuple[int, int] | None:
+    if not _nanp_ok(m.group(0)):
+        return None
+    lo = max(0, m.start() - 30)
+    return m.span() if _PHONE_WORDS.search(t, lo, m.start()) else None
+
+
+# ---------------------------------------------------------------------------- IP
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_IPV4_RE = _OCTET + r"(?:\." + _OCTET + r"){3}"
+_IPV4 = _c(r"(?<![\w.])" + _IPV4_RE + r"(?:/(?:3[0-2]|[12]?[0-9])(?![0-9]))?(?![\w])")
+_IPV6 = _c(r"(?<![\w:.%])(?:[0-9A-Fa-f]{1,4}|(?=::))(?::[0-9A-Fa-f]{0,4}){1,7}"
+           r"(?:(?<=:)" + _IPV4_RE + r")?"
+           r"(?P<zone>%[0-9A-Za-z_\-]{1,16})?"
+           r"(?P<cidr>/(?:12[0-8]|1[01][0-9]|[1-9]?[0-9])(?![0-9]))?"
+           r"(?![\w:]|\.[0-9])")
+# an IPv6 address has '::' or at least two colons close together; prose colons ("Note: ",
+# "10:30") do not, so candidates are few
+_V6_TRIGGER = _c(r":(?:(?<=[0-9A-Fa-f]:)[0-9A-Fa-f]{0,4}:|[0-9A-Fa-f]{0,4}:(?=[0-9A-Fa-f/]))")
+# IPv4 candidates: digit.digit.digit.digit, then the exact pattern at that position
+_V4_TRIGGER = _c(r"[0-9](?<![\w.][0-9])[0-9]{0,2}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]")
+_V6_BACK = _c(r"(?r)[0-9A-Fa-f:]{1,45}")
+_V6_RUN = _c(r"[0-9A-Fa-f:.]*")
+
+
+def _ipv6_ok(m: regex.Match) -> bool:
+    addr = m.group(0)
+    cidr = m.group("cidr")
+    if cidr:
+        addr = addr[: -len(cidr)]
+    zone = m.group("zone")
+    if zone:
+        addr = addr[: -len(zone)]
+    if addr == "::" and not cidr:
+        return False  # bare '::' is Haskell / C++ / slicing syntax far more often than an IP
+    if addr != "::" and not any(c.isdigit() for c in addr):
+        return False  # 'Add::Bee', 'dead:beef::' — identifiers, not addresses
+    if addr.startswith("::") and addr.count(":") == 2 and len(addr) <= 4 and addr != "::1" \
+            and not cidr:
+        return False  # Python slices 'a[::2]', 'b[::10]'; '::1' (loopback) is kept
+    try:
+        ipaddress.IPv6Address(addr)
+    except ValueError:
+        return False
+    return True
+
+
+def _find_ipv4(t: str, out: list) -> None:
+    pos = 0
+    search = _V4_TRIGGER.search
+    while True:
+        tm = search(t, pos)
+        if tm is None:
+            return
+        m = _IPV4.match(t, tm.start())
+        if m is not None:
+            out.append((m.start(), m.end(), "IP_ADDRESS", 20))
+            pos = m.end()
+        else:
+            pos = tm.start() + 1
+
+
+def _find_ipv6(t: str, out: list) -> None:
+    pos = 0
+    n = len(t)
+    while pos < n:
+        tm = _V6_TRIGGER.search(t, pos)
+        if tm is None:
+            return
+        c = tm.start()
+        bm = _V6_BACK.match(t, max(0, c - 45), c)
+        s = bm.start() if bm else c
+        m = _IPV6.match(t, s)
+        if m is not None and m.end() > c:
+            if _ipv6_ok(m):
+                out.append((m.start(), m.end(), "IP_ADDRESS", 20))
+            pos = m.end()  # a failed candidate is skipped whole ('1::1::1::…' stays linear)
+        else:
+            # only the start of a hex/colon run can start an address (the look-behind
+            # rejects any later position), so nothing else in this run can match
+            pos = _V6_RUN.match(t, c).end() + 1
+
+
+# ---------------------------------------------------------------------------- e-mail
+# found from the '@' (rare in text) with the local part captured by a look-behind, so the
+# whole scan runs inside the regex engine
+_EMAIL = _c(r"@(?<=(?<![\w.%+\-])(?P<pre>[\w.%+\-]{1,64})@)"
+            r"(?:[^\W_](?:[\w\-]{0,61}[^\W_])?\.)+"
+            r"(?:[^\W\d_]{2,63}|xn--[A-Za-z0-9\-]{1,59})(?![\w\-])")
+
+
+def _find_emails(t: str, out: list) -> None:
+    for m in _EMAIL.finditer(t):
+        s = m.start("pre")
+        while t[s] == ".":  # a local part does not start with a dot
+            s += 1
+        if s >= m.start():
+            continue
+        if s and t[s - 1] == ":" and t.rfind("://", max(0, s - 80), s) != -1:
+            continue  # 'scheme://user:secret@host': a password in a URL, not an address
+        out.append((s, m.end(), "EMAIL", 35))
+
+
+# ---------------------------------------------------------------------------- PEM
+def _find_pem(rule: SecretRule, t: str, out: list) -> None:
+    """Private-key blocks; the next BEGIN is looked for after the end of the previous block,
+    so text made of BEGIN lines costs one pass."""
+    pos = 0
+    while True:
+        m = rule.pattern.search(t, pos)
+        if m is None:
+            return
+        end = pem_end(m, t)
+        if end is None:
+            pos = m.end()
+            continue
+        out.append((m.start(), end, rule.entity, rule.priority))
+        pos = end
+
+
+# ---------------------------------------------------------------------------- passwords
+_TEMPLATE = _c(r"[$<{%].*|[*xX]+|\.\.\.")
+
+
+_PW_WORDS = ("pass", "pwd", "secret", "token", "key", "credential")
+
+
+def _find_passwords(t: str, low: str | None, out: list) -> None:
+    if "://" in t:
+        for m in URL_PASSWORD.finditer(t):
+            v = m.group("v")
+            if not _TEMPLATE.fullmatch(v) and password_ok(v):
+                out.append((m.start("v"), m.end("v"), "PASSWORD", 15))
+    if low is not None and len(t) < _SHORT_TEXT and not any(w in low for w in _PW_WORDS):
+        return  # short text without a password-like word (cheaper than the scans)
+    for op, pattern in zip("=:", PASSWORD_ASSIGNMENTS, strict=True):
+        if op not in t:
+            continue
+        for m in pattern.finditer(t):
+            if password_ok(m.group("v")):
+                out.append((m.start("v"), m.end("v"), "PASSWORD", 15))
+
+
+def _find_bearer(t: str, low: str | None, out: list) -> None:
+    src = low if low is not None else t
+    i = src.find("bearer")
+    while i != -1:
+        m = BEARER.match(t, i)
+        if m is not None and bearer_ok(m.group("v")):
+            out.append((m.start("v"), m.end("v"), "BEARER_TOKEN", 18))
+        i = src.find("bearer", i + 6)
+
+
+# ---------------------------------------------------------------------------- assembly
+SpanFn = Callable[[regex.Match, str], "tuple[int, int] | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class _RegexDet:
+    entity: str
+    pattern: regex.Pattern
+    span: SpanFn | None
+    priority: int
+    gate: tuple[str, ...] = ()      # skip unless one of these substrings occurs
+    # where to look again after a candidate failed validation (default: after it); cards
+    # and IBANs may start at a later group of the candidate ("12 4111 1111 1111 1111")
+    retry: Callable[[regex.Match], int] | None = None
+
+
+# Detectors of numbers written with digits and separators. They run only inside "numeric
+# clusters" (_NUM_CLUSTER, one fast scan) that hold at least _NUM_MIN_DIGITS digits, so prose
+# with the odd date or price costs almost nothing.
+_NUMERIC: tuple[_RegexDet, ...] = (
+    _RegexDet("CREDIT_CARD", _CARD, _card_span, 50, retry=_card_retry),
+    _RegexDet("US_SSN", _SSN, _ssn_span, 40),
+    _RegexDet("PHONE", _PHONE_NANP, _nanp_span, 30),
+    _RegexDet("PHONE", _PHONE_INTL, _intl_span, 30),
+    _RegexDet("PHONE", _PHONE_TRUNK, _trunk_span, 30),
+    _RegexDet("PHONE", _PHONE_CN, None, 30),
+    _RegexDet("PHONE", _PHONE_BARE, _bare_span, 30),
+)
+_IBAN_DET = _RegexDet("IBAN", _IBAN, _iban_span, 45, retry=lambda m: m.start() + 1)
+
+
+def _iban_lower_span(m: regex.Match, t: str) -> tuple[int, int] | None:
+    # re-run the upper-case logic on the match extended by its two letters
+    start = m.start() - 2
+    m2 = _IBAN_ANY.match(t, start)
+    if m2 is None:
+        return None
+    return _iban_span(m2, t)
+
+
+_IBAN_ANY = _c(r"[A-Za-z]{2}[0-9]{2}(?:[A-Za-z0-9]{11,30}(?![A-Za-z0-9])"
+               r"|(?P<sep>[ \-])[A-Za-z0-9]{1,4}(?:(?P=sep)[A-Za-z0-9]{1,4}){2,8})")
+_IBAN_LOWER_DET = _RegexDet("IBAN", _IBAN_LOWER, _iban_lower_span, 45,
+                            retry=lambda m: m.start() + 1)
+# the shortest value these detectors accept has 9 digits (SSN, national phone numbers), so
+# dates and prices never qualify
+_NUM_CLUSTER = _c(r"[0-9](?:[ .\-()]{0,3}[0-9]){8,}")
+
+
+def _run(d: _RegexDet, t: str, pos: int, endpos: int, out: list) -> None:
+    search = d.pattern.search
+    while True:
+        m = search(t, pos, endpos)
+        if m is None:
+            return
+        span = d.span(m, t) if d.span is not None else m.span()
+        if span is not None:
+            out.append((span[0], span[1], d.entity, d.priority))
+            pos = max(span[1], m.start() + 1)
+        else:
+            pos = max(d.retry(m) if d.retry else m.end(), m.start() + 1)
+
+
+# Every built-in value contains a digit, '@', ':', '_', '/', '+', '=' (a password
+# assignment), an escape or a non-ASCII character (before normalisation), or one of the
+# secrets' literals: a short string with
+# none of them (most JSON fields: roles, model names, plain words) is answered at once.
+_MAYBE = _c(r"[0-9@:_/+=%\\&\x80-\U0010FFFF]|sk-|AKIA|ASIA|ABIA|ACCA|A3T|xox|xapp|AIza|pplx-|"
+            r"ABSK|eyJ|bedrock-|-----BEGIN|glpat-|pypi-|SG\.")
+_QUICK_LEN = 256
+# characters from rare to common in English text and code (letters by frequency)
+_RARITY = "_J`QZXKV|~^$#@=-BPYG/FWMUCLDRHSNIOATjqzxkvbpygfwmucldrhsnioate."
+
+
+def _rarest(literal: str) -> str:
+    return min(literal, key=lambda c: _RARITY.find(c) if c in _RARITY else -1)
+
+
+# below this length, `in` tests of a rule's literals are cheaper than starting its scan
+_SHORT_TEXT = 16384
+
+# longest span per built-in entity, in normalised characters
+_MAX_LEN: dict[str, int] = {
+    "EMAIL": 64 + 1 + 255, "PHONE": 32, "US_SSN": 11, "CREDIT_CARD": 19 + 18, "IBAN": 34 + 8,
+    "IP_ADDRESS": 45 + 17 + 4, "AWS_SECRET_KEY": 40, "PASSWORD": 256, "BEARER_TOKEN": 4100,
+}
+for _r in SECRET_RULES:
+    _MAX_LEN[_r.entity] = max(_MAX_LEN.get(_r.entity, 0), _r.max_len)
+# an escape (\uXXXX, 6 chars) can stand for each normalised character
+_ESCAPE_WIDTH = 6
+_PII_ENTITIES = frozenset(("EMAIL", "PHONE", "US_SSN", "CREDIT_CARD", "IBAN", "IP_ADDRESS"))
+# left context worth carrying in a stream: word boundaries and the AWS secret's keyword
+CONTEXT_LEN = AWS_SECRET_WINDOW + 16
+
+# a token may be as long as the longest whitespace-free match (a JWT); PEM blocks, the only
+# long matches with whitespace inside, are handled on their own
+_TOKEN_MAX = max(r.max_len for r in SECRET_RULES if r.entity != "PRIVATE_KEY")
+_HOLD_TOKEN = _c(r"(?r)\S{1,N}".replace("N", str(_TOKEN_MAX)))
+# short groups of digits / capitals (any script's digits, full-width forms, invisible
+# characters inside) with a separator: "4111 1111 ", "+44 (20) ", "DE89 3704 ", "078 05 "
+_G = r"\dA-Z\uFF10-\uFF19\uFF21-\uFF3A"
+_HOLD_GROUPS = _c(r"(?r)(?:[+(]?[" + _G + r"][" + _G + r")\u200b-\u200d\u2060\ufeff\u00ad]{0,12}"
+                  r"[\s.\-\u2010-\u2015\u2212]){1,12}")
+_PEM_OPEN = "-----BEGIN "
+_PEM_CLOSE = _c(r"-----END [A-Z0-9 ]{1,40}-----")
+
+
+@dataclass(frozen=True, slots=True)
+class _Custom:
+    entity: str
+    pattern: regex.Pattern
+    validator: str
+    context: tuple[str, ...]
+    window: int
+    max_length: int
+
+
+class DetectorSet:
+    """All enabled detectors of a masking config, compiled once; `find` is thread-safe."""
+
+    def __init__(self, config: MaskingConfig | None = None) -> None:
+        self.config = config or MaskingConfig()
+        enabled = set(self.config.enabled_builtins())
+        self._enabled = frozenset(enabled)
+        self._numeric = tuple(d for d in _NUMERIC if d.entity in enabled)
+        self._iban = "IBAN" in enabled
+        self._ip = "IP_ADDRESS" in enabled
+        self._secrets = tuple(r for r in SECRET_RULES if r.entity in enabled)
+        # short texts: rules grouped by gate literal; long texts: every rule, except those
+        # whose regex is slow without its literal (always_gate), which keep an `in` test
+        self._ungated = tuple(r for r in self._secrets if not r.literals)
+        by_lit: dict[str, list[SecretRule]] = {}
+        for r in self._secrets:
+            for lit in r.literals:
+                by_lit.setdefault(lit, []).append(r)
+        self._by_literal = tuple((_rarest(lit), lit, tuple(rs)) for lit, rs in by_lit.items())
+        self._long_rules_all = tuple(r for r in self._secrets if not r.always_gate)
+        self._long_gated = tuple(r for r in self._secrets if r.always_gate)
+        self._email = "EMAIL" in enabled
+        self._aws_secret = "AWS_SECRET_KEY" in enabled
+        self._password = "PASSWORD" in enabled
+        self._bearer = "BEARER_TOKEN" in enabled
+        self._custom = tuple(
+            _Custom(c.name,
+                    regex.compile(c.pattern, regex.V0 | (regex.IGNORECASE if c.ignore_case
+                                                         else 0)),
+                    c.validator, c.context, c.context_window, c.max_length)
+            for c in self.config.custom if c.enabled)
+        self._allow = tuple(regex.compile(p) for p in self.config.allow)
+        # max_len: PII values may be written with an escape per character (\u0034 is six
+        # characters for one digit), so they count six-fold; secrets count as written. The
+        # bound is the PEM block: 32 KiB of body plus header and footer.
+        lens = [_MAX_LEN[e] * (_ESCAPE_WIDTH if e in _PII_ENTITIES else 1) for e in enabled]
+        lens += [c.max_length * _ESCAPE_WIDTH for c in self._custom]
+        self.max_len: int = max(lens, default=0)
+        self.context_len: int = CONTEXT_LEN * _ESCAPE_WIDTH
+        self._pem_hold = min(self.max_len, _MAX_LEN["PRIVATE_KEY"])
+        # a custom match may be confirmed by a context word up to `window` characters after it
+        self._custom_hold = max((c.max_length + (c.window if c.context else 0)
+                                 for c in self._custom), default=0)
+        self._strategies = {e: self.config.strategy_for(e) for e in enabled}
+        for c in self._custom:
+            self._strategies[c.entity] = self.config.strategy_for(c.entity)
+
+    @property
+    def entities(self) -> tuple[str, ...]:
+        return tuple(self._strategies)
+
+    def strategy_for(self, entity: str) -> str:
+        return self._strategies.get(entity) or self.config.strategy_for(entity)
+
+    # ------------------------------------------------------------------ detection
+    def find(self, text: str) -> list[Finding]:
+        if not text or not self.config.enabled:
+            return []
+        if len(text) < _QUICK_LEN and not self._custom and _MAYBE.search(text) is None:
+            return []  # e.g. "assistant", "gpt-4o-mini", "Hello, how are you?"
+        norm = normalize(text)
+        t = norm.text if norm is not None else text
+        cands = self._candidates(t)
+        if not cands:
+            return []
+        chosen = _resolve(cands)
+        out: list[Finding] = []
+        for s, e, entity in chosen:
+            if norm is not None:
+                s, e = norm.span(s, e)
+            value = text[s:e]
+            if self._allow and any(a.fullmatch(value) for a in self._allow):
+                continue
+            out.append(Finding(entity, s, e, value))
+        return out
+
+    def _candidates(self, t: str) -> list[tuple[int, int, str, int]]:
+        out: list[tuple[int, int, str, int]] = []
+        if len(t) < _SHORT_TEXT:
+            # one `in` test per distinct literal, then only the rules it gates
+            rules: list[SecretRule] = list(self._ungated)
+            for rare, lit, group in self._by_literal:
+                # a one-character test (memchr speed) before the literal itself
+                if rare in t and lit in t:
+                    rules.extend(r for r in group if r not in rules)
+        else:
+            rules = list(self._long_rules_all)
+            rules.extend(r for r in self._long_gated if any(lit in t for lit in r.literals))
+        for r in rules:
+            if r.entity == "PRIVATE_KEY":
+                _find_pem(r, t, out)
+                continue
+            has_pre = "pre" in r.pattern.groupindex
+            for m in r.pattern.finditer(t):
+                if r.check is None or r.check(m):
+                    start = m.start("pre") if has_pre and m.start("pre") >= 0 else m.start()
+                    out.append((start, m.end(), r.entity, r.priority))
+        low: str | None = None
+        if self._aws_secret or self._bearer or self._password:
+            low = t.lower()
+            if len(low) != len(t):
+                low = None
+        if self._aws_secret:
+            self._find_aws_secret(t, low, out)
+        if self._password:
+            _find_passwords(t, low, out)
+        if self._bearer:
+            _find_bearer(t, low, out)
+        if self._email and "@" in t:
+            _find_emails(t, out)
+        if self._iban:
+            _run(_IBAN_DET, t, 0, len(t), out)
+            _run(_IBAN_LOWER_DET, t, 0, len(t), out)
+        if self._numeric:
+            n = len(t)
+            for cm in _NUM_CLUSTER.finditer(t):
+                s, e = cm.span()
+                # a '+' or '(' just before the cluster belongs to it; the lookarounds of the
+                # detectors see outside the window, and endpos leaves room for look-aheads
+                lo, hi = max(0, s - 2), min(n, e + 3)
+                for d in self._numeric:
+                    _run(d, t, lo, hi, out)
+        if self._ip:
+            if "." in t:
+                _find_ipv4(t, out)
+            if ":" in t:
+                _find_ipv6(t, out)
+        for c in self._custom:
+            self._find_custom(c, t, out)
+        return out
+
+    @staticmethod
+    def _find_aws_secret(t: str, low: str | None, out: list) -> None:
+        words = AWS_SECRET_WORDS[::3]
+        if low is None:  # lower-casing changed lengths: look for the usual casings
+            low, words = t, AWS_SECRET_WORDS
+        ends: list[int] = []
+        for word in words:
+            i = low.find(word)
+            while i != -1:
+                ends.append(i + len(word))
+                i = low.find(word, i + 1)
+        if not ends:
+            return
+        ends.sort()
+        # scan the union of the windows after each word once (a body of 'aws aws aws …'
+        # stays linear); a key counts when a word ends at most WINDOW characters before it
+        n = len(t)
+        lo, hi = ends[0], min(n, ends[0] + AWS_SECRET_WINDOW + 41)
+        spans: list[tuple[int, int]] = []
+        for e in ends[1:]:
+            if e <= hi:
+                hi = min(n, e + AWS_SECRET_WINDOW + 41)
+            else:
+                spans.append((lo, hi))
+                lo, hi = e, min(n, e + AWS_SECRET_WINDOW + 41)
+        spans.append((lo, hi))
+        for lo, hi in spans:
+            for m in AWS_SECRET.finditer(t, lo, hi):
+                k = bisect_right(ends, m.start()) - 1
+                if k >= 0 and m.start() - ends[k] <= AWS_SECRET_WINDOW and \
+                        aws_secret_ok(m.group(0)):
+                    out.append((m.start(), m.end(), "AWS_SECRET_KEY", 60))
+
+    @staticmethod
+    def _find_custom(c: _Custom, t: str, out: list) -> None:
+        for m in c.pattern.finditer(t):
+            s, e = m.span()
+            if e - s > c.max_length or e == s:
+                continue
+            v = m.group(0)
+            if c.validator == "luhn":
+                d = _digits(v)
+                if len(d) < 2 or not luhn_ok(d):
+                    continue
+            elif c.validator == "mod97":
+                compact = "".join(ch for ch in v if ch.isalnum()).upper()
+                if len(compact) < 5 or not mod97_ok(compact):
+                    continue
+            if c.context:
+                around = t[max(0, s - c.window): e + c.window].lower()
+                if not any(w in around for w in c.context):
+                    continue
+            out.append((s, e, c.entity, 70))
+
+    # ------------------------------------------------------------------ streaming
+    def holdback(self, text: str) -> int:
+        """How many characters at the end of `text` a match could still extend into.
+
+        A stream masker emits (masked) `text[:len(text) - holdback(text)]` and keeps the rest
+        for the next chunk; a finding that starts in the emitted part is final. The tail is:
+        an open `-----BEGIN … PRIVATE KEY-----` block (from its BEGIN), else the last
+        whitespace-free token plus the short digit/capital groups before it ("4111 1111 ",
+        "+44 (20) "), plus — with custom detectors — their longest `max_length`.
+        Always <= max_len; in prose it is the length of the word being written.
+        """
+        n = len(text)
+        if n == 0:
+            return 0
+        keep = 0
+        if "PRIVATE_KEY" in self._enabled:
+            # walk BEGIN … END pairs; the first BEGIN without an END is still open
+            i = text.find(_PEM_OPEN, max(0, n - self._pem_hold))
+            while i != -1:
+                close = _PEM_CLOSE.search(text, i + len(_PEM_OPEN))
+                if close is None:
+                    keep = n - i
+                    break
+                i = text.find(_PEM_OPEN, close.end())
+        tm = _HOLD_TOKEN.match(text, max(0, n - _TOKEN_MAX * 2), n)
+        start = tm.start() if tm is not None else n
+        gm = _HOLD_GROUPS.match(text, max(0, start - 160), start)
+        if gm is not None:
+            start = gm.start()
+        keep = max(keep, n - start, self._custom_hold)
+        return min(keep, self.max_len, n)
+
+
+def _resolve(cands: list[tuple[int, int, str, int]]) -> list[tuple[int, int, str]]:
+    """Non-overlapping subset: longer first, then higher priority, then earlier."""
+    cands.sort(key=lambda c: (c[0] - c[1], -c[3], c[0]))
+    starts: list[int] = []
+    ends: list[int] = []
+    kept: list[tuple[int, int, str]] = []
+    for s, e, entity, _ in cands:
+        i = bisect_left(starts, s)
+        if i > 0 and ends[i - 1] > s:
+            continue
+        if i < len(starts) and starts[i] < e:
+            continue
+        starts.insert(i, s)
+        ends.insert(i, e)
+        kept.append((s, e, entity))
+    kept.sort()
+    return kept
+
+
+# One synthetic value per entity that the detector catches (use them in tests; none is real).
+SAMPLES: dict[str, str] = {
+    "EMAIL": "jane.doe@example.com",
+    "PHONE": "+1 415 555 0132",
+    "US_SSN": "078-05-1123",
+    "CREDIT_CARD": "4111 1111 1111 1111",
+    "IBAN": "DE89 3704 0044 0532 0130 00",
+    "IP_ADDRESS": "192.168.1.20",
+    "OPENAI_KEY": "sk-proj-Xi8tcNiHV9awbCcvilTeT3BlbkFJ3UDnpdEwNNm6wVBpYM0o",
+    "ANTHROPIC_KEY": "sk-ant-api03-PQ9rw0sES2RBc9jpkVTlqV5opMGtKfmhRHuwbokZXpEDUsQnOUq03n04T4jYn"
+                     "WKwdpCTTYVAANH-Qn7rm8cDo6_FqkWhAAA",
+    "ANTHROPIC_ADMIN_KEY": "sk-ant-admin01-PQ9rw0sES2RBc9jpkVTlqV5opMGtKfmhRHuwbokZXpEDUsQnOUq03"
+                           "n04T4jYnWKwdpCTTYVAANH-Qn7rm8cDo6_FqkWhAAA",
+    "AWS_ACCESS_KEY": "AKIAST6ZN3J5ZSABAZLX",
+    "AWS_SECRET_KEY": "aws_secret_access_key = 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",
+    "AWS_BEDROCK_KEY": "bedrock-api-key-YmVkcm9jay5hbWF6b25hd3MuY29t",
+    "GITHUB_TOKEN": "ghp_5ytzwHhANLUH8nLYuJoEoxq0bUfEJ0dpayuX",
+    "SLACK_TOKEN": "xoxb-781236542736-2364535789652-GkwFDQoHqzXDVsC6GzqYUypD",
+    "SLACK_WEBHOOK": "https://hooks.slack.com/services/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",
+    "GOOGLE_API_KEY": "AIza54D-5PNH4pfEQfL9I8dcQJF8MjwAQwplbi-",
+    "HUGGINGFACE_TOKEN": "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",
+    "PERPLEXITY_KEY": "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",
+    # synthetic, truncated (not a usable key); header split so repository key scanners stay quiet
+    "PRIVATE_KEY": "-----BEGIN " "PRIVATE KEY-----\n"
+                   "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQ"
+                   "DAC4AWkdwKYSd8\nKs14IReLcYgADhoXk56ZzXI=\n-----END PRIVATE KEY-----",
+    "JWT": "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9"
+           "lIiwiaWF0IjoxNTE2MjM5MDIyfQ.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c",
+    "STRIPE_KEY": "sk_test_ZI3Kz4JToTVFincwL746OJs4",
+    "GITLAB_TOKEN": "glpat-D6VvOLHNIgWB980vzxNI",
+    "NPM_TOKEN": "npm_GPl6ArRp9vhZUbrs3HpA0Aylwe8WfMMsEqtN",
+    "PYPI_TOKEN": "pypi-AgEIcHlwaS5vcmcddGz2zv25OWlepk4eCn0p0Xs1W2hjJTfipk_b1TStKIW6VIMDdSMbmKT"
+                  "M-CS",
+    "SENDGRID_KEY": "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",
+}
+# Entities found only with words around them: (text, the finding's value in it).
+# AWS_SECRET_KEY is also in SAMPLES (as 'aws_secret_access_key = <value>').
+CONTEXT_SAMPLES: dict[str, tuple[str, str]] = {
+    "AWS_SECRET_KEY": (SAMPLES["AWS_SECRET_KEY"], "kW9pQ2xR7vT4mN8bZ3cF6hJ1sL5dG0yA/EuIoP+q"),
+    "BEARER_TOKEN": ("Authorization: Bearer n49QVJ8ANmb4u9icuNiVGuZyJKhxgy9s",
+                     "n49QVJ8ANmb4u9icuNiVGuZyJKhxgy9s"),
+    "PASSWORD": ("postgres://app:S3cr3t-Pa55w0rd@db.internal:5432/prod", "S3cr3t-Pa55w0rd"),
+}

@@ -1,0 +1,344 @@
+"""Masking strategies and per-session state (pure: no mitmproxy import).
+
+The detectors (addons/masking/detectors.py) say *where* a value is; this module decides *what
+replaces it*:
+
+- placeholder (default) `[EMAIL_1]`: stable within a session, so the model can tell two
+  people apart and refer back to them; optionally restorable for the agent.
+- redact `[REDACTED_EMAIL]`: the same text for every value of a type.
+- partial: every letter/digit but the last 4 becomes `*`; separators stay
+  (`****-****-****-1111`).
+- hash `[EMAIL_HMAC_1a2b3c4d5e6f7a8b]`: HMAC-SHA256 of the normalised value under a key from
+  the environment variable `masking.hmac_key_env`, for correlation across sessions without
+  exposure. Without that variable a random key is made per process (hashes then only
+  correlate within one gateway run).
+
+The placeholder <-> value map lives in memory only, per (identity subject, session), is
+bounded (sessions and entries per session, least recently used evicted) and expires after
+an idle time. It is never logged, recorded or written anywhere; `Session.__repr__` hides it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+log = logging.getLogger("agentgate.masking")
+
+STRATEGIES = ("placeholder", "redact", "partial", "hash")
+
+# Short labels for placeholders; the detectors' own names (EMAIL, PHONE, …) are used as
+# they are, these only shorten the long presidio-style spellings.
+LABELS = {
+    "EMAIL_ADDRESS": "EMAIL",
+    "PHONE_NUMBER": "PHONE",
+    "IBAN_CODE": "IBAN",
+}
+
+# Entities whose separators carry no meaning: "4111 1111 1111 1111" and "4111111111111111"
+# are the same card and must get the same placeholder.
+_DIGIT_ENTITIES = {"CREDIT_CARD", "US_SSN", "PHONE", "PHONE_NUMBER", "IBAN", "IBAN_CODE"}
+_CASELESS_ENTITIES = {"EMAIL", "EMAIL_ADDRESS"}
+_INVISIBLE = re.compile(r"[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f"
+                        r"\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff"
+                        r"\uffa0]")
+_NON_ALNUM = re.compile(r"[\W_]+")
+# What a placeholder looks like (for restore): `[EMAIL_12]`.
+PLACEHOLDER_RE = re.compile(r"\[[A-Z][A-Z0-9_]*_\d{1,9}\]")
+# A possibly unfinished placeholder at the end of a text (for streams).
+PARTIAL_PLACEHOLDER_RE = re.compile(r"\[[A-Z0-9_]{0,40}\Z")
+MAX_PLACEHOLDER_LEN = 64
+
+
+class FindingLike(Protocol):
+    entity: str
+    start: int
+    end: int
+    value: str
+
+
+class DetectorsLike(Protocol):
+    max_len: int
+
+    def find(self, text: str) -> list[Any]: ...
+
+    def strategy_for(self, entity: str) -> str: ...
+
+
+def label(entity: str) -> str:
+    if entity in LABELS:
+        return LABELS[entity]
+    return re.sub(r"[^A-Z0-9_]+", "_", entity.upper()).strip("_") or "VALUE"
+
+
+def canonical(entity: str, value: str) -> str:
+    """The form under which two spellings of one value are the same value."""
+    v = unicodedata.normalize("NFKC", _INVISIBLE.sub("", value))
+    if entity in _DIGIT_ENTITIES:
+        v = _NON_ALNUM.sub("", v).upper()
+    elif entity in _CASELESS_ENTITIES:
+        v = v.lower()
+    return v
+
+
+def partial(value: str, keep: int = 4) -> str:
+    """Mask every letter/digit except the last `keep`; keep separators for readability."""
+    clean = _INVISIBLE.sub("", value)
+    alnum = [i for i, c in enumerate(clean) if c.isalnum()]
+    if len(alnum) <= keep * 2:
+        # Too short: the last 4 would reveal half the value or more.
+        return "*" * len(clean)
+    hidden = set(alnum[:-keep])
+    return "".join("*" if i in hidden else c for i, c in enumerate(clean))
+
+
+# ---------------------------------------------------------------- sessions
+class Session:
+    """Placeholders of one (identity, session): value -> placeholder, placeholder -> value."""
+
+    __slots__ = ("_by_value", "_by_raw", "_restore", "_counters", "_max_entries", "last_used",
+                 "lock")
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self._by_value: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._by_raw: dict[tuple[str, str], str] = {}
+        self._restore: OrderedDict[str, str] = OrderedDict()
+        self._counters: dict[str, int] = {}
+        self._max_entries = max_entries
+        self.last_used = time.monotonic()
+        self.lock = threading.Lock()
+
+    def __repr__(self) -> str:  # never show values, even in a debugger or a traceback
+        return f"<Session {len(self._by_value)} placeholders>"
+
+    def __len__(self) -> int:
+        return len(self._by_value)
+
+    def placeholder(self, entity: str, value: str, restorable: bool) -> str:
+        raw_key = (entity, value)
+        with self.lock:
+            # the exact spelling seen before: skip normalising it again
+            ph = self._by_raw.get(raw_key)
+            if ph is not None and (not restorable or self._restore.get(ph) == value):
+                return ph
+        key = (entity, canonical(entity, value))
+        with self.lock:
+            ph = self._by_value.get(key)
+            if ph is None:
+                lab = label(entity)
+                n = self._counters.get(lab, 0) + 1
+                self._counters[lab] = n
+                ph = f"[{lab}_{n}]"
+                self._by_value[key] = ph
+                if len(self._by_value) > self._max_entries:
+                    _, old = self._by_value.popitem(last=False)
+                    self._restore.pop(old, None)
+            else:
+                self._by_value.move_to_end(key)
+            if len(self._by_raw) >= self._max_entries:
+                self._by_raw.clear()  # only a cache: rebuilt as values come back
+            self._by_raw[raw_key] = ph
+            # Only values the agent itself sent may come back to it: a value the model
+            # produced on its own keeps its placeholder on the way back too.
+            # (the latest spelling the agent used is the one it gets back)
+            if restorable:
+                self._restore[ph] = value
+                self._restore.move_to_end(ph)
+                if len(self._restore) > self._max_entries:
+                    self._restore.popitem(last=False)
+            return ph
+
+    def original(self, placeholder: str) -> str | None:
+        with self.lock:
+            return self._restore.get(placeholder)
+
+    def restore(self, text: str, escape: Callable[[str], str] | None = None) -> str:
+        """Replace known placeholders in `text` by their originals."""
+        if "[" not in text or not self._restore:
+            return text
+
+        def sub(m: re.Match[str]) -> str:
+            orig = self.original(m.group(0))
+            if orig is None:
+                return m.group(0)
+            return escape(orig) if escape else orig
+
+        return PLACEHOLDER_RE.sub(sub, text)
+
+
+class SessionStore:
+    """Bounded, expiring map of sessions. Thread-safe."""
+
+    def __init__(self, max_sessions: int = 10_000, idle_ttl: float = 3600.0,
+                 max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()
+        self.max_sessions = max_sessions
+        self.idle_ttl = idle_ttl
+        self.max_entries = max_entries
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __repr__(self) -> str:
+        return f"<SessionStore {len(self._sessions)} sessions>"
+
+    def get(self, key: str) -> Session:
+        now = self._clock()
+        with self._lock:
+            self._expire(now)
+            s = self._sessions.get(key)
+            if s is None:
+                s = Session(self.max_entries)
+                self._sessions[key] = s
+                while len(self._sessions) > self.max_sessions:
+                    self._sessions.popitem(last=False)
+            else:
+                self._sessions.move_to_end(key)
+            s.last_used = now
+            return s
+
+    def _expire(self, now: float) -> None:
+        # Oldest first: stop at the first session still in use.
+        while self._sessions:
+            key, s = next(iter(self._sessions.items()))
+            if now - s.last_used <= self.idle_ttl:
+                break
+            del self._sessions[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._sessions.clear()
+
+
+def session_key(subject: str | None, session: str) -> str:
+    """Maps are per identity AND session: a guessed session id of another agent is useless."""
+    return f"{subject or '-'}\x00{session}"
+
+
+# ---------------------------------------------------------------- findings
+Findings = dict[str, dict[str, Any]]
+
+
+def count(findings: Findings, entity: str, strategy: str, n: int = 1) -> None:
+    entry = findings.get(entity)
+    if entry is None:
+        findings[entity] = {"count": n, "strategy": strategy}
+    else:
+        entry["count"] += n
+
+
+def merge(into: Findings, other: Findings) -> Findings:
+    for entity, entry in other.items():
+        count(into, entity, entry["strategy"], entry["count"])
+    return into
+
+
+# ---------------------------------------------------------------- the masker
+def hmac_key_from_env(env_name: str | None) -> tuple[bytes, bool]:
+    """(key, from_env). Without the variable, a random per-process key."""
+    if env_name:
+        raw = os.environ.get(env_name)
+        if raw:
+            return raw.encode("utf-8"), True
+    return secrets.token_bytes(32), False
+
+
+class Masker:
+    """Replace findings by their strategy's text. One per rules version; sessions shared."""
+
+    def __init__(self, detectors: DetectorsLike, hmac_key: bytes | None = None,
+                 sessions: SessionStore | None = None) -> None:
+        self.detectors = detectors
+        self._key = hmac_key if hmac_key is not None else secrets.token_bytes(32)
+        self.sessions = sessions if sessions is not None else SessionStore()
+        self._strategy_cache: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return "<Masker>"
+
+    @property
+    def max_len(self) -> int:
+        return int(self.detectors.max_len)
+
+    @property
+    def context_len(self) -> int:
+        """Already-sent characters a stream keeps in front of new text (left context)."""
+        return int(getattr(self.detectors, "context_len", 128))
+
+    def holdback(self, text: str) -> int:
+        """How many trailing characters of a stream buffer a match could still extend into
+        (the detectors' own estimate when they have one, else the longest match)."""
+        fn = getattr(self.detectors, "holdback", None)
+        if fn is None:
+            return min(self.max_len, len(text))
+        return int(fn(text))
+
+    def find(self, text: str) -> list[Any]:
+        return self.detectors.find(text) if text else []
+
+    def strategy(self, entity: str) -> str:
+        s = self._strategy_cache.get(entity)
+        if s is None:
+            s = self.detectors.strategy_for(entity)
+            if s not in STRATEGIES:
+                s = "placeholder"
+            self._strategy_cache[entity] = s
+        return s
+
+    def hash_text(self, entity: str, value: str) -> str:
+        digest = hmac.new(self._key, canonical(entity, value).encode("utf-8"),
+                          hashlib.sha256).hexdigest()
+        return f"[{label(entity)}_HMAC_{digest[:16]}]"
+
+    def replacement(self, entity: str, value: str, session: Session | None,
+                    restorable: bool = True) -> str:
+        strategy = self.strategy(entity)
+        if strategy == "redact":
+            return f"[REDACTED_{label(entity)}]"
+        if strategy == "partial":
+            return partial(value)
+        if strategy == "hash":
+            return self.hash_text(entity, value)
+        if session is None:
+            session = Session()
+        return session.placeholder(entity, value, restorable)
+
+    def apply(self, text: str, found: Iterable[Any], session: Session | None,
+              findings: Findings, *, restorable: bool = True, restore: bool = False,
+              escape: Callable[[str], str] | None = None) -> str:
+        """`text` with every finding replaced; with `restore`, known placeholders in the
+        untouched parts are put back to their originals (escaped by `escape`)."""
+        out: list[str] = []
+        pos = 0
+        for f in found:
+            if f.start < pos:  # overlapping findings: the first one wins
+                continue
+            gap = text[pos:f.start]
+            out.append(session.restore(gap, escape) if restore and session else gap)
+            out.append(self.replacement(f.entity, f.value, session, restorable))
+            count(findings, f.entity, self.strategy(f.entity))
+            pos = f.end
+        gap = text[pos:]
+        out.append(session.restore(gap, escape) if restore and session else gap)
+        return "".join(out)
+
+    def mask_text(self, text: str, session: Session | None, findings: Findings, *,
+                  restorable: bool = True, restore: bool = False,
+                  escape: Callable[[str], str] | None = None) -> str:
+        found = self.find(text)
+        if not found and not (restore and session is not None and "[" in text):
+            return text
+        return self.apply(text, found, session, findings, restorable=restorable,
+                          restore=restore, escape=escape)

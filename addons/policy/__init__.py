@@ -1,0 +1,1 @@
+"""Rules to one decision per request: allow, block, hold for approval, observe."""

@@ -1,0 +1,86 @@
+"""The policy addon: one decision per request, named after the rule that made it.
+
+Thin adapter from a flow to addons/policy/engine.py. The decision goes to
+`flow.metadata["decision"]` = {action, rule, message, observed[, approval][, observations]}
+for the approval addon, the annotations and the recorder. A `block` decision is answered
+here with a 403 in the caller's dialect naming the rule; an `approve` decision is held by
+the approval addon later in the chain (it holds exactly when `decision["approval"]` is set).
+Replayed flows are evaluated like live ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mitmproxy import ctx, http
+
+from addons.config.holder import RulesHolder
+from addons.frame import flowbody
+from addons.frame.guard import guarded, refuse
+from addons.policy.engine import BodyUnavailable, PolicySet, RequestFacts, evaluate
+
+log = logging.getLogger("agentgate.policy")
+
+
+def facts_from_flow(flow: http.HTTPFlow, now: float | None = None) -> RequestFacts:
+    up = flow.metadata.get("upstream")
+    ident = flow.metadata.get("identity")
+
+    def body() -> bytes | None:
+        if flow.request.raw_content is None:
+            raise BodyUnavailable("the request body is streamed and cannot be inspected")
+        return flowbody.request_body(flow)
+
+    def parsed() -> Any:
+        body()  # same checks as the raw body
+        return flowbody.parsed_json(flow)
+
+    return RequestFacts(
+        # request.host is where the request really goes (CONNECT target / absolute URL),
+        # not the Host header the agent chose
+        flow.request.method, flow.request.host, flow.request.path,
+        upstream=up.get("name") if isinstance(up, dict) else None,
+        identity=ident if isinstance(ident, dict) else None,
+        body=body, json_loader=parsed, now=now)
+
+
+class Policy:
+    def __init__(self, holder: RulesHolder) -> None:
+        self.holder = holder
+        self.observe_only = False
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "agentgate_observe_only", bool, False,
+            "Rollout mode: record block/approve decisions as observed and let flows pass "
+            "(same as a `- mode: observe_only` item in the policies).")
+
+    def configure(self, updated: set[str]) -> None:
+        if "agentgate_observe_only" in updated:
+            self.observe_only = ctx.options.agentgate_observe_only
+            if self.observe_only:
+                log.warning("agentgate: policy observe-only mode: block and approve "
+                            "decisions are recorded, not enforced")
+
+    @guarded("policy")
+    def request(self, flow: http.HTTPFlow) -> None:
+        rules = self.holder.rules
+        if rules is None:
+            raise RuntimeError("no rules loaded")  # guarded: refuses the flow
+        policies: PolicySet = rules.policies
+        try:
+            decision = evaluate(policies, facts_from_flow(flow), observe_only=self.observe_only)
+        except BodyUnavailable as e:
+            flow.metadata["decision"] = {"action": "block", "rule": "<uninspectable>",
+                                         "message": str(e), "observed": False}
+            refuse(flow, 400, f"request refused: {e}", "policy_uninspectable", "policy")
+            return
+        flow.metadata["decision"] = decision.to_metadata()
+        if decision.observed or decision.action != "allow":
+            # names only: rule, action, method, host; never body, token or identity values
+            log.info("agentgate: policy %s%s by rule %s: %s %s", decision.action,
+                     " (observed, not enforced)" if decision.observed else "", decision.rule,
+                     flow.request.method, flow.request.pretty_host)
+        if decision.action == "block" and not decision.observed:
+            refuse(flow, 403, decision.message, "policy_blocked", "policy", rule=decision.rule)

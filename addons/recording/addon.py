@@ -1,0 +1,296 @@
+"""The recorder addon: every finished flow becomes a hash-chained row in DuckDB.
+
+Hooks (all guarded, fail closed):
+- `requestheaders`: names the flow's session early (so annotate shows it in mitmweb) from
+  the agent's session header, else the client connection; remembers the URL the agent asked
+  for (credentials may re-route the request with `forward_to`); refuses new flows with 503
+  `recorder_unavailable` while the store cannot be written or its backlog is full.
+- a session named in the JSON body (`metadata.thread_id` …) when no header did is read by
+  addons/recording/sessions.py's `request` hook, which runs before policy and masking (masking keys
+  its placeholder map by session, so it must know the session before it masks).
+- `response` (also reached by flows another addon answered: blocked, denied, timed-out
+  approvals, refusals), `error` (upstream failures, killed flows, client aborts) and
+  `http_connect_error` (CONNECT refused, e.g. default-deny egress): snapshot the flow with
+  `flow.get_state()` and queue it; the writer thread redacts, hashes and stores it.
+- `done` (mitmproxy calls it on SIGTERM/SIGINT too): write everything queued, then close.
+
+Pure logic lives in addons/recording/store.py, the thread in addons/recording/writer.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import connection, ctx, http
+from mitmproxy import version as mitmproxy_version
+from mitmproxy.net import encoding
+
+from addons.config.holder import RulesHolder
+from addons.frame.guard import already_answered, guarded, refuse
+from addons.recording import store
+from addons.recording.config import RecorderConfig
+from addons.recording.sessions import clean_session
+from addons.recording.writer import AuditWriter
+
+log = logging.getLogger("agentgate.recorder")
+
+DB_NAME = "agentgate.duckdb"
+SECRETS_TTL = 5.0  # seconds; credential files may be rotated while we run
+
+
+def _decode(content: bytes, enc: str) -> bytes:
+    out = encoding.decode(content, enc)
+    if not isinstance(out, bytes):
+        raise ValueError("decoder returned text")
+    return out
+
+
+def build_row(pending: store.Pending) -> dict[str, Any]:
+    return store.build_row(pending, decode=_decode)
+
+
+class ConnStates:
+    """Serialised connection states, reused across the flows of a kept-alive connection.
+
+    `flow.get_state()` re-serialises both connections for every flow, including their
+    certificate chains as PEM; on the event loop that was the largest part of recording.
+    A state is reused while nothing that `get_state` reports can have changed (the key).
+    The cached dicts are shared, so they are treated as read-only (the store copies on
+    write).
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self._cache: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        self._size = size
+
+    def get(self, conn: connection.Connection) -> dict[str, Any]:
+        key = (conn.id, conn.state, conn.error, conn.timestamp_start, conn.timestamp_end,
+               conn.timestamp_tls_setup, conn.tls_version, len(conn.certificate_list),
+               conn.sni, conn.alpn, conn.peername, conn.sockname,
+               getattr(conn, "timestamp_tcp_setup", None), getattr(conn, "address", None),
+               getattr(conn, "via", None))
+        st = self._cache.get(key)
+        if st is None:
+            st = self._cache[key] = conn.get_state()
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        return st
+
+
+def flow_state(flow: http.HTTPFlow, conns: ConnStates) -> dict[str, Any]:
+    """Exactly `flow.get_state()` (a test holds it to that), with cached connections."""
+    state: dict[str, Any] = {
+        "version": mitmproxy_version.FLOW_FORMAT_VERSION,
+        "type": flow.type,
+        "id": flow.id,
+        "error": flow.error.get_state() if flow.error else None,
+        "client_conn": conns.get(flow.client_conn),
+        "server_conn": conns.get(flow.server_conn),
+        "intercepted": flow.intercepted,
+        "is_replay": flow.is_replay,
+        "marked": flow.marked,
+        "metadata": copy.deepcopy(flow.metadata),
+        "comment": flow.comment,
+        "timestamp_created": flow.timestamp_created,
+    }
+    backup = flow._backup  # noqa: SLF001 - mirrors Flow.get_state
+    state["backup"] = copy.deepcopy(backup) if backup is not None and backup != state \
+        else None
+    state["request"] = flow.request.get_state()
+    state["response"] = flow.response.get_state() if flow.response else None
+    state["websocket"] = flow.websocket.get_state() if flow.websocket else None
+    return state
+
+
+class Recorder:
+    def __init__(self, holder: RulesHolder) -> None:
+        self.holder = holder
+        self.writer: AuditWriter | None = None
+        self.start_error: str | None = None
+        self._recorded: OrderedDict[str, None] = OrderedDict()
+        self._secrets: tuple[str, ...] = ()
+        self._secrets_at = 0.0
+        self._redact: frozenset[str] = store.REDACT_HEADERS
+        self._running = False
+        self._conns = ConnStates()
+        holder.on_change(self._rules_changed)
+
+    # ------------------------------------------------------------ configuration
+    @property
+    def cfg(self) -> RecorderConfig:
+        rules = self.holder.rules
+        cfg = getattr(rules, "recorder", None) if rules is not None else None
+        return cfg if isinstance(cfg, RecorderConfig) else RecorderConfig()
+
+    def _rules_changed(self, rules: Any) -> None:
+        cfg = self.cfg
+        names = set(store.REDACT_HEADERS) | {h.lower() for h in cfg.redact_headers}
+        for up in getattr(rules, "upstreams", ()):
+            if up.credential is not None:
+                names.add(up.credential.header.lower())
+        self._redact = frozenset(names)
+        self._secrets_at = 0.0  # re-resolve
+        w = self.writer
+        if w is None and cfg.enabled and self._running:
+            # Recording switched on by a rules change: open the store now (until it is
+            # open, flows are refused).
+            self.start(self.db_path(cfg))
+            return
+        if w is not None:
+            w.batch_size = cfg.batch_size
+            w.interval = cfg.batch_interval_ms / 1000
+            w.max_pending = cfg.max_pending
+            w.retention_days = cfg.retention_days
+            if self.db_path(cfg) != w.path:
+                log.warning("agentgate: recorder.path changed; restart the gateway to record "
+                            "to the new file (still writing %s)", w.path)
+
+    def db_path(self, cfg: RecorderConfig | None = None) -> Path:
+        cfg = cfg or self.cfg
+        try:
+            data = Path(ctx.options.agentgate_data)
+        except (AttributeError, KeyError):
+            data = Path("data")
+        if cfg.path:
+            p = Path(cfg.path).expanduser()
+            return p if p.is_absolute() else data / p
+        return data / DB_NAME
+
+    def _secret_values(self) -> tuple[str, ...]:
+        """The real upstream credentials, so they can be scrubbed by value anywhere."""
+        now = time.monotonic()
+        if now - self._secrets_at < SECRETS_TTL:
+            return self._secrets
+        vals: set[str] = set()
+        rules = self.holder.rules
+        for up in getattr(rules, "upstreams", ()) if rules is not None else ():
+            ref = up.credential
+            if ref is None:
+                continue
+            value = ref.resolve()
+            if value:
+                vals.add(value)
+                if ref.prefix and value.startswith(ref.prefix):
+                    vals.add(value[len(ref.prefix):])
+        self._secrets = tuple(sorted(vals))
+        self._secrets_at = now
+        return self._secrets
+
+    # ------------------------------------------------------------ lifecycle
+    def running(self) -> None:
+        self._running = True
+        cfg = self.cfg
+        if not cfg.enabled:
+            log.warning("agentgate: recording is OFF (recorder.enabled: false)")
+            return
+        if not ctx.options.store_streamed_bodies:
+            # Streamed bodies (SSE) are otherwise not kept on the flow: record them too.
+            ctx.options.update(store_streamed_bodies=True)
+        self.start(self.db_path(cfg))
+
+    def start(self, path: str | Path) -> None:
+        cfg = self.cfg
+        writer = AuditWriter(path, build=build_row, batch_size=cfg.batch_size,
+                             interval=cfg.batch_interval_ms / 1000,
+                             max_pending=cfg.max_pending, retention_days=cfg.retention_days,
+                             serve_queries=cfg.query_socket)
+        try:
+            writer.start()
+        except Exception as e:  # noqa: BLE001 - fail closed: refuse flows, say why
+            self.start_error = (f"cannot open the audit store {path}: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+            log.error("agentgate: %s; every flow will be refused", self.start_error)
+            return
+        self.start_error = None
+        self.writer = writer
+
+    def done(self) -> None:
+        # Synchronous on purpose: while we flush, the event loop produces no new responses
+        # that could escape unrecorded; mitmproxy exits right after `done`.
+        if self.writer is not None:
+            self.writer.close()
+
+    def unavailable(self) -> str | None:
+        if not self.cfg.enabled:
+            return None
+        if self.writer is None:
+            return self.start_error or "the audit store is not open"
+        return self.writer.overloaded()
+
+    # ------------------------------------------------------------ hooks
+    @guarded("recorder", skip_answered=False)
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        cfg = self.cfg
+        info: dict[str, Any] = {"origin": store.redact_query(flow.request.url)}
+        session = None
+        for name in cfg.session_headers:
+            session = clean_session(flow.request.headers.get(name))
+            if session:
+                info["session_source"] = f"header:{name}"
+                break
+        if not session:
+            session = f"conn-{flow.client_conn.id}"
+            info["session_source"] = "connection"
+        flow.metadata["session"] = session
+        flow.metadata["recorder"] = info
+        if already_answered(flow):
+            return
+        why = self.unavailable()
+        if why:
+            refuse(flow, 503, f"audit store unavailable, request refused (fail closed): {why}",
+                   "recorder_unavailable", "recorder")
+
+    @guarded("recorder", skip_answered=False)
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._record(flow, "response")
+
+    @guarded("recorder", skip_answered=False)
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._record(flow, "error")
+
+    @guarded("recorder", skip_answered=False)
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        self._record(flow, "connect_error")
+
+    # ------------------------------------------------------------ recording
+    def _record(self, flow: http.HTTPFlow, kind: str) -> None:
+        cfg = self.cfg
+        if not cfg.enabled or flow.id in self._recorded:
+            return
+        writer = self.writer
+        if writer is None or writer.closed:
+            # Cannot be recorded (store never opened, or already closed at shutdown): the
+            # client must not get an answer that is not in the audit trail.
+            if kind == "response" and flow.response is not None and flow.live:
+                log.error("agentgate: audit store not writable; killing an unrecordable flow")
+                flow.kill()
+            return
+        meta = flow.metadata
+        session = meta.get("session")
+        if not isinstance(session, str) or not session:
+            session = f"conn-{flow.client_conn.id}"
+            meta["session"] = session
+        info = meta.get("recorder")
+        if not isinstance(info, dict):
+            info = meta["recorder"] = {"session_source": "connection"}
+        if flow.response is not None and flow.response.stream:
+            info["streamed"] = True
+        # a snapshot (metadata deep-copied): later changes must not race the writer
+        state = flow_state(flow, self._conns)
+        origin = info.get("origin")
+        pending = store.Pending(state=state, session=session,
+                                origin_url=origin if isinstance(origin, str) else None,
+                                kind=kind, secrets=self._secret_values(),
+                                redact=self._redact, max_body=cfg.max_body_bytes)
+        writer.submit(pending)
+        self._recorded[flow.id] = None
+        if len(self._recorded) > 10_000:
+            self._recorded.popitem(last=False)
+
+
+build = build_row  # the builder the writer uses (tests and the benchmark)

@@ -1,0 +1,289 @@
+"""CLI of the recorder: `agentgate audit verify|query|sessions` and `agentgate export`.
+
+Every command works whether or not the gateway is running. DuckDB allows only one process to
+open the database file while it is being written, so when a gateway serves the store these
+commands ask it over its local query socket (`<db>.sock`, see addons/recording/writer.py);
+otherwise they open the file read-only. Either way only read-only statements run.
+
+  agentgate audit verify                     exit 0: chain intact; exit 1: first bad record
+  agentgate audit query "SELECT …"           read-only SQL (--format table|csv|json)
+  agentgate audit sessions [--since 7d]      recent sessions with flows/blocks/holds/findings
+  agentgate export --session ID -o FILE.mitm flows for mitmdump -nr / --server-replay / -C
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DB_NAME = "agentgate.duckdb"
+
+
+# ---------------------------------------------------------------- plumbing
+def default_db() -> Path:
+    """--db, else $AGENTGATE_DB, else the rules' recorder.path, else <data>/agentgate.duckdb."""
+    if os.environ.get("AGENTGATE_DB"):
+        return Path(os.environ["AGENTGATE_DB"])
+    data = Path(os.environ.get("AGENTGATE_DATA", "data"))
+    try:
+        from addons.config.loader import load_rules
+        rules = load_rules(os.environ.get("AGENTGATE_RULES", "rules"))
+        path = getattr(rules.recorder, "path", None)
+        if path:
+            p = Path(path).expanduser()
+            return p if p.is_absolute() else data / p
+    except Exception:  # noqa: BLE001, S110 - rules are optional for the audit commands
+        pass
+    return data / DB_NAME
+
+
+def parse_since(text: str | None) -> float | None:
+    """`7d`, `12h`, `30m`, `90s` ago, or an ISO date/time (UTC unless it has an offset)."""
+    if not text:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if m:
+        mult = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+        return time.time() - float(m.group(1)) * mult
+    try:
+        dt = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--since: expected e.g. 7d, 12h, 30m or an ISO time, got {text!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=datetime.UTC)
+    return dt.timestamp()
+
+
+class AuditError(Exception):
+    pass
+
+
+def call(db: Path, req: dict[str, Any]) -> dict[str, Any]:
+    """Run a read-only operation through the gateway's socket or on the file directly."""
+    from addons.recording import writer as audit_writer
+    resp = audit_writer.ask_gateway(db, req)
+    if resp is None:
+        if not db.exists():
+            raise AuditError(f"no audit store at {db} (set --db or AGENTGATE_DATA)")
+        try:
+            con = audit_writer.open_db(db, read_only=True)
+        except Exception as e:  # noqa: BLE001 - duckdb raises IOException for the lock
+            raise AuditError(
+                f"cannot open {db} read-only ({type(e).__name__}: {str(e).splitlines()[0]}). "
+                "If a gateway is writing it, enable its query socket (recorder.query_socket) "
+                "so the CLI can ask it.") from None
+        try:
+            resp = audit_writer.handle_op(con, req)
+        except ValueError as e:
+            raise AuditError(str(e)) from None
+        finally:
+            con.close()
+    if "error" in resp:
+        raise AuditError(resp["error"])
+    return resp
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, bytes | bytearray):
+        return f"<{len(v)} bytes>"
+    if v is None:
+        return ""
+    if isinstance(v, list | tuple | dict):
+        return json.dumps(v, default=str)
+    return str(v)
+
+
+def print_rows(cols: list[str], rows: list, fmt: str, out: Any = None) -> None:
+    out = out or sys.stdout
+    if fmt == "json":
+        from addons.recording.store import to_jsonable
+        for r in rows:
+            out.write(json.dumps(to_jsonable(dict(zip(cols, r, strict=False)))) + "\n")
+        return
+    if fmt == "csv":
+        w = csv.writer(out)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([_cell(v) for v in r])
+        return
+    cells = [[_cell(v).replace("\n", "\\n") for v in r] for r in rows]
+    widths = [min(60, max([len(c)] + [len(r[i]) for r in cells])) for i, c in enumerate(cols)]
+    out.write("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip() + "\n")
+    for r in cells:
+        out.write("  ".join((v if len(v) <= w else v[:w - 1] + "…").ljust(w)
+                            for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
+
+
+# ---------------------------------------------------------------- commands
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="query and verify the audit store (DuckDB)")
+    asub = p.add_subparsers(dest="audit_command", required=True)
+
+    def db_arg(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--db", type=Path, default=None,
+                       help="audit store (default: $AGENTGATE_DB, the rules' recorder.path, "
+                            "or $AGENTGATE_DATA/agentgate.duckdb)")
+
+    v = asub.add_parser("verify", help="walk the hash chain; exit 1 at the first bad record")
+    db_arg(v)
+    v.add_argument("--json", action="store_true", help="print the result as JSON")
+    v.add_argument("--head", help="also require this head hash (anchored elsewhere)")
+    v.set_defaults(func=cmd_verify)
+
+    q = asub.add_parser("query", help="run read-only SQL against the audit store")
+    db_arg(q)
+    q.add_argument("sql", help='e.g. "SELECT session_id, count(*) FROM flows GROUP BY 1"')
+    q.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    q.add_argument("--max-rows", type=int, default=10_000)
+    q.set_defaults(func=cmd_query)
+
+    s = asub.add_parser("sessions", help="recent sessions with counts")
+    db_arg(s)
+    s.add_argument("--since", help="only sessions active since (7d, 12h, 2026-11-01T00:00)")
+    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    s.set_defaults(func=cmd_sessions)
+
+    e = sub.add_parser("export", help="write a session's recorded flows as a mitmproxy .mitm "
+                                      "file (mitmdump -nr / --server-replay / --client-replay)")
+    db_arg(e)
+    e.add_argument("--session", help="session id (see `agentgate audit sessions`)")
+    e.add_argument("--all", action="store_true", help="every session")
+    e.add_argument("--since", help="only flows that ended since (7d, 12h, ISO time)")
+    e.add_argument("-o", "--output", type=Path, required=True, help="FILE.mitm to write")
+    e.add_argument("--as-forwarded", action="store_true",
+                   help="keep the address the gateway forwarded to (forward_to) instead of "
+                        "the host the agent asked for")
+    e.add_argument("--via", metavar="PROXY_URL",
+                   help="prepare the flows for `mitmdump --client-replay FILE --mode "
+                        "upstream:PROXY_URL` (re-send through a gateway, e.g. "
+                        "http://127.0.0.1:8080); mitmproxy requires the recorded proxy mode "
+                        "to match")
+    e.set_defaults(func=cmd_export)
+
+
+def _db(args: argparse.Namespace) -> Path:
+    return args.db or default_db()
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    db = _db(args)
+    try:
+        r = call(db, {"op": "verify"})["result"]
+    except AuditError as e:
+        print(f"agentgate audit verify: {e}", file=sys.stderr)
+        return 2
+    if r["ok"] and args.head and r["head_hash"] != args.head:
+        r["ok"] = False
+        r["problem"] = (f"head is {r['head_hash']} (seq {r['head_seq']}), expected {args.head}: "
+                        "records were removed or the chain was rewritten")
+    if args.json:
+        print(json.dumps(r))
+    elif r["ok"]:
+        start = f" after retention checkpoint seq {r['checkpoint_seq']}" \
+            if r["checkpoint_seq"] else ""
+        print(f"OK: {r['count']} records verified{start}; head seq {r['head_seq']} "
+              f"hash {r['head_hash']}")
+    else:
+        print(f"TAMPERED: {r['problem']}", file=sys.stderr)
+        print(f"({r['count']} records verified before it)", file=sys.stderr)
+    return 0 if r["ok"] else 1
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    try:
+        resp = call(_db(args), {"op": "query", "sql": args.sql, "max_rows": args.max_rows})
+    except AuditError as e:
+        print(f"agentgate audit query: {e}", file=sys.stderr)
+        return 1
+    print_rows(resp["columns"], resp["rows"], args.format)
+    return 0
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    try:
+        since = parse_since(args.since)
+        resp = call(_db(args), {"op": "sessions", "limit": args.limit, "since": since})
+    except (AuditError, argparse.ArgumentTypeError) as e:
+        print(f"agentgate audit sessions: {e}", file=sys.stderr)
+        return 1
+    print_rows(resp["columns"], resp["rows"], args.format)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if not args.session and not args.all:
+        print("agentgate export: give --session ID (or --all)", file=sys.stderr)
+        return 2
+    try:
+        since = parse_since(args.since)
+        rows = call(_db(args), {"op": "export", "session": None if args.all else args.session,
+                                "since": since})["rows"]
+    except (AuditError, argparse.ArgumentTypeError) as e:
+        print(f"agentgate export: {e}", file=sys.stderr)
+        return 1
+    n, masked = write_mitm(rows, args.output, as_forwarded=args.as_forwarded, via=args.via)
+    if n == 0:
+        print(f"agentgate export: no recorded flows for session {args.session!r}",
+              file=sys.stderr)
+        return 1
+    print(f"wrote {n} flows to {args.output}")
+    if masked:
+        print(f"note: {masked} of them were masked before they left, so an agent's raw "
+              "request will not match them byte for byte; for mitmdump --server-replay add "
+              "--set server_replay_ignore_content=true (answers in recorded order)",
+              file=sys.stderr)
+    return 0
+
+
+def write_mitm(rows: list, output: Path, as_forwarded: bool = False,
+               via: str | None = None) -> tuple[int, int]:
+    """Rebuild flows from their stored (already redacted) state and write a .mitm file.
+
+    Returns (flows written, flows whose content the masker changed)."""
+    from urllib.parse import urlsplit
+
+    from mitmproxy import flow as mflow
+    from mitmproxy import io as mio
+    from mitmproxy.io import compat
+    from mitmproxy.proxy.mode_specs import ProxyMode
+
+    from addons.recording.store import REDACTED, load_state
+
+    n = masked = 0
+    tmp = output.with_name(output.name + ".part")
+    with open(tmp, "wb") as fh:
+        writer = mio.FlowWriter(fh)
+        for _id, url, blob in rows:
+            state = compat.migrate_flow(load_state(blob))
+            flow = mflow.Flow.from_state(state)
+            req = getattr(flow, "request", None)
+            if req is not None:
+                if url and not as_forwarded and req.method != "CONNECT":
+                    u = urlsplit(url)
+                    if u.scheme and u.hostname:
+                        req.scheme = u.scheme
+                        req.host = u.hostname
+                        req.port = u.port or (443 if u.scheme == "https" else 80)
+                # Redacted credentials are dropped: a client replay through the gateway then
+                # carries no placeholder the identity step would reject as a token.
+                for name in [k for k, v in req.headers.items(multi=True) if v == REDACTED]:
+                    del req.headers[name]
+            if flow.metadata.get("findings"):
+                masked += 1
+            if via:
+                flow.client_conn.proxy_mode = ProxyMode.parse(f"upstream:{via}")
+            writer.add(flow)
+            n += 1
+    tmp.replace(output)
+    return n, masked

@@ -1,0 +1,836 @@
+"""The audit store: schema, record building, hash chain, verification, retention.
+
+Pure logic (no mitmproxy import): the recorder addon hands over a plain snapshot of a
+finished flow (`flow.get_state()` plus a few facts) and this module turns it into one row of
+the `flows` table. The writer thread (addons/recording/writer.py) and the CLI use the same
+functions, so what `agentgate audit verify` checks is exactly what the gateway wrote.
+
+Tamper evidence: every row carries `prev_hash` (the `hash` of the row before it, by `seq`)
+and `hash = sha256(prev_hash + "\\n" + canonical(row))`. The canonical form is a JSON object
+of every column except `seq` and `hash` (blobs by their sha256, timestamps as epoch
+microseconds), so editing any value breaks that row's hash, deleting a row breaks the link of
+the next one, and reordering rows (swapping `seq`, or swapping contents) breaks the links
+around them. Retention deletes only a prefix of the chain and first writes a checkpoint
+(`chain_checkpoints`: the seq and hash of the last purged row), from which verification
+starts. See docs/SCHEMA.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+GENESIS = "0" * 64
+REDACTED = "[REDACTED]"
+KILLED_MESSAGE = "Connection killed."
+
+# Headers that carry a credential somewhere; their values never reach the store.
+# (addons/egress/credentials.py strips the agent's; these also cover the gateway's injected ones,
+# cookies both ways and refusals that happened before credentials ran.)
+REDACT_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "set-cookie",
+    "x-goog-api-key", "x-auth-token", "x-access-token", "ocp-apim-subscription-key",
+    "x-amz-security-token", "proxy-authenticate", "www-authenticate-token",
+})
+# Secrets shorter than this are not scrubbed by value (they would match ordinary text).
+MIN_SECRET_LEN = 8
+
+# (column, DuckDB type). Order is the table's column order and the INSERT order.
+FLOW_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("id", "VARCHAR"),
+    ("seq", "BIGINT"),
+    ("session_id", "VARCHAR"),
+    ("started", "TIMESTAMP"),
+    ("ended", "TIMESTAMP"),
+    ("identity_sub", "VARCHAR"),
+    ("identity_iss", "VARCHAR"),
+    ("identity_groups", "VARCHAR[]"),
+    ("client", "VARCHAR"),
+    ("method", "VARCHAR"),
+    ("url", "VARCHAR"),
+    ("host", "VARCHAR"),
+    ("upstream", "VARCHAR"),
+    ("upstream_url", "VARCHAR"),
+    ("model", "VARCHAR"),
+    ("status", "INTEGER"),
+    ("outcome", "VARCHAR"),
+    ("decision", "VARCHAR"),
+    ("rule", "VARCHAR"),
+    ("refusal_code", "VARCHAR"),
+    ("refusal_step", "VARCHAR"),
+    ("error", "VARCHAR"),
+    ("approval_id", "VARCHAR"),
+    ("approval", "JSON"),
+    ("findings", "JSON"),
+    ("findings_total", "INTEGER"),
+    ("request_headers", "JSON"),
+    ("request_body", "BLOB"),
+    ("request_body_note", "VARCHAR"),
+    ("request_size", "BIGINT"),
+    ("response_headers", "JSON"),
+    ("response_body", "BLOB"),
+    ("response_body_note", "VARCHAR"),
+    ("response_size", "BIGINT"),
+    ("latency_ms", "DOUBLE"),
+    ("is_replay", "VARCHAR"),
+    ("metadata", "JSON"),
+    ("flow_state", "BLOB"),
+    ("prev_hash", "VARCHAR"),
+    ("hash", "VARCHAR"),
+)
+COLUMN_NAMES = tuple(c for c, _ in FLOW_COLUMNS)
+TIMESTAMP_COLUMNS = frozenset(c for c, t in FLOW_COLUMNS if t == "TIMESTAMP")
+HASHED_COLUMNS = tuple(c for c in COLUMN_NAMES if c not in ("seq", "hash"))
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS flows (
+    {", ".join(f"{c} {t}" for c, t in FLOW_COLUMNS)}
+);
+CREATE TABLE IF NOT EXISTS approvals (
+    id VARCHAR, flow_id VARCHAR, requester VARCHAR, rule VARCHAR,
+    requested_at TIMESTAMP, decided_at TIMESTAMP, decision VARCHAR,
+    approvers VARCHAR[], reason VARCHAR
+);
+CREATE TABLE IF NOT EXISTS chain_checkpoints (
+    seq BIGINT, hash VARCHAR, purged_rows BIGINT, cutoff TIMESTAMP, created TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS audit_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+"""
+
+# SQL built only from the constant column list above (no outside input).
+# Columnar bulk insert: one list parameter per column, unnested in parallel. About 10x
+# faster than executemany, which runs the statement once per row.
+_UNNEST = ", ".join(f"CAST(make_timestamp(unnest(?)) AS {t})" if c in TIMESTAMP_COLUMNS
+                    else f"CAST(unnest(?) AS {t})" for c, t in FLOW_COLUMNS)
+INSERT_FLOWS = f"INSERT INTO flows ({', '.join(COLUMN_NAMES)}) SELECT {_UNNEST}"  # noqa: S608
+INSERT_APPROVAL = ("INSERT INTO approvals VALUES (?, ?, ?, ?, make_timestamp(?), "
+                   "make_timestamp(?), ?, ?, ?)")
+# Columns as verify reads them: timestamps as the integers they were hashed as.
+SELECT_FOR_VERIFY = ", ".join(
+    f"epoch_us({c}) AS {c}" if c in TIMESTAMP_COLUMNS else c for c in COLUMN_NAMES)
+
+
+# ---------------------------------------------------------------- small helpers
+def cjson(value: Any) -> str:
+    """Canonical JSON text: sorted keys, no spaces, non-ASCII kept as is."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=_json_default)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, bytes | bytearray):
+        try:
+            return bytes(o).decode("utf-8")
+        except UnicodeDecodeError:
+            return {"$b64": base64.b64encode(bytes(o)).decode()}
+    if isinstance(o, tuple | set | frozenset):
+        return list(o)
+    return str(o)
+
+
+def micros(ts: float | int | None) -> int | None:
+    return None if ts is None else int(round(float(ts) * 1_000_000))
+
+
+def _s(v: Any) -> str:
+    if isinstance(v, bytes | bytearray):
+        return bytes(v).decode("utf-8", "replace")
+    return "" if v is None else str(v)
+
+
+def canonical(row: dict[str, Any]) -> bytes:
+    """The hashed content of a row: every column but seq and hash, blobs by digest."""
+    out: dict[str, Any] = {}
+    for c in HASHED_COLUMNS:
+        v = row.get(c)
+        if isinstance(v, bytes | bytearray | memoryview):
+            v = "sha256:" + hashlib.sha256(bytes(v)).hexdigest()
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[c] = v
+    return json.dumps(out, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def chain_hash(prev_hash: str, row: dict[str, Any]) -> str:
+    return hashlib.sha256(prev_hash.encode() + b"\n" + canonical(row)).hexdigest()
+
+
+# ---------------------------------------------------------------- redaction
+class Scrubber:
+    """Replace known secret values (the gateway's real credentials) wherever they occur."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        vals = {s for s in secrets if isinstance(s, str) and len(s) >= MIN_SECRET_LEN}
+        # Longest first, so "Bearer sk-…" is replaced before its "sk-…" part.
+        self.text = sorted(vals, key=len, reverse=True)
+        self.raw = [s.encode() for s in self.text]
+
+    def __bool__(self) -> bool:
+        return bool(self.text)
+
+    def str(self, s: str) -> str:
+        for v in self.text:
+            if v in s:
+                s = s.replace(v, REDACTED)
+        return s
+
+    def bytes(self, b: bytes) -> bytes:
+        for v in self.raw:
+            if v in b:
+                b = b.replace(v, REDACTED.encode())
+        return b
+
+    def found_in(self, b: bytes) -> bool:
+        return any(v in b for v in self.raw)
+
+    def walk(self, obj: Any) -> Any:
+        if not self:
+            return obj
+        if isinstance(obj, str):
+            return self.str(obj)
+        if isinstance(obj, bytes):
+            return self.bytes(obj)
+        if isinstance(obj, dict):
+            return {k: self.walk(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self.walk(v) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(self.walk(v) for v in obj)
+        return obj
+
+
+def redact_header_pairs(pairs: Sequence[Sequence[Any]], names: frozenset[str],
+                        scrub: Scrubber) -> tuple[tuple[bytes, bytes], ...]:
+    """Header pairs (bytes, bytes) with credential headers' values replaced."""
+    out = []
+    for k, v in pairs:
+        kb = k if isinstance(k, bytes) else str(k).encode()
+        vb = v if isinstance(v, bytes) else str(v).encode()
+        if kb.decode("latin-1").lower() in names:
+            vb = REDACTED.encode()
+        elif scrub:
+            vb = scrub.bytes(vb)
+        out.append((kb, vb))
+    return tuple(out)
+
+
+CREDENTIAL_QUERY_KEYS = frozenset({"key", "api_key", "apikey", "access_token", "token",
+                                   "api-key", "x-api-key"})
+
+
+def redact_query(url: str) -> str:
+    """The URL with credential-like query parameters' values redacted."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url
+    parts = []
+    for item in query.split("&"):
+        k, eq, _v = item.partition("=")
+        if eq and k.lower() in CREDENTIAL_QUERY_KEYS:
+            item = f"{k}={REDACTED}"
+        parts.append(item)
+    return base + "?" + "&".join(parts)
+
+
+def _header(pairs: Sequence[Sequence[bytes]], name: str) -> str | None:
+    for k, v in pairs:
+        if k.decode("latin-1").lower() == name:
+            return v.decode("latin-1")
+    return None
+
+
+# ---------------------------------------------------------------- record building
+@dataclass
+class Pending:
+    """What the addon hands over for one finished flow (plain data, built on the loop)."""
+
+    state: dict[str, Any]
+    session: str
+    origin_url: str | None = None
+    kind: str = "response"  # response | error | connect_error
+    recorded_at: float = field(default_factory=time.time)
+    secrets: tuple[str, ...] = ()
+    redact: frozenset[str] = REDACT_HEADERS
+    max_body: int = 16 * 1024 * 1024
+
+
+Decoder = Callable[[bytes, str], bytes]
+
+
+def _identity_decode(content: bytes, encoding: str) -> bytes:
+    if encoding and encoding.lower() not in ("identity", "none"):
+        raise ValueError("no decoder")
+    return content
+
+
+def _body(msg: dict[str, Any] | None, decode: Decoder, scrub: Scrubber, max_body: int,
+          streamed: bool) -> tuple[bytes | None, str | None, int | None]:
+    """(decoded body as stored, note, size on the wire)."""
+    if msg is None:
+        return None, None, None
+    raw = msg.get("content")
+    if raw is None:
+        return None, "streamed; body not stored (enable store_streamed_bodies)" \
+            if streamed else "no body", None
+    size = len(raw)
+    enc = (_header(msg.get("headers") or (), "content-encoding") or "").strip()
+    note = None
+    body = raw
+    if enc and enc.lower() != "identity":
+        try:
+            body = decode(raw, enc)
+            note = f"decoded from {enc}"
+        except Exception:  # noqa: BLE001 - keep the raw bytes, say so
+            note = f"undecodable {enc}; raw bytes stored"
+    if scrub:
+        body = scrub.bytes(body)
+    if len(body) > max_body:
+        body = body[:max_body]
+        note = (note + "; " if note else "") + f"truncated to {max_body} bytes"
+    return body, note, size
+
+
+def _model(req_body: bytes | None, resp_body: bytes | None) -> str | None:
+    for body in (req_body, resp_body):
+        if not body or len(body) > 4 * 1024 * 1024 or body[:1] not in (b"{", b" ", b"\n"):
+            continue
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("model"), str):
+            return doc["model"][:200]
+    return None
+
+
+def _url(req: dict[str, Any]) -> str:
+    scheme = _s(req.get("scheme")) or "http"
+    host = _s(req.get("host"))
+    port = int(req.get("port") or 0)
+    default = (scheme == "https" and port == 443) or (scheme == "http" and port == 80)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    hostport = host if default or not port else f"{host}:{port}"
+    path = _s(req.get("path"))
+    if _s(req.get("method")).upper() == "CONNECT":
+        return hostport
+    return f"{scheme}://{hostport}{path}"
+
+
+def safe_state(state: dict[str, Any], redact: frozenset[str], scrub: Scrubber,
+               decode: Decoder) -> dict[str, Any]:
+    """A copy of a flow state with credential headers redacted and secret values scrubbed.
+
+    A compressed body that holds a secret cannot be scrubbed in place; it is replaced by
+    its scrubbed decoded form (and the content-encoding header dropped).
+    """
+    st = dict(state)
+    for part in ("request", "response"):
+        msg = st.get(part)
+        if not msg:
+            continue
+        msg = dict(msg)
+        msg["headers"] = redact_header_pairs(msg.get("headers") or (), redact, scrub)
+        if msg.get("trailers"):
+            msg["trailers"] = redact_header_pairs(msg["trailers"], redact, scrub)
+        content = msg.get("content")
+        if content and scrub:
+            enc = (_header(msg["headers"], "content-encoding") or "").strip()
+            if enc and enc.lower() != "identity":
+                try:
+                    plain = decode(content, enc)
+                except Exception:  # noqa: BLE001 - undecodable: leave as is
+                    plain = b""
+                if scrub.found_in(plain):
+                    msg["content"] = scrub.bytes(plain)
+                    msg["headers"] = tuple(
+                        (k, v) for k, v in msg["headers"]
+                        if k.decode("latin-1").lower() not in ("content-encoding",
+                                                               "content-length"))
+            else:
+                msg["content"] = scrub.bytes(content)
+        st[part] = msg
+    # The metadata feeds several columns: scrub it now. Everything else in the state (URL,
+    # comment, connection facts) is scrubbed when it is serialised (dump_state).
+    if st.get("metadata"):
+        st["metadata"] = scrub.walk(st["metadata"])
+    return st
+
+
+def dump_state(st: dict[str, Any], scrub: Scrubber) -> bytes:
+    """Serialise a flow state as JSON (bytes tagged), with secret values scrubbed.
+
+    JSON rather than mitmproxy's tnetstring: the C encoder is several times faster, no
+    mitmproxy import is needed, and auditors can read it (`flow_state::VARCHAR::JSON`).
+    `load_state` gives back exactly what `flow.get_state()` returned (tuples as lists,
+    as tnetstring does).
+    """
+    def default(o: Any) -> Any:
+        if isinstance(o, bytes | bytearray | memoryview):
+            b = bytes(o)
+            if scrub:
+                b = scrub.bytes(b)
+            try:
+                return {"$bytes": b.decode("utf-8")}
+            except UnicodeDecodeError:
+                return {"$b64": base64.b64encode(b).decode()}
+        if isinstance(o, set | frozenset):
+            return list(o)
+        raise TypeError(f"not serialisable in a flow state: {type(o).__name__}")
+
+    # Header lists are most of the bytes objects in a state; tagging them as one latin-1
+    # list ({"$h": …}, lossless for any bytes) saves the per-object `default` callback.
+    # Values are scrubbed as bytes first (a secret in latin-1 text may look different).
+    st = dict(st)
+    for part in ("request", "response"):
+        msg = st.get(part)
+        if msg:
+            msg = dict(msg)
+            for key in ("headers", "trailers"):
+                pairs = msg.get(key)
+                if pairs and all(isinstance(k, bytes) and isinstance(v, bytes)
+                                 for k, v in pairs):
+                    msg[key] = {"$h": [[k.decode("latin-1"),
+                                        (scrub.bytes(v) if scrub else v).decode("latin-1")]
+                                       for k, v in pairs]}
+            st[part] = msg
+    text = json.dumps(st, default=default, separators=(",", ":"), ensure_ascii=False)
+    for v in scrub.text:
+        text = text.replace(json.dumps(v, ensure_ascii=False)[1:-1], REDACTED)
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _state_hook(d: dict[str, Any]) -> Any:
+    if len(d) == 1:
+        if "$h" in d:
+            return [[k.encode("latin-1"), v.encode("latin-1")] for k, v in d["$h"]]
+        if "$bytes" in d:
+            return d["$bytes"].encode("utf-8", "surrogatepass")
+        if "$b64" in d:
+            return base64.b64decode(d["$b64"])
+    return d
+
+
+def load_state(blob: bytes) -> dict[str, Any]:
+    """The flow state stored by dump_state (for export with mitmproxy's Flow.from_state)."""
+    return json.loads(bytes(blob).decode("utf-8", "surrogatepass"), object_hook=_state_hook)
+
+
+def _headers_json(pairs: Sequence[Sequence[bytes]] | None) -> str | None:
+    if pairs is None:
+        return None
+    return cjson([[k.decode("latin-1"), v.decode("utf-8", "replace")] for k, v in pairs])
+
+
+def build_row(p: Pending, decode: Decoder = _identity_decode) -> dict[str, Any]:
+    """One `flows` row (without seq, prev_hash, hash) from a pending flow snapshot."""
+    scrub = Scrubber(p.secrets)
+    st = safe_state(p.state, p.redact, scrub, decode)
+    req = st.get("request") or {}
+    resp = st.get("response")
+    err = st.get("error")
+    meta = st.get("metadata") or {}
+    masked = meta.pop("masked_response", None) if isinstance(meta, dict) else None
+    if isinstance(masked, bytes) and resp:
+        # Upstream with `restore: true`: the agent got the originals back, but the store
+        # keeps the answer as the model sent it, masked (raw PII never lands here).
+        resp = st["response"] = dict(resp)
+        resp["content"] = scrub.bytes(masked) if scrub else masked
+        resp["headers"] = tuple((k, v) for k, v in resp["headers"]
+                                if k.decode("latin-1").lower() not in ("content-encoding",
+                                                                       "content-length"))
+
+    ident = meta.get("identity") if isinstance(meta.get("identity"), dict) else {}
+    decision = meta.get("decision") if isinstance(meta.get("decision"), dict) else {}
+    refusal = meta.get("refusal") if isinstance(meta.get("refusal"), dict) else {}
+    approval = meta.get("approval") if isinstance(meta.get("approval"), dict) else None
+    upstream = meta.get("upstream") if isinstance(meta.get("upstream"), dict) else {}
+    findings_raw = meta.get("findings") if isinstance(meta.get("findings"), dict) else {}
+    findings: dict[str, int] = {}
+    for k, v in findings_raw.items():
+        n = v.get("count", 0) if isinstance(v, dict) else v
+        try:
+            findings[str(k)] = int(n)
+        except (TypeError, ValueError):
+            findings[str(k)] = 0
+
+    streamed = bool(meta.get("recorder", {}).get("streamed")) \
+        if isinstance(meta.get("recorder"), dict) else False
+    req_body, req_note, req_size = _body(req, decode, scrub, p.max_body, streamed)
+    resp_body, resp_note, resp_size = _body(resp, decode, scrub, p.max_body, streamed)
+    if isinstance(masked, bytes) and resp:
+        resp_note = "masked, as the upstream answered (the agent got restored values)"
+
+    started = req.get("timestamp_start") or st.get("timestamp_created") or p.recorded_at
+    if resp and resp.get("timestamp_end"):
+        ended = resp["timestamp_end"]
+    elif err and err.get("timestamp"):
+        ended = err["timestamp"]
+    else:
+        ended = p.recorded_at
+
+    if err and not resp:
+        outcome = "killed" if err.get("msg") == KILLED_MESSAGE else "error"
+    elif p.kind == "connect_error" or refusal:
+        outcome = "refused"
+    elif st.get("is_replay") == "response":
+        outcome = "replayed"
+    else:
+        outcome = "forwarded"
+
+    peer = (st.get("client_conn") or {}).get("peername")
+    client = f"{peer[0]}:{peer[1]}" if peer else None
+    forwarded = _url(req) if req else None
+    url = scrub.str(p.origin_url) if p.origin_url else forwarded
+    groups = ident.get("groups") if isinstance(ident.get("groups"), list | tuple) else []
+
+    meta_json = cjson(meta) if meta else None
+    state_blob = dump_state(st, scrub)
+    row: dict[str, Any] = {
+        "id": _s(st.get("id")),
+        "session_id": p.session,
+        "started": micros(started),
+        "ended": micros(ended),
+        "identity_sub": ident.get("sub"),
+        "identity_iss": ident.get("iss"),
+        "identity_groups": [str(g) for g in groups],
+        "client": client,
+        "method": _s(req.get("method")) or None,
+        "url": url,
+        "host": _host_of(url) if url else None,
+        "upstream": upstream.get("name"),
+        "upstream_url": forwarded if forwarded != url else None,
+        "model": _model(req_body, resp_body),
+        "status": int(resp["status_code"]) if resp else None,
+        "outcome": outcome,
+        "decision": decision.get("action"),
+        "rule": decision.get("rule") or refusal.get("rule") or None,
+        "refusal_code": refusal.get("code"),
+        "refusal_step": refusal.get("step"),
+        "error": _s(err.get("msg")) if err else None,
+        "approval_id": approval.get("id") if approval else None,
+        "approval": cjson(approval) if approval else None,
+        "findings": cjson(findings),
+        "findings_total": sum(findings.values()),
+        "request_headers": _headers_json(req.get("headers")) if req else None,
+        "request_body": req_body,
+        "request_body_note": req_note,
+        "request_size": req_size,
+        "response_headers": _headers_json(resp.get("headers")) if resp else None,
+        "response_body": resp_body,
+        "response_body_note": resp_note,
+        "response_size": resp_size,
+        "latency_ms": round((float(ended) - float(started)) * 1000.0, 3),
+        "is_replay": st.get("is_replay"),
+        "metadata": meta_json,
+        "flow_state": state_blob,
+    }
+    return row
+
+
+def _host_of(url: str) -> str:
+    rest = url.split("://", 1)[-1]
+    host = rest.split("/", 1)[0]
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def fallback_row(p: Pending, reason: str) -> dict[str, Any]:
+    """A minimal row for a flow whose full record could not be built (never drop one)."""
+    st = p.state or {}
+    req = st.get("request") or {}
+    return {c: None for c in COLUMN_NAMES} | {
+        "id": _s(st.get("id")) or f"unknown-{time.time_ns()}",
+        "session_id": p.session,
+        "started": micros(req.get("timestamp_start") or p.recorded_at),
+        "ended": micros(p.recorded_at),
+        "identity_groups": [],
+        "method": _s(req.get("method")) or None,
+        "url": p.origin_url,
+        "outcome": "record_error",
+        "error": reason,
+        "findings": cjson({}),
+        "findings_total": 0,
+    }
+
+
+def approval_row(row: dict[str, Any]) -> tuple | None:
+    if not row.get("approval"):
+        return None
+    a = json.loads(row["approval"])
+    decided = a.get("decided_at")
+    requested = a.get("requested_at")
+    approvers = a.get("approvers")
+    if isinstance(approvers, str):
+        approvers = [approvers]
+    return (
+        _s(a.get("id")) or None, row["id"], row.get("identity_sub"), a.get("rule"),
+        micros(requested) if isinstance(requested, int | float) else row["started"],
+        micros(decided) if isinstance(decided, int | float) else None,
+        a.get("state"), [str(x) for x in approvers or []], a.get("reason"),
+    )
+
+
+# ---------------------------------------------------------------- store operations (duckdb)
+def init_schema(con: Any) -> None:
+    con.execute(SCHEMA)
+    con.execute("INSERT OR IGNORE INTO audit_meta VALUES ('schema_version', ?)",
+                [str(SCHEMA_VERSION)])
+
+
+def head(con: Any) -> tuple[int, str]:
+    """(seq, hash) of the last record, or of the last checkpoint, or genesis."""
+    r = con.execute("SELECT seq, hash FROM flows ORDER BY seq DESC LIMIT 1").fetchone()
+    if r:
+        return int(r[0]), r[1]
+    c = con.execute("SELECT seq, hash FROM chain_checkpoints ORDER BY seq DESC LIMIT 1"
+                    ).fetchone()
+    if c:
+        return int(c[0]), c[1]
+    return 0, GENESIS
+
+
+def append(con: Any, rows: list[dict[str, Any]], last: tuple[int, str]) -> tuple[int, str]:
+    """Chain and insert rows in one transaction; returns the new head. Mutates rows."""
+    seq, prev = last
+    approvals = []
+    for row in rows:
+        seq += 1
+        row["seq"] = seq
+        row["prev_hash"] = prev
+        row["hash"] = prev = chain_hash(prev, row)
+        a = approval_row(row)
+        if a is not None:
+            approvals.append(a)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(INSERT_FLOWS, [[r.get(c) for r in rows] for c in COLUMN_NAMES])
+        if approvals:
+            con.executemany(INSERT_APPROVAL, approvals)
+        con.execute("INSERT OR REPLACE INTO audit_meta VALUES ('head', ?)", [f"{seq}:{prev}"])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return seq, prev
+
+
+def apply_retention(con: Any, days: float, now: float | None = None) -> int:
+    """Delete the prefix of records that ended before now - days; keep the chain provable.
+
+    Before deleting, a checkpoint row records the seq and hash of the last purged record;
+    verification starts from the newest checkpoint. Returns the number of rows purged.
+    """
+    if days <= 0:
+        return 0
+    now = time.time() if now is None else now
+    cutoff = micros(now - days * 86400)
+    # The first record still inside the window bounds the purgeable prefix: the chain is
+    # only ever cut at one point, never in the middle.
+    first_kept = con.execute(
+        "SELECT min(seq) FROM flows WHERE epoch_us(ended) >= ?", [cutoff]).fetchone()[0]
+    if first_kept is None:
+        first_kept = (con.execute("SELECT max(seq) FROM flows").fetchone()[0] or 0) + 1
+    last = con.execute("SELECT seq, hash FROM flows WHERE seq < ? ORDER BY seq DESC LIMIT 1",
+                       [first_kept]).fetchone()
+    if last is None:
+        return 0
+    n = con.execute("SELECT count(*) FROM flows WHERE seq <= ?", [last[0]]).fetchone()[0]
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("INSERT INTO chain_checkpoints VALUES (?, ?, ?, make_timestamp(?), "
+                    "make_timestamp(?))", [last[0], last[1], n, cutoff, micros(now)])
+        con.execute("DELETE FROM approvals WHERE flow_id IN "
+                    "(SELECT id FROM flows WHERE seq <= ?)", [last[0]])
+        con.execute("DELETE FROM flows WHERE seq <= ?", [last[0]])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return int(n)
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    count: int
+    head_seq: int
+    head_hash: str
+    problem: str | None = None
+    seq: int | None = None
+    id: str | None = None
+    checkpoint_seq: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def verify(con: Any, chunk: int = 2000) -> VerifyResult:
+    """Walk the chain by seq from the newest checkpoint; stop at the first bad record."""
+    ck = con.execute("SELECT seq, hash FROM chain_checkpoints ORDER BY seq DESC LIMIT 1"
+                     ).fetchone()
+    exp_seq, exp_prev = (int(ck[0]) + 1, ck[1]) if ck else (1, GENESIS)
+    ck_seq = int(ck[0]) if ck else 0
+    cur = con.execute(f"SELECT {SELECT_FOR_VERIFY} FROM flows ORDER BY seq")  # noqa: S608
+    count = 0
+    last_seq, last_hash = exp_seq - 1, exp_prev
+
+    def fail(problem: str, row: dict[str, Any] | None) -> VerifyResult:
+        return VerifyResult(False, count, last_seq, last_hash, problem,
+                            row["seq"] if row else None, row["id"] if row else None, ck_seq)
+
+    while True:
+        batch = cur.fetchmany(chunk)
+        if not batch:
+            break
+        for values in batch:
+            row = dict(zip(COLUMN_NAMES, values, strict=True))
+            if isinstance(row.get("identity_groups"), tuple):
+                row["identity_groups"] = list(row["identity_groups"])
+            if chain_hash(row["prev_hash"] or "", row) != row["hash"]:
+                return fail(f"edited: record seq {row['seq']} (id {row['id']}) does not match "
+                            "its hash", row)
+            if row["prev_hash"] != exp_prev:
+                where = con.execute("SELECT seq FROM flows WHERE hash = ?",
+                                    [row["prev_hash"]]).fetchone()
+                if where is not None:
+                    return fail(f"reordered: record seq {row['seq']} (id {row['id']}) follows "
+                                f"seq {last_seq} but was chained after seq {where[0]}", row)
+                if row["seq"] != exp_seq:
+                    return fail(f"deleted: records seq {exp_seq}..{row['seq'] - 1} are missing "
+                                f"before record seq {row['seq']} (id {row['id']})", row)
+                return fail(f"edited or deleted: the record before seq {row['seq']} "
+                            f"(id {row['id']}) is not the one it was chained to (rewritten "
+                            "with a recomputed hash, or replaced)", row)
+            if row["seq"] != exp_seq:
+                return fail(f"renumbered: record seq {row['seq']} (id {row['id']}) expected "
+                            f"seq {exp_seq}", row)
+            count += 1
+            last_seq, last_hash = row["seq"], row["hash"]
+            exp_seq, exp_prev = row["seq"] + 1, row["hash"]
+    meta = con.execute("SELECT value FROM audit_meta WHERE key = 'head'").fetchone()
+    if meta and meta[0]:
+        h_seq, _, h_hash = meta[0].partition(":")
+        if int(h_seq) != last_seq or (int(h_seq) > ck_seq and h_hash != last_hash):
+            return VerifyResult(False, count, last_seq, last_hash,
+                                f"deleted: the chain ends at seq {last_seq} but the writer's head "
+                                f"is seq {h_seq} (records removed from the end)", None, None,
+                                ck_seq)
+    bad = _approvals_mismatch(con)
+    if bad:
+        return VerifyResult(False, count, last_seq, last_hash, bad, None, None, ck_seq)
+    return VerifyResult(True, count, last_seq, last_hash, None, None, None, ck_seq)
+
+
+def _approvals_mismatch(con: Any) -> str | None:
+    """The approvals table is derived from flows.approval (which is hashed): compare."""
+    rows = con.execute(
+        "SELECT a.id, a.flow_id, a.decision, a.approvers, a.reason, a.rule, f.approval "
+        "FROM approvals a LEFT JOIN flows f ON f.id = a.flow_id").fetchall()
+    for aid, flow_id, decision, approvers, reason, rule, approval in rows:
+        if approval is None:
+            return f"edited: approval {aid} refers to flow {flow_id}, which has no approval"
+        a = json.loads(approval)
+        want_approvers = a.get("approvers")
+        if isinstance(want_approvers, str):
+            want_approvers = [want_approvers]
+        if (decision != a.get("state") or list(approvers or []) != [str(x) for x in
+                                                                   want_approvers or []]
+                or reason != a.get("reason") or rule != a.get("rule")
+                or (_s(a.get("id")) or None) != aid):
+            return f"edited: approval {aid} (flow {flow_id}) differs from the hashed flow record"
+    return None
+
+
+SESSIONS_SQL = """
+SELECT session_id,
+       min(started) AS first_seen, max(ended) AS last_seen,
+       count(*) AS flows,
+       count(*) FILTER (WHERE outcome = 'refused' OR decision = 'block') AS blocks,
+       count(*) FILTER (WHERE approval_id IS NOT NULL) AS holds,
+       coalesce(sum(findings_total), 0) AS findings,
+       count(*) FILTER (WHERE outcome IN ('error', 'killed')) AS errors,
+       string_agg(DISTINCT identity_sub, ',') AS identities
+FROM flows
+WHERE (? IS NULL OR ended >= make_timestamp(?))
+GROUP BY session_id
+ORDER BY last_seen DESC
+LIMIT ?
+"""
+
+
+def sessions(con: Any, limit: int = 50, since: float | None = None) -> tuple[list[str], list]:
+    us = micros(since)
+    cur = con.execute(SESSIONS_SQL, [us, us, limit])
+    return [d[0] for d in cur.description], cur.fetchall()
+
+
+def export_rows(con: Any, session: str | None, since: float | None = None
+                ) -> list[tuple[str, str | None, bytes]]:
+    """(id, url as the agent asked, flow_state) of a session's flows, in recorded order."""
+    us = micros(since)
+    return con.execute(
+        "SELECT id, url, flow_state FROM flows WHERE (? IS NULL OR session_id = ?) "
+        "AND (? IS NULL OR ended >= make_timestamp(?)) AND flow_state IS NOT NULL "
+        "ORDER BY seq", [session, session, us, us]).fetchall()
+
+
+READ_ONLY_TYPES = ("SELECT", "EXPLAIN")
+
+
+def check_read_only(con: Any, sql: str) -> None:
+    """Raise ValueError unless every statement in sql only reads (SELECT/EXPLAIN/DESCRIBE)."""
+    try:
+        stmts = con.extract_statements(sql)
+    except Exception as e:  # noqa: BLE001 - duckdb parser errors have several types
+        raise ValueError(f"cannot parse query: {e}") from None
+    if not stmts:
+        raise ValueError("empty query")
+    for s in stmts:
+        name = getattr(s.type, "name", str(s.type))
+        if name not in READ_ONLY_TYPES:
+            raise ValueError(f"only read-only queries are allowed (got {name})")
+
+
+def run_query(con: Any, sql: str, max_rows: int = 100_000) -> tuple[list[str], list]:
+    """Run a read-only query (checked), returning (columns, rows) of the last statement."""
+    check_read_only(con, sql)
+    stmts = con.extract_statements(sql)
+    cur = None
+    for s in stmts:
+        cur = con.execute(s.query)
+    assert cur is not None
+    cols = [d[0] for d in cur.description] if cur.description else []
+    return cols, cur.fetchmany(max_rows)
+
+
+def to_jsonable(v: Any) -> Any:
+    if isinstance(v, bytes | bytearray | memoryview):
+        return {"$b64": base64.b64encode(bytes(v)).decode()}
+    if isinstance(v, datetime.datetime | datetime.date | datetime.time):
+        return v.isoformat()
+    if isinstance(v, list | tuple):
+        return [to_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): to_jsonable(x) for k, x in v.items()}
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    return str(v)
+
+
+def from_jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        if set(v) == {"$b64"}:
+            return base64.b64decode(v["$b64"])
+        return {k: from_jsonable(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [from_jsonable(x) for x in v]
+    return v

@@ -1,0 +1,346 @@
+"""Background writer for the audit store, and the gateway's local query socket.
+
+The recorder's hooks only snapshot a flow and `submit()` it (a deque append, no I/O); one
+thread builds the rows (redaction, decoding, hashing) and appends them to DuckDB in batches,
+one transaction per batch. If a batch cannot be written it stays queued and is retried; while
+the store is failing `failure` says why, and the recorder refuses new flows (fail closed).
+`close()` writes everything still queued before it returns (mitmproxy calls the addon's
+`done()` on SIGTERM / SIGINT).
+
+DuckDB lets one process hold a database file open for writing and no other process may open
+it meanwhile, not even read-only. So while the gateway runs, `agentgate audit …` talks to it
+over a Unix socket next to the database (`<db>.sock`, mode 0600, in the data directory) and
+the gateway answers read-only requests from a second connection to the same database; when
+the gateway is not running the CLI opens the file read-only itself. Queries run with
+`enable_external_access=false` (no file reads/writes, no ATTACH, no extension installs) and
+only SELECT/EXPLAIN statements are accepted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import socketserver
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from addons.recording import store
+
+log = logging.getLogger("agentgate.recorder")
+
+# DuckDB's defaults are a buffer pool of 80% of RAM and one worker thread per core: in a
+# gateway that inserts all day the pool grows with the file (a 10-minute soak drifted 42%)
+# and its threads compete with the event loop. Bounded and single-threaded instead.
+DB_CONFIG = {"enable_external_access": False, "memory_limit": "64MB", "threads": 1}
+
+
+def socket_path(db_path: str | Path) -> str:
+    """Where the gateway serving db_path listens; short enough for AF_UNIX (108 bytes)."""
+    p = str(Path(db_path).resolve())
+    candidate = p + ".sock"
+    if len(candidate.encode()) < 100:
+        return candidate
+    digest = hashlib.sha256(p.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"agentgate-{os.getuid()}-{digest}.sock")
+
+
+def open_db(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    if not read_only:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(path), read_only=read_only, config=dict(DB_CONFIG))
+    if not read_only:
+        store.init_schema(con)
+    return con
+
+
+# ---------------------------------------------------------------- read-only operations
+def handle_op(con: duckdb.DuckDBPyConnection, req: dict[str, Any]) -> dict[str, Any]:
+    """One read-only request (shared by the socket server and the CLI's direct mode)."""
+    op = req.get("op")
+    if op == "ping":
+        return {"ok": True}
+    if op == "query":
+        cols, rows = store.run_query(con, str(req.get("sql", "")),
+                                     int(req.get("max_rows", 100_000)))
+        return {"columns": cols, "rows": rows}
+    if op == "verify":
+        return {"result": store.verify(con).to_dict()}
+    if op == "sessions":
+        cols, rows = store.sessions(con, int(req.get("limit", 50)), req.get("since"))
+        return {"columns": cols, "rows": rows}
+    if op == "export":
+        return {"rows": store.export_rows(con, req.get("session"), req.get("since"))}
+    raise ValueError(f"unknown operation {op!r}")
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: QueryServer
+
+    def handle(self) -> None:
+        line = self.rfile.readline(1 << 20)
+        try:
+            req = json.loads(line)
+            with self.server.lock:
+                con = self.server.db.cursor()  # own connection to the same database
+            try:
+                # One snapshot for multi-statement operations (verify), rolled back always.
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    out = handle_op(con, req)
+                finally:
+                    con.execute("ROLLBACK")
+            finally:
+                con.close()
+        except Exception as e:  # noqa: BLE001 - report to the CLI, keep serving
+            out = {"error": f"{type(e).__name__}: {e}"}
+        self.wfile.write(json.dumps(store.to_jsonable(out)).encode() + b"\n")
+
+
+class QueryServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: str, db: duckdb.DuckDBPyConnection) -> None:
+        self.db = db.cursor()  # only ever used to open one connection per request
+        self.lock = threading.Lock()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # stale socket of a gateway that died; we hold the DB lock now
+        old = os.umask(0o177)
+        try:
+            super().__init__(path, _Handler)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+
+
+def ask_gateway(db_path: str | Path, req: dict[str, Any], timeout: float = 300
+                ) -> dict[str, Any] | None:
+    """Send a request to the gateway serving db_path; None when no gateway listens."""
+    path = socket_path(db_path)
+    if not os.path.exists(path):
+        return None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        s.close()
+        return None
+    with s, s.makefile("rwb") as f:
+        f.write(json.dumps(req).encode() + b"\n")
+        f.flush()
+        line = f.readline()
+    if not line:
+        raise ConnectionError("the gateway closed the query socket without answering")
+    return store.from_jsonable(json.loads(line))
+
+
+# ---------------------------------------------------------------- writer
+class AuditWriter:
+    """Appends pending flows to the store from one background thread."""
+
+    def __init__(self, path: str | Path, *, build: Callable[[store.Pending], dict[str, Any]],
+                 batch_size: int = 500, interval: float = 0.2, max_pending: int = 100_000,
+                 retention_days: float = 0, serve_queries: bool = True) -> None:
+        self.path = Path(path)
+        self.build = build
+        self.batch_size = batch_size
+        self.interval = interval
+        self.max_pending = max_pending
+        self.retention_days = retention_days
+        self.serve_queries = serve_queries
+        self.failure: str | None = None
+        self.written = 0
+        self._queue: deque[store.Pending] = deque()
+        self._retry: list[dict[str, Any]] = []  # built rows of a batch that failed to write
+        self._cv = threading.Condition()
+        self._closing = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._server: QueryServer | None = None
+        self._head: tuple[int, str] = (0, store.GENESIS)
+        self._last_retention = 0.0
+
+    # -- lifecycle
+    def start(self) -> None:
+        """Open the store (raises on failure) and start the thread and the query socket."""
+        self._con = open_db(self.path)
+        self._head = store.head(self._con)
+        self._apply_retention()
+        if self.serve_queries:
+            try:
+                self._server = QueryServer(socket_path(self.path), self._con)
+                threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                 name="agentgate-audit-query",
+                                 daemon=True).start()
+            except OSError as e:
+                log.warning("agentgate: audit query socket unavailable (%s); `agentgate audit` "
+                            "works only while the gateway is stopped", e)
+                self._server = None
+        self._thread = threading.Thread(target=self._run, name="agentgate-audit-writer",
+                                        daemon=True)
+        self._thread.start()
+        log.info("agentgate: recording to %s (head seq %d)", self.path, self._head[0])
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def backlog(self) -> int:
+        return len(self._queue) + len(self._retry)
+
+    def submit(self, item: store.Pending) -> None:
+        """Queue a finished flow; never blocks on disk."""
+        if self._closed:
+            raise RuntimeError("audit writer is closed")
+        self._queue.append(item)
+        if len(self._queue) >= self.batch_size:
+            with self._cv:
+                self._cv.notify()
+
+    def overloaded(self) -> str | None:
+        """Why new flows must be refused right now, or None."""
+        if self._closed or self._closing:
+            return "the gateway is shutting down"
+        if self.failure:
+            return self.failure
+        if self.backlog >= self.max_pending:
+            return f"audit store backlog is full ({self.backlog} records waiting)"
+        return None
+
+    def flush(self, timeout: float = 30) -> bool:
+        """Wait until everything submitted so far is written (True) or timeout (False)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            self._cv.notify()
+        while self.backlog or self._busy:
+            if time.monotonic() > deadline:
+                return False
+            with self._cv:
+                self._cv.notify()
+            time.sleep(0.005)
+        return True
+
+    def close(self, timeout: float = 60) -> bool:
+        """Write everything queued, then stop. True when nothing was left unwritten."""
+        if self._closed:
+            return True
+        self._closing = True
+        with self._cv:
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        left = self.backlog
+        self._closed = True
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            with contextlib.suppress(OSError):
+                os.unlink(socket_path(self.path))
+        if self._con is not None and (self._thread is None or not self._thread.is_alive()):
+            with contextlib.suppress(Exception):
+                self._con.execute("CHECKPOINT")
+            self._con.close()
+        if left:
+            log.error("agentgate: %d audit records could not be written before exit (%s)",
+                      left, self.failure or "timeout")
+        else:
+            log.info("agentgate: audit store flushed and closed (%d records this run, "
+                     "head seq %d hash %s)", self.written, self._head[0], self._head[1])
+        return left == 0
+
+    # -- thread
+    _busy = False
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if not self._queue and not self._retry and not self._closing:
+                    self._cv.wait(self.interval)
+            if self._closing and not self._queue and not self._retry:
+                return
+            self._busy = True
+            try:
+                self._write_some()
+            finally:
+                self._busy = False
+            if self.failure:
+                if self._closing and self._retries_exhausted():
+                    return
+                time.sleep(0.5)  # the store is failing: retry, without spinning
+            elif time.time() - self._last_retention > 3600:
+                self._apply_retention()
+            if not self._closing and len(self._queue) < self.batch_size and not self.failure:
+                # Gather a batch for up to `interval`, unless it filled up meanwhile.
+                with self._cv:
+                    if len(self._queue) < self.batch_size:
+                        self._cv.wait(self.interval)
+
+    _fail_count = 0
+
+    def _retries_exhausted(self) -> bool:
+        return self._fail_count >= 10
+
+    def _write_some(self) -> None:
+        rows = self._retry
+        self._retry = []
+        while len(rows) < self.batch_size and self._queue:
+            item = self._queue.popleft()
+            # No time.sleep(0) between rows: CPython's switch interval already bounds how
+            # long this thread holds the GIL, and forced hand-offs cost ~7% throughput.
+            try:
+                rows.append(self.build(item))
+            except Exception as e:  # noqa: BLE001 - never drop a flow: minimal record
+                log.error("agentgate: could not build the audit record of a flow (%s); "
+                          "storing a minimal record", type(e).__name__)
+                rows.append(store.fallback_row(item, f"record build failed: {type(e).__name__}"))
+        if not rows:
+            return
+        try:
+            assert self._con is not None
+            self._head = store.append(self._con, rows, self._head)
+        except Exception as e:  # noqa: BLE001 - keep the rows, refuse new flows, retry
+            self._retry = rows
+            self._fail_count += 1
+            msg = f"cannot write the audit store {self.path}: {type(e).__name__}: " \
+                  f"{str(e).splitlines()[0][:200] if str(e) else ''}"
+            if self.failure != msg:
+                log.error("agentgate: %s; refusing new flows until it recovers", msg)
+            self.failure = msg
+            # Rows get re-chained from the last good head on the next attempt.
+            for r in rows:
+                for k in ("seq", "prev_hash", "hash"):
+                    r.pop(k, None)
+            with contextlib.suppress(Exception):
+                self._head = store.head(self._con)
+            return
+        if self.failure:
+            log.warning("agentgate: audit store writable again; accepting flows")
+        self.failure = None
+        self._fail_count = 0
+        self.written += len(rows)
+
+    def _apply_retention(self) -> None:
+        self._last_retention = time.time()
+        if self.retention_days <= 0 or self._con is None:
+            return
+        try:
+            n = store.apply_retention(self._con, self.retention_days)
+        except Exception as e:  # noqa: BLE001 - retention must not stop recording
+            log.error("agentgate: audit retention failed (%s)", type(e).__name__)
+            return
+        if n:
+            log.info("agentgate: retention purged %d audit records older than %s days", n,
+                     self.retention_days)

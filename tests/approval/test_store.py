@@ -1,0 +1,266 @@
+"""Pure tests of the approval store and the `approvals` rules section."""
+
+from __future__ import annotations
+
+import itertools
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from addons.approval.config import ApprovalsConfig, parse_listen
+from addons.approval.store import (
+    APPROVED,
+    CANCELLED,
+    DENIED,
+    OPERATOR,
+    PENDING,
+    TIMEOUT,
+    VIA_MITMWEB,
+    ApprovalError,
+    ApprovalSpec,
+    ApprovalStore,
+)
+from addons.config.loader import load_rules
+from addons.config.schema import ConfigError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_store(**kw) -> tuple[ApprovalStore, Clock, list]:
+    clock = Clock()
+    ids = (f"ap-{i}" for i in itertools.count(1))
+    store = ApprovalStore(clock=clock, id_factory=lambda: next(ids), **kw)
+    decided: list = []
+    store.on_decided = decided.append
+    return store, clock, decided
+
+
+SPEC = ApprovalSpec(rule="bulk-synthetic", groups=("reviewers", "security"), timeout=60)
+
+
+def test_single_approval_by_group_member() -> None:
+    store, clock, decided = make_store()
+    a = store.create(SPEC, "agent-1", {"method": "POST"}, "preview")
+    assert a.state == PENDING and store.pending() == [a]
+    clock.now += 5
+    store.approve(a.id, "alice", ["reviewers"], reason="ok")
+    assert a.state == APPROVED and decided == [a]
+    meta = a.metadata()
+    assert meta["approvers"] == ["alice"] and meta["state"] == "approved"
+    assert meta["requested_at"] == 1000.0 and meta["decided_at"] == 1005.0
+    assert meta["requester"] == "agent-1" and meta["rule"] == "bulk-synthetic"
+    assert store.pending() == [] and store.get(a.id) is a
+
+
+def test_reviewer_outside_group_is_refused() -> None:
+    store, _, decided = make_store()
+    a = store.create(SPEC, "agent-1", {})
+    with pytest.raises(ApprovalError) as e:
+        store.approve(a.id, "mallory", ["developers"])
+    assert e.value.status == 403 and e.value.code == "reviewer_not_in_group"
+    with pytest.raises(ApprovalError) as e:
+        store.deny(a.id, "mallory", ["developers"], "no")
+    assert e.value.status == 403
+    assert a.state == PENDING and decided == []
+
+
+def test_requester_may_not_approve_own_request() -> None:
+    store, _, _ = make_store()
+    a = store.create(SPEC, "alice", {})
+    with pytest.raises(ApprovalError) as e:
+        store.approve(a.id, "alice", ["reviewers"])
+    assert e.value.status == 403 and e.value.code == "self_approval"
+    assert a.state == PENDING and a.votes == []
+
+
+def test_two_of_n_counts_distinct_reviewers() -> None:
+    store, _, decided = make_store()
+    a = store.create(ApprovalSpec(rule="r", groups=("reviewers",), min_approvals=2),
+                     "agent-1", {})
+    store.approve(a.id, "alice", ["reviewers"])
+    assert a.state == PENDING
+    with pytest.raises(ApprovalError) as e:
+        store.approve(a.id, "alice", ["reviewers"])
+    assert e.value.status == 409 and e.value.code == "already_voted"
+    assert a.state == PENDING and decided == []
+    store.approve(a.id, "bob", ["reviewers"])
+    assert a.state == APPROVED and a.approvers == ["alice", "bob"] and decided == [a]
+
+
+def test_one_deny_vetoes_and_late_votes_conflict() -> None:
+    store, _, _ = make_store()
+    a = store.create(ApprovalSpec(rule="r", groups=("reviewers",), min_approvals=2),
+                     "agent-1", {})
+    store.approve(a.id, "alice", ["reviewers"])
+    store.deny(a.id, "bob", ["reviewers"], "too many records\x00\n please")
+    assert a.state == DENIED and a.reason == "too many records   please"
+    assert a.metadata()["denied_by"] == "bob" and a.metadata()["approvers"] == ["alice"]
+    with pytest.raises(ApprovalError) as e:
+        store.approve(a.id, "carol", ["reviewers"])
+    assert e.value.status == 409 and e.value.code == "approval_decided"
+
+
+def test_unknown_id_is_404_and_empty_groups_mean_nobody() -> None:
+    store, _, _ = make_store()
+    with pytest.raises(ApprovalError) as e:
+        store.approve("ap-nope", "alice", ["reviewers"])
+    assert e.value.status == 404
+    a = store.create(ApprovalSpec(rule="r", groups=()), "agent-1", {})
+    with pytest.raises(ApprovalError) as e:
+        store.approve(a.id, "alice", ["reviewers", "admins"])
+    assert e.value.code == "reviewer_not_in_group"
+
+
+def test_timeout_and_expire_due() -> None:
+    store, clock, decided = make_store()
+    a = store.create(SPEC, "agent-1", {})
+    b = store.create(ApprovalSpec(rule="r2", groups=("x",), timeout=600, on_timeout="allow"),
+                     None, {})
+    clock.now += 61
+    assert store.expire_due() == [a]
+    assert a.state == TIMEOUT and "refused" in a.reason and b.state == PENDING
+    store.expire(b.id)
+    assert b.state == TIMEOUT and "forwarded" in b.reason
+    assert decided == [a, b]
+
+
+def test_mitmweb_operator_only_when_rule_allows() -> None:
+    store, _, _ = make_store()
+    a = store.create(SPEC, "agent-1", {})
+    with pytest.raises(ApprovalError) as e:
+        store.approve(a.id, "whoever", via=VIA_MITMWEB)
+    assert e.value.code == "mitmweb_not_allowed"
+    b = store.create(ApprovalSpec(rule="r", groups=("g",), min_approvals=2,
+                                  allow_mitmweb=True), "agent-1", {})
+    store.approve(b.id, "ignored", via=VIA_MITMWEB)
+    assert b.approvers == [OPERATOR] and b.state == PENDING  # one vote of two
+    store.approve(b.id, "alice", ["g"])
+    assert b.state == APPROVED
+    # the operator may always deny
+    store.deny(a.id, "x", reason="nope", via=VIA_MITMWEB)
+    assert a.state == DENIED and a.metadata()["denied_by"] == OPERATOR
+
+
+def test_queue_limit_cancel_and_visibility() -> None:
+    store, _, _ = make_store(max_pending=2)
+    a = store.create(SPEC, "agent-1", {})
+    b = store.create(ApprovalSpec(rule="other", groups=("finance",)), "agent-2", {})
+    with pytest.raises(ApprovalError) as e:
+        store.create(SPEC, "agent-3", {})
+    assert e.value.status == 429
+    assert [x.id for x in store.visible_to("alice", ["reviewers"])] == [a.id]
+    assert [x.id for x in store.visible_to("agent-2", [])] == [b.id]  # own request
+    assert store.cancel(a.id, "client disconnected") is a and a.state == CANCELLED
+    assert store.cancel(a.id, "again") is None
+    store.create(SPEC, "agent-3", {})  # room again
+
+
+def test_decided_history_is_bounded() -> None:
+    store, _, _ = make_store(keep_decided=3)
+    ids = []
+    for _ in range(5):
+        a = store.create(SPEC, "agent-1", {})
+        store.deny(a.id, "alice", ["reviewers"], "no")
+        ids.append(a.id)
+    assert store.get(ids[0]) is None and store.get(ids[-1]) is not None
+
+
+def test_public_view_has_what_reviewers_need() -> None:
+    store, clock, _ = make_store()
+    a = store.create(SPEC, "agent-1", {"method": "POST", "model": "gpt-4o"}, "{\"n\": 50}",
+                     True)
+    clock.now += 10
+    v = a.public(clock.now)
+    assert v["age_seconds"] == 10 and v["expires_in_seconds"] == 50
+    assert v["what"]["model"] == "gpt-4o" and v["preview"] == "{\"n\": 50}"
+    assert v["preview_truncated"] is True and v["votes"] == [] and v["approvals"] == 0
+
+
+# ---------------------------------------------------------------- config
+def write_rules(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "a.yaml").write_text(textwrap.dedent(text))
+    return tmp_path
+
+
+def test_config_defaults(tmp_path: Path) -> None:
+    rules = load_rules(write_rules(tmp_path, "upstreams: []\n"))
+    cfg = rules.approvals
+    assert cfg == ApprovalsConfig()
+    assert cfg.listen == ("127.0.0.1", 8081) and cfg.default_timeout == 300
+    assert cfg.allow_mitmweb is True
+    assert cfg.link("ap-1") == "http://127.0.0.1:8081/approvals/ap-1"
+    assert "API http://127.0.0.1:8081" in cfg.describe()
+
+
+def test_config_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    rules = load_rules(write_rules(tmp_path, f"""\
+        approvals:
+          listen: "[::1]:9000"
+          link_base: https://gw.internal:8443/
+          default_timeout: 30
+          on_timeout: allow
+          timeout_status: 408
+          allow_mitmweb: false
+          max_pending: 10
+          preview_chars: 100
+          notify:
+            url_env: SLACK_URL
+            retries: 2
+            backoff: 0.5
+            max_backoff: 4
+            timeout: 3
+            ca_file: {ca}
+        """))
+    cfg = rules.approvals
+    assert cfg.listen == ("::1", 9000) and cfg.on_timeout == "allow"
+    assert cfg.link("ap-1") == "https://gw.internal:8443/approvals/ap-1"
+    assert cfg.timeout_status == 408 and not cfg.allow_mitmweb and cfg.max_pending == 10
+    n = cfg.notify
+    assert n.retries == 2 and n.backoff == 0.5 and n.ca_file == str(ca)
+    monkeypatch.delenv("SLACK_URL", raising=False)
+    assert n.resolve() is None
+    monkeypatch.setenv("SLACK_URL", "https://hooks.slack.com/services/T/B/secret")
+    assert n.resolve().endswith("/secret")
+    assert "secret" not in cfg.describe() and "$SLACK_URL" in cfg.describe()
+
+
+@pytest.mark.parametrize(("body", "key", "reason"), [
+    ("listen: nowhere", "approvals.listen", "host:port"),
+    ("listen: 1.2.3.4:99999", "approvals.listen", "out of range"),
+    ("default_timeout: 0", "approvals.default_timeout", ">="),
+    ("on_timeout: maybe", "approvals.on_timeout", "deny or allow"),
+    ("timeout_status: 500", "approvals.timeout_status", "403 or 408"),
+    ("allow_mitmweb: yes please", "approvals.allow_mitmweb", "true or false"),
+    ("notify: {retries: 3}", "approvals.notify", "exactly one"),
+    ("notify: {url: 'ftp://x'}", "approvals.notify.url", "http"),
+    ("notify: {url: 'http://x', url_env: Y}", "approvals.notify", "exactly one"),
+    ("notify: {url_env: '1BAD'}", "approvals.notify.url_env", "environment variable"),
+    ("notify: {url: 'http://x', ca_file: /nonexistent.pem}", "approvals.notify.ca_file",
+     "no such file"),
+    ("notify: {url: 'http://x', backoff: 10, max_backoff: 1}", "approvals.notify.max_backoff",
+     ">= backoff"),
+    ("bogus: 1", "approvals.bogus", "unknown key"),
+])
+def test_config_errors_name_file_and_key(tmp_path: Path, body: str, key: str,
+                                         reason: str) -> None:
+    write_rules(tmp_path, "approvals:\n  " + body + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_rules(tmp_path)
+    assert e.value.file.endswith("a.yaml") and e.value.key == key
+    assert reason in e.value.reason
+
+
+def test_listen_off_and_parse() -> None:
+    assert parse_listen("off") is None and parse_listen("") is None
+    assert parse_listen("0.0.0.0:0") == ("0.0.0.0", 0)
+    with pytest.raises(ValueError):
+        parse_listen("8081")
