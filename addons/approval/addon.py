@@ -97,6 +97,17 @@ def spec_from_decision(dec: dict[str, Any], cfg: ApprovalsConfig) -> ApprovalSpe
                         message=str(dec.get("message") or ""))
 
 
+def owner_of(f: http.HTTPFlow) -> str:
+    """Whose per-identity approval quota a hold counts against: the verified issuer and
+    subject; without identity (identity.required: false) the client's address, so agents
+    on different hosts still get a quota each."""
+    ident = f.metadata.get("identity")
+    if isinstance(ident, dict) and isinstance(ident.get("sub"), str) and ident["sub"]:
+        return f"id:{ident.get('iss') or ''}|{ident['sub']}"
+    peer = f.client_conn.peername
+    return f"client:{peer[0] if peer else '?'}"
+
+
 def describe_request(f: http.HTTPFlow, preview_chars: int) -> tuple[dict[str, Any], str, bool]:
     """(what, preview, truncated) of a request, for reviewers. The body is already masked
     (the masking addon runs first); the query string is left out (it may hold keys)."""
@@ -213,6 +224,7 @@ class Approval:
     def _rules_changed(self, rules: Any) -> None:
         cfg = self._config()
         self.store.max_pending = cfg.max_pending
+        self.store.max_pending_per_identity = cfg.max_pending_per_identity
         if self._running:
             self._spawn(self._start_api())
 
@@ -277,7 +289,7 @@ class Approval:
         what, preview, truncated = describe_request(f, cfg.preview_chars)
         try:
             a = self.store.create(spec, requester if isinstance(requester, str) else None,
-                                  what, preview, truncated)
+                                  what, preview, truncated, owner=owner_of(f))
         except ApprovalError as e:
             refuse(f, e.status, e.message, e.code, STEP, spec.rule)
             return

@@ -9,6 +9,7 @@ approvals:
   timeout_status: 403             # 403 or 408 on timeout
   allow_mitmweb: true             # master switch: false = no rule's allow_mitmweb applies
   max_pending: 1000
+  max_pending_per_identity: 20    # one agent cannot fill the queue for everyone
   preview_chars: 2000
   notify:
     url_env: SLACK_WEBHOOK_URL    # or url: / url_file:
@@ -40,7 +41,8 @@ from addons.config.schema import (
 )
 
 APPROVALS_KEYS = {"listen", "link_base", "default_timeout", "on_timeout", "timeout_status",
-                  "allow_mitmweb", "max_pending", "preview_chars", "notify"}
+                  "allow_mitmweb", "max_pending", "max_pending_per_identity", "preview_chars",
+                  "notify"}
 NOTIFY_KEYS = {"url", "url_env", "url_file", "retries", "backoff", "max_backoff", "timeout",
                "ca_file"}
 DEFAULT_LISTEN = "127.0.0.1:8081"
@@ -118,6 +120,7 @@ class ApprovalsConfig:
     timeout_status: int = 403
     allow_mitmweb: bool = True
     max_pending: int = 1000
+    max_pending_per_identity: int = 20
     preview_chars: int = 2000
     notify: NotifyConfig | None = None
 
@@ -209,6 +212,9 @@ def parse_approvals(section: MapSection) -> ApprovalsConfig:
         allow_mitmweb=expect_bool(d.get("allow_mitmweb", True), w("allow_mitmweb")),
         max_pending=expect_int(d.get("max_pending", 1000), w("max_pending"), minimum=1,
                                maximum=1_000_000),
+        max_pending_per_identity=expect_int(d.get("max_pending_per_identity", 20),
+                                            w("max_pending_per_identity"), minimum=1,
+                                            maximum=1_000_000),
         preview_chars=expect_int(d.get("preview_chars", 2000), w("preview_chars"),
                                  minimum=0, maximum=1_000_000),
         notify=notify,

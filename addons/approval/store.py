@@ -163,10 +163,15 @@ class ApprovalStore:
     uses it to release the held flow).
     """
 
-    def __init__(self, *, max_pending: int = 1000, keep_decided: int = 1000,
-                 clock: Callable[[], float] = time.time,
+    def __init__(self, *, max_pending: int = 1000, max_pending_per_identity: int = 20,
+                 keep_decided: int = 1000, clock: Callable[[], float] = time.time,
                  id_factory: Callable[[], str] = new_id) -> None:
         self.max_pending = max_pending
+        # Fairness: one agent's holds must not fill the global queue (every other agent's
+        # approvable request would get 429). Counted per owner, see `create`.
+        self.max_pending_per_identity = max_pending_per_identity
+        self._owned: dict[str, int] = {}
+        self._owner_of: dict[str, str] = {}
         self.keep_decided = keep_decided
         self.clock = clock
         self.id_factory = id_factory
@@ -196,13 +201,27 @@ class ApprovalStore:
                                                   and a.requester == sub)]
 
     # ------------------------------------------------------------ writing
+    def pending_of(self, owner: str) -> int:
+        """How many approvals `owner` has pending right now."""
+        return self._owned.get(owner, 0)
+
     def create(self, spec: ApprovalSpec, requester: str | None, what: dict[str, Any],
                preview: str = "", preview_truncated: bool = False,
-               now: float | None = None) -> PendingApproval:
+               now: float | None = None, owner: str | None = None) -> PendingApproval:
+        """Open an approval. `owner` is whose quota it counts against (the addon passes the
+        verified issuer + subject, or the client address when identity is off); it defaults
+        to the requester, and requests with neither share one anonymous quota."""
         if spec.min_approvals < 1:
             raise ValueError("min_approvals must be >= 1")
         if spec.on_timeout not in ON_TIMEOUT:
             raise ValueError(f"on_timeout must be one of {ON_TIMEOUT}")
+        owner = owner if owner is not None else (requester or "")
+        # The per-identity cap is checked first: an agent at its own cap is told so (and
+        # does not learn how busy the global queue is).
+        if self._owned.get(owner, 0) >= self.max_pending_per_identity:
+            raise ApprovalError(429, "approval_quota_exceeded",
+                                "too many of your requests are awaiting approval "
+                                f"({self.max_pending_per_identity} per identity)")
         if len(self._pending) >= self.max_pending:
             raise ApprovalError(429, "approval_queue_full",
                                 f"too many requests awaiting approval ({self.max_pending})")
@@ -214,6 +233,8 @@ class ApprovalStore:
                             preview=preview, preview_truncated=preview_truncated,
                             requested_at=now, expires_at=now + spec.timeout)
         self._pending[a.id] = a
+        self._owner_of[a.id] = owner
+        self._owned[owner] = self._owned.get(owner, 0) + 1
         return a
 
     def _open(self, approval_id: str) -> PendingApproval:
@@ -298,7 +319,13 @@ class ApprovalStore:
         a.state = state
         a.reason = reason
         a.decided_at = now
-        self._pending.pop(a.id, None)
+        if self._pending.pop(a.id, None) is not None:
+            owner = self._owner_of.pop(a.id, "")
+            left = self._owned.get(owner, 0) - 1
+            if left > 0:
+                self._owned[owner] = left
+            else:
+                self._owned.pop(owner, None)
         self._decided[a.id] = a
         while len(self._decided) > self.keep_decided:
             self._decided.popitem(last=False)

@@ -257,7 +257,8 @@ def test_other_flows_are_not_delayed_by_held_ones() -> None:
     async def main() -> None:
         addon = make_addon()
         with taddons.context(addon):
-            held = [held_flow(decision()) for _ in range(200)]
+            # 200 holds from 20 agents (the per-identity cap is 20 by default)
+            held = [held_flow(decision(), sub=f"agent-{i % 20}") for i in range(200)]
             tasks = [asyncio.create_task(addon.request(f)) for f in held]
             await until(lambda: len(addon.store) == 200)
             t0 = time.perf_counter()
@@ -607,3 +608,27 @@ def test_contract_with_the_policy_engine() -> None:
     assert specs[1].timeout == 12 and specs[1].on_timeout == "allow"
     assert specs[1].min_approvals == 2 and specs[1].allow_mitmweb
     assert specs[1].groups == ("g", "h") and specs[1].rule == "explicit"
+
+
+def test_per_identity_cap_refuses_in_the_callers_dialect() -> None:
+    async def main() -> None:
+        addon = make_addon()
+        addon.store.max_pending_per_identity = 2
+        with taddons.context(addon):
+            held = [held_flow(decision(), sub="hog") for _ in range(2)]
+            tasks = [asyncio.create_task(addon.request(f)) for f in held]
+            await until(lambda: len(addon.store) == 2)
+            extra = held_flow(decision(), sub="hog")
+            await addon.request(extra)
+            assert extra.response is not None and extra.response.status_code == 429
+            err = json.loads(extra.response.content)["error"]
+            assert err["code"] == "approval_quota_exceeded"
+            assert err["type"] == "rate_limit_error"
+            other = held_flow(decision(), sub="someone-else")
+            task = asyncio.create_task(addon.request(other))
+            await until(lambda: len(addon.store) == 3)
+            assert other.response is None and other.intercepted
+            for a in addon.store.pending():
+                addon.store.deny(a.id, "bob", ["reviewers"], "bulk")
+            await asyncio.wait_for(asyncio.gather(*tasks, task), 10)
+    run(main)

@@ -264,3 +264,54 @@ def test_listen_off_and_parse() -> None:
     assert parse_listen("0.0.0.0:0") == ("0.0.0.0", 0)
     with pytest.raises(ValueError):
         parse_listen("8081")
+
+
+# ---------------------------------------------------------------- fairness (issue 11, class 11)
+def test_per_identity_cap_leaves_room_for_other_identities() -> None:
+    store, clock, decided = make_store(max_pending=10, max_pending_per_identity=3)
+    spec = ApprovalSpec("r", ("reviewers",))
+    mine = [store.create(spec, "hog", {}, owner="id:iss|hog") for _ in range(3)]
+    with pytest.raises(ApprovalError) as ei:
+        store.create(spec, "hog", {}, owner="id:iss|hog")
+    assert ei.value.status == 429 and ei.value.code == "approval_quota_exceeded"
+    # another identity is still held, and so is the same `sub` from another issuer
+    store.create(spec, "other", {}, owner="id:iss|other")
+    store.create(spec, "hog", {}, owner="id:other-iss|hog")
+    assert store.pending_of("id:iss|hog") == 3
+    # deciding (any way) frees the owner's quota
+    store.deny(mine[0].id, "alice", ("reviewers",))
+    store.cancel(mine[1].id, "gone")
+    assert store.pending_of("id:iss|hog") == 1
+    store.create(spec, "hog", {}, owner="id:iss|hog")
+    store.expire(mine[2].id)
+    assert store.pending_of("id:iss|hog") == 1
+
+
+def test_global_cap_still_applies_across_identities() -> None:
+    store, clock, decided = make_store(max_pending=4, max_pending_per_identity=3)
+    spec = ApprovalSpec("r", ("reviewers",))
+    for who in ("a", "a", "b", "b"):
+        store.create(spec, who, {}, owner=who)
+    with pytest.raises(ApprovalError) as ei:
+        store.create(spec, "c", {}, owner="c")
+    assert ei.value.code == "approval_queue_full"
+
+
+def test_owner_defaults_to_requester() -> None:
+    store, clock, decided = make_store(max_pending_per_identity=1)
+    spec = ApprovalSpec("r", ("reviewers",))
+    store.create(spec, "x", {})
+    with pytest.raises(ApprovalError):
+        store.create(spec, "x", {})
+    store.create(spec, None, {})
+    with pytest.raises(ApprovalError):
+        store.create(spec, None, {})
+
+
+def test_max_pending_per_identity_parsed(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text("approvals:\n  max_pending_per_identity: 5\n")
+    assert load_rules(tmp_path).approvals.max_pending_per_identity == 5
+    assert ApprovalsConfig().max_pending_per_identity == 20
+    (tmp_path / "r.yaml").write_text("approvals:\n  max_pending_per_identity: 0\n")
+    with pytest.raises(ConfigError):
+        load_rules(tmp_path)
