@@ -44,6 +44,14 @@ SECRET_ENTITY = {
 # Every case where the engine's answer differs from the corpus, with the reason. The test
 # suite asserts this exact set, so an improvement or a regression both show up.
 KNOWN_DISAGREEMENTS: dict[str, str] = {
+    'pii#31': (
+        "'693-09.4444' mixes a dash and a dot; presidio wants one consistent separator. Mixed "
+        "separators are a masking evasion (SECURITY.md, issue 11 class 7), so any single "
+        "non-alphanumeric separator counts; the SSA rules still apply"),
+    'pii#390': (
+        "an IBAN written with slashes: presidio accepts only spaces and dashes. Any single "
+        "non-alphanumeric separator is an evasion to catch (issue 11 class 7); mod-97 and the "
+        "country length keep this precise"),
     'pii#20': (
         "nine bare digits with no word around them: presidio itself scores this 0.0-0.4 "
         "(below its threshold), and in code and JSON such numbers are ids, counts and "

@@ -83,14 +83,54 @@ def _c(p: str, flags: int = 0) -> regex.Pattern:
     return regex.compile(p, regex.V0 | flags)
 
 
+# ---------------------------------------------------------------------------- separators
+# Between the digit groups of a card, SSN, IBAN or phone number: any ONE character that is
+# neither a letter nor a digit (space, dash, dot, comma, slash, underscore, colon, tab,
+# newline, bullet, …) or a CRLF, the same or mixed from group to group. One character, not
+# a run: "4111, 1111" in prose and '"4111", "1111"' in JSON are lists, not one number (a
+# value split across JSON fields is joined by the body walk, not here). The validators
+# (issuer range + Luhn, SSA rules, mod-97, NANP rules) and the grouping rules keep number
+# lists, dates and versions out; the shapes stay bounded (at most 19 digits in 18 groups).
+SEP = r"(?:\r\n|[\W_])"
+_SEP_SPLIT = _c(SEP)
+
+
+def _groups(s: str) -> list[str]:
+    """Digit/letter groups of a separated value ('4111,1111/1111_1111' -> 4 groups)."""
+    return _SEP_SPLIT.split(s)
+
+
+_CLASSIC_SEP = frozenset(" -.()")
+_CLASSIC_GROUPS = _c(r"[0-9A-Za-z]+")
+
+
+def _exotic(value: str) -> bool:
+    """True when a separated value uses a separator other than space, dash, dot (the
+    classic ones, whose behaviour is pinned by the corpus)."""
+    return any(c not in _CLASSIC_SEP for c in _CLASSIC_GROUPS.sub("", value))
+
+
+def _isolated(t: str, s: int, e: int) -> bool:
+    """The span is not one item of a longer list of numbers ('[6718,1885,8966,6125,590]',
+    '2781_736_545_8985'): no digit + separator right before it, no separator + digit right
+    after it. Asked only of values with an exotic separator: a list written with commas,
+    slashes or underscores is far more often data than one number."""
+    if s >= 2 and t[s - 2].isalnum() and not t[s - 1].isalnum() and not t[s - 1].isspace():
+        return False
+    if e + 1 < len(t) and t[e + 1].isalnum() and not t[e].isalnum() and not t[e].isspace():
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------- cards
-# 13-19 digits, either in one run or in groups of 1-6 digits separated by ONE consistent
-# separator (space, dash or dot). Single-digit groups are allowed on purpose: "4 1 1 1 …"
-# is an evasion, and the issuer range + Luhn keep plain number lists out.
+# 13-19 digits, either in one run or in groups of 1-6 digits separated by single separators
+# (SEP). Single-digit groups are allowed on purpose: "4 1 1 1 …" is an evasion, and the
+# issuer range + Luhn keep plain number lists out.
 # (Patterns start by consuming a digit, then look behind: the engine scans fastest so.)
 # (not the decimals of a number: '1.3862943611198906')
 _CARD = _c(r"[0-9](?<![0-9A-Za-z][0-9])(?<![0-9][.,][0-9])(?:[0-9]{12,18}(?![0-9])"
-           r"|[0-9]{0,5}(?P<sep>[ .\-])[0-9]{1,6}(?:(?P=sep)[0-9]{1,6}){1,17}(?![0-9]))")
+           r"|[0-9]{0,5}(?P<sep>" + SEP + r")[0-9]{1,6}(?:" + SEP + r"[0-9]{1,6}){1,17}"
+           r"(?![0-9]))")
 
 
 def _card_grouping_ok(lens: list[int]) -> bool:
@@ -109,21 +149,20 @@ def _card_retry(m: regex.Match) -> int:
     """After a failed candidate: its second group may start a card when the first group
     does not belong ("12 4111 1111 1111 1111"); equal groups ("1 1 1 1 …") cannot, so
     skip the whole candidate (keeps a hostile '1 1 1 …' body linear)."""
-    sep = m.group("sep")
-    if sep is None:
+    if m.group("sep") is None:
         return m.end()
-    first, _, rest = m.group(0).partition(sep)
-    second = rest.split(sep, 1)[0]
+    groups = _groups(m.group(0))
+    first, second = groups[0], groups[1]
     return m.start() + len(first) + 1 if len(first) != len(second) else m.end()
 
 
 def _card_span(m: regex.Match, t: str) -> tuple[int, int] | None:
-    sep = m.group("sep")
-    if sep is None:
+    if m.group("sep") is None:
         return m.span() if card_ok(m.group(0)) else None
     # the number starts the run of groups; trailing groups may be something else
     # ("4111 1111 1111 1111 12/25"), so try the longest prefix of groups first
-    groups = m.group(0).split(sep)
+    raw = m.group(0)
+    groups = _groups(raw)
     digits = "".join(groups)
     allowed = card_lengths(digits[:6])
     if not allowed:
@@ -139,17 +178,36 @@ def _card_span(m: regex.Match, t: str) -> tuple[int, int] | None:
             ends.append((j, total))
     for j, total in reversed(ends):
         if _card_grouping_ok(lens[:j]) and luhn_ok(digits[:total]):
-            return m.start(), m.start() + len(sep.join(groups[:j]))
+            end = m.start() + _prefix_len(raw, groups, j)
+            value = t[m.start():end]
+            if _exotic(value):
+                # groups of 1-2 digits with mixed exotic separators are number lists
+                if lens[0] <= 2 and len(set(_SEP_SPLIT.findall(value))) > 1:
+                    return None
+                if not _isolated(t, m.start(), end):
+                    return None
+            return m.start(), end
     return None
 
 
+def _prefix_len(raw: str, groups: list[str], j: int) -> int:
+    """Length of `raw` up to the end of its j-th group (separators may differ in length)."""
+    pos = 0
+    for k, g in enumerate(groups[:j]):
+        pos = raw.index(g, pos) + len(g) if g else pos
+        if k == j - 1:
+            break
+    return pos
+
+
 # ---------------------------------------------------------------------------- US SSN
-# AAA-GG-SSSS with one consistent separator (or none), plus the 3-6 dash grouping presidio
-# also accepts; validated with the SSA rules (validators.ssn_ok). Not the 5-4 grouping: that
+# AAA-GG-SSSS with a separator (SEP, the same or mixed) between the groups, or none at all,
+# plus the 3-6 dash grouping presidio also accepts; validated with the SSA rules
+# (validators.ssn_ok). Not the 5-4 grouping: that
 # is how ZIP+4 codes are written ('Boston, MA 02111-1307' is in every GPL header).
 # Not inside a word or an identifier ('#_Toc398718022', 'issue-817742836', '123456789abc').
 _SSN = _c(r"[0-9]{3}(?<![A-Za-z0-9_][0-9]{3})(?<![0-9][.\-][0-9]{3})"
-          r"(?:(?P<sep>[ .\-]?)[0-9]{2}(?P=sep)[0-9]{4}|-[0-9]{6})"
+          r"(?:[0-9]{6}|" + SEP + r"[0-9]{2}" + SEP + r"[0-9]{4}|-[0-9]{6})"
           r"(?![A-Za-z0-9_]|[.\-][0-9])")
 
 
@@ -169,8 +227,9 @@ def _ssn_span(m: regex.Match, t: str) -> tuple[int, int] | None:
         # number when a word after it arrives)
         if _SSN_WORDS.search(t, max(0, m.start() - 40), m.start()) is None:
             return None
-    digits = raw.replace("-", "").replace(".", "").replace(" ", "")
-    return m.span() if ssn_ok(digits) else None
+    if _exotic(raw) and not _isolated(t, m.start(), m.end()):
+        return None
+    return m.span() if ssn_ok(_digits(raw)) else None
 
 
 
@@ -190,14 +249,15 @@ IBAN_LENGTHS: dict[str, int] = {
     "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30,
 }
 # country code + check digits, then the BBAN in one run or in groups of up to 4 separated
-# by one consistent space or dash
+# by single separators (SEP, the same or mixed)
+_IBAN_GROUPS = r"(?P<sep>" + SEP + r")[A-Za-z0-9]{1,4}(?:" + SEP + r"[A-Za-z0-9]{1,4}){2,8}"
 _IBAN = _c(r"[A-Z]{2}(?<![A-Za-z0-9][A-Z]{2})[0-9]{2}(?:[A-Za-z0-9]{11,30}(?![A-Za-z0-9])"
-           r"|(?P<sep>[ \-])[A-Za-z0-9]{1,4}(?:(?P=sep)[A-Za-z0-9]{1,4}){2,8})")
+           r"|" + _IBAN_GROUPS + ")")
 # the same in lower case, found from its check digits (a scan that starts at a lower-case
 # letter would visit most of the text)
 _IBAN_LOWER = _c(r"[0-9]{2}(?<=(?<![A-Za-z0-9])[a-z]{2}[0-9]{2})"
                  r"(?:[a-z0-9]{11,30}(?![A-Za-z0-9])"
-                 r"|(?P<sep>[ \-])[a-z0-9]{1,4}(?:(?P=sep)[a-z0-9]{1,4}){2,8})")
+                 r"|(?P<sep>" + SEP + r")[a-z0-9]{1,4}(?:" + SEP + r"[a-z0-9]{1,4}){2,8})")
 
 
 def _iban_span(m: regex.Match, t: str) -> tuple[int, int] | None:
@@ -213,7 +273,7 @@ def _iban_span(m: regex.Match, t: str) -> tuple[int, int] | None:
     else:
         # take groups up to the country's length; it must end on a group boundary, so
         # "VG96 VPVG 0000 0123 4567 8901 X" stops before " X"
-        parts = raw.split(sep)
+        parts = _groups(raw)
         total = 0
         used = 0
         while used < len(parts) and total < want:
@@ -222,13 +282,15 @@ def _iban_span(m: regex.Match, t: str) -> tuple[int, int] | None:
         if total != want:
             return None
         value = "".join(parts[:used])
-        end = m.start() + len(sep.join(parts[:used]))
+        end = m.start() + _prefix_len(raw, parts, used)
     # written upper case, or all lower case (an easy disguise); 'LV80 bANK …' is neither
     if any(c.islower() for c in value):
         if not value.islower():
             return None
         value = value.upper()
     if not mod97_ok(value):
+        return None
+    if _exotic(t[m.start():end]) and not _isolated(t, m.start(), end):
         return None
     return m.start(), end
 
@@ -257,19 +319,22 @@ def _nanp_ok(d10: str) -> bool:
 
 # 415-555-0132, 415.555.0132, 415 555 0132 and (415) 555-0132; a country code in front
 # ('1-', '+1 ', '91-') is taken into the span by _nanp_span
-_PHONE_NANP = _c(r"(?:[0-9]{3}(?<![0-9]{4})[ .\-]|\([0-9]{3}\)[ .\-]?)"
-                 r"[0-9]{3}[ .\-][0-9]{4}(?![0-9]|[.\-][0-9])")
+_PHONE_NANP = _c(r"(?:[0-9]{3}(?<![0-9]{4})" + SEP + r"|\([0-9]{3}\)" + SEP + r"?)"
+                 r"[0-9]{3}" + SEP + r"[0-9]{4}(?![0-9]|[.\-][0-9])")
 _NANP_CC = _c(r"(?r)(?<![0-9+])(\+?[0-9]{1,3})[ .\-]?")
 # +CC then digit groups (optionally one in parentheses), 8-15 digits in all
-_PHONE_INTL = _c(r"\+(?<![\w+]\+)[1-9][0-9]{0,2}(?:[ .\-]?(?:\([0-9]{1,4}\)|[0-9]{1,6})){1,8}"
+_PHONE_INTL = _c(r"\+(?<![\w+]\+)[1-9][0-9]{0,2}(?:" + SEP + r"?(?:\([0-9]{1,4}\)|[0-9]{1,6}))"
+                 r"{1,8}"
                  r"(?![0-9])")
 # national numbers with a trunk prefix 0: 09-7625400, 090-1234-5678, 020 7123 4567,
 # 01 42 68 53 00; not '00…' (an international prefix) and not SSN-like 078-05-1123
-_PHONE_TRUNK = _c(r"0(?<![\w+\-.]0)(?<![0-9][ .\-]0)[1-9][0-9]{0,3}(?:[ \-][0-9]{2,8}){1,4}"
+_PHONE_TRUNK = _c(r"0(?<![\w+\-.]0)(?<![0-9][ .\-]0)[1-9][0-9]{0,3}(?:" + SEP + r"[0-9]{2,8})"
+                  r"{1,4}"
                   r"(?![0-9]|[ .\-][0-9])")
 # Chinese mobile numbers: 1[3-9]x xxxx xxxx
 _PHONE_CN = _c(r"1(?<![0-9A-Za-z+\-.]1)(?<![0-9][ .\-]1)[3-9][0-9]"
-               r"(?:[0-9]{8}|([ \-])[0-9]{4}\1[0-9]{4})(?![0-9A-Za-z_]|[ .\-][0-9])")
+               r"(?:[0-9]{8}|" + SEP + r"[0-9]{4}" + SEP + r"[0-9]{4})"
+               r"(?![0-9A-Za-z_]|[ .\-][0-9])")
 # ten bare digits only count as a phone number right after a word that says so
 _PHONE_BARE = _c(r"[2-9](?<![0-9A-Za-z_+\-.][2-9])[0-9]{2}[2-9][0-9]{6}"
                  r"(?![0-9A-Za-z_]|[.\-][0-9])")
@@ -284,6 +349,8 @@ def _digits(s: str) -> str:
 def _nanp_span(m: regex.Match, t: str) -> tuple[int, int] | None:
     s, e = m.span()
     if not _nanp_ok(_digits(m.group(0))):
+        return None
+    if _exotic(m.group(0)) and not _isolated(t, s, e):
         return None
     prev = t[s - 1] if s else ""
     if prev.isdigit():
@@ -303,10 +370,24 @@ def _cc_of(d: str) -> str | None:
     return None
 
 
+def _plain_span(m: regex.Match, t: str) -> tuple[int, int] | None:
+    if _exotic(m.group(0)) and not _isolated(t, *m.span()):
+        return None
+    return m.span()
+
+
 def _intl_span(m: regex.Match, t: str) -> tuple[int, int] | None:
+    span = _intl_span_raw(m, t)
+    if span is not None and _exotic(t[span[0]:span[1]]) and not _isolated(t, *span):
+        return None
+    return span
+
+
+def _intl_span_raw(m: regex.Match, t: str) -> tuple[int, int] | None:
     text = m.group(0)
     # cut at group boundaries from the right until the digit count fits E.164
-    cuts = [i for i in range(1, len(text)) if text[i] in " .-(" and text[i - 1] not in " .-("]
+    cuts = [i for i in range(1, len(text)) if not text[i].isdigit() and text[i] != ")"
+            and (text[i - 1].isdigit() or text[i - 1] == ")")]
     ends = [len(text)] + [c for c in reversed(cuts)]
     for end in ends:
         d = _digits(text[:end])
@@ -323,7 +404,7 @@ def _intl_span(m: regex.Match, t: str) -> tuple[int, int] | None:
 
 
 def _trunk_span(m: regex.Match, t: str) -> tuple[int, int] | None:
-    parts = regex.split(r"[ \-]", m.group(0))
+    parts = _groups(m.group(0))
     if [len(p) for p in parts] == [5, 4] and "-" in m.group(0):
         return None  # 02111-1307: a ZIP+4 code
     rest = [len(p) for p in parts[1:]]
@@ -331,6 +412,8 @@ def _trunk_span(m: regex.Match, t: str) -> tuple[int, int] | None:
     if not (all(n >= 3 for n in rest) or (all(n == 2 for n in rest) and len(rest) >= 4)):
         return None
     n = sum(len(p) for p in parts)
+    if _exotic(m.group(0)) and not _isolated(t, *m.span()):
+        return None
     return m.span() if 9 <= n <= 11 else None
 
 
@@ -512,7 +595,7 @@ _NUMERIC: tuple[_RegexDet, ...] = (
     _RegexDet("PHONE", _PHONE_NANP, _nanp_span, 30),
     _RegexDet("PHONE", _PHONE_INTL, _intl_span, 30),
     _RegexDet("PHONE", _PHONE_TRUNK, _trunk_span, 30),
-    _RegexDet("PHONE", _PHONE_CN, None, 30),
+    _RegexDet("PHONE", _PHONE_CN, _plain_span, 30),
     _RegexDet("PHONE", _PHONE_BARE, _bare_span, 30),
 )
 _IBAN_DET = _RegexDet("IBAN", _IBAN, _iban_span, 45, retry=lambda m: m.start() + 1)
@@ -528,12 +611,12 @@ def _iban_lower_span(m: regex.Match, t: str) -> tuple[int, int] | None:
 
 
 _IBAN_ANY = _c(r"[A-Za-z]{2}[0-9]{2}(?:[A-Za-z0-9]{11,30}(?![A-Za-z0-9])"
-               r"|(?P<sep>[ \-])[A-Za-z0-9]{1,4}(?:(?P=sep)[A-Za-z0-9]{1,4}){2,8})")
+               r"|" + _IBAN_GROUPS + ")")
 _IBAN_LOWER_DET = _RegexDet("IBAN", _IBAN_LOWER, _iban_lower_span, 45,
                             retry=lambda m: m.start() + 1)
 # the shortest value these detectors accept has 9 digits (SSN, national phone numbers), so
 # dates and prices never qualify
-_NUM_CLUSTER = _c(r"[0-9](?:[ .\-()]{0,3}[0-9]){8,}")
+_NUM_CLUSTER = _c(r"[0-9](?:[\W_]{0,3}[0-9]){8,}")
 
 
 def _run(d: _RegexDet, t: str, pos: int, endpos: int, out: list) -> None:
@@ -586,10 +669,11 @@ CONTEXT_LEN = AWS_SECRET_WINDOW + 16
 _TOKEN_MAX = max(r.max_len for r in SECRET_RULES if r.entity != "PRIVATE_KEY")
 _HOLD_TOKEN = _c(r"(?r)\S{1,N}".replace("N", str(_TOKEN_MAX)))
 # short groups of digits / capitals (any script's digits, full-width forms, invisible
-# characters inside) with a separator: "4111 1111 ", "+44 (20) ", "DE89 3704 ", "078 05 "
+# characters inside) with a separator (any non-alphanumeric character, as SEP):
+# "4111 1111 ", "4111,1111/", "+44 (20) ", "DE89 3704 ", "078 05 "
 _G = r"\dA-Z\uFF10-\uFF19\uFF21-\uFF3A"
 _HOLD_GROUPS = _c(r"(?r)(?:[+(]?[" + _G + r"][" + _G + r")\u200b-\u200d\u2060\ufeff\u00ad]{0,12}"
-                  r"[\s.\-\u2010-\u2015\u2212]){1,12}")
+                  r"[\W_]){1,12}")
 _PEM_OPEN = "-----BEGIN "
 _PEM_CLOSE = _c(r"-----END [A-Z0-9 ]{1,40}-----")
 

@@ -36,15 +36,17 @@ def test_every_known_disagreement_has_a_reason():
 def test_recall_is_complete_outside_the_known_disagreements(result):
     stats = result["stats"]
     # entities where the corpus and the engine fully agree
-    for entity in ("CREDIT_CARD", "EMAIL", "IBAN", "OPENAI_KEY", "ANTHROPIC_KEY",
+    for entity in ("CREDIT_CARD", "EMAIL", "OPENAI_KEY", "ANTHROPIC_KEY",
                    "ANTHROPIC_ADMIN_KEY", "GITHUB_TOKEN", "SLACK_TOKEN", "HUGGINGFACE_TOKEN",
                    "JWT", "PERPLEXITY_KEY", "AWS_BEDROCK_KEY", "AWS_SECRET_KEY"):
         s = stats[entity]
         assert (s["fp"], s["fn"]) == (0, 0), (entity, s)
     # the remaining ones, exactly as explained
+    # IBAN (1, 0) and one of US_SSN's (1, 2): separators presidio does not accept (a
+    # slash, a dash mixed with a dot) are caught on purpose (pii#390, pii#31)
     expected = {"PHONE": (3, 0), "IP_ADDRESS": (0, 3), "AWS_ACCESS_KEY": (1, 5),
                 "PRIVATE_KEY": (0, 2), "GOOGLE_API_KEY": (15, 0), "SLACK_WEBHOOK": (0, 1),
-                "US_SSN": (0, 2)}
+                "US_SSN": (1, 2), "IBAN": (1, 0)}
     for entity, (fp, fn) in expected.items():
         s = stats[entity]
         assert (s["fp"], s["fn"]) == (fp, fn), (entity, s)

