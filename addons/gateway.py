@@ -15,6 +15,8 @@ from addons.approval.addon import Approval
 from addons.config.addon import RulesLoader
 from addons.config.holder import RulesHolder
 from addons.egress.credentials import Credentials
+from addons.egress.destination import Destinations
+from addons.egress.edge import EdgeOptions
 from addons.egress.upstreams import Upstreams
 from addons.frame.annotate import Annotate
 from addons.identity.addon import Identity
@@ -28,7 +30,9 @@ def build(holder: RulesHolder | None = None) -> list[object]:
     holder = holder or RulesHolder()
     return [
         RulesLoader(holder),
+        EdgeOptions(),
         Upstreams(holder),
+        Destinations(holder),
         Identity(holder),
         Sessions(holder),
         Policy(holder),

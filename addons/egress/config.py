@@ -3,6 +3,7 @@ finds each one's real credential (never the value itself). Pure; no mitmproxy im
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,8 @@ from addons.config.schema import (
 )
 
 DIALECTS = ("openai", "anthropic", "webhook", "generic")
+SCHEMES = ("https", "http")
+DEFAULT_PORT = {"https": 443, "http": 80}
 
 
 @dataclass(frozen=True)
@@ -51,32 +54,69 @@ class Upstream:
     allow_subjects: tuple[str, ...] = ()
     restore: bool = False
     mask: bool = True
+    # How agents reach it: "https" (default; a host without a port is 443 only) or "http"
+    # (declared explicitly; a host without a port is 80 only).
+    scheme: str = "https"
+    # Names that resolve to loopback/private/link-local/... addresses are refused unless set.
+    allow_private: bool = False
+    websocket: bool = False  # WebSocket upgrades refused unless the upstream opts in
+    paths: tuple[str, ...] | None = None  # globs allowed on top of the dialect's endpoints
     where: Where = field(default=Where("", ""), compare=False)
 
     def matches(self, host: str, port: int) -> bool:
         host = host.lower().rstrip(".")
         for pattern in self.hosts:
-            if host_matches(pattern, host, port):
+            if host_matches(pattern, host, port, DEFAULT_PORT[self.scheme]):
                 return True
         return False
+
+    def literal_addresses(self) -> set[tuple[str, int | None]]:
+        """IP addresses the rules name explicitly (hosts entries and forward_to).
+
+        Naming an address is declaring it: those may be private/loopback without
+        `allow_private` (a *name* that resolves there is what the flag guards)."""
+        out: set[tuple[str, int | None]] = set()
+        for pattern in self.hosts:
+            host, port = split_pattern(pattern)
+            if is_ip(host):
+                out.add((str(ipaddress.ip_address(host)), port or DEFAULT_PORT[self.scheme]))
+        if self.forward_to is not None and is_ip(self.forward_to[1]):
+            out.add((str(ipaddress.ip_address(self.forward_to[1])), self.forward_to[2]))
+        return out
 
 
 _HOST_RE = re.compile(
     r"^(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?$|^\[[0-9a-f:.]+\](:\d{1,5})?$")
 
 
-def host_matches(pattern: str, host: str, port: int) -> bool:
-    """`api.openai.com`, `*.example.com` (subdomains only) or `host:port` (exact port)."""
-    p_host, p_port = pattern, None
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def split_pattern(pattern: str) -> tuple[str, int | None]:
+    """`host`, `host:port`, `[v6]` or `[v6]:port` -> (host, port or None)."""
     if pattern.startswith("["):
         end = pattern.index("]")
-        p_host, rest = pattern[1:end], pattern[end + 1:]
-        p_port = int(rest[1:]) if rest.startswith(":") else None
-        host = host.strip("[]")
-    elif pattern.count(":") == 1:
+        rest = pattern[end + 1:]
+        return pattern[1:end], (int(rest[1:]) if rest.startswith(":") else None)
+    if pattern.count(":") == 1:
         p_host, port_s = pattern.split(":")
-        p_port = int(port_s)
-    if p_port is not None and p_port != port:
+        return p_host, int(port_s)
+    return pattern, None
+
+
+def host_matches(pattern: str, host: str, port: int, default_port: int = 443) -> bool:
+    """`api.openai.com`, `*.example.com` (subdomains only) or `host:port` (exact port).
+
+    A pattern without a port matches only the upstream scheme's default port (443 for
+    https): declaring `api.openai.com` does not open `api.openai.com:22`."""
+    p_host, p_port = split_pattern(pattern)
+    host = host.strip("[]")
+    if (p_port if p_port is not None else default_port) != port:
         return False
     if p_host.startswith("*."):
         suffix = p_host[1:]
@@ -97,7 +137,8 @@ def _parse_forward_to(value: Any, where: Where) -> tuple[str, str, int]:
 
 
 UPSTREAM_KEYS = {"name", "hosts", "dialect", "credential", "forward_to", "allow_groups",
-                 "allow_subjects", "restore", "mask"}
+                 "allow_subjects", "restore", "mask", "scheme", "allow_private", "websocket",
+                 "paths"}
 CREDENTIAL_KEYS = {"header", "env", "file", "prefix"}
 
 
@@ -142,6 +183,17 @@ def parse_upstream(raw: Any, where: Where) -> Upstream:
     forward_to = None
     if d.get("forward_to") is not None:
         forward_to = _parse_forward_to(d["forward_to"], where.child("forward_to"))
+    scheme = expect_str(d.get("scheme", "https"), where.child("scheme"))
+    if scheme not in SCHEMES:
+        raise where.child("scheme").error(f"must be https or http, got {scheme!r}")
+    if cred is not None:
+        _no_cleartext_credential(scheme, norm_hosts, forward_to, where)
+    paths = None
+    if d.get("paths") is not None:
+        paths = expect_str_list(d["paths"], where.child("paths"))
+        for i, p in enumerate(paths):
+            if not p.startswith("/"):
+                raise where.child("paths").child(i).error(f"a path glob starts with '/': {p!r}")
     return Upstream(
         name=name,
         hosts=tuple(norm_hosts),
@@ -152,8 +204,37 @@ def parse_upstream(raw: Any, where: Where) -> Upstream:
         allow_subjects=expect_str_list(d.get("allow_subjects", []), where.child("allow_subjects")),
         restore=expect_bool(d.get("restore", False), where.child("restore")),
         mask=expect_bool(d.get("mask", True), where.child("mask")),
+        scheme=scheme,
+        allow_private=expect_bool(d.get("allow_private", False), where.child("allow_private")),
+        websocket=expect_bool(d.get("websocket", False), where.child("websocket")),
+        paths=paths,
         where=where,
     )
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _no_cleartext_credential(scheme: str, hosts: list[str],
+                             forward_to: tuple[str, str, int] | None, where: Where) -> None:
+    """A real credential travels in clear text only to a declared http:// loopback server."""
+    if forward_to is not None:
+        if forward_to[0] == "http" and not is_loopback_host(forward_to[1]):
+            raise where.child("forward_to").error(
+                "a credential is never sent in clear text: use https:// (or a loopback "
+                "http:// address)")
+        return
+    if scheme == "http" and not all(is_loopback_host(split_pattern(h)[0]) for h in hosts):
+        raise where.child("scheme").error(
+            "a credential is never sent in clear text: an http upstream with a credential "
+            "must be a loopback address")
 
 
 def parse_upstreams(items: list[tuple[Any, Where]]) -> tuple[Upstream, ...]:

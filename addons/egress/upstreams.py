@@ -1,22 +1,36 @@
 """Resolve which declared upstream a request goes to; refuse everything else.
 
-Default-deny egress: a host that no upstream declares gets a 403 at CONNECT time (no TLS
-handshake, no upstream connection) or on the request for plain HTTP.
+Default-deny egress: a host:port that no upstream declares gets a 403 at CONNECT time (no TLS
+handshake, no upstream connection) or on the request for plain HTTP. On every request the
+destination is pinned: the Host header, the HTTP/2 `:authority`, an absolute-form URL and the
+TLS SNI must all name the tunnel's target (421 otherwise: domain fronting), the scheme must
+be the upstream's (no cleartext to an https upstream, so no credential in clear text), a
+WebSocket or other protocol upgrade needs the upstream's opt-in, and the path must be one of
+the dialect's endpoints (or the upstream's `paths:`).
 """
 
 from __future__ import annotations
 
 from mitmproxy import http
+from mitmproxy.net.http import url
 
 from addons.config.holder import RulesHolder
+from addons.egress.config import Upstream
+from addons.egress.paths import PathError, normalise, path_allowed
 from addons.frame.guard import guarded, refuse
+
+STEP = "upstreams"
+
+
+def _norm_host(host: str) -> str:
+    return host.strip().strip("[]").lower().rstrip(".")
 
 
 class Upstreams:
     def __init__(self, holder: RulesHolder) -> None:
         self.holder = holder
 
-    def _resolve(self, flow: http.HTTPFlow) -> bool:
+    def _resolve(self, flow: http.HTTPFlow) -> Upstream | None:
         rules = self.holder.rules
         assert rules is not None  # RulesLoader refuses flows before rules exist
         host, port = flow.request.host, flow.request.port
@@ -24,15 +38,94 @@ class Upstreams:
         if up is None:
             flow.metadata.pop("upstream", None)
             refuse(flow, 403, f"destination {host}:{port} is not a declared upstream "
-                   "(default-deny egress)", "destination_not_allowed", "upstreams")
-            return False
+                   "(default-deny egress)", "destination_not_allowed", STEP)
+            return None
         flow.metadata["upstream"] = {"name": up.name, "dialect": up.dialect}
-        return True
+        return up
 
-    @guarded("upstreams")
+    @guarded(STEP)
     def http_connect(self, flow: http.HTTPFlow) -> None:
         self._resolve(flow)
 
-    @guarded("upstreams")
+    @guarded(STEP)
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self._resolve(flow)
+        up = self._resolve(flow)
+        if up is None:
+            return
+        if not self._pinned(flow) or not self._scheme_ok(flow, up):
+            return
+        if not self._upgrade_ok(flow, up):
+            return
+        self._path_ok(flow, up)
+
+    @staticmethod
+    def _pinned(flow: http.HTTPFlow) -> bool:
+        """Every name the request carries for its destination is the tunnel's target."""
+        req = flow.request
+        target_host, target_port = _norm_host(req.host), req.port
+        default = 443 if req.scheme == "https" else 80
+        names = list(req.headers.get_all("host"))
+        if len(names) > 1:
+            refuse(flow, 400, "more than one Host header", "ambiguous_host", STEP)
+            return False
+        if req.authority:
+            names.append(req.authority)
+        for value in names:
+            try:
+                host, port = url.parse_authority(value, check=True)
+            except ValueError:
+                refuse(flow, 400, "malformed Host/:authority", "bad_host", STEP)
+                return False
+            if _norm_host(host) != target_host or (port or default) != target_port:
+                refuse(flow, 421, f"request names {value!r} inside a connection to "
+                       f"{target_host}:{target_port} (Misdirected Request)",
+                       "misdirected_request", STEP)
+                return False
+        tunnel = flow.server_conn.address is not None
+        sni = flow.client_conn.sni if flow.client_conn.tls else None
+        if tunnel and sni and _norm_host(sni) != target_host:
+            refuse(flow, 421, f"TLS SNI {sni!r} differs from the tunnel's target "
+                   f"{target_host} (Misdirected Request)", "misdirected_request", STEP)
+            return False
+        return True
+
+    @staticmethod
+    def _scheme_ok(flow: http.HTTPFlow, up: Upstream) -> bool:
+        if flow.request.scheme == up.scheme:
+            return True
+        if up.scheme == "https":
+            refuse(flow, 403, f"cleartext {flow.request.scheme} to the https upstream "
+                   f"{up.name!r} is refused; use https", "cleartext_refused", STEP)
+        else:
+            refuse(flow, 403, f"upstream {up.name!r} is declared scheme: {up.scheme}",
+                   "scheme_not_allowed", STEP)
+        return False
+
+    @staticmethod
+    def _upgrade_ok(flow: http.HTTPFlow, up: Upstream) -> bool:
+        upgrade = flow.request.headers.get("upgrade")
+        if upgrade is None and "upgrade" not in flow.request.headers.get(
+                "connection", "").lower():
+            return True
+        if (upgrade or "").strip().lower() == "websocket" and up.websocket:
+            return True
+        if (upgrade or "").strip().lower() == "websocket":
+            refuse(flow, 403, f"WebSocket upgrades to upstream {up.name!r} are refused "
+                   "(declare websocket: true to allow them)", "websocket_not_allowed", STEP)
+        else:
+            refuse(flow, 403, "protocol upgrades are refused", "upgrade_not_allowed", STEP)
+        return False
+
+    @staticmethod
+    def _path_ok(flow: http.HTTPFlow, up: Upstream) -> bool:
+        try:
+            path = normalise(flow.request.path)
+        except PathError as e:
+            refuse(flow, 400, f"ambiguous request path refused: {e}", "ambiguous_path", STEP)
+            return False
+        if not path_allowed(up.dialect, up.paths, path):
+            refuse(flow, 404, f"{path} is not a known {up.dialect} endpoint of upstream "
+                   f"{up.name!r} (default-deny paths; allow it with paths:)",
+                   "path_not_allowed", STEP)
+            return False
+        return True

@@ -1,0 +1,198 @@
+"""Every byte is an inspected HTTP flow or the connection is refused.
+
+mitmproxy's defaults relay what it cannot read: `rawtcp` turns a tunnel whose first bytes
+are not TLS/HTTP into a raw TCP relay, `ignore_hosts`/`allow_hosts`/`tcp_hosts`/`udp_hosts`
+pass connections through untouched, and a tunnel whose first segment is shorter than three
+bytes is "not TLS" (`starts_like_tls_record` needs 3 bytes), so a ClientHello split after
+its first byte or two went into that raw relay and on to the upstream end-to-end.
+
+Two mechanisms close the class:
+- `EdgeOptions.configure` refuses (OptionsError) the options that ask for pass-through and
+  forces the ones whose defaults allow it (`rawtcp` off, `connection_strategy` lazy so no
+  upstream TLS handshake happens before the request is checked).
+- `LayerGuard.next_layer` runs after mitmproxy's own NextLayer (it is appended to the
+  master's chain: scripts run *before* the built-in NextLayer) and decides every layer from
+  the bytes itself: TLS (which the gateway terminates) or an HTTP request line, else the
+  connection is closed; while the bytes seen so far cannot decide (a split ClientHello, half
+  a request line) the decision is deferred instead of guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+
+from mitmproxy import ctx, exceptions
+from mitmproxy.net.tls import starts_like_tls_record
+from mitmproxy.proxy import commands, events, layer, layers
+from mitmproxy.proxy.layers import modes
+from mitmproxy.proxy.mode_specs import RegularMode
+from mitmproxy.tls import ClientHelloData
+
+from addons.frame.guard import guarded
+
+log = logging.getLogger("agentgate.edge")
+
+# Options that would let bytes pass without becoming an inspected flow.
+PASS_THROUGH_OPTIONS = ("ignore_hosts", "allow_hosts", "tcp_hosts", "udp_hosts")
+# Forced values: mitmproxy's defaults here would relay or pre-connect.
+FORCED = {"rawtcp": False, "connection_strategy": "lazy"}
+
+# A request line we can read: METHOD SP target SP HTTP/x[.y] (HTTP/2's preface included).
+_REQUEST_LINE = re.compile(rb"[A-Z]{3,20} [\x21-\x7e]{1,8192} HTTP/\d(?:\.\d)?\r?\n")
+# What can still become a request line (no newline yet): wait for more bytes.
+_REQUEST_LINE_PREFIX = re.compile(rb"[A-Z]{0,20}(?: [\x21-\x7e]{0,8192}(?: [HTP/0-9.]{0,8}\r?)?)?")
+MAX_UNDECIDED = 16 * 1024  # bytes we wait for before giving up on deciding
+
+
+def classify(data: bytes) -> str:
+    """'tls', 'http', 'more' (cannot decide yet) or 'refuse' for a connection's first bytes."""
+    if starts_like_tls_record(data):
+        return "tls"
+    if len(data) < 3 and data[:1] in (b"", b"\x16") and data[1:2] in (b"", b"\x03"):
+        return "more"  # a TLS record header split after its first byte(s)
+    if _REQUEST_LINE.match(data):
+        return "http"
+    if len(data) < MAX_UNDECIDED and _REQUEST_LINE_PREFIX.fullmatch(data):
+        return "more"
+    return "refuse"
+
+
+class RefuseLayer(layer.Layer):
+    """Closes the client connection (and any server connection) without relaying a byte."""
+
+    def __init__(self, context, reason: str) -> None:
+        super().__init__(context)
+        self.reason = reason
+        self.closed = False
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if self.closed:
+            return
+        if isinstance(event, (events.Start, events.DataReceived, events.ConnectionClosed)):
+            self.closed = True
+            peer = self.context.client.peername
+            log.warning("agentgate: closing connection from %s: %s", peer, self.reason)
+            if self.context.server.connected:
+                yield commands.CloseConnection(self.context.server)
+            yield commands.CloseConnection(self.context.client)
+
+
+def _chosen(first: layer.Layer | None) -> Iterator[layer.Layer]:
+    cur = first
+    while cur is not None:
+        yield cur
+        cur = getattr(cur, "child_layer", None)
+
+
+# A NextLayer below TLS decides (through this guard again) what runs inside the TLS.
+ALLOWED_LAYERS = (layers.ServerTLSLayer, layers.ClientTLSLayer, layers.HttpLayer, layer.NextLayer)
+
+
+class LayerGuard:
+    """Appended to the end of the master's addon chain (after the built-in NextLayer)."""
+
+    name = "agentgate_layer_guard"
+
+    @guarded("edge")
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        try:
+            self._decide(nextlayer)
+        except Exception:  # noqa: BLE001 - fail closed: refuse rather than relay
+            log.exception("agentgate: layer decision failed; closing the connection")
+            self._replace(nextlayer, "internal error while deciding the protocol")
+
+    @staticmethod
+    def _drop(nextlayer: layer.NextLayer) -> None:
+        # Layers register themselves in context.layers when built: take back what the
+        # built-in chose before putting our own decision in its place.
+        for lyr in _chosen(nextlayer.layer):
+            if lyr in nextlayer.context.layers:
+                nextlayer.context.layers.remove(lyr)
+        nextlayer.layer = None
+
+    def _replace(self, nextlayer: layer.NextLayer, reason: str) -> None:
+        self._drop(nextlayer)
+        nextlayer.layer = RefuseLayer(nextlayer.context, reason)
+
+    def _decide(self, nextlayer: layer.NextLayer) -> None:
+        context = nextlayer.context
+        if isinstance(nextlayer.layer, RefuseLayer):
+            return
+        if context.client.transport_protocol != "tcp":
+            self._replace(nextlayer, "only TCP (HTTP/1, HTTP/2 over TLS) is served")
+            return
+        if not isinstance(context.layers[0], modes.HttpProxy):
+            self._replace(nextlayer, f"proxy mode {type(context.layers[0]).__name__} is not "
+                          "served; only the regular HTTP(S) proxy mode")
+            return
+        if nextlayer.data_server():
+            self._replace(nextlayer, "the server spoke first (not HTTP or TLS)")
+            return
+        data = nextlayer.data_client()
+        kind = classify(data)
+        if kind == "more":
+            self._drop(nextlayer)  # wait for more bytes instead of guessing
+            return
+        # TLS the gateway already terminated inside this tunnel (TLS to the proxy itself,
+        # before the CONNECT, is a different hop and allowed).
+        chosen = list(_chosen(nextlayer.layer))
+        below = [x for x in context.layers if not any(x is c for c in chosen)]
+        last_http = max((i for i, x in enumerate(below)
+                         if isinstance(x, layers.HttpLayer)), default=-1)
+        in_tls = any(isinstance(x, layers.ClientTLSLayer) for x in below[last_http + 1:])
+        if kind == "refuse" or (kind == "tls" and in_tls):
+            why = "TLS inside TLS" if kind == "tls" else "neither TLS nor an HTTP request"
+            self._replace(nextlayer, f"connection starts with {why}")
+            return
+        if not chosen or not all(isinstance(x, ALLOWED_LAYERS) for x in chosen) or (
+                kind == "http" and not isinstance(chosen[0], layers.HttpLayer)) or (
+                kind == "tls" and isinstance(chosen[0], layers.HttpLayer)):
+            names = ", ".join(type(x).__name__ for x in chosen) or "none"
+            self._replace(nextlayer, f"refusing the {names} layer for a {kind} connection")
+
+    @guarded("edge")
+    def tls_clienthello(self, data: ClientHelloData) -> None:
+        # No addon may turn an intercepted TLS connection into a pass-through.
+        data.ignore_connection = False
+
+
+class EdgeOptions:
+    """Refuses the mitmproxy options that relay uninspected bytes; installs the LayerGuard."""
+
+    def __init__(self) -> None:
+        self.guard = LayerGuard()
+
+    def load(self, loader) -> None:
+        master = getattr(ctx, "master", None)
+        addons = getattr(master, "addons", None)
+        if addons is None or addons.get(LayerGuard.name) is not None:
+            return  # kept across script reloads: the edge never opens, even mid-reload
+        addons.register(self.guard)
+        addons.chain.append(self.guard)
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        for name in PASS_THROUGH_OPTIONS:
+            if name in updated and getattr(opts, name, None):
+                raise exceptions.OptionsError(
+                    f"{name} is refused by agentgate: every connection must be an inspected "
+                    "HTTP flow (no pass-through, no raw TCP/UDP)")
+        if "mode" in updated:
+            for spec in opts.mode:
+                if not isinstance(_parse_mode(spec), RegularMode):
+                    raise exceptions.OptionsError(
+                        f"mode {spec!r} is refused by agentgate: only the regular HTTP(S) "
+                        "proxy mode is inspected")
+        force = {k: v for k, v in FORCED.items()
+                 if (k in updated or not hasattr(self, "_forced")) and getattr(opts, k) != v}
+        self._forced = True
+        if force:
+            log.info("agentgate: forcing %s", ", ".join(f"{k}={v}" for k, v in force.items()))
+            opts.update(**force)
+
+
+def _parse_mode(spec: str):
+    from mitmproxy.proxy.mode_specs import ProxyMode
+    return ProxyMode.parse(spec)
