@@ -1,7 +1,11 @@
 """Incremental masking of Server-Sent Event streams (pure: no mitmproxy import).
 
 Network chunks are cut anywhere, so bytes are first reassembled into complete SSE events
-(terminated by a blank line, any of LF / CRLF / CR line endings). Each event is then
+exactly as the WHATWG event-stream rules read them: a line ends with CRLF, LF or CR, freely
+mixed (`\n\r\n` is a line end then a blank line); a blank line ends an event; a UTF-8 BOM at
+the start of the stream is dropped. Events go out with LF line endings only, so the agent's
+parser cannot split them differently from ours. Every line that is not `data` (comments,
+`event:`, `id:`, `retry:`, unknown fields) is masked as text on its own. Each event is then
 handled by what it carries:
 
 - a text delta (OpenAI chat `choices[i].delta.content` / `refusal` / `tool_calls[j].
@@ -17,9 +21,14 @@ handled by what it carries:
   `message_delta`, `message_stop`; the end of the stream) flushes it: the held text goes
   out in one synthetic delta event, cloned from the channel's last delta, just before the
   closing event.
-- any other event (message_start, response.completed with the full text …) is masked as
-  a JSON document (`addons.masking.bodies`), with the same session placeholders, so the full text
-  and the streamed deltas agree.
+- any other event of a known dialect (message_start, response.completed with the full
+  text …) is masked as a JSON document (`addons.masking.bodies`), with the same session
+  placeholders, so the full text and the streamed deltas agree.
+- a stream of no known dialect is a text channel too: plain-text `data` (one channel per
+  event name), and in JSON events of unknown shape every string under a text-like key
+  (STREAM_TEXT_KEYS: content, text, delta, response, token, …; one channel per JSON path)
+  is held back and joined across events like a delta; the rest of such an event is masked
+  as a JSON document.
 
 With restore on, known placeholders in the model's text are replaced by the originals
 (JSON-escaped in tool-call argument streams); the emit boundary never splits a
@@ -45,8 +54,16 @@ from addons.masking.masker import MAX_PLACEHOLDER_LEN, PARTIAL_PLACEHOLDER_RE, c
 
 log = logging.getLogger("agentgate.masking")
 
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-_LINE_SPLIT = re.compile(r"\r\n|\r|\n")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
+# keys whose string values are the streamed text of an unknown JSON shape (Ollama
+# `message.content` / `response` / `thinking`, legacy completions `choices[].text`, generic
+# token streams)
+STREAM_TEXT_KEYS = frozenset({
+    "content", "text", "delta", "response", "token", "thinking", "reasoning",
+    "reasoning_content", "output", "output_text", "completion", "generated_text",
+    "partial_json", "arguments", "message", "chunk", "data", "value", "answer",
+})
 
 
 class StreamTooLarge(Exception):
@@ -55,29 +72,66 @@ class StreamTooLarge(Exception):
 
 # ---------------------------------------------------------------- bytes -> events
 class EventSplitter:
-    """Complete SSE events from arbitrary chunks (bytes, terminator included)."""
+    """Complete SSE events from arbitrary chunks, read as the WHATWG event-stream parser
+    reads them (CR, LF, CRLF and mixes; BOM at the start dropped). Each event comes out
+    canonical: its lines joined by LF, ended by a blank line. A blank line with no event
+    before it comes out as a bare LF (a keep-alive)."""
 
     def __init__(self, max_event: int) -> None:
         self.buf = bytearray()
         self.max_event = max_event
+        self.lines: list[bytes] = []
+        self.size = 0
+        self.started = False  # past the stream's first bytes (BOM decided)
 
     def feed(self, data: bytes) -> list[bytes]:
         self.buf += data
+        if not self.started:
+            if len(self.buf) < len(_BOM) and _BOM.startswith(bytes(self.buf)):
+                return []  # could still be a BOM
+            self.started = True
+            if self.buf.startswith(_BOM):
+                del self.buf[:len(_BOM)]
         out: list[bytes] = []
-        start = 0
-        # Search from the start each time: a CRLF pair may have been cut between chunks.
-        for m in _EVENT_END.finditer(self.buf):
-            out.append(bytes(self.buf[start:m.end()]))
-            start = m.end()
-        if start:
-            del self.buf[:start]
-        if len(self.buf) > self.max_event:
+        pos = 0
+        buf = self.buf
+        n = len(buf)
+        for m in _LINE_END.finditer(buf):
+            if m.group() == b"\r" and m.end() == n:
+                break  # a CR at the end of the chunk may be the first half of a CRLF
+            line = bytes(buf[pos:m.start()])
+            pos = m.end()
+            self._line(line, out)
+        if pos:
+            del buf[:pos]
+        if len(buf) + self.size > self.max_event:
             raise StreamTooLarge
         return out
 
+    def _line(self, line: bytes, out: list[bytes]) -> None:
+        if line:
+            self.lines.append(line)
+            self.size += len(line) + 1
+            return
+        if self.lines:
+            out.append(b"\n".join(self.lines) + b"\n\n")
+            self.lines, self.size = [], 0
+        else:
+            out.append(b"\n")
+
     def rest(self) -> bytes:
-        data, self.buf = bytes(self.buf), bytearray()
-        return data
+        """The unterminated last event at the end of the stream (canonical), or b""."""
+        if not self.started and self.buf:
+            self.started = True
+            if self.buf.startswith(_BOM):
+                del self.buf[:len(_BOM)]
+        tail = bytes(self.buf)
+        self.buf = bytearray()
+        for line in _LINE_END.split(tail):
+            if line:
+                self.lines.append(line)
+        lines, self.lines, self.size = self.lines, [], 0
+        return b"\n".join(lines) + b"\n\n" if lines else b""
 
 
 class SSEEvent:
@@ -86,9 +140,13 @@ class SSEEvent:
     __slots__ = ("raw", "name", "data", "lines", "obj")
 
     def __init__(self, raw: bytes) -> None:
-        self.raw = raw
+        self.raw = raw  # canonical (EventSplitter): LF line ends, one blank line at the end
         text = raw.decode("utf-8", "surrogateescape")
-        self.lines = [ln for ln in _LINE_SPLIT.split(text) if ln != ""]
+        self.lines = [ln for ln in text.split("\n") if ln != ""]
+        self._parse()
+        self.obj: Any = None
+
+    def _parse(self) -> None:
         self.name: str | None = None
         data: list[str] = []
         for ln in self.lines:
@@ -100,7 +158,22 @@ class SSEEvent:
             elif field == "data":
                 data.append(value)
         self.data: str | None = "\n".join(data) if data else None
-        self.obj: Any = None
+
+    def mask_fields(self, mask: Callable[[str], str]) -> None:
+        """Mask every line that is not a `data` line (comments, event, id, retry, unknown
+        fields: the agent's parser or the record may see any of them) as text of its own."""
+        changed = False
+        for i, ln in enumerate(self.lines):
+            if ln.partition(":")[0] == "data":
+                continue
+            new = mask(ln)
+            if new != ln:
+                # a replacement never holds a line end; keep it on one line regardless
+                self.lines[i] = new.replace("\r", " ").replace("\n", " ")
+                changed = True
+        if changed:
+            self._parse()
+            self.raw = ("\n".join(self.lines) + "\n\n").encode("utf-8", "surrogateescape")
 
     def render(self, data: str) -> bytes:
         """The event with its data replaced; other fields (event, id, retry) kept."""
@@ -424,18 +497,19 @@ class StreamMasker:
     # -- one event
     def event(self, raw: bytes) -> list[bytes]:
         ev = SSEEvent(raw)
+        ev.mask_fields(self.plain.text)
         if ev.data is None:
-            return [raw]  # comments, keep-alives, retry-only events
+            return [ev.raw]  # comments, keep-alives, id/retry-only events (masked)
         data = ev.data
         stripped = data.strip()
         if stripped == "[DONE]":
-            return [*self.flush(lambda key: True), raw]
+            return [*self.flush(lambda key: True), ev.raw]
         if stripped[:1] not in ("{", "["):
-            return [self._text_event(ev, data)]
+            return self._text_event(ev, data)
         try:
             obj = loads(data)
         except (ValueError, RecursionError):  # incl. duplicate keys: mask it as raw text
-            return [self._text_event(ev, data)]
+            return self._text_event(ev, data)
         if isinstance(obj, dict):
             typ = obj.get("type")
             if isinstance(obj.get("choices"), list):
@@ -446,17 +520,39 @@ class StreamMasker:
                 if typ in ("content_block_delta", "content_block_stop", "message_delta",
                            "message_stop"):
                     return self._anthropic(ev, obj, typ)
-        return self._generic(ev, obj)
+                if typ in ("message_start", "content_block_start", "ping", "error"):
+                    return self._generic(ev, obj)
+        return self._unknown_json(ev, obj)
 
-    def _text_event(self, ev: SSEEvent, data: str) -> bytes:
-        new = self.plain.text(data)
-        kept = ev.raw if new == data else ev.render(new)
-        if self.restorer is None:
-            return kept
-        shown = self.restorer.text(new)
-        return kept if shown == new else _pair(ev.render(shown), kept)
+    def _text_event(self, ev: SSEEvent, data: str) -> list[bytes]:
+        """Plain-text data: one text channel per event name, held back like a delta (a
+        value split across events is seen whole); nothing goes out until some text is safe."""
+        ch = self.channel(("text", ev.name))
+        ch.template = lambda text, e=ev: _render_text(e, text)
+        out = ch.feed(data)
+        if not out:
+            return []
+        return [_render_text(ev, out)]
 
-    def _generic(self, ev: SSEEvent, obj: Any) -> list[bytes]:
+    def _unknown_json(self, ev: SSEEvent, obj: Any) -> list[bytes]:
+        """A JSON event of no known dialect: every string under a text-like key is a
+        channel of its own (by JSON path), the rest of the event is masked as a document."""
+        leaves: list[tuple[tuple, Any, Any]] = []
+        _text_leaves(obj, (), leaves, 0)
+        if leaves:
+            snapshot = _dump(obj)
+            for path, holder, key in leaves:
+                ch = self.channel(("json", ev.name, path))
+                ch.template = _leaf_template(ev, snapshot, path, [p for p, _, _ in leaves])
+                holder[key] = ch.feed(holder[key])
+        return self._generic(ev, obj, force=bool(leaves))
+
+    def _generic(self, ev: SSEEvent, obj: Any, force: bool = False) -> list[bytes]:
+        if force:  # channel text inside (maybe _Dual: restored and masked renderings)
+            self.plain.json_obj(obj)
+            if self.restorer is not None:
+                self.restorer.json_obj(obj)
+            return [_render(ev, obj)]
         kept = ev.render(_dump(obj)) if self.plain.json_obj(obj) else ev.raw
         if self.restorer is not None and self.restorer.json_obj(obj):
             return [_pair(ev.render(_dump(obj)), kept)]
@@ -475,6 +571,12 @@ class StreamMasker:
             fed: set[tuple] = set()
             if choice.get("logprobs"):
                 choice["logprobs"] = None  # per-token output: cannot be masked, dropped
+            if isinstance(choice.get("text"), str):  # legacy completions stream
+                key = ("chat", idx, "text")
+                ch = self.channel(key)
+                ch.template = _legacy_template(base, idx, ev.name)
+                choice["text"] = ch.feed(choice["text"], closing)
+                fed.add(key)
             delta = choice.get("delta")
             if isinstance(delta, dict):
                 for field in ("content", "refusal", "reasoning_content", "reasoning"):
@@ -559,6 +661,51 @@ class StreamMasker:
         else:  # message_delta, message_stop
             pre = self.flush(lambda key: True)
         return [*pre, *self._generic(ev, obj)]
+
+
+def _render_text(ev: SSEEvent, text: str | _Dual) -> bytes:
+    if isinstance(text, _Dual):
+        return _pair(ev.render(text.shown), ev.render(text.kept))
+    return ev.render(text)
+
+
+def _text_leaves(node: Any, path: tuple, out: list, depth: int) -> None:
+    """(path, container, key) of the strings under STREAM_TEXT_KEYS, in document order."""
+    if depth > 64:
+        return
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if isinstance(v, str):
+                if k in STREAM_TEXT_KEYS:
+                    out.append(((*path, k), node, k))
+            elif isinstance(v, dict | list):
+                _text_leaves(v, (*path, k), out, depth + 1)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            if isinstance(v, dict | list):
+                _text_leaves(v, (*path, i), out, depth + 1)
+
+
+def _leaf_template(ev: SSEEvent, snapshot: str, path: tuple,
+                   siblings: list[tuple]) -> Callable[[str], bytes]:
+    """A flush event for one channel of an unknown shape: the event as it came, with this
+    path's text set to the held text and the other channels' texts emptied."""
+    def make(text: str) -> bytes:
+        obj = json.loads(snapshot)
+        for p in siblings:
+            node = obj
+            for k in p[:-1]:
+                node = node[k]
+            node[p[-1]] = text if p == path else ""
+        return _render(ev, obj)
+    return make
+
+
+def _legacy_template(base: dict, idx: int, name: str | None) -> Callable[[str], bytes]:
+    def make(text: str) -> bytes:
+        return _event(name, {**base, "choices": [{"index": idx, "text": text,
+                                                  "finish_reason": None}]})
+    return make
 
 
 def _chat_template(base: dict, idx: int, field: str, tidx: int | None,
