@@ -146,6 +146,7 @@ class Recorder:
             w.interval = cfg.batch_interval_ms / 1000
             w.max_pending = cfg.max_pending
             w.retention_days = cfg.retention_days
+            w.max_batch_bytes = cfg.max_batch_bytes
             if self.db_path(cfg) != w.path:
                 log.warning("agentgate: recorder.path changed; restart the gateway to record "
                             "to the new file (still writing %s)", w.path)
@@ -198,7 +199,8 @@ class Recorder:
         writer = AuditWriter(path, build=build_row, batch_size=cfg.batch_size,
                              interval=cfg.batch_interval_ms / 1000,
                              max_pending=cfg.max_pending, retention_days=cfg.retention_days,
-                             serve_queries=cfg.query_socket)
+                             serve_queries=cfg.query_socket,
+                             max_batch_bytes=cfg.max_batch_bytes)
         try:
             writer.start()
         except Exception as e:  # noqa: BLE001 - fail closed: refuse flows, say why

@@ -19,8 +19,8 @@ from addons.config.schema import (
 )
 
 KEYS = {"enabled", "path", "retention_days", "session_headers", "session_body_keys",
-        "batch_size", "batch_interval_ms", "max_pending", "max_body_bytes", "redact_headers",
-        "query_socket"}
+        "batch_size", "batch_interval_ms", "max_pending", "max_body_bytes", "max_batch_bytes",
+        "redact_headers", "query_socket"}
 
 DEFAULT_SESSION_HEADERS = ("X-Agent-Session", "X-LangGraph-Thread-Id", "X-Thread-Id",
                            "X-Run-Id")
@@ -38,7 +38,10 @@ class RecorderConfig:
     batch_size: int = 500
     batch_interval_ms: int = 200
     max_pending: int = 100_000
-    max_body_bytes: int = 16 * 1024 * 1024
+    # Larger values (every body and every copy of one in the flow state) are stored as
+    # their first max_body_bytes plus size and sha256: one huge flow cannot poison the store.
+    max_body_bytes: int = 256 * 1024
+    max_batch_bytes: int = 8 * 1024 * 1024
     redact_headers: tuple[str, ...] = ()
     query_socket: bool = True
 
@@ -85,7 +88,12 @@ def parse_recorder(section: MapSection) -> RecorderConfig:
     if "max_pending" in d:
         kw["max_pending"] = expect_int(d["max_pending"], w("max_pending"), minimum=1)
     if "max_body_bytes" in d:
-        kw["max_body_bytes"] = expect_int(d["max_body_bytes"], w("max_body_bytes"), minimum=0)
+        # bounded: DuckDB's memory_limit (64 MB in the gateway) must hold a whole batch
+        kw["max_body_bytes"] = expect_int(d["max_body_bytes"], w("max_body_bytes"), minimum=0,
+                                          maximum=4 * 1024 * 1024)
+    if "max_batch_bytes" in d:
+        kw["max_batch_bytes"] = expect_int(d["max_batch_bytes"], w("max_batch_bytes"),
+                                           minimum=64 * 1024, maximum=32 * 1024 * 1024)
     if "query_socket" in d:
         kw["query_socket"] = expect_bool(d["query_socket"], w("query_socket"))
     return RecorderConfig(**kw)

@@ -258,7 +258,7 @@ class Pending:
     recorded_at: float = field(default_factory=time.time)
     secrets: tuple[str, ...] = ()
     redact: frozenset[str] = REDACT_HEADERS
-    max_body: int = 16 * 1024 * 1024
+    max_body: int = 256 * 1024
 
 
 Decoder = Callable[[bytes, str], bytes]
@@ -292,9 +292,59 @@ def _body(msg: dict[str, Any] | None, decode: Decoder, scrub: Scrubber, max_body
     if scrub:
         body = scrub.bytes(body)
     if len(body) > max_body:
+        note = (note + "; " if note else "") + truncation_note(body, max_body)
         body = body[:max_body]
-        note = (note + "; " if note else "") + f"truncated to {max_body} bytes"
     return body, note, size
+
+
+def truncation_note(whole: bytes, kept: int) -> str:
+    """How a value too large for the store is described: what was kept, the size and the
+    sha256 of the whole (so a copy kept elsewhere can be matched to the record)."""
+    return (f"truncated to the first {kept} of {len(whole)} bytes; sha256 of the whole: "
+            f"{hashlib.sha256(whole).hexdigest()}")
+
+
+def cap_value(v: Any, limit: int, path: str, notes: list[dict[str, Any]]) -> Any:
+    """v with every bytes/str leaf longer than `limit` cut to its first `limit` bytes
+    (characters for text); each cut is described in `notes` (path, size, sha256).
+
+    Applied to the whole flow state, not to named fields: every copy of a body (request,
+    response, `backup`, WebSocket messages, bytes an addon left in metadata) and any other
+    oversized value (a huge header) is bounded the same way, so no single flow can make a
+    row larger than the store can take.
+    """
+    if isinstance(v, bytes | bytearray | memoryview):
+        b = bytes(v)
+        if len(b) <= limit:
+            return v
+        notes.append({"path": path, "size": len(b), "kept": limit,
+                      "sha256": hashlib.sha256(b).hexdigest()})
+        return b[:limit]
+    if isinstance(v, str):
+        if len(v) <= limit:
+            return v
+        whole = v.encode("utf-8", "surrogatepass")
+        notes.append({"path": path, "size": len(whole), "kept": limit,
+                      "sha256": hashlib.sha256(whole).hexdigest()})
+        return v[:limit]
+    if isinstance(v, dict):
+        return {k: cap_value(x, limit, f"{path}.{k}", notes) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        out = [cap_value(x, limit, f"{path}[{i}]", notes) for i, x in enumerate(v)]
+        return tuple(out) if isinstance(v, tuple) else out
+    return v
+
+
+def cap_state(st: dict[str, Any], limit: int) -> dict[str, Any]:
+    """The flow state as stored: every oversized value truncated (see cap_value); the cuts
+    are listed in the stored state's metadata under `agentgate_truncated`."""
+    notes: list[dict[str, Any]] = []
+    capped = cap_value(st, max(limit, 0), "", notes)
+    if notes:
+        meta = capped.get("metadata")
+        capped["metadata"] = dict(meta) if isinstance(meta, dict) else {}
+        capped["metadata"]["agentgate_truncated"] = notes
+    return capped
 
 
 def _model(req_body: bytes | None, resp_body: bytes | None) -> str | None:
@@ -491,8 +541,15 @@ def build_row(p: Pending, decode: Decoder = _identity_decode) -> dict[str, Any]:
     url = scrub.str(p.origin_url) if p.origin_url else forwarded
     groups = ident.get("groups") if isinstance(ident.get("groups"), list | tuple) else []
 
-    meta_json = cjson(meta) if meta else None
-    state_blob = dump_state(st, scrub)
+    limit = max(p.max_body, 0)
+    meta_json = None
+    if meta:
+        cuts: list[dict[str, Any]] = []
+        capped_meta = cap_value(meta, limit, "metadata", cuts)
+        if cuts:
+            capped_meta["agentgate_truncated"] = cuts
+        meta_json = cjson(capped_meta)
+    state_blob = dump_state(cap_state(st, limit), scrub)
     row: dict[str, Any] = {
         "id": _s(st.get("id")),
         "session_id": p.session,
@@ -560,6 +617,53 @@ def fallback_row(p: Pending, reason: str) -> dict[str, Any]:
         "findings": cjson({}),
         "findings_total": 0,
     }
+
+
+# What a row keeps when the full record could not be stored (see the writer's bisect).
+_REDUCED_KEEP = frozenset({
+    "id", "session_id", "started", "ended", "identity_sub", "identity_iss", "identity_groups",
+    "client", "method", "url", "host", "upstream", "upstream_url", "model", "status",
+    "outcome", "decision", "rule", "refusal_code", "refusal_step", "error", "approval_id",
+    "approval", "findings", "findings_total", "request_size", "response_size", "latency_ms",
+    "is_replay"})
+_REDUCED_TEXT = 4096  # characters kept of any text column of a reduced row
+
+
+def reduced_row(row: dict[str, Any], reason: str, minimal: bool = False) -> dict[str, Any]:
+    """The row of a flow whose full record the store refused (too large, or one value it
+    cannot take): bodies, headers, metadata and flow state dropped, every text cut short,
+    with a note saying why. `minimal` keeps only what identifies the flow. Never raises."""
+    keep = ({"id", "session_id", "started", "ended", "identity_sub", "method", "url",
+             "status", "outcome", "decision", "rule"} if minimal else _REDUCED_KEEP)
+    out: dict[str, Any] = {c: None for c in COLUMN_NAMES}
+    for c in keep:
+        v = row.get(c)
+        if isinstance(v, str) and len(v) > _REDUCED_TEXT:
+            v = v[:_REDUCED_TEXT]
+        out[c] = v
+    if c_groups := out.get("identity_groups"):
+        out["identity_groups"] = [str(g)[:200] for g in list(c_groups)[:50]]
+    else:
+        out["identity_groups"] = []
+    for c in ("approval", "findings"):
+        if out.get(c) is not None and len(out[c]) >= _REDUCED_TEXT:
+            out[c] = None  # cut JSON is not JSON
+    if out.get("findings") is None:
+        out["findings"] = cjson({})
+        out["findings_total"] = out.get("findings_total") or 0
+    note = f"not stored: {reason}"[:500]
+    out["request_body_note"] = note
+    out["response_body_note"] = note
+    err = row.get("error") if not minimal else None
+    out["error"] = (f"{err[:1000]}; " if isinstance(err, str) and err else "") + \
+        f"audit record reduced: {reason}"[:500]
+    if not out.get("id"):
+        out["id"] = f"unknown-{time.time_ns()}"
+    if out.get("started") is None:
+        out["started"] = micros(time.time())
+    if out.get("ended") is None:
+        out["ended"] = out["started"]
+    return out
 
 
 def approval_row(row: dict[str, Any]) -> tuple | None:

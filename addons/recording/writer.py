@@ -146,12 +146,18 @@ def ask_gateway(db_path: str | Path, req: dict[str, Any], timeout: float = 300
 
 
 # ---------------------------------------------------------------- writer
+def row_bytes(row: dict[str, Any]) -> int:
+    """About how many bytes a row takes (its text and blob values)."""
+    return sum(len(v) for v in row.values() if isinstance(v, str | bytes | bytearray))
+
+
 class AuditWriter:
     """Appends pending flows to the store from one background thread."""
 
     def __init__(self, path: str | Path, *, build: Callable[[store.Pending], dict[str, Any]],
                  batch_size: int = 500, interval: float = 0.2, max_pending: int = 100_000,
-                 retention_days: float = 0, serve_queries: bool = True) -> None:
+                 retention_days: float = 0, serve_queries: bool = True,
+                 max_batch_bytes: int = 8 * 1024 * 1024) -> None:
         self.path = Path(path)
         self.build = build
         self.batch_size = batch_size
@@ -159,6 +165,9 @@ class AuditWriter:
         self.max_pending = max_pending
         self.retention_days = retention_days
         self.serve_queries = serve_queries
+        # A batch is one INSERT of columnar lists: its size, not only its row count, must
+        # stay well inside DuckDB's memory_limit (DB_CONFIG).
+        self.max_batch_bytes = max_batch_bytes
         self.failure: str | None = None
         self.written = 0
         self._queue: deque[store.Pending] = deque()
@@ -296,41 +305,114 @@ class AuditWriter:
     def _write_some(self) -> None:
         rows = self._retry
         self._retry = []
-        while len(rows) < self.batch_size and self._queue:
+        size = sum(row_bytes(r) for r in rows)
+        while len(rows) < self.batch_size and self._queue and (
+                not rows or size < self.max_batch_bytes):
             item = self._queue.popleft()
             # No time.sleep(0) between rows: CPython's switch interval already bounds how
             # long this thread holds the GIL, and forced hand-offs cost ~7% throughput.
             try:
-                rows.append(self.build(item))
+                row = self.build(item)
             except Exception as e:  # noqa: BLE001 - never drop a flow: minimal record
                 log.error("agentgate: could not build the audit record of a flow (%s); "
                           "storing a minimal record", type(e).__name__)
-                rows.append(store.fallback_row(item, f"record build failed: {type(e).__name__}"))
+                row = store.fallback_row(item, f"record build failed: {type(e).__name__}")
+            rows.append(row)
+            size += row_bytes(row)
         if not rows:
             return
-        try:
-            assert self._con is not None
-            self._head = store.append(self._con, rows, self._head)
-        except Exception as e:  # noqa: BLE001 - keep the rows, refuse new flows, retry
-            self._retry = rows
+        if self.failure and self._con_broken():
+            # The connection itself may be what failed (e.g. invalidated after an I/O error):
+            # reopen it, so the gateway recovers by itself once the store works again.
+            self._reopen()
+        left = self._write_rows(rows)
+        if left:
+            self._retry = left
             self._fail_count += 1
-            msg = f"cannot write the audit store {self.path}: {type(e).__name__}: " \
-                  f"{str(e).splitlines()[0][:200] if str(e) else ''}"
-            if self.failure != msg:
-                log.error("agentgate: %s; refusing new flows until it recovers", msg)
-            self.failure = msg
-            # Rows get re-chained from the last good head on the next attempt.
-            for r in rows:
-                for k in ("seq", "prev_hash", "hash"):
-                    r.pop(k, None)
-            with contextlib.suppress(Exception):
-                self._head = store.head(self._con)
             return
         if self.failure:
             log.warning("agentgate: audit store writable again; accepting flows")
         self.failure = None
         self._fail_count = 0
+
+    def _append(self, rows: list[dict[str, Any]]) -> Exception | None:
+        """One transaction; on failure the rows are un-chained again and the error returned."""
+        try:
+            assert self._con is not None
+            self._head = store.append(self._con, rows, self._head)
+        except Exception as e:  # noqa: BLE001 - the caller decides: split, reduce or retry
+            for r in rows:  # re-chained from the last good head on the next attempt
+                for k in ("seq", "prev_hash", "hash"):
+                    r.pop(k, None)
+            with contextlib.suppress(Exception):
+                self._head = store.head(self._con)
+            return e
         self.written += len(rows)
+        return None
+
+    def _write_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write rows in order; returns those left unwritten ([] when all were written).
+
+        One bad row must not block every other flow forever (a poisoned batch used to be
+        retried as a whole until restart): a failed batch is split in halves, written in
+        order, down to the single row the store refuses; that row is stored reduced
+        (bodies, headers and flow state dropped, with a note), then minimal. Only when even
+        the minimal row fails is the store itself failing: everything from that row on stays
+        queued, in order, and new flows are refused until a retry succeeds.
+        """
+        err = self._append(rows)
+        if err is None:
+            return []
+        if len(rows) > 1:
+            mid = len(rows) // 2
+            left = self._write_rows(rows[:mid])
+            if left:
+                return left + rows[mid:]
+            return self._write_rows(rows[mid:])
+        row = rows[0]
+        why = f"the store refused the full record ({type(err).__name__})"
+        for minimal in (False, True):
+            small = store.reduced_row(row, why, minimal=minimal)
+            err2 = self._append([small])
+            if err2 is None:
+                log.error("agentgate: audit record of flow %s stored reduced: %s",
+                          small.get("id"), why)
+                return []
+            err = err2
+        self._failed(err)
+        return rows
+
+    def _failed(self, e: BaseException) -> None:
+        msg = f"cannot write the audit store {self.path}: {type(e).__name__}: " \
+              f"{str(e).splitlines()[0][:200] if str(e) else ''}"
+        if self.failure != msg:
+            log.error("agentgate: %s; refusing new flows until it recovers", msg)
+        self.failure = msg
+
+    def _con_broken(self) -> bool:
+        try:
+            assert self._con is not None
+            self._con.execute("SELECT 1").fetchall()
+        except Exception:  # noqa: BLE001 - any failure: reopen
+            return True
+        return False
+
+    def _reopen(self) -> None:
+        """Close and reopen the database connection (and the query socket's handle)."""
+        with contextlib.suppress(Exception):
+            if self._con is not None:
+                self._con.close()
+        try:
+            self._con = open_db(self.path)
+            self._head = store.head(self._con)
+        except Exception as e:  # noqa: BLE001 - still failing: retried on the next round
+            self._con = None
+            self._failed(e)
+            return
+        if self._server is not None:
+            with self._server.lock:
+                self._server.db = self._con.cursor()
+        log.warning("agentgate: audit store connection reopened (head seq %d)", self._head[0])
 
     def _apply_retention(self) -> None:
         self._last_retention = time.time()
