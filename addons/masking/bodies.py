@@ -72,31 +72,16 @@ class TooLarge(Exception):
 
 # ---------------------------------------------------------------- content-encoding
 def decode_content(raw: bytes, encoding: str, limit: int) -> bytes:
-    """Undo `Content-Encoding` (gzip, deflate, br, zstd; a list is undone right to left),
-    refusing more than `limit` decoded bytes (decompression bombs)."""
-    codings = [c.strip().lower() for c in (encoding or "").split(",") if c.strip()]
-    data = raw
-    for coding in reversed(codings):
-        if coding == "identity":
-            continue
-        if coding in ("gzip", "x-gzip"):
-            data = _inflate(data, 16 + zlib.MAX_WBITS, limit)
-        elif coding == "deflate":
-            try:
-                data = _inflate(data, zlib.MAX_WBITS, limit)
-            except Unparseable:
-                data = _inflate(data, -zlib.MAX_WBITS, limit)  # raw deflate, seen in the wild
-        elif coding == "br":
-            data = _unbrotli(data, limit)
-        elif coding == "zstd":
-            data = _unzstd(data, limit)
-        else:
-            raise Unparseable(f"unsupported content-encoding {coding[:40]!r}", 415)
-        if len(data) > limit:
-            raise TooLarge
-    if len(data) > limit:
-        raise TooLarge
-    return data
+    """Undo `Content-Encoding` through the one bounded decoder (addons/frame/decode.py:
+    gzip, deflate, br, zstd, right to left; absolute and ratio caps against bombs), so
+    masking reads the same bytes as every other step."""
+    from addons.frame import decode as _decode
+    try:
+        return _decode.decompress(raw, encoding, max_bytes=limit)
+    except _decode.TooLarge:
+        raise TooLarge from None
+    except _decode.DecodeError as e:
+        raise Unparseable(e.reason, e.status) from None
 
 
 def _inflate(data: bytes, wbits: int, limit: int) -> bytes:

@@ -11,30 +11,29 @@ Replayed flows are evaluated like live ones.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from mitmproxy import ctx, http
 
 from addons.config.holder import RulesHolder
-from addons.frame import flowbody
+from addons.frame import decode
 from addons.frame.guard import guarded, refuse
 from addons.policy.engine import BodyUnavailable, PolicySet, RequestFacts, evaluate
 
 log = logging.getLogger("agentgate.policy")
 
 
-def facts_from_flow(flow: http.HTTPFlow, now: float | None = None) -> RequestFacts:
+def facts_from_flow(flow: http.HTTPFlow, now: float | None = None,
+                    max_bytes: int = decode.MAX_BYTES) -> RequestFacts:
+    """Facts of a flow; the body is read through the one decoder (addons/frame/decode.py),
+    with masking's size limit, so policy reads exactly what masking reads."""
     up = flow.metadata.get("upstream")
     ident = flow.metadata.get("identity")
 
-    def body() -> bytes | None:
+    def body() -> decode.Body:
         if flow.request.raw_content is None:
             raise BodyUnavailable("the request body is streamed and cannot be inspected")
-        return flowbody.request_body(flow)
-
-    def parsed() -> Any:
-        body()  # same checks as the raw body
-        return flowbody.parsed_json(flow)
+        got = decode.request_body(flow, max_bytes=max_bytes)
+        return got if got is not None else decode.Body(b"")
 
     return RequestFacts(
         # request.host is where the request really goes (CONNECT target / absolute URL),
@@ -42,7 +41,7 @@ def facts_from_flow(flow: http.HTTPFlow, now: float | None = None) -> RequestFac
         flow.request.method, flow.request.host, flow.request.path,
         upstream=up.get("name") if isinstance(up, dict) else None,
         identity=ident if isinstance(ident, dict) else None,
-        body=body, json_loader=parsed, now=now)
+        body=body, now=now)
 
 
 class Policy:
@@ -69,8 +68,13 @@ class Policy:
         if rules is None:
             raise RuntimeError("no rules loaded")  # guarded: refuses the flow
         policies: PolicySet = rules.policies
+        cfg = getattr(rules, "masking", None)
+        limit = getattr(cfg, "max_body_bytes", decode.MAX_BYTES)
+        if not isinstance(limit, int) or limit <= 0:
+            limit = decode.MAX_BYTES
         try:
-            decision = evaluate(policies, facts_from_flow(flow), observe_only=self.observe_only)
+            decision = evaluate(policies, facts_from_flow(flow, max_bytes=limit),
+                                observe_only=self.observe_only)
         except BodyUnavailable as e:
             flow.metadata["decision"] = {"action": "block", "rule": "<uninspectable>",
                                          "message": str(e), "observed": False}

@@ -36,15 +36,19 @@ from addons.policy.engine import (
     TimeWindow,
     any_prompt_test,
     glob_any,
+    provider_tools_test,
     size_test,
+    tokens_test,
     tools_test,
 )
+from addons.policy.skeleton import normalize, skeleton, skeleton_pattern
 
 RULE_KEYS = {"name", "description", "match", "action", "message", "observe",
              "approvers", "min_approvals", "timeout", "on_timeout", "allow_mitmweb"}
 APPROVAL_KEYS = {"approvers", "min_approvals", "timeout", "on_timeout", "allow_mitmweb"}
 MATCH_KEYS = {"sub", "iss", "groups", "roles", "authenticated", "upstream", "host", "method",
-              "path", "model", "fields", "prompt", "tools", "body_size", "time", "not", "any"}
+              "path", "model", "fields", "prompt", "tools", "body_size", "time", "not", "any",
+              "output_tokens", "provider_tools"}
 SETTINGS_KEYS = {"mode"}
 MODES = ("enforce", "observe_only")
 COMPARE_OPS = (">=", "<=", "!=", "==", ">", "<")
@@ -182,6 +186,17 @@ def parse_match(raw: Any, where: Where, upstream_names: set[str]) -> Match:
             raise fw.error("must name at least one field")
         for path, spec in fields.items():
             add(f"fields.{path}", _field_test(path, spec, fw.child(path)), COST_JSON)
+    if "output_tokens" in d:
+        ft = _field_test("output_tokens", d["output_tokens"], where.child("output_tokens"))
+        if ft.present is not None or not ft.ops or any(
+                op not in COMPARE_OPS or isinstance(ref, bool) or
+                not isinstance(ref, int | float) for op, ref in ft.ops):
+            raise where.child("output_tokens").error(
+                "expected numeric comparisons like '> 4096'")
+        add("output_tokens", tokens_test(ft.ops), COST_JSON)
+    if "provider_tools" in d:
+        add("provider_tools", _provider_tools(d["provider_tools"],
+                                              where.child("provider_tools")), COST_TOOLS)
     if "time" in d:
         add("time", _time_window(d["time"], where.child("time")), COST_TIME)
     if "tools" in d:
@@ -204,6 +219,21 @@ def parse_match(raw: Any, where: Where, upstream_names: set[str]) -> Match:
         add("any", lambda f, a=alts: any(m(f) for m in a), max(m.cost for m in alts))
     # cheap first; sorted() is stable, so equal costs keep the written order
     return Match(tuple(sorted(conds, key=lambda c: c.cost)))
+
+
+def _provider_tools(value: Any, where: Where) -> Any:
+    """`provider_tools: [web_search*, mcp]` (type globs) or
+    `{type: [...], server_url: [...]}` (both must hold for the same tool)."""
+    if isinstance(value, dict):
+        d = expect_map(value, where, {"type", "server_url"})
+        if not d:
+            raise where.error("give type and/or server_url")
+        types = glob_any(_nonempty_list(d["type"], where.child("type"))) \
+            if "type" in d else None
+        urls = glob_any(_nonempty_list(d["server_url"], where.child("server_url"))) \
+            if "server_url" in d else None
+        return provider_tools_test(types, urls)
+    return provider_tools_test(glob_any(_nonempty_list(value, where)), None)
 
 
 def _nonempty_list(value: Any, where: Where) -> tuple[str, ...]:
@@ -242,27 +272,42 @@ def _compile(text: str, where: Where, flags: int = 0) -> re.Pattern[str]:
         raise where.error(f"invalid regular expression: {e}") from None
 
 
-def _prompt_patterns(value: Any, where: Where) -> tuple[re.Pattern[str], ...]:
-    """One pattern per regex plus one for the words: kept apart (not one alternation) so
-    that each gets its own literal prefilter — one branch without a literal would
-    otherwise make every search scan the whole prompt (3.9 ms -> 1.7 ms on 100 KB)."""
+def _prompt_patterns(value: Any, where: Where) -> tuple[tuple[re.Pattern[str], str], ...]:
+    """(pattern, text) pairs: one per regex plus one for the words, kept apart (not one
+    alternation) so that each gets its own literal prefilter — one branch without a
+    literal would otherwise make every search scan the whole prompt (3.9 ms -> 1.7 ms on
+    100 KB).
+
+    What is searched (addons/policy/skeleton.py): words are compared on the skeleton
+    (normalised, case folded, confusables mapped; the words go through the same
+    skeleton); a regex is searched in the text as sent and, with its literal characters
+    mapped the same way, in the skeleton. With `ignore_case: false` the normalised text
+    (case kept, confusables not mapped) takes the skeleton's place."""
     d = expect_map(value, where, {"regex", "words", "ignore_case"})
     ignore_case = expect_bool(d.get("ignore_case", True), where.child("ignore_case"))
     flags = re.IGNORECASE if ignore_case else 0
-    parts: list[str] = []
+    out: list[tuple[re.Pattern[str], str]] = []
     for i, r in enumerate(expect_str_list(d.get("regex", []), where.child("regex"))):
-        parts.append(f"(?:{_compile(r, where.child('regex').child(i), flags).pattern})")
+        rx = _compile(r, where.child("regex").child(i), flags)
+        out.append((rx, "prompt_text"))
+        mapped = skeleton_pattern(r, skeleton if ignore_case else normalize)
+        try:
+            out.append((re.compile(mapped, flags), "skel_text" if ignore_case else "norm_text"))
+        except re.error:
+            pass  # a literal mapped into something `re` refuses: the text as sent still counts
     words = expect_str_list(d.get("words", []), where.child("words"))
     if words:
-        alts = "|".join(r"\s+".join(re.escape(w) for w in word.split()) for word in words
-                        if word.split())
+        form = skeleton if ignore_case else normalize
+        alts = "|".join(r"\s+".join(re.escape(w) for w in form(word).split())
+                        for word in words if form(word).split())
         if not alts:
             raise where.child("words").error("words must not be blank")
         # whole words: no word character directly before or after
-        parts.append(rf"(?<!\w)(?:{alts})(?!\w)")
-    if not parts:
+        out.append((_compile(rf"(?<!\w)(?:{alts})(?!\w)", where, flags),
+                    "skel_text" if ignore_case else "norm_text"))
+    if not out:
         raise where.error("give regex and/or words")
-    return tuple(_compile(p, where, flags) for p in parts)
+    return tuple(out)
 
 
 def _scalar(text: str) -> Any:

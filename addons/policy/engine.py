@@ -23,12 +23,16 @@ Evaluation order (documented in rules/README.md):
 from __future__ import annotations
 
 import datetime
+import json
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from addons.frame.flowbody import parse_json
+from addons.frame.batch import batch_requests, dumps_body
+from addons.frame.decode import Body, DecodeError, parse_content_type
+from addons.policy.skeleton import normalize, skeleton
 
 ACTIONS = ("allow", "block", "approve", "observe")
 DEFAULT_RULE = "<default>"
@@ -36,31 +40,47 @@ DEFAULT_BLOCK_MESSAGE = "request blocked by policy"
 
 
 class BodyUnavailable(Exception):
-    """A rule needs the request body, but it cannot be read (bad encoding, streamed)."""
+    """A rule needs the request body, but it cannot be read (bad encoding, streamed), or
+    a fact a rule tests is not what it must be (a non-number where a number is compared,
+    two different models): the request is refused, never guessed at."""
 
 
 # ---------------------------------------------------------------- request facts
 _UNSET: Any = object()
 
+# where the model is named in the URL path: Azure OpenAI deployments, Gemini models
+_PATH_MODEL = re.compile(r"/(?:openai/)?deployments/([^/]+)(?:/|$)|/models/([^/:]+):")
+# every spelling of "how many tokens may the answer have", per dialect
+OUTPUT_TOKEN_KEYS: tuple[tuple[str, ...], ...] = (
+    ("max_tokens",), ("max_completion_tokens",), ("max_output_tokens",),
+    ("max_tokens_to_sample",), ("generationConfig", "maxOutputTokens"),
+    ("generation_config", "max_output_tokens"), ("options", "num_predict"),
+    ("parameters", "max_new_tokens"),
+)
+# request keys that give the model a provider-side tool without a `tools` entry
+_OPTION_TOOLS = {"web_search_options": "web_search"}
+
 
 class RequestFacts:
     """What rules can look at, computed on first use and then cached.
 
-    `body` is the decoded request body (bytes), None for no body, or a callable returning
-    it (so an addon can defer decoding until a rule needs it). `json_loader`, if given,
-    returns the parsed JSON body (None when the body is not JSON): addons share one
-    parse per flow through it (addons/frame/flowbody.py).
+    `body` is the request body: bytes, None for no body, a decoded `Body`
+    (addons/frame/decode.py), or a callable returning one of those (so an addon can defer
+    decoding until a rule needs it). `json_loader`, if given, returns the parsed JSON body
+    (None when not JSON). `content_type` is used when `body` is bytes.
     """
 
     def __init__(self, method: str = "GET", host: str = "", path: str = "/", *,
                  upstream: str | None = None, identity: dict[str, Any] | None = None,
-                 body: bytes | None | Callable[[], bytes | None] = None,
+                 body: Any = None,
                  json_loader: Callable[[], Any] | None = None,
-                 now: float | None = None) -> None:
+                 now: float | None = None, content_type: str = "",
+                 batch: bool = True) -> None:
         self.method = method.upper()
         self.host = host.lower().rstrip(".")
         self.path = normalize_path(path)
         self.upstream = upstream
+        self.identity = identity
         ident = identity if isinstance(identity, dict) else {}
         self.authenticated = bool(ident.get("sub"))
         self.sub = str(ident.get("sub") or "")
@@ -71,29 +91,45 @@ class RequestFacts:
             import time
             now = time.time()
         self.now = now
+        self.content_type = content_type
+        self.batch_enabled = batch
         self._body_src = body
         self._json_loader = json_loader
-        self._body: Any = _UNSET
+        self._decoded: Any = _UNSET
         self._json: Any = _UNSET
         self._prompt: str | None = None
-        self._folded: str | None = None
+        self._norm: str | None = None
+        self._skel: str | None = None
+        self._folded: dict[str, str] = {}
         self._tools: frozenset[str] | None = None
+        self._ptools: tuple[tuple[str, str, str], ...] | None = None
+        self._model: Any = _UNSET
         self._local: dict[str, datetime.datetime] = {}
 
     # -- body
     @property
-    def body(self) -> bytes:
-        if self._body is _UNSET:
+    def decoded(self) -> Body:
+        if self._decoded is _UNSET:
             src = self._body_src
             try:
                 value = src() if callable(src) else src
             except BodyUnavailable:
                 raise
+            except DecodeError as e:
+                raise BodyUnavailable(f"cannot decode the request body: {e.reason}") \
+                    from None
             except Exception as e:  # noqa: BLE001 - e.g. ValueError on a bad content-encoding
                 raise BodyUnavailable(f"cannot decode the request body ({type(e).__name__})") \
                     from None
-            self._body = value or b""
-        return self._body
+            if not isinstance(value, Body):
+                mime, params = parse_content_type(self.content_type)
+                value = Body(value or b"", mime, params)
+            self._decoded = value
+        return self._decoded
+
+    @property
+    def body(self) -> bytes:
+        return self.decoded.data
 
     @property
     def body_size(self) -> int:
@@ -103,40 +139,94 @@ class RequestFacts:
     def json(self) -> Any:
         """The parsed JSON body, or None when the body is empty or not JSON."""
         if self._json is _UNSET:
-            if self._json_loader is not None:
-                try:
+            try:
+                if self._json_loader is not None:
                     self._json = self._json_loader()
-                except BodyUnavailable:
-                    raise
-                except Exception as e:  # noqa: BLE001 - decoding failed
-                    raise BodyUnavailable(
-                        f"cannot decode the request body ({type(e).__name__})") from None
-            else:
-                self._json = parse_json(self.body)
+                else:
+                    self._json = self.decoded.json
+            except BodyUnavailable:
+                raise
+            except DecodeError as e:
+                raise BodyUnavailable(f"cannot read the request body: {e.reason}") from None
+            except Exception as e:  # noqa: BLE001 - decoding failed
+                raise BodyUnavailable(
+                    f"cannot decode the request body ({type(e).__name__})") from None
         return self._json
 
     @property
     def model(self) -> str | None:
+        """The model: named in the URL path (Azure deployments, Gemini) or the body. Both,
+        and different: refused (the provider uses one, a rule may have judged the other)."""
+        if self._model is _UNSET:
+            m = _PATH_MODEL.search(self.path)
+            in_path = (m.group(1) or m.group(2)) if m else None
+            j = self.json
+            b = j.get("model") if isinstance(j, dict) else None
+            if b is not None and not isinstance(b, str):
+                raise BodyUnavailable("the model field is not a string")
+            if in_path and b and in_path.lower() != b.lower():
+                raise BodyUnavailable("the URL path and the body name different models")
+            self._model = in_path or b
+        return self._model
+
+    @property
+    def output_tokens(self) -> list[Any]:
+        """Every value the request gives for its output-token limit, in any dialect's
+        spelling (the largest one decides a comparison; see `tokens_test`)."""
         j = self.json
-        m = j.get("model") if isinstance(j, dict) else None
-        return m if isinstance(m, str) else None
+        if not isinstance(j, dict):
+            return []
+        out: list[Any] = []
+        for path in OUTPUT_TOKEN_KEYS:
+            node: Any = j
+            for seg in path:
+                node = node.get(seg, _UNSET) if isinstance(node, dict) else _UNSET
+            if node is not _UNSET and node is not None:
+                out.append(node)
+        return out
 
     @property
     def prompt_text(self) -> str:
+        """Every string of the body (values and keys, JSON inside strings too), or the
+        body's text when it is not JSON: what keyword rules search."""
         if self._prompt is None:
             j = self.json
             if j is None:
-                self._prompt = self.body.decode("utf-8", "replace")
+                try:
+                    self._prompt = self.decoded.text
+                except DecodeError as e:
+                    raise BodyUnavailable(f"cannot read the request body as text: "
+                                          f"{e.reason}") from None
             else:
-                self._prompt = "\n\n".join(prompt_texts(j))
+                out: list[str] = []
+                all_strings(j, out, budget=[max(4 * len(self.body), 1 << 16)])
+                self._prompt = "\n\n".join(out)
         return self._prompt
 
     @property
+    def norm_text(self) -> str:
+        """The prompt text normalised (NFKC, invisibles and marks out, hyphenation joined)."""
+        if self._norm is None:
+            self._norm = normalize(self.prompt_text)
+        return self._norm
+
+    @property
+    def skel_text(self) -> str:
+        """The prompt text's skeleton: normalised, case folded, confusables mapped."""
+        if self._skel is None:
+            self._skel = skeleton(self.prompt_text)
+        return self._skel
+
+    def folded(self, which: str) -> str:
+        """A text case-folded exactly as `re.IGNORECASE` compares characters."""
+        f = self._folded.get(which)
+        if f is None:
+            f = self._folded[which] = fold(getattr(self, which))
+        return f
+
+    @property
     def prompt_folded(self) -> str:
-        """The prompt text case-folded exactly as `re.IGNORECASE` compares characters."""
-        if self._folded is None:
-            self._folded = fold(self.prompt_text)
-        return self._folded
+        return self.folded("prompt_text")
 
     @property
     def tool_names(self) -> frozenset[str]:
@@ -145,11 +235,40 @@ class RequestFacts:
             self._tools = frozenset(tool_names(j)) if isinstance(j, dict) else frozenset()
         return self._tools
 
+    @property
+    def provider_tools(self) -> tuple[tuple[str, str, str], ...]:
+        """(type, server_url, label) of every provider-side tool the request enables."""
+        if self._ptools is None:
+            j = self.json
+            self._ptools = tuple(provider_tools(j)) if isinstance(j, dict) else ()
+        return self._ptools
+
     def local_time(self, tz: datetime.tzinfo, key: str) -> datetime.datetime:
         t = self._local.get(key)
         if t is None:
             t = self._local[key] = datetime.datetime.fromtimestamp(self.now, tz)
         return t
+
+    def batch(self) -> list[RequestFacts]:
+        """Facts of every request this one carries (batch uploads, inline batches)."""
+        if not self.batch_enabled or self.method != "POST" or not (
+                self.path.rstrip("/").endswith(("/files", "/batches"))):
+            return []
+        try:
+            reqs = batch_requests(self.method, self.path, self.decoded)
+        except DecodeError as e:
+            raise BodyUnavailable(f"cannot read the batch: {e.reason}") from None
+        out: list[RequestFacts] = []
+        for r in reqs or ():
+            f = RequestFacts(r.method, self.host, r.url, upstream=self.upstream,
+                             identity=self.identity, body=dumps_body(r.body),
+                             json_loader=(lambda b=r.body: b), now=self.now,
+                             content_type="application/json", batch=False)
+            f.label = r.label
+            out.append(f)
+        return out
+
+    label = ""
 
 
 def normalize_path(path: str) -> str:
@@ -210,6 +329,35 @@ def prompt_texts(body: Any) -> list[str]:
     if not known:
         _all_strings(body, out)
     return out
+
+
+def all_strings(node: Any, out: list[str], depth: int = 0,
+                budget: list[int] | None = None) -> None:
+    """Every string of a JSON value, object keys included, in document order; a string
+    that itself holds JSON (tool-call arguments, a JSON schema passed as text) is also
+    searched as that JSON, so `\\u0070assword` escapes cannot hide a word. `budget` bounds
+    the total size of the JSON-in-strings parsed."""
+    if depth > 64:
+        return
+    if isinstance(node, str):
+        out.append(node)
+        if len(node) > 1 and node.lstrip()[:1] in ("{", "[", '"') and \
+                (budget is None or budget[0] > len(node)):
+            if budget is not None:
+                budget[0] -= len(node)
+            try:
+                inner = json.loads(node)
+            except (ValueError, RecursionError):
+                return
+            if not isinstance(inner, str) or inner != node:
+                all_strings(inner, out, depth + 1, budget)
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            out.append(k)
+            all_strings(v, out, depth + 1, budget)
+    elif isinstance(node, list):
+        for v in node:
+            all_strings(v, out, depth + 1, budget)
 
 
 def _all_strings(node: Any, out: list[str], depth: int = 0) -> None:
@@ -339,6 +487,35 @@ def tool_names(body: dict[str, Any]) -> set[str]:
     return names
 
 
+def provider_tools(body: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(type, server_url, label) of every tool the provider runs itself: a `tools` entry
+    whose type is not a function the agent implements (OpenAI `web_search*`,
+    `file_search`, `code_interpreter`, `computer_use*`, `image_generation`, `mcp` with
+    `server_url` / `connector_id`; Anthropic typed server tools such as
+    `web_search_20250305`), Anthropic's `mcp_servers` param (type `mcp`) and chat
+    completions' `web_search_options` (type `web_search`). Types are lower-cased."""
+    out: list[tuple[str, str, str]] = []
+    for t in body.get("tools") or ():
+        if not isinstance(t, dict):
+            continue
+        typ = t.get("type")
+        if not isinstance(typ, str) or typ.lower() in ("function", "custom", ""):
+            continue
+        url = t.get("server_url") or t.get("url") or t.get("connector_id") or ""
+        label = t.get("server_label") or t.get("name") or ""
+        out.append((typ.lower(), url if isinstance(url, str) else "",
+                    label if isinstance(label, str) else ""))
+    for srv in body.get("mcp_servers") or ():
+        if isinstance(srv, dict):
+            url, name = srv.get("url") or "", srv.get("name") or ""
+            out.append(("mcp", url if isinstance(url, str) else "",
+                        name if isinstance(name, str) else ""))
+    for key, typ in _OPTION_TOOLS.items():
+        if body.get(key) is not None:
+            out.append((typ, "", ""))
+    return out
+
+
 # ---------------------------------------------------------------- conditions
 Check = Callable[[RequestFacts], bool]
 
@@ -369,8 +546,35 @@ def is_number(v: Any) -> bool:
     return isinstance(v, _NUM) and not isinstance(v, bool)
 
 
+def as_number(value: Any) -> int | float | None:
+    """A number, or a string that spells one (`"11"`, `" 1e3 "`); None otherwise.
+    NaN is not a number here: every comparison with it is false, so it would pass."""
+    if is_number(value):
+        return None if isinstance(value, float) and math.isnan(value) else value
+    if isinstance(value, str) and 0 < len(value) <= 64:
+        try:
+            n = float(value.strip())
+        except ValueError:
+            return None
+        if math.isnan(n):
+            return None
+        return int(n) if n.is_integer() and abs(n) < 2**63 else n
+    return None
+
+
 def compare(op: str, value: Any, ref: Any) -> bool:
-    """`value OP ref` for one field value; ordering needs two numbers."""
+    """`value OP ref` for one field value.
+
+    Ordering needs a number: a numeric string counts as its number (`n: "11"` > 10, as
+    providers read it); any other value where a number is compared raises
+    BodyUnavailable (the request is refused rather than the rule silently not matching).
+    Equality with a number ref also accepts the numeric string."""
+    if is_number(ref):
+        num = None if isinstance(value, bool) else as_number(value)
+        if num is not None:
+            value = num
+        elif op in (">", ">=", "<", "<="):
+            raise BodyUnavailable(f"a field compared with {ref!r} is not a number")
     if op in (">", ">=", "<", "<="):
         if not (is_number(value) and is_number(ref)):
             return False
@@ -444,6 +648,35 @@ class FieldTest:
         return any(all(compare(op, v, ref) for op, ref in self.ops) for v in values)
 
 
+def tokens_test(ops: tuple[tuple[str, Any], ...]) -> Check:
+    """`output_tokens`: holds when the largest limit the request gives (in any spelling)
+    satisfies every comparison; no limit at all holds for no comparison."""
+    def check(f: RequestFacts) -> bool:
+        values = f.output_tokens
+        if not values:
+            return False
+        nums = []
+        for v in values:
+            n = as_number(v) if not isinstance(v, bool) else None
+            if n is None:
+                raise BodyUnavailable("an output token limit is not a number")
+            nums.append(n)
+        top = max(nums)
+        return all(compare(op, top, ref) for op, ref in ops)
+    return check
+
+
+def provider_tools_test(types: Callable[[str], bool] | None,
+                        urls: Callable[[str], bool] | None) -> Check:
+    """Some provider-side tool whose type and server URL match the given globs."""
+    def check(f: RequestFacts) -> bool:
+        for typ, url, _label in f.provider_tools:
+            if (types is None or types(typ)) and (urls is None or urls(url)):
+                return True
+        return False
+    return check
+
+
 def size_test(ops: tuple[tuple[str, int], ...]) -> Check:
     return lambda f: all(compare(op, f.body_size, ref) for op, ref in ops)
 
@@ -468,8 +701,9 @@ class TimeWindow:
         return m >= self.start or m < self.end  # window across midnight
 
 
-def prompt_test(pattern: re.Pattern[str]) -> Check:
-    """Search the prompt text, behind a literal prefilter when the pattern has one.
+def prompt_test(pattern: re.Pattern[str], text: str = "prompt_text") -> Check:
+    """Search one form of the prompt text (`prompt_text`, `norm_text` or `skel_text`),
+    behind a literal prefilter when the pattern has one.
 
     Python's `re` tries a pattern that starts with `\\b` or a look-behind at every
     position of the text (~100 µs for 2 KB); a substring test for a literal that every
@@ -478,20 +712,22 @@ def prompt_test(pattern: re.Pattern[str]) -> Check:
     """
     lits = required_literals(pattern)
     if not lits:
-        return lambda f: pattern.search(f.prompt_text) is not None
+        return lambda f: pattern.search(getattr(f, text)) is not None
 
     def check(f: RequestFacts) -> bool:
-        folded = f.prompt_folded
+        folded = f.folded(text)
         for lit in lits:
             if lit in folded:
-                return pattern.search(f.prompt_text) is not None
+                return pattern.search(getattr(f, text)) is not None
         return False
     return check
 
 
-def any_prompt_test(patterns: tuple[re.Pattern[str], ...]) -> Check:
-    """True when any of the patterns matches the prompt (each behind its own prefilter)."""
-    checks = tuple(prompt_test(p) for p in patterns)
+def any_prompt_test(patterns: tuple[Any, ...]) -> Check:
+    """True when any of the patterns matches (each behind its own prefilter). Items are
+    patterns (searched in `prompt_text`) or (pattern, text attribute) pairs."""
+    checks = tuple(prompt_test(*p) if isinstance(p, tuple) else prompt_test(p)
+                   for p in patterns)
     if len(checks) == 1:
         return checks[0]
     return lambda f: any(c(f) for c in checks)
@@ -683,13 +919,37 @@ class PolicySet:
         return evaluate(self, facts, observe_only=observe_only)
 
 
+_STRICTNESS = {"allow": 0, "approve": 1, "block": 2}
+
+
 def evaluate(policies: PolicySet, facts: RequestFacts, *,
              observe_only: bool = False) -> Decision:
     """The decision for one request (see the module docstring for the order).
 
+    A batch (a `/files` upload with purpose=batch, an inline `/batches` request list) is
+    judged as itself and as every request it carries: the strictest enforced decision
+    wins (block > approve > allow), and a decision taken for a carried request names it.
+
     Raises BodyUnavailable when a rule needs a body that cannot be read: the caller
     refuses the request rather than guess (fail closed).
     """
+    decision = evaluate_one(policies, facts, observe_only=observe_only)
+    if decision.enforced_action == "block" or not policies.rules:
+        return decision
+    for sub in facts.batch():
+        d = evaluate_one(policies, sub, observe_only=observe_only)
+        if _STRICTNESS[d.enforced_action] > _STRICTNESS[decision.enforced_action]:
+            msg = f"{sub.label}: {d.message}" if d.message else sub.label
+            decision = Decision(d.action, d.rule, msg, d.observed, d.approval,
+                                decision.observations + d.observations)
+            if d.enforced_action == "block":
+                break
+    return decision
+
+
+def evaluate_one(policies: PolicySet, facts: RequestFacts, *,
+                 observe_only: bool = False) -> Decision:
+    """The decision for one request, not looking into batches."""
     observations: list[tuple[str, str]] = []
     first_obs: PolicyRule | None = None
     for rule in policies.rules:

@@ -28,9 +28,9 @@ from typing import Any
 
 from mitmproxy import connection, ctx, http
 from mitmproxy import version as mitmproxy_version
-from mitmproxy.net import encoding
 
 from addons.config.holder import RulesHolder
+from addons.frame import decode as body_decode
 from addons.frame.guard import already_answered, guarded, refuse
 from addons.recording import store
 from addons.recording.config import RecorderConfig
@@ -44,10 +44,9 @@ SECRETS_TTL = 5.0  # seconds; credential files may be rotated while we run
 
 
 def _decode(content: bytes, enc: str) -> bytes:
-    out = encoding.decode(content, enc)
-    if not isinstance(out, bytes):
-        raise ValueError("decoder returned text")
-    return out
+    # the one bounded decoder (a bomb in a refused flow must not blow up the writer);
+    # on failure the store keeps the raw bytes and says so
+    return body_decode.decompress(content, enc)
 
 
 def build_row(pending: store.Pending) -> dict[str, Any]:

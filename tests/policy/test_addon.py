@@ -248,7 +248,10 @@ def test_flowbody_cache_follows_body_changes() -> None:
     assert flowbody.parsed_json(f) is first       # parsed once
     f.request.content = json.dumps(chat("b")).encode()  # e.g. masking rewrote it
     assert flowbody.parsed_json(f)["model"] == "b"
-    f.request.content = b"not json"
+    f.request.content = b"not json"   # declared application/json: malformed, not "no JSON"
+    with pytest.raises(ValueError):
+        flowbody.parsed_json(f)
+    f.request.headers["content-type"] = "text/plain"
     assert flowbody.parsed_json(f) is None
 
 

@@ -234,8 +234,14 @@ def test_authenticated_not_and_any(tmp_path: Path) -> None:
 @pytest.mark.parametrize("spec,body,hit", [
     ('"> 10"', {"n": 11}, True),
     ('"> 10"', {"n": 10}, False),
-    ('"> 10"', {"n": "11"}, False),          # ordering needs numbers
-    ('"> 10"', {"n": True}, False),          # a bool is not a number
+    ('"> 10"', {"n": "11"}, True),           # a numeric string is its number
+    ('"> 10"', {"n": " 1e3 "}, True),
+    ('"> 10"', {"n": True}, "refuse"),       # a bool is not a number: refused
+    ('"> 10"', {"n": "eleven"}, "refuse"),   # never silently not matching
+    ('"> 10"', {"n": "NaN"}, "refuse"),
+    ('"> 10"', {"n": [11]}, "refuse"),
+    ('"> 10"', {"n": {"x": 11}}, "refuse"),
+    ('"== 3"', {"n": "3"}, True),
     ('">= 8000"', {"n": 8000.0}, True),
     ('"< 0.5"', {"n": 0.2}, True),
     ('"<= 2"', {"n": 3}, False),
@@ -261,6 +267,10 @@ def test_authenticated_not_and_any(tmp_path: Path) -> None:
 def test_field_comparisons(tmp_path: Path, spec: str, body: dict, hit: bool) -> None:
     ps = policies(f"policies:\n  - {{name: f, action: block, match: {{fields: {{n: {spec}}}}}}}\n",
                   tmp_path)
+    if hit == "refuse":
+        with pytest.raises(BodyUnavailable):
+            decide(ps, body=body)
+        return
     assert (decide(ps, body=body).rule == "f") is hit
 
 
@@ -451,7 +461,7 @@ def test_facts_are_computed_once() -> None:
         return {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
     f = RequestFacts("POST", "h", "/", json_loader=loader)
-    assert f.model == "m" and f.prompt_text == "hi" and f.prompt_text == "hi"
+    assert f.model == "m" and "hi" in f.prompt_text and f.prompt_text is f.prompt_text
     assert f.tool_names == frozenset()
     assert loads == [1]
 
@@ -542,12 +552,12 @@ def test_prompt_rule_with_regex_and_words_matches_either(tmp_path) -> None:
     from addons.policy.engine import any_prompt_test
     pats = _prompt_patterns({"regex": [r"\d{3}-\d{2}-\d{4}", r"ssn\s*dump"],
                              "words": ["exfiltrate", "bulk export"]}, Where("f", "prompt"))
-    assert len(pats) == 3
+    # each regex: as sent + on the skeleton; the words: on the skeleton
+    assert [t for _, t in pats] == ["prompt_text", "skel_text", "prompt_text", "skel_text",
+                                    "skel_text"]
 
-    class F:
-        def __init__(self, text: str) -> None:
-            self.prompt_text = text
-            self.prompt_folded = text.lower()
+    def F(text: str) -> RequestFacts:  # noqa: N802
+        return RequestFacts("POST", "h", "/", body=text.encode())
     check = any_prompt_test(pats)
     assert check(F("my number is 123-45-6789"))
     assert check(F("please SSN  dump all"))

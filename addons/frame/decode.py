@@ -1,0 +1,363 @@
+"""The one strict, bounded body decoder every step reads through (policy, masking, sessions,
+the recorder). Pure: no mitmproxy import; the flow helpers only read `flow.request` /
+`flow.response` attributes.
+
+Why one decoder: when two steps parse a body differently, an agent hides what one of them
+checks in what only the other understands (a UTF-8 BOM made a JSON body "not JSON" to policy
+while masking parsed it and the upstream read it). Here every step gets the same bytes, the
+same text and the same JSON value, decoded once per flow and body.
+
+Decoding, in order:
+1. Content-Encoding, undone right to left: gzip/x-gzip (several members), deflate (zlib or
+   raw), br, zstd, identity. Anything else is refused (415). Every stage is a streaming
+   decompressor whose output is capped by an absolute limit AND a ratio to the wire size, so
+   a bomb costs at most the cap (never `zlib.decompress(whole)`; mitmproxy's `.content`
+   decompresses without any limit). At most MAX_CODINGS stages.
+2. Charset: a BOM wins (UTF-32 LE/BE before UTF-16 LE/BE, UTF-8). JSON then follows RFC 8259
+   / RFC 4627: no BOM -> the NUL pattern of the first four bytes tells UTF-16/32 LE/BE,
+   otherwise UTF-8 (a charset parameter is ignored for JSON, exactly as JSON parsers do);
+   other text uses the Content-Type charset, then the same NUL sniffing, then UTF-8.
+   Decoding is strict: bytes that are not valid in the charset are an error, never replaced.
+3. JSON: parsed when the media type says JSON, or when no/other text type is given and the
+   text starts with `{` or `[`. Duplicate keys are refused (parsers disagree on which wins).
+   A body declared as JSON that does not parse is an error, not "no JSON".
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import json
+import weakref
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_BYTES = 16 * 1024 * 1024    # absolute cap on a decoded body (= masking's default)
+MAX_RATIO = 200                 # decoded bytes per wire byte ...
+RATIO_FLOOR = 1024 * 1024       # ... above this floor (tiny, very repetitive bodies are fine)
+MAX_CODINGS = 4                 # stacked content-encodings
+_CHUNK = 64 * 1024
+
+JSON_MIMES = ("application/json", "application/jsonl", "application/x-ndjson")
+
+
+class DecodeError(ValueError):
+    """The body cannot be decoded; `status` 400 (malformed), 413 (too large), 415 (unsupported).
+    The message names the problem, never body content."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class TooLarge(DecodeError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"decoded body over {limit} bytes", 413)
+        self.limit = limit
+
+
+def output_cap(wire_len: int, max_bytes: int = MAX_BYTES, max_ratio: int = MAX_RATIO) -> int:
+    """How many decoded bytes a body of `wire_len` bytes may expand to."""
+    return min(max_bytes, max(RATIO_FLOOR, wire_len * max_ratio))
+
+
+# ---------------------------------------------------------------- content-encoding
+def codings_of(content_encoding: str | None) -> list[str]:
+    return [c.strip().lower() for c in (content_encoding or "").split(",") if c.strip()]
+
+
+def decompress(raw: bytes, content_encoding: str | None, *, max_bytes: int = MAX_BYTES,
+               max_ratio: int = MAX_RATIO) -> bytes:
+    """`raw` with its Content-Encoding undone, at most `output_cap` bytes (TooLarge beyond).
+    Raises DecodeError for an unknown coding or a corrupt / truncated stream."""
+    codings = [c for c in codings_of(content_encoding) if c != "identity"]
+    if len(codings) > MAX_CODINGS:
+        raise DecodeError(f"more than {MAX_CODINGS} content-encodings", 415)
+    cap = output_cap(len(raw), max_bytes, max_ratio)
+    if len(raw) > max_bytes:
+        raise TooLarge(max_bytes)
+    data = raw
+    for coding in reversed(codings):
+        if coding in ("gzip", "x-gzip"):
+            data = _inflate(data, 16 + zlib.MAX_WBITS, cap, multi=True)
+        elif coding == "deflate":
+            # RFC 9110 says zlib-wrapped; raw deflate is common in the wild: tell by header
+            wrapped = len(data) >= 2 and data[0] & 0x0F == 8 and \
+                (data[0] << 8 | data[1]) % 31 == 0
+            data = _inflate(data, zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS, cap,
+                            multi=False)
+        elif coding == "br":
+            data = _unbrotli(data, cap)
+        elif coding == "zstd":
+            data = _unzstd(data, cap)
+        else:
+            raise DecodeError(f"unsupported content-encoding {coding[:40]!r}", 415)
+    return data
+
+
+def _inflate(data: bytes, wbits: int, cap: int, *, multi: bool) -> bytes:
+    out = bytearray()
+    rest = data
+    try:
+        while True:
+            d = zlib.decompressobj(wbits)
+            buf = rest
+            while True:
+                out += d.decompress(buf, cap + 1 - len(out))
+                if len(out) > cap:
+                    raise TooLarge(cap)
+                buf = d.unconsumed_tail
+                if not buf or d.eof:
+                    break
+            if not d.eof:
+                raise DecodeError("truncated compressed body", 400)
+            rest = d.unused_data
+            if not rest or not multi:
+                break  # trailing garbage after raw/zlib deflate is ignored, as zlib does
+    except zlib.error:
+        raise DecodeError("corrupt compressed body", 400) from None
+    return bytes(out)
+
+
+def _unbrotli(data: bytes, cap: int) -> bytes:
+    import brotli
+    d = brotli.Decompressor()
+    try:
+        out = bytearray(d.process(data, output_buffer_limit=cap + 1))
+        while len(out) <= cap and not d.is_finished() and not d.can_accept_more_data():
+            out += d.process(b"", output_buffer_limit=cap + 1 - len(out))
+    except brotli.error:
+        raise DecodeError("corrupt compressed body", 400) from None
+    if len(out) > cap:
+        raise TooLarge(cap)
+    if not d.is_finished():
+        raise DecodeError("truncated compressed body", 400)
+    return bytes(out)
+
+
+def _unzstd(data: bytes, cap: int) -> bytes:
+    import zstandard
+    out = bytearray()
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data),
+                                                           read_across_frames=True)
+        while True:
+            chunk = reader.read(min(_CHUNK, cap + 1 - len(out)))
+            if not chunk:
+                break
+            out += chunk
+            if len(out) > cap:
+                raise TooLarge(cap)
+    except zstandard.ZstdError:
+        raise DecodeError("corrupt compressed body", 400) from None
+    return bytes(out)
+
+
+# ---------------------------------------------------------------- media type and charset
+def parse_content_type(value: str | None) -> tuple[str, dict[str, str]]:
+    """('application/json', {'charset': 'utf-8'}) from a Content-Type header."""
+    if not value:
+        return "", {}
+    mime, *rest = value.split(";")
+    params = {}
+    for p in rest:
+        k, sep, v = p.partition("=")
+        if sep:
+            params[k.strip().lower()] = v.strip().strip('"')
+    return mime.strip().lower(), params
+
+
+_BOMS = (  # longest first: the UTF-32 LE BOM starts with the UTF-16 LE one
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+
+
+def sniff_bom(data: bytes) -> tuple[str, int] | None:
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            return codec, len(bom)
+    return None
+
+
+def sniff_nuls(data: bytes) -> str | None:
+    """RFC 4627 section 3: the first two characters of JSON text are ASCII, so the pattern
+    of NUL bytes in the first four octets tells the encoding (also right for other text
+    starting with two ASCII characters)."""
+    if len(data) < 2:
+        return None
+    b = data[:4]
+    if len(b) >= 4:
+        if b[0] == 0 and b[1] == 0 and b[2] == 0 and b[3]:
+            return "utf-32-be"
+        if b[0] and b[1] == 0 and b[2] == 0 and b[3] == 0:
+            return "utf-32-le"
+    if b[0] == 0 and b[1]:
+        return "utf-16-be"
+    if b[0] and b[1] == 0:
+        return "utf-16-le"
+    return None
+
+
+def is_json_mime(mime: str) -> bool:
+    return mime == "application/json" or mime.endswith("+json")
+
+
+def charset_of(data: bytes, mime: str, params: dict[str, str]) -> tuple[str, int]:
+    """(Python codec name, BOM length) for a decoded body."""
+    bom = sniff_bom(data)
+    if bom is not None:
+        return bom
+    declared = params.get("charset", "").strip().lower()
+    if declared and not is_json_mime(mime):
+        try:
+            return codecs.lookup(declared).name, 0
+        except LookupError:
+            raise DecodeError(f"unknown charset {declared[:40]!r}", 415) from None
+    return sniff_nuls(data) or "utf-8", 0
+
+
+# ---------------------------------------------------------------- JSON
+class DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise DuplicateKey
+    return d
+
+
+def loads_strict(text: str) -> Any:
+    """json.loads refusing duplicate keys. Raises DecodeError."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except DuplicateKey:
+        raise DecodeError("JSON object with duplicate keys", 400) from None
+    except (ValueError, RecursionError):
+        raise DecodeError("body is not valid JSON", 400) from None
+
+
+_UNSET: Any = object()
+_TEXT_MIMES = ("", "text/plain", "application/octet-stream")
+
+
+@dataclass
+class Body:
+    """A decoded body: `data` (Content-Encoding undone), `text` and `json` on first use."""
+
+    data: bytes
+    mime: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+    _text: Any = field(default=_UNSET, repr=False)
+    _json: Any = field(default=_UNSET, repr=False)
+    _charset: str = field(default="", repr=False)
+
+    @property
+    def charset(self) -> str:
+        if not self._charset:
+            self._charset, _ = charset_of(self.data, self.mime, self.params)
+        return self._charset
+
+    @property
+    def text(self) -> str:
+        """The body as text, BOM removed. Raises DecodeError when it is not valid text."""
+        if self._text is _UNSET:
+            codec, skip = charset_of(self.data, self.mime, self.params)
+            self._charset = codec
+            try:
+                self._text = codecs.decode(self.data[skip:], codec, "strict")
+            except (UnicodeDecodeError, LookupError):
+                self._text = DecodeError(f"body is not valid {codec} text", 400)
+        if isinstance(self._text, DecodeError):
+            raise self._text
+        return self._text
+
+    @property
+    def json(self) -> Any:
+        """The JSON value; None when the body is empty or not JSON. Raises DecodeError for a
+        body declared as JSON that does not parse, or JSON with duplicate keys."""
+        if self._json is _UNSET:
+            self._json = self._parse()
+        if isinstance(self._json, DecodeError):
+            raise self._json
+        return self._json
+
+    def _parse(self) -> Any:
+        if not self.data:
+            return None
+        declared = is_json_mime(self.mime)
+        if not declared and self.mime not in _TEXT_MIMES and not self.mime.startswith("text/"):
+            return None  # a form, multipart, JSONL ... : not one JSON document
+        try:
+            text = self.text
+        except DecodeError as e:
+            return e if declared else None
+        head = text.lstrip()[:1]
+        if head not in ("{", "["):
+            if not declared:
+                return None
+            if not text.strip():
+                return None
+        try:
+            return loads_strict(text)
+        except DecodeError as e:
+            if declared or "duplicate" in e.reason:
+                return e
+            return None
+
+
+def decode_body(raw: bytes, content_encoding: str | None, content_type: str | None, *,
+                max_bytes: int = MAX_BYTES, max_ratio: int = MAX_RATIO) -> Body:
+    mime, params = parse_content_type(content_type)
+    return Body(decompress(raw, content_encoding, max_bytes=max_bytes, max_ratio=max_ratio),
+                mime, params)
+
+
+# ---------------------------------------------------------------- per flow, per body
+_cache: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, ...]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _message_body(flow: Any, part: str, max_bytes: int, max_ratio: int) -> Body | None:
+    msg = getattr(flow, part, None)
+    if msg is None:
+        return None
+    raw = msg.raw_content
+    if raw is None:
+        raise DecodeError("the body is streamed and cannot be inspected", 413)
+    enc = msg.headers.get("content-encoding", "")
+    ctype = msg.headers.get("content-type", "")
+    key = (raw, enc, ctype, max_bytes, max_ratio)
+    slot = _cache.setdefault(flow, {})
+    hit = slot.get(part)
+    # `is` on the raw bytes: an addon that rewrites the body (masking) makes a new object
+    if hit is not None and hit[0] is raw and hit[1:-1] == key[1:]:
+        value = hit[-1]
+    else:
+        try:
+            value = decode_body(raw, enc, ctype, max_bytes=max_bytes, max_ratio=max_ratio)
+        except DecodeError as e:
+            value = e
+        slot[part] = (*key, value)
+    if isinstance(value, DecodeError):
+        raise value
+    return value
+
+
+def request_body(flow: Any, *, max_bytes: int = MAX_BYTES,
+                 max_ratio: int = MAX_RATIO) -> Body | None:
+    """The flow's request body, decoded once per body (None without a request).
+    Raises DecodeError (streamed, too large, unsupported, corrupt)."""
+    return _message_body(flow, "request", max_bytes, max_ratio)
+
+
+def response_body(flow: Any, *, max_bytes: int = MAX_BYTES,
+                  max_ratio: int = MAX_RATIO) -> Body | None:
+    return _message_body(flow, "response", max_bytes, max_ratio)
