@@ -14,7 +14,15 @@ without gluing unrelated fields together:
   with nothing between them, as the model reads them: `["call 555-01", "23-4567"]` is one
   phone number; the replacement goes where the value starts and the rest of it is removed
   from the following part;
-- every other slot is separated by a newline.
+- every other slot is separated by a newline (a newline cannot start or end a value, so
+  the first pass never makes a finding out of two unrelated fields);
+- a second pass looks across the boundaries of *sibling runs*: consecutive strings of one
+  JSON container (array items, the values of one object) and, in NDJSON, the strings at the
+  same JSON path on consecutive lines (token streams). Each boundary is looked at through
+  a bounded window (SPLIT_WINDOW characters on each side, whole slots when shorter, so a
+  card spread over sixteen one-digit items is seen), joined with nothing between; only a
+  finding that crosses a boundary and overlaps nothing of the first pass is taken, and its
+  positions are mapped back to the slots it covers.
 
 JSON-aware details:
 - JSON string escapes (`\\u0034`) are gone after parsing, so the detectors see real text;
@@ -22,10 +30,13 @@ JSON-aware details:
   results, webhook payloads) is parsed and walked too, and re-serialised only if changed;
 - integers are checked as text (a card number sent as a JSON number becomes a string);
 - object keys are checked as well;
-- for the LLM dialects (openai, anthropic) structural fields (`model`, `role`, `type`, ids,
-  `signature`, `encrypted_content` …) and base64 payloads (`data:` URLs, `source.data` of
-  base64 images/documents, `input_audio.data`, `file_data`, `b64_json`) are left alone:
-  they carry no prose, and rewriting them would break the request.
+- every string is walked, whatever its key: `format`, `id`, `type`, `status`, `model` …
+  may carry user text (JSON-schema descriptions, tool arguments) and are masked when a
+  detector finds a value in them. The only strings left alone are proven binary by their
+  structure: for the LLM dialects, a `data:…;base64,` URL or a base64 payload field
+  (`source.data` of a base64 source, `input_audio.data`, `file_data`, `b64_json`,
+  `signature`, `encrypted_content`) whose value is strict base64 of at least
+  BINARY_MIN_LEN characters (what base64 hides, no detector reads anyway).
 """
 
 from __future__ import annotations
@@ -44,17 +55,21 @@ from addons.masking.masker import Findings, Masker, Session, count
 LLM_DIALECTS = ("openai", "anthropic")
 MAX_DEPTH = 256
 
-# Structural fields of the LLM APIs: never prose, and changing them breaks the call.
-SKIP_KEYS = frozenset({
-    "model", "role", "type", "id", "object", "tool_call_id", "call_id", "tool_use_id",
-    "previous_response_id", "signature", "encrypted_content", "finish_reason",
-    "stop_reason", "status", "media_type", "detail", "format", "voice", "service_tier",
-    "tool_choice", "reasoning_effort", "file_id", "item_id", "response_id", "cache_control",
-    "b64_json", "file_data",
-})
+# Fields of the LLM APIs whose value is an opaque base64 payload (skipped only when the
+# value really is long, strict base64: see _is_binary_field).
+BINARY_KEYS = frozenset({"b64_json", "file_data", "signature", "encrypted_content"})
+BINARY_MIN_LEN = 256
 LOGPROB_KEYS = frozenset({"logprobs", "top_logprobs"})
 _PLAIN_KEY = re.compile(r"[A-Za-z_]+")
 _DATA_URL = re.compile(r"\s*data:[\w.+-]+/[\w.+-]+(;[\w.+-]+=[^;,]*)*;base64,", re.ASCII)
+_BASE64 = re.compile(r"[A-Za-z0-9+/_\-]+={0,2}", re.ASCII)
+# characters on each side of a sibling boundary looked at by the cross-field pass (longer
+# than any PII value written with separators; secrets split across fields are caught
+# when each part is shorter than this)
+SPLIT_WINDOW = 400
+# between unrelated slots: two line ends, which no detector reads as one separator (a
+# value's groups are split by ONE separator), so no finding bridges two fields
+_BREAK = "\n\n"
 
 
 class Unparseable(Exception):
@@ -140,7 +155,7 @@ class _Slots:
     """Strings of a document, joined into one text with their positions."""
 
     __slots__ = ("texts", "starts", "setters", "owners", "parts", "pos", "glue_key",
-                 "subdocs", "llm", "forced")
+                 "subdocs", "llm", "forced", "sibs", "path_mode")
 
     def __init__(self, llm: bool) -> None:
         self.texts: list[str] = []
@@ -154,11 +169,15 @@ class _Slots:
         self.subdocs: list[tuple[int, Callable[[str], None], Any]] = []
         self.llm = llm
         self.forced: set[int] = set()  # owners changed by the walk itself (logprobs dropped)
+        # per slot: its sibling key (slots of one run share it), None for keys
+        self.sibs: list[Any] = []
+        # NDJSON: siblings are the strings at the same path on consecutive lines
+        self.path_mode = False
 
     def add(self, text: str, setter: Callable[[str], None], owner: int,
-            glue: tuple[int, int] | None = None) -> None:
+            glue: tuple[int, int] | None = None, sib: Any = None) -> None:
         sep = "" if glue is not None and self.glue_key is not None and \
-            glue == (self.glue_key[0], self.glue_key[1] + 1) else "\n"
+            glue == (self.glue_key[0], self.glue_key[1] + 1) else _BREAK
         if self.texts:
             self.parts.append(sep)
             self.pos += len(sep)
@@ -169,9 +188,10 @@ class _Slots:
         self.parts.append(text)
         self.pos += len(text)
         self.glue_key = glue
+        self.sibs.append(sib)
 
     def add_string(self, text: str, setter: Callable[[str], None], owner: int,
-                   depth: int, glue: tuple[int, int] | None = None) -> None:
+                   depth: int, glue: tuple[int, int] | None = None, sib: Any = None) -> None:
         """A string slot, or a nested JSON document when the string holds one."""
         head = text.lstrip()[:1]
         if head in ("{", "[") and len(text) >= 2:
@@ -183,33 +203,48 @@ class _Slots:
                 inner = None
             if isinstance(inner, dict | list):
                 self.subdocs.append((owner, setter, inner))
-                self.walk(inner, len(self.subdocs) - 1, depth + 1)
+                self.walk(inner, len(self.subdocs) - 1, depth + 1, (sib, "doc"))
                 return
-        self.add(text, setter, owner, glue)
+        self.add(text, setter, owner, glue, sib)
 
-    def walk(self, node: Any, owner: int, depth: int = 0) -> None:
+    def walk(self, node: Any, owner: int, depth: int = 0, path: Any = ()) -> None:
         if depth > MAX_DEPTH:
             raise Unparseable("JSON nested too deeply", 400)
         if isinstance(node, dict):
-            self._walk_dict(node, owner, depth, None)
+            self._walk_dict(node, owner, depth, path)
         elif isinstance(node, list):
+            # text parts first, adjacent, so consecutive parts of one list are glued; their
+            # other fields after the list's text
+            deferred: list[dict] = []
             for i, item in enumerate(node):
-                if isinstance(item, dict):
-                    self._walk_dict(item, owner, depth + 1, (id(node), i))
+                if isinstance(item, dict) and isinstance(item.get("text"), str) and \
+                        not (self.llm and _is_binary_field(item, "text", item["text"])):
+                    if depth + 1 > MAX_DEPTH:
+                        raise Unparseable("JSON nested too deeply", 400)
+                    self.add_string(item["text"], _setter(item, "text"), owner, depth + 1,
+                                    (id(node), i), self._sib(node, (path, "[]", "text")))
+                    deferred.append(item)
+                elif isinstance(item, dict):
+                    self._walk_dict(item, owner, depth + 1, (path, "[]"))
                 else:
-                    self._walk_value(node, i, item, owner, depth + 1)
+                    self._walk_value(node, i, item, owner, depth + 1, (path, "[]"))
+            for item in deferred:
+                self._walk_dict(item, owner, depth + 1, (path, "[]"), skip_text=True)
         else:
             raise Unparseable("not a JSON document", 400)
 
-    def _walk_dict(self, d: dict, owner: int, depth: int,
-                   glue: tuple[int, int] | None) -> None:
+    def _sib(self, container: Any, path: Any) -> Any:
+        # one run per container in a document; per path across NDJSON lines
+        return ("p", path) if self.path_mode else ("c", id(container))
+
+    def _walk_dict(self, d: dict, owner: int, depth: int, path: Any = (),
+                   skip_text: bool = False) -> None:
         if depth > MAX_DEPTH:
             raise Unparseable("JSON nested too deeply", 400)
         llm = self.llm
-        text_last = isinstance(d.get("text"), str)
         for k in list(d):
             v = d[k]
-            if llm and (k in SKIP_KEYS or _is_binary_field(d, k, v)):
+            if llm and _is_binary_field(d, k, v):
                 continue
             if llm and k in LOGPROB_KEYS and v and isinstance(v, dict | list):
                 # the output again, one token per entry: no detector sees a value split
@@ -217,13 +252,10 @@ class _Slots:
                 d[k] = None if isinstance(v, dict) else []
                 self.forced.add(owner)
                 continue
-            if k == "text" and text_last:
-                continue
+            if skip_text and k == "text":
+                continue  # added by the list walk
             self._walk_key(d, k, owner)
-            self._walk_value(d, k, v, owner, depth + 1)
-        if text_last and "text" in d:
-            # the text part last, so consecutive parts of one list are adjacent slots
-            self.add_string(d["text"], _setter(d, "text"), owner, depth, glue)
+            self._walk_value(d, k, v, owner, depth + 1, (path, k))
 
     def _walk_key(self, d: dict, k: str, owner: int) -> None:
         if len(k) < 6 or _PLAIN_KEY.fullmatch(k):
@@ -236,20 +268,81 @@ class _Slots:
 
         self.add(k, rename, owner)
 
-    def _walk_value(self, container: Any, key: Any, v: Any, owner: int, depth: int) -> None:
+    def _walk_value(self, container: Any, key: Any, v: Any, owner: int, depth: int,
+                    path: Any = ()) -> None:
+        sib = self._sib(container, path)
         if isinstance(v, str):
             if v:
-                self.add_string(v, _setter(container, key), owner, depth)
+                self.add_string(v, _setter(container, key), owner, depth, sib=sib)
         elif isinstance(v, bool) or v is None:
             return
         elif isinstance(v, _Float):
-            if len(v.text) >= 5:
-                self.add(v.text, _setter(container, key), owner)
+            self.add(v.text, _setter(container, key), owner, sib=sib)
         elif isinstance(v, int | float):
-            if abs(v) >= 10_000:  # nothing shorter than 5 digits is ever a finding
-                self.add(str(v), _setter(container, key), owner)
+            # every integer: short ones may be one group of a value split across items
+            # ([4111, 1111, 1111, 1111]); a first-pass finding needs 5+ digits anyway
+            self.add(str(v), _setter(container, key), owner, sib=sib)
         elif isinstance(v, dict | list):
-            self.walk(v, owner, depth)
+            self.walk(v, owner, depth, path)
+
+
+def _cross_findings(masker: Masker, slots: _Slots, found: list
+                    ) -> list[tuple[str, str, list[tuple[int, int, int]]]]:
+    """Findings that cross the boundary between sibling slots (see the module doc):
+    (entity, value, [(slot, local start, local end), …]) for those overlapping nothing the
+    first pass found."""
+    runs: dict[Any, list[int]] = {}
+    for i, key in enumerate(slots.sibs):
+        if key is not None:
+            runs.setdefault(key, []).append(i)
+    texts, starts = slots.texts, slots.starts
+    taken = sorted((f.start, f.end) for f in found)
+    out: list[tuple[str, str, list[tuple[int, int, int]]]] = []
+    w = SPLIT_WINDOW
+    # every run in one window text (runs apart by a break): one more detector pass
+    buf: list[str] = []
+    segs: list[tuple[int, int, int, int]] = []  # (position in window text, slot, local, n)
+    pos = 0
+    for idxs in runs.values():
+        if len(idxs) < 2:
+            continue
+        if buf:
+            buf.append(_BREAK)
+            pos += len(_BREAK)
+        for i in idxs:
+            t = texts[i]
+            pieces = [(0, t)] if len(t) <= 2 * w else [(0, t[:w]), (len(t) - w, t[-w:])]
+            for k, (local, piece) in enumerate(pieces):
+                if k:
+                    buf.append(_BREAK)
+                    pos += len(_BREAK)
+                segs.append((pos, i, local, len(piece)))
+                buf.append(piece)
+                pos += len(piece)
+    if not segs:
+        return out
+    text = "".join(buf)
+    seg_pos = [sg[0] for sg in segs]
+    for f in masker.find(text):
+        a = bisect_right(seg_pos, f.start) - 1
+        b = bisect_right(seg_pos, f.end - 1) - 1
+        if a < 0 or segs[a][1] == segs[b][1]:
+            continue  # inside one slot: the first pass saw it
+        pieces_out: list[tuple[int, int, int]] = []
+        for sg in segs[a:b + 1]:
+            p0, slot, local, n = sg
+            lo, hi = max(f.start, p0) - p0, min(f.end, p0 + n) - p0
+            if hi > lo:
+                pieces_out.append((slot, local + lo, local + hi))
+        if len(pieces_out) < 2:
+            continue
+        g0 = starts[pieces_out[0][0]] + pieces_out[0][1]
+        g1 = starts[pieces_out[-1][0]] + pieces_out[-1][2]
+        k = bisect_right(taken, (g1, g1))
+        if any(s < g1 and e > g0 for s, e in taken[max(0, k - 8):k]):
+            continue
+        out.append((f.entity, f.value, pieces_out))
+    return out
 
 
 def _setter(container: Any, key: Any) -> Callable[[str], None]:
@@ -259,12 +352,15 @@ def _setter(container: Any, key: Any) -> Callable[[str], None]:
 
 
 def _is_binary_field(d: dict, k: str, v: Any) -> bool:
-    if not isinstance(v, str):
+    """A base64 payload, proven by its structure: a data URL or a payload field, with a
+    long strict-base64 value (a short or non-base64 value is text and is walked)."""
+    if not isinstance(v, str) or len(v) < BINARY_MIN_LEN:
         return False
-    if len(v) > 64 and _DATA_URL.match(v[:256]):
-        return True
-    if k == "data" and (d.get("type") == "base64" or "format" in d):
-        return True  # Anthropic base64 source, OpenAI input_audio
+    m = _DATA_URL.match(v[:256])
+    if m is not None:
+        return _BASE64.fullmatch(v, m.end()) is not None
+    if k in BINARY_KEYS or (k == "data" and (d.get("type") == "base64" or "format" in d)):
+        return _BASE64.fullmatch(v) is not None  # Anthropic base64 source, input_audio
     return False
 
 
@@ -349,8 +445,9 @@ class Masked:
             return False
         joined = "".join(slots.parts)
         found = self.masker.find(joined) if self.detect else []
+        cross = _cross_findings(self.masker, slots, found) if self.detect else []
         restore = self.restore and "[" in joined
-        if not found and not restore and not slots.forced:
+        if not found and not cross and not restore and not slots.forced:
             return False
         masker, session, restorable = self.masker, self.session, self.restorable
         texts, starts = slots.texts, slots.starts
@@ -389,6 +486,20 @@ class Masked:
                     edits.setdefault(i, []).append((lo, max(lo, hi), repl if first else ""))
                     first = False
                 i += 1
+        for entity, value, pieces in cross:
+            counts[entity] = counts.get(entity, 0) + 1
+            repl = masker.replacement(entity, value, session, restorable)
+            for j, (i, lo, hi) in enumerate(pieces):
+                edits.setdefault(i, []).append((lo, hi, repl if j == 0 else ""))
+        if cross:
+            for i, e in edits.items():
+                e.sort()
+                kept: list[tuple[int, int, str]] = []
+                for ed in e:
+                    if kept and ed[0] < kept[-1][1]:
+                        continue  # overlaps an earlier edit of this slot
+                    kept.append(ed)
+                edits[i] = kept
         for entity, k in counts.items():
             count(self.findings, entity, masker.strategy(entity), k)
         changed_owners: set[int] = set(slots.forced)
@@ -547,15 +658,30 @@ class Masked:
             return None if new == text else new.encode("latin-1", "replace")
 
     def ndjson_bytes(self, content: bytes) -> bytes | None:
+        """Every line masked, as ONE set of slots: a value split across lines (a token
+        stream's `message.content`, `response` …) is caught by the cross-field pass, which
+        joins the strings at the same path on consecutive lines."""
         lines = content.split(b"\n")
-        changed = False
+        slots = _Slots(self.llm)
+        slots.path_mode = True
         for i, line in enumerate(lines):
-            if line.strip():
-                new = self.json_bytes(line)
-                if new is not None:
-                    lines[i] = new
-                    changed = True
-        return b"\n".join(lines) if changed else None
+            if not line.strip():
+                continue
+            try:
+                obj = loads(line)
+            except DuplicateKeys:
+                raise Unparseable("JSON object with duplicate keys", 400) from None
+            except (ValueError, RecursionError):
+                raise Unparseable("body is not valid NDJSON", 400) from None
+
+            def set_line(text: str, i: int = i) -> None:
+                lines[i] = text.encode()
+            if isinstance(obj, dict | list):
+                slots.subdocs.append((-1, set_line, obj))
+                slots.walk(obj, len(slots.subdocs) - 1)
+            elif isinstance(obj, str) and obj:
+                slots.add(obj, lambda t, f=set_line: f(_dump(t)), -1, sib=("p", "str"))
+        return b"\n".join(lines) if self._apply(slots) else None
 
 
 def _part_headers(head: bytes) -> dict[str, str]:

@@ -63,7 +63,8 @@ def test_openai_chat_every_text_place() -> None:
     assert out["model"] == "gpt-4o-mini" and out["messages"][3]["tool_call_id"] == "call_1"
     assert out["messages"][1]["content"][1] == req["messages"][1]["content"][1]
     assert found["EMAIL"]["count"] == 5 and found["CREDIT_CARD"]["count"] == 1
-    assert det.calls == 1  # one detector pass for the whole body
+    # one detector pass for the whole body, one more across sibling boundaries
+    assert det.calls <= 2
 
 
 def test_anthropic_messages_system_tools_and_results() -> None:
@@ -80,7 +81,9 @@ def test_anthropic_messages_system_tools_and_results() -> None:
                                           "content": [{"type": "text",
                                                        "text": "found bob@example.com"}]}]},
             {"role": "user", "content": [{"type": "image", "source": {
-                "type": "base64", "media_type": "image/png", "data": "ann@example.com"}}]},
+                "type": "base64", "media_type": "image/png", "data": "QUFB" * 100}}]},
+            {"role": "user", "content": [{"type": "image", "source": {
+                "type": "base64", "media_type": "image/png", "data": "dan@example.com"}}]},
         ],
         "tools": [{"name": "crm", "description": "CRM of ceo@example.com",
                    "input_schema": {"type": "object"}}],
@@ -89,8 +92,9 @@ def test_anthropic_messages_system_tools_and_results() -> None:
     s = json.dumps(out)
     assert "op@" not in s and "078-05" not in s and "bob@" not in s and "ceo@" not in s
     assert out["messages"][1]["content"][0]["input"] == {"q": "[EMAIL_2]"}
-    # base64 payloads are never rewritten
-    assert out["messages"][3]["content"][0]["source"]["data"] == "ann@example.com"
+    # base64 payloads are never rewritten; a "data" field that is not base64 is text
+    assert out["messages"][3]["content"][0]["source"]["data"] == "QUFB" * 100
+    assert out["messages"][4]["content"][0]["source"]["data"] == "[EMAIL_4]"
 
 
 def test_value_split_across_consecutive_text_parts() -> None:
@@ -106,9 +110,18 @@ def test_value_split_across_consecutive_text_parts() -> None:
 
 
 def test_separate_fields_are_not_glued() -> None:
+    # fields of different containers are never joined
     m, found, _ = ctx("generic")
-    out = m.body(body({"a": "4111 1111", "b": "1111 1111"}), "application/json")
+    out = m.body(body({"a": {"x": "4111 1111"}, "b": {"y": "1111 1111"}}), "application/json")
     assert out is None and found == {}
+
+
+def test_adjacent_sibling_fields_are_joined() -> None:
+    # a value split across adjacent fields of one object (or items of one array) is caught
+    m, found, _ = ctx("generic")
+    out = json.loads(m.body(body({"a": "pay 4111 1111", "b": " 1111 1111 ok"}),
+                            "application/json"))
+    assert out == {"a": "pay [CREDIT_CARD_1]", "b": " ok"}
 
 
 def test_json_unicode_escapes_and_numbers_and_keys() -> None:
