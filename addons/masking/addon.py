@@ -9,8 +9,11 @@ A thin adapter from flows to the pure modules:
 Hooks:
 - requestheaders: refuse early what can never be masked (a declared body over
   `masking.max_body_bytes`, a request mitmproxy is streaming);
-- request: mask the query string and the body before it leaves (runs after identity and
-  policy, before approval and credentials); a body that cannot be parsed is refused
+- request: mask the URL path (segments, percent-decoded), the query string, the request
+  headers (names and values, except `masking.headers_pass` and credentials) and the body
+  before it leaves (runs after identity and policy, before approval and credentials; the
+  recorder stores the flow as it is after this hook, i.e. exactly what was forwarded);
+  multipart field and file names are masked with the body; a body that cannot be parsed is refused
   (400/415 in the caller's dialect) unless `masking.on_unparseable: pass_text`; a body
   that had a Content-Encoding is sent re-encoded as identity when it changed;
 - responseheaders: `text/event-stream` responses are streamed through a StreamMasker
@@ -20,6 +23,8 @@ Hooks:
   `max_body_bytes` is refused (502), since it cannot be masked whole;
 - response: other responses are masked whole; with `restore: true` on the upstream, the
   placeholders of this session in the model's answer are put back for the agent.
+  Response headers (except `masking.headers_pass`) are masked at responseheaders, for
+  every response, and never restored (they are recorded as the agent gets them).
 
 Restore never reaches the audit store: the answer is masked first and restored in a second,
 detection-free pass; the masked answer is left in `flow.metadata["masked_response"]`
@@ -196,10 +201,7 @@ class Masking:
         ctx = Masked(masker, self._session(flow), found, restorable=True,
                      dialect=self._dialect(flow, up))
         req = flow.request
-        if "?" in req.path:
-            pairs = ctx.pairs(list(req.query.items(multi=True)))
-            if pairs is not None:
-                req.query = pairs
+        _mask_url_and_headers(ctx, req, cfg)
         raw = req.raw_content
         if raw is None:
             refuse(flow, 413, "a streamed request body cannot be masked", "body_too_large",
@@ -242,6 +244,14 @@ class Masking:
                 resp.stream = True  # unmasked, but never buffered whole (time to first token)
             return
         cfg, up = plan
+        hfound: dict = {}
+        hctx = Masked(self.masker(), self._session(flow), hfound, restorable=False,
+                      dialect=self._dialect(flow, up))
+        new_fields = _masked_fields(hctx, resp.headers, cfg.headers_pass)
+        if new_fields is not None:
+            resp.headers.fields = new_fields
+        if hfound:
+            merge(self._findings(flow), hfound)
         if not sse:
             cl = resp.headers.get("content-length", "")
             if resp.stream or (cl.strip().isdigit() and int(cl) > cfg.max_body_bytes):
@@ -312,6 +322,33 @@ class Masking:
             resp.content = new
         if found:
             merge(self._findings(flow), found)
+
+
+def _masked_fields(ctx: Masked, headers: http.Headers, passed: frozenset[str]
+                   ) -> tuple[tuple[bytes, bytes], ...] | None:
+    """The header fields masked (bytes, for `Headers.fields`), or None when unchanged."""
+    fields = [(k.decode("latin-1"), v.decode("utf-8", "surrogateescape"))
+              for k, v in headers.fields]
+    new = ctx.header_fields(fields, passed)
+    if new is None:
+        return None
+    return tuple((k.encode("latin-1"), v.encode("utf-8", "surrogateescape")) for k, v in new)
+
+
+def _mask_url_and_headers(ctx: Masked, req: http.Request, cfg: Any) -> None:
+    """Mask the path segments, the query and the headers of a request in place."""
+    path, sep, _ = req.path.partition("?")
+    if req.method != "CONNECT" and path.startswith("/"):
+        new_path = ctx.url_path(path)
+        if new_path is not None:
+            req.path = new_path + req.path[len(path):]
+    if sep:
+        pairs = ctx.pairs(list(req.query.items(multi=True)))
+        if pairs is not None:
+            req.query = pairs
+    new_fields = _masked_fields(ctx, req.headers, cfg.headers_pass)
+    if new_fields is not None:
+        req.headers.fields = new_fields
 
 
 def _safe_stream(masker: StreamMasker, flow: http.HTTPFlow, found: dict) -> Any:

@@ -48,7 +48,7 @@ import zlib
 from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from addons.masking.masker import Findings, Masker, Session, count
 
@@ -83,6 +83,14 @@ class Unparseable(Exception):
 
 class TooLarge(Exception):
     """The (decoded) body is over the configured limit."""
+
+
+# an HTTP header name (RFC 9110 token): a masked name that is no longer one is dropped
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# URL path characters left as they are when a masked segment is re-encoded
+_PATH_SAFE = "!$&'()*+,;=:@~-._"
+# name="…" / filename="…" / filename*=UTF-8''… in a multipart part's Content-Disposition
+_DISP_PARAM = re.compile(r'(?i)(;\s*)(name|filename)(\*?)=("(?:[^"\\\r\n]|\\.)*"|[^;\r\n]*)')
 
 
 # ---------------------------------------------------------------- content-encoding
@@ -309,13 +317,17 @@ def _cross_findings(masker: Masker, slots: _Slots, found: list
         if buf:
             buf.append(_BREAK)
             pos += len(_BREAK)
-        for i in idxs:
+        for j, i in enumerate(idxs):
             t = texts[i]
             pieces = [(0, t)] if len(t) <= 2 * w else [(0, t[:w]), (len(t) - w, t[-w:])]
             for k, (local, piece) in enumerate(pieces):
                 if k:
                     buf.append(_BREAK)
                     pos += len(_BREAK)
+                elif j and piece and buf and _word_junction(buf[-1][-1:], piece[0]):
+                    # 'cards' + '4111': a word boundary, as a reader sees two fields
+                    buf.append(" ")
+                    pos += 1
                 segs.append((pos, i, local, len(piece)))
                 buf.append(piece)
                 pos += len(piece)
@@ -343,6 +355,11 @@ def _cross_findings(masker: Masker, slots: _Slots, found: list
             continue
         out.append((f.entity, f.value, pieces_out))
     return out
+
+
+def _word_junction(a: str, b: str) -> bool:
+    """A letter next to a digit (either way): joining them would hide a word boundary."""
+    return bool(a) and a.isalnum() and b.isalnum() and a.isdigit() != b.isdigit()
 
 
 def _setter(container: Any, key: Any) -> Callable[[str], None]:
@@ -585,6 +602,78 @@ class Masked:
             return None
         return urlencode(new, encoding=charset).encode("ascii")
 
+    # -- headers and URL path
+    def header_fields(self, fields: list[tuple[str, str]], passed: frozenset[str]
+                      ) -> list[tuple[str, str]] | None:
+        """Mask header names and values (one detector pass), except the headers named in
+        `passed`. A name that held a value (no longer a header token) is dropped with its
+        value. None if nothing changed."""
+        rows = [[k, v] for k, v in fields]
+        slots = _Slots(False)
+        for row in rows:
+            if row[0].lower() in passed:
+                continue
+            slots.add(row[0], _setter(row, 0), -1)
+            if row[1]:
+                slots.add(row[1], _setter(row, 1), -1)
+        if not self._apply(slots):
+            return None
+        return [(k, v.replace("\r", " ").replace("\n", " ")) for k, v in rows
+                if _HEADER_TOKEN.fullmatch(k)]
+
+    def url_path(self, path: str) -> str | None:
+        """Mask the segments of a URL path (without its query), percent-decoded; changed
+        segments are re-encoded, the others kept byte for byte. Consecutive segments are
+        siblings, so '/4111/1111/1111/1111' is one card. None if nothing changed."""
+        segs = path.split("/")
+        rows = [[unquote(seg, errors="surrogateescape")] for seg in segs]
+        slots = _Slots(False)
+        for row in rows:
+            if row[0]:
+                slots.add(row[0], _setter(row, 0), -1, sib=("path",))
+        if not self._apply(slots):
+            return None
+        out = []
+        for seg, row in zip(segs, rows, strict=True):
+            same = row[0] == unquote(seg, errors="surrogateescape")
+            out.append(seg if same else quote(row[0], safe=_PATH_SAFE, errors="surrogateescape"))
+        return "/".join(out)
+
+    def _part_names(self, head: bytes) -> bytes | None:
+        """Mask the field name and file name of a multipart part (Content-Disposition)."""
+        text = head.decode("utf-8", "surrogateescape")
+        found = list(_DISP_PARAM.finditer(text))
+        if not found:
+            return None
+        rows: list[list[str]] = []
+        for m in found:
+            raw = m.group(4)
+            if m.group(3):  # RFC 5987: charset'lang'percent-encoded
+                value = unquote(raw.split("'", 2)[-1], errors="surrogateescape")
+            elif raw.startswith('"'):
+                value = re.sub(r"\\(.)", r"\1", raw[1:-1])
+            else:
+                value = raw
+            rows.append([value])
+        slots = _Slots(False)
+        for row in rows:
+            if row[0]:
+                slots.add(row[0], _setter(row, 0), -1)
+        if not self._apply(slots):
+            return None
+        out: list[str] = []
+        pos = 0
+        for m, row in zip(found, rows, strict=True):
+            out.append(text[pos:m.start(4)])
+            new = row[0].replace("\r", " ").replace("\n", " ")
+            if m.group(3):
+                out.append("UTF-8''" + quote(new, safe="", errors="surrogateescape"))
+            else:
+                out.append('"' + new.replace("\\", "\\\\").replace('"', '\\"') + '"')
+            pos = m.end(4)
+        out.append(text[pos:])
+        return "".join(out).encode("utf-8", "surrogateescape")
+
     # -- multipart
     def multipart_bytes(self, content: bytes, boundary: str, pass_text: bool) -> bytes | None:
         delim = b"--" + boundary.encode("latin-1")
@@ -606,9 +695,10 @@ class Masked:
                 raise Unparseable(f"multipart content-transfer-encoding {cte!r}", 415)
             new = self.body(body, headers.get("content-type", "text/plain"), pass_text,
                             in_multipart=True)
-            if new is not None:
+            new_head = self._part_names(head)
+            if new is not None or new_head is not None:
                 changed = True
-                part = head + new + b"\r\n"
+                part = (new_head or head) + (body if new is None else new) + b"\r\n"
             out.append(part)
         out.append(chunks[-1])
         return delim.join(out) if changed else None

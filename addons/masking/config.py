@@ -12,6 +12,7 @@ masking:
     CREDIT_CARD: {strategy: partial}
     IP_ADDRESS: {enabled: false}
   allow: ['support@example\.com']   # regexes; a finding whose whole value matches is left alone
+  headers_pass: [x-trace-id]        # headers never masked, added to DEFAULT_HEADERS_PASS
   custom:
     - name: EMPLOYEE_ID
       pattern: 'EMP-\d{6}'
@@ -84,7 +85,23 @@ BUILTIN_ENTITIES: dict[str, str] = {
 }
 
 SECTION_KEYS = {"enabled", "on_unparseable", "max_body_bytes", "hmac_key_env", "default_strategy",
-                "entities", "custom", "allow"}
+                "entities", "custom", "allow", "headers_pass"}
+# Headers left alone by masking (both directions): HTTP framing and protocol negotiation,
+# whose values are fixed vocabularies, and which masking must not break. Every other header
+# value is masked. Credentials (CREDENTIAL_HEADERS) are never masked either: identity reads
+# them before masking and the credentials step removes them after it.
+DEFAULT_HEADERS_PASS: tuple[str, ...] = (
+    "host", "content-type", "content-length", "content-encoding", "transfer-encoding",
+    "connection", "keep-alive", "te", "trailer", "upgrade", "accept", "accept-encoding",
+    "accept-language", "accept-charset", "user-agent", "cache-control", "pragma", "expect",
+    "openai-beta", "openai-version", "anthropic-version", "anthropic-beta", "x-stainless-lang",
+    "x-stainless-package-version", "x-stainless-os", "x-stainless-arch",
+    "x-stainless-runtime", "x-stainless-runtime-version", "x-stainless-retry-count",
+    "x-stainless-async", "x-stainless-timeout", "x-stainless-read-timeout", "date", "vary",
+    "etag", "last-modified", "server", "content-language", "retry-after",
+)
+CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "api-key", "cookie")
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
 ENTITY_KEYS = {"enabled", "strategy"}
 CUSTOM_KEYS = {"name", "pattern", "validator", "context", "context_window", "ignore_case",
                "max_length", "strategy", "enabled"}
@@ -126,11 +143,13 @@ class MaskingConfig:
     entities: dict[str, EntityConfig] = field(default_factory=dict)
     custom: tuple[CustomDetector, ...] = ()
     allow: tuple[str, ...] = ()
+    # lower-case header names never masked (defaults + the rules' headers_pass)
+    headers_pass: frozenset[str] = frozenset(DEFAULT_HEADERS_PASS + CREDENTIAL_HEADERS)
 
     def __hash__(self) -> int:  # the dict field is never mutated after parsing
         return hash((self.enabled, self.on_unparseable, self.max_body_bytes, self.hmac_key_env,
                      self.default_strategy, tuple(sorted(self.entities.items())), self.custom,
-                     self.allow))
+                     self.allow, self.headers_pass))
 
     def entity(self, name: str) -> EntityConfig:
         """Settings of a built-in or custom entity (defaults for unknown names)."""
@@ -290,9 +309,18 @@ def parse_masking(section: MapSection) -> MaskingConfig:
             compile_user_regex(pat, aw.child(i))
             allow.append(pat)
 
+    passed = set(DEFAULT_HEADERS_PASS + CREDENTIAL_HEADERS)
+    if d.get("headers_pass") is not None:
+        hw = section.where("headers_pass")
+        for i, name in enumerate(expect_str_list(d["headers_pass"], hw)):
+            if not _HEADER_NAME_RE.fullmatch(name):
+                raise hw.child(i).error(f"not a header name: {name!r}")
+            passed.add(name.lower())
+
     cfg = MaskingConfig(enabled=enabled, on_unparseable=on_unparseable, max_body_bytes=max_body,
                         hmac_key_env=hmac_env, default_strategy=default_strategy,
-                        entities=entities, custom=tuple(custom), allow=tuple(allow))
+                        entities=entities, custom=tuple(custom), allow=tuple(allow),
+                        headers_pass=frozenset(passed))
     if not hmac_env:
         # name the first setting that asks for `hash`, in the file that sets it
         users = [(section.where("entities").child(n), n) for n in BUILTIN_ENTITIES
