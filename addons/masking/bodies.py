@@ -304,37 +304,40 @@ def _cross_findings(masker: Masker, slots: _Slots, found: list
         if key is not None:
             runs.setdefault(key, []).append(i)
     texts, starts = slots.texts, slots.starts
-    taken = sorted((f.start, f.end) for f in found)
     out: list[tuple[str, str, list[tuple[int, int, int]]]] = []
     w = SPLIT_WINDOW
-    # every run in one window text (runs apart by a break): one more detector pass
+    # every run in one window text (runs apart by a break): one more detector pass. Each
+    # run twice: joined with nothing ('sk-proj-Xi' + '8tcN…' is one key), and with a space
+    # where a letter meets a digit ('cards' + '4111': a word boundary, as a reader sees
+    # two fields, so a number's look-behind still sees its start)
     buf: list[str] = []
     segs: list[tuple[int, int, int, int]] = []  # (position in window text, slot, local, n)
     pos = 0
-    for idxs in runs.values():
-        if len(idxs) < 2:
-            continue
-        if buf:
-            buf.append(_BREAK)
-            pos += len(_BREAK)
-        for j, i in enumerate(idxs):
-            t = texts[i]
-            pieces = [(0, t)] if len(t) <= 2 * w else [(0, t[:w]), (len(t) - w, t[-w:])]
-            for k, (local, piece) in enumerate(pieces):
-                if k:
-                    buf.append(_BREAK)
-                    pos += len(_BREAK)
-                elif j and piece and buf and _word_junction(buf[-1][-1:], piece[0]):
-                    # 'cards' + '4111': a word boundary, as a reader sees two fields
-                    buf.append(" ")
-                    pos += 1
-                segs.append((pos, i, local, len(piece)))
-                buf.append(piece)
-                pos += len(piece)
+    for junction in (False, True):
+        for idxs in runs.values():
+            if len(idxs) < 2:
+                continue
+            if buf:
+                buf.append(_BREAK)
+                pos += len(_BREAK)
+            for j, i in enumerate(idxs):
+                t = texts[i]
+                pieces = [(0, t)] if len(t) <= 2 * w else [(0, t[:w]), (len(t) - w, t[-w:])]
+                for k, (local, piece) in enumerate(pieces):
+                    if k:
+                        buf.append(_BREAK)
+                        pos += len(_BREAK)
+                    elif junction and j and piece and _word_junction(buf[-1][-1:], piece[0]):
+                        buf.append(" ")
+                        pos += 1
+                    segs.append((pos, i, local, len(piece)))
+                    buf.append(piece)
+                    pos += len(piece)
     if not segs:
         return out
     text = "".join(buf)
     seg_pos = [sg[0] for sg in segs]
+    taken = [(f.start, f.end) for f in found]
     for f in masker.find(text):
         a = bisect_right(seg_pos, f.start) - 1
         b = bisect_right(seg_pos, f.end - 1) - 1
@@ -350,9 +353,9 @@ def _cross_findings(masker: Masker, slots: _Slots, found: list
             continue
         g0 = starts[pieces_out[0][0]] + pieces_out[0][1]
         g1 = starts[pieces_out[-1][0]] + pieces_out[-1][2]
-        k = bisect_right(taken, (g1, g1))
-        if any(s < g1 and e > g0 for s, e in taken[max(0, k - 8):k]):
-            continue
+        if any(s < g1 and e > g0 for s, e in taken):
+            continue  # the first pass (or the other join) has it
+        taken.append((g0, g1))
         out.append((f.entity, f.value, pieces_out))
     return out
 

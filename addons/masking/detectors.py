@@ -115,9 +115,9 @@ def _isolated(t: str, s: int, e: int) -> bool:
     '2781_736_545_8985'): no digit + separator right before it, no separator + digit right
     after it. Asked only of values with an exotic separator: a list written with commas,
     slashes or underscores is far more often data than one number."""
-    if s >= 2 and t[s - 2].isalnum() and not t[s - 1].isalnum() and not t[s - 1].isspace():
+    if s >= 2 and t[s - 2].isdigit() and not t[s - 1].isalnum() and not t[s - 1].isspace():
         return False
-    if e + 1 < len(t) and t[e + 1].isalnum() and not t[e].isalnum() and not t[e].isspace():
+    if e + 1 < len(t) and t[e + 1].isdigit() and not t[e].isalnum() and not t[e].isspace():
         return False
     return True
 
