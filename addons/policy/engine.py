@@ -221,7 +221,10 @@ class RequestFacts:
         """A text case-folded exactly as `re.IGNORECASE` compares characters."""
         f = self._folded.get(which)
         if f is None:
-            f = self._folded[which] = fold(getattr(self, which))
+            text = getattr(self, which)
+            # the ASCII skeleton is lower case already: folding it again changes nothing
+            f = text if which == "skel_text" and text.isascii() else fold(text)
+            self._folded[which] = f
         return f
 
     @property
@@ -333,31 +336,55 @@ def prompt_texts(body: Any) -> list[str]:
 
 def all_strings(node: Any, out: list[str], depth: int = 0,
                 budget: list[int] | None = None) -> None:
-    """Every string of a JSON value, object keys included, in document order; a string
-    that itself holds JSON (tool-call arguments, a JSON schema passed as text) is also
-    searched as that JSON, so `\\u0070assword` escapes cannot hide a word. `budget` bounds
-    the total size of the JSON-in-strings parsed."""
+    """Every string of a JSON value, object keys included; a string that itself holds
+    JSON (tool-call arguments, a JSON schema passed as text) is also searched as that
+    JSON, so `\\u0070assword` escapes cannot hide a word. `budget` bounds the total size
+    of the JSON-in-strings parsed. (Hot path: type checks by identity, leaves inline.)"""
+    if budget is None:
+        budget = [1 << 20]
+    t = type(node)
+    if t is str:
+        out.append(node)
+        _nested(node, out, depth, budget)
+        return
     if depth > 64:
         return
-    if isinstance(node, str):
-        out.append(node)
-        if len(node) > 1 and node.lstrip()[:1] in ("{", "[", '"') and \
-                (budget is None or budget[0] > len(node)):
-            if budget is not None:
-                budget[0] -= len(node)
-            try:
-                inner = json.loads(node)
-            except (ValueError, RecursionError):
-                return
-            if not isinstance(inner, str) or inner != node:
-                all_strings(inner, out, depth + 1, budget)
-    elif isinstance(node, dict):
-        for k, v in node.items():
-            out.append(k)
+    if t is dict:
+        out.extend(node)
+        values: Any = node.values()
+    elif t is list:
+        values = node
+    else:
+        return
+    append = out.append
+    for v in values:
+        tv = type(v)
+        if tv is str:
+            append(v)
+            if v and (v[0] in _NESTED_START or v[0].isspace()):
+                _nested(v, out, depth, budget)
+        elif tv is dict or tv is list:
             all_strings(v, out, depth + 1, budget)
-    elif isinstance(node, list):
-        for v in node:
-            all_strings(v, out, depth + 1, budget)
+
+
+_NESTED_START = frozenset('{["')
+
+
+def _nested(s: str, out: list[str], depth: int, budget: list[int]) -> None:
+    head = s.lstrip()[:1]
+    if head not in _NESTED_START or len(s) < 2 or budget[0] < len(s):
+        return
+    budget[0] -= len(s)
+    try:
+        inner = json.loads(s)
+    except (ValueError, RecursionError):
+        return
+    if type(inner) is str:
+        if inner != s:
+            out.append(inner)
+            _nested(inner, out, depth + 1, budget)
+    else:
+        all_strings(inner, out, depth + 1, budget)
 
 
 def _all_strings(node: Any, out: list[str], depth: int = 0) -> None:

@@ -118,10 +118,14 @@ def _ascii_bytes_table() -> bytes:
     return bytes(tb)
 
 
+# ASCII text: a literal first character lets `re` skip ahead with a fast search
+_ASCII_HYPHEN_BREAK = re.compile(r"-[ \t]*(?:\r\n|\r|\n|\x0b|\x0c)\s*")
+
+
 def normalize(text: str) -> str:
     """NFKC; format characters, combining marks and fillers removed; hyphenation joined."""
     if text.isascii():
-        return _HYPHEN_BREAK.sub("", text) if "-" in text else text
+        return _ASCII_HYPHEN_BREAK.sub("", text) if "-" in text else text
     text = unicodedata.normalize("NFKC", text)
     drop: dict[int, None] = {}
     need_nfd = False
