@@ -1,0 +1,48 @@
+"""Keyword skeleton (addons/policy/skeleton.py): one plain test per normalisation."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from addons.policy.skeleton import normalize, skeleton, skeleton_pattern, table
+
+
+@pytest.mark.parametrize("text", [
+    "password", "PASSWORD", "pass\u200bword", "pa\u00adssword", "pass\u2060word",
+    "pass\u200eword", "p\u0430ssw\u043erd", "passw\u03bfrd", "\uff50\uff41\uff53\uff53word",
+    "pa\u0301ssword", "pass-\nword", "pass-\r\n   word", "pass\u2010\nword",
+    "\U0001d429assword", "pass\u3164word",
+])
+def test_spellings_share_the_skeleton(text: str) -> None:
+    assert skeleton(text) == "password"
+
+
+def test_confusables_from_the_uts39_data() -> None:
+    t = table()
+    assert t[ord("\u0430")] == "a"          # Cyrillic a
+    assert t[ord("\u0455")] == "s"          # Cyrillic dze
+    assert skeleton("\u0455\u0435\u0441r\u0435t") == "secret"
+
+
+def test_unrelated_letters_stay_apart() -> None:
+    # case folded pairs are not chained: long s ~ f must not make s and f one letter
+    assert skeleton("s") != skeleton("f")
+    assert skeleton("kill") != skeleton("kiss")
+    assert skeleton("rn") != skeleton("m")   # sequence targets are left out
+
+
+def test_normalize_keeps_case_and_plain_text() -> None:
+    assert normalize("Hello World") == "Hello World"
+    assert normalize("Pass\u200bWord") == "PassWord"
+    assert normalize("well-\nknown") == "wellknown"
+    assert normalize("a - b\nc") == "a - b\nc"   # a dash that is not at a line break
+
+
+def test_skeleton_pattern_maps_literals_only() -> None:
+    assert skeleton_pattern(r"p\u0430ss\s+w[o\u043e]rd{1,2}") == r"p\u0430ss\s+w[o\u043e]rd{1,2}"
+    p = skeleton_pattern("p\u0430ss(?P<x>w\u043erd)?[a-z]{2}")
+    assert p == "pass(?P<x>word)?[a-z]{2}"
+    assert re.search(p, "password") is not None
+    assert skeleton_pattern("a\u200bb") == "ab"
