@@ -2,16 +2,30 @@
 
 Runs last on the request path, after identity, policy, masking and approval, so nothing
 before it ever sees the real secret and nothing after it (the upstream) sees the agent's.
+The flow itself never holds the real secret either: it carries a marker, which mitmproxy's
+HTTP/1, HTTP/2 and HTTP/3 client layers replace by the secret only in the header bytes they
+send upstream (install_wire_substitution). mitmweb, the dumper, flow files, the recorder
+and every addon see the marker.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import inspect
 import logging
+import secrets
+from collections.abc import Callable, Generator
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from mitmproxy import ctx, http
+from mitmproxy import version as mitmproxy_version
 
 from addons.config.holder import RulesHolder
+from addons.egress.config import SecretRef
+from addons.frame import logscrub
+from addons.frame.credshape import INJECTED, is_credential_param
 from addons.frame.guard import guarded, refuse
 
 log = logging.getLogger("agentgate.credentials")
@@ -22,7 +36,6 @@ CREDENTIAL_HEADERS = (
     "x-goog-api-key", "x-auth-token", "x-access-token", "ocp-apim-subscription-key",
     "x-amz-security-token",
 )
-CREDENTIAL_QUERY_KEYS = {"key", "api_key", "apikey", "access_token", "token"}
 
 
 def strip_credentials(headers: http.Headers, extra: str | None = None) -> list[str]:
@@ -34,60 +47,167 @@ def strip_credentials(headers: http.Headers, extra: str | None = None) -> list[s
     return removed
 
 
-REDACTED = "[injected by agentgate]"
+# ---------------------------------------------------------------- the wire substitution
+# The real credential never sits on the flow object: mitmweb's /flows (while the upstream's
+# answer is pending: seconds, for an LLM), the dumper at any flow_detail, `-w` files, the
+# recorder and every addon only ever see a marker. The marker is swapped for the secret in
+# the bytes mitmproxy assembles for the upstream, and nowhere else.
+REDACTED = INJECTED
+# Per process and secret: a marker the agent never sees cannot be forged by it, so no
+# header the agent writes can make the gateway substitute a real credential.
+_NONCE = secrets.token_hex(16)
+_MARKERS: dict[bytes, tuple[bytes, SecretRef]] = {}  # marker -> (header name, where)
+MAX_MARKERS = 4096
+
+PINNED_MITMPROXY = "12.2."
 
 
-def scrub_injected(flow: http.HTTPFlow) -> None:
-    """Replace the injected real credential on the flow once it has been sent.
+def marker_for(upstream: str, ref: SecretRef) -> str:
+    """The value put on the flow in place of the upstream's real credential."""
+    tag = hashlib.sha256(f"{upstream}\n{ref.header.lower()}".encode()).hexdigest()[:12]
+    value = f"{REDACTED} {tag}.{_NONCE}"
+    key = value.encode()
+    if key not in _MARKERS and len(_MARKERS) >= MAX_MARKERS:
+        _MARKERS.clear()  # rules churn: forget old upstreams' markers
+    _MARKERS[key] = (ref.header.lower().encode(), ref)  # (re)set: the rules may have changed
+    return value
 
-    mitmproxy serialises `flow.request` to the wire after the request hooks; from the first
-    hook after that (responseheaders / error) the value is only a liability: mitmdump's
-    dumper, `-w` flow files, mitmweb and our recorder all read the flow object.
+
+def carries_marker(value: str | bytes) -> bool:
+    nonce = _NONCE.encode() if isinstance(value, bytes) else _NONCE
+    return nonce in value  # type: ignore[operator]
+
+
+def substitute(fields: Any) -> Any:
+    """Header pairs with each marker replaced by its real credential (the same object when
+    there is none). Only in the header the marker was made for; a secret that cannot be
+    read any more fails the connection instead of sending the marker."""
+    out = None
+    for i, (k, v) in enumerate(fields):
+        hit = _MARKERS.get(bytes(v)) if len(v) > len(_NONCE) else None
+        if hit is None or bytes(k).lower() != hit[0]:
+            continue
+        real = hit[1].resolve()
+        if real is None:
+            raise RuntimeError("upstream credential no longer available; not sending")
+        if out is None:
+            out = list(fields)
+        out[i] = (k, real.encode())
+    if out is None:
+        return fields
+    return tuple(out) if isinstance(fields, tuple) else out
+
+
+def _h1_head(orig: Callable[[http.Request], bytes]) -> Callable[[http.Request], bytes]:
+    def assemble_request_head(request: http.Request) -> bytes:
+        fields = request.headers.fields
+        new = substitute(fields)
+        if new is fields:
+            return orig(request)
+        # A private copy for the wire: the flow's request keeps the marker.
+        wire = copy.copy(request)
+        wire.data = copy.copy(request.data)
+        wire.data.headers = http.Headers(new)
+        return orig(wire)
+    assemble_request_head.__wrapped__ = orig  # type: ignore[attr-defined]
+    return assemble_request_head
+
+
+def _h2_headers(orig: Callable[..., Generator[Any, Any, list]]
+                ) -> Callable[..., Generator[Any, Any, list]]:
+    def format_h2_request_headers(context: Any, event: Any) -> Generator[Any, Any, list]:
+        headers = yield from orig(context, event)
+        return substitute(headers)
+    format_h2_request_headers.__wrapped__ = orig  # type: ignore[attr-defined]
+    return format_h2_request_headers
+
+
+# (module, attribute, wrapper factory, the calling function, the call it must contain)
+def _sites() -> list[tuple[Any, str, Callable[[Any], Any], Any, str]]:
+    from mitmproxy.net.http import http1
+    from mitmproxy.proxy.layers.http import _http1, _http2, _http3
+    return [
+        (http1, "assemble_request_head", _h1_head, _http1.Http1Client.send,
+         "http1.assemble_request_head(request)"),
+        (_http2, "format_h2_request_headers", _h2_headers, _http2.Http2Client._handle_event2,
+         "format_h2_request_headers(self.context, event)"),
+        (_http3, "format_h2_request_headers", _h2_headers, _http3.Http3Connection._handle_event,
+         "format_h2_request_headers(self.context, event)"),
+    ]
+
+
+_installed = False
+
+
+def install_wire_substitution() -> None:
+    """Wrap the places where mitmproxy turns a request into header bytes for the upstream.
+
+    Narrow and version-pinned: refuses (raises) unless this is mitmproxy 12.2.x and every
+    call site still reads the wrapped name at call time; tests/egress/test_credentials.py
+    checks the same, so an upgrade that moves them fails loudly instead of sending markers
+    (or, worse, nothing being substituted while a later change puts secrets back on flows).
     """
-    meta = flow.metadata.get("upstream")
-    header = meta.get("injected") if isinstance(meta, dict) else None
-    if header and flow.request.headers.get(header, REDACTED) != REDACTED:
-        flow.request.headers[header] = REDACTED
+    global _installed
+    if _installed:
+        return
+    if not mitmproxy_version.VERSION.startswith(PINNED_MITMPROXY):
+        raise RuntimeError(f"credential injection is pinned to mitmproxy {PINNED_MITMPROXY}x, "
+                           f"running {mitmproxy_version.VERSION}: review "
+                           "addons/egress/credentials.py before upgrading")
+    sites = _sites()
+    for _mod, _attr, _wrap, caller, call in sites:
+        if call not in inspect.getsource(caller):
+            raise RuntimeError(f"mitmproxy internals changed: {caller.__qualname__} no longer "
+                               f"calls {call}; credential injection disabled")
+    for mod, attr, wrap, _caller, _call in sites:
+        current = getattr(mod, attr)
+        if getattr(current, "__wrapped__", None) is None:
+            setattr(mod, attr, wrap(current))
+    _installed = True
 
 
-class CredentialScrubber:
-    """Runs first in the addon chain so no default addon (dumper, save, view) sees the
-    secret on the response/error path; see scrub_injected."""
-
-    name = "agentgate_scrubber"
-
-    @guarded("credentials", skip_answered=False)
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        scrub_injected(flow)
-
-    @guarded("credentials", skip_answered=False)
-    def response(self, flow: http.HTTPFlow) -> None:
-        scrub_injected(flow)
-
-    @guarded("credentials", skip_answered=False)
-    def error(self, flow: http.HTTPFlow) -> None:
-        scrub_injected(flow)
+def secret_values(rules: Any) -> set[str]:
+    """Every upstream's real credential as injected and without its prefix."""
+    vals: set[str] = set()
+    for up in getattr(rules, "upstreams", ()) if rules is not None else ():
+        ref = up.credential
+        value = ref.resolve() if ref is not None else None
+        if value:
+            vals.add(value)
+            if ref.prefix and value.startswith(ref.prefix):
+                vals.add(value[len(ref.prefix):])
+    return vals
 
 
 class Credentials:
     def __init__(self, holder: RulesHolder) -> None:
         self.holder = holder
-        self.scrubber = CredentialScrubber()
+        self.wire_error: str | None = None
+        holder.on_change(self._rules_changed)
 
-    def load(self, loader) -> None:
-        # mitmproxy runs addons in chain order and scripts come after the built-in addons,
-        # so the scrubber is put at the very front of the chain explicitly.
-        master = getattr(ctx, "master", None)
-        addons = getattr(master, "addons", None)
-        if addons is None or addons.get(CredentialScrubber.name) is not None:
-            return
-        addons.register(self.scrubber)
-        addons.chain.insert(0, self.scrubber)
+    def _rules_changed(self, rules: Any) -> None:
+        # the log scrubber knows every real credential by value, re-read on each change
+        logscrub.set_secrets(secret_values(rules))
 
-    def done(self) -> None:
+    def load(self, loader: Any) -> None:
+        logscrub.install()
+        self._rules_changed(self.holder.rules)
+        try:
+            install_wire_substitution()
+            self.wire_error = None
+        except Exception as e:  # noqa: BLE001 - fail closed: refuse flows needing a key
+            self.wire_error = str(e)
+            log.error("agentgate: %s; requests to upstreams with a credential are refused",
+                      e)
+
+    def running(self) -> None:
+        # mitmproxy's own handlers (termlog, mitmweb's event store) exist by now; the
+        # dumper prints flows to a stream, not through logging.
+        logscrub.install()
         master = getattr(ctx, "master", None)
-        if master is not None and master.addons.get(CredentialScrubber.name) is self.scrubber:
-            master.addons.remove(self.scrubber)
+        dumper = master.addons.get("dumper") if master is not None else None
+        if dumper is not None:
+            logscrub.wrap_stream(dumper, "outfp")
 
     @guarded("credentials")
     def request(self, flow: http.HTTPFlow) -> None:
@@ -102,21 +222,37 @@ class Credentials:
         removed = strip_credentials(flow.request.headers,
                                     up.credential.header if up.credential else None)
         query = flow.request.query
-        if any(k.lower() in CREDENTIAL_QUERY_KEYS for k in query):
+        if any(is_credential_param(k, v) for k, v in query.items(multi=True)):
+            # by class (token/secret/key/signature-like keys, JWT-shaped values): see
+            # addons/frame/credshape.py, which the recorder and the log scrubber share
             kept = [(k, v) for k, v in parse_qsl(flow.request.url.partition("?")[2],
                                                  keep_blank_values=True)
-                    if k.lower() not in CREDENTIAL_QUERY_KEYS]
+                    if not is_credential_param(k, v)]
             flow.request.path = flow.request.path.split("?", 1)[0] + (
                 "?" + urlencode(kept) if kept else "")
             removed.append("query")
+        if any(carries_marker(v) for _k, v in flow.request.headers.fields):
+            # only the gateway writes markers; one coming from the agent is a forgery
+            refuse(flow, 400, "request carries a reserved gateway value", "forged_marker",
+                   "credentials")
+            return
         if up.credential is not None:
-            value = up.credential.resolve()
-            if value is None:
+            if self.wire_error is not None:
+                refuse(flow, 503, "credential injection is unavailable on this gateway "
+                       "(see its log)", "credential_injection_unavailable", "credentials")
+                return
+            real = up.credential.resolve()
+            if real is None:
                 refuse(flow, 503, f"gateway has no credential for upstream {up.name!r} "
                        f"({up.credential.describe()} is not set)", "credential_missing",
                        "credentials")
                 return
-            flow.request.headers[up.credential.header] = value
+            # a rotated key is scrubbed from its first request on
+            logscrub.add_secret(real)
+            if up.credential.prefix and real.startswith(up.credential.prefix):
+                logscrub.add_secret(real[len(up.credential.prefix):])
+            # The marker, not the secret: see install_wire_substitution.
+            flow.request.headers[up.credential.header] = marker_for(up.name, up.credential)
         meta["stripped"] = removed
         meta["injected"] = up.credential.header if up.credential else ""
         if up.forward_to is not None:

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from addons.frame import credshape
+
 SCHEMA_VERSION = 1
 GENESIS = "0" * 64
 REDACTED = "[REDACTED]"
@@ -221,22 +223,21 @@ def redact_header_pairs(pairs: Sequence[Sequence[Any]], names: frozenset[str],
     return tuple(out)
 
 
-CREDENTIAL_QUERY_KEYS = frozenset({"key", "api_key", "apikey", "access_token", "token",
-                                   "api-key", "x-api-key"})
-
-
 def redact_query(url: str) -> str:
-    """The URL with credential-like query parameters' values redacted."""
-    base, sep, query = url.partition("?")
-    if not sep:
-        return url
-    parts = []
-    for item in query.split("&"):
-        k, eq, _v = item.partition("=")
-        if eq and k.lower() in CREDENTIAL_QUERY_KEYS:
-            item = f"{k}={REDACTED}"
-        parts.append(item)
-    return base + "?" + "&".join(parts)
+    """The URL (or path) with credential-like query values redacted: by key class (token,
+    secret, key, signature, … — addons/frame/credshape.py) and JWT-shaped values."""
+    return credshape.redact_url(url)
+
+
+def _redact_path(path: Any) -> Any:
+    if isinstance(path, bytes):
+        if b"?" not in path and b"#" not in path:
+            return path
+        return redact_query(path.decode("utf-8", "surrogateescape")).encode(
+            "utf-8", "surrogateescape")
+    if isinstance(path, str):
+        return redact_query(path)
+    return path
 
 
 def _header(pairs: Sequence[Sequence[bytes]], name: str) -> str | None:
@@ -387,6 +388,9 @@ def safe_state(state: dict[str, Any], redact: frozenset[str], scrub: Scrubber,
         if not msg:
             continue
         msg = dict(msg)
+        if part == "request":
+            # tokens in the query (?id_token=, ?jwt=, ?sig=) never reach the store
+            msg["path"] = _redact_path(msg.get("path"))
         msg["headers"] = redact_header_pairs(msg.get("headers") or (), redact, scrub)
         if msg.get("trailers"):
             msg["trailers"] = redact_header_pairs(msg["trailers"], redact, scrub)
@@ -407,6 +411,9 @@ def safe_state(state: dict[str, Any], redact: frozenset[str], scrub: Scrubber,
             else:
                 msg["content"] = scrub.bytes(content)
         st[part] = msg
+    backup = st.get("backup")
+    if isinstance(backup, dict):  # an earlier copy of the flow: redacted the same way
+        st["backup"] = safe_state(backup, redact, scrub, decode)
     # The metadata feeds several columns: scrub it now. Everything else in the state (URL,
     # comment, connection facts) is scrubbed when it is serialised (dump_state).
     if st.get("metadata"):

@@ -10,6 +10,7 @@ from mitmproxy.test import taddons, tflow
 
 from addons.config.holder import RulesHolder
 from addons.config.loader import load_rules
+from addons.egress import credentials
 from addons.egress.credentials import Credentials
 from addons.egress.upstreams import Upstreams
 
@@ -52,7 +53,15 @@ def flow_to(host: str, path: str = "/v1/chat/completions", **headers: str):
 def run(holder: RulesHolder, f) -> None:
     with taddons.context():
         Upstreams(holder).requestheaders(f)
-        Credentials(holder).request(f)
+        c = Credentials(holder)
+        c.load(None)
+        c.request(f)
+
+
+def wire_head(f) -> bytes:
+    """The request head mitmproxy's HTTP/1 client would send upstream."""
+    from mitmproxy.proxy.layers.http import _http1
+    return _http1.http1.assemble_request_head(f.request)
 
 
 def test_agent_credentials_stripped_and_real_one_injected(holder: RulesHolder) -> None:
@@ -62,7 +71,11 @@ def test_agent_credentials_stripped_and_real_one_injected(holder: RulesHolder) -
     run(holder, f)
     assert f.response is None
     h = f.request.headers
-    assert h["authorization"] == "Bearer real-openai-secret"
+    # the flow carries a marker; the real key exists only in the bytes sent upstream
+    assert h["authorization"].startswith(credentials.REDACTED)
+    assert "real-openai-secret" not in str(f.get_state())
+    assert b"\r\nauthorization: Bearer real-openai-secret\r\n" in wire_head(f)
+    assert h["authorization"].startswith(credentials.REDACTED)
     for gone in ("x-api-key", "api-key", "cookie", "proxy-authorization", "x-goog-api-key"):
         assert gone not in h
     assert f.metadata["upstream"]["name"] == "openai"
@@ -72,7 +85,8 @@ def test_anthropic_gets_x_api_key_only(holder: RulesHolder) -> None:
     f = flow_to("api.anthropic.com", "/v1/messages", x_api_key="agent-token",
                 authorization="Bearer agent-token")
     run(holder, f)
-    assert f.request.headers["x-api-key"] == "real-anthropic-secret"
+    assert f.request.headers["x-api-key"].startswith(credentials.REDACTED)
+    assert b"\r\nx-api-key: real-anthropic-secret\r\n" in wire_head(f)
     assert "authorization" not in f.request.headers
 
 
@@ -126,3 +140,88 @@ def test_no_rules_refuses_everything() -> None:
         RulesLoader(RulesHolder()).requestheaders(f)
     assert f.response.status_code == 503
     assert json.loads(f.response.content)["error"]["code"] == "no_rules"
+
+
+def test_token_like_query_parameters_removed_by_class(holder: RulesHolder) -> None:
+    jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhZ2VudCJ9.c2lnbmF0dXJl"
+    f = flow_to("api.openai.com", f"/v1/models?id_token={jwt}&jwt=x&sig=s&X-Amz-Signature=a"
+                f"&client_secret=c&accessToken=t&limit=5&note={jwt}&max_tokens=9")
+    run(holder, f)
+    assert f.request.path == "/v1/models?limit=5&max_tokens=9"
+
+
+def test_forged_marker_is_refused(holder: RulesHolder) -> None:
+    # a marker in any header the agent wrote (the credential header itself is stripped)
+    f = flow_to("api.openai.com")
+    run(holder, f)
+    marker = f.request.headers["authorization"]
+    g = flow_to("api.openai.com", x_webhook_token=marker)
+    run(holder, g)
+    assert g.response is not None and g.response.status_code == 400
+    assert json.loads(g.response.content)["error"]["code"] == "forged_marker"
+
+
+def test_marker_only_substituted_in_its_own_header(holder: RulesHolder) -> None:
+    f = flow_to("api.openai.com")
+    run(holder, f)
+    marker = f.request.headers["authorization"].encode()
+    fields = ((b"authorization", marker), (b"x-other", marker))
+    out = credentials.substitute(fields)
+    assert out[0] == (b"authorization", b"Bearer real-openai-secret")
+    assert out[1] == (b"x-other", marker)
+    assert credentials.substitute(((b"a", b"b"),)) == ((b"a", b"b"),)
+
+
+def test_http2_headers_get_the_real_key(holder: RulesHolder) -> None:
+    from mitmproxy.proxy.layers.http import _http2, _http3
+    from mitmproxy.proxy.layers.http._events import RequestHeaders
+    f = flow_to("api.openai.com")
+    run(holder, f)
+    for mod in (_http2, _http3):
+        gen = mod.format_h2_request_headers(None, RequestHeaders(1, f.request, True))
+        with pytest.raises(StopIteration) as ei:
+            next(gen)
+        assert (b"authorization", b"Bearer real-openai-secret") in ei.value.value
+    assert f.request.headers["authorization"].startswith(credentials.REDACTED)
+
+
+def test_secret_gone_at_send_time_fails_instead_of_sending_the_marker(holder, monkeypatch
+                                                                      ) -> None:
+    f = flow_to("api.openai.com")
+    run(holder, f)
+    monkeypatch.delenv("AG_T_OPENAI")
+    with pytest.raises(RuntimeError):
+        wire_head(f)
+
+
+def test_wire_substitution_is_pinned_to_mitmproxy_internals() -> None:
+    """Fails loudly when a mitmproxy upgrade moves the places the request head is built:
+    then the marker would go upstream (no key) or, after a careless fix, the key would sit
+    on the flow again. Review addons/egress/credentials.py and update the pin."""
+    import inspect
+
+    from mitmproxy import version
+    from mitmproxy.net.http import http1
+    from mitmproxy.proxy.layers.http import _http1, _http2, _http3
+    assert version.VERSION.startswith(credentials.PINNED_MITMPROXY)
+    assert _http1.http1 is http1
+    assert "http1.assemble_request_head(request)" in inspect.getsource(_http1.Http1Client.send)
+    for fn in (_http2.Http2Client._handle_event2, _http3.Http3Connection._handle_event):
+        assert "format_h2_request_headers(self.context, event)" in inspect.getsource(fn)
+    credentials.install_wire_substitution()
+    for fn in (http1.assemble_request_head, _http2.format_h2_request_headers,
+               _http3.format_h2_request_headers):
+        assert getattr(fn, "__wrapped__", None) is not None
+    # installing twice does not wrap twice
+    credentials.install_wire_substitution()
+    assert getattr(http1.assemble_request_head.__wrapped__, "__wrapped__", None) is None
+
+
+def test_unpinned_mitmproxy_refuses_flows_needing_a_key(holder, monkeypatch) -> None:
+    monkeypatch.setattr(credentials, "_installed", False)
+    monkeypatch.setattr(credentials.mitmproxy_version, "VERSION", "13.0.0")
+    f = flow_to("api.openai.com")
+    run(holder, f)
+    assert f.response is not None and f.response.status_code == 503
+    assert json.loads(f.response.content)["error"]["code"] == \
+        "credential_injection_unavailable"
