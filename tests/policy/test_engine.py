@@ -525,10 +525,15 @@ def test_readme_example_is_valid(tmp_path: Path) -> None:
                                      "[hooks.slack.com], dialect: webhook}\n")
     (tmp_path / "b.yaml").write_text(example)
     ps = load_rules(tmp_path).policies
-    assert len(ps) == 7
+    assert len(ps) == 10
     ssn = {"model": "gpt-4o", "messages": [{"role": "user", "content": "ssn 123-45-6789"}]}
     assert decide(ps, body=ssn).rule == "no-customer-identifiers"
     assert decide(ps, body={"model": "gpt-4o", "n": 20}).action == "approve"
+    mcp = {"model": "gpt-4o", "tools": [{"type": "mcp", "server_url": "https://x.example"}]}
+    assert decide(ps, body=mcp).rule == "no-provider-side-egress"
+    assert decide(ps, body={"model": "gpt-4o", "max_output_tokens": "20000"}).rule == \
+        "large-answers"
+    assert decide(ps, body={"input_file_id": "f"}, path="/v1/batches").rule == "hold-batches"
 
 
 @pytest.mark.parametrize("raw,norm", [
