@@ -48,6 +48,7 @@ from addons.approval.store import (
     PendingApproval,
 )
 from addons.config.holder import RulesHolder
+from addons.frame import decode
 from addons.frame.guard import guarded, refuse
 
 log = logging.getLogger("agentgate.approval")
@@ -123,7 +124,11 @@ def describe_request(f: http.HTTPFlow, preview_chars: int) -> tuple[dict[str, An
         "model": None,
         "body_bytes": len(req.raw_content or b""),
     }
-    raw = req.get_content(strict=False) or b""
+    try:  # the one bounded decoder: `get_content` inflates without any limit
+        body = decode.request_body(f)
+        raw = body.data if body is not None else b""
+    except decode.DecodeError:
+        raw = b""
     if raw and len(raw) <= MODEL_SCAN_BYTES and raw.lstrip()[:1] == b"{":
         try:
             model = json.loads(raw).get("model")
