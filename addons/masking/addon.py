@@ -49,6 +49,7 @@ import asyncio
 import logging
 import weakref
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from mitmproxy import http
 
@@ -202,6 +203,7 @@ class Masking:
                      dialect=self._dialect(flow, up))
         req = flow.request
         _mask_url_and_headers(ctx, req, cfg)
+        _mask_recorded_origin(ctx, flow)
         raw = req.raw_content
         if raw is None:
             refuse(flow, 413, "a streamed request body cannot be masked", "body_too_large",
@@ -349,6 +351,29 @@ def _mask_url_and_headers(ctx: Masked, req: http.Request, cfg: Any) -> None:
     new_fields = _masked_fields(ctx, req.headers, cfg.headers_pass)
     if new_fields is not None:
         req.headers.fields = new_fields
+
+
+def _mask_recorded_origin(ctx: Masked, flow: http.HTTPFlow) -> None:
+    """The recorder keeps the URL the agent asked for (`metadata["recorder"]["origin"]`,
+    taken at requestheaders, before this step, with token parameters already redacted):
+    mask its path and query the same way (same session, same placeholders), so the
+    record holds no value the upstream did not get. Findings are not counted twice."""
+    rec = flow.metadata.get("recorder")
+    origin = rec.get("origin") if isinstance(rec, dict) else None
+    if not isinstance(origin, str):
+        return
+    quiet = Masked(ctx.masker, ctx.session, {}, restorable=ctx.restorable)
+    parts = urlsplit(origin)
+    path = quiet.url_path(parts.path) if parts.path.startswith("/") else None
+    query = None
+    if parts.query:
+        pairs = quiet.pairs(parse_qsl(parts.query, keep_blank_values=True))
+        if pairs is not None:
+            query = urlencode(pairs)
+    if path is not None or query is not None:
+        rec["origin"] = urlunsplit((parts.scheme, parts.netloc,
+                                    parts.path if path is None else path,
+                                    parts.query if query is None else query, parts.fragment))
 
 
 def _safe_stream(masker: StreamMasker, flow: http.HTTPFlow, found: dict) -> Any:
