@@ -31,8 +31,9 @@ class BatchRequest:
 
     @property
     def label(self) -> str:
-        cid = f" (custom_id {self.custom_id!r})" if self.custom_id else ""
-        return f"batch request {self.index}{cid}"
+        # the number only: custom_id is agent text, and the label reaches the agent's error
+        # and the audit record unmasked
+        return f"batch request {self.index}"
 
 
 @dataclass(frozen=True)

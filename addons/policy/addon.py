@@ -10,6 +10,7 @@ Replayed flows are evaluated like live ones.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from mitmproxy import ctx, http
@@ -20,6 +21,10 @@ from addons.frame.guard import guarded, refuse
 from addons.policy.engine import BodyUnavailable, PolicySet, RequestFacts, evaluate
 
 log = logging.getLogger("agentgate.policy")
+
+# Bodies from this many bytes on (and compressed ones, and batches) are evaluated in a
+# worker thread, so the event loop keeps serving other flows meanwhile.
+THREAD_MIN_BYTES = 64 * 1024
 
 
 def facts_from_flow(flow: http.HTTPFlow, now: float | None = None,
@@ -63,7 +68,7 @@ class Policy:
                             "decisions are recorded, not enforced")
 
     @guarded("policy")
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         rules = self.holder.rules
         if rules is None:
             raise RuntimeError("no rules loaded")  # guarded: refuses the flow
@@ -72,9 +77,18 @@ class Policy:
         limit = getattr(cfg, "max_body_bytes", decode.MAX_BYTES)
         if not isinstance(limit, int) or limit <= 0:
             limit = decode.MAX_BYTES
+        facts = facts_from_flow(flow, max_bytes=limit)
+        req = flow.request
         try:
-            decision = evaluate(policies, facts_from_flow(flow, max_bytes=limit),
-                                observe_only=self.observe_only)
+            if len(req.raw_content or b"") >= THREAD_MIN_BYTES or \
+                    req.headers.get("content-encoding") or \
+                    facts.path.rstrip("/").endswith(("/files", "/batches")):
+                # decoding (up to the caps), the skeleton of a large text and a batch of
+                # up to 100,000 requests run in a worker thread: other flows keep moving
+                decision = await asyncio.to_thread(evaluate, policies, facts,
+                                                   observe_only=self.observe_only)
+            else:
+                decision = evaluate(policies, facts, observe_only=self.observe_only)
         except BodyUnavailable as e:
             flow.metadata["decision"] = {"action": "block", "rule": "<uninspectable>",
                                          "message": str(e), "observed": False}

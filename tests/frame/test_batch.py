@@ -30,7 +30,7 @@ def test_openai_batch_upload_lines() -> None:
                           upload(line(1, model="a") + b"\n\n" + line(2, model="b") + b"\n"))
     assert [(r.index, r.custom_id, r.url, r.body["model"]) for r in reqs] == [
         (1, "c1", "/v1/chat/completions", "a"), (2, "c2", "/v1/chat/completions", "b")]
-    assert reqs[1].label == "batch request 2 (custom_id 'c2')"
+    assert reqs[1].label == "batch request 2"
 
 
 def test_other_purposes_and_methods_are_not_batches() -> None:

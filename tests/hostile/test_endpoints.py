@@ -86,7 +86,7 @@ def test_batch_upload_lines_are_judged_as_requests(gw, standin) -> None:
         body, ctype = _upload(lines)
         r = assert_refused(gw, standin, files, body, content_type=ctype, rule=rule, what=what)
         if rule == "no-gpt5":  # a decision taken for one line names it
-            assert "batch request 2 (custom_id 'req-2')" in r.text, r.text
+            assert "batch request 2" in r.text, r.text
     # a line that is not a request cannot be skipped over
     body, ctype = _upload([_line(1, chat())])
     body = body.replace(b'"body": {', b'"bodx": {')
@@ -103,7 +103,7 @@ def test_inline_anthropic_batch_and_batch_create_are_matched(gw, standin) -> Non
                                       "messages": [{"role": "user", "content": "hi"}]}}]}
     r = assert_refused(gw, standin, ANTHROPIC + "/v1/messages/batches", reqs,
                        rule="big-output", what="anthropic inline batch")
-    assert "custom_id 'b'" in r.text
+    assert "batch request 2" in r.text
     reqs["requests"][1]["params"]["messages"][0]["content"] = "Project Bluebird"
     reqs["requests"][1]["params"]["max_tokens"] = 10
     assert_refused(gw, standin, ANTHROPIC + "/v1/messages/batches", reqs,

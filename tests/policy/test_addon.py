@@ -99,7 +99,7 @@ def run(addon: Policy, flow: http.HTTPFlow, **options) -> http.HTTPFlow:
         with taddons.context(addon) as tctx:
             if options:
                 tctx.configure(addon, **options)
-            addon.request(flow)
+            await addon.request(flow)
     asyncio.run(go())
     drop_stale_log_handlers()
     return flow
@@ -180,10 +180,10 @@ def test_observe_only_option(addon: Policy) -> None:
     async def go() -> None:
         with taddons.context(addon) as tctx:
             tctx.configure(addon, agentgate_observe_only=True)
-            addon.request(flows[0])
-            addon.request(flows[1])
+            await addon.request(flows[0])
+            await addon.request(flows[1])
             tctx.configure(addon, agentgate_observe_only=False)
-            addon.request(flows[2])
+            await addon.request(flows[2])
     asyncio.run(go())
     assert flows[0].response is None
     assert flows[0].metadata["decision"]["action"] == "block"

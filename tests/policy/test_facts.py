@@ -97,7 +97,7 @@ def test_batches_strictest_decision_names_the_request(tmp_path) -> None:
     doc = {"requests": [{"custom_id": "a", "params": {"model": "held"}},
                         {"custom_id": "b", "params": {"model": "gpt-5"}}]}
     d = decide(ps, doc, "/v1/messages/batches")
-    assert (d.action, d.rule) == ("block", "m") and "custom_id 'b'" in d.message
+    assert (d.action, d.rule) == ("block", "m") and "batch request 2" in d.message
     doc["requests"].pop()
     d = decide(ps, doc, "/v1/messages/batches")
     assert (d.action, d.rule) == ("approve", "h") and "batch request 1" in d.message
