@@ -25,7 +25,7 @@ from mitmproxy import version as mitmproxy_version
 from addons.config.holder import RulesHolder
 from addons.egress.config import SecretRef
 from addons.frame import logscrub
-from addons.frame.credshape import INJECTED, is_credential_param
+from addons.frame.credshape import INJECTED, is_credential_param, redact_url
 from addons.frame.guard import guarded, refuse
 
 log = logging.getLogger("agentgate.credentials")
@@ -166,6 +166,21 @@ def install_wire_substitution() -> None:
     _installed = True
 
 
+def _strip_query(flow: http.HTTPFlow) -> bool:
+    """Remove credential-like query parameters; True when there were any. By class
+    (token/secret/key/signature-like keys, JWT-shaped values): addons/frame/credshape.py,
+    which the recorder and the log scrubber share."""
+    query = flow.request.query
+    if not any(is_credential_param(k, v) for k, v in query.items(multi=True)):
+        return False
+    kept = [(k, v) for k, v in parse_qsl(flow.request.url.partition("?")[2],
+                                         keep_blank_values=True)
+            if not is_credential_param(k, v)]
+    flow.request.path = flow.request.path.split("?", 1)[0] + (
+        "?" + urlencode(kept) if kept else "")
+    return True
+
+
 def secret_values(rules: Any) -> set[str]:
     """Every upstream's real credential as injected and without its prefix."""
     vals: set[str] = set()
@@ -209,6 +224,25 @@ class Credentials:
         if dumper is not None:
             logscrub.wrap_stream(dumper, "outfp")
 
+    @guarded("credentials", skip_answered=False)
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Drop the agent's credentials as soon as identity has read them (identity's
+        requestheaders runs just before, in chain order), so that no later step, no held
+        or refused flow in mitmweb and no log line carries them; `request` strips again
+        (a later addon could have added one)."""
+        rules = self.holder.rules
+        meta = flow.metadata.get("upstream")
+        up = rules.upstream_named(meta["name"]) if rules and isinstance(meta, dict) else None
+        removed = strip_credentials(flow.request.headers,
+                                    up.credential.header if up and up.credential else None)
+        asked = flow.request.url
+        if _strip_query(flow):
+            removed.append("query")
+            # what the agent asked for, its credential values redacted (the recorder's url)
+            flow.metadata["origin_redacted"] = redact_url(asked)
+        if removed:
+            flow.metadata["credentials_stripped_early"] = removed
+
     @guarded("credentials")
     def request(self, flow: http.HTTPFlow) -> None:
         rules = self.holder.rules
@@ -221,15 +255,7 @@ class Credentials:
             return
         removed = strip_credentials(flow.request.headers,
                                     up.credential.header if up.credential else None)
-        query = flow.request.query
-        if any(is_credential_param(k, v) for k, v in query.items(multi=True)):
-            # by class (token/secret/key/signature-like keys, JWT-shaped values): see
-            # addons/frame/credshape.py, which the recorder and the log scrubber share
-            kept = [(k, v) for k, v in parse_qsl(flow.request.url.partition("?")[2],
-                                                 keep_blank_values=True)
-                    if not is_credential_param(k, v)]
-            flow.request.path = flow.request.path.split("?", 1)[0] + (
-                "?" + urlencode(kept) if kept else "")
+        if _strip_query(flow):
             removed.append("query")
         if any(carries_marker(v) for _k, v in flow.request.headers.fields):
             # only the gateway writes markers; one coming from the agent is a forgery

@@ -227,7 +227,11 @@ class Recorder:
     @guarded("recorder", skip_answered=False)
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         cfg = self.cfg
-        info: dict[str, Any] = {"origin": store.redact_query(flow.request.url)}
+        # the credentials step may already have stripped credential query parameters;
+        # it leaves the agent's URL (values redacted) in metadata for the record
+        origin = flow.metadata.get("origin_redacted")
+        info: dict[str, Any] = {"origin": origin if isinstance(origin, str)
+                                else store.redact_query(flow.request.url)}
         session = None
         for name in cfg.session_headers:
             session = clean_session(flow.request.headers.get(name))

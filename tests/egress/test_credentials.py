@@ -225,3 +225,21 @@ def test_unpinned_mitmproxy_refuses_flows_needing_a_key(holder, monkeypatch) -> 
     assert f.response is not None and f.response.status_code == 503
     assert json.loads(f.response.content)["error"]["code"] == \
         "credential_injection_unavailable"
+
+
+def test_agent_credentials_dropped_at_requestheaders_even_on_refused_flows(
+        holder: RulesHolder) -> None:
+    """Held and refused flows never reach `request`: they must not keep the agent's
+    secrets either (mitmweb shows them for as long as they are held)."""
+    jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhZ2VudCJ9.c2lnbmF0dXJl"
+    for host in ("api.openai.com", "evil.example.org"):
+        f = flow_to(host, f"/v1/chat/completions?access_token={jwt}&limit=1",
+                    authorization=f"Bearer {jwt}", x_api_key="agent-key",
+                    proxy_authorization="Basic abc")
+        with taddons.context():
+            Upstreams(holder).requestheaders(f)
+            Credentials(holder).requestheaders(f)
+        assert jwt not in str(f.get_state())
+        assert "agent-key" not in str(f.get_state())
+        assert f.request.path == "/v1/chat/completions?limit=1"
+        assert f.metadata["origin_redacted"].endswith("?access_token=[REDACTED]&limit=1")

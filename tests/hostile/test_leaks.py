@@ -14,6 +14,7 @@ import re
 import socketserver
 import ssl
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,7 +166,14 @@ def test_mitmweb_never_shows_the_real_key_while_the_upstream_thinks(
     dialect: openai
     forward_to: https://127.0.0.1:{slow.port}
     credential: {{header: Authorization, prefix: "Bearer ", env: OPENAI_API_KEY}}
-""" + "identity:\n  required: false\n" + NO_API
+""" + "identity:\n  required: false\n" + NO_API + """\
+policies:
+  - name: hold-me
+    match: {model: ["held-model"]}
+    action: approve
+    approvers: [reviewers]
+    timeout: 5
+"""
     password = "web-test-password-123"
     gw = gateway_factory(rules, web=True, extra_args=("--set", f"web_password={password}"))
     reply: dict[str, Any] = {}
@@ -177,26 +185,46 @@ def test_mitmweb_never_shows_the_real_key_while_the_upstream_thinks(
                              "messages": [{"role": "user", "content": "think"}]})
             reply["status"] = r.status_code
 
+    held: dict[str, Any] = {}
+
+    def ask_held() -> None:
+        # the agent's own secrets in a request held for approval (before credentials ran)
+        with httpx.Client(proxy=gw.proxy_url(), verify=str(gw.ca_cert), timeout=60) as h:
+            r = h.post("https://api.openai.com/v1/chat/completions",
+                       params={"access_token": "QUERYTOKEN-HELD-123456"},
+                       headers={"Authorization": f"Bearer {AGENT_KEY}",
+                                "x-api-key": AGENT_KEY},
+                       json={"model": "held-model",
+                             "messages": [{"role": "user", "content": "hold"}]})
+            held["status"] = r.status_code
+
+    th = threading.Thread(target=ask_held)
+    th.start()
     t = threading.Thread(target=ask)
     t.start()
+    agent_secrets = (AGENT_KEY, "QUERYTOKEN-HELD-123456")
     try:
         assert slow.arrived.wait(30), gw.logs()[-3000:]
         # the upstream has the real key and has not answered: look at everything mitmweb
         # serves about the flow right now
-        flows = _web(gw, "/flows", password)
+        deadline = time.monotonic() + 30
+        while b'"intercepted": true' not in (flows := _web(gw, "/flows", password)):
+            assert time.monotonic() < deadline, flows[:2000]  # the held flow is listed
+            time.sleep(0.1)
         dump = _web(gw, "/flows/dump", password)
         fid = json.loads(flows)[-1]["id"]
         export = _web(gw, f"/flows/{fid}/request/content.data", password)
         for blob in (flows, dump, export):
-            assert not _leaks(blob.decode("latin-1"), _values()), blob[:2000]
+            assert not _leaks(blob.decode("latin-1"), _values(*agent_secrets)), blob[:2000]
         assert b"[injected by agentgate]" in flows  # the header is there, as a marker
         assert slow.got[0]["headers"].get("authorization") == f"Bearer {REAL_OPENAI_KEY}"
     finally:
         slow.release.set()
         t.join(60)
-    assert reply.get("status") == 200
+        th.join(60)
+    assert reply.get("status") == 200 and held.get("status") == 403  # hold timed out
     after = _web(gw, "/flows", password) + _web(gw, "/flows/dump", password)
-    assert not _leaks(after.decode("latin-1"), _values())
+    assert not _leaks(after.decode("latin-1"), _values(*agent_secrets))
     _normal_request_works(gw, standin)
 
 
