@@ -66,7 +66,7 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/_\-]+={0,2}", re.ASCII)
 # characters on each side of a sibling boundary looked at by the cross-field pass (longer
 # than any PII value written with separators; secrets split across fields are caught
 # when each part is shorter than this)
-SPLIT_WINDOW = 400
+SPLIT_WINDOW = 256
 # between unrelated slots: two line ends, which no detector reads as one separator (a
 # value's groups are split by ONE separator), so no finding bridges two fields
 _BREAK = "\n\n"
@@ -307,32 +307,57 @@ def _cross_findings(masker: Masker, slots: _Slots, found: list
     out: list[tuple[str, str, list[tuple[int, int, int]]]] = []
     w = SPLIT_WINDOW
     # every run in one window text (runs apart by a break): one more detector pass. Each
-    # run twice: joined with nothing ('sk-proj-Xi' + '8tcN…' is one key), and with a space
-    # where a letter meets a digit ('cards' + '4111': a word boundary, as a reader sees
-    # two fields, so a number's look-behind still sees its start)
+    # run joined with nothing ('sk-proj-Xi' + '8tcN…' is one key) and, where a letter meets
+    # a digit, once more with a space there ('cards' + '4111': a word boundary, as a reader
+    # sees two fields, so a number's look-behind still sees its start). A crossing finding
+    # starts in the tail of one slot and ends in the head of a later one: the first slot of
+    # a run gives its tail, the last its head, the others both (whole when short).
+    plans: list[tuple[list[tuple[int, int, str]], bool]] = []
+    for idxs in runs.values():
+        if len(idxs) < 2:
+            continue
+        last = len(idxs) - 1
+        pieces: list[tuple[int, int, str]] = []  # (slot, local start, text); -1: a break
+        for j, i in enumerate(idxs):
+            t = texts[i]
+            if len(t) <= w or (0 < j < last and len(t) <= 2 * w):
+                pieces.append((i, 0, t))
+                continue
+            if j > 0:
+                pieces.append((i, 0, t[:w]))
+            if j < last:
+                if j > 0:
+                    pieces.append((-1, 0, _BREAK))
+                pieces.append((i, len(t) - w, t[-w:]))
+        junction = any(a[0] >= 0 and b[0] >= 0 and a[0] != b[0]
+                       and _word_junction(a[2][-1:], b[2][:1])
+                       for a, b in zip(pieces, pieces[1:], strict=False))
+        plans.append((pieces, junction))
     buf: list[str] = []
     segs: list[tuple[int, int, int, int]] = []  # (position in window text, slot, local, n)
     pos = 0
-    for junction in (False, True):
-        for idxs in runs.values():
-            if len(idxs) < 2:
+    for spaced in (False, True):
+        for pieces, junction in plans:
+            if spaced and not junction:
                 continue
             if buf:
                 buf.append(_BREAK)
                 pos += len(_BREAK)
-            for j, i in enumerate(idxs):
-                t = texts[i]
-                pieces = [(0, t)] if len(t) <= 2 * w else [(0, t[:w]), (len(t) - w, t[-w:])]
-                for k, (local, piece) in enumerate(pieces):
-                    if k:
-                        buf.append(_BREAK)
-                        pos += len(_BREAK)
-                    elif junction and j and piece and _word_junction(buf[-1][-1:], piece[0]):
-                        buf.append(" ")
-                        pos += 1
-                    segs.append((pos, i, local, len(piece)))
+            prev = -1
+            for slot, local, piece in pieces:
+                if slot < 0:
                     buf.append(piece)
                     pos += len(piece)
+                    prev = -1
+                    continue
+                if spaced and prev >= 0 and prev != slot and \
+                        _word_junction(buf[-1][-1:], piece[:1]):
+                    buf.append(" ")
+                    pos += 1
+                segs.append((pos, slot, local, len(piece)))
+                buf.append(piece)
+                pos += len(piece)
+                prev = slot
     if not segs:
         return out
     text = "".join(buf)
