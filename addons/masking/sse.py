@@ -550,9 +550,13 @@ class StreamMasker:
     def _generic(self, ev: SSEEvent, obj: Any, force: bool = False) -> list[bytes]:
         if force:  # channel text inside (maybe _Dual: restored and masked renderings)
             self.plain.json_obj(obj)
-            if self.restorer is not None:
-                self.restorer.json_obj(obj)
-            return [_render(ev, obj)]
+            kept = ev.render(json.dumps(obj, ensure_ascii=False, separators=(",", ":"),
+                                        default=_kept))
+            if self.restorer is None:
+                return [kept]
+            # the masked rendering is taken before the other fields are restored in place
+            self.restorer.json_obj(obj)
+            return [_pair(bytes(_render(ev, obj)), kept)]
         kept = ev.render(_dump(obj)) if self.plain.json_obj(obj) else ev.raw
         if self.restorer is not None and self.restorer.json_obj(obj):
             return [_pair(ev.render(_dump(obj)), kept)]

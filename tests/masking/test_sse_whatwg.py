@@ -155,3 +155,16 @@ def test_value_split_across_events_and_chunks_at_every_byte() -> None:
     raw = "".join(f"data: {text[i:i + 2]}\r\n\r\n" for i in range(0, len(text), 2)).encode()
     out = run(raw, cut=1)
     clean(out)
+
+
+def test_unknown_shape_with_restore_keeps_originals_out_of_the_masked_copy() -> None:
+    sm = new_masker(restore=True)
+    sess = sm.ctx.session
+    ph = sess.placeholder("EMAIL", EMAIL, True)  # the agent's own value, masked earlier
+    raw = "".join(
+        f"data: {json.dumps({'model': 'llama3', 'note': ph, 'message': {'content': p}})}\n\n"
+        for p in [f"hi {ph} ", "and more ", "text"]).encode()
+    out = b"".join(sm(raw)) + b"".join(sm(b""))
+    assert EMAIL.encode() in out  # restored for the agent
+    copy = sm.masked_copy()
+    assert copy is not None and EMAIL.encode() not in copy and ph.encode() in copy
