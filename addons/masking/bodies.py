@@ -221,6 +221,12 @@ class _Slots:
         if isinstance(node, dict):
             self._walk_dict(node, owner, depth, path)
         elif isinstance(node, list):
+            if len(node) > 1 and all(type(v) is int for v in node):
+                # a list of integers is ONE slot, the numbers joined by commas: one string
+                # for the whole list (token-id arrays stay cheap), and a value spread over
+                # the items ([4111, 1111, 1111, 1111]) is read as written
+                self.add(",".join(map(str, node)), _int_list_setter(node), owner)
+                return
             # text parts first, adjacent, so consecutive parts of one list are glued; their
             # other fields after the list's text
             deferred: list[dict] = []
@@ -285,11 +291,11 @@ class _Slots:
         elif isinstance(v, bool) or v is None:
             return
         elif isinstance(v, _Float):
-            self.add(v.text, _setter(container, key), owner, sib=sib)
+            if len(v.text) >= 5:
+                self.add(v.text, _setter(container, key), owner, sib=sib)
         elif isinstance(v, int | float):
-            # every integer: short ones may be one group of a value split across items
-            # ([4111, 1111, 1111, 1111]); a first-pass finding needs 5+ digits anyway
-            self.add(str(v), _setter(container, key), owner, sib=sib)
+            if abs(v) >= 10_000:  # nothing shorter than 5 digits is ever a finding alone
+                self.add(str(v), _setter(container, key), owner, sib=sib)
         elif isinstance(v, dict | list):
             self.walk(v, owner, depth, path)
 
@@ -388,6 +394,14 @@ def _cross_findings(masker: Masker, slots: _Slots, found: list
 def _word_junction(a: str, b: str) -> bool:
     """A letter next to a digit (either way): joining them would hide a word boundary."""
     return bool(a) and a.isalnum() and b.isalnum() and a.isdigit() != b.isdigit()
+
+
+def _int_list_setter(node: list) -> Callable[[str], None]:
+    """Write a masked comma-joined integer list back: numbers stay numbers, a replacement
+    becomes a string item (the value is gone; the list may get shorter)."""
+    def set_(value: str) -> None:
+        node[:] = [int(x) if x.lstrip("-").isdigit() else x for x in value.split(",") if x]
+    return set_
 
 
 def _setter(container: Any, key: Any) -> Callable[[str], None]:
