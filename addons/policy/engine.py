@@ -29,9 +29,10 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
-from addons.frame.batch import batch_requests, dumps_body
-from addons.frame.decode import Body, DecodeError, parse_content_type
+from addons.frame.batch import batch_requests, dumps_body, multipart_parts
+from addons.frame.decode import Body, DecodeError, is_json_mime, parse_content_type
 from addons.policy.skeleton import normalize, skeleton
 
 ACTIONS = ("allow", "block", "approve", "observe")
@@ -79,6 +80,7 @@ class RequestFacts:
         self.method = method.upper()
         self.host = host.lower().rstrip(".")
         self.path = normalize_path(path)
+        self.query = path.split("?", 1)[1].split("#", 1)[0] if "?" in path else ""
         self.upstream = upstream
         self.identity = identity
         ident = identity if isinstance(identity, dict) else {}
@@ -187,21 +189,64 @@ class RequestFacts:
 
     @property
     def prompt_text(self) -> str:
-        """Every string of the body (values and keys, JSON inside strings too), or the
-        body's text when it is not JSON: what keyword rules search."""
+        """What keyword rules search: every string of the body (values and keys, JSON
+        inside strings too); a form body's decoded names and values; a multipart body's
+        field names, file names and parts (each read as its own body); other text as is,
+        plus the strings of every line that is JSON (JSONL / NDJSON); and the decoded
+        query string. A body that is not text in its charset is refused."""
         if self._prompt is None:
-            j = self.json
-            if j is None:
-                try:
-                    self._prompt = self.decoded.text
-                except DecodeError as e:
-                    raise BodyUnavailable(f"cannot read the request body as text: "
-                                          f"{e.reason}") from None
-            else:
-                out: list[str] = []
-                all_strings(j, out, budget=[max(4 * len(self.body), 1 << 16)])
-                self._prompt = "\n\n".join(out)
+            out: list[str] = []
+            budget = [max(4 * len(self.body), 1 << 16)]
+            try:
+                self._body_strings(self.decoded, out, budget, top=True)
+            except DecodeError as e:
+                raise BodyUnavailable(f"cannot read the request body as text: "
+                                      f"{e.reason}") from None
+            if self.query:
+                for k, v in parse_qsl(self.query, keep_blank_values=True):
+                    out.append(k)
+                    all_strings(v, out, budget=budget)
+            self._prompt = "\n\n".join(out)
         return self._prompt
+
+    def _body_strings(self, body: Body, out: list[str], budget: list[int], *,
+                      top: bool = False) -> None:
+        j = self.json if top else body.json
+        if j is not None:
+            all_strings(j, out, budget=budget)
+            return
+        if not body.data:
+            return
+        mime = body.mime
+        if mime == "application/x-www-form-urlencoded":
+            for k, v in parse_qsl(body.text, keep_blank_values=True):
+                out.append(k)
+                all_strings(v, out, budget=budget)
+            return
+        if mime.startswith("multipart/"):
+            for part in multipart_parts(body.data, body.params.get("boundary", "")):
+                out.extend(x for x in (part.name, part.filename) if x)
+                pm, pp = parse_content_type(part.content_type)
+                sub = Body(part.data, pm, pp)
+                try:
+                    self._body_strings(sub, out, budget)
+                except DecodeError:
+                    if pm.startswith("text/") or is_json_mime(pm):
+                        raise
+                    # a binary file (image, audio): its bytes as Latin-1 still show any
+                    # ASCII text hidden in it
+                    out.append(part.data.decode("latin-1"))
+            return
+        text = body.text
+        out.append(text)
+        if "{" in text or "[" in text:  # JSON lines: escapes must not hide words
+            for line in text.splitlines():
+                if line.lstrip()[:1] in ("{", "[") and budget[0] > len(line):
+                    budget[0] -= len(line)
+                    try:
+                        all_strings(json.loads(line), out, budget=budget)
+                    except (ValueError, RecursionError):
+                        continue
 
     @property
     def norm_text(self) -> str:

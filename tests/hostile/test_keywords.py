@@ -101,3 +101,22 @@ def test_every_string_of_the_body_is_searched(gw, standin) -> None:
     ]
     for what, url, body in places:
         assert_refused(gw, standin, url, body, rule="no-bluebird", what=what)
+
+
+def test_forms_multipart_jsonl_and_query_are_searched(gw, standin) -> None:
+    hook = "https://hooks.example.com/notify"
+    cases = [
+        ("form value, percent-encoded", hook, b"text=pass%77ord",
+         "application/x-www-form-urlencoded"),
+        ("multipart JSONL upload with escapes", OPENAI + "/v1/files",
+         b"--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nuser_data\r\n"
+         b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.jsonl\"\r\n"
+         b"Content-Type: application/jsonl\r\n\r\n{\"t\": \"\\u0070assword\"}\r\n--b--\r\n",
+         "multipart/form-data; boundary=b"),
+        ("NDJSON with escapes", hook, b'{"t": "x"}\n{"t": "pa\\u0073sword"}\n',
+         "application/x-ndjson"),
+        ("query string", hook + "?note=pass%E2%80%8Bword", b"{}", "application/json"),
+    ]
+    for what, url, body, ctype in cases:
+        assert_refused(gw, standin, url, body, content_type=ctype, rule="no-bluebird",
+                       what=what)

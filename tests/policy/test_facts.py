@@ -125,3 +125,27 @@ def test_utf16_body_is_read_by_policy(tmp_path) -> None:
     assert decide(ps, codecs.BOM_UTF8 + b'{"model": "gpt-5"}', content_type="").rule == "m"
     with pytest.raises(BodyUnavailable):
         decide(ps, b'{"model": "gpt-5", "model": "x"}')
+
+
+def test_keywords_in_forms_multipart_jsonl_and_query(tmp_path) -> None:
+    ps = policies("policies:\n  - {name: k, action: block, "
+                  "match: {prompt: {words: [bluebird]}}}\n", tmp_path)
+
+    def d(raw: bytes, ctype: str, path: str = "/hook") -> str:
+        return evaluate(ps, RequestFacts("POST", "h", path, body=raw, content_type=ctype)).rule
+    assert d(b"q=blue%62ird", "application/x-www-form-urlencoded") == "k"
+    assert d(b"q=%7B%22a%22%3A%22%5Cu0062luebird%22%7D",
+             "application/x-www-form-urlencoded") == "k"          # JSON in a form value
+    mp = (b"--b\r\nContent-Disposition: form-data; name=\"f\"; filename=\"x.jsonl\"\r\n"
+          b"Content-Type: application/jsonl\r\n\r\n{\"t\": \"\\u0062luebird\"}\r\n--b--\r\n")
+    assert d(mp, "multipart/form-data; boundary=b") == "k"
+    mp_name = (b"--b\r\nContent-Disposition: form-data; name=\"bluebird\"\r\n\r\nx\r\n--b--\r\n")
+    assert d(mp_name, "multipart/form-data; boundary=b") == "k"
+    png = (b"--b\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a.png\"\r\n"
+           b"Content-Type: image/png\r\n\r\n\x89PNG\xff\xfe bluebird\r\n--b--\r\n")
+    assert d(png, "multipart/form-data; boundary=b") == "k"
+    assert d(b'{"t": "\\u0062luebird"}\n{"t": "x"}\n', "application/x-ndjson") == "k"
+    assert d(b"", "", "/hook?q=blue%E2%80%8Bbird") == "k"
+    assert d(b"q=blue+birds", "application/x-www-form-urlencoded") == DEFAULT_RULE
+    with pytest.raises(BodyUnavailable):
+        d(b"\x80\x81abc", "text/plain")
