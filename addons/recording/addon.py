@@ -106,6 +106,13 @@ def flow_state(flow: http.HTTPFlow, conns: ConnStates) -> dict[str, Any]:
     return state
 
 
+def _snapshot_size(flow: http.HTTPFlow) -> int:
+    size = len(flow.request.raw_content or b"")
+    if flow.response is not None:
+        size += len(flow.response.raw_content or b"")
+    return size
+
+
 class Recorder:
     def __init__(self, holder: RulesHolder) -> None:
         self.holder = holder
@@ -146,6 +153,7 @@ class Recorder:
             w.max_pending = cfg.max_pending
             w.retention_days = cfg.retention_days
             w.max_batch_bytes = cfg.max_batch_bytes
+            w.max_pending_bytes = cfg.max_pending_bytes
             if self.db_path(cfg) != w.path:
                 log.warning("agentgate: recorder.path changed; restart the gateway to record "
                             "to the new file (still writing %s)", w.path)
@@ -199,7 +207,8 @@ class Recorder:
                              interval=cfg.batch_interval_ms / 1000,
                              max_pending=cfg.max_pending, retention_days=cfg.retention_days,
                              serve_queries=cfg.query_socket,
-                             max_batch_bytes=cfg.max_batch_bytes)
+                             max_batch_bytes=cfg.max_batch_bytes,
+                             max_pending_bytes=cfg.max_pending_bytes)
         try:
             writer.start()
         except Exception as e:  # noqa: BLE001 - fail closed: refuse flows, say why
@@ -291,7 +300,8 @@ class Recorder:
         pending = store.Pending(state=state, session=session,
                                 origin_url=origin if isinstance(origin, str) else None,
                                 kind=kind, secrets=self._secret_values(),
-                                redact=self._redact, max_body=cfg.max_body_bytes)
+                                redact=self._redact, max_body=cfg.max_body_bytes,
+                                size=_snapshot_size(flow))
         writer.submit(pending)
         self._recorded[flow.id] = None
         if len(self._recorded) > 10_000:

@@ -20,7 +20,7 @@ from addons.config.schema import (
 
 KEYS = {"enabled", "path", "retention_days", "session_headers", "session_body_keys",
         "batch_size", "batch_interval_ms", "max_pending", "max_body_bytes", "max_batch_bytes",
-        "redact_headers", "query_socket"}
+        "max_pending_bytes", "redact_headers", "query_socket"}
 
 DEFAULT_SESSION_HEADERS = ("X-Agent-Session", "X-LangGraph-Thread-Id", "X-Thread-Id",
                            "X-Run-Id")
@@ -42,6 +42,7 @@ class RecorderConfig:
     # their first max_body_bytes plus size and sha256: one huge flow cannot poison the store.
     max_body_bytes: int = 256 * 1024
     max_batch_bytes: int = 8 * 1024 * 1024
+    max_pending_bytes: int = 256 * 1024 * 1024
     redact_headers: tuple[str, ...] = ()
     query_socket: bool = True
 
@@ -94,6 +95,9 @@ def parse_recorder(section: MapSection) -> RecorderConfig:
     if "max_batch_bytes" in d:
         kw["max_batch_bytes"] = expect_int(d["max_batch_bytes"], w("max_batch_bytes"),
                                            minimum=64 * 1024, maximum=32 * 1024 * 1024)
+    if "max_pending_bytes" in d:
+        kw["max_pending_bytes"] = expect_int(d["max_pending_bytes"], w("max_pending_bytes"),
+                                             minimum=1024 * 1024)
     if "query_socket" in d:
         kw["query_socket"] = expect_bool(d["query_socket"], w("query_socket"))
     return RecorderConfig(**kw)

@@ -18,6 +18,7 @@ starts. See docs/SCHEMA.md.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import hashlib
 import json
@@ -260,6 +261,7 @@ class Pending:
     secrets: tuple[str, ...] = ()
     redact: frozenset[str] = REDACT_HEADERS
     max_body: int = 256 * 1024
+    size: int = 0  # about how many bytes the snapshot holds (bodies): bounds the backlog
 
 
 Decoder = Callable[[bytes, str], bytes]
@@ -729,7 +731,10 @@ def append(con: Any, rows: list[dict[str, Any]], last: tuple[int, str]) -> tuple
         con.execute("INSERT OR REPLACE INTO audit_meta VALUES ('head', ?)", [f"{seq}:{prev}"])
         con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        # A failed COMMIT has already rolled back: the ROLLBACK's own error ("no transaction
+        # is active") must not hide the reason the write failed.
+        with contextlib.suppress(Exception):
+            con.execute("ROLLBACK")
         raise
     return seq, prev
 

@@ -157,7 +157,8 @@ class AuditWriter:
     def __init__(self, path: str | Path, *, build: Callable[[store.Pending], dict[str, Any]],
                  batch_size: int = 500, interval: float = 0.2, max_pending: int = 100_000,
                  retention_days: float = 0, serve_queries: bool = True,
-                 max_batch_bytes: int = 8 * 1024 * 1024) -> None:
+                 max_batch_bytes: int = 8 * 1024 * 1024,
+                 max_pending_bytes: int = 256 * 1024 * 1024) -> None:
         self.path = Path(path)
         self.build = build
         self.batch_size = batch_size
@@ -168,6 +169,10 @@ class AuditWriter:
         # A batch is one INSERT of columnar lists: its size, not only its row count, must
         # stay well inside DuckDB's memory_limit (DB_CONFIG).
         self.max_batch_bytes = max_batch_bytes
+        # Snapshots hold whole bodies until the writer caps them: the backlog is bounded in
+        # bytes too, not only in records (fail closed: 503 while it is full).
+        self.max_pending_bytes = max_pending_bytes
+        self.pending_bytes = 0
         self.failure: str | None = None
         self.written = 0
         self._queue: deque[store.Pending] = deque()
@@ -214,6 +219,7 @@ class AuditWriter:
         """Queue a finished flow; never blocks on disk."""
         if self._closed:
             raise RuntimeError("audit writer is closed")
+        self.pending_bytes += item.size
         self._queue.append(item)
         if len(self._queue) >= self.batch_size:
             with self._cv:
@@ -227,6 +233,8 @@ class AuditWriter:
             return self.failure
         if self.backlog >= self.max_pending:
             return f"audit store backlog is full ({self.backlog} records waiting)"
+        if self.pending_bytes >= self.max_pending_bytes:
+            return f"audit store backlog is full ({self.pending_bytes} bytes waiting)"
         return None
 
     def flush(self, timeout: float = 30) -> bool:
@@ -309,6 +317,7 @@ class AuditWriter:
         while len(rows) < self.batch_size and self._queue and (
                 not rows or size < self.max_batch_bytes):
             item = self._queue.popleft()
+            self.pending_bytes = max(0, self.pending_bytes - item.size)
             # No time.sleep(0) between rows: CPython's switch interval already bounds how
             # long this thread holds the GIL, and forced hand-offs cost ~7% throughput.
             try:

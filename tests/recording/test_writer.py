@@ -4,6 +4,7 @@ store recovers by itself. Real DuckDB in a temp dir, no mitmproxy."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -201,3 +202,50 @@ def test_max_body_bytes_above_the_bound_is_refused(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text("recorder:\n  max_body_bytes: 100000000\n")
     with pytest.raises(ConfigError):
         load_rules(tmp_path)
+
+
+def test_a_real_store_failure_refuses_then_recovers(tmp_path: Path) -> None:
+    """A real DuckDB write failure, no mocks: the write-ahead log cannot be created (its
+    path is taken by a directory — what an unwritable data directory does to DuckDB, which
+    root cannot reproduce with permissions). Nothing is lost, nothing is reduced."""
+    w = make_writer(tmp_path)
+    wal = tmp_path / "a.duckdb.wal"
+    try:
+        w.submit(pending(0))
+        assert w.flush(30)
+        assert w._con is not None
+        w._con.execute("CHECKPOINT")  # the WAL is gone until the next write
+        wal.mkdir()
+        for i in range(1, 4):
+            w.submit(pending(i))
+        with w._cv:
+            w._cv.notify()
+        assert not w.flush(1)
+        assert w.failure and "wal" in w.failure.lower()
+        assert w.overloaded()  # new flows: 503
+        wal.rmdir()
+        assert w.flush(30), w.failure
+        assert w.failure is None and w.overloaded() is None
+        ids = [r[0] for r in read(w, "SELECT id FROM flows ORDER BY seq")]
+        assert ids == [f"flow-{i}" for i in range(4)]
+        assert read(w, "SELECT count(*) FROM flows WHERE flow_state IS NULL") == [(0,)]
+        assert verify(w).ok
+    finally:
+        with contextlib.suppress(OSError):
+            wal.rmdir()
+        w.close()
+
+
+def test_backlog_is_bounded_in_bytes(tmp_path: Path) -> None:
+    w = AuditWriter(tmp_path / "a.duckdb", build=store.build_row, serve_queries=False,
+                    max_pending_bytes=1000)
+    w.submit(store.Pending(state=state(0), session="s", size=600))
+    assert w.overloaded() is None
+    w.submit(store.Pending(state=state(1), session="s", size=600))
+    assert "bytes waiting" in (w.overloaded() or "")
+    w.start()
+    try:
+        assert w.flush(30)
+        assert w.pending_bytes == 0 and w.overloaded() is None
+    finally:
+        w.close()
