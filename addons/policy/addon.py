@@ -82,7 +82,7 @@ class Policy:
         try:
             if len(req.raw_content or b"") >= THREAD_MIN_BYTES or \
                     req.headers.get("content-encoding") or \
-                    facts.path.rstrip("/").endswith(("/files", "/batches")):
+                    facts.path.rstrip("/").endswith(("/files", "/batches", "/uploads")):
                 # decoding (up to the caps), the skeleton of a large text and a batch of
                 # up to 100,000 requests run in a worker thread: other flows keep moving
                 decision = await asyncio.to_thread(evaluate, policies, facts,

@@ -299,8 +299,19 @@ class RequestFacts:
 
     def batch(self) -> list[RequestFacts]:
         """Facts of every request this one carries (batch uploads, inline batches)."""
-        if not self.batch_enabled or self.method != "POST" or not (
-                self.path.rstrip("/").endswith(("/files", "/batches"))):
+        if not self.batch_enabled or self.method != "POST":
+            return []
+        p = self.path.rstrip("/")
+        if p.endswith("/uploads"):
+            # OpenAI's Uploads API sends a file in parts: a batch file's lines would be
+            # split across requests and never be read whole, so a batch goes by /files
+            j = self.json
+            purpose = j.get("purpose") if isinstance(j, dict) else None
+            if isinstance(purpose, str) and purpose.strip().lower() == "batch":
+                raise BodyUnavailable("a batch file uploaded in parts cannot be inspected "
+                                      "line by line; upload it with /v1/files")
+            return []
+        if not p.endswith(("/files", "/batches")):
             return []
         try:
             reqs = batch_requests(self.method, self.path, self.decoded)

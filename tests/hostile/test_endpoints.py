@@ -93,6 +93,10 @@ def test_batch_upload_lines_are_judged_as_requests(gw, standin) -> None:
     assert_refused(gw, standin, files, body, content_type=ctype, status=400, what="bad line")
     body, ctype = _upload([_line(1, chat()), _line(2, chat())])
     assert_passes(gw, standin, files, body, content_type=ctype)
+    # the Uploads API would split a batch file across requests: refused for batches
+    assert_refused(gw, standin, OPENAI + "/v1/uploads",
+                   {"purpose": "batch", "filename": "b.jsonl", "bytes": 100,
+                    "mime_type": "application/jsonl"}, status=400, what="uploads in parts")
 
 
 def test_inline_anthropic_batch_and_batch_create_are_matched(gw, standin) -> None:

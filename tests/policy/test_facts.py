@@ -149,3 +149,12 @@ def test_keywords_in_forms_multipart_jsonl_and_query(tmp_path) -> None:
     assert d(b"q=blue+birds", "application/x-www-form-urlencoded") == DEFAULT_RULE
     with pytest.raises(BodyUnavailable):
         d(b"\x80\x81abc", "text/plain")
+
+
+def test_batch_file_in_parts_is_refused(tmp_path) -> None:
+    ps = policies("policies:\n  - {name: m, action: block, match: {model: [gpt-5*]}}\n",
+                  tmp_path)
+    with pytest.raises(BodyUnavailable):
+        decide(ps, {"purpose": " Batch", "filename": "b.jsonl", "bytes": 10}, "/v1/uploads")
+    assert decide(ps, {"purpose": "assistants", "filename": "a.txt", "bytes": 1},
+                  "/v1/uploads").rule == DEFAULT_RULE
