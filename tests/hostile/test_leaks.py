@@ -272,5 +272,10 @@ def test_query_tokens_are_never_stored_nor_forwarded(gateway_factory, standin,
     assert any("id_token=[REDACTED]" in (u or "") for u in urls)
     assert any("evil.example.org" in (u or "") and "sig=[REDACTED]" in (u or "")
                for u in urls), urls
-    # exports (.mitm) come from the stored flow state: the CLI's export reads the same
     assert "limit=5" in text
+    # exports (.mitm) are rebuilt from the stored flow state
+    from addons.cli import main as cli_main
+    out = tmp_path / "all.mitm"
+    assert cli_main(["export", "--db", str(db), "--all", "-o", str(out)]) == 0
+    exported = out.read_bytes().decode("latin-1")
+    assert "limit=5" in exported and not _leaks(exported, values)
