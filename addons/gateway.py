@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import logging
 
+from mitmproxy import ctx
+
 from addons.approval.addon import Approval
 from addons.config.addon import RulesLoader
 from addons.config.holder import RulesHolder
 from addons.egress.credentials import Credentials
 from addons.egress.destination import Destinations
-from addons.egress.edge import EdgeOptions
+from addons.egress.edge import EdgeOptions, attach_layer_guard
 from addons.egress.upstreams import Upstreams
+from addons.frame import sentinel
 from addons.frame.annotate import Annotate
 from addons.identity.addon import Identity
 from addons.masking.addon import Masking
@@ -44,5 +47,19 @@ def build(holder: RulesHolder | None = None) -> list[object]:
     ]
 
 
+def _guard_the_edge() -> None:
+    """Put the closed-by-default guards on the master *while this module is imported*.
+
+    If loading the script fails after the import (e.g. mitmproxy raising on an option given
+    twice while applying deferred `--set`s), no addon of ours gets `load()`ed and mitmproxy
+    runs on as an open proxy. With the sentinel (0 pipelines loaded: refuse every flow) and
+    the layer guard already in place, a half-loaded gateway refuses instead."""
+    master = getattr(ctx, "master", None)
+    if master is not None and hasattr(master, "addons"):
+        sentinel.attach(master)
+        attach_layer_guard(master)
+
+
 logging.getLogger("agentgate").setLevel(logging.INFO)
+_guard_the_edge()
 addons = build()

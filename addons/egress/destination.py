@@ -103,6 +103,8 @@ class Destinations:
             server.error = f"agentgate: {name} did not resolve"
             return
         explicit, allow_private = self._explicit_and_private(name, port)
+        if not is_ip(name):
+            explicit = set()  # an address the rules name literally; never a name's answer
         listeners = self._listeners()
         for addr in addrs:
             why = refusal(addr, port, explicit=explicit, allow_private=allow_private,

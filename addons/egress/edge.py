@@ -165,12 +165,7 @@ class EdgeOptions:
         self.guard = LayerGuard()
 
     def load(self, loader) -> None:
-        master = getattr(ctx, "master", None)
-        addons = getattr(master, "addons", None)
-        if addons is None or addons.get(LayerGuard.name) is not None:
-            return  # kept across script reloads: the edge never opens, even mid-reload
-        addons.register(self.guard)
-        addons.chain.append(self.guard)
+        attach_layer_guard(getattr(ctx, "master", None), self.guard)
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -191,6 +186,17 @@ class EdgeOptions:
         if force:
             log.info("agentgate: forcing %s", ", ".join(f"{k}={v}" for k, v in force.items()))
             opts.update(**force)
+
+
+def attach_layer_guard(master, guard: LayerGuard | None = None) -> None:
+    """Append the LayerGuard to the master's chain once; it stays across script reloads
+    (and when the script fails to load), so the edge never opens."""
+    addons = getattr(master, "addons", None)
+    if addons is None or addons.get(LayerGuard.name) is not None:
+        return
+    guard = guard or LayerGuard()
+    addons.register(guard)
+    addons.chain.append(guard)
 
 
 def _parse_mode(spec: str):

@@ -27,6 +27,8 @@ def _norm_host(host: str) -> str:
 
 
 class Upstreams:
+    agentgate_pipeline = True  # the sentinel opens the gateway only while this is in the chain
+
     def __init__(self, holder: RulesHolder) -> None:
         self.holder = holder
 
@@ -52,7 +54,7 @@ class Upstreams:
         up = self._resolve(flow)
         if up is None:
             return
-        if not self._pinned(flow) or not self._scheme_ok(flow, up):
+        if not self._scheme_ok(flow, up) or not self._pinned(flow):
             return
         if not self._upgrade_ok(flow, up):
             return

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from mitmproxy import http
+from mitmproxy.addonmanager import traverse
 
 from addons.frame.guard import guarded, refuse
 
@@ -21,11 +22,23 @@ log = logging.getLogger("agentgate")
 class PipelineSentinel:
     name = "agentgate_sentinel"
 
-    def __init__(self) -> None:
+    def __init__(self, master=None) -> None:
         self.loaded = 0  # number of live pipelines (a reload briefly has old + new)
+        self.master = master
+
+    def _pipeline_in_chain(self) -> bool:
+        """Is an addon marked `agentgate_pipeline` really in the chain?
+
+        `loaded` counts load() calls; mitmproxy can fail a script after some addons were
+        loaded (an OptionsError while applying deferred options) and then never put the
+        script in the chain: counted, yet not running."""
+        if self.master is None:
+            return True
+        return any(getattr(a, "agentgate_pipeline", False)
+                   for a in traverse(self.master.addons.chain))
 
     def _check(self, flow: http.HTTPFlow) -> None:
-        if self.loaded <= 0:
+        if self.loaded <= 0 or not self._pipeline_in_chain():
             refuse(flow, 503, "the agentgate addon pipeline is not loaded (script failed to "
                    "load or was removed); all traffic is refused", "pipeline_not_loaded",
                    "sentinel")
@@ -48,7 +61,7 @@ def attach(master) -> PipelineSentinel:
     addons = master.addons
     sentinel = addons.get(PipelineSentinel.name)
     if sentinel is None:
-        sentinel = PipelineSentinel()
+        sentinel = PipelineSentinel(master)
         addons.register(sentinel)
         addons.chain.insert(0, sentinel)
     return sentinel

@@ -18,6 +18,7 @@ from tests.hostile.edgekit import (
     RawRecorder,
     SplitTLS,
     assert_healthy,
+    client,
     connect_tunnel,
     http_req,
     read_until_closed,
@@ -129,3 +130,20 @@ def test_pass_through_options_refuse_to_start(gateway_factory, flags) -> None:
                          extra_args=flags, wait=False)
     assert gw.proc.wait(30) != 0
     assert "refused by agentgate" in gw.logs()
+
+
+def test_script_that_fails_to_configure_leaves_the_gateway_closed(gateway_factory,
+                                                                  standin) -> None:
+    # mitmproxy raises while applying a script option given twice (deferred `--set`), after
+    # importing the script but before any addon's load(): it used to run on as an open proxy.
+    gw = gateway_factory("{standin_upstreams}identity:\n  required: false\n",
+                         extra_args=("--set", "agentgate_rules_poll_ms=300"))
+    standin.clear()
+    with client(gw) as c:
+        r = c.post("http://api.openai.com/v1/chat/completions", content=b"{}")
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "pipeline_not_loaded"
+    s, head = connect_tunnel(gw, f"127.0.0.1:{standin.port}")
+    s.close()
+    assert b" 503 " in head.split(b"\r\n", 1)[0]
+    assert standin.requests == []
