@@ -18,9 +18,9 @@ Decoding, in order:
    otherwise UTF-8 (a charset parameter is ignored for JSON, exactly as JSON parsers do);
    other text uses the Content-Type charset, then the same NUL sniffing, then UTF-8.
    Decoding is strict: bytes that are not valid in the charset are an error, never replaced.
-3. JSON: parsed when the media type says JSON, or when no/other text type is given and the
-   text starts with `{` or `[`. Duplicate keys are refused (parsers disagree on which wins).
-   A body declared as JSON that does not parse is an error, not "no JSON".
+3. JSON: parsed when the media type says JSON, or when any other (non-multipart) body's
+   text starts with `{` or `[` and parses. Duplicate keys are refused (parsers disagree on
+   which wins). A body declared as JSON that does not parse is an error, not "no JSON".
 """
 
 from __future__ import annotations
@@ -245,7 +245,6 @@ def loads_strict(text: str) -> Any:
 
 
 _UNSET: Any = object()
-_TEXT_MIMES = ("", "text/plain", "application/octet-stream")
 
 
 @dataclass
@@ -293,8 +292,10 @@ class Body:
         if not self.data:
             return None
         declared = is_json_mime(self.mime)
-        if not declared and self.mime not in _TEXT_MIMES and not self.mime.startswith("text/"):
-            return None  # a form, multipart, JSONL ... : not one JSON document
+        if self.mime.startswith("multipart/"):
+            return None  # parts, not one JSON document
+        # any other media type that holds JSON is read as JSON: a provider that parses
+        # JSON whatever the Content-Type says must not get a body policy read as a form
         try:
             text = self.text
         except DecodeError as e:

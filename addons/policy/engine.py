@@ -196,7 +196,7 @@ class RequestFacts:
         query string. A body that is not text in its charset is refused."""
         if self._prompt is None:
             out: list[str] = []
-            budget = [max(4 * len(self.body), 1 << 16)]
+            budget = [max(8 * len(self.body), 1 << 16)]
             try:
                 self._body_strings(self.decoded, out, budget, top=True)
             except DecodeError as e:
@@ -403,8 +403,9 @@ def all_strings(node: Any, out: list[str], depth: int = 0,
         out.append(node)
         _nested(node, out, depth, budget)
         return
-    if depth > 64:
-        return
+    if depth > MAX_DEPTH:
+        # deeper than we search: a word hidden there would pass unseen
+        raise BodyUnavailable(f"JSON nested deeper than {MAX_DEPTH} levels")
     if t is dict:
         out.extend(node)
         values: Any = node.values()
@@ -424,12 +425,15 @@ def all_strings(node: Any, out: list[str], depth: int = 0,
 
 
 _NESTED_START = frozenset('{["')
+MAX_DEPTH = 64
 
 
 def _nested(s: str, out: list[str], depth: int, budget: list[int]) -> None:
     head = s.lstrip()[:1]
-    if head not in _NESTED_START or len(s) < 2 or budget[0] < len(s):
+    if head not in _NESTED_START or len(s) < 2:
         return
+    if budget[0] < len(s):
+        raise BodyUnavailable("too much JSON nested in strings to inspect")
     budget[0] -= len(s)
     try:
         inner = json.loads(s)

@@ -158,3 +158,24 @@ def test_batch_file_in_parts_is_refused(tmp_path) -> None:
         decide(ps, {"purpose": " Batch", "filename": "b.jsonl", "bytes": 10}, "/v1/uploads")
     assert decide(ps, {"purpose": "assistants", "filename": "a.txt", "bytes": 1},
                   "/v1/uploads").rule == DEFAULT_RULE
+
+
+def test_json_under_another_content_type_is_json(tmp_path) -> None:
+    ps = policies("policies:\n  - {name: m, action: block, match: {model: [gpt-5*]}}\n",
+                  tmp_path)
+    for ctype in ("application/x-www-form-urlencoded", "text/plain", "application/xml", ""):
+        assert decide(ps, {"model": "gpt-5"}, content_type=ctype).rule == "m", ctype
+
+
+def test_json_too_deep_to_search_is_refused(tmp_path) -> None:
+    ps = policies("policies:\n  - {name: k, action: block, "
+                  "match: {prompt: {words: [bluebird]}}}\n", tmp_path)
+    deep: object = "bluebird"
+    for _ in range(80):
+        deep = {"x": deep}
+    with pytest.raises(BodyUnavailable):
+        decide(ps, {"metadata": deep})
+    nested = "bluebird"
+    for _ in range(12):  # JSON in a string in a string ...: each level doubles the escapes
+        nested = json.dumps({"a": nested})
+    assert decide(ps, {"m": nested}).rule == "k"   # found through every level
