@@ -74,9 +74,10 @@ class Sessions:
             return
         if "json" not in req.headers.get("content-type", "").lower():
             return
-        if not req.headers.get("content-encoding") and \
+        if not req.headers.get("content-encoding") and b"\0" not in raw[:4] and \
+                not raw.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")) and \
                 not any(k.split(".", 1)[0].encode() in raw for k in keys):
-            return  # cheap pre-check: parse only bodies that mention a key's first part
+            return  # cheap pre-check (UTF-8 only): parse only bodies that mention a key
         try:
             doc = flowbody.parsed_json(flow)  # parsed once, shared with policy
         except ValueError:
