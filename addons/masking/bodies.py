@@ -45,6 +45,7 @@ import io
 import json
 import re
 import zlib
+from array import array
 from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
@@ -211,13 +212,15 @@ class _Slots:
                 inner = None
             if isinstance(inner, dict | list):
                 self.subdocs.append((owner, setter, inner))
-                self.walk(inner, len(self.subdocs) - 1, depth + 1, (sib, "doc"))
+                self.walk(inner, len(self.subdocs) - 1, depth + 1, _child(sib, "doc"))
                 return
         self.add(text, setter, owner, glue, sib)
 
     def walk(self, node: Any, owner: int, depth: int = 0, path: Any = ()) -> None:
         if depth > MAX_DEPTH:
             raise Unparseable("JSON nested too deeply", 400)
+        if not self.path_mode:
+            path = None  # only NDJSON needs paths; a body may hold millions of values
         if isinstance(node, dict):
             self._walk_dict(node, owner, depth, path)
         elif isinstance(node, list):
@@ -230,32 +233,35 @@ class _Slots:
             # text parts first, adjacent, so consecutive parts of one list are glued; their
             # other fields after the list's text
             deferred: list[dict] = []
+            ipath = _child(path, "[]")
+            lsib = self._sib(node, ipath)
             for i, item in enumerate(node):
                 if isinstance(item, dict) and isinstance(item.get("text"), str) and \
                         not (self.llm and _is_binary_field(item, "text", item["text"])):
                     if depth + 1 > MAX_DEPTH:
                         raise Unparseable("JSON nested too deeply", 400)
                     self.add_string(item["text"], _setter(item, "text"), owner, depth + 1,
-                                    (id(node), i), self._sib(node, (path, "[]", "text")))
+                                    (id(node), i), self._sib(node, _child(ipath, "text")))
                     deferred.append(item)
                 elif isinstance(item, dict):
-                    self._walk_dict(item, owner, depth + 1, (path, "[]"))
+                    self._walk_dict(item, owner, depth + 1, ipath)
                 else:
-                    self._walk_value(node, i, item, owner, depth + 1, (path, "[]"))
+                    self._walk_value(node, i, item, owner, depth + 1, ipath, lsib)
             for item in deferred:
-                self._walk_dict(item, owner, depth + 1, (path, "[]"), skip_text=True)
+                self._walk_dict(item, owner, depth + 1, ipath, skip_text=True)
         else:
             raise Unparseable("not a JSON document", 400)
 
     def _sib(self, container: Any, path: Any) -> Any:
-        # one run per container in a document; per path across NDJSON lines
-        return ("p", path) if self.path_mode else ("c", id(container))
+        # one run per container in a document (its id); per path across NDJSON lines
+        return path if self.path_mode else id(container)
 
     def _walk_dict(self, d: dict, owner: int, depth: int, path: Any = (),
                    skip_text: bool = False) -> None:
         if depth > MAX_DEPTH:
             raise Unparseable("JSON nested too deeply", 400)
         llm = self.llm
+        dsib = None if self.path_mode else id(d)
         for k in list(d):
             v = d[k]
             if llm and _is_binary_field(d, k, v):
@@ -269,7 +275,7 @@ class _Slots:
             if skip_text and k == "text":
                 continue  # added by the list walk
             self._walk_key(d, k, owner)
-            self._walk_value(d, k, v, owner, depth + 1, (path, k))
+            self._walk_value(d, k, v, owner, depth + 1, _child(path, k), dsib)
 
     def _walk_key(self, d: dict, k: str, owner: int) -> None:
         if len(k) < 6 or _PLAIN_KEY.fullmatch(k):
@@ -283,8 +289,9 @@ class _Slots:
         self.add(k, rename, owner)
 
     def _walk_value(self, container: Any, key: Any, v: Any, owner: int, depth: int,
-                    path: Any = ()) -> None:
-        sib = self._sib(container, path)
+                    path: Any = None, sib: Any = None) -> None:
+        if sib is None:
+            sib = self._sib(container, path)
         if isinstance(v, str):
             if v:
                 self.add_string(v, _setter(container, key), owner, depth, sib=sib)
@@ -312,72 +319,68 @@ def _cross_findings(masker: Masker, slots: _Slots, found: list
     texts, starts = slots.texts, slots.starts
     out: list[tuple[str, str, list[tuple[int, int, int]]]] = []
     w = SPLIT_WINDOW
-    # every run in one window text (runs apart by a break): one more detector pass. Each
+    # Every run in one window text (runs apart by a break): one more detector pass. Each
     # run joined with nothing ('sk-proj-Xi' + '8tcN…' is one key) and, where a letter meets
     # a digit, once more with a space there ('cards' + '4111': a word boundary, as a reader
     # sees two fields, so a number's look-behind still sees its start). A crossing finding
     # starts in the tail of one slot and ends in the head of a later one: the first slot of
     # a run gives its tail, the last its head, the others both (whole when short).
-    plans: list[tuple[list[tuple[int, int, str]], bool]] = []
-    for idxs in runs.values():
-        if len(idxs) < 2:
-            continue
+    # Bookkeeping in flat arrays: a body may hold millions of slots.
+    buf: list[str] = []
+    seg_pos = array("q")
+    seg_slot = array("q")
+    seg_local = array("q")
+    pos = 0
+    plans = [(idxs, False) for idxs in runs.values() if len(idxs) > 1]
+    plans += [(idxs, True) for idxs, _ in plans if _run_has_junction(texts, idxs)]
+    for idxs, spaced in plans:
+        if buf:
+            buf.append(_BREAK)
+            pos += len(_BREAK)
         last = len(idxs) - 1
-        pieces: list[tuple[int, int, str]] = []  # (slot, local start, text); -1: a break
+        prev_end = ""
         for j, i in enumerate(idxs):
             t = texts[i]
             if len(t) <= w or (0 < j < last and len(t) <= 2 * w):
-                pieces.append((i, 0, t))
-                continue
-            if j > 0:
-                pieces.append((i, 0, t[:w]))
-            if j < last:
-                if j > 0:
-                    pieces.append((-1, 0, _BREAK))
-                pieces.append((i, len(t) - w, t[-w:]))
-        junction = any(a[0] >= 0 and b[0] >= 0 and a[0] != b[0]
-                       and _word_junction(a[2][-1:], b[2][:1])
-                       for a, b in zip(pieces, pieces[1:], strict=False))
-        plans.append((pieces, junction))
-    buf: list[str] = []
-    segs: list[tuple[int, int, int, int]] = []  # (position in window text, slot, local, n)
-    pos = 0
-    for spaced in (False, True):
-        for pieces, junction in plans:
-            if spaced and not junction:
-                continue
-            if buf:
-                buf.append(_BREAK)
-                pos += len(_BREAK)
-            prev = -1
-            for slot, local, piece in pieces:
-                if slot < 0:
-                    buf.append(piece)
-                    pos += len(piece)
-                    prev = -1
-                    continue
-                if spaced and prev >= 0 and prev != slot and \
-                        _word_junction(buf[-1][-1:], piece[:1]):
+                pieces: tuple[tuple[int, str], ...] = ((0, t),)
+            elif j == 0:
+                pieces = ((len(t) - w, t[-w:]),)
+            elif j == last:
+                pieces = ((0, t[:w]),)
+            else:
+                pieces = ((0, t[:w]), (len(t) - w, t[-w:]))
+            for k, (local, piece) in enumerate(pieces):
+                if k:
+                    buf.append(_BREAK)
+                    pos += len(_BREAK)
+                elif spaced and j and _word_junction(prev_end, piece[:1]):
                     buf.append(" ")
                     pos += 1
-                segs.append((pos, slot, local, len(piece)))
+                seg_pos.append(pos)
+                seg_slot.append(i)
+                seg_local.append(local)
                 buf.append(piece)
                 pos += len(piece)
-                prev = slot
-    if not segs:
+            prev_end = t[-1:]
+    if not seg_pos:
         return out
     text = "".join(buf)
-    seg_pos = [sg[0] for sg in segs]
+    del buf
+    n_segs = len(seg_pos)
     taken = [(f.start, f.end) for f in found]
     for f in masker.find(text):
         a = bisect_right(seg_pos, f.start) - 1
         b = bisect_right(seg_pos, f.end - 1) - 1
-        if a < 0 or segs[a][1] == segs[b][1]:
+        if a < 0 or seg_slot[a] == seg_slot[b]:
             continue  # inside one slot: the first pass saw it
         pieces_out: list[tuple[int, int, int]] = []
-        for sg in segs[a:b + 1]:
-            p0, slot, local, n = sg
-            lo, hi = max(f.start, p0) - p0, min(f.end, p0 + n) - p0
+        for g in range(a, b + 1):
+            p0 = seg_pos[g]
+            p1 = seg_pos[g + 1] if g + 1 < n_segs else len(text)
+            slot, local = seg_slot[g], seg_local[g]
+            # the segment's own length (what follows it may be a break or a space)
+            p1 = min(p1, p0 + len(texts[slot]) - local)
+            lo, hi = max(f.start, p0) - p0, min(f.end, p1) - p0
             if hi > lo:
                 pieces_out.append((slot, local + lo, local + hi))
         if len(pieces_out) < 2:
@@ -391,9 +394,18 @@ def _cross_findings(masker: Masker, slots: _Slots, found: list
     return out
 
 
+def _run_has_junction(texts: list[str], idxs: list[int]) -> bool:
+    return any(_word_junction(texts[a][-1:], texts[b][:1]) for a, b in zip(idxs, idxs[1:],
+                                                                           strict=False))
+
+
 def _word_junction(a: str, b: str) -> bool:
     """A letter next to a digit (either way): joining them would hide a word boundary."""
     return bool(a) and a.isalnum() and b.isalnum() and a.isdigit() != b.isdigit()
+
+
+def _child(path: Any, key: Any) -> Any:
+    return None if path is None else (path, key)
 
 
 def _int_list_setter(node: list) -> Callable[[str], None]:
