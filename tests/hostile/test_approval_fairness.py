@@ -20,17 +20,16 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-CAP = 3
-RULES = f"""
+CAP = 20  # the default approvals.max_pending_per_identity (not set below, on purpose)
+RULES = """
 policies:
   - name: needs-review
-    match: {{model: ["held-model"]}}
+    match: {model: ["held-model"]}
     action: approve
     approvers: [reviewers]
     timeout: 120
 approvals:
   max_pending: 50
-  max_pending_per_identity: {CAP}
 """
 
 
@@ -87,7 +86,7 @@ def test_one_identity_cannot_fill_the_approval_queue(gateway_factory, oidc_provi
         assert len(_pending(url, alice, "hog-agent", CAP)) == CAP
         # the hog's next approvable request: refused at once, 429 in the OpenAI dialect
         with pytest.raises(openai.RateLimitError) as ei:
-            ask(hog, text="one too many").result(30)
+            ask(hog, text="one too many").result(30)  # before: held like the others
         assert ei.value.status_code == 429
         assert ei.value.body["code"] == "approval_quota_exceeded"
         assert ei.value.body["type"] == "rate_limit_error"
