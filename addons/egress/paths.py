@@ -20,7 +20,7 @@ _OPENAI = (
     "files/*/content", "batches", "batches/*", "batches/*/cancel", "audio/speech",
     "audio/transcriptions", "audio/translations", "images/generations", "images/edits",
     "images/variations", "moderations", "uploads", "uploads/*", "uploads/*/parts",
-    "uploads/*/complete", "uploads/*/cancel",
+    "uploads/*/complete", "uploads/*/cancel", "realtime",
 )
 # Azure OpenAI: the model (deployment) is named in the path.
 _AZURE_DEPLOYMENT = (
