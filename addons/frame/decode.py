@@ -28,6 +28,7 @@ from __future__ import annotations
 import codecs
 import io
 import json
+import threading
 import weakref
 import zlib
 from dataclasses import dataclass, field
@@ -324,6 +325,7 @@ def decode_body(raw: bytes, content_encoding: str | None, content_type: str | No
 # ---------------------------------------------------------------- per flow, per body
 _cache: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, ...]]] = \
     weakref.WeakKeyDictionary()
+_lock = threading.Lock()
 
 
 def _message_body(flow: Any, part: str, max_bytes: int, max_ratio: int) -> Body | None:
@@ -336,8 +338,9 @@ def _message_body(flow: Any, part: str, max_bytes: int, max_ratio: int) -> Body 
     enc = msg.headers.get("content-encoding", "")
     ctype = msg.headers.get("content-type", "")
     key = (raw, enc, ctype, max_bytes, max_ratio)
-    slot = _cache.setdefault(flow, {})
-    hit = slot.get(part)
+    with _lock:  # policy decodes large bodies in a worker thread
+        slot = _cache.setdefault(flow, {})
+        hit = slot.get(part)
     # `is` on the raw bytes: an addon that rewrites the body (masking) makes a new object
     if hit is not None and hit[0] is raw and hit[1:-1] == key[1:]:
         value = hit[-1]
@@ -346,7 +349,8 @@ def _message_body(flow: Any, part: str, max_bytes: int, max_ratio: int) -> Body 
             value = decode_body(raw, enc, ctype, max_bytes=max_bytes, max_ratio=max_ratio)
         except DecodeError as e:
             value = e
-        slot[part] = (*key, value)
+        with _lock:
+            slot[part] = (*key, value)
     if isinstance(value, DecodeError):
         raise value
     return value
