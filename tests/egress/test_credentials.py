@@ -11,6 +11,7 @@ from mitmproxy.test import taddons, tflow
 from addons.config.holder import RulesHolder
 from addons.config.loader import load_rules
 from addons.egress import credentials
+from addons.frame import logscrub
 from addons.egress.credentials import Credentials
 from addons.egress.upstreams import Upstreams
 
@@ -55,6 +56,9 @@ def run(holder: RulesHolder, f) -> None:
         Upstreams(holder).requestheaders(f)
         c = Credentials(holder)
         c.load(None)
+        # load() installs the process-wide log scrubber; other tests' caplog must not
+        # see records rewritten by it
+        logscrub.uninstall()
         c.request(f)
 
 

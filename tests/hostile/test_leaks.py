@@ -175,7 +175,9 @@ policies:
     timeout: 5
 """
     password = "web-test-password-123"
-    gw = gateway_factory(rules, web=True, extra_args=("--set", f"web_password={password}"))
+    gw = gateway_factory(rules, web=True, extra_args=("--set", f"web_password={password}",
+                                                      "--set", "proxy_debug=true",
+                                                      "--set", "termlog_verbosity=debug"))
     reply: dict[str, Any] = {}
 
     def ask() -> None:
@@ -214,7 +216,9 @@ policies:
         dump = _web(gw, "/flows/dump", password)
         fid = json.loads(flows)[-1]["id"]
         export = _web(gw, f"/flows/{fid}/request/content.data", password)
-        for blob in (flows, dump, export):
+        events = _web(gw, "/events", password)  # mitmweb's event log, at debug verbosity
+        assert b"DataReceived" in events or b"<<" in events
+        for blob in (flows, dump, export, events):
             assert not _leaks(blob.decode("latin-1"), _values(*agent_secrets)), blob[:2000]
         assert b"[injected by agentgate]" in flows  # the header is there, as a marker
         assert slow.got[0]["headers"].get("authorization") == f"Bearer {REAL_OPENAI_KEY}"
@@ -223,7 +227,8 @@ policies:
         t.join(60)
         th.join(60)
     assert reply.get("status") == 200 and held.get("status") == 403  # hold timed out
-    after = _web(gw, "/flows", password) + _web(gw, "/flows/dump", password)
+    after = (_web(gw, "/flows", password) + _web(gw, "/flows/dump", password)
+             + _web(gw, "/events", password))
     assert not _leaks(after.decode("latin-1"), _values(*agent_secrets))
     _normal_request_works(gw, standin)
 
