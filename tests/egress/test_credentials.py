@@ -11,9 +11,9 @@ from mitmproxy.test import taddons, tflow
 from addons.config.holder import RulesHolder
 from addons.config.loader import load_rules
 from addons.egress import credentials
-from addons.frame import logscrub
 from addons.egress.credentials import Credentials
 from addons.egress.upstreams import Upstreams
+from addons.frame import logscrub
 
 RULES = """
 upstreams:
