@@ -19,6 +19,7 @@ from addons.config.holder import RulesHolder
 from addons.egress.credentials import Credentials
 from addons.egress.destination import Destinations
 from addons.egress.edge import EdgeOptions, attach_layer_guard
+from addons.egress.limits import EdgeLimits
 from addons.egress.upstreams import Upstreams
 from addons.frame import sentinel
 from addons.frame.annotate import Annotate
@@ -34,6 +35,7 @@ def build(holder: RulesHolder | None = None) -> list[object]:
     return [
         RulesLoader(holder),
         EdgeOptions(),
+        EdgeLimits(),
         Upstreams(holder),
         Destinations(holder),
         Identity(holder),

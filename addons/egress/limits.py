@@ -1,0 +1,223 @@
+"""Resource limits at the edge: header size and count, body size, slow and idle clients.
+
+One agent must not be able to hold the gateway's memory or connections:
+- Request heads: mitmproxy's HTTP/1 server buffers a head until its blank line with no bound
+  (a 64 MiB header was read and forwarded). A version-pinned wrapper around
+  `Http1Server.read_headers` answers 431 and closes as soon as the buffered head exceeds
+  `agentgate_max_header_bytes`; `requestheaders` also refuses too many headers (431), for
+  every HTTP version.
+- Bodies: a declared Content-Length above `agentgate_max_body_bytes` is refused with 413 at
+  `requestheaders`, before any of the upload is read; mitmproxy's `body_size_limit` is held
+  at the same value so a chunked body is cut (413) once that many bytes were buffered, never
+  more.
+- Slow and idle clients: an asyncio watchdog closes a connection whose next request head has
+  not arrived within `agentgate_head_timeout` seconds of connecting or of the last answer
+  (idle keep-alive, slowloris heads, a silent CONNECT tunnel) and one whose body has not
+  finished within `agentgate_body_timeout` seconds. Time waiting on the upstream or an
+  approval is not the client's and is not limited here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.utils import human
+
+from addons.frame.guard import guarded, refuse
+
+log = logging.getLogger("agentgate.limits")
+
+STEP = "limits"
+DEFAULTS = {"agentgate_max_header_bytes": 64 * 1024, "agentgate_max_headers": 100,
+            "agentgate_max_body_bytes": 64 * 1024 * 1024, "agentgate_head_timeout": 60,
+            "agentgate_body_timeout": 300}
+_state = {"max_header_bytes": DEFAULTS["agentgate_max_header_bytes"]}
+
+
+def _install_head_limit() -> None:
+    """Wrap Http1Server.read_headers once (mitmproxy 12.x: `self.buf` is the receive buffer
+    holding the head being read)."""
+    server = _http1.Http1Server
+    if getattr(server.read_headers, "agentgate_limited", False):
+        return
+    original = server.read_headers
+
+    def read_headers(self, event: events.ConnectionEvent):
+        if isinstance(event, events.DataReceived):
+            limit = _state["max_header_bytes"]
+            buf = self.buf
+            if len(buf) > limit and bytes(buf)[:limit + 4].find(b"\r\n\r\n") < 0:
+                log.warning("agentgate: request head over %d bytes from %s; closing",
+                            limit, self.conn.peername)
+                yield commands.SendData(self.conn, _http1.make_error_response(
+                    431, f"agentgate: request head larger than {limit} bytes"))
+                yield commands.CloseConnection(self.conn)
+                self.state = self.done
+                return
+        yield from original(self, event)
+
+    read_headers.agentgate_limited = True  # type: ignore[attr-defined]
+    server.read_headers = read_headers  # type: ignore[method-assign]
+
+
+@dataclass
+class _Conn:
+    idle_since: float | None  # waiting for a request head since (None: a request is active)
+    bodies: dict[str, float] = field(default_factory=dict)  # flow id -> head received at
+    active: set[str] = field(default_factory=set)  # flows the client is not responsible for
+
+
+class EdgeLimits:
+    def __init__(self) -> None:
+        self.conns: dict[str, _Conn] = {}
+        self._task: asyncio.Task | None = None
+
+    def load(self, loader) -> None:
+        _install_head_limit()
+        loader.add_option("agentgate_max_header_bytes", int,
+                          DEFAULTS["agentgate_max_header_bytes"],
+                          "Largest request head (request line + headers) in bytes (431).")
+        loader.add_option("agentgate_max_headers", int, DEFAULTS["agentgate_max_headers"],
+                          "Most request header fields (431).")
+        loader.add_option("agentgate_max_body_bytes", int, DEFAULTS["agentgate_max_body_bytes"],
+                          "Largest request/response body in bytes (413); also held as "
+                          "mitmproxy's body_size_limit.")
+        loader.add_option("agentgate_head_timeout", int, DEFAULTS["agentgate_head_timeout"],
+                          "Seconds a client connection may be idle or take to send a request "
+                          "head before it is closed.")
+        loader.add_option("agentgate_body_timeout", int, DEFAULTS["agentgate_body_timeout"],
+                          "Seconds a client may take to send a request body.")
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        for name in DEFAULTS:
+            if name in updated and getattr(opts, name) <= 0:
+                raise exceptions.OptionsError(f"{name} must be a positive number")
+        _state["max_header_bytes"] = opts.agentgate_max_header_bytes
+        # mitmproxy's own limit bounds what it buffers of a chunked body: never above ours.
+        current = human.parse_size(opts.body_size_limit) if opts.body_size_limit else None
+        if current is None or current > opts.agentgate_max_body_bytes:
+            opts.update(body_size_limit=str(opts.agentgate_max_body_bytes))
+
+    def running(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    # -- connection bookkeeping (client ids are stable across a connection's flows)
+    def client_connected(self, client) -> None:
+        self.conns[client.id] = _Conn(idle_since=time.monotonic())
+
+    def client_disconnected(self, client) -> None:
+        self.conns.pop(client.id, None)
+
+    def _conn(self, flow: http.HTTPFlow) -> _Conn | None:
+        return self.conns.get(flow.client_conn.id)
+
+    @guarded(STEP, skip_answered=False)
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        c = self._conn(flow)
+        if c is not None:
+            c.idle_since = time.monotonic()  # the tunnel's first head is due in time
+
+    @guarded(STEP)
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        c = self._conn(flow)
+        if c is not None:
+            c.idle_since = None
+            c.bodies[flow.id] = time.monotonic()
+        opts = ctx.options
+        headers = flow.request.headers
+        if len(headers) > opts.agentgate_max_headers:
+            refuse(flow, 431, f"more than {opts.agentgate_max_headers} request headers",
+                   "headers_too_large", STEP)
+            return
+        size = sum(len(k) + len(v) + 4 for k, v in headers.fields)
+        if size > opts.agentgate_max_header_bytes:
+            refuse(flow, 431, f"request headers larger than {opts.agentgate_max_header_bytes} "
+                   "bytes", "headers_too_large", STEP)
+            return
+        lengths = headers.get_all("content-length")
+        if lengths:
+            try:
+                declared = {int(v.strip()) for v in lengths}
+            except ValueError:
+                refuse(flow, 400, "malformed Content-Length", "bad_content_length", STEP)
+                return
+            if len(declared) > 1 or min(declared) < 0:
+                refuse(flow, 400, "conflicting Content-Length headers", "bad_content_length",
+                       STEP)
+                return
+            if declared.pop() > opts.agentgate_max_body_bytes:
+                refuse(flow, 413, f"request body larger than {opts.agentgate_max_body_bytes} "
+                       "bytes", "body_too_large", STEP, headers={"connection": "close"})
+
+    @guarded(STEP, skip_answered=False)
+    def request(self, flow: http.HTTPFlow) -> None:
+        c = self._conn(flow)
+        if c is not None:
+            c.bodies.pop(flow.id, None)
+            c.active.add(flow.id)
+
+    def _finished(self, flow: http.HTTPFlow) -> None:
+        c = self._conn(flow)
+        if c is None:
+            return
+        c.bodies.pop(flow.id, None)
+        c.active.discard(flow.id)
+        if not c.bodies and not c.active:
+            c.idle_since = time.monotonic()
+
+    @guarded(STEP, skip_answered=False)
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is None:
+            self._finished(flow)
+
+    @guarded(STEP, skip_answered=False)
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finished(flow)
+
+    @guarded(STEP, skip_answered=False)
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._finished(flow)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                self._sweep(time.monotonic())
+            except Exception:  # noqa: BLE001 - the watchdog must keep running
+                log.exception("agentgate: connection watchdog sweep failed")
+
+    def _sweep(self, now: float) -> None:
+        opts = ctx.options
+        for cid, c in list(self.conns.items()):
+            why = None
+            if c.idle_since is not None and not c.active and not c.bodies \
+                    and now - c.idle_since > opts.agentgate_head_timeout:
+                why = f"no request head within {opts.agentgate_head_timeout}s (idle or slow)"
+            elif any(now - t > opts.agentgate_body_timeout for t in c.bodies.values()):
+                why = f"request body not received within {opts.agentgate_body_timeout}s"
+            if why:
+                self.conns.pop(cid, None)
+                self._close(cid, why)
+
+    @staticmethod
+    def _close(client_id: str, why: str) -> None:
+        proxyserver = ctx.master.addons.get("proxyserver")
+        handler = getattr(proxyserver, "connections", {}).get(client_id)
+        if handler is None:
+            return
+        log.warning("agentgate: closing client connection %s: %s",
+                    handler.client.peername, why)
+        handler.close_connection(handler.client)
