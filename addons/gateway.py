@@ -21,6 +21,7 @@ from addons.egress.destination import Destinations
 from addons.egress.edge import EdgeOptions, attach_layer_guard
 from addons.egress.limits import EdgeLimits
 from addons.egress.upstreams import Upstreams
+from addons.egress.websocket import WebSockets
 from addons.frame import sentinel
 from addons.frame.annotate import Annotate
 from addons.identity.addon import Identity
@@ -44,6 +45,7 @@ def build(holder: RulesHolder | None = None) -> list[object]:
         Masking(holder),
         Approval(holder),
         Credentials(holder),
+        WebSockets(holder),
         Annotate(),
         Recorder(holder),
     ]

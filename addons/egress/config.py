@@ -188,6 +188,12 @@ def parse_upstream(raw: Any, where: Where) -> Upstream:
         raise where.child("scheme").error(f"must be https or http, got {scheme!r}")
     if cred is not None:
         _no_cleartext_credential(scheme, norm_hosts, forward_to, where)
+    websocket = expect_bool(d.get("websocket", False), where.child("websocket"))
+    mask = expect_bool(d.get("mask", True), where.child("mask"))
+    if websocket and mask:
+        raise where.child("websocket").error(
+            "WebSocket frames are not masked yet: websocket: true needs mask: false (an "
+            "explicit 'frames pass unmasked')")
     paths = None
     if d.get("paths") is not None:
         paths = expect_str_list(d["paths"], where.child("paths"))
@@ -203,10 +209,10 @@ def parse_upstream(raw: Any, where: Where) -> Upstream:
         allow_groups=expect_str_list(d.get("allow_groups", []), where.child("allow_groups")),
         allow_subjects=expect_str_list(d.get("allow_subjects", []), where.child("allow_subjects")),
         restore=expect_bool(d.get("restore", False), where.child("restore")),
-        mask=expect_bool(d.get("mask", True), where.child("mask")),
+        mask=mask,
         scheme=scheme,
         allow_private=expect_bool(d.get("allow_private", False), where.child("allow_private")),
-        websocket=expect_bool(d.get("websocket", False), where.child("websocket")),
+        websocket=websocket,
         paths=paths,
         where=where,
     )

@@ -46,3 +46,41 @@ def test_other_protocol_upgrades_refused(gw, standin, upgrade: str) -> None:
                          sni="hooks.example.com")
     assert status_of(answer) == 403, answer[:300]
     assert standin.requests == []
+
+
+def test_opted_in_upstream_carries_websocket_messages(gateway_factory, standin) -> None:
+    import ssl
+    import threading
+
+    from websockets.sync.client import connect
+    from websockets.sync.server import serve
+
+    from tests.hostile.edgekit import connect_tunnel
+
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(str(standin._leaf), str(standin._key))
+    seen: list[str] = []
+
+    def echo(ws) -> None:
+        for msg in ws:
+            seen.append(msg)
+            ws.send(f"echo: {msg}")
+
+    with serve(echo, "127.0.0.1", 0, ssl=sctx) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.socket.getsockname()[1]
+        gw = gateway_factory("{standin_upstreams}"
+                             "  - name: live\n    hosts: [ws.example.com]\n"
+                             "    dialect: webhook\n    websocket: true\n    mask: false\n"
+                             f"    forward_to: https://127.0.0.1:{port}\n"
+                             "identity:\n  required: false\n")
+        sock, head = connect_tunnel(gw, "ws.example.com:443")
+        assert b" 200 " in head.split(b"\r\n", 1)[0]
+        cctx = ssl.create_default_context(cafile=str(gw.ca_cert))
+        with connect("wss://ws.example.com/live", sock=sock, ssl=cctx,
+                     server_hostname="ws.example.com") as ws:
+            ws.send("hello")
+            assert ws.recv(timeout=30) == "echo: hello"
+        server.shutdown()
+    assert seen == ["hello"]
+    assert_healthy(gw, standin)
