@@ -107,6 +107,7 @@ def _rules(standin_url: str, enabled: bool) -> str:
         upstreams:
           - name: openai
             hosts: [api.openai.com]
+            scheme: http  # the bench speaks plain HTTP to the proxy (declared: issue 11)
             dialect: openai
             forward_to: {standin_url}
             credential: {{header: Authorization, prefix: "Bearer ", env: OPENAI_API_KEY}}

@@ -26,7 +26,10 @@ def free_port() -> int:
 
 
 def standin_upstreams_yaml(standin) -> str:
-    """Upstreams with real public host names, routed to the stand-in by `forward_to`."""
+    """Upstreams with real public host names, routed to the stand-in by `forward_to`.
+
+    Plain HTTP must be declared (`scheme: http`) and carries no credential: `webhook-http`
+    lets tests send `http://hooks.example.com/…` through the proxy."""
     return textwrap.dedent(f"""\
         upstreams:
           - name: openai
@@ -44,6 +47,11 @@ def standin_upstreams_yaml(standin) -> str:
             dialect: webhook
             forward_to: {standin.url}
             credential: {{header: X-Webhook-Token, env: WEBHOOK_TOKEN}}
+          - name: webhook-http
+            hosts: [hooks.example.com]
+            scheme: http
+            dialect: webhook
+            forward_to: {standin.url}
         """)
 
 
