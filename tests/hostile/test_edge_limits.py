@@ -100,6 +100,7 @@ def test_too_many_headers_get_431(gw, standin) -> None:
     answer = t.recv_all()
     s.close()
     assert status_of(answer) == 431, answer[:300]
+    assert b"headers_too_large" in answer  # ours, not an upstream's own 431
     assert standin.requests == []
 
 
