@@ -188,6 +188,13 @@ class EdgeLimits:
         self._finished(flow)
 
     @guarded(STEP, skip_answered=False)
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        c = self._conn(flow)
+        if c is not None:  # an open WebSocket is not an idle connection
+            c.active.add(flow.id)
+            c.idle_since = None
+
+    @guarded(STEP, skip_answered=False)
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self._finished(flow)
 

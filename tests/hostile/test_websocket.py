@@ -73,7 +73,8 @@ def test_opted_in_upstream_carries_websocket_messages(gateway_factory, standin) 
                              "  - name: live\n    hosts: [ws.example.com]\n"
                              "    dialect: webhook\n    websocket: true\n    mask: false\n"
                              f"    forward_to: https://127.0.0.1:{port}\n"
-                             "identity:\n  required: false\n")
+                             "identity:\n  required: false\n",
+                             extra_args=("--set", "agentgate_head_timeout=1"))
         sock, head = connect_tunnel(gw, "ws.example.com:443")
         assert b" 200 " in head.split(b"\r\n", 1)[0]
         cctx = ssl.create_default_context(cafile=str(gw.ca_cert))
@@ -81,6 +82,10 @@ def test_opted_in_upstream_carries_websocket_messages(gateway_factory, standin) 
                      server_hostname="ws.example.com") as ws:
             ws.send("hello")
             assert ws.recv(timeout=30) == "echo: hello"
+            import time
+            time.sleep(2.5)  # longer than the idle timeout: an open WebSocket is not idle
+            ws.send("again")
+            assert ws.recv(timeout=30) == "echo: again"
         server.shutdown()
-    assert seen == ["hello"]
+    assert seen == ["hello", "again"]
     assert_healthy(gw, standin)
