@@ -69,7 +69,7 @@ def test_absolute_form_naming_another_host_in_a_tunnel_is_421(gw, standin) -> No
 
 
 @pytest.mark.parametrize("target", ["api.openai.com:22", "api.openai.com:8443",
-                                    "hooks.example.com:80"])
+                                    "hooks.example.com:8443"])
 def test_host_declared_without_port_is_443_only(gw, standin, target: str) -> None:
     s, head = connect_tunnel(gw, target)
     s.close()
@@ -154,4 +154,14 @@ def test_gateway_approvals_api_is_never_an_upstream(gateway_factory, standin) ->
         r = c.get("https://approvals.example.com/api/approvals")
     assert r.status_code == 502, r.text
     assert "own listeners" in gw.logs(), gw.logs()
+    assert_healthy(gw, standin)
+
+
+def test_connect_inside_a_tunnel_is_refused(gw, standin) -> None:
+    standin.clear()
+    answer = tls_request(gw, "api.openai.com:443",
+                         b"CONNECT hooks.example.com:443 HTTP/1.1\r\n"
+                         b"Host: hooks.example.com:443\r\n\r\n", sni="api.openai.com")
+    assert status_of(answer) == 400, answer[:300]  # mitmproxy: CONNECT only in regular mode
+    assert standin.requests == []
     assert_healthy(gw, standin)
