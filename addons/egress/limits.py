@@ -25,10 +25,12 @@ import time
 from dataclasses import dataclass, field
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.utils import human
 
+from addons.frame.errors import error_body, guess_dialect
 from addons.frame.guard import guarded, refuse
 
 log = logging.getLogger("agentgate.limits")
@@ -55,8 +57,7 @@ def _install_head_limit() -> None:
             if len(buf) > limit and bytes(buf)[:limit + 4].find(b"\r\n\r\n") < 0:
                 log.warning("agentgate: request head over %d bytes from %s; closing",
                             limit, self.conn.peername)
-                yield commands.SendData(self.conn, _http1.make_error_response(
-                    431, f"agentgate: request head larger than {limit} bytes"))
+                yield commands.SendData(self.conn, _head_too_large(self, limit))
                 yield commands.CloseConnection(self.conn)
                 self.state = self.done
                 return
@@ -64,6 +65,18 @@ def _install_head_limit() -> None:
 
     read_headers.agentgate_limited = True  # type: ignore[attr-defined]
     server.read_headers = read_headers  # type: ignore[method-assign]
+
+
+def _head_too_large(server: _http1.Http1Server, limit: int) -> bytes:
+    """A 431 in the caller's dialect (guessed from the tunnel's target: no request yet)."""
+    address = server.context.server.address
+    dialect = guess_dialect(str(address[0]) if address else "", "")
+    body = error_body(dialect, 431, f"request head larger than {limit} bytes",
+                      "headers_too_large")
+    resp = http.Response.make(431, body, {"content-type": "application/json",
+                                          "x-agentgate-refused": "headers_too_large",
+                                          "connection": "close"})
+    return assemble_response(resp)
 
 
 @dataclass

@@ -87,9 +87,31 @@ def test_huge_header_gets_431_without_being_buffered(gw, standin) -> None:
         t, s, (head()[:-2] if i == 0 else line.encode() for i in range(1024)))  # 64 MiB
     s.close()
     assert status_of(answer) in (431, 0), answer[:300]
+    assert not answer or b"headers_too_large" in answer
     assert "request head over 65536 bytes" in gw.logs()
     assert rss_kb(gw) - before < 32 * 1024
     assert standin.requests == []
+    assert_healthy(gw, standin)
+
+
+def test_huge_header_to_the_proxy_itself_gets_a_json_431(gw, standin) -> None:
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    s.sendall(b"POST http://hooks.example.com/x HTTP/1.1\r\nHost: hooks.example.com\r\n")
+    answer = b""
+    try:
+        for _ in range(40):
+            s.sendall(b"X-Pad: " + b"a" * 10000 + b"\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    try:
+        while chunk := s.recv(65536):
+            answer += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    s.close()
+    assert status_of(answer) == 431, answer[:300]
+    assert b'"code": "headers_too_large"' in answer
+    assert standin.requests == [] or all("/x" not in r["path"] for r in standin.requests)
     assert_healthy(gw, standin)
 
 
