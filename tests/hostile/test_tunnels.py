@@ -52,6 +52,7 @@ def rules(standin, raw_port: int) -> str:
     b"SSH-2.0-OpenSSH_9.6\r\n",
     b"\x00\x01binary-protocol secret\n",
     b"hello upstream, no request line here\r\n\r\n",
+    b"\x16\x03\x01\x00\x20" + b"\xff" * 32,  # a TLS record that is no ClientHello
 ])
 def test_non_tls_non_http_tunnel_is_closed_not_relayed(gateway_factory, standin, raw_upstream,
                                                        first_bytes: bytes) -> None:
