@@ -44,11 +44,18 @@ _REQUEST_LINE = re.compile(rb"[A-Z]{3,20} [\x21-\x7e]{1,8192} HTTP/\d(?:\.\d)?\r
 # What can still become a request line (no newline yet): wait for more bytes.
 _REQUEST_LINE_PREFIX = re.compile(rb"[A-Z]{0,20}(?: [\x21-\x7e]{0,8192}(?: [HTP/0-9.]{0,8}\r?)?)?")
 MAX_UNDECIDED = 16 * 1024  # bytes we wait for before giving up on deciding
+MAX_CLIENT_HELLO = 64 * 1024  # real ones are < 2 KiB (post-quantum key shares included)
 
 
 def classify(data: bytes) -> str:
     """'tls', 'http', 'more' (cannot decide yet) or 'refuse' for a connection's first bytes."""
     if starts_like_tls_record(data):
+        # Record header (5) + handshake header (4): it must announce a ClientHello of a sane
+        # size, or mitmproxy buffers up to the 16 MiB the header claims before giving up.
+        if len(data) < 9:
+            return "more"
+        if data[5] != 0x01 or int.from_bytes(data[6:9], "big") > MAX_CLIENT_HELLO:
+            return "refuse"
         return "tls"
     if len(data) < 3 and data[:1] in (b"", b"\x16") and data[1:2] in (b"", b"\x03"):
         return "more"  # a TLS record header split after its first byte(s)

@@ -86,7 +86,10 @@ def test_host_without_port_is_the_default_port_only(pattern, host, port, default
 
 
 @pytest.mark.parametrize("data,kind", [
-    (b"", "more"), (b"\x16", "more"), (b"\x16\x03", "more"), (b"\x16\x03\x01\x02\x00", "tls"),
+    (b"", "more"), (b"\x16", "more"), (b"\x16\x03", "more"), (b"\x16\x03\x01\x02\x00", "more"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc", "tls"),
+    (b"\x16\x03\x01\x00\x20\xff\xff\xff\xff", "refuse"),  # not a ClientHello
+    (b"\x16\x03\x01\x40\x00\x01\xff\xff\xff", "refuse"),  # a 16 MiB ClientHello
     (b"GET", "more"), (b"GET / HTTP/1.1\r\n", "http"), (b"PRI * HTTP/2.0\r\n", "http"),
     (b"SSH-2.0-x\r\n", "refuse"), (b"\x05\x01\x00", "refuse"), (b"get / HTTP/1.1\r\n", "refuse"),
     (b"GET " + b"a" * 20000, "refuse"), (b"\x17\x03\x03", "refuse"),
