@@ -1,10 +1,12 @@
 """The addon list mitmdump loads: `mitmdump -s addons/gateway.py`.
 
-Order is the data path (ARCHITECTURE.md): rules -> upstreams -> identity -> sessions ->
-policy -> masking -> approval -> credentials on the way out; masking (responses) and the
-recorder on the way back. Addons talk only through `flow.metadata`. Two small addons sit
-outside the script at the front of mitmproxy's chain: the pipeline sentinel (refuses all
-traffic while this script is not loaded) and the credential scrubber.
+Order is the data path (ARCHITECTURE.md): rules -> edge options and limits -> upstreams
+(default-deny, paths) -> destinations (pinning, address vetting) -> identity -> sessions ->
+policy -> masking -> approval -> credentials on the way out; WebSocket messages, masking
+(responses) and the recorder on the way back. Addons talk only through `flow.metadata`.
+Two small guards are put on mitmproxy's chain directly, outside the script, while this
+module is imported: the pipeline sentinel (refuses all traffic while the pipeline is not
+loaded) and the layer guard (closes every connection that is not TLS or HTTP).
 """
 
 from __future__ import annotations
