@@ -28,13 +28,16 @@ from addons.frame import sentinel
 from addons.frame.annotate import Annotate
 from addons.identity.addon import Identity
 from addons.masking.addon import Masking
+from addons.masking.websocket import WebSocketMasking
 from addons.policy.addon import Policy
+from addons.policy.websocket import WebSocketPolicy
 from addons.recording.addon import Recorder
 from addons.recording.sessions import Sessions
 
 
 def build(holder: RulesHolder | None = None) -> list[object]:
     holder = holder or RulesHolder()
+    masking = Masking(holder)
     return [
         RulesLoader(holder),
         EdgeOptions(),
@@ -44,7 +47,9 @@ def build(holder: RulesHolder | None = None) -> list[object]:
         Identity(holder),
         Sessions(holder),
         Policy(holder),
-        Masking(holder),
+        WebSocketPolicy(holder),
+        masking,
+        WebSocketMasking(masking),
         Approval(holder),
         Credentials(holder),
         WebSockets(holder),

@@ -190,10 +190,6 @@ def parse_upstream(raw: Any, where: Where) -> Upstream:
         _no_cleartext_credential(scheme, norm_hosts, forward_to, where)
     websocket = expect_bool(d.get("websocket", False), where.child("websocket"))
     mask = expect_bool(d.get("mask", True), where.child("mask"))
-    if websocket and mask:
-        raise where.child("websocket").error(
-            "WebSocket frames are not masked yet: websocket: true needs mask: false (an "
-            "explicit 'frames pass unmasked')")
     paths = None
     if d.get("paths") is not None:
         paths = expect_str_list(d["paths"], where.child("paths"))

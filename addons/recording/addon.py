@@ -264,6 +264,13 @@ class Recorder:
         self._record(flow, "response")
 
     @guarded("recorder", skip_answered=False)
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        # The upgrade was recorded at `response`, before any message: record the flow
+        # again with its (masked) messages, as a second row.
+        self._recorded.pop(flow.id, None)
+        self._record(flow, "websocket")
+
+    @guarded("recorder", skip_answered=False)
     def error(self, flow: http.HTTPFlow) -> None:
         self._record(flow, "error")
 

@@ -10,7 +10,6 @@ from mitmproxy.test import taddons, tflow
 
 from addons.config.holder import RulesHolder
 from addons.config.loader import load_rules
-from addons.config.schema import ConfigError
 from addons.egress.limits import EdgeLimits
 from addons.egress.websocket import WebSockets
 
@@ -58,8 +57,9 @@ def test_websocket_to_upstream_without_opt_in_is_killed(holder: RulesHolder) -> 
     assert f.error is not None
 
 
-def test_websocket_with_masking_is_a_rules_error(tmp_path: Path) -> None:
+def test_websocket_with_masking_is_accepted(tmp_path: Path) -> None:
+    # frames are masked and policed message by message (masking/policy websocket addons)
     (tmp_path / "r.yaml").write_text(
         "upstreams:\n  - {name: x, hosts: [a.example.com], websocket: true}\n")
-    with pytest.raises(ConfigError, match="mask: false"):
-        load_rules(tmp_path)
+    up = load_rules(tmp_path).upstream_named("x")
+    assert up is not None and up.websocket and up.mask
