@@ -15,22 +15,36 @@ Two mechanisms close the class:
   the bytes itself: TLS (which the gateway terminates) or an HTTP request line, else the
   connection is closed; while the bytes seen so far cannot decide (a split ClientHello, half
   a request line) the decision is deferred instead of guessed.
+
+A third closes the error-page class: mitmproxy answers some requests itself, below every
+addon hook, with an HTML page naming mitmproxy and quoting request data (413 from
+`body_size_limit`, 400 for a malformed head or a refused CONNECT inside a tunnel, 502 when
+the upstream connection fails). `install_error_pages` replaces, version-pinned, the two
+places those pages are built (HTTP/1's `make_error_response`, HTTP/2's
+ResponseProtocolError branch) with a JSON error in the caller's dialect: same status, a
+fixed message per status (never mitmproxy's text, which can quote the request).
 """
 
 from __future__ import annotations
 
+import contextvars
+import inspect
 import logging
 import re
+import weakref
 from collections.abc import Iterator
 
-from mitmproxy import ctx, exceptions
+from mitmproxy import ctx, exceptions, http, version
+from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers import modes
+from mitmproxy.proxy.layers.http import _events, _http1, _http2
 from mitmproxy.proxy.mode_specs import RegularMode
 from mitmproxy.tls import ClientHelloData
 
-from addons.frame.guard import guarded
+from addons.frame.errors import error_body, guess_dialect
+from addons.frame.guard import dialect_of, guarded
 
 log = logging.getLogger("agentgate.edge")
 
@@ -164,6 +178,22 @@ class LayerGuard:
         # No addon may turn an intercepted TLS connection into a pass-through.
         data.ignore_connection = False
 
+    # The guard runs last in the chain: upstream metadata is set by now. Remember the
+    # dialect for the error pages mitmproxy may still send on this tunnel / for this request.
+    @guarded("edge", skip_answered=False)
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if isinstance(flow.metadata.get("upstream"), dict):
+            _BY_CONN[flow.client_conn.id] = dialect_of(flow)
+
+    @guarded("edge", skip_answered=False)
+    def error(self, flow: http.HTTPFlow) -> None:
+        if flow.request is not None:
+            _BY_REQUEST[flow.request] = dialect_of(flow)
+
+    @guarded("edge", skip_answered=False)
+    def client_disconnected(self, client) -> None:
+        _BY_CONN.pop(client.id, None)
+
 
 class EdgeOptions:
     """Refuses the mitmproxy options that relay uninspected bytes; installs the LayerGuard."""
@@ -172,6 +202,7 @@ class EdgeOptions:
         self.guard = LayerGuard()
 
     def load(self, loader) -> None:
+        install_error_pages()
         attach_layer_guard(getattr(ctx, "master", None), self.guard)
 
     def configure(self, updated: set[str]) -> None:
@@ -198,6 +229,7 @@ class EdgeOptions:
 def attach_layer_guard(master, guard: LayerGuard | None = None) -> None:
     """Append the LayerGuard to the master's chain once; it stays across script reloads
     (and when the script fails to load), so the edge never opens."""
+    install_error_pages()
     addons = getattr(master, "addons", None)
     if addons is None or addons.get(LayerGuard.name) is not None:
         return
@@ -209,3 +241,139 @@ def attach_layer_guard(master, guard: LayerGuard | None = None) -> None:
 def _parse_mode(spec: str):
     from mitmproxy.proxy.mode_specs import ProxyMode
     return ProxyMode.parse(spec)
+
+
+# -- mitmproxy's own error pages, answered in the caller's dialect -----------------------
+
+PINNED_MITMPROXY = "12."
+# status -> (message, code): fixed texts; mitmproxy's message can quote request bytes.
+MITM_ERRORS: dict[int, tuple[str, str]] = {
+    400: ("malformed or invalid HTTP request", "bad_request"),
+    413: ("request body larger than the gateway's limit", "body_too_large"),
+    502: ("the upstream could not be reached or answered invalidly", "upstream_unreachable"),
+}
+_BY_CONN: dict[str, str] = {}  # client connection id -> dialect of its tunnel's upstream
+_BY_REQUEST: weakref.WeakKeyDictionary[http.Request, str] = weakref.WeakKeyDictionary()
+# The HTTP/1 server connection whose code is running right now (set per generator step).
+_CURRENT: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "agentgate_error_conn", default=None)
+
+
+def dialect_error(dialect: str, status: int) -> tuple[dict[str, str], bytes]:
+    """Headers and body of the answer that replaces mitmproxy's page for `status`."""
+    message, code = MITM_ERRORS.get(status, ("request refused by the gateway", "refused"))
+    return ({"content-type": "application/json", "x-agentgate-refused": code,
+             "connection": "close"}, error_body(dialect, status, message, code))
+
+
+def conn_dialect(conn: object) -> str:
+    """Dialect for an answer on a client-side HTTP connection (no flow at hand): the
+    request's declared upstream, else the tunnel's, else a guess from host and path."""
+    req = getattr(conn, "request", None)
+    if req is not None and req in _BY_REQUEST:
+        return _BY_REQUEST[req]
+    context = getattr(conn, "context", None)
+    client = getattr(context, "client", None)
+    if client is not None and client.id in _BY_CONN:
+        return _BY_CONN[client.id]
+    host, path = "", ""
+    if req is not None:
+        host, path = req.host or req.host_header or "", req.path or ""
+    if not host and context is not None:
+        address = context.server.address
+        host = str(address[0]) if address else ((client.sni or "") if client else "")
+    return guess_dialect(host, path)
+
+
+def _make_error_response(status_code: int, message: str = "") -> bytes:
+    """Stands in for `_http1.make_error_response` (same signature); `message` dropped."""
+    headers, body = dialect_error(conn_dialect(_CURRENT.get()), status_code)
+    return assemble_response(http.Response.make(status_code, body, headers))
+
+
+def _stepped(method):
+    """Run a generator method with _CURRENT set to its connection for every step (and
+    reset between steps: other connections run while it waits on a hook)."""
+    def wrapper(self, event):
+        gen = method(self, event)
+        sent = None
+        while True:
+            token = _CURRENT.set(self)
+            try:
+                cmd = gen.send(sent)
+            except StopIteration as stop:
+                return stop.value
+            finally:
+                _CURRENT.reset(token)
+            sent = yield cmd
+    wrapper.__name__ = method.__name__
+    wrapper.__wrapped__ = method  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _h2_handle_event(original):
+    """Http2Server._handle_event with mitmproxy's ResponseProtocolError answer (text/html
+    and a page) replaced by ours; everything else goes to the original."""
+    def _handle_event(self, event):
+        status = event.code.http_status_code() \
+            if isinstance(event, _events.ResponseProtocolError) else None
+        if status is not None and not self.is_closed(event.stream_id) \
+                and self.is_open_for_us(event.stream_id) \
+                and not self.h2_conn.streams[event.stream_id].state_machine.headers_sent:
+            headers, body = dialect_error(conn_dialect(self), status)
+            self.h2_conn.send_headers(event.stream_id, [(b":status", b"%d" % status)] + [
+                (k.encode(), v.encode()) for k, v in headers.items() if k != "connection"])
+            self.h2_conn.send_data(event.stream_id, body, end_stream=True)
+            data = self.h2_conn.data_to_send()
+            if data:
+                yield commands.SendData(self.conn, data)
+            return
+        return (yield from original(self, event))
+    _handle_event.__wrapped__ = original  # type: ignore[attr-defined]
+    return _handle_event
+
+
+# Source fragments the replacement relies on: if mitmproxy changes them, refuse to start.
+_PINS = (
+    ((_http1.Http1Server, "send"), "make_error_response(status, event.message)"),
+    ((_http1.Http1Server, "read_headers"), "make_error_response(400, str(e))"),
+    ((_http2.Http2Connection, "_handle_event"), "format_error(status, event.message)"),
+    ((_http2.Http2Connection, "_handle_event"), "stream.state_machine.headers_sent"),
+    ((_http2.Http2Server, "_handle_event"), "super()._handle_event(event)"),
+)
+
+
+def check_pins() -> list[str]:
+    """What no longer matches the mitmproxy internals the error pages rely on."""
+    bad = []
+    if not version.VERSION.startswith(PINNED_MITMPROXY):
+        bad.append(f"mitmproxy {version.VERSION} is not {PINNED_MITMPROXY}x")
+    for (cls, name), fragment in _PINS:
+        fn = inspect.unwrap(getattr(cls, name))  # our wrappers (and limits') set __wrapped__
+        try:
+            src = inspect.getsource(fn)
+        except (OSError, TypeError):
+            src = ""
+        if fragment not in src:
+            bad.append(f"{cls.__name__}.{name} no longer contains {fragment!r}")
+    fn = inspect.unwrap(_http1.make_error_response)
+    if list(inspect.signature(fn).parameters) != ["status_code", "message"]:
+        bad.append("_http1.make_error_response changed its signature")
+    return bad
+
+
+def install_error_pages() -> None:
+    """Install once per process; raises if mitmproxy's internals moved (fail closed)."""
+    if getattr(_http1.make_error_response, "agentgate_errors", False):
+        return
+    bad = check_pins()
+    if bad:
+        raise RuntimeError("agentgate cannot replace mitmproxy's error pages: " + "; ".join(bad))
+    server = _http1.Http1Server
+    for name in ("send", "read_headers"):
+        setattr(server, name, _stepped(getattr(server, name)))
+    _make_error_response.__wrapped__ = _http1.make_error_response  # type: ignore[attr-defined]
+    _make_error_response.agentgate_errors = True  # type: ignore[attr-defined]
+    _http1.make_error_response = _make_error_response
+    _http2.Http2Server._handle_event = _h2_handle_event(  # type: ignore[method-assign]
+        _http2.Http2Server._handle_event)

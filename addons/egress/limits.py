@@ -64,6 +64,7 @@ def _install_head_limit() -> None:
         yield from original(self, event)
 
     read_headers.agentgate_limited = True  # type: ignore[attr-defined]
+    read_headers.__wrapped__ = original  # type: ignore[attr-defined]
     server.read_headers = read_headers  # type: ignore[method-assign]
 
 

@@ -9,20 +9,42 @@ from __future__ import annotations
 
 import json
 
-# status -> (openai error type, anthropic error type)
+# status -> (openai error type, anthropic error type), for every status the gateway emits
+# (its own refusals and the mitmproxy-made errors edge.py rewrites). The SDKs pick their
+# exception class by status; the type is what a caller's error handling reads next.
 _TYPES: dict[int, tuple[str, str]] = {
     400: ("invalid_request_error", "invalid_request_error"),
     401: ("authentication_error", "authentication_error"),
     403: ("permission_error", "permission_error"),
     404: ("not_found_error", "not_found_error"),
+    405: ("invalid_request_error", "invalid_request_error"),
     407: ("authentication_error", "authentication_error"),
     408: ("timeout_error", "timeout_error"),
+    409: ("invalid_request_error", "invalid_request_error"),
+    410: ("not_found_error", "not_found_error"),
     413: ("invalid_request_error", "request_too_large"),
+    414: ("invalid_request_error", "request_too_large"),
     415: ("invalid_request_error", "invalid_request_error"),
+    421: ("invalid_request_error", "invalid_request_error"),
     429: ("rate_limit_error", "rate_limit_error"),
+    431: ("invalid_request_error", "request_too_large"),
+    500: ("api_error", "api_error"),
+    501: ("invalid_request_error", "invalid_request_error"),
     502: ("api_error", "api_error"),
     503: ("api_error", "overloaded_error"),
+    504: ("timeout_error", "timeout_error"),
+    505: ("invalid_request_error", "invalid_request_error"),
 }
+
+
+def error_types(status: int) -> tuple[str, str]:
+    """(openai type, anthropic type); a status not listed still gets a client or server
+    type by its class, never a 4xx typed as the provider's own failure."""
+    if status in _TYPES:
+        return _TYPES[status]
+    if 400 <= status < 500:
+        return ("invalid_request_error", "invalid_request_error")
+    return ("api_error", "api_error")
 
 
 def guess_dialect(host: str, path: str) -> str:
@@ -38,7 +60,7 @@ def guess_dialect(host: str, path: str) -> str:
 
 def error_payload(dialect: str, status: int, message: str, code: str,
                   rule: str | None = None) -> dict:
-    oa_type, an_type = _TYPES.get(status, ("api_error", "api_error"))
+    oa_type, an_type = error_types(status)
     text = f"agentgate: {message}" + (f" (rule: {rule})" if rule else "")
     if dialect == "anthropic":
         err: dict = {"type": an_type, "message": text, "code": code}
