@@ -1,0 +1,162 @@
+"""Masking of WebSocket messages (addons/masking/websocket.py), with the real detectors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mitmproxy import ctx
+from mitmproxy.test import taddons, tflow
+from mitmproxy.websocket import WebSocketMessage
+from wsproto.frame_protocol import Opcode
+
+from addons.config.holder import RulesHolder
+from addons.config.loader import load_rules
+from addons.egress.limits import EdgeLimits
+from addons.egress.websocket import CLOSE_INTERNAL, SLOT_MARKER
+from addons.masking.addon import Masking
+from addons.masking.websocket import WebSocketMasking
+
+EMAIL = "ann.lee@example.com"
+CARD = "4111 1111 1111 1111"
+RULES = """
+upstreams:
+  - {name: live, hosts: [ws.example.com], dialect: webhook, websocket: true}
+  - {name: back, hosts: [wr.example.com], dialect: webhook, websocket: true, restore: true}
+  - {name: raw, hosts: [wx.example.com], dialect: webhook, websocket: true, mask: false}
+"""
+
+
+@pytest.fixture
+def addon(tmp_path: Path) -> WebSocketMasking:
+    (tmp_path / "r.yaml").write_text(RULES)
+    return WebSocketMasking(Masking(RulesHolder(load_rules(tmp_path))))
+
+
+def ws_flow(upstream: str = "live") -> Any:
+    f = tflow.twebsocketflow(messages=False)
+    f.metadata["upstream"] = {"name": upstream, "dialect": "webhook"}
+    f.metadata["websocket"] = {"to_server": 0, "to_client": 0, "bytes": 0}
+    return f
+
+
+def send(addon: WebSocketMasking, f: Any, content: str | bytes, from_client: bool = True,
+         binary: bool = False, injected: bool = False) -> WebSocketMessage:
+    data = content.encode() if isinstance(content, str) else content
+    m = WebSocketMessage(Opcode.BINARY if binary else Opcode.TEXT, from_client, data,
+                         injected=injected)
+    f.websocket.messages.append(m)
+    addon.websocket_message(f)
+    return m
+
+
+def digits(text: str) -> str:
+    return re.sub(r"\D", "", text)
+
+
+def test_realtime_item_text_is_masked(addon: WebSocketMasking) -> None:
+    item = {"type": "conversation.item.create",
+            "item": {"type": "message", "role": "user",
+                     "content": [{"type": "input_text", "text": f"mail {EMAIL} now"}]}}
+    with taddons.context(EdgeLimits()):
+        f = ws_flow()
+        m = send(addon, f, json.dumps(item))
+    out = json.loads(m.content)
+    assert EMAIL not in m.text and out["item"]["content"][0]["text"].startswith("mail [EMAIL")
+    assert f.metadata["findings"]
+
+
+def test_value_split_across_two_text_messages_is_masked(addon: WebSocketMasking) -> None:
+    with taddons.context(EdgeLimits()):
+        f = ws_flow()
+        a = send(addon, f, "card 4111 1111 ")
+        b = send(addon, f, "1111 1111 thanks")
+        c = send(addon, f, " and then some more words")
+    sent = "".join(m.text for m in (a, b, c) if not m.dropped)
+    assert "4111111111111111" not in digits(sent)
+    assert "[CREDIT_CARD" in sent and "thanks" in sent
+    assert "4111" not in a.text  # the start of the value was held back, not sent
+
+
+@pytest.mark.parametrize("from_client", [True, False])
+def test_binary_json_is_masked_and_non_utf8_closes(addon: WebSocketMasking,
+                                                  from_client: bool) -> None:
+    with taddons.context(EdgeLimits()):
+        f = ws_flow()
+        m = send(addon, f, json.dumps({"type": "x.y", "note": EMAIL}).encode(), from_client,
+                 binary=True)
+        assert EMAIL.encode() not in m.content and not m.dropped
+        bad = send(addon, f, b"\xff\xfe" + EMAIL.encode(), from_client, binary=True)
+    assert bad.dropped
+    assert f.metadata["websocket_close"]["code"] == CLOSE_INTERNAL
+    assert "not UTF-8" in f.metadata["websocket_close"]["reason"]
+
+
+def test_audio_passes_other_fields_masked(addon: WebSocketMasking) -> None:
+    audio = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAEAfAAABAAgAZGF0YQAAAAA="
+    with taddons.context(EdgeLimits()):
+        f = ws_flow()
+        m = send(addon, f, json.dumps({"type": "input_audio_buffer.append",
+                                       "event_id": EMAIL, "audio": audio}))
+    out = json.loads(m.content)
+    assert out["audio"] == audio and EMAIL not in m.text
+
+
+def test_upstream_deltas_hold_back_and_flush_in_order(addon: WebSocketMasking,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def delta(text: str) -> str:
+        return json.dumps({"type": "response.text.delta", "output_index": 0,
+                           "content_index": 0, "delta": text})
+    injected: list[tuple[bool, bytes]] = []
+    with taddons.context(EdgeLimits()):
+        monkeypatch.setattr(ctx.master.commands, "call",
+                            lambda name, f, to_client, data, is_text: injected.append(
+                                (to_client, data)))
+        f = ws_flow()
+        a = send(addon, f, delta("Your card is 4111 1111 "), from_client=False)
+        b = send(addon, f, delta("1111 1111"), from_client=False)
+        done = json.dumps({"type": "response.text.done", "output_index": 0,
+                           "content_index": 0, "text": f"Your card is {CARD}"})
+        c = send(addon, f, done, from_client=False)
+        # the held tail came out in this slot; the done event is owed to a slot
+        assert injected == [(True, SLOT_MARKER)]
+        slot = send(addon, f, SLOT_MARKER, from_client=False, injected=True)
+        spare = send(addon, f, SLOT_MARKER, from_client=False, injected=True)
+    events = [json.loads(m.content) for m in (a, b, c, slot)]
+    assert [e["type"] for e in events] == ["response.text.delta"] * 3 + ["response.text.done"]
+    streamed = "".join(e["delta"] for e in events[:3])
+    assert streamed == events[3]["text"] and "[CREDIT_CARD" in streamed
+    assert spare.dropped  # a slot with nothing owed sends nothing
+
+
+def test_restore_for_the_agent_record_keeps_masked(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(RULES)
+    addon = WebSocketMasking(Masking(RulesHolder(load_rules(tmp_path))))
+    with taddons.context(EdgeLimits()):
+        f = ws_flow("back")
+        out = send(addon, f, json.dumps({"type": "x.note", "text": f"to {EMAIL}"}))
+        placeholder = json.loads(out.content)["text"][3:]
+        assert placeholder.startswith("[EMAIL")
+        back = send(addon, f, json.dumps({"type": "x.reply", "text": f"ok {placeholder}"}),
+                    from_client=False)
+        assert EMAIL in back.text  # the agent gets its value back
+        addon.websocket_end(f)
+    assert EMAIL not in back.text and placeholder in back.text  # what the recorder stores
+
+
+def test_mask_false_upstream_passes(addon: WebSocketMasking) -> None:
+    with taddons.context(EdgeLimits()):
+        f = ws_flow("raw")
+        m = send(addon, f, f"card {CARD}")
+    assert m.text == f"card {CARD}"
+
+
+def test_message_over_the_limit_closes(addon: WebSocketMasking) -> None:
+    with taddons.context(EdgeLimits()) as tctx:
+        tctx.configure(tctx.master.addons.get("edgelimits"), agentgate_max_body_bytes=1000)
+        f = ws_flow()
+        m = send(addon, f, "x" * 1001)
+    assert m.dropped and f.metadata["websocket_close"]["code"] == 1009
