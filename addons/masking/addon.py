@@ -54,6 +54,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from mitmproxy import http
 
 from addons.config.holder import RulesHolder
+from addons.frame import decode
 from addons.frame.guard import guarded, refuse
 from addons.masking.bodies import Masked, TooLarge, Unparseable, decode_content
 from addons.masking.masker import (
@@ -78,17 +79,35 @@ SESSION_HEADER = "x-agent-session"
 _PROCESS_KEY = hmac_key_from_env(None)[0]
 
 
+def _decoded(flow: Any, part: str, raw: bytes, encoding: str, limit: int) -> bytes:
+    """`raw` with its Content-Encoding undone: the flow's shared, cached decode (policy has
+    usually decoded this very body already, with the same limit), else a decode here."""
+    msg = getattr(flow, part, None) if flow is not None else None
+    if msg is None or msg.raw_content is not raw \
+            or msg.headers.get("content-encoding", "") != encoding:
+        return decode_content(raw, encoding, limit)
+    try:
+        got = (decode.request_body if part == "request" else decode.response_body)(
+            flow, max_bytes=limit)
+    except decode.TooLarge:
+        raise TooLarge from None
+    except decode.DecodeError as e:
+        raise Unparseable(e.reason, e.status) from None
+    return raw if got is None else got.data
+
+
 def mask_message(ctx: Masked, raw: bytes, encoding: str, content_type: str, limit: int,
-                 pass_text: bool) -> bytes | None:
+                 pass_text: bool, flow: Any = None) -> bytes | None:
     """Decoded, masked body, or None when nothing changed. Raises Unparseable/TooLarge."""
     if len(raw) > limit:
         raise TooLarge
-    data = decode_content(raw, encoding, limit) if encoding else raw
+    data = _decoded(flow, "request", raw, encoding, limit) if encoding else raw
     return ctx.body(data, content_type, pass_text)
 
 
 def mask_response(ctx: Masked, raw: bytes, encoding: str, content_type: str, limit: int,
-                  pass_text: bool, restore: bool) -> tuple[bytes | None, bytes | None]:
+                  pass_text: bool, restore: bool, flow: Any = None
+                  ) -> tuple[bytes | None, bytes | None]:
     """(decoded body for the agent, or None when unchanged; the masked body to record
     instead, or None when the agent gets the masked body itself).
 
@@ -98,7 +117,7 @@ def mask_response(ctx: Masked, raw: bytes, encoding: str, content_type: str, lim
     Raises Unparseable/TooLarge."""
     if len(raw) > limit:
         raise TooLarge
-    data = decode_content(raw, encoding, limit) if encoding else raw
+    data = _decoded(flow, "response", raw, encoding, limit) if encoding else raw
     masked = ctx.body(data, content_type, pass_text)
     if not restore:
         return masked, None
@@ -215,9 +234,9 @@ class Masking:
                     cfg.on_unparseable == "pass_text")
             try:
                 if len(raw) >= THREAD_MIN_BYTES:
-                    new = await asyncio.to_thread(mask_message, *args)
+                    new = await asyncio.to_thread(mask_message, *args, flow=flow)
                 else:
-                    new = mask_message(*args)
+                    new = mask_message(*args, flow=flow)
             except TooLarge:
                 refuse(flow, 413, f"request body over masking.max_body_bytes "
                        f"({cfg.max_body_bytes} bytes, decoded) cannot be masked",
@@ -305,9 +324,9 @@ class Masking:
                 cfg.on_unparseable == "pass_text", bool(up and up.restore))
         try:
             if len(raw) >= THREAD_MIN_BYTES:
-                new, masked = await asyncio.to_thread(mask_response, *args)
+                new, masked = await asyncio.to_thread(mask_response, *args, flow=flow)
             else:
-                new, masked = mask_response(*args)
+                new, masked = mask_response(*args, flow=flow)
         except TooLarge:
             refuse(flow, 502, "upstream response over masking.max_body_bytes cannot be masked",
                    "body_too_large", "masking")
