@@ -11,8 +11,8 @@ Policy (`addons.policy.websocket`) and masking (`addons.masking.websocket`) insp
 message before it leaves; they run before this addon in the chain and close through
 `close_websocket` below.
 
-Closing: mitmproxy 12's WebSocket layer ignores `flow.kill()` (it only drops nothing and
-sends on; mitmproxy#4711), so a version-pinned wrapper around
+Closing: mitmproxy 12's WebSocket layer ignores `flow.kill()` (the message is sent and the
+socket stays open; mitmproxy#4711), so a version-pinned wrapper around
 `WebsocketLayer.relay_messages` honours `flow.metadata["websocket_close"]` right after the
 `websocket_message` hooks ran: the message is not sent, both sides get a close frame with
 the code and reason, both connections are closed and `websocket_end` runs.
@@ -83,8 +83,8 @@ def _install_close() -> None:
         try:
             cmd = next(gen)
         except StopIteration:
-            return
-        while True:
+            cmd = None
+        while cmd is not None:
             reply = yield cmd
             if isinstance(cmd, _ws_layer.WebsocketMessageHook) \
                     and "websocket_close" in self.flow.metadata:
@@ -94,18 +94,31 @@ def _install_close() -> None:
             try:
                 cmd = gen.send(reply)
             except StopIteration:
-                return
+                break
+        # mitmproxy joins a message's frames in `frame_buf` before any hook sees it: a
+        # message that never ends would grow without bound. Checked after each received
+        # chunk, so at most the limit plus one read is ever buffered.
+        if self._handle_event != self.done:
+            limit = ctx.options.agentgate_max_body_bytes
+            for side in (self.client_ws, self.server_ws):
+                if sum(len(b) for b in side.frame_buf) > limit:
+                    log.warning("agentgate: WebSocket message above the body limit while "
+                                "buffering; closing")
+                    yield from _close_both(self, {"code": CLOSE_TOO_BIG, "reason":
+                                                  "agentgate: message above "
+                                                  "agentgate_max_body_bytes"}, drop=False)
+                    return
 
     relay_messages.agentgate_close = True  # type: ignore[attr-defined]
     layer.relay_messages = relay_messages  # type: ignore[method-assign]
 
 
-def _close_both(layer: Any, spec: dict):
+def _close_both(layer: Any, spec: dict, drop: bool = True):
     code, reason = int(spec.get("code", CLOSE_POLICY)), str(spec.get("reason", ""))
     flow = layer.flow
     ws = flow.websocket
-    if flow.websocket.messages:
-        flow.websocket.messages[-1].drop()  # never forwarded, whatever a step set
+    if drop and ws.messages:
+        ws.messages[-1].drop()  # never forwarded, whatever a step set
     ws.timestamp_end = time.time()
     ws.closed_by_client = False
     ws.close_code = code

@@ -303,3 +303,46 @@ def test_blocked_message_closes_with_1008_naming_the_rule(gateway_factory, stand
         assert rule in rcvd.reason
         assert all(text not in s for s in up.seen), up.seen
         assert_healthy(gw, standin)
+
+
+def test_unending_fragmented_message_is_cut_at_the_limit(gateway_factory, standin) -> None:
+    """mitmproxy joins a message's frames before any hook runs: a message that never ends
+    must be cut at agentgate_max_body_bytes, not buffered on (base: buffered, RSS grows)."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.server import serve
+    up = Upstream(standin)
+    release = threading.Event()
+
+    def fragments() -> Iterator[str]:
+        for _ in range(8):
+            yield "x" * 100_000
+        release.wait(30)  # the message never ends while the gateway decides
+        yield "end"
+
+    with serve(up.handler, "127.0.0.1", 0, ssl=up.ctx) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.socket.getsockname()[1]
+        gw = gateway_factory(RULES.replace("PORT", str(port)).replace("RESTORE", "false"),
+                             extra_args=("--set", "agentgate_max_body_bytes=300000"))
+        try:
+            with client(gw) as ws:
+                sender = threading.Thread(target=lambda: _quietly(ws.send, fragments()),
+                                          daemon=True)
+                sender.start()
+                with pytest.raises(ConnectionClosed) as exc:
+                    ws.recv(timeout=30)
+                release.set()
+                sender.join(30)
+            assert exc.value.rcvd is not None and exc.value.rcvd.code == 1009, exc.value
+            assert up.seen == []
+            assert_healthy(gw, standin)
+        finally:
+            release.set()
+            server.shutdown()
+
+
+def _quietly(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 - the gateway closes the socket mid-message
+        pass
