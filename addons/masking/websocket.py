@@ -17,7 +17,9 @@ stream masking SSE gets:
   by the matching `*.done` / `*.completed`;
 - other JSON events with a `type` (`session.update`, `conversation.item.create`,
   `response.create`, …) are masked whole as JSON documents (`item.content[].text`,
-  `instructions`, tool arguments …), never held back: each is a message of its own;
+  `instructions`, tool arguments …), never held back: each is a message of its own; a value
+  that starts in one such event and ends in the next closes the socket (1008) before the
+  second half leaves (`_check_split`, bounded);
 - audio events (`input_audio_buffer.append`, `response.audio.delta`,
   `response.output_audio.delta`) carry base64 audio that cannot be masked; their other
   fields are masked, the audio passes (documented in rules/README.md);
@@ -51,6 +53,7 @@ from mitmproxy import ctx, http
 
 from addons.egress.websocket import (
     CLOSE_INTERNAL,
+    CLOSE_POLICY,
     CLOSE_TOO_BIG,
     SLOT_MARKER,
     admissible,
@@ -71,17 +74,25 @@ STEP = "masking"
 AUDIO_FIELDS = {"input_audio_buffer.append": "audio", "response.audio.delta": "delta",
                 "response.output_audio.delta": "delta"}
 _CHANNEL_END = (".done", ".completed", ".failed")
+SPLIT_STRINGS = 8  # strings per event compared across two whole-document events
 
 
 class _Direction:
     """One direction of one WebSocket: its stream masker and the FIFO of messages owed."""
 
-    __slots__ = ("stream", "fifo", "owed")
+    __slots__ = ("stream", "fifo", "owed", "tail")
 
     def __init__(self, stream: StreamMasker) -> None:
         self.stream = stream
         self.fifo: deque[tuple[bytes, bytes]] = deque()  # (to send, to record)
         self.owed = 0  # slots injected and not yet through this hook
+        # the end of the previous whole-document event's text (raw, memory only): a value
+        # split across two such events (each masked whole, never held back) is caught here
+        self.tail: list[str] = []
+
+
+class SplitValue(Exception):
+    """A value straddles two whole-document events: its first part already left."""
 
 
 class _State:
@@ -156,7 +167,12 @@ class WebSocketMasking:
                             "agentgate: binary message that is not UTF-8 text cannot be masked")
             return
         st, d = self._direction(flow, message.from_client, up, cfg)
-        d.fifo.extend(self._mask(d.stream, text))
+        try:
+            d.fifo.extend(self._mask(d, text))
+        except SplitValue:
+            close_websocket(flow, CLOSE_POLICY,
+                            "agentgate: a value split across two messages cannot be masked")
+            return
         held = sum(ch.pending for ch in d.stream.channels.values())
         if held > cfg.max_body_bytes:
             close_websocket(flow, CLOSE_TOO_BIG,
@@ -193,7 +209,18 @@ class WebSocketMasking:
         st.kept.clear()
 
     # -- one message through the stream masker
-    def _mask(self, sm: StreamMasker, text: str) -> list[tuple[bytes, bytes]]:
+    def _mask(self, d: _Direction, text: str) -> list[tuple[bytes, bytes]]:
+        sm = d.stream
+        whole_doc = False
+        try:
+            out, whole_doc = self._mask_event(d, sm, text)
+        finally:
+            if not whole_doc:
+                d.tail = []  # the stream channels see splits around other messages
+        return out
+
+    def _mask_event(self, d: _Direction, sm: StreamMasker, text: str
+                    ) -> tuple[list[tuple[bytes, bytes]], bool]:
         obj: Any = None
         if text.lstrip()[:1] == "{":
             try:
@@ -204,20 +231,22 @@ class WebSocketMasking:
         if isinstance(typ, str):
             field = AUDIO_FIELDS.get(typ)
             if field is not None and isinstance(obj.get(field), str):
-                return [_audio(sm, obj, field, text)]
+                _check_split(d, sm, obj, skip=field)
+                return [_audio(sm, obj, field, text)], True
             if typ.startswith("response."):
                 pre = sm.flush(lambda key: True) if typ == "response.done" else []
-                return [*map(_pair, pre), *self._events(sm, obj_text=text)]
+                return [*map(_pair, pre), *self._events(sm, obj_text=text)], False
             if typ.endswith(".delta"):
-                return self._events(sm, obj_text=text, name=typ)
+                return self._events(sm, obj_text=text, name=typ), False
             ends = [s for s in _CHANNEL_END if typ.endswith(s)]
             pre = []
             if ends:
                 stem = typ[:-len(ends[0])]
                 pre = sm.flush(lambda key: key[0] == "json"
                                and isinstance(key[1], str) and key[1].startswith(stem))
-            return [*map(_pair, pre), _whole(sm, obj, text)]
-        return self._events(sm, obj_text=text)
+            _check_split(d, sm, obj)
+            return [*map(_pair, pre), _whole(sm, obj, text)], True
+        return self._events(sm, obj_text=text), False
 
     @staticmethod
     def _events(sm: StreamMasker, obj_text: str, name: str | None = None
@@ -227,7 +256,44 @@ class WebSocketMasking:
         return [_pair(b) for b in sm.event(raw.encode("utf-8", "surrogateescape"))]
 
 
+def _strings(node: Any, out: list[str], skip: str | None, depth: int = 0) -> None:
+    if depth > 64:
+        return
+    if isinstance(node, str):
+        out.append(node)
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            if k != skip or depth:
+                _strings(v, out, skip, depth + 1)
+    elif isinstance(node, list):
+        for v in node:
+            _strings(v, out, skip, depth + 1)
+
+
+def _check_split(d: _Direction, sm: StreamMasker, obj: Any, skip: str | None = None) -> None:
+    """Raise SplitValue when a value starts in a string of the previous whole-document event
+    and ends in a string of this one (neither part alone is a finding, so masking each event
+    whole misses it). Bounded: the last SPLIT_STRINGS strings of the previous event against
+    the first SPLIT_STRINGS of this one (structure strings such as `type` excluded)."""
+    parts: list[str] = []
+    _strings(obj, parts, skip)
+    texts = [t for t in parts if len(t) > 1 and t != obj.get("type")]
+    masker = sm.ctx.masker
+    keep = masker.context_len
+    prev = d.tail
+    d.tail = [t[-keep:] for t in texts[-SPLIT_STRINGS:]]
+    if not prev or not texts:
+        return
+    for head in (t[:keep] for t in texts[:SPLIT_STRINGS]):
+        for tail in prev:
+            for sep in ("", " "):  # the two parts read as one word, or as two
+                cut = len(tail) + len(sep) // 2
+                if any(f.start < cut < f.end for f in masker.find(tail + sep + head)):
+                    raise SplitValue
+
+
 def _data(event: bytes) -> bytes:
+
     data = SSEEvent(event).data
     return (data or "").encode("utf-8", "surrogateescape")
 

@@ -160,3 +160,31 @@ def test_message_over_the_limit_closes(addon: WebSocketMasking) -> None:
         f = ws_flow()
         m = send(addon, f, "x" * 1001)
     assert m.dropped and f.metadata["websocket_close"]["code"] == 1009
+
+
+@pytest.mark.parametrize("first,second", [("card 4111 1111 ", "1111 1111 thanks"),
+                                          ("card 41111111", "11111111"),
+                                          ("mail ann.lee@exam", "ple.com")])
+def test_value_split_across_two_json_events_closes(addon: WebSocketMasking, first: str,
+                                                   second: str) -> None:
+    def item(text: str) -> str:
+        return json.dumps({"type": "conversation.item.create",
+                           "item": {"content": [{"type": "input_text", "text": text}]}})
+    with taddons.context(EdgeLimits()):
+        f = ws_flow()
+        a = send(addon, f, item(first))
+        b = send(addon, f, item(second))
+    assert not a.dropped and b.dropped  # the second half never leaves
+    assert f.metadata["websocket_close"]["code"] == 1008
+    assert "split" in f.metadata["websocket_close"]["reason"]
+
+
+def test_unrelated_json_events_pass(addon: WebSocketMasking) -> None:
+    def item(text: str) -> str:
+        return json.dumps({"type": "conversation.item.create",
+                           "item": {"content": [{"type": "input_text", "text": text}]}})
+    with taddons.context(EdgeLimits()):
+        f = ws_flow()
+        msgs = [send(addon, f, item(t)) for t in ("order 1234", "5678 items", "call at 10",
+                                                  "room 42")]
+    assert not any(m.dropped for m in msgs) and "websocket_close" not in f.metadata
