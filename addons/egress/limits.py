@@ -39,6 +39,7 @@ STEP = "limits"
 DEFAULTS = {"agentgate_max_header_bytes": 64 * 1024, "agentgate_max_headers": 100,
             "agentgate_max_body_bytes": 64 * 1024 * 1024, "agentgate_head_timeout": 60,
             "agentgate_body_timeout": 300}
+HTTP_VERSIONS = frozenset({"HTTP/1.0", "HTTP/1.1", "HTTP/2.0", "HTTP/3"})
 _state = {"max_header_bytes": DEFAULTS["agentgate_max_header_bytes"]}
 
 
@@ -151,6 +152,12 @@ class EdgeLimits:
             c.idle_since = None
             c.bodies[flow.id] = time.monotonic()
         opts = ctx.options
+        if flow.request.http_version not in HTTP_VERSIONS:
+            # mitmproxy parses any "HTTP/x.y" and would forward it as such: an upstream
+            # reading an unknown version its own way is a framing disagreement.
+            refuse(flow, 505, "HTTP version not supported", "http_version_not_supported",
+                   STEP, headers={"connection": "close"})
+            return
         headers = flow.request.headers
         if len(headers) > opts.agentgate_max_headers:
             refuse(flow, 431, f"more than {opts.agentgate_max_headers} request headers",

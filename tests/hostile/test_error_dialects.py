@@ -158,13 +158,34 @@ def test_malformed_head_in_tunnel_is_a_dialect_400(gw, standin):
     assert_healthy(gw, standin)
 
 
-def test_malformed_request_line_on_proxy_port_is_json_400(gw, standin):
+@pytest.mark.parametrize("head", [
+    # a request line mitmproxy cannot parse (the layer guard let it through as HTTP)
+    f"GET http://hooks.example.com:99999999/{MARKER} HTTP/1.1\r\n"
+    "Host: hooks.example.com\r\n\r\n",
+    # framing that would allow smuggling
+    f"POST http://hooks.example.com/{MARKER} HTTP/1.1\r\nHost: hooks.example.com\r\n"
+    "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+], ids=["port", "te-and-cl"])
+def test_malformed_request_on_proxy_port_is_json_400(gw, standin, head):
     s = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
-    s.sendall(f"GET http://hooks.example.com/{MARKER} HTTP/1.1\r\nHost: hooks.example.com\r\n"
-              f"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n".encode())
+    s.sendall(head.encode())
     raw = read_until_closed(s)
     s.close()
     assert_dialect_json(*split(raw), 400, "generic", "bad_request")
+    assert_healthy(gw, standin)
+
+
+def test_unknown_http_version_is_refused_not_forwarded(gw, standin):
+    # mitmproxy parses "HTTP/9.9" and forwarded it upstream as such (the upstream answered
+    # its own HTML 505, passed on as an HTML 502): refused at the edge with a JSON 505.
+    before = len(standin.requests)
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    s.sendall(f"GET http://hooks.example.com/{MARKER} HTTP/9.9\r\n"
+              "Host: hooks.example.com\r\n\r\n".encode())
+    raw = read_until_closed(s)
+    s.close()
+    assert_dialect_json(*split(raw), 505, "generic", "http_version_not_supported")
+    assert len(standin.requests) == before
     assert_healthy(gw, standin)
 
 
