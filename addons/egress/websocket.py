@@ -86,11 +86,12 @@ def _install_close() -> None:
             cmd = None
         while cmd is not None:
             reply = yield cmd
-            if isinstance(cmd, _ws_layer.WebsocketMessageHook) \
-                    and "websocket_close" in self.flow.metadata:
-                gen.close()
-                yield from _close_both(self, self.flow.metadata["websocket_close"])
-                return
+            if isinstance(cmd, _ws_layer.WebsocketMessageHook):
+                spec = _close_request(self.flow)
+                if spec is not None:
+                    gen.close()
+                    yield from _close_both(self, spec)
+                    return
             try:
                 cmd = gen.send(reply)
             except StopIteration:
@@ -111,6 +112,18 @@ def _install_close() -> None:
 
     relay_messages.agentgate_close = True  # type: ignore[attr-defined]
     layer.relay_messages = relay_messages  # type: ignore[method-assign]
+
+
+def _close_request(flow: http.HTTPFlow) -> dict | None:
+    """The close a step asked for, or one for a hook that failed: `guarded` answers a
+    failed hook with an error response, which cannot reach a live socket's client (the
+    101 went out long ago), so a replaced 101 means "closed, internal error"."""
+    spec = flow.metadata.get("websocket_close")
+    if isinstance(spec, dict):
+        return spec
+    if flow.response is None or flow.response.status_code != 101:
+        return {"code": CLOSE_INTERNAL, "reason": "agentgate: internal error"}
+    return None
 
 
 def _close_both(layer: Any, spec: dict, drop: bool = True):
