@@ -43,6 +43,7 @@ message over the size cap or held text over `masking.max_body_bytes` closes it t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import weakref
@@ -62,7 +63,7 @@ from addons.egress.websocket import (
     is_slot,
 )
 from addons.frame.guard import guarded
-from addons.masking.addon import Masking
+from addons.masking.addon import THREAD_MIN_BYTES, Masking
 from addons.masking.bodies import Masked, loads
 from addons.masking.masker import merge
 from addons.masking.sse import SSEEvent, StreamMasker
@@ -130,19 +131,19 @@ class WebSocketMasking:
 
     # -- hooks
     @guarded(STEP, skip_answered=False)
-    def websocket_message(self, flow: http.HTTPFlow) -> None:
+    async def websocket_message(self, flow: http.HTTPFlow) -> None:
         assert flow.websocket is not None
         message = flow.websocket.messages[-1]
         if closing(flow):
             return
         try:
-            self._message(flow, message)
+            await self._message(flow, message)
         except Exception as exc:  # noqa: BLE001 - fail closed: never forward it raw
             log.error("agentgate: masking a WebSocket message failed (%s); closing",
                       type(exc).__name__)
             close_websocket(flow, CLOSE_INTERNAL, "agentgate: message could not be masked")
 
-    def _message(self, flow: http.HTTPFlow, message: Any) -> None:
+    async def _message(self, flow: http.HTTPFlow, message: Any) -> None:
         plan = self.masking._plan(flow)  # noqa: SLF001
         st_slot = self._states.get(flow)
         if is_slot(message):
@@ -168,7 +169,13 @@ class WebSocketMasking:
             return
         st, d = self._direction(flow, message.from_client, up, cfg)
         try:
-            d.fifo.extend(self._mask(d, text))
+            if len(message.content) >= THREAD_MIN_BYTES:
+                # a large message is masked in a worker thread: other flows keep moving
+                # (this socket waits: mitmproxy runs the hook before the next message)
+                outs = await asyncio.to_thread(self._mask, d, text)
+            else:
+                outs = self._mask(d, text)
+            d.fifo.extend(outs)
         except SplitValue:
             close_websocket(flow, CLOSE_POLICY,
                             "agentgate: a value split across two messages cannot be masked")
@@ -184,12 +191,15 @@ class WebSocketMasking:
             message.drop()  # all held back: it goes out with the next message
         extra = len(d.fifo) - d.owed
         for _ in range(max(0, extra)):
-            ctx.master.commands.call("inject.websocket", flow, not message.from_client,
-                                     SLOT_MARKER, message.is_text)
+            self._inject_slot(flow, not message.from_client, message.is_text)
             d.owed += 1
         if st.findings:
             merge(self.masking._findings(flow), st.findings)  # noqa: SLF001
             st.findings.clear()
+
+    @staticmethod
+    def _inject_slot(flow: http.HTTPFlow, to_client: bool, is_text: bool) -> None:
+        ctx.master.commands.call("inject.websocket", flow, to_client, SLOT_MARKER, is_text)
 
     @staticmethod
     def _send(st: _State, d: _Direction, message: Any) -> None:

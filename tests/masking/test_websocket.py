@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mitmproxy import ctx
 from mitmproxy.test import taddons, tflow
 from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
 from addons.config.holder import RulesHolder
 from addons.config.loader import load_rules
-from addons.egress.limits import EdgeLimits
 from addons.egress.websocket import CLOSE_INTERNAL, SLOT_MARKER
 from addons.masking.addon import Masking
 from addons.masking.websocket import WebSocketMasking
@@ -28,6 +27,19 @@ upstreams:
   - {name: back, hosts: [wr.example.com], dialect: webhook, websocket: true, restore: true}
   - {name: raw, hosts: [wx.example.com], dialect: webhook, websocket: true, mask: false}
 """
+
+
+MAX = [64 << 20]
+
+
+class EdgeOpts:
+    """The one edge option the WebSocket steps read (EdgeLimits wants core options)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def load(self, loader: Any) -> None:
+        loader.add_option("agentgate_max_body_bytes", int, self.limit, "message cap")
 
 
 @pytest.fixture
@@ -49,7 +61,11 @@ def send(addon: WebSocketMasking, f: Any, content: str | bytes, from_client: boo
     m = WebSocketMessage(Opcode.BINARY if binary else Opcode.TEXT, from_client, data,
                          injected=injected)
     f.websocket.messages.append(m)
-    addon.websocket_message(f)
+
+    async def go() -> None:
+        with taddons.context(EdgeOpts(MAX[0])):
+            await addon.websocket_message(f)
+    asyncio.run(go())
     return m
 
 
@@ -61,20 +77,18 @@ def test_realtime_item_text_is_masked(addon: WebSocketMasking) -> None:
     item = {"type": "conversation.item.create",
             "item": {"type": "message", "role": "user",
                      "content": [{"type": "input_text", "text": f"mail {EMAIL} now"}]}}
-    with taddons.context(EdgeLimits()):
-        f = ws_flow()
-        m = send(addon, f, json.dumps(item))
+    f = ws_flow()
+    m = send(addon, f, json.dumps(item))
     out = json.loads(m.content)
     assert EMAIL not in m.text and out["item"]["content"][0]["text"].startswith("mail [EMAIL")
     assert f.metadata["findings"]
 
 
 def test_value_split_across_two_text_messages_is_masked(addon: WebSocketMasking) -> None:
-    with taddons.context(EdgeLimits()):
-        f = ws_flow()
-        a = send(addon, f, "card 4111 1111 ")
-        b = send(addon, f, "1111 1111 thanks")
-        c = send(addon, f, " and then some more words")
+    f = ws_flow()
+    a = send(addon, f, "card 4111 1111 ")
+    b = send(addon, f, "1111 1111 thanks")
+    c = send(addon, f, " and then some more words")
     sent = "".join(m.text for m in (a, b, c) if not m.dropped)
     assert "4111111111111111" not in digits(sent)
     assert "[CREDIT_CARD" in sent and "thanks" in sent
@@ -84,12 +98,11 @@ def test_value_split_across_two_text_messages_is_masked(addon: WebSocketMasking)
 @pytest.mark.parametrize("from_client", [True, False])
 def test_binary_json_is_masked_and_non_utf8_closes(addon: WebSocketMasking,
                                                   from_client: bool) -> None:
-    with taddons.context(EdgeLimits()):
-        f = ws_flow()
-        m = send(addon, f, json.dumps({"type": "x.y", "note": EMAIL}).encode(), from_client,
-                 binary=True)
-        assert EMAIL.encode() not in m.content and not m.dropped
-        bad = send(addon, f, b"\xff\xfe" + EMAIL.encode(), from_client, binary=True)
+    f = ws_flow()
+    m = send(addon, f, json.dumps({"type": "x.y", "note": EMAIL}).encode(), from_client,
+             binary=True)
+    assert EMAIL.encode() not in m.content and not m.dropped
+    bad = send(addon, f, b"\xff\xfe" + EMAIL.encode(), from_client, binary=True)
     assert bad.dropped
     assert f.metadata["websocket_close"]["code"] == CLOSE_INTERNAL
     assert "not UTF-8" in f.metadata["websocket_close"]["reason"]
@@ -97,10 +110,9 @@ def test_binary_json_is_masked_and_non_utf8_closes(addon: WebSocketMasking,
 
 def test_audio_passes_other_fields_masked(addon: WebSocketMasking) -> None:
     audio = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAEAfAAABAAgAZGF0YQAAAAA="
-    with taddons.context(EdgeLimits()):
-        f = ws_flow()
-        m = send(addon, f, json.dumps({"type": "input_audio_buffer.append",
-                                       "event_id": EMAIL, "audio": audio}))
+    f = ws_flow()
+    m = send(addon, f, json.dumps({"type": "input_audio_buffer.append",
+                                   "event_id": EMAIL, "audio": audio}))
     out = json.loads(m.content)
     assert out["audio"] == audio and EMAIL not in m.text
 
@@ -111,20 +123,18 @@ def test_upstream_deltas_hold_back_and_flush_in_order(addon: WebSocketMasking,
         return json.dumps({"type": "response.text.delta", "output_index": 0,
                            "content_index": 0, "delta": text})
     injected: list[tuple[bool, bytes]] = []
-    with taddons.context(EdgeLimits()):
-        monkeypatch.setattr(ctx.master.commands, "call",
-                            lambda name, f, to_client, data, is_text: injected.append(
-                                (to_client, data)))
-        f = ws_flow()
-        a = send(addon, f, delta("Your card is 4111 1111 "), from_client=False)
-        b = send(addon, f, delta("1111 1111"), from_client=False)
-        done = json.dumps({"type": "response.text.done", "output_index": 0,
-                           "content_index": 0, "text": f"Your card is {CARD}"})
-        c = send(addon, f, done, from_client=False)
-        # the held tail came out in this slot; the done event is owed to a slot
-        assert injected == [(True, SLOT_MARKER)]
-        slot = send(addon, f, SLOT_MARKER, from_client=False, injected=True)
-        spare = send(addon, f, SLOT_MARKER, from_client=False, injected=True)
+    monkeypatch.setattr(WebSocketMasking, "_inject_slot", staticmethod(
+        lambda f, to_client, is_text: injected.append((to_client, SLOT_MARKER))))
+    f = ws_flow()
+    a = send(addon, f, delta("Your card is 4111 1111 "), from_client=False)
+    b = send(addon, f, delta("1111 1111"), from_client=False)
+    done = json.dumps({"type": "response.text.done", "output_index": 0,
+                       "content_index": 0, "text": f"Your card is {CARD}"})
+    c = send(addon, f, done, from_client=False)
+    # the held tail came out in this slot; the done event is owed to a slot
+    assert injected == [(True, SLOT_MARKER)]
+    slot = send(addon, f, SLOT_MARKER, from_client=False, injected=True)
+    spare = send(addon, f, SLOT_MARKER, from_client=False, injected=True)
     events = [json.loads(m.content) for m in (a, b, c, slot)]
     assert [e["type"] for e in events] == ["response.text.delta"] * 3 + ["response.text.done"]
     streamed = "".join(e["delta"] for e in events[:3])
@@ -135,30 +145,30 @@ def test_upstream_deltas_hold_back_and_flush_in_order(addon: WebSocketMasking,
 def test_restore_for_the_agent_record_keeps_masked(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(RULES)
     addon = WebSocketMasking(Masking(RulesHolder(load_rules(tmp_path))))
-    with taddons.context(EdgeLimits()):
-        f = ws_flow("back")
-        out = send(addon, f, json.dumps({"type": "x.note", "text": f"to {EMAIL}"}))
-        placeholder = json.loads(out.content)["text"][3:]
-        assert placeholder.startswith("[EMAIL")
-        back = send(addon, f, json.dumps({"type": "x.reply", "text": f"ok {placeholder}"}),
-                    from_client=False)
-        assert EMAIL in back.text  # the agent gets its value back
-        addon.websocket_end(f)
+    f = ws_flow("back")
+    out = send(addon, f, json.dumps({"type": "x.note", "text": f"to {EMAIL}"}))
+    placeholder = json.loads(out.content)["text"][3:]
+    assert placeholder.startswith("[EMAIL")
+    back = send(addon, f, json.dumps({"type": "x.reply", "text": f"ok {placeholder}"}),
+                from_client=False)
+    assert EMAIL in back.text  # the agent gets its value back
+    addon.websocket_end(f)
     assert EMAIL not in back.text and placeholder in back.text  # what the recorder stores
 
 
 def test_mask_false_upstream_passes(addon: WebSocketMasking) -> None:
-    with taddons.context(EdgeLimits()):
-        f = ws_flow("raw")
-        m = send(addon, f, f"card {CARD}")
+    f = ws_flow("raw")
+    m = send(addon, f, f"card {CARD}")
     assert m.text == f"card {CARD}"
 
 
 def test_message_over_the_limit_closes(addon: WebSocketMasking) -> None:
-    with taddons.context(EdgeLimits()) as tctx:
-        tctx.configure(tctx.master.addons.get("edgelimits"), agentgate_max_body_bytes=1000)
+    MAX[0] = 1000
+    try:
         f = ws_flow()
         m = send(addon, f, "x" * 1001)
+    finally:
+        MAX[0] = 64 << 20
     assert m.dropped and f.metadata["websocket_close"]["code"] == 1009
 
 
@@ -170,10 +180,9 @@ def test_value_split_across_two_json_events_closes(addon: WebSocketMasking, firs
     def item(text: str) -> str:
         return json.dumps({"type": "conversation.item.create",
                            "item": {"content": [{"type": "input_text", "text": text}]}})
-    with taddons.context(EdgeLimits()):
-        f = ws_flow()
-        a = send(addon, f, item(first))
-        b = send(addon, f, item(second))
+    f = ws_flow()
+    a = send(addon, f, item(first))
+    b = send(addon, f, item(second))
     assert not a.dropped and b.dropped  # the second half never leaves
     assert f.metadata["websocket_close"]["code"] == 1008
     assert "split" in f.metadata["websocket_close"]["reason"]
@@ -183,8 +192,17 @@ def test_unrelated_json_events_pass(addon: WebSocketMasking) -> None:
     def item(text: str) -> str:
         return json.dumps({"type": "conversation.item.create",
                            "item": {"content": [{"type": "input_text", "text": text}]}})
-    with taddons.context(EdgeLimits()):
-        f = ws_flow()
-        msgs = [send(addon, f, item(t)) for t in ("order 1234", "5678 items", "call at 10",
-                                                  "room 42")]
+    f = ws_flow()
+    msgs = [send(addon, f, item(t)) for t in ("order 1234", "5678 items", "call at 10",
+                                              "room 42")]
     assert not any(m.dropped for m in msgs) and "websocket_close" not in f.metadata
+
+
+def test_large_message_is_masked_in_a_worker_thread(addon: WebSocketMasking) -> None:
+    f = ws_flow()
+    body = json.dumps({"type": "conversation.item.create",
+                       "item": {"content": [{"type": "input_text",
+                                             "text": "x " * 40_000 + f"card {CARD}"}]}})
+    m = send(addon, f, body)
+    assert len(m.content) > 64 * 1024 and "[CREDIT_CARD" in m.text
+    assert "4111111111111111" not in digits(m.text)
