@@ -4,6 +4,7 @@ its RSS stayed bounded."""
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 
@@ -78,6 +79,14 @@ def send_until_answer(t: SplitTLS, s: socket.socket, chunks) -> bytes:
         return got
 
 
+def assert_json_413(answer: bytes) -> None:
+    head_, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head_.lower(), head_
+    assert b"<html" not in answer.lower() and b"mitmproxy" not in answer.lower()
+    err = json.loads(body)["error"]  # an OpenAI-dialect error: the tunnel is api.openai.com
+    assert err["code"] == "body_too_large" and err["type"] == "invalid_request_error"
+
+
 def test_huge_header_gets_431_without_being_buffered(gw, standin) -> None:
     standin.clear()
     s, t = tunnel(gw)
@@ -133,6 +142,8 @@ def test_declared_huge_content_length_gets_413_at_once(gw, standin) -> None:
     answer = t.recv_all()
     s.close()
     assert status_of(answer) == 413, answer[:300]
+    # mitmproxy's own body_size_limit check answers first: in the caller's dialect, not HTML
+    assert_json_413(answer)
     assert standin.requests == []
     assert_healthy(gw, standin)
 
@@ -147,6 +158,8 @@ def test_chunked_200mb_body_is_cut_with_bounded_memory(gw, standin) -> None:
     answer = send_until_answer(t, s, (chunk for _ in range(200)))
     s.close()
     assert status_of(answer) in (413, 0), answer[:300]
+    if answer:
+        assert_json_413(answer)
     assert "body_size_limit" in gw.logs()
     assert standin.requests == []
     assert rss_kb(gw) - before < 64 * 1024  # 4 MiB limit: nowhere near 200 MB held
