@@ -12,7 +12,10 @@ Realtime `session.update`). Runs before masking, as for HTTP.
   the rule needs approval (documented in rules/README.md);
 - a message the engine cannot read under a rule that needs it (BodyUnavailable): closed
   with 1008 too (fail closed);
-- observe-only decisions are recorded in `flow.metadata["websocket_observed"]` and pass.
+- observe-only decisions are recorded in `flow.metadata["websocket_observed"]` and pass;
+- a keyword split across messages (`exfil` + `trate`, `wire` + `transfer`): a message the
+  rules allow is judged once more with the end of the previous message's text
+  (JOIN_TAIL characters) in front of its own, joined directly and with a space.
 
 Messages from the upstream are not policed (as HTTP responses are not); they are masked.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import weakref
 from typing import Any
 
 from mitmproxy import ctx, http
@@ -43,6 +47,7 @@ log = logging.getLogger("agentgate.policy")
 STEP = "policy"
 THREAD_MIN_BYTES = 64 * 1024
 MAX_OBSERVED = 100  # observed decisions kept per socket (the record's metadata stays small)
+JOIN_TAIL = 256  # characters of the previous message read again in front of the next
 
 
 def message_facts(flow: http.HTTPFlow, content: bytes) -> RequestFacts:
@@ -70,9 +75,69 @@ def message_facts(flow: http.HTTPFlow, content: bytes) -> RequestFacts:
         json_loader=as_json if is_json else None, batch=False)
 
 
+# values that name a JSON event's structure, not its text: left out of the running text
+# that is read across messages (every string is still read by the message's own judgement)
+STRUCTURE_KEYS = frozenset({"type", "role", "id", "event_id", "item_id", "call_id",
+                            "response_id", "previous_item_id", "object", "status"})
+
+
+def running_text(content: bytes, facts: RequestFacts) -> str:
+    """The message's text as it continues the previous one: the text itself, or a JSON
+    event's string values in document order (structure values left out)."""
+    obj = facts.json if content.lstrip()[:1] in (b"{", b"[") else None
+    if obj is None:
+        return facts.decoded.text  # not text in its charset: raises, the socket closes
+    out: list[str] = []
+    _values(obj, out, 0)
+    return " ".join(out)
+
+
+def _values(node: Any, out: list[str], depth: int) -> None:
+    if depth > 64:
+        return
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if isinstance(v, str):
+                if k not in STRUCTURE_KEYS:
+                    out.append(v)
+            else:
+                _values(v, out, depth + 1)
+    elif isinstance(node, list):
+        for v in node:
+            if isinstance(v, str):
+                out.append(v)
+            else:
+                _values(v, out, depth + 1)
+
+
+def _judge(policies: Any, flow: http.HTTPFlow, content: bytes, tail: str,
+           observe_only: bool) -> tuple[Any, str]:
+    """(decision, the message's running text). An allowed message is judged again with the
+    previous message's tail in front of its running text (a keyword split in two)."""
+    facts = message_facts(flow, content)
+    decision = evaluate(policies, facts, observe_only=observe_only)
+    text = running_text(content, facts)
+    if decision.action != "allow" or decision.observed or not tail:
+        return decision, text
+    for sep in ("", " "):
+        joined = message_facts(flow, content)
+        # the engine caches the prompt text here (and derives its normalised forms from
+        # it): the other facts stay this message's own
+        if not hasattr(joined, "_prompt"):
+            raise RuntimeError("policy engine has no prompt text cache")  # fail closed
+        joined._prompt = tail + sep + text  # noqa: SLF001
+        d = evaluate(policies, joined, observe_only=observe_only)
+        if d.action != "allow":
+            return d, text
+    return decision, text
+
+
 class WebSocketPolicy:
     def __init__(self, holder: RulesHolder) -> None:
         self.holder = holder
+        # per socket: the end of the previous agent message's text (memory only)
+        self._tails: weakref.WeakKeyDictionary[http.HTTPFlow, str] = \
+            weakref.WeakKeyDictionary()
 
     @guarded(STEP, skip_answered=False)
     async def websocket_message(self, flow: http.HTTPFlow) -> None:
@@ -96,18 +161,19 @@ class WebSocketPolicy:
         if rules is None:
             raise RuntimeError("no rules loaded")
         observe_only = bool(getattr(ctx.options, "agentgate_observe_only", False))
-        facts = message_facts(flow, message.content)
+        tail = self._tails.get(flow, "")
+        args = (rules.policies, flow, message.content, tail, observe_only)
         try:
             if len(message.content) >= THREAD_MIN_BYTES:
-                decision = await asyncio.to_thread(evaluate, rules.policies, facts,
-                                                   observe_only=observe_only)
+                decision, text = await asyncio.to_thread(_judge, *args)
             else:
-                decision = evaluate(rules.policies, facts, observe_only=observe_only)
+                decision, text = _judge(*args)
         except BodyUnavailable as e:
             flow.metadata["decision"] = {"action": "block", "rule": "<uninspectable>",
                                          "message": str(e), "observed": False}
             close_websocket(flow, CLOSE_POLICY, "agentgate: message cannot be inspected")
             return
+        self._tails[flow] = text[-JOIN_TAIL:]
         if decision.action == "allow" and not decision.observed:
             return
         log.info("agentgate: policy %s%s by rule %s on a WebSocket message to %s",

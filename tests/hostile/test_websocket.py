@@ -346,3 +346,18 @@ def _quietly(fn: Any, *args: Any) -> None:
         fn(*args)
     except Exception:  # noqa: BLE001 - the gateway closes the socket mid-message
         pass
+
+
+def test_keyword_split_across_two_messages_closes_with_1008(gateway_factory, standin) -> None:
+    from websockets.exceptions import ConnectionClosed
+    with live(gateway_factory, standin) as (gw, up):
+        with client(gw) as ws:
+            ws.send("please exfil")
+            ws.send("trate the files")
+            with pytest.raises(ConnectionClosed) as exc:
+                while True:
+                    ws.recv(timeout=30)
+        rcvd = exc.value.rcvd
+        assert rcvd is not None and rcvd.code == 1008 and "no-exfil" in rcvd.reason, rcvd
+        assert "trate" not in "".join(up.seen), up.seen
+        assert_healthy(gw, standin)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,16 @@ def ws_flow(upstream: str = "live") -> Any:
     return f
 
 
+def drop_stale_log_handlers() -> None:
+    """taddons leaves its master's log handler on the root logger; once its loop is closed
+    (asyncio.run per message here), the next record would raise inside it."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        loop = getattr(getattr(h, "master", None), "event_loop", None)
+        if loop is not None and loop.is_closed():
+            root.removeHandler(h)
+
+
 def send(addon: WebSocketMasking, f: Any, content: str | bytes, from_client: bool = True,
          binary: bool = False, injected: bool = False) -> WebSocketMessage:
     data = content.encode() if isinstance(content, str) else content
@@ -66,6 +77,7 @@ def send(addon: WebSocketMasking, f: Any, content: str | bytes, from_client: boo
         with taddons.context(EdgeOpts(MAX[0])):
             await addon.websocket_message(f)
     asyncio.run(go())
+    drop_stale_log_handlers()
     return m
 
 

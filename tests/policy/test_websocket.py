@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,16 @@ def ws_flow(path: str = "/v1/realtime") -> Any:
     return f
 
 
+def drop_stale_log_handlers() -> None:
+    """taddons leaves its master's log handler on the root logger; once its loop is closed
+    (asyncio.run per message here), the next record would raise inside it."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        loop = getattr(getattr(h, "master", None), "event_loop", None)
+        if loop is not None and loop.is_closed():
+            root.removeHandler(h)
+
+
 def send(addon: WebSocketPolicy, f: Any, content: str | bytes, from_client: bool = True,
          injected: bool = False) -> WebSocketMessage:
     data = content.encode() if isinstance(content, str) else content
@@ -70,6 +81,7 @@ def send(addon: WebSocketPolicy, f: Any, content: str | bytes, from_client: bool
         with taddons.context(EdgeOpts(), Policy(addon.holder)):
             await addon.websocket_message(f)
     asyncio.run(go())
+    drop_stale_log_handlers()
     return m
 
 
@@ -130,3 +142,28 @@ def test_expired_token_closes_before_judging(addon: WebSocketPolicy) -> None:
     f.metadata["identity"]["exp"] = 1
     m = send(addon, f, "hello")
     assert m.dropped and "expired" in f.metadata["websocket_close"]["reason"]
+
+
+@pytest.mark.parametrize("first,second,rule", [("please exfil", "trate the data", "no-exfil"),
+                                               ("do a wire", "transfer", "hold-wire")])
+def test_keyword_split_across_two_messages_closes(addon: WebSocketPolicy, first: str,
+                                                  second: str, rule: str) -> None:
+    f = ws_flow()
+    assert not send(addon, f, first).dropped
+    m = send(addon, f, second)
+    assert m.dropped and rule in f.metadata["websocket_close"]["reason"]
+
+
+def test_split_keyword_check_reads_json_events_too(addon: WebSocketPolicy) -> None:
+    def item(text: str) -> str:
+        return json.dumps({"type": "conversation.item.create",
+                           "item": {"content": [{"type": "input_text", "text": text}]}})
+    f = ws_flow()
+    assert not send(addon, f, item("now exfil")).dropped
+    assert send(addon, f, item("tration please")).dropped
+
+
+def test_unrelated_messages_in_a_row_pass(addon: WebSocketPolicy) -> None:
+    f = ws_flow()
+    msgs = [send(addon, f, t) for t in ("wire the lamp", "then call me", "transferable skills")]
+    assert not any(m.dropped for m in msgs)
