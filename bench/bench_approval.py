@@ -51,6 +51,8 @@ def _rules(standin_url: str, issuer: str) -> str:
               audience: agentgate
         masking:
           enabled: false
+        approvals:
+          max_pending_per_identity: 1000  # one bench agent holds them all (cap: issue 11)
         policies:
           - name: hold-bulk
             match: {{model: [bulk-hold]}}
