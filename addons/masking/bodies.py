@@ -41,10 +41,8 @@ JSON-aware details:
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import zlib
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable
@@ -106,57 +104,6 @@ def decode_content(raw: bytes, encoding: str, limit: int) -> bytes:
         raise TooLarge from None
     except _decode.DecodeError as e:
         raise Unparseable(e.reason, e.status) from None
-
-
-def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
-    out = bytearray()
-    rest = data
-    try:
-        while rest:
-            d = zlib.decompressobj(wbits)
-            out += d.decompress(rest, limit + 1 - len(out))
-            if len(out) > limit or d.unconsumed_tail:
-                raise TooLarge
-            if not d.eof:
-                raise Unparseable("truncated compressed body", 400)
-            rest = d.unused_data if wbits > 16 else b""  # gzip may hold several members
-    except zlib.error:
-        raise Unparseable("corrupt compressed body", 400) from None
-    return bytes(out)
-
-
-def _unbrotli(data: bytes, limit: int) -> bytes:
-    import brotli
-    d = brotli.Decompressor()
-    try:
-        out = bytearray(d.process(data, output_buffer_limit=limit + 1))
-        while len(out) <= limit and not d.is_finished() and not d.can_accept_more_data():
-            out += d.process(b"", output_buffer_limit=limit + 1 - len(out))
-    except brotli.error:
-        raise Unparseable("corrupt compressed body", 400) from None
-    if len(out) > limit:
-        raise TooLarge
-    if not d.is_finished():
-        raise Unparseable("truncated compressed body", 400)
-    return bytes(out)
-
-
-def _unzstd(data: bytes, limit: int) -> bytes:
-    import zstandard
-    try:
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data),
-                                                           read_across_frames=True)
-        out = bytearray()
-        while True:
-            chunk = reader.read(min(1 << 20, limit + 1 - len(out)))
-            if not chunk:
-                break
-            out += chunk
-            if len(out) > limit:
-                raise TooLarge
-    except zstandard.ZstdError:
-        raise Unparseable("corrupt compressed body", 400) from None
-    return bytes(out)
 
 
 # ---------------------------------------------------------------- slots
