@@ -173,3 +173,22 @@ def test_every_module_imports_alone() -> None:
     p = subprocess.run([sys.executable, "-c", code, *mods], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_setup_cfg_installs_the_dependencies_and_every_package() -> None:
+    """A section header misplaced inside [options] silently moves install_requires out of
+    it: a fresh venv then gets no dependencies at all."""
+    import configparser
+    from fnmatch import fnmatchcase
+
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read(ROOT / "setup.cfg")
+    requires = cfg.get("options", "install_requires", fallback="")
+    for dep in ("mitmproxy", "python-jose", "regex", "pyyaml", "duckdb"):
+        assert dep in requires, f"[options] install_requires lacks {dep}"
+    assert cfg.get("options", "python_requires", fallback="") == ">=3.12"
+    include = [p.strip() for p in cfg.get("options.packages.find", "include").split(",")]
+    assert cfg.get("options", "packages") == "find:"
+    on_disk = {module_name(p.parent) for p in ADDONS.rglob("__init__.py")}
+    missed = sorted(m for m in on_disk if not any(fnmatchcase(m, pat) for pat in include))
+    assert not missed, f"packages not installed: {missed}"
