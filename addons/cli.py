@@ -6,6 +6,7 @@
   agentgate policy test / approvals    (policy and approval)
   agentgate audit / export             (recorder)
   agentgate demo                       a real LangGraph agent through the gateway
+  agentgate connect                    agent-side forwarder: loopback proxy, fresh token
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ COMMAND_MODULES = (
     "addons.approval.cli",
     "addons.recording.cli",
     "addons.devkit.demo",
+    "addons.connect.cli",
 )
 
 

@@ -27,7 +27,7 @@ PURE = {"addons.masking.detectors", "addons.masking.normalize", "addons.masking.
         "addons.masking.secret_rules", "addons.masking.masker", "addons.masking.bodies",
         "addons.masking.sse", "addons.policy.engine", "addons.identity.jwt",
         "addons.approval.store", "addons.recording.store", "addons.config.schema",
-        "addons.config.loader", "addons.egress.config"}
+        "addons.config.loader", "addons.egress.config", "addons.connect.tokens"}
 
 
 def module_name(path: Path) -> str:
@@ -113,9 +113,11 @@ def test_no_import_cycle() -> None:
 def test_imports_point_down_the_data_path() -> None:
     bad = []
     for mod, deps in graph().items():
-        if mod in TOP or mod.startswith("addons.devkit") or (ADDONS.parent / mod.replace(
-                ".", "/") / "__init__.py").exists():
-            continue  # entry points, the devkit, package roots (docstrings only)
+        if mod in TOP or mod.startswith(("addons.devkit", "addons.connect")) or (
+                ADDONS.parent / mod.replace(".", "/") / "__init__.py").exists():
+            # entry points, the devkit, the agent-side connector (test_connect_is_agent_side),
+            # package roots (docstrings only)
+            continue
         r = rank(mod)
         assert r is not None, f"{mod} belongs to no package of the layout"
         for d in deps:
@@ -138,6 +140,17 @@ def test_frame_and_schema_are_leaves() -> None:
                                                      "addons.config.holder"):
             ours = {d for d in deps if not d.startswith("addons.frame")}
             assert not ours, f"{mod} must import nothing of ours outside frame/: {ours}"
+
+
+def test_connect_is_agent_side() -> None:
+    """The connector runs next to the agent: it imports frame/ at most, nothing of the
+    gateway's data path, and the gateway does not import it."""
+    for mod, deps in graph().items():
+        if mod.startswith("addons.connect"):
+            ours = {d for d in deps if not d.startswith(("addons.frame", "addons.connect"))}
+            assert not ours, f"{mod} must import nothing of the gateway: {ours}"
+        elif mod != "addons.cli":
+            assert not {d for d in deps if d.startswith("addons.connect")}, mod
 
 
 def test_gateway_never_imports_devkit() -> None:
