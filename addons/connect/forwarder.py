@@ -27,8 +27,10 @@ import base64
 import contextlib
 import ipaddress
 import logging
+import re
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from addons.connect.tokens import TokenSource, TokenSourceError
@@ -45,6 +47,9 @@ LINGER_BYTES = 256 * 1024
 LINGER_SECONDS = 2.0
 # over the connection cap, a few more clients still get a clear 503; beyond those, closed
 OVERFLOW_ANSWERS = 64
+# the same failure reason is logged at most once per this many seconds (an agent retrying in a
+# tight loop must not flood stderr); the next line says how many were left out
+LOG_REPEAT_SECONDS = 10.0
 # hop-by-hop headers the connector owns: the client's are dropped, never forwarded
 _OWN_HEADERS = {b"proxy-authorization", b"proxy-connection", b"connection", b"keep-alive"}
 
@@ -163,6 +168,10 @@ class Connector:
         self._server: asyncio.Server | None = None
         self.port = cfg.listen_port
         self._tasks: set[asyncio.Task[None]] = set()
+        # token sources block (file read, a command); their own pool, so a hung command can
+        # never starve the loop's default executor (which also resolves the gateway's name)
+        self._token_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="connect-token")
+        self._last_log: dict[str, tuple[float, int]] = {}
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -181,6 +190,21 @@ class Connector:
             await self._server.wait_closed()
         for t in list(self._tasks):
             t.cancel()
+        self._token_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _log_failure(self, reason: str) -> None:
+        """One stderr line per failure, the same reason at most once per LOG_REPEAT_SECONDS."""
+        now = time.monotonic()
+        key = re.sub(r"\d+", "#", reason)  # "expired 12 s ago" and "13 s ago" are one reason
+        last, left_out = self._last_log.get(key, (-LOG_REPEAT_SECONDS, 0))
+        if now - last < LOG_REPEAT_SECONDS:
+            self._last_log[key] = (last, left_out + 1)
+            return
+        if len(self._last_log) > 256:  # bounded: reasons may carry names of any kind
+            self._last_log.clear()
+        self._last_log[key] = (now, 0)
+        more = f" ({left_out} more like this left out)" if left_out else ""
+        log.error("%s%s", reason, more)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -259,13 +283,14 @@ class Connector:
     async def _token(self) -> str | bytes:
         """A fresh token, or the client's error answer (the reason is also logged)."""
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self.source.get),
+            loop = asyncio.get_running_loop()
+            return await asyncio.wait_for(loop.run_in_executor(self._token_pool, self.source.get),
                                           self.cfg.token_timeout)
         except TokenSourceError as e:
             reason = str(e)
         except TimeoutError:
             reason = f"{self.source.describe} did not answer within {self.cfg.token_timeout:g} s"
-        log.error("no token, connection refused: %s", reason)
+        self._log_failure(f"no token, connection refused: {reason}")
         return error_response(503, f"no token for the gateway: {reason}")
 
     async def _open_gateway(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | bytes:
@@ -279,7 +304,7 @@ class Connector:
             reason = f"gateway {where} did not accept the connection in time"
         except OSError as e:
             reason = f"gateway {where} unreachable: {e.strerror or type(e).__name__}"
-        log.error("%s", reason)
+        self._log_failure(reason)
         return error_response(502, reason)
 
     async def _gateway_head(self, up_reader: asyncio.StreamReader
@@ -288,7 +313,7 @@ class Connector:
             return await read_head(up_reader, self.cfg.connect_timeout)
         except HeadError as e:
             reason = f"the gateway sent no valid answer ({e.reason})"
-            log.error("%s", reason)
+            self._log_failure(reason)
             return error_response(502, reason)
 
     async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

@@ -124,14 +124,18 @@ def test_command_failure_answers_503_and_the_next_connection_retries(
     assert fake_gateway.tokens() == [good, good] and src.runs == 2
 
 
-def test_gateway_unreachable_is_502(connector) -> None:
+def test_gateway_unreachable_is_502_and_logged_once_not_per_retry(connector, caplog) -> None:
     port = free_port()  # nothing listens there
     c = connector(EnvToken("T", environ={"T": "opaque"}), port)
-    with dial(c.port) as s:
-        s.sendall(CONNECT)
-        answer = recv_until_closed(s)
-    assert answer.startswith(b"HTTP/1.1 502 ")
-    assert f"gateway 127.0.0.1:{port} unreachable".encode() in answer
+    with caplog.at_level(logging.ERROR, logger="agentgate.connect"):
+        for _ in range(3):  # an agent retrying: every client gets the reason, stderr one line
+            with dial(c.port) as s:
+                s.sendall(CONNECT)
+                answer = recv_until_closed(s)
+            assert answer.startswith(b"HTTP/1.1 502 ")
+            assert f"gateway 127.0.0.1:{port} unreachable".encode() in answer
+    lines = [r.getMessage() for r in caplog.records if r.name == "agentgate.connect"]
+    assert len(lines) == 1 and "unreachable" in lines[0]
 
 
 def test_gateway_refusal_is_passed_back_as_is(fake_gateway, connector) -> None:
@@ -255,3 +259,19 @@ def test_cli_refuses_unsafe_arguments(args, message) -> None:
     with contextlib.redirect_stderr(err):
         assert main(["connect", *args]) == 2
     assert message in err.getvalue()
+
+
+def test_a_hanging_token_command_answers_503_and_the_loop_keeps_serving(
+        tmp_path, fake_gateway, connector) -> None:
+    script = tmp_path / "hang.py"
+    script.write_text("import time; time.sleep(60)")
+    c = connector(CommandToken(f"{sys.executable} {script}", timeout=1), fake_gateway.port)
+    with dial(c.port) as s:
+        s.sendall(CONNECT)
+        # while the command hangs the loop still answers another client (a bad head: 400)
+        with dial(c.port) as other:
+            other.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            assert recv_until_closed(other).startswith(b"HTTP/1.1 400 ")
+        answer = recv_until_closed(s)
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"did not finish within 1 s" in answer
+    assert fake_gateway.heads == []
