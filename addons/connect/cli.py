@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 
 from addons.connect.forwarder import (
@@ -96,7 +97,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"agentgate connect: listening on http://{cfg.listen_host}:{conn.port}, "
               f"forwarding to http://{cfg.gateway_host}:{cfg.gateway_port} with the token "
               f"from {source.describe}", file=sys.stderr, flush=True)
-        await conn.serve_forever()
+        # SIGTERM (a pod stopping) ends the connector cleanly, like Ctrl-C
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await conn.close()
 
     asyncio.run(main())
     return 0

@@ -179,17 +179,14 @@ class Connector:
             limit=self.cfg.max_header_bytes)
         self.port = self._server.sockets[0].getsockname()[1]
 
-    async def serve_forever(self) -> None:
-        assert self._server is not None
-        async with self._server:
-            await self._server.serve_forever()
-
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+        # open connections first: wait_closed() waits for every one of them to end
         for t in list(self._tasks):
             t.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()
         self._token_pool.shutdown(wait=False, cancel_futures=True)
 
     def _log_failure(self, reason: str) -> None:

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shlex
+import stat
 import subprocess
 import threading
 import time
@@ -111,6 +112,9 @@ class FileToken(TokenSource):
                 st = os.stat(self.path)  # follows the kubelet's ..data symlink
                 key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
                 if key != self._key or self._token is None:
+                    if not stat.S_ISREG(st.st_mode):
+                        # a FIFO or device would block the reader or never end
+                        raise TokenSourceError(f"{self.describe} is not a regular file")
                     if st.st_size > MAX_TOKEN_BYTES + 64:
                         raise TokenSourceError(f"{self.describe} holds {st.st_size} bytes, "
                                                f"more than a token ({MAX_TOKEN_BYTES} at most)")

@@ -241,6 +241,7 @@ def test_cli_prints_one_clear_line_per_refused_connection(tmp_path, fake_gateway
     finally:
         p.terminate()
         out, err = p.communicate(timeout=20)
+    assert p.returncode == 0, err  # SIGTERM is a clean stop
     assert old not in out + err and fake_gateway.heads == []
 
 
@@ -275,3 +276,13 @@ def test_a_hanging_token_command_answers_503_and_the_loop_keeps_serving(
         answer = recv_until_closed(s)
     assert answer.startswith(b"HTTP/1.1 503 ") and b"did not finish within 1 s" in answer
     assert fake_gateway.heads == []
+
+
+def test_stopping_the_connector_ends_open_tunnels(fake_gateway, connector) -> None:
+    c = connector(EnvToken("T", environ={"T": "opaque"}), fake_gateway.port)
+    with dial(c.port) as s:
+        s.sendall(CONNECT)
+        assert recv_head(s).startswith(b"HTTP/1.1 200")
+        c.stop()  # must not wait for the client (Server.wait_closed waits for connections)
+        s.settimeout(30)
+        assert recv_until_closed(s) == b""

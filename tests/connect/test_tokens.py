@@ -78,6 +78,9 @@ def test_missing_empty_and_oversized_files(tmp_path: Path) -> None:
     (tmp_path / "empty").write_text("  \n")
     with pytest.raises(TokenSourceError, match="is empty"):
         FileToken(str(tmp_path / "empty")).get()
+    os.mkfifo(tmp_path / "fifo")  # would block a reader forever
+    with pytest.raises(TokenSourceError, match="not a regular file"):
+        FileToken(str(tmp_path / "fifo")).get()
     (tmp_path / "big").write_text("A" * (tokens.MAX_TOKEN_BYTES + 1000))
     with pytest.raises(TokenSourceError, match="more than a token"):
         FileToken(str(tmp_path / "big")).get()
