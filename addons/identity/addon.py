@@ -9,7 +9,13 @@ Token sources (rules `identity.sources`):
 
 A connection authenticated at CONNECT keeps its token in memory (keyed by the client
 connection id, dropped on disconnect) and every request on it is re-verified (a cache hit
-while the token is valid), so the first request after `exp` is refused. The verified identity
+while the token is valid), so the first request after `exp` is refused. Such a request should
+never happen in practice: SDK connection pools do not reconnect after a 401, so from
+`exp - identity.retire_before` on the tunnel is *retired*: the requests it still carries are
+served and answered with `Connection: close` (mitmproxy then closes the HTTP/1 connection after
+the response), and once no request is in flight it is closed by a per-tunnel asyncio timer.
+The pool opens a new connection, through the connector, with a fresh token (HTTP/2 has no
+`Connection` header: such a tunnel is only closed once idle). The verified identity
 goes to `flow.metadata["identity"]` = {sub, iss, groups, roles, jti, token_hash, exp, source};
 the token itself never does, and the header that carried it is removed at once.
 
@@ -25,7 +31,9 @@ import base64
 import binascii
 import logging
 import os
+import time
 import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -157,13 +165,31 @@ def _identity_meta(ident: dict[str, Any], source: str) -> dict[str, Any]:
             "token_hash": ident["token_hash"], "exp": ident["exp"], "source": source}
 
 
+@dataclass
+class _Tunnel:
+    """A client connection authenticated at CONNECT: its token and when to retire it."""
+    token: str
+    ident: dict[str, Any]
+    active: set[str] = field(default_factory=set)  # flows in flight (requests, WebSockets)
+    served: int = 0                                # requests that started on it
+    timer: asyncio.TimerHandle | None = None
+
+    @property
+    def exp(self) -> float:
+        return float(self.ident["exp"])
+
+
+# While a retired tunnel is still busy (a long stream), look again this often.
+RETIRE_RECHECK = 1.0
+
+
 class Identity:
     def __init__(self, holder: RulesHolder) -> None:
         self.holder = holder
         self.state = state_for(holder)
         # client connection id -> (token, identity) for tunnels authenticated at CONNECT.
         # The token stays in process memory only, to re-verify each request on the tunnel.
-        self._conns: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._conns: dict[str, _Tunnel] = {}
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -245,7 +271,11 @@ class Identity:
                 self._refuse(flow, err, proxy=True)
             return
         if flow.client_conn.connected:  # not if it closed while we fetched keys (no leak)
-            self._conns[flow.client_conn.id] = (token, ident)
+            old = self._conns.pop(flow.client_conn.id, None)
+            if old is not None and old.timer is not None:
+                old.timer.cancel()
+            tunnel = self._conns[flow.client_conn.id] = _Tunnel(token, ident)
+            self._schedule(flow.client_conn.id, tunnel, self._retire_at(tunnel))
         flow.metadata["identity"] = _identity_meta(ident, "proxy")
         del flow.request.headers["proxy-authorization"]
 
@@ -289,7 +319,7 @@ class Identity:
         conn = self._conns.get(flow.client_conn.id)
         if conn is not None:
             try:
-                return await verify_token(self.holder, conn[0]), "proxy"
+                return await verify_token(self.holder, conn.token), "proxy"
             except TokenError as err:
                 # A kept-alive tunnel whose token expired (or whose issuer was removed):
                 # every further request on it is refused; the client must reconnect.
@@ -308,4 +338,102 @@ class Identity:
 
     @guarded(STEP)
     def client_disconnected(self, client: connection.Client) -> None:
-        self._conns.pop(client.id, None)
+        tunnel = self._conns.pop(client.id, None)
+        if tunnel is not None and tunnel.timer is not None:
+            tunnel.timer.cancel()
+
+    # ------------------------------------------------------------ tunnel retirement
+    def _retire_before(self) -> int:
+        rules = self.holder.rules
+        return rules.identity.retire_before if rules is not None else 0
+
+    def _retire_at(self, tunnel: _Tunnel) -> float:
+        """Wall-clock time from which this tunnel is retired."""
+        return tunnel.exp - self._retire_before()
+
+    def _retiring(self, flow: http.HTTPFlow) -> bool:
+        tunnel = self._conns.get(flow.client_conn.id)
+        return tunnel is not None and time.time() >= self._retire_at(tunnel)
+
+    def _schedule(self, cid: str, tunnel: _Tunnel, when: float) -> None:
+        """Run `_check_retire` at wall-clock `when` (never blocks; one timer per tunnel)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop (unit tests of other hooks): nothing to close
+        if tunnel.timer is not None:
+            tunnel.timer.cancel()
+        tunnel.timer = loop.call_later(max(0.0, when - time.time()), self._check_retire, cid)
+
+    def _check_retire(self, cid: str) -> None:
+        tunnel = self._conns.get(cid)
+        if tunnel is None:
+            return
+        tunnel.timer = None
+        now = time.time()
+        if now < self._retire_at(tunnel):  # rules changed the margin meanwhile
+            self._schedule(cid, tunnel, self._retire_at(tunnel))
+            return
+        if tunnel.active:
+            # Busy (a long response or a WebSocket): its responses carry Connection: close;
+            # look again until it is idle.
+            self._schedule(cid, tunnel, now + RETIRE_RECHECK)
+            return
+        if not tunnel.served and now < tunnel.exp:
+            # Not one request yet (TLS still being set up, or a token that arrived already
+            # inside the margin): closing now would fail a client that did nothing wrong.
+            # Its first response carries Connection: close; closed at exp if it stays idle.
+            self._schedule(cid, tunnel, tunnel.exp)
+            return
+        self._conns.pop(cid, None)
+        self._close(cid, "its token expires" if now < tunnel.exp else "its token expired")
+
+    @staticmethod
+    def _close(cid: str, why: str) -> None:
+        proxyserver = ctx.master.addons.get("proxyserver")
+        handler = getattr(proxyserver, "connections", {}).get(cid)
+        if handler is None:
+            return
+        log.info("agentgate: retiring idle tunnel from %s: %s (the client reconnects "
+                 "with a fresh token)", handler.client.peername, why)
+        handler.close_connection(handler.client)
+
+    def _close_if_retiring(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None or flow.websocket is not None or not self._retiring(flow):
+            return
+        if flow.request.http_version in ("HTTP/1.1", "HTTP/1.0"):
+            # HTTP/1 only: Connection is not a valid HTTP/2 header (closed when idle instead).
+            resp.headers["connection"] = "close"
+
+    @guarded(STEP, skip_answered=False)
+    def request(self, flow: http.HTTPFlow) -> None:
+        tunnel = self._conns.get(flow.client_conn.id)
+        if tunnel is not None:
+            tunnel.active.add(flow.id)
+            tunnel.served += 1
+
+    @guarded(STEP, skip_answered=False)
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # Set before the head is sent, so a streamed response carries it too.
+        self._close_if_retiring(flow)
+
+    @guarded(STEP, skip_answered=False)
+    def response(self, flow: http.HTTPFlow) -> None:
+        # Also the answers of the gateway itself (refusals, approvals) that skip responseheaders.
+        self._close_if_retiring(flow)
+        if flow.websocket is None:
+            self._finished(flow)
+
+    @guarded(STEP, skip_answered=False)
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finished(flow)
+
+    @guarded(STEP, skip_answered=False)
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._finished(flow)
+
+    def _finished(self, flow: http.HTTPFlow) -> None:
+        tunnel = self._conns.get(flow.client_conn.id)
+        if tunnel is not None:
+            tunnel.active.discard(flow.id)

@@ -5,6 +5,7 @@ identity:
   required: true                # default; `false` is an explicit opt-out (no token needed)
   sources: [proxy, bearer, x-api-key]
   cache_size: 10000
+  retire_before: 30s            # close a CONNECT tunnel this long before its token's exp
   issuers:
     - issuer: https://token.actions.githubusercontent.com
       audience: agentgate       # string or list; required
@@ -40,11 +41,13 @@ SOURCES = ("proxy", "bearer", "x-api-key")
 DEFAULT_MAX_TOKEN_BYTES = 8192
 HARD_MAX_TOKEN_BYTES = 65536
 
-IDENTITY_KEYS = {"required", "issuers", "sources", "cache_size"}
+IDENTITY_KEYS = {"required", "issuers", "sources", "cache_size", "retire_before"}
 ISSUER_KEYS = {"issuer", "name", "audience", "jwks_uri", "algorithms", "azp", "claims",
                "leeway", "max_token_bytes", "max_lifetime", "jwks_refresh_interval",
                "jwks_max_age", "fetch_timeout"}
 CLAIM_KEYS = {"subject", "groups", "roles"}
+DEFAULT_RETIRE_BEFORE = 30
+MAX_RETIRE_BEFORE = 3600
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,10 @@ class IdentityConfig:
     issuers: tuple[IssuerConfig, ...] = ()
     sources: tuple[str, ...] = SOURCES
     cache_size: int = 10000
+    # Seconds before the exp of the token bound at CONNECT from which the tunnel is retired
+    # (responses carry `Connection: close`, an idle tunnel is closed), so a pooled client
+    # opens a new connection with a fresh token instead of meeting a 401 on the old one.
+    retire_before: int = DEFAULT_RETIRE_BEFORE
 
     def issuer_for(self, iss: str) -> IssuerConfig | None:
         for i in self.issuers:
@@ -195,6 +202,19 @@ def parse_issuer(raw: Any, where: Where) -> IssuerConfig:
     )
 
 
+def parse_duration(value: Any, where: Where, *, minimum: int, maximum: int) -> int:
+    """Whole seconds from an int or a string such as `30`, `30s`, `2m`, `1h`."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d{1,7})\s*([smh]?)\s*", value)
+        if m is None:
+            raise where.error(f"expected seconds or a duration like 30s / 2m, got {value!r}")
+        value = int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+        if not minimum <= value <= maximum:
+            raise where.error(f"must be between {minimum}s and {maximum}s, got {value}s")
+        return value
+    return expect_int(value, where, minimum=minimum, maximum=maximum)
+
+
 def parse_identity(section: MapSection) -> IdentityConfig:
     d = expect_map(section.data, section.where(), IDENTITY_KEYS)
     required = expect_bool(d.get("required", True), section.where("required"))
@@ -224,5 +244,8 @@ def parse_identity(section: MapSection) -> IdentityConfig:
             raise sw.error("at least one token source is required")
     cache_size = expect_int(d.get("cache_size", 10000), section.where("cache_size"),
                             minimum=0, maximum=1_000_000)
+    retire_before = parse_duration(d.get("retire_before", DEFAULT_RETIRE_BEFORE),
+                                   section.where("retire_before"), minimum=0,
+                                   maximum=MAX_RETIRE_BEFORE)
     return IdentityConfig(required=required, issuers=tuple(issuers), sources=tuple(sources),
-                          cache_size=cache_size)
+                          cache_size=cache_size, retire_before=retire_before)
