@@ -28,13 +28,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from mitmproxy import command, connection, ctx, exceptions, flow, hooks, http
 
 from addons.approval.api import ApprovalsAPI, AuthError, Notifier
-from addons.approval.config import ApprovalsConfig, parse_listen, url_for
+from addons.approval.config import (
+    LISTEN_ENV,
+    ApprovalsConfig,
+    bind_reason,
+    listen_text,
+    parse_listen,
+    url_for,
+)
 from addons.approval.store import (
     APPROVED,
     CANCELLED,
@@ -179,23 +187,31 @@ class Approval:
         self._flows: dict[str, http.HTTPFlow] = {}
         self._api_spec: tuple[str, int] | None | bool = False  # False: not started
         self._api_lock: asyncio.Lock | None = None
+        self._api_started = False  # listened once: a later bind error does not stop mitmproxy
         self._running = False
         self._tasks: set[asyncio.Task] = set()
         holder.on_change(self._rules_changed)
 
     # ------------------------------------------------------------ options and lifecycle
     def load(self, loader: Any) -> None:
+        # Precedence: --set agentgate_approvals_listen > $AGENTGATE_APPROVALS_LISTEN >
+        # approvals.listen of the rules (the env var is the option's default, like
+        # AGENTGATE_RULES), so a container can move the port without a rules file.
         loader.add_option(
-            "agentgate_approvals_listen", str, "",
+            "agentgate_approvals_listen", str, os.environ.get(LISTEN_ENV, "").strip(),
             "Address of the reviewers' approvals API (host:port, or 'off'); "
-            "overrides approvals.listen of the rules when set.")
+            f"overrides approvals.listen of the rules when set (default: ${LISTEN_ENV}).")
 
     def configure(self, updated: set[str]) -> None:
         if "agentgate_approvals_listen" in updated:
             try:
                 parse_listen(ctx.options.agentgate_approvals_listen)
             except ValueError as e:
-                raise exceptions.OptionsError(f"agentgate_approvals_listen: {e}") from None
+                where = "agentgate_approvals_listen"
+                if os.environ.get(LISTEN_ENV, "").strip() == \
+                        ctx.options.agentgate_approvals_listen:
+                    where += f" (from ${LISTEN_ENV})"
+                raise exceptions.OptionsError(f"{where}: {e}") from None
             if self._running:
                 self._spawn(self._start_api())
 
@@ -259,10 +275,16 @@ class Approval:
                 host, port = await self.api.start(*want)
             except OSError as e:
                 self._api_spec = False  # try again on the next rules or option change
-                log.error("agentgate: approvals API cannot listen on %s (%s); held requests "
-                          "can only be decided in mitmweb or time out",
-                          url_for(want), e.strerror or type(e).__name__)
+                # Logged as an error, which makes mitmproxy stop during startup: say which
+                # address is taken and every way to pick another.
+                log.error("agentgate: approvals API cannot listen on %s: %s. Choose another "
+                          "address with %s=HOST:PORT (or --set agentgate_approvals_listen="
+                          "HOST:PORT, or approvals.listen in the rules; 'off' runs without "
+                          "the reviewers' API)%s", listen_text(want), bind_reason(e), LISTEN_ENV,
+                          "; meanwhile held requests can only be decided in mitmweb or "
+                          "time out" if self._api_started else "")
                 return
+            self._api_started = True
             log.info("agentgate: approvals API listening at %s", url_for((host, port)))
 
     def _link(self, approval_id: str) -> str:

@@ -24,6 +24,7 @@ No mitmproxy import: `agentgate rules check` uses the same parser.
 
 from __future__ import annotations
 
+import errno
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ APPROVALS_KEYS = {"listen", "link_base", "default_timeout", "on_timeout", "timeo
 NOTIFY_KEYS = {"url", "url_env", "url_file", "retries", "backoff", "max_backoff", "timeout",
                "ca_file"}
 DEFAULT_LISTEN = "127.0.0.1:8081"
+LISTEN_ENV = "AGENTGATE_APPROVALS_LISTEN"  # overrides `listen`; --set overrides it
 MAX_TIMEOUT = 7 * 24 * 3600
 
 _LISTEN_RE = re.compile(r"^(?:\[([0-9a-fA-F:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})$")
@@ -64,6 +66,23 @@ def parse_listen(text: str) -> tuple[str, int] | None:
     if port > 65535:
         raise ValueError(f"port out of range: {port}")
     return (m.group(1) or m.group(2)), port
+
+
+def listen_text(listen: tuple[str, int]) -> str:
+    """`host:port` as it would be written in the rules or the env var (`[v6]:port`)."""
+    host, port = listen
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_reason(err: OSError) -> str:
+    """Why a listener could not bind, in words (asyncio's own message names the errno)."""
+    if err.errno == errno.EADDRINUSE:
+        return "the address is already in use (another gateway or program listens there)"
+    if err.errno == errno.EADDRNOTAVAIL:
+        return "that address does not belong to this machine"
+    if err.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need privileges)"
+    return err.strerror or type(err).__name__
 
 
 def url_for(listen: tuple[str, int] | None) -> str:
