@@ -4,8 +4,10 @@ It starts the local stand-in upstream (OpenAI wire format + a webhook receiver),
 provider (oidc-provider-mock) that issues the agent's short-lived token, and the gateway
 (`mitmdump -s addons/gateway.py`) on free ports, with rules that route api.openai.com and
 hooks.example.com to the stand-in. The agent runs as a separate process whose whole
-configuration is `HTTPS_PROXY` (token as proxy password) and `SSL_CERT_FILE`. Then it prints
-what the agent sent, what the upstream received and where the flows were recorded.
+configuration is `HTTPS_PROXY` (token as proxy password), `SSL_CERT_FILE` and a placeholder
+`OPENAI_API_KEY` (the SDK refuses to start without one; the gateway injects the real key).
+Then it prints what the agent sent, what the upstream received and where the flows were
+recorded. Its work directory (`/tmp/agentgate-demo-*`) is removed at exit unless `--keep`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +25,9 @@ from typing import Any
 
 from addons.devkit.launch import ROOT, Gateway, standin_upstreams_yaml, start_gateway
 
+# What the agent's SDK gets as its API key: any non-empty value; never reaches an upstream.
+PLACEHOLDER_KEY = "managed-by-agentgate"
+
 PII_QUESTION = ("Tell the team that the nightly build is green. Customer contact for the "
                 "release note: jane.doe@example.com, +1 415 555 0100.")
 
@@ -30,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run a real LangGraph agent through a local gateway")
     p.add_argument("question", nargs="?", default=PII_QUESTION)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work directory (rules, DuckDB, logs) instead of removing it")
     p.set_defaults(func=run_cli)
 
 
@@ -81,6 +89,7 @@ def run_demo(question: str, workdir: Path) -> dict[str, Any]:
                            standin_ca=standin.ca_path, gateway_env=secrets_env)
         token = idp.token(sub="langgraph-demo-agent", groups=["demo-agents"])
         env = gw.client_env(token)
+        env["OPENAI_API_KEY"] = PLACEHOLDER_KEY
         env["DEMO_WEBHOOK_URL"] = "https://hooks.example.com/agent-events"
         proc = subprocess.run([sys.executable, "-m", "addons.devkit.agent", question], env=env,
                               capture_output=True, text=True, timeout=180, cwd=str(ROOT))
@@ -99,7 +108,8 @@ def run_demo(question: str, workdir: Path) -> dict[str, Any]:
         return {
             "agent": agent,
             "agent_env": {"HTTPS_PROXY": gw.proxy_url("<token>"),
-                          "SSL_CERT_FILE": str(gw.ca_cert)},
+                          "SSL_CERT_FILE": str(gw.ca_cert),
+                          "OPENAI_API_KEY": PLACEHOLDER_KEY},
             "upstream_received": received,
             "recorded_in": str(data_dir / "agentgate.duckdb"),
             "gateway_log": str(workdir / "gateway.log"),
@@ -113,11 +123,29 @@ def run_demo(question: str, workdir: Path) -> dict[str, Any]:
         idp.stop()
 
 
+def cli_command() -> str:
+    """How to run the `agentgate` command from the repository root: the installed script
+    when it is on PATH, else the bootstrap script (which needs no install)."""
+    if shutil.which("agentgate"):
+        return "agentgate"
+    if Path.cwd().resolve() == ROOT.resolve():
+        return "./run_proxy.sh cli"
+    return f"{ROOT / 'run_proxy.sh'} cli"
+
+
+def _commands(db: str) -> list[str]:
+    cli = cli_command()
+    return [f"{cli} audit sessions --db {db}", f"{cli} audit verify --db {db}"]
+
+
 def _print_human(result: dict[str, Any]) -> None:
     agent = result["agent"]
+    env = result["agent_env"]
     print("== the agent (a LangGraph graph: model node + webhook tool node)")
-    print(f"   configured with only: HTTPS_PROXY={result['agent_env']['HTTPS_PROXY']}")
-    print(f"                         SSL_CERT_FILE={result['agent_env']['SSL_CERT_FILE']}")
+    print(f"   configured with only: HTTPS_PROXY={env['HTTPS_PROXY']}")
+    print(f"                         SSL_CERT_FILE={env['SSL_CERT_FILE']}")
+    print(f"                         OPENAI_API_KEY={env['OPENAI_API_KEY']}"
+          "  (a placeholder: the SDK needs one, the gateway injects the real key)")
     if "error" in agent:
         print(f"   FAILED: {agent['error']}")
     for m in agent.get("transcript", []):
@@ -131,21 +159,32 @@ def _print_human(result: dict[str, Any]) -> None:
         for k, v in r["headers"].items():
             print(f"      {k}: {v}")
         print(f"      body: {r['body'][:300]}")
-    print(f"\n== recorded in {result['recorded_in']}")
-    print(f"   (query it: agentgate audit sessions --db {result['recorded_in']};"
-          f" agentgate audit verify --db {result['recorded_in']})")
-    print(f"   gateway log: {result['gateway_log']}")
+    if result.get("kept"):
+        print(f"\n== recorded in {result['recorded_in']}")
+        print("   query it (from the repository root):")
+        for cmd in result["commands"]:
+            print(f"      {cmd}")
+        print(f"   gateway log: {result['gateway_log']}")
+        print(f"   work directory (rules, DuckDB, logs): {result['workdir']}")
+    else:
+        print("\n== the work directory (rules, DuckDB, logs) was removed; run again with "
+              "--keep to keep it and get the commands to query the recording")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     import logging
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the IdP's access log
+    keep = bool(getattr(args, "keep", False))
     workdir = Path(tempfile.mkdtemp(prefix="agentgate-demo-"))
-    result = run_demo(args.question, workdir)
+    try:
+        result = run_demo(args.question, workdir)
+    finally:
+        if not keep:  # also on failure or Ctrl-C: no /tmp/agentgate-demo-* left behind
+            shutil.rmtree(workdir, ignore_errors=True)
+    result.update(workdir=str(workdir), kept=keep and workdir.exists(),
+                  commands=_commands(result["recorded_in"]))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         _print_human(result)
-    if not args.json:
-        print(f"   work directory (rules, DuckDB, logs): {workdir}")
     return 1 if "error" in result["agent"] or result["leaked"] else 0
