@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -281,3 +282,35 @@ def test_idle_tunnel_is_closed_before_its_token_expires(rotating, standin) -> No
     assert call(client, 2) == "echo: call 2"
     assert fwd.connects == 2
     assert "retiring idle tunnel" in gw.logs()
+
+
+@pytest.mark.integration
+def test_mitmproxy_closes_the_connection_after_a_retiring_response(gateway_factory,
+                                                                   local_issuer) -> None:
+    """On the wire: inside the margin the response says `Connection: close` and the gateway
+    really closes the HTTP/1.1 connection after it (EOF, not a kept-alive socket)."""
+    gw = gateway_factory({"upstreams.yaml": "{standin_upstreams}",
+                          "identity.yaml": with_retire(local_issuer.identity_yaml(), "30s")})
+    tok = local_issuer.token(sub="near-exp", expires_in=20)  # retiring from the start
+    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=15)
+    cred = base64.b64encode(f"agent:{tok}".encode()).decode()
+    raw.sendall(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n"
+                + f"Proxy-Authorization: Basic {cred}\r\n\r\n".encode())
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        chunk = raw.recv(4096)
+        assert chunk, reply
+        reply += chunk
+    assert b" 200 " in reply.split(b"\r\n", 1)[0]
+    ctx = ssl.create_default_context(cafile=str(gw.ca_cert))
+    with ctx.wrap_socket(raw, server_hostname="api.openai.com") as tls:
+        body = b'{"model": "m", "messages": [{"role": "user", "content": "x"}]}'
+        tls.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+                    b"Content-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        data = b""
+        while chunk := tls.recv(65536):  # returns b"" only when the gateway closes
+            data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 200")
+    assert b"\r\nconnection: close" in head
