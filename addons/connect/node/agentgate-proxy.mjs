@@ -13,7 +13,6 @@
 import { readFileSync } from 'node:fs'
 import { rootCertificates } from 'node:tls'
 import process from 'node:process'
-import { EnvHttpProxyAgent, setGlobalDispatcher } from 'undici'
 
 const TAG = 'agentgate-proxy'
 const major = Number(process.versions.node.split('.')[0])
@@ -28,6 +27,8 @@ if (major >= 24) {
                          'NODE_USE_ENV_PROXY=1 is set; this preload does nothing on Node >= 24\n')
   }
 } else if (proxy) {
+  // Imported only here, so that on Node >= 24 (or with no proxy set) nothing is loaded.
+  const { EnvHttpProxyAgent, setGlobalDispatcher } = await import('undici')
   const emit = process.emitWarning
   // EnvHttpProxyAgent warns "experimental" on every start; the version is pinned and tested
   // here, so that one warning is dropped while the agent is built (all others pass through).
