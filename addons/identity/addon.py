@@ -13,9 +13,13 @@ while the token is valid), so the first request after `exp` is refused. Such a r
 never happen in practice: SDK connection pools do not reconnect after a 401, so from
 `exp - identity.retire_before` on the tunnel is *retired*: the requests it still carries are
 served and answered with `Connection: close` (mitmproxy then closes the HTTP/1 connection after
-the response), and once no request is in flight it is closed by a per-tunnel asyncio timer.
-The pool opens a new connection, through the connector, with a fresh token (HTTP/2 has no
-`Connection` header: such a tunnel is only closed once idle). The verified identity
+the response). An idle tunnel is *not* closed then: a client may be sending its next request
+at that very moment, and a connection closed under a request is an error the pool does not
+retry; the next request is served and retires it. Only a tunnel still open at `exp` (idle all
+through the margin), where any request would be refused anyway, is closed by a per-tunnel
+asyncio timer once no request is in flight. The pool opens a new connection, through the
+connector, with a fresh token (HTTP/2 has no `Connection` header: such a tunnel is closed at
+`exp`). The verified identity
 goes to `flow.metadata["identity"]` = {sub, iss, groups, roles, jti, token_hash, exp, source};
 the token itself never does, and the header that carried it is removed at once.
 
@@ -171,7 +175,6 @@ class _Tunnel:
     token: str
     ident: dict[str, Any]
     active: set[str] = field(default_factory=set)  # flows in flight (requests, WebSockets)
-    served: int = 0                                # requests that started on it
     timer: asyncio.TimerHandle | None = None
 
     @property
@@ -179,8 +182,9 @@ class _Tunnel:
         return float(self.ident["exp"])
 
 
-# While a retired tunnel is still busy (a long stream), look again this often.
+# While an expired tunnel is still busy (a long stream), look again this often.
 RETIRE_RECHECK = 1.0
+_now = time.time  # wall clock, as token exp is (a seam for the unit tests)
 
 
 class Identity:
@@ -275,7 +279,7 @@ class Identity:
             if old is not None and old.timer is not None:
                 old.timer.cancel()
             tunnel = self._conns[flow.client_conn.id] = _Tunnel(token, ident)
-            self._schedule(flow.client_conn.id, tunnel, self._retire_at(tunnel))
+            self._schedule(flow.client_conn.id, tunnel, tunnel.exp)
         flow.metadata["identity"] = _identity_meta(ident, "proxy")
         del flow.request.headers["proxy-authorization"]
 
@@ -353,7 +357,7 @@ class Identity:
 
     def _retiring(self, flow: http.HTTPFlow) -> bool:
         tunnel = self._conns.get(flow.client_conn.id)
-        return tunnel is not None and time.time() >= self._retire_at(tunnel)
+        return tunnel is not None and _now() >= self._retire_at(tunnel)
 
     def _schedule(self, cid: str, tunnel: _Tunnel, when: float) -> None:
         """Run `_check_retire` at wall-clock `when` (never blocks; one timer per tunnel)."""
@@ -363,30 +367,25 @@ class Identity:
             return  # no event loop (unit tests of other hooks): nothing to close
         if tunnel.timer is not None:
             tunnel.timer.cancel()
-        tunnel.timer = loop.call_later(max(0.0, when - time.time()), self._check_retire, cid)
+        tunnel.timer = loop.call_later(max(0.0, when - _now()), self._check_retire, cid)
 
     def _check_retire(self, cid: str) -> None:
+        """At the token's exp: close the tunnel once no request is in flight."""
         tunnel = self._conns.get(cid)
         if tunnel is None:
             return
         tunnel.timer = None
-        now = time.time()
-        if now < self._retire_at(tunnel):  # rules changed the margin meanwhile
-            self._schedule(cid, tunnel, self._retire_at(tunnel))
-            return
-        if tunnel.active:
-            # Busy (a long response or a WebSocket): its responses carry Connection: close;
-            # look again until it is idle.
-            self._schedule(cid, tunnel, now + RETIRE_RECHECK)
-            return
-        if not tunnel.served and now < tunnel.exp:
-            # Not one request yet (TLS still being set up, or a token that arrived already
-            # inside the margin): closing now would fail a client that did nothing wrong.
-            # Its first response carries Connection: close; closed at exp if it stays idle.
+        now = _now()
+        if now < tunnel.exp:  # the loop's clock ran ahead of the wall clock
             self._schedule(cid, tunnel, tunnel.exp)
             return
+        if tunnel.active:
+            # A request started before exp (a long stream) finishes; its response carries
+            # Connection: close. Look again until the tunnel is idle.
+            self._schedule(cid, tunnel, now + RETIRE_RECHECK)
+            return
         self._conns.pop(cid, None)
-        self._close(cid, "its token expires" if now < tunnel.exp else "its token expired")
+        self._close(cid, "its token expired")
 
     @staticmethod
     def _close(cid: str, why: str) -> None:
@@ -394,7 +393,7 @@ class Identity:
         handler = getattr(proxyserver, "connections", {}).get(cid)
         if handler is None:
             return
-        log.info("agentgate: retiring idle tunnel from %s: %s (the client reconnects "
+        log.info("agentgate: closing idle tunnel from %s: %s (the client reconnects "
                  "with a fresh token)", handler.client.peername, why)
         handler.close_connection(handler.client)
 
@@ -411,7 +410,6 @@ class Identity:
         tunnel = self._conns.get(flow.client_conn.id)
         if tunnel is not None:
             tunnel.active.add(flow.id)
-            tunnel.served += 1
 
     @guarded(STEP, skip_answered=False)
     def responseheaders(self, flow: http.HTTPFlow) -> None:

@@ -21,6 +21,7 @@ import openai
 import pytest
 from mitmproxy.test import taddons, tflow
 
+import addons.identity.addon as identity_mod
 from addons.config.holder import RulesHolder
 from addons.config.loader import load_rules
 from addons.config.schema import ConfigError
@@ -109,40 +110,47 @@ class _Handler:
         self.closed += 1
 
 
-def test_timer_closes_idle_tunnel_but_not_busy_or_unused(tmp_path, local_issuer) -> None:
-    """The per-tunnel timer (driven here by hand) closes only idle, used tunnels."""
+def test_timer_closes_only_at_exp_and_only_when_idle(tmp_path, local_issuer,
+                                                     monkeypatch) -> None:
+    """The per-tunnel timer (driven here by hand): inside the margin an idle tunnel stays open
+    (closing it under a request the client is sending would be an error); at exp it is closed
+    once no request is in flight."""
     a = Identity(holder(tmp_path, with_retire(local_issuer.identity_yaml(), "30s")))
     with taddons.context(a) as tctx:
-        proxyserver = tctx.master.addons.get("proxyserver")
-        if proxyserver is None:
-            class _PS:
-                connections: dict = {}
-            proxyserver = _PS()
-            tctx.master.addons.get = lambda name: proxyserver if name == "proxyserver" else None
+        # taddons has no proxyserver: one holding the connection handlers the addon closes
+        proxyserver = type("ProxyServer", (), {"connections": {}})()
+        monkeypatch.setattr(tctx.master.addons, "get",
+                            lambda name: proxyserver if name == "proxyserver" else None)
         near = local_issuer.token(expires_in=20)
-        used, unused, busy = tunnel(a, near), tunnel(a, near), tunnel(a, near)
+        idle, busy = tunnel(a, near), tunnel(a, near)
         handlers = {}
-        for c in (used, unused, busy):
+        for c in (idle, busy):
             handlers[c.client_conn.id] = proxyserver.connections[c.client_conn.id] = \
                 _Handler(c.client_conn)
-        serve(a, used)
+        serve(a, idle)
         inflight = flow(client_conn=busy.client_conn)
         asyncio.run(a.requestheaders(inflight))
         a.request(inflight)  # no response yet: a long stream
-        for c in (used, unused, busy):
+        # inside the margin, before exp: nothing is closed
+        for c in (idle, busy):
             a._check_retire(c.client_conn.id)
-        assert handlers[used.client_conn.id].closed == 1
-        assert handlers[unused.client_conn.id].closed == 0  # never carried a request
+        assert [h.closed for h in handlers.values()] == [0, 0]
+        # at exp
+        exp = a._conns[idle.client_conn.id].exp
+        monkeypatch.setattr(identity_mod, "_now", lambda: exp + 1)
+        for c in (idle, busy):
+            a._check_retire(c.client_conn.id)
+        assert handlers[idle.client_conn.id].closed == 1
+        assert idle.client_conn.id not in a._conns
         assert handlers[busy.client_conn.id].closed == 0    # a request is in flight
-        assert used.client_conn.id not in a._conns
         # the stream ends: its response carries Connection: close, and once idle it closes
         inflight.response = tflow.tresp()
         a.response(inflight)
         assert inflight.response.headers["connection"] == "close"
         a._check_retire(busy.client_conn.id)
         assert handlers[busy.client_conn.id].closed == 1
-        a.client_disconnected(unused.client_conn)
-        assert unused.client_conn.id not in a._conns
+        a.client_disconnected(busy.client_conn)
+        assert busy.client_conn.id not in a._conns
 
 
 # ---------------------------------------------------------------- through a real mitmdump
@@ -273,7 +281,7 @@ def test_pooled_client_outlives_its_tokens(rotating, standin) -> None:
 
 
 @pytest.mark.integration
-def test_idle_tunnel_is_closed_before_its_token_expires(rotating, standin) -> None:
+def test_idle_tunnel_is_closed_when_its_token_expires(rotating, standin) -> None:
     """A pooled connection left idle past its token's exp is not reused into a 401."""
     gw, fwd = rotating
     client = pooled_client(gw, fwd)
@@ -281,7 +289,7 @@ def test_idle_tunnel_is_closed_before_its_token_expires(rotating, standin) -> No
     time.sleep(9)  # past the first token's exp (8 s)
     assert call(client, 2) == "echo: call 2"
     assert fwd.connects == 2
-    assert "retiring idle tunnel" in gw.logs()
+    assert "closing idle tunnel" in gw.logs()
 
 
 @pytest.mark.integration
