@@ -103,14 +103,26 @@ run_gateway() { # $1: mitmdump | mitmweb
   [[ $host != "$LISTEN" && $port =~ ^[0-9]+$ ]] || die "AGENTGATE_LISTEN must be host:port, got '$LISTEN'"
   # Refuse to start on bad rules, with the file, key and reason.
   "$VENV/bin/agentgate" rules check "$RULES" >&2 || die "not starting: fix the rules above"
+  local ca=$CERTS/mitmproxy-ca-cert.pem c=http://127.0.0.1:8888
   cat >&2 <<EOF
 
 agentgate: starting $tool on $LISTEN (rules: $RULES, data: $DATA)
-In the agent's container (the token is the agent's short-lived OIDC token):
-  export HTTPS_PROXY=http://agent:\${OIDC_TOKEN}@$LISTEN
-  export HTTP_PROXY=http://agent:\${OIDC_TOKEN}@$LISTEN
-  export SSL_CERT_FILE=$CERTS/mitmproxy-ca-cert.pem
-  export REQUESTS_CA_BUNDLE=$CERTS/mitmproxy-ca-cert.pem
+Connect an agent (per-client table: docs/CONNECT.md). Next to the agent, the connector presents
+a fresh token on every connection (--token-command "CMD" or --token-env VAR also work):
+  $VENV/bin/agentgate connect --gateway http://$LISTEN --token-file /path/to/agent-token &   # listens on $c
+In the agent's environment (no token in it; the gateway replaces the placeholder keys):
+  export HTTPS_PROXY=$c
+  export HTTP_PROXY=$c
+  export SSL_CERT_FILE=$ca          # openai, anthropic, httpx, urllib, aiohttp
+  export REQUESTS_CA_BUNDLE=$ca     # requests
+  export CURL_CA_BUNDLE=$ca         # curl
+  export NODE_EXTRA_CA_CERTS=$ca    # Node
+  export OPENAI_API_KEY=sk-placeholder
+  export ANTHROPIC_API_KEY=sk-ant-placeholder
+  export NODE_OPTIONS="--import $ROOT/addons/connect/node/agentgate-proxy.mjs"   # Node < 24 (once: cd $ROOT/addons/connect/node && npm ci --omit=dev)
+  export NODE_USE_ENV_PROXY=1       # Node >= 24
+  # aiohttp only: ClientSession(trust_env=True)
+Without the connector (token fixed for the process's life): HTTPS_PROXY=http://agent:\${OIDC_TOKEN}@$LISTEN
 
 EOF
   export AGENTGATE_RULES=$RULES AGENTGATE_DATA=$DATA

@@ -157,3 +157,37 @@ def test_every_row_is_in_the_doc() -> None:
         for k, v in lines.items():
             assert f"export {k}={v}" in doc, (client, k, v)
     assert "trust_env=True" in doc
+
+
+def test_run_proxy_prints_the_whole_block(tmp_path: Path) -> None:
+    """The block ./run_proxy.sh prints before starting the gateway names the connector and
+    every variable of every row (rendered by bash from the script's own text, so the gateway
+    is not started and the shared venv and certs/ are not touched)."""
+    script = (Path(__file__).resolve().parents[2] / "run_proxy.sh").read_text()
+    start = script.index("  local ca=$CERTS/mitmproxy-ca-cert.pem")
+    end = script.index("\nEOF\n", start) + len("\nEOF\n")
+    block = script[start:end].replace("  local ", "  ", 1)
+    env = {"PATH": "/usr/bin:/bin", "LISTEN": "127.0.0.1:8080", "RULES": "r", "DATA": "d",
+           "CERTS": "/gateway-ca", "ROOT": "/opt/agentgate", "VENV": "/opt/agentgate/.venv",
+           "tool": "mitmdump"}
+    out = subprocess.run(["bash", "-c", block], env=env, capture_output=True, text=True,
+                         check=True).stderr
+    assert "/opt/agentgate/.venv/bin/agentgate connect --gateway http://127.0.0.1:8080" in out
+    for client, lines in ROWS.items():
+        for k, v in lines.items():
+            assert f"export {k}={v}" in out, (client, k, v)
+    assert 'export NODE_OPTIONS="--import /opt/agentgate/addons/connect/node/' \
+           'agentgate-proxy.mjs"' in out
+    assert "export NODE_USE_ENV_PROXY=1" in out and "trust_env=True" in out
+    assert "docs/CONNECT.md" in out
+
+
+def test_readme_links_connect_right_after_the_two_commands() -> None:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    fence = text.index("```sh\n")
+    block_end = text.index("```\n", fence + 6)
+    block = text[fence + 6:block_end].splitlines()
+    assert [ln.split("#")[0].strip() for ln in block] == ["./run_proxy.sh",
+                                                          "./run_proxy.sh test"]
+    after = text[block_end + 4:].lstrip("\n").splitlines()[0]
+    assert "Connect your agent" in after and "(docs/CONNECT.md)" in after
