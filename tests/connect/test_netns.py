@@ -1,0 +1,402 @@
+"""Acceptance of issue 12: a long-running agent with rotating tokens and no way around the
+gateway, on this machine, with real processes.
+
+`test_agent_in_a_network_namespace_only_reaches_the_gateway` (needs root and `ip netns`):
+the test creates a network namespace for the agent with loopback and ONE veth pair to the
+host (a /30, no default route), runs the gateway outside on the host end of the veth, the
+local OIDC issuer outside issuing short tokens (TOKEN_LIFETIME s) that a thread rotates into a
+file every ROTATE_EVERY s, and inside the namespace the connector (`agentgate connect`, reading
+that file) and a Python LangGraph agent whose ChatOpenAI client is built once and called every
+~2 s for AGENTGATE_SOAK_SECONDS (default 300). The gateway retires tunnels RETIRE_BEFORE s
+ahead of their token's exp, so the SDK pool reconnects through the connector with the current
+token. Asserted: no failed call (the client has max_retries=0: nothing is hidden by retries),
+every call arrived at the stand-in upstream once and is recorded in DuckDB under the agent's
+`sub`, several token generations were used (each token carries its generation in `groups`,
+which the recorder keeps), no token in any log; and from inside the namespace, clients that
+ignore the proxy (aiohttp without trust_env, raw sockets, psql, DNS) reach nothing: a decoy
+listener on the host's own address accepts no connection and the stand-in records no request.
+
+Known limit of this setup (no nftables/iptables on the test machine): a service listening on
+0.0.0.0 of the host is reachable from the namespace through the host end of the veth, as the
+gateway is. The Kubernetes NetworkPolicy in deploy/ restricts the port as well.
+
+`test_rotation_soak_over_loopback` is the same rotation test without a namespace (always runs,
+AGENTGATE_LOOPBACK_SOAK_SECONDS, default min(AGENTGATE_SOAK_SECONDS, 90)).
+
+A JavaScript agent joins only once the project ships the Node preload
+(addons/connect/node/agentgate-proxy.mjs): not there yet, so the JS half is not run here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from tests.conftest import REAL_OPENAI_KEY
+from tests.connect.helpers import free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SOAK = float(os.environ.get("AGENTGATE_SOAK_SECONDS", "300"))
+LOOPBACK_SOAK = float(os.environ.get("AGENTGATE_LOOPBACK_SOAK_SECONDS", str(min(SOAK, 90.0))))
+TOKEN_LIFETIME = 45   # the issue asks for 30-60 s tokens
+ROTATE_EVERY = 15     # a fresh token lands in the file this often (kubelet-style atomic swap)
+RETIRE_BEFORE = 10    # the gateway retires a tunnel this long before its token's exp
+SUB = "system:serviceaccount:agents:research-agent"
+
+# A LangGraph agent: the graph and its ChatOpenAI client are built ONCE, then invoked every ~2 s.
+# Configured by the environment only (HTTPS_PROXY = the connector, SSL_CERT_FILE = the gateway's
+# CA); the key is a placeholder. Prints one JSON line per failure and a summary at the end.
+AGENT = textwrap.dedent("""
+    import json, sys, time
+    from langchain_openai import ChatOpenAI
+    from langgraph.graph import START, MessagesState, StateGraph
+    llm = ChatOpenAI(model="gpt-4o-mini", api_key="sk-placeholder", max_retries=0, timeout=30)
+    def model(state):
+        return {"messages": [llm.invoke(state["messages"])]}
+    g = StateGraph(MessagesState)
+    g.add_node("model", model)
+    g.add_edge(START, "model")
+    graph = g.compile()
+    deadline = time.monotonic() + float(sys.argv[1])
+    ok = failed = 0
+    i = 0
+    while time.monotonic() < deadline:
+        i += 1
+        try:
+            out = graph.invoke({"messages": [("user", f"call {i}")]})
+            answer = out["messages"][-1].content
+            if answer != f"echo: call {i}":
+                raise AssertionError(f"unexpected answer {answer!r}")
+            ok += 1
+        except Exception as e:
+            failed += 1
+            print(json.dumps({"call": i, "error": f"{type(e).__name__}: {e}"}), flush=True)
+        time.sleep(2)
+    print(json.dumps({"ok": ok, "failed": failed}), flush=True)
+""")
+
+# Clients that ignore HTTPS_PROXY, run inside the namespace. Each probe prints whether it got
+# through; the test also checks on the other side that nothing arrived.
+PROBES = textwrap.dedent("""
+    import asyncio, json, socket, subprocess, sys
+    import aiohttp
+    t = json.loads(sys.argv[1])
+    out = {}
+    async def http(url):
+        async with aiohttp.ClientSession(trust_env=False) as s:  # ignores HTTPS_PROXY
+            async with s.get(url, timeout=aiohttp.ClientTimeout(total=5), ssl=False) as r:
+                return r.status
+    for name, url in t["urls"].items():
+        try:
+            out[name] = {"reached": True, "status": asyncio.run(http(url))}
+        except Exception as e:
+            out[name] = {"reached": False, "error": f"{type(e).__name__}: {e}"}
+    for name, (host, port) in t["tcp"].items():
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+            out[name] = {"reached": True}
+        except OSError as e:
+            out[name] = {"reached": False, "error": f"{type(e).__name__}: {e}"}
+    try:
+        socket.getaddrinfo("api.openai.com", 443)
+        out["dns"] = {"reached": True}
+    except OSError as e:
+        out["dns"] = {"reached": False, "error": f"{type(e).__name__}: {e}"}
+    for name, (host, port) in t["psql"].items():
+        p = subprocess.run(["psql", f"host={host} port={port} user=agent dbname=agent "
+                            "connect_timeout=5 sslmode=disable", "-c", "select 1"],
+                           capture_output=True, text=True, timeout=30)
+        out[name] = {"reached": p.returncode == 0, "error": p.stderr.strip()[-300:]}
+    print(json.dumps(out))
+""")
+
+
+class TokenRotator:
+    """Writes a fresh token for SUB into `path` every ROTATE_EVERY s (atomic replace, like the
+    kubelet's symlink swap). Token n carries groups ["token-<n>"]: the recorder keeps groups,
+    so the audit log shows which token each flow used."""
+
+    def __init__(self, issuer, path: Path) -> None:
+        self.issuer = issuer
+        self.path = path
+        self.tokens: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="token-rotator")
+
+    def write(self) -> None:
+        tok = self.issuer.token(sub=SUB, groups=[f"token-{len(self.tokens) + 1}"],
+                                expires_in=TOKEN_LIFETIME)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(tok)
+        os.replace(tmp, self.path)
+        self.tokens.append(tok)
+
+    def _run(self) -> None:
+        while not self._stop.wait(ROTATE_EVERY):
+            self.write()
+
+    def __enter__(self) -> TokenRotator:
+        self.write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def rules(local_issuer) -> dict[str, str]:
+    return {"upstreams.yaml": "{standin_upstreams}",
+            "identity.yaml": local_issuer.identity_yaml() + f"  retire_before: {RETIRE_BEFORE}s\n",
+            "misc.yaml": "approvals:\n  listen: \"off\"\nrecorder:\n  batch_interval_ms: 20\n"}
+
+
+def wait_listening(log: Path, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "listening on" in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not start:\n{log.read_text(errors='replace')}")
+
+
+def run_soak(tmp_path: Path, gw, gw_host: str, local_issuer, standin, seconds: float,
+             wrap: tuple[str, ...] = (), listen_port: int | None = None) -> dict:
+    """Connector + LangGraph agent (both under `wrap`, e.g. `ip netns exec NS`) against the
+    gateway at gw_host:gw.port for `seconds`, the token file rotating all along. Returns the
+    agent's summary, its failure lines and the logs."""
+    token_path = tmp_path / "agentgate-token"
+    port = listen_port or free_port()
+    conn_log = tmp_path / "connect.log"
+    env = gw.client_env()  # CA variables; the proxy is set to the connector below
+    # both spellings: an empty lowercase https_proxy would cancel HTTPS_PROXY (urllib, httpx)
+    proxy = f"http://127.0.0.1:{port}"
+    env.update(HTTPS_PROXY=proxy, https_proxy=proxy, HTTP_PROXY=proxy, http_proxy=proxy,
+               OPENAI_API_KEY="sk-placeholder", PYTHONPATH=str(ROOT))
+    with TokenRotator(local_issuer, token_path) as rot:
+        with open(conn_log, "wb") as cl:
+            conn = subprocess.Popen(
+                [*wrap, sys.executable, "-m", "addons.cli", "connect", "--gateway",
+                 f"http://{gw_host}:{gw.port}", "--listen", f"127.0.0.1:{port}",
+                 "--token-file", str(token_path)], cwd=ROOT, stdout=cl, stderr=subprocess.STDOUT)
+        agent = None
+        try:
+            wait_listening(conn_log, conn, "agentgate connect")
+            standin.clear()
+            agent = subprocess.Popen([*wrap, sys.executable, "-c", AGENT, str(seconds)],
+                                     env=env, cwd=tmp_path, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            out, err = agent.communicate(timeout=seconds + 180)
+        finally:
+            if agent is not None and agent.poll() is None:
+                agent.kill()
+                agent.wait(10)
+            conn.terminate()
+            try:
+                conn.wait(20)
+            except subprocess.TimeoutExpired:
+                conn.kill()
+                conn.wait(5)
+        tokens = list(rot.tokens)
+    lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+    assert agent.returncode == 0 and lines, f"agent exited {agent.returncode}:\n{out}\n{err}"
+    return {"summary": lines[-1], "failures": lines[:-1], "stderr": err, "tokens": tokens,
+            "connect_log": conn_log.read_text(errors="replace")}
+
+
+def check_soak(result: dict, gw, standin) -> None:
+    summary = result["summary"]
+    assert result["failures"] == [] and summary["failed"] == 0, result["failures"]
+    ok = summary["ok"]
+    assert ok >= 3
+    # the upstream got every call once, with the gateway's key, never a token or the placeholder
+    reqs = standin.requests
+    assert [r["path"] for r in reqs] == ["/v1/chat/completions"] * ok
+    for r in reqs:
+        assert dict(r["headers"])["authorization"] == f"Bearer {REAL_OPENAI_KEY}"
+        assert "sk-placeholder" not in str(r)
+    assert gw.stop() == 0
+    con = duckdb.connect(str(gw.data_dir / "agentgate.duckdb"), read_only=True)
+    try:
+        rows = con.execute("SELECT identity_sub, identity_groups, status FROM flows "
+                           "ORDER BY started").fetchall()
+    finally:
+        con.close()
+    assert len(rows) == ok
+    assert {(sub, status) for sub, _, status in rows} == {(SUB, 200)}
+    used = {tuple(groups) for _, groups, _ in rows}
+    assert len(used) > 1, f"one token for the whole run: {used}"  # rotation happened
+    assert all(len(g) == 1 and g[0].startswith("token-") for g in used)
+    for blob in (result["connect_log"], result["stderr"], gw.logs()):
+        for tok in result["tokens"]:
+            assert tok not in blob
+
+
+# ---------------------------------------------------------------- loopback (always runs)
+@pytest.mark.timeout(LOOPBACK_SOAK + 300)
+def test_rotation_soak_over_loopback(tmp_path, gateway_factory, local_issuer, standin) -> None:
+    gw = gateway_factory(rules(local_issuer))
+    result = run_soak(tmp_path, gw, "127.0.0.1", local_issuer, standin, LOOPBACK_SOAK)
+    check_soak(result, gw, standin)
+
+
+# ---------------------------------------------------------------- network namespace
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check,
+                          timeout=30)
+
+
+def netns_unavailable() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "network namespaces are Linux only"
+    if os.geteuid() != 0:
+        return "creating a network namespace and a veth pair needs root"
+    if shutil.which("ip") is None:
+        return "`ip` (iproute2) is not installed"
+    return None
+
+
+@contextmanager
+def agent_netns() -> Iterator[tuple[str, str, str]]:
+    """(namespace, host-side IP, agent-side IP): loopback + one veth pair on a /30, no default
+    route. Removed (namespace and veth) whatever happens."""
+    tag = secrets.token_hex(3)
+    ns, host_if, agent_if = f"agentgate-{tag}", f"agh{tag}", f"aga{tag}"
+    net = 64 + secrets.randbelow(128)
+    sub = 4 * secrets.randbelow(64)
+    host_ip, agent_ip = f"10.{net}.0.{sub + 1}", f"10.{net}.0.{sub + 2}"
+    made = _ip("netns", "add", ns, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"`ip netns add` is not permitted here: {made.stderr.strip()}")
+    try:
+        _ip("link", "add", host_if, "type", "veth", "peer", "name", agent_if, "netns", ns)
+        _ip("addr", "add", f"{host_ip}/30", "dev", host_if)
+        _ip("link", "set", host_if, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", ns, "addr", "add", f"{agent_ip}/30", "dev", agent_if)
+        _ip("-n", ns, "link", "set", agent_if, "up")
+        routes = _ip("-n", ns, "route", "show").stdout
+        assert "default" not in routes, routes  # the only way out is the veth's /30
+        yield ns, host_ip, agent_ip
+    finally:
+        _ip("netns", "del", ns, check=False)          # takes the agent end of the veth with it
+        _ip("link", "del", host_if, check=False)      # normally gone already
+        assert ns not in _ip("netns", "list", check=False).stdout
+
+
+def host_address() -> str | None:
+    """An address of this host outside loopback and outside the test's veth (the route out)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET: no packet sent for UDP connect
+            addr = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if addr.startswith("127.") else addr
+
+
+class Decoy:
+    """A TCP listener on the host counting the connections it accepts."""
+
+    def __init__(self, host: str) -> None:
+        self.sock = socket.create_server((host, 0))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.accepted = 0
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            c.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def start_gateway_on(gateway_factory, rules_files: dict[str, str], host: str):
+    """The gateway listening on the host end of the veth only (launch.start_gateway waits on
+    127.0.0.1, so wait here on the veth address instead)."""
+    gw = gateway_factory(rules_files, extra_args=("--listen-host", host), wait=False)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if gw.proc.poll() is not None:
+            raise AssertionError(f"mitmdump exited {gw.proc.returncode}:\n{gw.logs()}")
+        if "proxy listening" in gw.logs():
+            try:
+                socket.create_connection((host, gw.port), timeout=0.5).close()
+                return gw
+            except OSError:
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"mitmdump did not start on {host}:\n{gw.logs()}")
+
+
+@pytest.mark.timeout(SOAK + 360)
+def test_agent_in_a_network_namespace_only_reaches_the_gateway(
+        tmp_path, gateway_factory, local_issuer, standin) -> None:
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(f"{reason}; test_rotation_soak_over_loopback covers the rotation")
+    with agent_netns() as (ns, host_ip, _agent_ip):
+        gw = start_gateway_on(gateway_factory, rules(local_issuer), host_ip)
+        wrap = ("ip", "netns", "exec", ns)
+        result = run_soak(tmp_path, gw, host_ip, local_issuer, standin, SOAK, wrap=wrap,
+                          listen_port=8888)
+        check_soak(result, gw, standin)
+
+        # no way around: clients that ignore the proxy, from inside the namespace
+        outside = host_address()
+        decoy = Decoy(outside) if outside else None
+        try:
+            if decoy is not None:  # positive control: from the host the decoy answers
+                socket.create_connection((decoy.host, decoy.port), timeout=5).close()
+                assert wait_for(lambda: decoy.accepted == 1)
+            targets: dict = {
+                "urls": {"aiohttp-openai": "https://api.openai.com/v1/models",
+                         "aiohttp-standin": standin.url + "/v1/models"},
+                "tcp": {"standin": [standin.host, standin.port],
+                        "internet": ["1.1.1.1", 443],
+                        "local-postgres": ["127.0.0.1", 5432]},
+                "psql": {"psql-local": ["127.0.0.1", 5432]},
+            }
+            if decoy is not None:
+                targets["tcp"]["host-address"] = [decoy.host, decoy.port]
+                targets["psql"]["psql-host"] = [decoy.host, decoy.port]
+            before = decoy.accepted if decoy is not None else 0
+            standin.clear()
+            env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+            p = subprocess.run([*wrap, sys.executable, "-c", PROBES, json.dumps(targets)],
+                               capture_output=True, text=True, timeout=180, env=env)
+            assert p.returncode == 0, p.stderr
+            got = json.loads(p.stdout.strip().splitlines()[-1])
+            assert set(got) == {*targets["urls"], *targets["tcp"], *targets["psql"], "dns"}
+            assert [n for n, r in got.items() if r["reached"]] == [], got
+            if decoy is not None:
+                assert decoy.accepted == before  # nothing arrived on the host's own address
+            assert standin.requests == []
+        finally:
+            if decoy is not None:
+                decoy.close()
