@@ -6,6 +6,7 @@
 #   ./run_proxy.sh web [mitmproxy args…]    the same under mitmweb
 #   ./run_proxy.sh test [pytest args…]      the whole test suite
 #   ./run_proxy.sh demo                     a real LangGraph agent through the gateway
+#   ./run_proxy.sh dev                      local trial: dev IdP + stand-in + gateway (Ctrl-C stops)
 #   ./run_proxy.sh bench [args…]            benchmarks (writes BENCHMARKS.md)
 #   ./run_proxy.sh cli ARGS…                the agentgate command (rules check, token verify…)
 #
@@ -148,6 +149,11 @@ case $cmd in
     ensure_venv demo
     exec "$VENV/bin/agentgate" demo "$@"
     ;;
+  dev)
+    shift
+    ensure_venv demo
+    exec "$VENV/bin/agentgate" dev "$@"
+    ;;
   bench)
     shift
     ensure_venv test
@@ -168,7 +174,7 @@ case $cmd in
     exec "$VENV/bin/agentgate" "$@"
     ;;
   -h|--help|help)
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *) run_gateway mitmdump "$@" ;;
 esac

@@ -6,6 +6,7 @@
   agentgate policy test / approvals    (policy and approval)
   agentgate audit / export             (recorder)
   agentgate demo                       a real LangGraph agent through the gateway
+  agentgate dev / token dev            local trial: dev IdP + stand-in + gateway, tokens
   agentgate connect                    agent-side forwarder: loopback proxy, fresh token
 """
 
@@ -26,6 +27,7 @@ COMMAND_MODULES = (
     "addons.approval.cli",
     "addons.recording.cli",
     "addons.devkit.demo",
+    "addons.devkit.dev",   # after identity: adds `token dev` to its `token` group
     "addons.connect.cli",
 )
 

@@ -31,13 +31,14 @@ _NO_REDIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoR
 
 
 class DemoIdP:
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         import oidc_provider_mock
         import werkzeug.serving
 
         self.app = oidc_provider_mock.app()
-        self._server = werkzeug.serving.make_server("127.0.0.1", 0, self.app, threaded=True)
-        self.issuer = f"http://127.0.0.1:{self._server.server_port}"
+        self._server = werkzeug.serving.make_server(host, port, self.app, threaded=True)
+        netloc = f"[{host}]" if ":" in host else host
+        self.issuer = f"http://{netloc}:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,),
                                         daemon=True, name="oidc-provider-mock")
         self._lock = threading.Lock()

@@ -59,8 +59,9 @@ class Gateway:
     """A running `mitmdump -s addons/gateway.py` process."""
 
     def __init__(self, proc: subprocess.Popen, port: int, confdir: Path, rules_dir: Path,
-                 data_dir: Path, log_path: Path) -> None:
+                 data_dir: Path, log_path: Path, host: str = "127.0.0.1") -> None:
         self.proc = proc
+        self.host = host
         self.port = port
         self.confdir = confdir
         self.rules_dir = rules_dir
@@ -73,7 +74,8 @@ class Gateway:
 
     def proxy_url(self, token: str | None = None) -> str:
         auth = f"agent:{token}@" if token else ""
-        return f"http://{auth}127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{auth}{host}:{self.port}"
 
     @property
     def approvals_url(self) -> str | None:
@@ -110,11 +112,13 @@ def start_gateway(rules_dir: Path, confdir: Path, data_dir: Path, log_path: Path
                   standin_ca: Path | None = None, env: dict[str, str] | None = None,
                   gateway_env: dict[str, str] | None = None,
                   extra_args: tuple[str, ...] = (), web: bool = False,
-                  wait: bool = True, script: Path | None = None) -> Gateway:
-    port = free_port()
+                  wait: bool = True, script: Path | None = None,
+                  host: str = "127.0.0.1", port: int | None = None) -> Gateway:
+    # a fixed host/port for `agentgate dev` (a newcomer's env block stays valid across runs)
+    port = port or free_port()
     args = [str(BIN / ("mitmweb" if web else "mitmdump")),
             "-s", str(script or ROOT / "addons" / "gateway.py"),
-            "--listen-host", "127.0.0.1", "--listen-port", str(port),
+            "--listen-host", host, "--listen-port", str(port),
             "--set", f"confdir={confdir}",
             "--set", f"agentgate_rules={rules_dir}",
             "--set", f"agentgate_data={data_dir}",
@@ -133,7 +137,7 @@ def start_gateway(rules_dir: Path, confdir: Path, data_dir: Path, log_path: Path
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=penv,
                             cwd=str(ROOT))
-    gw = Gateway(proc, port, confdir, rules_dir, data_dir, log_path)
+    gw = Gateway(proc, port, confdir, rules_dir, data_dir, log_path, host)
     if wait:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -141,7 +145,7 @@ def start_gateway(rules_dir: Path, confdir: Path, data_dir: Path, log_path: Path
                 raise RuntimeError(f"mitmdump exited {proc.returncode}:\n{gw.logs()}")
             if "proxy listening" in gw.logs():
                 try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    socket.create_connection((host, port), timeout=0.5).close()
                     return gw
                 except OSError:
                     pass
