@@ -12,6 +12,7 @@
 #
 # Env: AGENTGATE_LISTEN (host:port), AGENTGATE_RULES (dir), AGENTGATE_DATA (dir),
 #      AGENTGATE_PYTHON (interpreter to use), AGENTGATE_VENV (virtualenv dir).
+#      dev: AGENTGATE_DEV_IDP, AGENTGATE_DEV_UPSTREAM (loopback host:port of its IdP, stand-in).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -174,7 +175,7 @@ case $cmd in
     exec "$VENV/bin/agentgate" "$@"
     ;;
   -h|--help|help)
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'  # the header comment only
     ;;
   *) run_gateway mitmdump "$@" ;;
 esac

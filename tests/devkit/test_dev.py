@@ -277,3 +277,12 @@ def test_dev_rules_trust_only_the_dev_idp(tmp_path: Path) -> None:
     assert [(i.issuer, i.audiences, i.max_lifetime) for i in rules.identity.issuers] == [
         ("http://127.0.0.1:8099", ("agentgate",), dev.MAX_TTL)]
     assert rules.identity.required
+
+
+def test_run_proxy_help_lists_dev_and_only_its_header() -> None:
+    r = subprocess.run([str(ROOT / "run_proxy.sh"), "help"], capture_output=True, text=True,
+                       timeout=60, cwd=str(ROOT))
+    assert r.returncode == 0
+    assert "./run_proxy.sh dev" in r.stdout and "AGENTGATE_DEV_IDP" in r.stdout
+    assert "set -euo" not in r.stdout
+    assert "\n  dev)\n" in (ROOT / "run_proxy.sh").read_text()
