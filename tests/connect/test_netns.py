@@ -40,7 +40,8 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
@@ -102,11 +103,15 @@ PROBES = textwrap.dedent("""
         async with aiohttp.ClientSession(trust_env=False) as s:  # ignores HTTPS_PROXY
             async with s.get(url, timeout=aiohttp.ClientTimeout(total=5), ssl=False) as r:
                 return r.status
+    # "reached" unless the connection itself could not be made: any later failure (TLS, a
+    # closed connection, an HTTP error) means bytes got through
     for name, url in t["urls"].items():
         try:
             out[name] = {"reached": True, "status": asyncio.run(http(url))}
         except Exception as e:
-            out[name] = {"reached": False, "error": f"{type(e).__name__}: {e}"}
+            no_conn = (isinstance(e, aiohttp.ClientConnectorError)
+                       and not isinstance(e, aiohttp.ClientSSLError))
+            out[name] = {"reached": not no_conn, "error": f"{type(e).__name__}: {e}"}
     for name, (host, port) in t["tcp"].items():
         try:
             socket.create_connection((host, port), timeout=5).close()
@@ -122,25 +127,30 @@ PROBES = textwrap.dedent("""
         p = subprocess.run(["psql", f"host={host} port={port} user=agent dbname=agent "
                             "connect_timeout=5 sslmode=disable", "-c", "select 1"],
                            capture_output=True, text=True, timeout=30)
-        out[name] = {"reached": p.returncode == 0, "error": p.stderr.strip()[-300:]}
+        no_conn = any(m in p.stderr for m in ("Network is unreachable", "Connection refused",
+                                               "No route to host", "could not translate"))
+        out[name] = {"reached": p.returncode == 0 or not no_conn, "error": p.stderr[-300:]}
     print(json.dumps(out))
 """)
 
 
 class TokenRotator:
-    """Writes a fresh token for SUB into `path` every ROTATE_EVERY s (atomic replace, like the
-    kubelet's symlink swap). Token n carries groups ["token-<n>"]: the recorder keeps groups,
-    so the audit log shows which token each flow used."""
+    """Writes a fresh token for `sub` into `path` every ROTATE_EVERY s (atomic replace, like the
+    kubelet's symlink swap). Token n carries groups ["<label>-token-<n>"]: the recorder keeps
+    groups, so the audit log shows which token each flow used."""
 
-    def __init__(self, issuer, path: Path) -> None:
+    def __init__(self, issuer, path: Path, sub: str, label: str) -> None:
         self.issuer = issuer
         self.path = path
+        self.sub = sub
+        self.label = label
         self.tokens: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="token-rotator")
 
     def write(self) -> None:
-        tok = self.issuer.token(sub=SUB, groups=[f"token-{len(self.tokens) + 1}"],
+        tok = self.issuer.token(sub=self.sub,
+                                groups=[f"{self.label}-token-{len(self.tokens) + 1}"],
                                 expires_in=TOKEN_LIFETIME)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(tok)
@@ -161,6 +171,21 @@ class TokenRotator:
         self._thread.join(10)
 
 
+@dataclass
+class AgentSpec:
+    """One agent process with its own identity, token file and connector."""
+    label: str
+    sub: str
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def python_agent(tmp_path: Path, seconds: float) -> AgentSpec:
+    return AgentSpec("py", SUB, [sys.executable, "-c", AGENT, str(seconds)], tmp_path,
+                     {"PYTHONPATH": str(ROOT)})
+
+
 def rules(local_issuer) -> dict[str, str]:
     return {"upstreams.yaml": "{standin_upstreams}",
             "identity.yaml": local_issuer.identity_yaml() + f"  retire_before: {RETIRE_BEFORE}s\n",
@@ -178,58 +203,76 @@ def wait_listening(log: Path, proc: subprocess.Popen, what: str, timeout: float 
     raise AssertionError(f"{what} did not start:\n{log.read_text(errors='replace')}")
 
 
+def stop(proc: subprocess.Popen, kill: bool = False) -> None:
+    if proc.poll() is None:
+        proc.kill() if kill else proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 def run_soak(tmp_path: Path, gw, gw_host: str, local_issuer, standin, seconds: float,
-             wrap: tuple[str, ...] = (), listen_port: int | None = None) -> dict:
-    """Connector + LangGraph agent (both under `wrap`, e.g. `ip netns exec NS`) against the
-    gateway at gw_host:gw.port for `seconds`, the token file rotating all along. Returns the
-    agent's summary, its failure lines and the logs."""
-    token_path = tmp_path / "agentgate-token"
-    port = listen_port or free_port()
-    conn_log = tmp_path / "connect.log"
-    env = gw.client_env()  # CA variables; the proxy is set to the connector below
-    # both spellings: an empty lowercase https_proxy would cancel HTTPS_PROXY (urllib, httpx)
-    proxy = f"http://127.0.0.1:{port}"
-    env.update(HTTPS_PROXY=proxy, https_proxy=proxy, HTTP_PROXY=proxy, http_proxy=proxy,
-               OPENAI_API_KEY="sk-placeholder", PYTHONPATH=str(ROOT))
-    with TokenRotator(local_issuer, token_path) as rot:
-        with open(conn_log, "wb") as cl:
-            conn = subprocess.Popen(
-                [*wrap, sys.executable, "-m", "addons.cli", "connect", "--gateway",
-                 f"http://{gw_host}:{gw.port}", "--listen", f"127.0.0.1:{port}",
-                 "--token-file", str(token_path)], cwd=ROOT, stdout=cl, stderr=subprocess.STDOUT)
-        agent = None
-        try:
-            wait_listening(conn_log, conn, "agentgate connect")
-            standin.clear()
-            agent = subprocess.Popen([*wrap, sys.executable, "-c", AGENT, str(seconds)],
-                                     env=env, cwd=tmp_path, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            out, err = agent.communicate(timeout=seconds + 180)
-        finally:
-            if agent is not None and agent.poll() is None:
-                agent.kill()
-                agent.wait(10)
-            conn.terminate()
-            try:
-                conn.wait(20)
-            except subprocess.TimeoutExpired:
-                conn.kill()
-                conn.wait(5)
-        tokens = list(rot.tokens)
-    lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
-    assert agent.returncode == 0 and lines, f"agent exited {agent.returncode}:\n{out}\n{err}"
-    return {"summary": lines[-1], "failures": lines[:-1], "stderr": err, "tokens": tokens,
-            "connect_log": conn_log.read_text(errors="replace")}
+             agents: list[AgentSpec], wrap: tuple[str, ...] = (),
+             first_port: int | None = None) -> list[dict]:
+    """For each agent: a token file rotating all along, a connector and the agent (both under
+    `wrap`, e.g. `ip netns exec NS`), all agents at once against the gateway at
+    gw_host:gw.port. Returns per agent its summary, failure lines, tokens and logs."""
+    with ExitStack() as stack:
+        conns: list[subprocess.Popen] = []
+        procs: list[subprocess.Popen] = []
+        stack.callback(lambda: [stop(c) for c in conns])
+        stack.callback(lambda: [stop(a, kill=True) for a in procs])
+        rots, envs, logs = [], [], []
+        for n, spec in enumerate(agents):
+            token_path = tmp_path / f"agentgate-token-{spec.label}"
+            rots.append(stack.enter_context(
+                TokenRotator(local_issuer, token_path, spec.sub, spec.label)))
+            port = first_port + n if first_port else free_port()
+            log = tmp_path / f"connect-{spec.label}.log"
+            logs.append(log)
+            with open(log, "wb") as cl:
+                conns.append(subprocess.Popen(
+                    [*wrap, sys.executable, "-m", "addons.cli", "connect", "--gateway",
+                     f"http://{gw_host}:{gw.port}", "--listen", f"127.0.0.1:{port}",
+                     "--token-file", str(token_path)], cwd=ROOT, stdout=cl,
+                    stderr=subprocess.STDOUT))
+            env = gw.client_env()  # CA variables; the proxy is set to the connector below
+            # both spellings: an empty lowercase https_proxy cancels HTTPS_PROXY (urllib, httpx)
+            proxy = f"http://127.0.0.1:{port}"
+            env.update(HTTPS_PROXY=proxy, https_proxy=proxy, HTTP_PROXY=proxy, http_proxy=proxy,
+                       OPENAI_API_KEY="sk-placeholder", NODE_EXTRA_CA_CERTS=str(gw.ca_cert))
+            env.update(spec.env)
+            envs.append(env)
+        for conn, log in zip(conns, logs, strict=True):
+            wait_listening(log, conn, "agentgate connect")
+        standin.clear()
+        for spec, env in zip(agents, envs, strict=True):
+            procs.append(subprocess.Popen([*wrap, *spec.argv], env=env, cwd=spec.cwd,
+                                          text=True, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE))
+        outs = [p.communicate(timeout=seconds + 180) for p in procs]
+    results = []
+    for spec, proc, (out, err), rot, log in zip(agents, procs, outs, rots, logs, strict=True):
+        lines = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+        assert proc.returncode == 0 and lines, \
+            f"{spec.label} agent exited {proc.returncode}:\n{out}\n{err}"
+        results.append({"spec": spec, "summary": lines[-1], "failures": lines[:-1],
+                        "stderr": err, "tokens": list(rot.tokens),
+                        "connect_log": log.read_text(errors="replace")})
+    return results
 
 
-def check_soak(result: dict, gw, standin) -> None:
-    summary = result["summary"]
-    assert result["failures"] == [] and summary["failed"] == 0, result["failures"]
-    ok = summary["ok"]
-    assert ok >= 3
+def check_soak(results: list[dict], gw, standin) -> None:
+    for r in results:
+        assert r["failures"] == [] and r["summary"]["failed"] == 0, (r["spec"].label,
+                                                                    r["failures"])
+        assert r["summary"]["ok"] >= 3
+    total = sum(r["summary"]["ok"] for r in results)
     # the upstream got every call once, with the gateway's key, never a token or the placeholder
     reqs = standin.requests
-    assert [r["path"] for r in reqs] == ["/v1/chat/completions"] * ok
+    assert [r["path"] for r in reqs] == ["/v1/chat/completions"] * total
     for r in reqs:
         assert dict(r["headers"])["authorization"] == f"Bearer {REAL_OPENAI_KEY}"
         assert "sk-placeholder" not in str(r)
@@ -240,22 +283,97 @@ def check_soak(result: dict, gw, standin) -> None:
                            "ORDER BY started").fetchall()
     finally:
         con.close()
-    assert len(rows) == ok
-    assert {(sub, status) for sub, _, status in rows} == {(SUB, 200)}
-    used = {tuple(groups) for _, groups, _ in rows}
-    assert len(used) > 1, f"one token for the whole run: {used}"  # rotation happened
-    assert all(len(g) == 1 and g[0].startswith("token-") for g in used)
-    for blob in (result["connect_log"], result["stderr"], gw.logs()):
-        for tok in result["tokens"]:
-            assert tok not in blob
+    assert len(rows) == total
+    assert {status for _, _, status in rows} == {200}
+    for r in results:
+        spec = r["spec"]
+        mine = [g for sub, g, _ in rows if sub == spec.sub]
+        assert len(mine) == r["summary"]["ok"]  # every call under its agent's identity
+        used = {tuple(g) for g in mine}
+        # each flow carried one of this agent's tokens, and more than one was used: rotation
+        assert all(len(g) == 1 and g[0].startswith(f"{spec.label}-token-") for g in used), used
+        assert len(used) > 1, f"{spec.label}: one token for the whole run: {used}"
+        for blob in (r["connect_log"], r["stderr"], gw.logs()):
+            for tok in r["tokens"]:
+                assert tok not in blob
+
+
+# ---------------------------------------------------------------- the JS agent (Node preload)
+NODE_DIR = ROOT / "addons" / "connect" / "node"
+PRELOAD = NODE_DIR / "agentgate-proxy.mjs"
+OPENAI_NPM = "6.49.0"  # the last major that runs on Node 20 (as tests/connect/test_node.py)
+SUB_JS = "system:serviceaccount:agents:research-agent-js"
+
+# The official openai npm SDK, unchanged, a client built once, called every ~2 s; configured by
+# the environment and NODE_OPTIONS=--import <preload> only.
+JS_AGENT = """
+import OpenAI from 'openai'
+const client = new OpenAI({ maxRetries: 0, timeout: 30000 })
+const deadline = Date.now() + Number(process.argv[2]) * 1000
+let ok = 0, failed = 0, i = 0
+while (Date.now() < deadline) {
+  i++
+  try {
+    const r = await client.chat.completions.create({
+      model: 'gpt-4o-mini', messages: [{ role: 'user', content: `js call ${i}` }] })
+    const answer = r.choices[0].message.content
+    if (answer !== `echo: js call ${i}`) throw new Error(`unexpected answer ${answer}`)
+    ok++
+  } catch (e) {
+    failed++
+    console.log(JSON.stringify({ call: i, error: String(e) }))
+  }
+  await new Promise(resolve => setTimeout(resolve, 2000))
+}
+console.log(JSON.stringify({ ok, failed }))
+"""
+
+
+def _npm(args: list[str], cwd: Path) -> None:
+    p = subprocess.run(["npm", *args, "--no-audit", "--no-fund"], cwd=cwd,
+                       capture_output=True, text=True, timeout=300)
+    if p.returncode != 0:
+        pytest.fail(f"npm {' '.join(args)} in {cwd} failed: {p.stderr[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def js_project(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+    """The preload's pinned undici and a throwaway project with the pinned openai package,
+    installed on the host (the namespace has no way to the npm registry). None when the
+    project ships no preload or node/npm are missing: the soak then runs the Python agent."""
+    if not (PRELOAD.exists() and shutil.which("node") and shutil.which("npm")):
+        return None
+    lock = json.loads((NODE_DIR / "package-lock.json").read_text())
+    want = lock["packages"]["node_modules/undici"]["version"]
+    have = NODE_DIR / "node_modules" / "undici" / "package.json"
+    # `npm ci` wipes node_modules first: only when the pinned version is not there, so another
+    # process using the preload right now is not broken under its feet
+    if not have.exists() or json.loads(have.read_text())["version"] != want:
+        _npm(["ci", "--omit=dev"], NODE_DIR)
+    proj = tmp_path_factory.mktemp("js-agent")
+    (proj / "package.json").write_text(json.dumps({"name": "agent", "private": True,
+                                                   "type": "module"}))
+    _npm(["install", "--save-exact", f"openai@{OPENAI_NPM}"], proj)
+    (proj / "agent.mjs").write_text(JS_AGENT)
+    return proj
+
+
+def soak_agents(tmp_path: Path, js_project: Path | None, seconds: float) -> list[AgentSpec]:
+    agents = [python_agent(tmp_path, seconds)]
+    if js_project is not None:
+        agents.append(AgentSpec("js", SUB_JS, ["node", "agent.mjs", str(seconds)], js_project,
+                                {"NODE_OPTIONS": f"--import {PRELOAD}"}))
+    return agents
 
 
 # ---------------------------------------------------------------- loopback (always runs)
 @pytest.mark.timeout(LOOPBACK_SOAK + 300)
-def test_rotation_soak_over_loopback(tmp_path, gateway_factory, local_issuer, standin) -> None:
+def test_rotation_soak_over_loopback(tmp_path, gateway_factory, local_issuer, standin,
+                                     js_project) -> None:
     gw = gateway_factory(rules(local_issuer))
-    result = run_soak(tmp_path, gw, "127.0.0.1", local_issuer, standin, LOOPBACK_SOAK)
-    check_soak(result, gw, standin)
+    agents = soak_agents(tmp_path, js_project, LOOPBACK_SOAK)
+    results = run_soak(tmp_path, gw, "127.0.0.1", local_issuer, standin, LOOPBACK_SOAK, agents)
+    check_soak(results, gw, standin)
 
 
 # ---------------------------------------------------------------- network namespace
@@ -356,16 +474,17 @@ def start_gateway_on(gateway_factory, rules_files: dict[str, str], host: str):
 
 @pytest.mark.timeout(SOAK + 360)
 def test_agent_in_a_network_namespace_only_reaches_the_gateway(
-        tmp_path, gateway_factory, local_issuer, standin) -> None:
+        tmp_path, gateway_factory, local_issuer, standin, js_project) -> None:
     reason = netns_unavailable()
     if reason:
         pytest.skip(f"{reason}; test_rotation_soak_over_loopback covers the rotation")
     with agent_netns() as (ns, host_ip, _agent_ip):
         gw = start_gateway_on(gateway_factory, rules(local_issuer), host_ip)
         wrap = ("ip", "netns", "exec", ns)
-        result = run_soak(tmp_path, gw, host_ip, local_issuer, standin, SOAK, wrap=wrap,
-                          listen_port=8888)
-        check_soak(result, gw, standin)
+        agents = soak_agents(tmp_path, js_project, SOAK)
+        results = run_soak(tmp_path, gw, host_ip, local_issuer, standin, SOAK, agents,
+                           wrap=wrap, first_port=8888)
+        check_soak(results, gw, standin)
 
         # no way around: clients that ignore the proxy, from inside the namespace
         outside = host_address()
