@@ -140,16 +140,20 @@ def start_gateway(rules_dir: Path, confdir: Path, data_dir: Path, log_path: Path
     gw = Gateway(proc, port, confdir, rules_dir, data_dir, log_path, host)
     if wait:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mitmdump exited {proc.returncode}:\n{gw.logs()}")
-            if "proxy listening" in gw.logs():
-                try:
-                    socket.create_connection((host, port), timeout=0.5).close()
-                    return gw
-                except OSError:
-                    pass
-            time.sleep(0.05)
+        try:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"mitmdump exited {proc.returncode}:\n{gw.logs()}")
+                if "proxy listening" in gw.logs():
+                    try:
+                        socket.create_connection((host, port), timeout=0.5).close()
+                        return gw
+                    except OSError:
+                        pass
+                time.sleep(0.05)
+        except BaseException:  # Ctrl-C while it starts: the caller has no handle to stop it
+            gw.stop()
+            raise
         gw.stop()
         raise RuntimeError(f"mitmdump did not start:\n{gw.logs()}")
     return gw

@@ -286,3 +286,40 @@ def test_run_proxy_help_lists_dev_and_only_its_header() -> None:
     assert "./run_proxy.sh dev" in r.stdout and "AGENTGATE_DEV_IDP" in r.stdout
     assert "set -euo" not in r.stdout
     assert "\n  dev)\n" in (ROOT / "run_proxy.sh").read_text()
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                found.append(f"{d.name}: {cmd}")
+    return found
+
+
+def test_ctrl_c_while_starting_leaves_no_gateway_process_nor_directory(tmp_path: Path) -> None:
+    """SIGINT as soon as the gateway's log file exists (opened just before mitmdump is
+    spawned), so usually while mitmdump is starting; whenever it lands, nothing may outlive
+    `agentgate dev` (mitmdump's command line names the work directory under tmp_path, so any
+    survivor is found)."""
+    ports = {"gw": free_port(), "idp": free_port(), "up": free_port()}
+    env = _base_env(tmp_path, ports)
+    proc = subprocess.Popen([AGENTGATE, "dev"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("agentgate-dev-*/gateway.log")):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the gateway was not started"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _processes_mentioning(str(tmp_path)) == []
+    assert not list(tmp_path.glob("agentgate-dev-*"))
