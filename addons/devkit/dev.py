@@ -99,14 +99,10 @@ def _check_free(spec: tuple[str, str, str], host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                raise DevError(f"{netloc(host, port)} ({what_var(spec)}) is already in use: is "
+                raise DevError(f"{netloc(host, port)} ({spec[2]}, {spec[0]}) is already in use: is "
                                f"another `agentgate dev` running? Stop it, or pick another "
                                f"port with {spec[0]}=HOST:PORT") from None
             raise DevError(f"cannot listen on {netloc(host, port)} ({spec[0]}): {e}") from None
-
-
-def what_var(spec: tuple[str, str, str]) -> str:
-    return f"{spec[2]}, {spec[0]}"
 
 
 # ---------------------------------------------------------------- commands
