@@ -499,11 +499,14 @@ def test_agent_in_a_network_namespace_only_reaches_the_gateway(
                 "tcp": {"standin": [standin.host, standin.port],
                         "internet": ["1.1.1.1", 443],
                         "local-postgres": ["127.0.0.1", 5432]},
-                "psql": {"psql-local": ["127.0.0.1", 5432]},
+                "psql": {},
             }
             if decoy is not None:
                 targets["tcp"]["host-address"] = [decoy.host, decoy.port]
-                targets["psql"]["psql-host"] = [decoy.host, decoy.port]
+            if shutil.which("psql"):  # postgresql-client; the raw sockets cover it otherwise
+                targets["psql"]["psql-local"] = ["127.0.0.1", 5432]
+                if decoy is not None:
+                    targets["psql"]["psql-host"] = [decoy.host, decoy.port]
             before = decoy.accepted if decoy is not None else 0
             standin.clear()
             env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
