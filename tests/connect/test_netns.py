@@ -21,7 +21,7 @@ Known limit of this setup (no nftables/iptables on the test machine): a service 
 gateway is. The Kubernetes NetworkPolicy in deploy/ restricts the port as well.
 
 `test_rotation_soak_over_loopback` is the same rotation test without a namespace (always runs,
-AGENTGATE_LOOPBACK_SOAK_SECONDS, default min(AGENTGATE_SOAK_SECONDS, 90)).
+AGENTGATE_LOOPBACK_SOAK_SECONDS, default min(AGENTGATE_SOAK_SECONDS, 60)).
 
 A JavaScript agent joins only once the project ships the Node preload
 (addons/connect/node/agentgate-proxy.mjs): not there yet, so the JS half is not run here.
@@ -54,7 +54,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 SOAK = float(os.environ.get("AGENTGATE_SOAK_SECONDS", "300"))
-LOOPBACK_SOAK = float(os.environ.get("AGENTGATE_LOOPBACK_SOAK_SECONDS", str(min(SOAK, 90.0))))
+LOOPBACK_SOAK = float(os.environ.get("AGENTGATE_LOOPBACK_SOAK_SECONDS", str(min(SOAK, 60.0))))
 TOKEN_LIFETIME = 45   # the issue asks for 30-60 s tokens
 ROTATE_EVERY = 15     # a fresh token lands in the file this often (kubelet-style atomic swap)
 RETIRE_BEFORE = 10    # the gateway retires a tunnel this long before its token's exp
