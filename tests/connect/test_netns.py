@@ -23,8 +23,9 @@ gateway is. The Kubernetes NetworkPolicy in deploy/ restricts the port as well.
 `test_rotation_soak_over_loopback` is the same rotation test without a namespace (always runs,
 AGENTGATE_LOOPBACK_SOAK_SECONDS, default min(AGENTGATE_SOAK_SECONDS, 60)).
 
-A JavaScript agent joins only once the project ships the Node preload
-(addons/connect/node/agentgate-proxy.mjs): not there yet, so the JS half is not run here.
+Beside the Python agent, in both tests, a LangGraph JS agent (`@langchain/langgraph` StateGraph
+with one ChatOpenAI node, packages pinned for Node 20) runs under the project's Node preload
+(addons/connect/node/agentgate-proxy.mjs) with its own identity, token file and connector.
 """
 
 from __future__ import annotations
@@ -301,22 +302,33 @@ def check_soak(results: list[dict], gw, standin) -> None:
 # ---------------------------------------------------------------- the JS agent (Node preload)
 NODE_DIR = ROOT / "addons" / "connect" / "node"
 PRELOAD = NODE_DIR / "agentgate-proxy.mjs"
-OPENAI_NPM = "6.49.0"  # the last major that runs on Node 20 (as tests/connect/test_node.py)
+# LangGraph JS, pinned exactly, every package (and every transitive one: installed with
+# --engine-strict) runnable on Node 20: @langchain/openai 1.5.9+ and openai 7.x need Node >= 22.
+# openai is pinned as well so npm cannot pick a newer 6.x than the one tested in test_node.py.
+JS_PACKAGES = ("@langchain/langgraph@1.7.3", "@langchain/openai@1.5.8", "@langchain/core@1.4.0",
+               "openai@6.49.0")
 SUB_JS = "system:serviceaccount:agents:research-agent-js"
 
-# The official openai npm SDK, unchanged, a client built once, called every ~2 s; configured by
-# the environment and NODE_OPTIONS=--import <preload> only.
+# A LangGraph JS agent, unchanged code as a user writes it: a StateGraph with one model node
+# calling ChatOpenAI (default baseURL api.openai.com, OPENAI_API_KEY a placeholder from the
+# environment); graph and model built ONCE, invoked every ~2 s; maxRetries 0 so nothing is
+# hidden by retries. Configured by the environment and NODE_OPTIONS=--import <preload> only.
 JS_AGENT = """
-import OpenAI from 'openai'
-const client = new OpenAI({ maxRetries: 0, timeout: 30000 })
+import { ChatOpenAI } from '@langchain/openai'
+import { END, MessagesAnnotation, START, StateGraph } from '@langchain/langgraph'
+const llm = new ChatOpenAI({ model: 'gpt-4o-mini', maxRetries: 0, timeout: 30000 })
+const graph = new StateGraph(MessagesAnnotation)
+  .addNode('model', async (state) => ({ messages: [await llm.invoke(state.messages)] }))
+  .addEdge(START, 'model')
+  .addEdge('model', END)
+  .compile()
 const deadline = Date.now() + Number(process.argv[2]) * 1000
 let ok = 0, failed = 0, i = 0
 while (Date.now() < deadline) {
   i++
   try {
-    const r = await client.chat.completions.create({
-      model: 'gpt-4o-mini', messages: [{ role: 'user', content: `js call ${i}` }] })
-    const answer = r.choices[0].message.content
+    const out = await graph.invoke({ messages: [{ role: 'user', content: `js call ${i}` }] })
+    const answer = out.messages[out.messages.length - 1].content
     if (answer !== `echo: js call ${i}`) throw new Error(`unexpected answer ${answer}`)
     ok++
   } catch (e) {
@@ -338,7 +350,7 @@ def _npm(args: list[str], cwd: Path) -> None:
 
 @pytest.fixture(scope="module")
 def js_project(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
-    """The preload's pinned undici and a throwaway project with the pinned openai package,
+    """The preload's pinned undici and a throwaway project with the pinned LangGraph JS packages,
     installed on the host (the namespace has no way to the npm registry). None when the
     project ships no preload or node/npm are missing: the soak then runs the Python agent."""
     if not (PRELOAD.exists() and shutil.which("node") and shutil.which("npm")):
@@ -353,7 +365,7 @@ def js_project(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
     proj = tmp_path_factory.mktemp("js-agent")
     (proj / "package.json").write_text(json.dumps({"name": "agent", "private": True,
                                                    "type": "module"}))
-    _npm(["install", "--save-exact", f"openai@{OPENAI_NPM}"], proj)
+    _npm(["install", "--save-exact", "--engine-strict", *JS_PACKAGES], proj)
     (proj / "agent.mjs").write_text(JS_AGENT)
     return proj
 
