@@ -7,6 +7,7 @@ message never contains the token, nor anything a token command printed on stdout
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import json
@@ -84,13 +85,14 @@ def check_token(raw: str, origin: str, now: float) -> Token:
     return Token(value, exp)
 
 
-class TokenSource:
+class TokenSource(abc.ABC):
     """One of the three sources; `get()` returns a usable, unexpired token or raises."""
 
     describe: str = "token source"
 
+    @abc.abstractmethod
     def get(self) -> str:
-        raise NotImplementedError
+        """A usable, unexpired token; raises TokenSourceError."""
 
 
 class FileToken(TokenSource):

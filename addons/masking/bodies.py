@@ -49,6 +49,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
+from addons.frame import decode as _decode
+from addons.frame.decode import parse_content_type
 from addons.masking.masker import Findings, Masker, Session, count
 
 LLM_DIALECTS = ("openai", "anthropic")
@@ -97,7 +99,6 @@ def decode_content(raw: bytes, encoding: str, limit: int) -> bytes:
     """Undo `Content-Encoding` through the one bounded decoder (addons/frame/decode.py:
     gzip, deflate, br, zstd, right to left; absolute and ratio caps against bombs), so
     masking reads the same bytes as every other step."""
-    from addons.frame import decode as _decode
     try:
         return _decode.decompress(raw, encoding, max_bytes=limit)
     except _decode.TooLarge:
@@ -782,19 +783,6 @@ def _part_headers(head: bytes) -> dict[str, str]:
         if sep:
             out[name.strip().lower()] = value.strip()
     return out
-
-
-def parse_content_type(value: str | None) -> tuple[str, dict[str, str]]:
-    """('application/json', {'charset': 'utf-8'}) from a Content-Type header."""
-    if not value:
-        return "", {}
-    mime, *rest = value.split(";")
-    params = {}
-    for p in rest:
-        k, sep, v = p.partition("=")
-        if sep:
-            params[k.strip().lower()] = v.strip().strip('"')
-    return mime.strip().lower(), params
 
 
 def json_escape(value: str) -> str:

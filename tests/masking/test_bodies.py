@@ -10,7 +10,8 @@ import brotli
 import pytest
 import zstandard
 
-from addons.masking.bodies import Masked, TooLarge, Unparseable, decode_content, parse_content_type
+from addons.frame.decode import parse_content_type
+from addons.masking.bodies import Masked, TooLarge, Unparseable, decode_content
 from addons.masking.masker import Masker, Session
 from tests.masking.test_masker import FakeDetectors
 
