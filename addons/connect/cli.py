@@ -10,11 +10,11 @@ import sys
 from addons.connect.forwarder import (
     ConnectConfig,
     Connector,
-    is_loopback,
     parse_gateway,
     parse_listen,
 )
 from addons.connect.tokens import CommandToken, EnvToken, FileToken, TokenSource
+from addons.frame.hosts import is_loopback_host
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,7 +55,7 @@ def build(args: argparse.Namespace) -> tuple[ConnectConfig, TokenSource]:
     message for anything invalid."""
     gw_host, gw_port = parse_gateway(args.gateway)
     host, port = parse_listen(args.listen)
-    if not is_loopback(host) and not args.allow_remote_clients:
+    if not is_loopback_host(host) and not args.allow_remote_clients:
         raise ValueError(f"--listen {args.listen} is not a loopback address: every client that "
                          "reaches it would act as this agent (add --allow-remote-clients if "
                          "that is really meant)")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import ipaddress
 import logging
 import re
 import time
@@ -94,14 +93,6 @@ def parse_listen(text: str) -> tuple[str, int]:
         raise ValueError(f"--listen must be host:port (got {text!r})")
     return host.strip("[]") or "127.0.0.1", int(port)
 
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def proxy_authorization(user: str, token: str) -> bytes:

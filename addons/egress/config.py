@@ -16,6 +16,7 @@ from addons.config.schema import (
     expect_str_list,
     read_secret,
 )
+from addons.frame.hosts import is_loopback_host
 
 DIALECTS = ("openai", "anthropic", "webhook", "generic")
 SCHEMES = ("https", "http")
@@ -213,15 +214,6 @@ def parse_upstream(raw: Any, where: Where) -> Upstream:
         where=where,
     )
 
-
-def is_loopback_host(host: str) -> bool:
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _no_cleartext_credential(scheme: str, hosts: list[str],

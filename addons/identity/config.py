@@ -18,7 +18,6 @@ No mitmproxy import: the CLI and the tests use the same parser as the gateway.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,7 @@ from addons.config.schema import (
     expect_str,
     expect_str_list,
 )
+from addons.frame.hosts import is_loopback_host
 
 # python-jose 3.5.0 signs/verifies these asymmetric algorithms (no PS*/EdDSA there).
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
@@ -117,21 +117,13 @@ class IdentityConfig:
         return f"{head}; {len(self.issuers)} issuer(s): {names}; sources {', '.join(self.sources)}"
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
 
 def _url(value: Any, where: Where, what: str) -> str:
     text = expect_str(value, where).strip()
     parts = urlsplit(text)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise where.error(f"{what} must be an https:// URL, got {text!r}")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         # Keys fetched over plain HTTP could be swapped in transit: loopback only.
         raise where.error(f"{what} must use https (plain http only for 127.0.0.1/localhost)")
     if parts.query or parts.fragment or parts.username or parts.password:

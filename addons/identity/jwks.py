@@ -24,7 +24,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from addons.identity.config import IdentityConfig, IssuerConfig, _is_loopback
+from addons.frame.hosts import is_loopback_host
+from addons.identity.config import IdentityConfig, IssuerConfig
 from addons.identity.jwt import TokenError, TokenVerifier, VerifyKey, parse_jwks, select_key
 
 log = logging.getLogger("agentgate.identity")
@@ -48,7 +49,7 @@ def _check_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return url
-    if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
+    if parts.scheme == "http" and parts.hostname and is_loopback_host(parts.hostname):
         return url
     raise FetchError(f"refusing to fetch keys from non-https URL {url[:200]!r}")
 
