@@ -117,6 +117,17 @@ def owner_of(f: http.HTTPFlow) -> str:
     return f"client:{peer[0] if peer else '?'}"
 
 
+KINDS_BY_DIALECT = {"openai": "llm", "anthropic": "llm", "mcp": "tool", "webhook": "webhook"}
+
+
+def kind_of(f: http.HTTPFlow) -> str:
+    """What reviewers are asked about: llm | tool | webhook | http (a database hold, which
+    is no HTTP flow, says `sql` itself)."""
+    up = f.metadata.get("upstream")
+    dialect = up.get("dialect") if isinstance(up, dict) else None
+    return KINDS_BY_DIALECT.get(dialect, "http") if isinstance(dialect, str) else "http"
+
+
 def describe_request(f: http.HTTPFlow, preview_chars: int) -> tuple[dict[str, Any], str, bool]:
     """(what, preview, truncated) of a request, for reviewers. The body is already masked
     (the masking addon runs first); the query string is left out (it may hold keys)."""
@@ -131,6 +142,7 @@ def describe_request(f: http.HTTPFlow, preview_chars: int) -> tuple[dict[str, An
         "upstream": up.get("name") if isinstance(up, dict) else None,
         "model": None,
         "body_bytes": len(req.raw_content or b""),
+        "kind": kind_of(f),
     }
     try:  # the one bounded decoder: `get_content` inflates without any limit
         body = decode.request_body(f)
@@ -185,6 +197,8 @@ class Approval:
                                 on_vote=self._on_vote)
         self.notifier = Notifier()
         self._flows: dict[str, http.HTTPFlow] = {}
+        # holds of callers that are not HTTP flows (the database path): id -> wake-up event
+        self._external: dict[str, asyncio.Event] = {}
         self._api_spec: tuple[str, int] | None | bool = False  # False: not started
         self._api_lock: asyncio.Lock | None = None
         self._api_started = False  # listened once: a later bind error does not stop mitmproxy
@@ -223,7 +237,7 @@ class Approval:
 
     def done(self) -> None:
         self._running = False
-        for approval_id in list(self._flows):
+        for approval_id in [*self._flows, *self._external]:
             self.store.cancel(approval_id, "the gateway is stopping")
         self.notifier.cancel_all()
         self.api.close_now()
@@ -400,7 +414,52 @@ class Approval:
         f.resume()
         self._update(f)
 
+    # ------------------------------------------------------------ holding anything else
+    async def hold(self, spec: ApprovalSpec, requester: str | None, what: dict[str, Any],
+                   preview: str, *, truncated: bool = False, owner: str | None = None,
+                   gone: Callable[[], bool] | None = None) -> PendingApproval:
+        """Hold something that is not an HTTP flow (a SQL statement, …) until it is decided.
+
+        Same store, quotas, notifications and reviewers as a held flow; returns the decided
+        approval (state approved/denied/timeout/cancelled: the caller answers in its own
+        protocol). `gone()` is polled: True (the client went away) cancels the hold.
+        Raises ApprovalError when the hold cannot be opened (quota, too many pending)."""
+        cfg = self._config()
+        a = self.store.create(spec, requester, what, preview, truncated,
+                              owner=owner or f"id:{requester or '-'}")
+        event = self._external[a.id] = asyncio.Event()
+        log.info("agentgate: holding %s for approval %s (rule %s, requester %s, timeout %gs)",
+                 what.get("kind") or "a request", a.id, spec.rule, a.requester or "-",
+                 spec.timeout)
+        self._notify(a, cfg)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + a.spec.timeout
+        try:
+            while not a.decided:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    self.store.expire(a.id)
+                    break
+                if gone is not None and gone():
+                    self.store.cancel(a.id, "the client disconnected")
+                    break
+                try:
+                    await asyncio.wait_for(event.wait(), min(remaining, POLL_SECONDS))
+                except TimeoutError:
+                    pass
+        except asyncio.CancelledError:
+            self.store.cancel(a.id, "hold cancelled")
+            raise
+        finally:
+            self._external.pop(a.id, None)
+        log.info("agentgate: approval %s %s (%s)", a.id, a.state, a.reason)
+        return a
+
     def _on_decided(self, a: PendingApproval) -> None:
+        event = self._external.get(a.id)
+        if event is not None:
+            event.set()
+            return
         f = self._flows.get(a.id)
         if f is not None:
             f.metadata["approval"] = a.metadata()

@@ -632,3 +632,49 @@ def test_per_identity_cap_refuses_in_the_callers_dialect() -> None:
                 addon.store.deny(a.id, "bob", ["reviewers"], "bulk")
             await asyncio.wait_for(asyncio.gather(*tasks, task), 10)
     run(main)
+
+
+# ---------------------------------------------------------------- holds that are not flows
+def test_external_hold_is_decided_like_a_flow() -> None:
+    """The database path holds a statement (no HTTP flow) through `Approval.hold`: the same
+    store, reviewers and quotas; approve, deny and timeout come back as the decided approval."""
+    from addons.approval.store import ApprovalSpec
+
+    async def main() -> None:
+        addon = make_addon()
+        spec = ApprovalSpec(rule="writes", groups=("reviewers",), timeout=5)
+        what = {"kind": "sql", "database": "analytics", "sql": "DELETE FROM t WHERE id = 1"}
+        with taddons.context(addon):
+            task = asyncio.create_task(addon.hold(spec, "agent-1", what, what["sql"]))
+            await until(lambda: len(addon.store.pending()) == 1)
+            a = addon.store.pending()[0]
+            assert a.what["kind"] == "sql"
+            addon.store.approve(a.id, "alice", ("reviewers",), reason="looks fine")
+            done = await task
+            assert done.state == "approved"
+
+            task = asyncio.create_task(addon.hold(spec, "agent-1", what, what["sql"]))
+            await until(lambda: len(addon.store.pending()) == 1)
+            addon.store.deny(addon.store.pending()[0].id, "bob", ("reviewers",), reason="no")
+            assert (await task).state == "denied"
+
+            short = ApprovalSpec(rule="writes", groups=("reviewers",), timeout=0.2)
+            assert (await addon.hold(short, "agent-1", what, "")).state == "timeout"
+
+            gone = {"yes": False}
+            task = asyncio.create_task(addon.hold(spec, "agent-1", what, "",
+                                                  gone=lambda: gone["yes"]))
+            await until(lambda: len(addon.store.pending()) == 1)
+            gone["yes"] = True
+            assert (await task).state == "cancelled"
+            assert not addon._external
+    run(main)
+
+
+def test_kind_of_a_held_flow() -> None:
+    f = held_flow(decision())
+    assert describe_request(f, 100)[0]["kind"] == "llm"
+    f.metadata["upstream"] = {"name": "tools", "dialect": "mcp"}
+    assert describe_request(f, 100)[0]["kind"] == "tool"
+    f.metadata["upstream"] = {"name": "x", "dialect": "generic"}
+    assert describe_request(f, 100)[0]["kind"] == "http"
