@@ -176,6 +176,9 @@ class ApprovalStore:
         self.clock = clock
         self.id_factory = id_factory
         self.on_decided: Callable[[PendingApproval], None] | None = None
+        # Watchers of every change (opened, voted, decided): the reviewers' page pushes
+        # live updates from here. Called synchronously; a watcher must not raise or block.
+        self.listeners: list[Callable[[PendingApproval], None]] = []
         self._pending: dict[str, PendingApproval] = {}
         self._decided: OrderedDict[str, PendingApproval] = OrderedDict()
 
@@ -188,6 +191,19 @@ class ApprovalStore:
 
     def __len__(self) -> int:
         return len(self._pending)
+
+    def decided(self) -> list[PendingApproval]:
+        """Recently decided approvals (at most `keep_decided`), newest decision first."""
+        return sorted(self._decided.values(), key=lambda a: a.decided_at or 0.0, reverse=True)
+
+    def changed(self, a: PendingApproval) -> None:
+        """Tell every listener that `a` changed; a failing listener is dropped, never fatal
+        (the store's own transitions must not depend on who watches)."""
+        for fn in list(self.listeners):
+            try:
+                fn(a)
+            except Exception:  # noqa: BLE001 - a broken watcher cannot stop a decision
+                self.listeners.remove(fn)
 
     @staticmethod
     def may_review(a: PendingApproval, groups: tuple[str, ...] | list[str]) -> bool:
@@ -235,6 +251,7 @@ class ApprovalStore:
         self._pending[a.id] = a
         self._owner_of[a.id] = owner
         self._owned[owner] = self._owned.get(owner, 0) + 1
+        self.changed(a)
         return a
 
     def _open(self, approval_id: str) -> PendingApproval:
@@ -277,6 +294,8 @@ class ApprovalStore:
         a.votes.append(Vote(sub, "approve", now, via, clean_reason(reason)))
         if len(a.approvers) >= a.spec.min_approvals:
             self._decide(a, APPROVED, "approved by " + ", ".join(a.approvers), now)
+        else:
+            self.changed(a)
         return a
 
     def deny(self, approval_id: str, sub: str, groups: tuple[str, ...] | list[str] = (),
@@ -331,3 +350,4 @@ class ApprovalStore:
             self._decided.popitem(last=False)
         if self.on_decided is not None:
             self.on_decided(a)
+        self.changed(a)
