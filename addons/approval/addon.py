@@ -34,7 +34,7 @@ from typing import Any
 
 from mitmproxy import command, connection, ctx, exceptions, flow, hooks, http
 
-from addons.approval.api import ApprovalsAPI, AuthError, Notifier
+from addons.approval.api import ApprovalsAPI, AuthError
 from addons.approval.config import (
     LISTEN_ENV,
     ApprovalsConfig,
@@ -43,6 +43,7 @@ from addons.approval.config import (
     parse_listen,
     url_for,
 )
+from addons.approval.notify import Notifier
 from addons.approval.store import (
     APPROVED,
     CANCELLED,

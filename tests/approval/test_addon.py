@@ -17,8 +17,9 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow
 
 from addons.approval.addon import Approval, describe_request, slack_payload, spec_from_decision
-from addons.approval.api import AuthError, post_json
+from addons.approval.api import AuthError
 from addons.approval.config import ApprovalsConfig, NotifyConfig
+from addons.approval.notify import post_json
 from addons.approval.store import OPERATOR, ApprovalStore
 from addons.config.holder import RulesHolder
 
