@@ -18,6 +18,13 @@ approvals:
     max_backoff: 60
     timeout: 5
     ca_file: /etc/ssl/internal-ca.pem
+  web:                            # the reviewers' page: OIDC login (code + PKCE)
+    client_id: agentgate-reviewers
+    client_secret_env: AGENTGATE_WEB_CLIENT_SECRET   # or client_secret_file:; none: public
+    issuer: https://idp.example   # one of identity.issuers (default: the first)
+    redirect_url: https://gw.internal:8081/ui/callback
+    cookie_secret_file: /run/secrets/agentgate-cookie  # or cookie_secret_env:
+    session_minutes: 480
 ```
 No mitmproxy import: `agentgate rules check` uses the same parser.
 """
@@ -38,14 +45,18 @@ from addons.config.schema import (
     expect_map,
     expect_number,
     expect_str,
+    expect_str_list,
     read_secret,
 )
 
 APPROVALS_KEYS = {"listen", "link_base", "default_timeout", "on_timeout", "timeout_status",
                   "allow_mitmweb", "max_pending", "max_pending_per_identity", "preview_chars",
-                  "notify"}
+                  "notify", "web"}
 NOTIFY_KEYS = {"url", "url_env", "url_file", "retries", "backoff", "max_backoff", "timeout",
                "ca_file"}
+WEB_KEYS = {"client_id", "client_secret_env", "client_secret_file", "issuer", "redirect_url",
+            "cookie_secret_env", "cookie_secret_file", "session_minutes", "scopes"}
+MIN_COOKIE_SECRET = 32  # bytes: the session cookie's HMAC key
 DEFAULT_LISTEN = "127.0.0.1:8081"
 LISTEN_ENV = "AGENTGATE_APPROVALS_LISTEN"  # overrides `listen`; --set overrides it
 MAX_TIMEOUT = 7 * 24 * 3600
@@ -131,6 +142,28 @@ def _host_of(url: str) -> str:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The reviewers' page login (OIDC authorization code + PKCE). Secrets are held by
+    *source* (environment variable or file), read when needed, never stored here."""
+
+    client_id: str
+    client_secret_env: str | None = None
+    client_secret_file: str | None = None
+    issuer: str | None = None          # None: the first of identity.issuers
+    redirect_url: str | None = None    # None: <link_base or listen>/ui/callback
+    cookie_secret_env: str | None = None
+    cookie_secret_file: str | None = None  # neither: a random key per gateway start
+    session_minutes: int = 480
+    scopes: tuple[str, ...] = ("openid", "profile", "email")
+
+    def client_secret(self) -> str | None:
+        return read_secret(self.client_secret_env, self.client_secret_file)
+
+    def cookie_secret(self) -> str | None:
+        return read_secret(self.cookie_secret_env, self.cookie_secret_file)
+
+
+@dataclass(frozen=True)
 class ApprovalsConfig:
     listen: tuple[str, int] | None = ("127.0.0.1", 8081)
     link_base: str = ""
@@ -142,6 +175,7 @@ class ApprovalsConfig:
     max_pending_per_identity: int = 20
     preview_chars: int = 2000
     notify: NotifyConfig | None = None
+    web: WebConfig | None = None
 
     def link(self, approval_id: str, listen: tuple[str, int] | None = None) -> str:
         base = (self.link_base or url_for(listen or self.listen)).rstrip("/")
@@ -194,6 +228,52 @@ def _parse_notify(raw: Any, where: Where) -> NotifyConfig:
     )
 
 
+def _env_name(value: Any, where: Where) -> str:
+    name = expect_str(value, where)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise where.error(f"not an environment variable name: {name!r}")
+    return name
+
+
+def _parse_web(raw: Any, where: Where) -> WebConfig:
+    d = expect_map(raw, where, WEB_KEYS)
+    if d.get("client_id") is None:
+        raise where.error("needs 'client_id' (the reviewers' page's OIDC client)")
+    client_id = expect_str(d["client_id"], where.child("client_id")).strip()
+    secret: dict[str, str | None] = {}
+    for what in ("client_secret", "cookie_secret"):
+        given = [k for k in (f"{what}_env", f"{what}_file") if d.get(k) is not None]
+        if len(given) > 1:
+            raise where.error(f"give at most one of '{what}_env' and '{what}_file'")
+        secret[f"{what}_env"] = (_env_name(d[f"{what}_env"], where.child(f"{what}_env"))
+                                 if d.get(f"{what}_env") is not None else None)
+        secret[f"{what}_file"] = (expect_str(d[f"{what}_file"], where.child(f"{what}_file"))
+                                  if d.get(f"{what}_file") is not None else None)
+    issuer = None
+    if d.get("issuer") is not None:
+        issuer = expect_str(d["issuer"], where.child("issuer")).strip().rstrip("/")
+        if not _URL_RE.match(issuer):
+            raise where.child("issuer").error("expected an http:// or https:// URL")
+    redirect_url = None
+    if d.get("redirect_url") is not None:
+        redirect_url = expect_str(d["redirect_url"], where.child("redirect_url")).strip()
+        if not _URL_RE.match(redirect_url):
+            raise where.child("redirect_url").error("expected an http:// or https:// URL")
+    scopes = ("openid", "profile", "email")
+    if d.get("scopes") is not None:
+        scopes = expect_str_list(d["scopes"], where.child("scopes"))
+        if "openid" not in scopes:
+            raise where.child("scopes").error("must include 'openid' (the login needs an "
+                                              "ID token)")
+        if not all(re.fullmatch(r"[\x21\x23-\x5b\x5d-\x7e]+", s) for s in scopes):
+            raise where.child("scopes").error("a scope is one word of printable ASCII")
+    return WebConfig(
+        client_id=client_id, issuer=issuer, redirect_url=redirect_url, scopes=scopes,
+        session_minutes=expect_int(d.get("session_minutes", 480), where.child("session_minutes"),
+                                   minimum=1, maximum=7 * 24 * 60),
+        **secret)
+
+
 def parse_approvals(section: MapSection) -> ApprovalsConfig:
     d = expect_map(section.data, section.where(), APPROVALS_KEYS)
     w = section.where
@@ -237,4 +317,5 @@ def parse_approvals(section: MapSection) -> ApprovalsConfig:
         preview_chars=expect_int(d.get("preview_chars", 2000), w("preview_chars"),
                                  minimum=0, maximum=1_000_000),
         notify=notify,
+        web=_parse_web(d["web"], w("web")) if d.get("web") is not None else None,
     )
