@@ -10,8 +10,9 @@ approvals:
   allow_mitmweb: true             # master switch: false = no rule's allow_mitmweb applies
   max_pending: 1000
   max_pending_per_identity: 20    # one agent cannot fill the queue for everyone
-  preview_chars: 2000
+  preview_bytes: 262144           # the masked request kept for reviewers (256 KiB)
   notify:
+    format: slack                 # slack (Block Kit, buttons) | json (approval.* events)
     url_env: SLACK_WEBHOOK_URL    # or url: / url_file:
     retries: 5
     backoff: 1
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from addons.approval.slack import SlackConfig, parse_slack
 from addons.config.schema import (
     MapSection,
     Where,
@@ -51,9 +53,10 @@ from addons.config.schema import (
 
 APPROVALS_KEYS = {"listen", "link_base", "default_timeout", "on_timeout", "timeout_status",
                   "allow_mitmweb", "max_pending", "max_pending_per_identity", "preview_chars",
-                  "notify", "web"}
+                  "preview_bytes", "notify", "web", "slack"}
 NOTIFY_KEYS = {"url", "url_env", "url_file", "retries", "backoff", "max_backoff", "timeout",
-               "ca_file"}
+               "ca_file", "format"}
+DEFAULT_PREVIEW_BYTES = 256 * 1024
 WEB_KEYS = {"client_id", "client_secret_env", "client_secret_file", "issuer", "redirect_url",
             "cookie_secret_env", "cookie_secret_file", "session_minutes", "scopes"}
 MIN_COOKIE_SECRET = 32  # bytes: the session cookie's HMAC key
@@ -120,6 +123,7 @@ class NotifyConfig:
     max_backoff: float = 60.0
     timeout: float = 5.0
     ca_file: str | None = None
+    format: str = "slack"
 
     def resolve(self) -> str | None:
         if self.url:
@@ -173,8 +177,10 @@ class ApprovalsConfig:
     allow_mitmweb: bool = True
     max_pending: int = 1000
     max_pending_per_identity: int = 20
-    preview_chars: int = 2000
+    preview_chars: int = 2000  # legacy: read as preview_bytes when that is not given
     notify: NotifyConfig | None = None
+    preview_bytes: int = DEFAULT_PREVIEW_BYTES
+    slack: SlackConfig | None = None
     web: WebConfig | None = None
 
     def link(self, approval_id: str, listen: tuple[str, int] | None = None) -> str:
@@ -225,7 +231,14 @@ def _parse_notify(raw: Any, where: Where) -> NotifyConfig:
         timeout=float(expect_number(d.get("timeout", 5.0), where.child("timeout"),
                                     minimum=0.1, maximum=300)),
         ca_file=ca_file,
+        format=_notify_format(d.get("format", "slack"), where.child("format")),
     )
+
+
+def _notify_format(value: Any, where: Where) -> str:
+    if value not in ("slack", "json"):
+        raise where.error(f"must be slack or json, got {value!r}")
+    return str(value)
 
 
 def _env_name(value: Any, where: Where) -> str:
@@ -318,4 +331,9 @@ def parse_approvals(section: MapSection) -> ApprovalsConfig:
                                  minimum=0, maximum=1_000_000),
         notify=notify,
         web=_parse_web(d["web"], w("web")) if d.get("web") is not None else None,
+        preview_bytes=expect_int(d.get("preview_bytes", d.get("preview_chars",
+                                                              DEFAULT_PREVIEW_BYTES)),
+                                 w("preview_bytes" if "preview_bytes" in d else "preview_chars"),
+                                 minimum=0, maximum=16 * 1024 * 1024),
+        slack=parse_slack(d["slack"], w("slack")) if d.get("slack") is not None else None,
     )
