@@ -18,7 +18,7 @@ from addons.config.schema import (
 )
 from addons.frame.hosts import is_loopback_host
 
-DIALECTS = ("openai", "anthropic", "webhook", "generic")
+DIALECTS = ("openai", "anthropic", "mcp", "webhook", "generic")
 SCHEMES = ("https", "http")
 DEFAULT_PORT = {"https": 443, "http": 80}
 

@@ -1,8 +1,8 @@
 """Default-deny paths per dialect. Pure; no mitmproxy import.
 
-Each LLM dialect declares the endpoints it knows; anything else on an LLM upstream is refused
-unless the upstream's `paths:` globs allow it (webhook/generic upstreams: any path unless
-`paths:` is given). Paths are decoded once and must be unambiguous before matching: an
+Each LLM dialect (and `mcp`) declares the endpoints it knows; anything else on such an
+upstream is refused unless the upstream's `paths:` globs allow it (webhook/generic
+upstreams: any path unless `paths:` is given). Paths are decoded once and must be unambiguous before matching: an
 encoded slash, backslash or NUL, a double-encoded `%`, a dot segment (`..`, `%2e%2e`) or an
 empty segment is refused outright, so what we match is what the upstream routes.
 """
@@ -38,6 +38,10 @@ DIALECT_PATHS: dict[str, tuple[str, ...]] = {
                     for e in _OPENAI)
     + tuple(f"/openai/deployments/*/{e}" for e in _AZURE_DEPLOYMENT),
     "anthropic": tuple(f"/v1/{e}" for e in _ANTHROPIC),
+    # MCP Streamable HTTP: one endpoint (POST messages, GET the server's stream, DELETE the
+    # session); a server that serves it elsewhere (or the older HTTP+SSE transport's
+    # /sse and /messages) names its paths in the upstream's `paths:`.
+    "mcp": ("/mcp",),
 }
 
 _BAD_ESCAPES = re.compile(r"%(2f|5c|00|25)", re.IGNORECASE)
