@@ -1,30 +1,37 @@
 """The two hooks the relay calls per statement, implemented by helper PG-B (issue 14).
 
-PG-B: implement these in `addons/database/rowmask.py` and `addons/database/records.py`;
-the relay (addons/database/session.py) finds them here through `resolve_hooks()`:
+PG-B: implement these in `addons/database/rowmask.py` and `addons/database/records.py`
+(this follows rowmask.py's own design: one masker per client connection that sees every
+message in both directions); the relay (addons/database/session.py) finds them through
+`resolve_hooks()`:
 
-- `addons.database.rowmask.make_result_masker(db, statement, formats, row_description)
-  -> ResultMasker` — called when the server starts answering one execution (a simple
-  Query, or an Execute of a portal). `db` is the `Database` (addons/database/config.py) with
-  its `mask_columns` and `mask` settings, `statement` the `Statement` (addons/database/
-  sqlfacts.py: kinds, tables, …) or None (a message that carries no SQL), `formats` the result
-  format codes the client asked for in Bind (() for simple Query = all text; one code = all
-  columns; else one per column), `row_description` the RowDescription payload (without type
-  byte and length) already known for this portal/statement, or None (it will arrive through
-  `row_description()`). Each method gets a message *payload* (no type byte, no length) and
-  returns the payload to send instead; raising `MaskRefused` refuses the message: the relay
-  then sends the client an ErrorResponse (SQLSTATE 42501) instead of the rest of the result
-  and closes the connection (a half-sent result cannot be resumed).
+- `addons.database.rowmask.make_result_masker(db, masking, identity) -> ResultMasker`, once per
+  client connection after login. `db` is the `Database` (addons/database/config.py: `mask`,
+  `mask_columns`, …), `masking` the rules' masking section in force, `identity` the verified
+  identity dict. The relay then calls, in wire order:
+    `masker.client(msg_type, payload, token)` for every frontend message it forwards
+      (payload without type byte and length; `token` is the relay's per-statement object for
+      Query/Execute, else None);
+    `masker.server(msg_type, payload) -> list[(msg_type, payload)]` for every backend
+      message after login; the list is sent instead. Raising `Desync` (rowmask.py) or any
+      other exception closes both connections.
+    after each `server()` call the relay drains `masker.results` (a list it empties):
+      objects with `.token`, `.tag` (CommandComplete tag or None), `.rows`, `.error`
+      (str or None), `.findings` (count) — one per finished simple Query / Execute.
+    before `server()` of a RowDescription, the relay resolves `wanted_tables(msg_type,
+      payload)` (module function) that `masker.catalog.missing(oids)` reports, by running
+      `CATALOG_SQL` (module constant, one `$1` int8[] parameter … or the OIDs inlined) over
+      the gateway's own second login, and `masker.catalog.put(oids, rows)`.
 - `addons.database.records.make_statement_recorder(recorder) -> Callable[[dict], None]` —
   `recorder` is the gateway's Recorder addon (addons/recording/addon.py); the returned
   callable is called once per statement, on the event loop, and must not block (queue the
   write). The dict: {"db": name, "upstream": "host:port", "database", "identity": {sub, iss,
   groups, …} (never the token), "session": the agent's session id or None, "peer": "ip:port",
   "sql": masked SQL (literals replaced by $n), "kinds": [..], "tables": [..], "functions":
-  [..], "decision": allow|block|approve|observe|error, "rule": name or None, "approval":
-  approval id/state or None, "rows": int or None, "command": CommandComplete tag or None,
-  "error": str or None (SQLSTATE + message, masked), "started": epoch s, "ended": epoch s,
-  "duration_ms": float}.
+  [..], "decision": allow|block|approve|observe, "rule": name or None, "approval": approval
+  id/state or None, "rows": int or None, "command": CommandComplete tag or None, "error":
+  str or None (SQLSTATE + message, masked), "findings": int, "started": epoch s, "ended":
+  epoch s, "duration_ms": float}.
 
 Until PG-B's modules exist the defaults below refuse: a connection is refused rather than
 served unmasked or unrecorded (fail closed). Tests replace the factories on the Database
@@ -41,27 +48,20 @@ from typing import Any, Protocol
 log = logging.getLogger("agentgate.database")
 
 
-class MaskRefused(Exception):
-    """A server message cannot be masked safely: the client must not get it."""
-
-
 class HookMissing(Exception):
     """A hook the relay needs is not installed: refuse the connection."""
 
 
 class ResultMasker(Protocol):
-    def row_description(self, payload: bytes) -> bytes: ...
+    results: list[Any]
+    catalog: Any
 
-    def data_row(self, payload: bytes) -> bytes: ...
+    def client(self, msg_type: bytes, payload: bytes, token: Any) -> None: ...
 
-    def copy_data(self, payload: bytes) -> bytes: ...
-
-    def notice(self, kind: bytes, payload: bytes) -> bytes:
-        """ErrorResponse (b"E"), NoticeResponse (b"N") or NotificationResponse (b"A")."""
-        ...
+    def server(self, msg_type: bytes, payload: bytes) -> list[tuple[bytes, bytes]]: ...
 
 
-MaskerFactory = Callable[[Any, Any, tuple[int, ...], bytes | None], ResultMasker]
+MaskerFactory = Callable[[Any, Any, dict[str, Any]], ResultMasker]
 RecorderFactory = Callable[[Any], Callable[[dict[str, Any]], None]]
 
 
@@ -82,8 +82,7 @@ def resolve_hooks() -> tuple[MaskerFactory, RecorderFactory]:
     return masker, recorder
 
 
-def _missing_masker(db: Any, statement: Any, formats: tuple[int, ...],
-                    row_description: bytes | None) -> ResultMasker:
+def _missing_masker(db: Any, masking: Any, identity: dict[str, Any]) -> ResultMasker:
     raise HookMissing("result masking is not installed")
 
 
