@@ -1,8 +1,11 @@
 """Error bodies in the caller's API dialect, so SDKs raise readable exceptions.
 
 Pure functions (no mitmproxy): the OpenAI SDK reads `error.message`, the Anthropic SDK
-reads `error.message` under a `type: error` envelope. Every refusal carries the code and,
-where a rule decided, the rule's name.
+reads `error.message` under a `type: error` envelope, an MCP client reads a JSON-RPC error
+object (`error.code`, `error.message`, `error.data`). Every refusal carries the code and,
+where a rule decided, the rule's name. For `mcp` the body made here has `id: null`: the
+mcp addon (addons/mcp/addon.py, McpAnswers) gives it the ids of the refused requests and
+the HTTP status an MCP client reads a JSON-RPC answer from.
 """
 
 from __future__ import annotations
@@ -58,10 +61,34 @@ def guess_dialect(host: str, path: str) -> str:
     return "generic"
 
 
+# JSON-RPC error codes for the gateway's refusals of MCP traffic: JSON-RPC's own for a body
+# that is not JSON-RPC, -32001 (the range JSON-RPC leaves to servers) for a refusal by rule
+# or step, -32603 for the gateway's own failure.
+JSONRPC_PARSE_ERROR = -32700
+JSONRPC_INVALID_REQUEST = -32600
+JSONRPC_REFUSED = -32001
+JSONRPC_INTERNAL = -32603
+
+
+_JSONRPC_CODES = {"invalid_json": JSONRPC_PARSE_ERROR, "invalid_jsonrpc": JSONRPC_INVALID_REQUEST,
+                  "invalid_params": -32602, "mcp_method_refused": -32601,
+                  "gateway_error": JSONRPC_INTERNAL}
+
+
+def jsonrpc_code(status: int, code: str) -> int:
+    return _JSONRPC_CODES.get(code, JSONRPC_REFUSED)
+
+
 def error_payload(dialect: str, status: int, message: str, code: str,
                   rule: str | None = None) -> dict:
     oa_type, an_type = error_types(status)
     text = f"agentgate: {message}" + (f" (rule: {rule})" if rule else "")
+    if dialect == "mcp":
+        data: dict = {"code": code, "status": status}
+        if rule:
+            data["rule"] = rule
+        return {"jsonrpc": "2.0", "id": None,
+                "error": {"code": jsonrpc_code(status, code), "message": text, "data": data}}
     if dialect == "anthropic":
         err: dict = {"type": an_type, "message": text, "code": code}
         if rule:

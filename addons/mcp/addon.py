@@ -1,0 +1,473 @@
+"""The MCP addon: Streamable HTTP traffic of `dialect: mcp` upstreams, read as JSON-RPC.
+
+Requests (before policy): a POST body must be strict JSON-RPC (one message or a batch;
+addons/mcp/jsonrpc.py), or it is answered with a JSON-RPC error (-32700 / -32600 / -32602)
+and never forwarded; methods an MCP client does not send are refused unless
+`mcp.unknown_methods: allow`; a `tools/call` of a tool whose pinned definition changed
+(or whose description the scan flagged, with `description_scan: block`) is refused
+(`pinning.on_change: block`) or marked for policy to hold (`approve`). GET (the server's
+own stream) and DELETE (end of session) pass on to the other steps. What the request is
+goes to `flow.metadata["mcp"]` (names only, never argument values): method, tool, uri,
+prompt, id, session (Mcp-Session-Id), batch (number of messages, 0 for one), pin, and for
+a batch the same names per message.
+
+Responses (after the upstream): JSON bodies and SSE streams are read message by message
+(an SSE stream as it streams, one event at a time, never buffered whole). Responses are
+correlated with the requests of the flow by id. A `tools/list` result is pinned
+(addons/mcp/pins.py) and scanned; then every transform registered by a later concern (the
+policy's tools/list filter, addons/policy/mcp.py) runs on each message. A server-to-client
+`sampling/createMessage` or `elicitation/create` is dropped unless the rules allow it: the
+client never sees it and the server is answered with a JSON-RPC error (a POST of its own,
+straight to the upstream, with the gateway's credential for it).
+
+McpAnswers (placed just before the recorder) turns every refusal of any step on an mcp
+upstream into what an MCP client reads: a JSON-RPC error per refused request, with its id,
+naming the rule, in an HTTP 200 (an SDK client treats any other status as a broken
+transport); a refused body of notifications only gets 202; a body that is not JSON-RPC
+keeps its 400 with `id: null`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import ctx, http
+
+from addons.config.holder import RulesHolder
+from addons.frame import decode
+from addons.frame.guard import guarded, refuse
+from addons.mcp import jsonrpc
+from addons.mcp.config import McpConfig
+from addons.mcp.pins import PinStore, scope_key
+from addons.mcp.sse import Event, EventTooLarge, Splitter
+
+log = logging.getLogger("agentgate.mcp")
+
+# A transform sees one server message (a dict) of a flow, with the method of the request
+# it answers (None when it is not a response to a known request), and returns it (maybe
+# changed) or None to drop it.
+Transform = Callable[[http.HTTPFlow, "str | None", dict[str, Any]], "dict[str, Any] | None"]
+SERVER_METHODS = frozenset({"ping", "roots/list"})
+ANSWER_TIMEOUT = 10.0
+
+
+def mcp_upstream(flow: http.HTTPFlow) -> dict[str, Any] | None:
+    up = flow.metadata.get("upstream")
+    if isinstance(up, dict) and up.get("dialect") == "mcp":
+        return up
+    return None
+
+
+def _sub(flow: http.HTTPFlow) -> str | None:
+    ident = flow.metadata.get("identity")
+    return ident.get("sub") if isinstance(ident, dict) else None
+
+
+class Mcp:
+    def __init__(self, holder: RulesHolder) -> None:
+        self.holder = holder
+        self.transforms: list[Transform] = []
+        self._stores: dict[str, PinStore] = {}
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    # -- configuration
+    def config(self) -> McpConfig:
+        rules = self.holder.rules
+        if rules is None:
+            raise RuntimeError("no rules loaded")
+        cfg = getattr(rules, "mcp", None)
+        return cfg if isinstance(cfg, McpConfig) else McpConfig()
+
+    def store(self, cfg: McpConfig) -> PinStore:
+        path = cfg.pinning.store
+        if path is None:
+            data = getattr(ctx.options, "agentgate_data", "data") if ctx.master else "data"
+            path = str(Path(data) / "mcp-pins.json")
+        st = self._stores.get(path)
+        if st is None:
+            st = self._stores[path] = PinStore(path)
+        return st
+
+    def scope(self, cfg: McpConfig, flow: http.HTTPFlow, server: str) -> str:
+        return scope_key(server, _sub(flow), cfg.pinning.scope == "identity")
+
+    # -- requests
+    @guarded("mcp")
+    async def request(self, flow: http.HTTPFlow) -> None:
+        up = mcp_upstream(flow)
+        if up is None:
+            return
+        cfg = self.config()
+        req = flow.request
+        meta: dict[str, Any] = {"method": None, "tool": None, "uri": None, "prompt": None,
+                                "id": None, "session": req.headers.get("mcp-session-id"),
+                                "batch": 0, "pin": None, "ids": []}
+        flow.metadata["mcp"] = meta
+        # the gateway reads every response as it streams: no compression to undo
+        req.headers["accept-encoding"] = "identity"
+        if req.method in ("GET", "DELETE"):
+            meta["method"] = "<stream>" if req.method == "GET" else "<end-session>"
+            return
+        if req.method != "POST":
+            refuse(flow, 405, f"{req.method} is not an MCP Streamable HTTP method",
+                   "invalid_jsonrpc", "mcp")
+            return
+        try:
+            body = decode.request_body(flow, max_bytes=cfg.max_event_bytes)
+            value = jsonrpc.loads_strict(body.text if body is not None else "")
+            payload = jsonrpc.parse_payload(value)
+        except decode.DecodeError as e:
+            refuse(flow, 400, f"cannot read the JSON-RPC body: {e.reason}", "invalid_json",
+                   "mcp")
+            return
+        except jsonrpc.JsonRpcError as e:
+            if e.id is not None:
+                meta["ids"] = [e.id]
+            code = {jsonrpc.PARSE_ERROR: "invalid_json",
+                    jsonrpc.INVALID_PARAMS: "invalid_params"}.get(e.code, "invalid_jsonrpc")
+            refuse(flow, 400, f"invalid JSON-RPC: {e.message}", code, "mcp")
+            return
+        msgs = payload.messages
+        meta["parsed"] = True
+        first = msgs[0]
+        meta.update({k: v for k, v in first.names().items() if k != "kind"})
+        meta["ids"] = [m.id for m in msgs if m.is_request]
+        if payload.batch:
+            meta["batch"] = len(msgs)
+            meta["messages"] = [m.names() for m in msgs]
+        if cfg.unknown_methods == "deny":
+            for m in msgs:
+                if m.method is not None and m.method not in jsonrpc.CLIENT_METHODS \
+                        and not m.method.startswith("notifications/"):
+                    refuse(flow, 403, f"MCP method {m.method[:80]!r} is not allowed",
+                           "mcp_method_refused", "mcp", rule="mcp.unknown_methods")
+                    return
+        calls = [m for m in msgs if m.method == "tools/call"]
+        if calls and cfg.pinning.enabled:
+            store = self.store(cfg)
+            await asyncio.to_thread(store.refresh)
+            scope = self.scope(cfg, flow, up.get("name") or "")
+            for m in calls:
+                state, sus = store.status(scope, m.tool or "")
+                if cfg.description_scan != "block":
+                    sus = []
+                if state == "changed" or sus:
+                    why = (f"tool {m.tool!r} of {up.get('name')!r} changed since it was "
+                           f"pinned" if state == "changed" else
+                           f"tool {m.tool!r} of {up.get('name')!r} has a suspicious "
+                           f"description ({', '.join(sus)})")
+                    meta["pin"] = "changed"
+                    if len(calls) > 1:
+                        meta.setdefault("pins", {})[m.tool] = "changed"
+                    log.warning("agentgate: mcp: call to %s/%s: %s", up.get("name"),
+                                m.tool, "pin changed" if state == "changed" else
+                                "flagged by the description scan")
+                    if cfg.pinning.on_change == "block":
+                        refuse(flow, 403, f"{why}; an operator must accept it: agentgate "
+                               f"mcp pins accept {up.get('name')} {m.tool}",
+                               "mcp_pin_changed", "mcp", rule=f"mcp.pin:{m.tool}")
+                        return
+                elif meta["pin"] is None:
+                    meta["pin"] = "same" if state == "same" else None
+
+    # -- responses
+    @guarded("mcp")
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None or "refusal" in flow.metadata or mcp_upstream(flow) is None:
+            return
+        sid = resp.headers.get("mcp-session-id")
+        meta = flow.metadata.get("mcp")
+        if sid and isinstance(meta, dict) and not meta.get("session"):
+            meta["session"] = sid
+        if not resp.headers.get("content-type", "").lower().startswith("text/event-stream"):
+            return
+        enc = resp.headers.get("content-encoding", "").strip().lower()
+        if enc not in ("", "identity"):
+            refuse(flow, 502, "a compressed MCP event stream cannot be inspected",
+                   "unmaskable_body", "mcp")
+            return
+        resp.stream = McpStream(self, flow, self.config())
+
+    @guarded("mcp")
+    async def response(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None or resp.stream or "refusal" in flow.metadata \
+                or mcp_upstream(flow) is None:
+            return
+        if not decode.is_json_mime(decode.parse_content_type(
+                resp.headers.get("content-type", ""))[0]) or not resp.raw_content:
+            return  # 202 Accepted, an HTTP error text: no JSON-RPC in it
+        cfg = self.config()
+        try:
+            body = decode.response_body(flow, max_bytes=cfg.max_event_bytes)
+            value = jsonrpc.loads_strict(body.text if body is not None else "")
+            payload = jsonrpc.parse_payload(value)
+        except (decode.DecodeError, jsonrpc.JsonRpcError) as e:
+            reason = e.reason if isinstance(e, decode.DecodeError) else e.message
+            refuse(flow, 502, f"the MCP server's answer is not valid JSON-RPC: {reason}",
+                   "upstream_invalid_jsonrpc", "mcp")
+            return
+        out = await asyncio.to_thread(self.process, flow, cfg, payload.messages)
+        if out is None:
+            return
+        if not out:
+            resp.status_code, resp.content = 202, b""
+            resp.headers.pop("content-type", None)
+            return
+        resp.headers.pop("content-encoding", None)
+        resp.content = jsonrpc.dumps(out if payload.batch else out[0])
+
+    # -- server messages
+    def process(self, flow: http.HTTPFlow, cfg: McpConfig,
+                msgs: tuple[jsonrpc.Message, ...]) -> list[dict[str, Any]] | None:
+        """The messages to pass on (None: all unchanged)."""
+        out: list[dict[str, Any]] = []
+        changed = False
+        for m in msgs:
+            new = self.server_message(flow, cfg, m)
+            if new is not m.raw:
+                changed = True
+            if new is not None:
+                out.append(new)
+        return out if changed else None
+
+    def server_message(self, flow: http.HTTPFlow, cfg: McpConfig, m: jsonrpc.Message
+                       ) -> dict[str, Any] | None:
+        up = mcp_upstream(flow) or {}
+        server = up.get("name") or ""
+        if m.kind == "request":
+            return self._server_request(flow, cfg, m, server)
+        if m.kind == "notification":
+            return m.raw
+        meta = flow.metadata.get("mcp")
+        method = None
+        if isinstance(meta, dict):
+            if meta.get("batch"):
+                for item in meta.get("messages") or ():
+                    if item.get("kind") == "request" and item.get("id") == m.id:
+                        method = item.get("method")
+            elif meta.get("id") == m.id and m.id is not None:
+                method = meta.get("method")
+        obj: dict[str, Any] | None = m.raw
+        result = obj.get("result") if m.kind == "response" else None
+        # a tools/list answer, by correlation or by shape (a resumed stream has no request)
+        if isinstance(result, dict) and isinstance(result.get("tools"), list) and \
+                method in ("tools/list", None):
+            obj = self._tools_list(flow, cfg, obj, server)
+            method = "tools/list"
+        for t in self.transforms:
+            if obj is None:
+                break
+            obj = t(flow, method, obj)
+        return obj
+
+    def _server_request(self, flow: http.HTTPFlow, cfg: McpConfig, m: jsonrpc.Message,
+                        server: str) -> dict[str, Any] | None:
+        meth = m.method or ""
+        if meth == jsonrpc.SAMPLING:
+            ok = cfg.allows(cfg.allow_sampling, server)
+        elif meth == jsonrpc.ELICITATION:
+            ok = cfg.allows(cfg.allow_elicitation, server)
+        else:
+            ok = meth in SERVER_METHODS or cfg.unknown_methods == "allow"
+        if ok:
+            return m.raw
+        meta = flow.metadata.setdefault("mcp", {})
+        meta.setdefault("refused_server_requests", []).append(meth[:80])
+        log.warning("agentgate: mcp: %s from %s refused (not allowed by the rules); the "
+                    "client never sees it", meth[:80], server)
+        self.answer_server(flow, m.id, f"agentgate: {meth[:80]} is not allowed by the "
+                           f"gateway's rules (mcp.allow_"
+                           f"{'elicitation' if meth == jsonrpc.ELICITATION else 'sampling'})")
+        return None
+
+    def _tools_list(self, flow: http.HTTPFlow, cfg: McpConfig, obj: dict[str, Any],
+                    server: str) -> dict[str, Any]:
+        tools = [t for t in obj["result"]["tools"] if isinstance(t, dict)]
+        meta = flow.metadata.setdefault("mcp", {})
+        if not cfg.pinning.enabled and cfg.description_scan == "off":
+            return obj
+        store = self.store(cfg)
+        scope = self.scope(cfg, flow, server)
+        states = store.observe(scope, tools)
+        changed = sorted(n for n, (s, _) in states.items() if s == "changed")
+        new = sorted(n for n, (s, _) in states.items() if s == "new")
+        suspicious = {n: r for n, (_, r) in states.items() if r} \
+            if cfg.description_scan != "off" else {}
+        if cfg.pinning.enabled:
+            meta["pins"] = {"new": new[:200], "changed": changed[:200]}
+            if changed:
+                log.warning("agentgate: mcp: %s changed tool definitions since pinned: %s "
+                            "(calls %s until accepted: agentgate mcp pins accept %s <tool>)",
+                            server, ", ".join(changed[:20]),
+                            "blocked" if cfg.pinning.on_change == "block" else "held",
+                            server)
+        if suspicious:
+            meta["suspicious"] = {n: r for n, r in list(suspicious.items())[:200]}
+            log.warning("agentgate: mcp: %s tool descriptions flagged: %s", server,
+                        "; ".join(f"{n} ({', '.join(r)})" for n, r in
+                                  list(suspicious.items())[:20]))
+            if cfg.description_scan == "block":
+                result = dict(obj["result"])
+                result["tools"] = [t for t in obj["result"]["tools"]
+                                   if not (isinstance(t, dict) and t.get("name") in suspicious)]
+                obj = {**obj, "result": result}
+        return obj
+
+    # -- answering the server
+    def answer_server(self, flow: http.HTTPFlow, rid: Any, message: str) -> None:
+        """POST a JSON-RPC error for the server's request `rid` to the server, directly
+        (not through the proxy: this is the gateway speaking for the client)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(self._answer(flow, rid, message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, flow: http.HTTPFlow, rid: Any, message: str) -> None:
+        from tornado import httpclient, simple_httpclient
+
+        up_meta = mcp_upstream(flow) or {}
+        rules = self.holder.rules
+        up = rules.upstream_named(up_meta.get("name")) if rules is not None else None
+        req = flow.request
+        resp = flow.response
+        headers = {"content-type": "application/json",
+                   "accept": "application/json, text/event-stream",
+                   "host": req.host_header or req.host}
+        sid = (resp.headers.get("mcp-session-id") if resp is not None else None) or \
+            req.headers.get("mcp-session-id")
+        if sid:
+            headers["mcp-session-id"] = sid
+        if req.headers.get("mcp-protocol-version"):
+            headers["mcp-protocol-version"] = req.headers["mcp-protocol-version"]
+        if up is not None and up.credential is not None:
+            real = up.credential.resolve()
+            if real is None:
+                log.error("agentgate: mcp: no credential to answer %s", up.name)
+                return
+            headers[up.credential.header] = real
+        body = jsonrpc.dumps(jsonrpc.error_message(rid, jsonrpc.REFUSED, message))
+        ssl_ctx: ssl.SSLContext | None = None
+        if req.scheme == "https":
+            ca = getattr(ctx.options, "ssl_verify_upstream_trusted_ca", None) \
+                if ctx.master else None
+            ssl_ctx = await asyncio.to_thread(ssl.create_default_context, cafile=ca)
+            if ctx.master and getattr(ctx.options, "ssl_insecure", False):
+                ssl_ctx.check_hostname = False
+                ssl_ctx.verify_mode = ssl.CERT_NONE
+        peer = flow.server_conn.peername
+        mapping = {req.host: peer[0]} if peer else None
+        client = simple_httpclient.SimpleAsyncHTTPClient(
+            force_instance=True, max_body_size=64 * 1024, hostname_mapping=mapping)
+        try:
+            r = await client.fetch(httpclient.HTTPRequest(
+                req.url.split("?", 1)[0], method="POST", body=body, headers=headers,
+                connect_timeout=ANSWER_TIMEOUT, request_timeout=ANSWER_TIMEOUT,
+                follow_redirects=False, ssl_options=ssl_ctx, decompress_response=False),
+                raise_error=False)
+            if r.code >= 400:
+                log.warning("agentgate: mcp: the server answered %s to the gateway's refusal",
+                            r.code)
+        except Exception as e:  # noqa: BLE001 - best effort; the client is protected already
+            log.warning("agentgate: mcp: could not answer the server (%s)", type(e).__name__)
+        finally:
+            client.close()
+
+
+class McpStream:
+    """The stream function of one SSE response: events in, events out, each JSON-RPC
+    message judged as it arrives; an event that is not JSON-RPC aborts the stream."""
+
+    def __init__(self, addon: Mcp, flow: http.HTTPFlow, cfg: McpConfig) -> None:
+        self.addon = addon
+        self.flow = weakref.proxy(flow)
+        self.cfg = cfg
+        self.splitter = Splitter(cfg.max_event_bytes)
+
+    def __call__(self, data: bytes) -> list[bytes] | bytes:
+        try:
+            events = self.splitter.end() if data == b"" else self.splitter.feed(data)
+            out = [self.event(lines) for lines in events]
+        except (EventTooLarge, jsonrpc.JsonRpcError) as e:
+            log.error("agentgate: mcp: event stream aborted: %s",
+                      e.message if isinstance(e, jsonrpc.JsonRpcError) else e)
+            raise RuntimeError("MCP stream aborted") from None
+        except Exception as e:  # noqa: BLE001 - fail closed: never pass an unjudged event
+            log.error("agentgate: mcp: event stream aborted (%s)", type(e).__name__)
+            raise RuntimeError("MCP stream aborted") from None
+        return [b for b in out if b]
+
+    def event(self, lines: list[bytes]) -> bytes:
+        ev = Event.parse(lines)
+        if ev.data is None:
+            return ev.render()
+        payload = jsonrpc.parse_payload(jsonrpc.loads_strict(ev.data))
+        flow: Any = self.flow
+        out = self.addon.process(flow, self.cfg, payload.messages)
+        if out is None:
+            return ev.render()
+        if not out:
+            return b""
+        return ev.render(json.dumps(out if payload.batch else out[0], ensure_ascii=False,
+                                    separators=(",", ":")))
+
+
+class McpAnswers:
+    """Refusals on mcp upstreams as JSON-RPC answers (see the module docstring)."""
+
+    @guarded("mcp", skip_answered=False)
+    def response(self, flow: http.HTTPFlow) -> None:
+        ref = flow.metadata.get("refusal")
+        resp = flow.response
+        if not isinstance(ref, dict) or resp is None or mcp_upstream(flow) is None:
+            return
+        meta = flow.metadata.get("mcp")
+        ids: list[Any] = []
+        batch = False
+        notifications_only = False
+        if isinstance(meta, dict) and "ids" in meta:
+            ids = list(meta.get("ids") or ())
+            batch = bool(meta.get("batch"))
+            notifications_only = not ids and bool(meta.get("parsed"))
+        else:
+            ids, batch, notifications_only = _ids_of(flow)
+        try:
+            err = json.loads(resp.content or b"{}").get("error")
+        except (ValueError, AttributeError):
+            err = None
+        if not isinstance(err, dict) or "code" not in err:
+            err = {"code": jsonrpc.REFUSED, "message": f"agentgate: {ref.get('message')}",
+                   "data": {"code": ref.get("code"), "rule": ref.get("rule") or None}}
+        if ids:
+            answers = [{"jsonrpc": "2.0", "id": i, "error": err} for i in ids]
+            resp.status_code = 200
+            resp.content = jsonrpc.dumps(answers if batch else answers[0])
+            resp.headers["content-type"] = "application/json"
+        elif notifications_only:
+            resp.status_code = 202
+            resp.content = b""
+        else:
+            resp.content = jsonrpc.dumps({"jsonrpc": "2.0", "id": None, "error": err})
+            resp.headers["content-type"] = "application/json"
+
+
+def _ids_of(flow: http.HTTPFlow) -> tuple[list[Any], bool, bool]:
+    """Best effort, for a flow refused before the mcp addon read it (identity, egress)."""
+    try:
+        body = decode.request_body(flow, max_bytes=1 << 20)
+        payload = jsonrpc.parse_payload(jsonrpc.loads_strict(body.text if body else ""))
+    except Exception:  # noqa: BLE001 - unreadable: answered with id null
+        return [], False, False
+    ids = [m.id for m in payload.messages if m.is_request]
+    return ids, payload.batch, not ids

@@ -1,0 +1,233 @@
+"""Strict JSON-RPC 2.0 as MCP uses it: parse, validate and correlate messages. Pure.
+
+A message is a request (method + id), a notification (method, no id), a response (id +
+result) or an error (id + error). Anything else, and anything a lenient parser would
+guess at (a `jsonrpc` other than "2.0", a null or boolean or fractional id, `result` and
+`error` together, unknown top-level members, `params` that is not an object for the
+methods MCP defines), is refused: what the gateway judged must be exactly what the server
+reads. A batch (a JSON array) is judged message by message.
+
+Error codes are JSON-RPC's own (-32700 parse error, -32600 invalid request, -32601
+method not found, -32602 invalid params, -32603 internal error) plus REFUSED (-32001,
+in the range JSON-RPC leaves to servers) for a message the gateway's rules refuse.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+REFUSED = -32001
+
+# What an MCP client may send (besides notifications/* and responses to the server's own
+# requests); anything else is refused unless `mcp.unknown_methods: allow`.
+CLIENT_METHODS = frozenset({
+    "initialize", "ping", "tools/list", "tools/call", "resources/list", "resources/read",
+    "resources/templates/list", "resources/subscribe", "resources/unsubscribe",
+    "prompts/list", "prompts/get", "completion/complete", "logging/setLevel",
+})
+# Requests a server sends to the client that ask the client (its model or its user) for
+# something: refused unless the rules allow them.
+SAMPLING = "sampling/createMessage"
+ELICITATION = "elicitation/create"
+
+MAX_BATCH = 1000
+_KEYS = {
+    "request": {"jsonrpc", "id", "method", "params"},
+    "notification": {"jsonrpc", "method", "params"},
+    "response": {"jsonrpc", "id", "result"},
+    "error": {"jsonrpc", "id", "error"},
+}
+
+
+class JsonRpcError(ValueError):
+    """A message that is not valid JSON-RPC / MCP. `id` is the message's id when it has a
+    usable one (the error answer carries it), else None."""
+
+    def __init__(self, code: int, message: str, id: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.id = id
+
+
+def _is_id(v: Any) -> bool:
+    return (isinstance(v, str) and len(v) <= 256) or \
+        (isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**63)
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: str  # request | notification | response | error
+    id: str | int | None
+    method: str | None
+    params: Any
+    raw: dict[str, Any]
+
+    @property
+    def is_request(self) -> bool:
+        return self.kind == "request"
+
+    @property
+    def tool(self) -> str | None:
+        """The tool a `tools/call` calls."""
+        if self.method == "tools/call" and isinstance(self.params, dict):
+            return self.params.get("name")
+        return None
+
+    @property
+    def uri(self) -> str | None:
+        """The resource a `resources/read` (or subscribe) names."""
+        if self.method and self.method.startswith("resources/") and \
+                isinstance(self.params, dict) and isinstance(self.params.get("uri"), str):
+            return self.params["uri"]
+        return None
+
+    @property
+    def prompt(self) -> str | None:
+        if self.method == "prompts/get" and isinstance(self.params, dict):
+            return self.params.get("name")
+        return None
+
+    def names(self) -> dict[str, Any]:
+        """Names only (never argument or result values): what metadata may carry."""
+        return {"method": self.method, "tool": self.tool, "uri": self.uri,
+                "prompt": self.prompt, "id": self.id, "kind": self.kind}
+
+
+def parse_message(obj: Any) -> Message:
+    """One JSON-RPC message. Raises JsonRpcError."""
+    if not isinstance(obj, dict):
+        raise JsonRpcError(INVALID_REQUEST, "a JSON-RPC message must be an object")
+    mid = obj.get("id")
+    usable_id = mid if _is_id(mid) else None
+    if obj.get("jsonrpc") != "2.0":
+        raise JsonRpcError(INVALID_REQUEST, 'jsonrpc must be "2.0"', usable_id)
+    if "method" in obj:
+        method = obj["method"]
+        if not isinstance(method, str) or not method or len(method) > 256:
+            raise JsonRpcError(INVALID_REQUEST, "method must be a non-empty string",
+                               usable_id)
+        kind = "request" if "id" in obj else "notification"
+    elif "result" in obj and "error" not in obj:
+        kind, method = "response", None
+    elif "error" in obj and "result" not in obj:
+        kind, method = "error", None
+    else:
+        raise JsonRpcError(INVALID_REQUEST,
+                           "a message needs a method, or exactly one of result and error",
+                           usable_id)
+    extra = set(obj) - _KEYS[kind]
+    if extra:
+        raise JsonRpcError(INVALID_REQUEST, f"unexpected member {sorted(extra)[0]!r}",
+                           usable_id)
+    if "id" in obj and not _is_id(mid) and not (kind == "error" and mid is None):
+        raise JsonRpcError(INVALID_REQUEST, "id must be a string or an integer")
+    params = obj.get("params")
+    if kind == "error":
+        err = obj["error"]
+        if not isinstance(err, dict) or not isinstance(err.get("code"), int) or \
+                isinstance(err.get("code"), bool) or not isinstance(err.get("message"), str):
+            raise JsonRpcError(INVALID_REQUEST, "error must have an integer code and a "
+                               "string message", usable_id)
+    if "params" in obj and not isinstance(params, dict | list):
+        raise JsonRpcError(INVALID_REQUEST, "params must be an object or an array",
+                           usable_id)
+    msg = Message(kind, mid if "id" in obj else None, method, params, obj)
+    _check_params(msg)
+    return msg
+
+
+def _check_params(msg: Message) -> None:
+    """The members the rules look at must be what they claim: a tool name that is not a
+    string, or arguments that are not an object, would be judged as absent and read by the
+    server as something else."""
+    m, p = msg.method, msg.params
+    if m is None:
+        return
+    if m.startswith(("tools/", "resources/", "prompts/", "completion/", "logging/",
+                     "sampling/", "elicitation/", "notifications/")) or m == "initialize":
+        if p is not None and not isinstance(p, dict):
+            raise JsonRpcError(INVALID_PARAMS, f"params of {m} must be an object", msg.id)
+    if m == "tools/call":
+        if not isinstance(p, dict) or not isinstance(p.get("name"), str) or not p["name"]:
+            raise JsonRpcError(INVALID_PARAMS, "tools/call needs params.name (a string)",
+                               msg.id)
+        if "arguments" in p and p["arguments"] is not None and \
+                not isinstance(p["arguments"], dict):
+            raise JsonRpcError(INVALID_PARAMS, "tools/call params.arguments must be an "
+                               "object", msg.id)
+    elif m in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
+        if not isinstance(p, dict) or not isinstance(p.get("uri"), str):
+            raise JsonRpcError(INVALID_PARAMS, f"{m} needs params.uri (a string)", msg.id)
+    elif m == "prompts/get":
+        if not isinstance(p, dict) or not isinstance(p.get("name"), str) or not p["name"]:
+            raise JsonRpcError(INVALID_PARAMS, "prompts/get needs params.name (a string)",
+                               msg.id)
+
+
+@dataclass(frozen=True)
+class Payload:
+    messages: tuple[Message, ...]
+    batch: bool
+
+
+def parse_payload(value: Any) -> Payload:
+    """A parsed JSON body: one message or a batch. Raises JsonRpcError; for a batch with an
+    invalid member the error names it (by index) and carries its id when it has one."""
+    if isinstance(value, list):
+        if not value:
+            raise JsonRpcError(INVALID_REQUEST, "an empty batch")
+        if len(value) > MAX_BATCH:
+            raise JsonRpcError(INVALID_REQUEST, f"a batch of more than {MAX_BATCH} messages")
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(parse_message(item))
+            except JsonRpcError as e:
+                raise JsonRpcError(e.code, f"batch message {i}: {e.message}", e.id) from None
+        ids = [m.id for m in out if m.kind == "request"]
+        if len(ids) != len(set(map(repr, ids))):
+            raise JsonRpcError(INVALID_REQUEST, "two requests of one batch share an id")
+        return Payload(tuple(out), True)
+    return Payload((parse_message(value),), False)
+
+
+def loads_strict(data: bytes | str) -> Any:
+    """json.loads refusing duplicate object keys (two readers could take different ones)
+    and non-standard constants (NaN, Infinity). Raises JsonRpcError(PARSE_ERROR)."""
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for k, v in items:
+            if k in d:
+                raise JsonRpcError(PARSE_ERROR, f"duplicate key {k[:40]!r}")
+            d[k] = v
+        return d
+
+    def bad_constant(name: str) -> Any:
+        raise JsonRpcError(PARSE_ERROR, f"{name} is not JSON")
+
+    try:
+        return json.loads(data, object_pairs_hook=pairs, parse_constant=bad_constant)
+    except JsonRpcError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise JsonRpcError(PARSE_ERROR, f"not JSON ({type(e).__name__})") from None
+
+
+def error_message(id: Any, code: int, message: str, data: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if data:
+        err["data"] = data
+    return {"jsonrpc": "2.0", "id": id, "error": err}
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()

@@ -1,0 +1,102 @@
+"""Server-Sent Events as an MCP stream carries them: JSON-RPC messages in `data`. Pure.
+
+Chunks are cut anywhere; events are reassembled as the WHATWG event-stream parser reads
+them (CRLF, LF and CR line ends, freely mixed; a blank line ends an event; a BOM at the
+start is dropped) and each comes out canonical (LF line ends), so the client cannot split
+what we pass differently from how we judged it. One event is bounded (`max_event`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+class EventTooLarge(ValueError):
+    pass
+
+
+class Splitter:
+    """Complete raw events (their lines, without the blank line) from arbitrary chunks."""
+
+    def __init__(self, max_event: int) -> None:
+        self.max_event = max_event
+        self.buf = b""
+        self.lines: list[bytes] = []
+        self.size = 0
+        self.started = False
+        self.pending_cr = False
+
+    def feed(self, data: bytes) -> list[list[bytes]]:
+        if not self.started:
+            self.buf += data
+            if len(self.buf) < 3 and b"\xef\xbb\xbf".startswith(self.buf):
+                return []
+            self.started = True
+            data = self.buf[3:] if self.buf.startswith(b"\xef\xbb\xbf") else self.buf
+            self.buf = b""
+        if self.pending_cr and data.startswith(b"\n"):
+            data = data[1:]  # the LF of a CRLF cut between chunks
+        self.pending_cr = False
+        self.buf += data
+        out: list[list[bytes]] = []
+        pos = 0
+        for m in _LINE_END.finditer(self.buf):
+            if m.group() == b"\r" and m.end() == len(self.buf):
+                self.pending_cr = True  # maybe a CRLF whose LF is in the next chunk
+            line = self.buf[pos:m.start()]
+            pos = m.end()
+            if line == b"":
+                if self.lines:
+                    out.append(self.lines)
+                self.lines, self.size = [], 0
+            else:
+                self.size += len(line)
+                if self.size > self.max_event:
+                    raise EventTooLarge(f"an SSE event over {self.max_event} bytes")
+                self.lines.append(line)
+        self.buf = self.buf[pos:]
+        if self.size + len(self.buf) > self.max_event:
+            raise EventTooLarge(f"an SSE event over {self.max_event} bytes")
+        return out
+
+    def end(self) -> list[list[bytes]]:
+        """What is left when the stream ends (an event without its blank line)."""
+        lines = self.lines + ([self.buf] if self.buf else [])
+        self.lines, self.buf = [], b""
+        return [lines] if lines else []
+
+
+@dataclass
+class Event:
+    """One event's fields. `data` is None for an event without data (comments only,
+    id/retry only, keep-alives)."""
+
+    lines: list[bytes]
+    data: str | None = None
+    other: list[bytes] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, lines: list[bytes]) -> Event:
+        ev = cls(lines)
+        data: list[str] = []
+        for line in lines:
+            name, sep, value = line.partition(b":")
+            if name == b"data":
+                v = value[1:] if value.startswith(b" ") else value
+                data.append(v.decode("utf-8", "replace"))
+            else:
+                ev.other.append(line)
+        if data:
+            ev.data = "\n".join(data)
+        return ev
+
+    def render(self, data: str | None = None) -> bytes:
+        """The event with LF line ends; `data` replaces the data lines (one line each)."""
+        if data is None:
+            return b"\n".join(self.lines) + b"\n\n"
+        out = [line for line in self.other]
+        out.extend(b"data: " + line.encode() for line in data.split("\n"))
+        return b"\n".join(out) + b"\n\n"
