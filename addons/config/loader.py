@@ -14,6 +14,7 @@ configures):
   policies   -> addons.policy.config.parse_policies (list)
   approvals  -> addons.approval.config.parse_approvals
   recorder   -> addons.recording.config.parse_recorder
+  mcp        -> addons.mcp.config.parse_mcp
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from addons.config.schema import ConfigError, MapSection, Where, expect_map
 from addons.egress.config import Upstream, parse_upstreams
 from addons.identity.config import parse_identity
 from addons.masking.config import parse_masking
+from addons.mcp.config import McpConfig, parse_mcp
 from addons.policy.config import parse_policies
 from addons.recording.config import parse_recorder
 
@@ -44,6 +46,7 @@ class Rules:
     policies: Any
     approvals: Any
     recorder: Any
+    mcp: Any = McpConfig()
 
     def upstream_for(self, host: str, port: int) -> Upstream | None:
         for up in self.upstreams:
@@ -59,7 +62,7 @@ class Rules:
 
 
 LIST_SECTIONS = ("upstreams", "policies")
-MAP_SECTIONS = ("identity", "masking", "approvals", "recorder")
+MAP_SECTIONS = ("identity", "masking", "approvals", "recorder", "mcp")
 
 
 def rule_files(directory: str | Path) -> list[Path]:
@@ -138,4 +141,5 @@ def load_rules(directory: str | Path) -> Rules:
         policies=parse_policies(list(_iter_list(lists["policies"], "policies")), upstreams),
         approvals=parse_approvals(section("approvals")),
         recorder=parse_recorder(section("recorder")),
+        mcp=parse_mcp(section("mcp"), {u.name: u.dialect for u in upstreams}),
     )
