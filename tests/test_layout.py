@@ -18,8 +18,8 @@ ADDONS = ROOT / "addons"
 
 # Data-path order of the concern packages: a concern may import a concern before it,
 # never one after it. frame/ and the config leaves come first; devkit/ is outside.
-ORDER = ["frame", "config.schema", "config.holder", "egress", "identity", "policy", "masking",
-         "approval", "recording"]
+ORDER = ["frame", "config.schema", "config.holder", "egress", "identity", "mcp", "policy",
+         "masking", "approval", "recording"]
 # modules that may know every concern: the rules loader, its addon and CLI, the entry points
 TOP = {"addons.config.loader", "addons.config.addon", "addons.config.cli", "addons.gateway",
        "addons.cli"}
@@ -27,7 +27,8 @@ PURE = {"addons.masking.detectors", "addons.masking.normalize", "addons.masking.
         "addons.masking.secret_rules", "addons.masking.masker", "addons.masking.bodies",
         "addons.masking.sse", "addons.policy.engine", "addons.identity.jwt",
         "addons.approval.store", "addons.recording.store", "addons.config.schema",
-        "addons.config.loader", "addons.egress.config", "addons.connect.tokens"}
+        "addons.config.loader", "addons.egress.config", "addons.connect.tokens",
+        "addons.mcp.jsonrpc", "addons.mcp.sse", "addons.mcp.pins", "addons.mcp.config"}
 
 
 def module_name(path: Path) -> str:
