@@ -1,0 +1,1 @@
+"""The reviewers' web application: tornado app, OIDC login, sessions, rendering."""
