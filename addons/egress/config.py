@@ -12,10 +12,12 @@ from addons.config.schema import (
     Where,
     expect_bool,
     expect_map,
+    expect_number,
     expect_str,
     expect_str_list,
     read_secret,
 )
+from addons.egress.oauth import TOKENS, OAuthClient
 from addons.frame.hosts import is_loopback_host
 
 DIALECTS = ("openai", "anthropic", "mcp", "webhook", "generic")
@@ -25,21 +27,28 @@ DEFAULT_PORT = {"https": 443, "http": 80}
 
 @dataclass(frozen=True)
 class SecretRef:
-    """Where the gateway finds an upstream's real credential. Never holds the value."""
+    """Where the gateway finds an upstream's real credential. Never holds the value.
+
+    A static secret (env or file), or an OAuth client-credentials token the gateway obtains
+    (`oauth`; the credentials addon fetches it off the event loop, see addons/egress/oauth.py)."""
 
     header: str
     env: str | None = None
     file: str | None = None
     prefix: str = ""
+    oauth: OAuthClient | None = None
 
     def resolve(self) -> str | None:
-        """The header value to inject, or None when the secret is not available."""
-        raw = read_secret(self.env, self.file)
+        """The header value to inject, or None when the secret is not available. Never
+        blocks: an OAuth token is whatever the cache holds and is still valid."""
+        raw = TOKENS.current(self.oauth) if self.oauth else read_secret(self.env, self.file)
         if raw is None:
             return None
         return f"{self.prefix}{raw}"
 
     def describe(self) -> str:
+        if self.oauth is not None:
+            return f"{self.header} from {self.oauth.describe()}"
         src = f"env {self.env}" if self.env else f"file {self.file}"
         return f"{self.header} from {src}"
 
@@ -140,7 +149,9 @@ def _parse_forward_to(value: Any, where: Where) -> tuple[str, str, int]:
 UPSTREAM_KEYS = {"name", "hosts", "dialect", "credential", "forward_to", "allow_groups",
                  "allow_subjects", "restore", "mask", "scheme", "allow_private", "websocket",
                  "paths"}
-CREDENTIAL_KEYS = {"header", "env", "file", "prefix"}
+CREDENTIAL_KEYS = {"header", "env", "file", "prefix", "oauth"}
+OAUTH_KEYS = {"token_url", "client_id", "client_secret_env", "client_secret_file", "scope",
+              "audience", "resource", "auth_method", "ca_file", "timeout", "refresh_margin"}
 
 
 def parse_upstream(raw: Any, where: Where) -> Upstream:
@@ -164,23 +175,7 @@ def parse_upstream(raw: Any, where: Where) -> Upstream:
     cred = None
     if d.get("credential") is not None:
         cw = where.child("credential")
-        c = expect_map(d["credential"], cw, CREDENTIAL_KEYS, required=("header",))
-        header = expect_str(c["header"], cw.child("header"))
-        if not re.fullmatch(r"[A-Za-z0-9-]+", header):
-            raise cw.child("header").error(f"not a valid header name: {header!r}")
-        env = c.get("env")
-        file = c.get("file")
-        if (env is None) == (file is None):
-            raise cw.error("give exactly one of 'env' (environment variable) or 'file' "
-                           "(secret file); never the secret itself")
-        if env is not None:
-            env = expect_str(env, cw.child("env"))
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
-                raise cw.child("env").error(f"not an environment variable name: {env!r}")
-        if file is not None:
-            file = expect_str(file, cw.child("file"))
-        prefix = expect_str(c.get("prefix", ""), cw.child("prefix"), nonempty=False)
-        cred = SecretRef(header=header.lower(), env=env, file=file, prefix=prefix)
+        cred = _parse_credential(d["credential"], cw)
     forward_to = None
     if d.get("forward_to") is not None:
         forward_to = _parse_forward_to(d["forward_to"], where.child("forward_to"))
@@ -214,6 +209,77 @@ def parse_upstream(raw: Any, where: Where) -> Upstream:
         where=where,
     )
 
+
+
+def _parse_credential(raw: Any, cw: Where) -> SecretRef:
+    c = expect_map(raw, cw, CREDENTIAL_KEYS)
+    oauth = None
+    if c.get("oauth") is not None:
+        if c.get("env") is not None or c.get("file") is not None:
+            raise cw.error("give either 'oauth' (a token the gateway obtains) or 'env'/'file' "
+                           "(a static secret), not both")
+        oauth = _parse_oauth(c["oauth"], cw.child("oauth"))
+    elif "header" not in c:
+        raise cw.child("header").error("required key is missing")
+    header = expect_str(c.get("header", "authorization"), cw.child("header"))
+    if not re.fullmatch(r"[A-Za-z0-9-]+", header):
+        raise cw.child("header").error(f"not a valid header name: {header!r}")
+    env = c.get("env")
+    file = c.get("file")
+    if oauth is None and (env is None) == (file is None):
+        raise cw.error("give exactly one of 'env' (environment variable) or 'file' "
+                       "(secret file); never the secret itself")
+    if env is not None:
+        env = _env_name(env, cw.child("env"))
+    if file is not None:
+        file = expect_str(file, cw.child("file"))
+    default_prefix = "Bearer " if oauth is not None and header.lower() == "authorization" else ""
+    prefix = expect_str(c.get("prefix", default_prefix), cw.child("prefix"), nonempty=False)
+    return SecretRef(header=header.lower(), env=env, file=file, prefix=prefix, oauth=oauth)
+
+
+def _env_name(value: Any, where: Where) -> str:
+    env = expect_str(value, where)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
+        raise where.error(f"not an environment variable name: {env!r}")
+    return env
+
+
+def _parse_oauth(raw: Any, ow: Where) -> OAuthClient:
+    o = expect_map(raw, ow, OAUTH_KEYS, required=("token_url", "client_id"))
+    token_url = expect_str(o["token_url"], ow.child("token_url"))
+    m = re.fullmatch(r"(https?)://([A-Za-z0-9.-]+|\[[0-9a-fA-F:.]+\])(?::\d{1,5})?(/[^\s#]*)?",
+                     token_url)
+    if not m:
+        raise ow.child("token_url").error("expected https://host[:port]/path")
+    if m.group(1) == "http" and not is_loopback_host(m.group(2).strip("[]")):
+        raise ow.child("token_url").error(
+            "the client secret is never sent in clear text: use https:// (or a loopback "
+            "http:// address)")
+    secret_env, secret_file = o.get("client_secret_env"), o.get("client_secret_file")
+    if (secret_env is None) == (secret_file is None):
+        raise ow.error("give exactly one of 'client_secret_env' (environment variable) or "
+                       "'client_secret_file' (secret file); never the secret itself")
+    if secret_env is not None:
+        secret_env = _env_name(secret_env, ow.child("client_secret_env"))
+    if secret_file is not None:
+        secret_file = expect_str(secret_file, ow.child("client_secret_file"))
+    auth_method = expect_str(o.get("auth_method", "basic"), ow.child("auth_method"))
+    if auth_method not in ("basic", "post"):
+        raise ow.child("auth_method").error(
+            f"must be basic (client_secret_basic) or post (client_secret_post), "
+            f"got {auth_method!r}")
+    opt = {k: expect_str(o[k], ow.child(k)) for k in ("scope", "audience", "resource", "ca_file")
+           if o.get(k) is not None}
+    return OAuthClient(
+        token_url=token_url, client_id=expect_str(o["client_id"], ow.child("client_id")),
+        secret_env=secret_env, secret_file=secret_file, auth_method=auth_method,
+        timeout=float(expect_number(o.get("timeout", 10), ow.child("timeout"), minimum=0.5,
+                                    maximum=60)),
+        refresh_margin=float(expect_number(o.get("refresh_margin", 60),
+                                           ow.child("refresh_margin"), minimum=0,
+                                           maximum=3600)),
+        **opt)
 
 
 def _no_cleartext_credential(scheme: str, hosts: list[str],

@@ -24,6 +24,7 @@ from mitmproxy import version as mitmproxy_version
 
 from addons.config.holder import RulesHolder
 from addons.egress.config import SecretRef
+from addons.egress.oauth import TOKENS
 from addons.frame import logscrub
 from addons.frame.credshape import INJECTED, is_credential_param, redact_url
 from addons.frame.guard import guarded, refuse
@@ -182,15 +183,22 @@ def _strip_query(flow: http.HTTPFlow) -> bool:
 
 
 def secret_values(rules: Any) -> set[str]:
-    """Every upstream's real credential as injected and without its prefix."""
+    """Every upstream's real credential as injected and without its prefix; for an OAuth
+    credential, the client secret and the current and previous tokens."""
     vals: set[str] = set()
     for up in getattr(rules, "upstreams", ()) if rules is not None else ():
         ref = up.credential
-        value = ref.resolve() if ref is not None else None
+        if ref is None:
+            continue
+        if ref.oauth is not None:
+            vals.update(TOKENS.known(ref.oauth))
+            vals.add(ref.oauth.secret() or "")
+        value = ref.resolve()
         if value:
             vals.add(value)
             if ref.prefix and value.startswith(ref.prefix):
                 vals.add(value[len(ref.prefix):])
+    vals.discard("")
     return vals
 
 
@@ -244,7 +252,10 @@ class Credentials:
             flow.metadata["credentials_stripped_early"] = removed
 
     @guarded("credentials")
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Any:
+        """Strip, check, inject. Synchronous, except for an OAuth credential whose token
+        must be fetched or refreshed first: then it returns a coroutine that mitmproxy
+        awaits (the fetch runs in a worker thread; this flow waits, others do not)."""
         rules = self.holder.rules
         meta = flow.metadata.get("upstream")
         up = rules.upstream_named(meta["name"]) if rules and isinstance(meta, dict) else None
@@ -252,7 +263,7 @@ class Credentials:
             # Upstreams resolved this flow earlier; losing it means something is wrong.
             refuse(flow, 503, "no upstream resolved for this request", "no_upstream",
                    "credentials")
-            return
+            return None
         removed = strip_credentials(flow.request.headers,
                                     up.credential.header if up.credential else None)
         if _strip_query(flow):
@@ -261,22 +272,56 @@ class Credentials:
             # only the gateway writes markers; one coming from the agent is a forgery
             refuse(flow, 400, "request carries a reserved gateway value", "forged_marker",
                    "credentials")
-            return
+            return None
+        if up.credential is not None and self.wire_error is not None:
+            refuse(flow, 503, "credential injection is unavailable on this gateway "
+                   "(see its log)", "credential_injection_unavailable", "credentials")
+            return None
+        if up.credential is not None and up.credential.oauth is not None \
+                and TOKENS.due(up.credential.oauth):
+            return self._with_token(flow, rules, up, meta, removed)
+        self._inject(flow, rules, up, meta, removed)
+        return None
+
+    async def _with_token(self, flow: http.HTTPFlow, rules: Any, up: Any, meta: dict,
+                          removed: list[str]) -> None:
+        try:
+            await TOKENS.ensure(up.credential.oauth)
+            if flow.response is not None or flow.error is not None:
+                return  # the client went away meanwhile
+            self._inject(flow, rules, up, meta, removed)
+        except Exception as exc:  # noqa: BLE001 - fail closed, as guarded() does
+            log.error("agentgate: credentials.request failed (%s); refusing flow",
+                      type(exc).__name__)
+            refuse(flow, 503, "internal error in credentials (request); request refused",
+                   "gateway_error", "credentials")
+
+    def _inject(self, flow: http.HTTPFlow, rules: Any, up: Any, meta: dict,
+                removed: list[str]) -> None:
         if up.credential is not None:
-            if self.wire_error is not None:
-                refuse(flow, 503, "credential injection is unavailable on this gateway "
-                       "(see its log)", "credential_injection_unavailable", "credentials")
-                return
+            oauth = up.credential.oauth
             real = up.credential.resolve()
             if real is None:
+                if oauth is not None:
+                    reason = TOKENS.reason(oauth) or "no token yet"
+                    refuse(flow, 503, f"gateway could not obtain a token for upstream "
+                           f"{up.name!r} from {oauth.token_url}: {reason}",
+                           "credential_unavailable", "credentials")
+                    return
                 refuse(flow, 503, f"gateway has no credential for upstream {up.name!r} "
                        f"({up.credential.describe()} is not set)", "credential_missing",
                        "credentials")
                 return
-            # a rotated key is scrubbed from its first request on
-            logscrub.add_secret(real)
-            if up.credential.prefix and real.startswith(up.credential.prefix):
-                logscrub.add_secret(real[len(up.credential.prefix):])
+            if oauth is not None:
+                if real not in logscrub.secrets_known():
+                    # a new token: the scrubber's set is rebuilt (current and previous
+                    # tokens), so rotation does not grow it without bound
+                    logscrub.set_secrets(secret_values(rules))
+            else:
+                # a rotated key is scrubbed from its first request on
+                logscrub.add_secret(real)
+                if up.credential.prefix and real.startswith(up.credential.prefix):
+                    logscrub.add_secret(real[len(up.credential.prefix):])
             # The marker, not the secret: see install_wire_substitution.
             flow.request.headers[up.credential.header] = marker_for(up.name, up.credential)
         meta["stripped"] = removed
@@ -286,3 +331,18 @@ class Credentials:
             meta["forwarded_to"] = f"{scheme}://{host}:{port}"
             # Route to a different address (local model server, test stand-in).
             flow.request.scheme, flow.request.host, flow.request.port = scheme, host, port
+
+    @guarded("credentials", skip_answered=False)
+    def response(self, flow: http.HTTPFlow) -> None:
+        """An upstream that refuses the gateway's OAuth token (revoked, rotated keys) gets a
+        fresh one on the next request instead of the same refusal until expiry."""
+        if flow.response is None or flow.response.status_code != 401 \
+                or "refusal" in flow.metadata:
+            return
+        rules = self.holder.rules
+        meta = flow.metadata.get("upstream")
+        up = rules.upstream_named(meta["name"]) if rules and isinstance(meta, dict) else None
+        if up is not None and up.credential is not None and up.credential.oauth is not None:
+            TOKENS.invalidate(up.credential.oauth)
+            log.info("agentgate: upstream %r refused the gateway's token; fetching a new one "
+                     "on the next request", up.name)
