@@ -1,0 +1,278 @@
+"""The database addon: a Postgres listener per `databases:` entry, started with the gateway.
+
+Why an asyncio listener owned by this addon and not mitmproxy's TCP layer (the spike):
+Postgres negotiates TLS *inside* its protocol — an 8-byte SSLRequest, a one-byte `S`, then
+the TLS handshake — and mitmproxy's layers detect TLS only from a ClientHello at the start
+of a connection (or after an HTTP CONNECT); a `reverse:tcp://` mode would see the SSLRequest
+as opaque bytes and either relay the TLS handshake untouched (no inspection at all) or, with
+the gateway's layer guard, close it. mitmproxy has no Postgres layer (its STARTTLS support is
+none: TCP messages after the upgrade stay encrypted), the edge forbids raw TCP modes
+(addons/egress/edge.py), and `tcp_message` hooks cannot answer a message in the client's
+protocol, hold one statement while others flow, or hand the server a replacement statement.
+So: `asyncio.start_server` per listener in `running`, closed in `done`, and each connection
+served by addons/database/session.py. These connections are not mitmproxy flows (not shown
+in mitmweb); every statement is recorded in DuckDB (PG-B's records hook) instead.
+
+Fail closed: a listener that cannot bind is logged as an error (mitmproxy stops during
+startup); a connection arriving while the rules are not loaded, or whose hooks (result
+masking, records) are not installed, is refused with a FATAL ErrorResponse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import struct
+import tempfile
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from mitmproxy import ctx
+
+from addons.approval.addon import Approval, spec_from_decision
+from addons.approval.config import ApprovalsConfig
+from addons.config.holder import RulesHolder
+from addons.database import protocol as pg
+from addons.database.config import Database
+from addons.database.hooks import HookMissing, MaskerFactory, RecorderFactory, resolve_hooks
+from addons.database.policy import Verdict
+from addons.database.session import Context, KeyMap, Refused, login_server, serve
+from addons.identity.addon import verify_token
+
+log = logging.getLogger("agentgate.database")
+
+
+class _Catalog:
+    """One gateway login per database for the masker's catalog look-ups (table OID →
+    schema/table/column names), serialized; reopened after any failure."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.lock = asyncio.Lock()
+        self.conn: Any = None
+
+    async def query(self, oids: set[int]) -> list[tuple[Any, ...]]:
+        from addons.database.rowmask import CATALOG_SQL  # PG-B's module
+        async with self.lock:
+            try:
+                if self.conn is None:
+                    self.conn = await login_server(self.db, [("application_name",
+                                                              "agentgate-catalog")])
+                return await asyncio.wait_for(self._run(CATALOG_SQL, oids),
+                                              self.db.connect_timeout)
+            except BaseException:
+                self.close()
+                raise
+
+    async def _run(self, sql: str, oids: set[int]) -> list[tuple[Any, ...]]:
+        r, w = self.conn.reader, self.conn.writer
+        arr = ("{" + ",".join(str(int(o)) for o in sorted(oids)) + "}").encode()
+        w.write(pg.message(b"P", pg.cstr("") + pg.cstr(sql) + b"\x00\x00")
+                + pg.message(b"B", b"\x00\x00" + struct.pack("!hhi", 0, 1, len(arr)) + arr
+                             + struct.pack("!h", 0))
+                + pg.message(b"E", b"\x00" + struct.pack("!i", 0)) + pg.message(b"S"))
+        await w.drain()
+        rows: list[tuple[Any, ...]] = []
+        error = None
+        while True:
+            head = await r.readexactly(5)
+            n = pg.message_length(head, self.db.max_server_message_bytes)
+            payload = await r.readexactly(n)
+            t = head[:1]
+            if t == b"D":
+                rd = pg.Reader(payload)
+                vals = []
+                for _ in range(rd.int16()):
+                    ln = rd.int32()
+                    vals.append(rd.take(ln).decode() if ln >= 0 else None)
+                rows.append(tuple(vals))
+            elif t == b"E":
+                error = pg.parse_fields(payload).get("M", "error")
+            elif t == b"Z":
+                break
+        if error:
+            raise RuntimeError(f"catalog query failed: {error[:200]}")
+        return rows
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.writer.close()
+            self.conn = None
+
+
+class Databases:
+    def __init__(self, holder: RulesHolder, approval: Approval, recorder: Any, *,
+                 masker_factory: MaskerFactory | None = None,
+                 record_factory: RecorderFactory | None = None) -> None:
+        self.holder = holder
+        self.approval = approval
+        self.recorder = recorder
+        self.masker_factory = masker_factory
+        self.record_factory = record_factory
+        self.servers: dict[str, tuple[tuple[str, int], asyncio.Server]] = {}
+        self.catalogs: dict[str, _Catalog] = {}
+        self.keys = KeyMap()
+        self.tls: dict[str, ssl.SSLContext] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._conns: set[asyncio.Task] = set()
+        self._lock: asyncio.Lock | None = None
+        self._running = False
+        self._record: Any = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._conn_seq = 0
+        holder.on_change(lambda _rules: self._spawn(self._sync()) if self._running else None)
+
+    # `running` and `done` are sync on purpose (see approval/addon.py: script reloads)
+    def running(self) -> None:
+        self._running = True
+        if self.masker_factory is None or self.record_factory is None:
+            masker, recorder = resolve_hooks()
+            self.masker_factory = self.masker_factory or masker
+            self.record_factory = self.record_factory or recorder
+        self._spawn(self._sync())
+
+    def done(self) -> None:
+        self._running = False
+        for _, server in self.servers.values():
+            server.close()
+        self.servers.clear()
+        for task in list(self._conns):
+            task.cancel()
+        for c in self.catalogs.values():
+            c.close()
+        self.catalogs.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            coro.close()
+            return
+        task = loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _databases(self) -> tuple[Database, ...]:
+        return tuple(getattr(self.holder.rules, "databases", ()) or ())
+
+    async def _sync(self) -> None:
+        """Listeners follow the rules: new entries start, removed ones stop."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            wanted = {db.name: db for db in self._databases()}
+            for name, (addr, server) in list(self.servers.items()):
+                db = wanted.get(name)
+                if db is None or (db.listen_host, db.listen_port) != addr:
+                    server.close()
+                    del self.servers[name]
+                    cat = self.catalogs.pop(name, None)
+                    if cat is not None:
+                        cat.close()
+                    log.info("agentgate: database %s: listener on %s:%d stopped", name, *addr)
+            for name, db in wanted.items():
+                if name in self.servers:
+                    continue
+                try:
+                    self.tls[name] = self._client_tls(db)
+                    server = await asyncio.start_server(
+                        lambda r, w, n=name: self._serve(n, r, w), db.listen_host,
+                        db.listen_port, reuse_address=True)
+                except (OSError, ValueError, ssl.SSLError) as e:
+                    # an error at startup makes mitmproxy stop: fail closed
+                    log.error("agentgate: database %s cannot listen on %s: %s", name,
+                              db.listen, e)
+                    continue
+                self.servers[name] = ((db.listen_host, db.listen_port), server)
+                log.info("agentgate: database %s: Postgres listener on %s -> %s (database %s)",
+                         name, db.listen, db.upstream, db.database)
+
+    def _client_tls(self, db: Database) -> ssl.SSLContext:
+        """The certificate agents see after SSLRequest: the rules' own, or one issued by the
+        gateway's CA (the mitmproxy confdir CA agents already trust) for the listen host."""
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        if db.client_cert_file and db.client_key_file:
+            tls.load_cert_chain(db.client_cert_file, db.client_key_file)
+            return tls
+        tlsconfig = ctx.master.addons.get("tlsconfig")
+        store = getattr(tlsconfig, "certstore", None)
+        if store is None:
+            raise ValueError("the gateway's certificate store is not loaded")
+        import ipaddress
+        sans: list[x509.GeneralName] = [x509.DNSName("localhost")]
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(db.listen_host)))
+        except ValueError:
+            sans.append(x509.DNSName(db.listen_host))
+        entry = store.get_cert(db.listen_host, sans)
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="agentgate-pg-")
+            os.chmod(self._tmp.name, 0o700)
+        cert = Path(self._tmp.name) / f"{db.name}.pem"
+        key = Path(self._tmp.name) / f"{db.name}.key"
+        key.touch(mode=0o600)
+        key.write_bytes(entry.privatekey.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        cert.write_bytes(entry.cert.to_pem())
+        tls.load_cert_chain(str(cert), str(key))
+        key.unlink()  # loaded: the key stays in memory only
+        return tls
+
+    async def _serve(self, name: str, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:  # cancelled in done()
+            self._conns.add(task)
+            task.add_done_callback(self._conns.discard)
+        self._conn_seq += 1
+        db = next((d for d in self._databases() if d.name == name), None)
+        try:
+            if db is None or self.holder.rules is None:
+                raise Refused("08006", "agentgate: this database is not in the rules in force")
+            if self._record is None:
+                assert self.record_factory is not None
+                self._record = self.record_factory(self.recorder)
+            assert self.masker_factory is not None
+            catalog = self.catalogs.get(name)
+            if catalog is None or catalog.db is not db:
+                if catalog is not None:
+                    catalog.close()
+                catalog = self.catalogs[name] = _Catalog(db)
+            context = Context(
+                db=db, verify=lambda token: verify_token(self.holder, token),
+                rules=lambda: self.holder.rules, hold=self.approval.hold,
+                approval_spec=self._approval_spec, record=self._record,
+                masker_factory=self.masker_factory, catalog_query=catalog.query,
+                client_tls=self.tls.get(name), keys=self.keys, conn_id=str(self._conn_seq))
+        except (Refused, HookMissing) as e:
+            code = e.code if isinstance(e, Refused) else "08006"
+            text = e.text if isinstance(e, Refused) else f"agentgate: {e}: refused"
+            log.error("agentgate: database %s: connection refused: %s", name, text)
+            try:
+                # answer after the client's first packet would be nicer; a FATAL now is
+                # what a server that cannot serve does
+                writer.write(pg.fatal(code, text))
+                await writer.drain()
+            except (ConnectionError, RuntimeError):
+                pass
+            writer.close()
+            return
+        await serve(context, reader, writer)
+
+    def _approval_spec(self, v: Verdict) -> Any:
+        cfg = getattr(self.holder.rules, "approvals", None)
+        if not isinstance(cfg, ApprovalsConfig):
+            cfg = ApprovalsConfig()
+        dec: dict[str, Any] = {"rule": v.rule, "message": v.message,
+                               "approval": v.approval.to_metadata() if v.approval else {}}
+        return spec_from_decision(dec, cfg)

@@ -1,0 +1,242 @@
+"""What a SQL string does, read with PostgreSQL's own parser (libpg_query via `pgparse`).
+
+Pure. `analyze(sql)` returns a `Statement`: the statement kinds it contains (a data-modifying
+CTE inside a SELECT counts as its INSERT/UPDATE/DELETE too; EXPLAIN, PREPARE, DECLARE and
+CREATE … AS count as the statement they wrap), the tables and functions it names, whether it
+is several statements, whether an UPDATE/DELETE anywhere in it has no WHERE (or a WHERE that
+reads no column, like `WHERE true` or `WHERE 1=1`), and the *guards* it trips: things the
+gateway refuses whatever the rules say because it cannot vet what they do
+(COPY … PROGRAM, COPY to/from a server file, functions reading/writing server files or
+running code, DO blocks, changing client_encoding (the relay reads SQL and rows as UTF-8)).
+
+Why pgparse and not pglast: pglast is GPL-3.0-or-later, which does not fit an MIT project;
+pgparse (BSD-3-Clause, by Gavin M. Roy) binds the same libpg_query (BSD) and returns its
+JSON parse tree. No regexes: a statement libpg_query cannot parse is refused.
+
+The masked SQL for records and reviewers is libpg_query's normalize(): every literal becomes
+`$n`, so values never reach DuckDB or a reviewer's screen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pgparse
+
+# statement node -> kind
+KINDS = {
+    "SelectStmt": "SELECT", "InsertStmt": "INSERT", "UpdateStmt": "UPDATE",
+    "DeleteStmt": "DELETE", "MergeStmt": "MERGE", "TruncateStmt": "TRUNCATE",
+    "CopyStmt": "COPY", "TransactionStmt": "TRANSACTION", "VariableSetStmt": "SET",
+    "VariableShowStmt": "SHOW", "DiscardStmt": "SET", "CallStmt": "CALL", "DoStmt": "DO",
+    "LockStmt": "LOCK", "ListenStmt": "LISTEN", "UnlistenStmt": "LISTEN",
+    "NotifyStmt": "NOTIFY", "ExecuteStmt": "EXECUTE", "DeallocateStmt": "DEALLOCATE",
+    "ClosePortalStmt": "CURSOR", "FetchStmt": "CURSOR", "VacuumStmt": "MAINTENANCE",
+    "ClusterStmt": "MAINTENANCE", "ReindexStmt": "MAINTENANCE", "CheckPointStmt": "MAINTENANCE",
+    "LoadStmt": "DANGEROUS", "GrantStmt": "DCL", "GrantRoleStmt": "DCL",
+    "CreateRoleStmt": "DCL", "AlterRoleStmt": "DCL", "AlterRoleSetStmt": "DCL",
+    "DropRoleStmt": "DCL", "AlterDefaultPrivilegesStmt": "DCL", "ReassignOwnedStmt": "DCL",
+    "DropOwnedStmt": "DCL", "AlterSystemStmt": "DDL", "ExplainStmt": "EXPLAIN",
+    "PrepareStmt": "PREPARE", "DeclareCursorStmt": "CURSOR",
+}
+# statements that wrap another whose kind they take on
+WRAPPERS = {"ExplainStmt": "query", "PrepareStmt": "query", "DeclareCursorStmt": "query",
+            "CreateTableAsStmt": "query", "ViewStmt": "query"}
+WRITES = {"INSERT", "UPDATE", "DELETE", "MERGE", "TRUNCATE", "COPY"}
+
+# functions that read or write the server's files, run programs or open other connections:
+# a database credential in the gateway must not become a shell or a file browser
+DANGEROUS_FUNCTIONS = frozenset({
+    "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file", "pg_ls_logdir",
+    "pg_ls_waldir", "pg_ls_tmpdir", "pg_ls_archive_statusdir", "pg_ls_logicalmapdir",
+    "pg_ls_logicalsnapdir", "pg_ls_replslotdir", "pg_file_write", "pg_file_rename",
+    "pg_file_unlink", "pg_logdir_ls", "pg_file_sync", "lo_import", "lo_export",
+    "pg_execute_server_program", "dblink", "dblink_exec", "dblink_connect",
+    "dblink_connect_u", "dblink_send_query", "pg_terminate_backend", "pg_cancel_backend",
+    "pg_reload_conf", "pg_rotate_logfile", "pg_promote", "pg_switch_wal",
+    "pg_create_restore_point", "pg_backup_start", "pg_backup_stop",
+    "pg_log_backend_memory_contexts",
+    "pg_replication_origin_create", "pg_create_logical_replication_slot",
+    "pg_create_physical_replication_slot", "pg_drop_replication_slot", "set_config",
+    "current_setting_set", "pg_advisory_lock", "query_to_xml", "query_to_xml_and_xmlschema",
+    "table_to_xml", "cursor_to_xml", "database_to_xml", "schema_to_xml",
+    "query_to_xmlschema", "pg_sleep", "pg_sleep_for", "pg_sleep_until",
+})
+# why: query_to_xml & co run a SQL string given as a value, which the gateway never parsed;
+# set_config can change client_encoding/search_path/role behind the parser's back; pg_sleep
+# ties up a server connection the agent does not pay for.
+
+MAX_DEPTH = 2000  # libpg_query's own limit is about 1000 nested expressions
+
+
+class SqlError(Exception):
+    """The SQL cannot be parsed: it is refused (SQLSTATE 42601)."""
+
+    def __init__(self, message: str, position: int | None = None) -> None:
+        super().__init__(message)
+        self.position = position
+
+
+@dataclass(frozen=True)
+class Statement:
+    sql: str
+    masked: str
+    count: int                       # statements in the string
+    kinds: tuple[str, ...]           # every kind inside, the top-level one first
+    tables: tuple[str, ...]          # "schema.table" or "table" as written, lowercased
+    functions: tuple[str, ...]       # called functions, lowercased, schema-qualified as written
+    unbounded: tuple[str, ...] = ()  # "DELETE t" / "UPDATE t" without a WHERE reading a column
+    guards: tuple[str, ...] = ()     # guard names tripped (see module docstring)
+    prepared: str | None = None      # SQL PREPARE name, for EXECUTE name later
+    executes: str | None = None      # SQL EXECUTE name
+
+    @property
+    def kind(self) -> str:
+        return self.kinds[0] if self.kinds else "EMPTY"
+
+    @property
+    def multi(self) -> bool:
+        return self.count > 1
+
+
+@dataclass
+class _Walk:
+    kinds: list[str] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+    functions: list[str] = field(default_factory=list)
+    unbounded: list[str] = field(default_factory=list)
+    guards: list[str] = field(default_factory=list)
+    ctes: set[str] = field(default_factory=set)
+    prepared: str | None = None
+    executes: str | None = None
+
+    def add(self, lst: list[str], v: str) -> None:
+        if v not in lst:
+            lst.append(v)
+
+
+def _strings(nodes: list[Any] | None) -> list[str]:
+    out = []
+    for n in nodes or ():
+        if isinstance(n, dict) and "String" in n:
+            out.append(str(n["String"].get("sval", "")))
+    return out
+
+
+def _reads_a_column(node: Any, depth: int = 0) -> bool:
+    if depth > MAX_DEPTH:
+        return True
+    if isinstance(node, dict):
+        if "ColumnRef" in node or "SubLink" in node or "FuncCall" in node or "ParamRef" in node:
+            # a subquery, function or parameter may depend on the row; only a WHERE made of
+            # constants alone is known to match every row
+            return True
+        return any(_reads_a_column(v, depth + 1) for v in node.values())
+    if isinstance(node, list):
+        return any(_reads_a_column(v, depth + 1) for v in node)
+    return False
+
+
+def _relname(rv: dict[str, Any]) -> str:
+    parts = [rv.get("catalogname"), rv.get("schemaname"), rv.get("relname")]
+    return ".".join(p for p in parts if p).lower()
+
+
+def _visit(node: Any, w: _Walk, depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        raise SqlError("statement nested too deeply")
+    if isinstance(node, list):
+        for v in node:
+            _visit(v, w, depth + 1)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, val in node.items():
+        if not isinstance(val, dict):
+            _visit(val, w, depth + 1)
+            continue
+        if key in KINDS:
+            w.add(w.kinds, KINDS[key])
+        elif key.endswith("Stmt") and key[0].isupper() and key not in WRAPPERS:
+            w.add(w.kinds, "DDL")
+        elif key in ("CreateTableAsStmt", "ViewStmt"):
+            w.add(w.kinds, "DDL")
+        if key == "SelectStmt" and val.get("intoClause"):
+            w.add(w.kinds, "DDL")  # SELECT … INTO creates a table
+        if key == "RangeVar" or (key in ("relation", "rel") and "relname" in val):
+            name = _relname(val)
+            if name and not ("." not in name and name in w.ctes):
+                w.add(w.tables, name)
+        elif key == "FuncCall":
+            fn = ".".join(_strings(val.get("funcname"))).lower()
+            w.add(w.functions, fn)
+            if fn.rsplit(".", 1)[-1] in DANGEROUS_FUNCTIONS:
+                w.add(w.guards, "dangerous_function")
+        elif key in ("DeleteStmt", "UpdateStmt"):
+            if not _reads_a_column(val.get("whereClause")):
+                rel = _relname(val.get("relation") or {})
+                w.add(w.unbounded, f"{KINDS[key]} {rel}")
+        elif key == "CopyStmt":
+            if val.get("is_program"):
+                w.add(w.guards, "copy_program")
+            elif val.get("filename"):
+                w.add(w.guards, "copy_server_file")
+        elif key == "DoStmt":
+            w.add(w.guards, "opaque_code")
+        elif key == "LoadStmt":
+            w.add(w.guards, "load_library")
+        elif key == "VariableSetStmt":
+            name = str(val.get("name") or "").lower()
+            if name in ("client_encoding", "names") or val.get("kind") == "VAR_RESET_ALL":
+                w.add(w.guards, "client_encoding")
+            if name in ("session_authorization", "role"):
+                w.add(w.guards, "change_role")
+        elif key == "PrepareStmt":
+            w.prepared = str(val.get("name") or "")
+        elif key == "ExecuteStmt":
+            w.executes = str(val.get("name") or "")
+        elif key == "CreateFunctionStmt":
+            # a function body is code the parser does not see into (LANGUAGE plpgsql, …)
+            w.add(w.guards, "opaque_code")
+        _visit(val, w, depth + 1)
+
+
+def _ctes(node: Any, out: set[str], depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise SqlError("statement nested too deeply")
+    if isinstance(node, dict):
+        cte = node.get("CommonTableExpr")
+        if isinstance(cte, dict) and cte.get("ctename"):
+            out.add(str(cte["ctename"]).lower())
+        for v in node.values():
+            _ctes(v, out, depth + 1)
+    elif isinstance(node, list):
+        for v in node:
+            _ctes(v, out, depth + 1)
+
+
+def analyze(sql: str) -> Statement:
+    """Parse and describe one Query / Parse string. Raises SqlError when it does not parse."""
+    if "\x00" in sql:
+        raise SqlError("NUL byte in SQL")
+    try:
+        tree = pgparse.parse(sql)
+    except pgparse.PGQueryError as e:
+        pos = e.args[1] if len(e.args) > 1 and isinstance(e.args[1], int) else None
+        raise SqlError(str(e.args[0]) if e.args else "syntax error", pos) from None
+    except (RecursionError, MemoryError, ValueError) as e:
+        raise SqlError(f"cannot parse ({type(e).__name__})") from None
+    w = _Walk()
+    # CTE names first, so `WITH t AS (…) SELECT … FROM t` does not list t as a table
+    _ctes(tree, w.ctes, 0)
+    for raw in tree:
+        _visit(raw.get("stmt") or {}, w)
+    try:
+        masked = pgparse.normalize(sql) if tree else sql
+    except pgparse.PGQueryError:
+        masked = "(statement could not be normalized)"
+    return Statement(sql=sql, masked=masked, count=len(tree), kinds=tuple(w.kinds),
+                     tables=tuple(w.tables), functions=tuple(w.functions),
+                     unbounded=tuple(w.unbounded), guards=tuple(w.guards),
+                     prepared=w.prepared, executes=w.executes)
