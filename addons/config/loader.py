@@ -15,6 +15,7 @@ configures):
   approvals  -> addons.approval.config.parse_approvals
   recorder   -> addons.recording.config.parse_recorder
   mcp        -> addons.mcp.config.parse_mcp
+  databases  -> addons.database.config.parse_databases (list)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import yaml
 
 from addons.approval.config import parse_approvals
 from addons.config.schema import ConfigError, MapSection, Where, expect_map
+from addons.database.config import Database, parse_databases
 from addons.egress.config import Upstream, parse_upstreams
 from addons.identity.config import parse_identity
 from addons.masking.config import parse_masking
@@ -47,6 +49,7 @@ class Rules:
     approvals: Any
     recorder: Any
     mcp: Any = McpConfig()
+    databases: tuple[Database, ...] = ()
 
     def upstream_for(self, host: str, port: int) -> Upstream | None:
         for up in self.upstreams:
@@ -61,7 +64,7 @@ class Rules:
         return None
 
 
-LIST_SECTIONS = ("upstreams", "policies")
+LIST_SECTIONS = ("upstreams", "policies", "databases")
 MAP_SECTIONS = ("identity", "masking", "approvals", "recorder", "mcp")
 
 
@@ -142,4 +145,5 @@ def load_rules(directory: str | Path) -> Rules:
         approvals=parse_approvals(section("approvals")),
         recorder=parse_recorder(section("recorder")),
         mcp=parse_mcp(section("mcp"), {u.name: u.dialect for u in upstreams}),
+        databases=parse_databases(list(_iter_list(lists["databases"], "databases"))),
     )
