@@ -16,19 +16,30 @@ Outcomes, recorded in flow.metadata["approval"] for the recorder:
 The flow is always answered and resumed, never killed: `flow.kill()` on an intercepted
 flow hangs the client in mitmproxy 12.
 
-mitmweb: `agentgate.approve @focus` / `agentgate.deny @focus "reason"` from the command bar.
+One hold per intent: a request that repeats a pending one (same identity, upstream, method,
+URL, masked body and rule: an SDK retrying after its own timeout) joins that hold instead of
+opening another, so reviewers get one notification and one approval id, and every joined
+request gets the decision. A client that goes away leaves the hold open for RETRY_GRACE
+seconds (its retry joins it); with nobody waiting after that, the hold is cancelled.
+
+mitmweb: mitmweb's selection is not the gateway's `@focus` (the UI never tells the server
+which flow is selected), so the commands take what the flow's comment shows:
+`agentgate.approve ap-… ["reason"]` / `agentgate.deny ap-… "reason"`, or a flow id
+(`@<flow id>`, as in the flow's URL), or any flow spec (`@focus` in mitmproxy's console).
 The operator's approval (and a plain "resume" click) counts as one vote of the reviewer
 "mitmweb-operator" only when the rule allows it (`allow_mitmweb`); otherwise a resume is
 ignored: the flow is intercepted again and stays held (the comment says why). The
-operator may always deny.
+operator may always deny. Marks say the outcome: ⌛ held, ✅ approved (🔒 kept when the
+request was masked), 🚫 denied, ⏰ timed out, ✖️ cancelled; a policy block stays ⛔.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import hashlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
@@ -43,12 +54,14 @@ from addons.approval.config import (
     parse_listen,
     url_for,
 )
-from addons.approval.notify import Notifier
+from addons.approval.notify import Notifier, Retry, event
+from addons.approval.slack import SlackActionsHandler, SlackInteractions, SlackMessenger
 from addons.approval.store import (
     APPROVED,
     CANCELLED,
     DENIED,
     OPERATOR,
+    PENDING,
     TIMEOUT,
     VIA_MITMWEB,
     ApprovalError,
@@ -66,7 +79,14 @@ STEP = "approval"
 # Held flows wake up this often to notice what mitmproxy does not signal (an operator's
 # kill sets no event); 200 held flows cost 200 cheap wake-ups a second.
 POLL_SECONDS = 1.0
-MODEL_SCAN_BYTES = 1024 * 1024
+# a bigger JSON body is not parsed for the model / tool / summary (the preview still shows it)
+SCAN_BYTES = 2 * 1024 * 1024
+SUMMARY_CHARS = 160
+# how long a hold whose clients all went away waits for their retry to join it
+RETRY_GRACE = 30.0
+MARKS = {APPROVED: ":white_check_mark:", DENIED: ":no_entry_sign:", TIMEOUT: ":alarm_clock:",
+         CANCELLED: ":heavy_multiplication_x:"}
+HELD_MARK = ":hourglass:"
 
 
 def spec_from_decision(dec: dict[str, Any], cfg: ApprovalsConfig) -> ApprovalSpec:
@@ -129,11 +149,64 @@ def kind_of(f: http.HTTPFlow) -> str:
     return KINDS_BY_DIALECT.get(dialect, "http") if isinstance(dialect, str) else "http"
 
 
-def describe_request(f: http.HTTPFlow, preview_chars: int) -> tuple[dict[str, Any], str, bool]:
-    """(what, preview, truncated) of a request, for reviewers. The body is already masked
-    (the masking addon runs first); the query string is left out (it may hold keys)."""
+def _text_of(content: Any) -> str:
+    """The text of a chat message's content (a string, or a list of parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text") for p in content
+                        if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def _one_line(text: str, limit: int = SUMMARY_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def summarize(kind: str, doc: Any, f: http.HTTPFlow) -> dict[str, Any]:
+    """model / tool / summary of a (masked) JSON body, for reviewers' lists and chat."""
+    out: dict[str, Any] = {}
+    if not isinstance(doc, dict):
+        return out
+    if isinstance(doc.get("model"), str):
+        out["model"] = doc["model"][:200]
+    if kind == "tool" or doc.get("jsonrpc") == "2.0":
+        method = doc.get("method")
+        params = doc.get("params") if isinstance(doc.get("params"), dict) else {}
+        if method == "tools/call" and isinstance(params.get("name"), str):
+            out["tool"] = params["name"][:200]
+            args = params.get("arguments")
+            names = ", ".join(sorted(args)) if isinstance(args, dict) else ""
+            out["summary"] = _one_line(f"tools/call {out['tool']}({names})")
+        elif isinstance(method, str):
+            out["summary"] = _one_line(method)
+        return out
+    messages = doc.get("messages")
+    if isinstance(messages, list):
+        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        last = users[-1] if users else (messages[-1] if messages else None)
+        if isinstance(last, dict):
+            out["summary"] = _one_line(_text_of(last.get("content")))
+    elif isinstance(doc.get("input"), str | list):  # the Responses API
+        inp = doc["input"]
+        if isinstance(inp, list):
+            users = [m for m in inp if isinstance(m, dict) and m.get("role") == "user"]
+            inp = _text_of(users[-1].get("content")) if users else ""
+        out["summary"] = _one_line(inp)
+    elif isinstance(doc.get("prompt"), str):
+        out["summary"] = _one_line(doc["prompt"])
+    return out
+
+
+def describe_request(f: http.HTTPFlow, preview_bytes: int) -> tuple[dict[str, Any], str, bool]:
+    """(what, preview, truncated) of a request, for reviewers: the whole masked body up to
+    `preview_bytes` (the masking addon runs first), and in `what` the kind, model, tool and a
+    one-line summary so that holds are told apart in lists and notifications. The query
+    string is left out (it may hold keys)."""
     req = f.request
     up = f.metadata.get("upstream")
+    kind = kind_of(f)
     what: dict[str, Any] = {
         "method": req.method,
         "url": f"{req.scheme}://{req.pretty_host}"
@@ -142,49 +215,40 @@ def describe_request(f: http.HTTPFlow, preview_chars: int) -> tuple[dict[str, An
         "path": req.path.split("?")[0],
         "upstream": up.get("name") if isinstance(up, dict) else None,
         "model": None,
+        "tool": None,
+        "summary": f"{req.method} {req.path.split('?')[0]}",
         "body_bytes": len(req.raw_content or b""),
-        "kind": kind_of(f),
+        "kind": kind,
+        "session": f.metadata.get("session") if isinstance(f.metadata.get("session"), str)
+        else None,
     }
+    doc = None
     try:  # the one bounded decoder: `get_content` inflates without any limit
         body = decode.request_body(f)
         raw = body.data if body is not None else b""
+        if body is not None and len(raw) <= SCAN_BYTES:
+            doc = body.json  # parsed once per flow (policy read it already)
     except decode.DecodeError:
         raw = b""
-    if raw and len(raw) <= MODEL_SCAN_BYTES and raw.lstrip()[:1] == b"{":
-        try:
-            model = json.loads(raw).get("model")
-            if isinstance(model, str):
-                what["model"] = model[:200]
-        except (ValueError, AttributeError):
-            pass
-    text = raw[: preview_chars * 4 + 4].decode("utf-8", errors="replace")
-    truncated = len(text) > preview_chars or len(raw) > preview_chars * 4 + 4
-    return what, text[:preview_chars], truncated
+    what.update(summarize(kind, doc, f))
+    mcp = f.metadata.get("mcp")
+    if isinstance(mcp, dict) and isinstance(mcp.get("tool"), str) and not what["tool"]:
+        what["tool"] = mcp["tool"]
+    truncated = len(raw) > preview_bytes
+    # cut on a character boundary: a split UTF-8 sequence would show as garbage
+    preview = raw[:preview_bytes].decode("utf-8", errors="ignore" if truncated else "replace")
+    return what, preview, truncated
 
 
-def slack_payload(a: PendingApproval, link: str) -> dict[str, Any]:
-    """A Slack-compatible incoming-webhook message (`text` + `blocks`)."""
-    w = a.what
-    target = f"{w.get('method')} {w.get('url')}" + (f" (model {w['model']})"
-                                                    if w.get("model") else "")
-    who = a.requester or "an unauthenticated caller"
-    needs = (f"{a.spec.min_approvals} approval(s) from {', '.join(a.spec.groups) or '-'}; "
-             f"times out in {a.spec.timeout:g}s ({a.spec.on_timeout})")
-    lines = [f"agentgate: request held for approval {a.id}",
-             f"rule: {a.spec.rule}" + (f" ({a.spec.message})" if a.spec.message else ""),
-             f"from: {who}", f"request: {target}", f"needs: {needs}",
-             f"approve: agentgate approvals approve {a.id}",
-             f"deny: agentgate approvals deny {a.id} --reason '...'"]
-    if link:
-        lines.append(f"details: {link}")
-    text = "\n".join(lines)
-    return {
-        "text": text,
-        "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text}}],
-        "approval_id": a.id,
-        "rule": a.spec.rule,
-        "link": link,
-    }
+def intent_key(f: http.HTTPFlow, spec: ApprovalSpec) -> str:
+    """Who asks what of whom under which rule: a retry of a held request has the same key."""
+    up = f.metadata.get("upstream")
+    h = hashlib.sha256()
+    for part in (owner_of(f), up.get("name") if isinstance(up, dict) else "",
+                 f.request.method, f.request.pretty_url, spec.rule):
+        h.update(str(part).encode("utf-8", "replace") + b"\0")
+    h.update(f.request.raw_content or b"")
+    return h.hexdigest()
 
 
 class Approval:
@@ -195,9 +259,18 @@ class Approval:
         self.store.on_decided = self._on_decided
         self._verify = verify  # tests inject a verifier; the gateway uses addons.identity.addon
         self.api = ApprovalsAPI(self.store, self._verify_reviewer, link=self._link,
-                                on_vote=self._on_vote)
+                                on_vote=self._on_vote, holder=holder)
         self.notifier = Notifier()
-        self._flows: dict[str, http.HTTPFlow] = {}
+        self.slack = SlackMessenger(self.notifier, lambda: self._config().slack,
+                                    self._slack_webhook, self._retry, self._link)
+        self.slack_interactions = SlackInteractions(self.store, lambda: self._config().slack,
+                                                    self.slack, on_vote=self._on_vote)
+        self.store.listeners.append(self._changed)
+        self.api.mount(*self.extra_handlers())  # Slack's callback, on the reviewers' listener
+        # every held flow of an approval (a retry joins the first request's hold)
+        self._flows: dict[str, list[http.HTTPFlow]] = {}
+        self._intents: dict[str, str] = {}  # intent key -> pending approval id
+        self._gone: set[str] = set()  # ids of held flows whose client went away
         # holds of callers that are not HTTP flows (the database path): id -> wake-up event
         self._external: dict[str, asyncio.Event] = {}
         self._api_spec: tuple[str, int] | None | bool = False  # False: not started
@@ -205,6 +278,7 @@ class Approval:
         self._api_started = False  # listened once: a later bind error does not stop mitmproxy
         self._running = False
         self._tasks: set[asyncio.Task] = set()
+        self.retry_grace = RETRY_GRACE
         holder.on_change(self._rules_changed)
 
     # ------------------------------------------------------------ options and lifecycle
@@ -235,6 +309,11 @@ class Approval:
     def running(self) -> None:
         self._running = True
         self._spawn(self._start_api())
+
+    def extra_handlers(self) -> list[tuple[str, type, dict[str, Any]]]:
+        """Handlers the reviewers' tornado app mounts beside its own (Slack's callback)."""
+        return [(r"/slack/actions", SlackActionsHandler,
+                 {"interactions": self.slack_interactions})]
 
     def done(self) -> None:
         self._running = False
@@ -328,40 +407,78 @@ class Approval:
         spec = spec_from_decision(dec, cfg)
         ident = f.metadata.get("identity")
         requester = ident.get("sub") if isinstance(ident, dict) else None
-        what, preview, truncated = describe_request(f, cfg.preview_chars)
-        try:
-            a = self.store.create(spec, requester if isinstance(requester, str) else None,
-                                  what, preview, truncated, owner=owner_of(f))
-        except ApprovalError as e:
-            refuse(f, e.status, e.message, e.code, STEP, spec.rule)
-            return
-        f.metadata["approval"] = a.metadata()
-        self._flows[a.id] = f
+        key = intent_key(f, spec)
+        joined = self.store.get(self._intents.get(key, ""))
+        if joined is not None and not joined.decided:
+            a = joined
+            log.info("agentgate: %s %s repeats the request held by approval %s: joined "
+                     "(no new hold)", f.request.method, f.request.pretty_url.split("?")[0],
+                     a.id)
+        else:
+            what, preview, truncated = describe_request(f, cfg.preview_bytes)
+            try:
+                a = self.store.create(spec, requester if isinstance(requester, str) else None,
+                                      what, preview, truncated, owner=owner_of(f))
+            except ApprovalError as e:
+                refuse(f, e.status, e.message, e.code, STEP, spec.rule)
+                return
+            self._intents[key] = a.id
+            log.info("agentgate: holding %s %s for approval %s (rule %s, requester %s, "
+                     "timeout %gs)", what["method"], what["url"], a.id, spec.rule,
+                     a.requester or "-", spec.timeout)
+        f.metadata["approval"] = dict(a.metadata(), joined=joined is a)
+        self._flows.setdefault(a.id, []).append(f)
         f.intercept()
-        f.marked = ":hourglass:"
+        f.marked = HELD_MARK
         self._set_comment(f, a)
         self._update(f)
-        log.info("agentgate: holding %s %s for approval %s (rule %s, requester %s, "
-                 "timeout %gs)", what["method"], what["url"], a.id, spec.rule,
-                 a.requester or "-", spec.timeout)
-        self._notify(a, cfg)
+        if joined is not a:
+            self._notify(a, cfg)
         try:
             await self._wait(f, a)
         except asyncio.CancelledError:
+            self._leave(f, a)
             self.store.cancel(a.id, "hold cancelled")
             raise
-        finally:
-            self._flows.pop(a.id, None)
+        self._leave(f, a)
         self._finish(f, a, cfg)
 
+    def _leave(self, f: http.HTTPFlow, a: PendingApproval) -> None:
+        """This flow stops waiting. If it was the last one and its client went away, the
+        hold waits RETRY_GRACE seconds for a retry to join before it is cancelled."""
+        flows = self._flows.get(a.id, [])
+        if f in flows:
+            flows.remove(f)
+        gone = f.id in self._gone
+        self._gone.discard(f.id)
+        if flows:
+            return
+        self._flows.pop(a.id, None)
+        if a.decided:
+            self._forget_intent(a)
+        elif gone:
+            grace = min(self.retry_grace, max(0.0, a.expires_at - self.store.clock()))
+            asyncio.get_running_loop().call_later(grace, self._orphaned, a.id)
+
+    def _orphaned(self, approval_id: str) -> None:
+        a = self.store.get(approval_id)
+        if a is not None and not a.decided and not self._flows.get(approval_id):
+            self.store.cancel(approval_id, "the client disconnected (no retry within "
+                                           f"{self.retry_grace:g}s)")
+
+    def _forget_intent(self, a: PendingApproval) -> None:
+        for key in [k for k, v in self._intents.items() if v == a.id]:
+            del self._intents[key]
+
     async def _wait(self, f: http.HTTPFlow, a: PendingApproval) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + a.spec.timeout
+        # the deadline is the approval's, not this flow's: a joined retry waits no longer
         while not a.decided:
-            remaining = deadline - loop.time()
+            remaining = a.expires_at - self.store.clock()
             if remaining <= 0:
                 self.store.expire(a.id)
                 break
+            if f.id in self._gone:
+                break  # this client went away; the hold may still be joined by its retry
             if f.error is not None:  # killed by the operator: nothing left to release
                 self.store.cancel(a.id, "flow killed in mitmweb")
                 break
@@ -390,29 +507,36 @@ class Approval:
             log.warning("agentgate: approval %s: resume from mitmweb ignored (rule %s does "
                         "not allow mitmweb approval); still held", a.id, a.spec.rule)
         f.intercept()  # hold again
-        f.metadata["approval"] = a.metadata()
+        f.metadata["approval"] = dict(f.metadata.get("approval") or {}, **a.metadata())
         self._set_comment(f, a)
         self._update(f)
 
     def _finish(self, f: http.HTTPFlow, a: PendingApproval, cfg: ApprovalsConfig) -> None:
-        f.metadata["approval"] = a.metadata()
+        f.metadata["approval"] = dict(f.metadata.get("approval") or {}, **a.metadata())
         rule = a.spec.rule
-        if a.state == APPROVED:
-            f.marked = ":white_check_mark:"
+        masked = bool(f.metadata.get("findings"))
+        if not a.decided:  # this client went away; the hold stays open for its retry
+            f.metadata["approval"]["left"] = "the client disconnected while held"
+            refuse(f, 503, "the client disconnected while the request was held",
+                   "approval_cancelled", STEP, rule)
+        elif a.state == APPROVED or (a.state == TIMEOUT and a.spec.on_timeout == "allow"):
+            # a masked request keeps its lock: what went upstream was rewritten
+            f.marked = ":lock:" if masked else MARKS[APPROVED]
         elif a.state == DENIED:
             refuse(f, 403, f"request denied by a reviewer: {a.reason}", "approval_denied",
                    STEP, rule)
         elif a.state == TIMEOUT:
-            if a.spec.on_timeout == "allow":
-                f.marked = ":white_check_mark:"
-            else:
-                refuse(f, cfg.timeout_status,
-                       f"no approval within {a.spec.timeout:g}s; request refused",
-                       "approval_timeout", STEP, rule)
+            refuse(f, cfg.timeout_status,
+                   f"no approval within {a.spec.timeout:g}s; request refused",
+                   "approval_timeout", STEP, rule)
         elif a.state == CANCELLED and f.error is None:
             refuse(f, 503, f"approval cancelled: {a.reason}", "approval_cancelled", STEP, rule)
+        state = a.state if a.decided else CANCELLED
+        if f.response is not None and f.response.status_code >= 400 and state in MARKS:
+            f.marked = MARKS[state]  # after refuse(), which marks every refusal alike
         log.info("agentgate: approval %s %s (%s)", a.id, a.state, a.reason)
         f.resume()
+        self._set_comment(f, a)
         self._update(f)
 
     # ------------------------------------------------------------ holding anything else
@@ -457,32 +581,62 @@ class Approval:
         return a
 
     def _on_decided(self, a: PendingApproval) -> None:
-        event = self._external.get(a.id)
-        if event is not None:
-            event.set()
+        event_ = self._external.get(a.id)
+        if event_ is not None:
+            event_.set()
             return
-        f = self._flows.get(a.id)
-        if f is not None:
-            f.metadata["approval"] = a.metadata()
+        self._forget_intent(a)  # a new request after a decision is a new intent
+        for f in self._flows.get(a.id, []):
+            f.metadata["approval"] = dict(f.metadata.get("approval") or {}, **a.metadata())
             f.resume()  # wakes the waiting hook, which answers or forwards the flow
 
     def _on_vote(self, a: PendingApproval) -> None:
-        f = self._flows.get(a.id)
-        if f is not None and not a.decided:
-            f.metadata["approval"] = a.metadata()
+        if a.decided:
+            return
+        for f in self._flows.get(a.id, []):
+            f.metadata["approval"] = dict(f.metadata.get("approval") or {}, **a.metadata())
             self._set_comment(f, a)
             self._update(f)
 
+    def _changed(self, a: PendingApproval) -> None:
+        """Store listener: every vote and decision updates the notifications."""
+        if a.state == PENDING and not a.votes:
+            return  # just opened: announced by _notify with the rule's config
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a unit test driving the store): nothing to deliver
+        n = self._config().notify
+        if n is not None and n.format == "json":
+            url = n.resolve()
+            if url:
+                self.notifier.submit(url, event("approval.decided" if a.decided
+                                                 else "approval.voted", a, self._link(a.id)),
+                                     retries=n.retries, backoff=n.backoff,
+                                     max_backoff=n.max_backoff, timeout=n.timeout,
+                                     ca_file=n.ca_file, label=a.id)
+        self.slack.changed(a)
+
     @staticmethod
     def _set_comment(f: http.HTTPFlow, a: PendingApproval) -> None:
-        lines = [f"held for approval {a.id} by rule {a.spec.rule}"
-                 + (f": {a.spec.message}" if a.spec.message else ""),
-                 f"requester: {a.requester or '-'}; needs {a.spec.min_approvals} approval(s) "
-                 f"from {', '.join(a.spec.groups) or '-'}; "
-                 f"{len(a.approvers)} so far" + (f" ({', '.join(a.approvers)})"
-                                                 if a.approvers else ""),
-                 f"approve: agentgate approvals approve {a.id}"
-                 + (" (or agentgate.approve in mitmweb)" if a.spec.allow_mitmweb else "")]
+        # first line: the decision and the rule (what a comment column shows)
+        state = "held for approval" if not a.decided else f"approval {a.state}"
+        lines = [f"{state} by rule {a.spec.rule} ({a.id})"
+                 + (f": {a.spec.message}" if a.spec.message else "")]
+        if a.decided:
+            lines.append(f"outcome: {a.reason}")
+        lines.append(f"requester: {a.requester or '-'}; needs {a.spec.min_approvals} "
+                     f"approval(s) from {', '.join(a.spec.groups) or '-'}; "
+                     f"{len(a.approvers)} so far" + (f" ({', '.join(a.approvers)})"
+                                                     if a.approvers else ""))
+        for v in a.votes:
+            lines.append(f"{v.decision} by {v.sub} via {v.via}"
+                         + (f": {v.reason}" if v.reason else ""))
+        if not a.decided:
+            lines.append(f"approve: agentgate approvals approve {a.id}"
+                         + (f" (or agentgate.approve {a.id} in mitmweb)"
+                            if a.spec.allow_mitmweb else "")
+                         + f"; deny: agentgate.deny {a.id} \"reason\"")
         lines += a.notes[-2:]
         f.comment = "\n".join(lines)
 
@@ -494,64 +648,111 @@ class Approval:
         except Exception:  # noqa: BLE001 - no master in unit tests; cosmetic only
             log.debug("no master to notify of a flow update")
 
+    def _retry(self) -> Retry:
+        n = self._config().notify
+        return Retry(n.retries, n.backoff, n.max_backoff, n.timeout, n.ca_file) if n \
+            else Retry()
+
+    def _slack_webhook(self) -> str | None:
+        n = self._config().notify
+        return n.resolve() if n is not None and n.format == "slack" else None
+
     def _notify(self, a: PendingApproval, cfg: ApprovalsConfig) -> None:
         n = cfg.notify
-        if n is None:
-            return
-        url = n.resolve()
-        if not url:
+        if n is not None and not n.resolve():
             log.error("agentgate: approval %s: notification webhook not available (%s); "
                       "the request stays held", a.id, n.describe())
-            return
-        self.notifier.submit(url, slack_payload(a, self._link(a.id)), retries=n.retries,
-                             backoff=n.backoff, max_backoff=n.max_backoff, timeout=n.timeout,
-                             ca_file=n.ca_file, still_wanted=lambda: not a.decided)
+        if n is not None and n.format == "json":
+            url = n.resolve()
+            if url:
+                self.notifier.submit(url, event("approval.created", a, self._link(a.id)),
+                                     retries=n.retries, backoff=n.backoff,
+                                     max_backoff=n.max_backoff, timeout=n.timeout,
+                                     ca_file=n.ca_file, still_wanted=lambda: not a.decided,
+                                     label=a.id)
+        self.slack.created(a)
 
     # ------------------------------------------------------------ client gone
     @guarded(STEP, skip_answered=False)
     def client_disconnected(self, client: connection.Client) -> None:
-        for approval_id, f in list(self._flows.items()):
-            if f.client_conn.id == client.id:
-                self.store.cancel(approval_id, "the client disconnected")
+        for flows in list(self._flows.values()):
+            for f in flows:
+                if f.client_conn.id == client.id:
+                    self._gone.add(f.id)
+                    f.resume()  # wake its hook now rather than at the next poll
 
     # ------------------------------------------------------------ mitmweb commands
+    def _targets(self, target: str) -> list[PendingApproval]:
+        """Pending approvals named by an approval id, a flow id or a flow spec."""
+        target = target.strip()
+        a = self.store.get(target) if target.startswith("ap-") else None
+        if a is not None:
+            return [a] if not a.decided else []
+        spec = target if target.startswith("@") or " " in target or "~" in target \
+            else f"@{target}"
+        try:
+            flows = ctx.master.commands.call("view.flows.resolve", spec)
+        except exceptions.CommandError:
+            raise
+        except Exception as e:  # noqa: BLE001 - no view (mitmdump without it)
+            raise exceptions.CommandError(f"cannot resolve {target!r} ({type(e).__name__}); "
+                                          "name the approval id (ap-…)") from None
+        found = self._pending_of(flows)
+        if not found and target == "@focus":
+            raise exceptions.CommandError(
+                "no held flow has the focus: mitmweb does not tell the gateway which flow is "
+                "selected; use the approval id from the flow's comment, e.g. "
+                "agentgate.approve ap-… (or @<flow id>)")
+        return found
+
     def _pending_of(self, flows: Sequence[flow.Flow]) -> list[PendingApproval]:
-        out = []
+        out: list[PendingApproval] = []
         for f in flows:
             meta = f.metadata.get("approval")
             if isinstance(meta, dict) and meta.get("id") in self._flows:
                 a = self.store.get(meta["id"])
-                if a is not None and not a.decided:
+                if a is not None and not a.decided and a not in out:
                     out.append(a)
         return out
 
     @command.command("agentgate.approve")
-    def approve_cmd(self, flows: Sequence[flow.Flow]) -> None:
-        """Approve held flows as the mitmweb operator (only where the rule allows it)."""
-        errors = []
-        for a in self._pending_of(flows):
-            try:
-                self.store.approve(a.id, OPERATOR, via=VIA_MITMWEB)
-                log.info("agentgate: approval %s: approved by %s", a.id, OPERATOR)
-                self._on_vote(a)
-            except ApprovalError as e:
-                errors.append(f"{a.id}: {e.message}")
-        if errors:
-            raise exceptions.CommandError("; ".join(errors))
+    def approve_cmd(self, target: str, reason: str = "") -> None:
+        """Approve one held request as the mitmweb operator (only where its rule allows
+        it): its approval id (ap-…), its flow id, or a flow spec matching one held flow."""
+        found = self._targets(target)
+        if not found:
+            raise exceptions.CommandError(f"no pending approval matches {target!r}")
+        if len(found) > 1:
+            # one command must not approve everything at once: approvals go one by one
+            raise exceptions.CommandError(
+                f"{target!r} matches {len(found)} held requests; approve them one at a time "
+                "by approval id (" + ", ".join(a.id for a in found[:5]) + ")")
+        a = found[0]
+        try:
+            self.store.approve(a.id, OPERATOR, via=VIA_MITMWEB, reason=reason or None)
+        except ApprovalError as e:
+            raise exceptions.CommandError(f"{a.id}: {e.message}") from None
+        log.info("agentgate: approval %s: approved by %s", a.id, OPERATOR)
+        self._on_vote(a)
 
     @command.command("agentgate.deny")
-    def deny_cmd(self, flows: Sequence[flow.Flow],
-                 reason: str = "denied by the mitmweb operator") -> None:
-        """Deny held flows as the mitmweb operator (always allowed)."""
-        for a in self._pending_of(flows):
+    def deny_cmd(self, target: str, reason: str = "denied by the mitmweb operator") -> None:
+        """Deny held requests as the mitmweb operator (always allowed): an approval id
+        (ap-…), a flow id, or a flow spec (@all denies every held request)."""
+        found = self._targets(target)
+        if not found:
+            raise exceptions.CommandError(f"no pending approval matches {target!r}")
+        for a in found:
             self.store.deny(a.id, OPERATOR, reason=reason, via=VIA_MITMWEB)
             log.info("agentgate: approval %s: denied by %s", a.id, OPERATOR)
 
     @command.command("agentgate.approvals")
     def list_cmd(self) -> Sequence[str]:
-        """Pending approvals: id, rule, requester, age."""
-        import time
+        """Pending approvals: id, rule, requester, age, what."""
         now = time.time()
         return [f"{a.id} rule={a.spec.rule} requester={a.requester or '-'} "
                 f"age={now - a.requested_at:.0f}s approvals={len(a.approvers)}/"
-                f"{a.spec.min_approvals}" for a in self.store.pending()]
+                f"{a.spec.min_approvals} {a.what.get('kind') or 'http'}: "
+                f"{a.what.get('tool') or a.what.get('model') or a.what.get('url') or ''} "
+                f"{a.what.get('summary') or ''}".rstrip()
+                for a in self.store.pending()]
