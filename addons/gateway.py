@@ -2,8 +2,10 @@
 
 Order is the data path (ARCHITECTURE.md): rules -> edge options and limits -> upstreams
 (default-deny, paths) -> destinations (pinning, address vetting) -> identity -> sessions ->
-policy -> masking -> approval -> credentials on the way out; WebSocket messages, masking
-(responses) and the recorder on the way back. Addons talk only through `flow.metadata`.
+mcp (JSON-RPC, pins) -> policy (+ the MCP tools/list filter) -> masking -> approval ->
+credentials on the way out; WebSocket messages, mcp and masking (responses) and the
+recorder on the way back; refusals on MCP upstreams become JSON-RPC answers just before
+the recorder. Addons talk only through `flow.metadata`.
 Two small guards are put on mitmproxy's chain directly, outside the script, while this
 module is imported: the pipeline sentinel (refuses all traffic while the pipeline is not
 loaded) and the layer guard (closes every connection that is not TLS or HTTP).
@@ -29,7 +31,9 @@ from addons.frame.annotate import Annotate
 from addons.identity.addon import Identity
 from addons.masking.addon import Masking
 from addons.masking.websocket import WebSocketMasking
+from addons.mcp.addon import Mcp, McpAnswers
 from addons.policy.addon import Policy
+from addons.policy.mcp import ToolListFilter
 from addons.policy.websocket import WebSocketPolicy
 from addons.recording.addon import Recorder
 from addons.recording.sessions import Sessions
@@ -38,6 +42,8 @@ from addons.recording.sessions import Sessions
 def build(holder: RulesHolder | None = None) -> list[object]:
     holder = holder or RulesHolder()
     masking = Masking(holder)
+    mcp = Mcp(holder)
+    policy = Policy(holder)
     return [
         RulesLoader(holder),
         EdgeOptions(),
@@ -46,7 +52,9 @@ def build(holder: RulesHolder | None = None) -> list[object]:
         Destinations(holder),
         Identity(holder),
         Sessions(holder),
-        Policy(holder),
+        mcp,
+        policy,
+        ToolListFilter(holder, mcp, policy),
         WebSocketPolicy(holder),
         masking,
         WebSocketMasking(masking),
@@ -54,6 +62,7 @@ def build(holder: RulesHolder | None = None) -> list[object]:
         Credentials(holder),
         WebSockets(holder),
         Annotate(),
+        McpAnswers(),
         Recorder(holder),
     ]
 

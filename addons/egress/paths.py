@@ -2,9 +2,10 @@
 
 Each LLM dialect (and `mcp`) declares the endpoints it knows; anything else on such an
 upstream is refused unless the upstream's `paths:` globs allow it (webhook/generic
-upstreams: any path unless `paths:` is given). Paths are decoded once and must be unambiguous before matching: an
-encoded slash, backslash or NUL, a double-encoded `%`, a dot segment (`..`, `%2e%2e`) or an
-empty segment is refused outright, so what we match is what the upstream routes.
+upstreams: any path unless `paths:` is given). Paths are decoded once and must be
+unambiguous before matching: an encoded slash, backslash or NUL, a double-encoded `%`, a
+dot segment (`..`, `%2e%2e`) or an empty segment is refused outright, so what we match is
+what the upstream routes.
 """
 
 from __future__ import annotations

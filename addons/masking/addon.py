@@ -261,7 +261,7 @@ class Masking:
         sse = resp.headers.get("content-type", "").lower().startswith("text/event-stream")
         plan = self._plan(flow)
         if plan is None:
-            if sse:
+            if sse and not callable(resp.stream):
                 resp.stream = True  # unmasked, but never buffered whole (time to first token)
             return
         cfg, up = plan
@@ -296,7 +296,10 @@ class Masking:
                      dialect=self._dialect(flow, up))
         masker = StreamMasker(ctx, max_event=cfg.max_body_bytes, decoder=decoder,
                               max_masked_copy=cfg.max_body_bytes)
-        resp.stream = _safe_stream(masker, flow, found)
+        # an earlier step's stream function (the mcp addon judging each JSON-RPC event)
+        # runs first; its output is what gets masked
+        before = resp.stream if callable(resp.stream) else None
+        resp.stream = _safe_stream(masker, flow, found, before)
         # The body changes length and is sent decoded.
         resp.headers.pop("content-encoding", None)
         if "content-length" in resp.headers:
@@ -395,13 +398,27 @@ def _mask_recorded_origin(ctx: Masked, flow: http.HTTPFlow) -> None:
                                     parts.query if query is None else query, parts.fragment))
 
 
-def _safe_stream(masker: StreamMasker, flow: http.HTTPFlow, found: dict) -> Any:
+def _safe_stream(masker: StreamMasker, flow: http.HTTPFlow, found: dict,
+                 before: Any = None) -> Any:
     """The stream callable: masks each chunk, keeps the flow's findings up to date, and
-    aborts the stream (fail closed) if masking a chunk fails; never passes it unmasked."""
+    aborts the stream (fail closed) if masking a chunk fails; never passes it unmasked.
+    `before`: an earlier stream function whose output is masked (it raises to abort)."""
 
     def stream(data: bytes) -> list[bytes] | bytes:
+        if before is not None:
+            got = before(data)
+            chunk = b"".join(got) if isinstance(got, list) else got
+        else:
+            chunk = data
         try:
-            out = masker(data)
+            if before is None:
+                out = masker(data)
+            else:
+                out = masker(chunk) if chunk else []
+                if data == b"":  # the end: flush what the masker still holds
+                    end = masker(b"")
+                    out = [*(out if isinstance(out, list) else [out]),
+                           *(end if isinstance(end, list) else [end])]
         except Exception as e:  # noqa: BLE001 - fail closed: abort, never pass unmasked
             # The type only: an exception text could quote the stream's content.
             log.error("masking: stream aborted (%s)", type(e).__name__)

@@ -425,7 +425,8 @@ def _dump(obj: Any) -> str:
 class Masked:
     """Masking context of one flow direction: who, which session, what was found."""
 
-    __slots__ = ("masker", "session", "findings", "restorable", "restore", "llm", "detect")
+    __slots__ = ("masker", "session", "findings", "restorable", "restore", "llm", "detect",
+                 "mcp")
 
     def __init__(self, masker: Masker, session: Session | None, findings: Findings, *,
                  restorable: bool = True, restore: bool = False, dialect: str = "generic",
@@ -436,6 +437,8 @@ class Masked:
         self.restorable = restorable
         self.restore = restore and session is not None
         self.llm = dialect in LLM_DIALECTS
+        # MCP: every SSE event is one JSON-RPC message, masked whole (addons/masking/sse.py)
+        self.mcp = dialect == "mcp"
         # detect=False: a restore-only pass over a body this context already masked
         # (the masked body is what gets recorded; the restored one goes to the agent).
         self.detect = detect
@@ -446,6 +449,7 @@ class Masked:
                      restore=self.restore if restore is None else restore,
                      detect=self.detect if detect is None else detect)
         out.llm = self.llm
+        out.mcp = self.mcp
         return out
 
     # -- one text

@@ -24,6 +24,8 @@ handled by what it carries:
 - any other event of a known dialect (message_start, response.completed with the full
   text …) is masked as a JSON document (`addons.masking.bodies`), with the same session
   placeholders, so the full text and the streamed deltas agree.
+- an `mcp` upstream's stream: each event's data is one JSON-RPC message, masked as a JSON
+  document (with restore, restored the same way), never held back across events.
 - a stream of no known dialect is a text channel too: plain-text `data` (one channel per
   event name), and in JSON events of unknown shape every string under a text-like key
   (STREAM_TEXT_KEYS: content, text, delta, response, token, …; one channel per JSON path)
@@ -510,6 +512,11 @@ class StreamMasker:
             obj = loads(data)
         except (ValueError, RecursionError):  # incl. duplicate keys: mask it as raw text
             return self._text_event(ev, data)
+        if self.ctx.mcp:
+            # an MCP event is one whole JSON-RPC message (a tool result, a server request):
+            # masked as a document, never held back or split into synthetic delta events,
+            # so the agent gets each message once, as valid JSON, with its id
+            return self._generic(ev, obj)
         if isinstance(obj, dict):
             typ = obj.get("type")
             if isinstance(obj.get("choices"), list):

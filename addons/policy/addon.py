@@ -19,6 +19,7 @@ from addons.config.holder import RulesHolder
 from addons.frame import decode
 from addons.frame.guard import guarded, refuse
 from addons.policy.engine import BodyUnavailable, PolicySet, RequestFacts, evaluate
+from addons.policy.mcp import pin_decision
 
 log = logging.getLogger("agentgate.policy")
 
@@ -46,7 +47,7 @@ def facts_from_flow(flow: http.HTTPFlow, now: float | None = None,
         flow.request.method, flow.request.host, flow.request.path,
         upstream=up.get("name") if isinstance(up, dict) else None,
         identity=ident if isinstance(ident, dict) else None,
-        body=body, now=now)
+        body=body, now=now, dialect=up.get("dialect") if isinstance(up, dict) else None)
 
 
 class Policy:
@@ -94,6 +95,7 @@ class Policy:
                                          "message": str(e), "observed": False}
             refuse(flow, 400, f"request refused: {e}", "policy_uninspectable", "policy")
             return
+        decision = pin_decision(rules, flow.metadata.get("mcp"), decision)
         flow.metadata["decision"] = decision.to_metadata()
         if decision.observed or decision.action != "allow":
             # names only: rule, action, method, host; never body, token or identity values

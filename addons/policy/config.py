@@ -48,7 +48,8 @@ RULE_KEYS = {"name", "description", "match", "action", "message", "observe",
 APPROVAL_KEYS = {"approvers", "min_approvals", "timeout", "on_timeout", "allow_mitmweb"}
 MATCH_KEYS = {"sub", "iss", "groups", "roles", "authenticated", "upstream", "host", "method",
               "path", "model", "fields", "prompt", "tools", "body_size", "time", "not", "any",
-              "output_tokens", "provider_tools"}
+              "output_tokens", "provider_tools", "mcp"}
+MCP_MATCH_KEYS = {"method", "tool", "resource", "prompt"}
 SETTINGS_KEYS = {"mode"}
 MODES = ("enforce", "observe_only")
 COMPARE_OPS = (">=", "<=", "!=", "==", ">", "<")
@@ -197,6 +198,8 @@ def parse_match(raw: Any, where: Where, upstream_names: set[str]) -> Match:
     if "provider_tools" in d:
         add("provider_tools", _provider_tools(d["provider_tools"],
                                               where.child("provider_tools")), COST_TOOLS)
+    if "mcp" in d:
+        add("mcp", _mcp_check(d["mcp"], where.child("mcp")), COST_JSON)
     if "time" in d:
         add("time", _time_window(d["time"], where.child("time")), COST_TIME)
     if "tools" in d:
@@ -219,6 +222,33 @@ def parse_match(raw: Any, where: Where, upstream_names: set[str]) -> Match:
         add("any", lambda f, a=alts: any(m(f) for m in a), max(m.cost for m in alts))
     # cheap first; sorted() is stable, so equal costs keep the written order
     return Match(tuple(sorted(conds, key=lambda c: c.cost)))
+
+
+def _mcp_check(value: Any, where: Where) -> Any:
+    """`mcp: {method, tool, resource, prompt}` (globs; all given must hold) on a request to
+    an `mcp` upstream: `tool` is the name a `tools/call` calls, `resource` the URI a
+    `resources/read` reads, `prompt` the name a `prompts/get` gets. Tool names and URIs are
+    compared case-sensitively (servers treat them so); methods too."""
+    d = expect_map(value, where, MCP_MATCH_KEYS)
+    if not d:
+        raise where.error("give method, tool, resource and/or prompt")
+    tests: list[tuple[str, Any]] = []
+    for key in ("method", "tool", "resource", "prompt"):
+        if key in d:
+            tests.append((key, glob_any(_nonempty_list(d[key], where.child(key)),
+                                        lower=False)))
+
+    def check(f: Any) -> bool:
+        m = f.mcp
+        if m is None:
+            return False
+        for key, ok in tests:
+            v = {"method": m.method, "tool": m.tool, "resource": m.uri,
+                 "prompt": m.prompt}[key]
+            if not isinstance(v, str) or not ok(v):
+                return False
+        return True
+    return check
 
 
 def _provider_tools(value: Any, where: Where) -> Any:

@@ -33,6 +33,7 @@ from urllib.parse import parse_qsl
 
 from addons.frame.batch import batch_requests, dumps_body, multipart_parts
 from addons.frame.decode import Body, DecodeError, is_json_mime, parse_content_type
+from addons.mcp.jsonrpc import JsonRpcError, Message, parse_message
 from addons.policy.skeleton import normalize, skeleton
 
 ACTIONS = ("allow", "block", "approve", "observe")
@@ -76,8 +77,9 @@ class RequestFacts:
                  body: Any = None,
                  json_loader: Callable[[], Any] | None = None,
                  now: float | None = None, content_type: str = "",
-                 batch: bool = True) -> None:
+                 batch: bool = True, dialect: str | None = None) -> None:
         self.method = method.upper()
+        self.dialect = dialect
         self.host = host.lower().rstrip(".")
         self.path = normalize_path(path)
         self.query = path.split("?", 1)[1].split("#", 1)[0] if "?" in path else ""
@@ -106,6 +108,7 @@ class RequestFacts:
         self._tools: frozenset[str] | None = None
         self._ptools: tuple[tuple[str, str, str], ...] | None = None
         self._model: Any = _UNSET
+        self._mcp: Any = _UNSET
         self._local: dict[str, datetime.datetime] = {}
 
     # -- body
@@ -170,6 +173,18 @@ class RequestFacts:
                 raise BodyUnavailable("the URL path and the body name different models")
             self._model = in_path or b
         return self._model
+
+    @property
+    def mcp(self) -> Message | None:
+        """The JSON-RPC message of a request to an `mcp` upstream (None for a batch, whose
+        messages are judged one by one through `batch()`, and for other upstreams)."""
+        if self._mcp is _UNSET:
+            j = self.json if self.dialect == "mcp" else None
+            try:
+                self._mcp = parse_message(j) if isinstance(j, dict) else None
+            except JsonRpcError as e:
+                raise BodyUnavailable(f"not a valid JSON-RPC message: {e.message}") from None
+        return self._mcp
 
     @property
     def output_tokens(self) -> list[Any]:
@@ -301,6 +316,8 @@ class RequestFacts:
         """Facts of every request this one carries (batch uploads, inline batches)."""
         if not self.batch_enabled or self.method != "POST":
             return []
+        if self.dialect == "mcp":
+            return self._mcp_batch()
         p = self.path.rstrip("/")
         if p.endswith("/uploads"):
             # OpenAI's Uploads API sends a file in parts: a batch file's lines would be
@@ -324,6 +341,23 @@ class RequestFacts:
                              json_loader=(lambda b=r.body: b), now=self.now,
                              content_type="application/json", batch=False)
             f.label = r.label
+            out.append(f)
+        return out
+
+    def _mcp_batch(self) -> list[RequestFacts]:
+        """A JSON-RPC batch: every message judged on its own (strictest wins)."""
+        j = self.json
+        if not isinstance(j, list):
+            return []
+        out: list[RequestFacts] = []
+        for i, item in enumerate(j):
+            f = RequestFacts(self.method, self.host, self.path, upstream=self.upstream,
+                             identity=self.identity, body=dumps_body(item),
+                             json_loader=(lambda b=item: b), now=self.now,
+                             content_type="application/json", batch=False, dialect="mcp")
+            method = item.get("method") if isinstance(item, dict) else None
+            f.label = f"batch message {i}" + (f" ({method})" if isinstance(method, str)
+                                             else "")
             out.append(f)
         return out
 
