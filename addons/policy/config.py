@@ -251,20 +251,29 @@ def _mcp_check(value: Any, where: Where) -> Any:
     return check
 
 
-def _provider_tools(value: Any, where: Where) -> Any:
-    """`provider_tools: [web_search*, mcp]` (type globs) or
-    `{type: [...], server_url: [...]}` (both must hold for the same tool)."""
-    if isinstance(value, dict):
-        d = expect_map(value, where, {"type", "server_url"})
-        if not d:
-            raise where.error("give type and/or server_url")
-        types = glob_any(_nonempty_list(d["type"], where.child("type"))) \
-            if "type" in d else None
-        urls = glob_any(_nonempty_list(d["server_url"], where.child("server_url"))) \
-            if "server_url" in d else None
-        return provider_tools_test(types, urls)
-    return provider_tools_test(glob_any(_nonempty_list(value, where)), None)
+PROVIDER_TOOLS_KEYS = {"type", "server_url", "not_server_url", "tools", "not_tools",
+                       "require_approval"}
 
+
+def _provider_tools(value: Any, where: Where) -> Any:
+    """`provider_tools: [web_search*, mcp]` (type globs) or a mapping whose tests must all
+    hold for the same tool: `type`, `server_url` / `not_server_url` (URL globs, matched on
+    the normalized URL, case-insensitive), `tools` (some exposed tool name matches,
+    case-insensitive) / `not_tools` (some exposed tool is not in this list, case-sensitive:
+    tool names are), `require_approval` (always|never globs)."""
+    if isinstance(value, dict):
+        d = expect_map(value, where, PROVIDER_TOOLS_KEYS)
+        if not d:
+            raise where.error(f"give one or more of {', '.join(sorted(PROVIDER_TOOLS_KEYS))}")
+
+        def globs(key: str, lower: bool = True) -> Any:
+            return glob_any(_nonempty_list(d[key], where.child(key)), lower=lower) \
+                if key in d else None
+        return provider_tools_test(globs("type"), globs("server_url"),
+                                   not_urls=globs("not_server_url"), tools=globs("tools"),
+                                   not_tools=globs("not_tools", lower=False),
+                                   approval=globs("require_approval"))
+    return provider_tools_test(glob_any(_nonempty_list(value, where)), None)
 
 def _nonempty_list(value: Any, where: Where) -> tuple[str, ...]:
     out = expect_str_list(value, where)

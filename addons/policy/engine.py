@@ -28,8 +28,8 @@ import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import parse_qsl
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, urlsplit
 
 from addons.frame.batch import batch_requests, dumps_body, multipart_parts
 from addons.frame.decode import Body, DecodeError, is_json_mime, parse_content_type
@@ -106,7 +106,7 @@ class RequestFacts:
         self._skel: str | None = None
         self._folded: dict[str, str] = {}
         self._tools: frozenset[str] | None = None
-        self._ptools: tuple[tuple[str, str, str], ...] | None = None
+        self._ptools: tuple[ProviderTool, ...] | None = None
         self._model: Any = _UNSET
         self._mcp: Any = _UNSET
         self._local: dict[str, datetime.datetime] = {}
@@ -299,8 +299,8 @@ class RequestFacts:
         return self._tools
 
     @property
-    def provider_tools(self) -> tuple[tuple[str, str, str], ...]:
-        """(type, server_url, label) of every provider-side tool the request enables."""
+    def provider_tools(self) -> tuple[ProviderTool, ...]:
+        """Every provider-side tool the request enables (see `provider_tools`)."""
         if self._ptools is None:
             j = self.json
             self._ptools = tuple(provider_tools(j)) if isinstance(j, dict) else ()
@@ -608,34 +608,131 @@ def tool_names(body: dict[str, Any]) -> set[str]:
     return names
 
 
-def provider_tools(body: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(type, server_url, label) of every tool the provider runs itself: a `tools` entry
-    whose type is not a function the agent implements (OpenAI `web_search*`,
-    `file_search`, `code_interpreter`, `computer_use*`, `image_generation`, `mcp` with
-    `server_url` / `connector_id`; Anthropic typed server tools such as
-    `web_search_20250305`), Anthropic's `mcp_servers` param (type `mcp`) and chat
-    completions' `web_search_options` (type `web_search`). Types are lower-cased."""
-    out: list[tuple[str, str, str]] = []
-    for t in body.get("tools") or ():
+class ProviderTool(NamedTuple):
+    """A tool the provider runs itself. `tools`: the names an MCP server exposes to the
+    model, None when the request does not restrict them (every tool the server has);
+    `approval`: whether the provider asks the app before calling (`always`, `never`, or
+    `never` when any tool is exempted; Anthropic never asks)."""
+
+    type: str
+    url: str
+    label: str
+    tools: tuple[str, ...] | None = ()
+    approval: str = ""
+
+
+def normalize_server_url(url: str) -> str:
+    """`scheme://host[:port]/path?query` with scheme and host lower-cased and a default port
+    dropped, so a glob on the URL sees what the provider will connect to. A URL with
+    userinfo or an unparsable one is returned marked, so no allow-list glob matches it."""
+    if not url or "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return "invalid:" + url
+    if parts.username is not None or parts.password is not None or not host:
+        return "invalid:" + url
+    scheme = parts.scheme.lower()
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != {"https": 443, "http": 80}.get(scheme):
+        netloc += f":{port}"
+    return f"{scheme}://{netloc}{parts.path or '/'}" + (f"?{parts.query}" if parts.query else "")
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+
+
+def _openai_mcp_tools(t: dict[str, Any]) -> tuple[str, ...] | None:
+    allowed = t.get("allowed_tools")
+    if isinstance(allowed, list):
+        return _names(allowed)
+    if isinstance(allowed, dict) and isinstance(allowed.get("tool_names"), list):
+        return _names(allowed["tool_names"])
+    return None  # absent, or a filter without names (read_only): any tool of the server
+
+
+def _openai_mcp_approval(t: dict[str, Any]) -> str:
+    ra = t.get("require_approval", "always")
+    if isinstance(ra, str):
+        return ra.lower()
+    if isinstance(ra, dict) and ra.get("never"):
+        return "never"  # some tools run without asking
+    return "always"
+
+
+def _anthropic_mcp_tools(srv: dict[str, Any], toolset: dict[str, Any] | None
+                         ) -> tuple[str, ...] | None:
+    exposed: tuple[str, ...] | None = None
+    tc = srv.get("tool_configuration")
+    if isinstance(tc, dict):
+        if tc.get("enabled") is False:
+            exposed = ()
+        elif isinstance(tc.get("allowed_tools"), list):
+            exposed = _names(tc["allowed_tools"])
+    if toolset is not None:
+        default = toolset.get("default_config")
+        on_by_default = not (isinstance(default, dict) and default.get("enabled") is False)
+        configs = toolset.get("configs")
+        configs = configs if isinstance(configs, dict) else {}
+        if on_by_default:
+            off = {k for k, v in configs.items() if isinstance(v, dict)
+                   and v.get("enabled") is False}
+            if exposed is not None:
+                exposed = tuple(n for n in exposed if n not in off)
+        else:
+            on = tuple(k for k, v in configs.items() if isinstance(k, str)
+                       and isinstance(v, dict) and v.get("enabled") is True)
+            exposed = on if exposed is None else tuple(n for n in exposed if n in on)
+    return exposed
+
+
+def provider_tools(body: dict[str, Any]) -> list[ProviderTool]:
+    """Every tool the provider runs itself: a `tools` entry whose type is not a function
+    the agent implements (OpenAI `web_search*`, `file_search`, `code_interpreter`,
+    `computer_use*`, `image_generation`, `mcp` with `server_url` / `connector_id`,
+    `allowed_tools` and `require_approval`; Anthropic typed server tools such as
+    `web_search_20250305`), Anthropic's `mcp_servers` param (type `mcp`, its tools narrowed
+    by `tool_configuration` and by the `mcp_toolset` tool naming it) and chat completions'
+    `web_search_options` (type `web_search`). Types are lower-cased."""
+    out: list[ProviderTool] = []
+    servers = body.get("mcp_servers")
+    servers = [s for s in servers if isinstance(s, dict)] if isinstance(servers, list) else []
+    server_names = {s.get("name") for s in servers}
+    toolsets: dict[str, dict[str, Any]] = {}
+    tools = body.get("tools")
+    for t in tools if isinstance(tools, list) else ():
         if not isinstance(t, dict):
             continue
         typ = t.get("type")
         if not isinstance(typ, str) or typ.lower() in ("function", "custom", ""):
             continue
+        typ = typ.lower()
+        if typ == "mcp_toolset" and t.get("mcp_server_name") in server_names:
+            toolsets.setdefault(t["mcp_server_name"], t)  # judged with its server below
+            continue
         url = t.get("server_url") or t.get("url") or t.get("connector_id") or ""
-        label = t.get("server_label") or t.get("name") or ""
-        out.append((typ.lower(), url if isinstance(url, str) else "",
-                    label if isinstance(label, str) else ""))
-    for srv in body.get("mcp_servers") or ():
-        if isinstance(srv, dict):
-            url, name = srv.get("url") or "", srv.get("name") or ""
-            out.append(("mcp", url if isinstance(url, str) else "",
-                        name if isinstance(name, str) else ""))
+        label = t.get("server_label") or t.get("name") or t.get("mcp_server_name") or ""
+        url = normalize_server_url(url) if isinstance(url, str) else ""
+        label = label if isinstance(label, str) else ""
+        if typ == "mcp":
+            out.append(ProviderTool(typ, url, label, _openai_mcp_tools(t),
+                                    _openai_mcp_approval(t)))
+        elif typ == "mcp_toolset":  # names no declared server: an MCP server, unknown URL
+            out.append(ProviderTool("mcp", url, label, None, "never"))
+        else:
+            out.append(ProviderTool(typ, url, label))
+    for srv in servers:
+        url, name = srv.get("url") or "", srv.get("name") or ""
+        name = name if isinstance(name, str) else ""
+        out.append(ProviderTool("mcp", normalize_server_url(url) if isinstance(url, str) else "",
+                                name, _anthropic_mcp_tools(srv, toolsets.get(name)), "never"))
     for key, typ in _OPTION_TOOLS.items():
         if body.get(key) is not None:
-            out.append((typ, "", ""))
+            out.append(ProviderTool(typ, "", ""))
     return out
-
 
 # ---------------------------------------------------------------- conditions
 Check = Callable[[RequestFacts], bool]
@@ -788,15 +885,35 @@ def tokens_test(ops: tuple[tuple[str, Any], ...]) -> Check:
 
 
 def provider_tools_test(types: Callable[[str], bool] | None,
-                        urls: Callable[[str], bool] | None) -> Check:
-    """Some provider-side tool whose type and server URL match the given globs."""
+                        urls: Callable[[str], bool] | None,
+                        *, not_urls: Callable[[str], bool] | None = None,
+                        tools: Callable[[str], bool] | None = None,
+                        not_tools: Callable[[str], bool] | None = None,
+                        approval: Callable[[str], bool] | None = None) -> Check:
+    """Some provider-side tool for which every given test holds: its type, its server URL
+    (`urls`; `not_urls`: a URL none of those globs allows), the tool names its server
+    exposes (`tools`: one of them matches; `not_tools`: one of them is not allowed) and its
+    require_approval. A server whose tools the request does not restrict exposes every
+    tool, so it matches both `tools` and `not_tools`: an allow-list cannot be bypassed by
+    omitting allowed_tools."""
     def check(f: RequestFacts) -> bool:
-        for typ, url, _label in f.provider_tools:
-            if (types is None or types(typ)) and (urls is None or urls(url)):
-                return True
+        for t in f.provider_tools:
+            if types is not None and not types(t.type):
+                continue
+            if urls is not None and not urls(t.url):
+                continue
+            if not_urls is not None and not_urls(t.url):
+                continue
+            if tools is not None and not (t.tools is None or any(tools(n) for n in t.tools)):
+                continue
+            if not_tools is not None and not (
+                    t.tools is None or any(not not_tools(n) for n in t.tools)):
+                continue
+            if approval is not None and not approval(t.approval):
+                continue
+            return True
         return False
     return check
-
 
 def size_test(ops: tuple[tuple[str, int], ...]) -> Check:
     return lambda f: all(compare(op, f.body_size, ref) for op, ref in ops)
