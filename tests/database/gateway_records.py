@@ -1,0 +1,34 @@
+"""mitmdump script for the database tests: the gateway as addons/gateway.py builds it, with
+the statement-record hook replaced by a double that appends each record (a JSON line) to
+$AGENTGATE_TEST_PG_RECORDS, so tests can read what the relay reports per statement."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from addons import gateway
+from addons.approval.addon import Approval
+from addons.database.addon import Databases
+from addons.recording.addon import Recorder
+
+
+def _records(_recorder: Any):
+    path = os.environ["AGENTGATE_TEST_PG_RECORDS"]
+
+    def record(event: dict[str, Any]) -> None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(event, default=str) + "\n")
+    return record
+
+
+addons = list(gateway.addons)
+_db = next((a for a in addons if isinstance(a, Databases)), None)
+if _db is None:  # gateway.py without the database addon yet: add it the way build() will
+    _holder = addons[0].holder
+    _approval = next(a for a in addons if isinstance(a, Approval))
+    _recorder = next(a for a in addons if isinstance(a, Recorder))
+    _db = Databases(_holder, _approval, _recorder)
+    addons.insert(addons.index(_recorder), _db)
+_db.record_factory = _records
