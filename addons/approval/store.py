@@ -113,6 +113,8 @@ class PendingApproval:
             "reason": self.reason,
             "requested_at": self.requested_at,
             "decided_at": self.decided_at,
+            # every vote (who, via, when, reason): the approver's reason is kept too
+            "votes": [v.to_dict() for v in self.votes],
         }
 
     def public(self, now: float | None = None) -> dict[str, Any]:

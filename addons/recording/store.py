@@ -99,7 +99,7 @@ CREATE TABLE IF NOT EXISTS flows (
 CREATE TABLE IF NOT EXISTS approvals (
     id VARCHAR, flow_id VARCHAR, requester VARCHAR, rule VARCHAR,
     requested_at TIMESTAMP, decided_at TIMESTAMP, decision VARCHAR,
-    approvers VARCHAR[], reason VARCHAR
+    approvers VARCHAR[], reason VARCHAR, votes JSON
 );
 CREATE TABLE IF NOT EXISTS chain_checkpoints (
     seq BIGINT, hash VARCHAR, purged_rows BIGINT, cutoff TIMESTAMP, created TIMESTAMP
@@ -113,8 +113,10 @@ CREATE TABLE IF NOT EXISTS audit_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 _UNNEST = ", ".join(f"CAST(make_timestamp(unnest(?)) AS {t})" if c in TIMESTAMP_COLUMNS
                     else f"CAST(unnest(?) AS {t})" for c, t in FLOW_COLUMNS)
 INSERT_FLOWS = f"INSERT INTO flows ({', '.join(COLUMN_NAMES)}) SELECT {_UNNEST}"  # noqa: S608
-INSERT_APPROVAL = ("INSERT INTO approvals VALUES (?, ?, ?, ?, make_timestamp(?), "
-                   "make_timestamp(?), ?, ?, ?)")
+# Named columns: an audit DB made before `votes` existed gets the column added (init_schema)
+INSERT_APPROVAL = ("INSERT INTO approvals (id, flow_id, requester, rule, requested_at, "
+                   "decided_at, decision, approvers, reason, votes) VALUES (?, ?, ?, ?, "
+                   "make_timestamp(?), make_timestamp(?), ?, ?, ?, ?)")
 # Columns as verify reads them: timestamps as the integers they were hashed as.
 SELECT_FOR_VERIFY = ", ".join(
     f"epoch_us({c}) AS {c}" if c in TIMESTAMP_COLUMNS else c for c in COLUMN_NAMES)
@@ -689,12 +691,16 @@ def approval_row(row: dict[str, Any]) -> tuple | None:
         micros(requested) if isinstance(requested, int | float) else row["started"],
         micros(decided) if isinstance(decided, int | float) else None,
         a.get("state"), [str(x) for x in approvers or []], a.get("reason"),
+        # every vote: who, via (page, api, cli, slack, mitmweb), when, and the reason
+        cjson(a["votes"]) if isinstance(a.get("votes"), list) else None,
     )
 
 
 # ---------------------------------------------------------------- store operations (duckdb)
 def init_schema(con: Any) -> None:
     con.execute(SCHEMA)
+    # audit DBs written before votes were recorded: add the column (old rows keep NULL)
+    con.execute("ALTER TABLE approvals ADD COLUMN IF NOT EXISTS votes JSON")
     con.execute("INSERT OR IGNORE INTO audit_meta VALUES ('schema_version', ?)",
                 [str(SCHEMA_VERSION)])
 
@@ -848,10 +854,14 @@ def verify(con: Any, chunk: int = 2000) -> VerifyResult:
 
 def _approvals_mismatch(con: Any) -> str | None:
     """The approvals table is derived from flows.approval (which is hashed): compare."""
+    # an old DB opened read-only may not have the votes column: compare it where it exists
+    has_votes = con.execute("SELECT count(*) FROM information_schema.columns WHERE "
+                            "table_name = 'approvals' AND column_name = 'votes'").fetchone()[0]
     rows = con.execute(
-        "SELECT a.id, a.flow_id, a.decision, a.approvers, a.reason, a.rule, f.approval "
-        "FROM approvals a LEFT JOIN flows f ON f.id = a.flow_id").fetchall()
-    for aid, flow_id, decision, approvers, reason, rule, approval in rows:
+        "SELECT a.id, a.flow_id, a.decision, a.approvers, a.reason, a.rule, f.approval, "
+        + ("a.votes " if has_votes else "NULL ")
+        + "FROM approvals a LEFT JOIN flows f ON f.id = a.flow_id").fetchall()
+    for aid, flow_id, decision, approvers, reason, rule, approval, votes in rows:
         if approval is None:
             return f"edited: approval {aid} refers to flow {flow_id}, which has no approval"
         a = json.loads(approval)
@@ -861,7 +871,9 @@ def _approvals_mismatch(con: Any) -> str | None:
         if (decision != a.get("state") or list(approvers or []) != [str(x) for x in
                                                                    want_approvers or []]
                 or reason != a.get("reason") or rule != a.get("rule")
-                or (_s(a.get("id")) or None) != aid):
+                or (_s(a.get("id")) or None) != aid
+                or (has_votes and (json.loads(votes) if votes else None)
+                    != (a["votes"] if isinstance(a.get("votes"), list) else None))):
             return f"edited: approval {aid} (flow {flow_id}) differs from the hashed flow record"
     return None
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,7 @@ def make_store(**kw) -> tuple[ApprovalStore, Clock, list]:
 
 
 SPEC = ApprovalSpec(rule="bulk-synthetic", groups=("reviewers", "security"), timeout=60)
+SPEC_2 = ApprovalSpec(rule="bulk-two", groups=("reviewers",), min_approvals=2, timeout=60)
 
 
 def test_single_approval_by_group_member() -> None:
@@ -315,3 +318,86 @@ def test_max_pending_per_identity_parsed(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text("approvals:\n  max_pending_per_identity: 0\n")
     with pytest.raises(ConfigError):
         load_rules(tmp_path)
+
+
+# ---------------------------------------------------------------- votes in the audit record
+def _record_state(i: int, approval: dict) -> dict:
+    t = time.time()
+    return {"id": f"flow-{i}", "type": "http", "is_replay": None, "comment": "", "marked": "",
+            "timestamp_created": t, "metadata": {"approval": approval}, "error": None,
+            "client_conn": {"peername": ("127.0.0.1", 5000), "id": "c1"},
+            "server_conn": {"address": ("127.0.0.1", 9443)},
+            "request": {"host": "127.0.0.1", "port": 9443, "method": b"POST",
+                        "scheme": b"https", "authority": b"", "path": b"/v1/chat/completions",
+                        "http_version": b"HTTP/1.1", "headers": (), "content": b"{}",
+                        "trailers": None, "timestamp_start": t, "timestamp_end": t},
+            "response": None}
+
+
+def test_every_vote_with_its_reason_reaches_the_audit_record(tmp_path) -> None:
+    """The approver's reason was lost (only 'approved by X'); now each vote — who, via,
+    when, why — is in the hashed flow record and in the approvals table, and an edit of
+    a vote is caught by verify."""
+    import duckdb
+
+    from addons.recording import store as rec
+
+    s = ApprovalStore()
+    a = s.create(SPEC_2, "agent-1", {"method": "POST"})
+    s.approve(a.id, "alice", ["reviewers"], reason="synthetic data only", via="slack")
+    s.approve(a.id, "bob", ["reviewers"], reason="ok for the demo")
+    meta = a.metadata()
+    assert [(v["sub"], v["via"], v["reason"]) for v in meta["votes"]] == [
+        ("alice", "slack", "synthetic data only"), ("bob", "api", "ok for the demo")]
+    con = duckdb.connect(str(tmp_path / "a.duckdb"))
+    rec.init_schema(con)
+    rec.append(con, [rec.build_row(rec.Pending(_record_state(1, meta), "s"))], rec.head(con))
+    assert rec.verify(con).ok
+    (votes,) = con.execute("SELECT votes FROM approvals").fetchone()
+    assert [v["reason"] for v in json.loads(votes)] == ["synthetic data only",
+                                                          "ok for the demo"]
+    (flow_approval,) = con.execute("SELECT approval FROM flows").fetchone()
+    assert json.loads(flow_approval)["votes"][0]["via"] == "slack"
+    con.execute("UPDATE approvals SET votes = '[]'")
+    r = rec.verify(con)
+    assert not r.ok and a.id in r.problem
+    con.close()
+
+
+def test_audit_db_from_before_votes_stays_readable(tmp_path) -> None:
+    """An approvals table without the votes column (older gateways): verify passes when
+    opened read-only, and a writer adds the column and goes on appending."""
+    import duckdb
+
+    from addons.recording import store as rec
+
+    path = str(tmp_path / "old.duckdb")
+    con = duckdb.connect(path)
+    con.execute(rec.SCHEMA.replace(", votes JSON", ""))
+    con.execute("INSERT OR IGNORE INTO audit_meta VALUES ('schema_version', '1')")
+    old = {"id": "ap-old", "state": "approved", "rule": "bulk", "approvers": ["bob"],
+           "reason": "approved by bob"}
+    row = rec.build_row(rec.Pending(_record_state(1, old), "s"))
+    seq, h = rec.head(con)
+    row.update(seq=seq + 1, prev_hash=h)
+    row["hash"] = rec.chain_hash(h, row)
+    con.execute(rec.INSERT_FLOWS, [[row.get(c)] for c in rec.COLUMN_NAMES])
+    con.execute("INSERT INTO approvals VALUES ('ap-old', 'flow-1', NULL, 'bulk', NULL, NULL, "
+                "'approved', ['bob'], 'approved by bob')")
+    con.execute("INSERT OR REPLACE INTO audit_meta VALUES ('head', ?)", [f"{seq + 1}:"
+                                                                           f"{row['hash']}"])
+    con.close()
+    ro = duckdb.connect(path, read_only=True)
+    assert rec.verify(ro).ok
+    ro.close()
+    con = duckdb.connect(path)
+    rec.init_schema(con)
+    s = ApprovalStore()
+    a = s.create(SPEC, "agent-1", {})
+    s.deny(a.id, "alice", ["reviewers"], "no PII exports")
+    rec.append(con, [rec.build_row(rec.Pending(_record_state(2, a.metadata()), "s"))],
+               rec.head(con))
+    assert rec.verify(con).ok
+    assert con.execute("SELECT id, votes IS NULL FROM approvals ORDER BY id").fetchall() == [
+        (a.id, False), ("ap-old", True)]
+    con.close()
