@@ -5,7 +5,9 @@ Order is the data path (ARCHITECTURE.md): rules -> edge options and limits -> up
 mcp (JSON-RPC, pins) -> policy (+ the MCP tools/list filter) -> masking -> approval ->
 credentials on the way out; WebSocket messages, mcp and masking (responses) and the
 recorder on the way back; refusals on MCP upstreams become JSON-RPC answers just before
-the recorder. Addons talk only through `flow.metadata`.
+the recorder. Addons talk only through `flow.metadata`. The Postgres listeners of the
+`databases:` rules (addons/database/) are owned by the last addon and reuse identity's
+verifier, the approval store and the recorder.
 Two small guards are put on mitmproxy's chain directly, outside the script, while this
 module is imported: the pipeline sentinel (refuses all traffic while the pipeline is not
 loaded) and the layer guard (closes every connection that is not TLS or HTTP).
@@ -20,6 +22,7 @@ from mitmproxy import ctx
 from addons.approval.addon import Approval
 from addons.config.addon import RulesLoader
 from addons.config.holder import RulesHolder
+from addons.database.addon import Databases
 from addons.egress.credentials import Credentials
 from addons.egress.destination import Destinations
 from addons.egress.edge import EdgeOptions, attach_layer_guard
@@ -44,6 +47,8 @@ def build(holder: RulesHolder | None = None) -> list[object]:
     masking = Masking(holder)
     mcp = Mcp(holder)
     policy = Policy(holder)
+    approval = Approval(holder)
+    recorder = Recorder(holder)
     return [
         RulesLoader(holder),
         EdgeOptions(),
@@ -58,12 +63,13 @@ def build(holder: RulesHolder | None = None) -> list[object]:
         WebSocketPolicy(holder),
         masking,
         WebSocketMasking(masking),
-        Approval(holder),
+        approval,
         Credentials(holder),
         WebSockets(holder),
         Annotate(),
         McpAnswers(),
-        Recorder(holder),
+        recorder,
+        Databases(holder, approval, recorder),
     ]
 
 
