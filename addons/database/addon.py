@@ -130,10 +130,6 @@ class Databases:
     # `running` and `done` are sync on purpose (see approval/addon.py: script reloads)
     def running(self) -> None:
         self._running = True
-        if self.masker_factory is None or self.record_factory is None:
-            masker, recorder = resolve_hooks()
-            self.masker_factory = self.masker_factory or masker
-            self.record_factory = self.record_factory or recorder
         self._spawn(self._sync())
 
     def done(self) -> None:
@@ -239,10 +235,12 @@ class Databases:
         try:
             if db is None or self.holder.rules is None:
                 raise Refused("08006", "agentgate: this database is not in the rules in force")
+            if self.masker_factory is None or self.record_factory is None:
+                masker, recorder = resolve_hooks()  # on first use: a gateway without
+                self.masker_factory = self.masker_factory or masker  # databases needs none
+                self.record_factory = self.record_factory or recorder
             if self._record is None:
-                assert self.record_factory is not None
                 self._record = self.record_factory(self.recorder)
-            assert self.masker_factory is not None
             catalog = self.catalogs.get(name)
             if catalog is None or catalog.db is not db:
                 if catalog is not None:

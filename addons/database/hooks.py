@@ -72,12 +72,12 @@ def resolve_hooks() -> tuple[MaskerFactory, RecorderFactory]:
     try:
         masker = importlib.import_module("addons.database.rowmask").make_result_masker
     except (ImportError, AttributeError) as e:
-        log.error("agentgate: database result masking unavailable (%s): refusing connections",
+        log.warning("agentgate: database result masking unavailable (%s): refusing connections",
                   type(e).__name__)
     try:
         recorder = importlib.import_module("addons.database.records").make_statement_recorder
     except (ImportError, AttributeError) as e:
-        log.error("agentgate: database statement records unavailable (%s): refusing "
+        log.warning("agentgate: database statement records unavailable (%s): refusing "
                   "connections", type(e).__name__)
     return masker, recorder
 
