@@ -9,8 +9,6 @@ import os
 import socket
 import struct
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
