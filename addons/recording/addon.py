@@ -113,6 +113,10 @@ def _snapshot_size(flow: http.HTTPFlow) -> int:
     return size
 
 
+class RecorderUnavailable(Exception):
+    """The audit store cannot take a record now (the message says why)."""
+
+
 class Recorder:
     def __init__(self, holder: RulesHolder) -> None:
         self.holder = holder
@@ -231,6 +235,21 @@ class Recorder:
         if self.writer is None:
             return self.start_error or "the audit store is not open"
         return self.writer.overloaded()
+
+    def secret_values(self) -> tuple[str, ...]:
+        """The gateway's real upstream credentials (scrubbed by value from every record)."""
+        return self._secret_values()
+
+    def record(self, item: store.Direct) -> None:
+        """Queue a record that is not an HTTP flow (a SQL statement: addons/database/
+        records.py); it is chained with every flow. Raises RecorderUnavailable when it
+        cannot be stored (the caller refuses: fail closed); a no-op with recording off."""
+        if not self.cfg.enabled:
+            return
+        writer = self.writer
+        if writer is None or writer.closed:
+            raise RecorderUnavailable(self.unavailable() or "the audit store is not open")
+        writer.submit(item)
 
     # ------------------------------------------------------------ hooks
     @guarded("recorder", skip_answered=False)

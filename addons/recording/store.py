@@ -266,6 +266,21 @@ class Pending:
     size: int = 0  # about how many bytes the snapshot holds (bodies): bounds the backlog
 
 
+@dataclass
+class Direct:
+    """A record that is not an HTTP flow (a SQL statement, addons/database/records.py):
+    `build()` makes its whole row (every column but seq, prev_hash and hash) on the writer
+    thread; it is chained and stored like every flow."""
+
+    build: Callable[[], dict[str, Any]]
+    id: str
+    session: str
+    method: str | None = None
+    url: str | None = None
+    recorded_at: float = field(default_factory=time.time)
+    size: int = 0  # about how many bytes the record holds: bounds the backlog
+
+
 Decoder = Callable[[bytes, str], bytes]
 
 
@@ -611,8 +626,14 @@ def _host_of(url: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def fallback_row(p: Pending, reason: str) -> dict[str, Any]:
-    """A minimal row for a flow whose full record could not be built (never drop one)."""
+def fallback_row(p: Pending | Direct, reason: str) -> dict[str, Any]:
+    """A minimal row for a record whose full row could not be built (never drop one)."""
+    if isinstance(p, Direct):
+        return {c: None for c in COLUMN_NAMES} | {
+            "id": p.id, "session_id": p.session, "started": micros(p.recorded_at),
+            "ended": micros(p.recorded_at), "identity_groups": [], "method": p.method,
+            "url": p.url, "outcome": "record_error", "error": reason,
+            "findings": cjson({}), "findings_total": 0}
     st = p.state or {}
     req = st.get("request") or {}
     return {c: None for c in COLUMN_NAMES} | {

@@ -175,7 +175,7 @@ class AuditWriter:
         self.pending_bytes = 0
         self.failure: str | None = None
         self.written = 0
-        self._queue: deque[store.Pending] = deque()
+        self._queue: deque[store.Pending | store.Direct] = deque()
         self._retry: list[dict[str, Any]] = []  # built rows of a batch that failed to write
         self._cv = threading.Condition()
         self._closing = False
@@ -215,8 +215,8 @@ class AuditWriter:
     def backlog(self) -> int:
         return len(self._queue) + len(self._retry)
 
-    def submit(self, item: store.Pending) -> None:
-        """Queue a finished flow; never blocks on disk."""
+    def submit(self, item: store.Pending | store.Direct) -> None:
+        """Queue a finished flow (or a record that is not a flow); never blocks on disk."""
         if self._closed:
             raise RuntimeError("audit writer is closed")
         self.pending_bytes += item.size
@@ -321,7 +321,7 @@ class AuditWriter:
             # No time.sleep(0) between rows: CPython's switch interval already bounds how
             # long this thread holds the GIL, and forced hand-offs cost ~7% throughput.
             try:
-                row = self.build(item)
+                row = item.build() if isinstance(item, store.Direct) else self.build(item)
             except Exception as e:  # noqa: BLE001 - never drop a flow: minimal record
                 log.error("agentgate: could not build the audit record of a flow (%s); "
                           "storing a minimal record", type(e).__name__)
