@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -19,10 +21,12 @@ import pytest
 from mcp.shared.exceptions import McpError
 
 from addons.devkit.mcpserver import CUSTOMER_CARD, CUSTOMER_EMAIL, MCPTestServer, client_session
+from tests.conftest import BIN
 
 pytestmark = pytest.mark.integration
 
 TOOLS_TOKEN = "mcp-GATEWAYREALTOKEN-00000000000000000000"
+AGENT_CARD = "5500 0000 0000 0004"
 
 
 @pytest.fixture(scope="module")
@@ -224,16 +228,17 @@ def test_arguments_and_results_masked(gw, servers, oidc_provider, host) -> None:
 
     async def calls(s):
         sent = await s.call_tool("send_email", {"to": "bob.smith@example.org",
-                                                "subject": "hi", "body": "card 4111 1111 1111 1111"})
+                                                "subject": "hi", "body": f"card {AGENT_CARD}"})
         looked = await s.call_tool("lookup_customer", {"name": "Jane"})
         return sent, looked
     sent, looked = session(gw, dev, calls, host=host)
     received = json.dumps(server.jsonrpc("tools/call"))
-    assert "bob.smith@example.org" not in received and "4111 1111 1111 1111" not in received
+    assert "bob.smith@example.org" not in received and AGENT_CARD not in received
     # the server's own PII never reaches the agent (text and structured content)
     text = looked.content[0].text
-    assert CUSTOMER_EMAIL not in text and "[EMAIL_" in text
-    assert CUSTOMER_EMAIL not in json.dumps(looked.structuredContent)
+    assert CUSTOMER_EMAIL not in text and "[EMAIL_" in text and CUSTOMER_CARD not in text
+    structured = json.dumps(looked.structuredContent)
+    assert CUSTOMER_EMAIL not in structured and CUSTOMER_CARD not in structured
     echoed = sent.content[0].text  # the server echoes what it got: placeholders
     if server is js:  # restore: true — the agent gets its own originals back
         assert "bob.smith@example.org" in echoed
@@ -241,7 +246,28 @@ def test_arguments_and_results_masked(gw, servers, oidc_provider, host) -> None:
         assert "bob.smith@example.org" not in echoed and "[EMAIL_" in echoed
 
 
-def test_rug_pull_caught_mid_session(gw, servers, oidc_provider) -> None:
+def _records(gw) -> list[dict[str, Any]]:
+    """The metadata of every recorded flow (the gateway is stopped first: it flushes its
+    queue on exit and releases the DuckDB file)."""
+    import duckdb
+    gw.stop()
+    con = duckdb.connect(str(gw.data_dir / "agentgate.duckdb"), read_only=True)
+    try:
+        out = []
+        for (meta,) in con.execute("SELECT metadata FROM flows ORDER BY seq").fetchall():
+            out.append(json.loads(meta) if isinstance(meta, str) else (meta or {}))
+        return out
+    finally:
+        con.close()
+
+
+def _pins(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "agentgate"), "mcp", "pins", *args, "--store",
+                           str(tmp_path / "pins.json")], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_rug_pull_caught_mid_session(gw, servers, oidc_provider, tmp_path) -> None:
     sse, _ = servers
     dev = oidc_provider.token(sub="dev-1", groups=["devs"])
     original = sse.mcp._tool_manager.get_tool("lookup_customer").description
@@ -255,13 +281,29 @@ def test_rug_pull_caught_mid_session(gw, servers, oidc_provider) -> None:
         with pytest.raises(McpError) as ei:
             await s.call_tool("lookup_customer", {"name": "Jane"})
         assert "mcp.pin:lookup_customer" in ei.value.error.message
+        assert "agentgate mcp pins accept tools lookup_customer" in ei.value.error.message
         # other tools of the server still work
         assert not (await s.call_tool("add", {"a": 1, "b": 1})).isError
+        # the operator looks and accepts the new definition: the next call goes through
+        listed = await asyncio.to_thread(_pins, tmp_path, "list")
+        assert re.search(r"lookup_customer\s+CHANGED", listed.stdout), listed
+        assert "marker:hidden-block" in listed.stdout and "marker:sensitive-file" in listed.stdout
+        accepted = await asyncio.to_thread(_pins, tmp_path, "accept", "tools",
+                                           "lookup_customer")
+        assert accepted.returncode == 0, accepted
+        assert not (await s.call_tool("lookup_customer", {"name": "Jane"})).isError
     try:
         session(gw, dev, flow)
     finally:
         sse.rug_pull("lookup_customer", original)
-    assert "changed tool definitions" in gw.logs()
+    logs = gw.logs()
+    assert "changed tool definitions since pinned: lookup_customer" in logs
+    assert "<IMPORTANT>" not in logs  # names only, never the description
+    # recorded: the tools/list flow that saw the change, and the refused call, name the pin
+    rows = _records(gw)
+    assert any((m.get("mcp") or {}).get("pins", {}).get("changed") == ["lookup_customer"]
+               for m in rows)
+    assert any((m.get("mcp") or {}).get("pin") == "changed" for m in rows)
 
 
 def test_sampling_refused(gw, servers, oidc_provider) -> None:
