@@ -8,6 +8,7 @@
   agentgate demo                       a real LangGraph agent through the gateway
   agentgate dev / token dev            local trial: dev IdP + stand-in + gateway, tokens
   agentgate connect                    agent-side forwarder: loopback proxy, fresh token
+  agentgate mcp pins list|accept|reset pinned MCP tool definitions
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ COMMAND_MODULES = (
     "addons.devkit.demo",
     "addons.devkit.dev",   # after identity: adds `token dev` to its `token` group
     "addons.connect.cli",
+    "addons.mcp.cli",
 )
 
 
