@@ -7,7 +7,10 @@ otherwise they open the file read-only. Either way only read-only statements run
 
   agentgate audit verify                     exit 0: chain intact; exit 1: first bad record
   agentgate audit query "SELECT …"           read-only SQL (--format table|csv|json)
-  agentgate audit sessions [--since 7d]      recent sessions with flows/blocks/holds/findings
+  agentgate audit sessions [--since 7d]      recent sessions: LLM calls, MCP tool calls and SQL
+                                             statements side by side; policy blocks, approval
+                                             denials, timeouts and cancels counted apart
+  agentgate audit sessions --session ID      one session's records in order (llm/tool/sql/http)
   agentgate export --session ID -o FILE.mitm flows for mitmdump -nr / --server-replay / -C
 """
 
@@ -147,9 +150,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--max-rows", type=int, default=10_000)
     q.set_defaults(func=cmd_query)
 
-    s = asub.add_parser("sessions", help="recent sessions with counts")
+    s = asub.add_parser("sessions", help="recent sessions: LLM calls, tool calls and SQL side "
+                                         "by side, with blocks, denials, timeouts, cancels")
     db_arg(s)
     s.add_argument("--since", help="only sessions active since (7d, 12h, 2026-11-01T00:00)")
+    s.add_argument("--session", help="list this session's records in order instead")
     s.add_argument("--limit", type=int, default=50)
     s.add_argument("--format", choices=("table", "csv", "json"), default="table")
     s.set_defaults(func=cmd_sessions)
@@ -210,12 +215,109 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+# What each record is, from the columns every record has: LLM calls are flows to an
+# openai/anthropic upstream, tool calls carry metadata.mcp (addons/mcp), SQL statements are
+# the database path's records (method SQL, metadata.kind pg). Approval outcomes come from the
+# hashed approval column, policy blocks from the decision and refusal code.
+_KINDS = """
+WITH f AS (
+  SELECT *,
+         json_extract_string(metadata, '$.upstream.dialect') AS _dialect,
+         json_extract_string(metadata, '$.mcp.method') AS _mcp_method,
+         json_extract_string(approval, '$.state') AS _approval_state,
+         coalesce(method = 'SQL' OR json_extract_string(metadata, '$.kind') = 'pg', FALSE)
+           AS _is_sql
+  FROM flows
+  WHERE {where}
+), k AS (
+  SELECT *,
+         CASE WHEN _is_sql THEN 'sql'
+              WHEN _mcp_method IS NOT NULL THEN 'tool'
+              WHEN _dialect IN ('openai', 'anthropic') THEN 'llm'
+              ELSE 'http' END AS kind,
+         coalesce(decision = 'block' OR refusal_code = 'policy_blocked', FALSE)
+           AS _policy_block
+  FROM f
+)"""
+
+SESSIONS_SQL = _KINDS + """
+SELECT session_id,
+       min(started) AS first_seen, max(ended) AS last_seen,
+       count(*) AS flows,
+       count(*) FILTER (WHERE kind = 'llm') AS llm_calls,
+       count(*) FILTER (WHERE kind = 'tool' AND _mcp_method = 'tools/call') AS tool_calls,
+       count(*) FILTER (WHERE kind = 'tool' AND _mcp_method <> 'tools/call') AS mcp_other,
+       count(*) FILTER (WHERE kind = 'sql') AS sql,
+       count(*) FILTER (WHERE kind = 'http') AS other,
+       count(*) FILTER (WHERE _policy_block) AS policy_blocks,
+       count(*) FILTER (WHERE outcome = 'refused' AND NOT _policy_block
+                        AND _approval_state IS DISTINCT FROM 'denied'
+                        AND _approval_state IS DISTINCT FROM 'timeout'
+                        AND _approval_state IS DISTINCT FROM 'cancelled') AS refused_other,
+       count(*) FILTER (WHERE approval_id IS NOT NULL) AS holds,
+       count(*) FILTER (WHERE _approval_state = 'approved') AS approved,
+       count(*) FILTER (WHERE _approval_state = 'denied') AS denied,
+       count(*) FILTER (WHERE _approval_state = 'timeout') AS timeouts,
+       count(*) FILTER (WHERE _approval_state = 'cancelled') AS cancels,
+       coalesce(sum(findings_total), 0) AS findings,
+       count(*) FILTER (WHERE outcome IN ('error', 'killed')) AS errors,
+       string_agg(DISTINCT identity_sub, ',') AS identities
+FROM k
+GROUP BY session_id
+ORDER BY last_seen DESC
+LIMIT {limit}
+"""
+
+TIMELINE_SQL = _KINDS + """
+SELECT seq, started, kind,
+       CASE kind
+         WHEN 'sql' THEN concat_ws(' ', json_extract_string(metadata, '$.pg.statement_kind'),
+                                   json_extract_string(metadata, '$.pg.tables'),
+                                   upstream)
+         WHEN 'tool' THEN concat_ws(' ', _mcp_method,
+                                    coalesce(json_extract_string(metadata, '$.mcp.tool'),
+                                             json_extract_string(metadata, '$.mcp.uri'),
+                                             json_extract_string(metadata, '$.mcp.prompt')),
+                                    '@' || upstream)
+         WHEN 'llm' THEN concat_ws(' ', model, '@' || upstream)
+         ELSE concat_ws(' ', method, url) END AS what,
+       coalesce(decision, '') AS decision, coalesce(rule, '') AS rule,
+       outcome, status, coalesce(_approval_state, '') AS approval,
+       findings_total AS findings, identity_sub
+FROM k
+ORDER BY seq
+LIMIT {limit}
+"""
+
+
+def _sql_str(value: str) -> str:
+    """A SQL string literal (the query op takes no parameters)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def sessions_sql(since: float | None, limit: int, session: str | None = None) -> str:
+    """The summary (or, with `session`, that session's timeline) as one read-only SELECT."""
+    conds = ["TRUE"]
+    if since is not None:
+        conds.append(f"ended >= make_timestamp({int(round(since * 1_000_000))})")
+    if session is not None:
+        conds.append(f"session_id = {_sql_str(session)}")
+    template = TIMELINE_SQL if session is not None else SESSIONS_SQL
+    return template.format(where=" AND ".join(conds), limit=max(1, int(limit)))
+
+
 def cmd_sessions(args: argparse.Namespace) -> int:
     try:
         since = parse_since(args.since)
-        resp = call(_db(args), {"op": "sessions", "limit": args.limit, "since": since})
+        sql = sessions_sql(since, args.limit if args.session is None else 100_000,
+                           args.session)
+        resp = call(_db(args), {"op": "query", "sql": sql, "max_rows": 100_000})
     except (AuditError, argparse.ArgumentTypeError) as e:
         print(f"agentgate audit sessions: {e}", file=sys.stderr)
+        return 1
+    if args.session is not None and not resp["rows"]:
+        print(f"agentgate audit sessions: no records for session {args.session!r}",
+              file=sys.stderr)
         return 1
     print_rows(resp["columns"], resp["rows"], args.format)
     return 0
