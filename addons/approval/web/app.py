@@ -37,7 +37,7 @@ import tornado.web
 
 from addons.approval.store import ApprovalError, PendingApproval
 from addons.approval.web.login import LoginError
-from addons.approval.web.render import render
+from addons.approval.web.render import KIND_LABELS, render
 from addons.approval.web.session import Session
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ MAX_EVENT_STREAMS = 200
 EVENT_QUEUE = 64
 HEARTBEAT = 15.0
 HISTORY_LIMIT = 200
+PENDING_LIMIT = 100  # cards on the list page (newest first); the rest are counted
 ID = r"([A-Za-z0-9_-]{1,64})"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -73,6 +74,7 @@ class _Base(tornado.web.RequestHandler):
         self.api = api
 
     def set_default_headers(self) -> None:
+        self.clear_header("Server")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Referrer-Policy", "no-referrer")
@@ -94,6 +96,7 @@ class JsonApiHandler(_Base):
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 
     def set_default_headers(self) -> None:
+        self.clear_header("Server")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
 
@@ -138,6 +141,9 @@ class _Page(_Base):
         """Secure cookies where the reviewers reach the page over TLS."""
         if self.request.protocol == "https":
             return True
+        web = self.api.config().web
+        if web is not None and (web.redirect_url or "").startswith("https:"):
+            return True
         return self.api.public_base(self.request).startswith("https:")
 
     def set_private_cookie(self, name: str, value: str, max_age: int) -> None:
@@ -162,6 +168,15 @@ class _Page(_Base):
         kw.setdefault("title", "agentgate")
         kw.setdefault("open_request", True)
         self.render(template, me=s, csrf=s.csrf if s else "", h=Helpers, **kw)
+
+    async def page_off_loop(self, template: str, **kw: Any) -> None:
+        """A page with held requests in it: parsing and laying out megabytes of agent
+        text runs in a worker thread, so other flows and reviewers never wait for it."""
+        s = self.current_user
+        kw.setdefault("open_request", True)
+        html = await asyncio.to_thread(self.render_string, template, me=s,
+                                       csrf=s.csrf if s else "", h=Helpers, **kw)
+        self.finish(html)
 
     def fail(self, status: int, message: str) -> None:
         self.page("error.html", status=status, message=message)
@@ -206,6 +221,11 @@ class Helpers:
         return render(a.what, a.preview)
 
     @staticmethod
+    def kind_label(a: PendingApproval) -> str:
+        kind = str(a.what.get("kind") or "http")
+        return KIND_LABELS.get(kind, kind)
+
+    @staticmethod
     def findings(what: dict[str, Any]) -> list[tuple[str, str]]:
         f = what.get("findings")
         if isinstance(f, dict):
@@ -230,17 +250,18 @@ class Helpers:
 
 
 class PendingHandler(_Page):
-    def get(self) -> None:
+    async def get(self) -> None:
         s = self.need_login()
         if s is None:
             return
         items = [a for a in self.api.store.pending() if self.visible(s, a)]
         items.sort(key=lambda a: a.requested_at, reverse=True)
-        self.page("pending.html", items=items, title="Pending approvals")
+        await self.page_off_loop("pending.html", items=items[:PENDING_LIMIT],
+                                 total=len(items), title="Pending approvals")
 
 
 class DetailHandler(_Page):
-    def get(self, approval_id: str) -> None:
+    async def get(self, approval_id: str) -> None:
         s = self.need_login()
         if s is None:
             return
@@ -249,7 +270,7 @@ class DetailHandler(_Page):
             # the same answer whether it exists or not: no probing of others' holds
             self.fail(404, f"no approval {approval_id} that you may review")
             return
-        self.page("detail.html", a=a, title=f"Approval {a.id}")
+        await self.page_off_loop("detail.html", a=a, title=f"Approval {a.id}")
 
 
 class VoteHandler(_Page):
@@ -283,12 +304,12 @@ class VoteHandler(_Page):
 
 
 class HistoryHandler(_Page):
-    def get(self) -> None:
+    async def get(self) -> None:
         s = self.need_login()
         if s is None:
             return
         items = [a for a in self.api.store.decided() if self.visible(s, a)][:HISTORY_LIMIT]
-        self.page("history.html", items=items, title="Decided")
+        await self.page_off_loop("history.html", items=items, title="Decided")
 
 
 class LoginHandler(_Page):
