@@ -9,6 +9,8 @@ import os
 import socket
 import struct
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -234,3 +236,180 @@ def test_blocked_statements_leave_the_session_usable(env: Env) -> None:
     assert all(r["identity"]["sub"] == "agent-7" for r in recs)
     observed = [r for r in recs if r["rule"] == "watch-users"]
     assert observed and observed[0]["decision"] == "observe"
+
+
+def _api_url(gw: Any) -> str:
+    import re
+    deadline = time.monotonic() + 10
+    while not (m := re.search(r"approvals API listening at (http://\S+)", gw.logs())):
+        assert time.monotonic() < deadline, gw.logs()
+        time.sleep(0.05)
+    return m.group(1)
+
+
+def _api(url: str, method: str, path: str, token: str,
+         body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url + path, method=method,
+                                 data=json.dumps(body).encode() if body else None,
+                                 headers={"Authorization": f"Bearer {token}"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=10) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def _pending(url: str, token: str, timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, out = _api(url, "GET", "/approvals", token)
+        assert status == 200, out
+        if out["approvals"]:
+            return out["approvals"][0]
+        time.sleep(0.1)
+    raise AssertionError("no pending approval")
+
+
+def test_held_write_approved_and_denied(env: Env) -> None:
+    url = _api_url(env.gw)
+    dba = env.issuer.token(sub="dora", groups=["dba"])
+    result: dict[str, Any] = {}
+
+    def write(key: str, sql: str, params: tuple[Any, ...]) -> None:
+        try:
+            with env.connect() as c:
+                c.execute(sql, params)
+                result[key] = c.execute("SELECT count(*) FROM orders").fetchone()[0]
+        except psycopg.Error as e:
+            result[key] = e
+
+    # approved: the INSERT (extended protocol, a bound value) waits, then runs
+    t = threading.Thread(target=write, args=("ok", "INSERT INTO orders (user_id, total) "
+                                             "VALUES (%s, 99.5)", (1,)))
+    t.start()
+    a = _pending(url, dba)
+    assert a["rule"] == "orders-writes-reviewed" and a["requester"] == "agent-7"
+    assert a["what"]["kind"] == "sql" and a["what"]["upstream"] == "warehouse"
+    assert a["what"]["statement_kind"] == "INSERT" and a["what"]["tables"] == ["orders"]
+    assert "99.5" not in json.dumps(a)  # literals masked for reviewers
+    # meanwhile another connection is not held
+    with env.connect() as other:
+        assert other.execute("SELECT count(*) FROM users").fetchone() == (2,)
+    assert t.is_alive()
+    assert _api(url, "POST", f"/approvals/{a['id']}/approve", dba)[0] == 200
+    t.join(20)
+    assert result["ok"] == 3
+    # denied: the agent gets 42501 with the reason, nothing written, session usable
+    t = threading.Thread(target=write, args=("no", "DELETE FROM orders WHERE total > %s",
+                                             (50,)))
+    t.start()
+    a = _pending(url, dba)
+    assert _api(url, "POST", f"/approvals/{a['id']}/deny", dba,
+                {"reason": "not during the audit"})[0] == 200
+    t.join(20)
+    err = result["no"]
+    assert isinstance(err, psycopg.errors.InsufficientPrivilege), err
+    assert "denied" in str(err) and "not during the audit" in str(err)
+    with psycopg.connect(env.pg.dsn()) as direct:
+        assert direct.execute("SELECT count(*) FROM orders").fetchone() == (3,)
+        direct.execute("DELETE FROM orders WHERE total = 99.5")
+        direct.commit()
+    recs = [r for r in env.record_lines() if r["rule"] == "orders-writes-reviewed"]
+    assert [r["approval"]["state"] for r in recs] == ["approved", "denied"], recs
+
+
+def test_cancel_request_reaches_the_server(env: Env) -> None:
+    with env.connect() as c:
+        done: dict[str, Any] = {}
+
+        def slow() -> None:
+            try:
+                c.execute("SELECT count(*) FROM generate_series(1, 2000000000)")
+                done["r"] = "finished"
+            except psycopg.Error as e:
+                done["r"] = e
+        t = threading.Thread(target=slow)
+        t.start()
+        time.sleep(1.0)
+        c.cancel()
+        t.join(30)
+        assert isinstance(done.get("r"), psycopg.errors.QueryCanceled), done
+        assert c.execute("SELECT 1").fetchone() == (1,)
+    # a cancel request with a wrong key is dropped (nothing to cancel, nothing leaks)
+    s = socket.create_connection(("127.0.0.1", env.port), timeout=5)
+    s.sendall(struct.pack("!IIII", 16, 80877102, 12345, 67890))
+    assert s.recv(100) == b""
+    s.close()
+
+
+def test_bad_wire_bytes_close_with_nothing_forwarded(env: Env) -> None:
+    insert = _msg(b"Q", b"INSERT INTO users VALUES (77, 'x', 'x@example.com')\0")
+    cases = {
+        "unknown type first": b"Z\0\0\0\x04" + insert,
+        "length below 4": b"Q\0\0\0\x02" + insert,
+        "above the limit": b"Q\x7f\xff\xff\xff" + insert[5:],
+        "password after login": _msg(b"p", b"x\0") + insert,
+        "truncated bind": _msg(b"B", b"\0\0\0\x01") + _msg(b"E", b"\0\0\0\0\0") + insert,
+        "query not NUL-terminated": _msg(b"Q", b"INSERT INTO users VALUES (78, 'y', 'y')")
+                                    + insert,
+    }
+    log_start = len(env.pg.log())
+    for name, data in cases.items():
+        s, got = raw_login(env.port, env.token())
+        assert got[-1][0] == b"Z", got
+        s.sendall(data)
+        rest = b""
+        try:
+            while chunk := s.recv(65536):
+                rest += chunk
+        except (ConnectionError, TimeoutError):
+            pass
+        s.close()
+        assert b"INSERT" not in rest, name
+    # garbage before login: closed, the server never sees a connection from the gateway
+    for data in (b"GET / HTTP/1.1\r\n\r\n", struct.pack("!II", 9, 80877103) + b"x",
+                 struct.pack("!II", 100000, 196608)):
+        s = socket.create_connection(("127.0.0.1", env.port), timeout=5)
+        s.sendall(data)
+        try:
+            while s.recv(65536):
+                pass
+        except (ConnectionError, TimeoutError):
+            pass
+        s.close()
+    with psycopg.connect(env.pg.dsn()) as direct:
+        assert direct.execute("SELECT count(*) FROM users WHERE id > 2").fetchone() == (0,)
+    # the server saw none of it: a forwarded bad message would be a protocol error there
+    server_log = env.pg.log()[log_start:]
+    assert "invalid" not in server_log and "unexpected" not in server_log, server_log
+    assert "Traceback" not in env.gw.logs()
+    with env.connect() as c:  # the gateway keeps serving
+        assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_pipeline_and_prepared_statements(env: Env) -> None:
+    with env.connect() as c:
+        # server-side prepared statements (psycopg prepares after prepare_threshold uses)
+        for i in range(3):
+            cur = c.execute("SELECT name FROM users WHERE id = %s", (1 + i % 2,), prepare=True)
+            assert cur.fetchone()[0] in ("Ann", "Bob")
+        # pipeline mode: a refusal in the middle fails what follows up to the sync, as the
+        # server does for any error, and the connection carries on
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), c.pipeline() as p:
+            c1 = c.execute("SELECT 1")
+            c.execute("DROP TABLE orders")
+            c.execute("SELECT 2")
+            p.sync()
+        assert c1.fetchone() == (1,)
+        with c.pipeline():
+            a = c.execute("SELECT count(*) FROM users")
+            b = c.execute("SELECT count(*) FROM orders")
+        assert a.fetchone() == (2,) and b.fetchone() == (2,)
+        # SQL-level PREPARE/EXECUTE is judged by what it runs
+        c.execute("PREPARE wipe AS DELETE FROM users WHERE id = $1")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("PREPARE wipe_all AS DELETE FROM users")
+        assert c.execute("SELECT count(*) FROM users").fetchone() == (2,)
