@@ -13,6 +13,7 @@ from addons.connect.forwarder import (
     parse_gateway,
     parse_listen,
 )
+from addons.connect.pgforward import PgForwarder, PgRoute, parse_route
 from addons.connect.tokens import CommandToken, EnvToken, FileToken, TokenSource
 from addons.frame.hosts import is_loopback_host
 
@@ -44,10 +45,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",
                    help="close a connection after S seconds without a byte either way "
                         "(default 300)")
+    p.add_argument("--postgres", action="append", default=[], metavar="LISTEN=GW_HOST:PORT",
+                   help="also listen for Postgres clients on LISTEN ([host:]port, loopback) "
+                        "and log in to the gateway's database listener GW_HOST:PORT with a "
+                        "fresh token as the password (the client's own password is never "
+                        "read); repeatable, e.g. 127.0.0.1:5432=gateway:15432")
+    p.add_argument("--postgres-ca", metavar="PEM",
+                   help="CA bundle that signed the gateway's database listener certificate "
+                        "(default: the system store / SSL_CERT_FILE)")
     p.add_argument("--allow-remote-clients", action="store_true",
                    help="allow a non-loopback --listen address: anyone who reaches it uses "
                         "the agent's identity")
     p.set_defaults(func=run)
+
+
+def pg_routes(args: argparse.Namespace) -> list[PgRoute]:
+    routes = [parse_route(r) for r in args.postgres or ()]
+    for r in routes:
+        if not is_loopback_host(r.listen_host) and not args.allow_remote_clients:
+            raise ValueError(f"--postgres listen address {r.listen_host} is not loopback: "
+                             "every client that reaches it would act as this agent (add "
+                             "--allow-remote-clients if that is really meant)")
+    return routes
 
 
 def build(args: argparse.Namespace) -> tuple[ConnectConfig, TokenSource]:
@@ -82,6 +101,7 @@ def build(args: argparse.Namespace) -> tuple[ConnectConfig, TokenSource]:
 def run(args: argparse.Namespace) -> int:
     try:
         cfg, source = build(args)
+        routes = pg_routes(args)
     except ValueError as e:
         print(f"agentgate connect: {e}", file=sys.stderr)
         return 2
@@ -94,6 +114,18 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"agentgate connect: cannot listen on {cfg.listen_host}:"
                              f"{cfg.listen_port}: {e.strerror or e}") from None
         # one line a launcher can wait for; names the source, never the token
+        pgs = [PgForwarder(r, source, ca_file=args.postgres_ca, idle_timeout=cfg.idle_timeout,
+                           token_timeout=cfg.token_timeout,
+                           max_connections=cfg.max_connections) for r in routes]
+        for pg in pgs:
+            try:
+                await pg.start()
+            except OSError as e:
+                raise SystemExit(f"agentgate connect: cannot listen on {pg.route.listen_host}:"
+                                 f"{pg.route.listen_port}: {e.strerror or e}") from None
+            print(f"agentgate connect: postgres on {pg.route.listen_host}:{pg.port}, "
+                  f"forwarding to {pg.route.gateway_host}:{pg.route.gateway_port} with the "
+                  f"token as the password", file=sys.stderr, flush=True)
         print(f"agentgate connect: listening on http://{cfg.listen_host}:{conn.port}, "
               f"forwarding to http://{cfg.gateway_host}:{cfg.gateway_port} with the token "
               f"from {source.describe}", file=sys.stderr, flush=True)
@@ -103,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        for pg in pgs:
+            await pg.close()
         await conn.close()
 
     asyncio.run(main())
