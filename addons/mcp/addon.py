@@ -202,9 +202,16 @@ class Mcp:
         if resp is None or resp.stream or "refusal" in flow.metadata \
                 or mcp_upstream(flow) is None:
             return
+        if not resp.raw_content:
+            return  # 202 Accepted
         if not decode.is_json_mime(decode.parse_content_type(
-                resp.headers.get("content-type", ""))[0]) or not resp.raw_content:
-            return  # 202 Accepted, an HTTP error text: no JSON-RPC in it
+                resp.headers.get("content-type", ""))[0]):
+            if resp.status_code == 200 and flow.request.method == "POST":
+                # a success that is neither JSON nor an event stream: no MCP client reads
+                # it as JSON-RPC, and a lenient one must not read past the gateway's checks
+                refuse(flow, 502, "the MCP server answered with neither JSON nor an event "
+                       "stream", "upstream_invalid_jsonrpc", "mcp")
+            return  # an HTTP error text (masked like any response)
         cfg = self.config()
         try:
             body = decode.response_body(flow, max_bytes=cfg.max_event_bytes)
@@ -411,6 +418,13 @@ class McpStream:
     def event(self, lines: list[bytes]) -> bytes:
         ev = Event.parse(lines)
         if ev.data is None:
+            return ev.render()
+        if ev.name == "endpoint":
+            # the older HTTP+SSE transport: where to POST, a path on this same server
+            if not (ev.data.startswith("/") and not ev.data.startswith("//")) or \
+                    any(c in ev.data for c in "\r\n\\"):
+                raise jsonrpc.JsonRpcError(jsonrpc.INVALID_REQUEST,
+                                           "endpoint event is not a path on this server")
             return ev.render()
         payload = jsonrpc.parse_payload(jsonrpc.loads_strict(ev.data))
         flow: Any = self.flow

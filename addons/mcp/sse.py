@@ -77,6 +77,7 @@ class Event:
     lines: list[bytes]
     data: str | None = None
     other: list[bytes] = field(default_factory=list)
+    name: str | None = None  # the `event:` field
 
     @classmethod
     def parse(cls, lines: list[bytes]) -> Event:
@@ -84,10 +85,12 @@ class Event:
         data: list[str] = []
         for line in lines:
             name, sep, value = line.partition(b":")
+            v = value[1:] if value.startswith(b" ") else value
             if name == b"data":
-                v = value[1:] if value.startswith(b" ") else value
                 data.append(v.decode("utf-8", "replace"))
             else:
+                if name == b"event":
+                    ev.name = v.decode("utf-8", "replace")
                 ev.other.append(line)
         if data:
             ev.data = "\n".join(data)
