@@ -11,6 +11,7 @@ approvals:
   max_pending: 1000
   max_pending_per_identity: 20    # one agent cannot fill the queue for everyone
   preview_bytes: 262144           # the masked request kept for reviewers (256 KiB)
+  retry_grace: 15                 # a hold whose client went away waits this long for its retry
   notify:
     format: slack                 # slack (Block Kit, buttons) | json (approval.* events)
     url_env: SLACK_WEBHOOK_URL    # or url: / url_file:
@@ -53,7 +54,7 @@ from addons.config.schema import (
 
 APPROVALS_KEYS = {"listen", "link_base", "default_timeout", "on_timeout", "timeout_status",
                   "allow_mitmweb", "max_pending", "max_pending_per_identity", "preview_chars",
-                  "preview_bytes", "notify", "web", "slack"}
+                  "preview_bytes", "notify", "web", "slack", "retry_grace"}
 NOTIFY_KEYS = {"url", "url_env", "url_file", "retries", "backoff", "max_backoff", "timeout",
                "ca_file", "format"}
 DEFAULT_PREVIEW_BYTES = 256 * 1024
@@ -181,6 +182,8 @@ class ApprovalsConfig:
     notify: NotifyConfig | None = None
     preview_bytes: int = DEFAULT_PREVIEW_BYTES
     slack: SlackConfig | None = None
+    # seconds a hold whose clients all went away waits for a retry to join it
+    retry_grace: float = 15.0
     web: WebConfig | None = None
 
     def link(self, approval_id: str, listen: tuple[str, int] | None = None) -> str:
@@ -336,4 +339,6 @@ def parse_approvals(section: MapSection) -> ApprovalsConfig:
                                  w("preview_bytes" if "preview_bytes" in d else "preview_chars"),
                                  minimum=0, maximum=16 * 1024 * 1024),
         slack=parse_slack(d["slack"], w("slack")) if d.get("slack") is not None else None,
+        retry_grace=float(expect_number(d.get("retry_grace", 15), w("retry_grace"),
+                                        minimum=0, maximum=3600)),
     )
