@@ -19,8 +19,9 @@ flow hangs the client in mitmproxy 12.
 One hold per intent: a request that repeats a pending one (same identity, upstream, method,
 URL, masked body and rule: an SDK retrying after its own timeout) joins that hold instead of
 opening another, so reviewers get one notification and one approval id, and every joined
-request gets the decision. A client that goes away leaves the hold open for RETRY_GRACE
-seconds (its retry joins it); with nobody waiting after that, the hold is cancelled.
+request gets the decision. A client that goes away leaves the hold open for
+`approvals.retry_grace` seconds (its retry joins it); with nobody waiting after that, the
+hold is cancelled.
 
 mitmweb: mitmweb's selection is not the gateway's `@focus` (the UI never tells the server
 which flow is selected), so the commands take what the flow's comment shows:
@@ -82,8 +83,6 @@ POLL_SECONDS = 1.0
 # a bigger JSON body is not parsed for the model / tool / summary (the preview still shows it)
 SCAN_BYTES = 2 * 1024 * 1024
 SUMMARY_CHARS = 160
-# how long a hold whose clients all went away waits for their retry to join it
-RETRY_GRACE = 30.0
 MARKS = {APPROVED: ":white_check_mark:", DENIED: ":no_entry_sign:", TIMEOUT: ":alarm_clock:",
          CANCELLED: ":heavy_multiplication_x:"}
 HELD_MARK = ":hourglass:"
@@ -278,7 +277,6 @@ class Approval:
         self._api_started = False  # listened once: a later bind error does not stop mitmproxy
         self._running = False
         self._tasks: set[asyncio.Task] = set()
-        self.retry_grace = RETRY_GRACE
         holder.on_change(self._rules_changed)
 
     # ------------------------------------------------------------ options and lifecycle
@@ -445,7 +443,7 @@ class Approval:
 
     def _leave(self, f: http.HTTPFlow, a: PendingApproval) -> None:
         """This flow stops waiting. If it was the last one and its client went away, the
-        hold waits RETRY_GRACE seconds for a retry to join before it is cancelled."""
+        hold waits approvals.retry_grace seconds for a retry to join before it is cancelled."""
         flows = self._flows.get(a.id, [])
         if f in flows:
             flows.remove(f)
@@ -457,14 +455,14 @@ class Approval:
         if a.decided:
             self._forget_intent(a)
         elif gone:
-            grace = min(self.retry_grace, max(0.0, a.expires_at - self.store.clock()))
+            grace = min(self._config().retry_grace, max(0.0, a.expires_at - self.store.clock()))
             asyncio.get_running_loop().call_later(grace, self._orphaned, a.id)
 
     def _orphaned(self, approval_id: str) -> None:
         a = self.store.get(approval_id)
         if a is not None and not a.decided and not self._flows.get(approval_id):
             self.store.cancel(approval_id, "the client disconnected (no retry within "
-                                           f"{self.retry_grace:g}s)")
+                                           f"{self._config().retry_grace:g}s)")
 
     def _forget_intent(self, a: PendingApproval) -> None:
         for key in [k for k, v in self._intents.items() if v == a.id]:
@@ -614,7 +612,7 @@ class Approval:
                                                  else "approval.voted", a, self._link(a.id)),
                                      retries=n.retries, backoff=n.backoff,
                                      max_backoff=n.max_backoff, timeout=n.timeout,
-                                     ca_file=n.ca_file, label=a.id)
+                                     ca_file=n.ca_file, label=a.id, order=a.id)
         self.slack.changed(a)
 
     @staticmethod
@@ -669,7 +667,7 @@ class Approval:
                                      retries=n.retries, backoff=n.backoff,
                                      max_backoff=n.max_backoff, timeout=n.timeout,
                                      ca_file=n.ca_file, still_wanted=lambda: not a.decided,
-                                     label=a.id)
+                                     label=a.id, order=a.id)
         self.slack.created(a)
 
     # ------------------------------------------------------------ client gone

@@ -142,18 +142,33 @@ class Notifier:
     def __init__(self) -> None:
         self.transport = Transport()
         self._tasks: set[asyncio.Task] = set()
+        self._last: dict[str, asyncio.Task] = {}  # order key -> its latest delivery
         self.sent = 0
         self.failed_attempts = 0
 
     def submit(self, url: str, payload: dict[str, Any], *, retries: int, backoff: float,
                max_backoff: float, timeout: float, ca_file: str | None = None,
                still_wanted: Callable[[], bool] = lambda: True, label: str = "",
-               headers: dict[str, str] | None = None, check: Check = http_ok
-               ) -> asyncio.Task:
+               headers: dict[str, str] | None = None, check: Check = http_ok,
+               order: str | None = None) -> asyncio.Task:
+        """Deliver in the background; deliveries with the same `order` key go out one
+        after the other (an approval's `created` before its `decided`)."""
         retry = Retry(retries, backoff, max_backoff, timeout, ca_file)
-        return self.spawn(self.deliver(url, payload, retry, still_wanted=still_wanted,
-                                       label=label or str(payload.get("approval_id", "")),
-                                       headers=headers, check=check))
+        prev = self._last.get(order) if order else None
+
+        async def run() -> bytes | None:
+            if prev is not None and not prev.done():
+                await asyncio.wait([prev])
+            return await self.deliver(url, payload, retry, still_wanted=still_wanted,
+                                      label=label or str(payload.get("approval_id", "")),
+                                      headers=headers, check=check)
+
+        task = self.spawn(run())
+        if order:
+            self._last[order] = task
+            task.add_done_callback(
+                lambda t: self._last.pop(order, None) if self._last.get(order) is t else None)
+        return task
 
     def spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

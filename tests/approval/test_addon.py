@@ -324,7 +324,7 @@ def test_mitmweb_resume_is_ignored_unless_rule_allows() -> None:
 
 def test_killed_flow_and_client_disconnect_release_the_hold() -> None:
     async def main() -> None:
-        addon = make_addon()
+        addon = make_addon(ApprovalsConfig(listen=None, retry_grace=0.3))
         with taddons.context(addon):
             f = held_flow(decision())
             task = asyncio.create_task(addon.request(f))
@@ -333,7 +333,6 @@ def test_killed_flow_and_client_disconnect_release_the_hold() -> None:
             await asyncio.wait_for(task, 5)
             assert f.metadata["approval"]["state"] == "cancelled" and f.response is None
 
-            addon.retry_grace = 0.3
             g = held_flow(decision())
             task = asyncio.create_task(addon.request(g))
             await until(lambda: len(addon.store) == 1)
