@@ -85,7 +85,8 @@ def _outcome(stmt: dict[str, Any], approval: dict[str, Any] | None) -> tuple[str
     state = approval.get("state") if approval else None
     if decision == "approve" and state in ("denied", "timeout", "cancelled", "expired"):
         return "refused", f"approval_{state}", "approval"
-    if stmt.get("refused"):
+    error = str(stmt.get("error") or "")
+    if stmt.get("refused") or "agentgate: result refused" in error:
         return "refused", "result_refused", "masking"
     if stmt.get("error"):
         return "error", None, None
@@ -121,7 +122,7 @@ def statement_row(stmt: dict[str, Any], secrets: tuple[str, ...] = (),
     kinds = _names(stmt.get("kinds"))
     rows = stmt.get("rows") if isinstance(stmt.get("rows"), int) else None
     command = stmt.get("command")
-    findings = _findings(stmt.get("findings"))
+    findings = _findings(stmt.get("findings_by_entity") or stmt.get("findings"))
     meta = {"kind": "pg", "pg": {
         "statement_kind": kinds[0] if kinds else None, "kinds": kinds,
         "tables": _names(stmt.get("tables")), "functions": _names(stmt.get("functions")),

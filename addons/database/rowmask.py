@@ -689,13 +689,14 @@ class StatementResult:
     token: Any
     tag: str | None = None
     rows: int = 0
-    findings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    entities: dict[str, dict[str, Any]] = field(default_factory=dict)  # {ENTITY: {count, strategy}}
     error: str | None = None  # the server's error message (masked) or the gateway's refusal
     refused: bool = False
 
     @property
-    def findings_total(self) -> int:
-        return sum(int(e.get("count", 0)) for e in self.findings.values())
+    def findings(self) -> int:
+        """How many values were masked (the relay's records take a count)."""
+        return sum(int(e.get("count", 0)) for e in self.entities.values())
 
 
 class ResultMasker:
@@ -746,7 +747,7 @@ class ResultMasker:
         st = self._stmt
         if self.masker is None:
             return None
-        return Masked(self.masker, self.session, st.findings if st else self.findings,
+        return Masked(self.masker, self.session, st.entities if st else self.findings,
                       restorable=False)
 
     # ------------------------------------------------------------ frontend
@@ -932,7 +933,7 @@ class ResultMasker:
         elif head[0] != "Q" or self._exec is None:
             raise Desync("DataRow out of order")
         ex = self._exec
-        ex.findings = self._stmt.findings if self._stmt else ex.findings
+        ex.findings = self._stmt.entities if self._stmt else ex.findings
         if ex._ctx is not None:  # noqa: SLF001 - same module
             ex._ctx.findings = ex.findings  # noqa: SLF001
         out = ex.data_row(payload)
@@ -957,7 +958,7 @@ class ResultMasker:
             return payload
         ex = ExecutionMasker(self.masker, self.session, self.rules)
         if self._stmt is not None:
-            ex.findings = self._stmt.findings
+            ex.findings = self._stmt.entities
             if ex._ctx is not None:  # noqa: SLF001 - same module
                 ex._ctx.findings = ex.findings  # noqa: SLF001
         out = ex.notice(t, payload)
@@ -1028,7 +1029,7 @@ class ResultMasker:
         self._copy = False
         if tag_payload:
             st.tag = tag_payload.rstrip(b"\0").decode("utf-8", "replace")
-        for entity, entry in st.findings.items():
+        for entity, entry in st.entities.items():
             count(self.findings, entity, entry["strategy"], entry["count"])
         self.results.append(st)
         if len(self.results) > MAX_QUEUED:
