@@ -535,3 +535,39 @@ def test_web_config_errors_name_file_and_key(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as e:
             load_rules(tmp_path)
         assert wanted in str(e.value) and "r.yaml" in str(e.value), (text, str(e.value))
+
+
+def test_tool_and_sql_holds_on_the_page(web: Server, idp: RecordingIdP) -> None:
+    tool = web.hold(requester="agent-7", groups=("reviewers",), what={
+        "kind": "tool", "upstream": "crm-mcp", "method": "POST", "url": "https://mcp/x",
+        "tool": "delete_rows"}, preview=json.dumps({
+            "jsonrpc": "2.0", "id": 9, "method": "tools/call",
+            "params": {"name": "delete_rows", "arguments": {"table": "customers",
+                                                            "where": "region = 'EU'"}}}))
+    sql = web.hold(requester="agent-7", groups=("reviewers",), what={
+        "kind": "sql", "upstream": "crm-db", "database": "crm", "statement_kind": "DELETE",
+        "tables": ["customers"], "sql": "delete from customers where email = $1"},
+        preview="delete from customers where email = $1")
+    c = Client(web.url)
+    login(c, idp, "alice", ["reviewers"])
+    _, _, page = c.open(f"/ui/approvals/{tool.id}")
+    assert "tool call" in page and "MCP tools/call" in page
+    assert "tool <code>delete_rows</code>" in page
+    assert "&quot;where&quot;: &quot;region = &#x27;EU&#x27;&quot;" in page
+    _, _, page = c.open(f"/ui/approvals/{sql.id}")
+    assert ">SQL<" in page and "DELETE FROM customers\nWHERE email = $1" in page
+    assert "<dt>tables</dt><dd>customers</dd>" in page
+
+
+def test_json_api_ignores_the_page_session(web: Server, idp: RecordingIdP) -> None:
+    """The JSON API takes Bearer tokens only: a page session cookie (which a cross-site
+    form would carry) authenticates nothing there, so the API needs no CSRF token."""
+    a = held(web)
+    c = Client(web.url)
+    login(c, idp, "alice", ["reviewers"])
+    sid = c.cookie("agentgate_session")
+    req = urllib.request.Request(f"{web.url}/approvals/{a.id}/approve", data=b"{}",
+                                 headers={"Cookie": f"agentgate_session={sid}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _PLAIN.open(req, timeout=10)
+    assert e.value.code == 401 and not a.decided
