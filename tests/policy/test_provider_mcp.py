@@ -166,3 +166,16 @@ def test_sdks_through_the_gateway(gateway_factory, standin, no_identity) -> None
                           "tool_configuration": {"allowed_tools": ["send_email"]}}])
     assert "only-crm-read-tools" in json.dumps(e2.value.body)
     assert len(standin.requests) == 1  # neither refused request reached the provider
+
+
+def test_readme_example(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "rules" / "README.md").read_text()
+    section = readme[readme.index("**Provider-side MCP.**"):]
+    example = section[section.index("```yaml\n") + 8:]
+    ps = policies(example[:example.index("```")], tmp_path)
+    ok = "https://mcp.crm.example.com/mcp"
+    assert decide(ps, oa(server_url=ok, allowed_tools=["lookup_customer"]),
+                  "/v1/responses").rule == DEFAULT_RULE
+    assert decide(ps, oa(server_url=ok), "/v1/responses").rule == "only-read-tools"
+    assert decide(ps, oa(allowed_tools=["lookup_customer"]), "/v1/responses").rule \
+        == "only-our-tool-servers"
