@@ -461,8 +461,10 @@ class Approval:
     def _orphaned(self, approval_id: str) -> None:
         a = self.store.get(approval_id)
         if a is not None and not a.decided and not self._flows.get(approval_id):
-            self.store.cancel(approval_id, "the client disconnected (no retry within "
-                                           f"{self._config().retry_grace:g}s)")
+            reason = (f"the client disconnected (no retry within "
+                      f"{self._config().retry_grace:g}s)")
+            self.store.cancel(approval_id, reason)
+            log.info("agentgate: approval %s cancelled: %s", approval_id, reason)
 
     def _forget_intent(self, a: PendingApproval) -> None:
         for key in [k for k, v in self._intents.items() if v == a.id]:

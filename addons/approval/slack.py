@@ -267,7 +267,9 @@ def message(a: PendingApproval, link: str, now: float | None = None) -> dict[str
     if a.state == PENDING:
         left = max(0, int(a.expires_at - now))
         fields.append(f"*Deadline:* {left}s ({a.spec.on_timeout} on timeout)")
-    text = f"agentgate: {STATE_WORDS.get(a.state, a.state).lower()} {a.id} — {target_of(a)}"
+    # the notification's plain text (phones, screen readers): state, id, rule, target
+    text = (f"agentgate: {STATE_WORDS.get(a.state, a.state).lower()} {a.id} (rule "
+            f"{a.spec.rule}) — {target_of(a)}")
     blocks: list[dict[str, Any]] = [
         {"type": "section", "text": {"type": "mrkdwn", "text": f"*{_esc(title)}*"}},
         {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(fields)}},
