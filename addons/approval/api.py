@@ -76,7 +76,7 @@ class ApprovalsAPI:
         self.handlers: list[Route] = list(handlers)
         self.sessions = SessionTable()
         self.login = OIDCLogin(holder)
-        self.web_keys = CookieKeys()
+        self._web_keys = CookieKeys()
         # live-update streams of the page: one bounded queue per open event stream
         self.streams: set[asyncio.Queue[dict[str, str] | None]] = set()
         self._server: tornado.httpserver.HTTPServer | None = None
@@ -92,6 +92,11 @@ class ApprovalsAPI:
             router = self._app.wildcard_router
             router.rules[:0] = [router.process_rule(tornado.web.url(p, h, k))
                                 for p, h, k in routes]
+
+    @property
+    def web_keys(self) -> CookieKeys:
+        """The cookie-signing key of the `approvals.web` in force."""
+        return self._web_keys.sync(self.config().web)
 
     def config(self) -> ApprovalsConfig:
         cfg = getattr(self.holder.rules, "approvals", None) if self.holder else None
@@ -200,7 +205,6 @@ class ApprovalsAPI:
 
     # ------------------------------------------------------------ the listener
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self.web_keys.load(self.config().web)
         self._app = make_app(self, self.handlers)
         server = tornado.httpserver.HTTPServer(
             self._app, max_header_size=MAX_HEAD, max_body_size=MAX_READ,

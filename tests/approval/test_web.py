@@ -557,6 +557,13 @@ def test_tool_and_sql_holds_on_the_page(web: Server, idp: RecordingIdP) -> None:
     _, _, page = c.open(f"/ui/approvals/{sql.id}")
     assert ">SQL<" in page and "DELETE FROM customers\nWHERE email = $1" in page
     assert "<dt>tables</dt><dd>customers</dd>" in page
+    counted = web.hold(requester="agent-7", groups=("reviewers",), what={
+        "kind": "llm", "summary": "make <b>500</b> records",
+        "findings": {"EMAIL": {"count": 3, "strategy": "pseudonymize"}, "IBAN": 1}})
+    _, _, page = c.open(f"/ui/approvals/{counted.id}")
+    assert '<span class="finding">EMAIL: 3</span>' in page
+    assert '<span class="finding">IBAN: 1</span>' in page
+    assert '<p class="summary">make &lt;b&gt;500&lt;/b&gt; records</p>' in page
 
 
 def test_json_api_ignores_the_page_session(web: Server, idp: RecordingIdP) -> None:
@@ -571,3 +578,37 @@ def test_json_api_ignores_the_page_session(web: Server, idp: RecordingIdP) -> No
     with pytest.raises(urllib.error.HTTPError) as e:
         _PLAIN.open(req, timeout=10)
     assert e.value.code == 401 and not a.decided
+
+
+def test_cookie_key_follows_the_rules(tmp_path: Path, idp: RecordingIdP,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rules reload keeps the listener; the page must use the key the rules name now."""
+    monkeypatch.delenv(COOKIE_ENV, raising=False)
+    holder = rules_holder(tmp_path, idp)
+    s = Server(holder=holder)
+    try:
+        status, _, text = Client(s.url).open("/ui/login")
+        assert status == 503 and "is not set" in text
+        key = tmp_path / "key"
+        key.write_text("z" * 40)
+        holder.rules = load_rules(_rewrite(tmp_path, idp, cookie_secret_file=str(key)))
+        c = Client(s.url)
+        login(c, idp, "alice", ["reviewers"])
+        sid = c.cookie("agentgate_session") or ""
+        # an unrelated reload leaves the key (and the session) alone
+        holder.rules = load_rules(_rewrite(tmp_path, idp, cookie_secret_file=str(key)))
+        assert _get_with_cookie(s.url + "/ui/", sid)[0] == 200
+        # another key: cookies signed with the old one are no session any more
+        key2 = tmp_path / "key2"
+        key2.write_text("y" * 40)
+        holder.rules = load_rules(_rewrite(tmp_path, idp, cookie_secret_file=str(key2)))
+        assert _get_with_cookie(s.url + "/ui/", sid)[0] == 302
+    finally:
+        s.stop()
+
+
+def _rewrite(tmp: Path, idp: RecordingIdP, **web: Any) -> Path:
+    approvals = {"listen": "off", "web": {"client_id": CLIENT_ID, **web}}
+    (tmp / "rules.yaml").write_text(idp.identity_yaml() + "approvals: "
+                                    + json.dumps(approvals) + "\n")
+    return tmp

@@ -229,7 +229,9 @@ class Helpers:
     def findings(what: dict[str, Any]) -> list[tuple[str, str]]:
         f = what.get("findings")
         if isinstance(f, dict):
-            return [(str(k), str(v)) for k, v in f.items()]
+            # {ENTITY: n} or the masking concern's {ENTITY: {"count": n, "strategy": s}}
+            return [(str(k), str(v.get("count", "?") if isinstance(v, dict) else v))
+                    for k, v in f.items()]
         if isinstance(f, int | str) and not isinstance(f, bool):
             return [("findings", str(f))]
         return []
@@ -449,9 +451,23 @@ class RootHandler(_Base):
 class CookieKeys:
     """The key that signs cookie values (HMAC-SHA256 over the random id they carry)."""
 
+    RETRY = 5.0  # seconds between re-reads of a configured key that was unavailable
+
     def __init__(self) -> None:
         self._key: bytes | None = None
         self.problem: str | None = None
+        self._for: Any = object()  # the WebConfig the key was loaded for
+        self._tried = 0.0
+
+    def sync(self, web: Any) -> CookieKeys:
+        """Load the key again when `approvals.web` changed (a rules reload does not restart
+        the listener), or when a configured key was missing a while ago (a secret mounted
+        late). An unchanged configuration keeps its key, random or not: sessions live on."""
+        now = time.monotonic()
+        if web != self._for or (self._key is None and now - self._tried > self.RETRY):
+            self.load(web)
+            self._for, self._tried = web, now
+        return self
 
     def load(self, web: Any) -> None:
         self.problem = None
