@@ -41,9 +41,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_cli)
 
 
-def _demo_rules(standin: Any, identity_yaml: str) -> dict[str, str]:
+MCP_HOST = "mcp.crm.example"
+MCP_TOOL_ARGS = {"to": "jane.doe@example.com", "subject": "Release", "body": "The build is green."}
+
+
+def _demo_rules(standin: Any, identity_yaml: str, mcp_url: str | None = None
+                ) -> dict[str, str]:
+    mcp_upstream = textwrap.indent(textwrap.dedent(f"""\
+        - name: crm-tools
+          hosts: [{MCP_HOST}]
+          dialect: mcp
+          forward_to: {mcp_url}
+        """), "  ") if mcp_url else ""
     return {
-        "upstreams.yaml": standin_upstreams_yaml(standin),
+        "upstreams.yaml": standin_upstreams_yaml(standin) + mcp_upstream,
         "identity.yaml": identity_yaml,
         "policies.yaml": textwrap.dedent("""\
             policies:
@@ -51,6 +62,11 @@ def _demo_rules(standin: Any, identity_yaml: str) -> dict[str, str]:
                 match: {upstream: [openai], fields: {n: "> 10"}}
                 action: block
                 message: bulk generation is not allowed from agents
+              - name: emails-need-a-reviewer
+                match: {mcp: {tool: send_email}}
+                action: approve
+                approvers: [demo-reviewers]
+                timeout: 60
             """),
     }
 
@@ -64,6 +80,7 @@ def _redact(value: str, secret_values: list[str]) -> str:
 
 def run_demo(question: str, workdir: Path) -> dict[str, Any]:
     from addons.devkit.idp import DemoIdP
+    from addons.devkit.mcpserver import MCPTestServer
     from addons.devkit.standin import StandIn
 
     secrets_env = {
@@ -73,11 +90,13 @@ def run_demo(question: str, workdir: Path) -> dict[str, Any]:
     }
     idp = DemoIdP().start()
     standin = StandIn(certdir=workdir / "standin-certs").start()
+    # the MCP tool server shares the stand-in's CA, which the gateway is told to trust
+    mcp = MCPTestServer(certdir=workdir / "standin-certs").start()
     gw: Gateway | None = None
     try:
         rules_dir = workdir / "rules"
         rules_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in _demo_rules(standin, idp.identity_yaml()).items():
+        for name, text in _demo_rules(standin, idp.identity_yaml(), mcp.base_url).items():
             (rules_dir / name).write_text(text)
         confdir = workdir / "certs"
         confdir.mkdir(exist_ok=True)
@@ -97,6 +116,7 @@ def run_demo(question: str, workdir: Path) -> dict[str, Any]:
             agent = json.loads(proc.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
             agent = {"error": f"agent exited {proc.returncode}: {proc.stderr[-2000:]}"}
+        mcp_call = _mcp_held_call(gw, idp, token, mcp)
         gw.stop()
         secret_values = list(secrets_env.values()) + [token]
         received = []
@@ -111,6 +131,7 @@ def run_demo(question: str, workdir: Path) -> dict[str, Any]:
                           "SSL_CERT_FILE": str(gw.ca_cert),
                           "OPENAI_API_KEY": PLACEHOLDER_KEY},
             "upstream_received": received,
+            "mcp": mcp_call,
             "recorded_in": str(data_dir / "agentgate.duckdb"),
             "gateway_log": str(workdir / "gateway.log"),
             "leaked": [k for k, v in secrets_env.items()
@@ -119,8 +140,27 @@ def run_demo(question: str, workdir: Path) -> dict[str, Any]:
     finally:
         if gw is not None:
             gw.stop()
+        mcp.stop()
         standin.stop()
         idp.stop()
+
+
+def _mcp_held_call(gw: Gateway, idp: Any, token: str, mcp: Any) -> dict[str, Any]:
+    """One MCP tool call by the agent's identity, held by `emails-need-a-reviewer` until a
+    reviewer approves it through the approvals API."""
+    from addons.devkit.mcpserver import held_tool_call
+    if not gw.approvals_url:
+        return {"error": "the gateway's approvals API is not listening"}
+    reviewer = idp.token(sub="demo-reviewer", groups=["demo-reviewers"])
+    try:
+        out = held_tool_call(f"https://{MCP_HOST}/mcp", proxy=gw.proxy_url(token),
+                             ca=gw.ca_cert, approvals_url=gw.approvals_url,
+                             reviewer_token=reviewer, tool="send_email",
+                             arguments=MCP_TOOL_ARGS, reason="release note, ok to send")
+    except Exception as e:  # noqa: BLE001 - the demo reports what failed and exits 1
+        return {"error": f"{type(e).__name__}: {e}"}
+    out["server_received"] = [m["params"]["arguments"] for m in mcp.jsonrpc("tools/call")]
+    return out
 
 
 def cli_command() -> str:
@@ -159,6 +199,17 @@ def _print_human(result: dict[str, Any]) -> None:
         for k, v in r["headers"].items():
             print(f"      {k}: {v}")
         print(f"      body: {r['body'][:300]}")
+    mcp = result.get("mcp") or {}
+    print("\n== an MCP tool call held for a reviewer (rule emails-need-a-reviewer)")
+    if "error" in mcp:
+        print(f"   FAILED: {mcp['error']}")
+    elif mcp.get("held"):
+        what = mcp["held"]["what"] or {}
+        print(f"   agent called {what.get('tool')} on {MCP_HOST}: held as {mcp['held']['id']} "
+              f"(kind {what.get('kind')}), waiting: {mcp['waited_for_reviewer']}")
+        print(f"   demo-reviewer approved it -> {mcp['decision']}; the tool answered: "
+              f"{mcp['result']}")
+        print(f"   the MCP server received (masked by the gateway): {mcp['server_received']}")
     if result.get("kept"):
         print(f"\n== recorded in {result['recorded_in']}")
         print("   query it (from the repository root):")
@@ -187,4 +238,5 @@ def run_cli(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         _print_human(result)
-    return 1 if "error" in result["agent"] or result["leaked"] else 0
+    return 1 if ("error" in result["agent"] or result["leaked"]
+                 or "error" in (result.get("mcp") or {})) else 0

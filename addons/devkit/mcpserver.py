@@ -391,6 +391,64 @@ async def client_session(url: str, *, ca: str | Path | None = None, proxy: str |
                 yield session
 
 
+def _approvals_api(base: str, method: str, path: str, token: str,
+                   body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    import urllib.error
+    import urllib.request
+    # base: the gateway's own approvals API address (http://127.0.0.1:port)
+    req = urllib.request.Request(base + path, method=method,  # noqa: S310
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"authorization": f"Bearer {token}",
+                                          "content-type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback API
+    try:
+        with opener.open(req, timeout=10) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def held_tool_call(url: str, *, proxy: str, ca: str | Path, approvals_url: str,
+                   reviewer_token: str, tool: str, arguments: dict[str, Any],
+                   reason: str = "looks fine", timeout: float = 60.0) -> dict[str, Any]:
+    """Call an MCP tool through the gateway and, once a rule holds it, approve it as a
+    reviewer through the approvals API; returns what was held, who decided and the result.
+    What `agentgate demo` shows (and tests use to drive a hold end to end)."""
+    async def go() -> dict[str, Any]:
+        async with client_session(url, ca=ca, proxy=proxy) as session:
+            call = asyncio.create_task(session.call_tool(tool, arguments))
+            deadline = time.monotonic() + timeout
+            held: dict[str, Any] | None = None
+            while held is None:
+                if call.done():
+                    res = call.result()
+                    return {"held": None, "result": _text(res), "is_error": res.isError}
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the tool call was not held")
+                status, out = await asyncio.to_thread(_approvals_api, approvals_url, "GET",
+                                                      "/approvals", reviewer_token)
+                pending = out.get("approvals") or [] if status == 200 else []
+                held = next((a for a in pending if (a.get("what") or {}).get("tool") == tool),
+                            None)
+                if held is None:
+                    await asyncio.sleep(0.1)
+            waited_before_decision = not call.done()
+            status, decided = await asyncio.to_thread(
+                _approvals_api, approvals_url, "POST", f"/approvals/{held['id']}/approve",
+                reviewer_token, {"reason": reason})
+            res = await call
+            return {"held": {k: held.get(k) for k in ("id", "rule", "what", "requester")},
+                    "waited_for_reviewer": waited_before_decision,
+                    "decision": (decided.get("approval") or {}).get("state")
+                    if status == 200 else decided,
+                    "result": _text(res), "is_error": res.isError}
+    return asyncio.run(asyncio.wait_for(go(), timeout + 30))
+
+
+def _text(res: Any) -> str:
+    return " ".join(c.text for c in res.content if isinstance(c, types.TextContent))
+
+
 # ---------------------------------------------------------------- OAuth token endpoint
 class TokenServer:
     """An OAuth 2.0 token endpoint (client-credentials grant) on a loopback TLS port.
