@@ -195,8 +195,10 @@ def test_reviewer_page_end_to_end(gw: Gateway, oidc_provider: Any) -> None:
             with pytest.raises(openai.PermissionDeniedError):
                 third.result(timeout=30)
             octx.close()
+            secrets = [c["value"] for c in ctx.cookies()]
         finally:
             browser.close()
             pool.shutdown(wait=False, cancel_futures=True)
     logs = gw.logs()
     assert agent_token not in logs and "code=" not in logs
+    assert secrets and not any(v and v in logs for v in secrets)  # session id, login id

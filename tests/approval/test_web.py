@@ -612,3 +612,22 @@ def _rewrite(tmp: Path, idp: RecordingIdP, **web: Any) -> Path:
     (tmp / "rules.yaml").write_text(idp.identity_yaml() + "approvals: "
                                     + json.dumps(approvals) + "\n")
     return tmp
+
+
+def test_agents_token_lifetime_cap_does_not_refuse_reviewer_logins(
+        tmp_path: Path, idp: RecordingIdP, monkeypatch: pytest.MonkeyPatch) -> None:
+    """identity.issuers[].max_lifetime caps agents' bearer tokens; the page's ID token is
+    used once at sign-in and may live longer (the provider's tokens here: 300 s)."""
+    monkeypatch.setenv(COOKIE_ENV, "m" * 40)
+    (tmp_path / "rules.yaml").write_text(
+        f"identity:\n  issuers:\n    - issuer: {idp.issuer}\n      audience: agentgate\n"
+        "      max_lifetime: 60\n"
+        "approvals: " + json.dumps({"listen": "off", "web": {
+            "client_id": CLIENT_ID, "cookie_secret_env": COOKIE_ENV}}) + "\n")
+    holder = RulesHolder()
+    holder.rules = load_rules(tmp_path)
+    s = Server(holder=holder)
+    try:
+        login(Client(s.url), idp, "alice", ["reviewers"])
+    finally:
+        s.stop()

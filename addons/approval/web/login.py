@@ -194,8 +194,9 @@ class OIDCLogin:
     async def verify(self, web: WebConfig, issuer: IssuerConfig, id_token: str,
                      nonce: str) -> dict[str, Any]:
         """The reviewer's identity from a verified ID token for this client and nonce."""
-        # Same checks and keys as agents' tokens, but the audience is the page's client.
-        cfg = dataclasses.replace(issuer, audiences=(web.client_id,), azp=())
+        # Same checks and keys as agents' tokens, but the audience is the page's client;
+        # max_lifetime is a rule for agents' bearer tokens, not for a one-use ID token.
+        cfg = dataclasses.replace(issuer, audiences=(web.client_id,), azp=(), max_lifetime=0)
         verifier = TokenVerifier(IdentityConfig(issuers=(cfg,), cache_size=0),
                                  self._key_lookup())
         try:
