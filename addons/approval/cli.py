@@ -123,10 +123,36 @@ def _age(seconds: float) -> str:
     return f"{s // 3600}h"
 
 
+KIND_WORDS = {"llm": "LLM", "tool": "tool", "sql": "SQL", "webhook": "webhook",
+              "http": "HTTP"}
+
+
 def _what(a: dict[str, Any]) -> str:
+    """kind, model or tool, and the request's one-line summary: what tells holds apart
+    (every LLM hold used to read `POST https://api.openai.com/v1/chat/completions`)."""
     w = a.get("what") or {}
-    text = f"{w.get('method', '?')} {w.get('url', '?')}"
-    return text + (f" model={w['model']}" if w.get("model") else "")
+    kind = w.get("kind") or "http"
+    parts = [KIND_WORDS.get(kind, kind)]
+    if kind == "sql":
+        parts.append(f"{w.get('upstream')}/{w.get('database')}")
+    elif w.get("tool"):
+        parts.append(f"tool={w['tool']}")
+    if w.get("model"):
+        parts.append(f"model={w['model']}")
+    if not w.get("tool") and not w.get("model") and kind != "sql":
+        parts.append(f"{w.get('method', '?')} {w.get('url', '?')}")
+    summary = w.get("summary") or (w.get("sql") if kind == "sql" else "")
+    if summary:
+        summary = " ".join(str(summary).split())
+        parts.append(f'"{summary[:80]}{"…" if len(summary) > 80 else ""}"')
+    return " ".join(parts)
+
+
+def _request_line(a: dict[str, Any]) -> str:
+    w = a.get("what") or {}
+    if w.get("kind") == "sql":
+        return f"SQL on {w.get('upstream')}/{w.get('database')}"
+    return f"{w.get('method', '?')} {w.get('url', '?')}"
 
 
 def format_list(payload: dict[str, Any]) -> str:
@@ -149,7 +175,10 @@ def format_one(a: dict[str, Any]) -> str:
     lines = [f"approval {a['id']}: {a.get('state')}",
              f"  rule:      {a.get('rule')}" + (f" ({a['message']})" if a.get("message") else ""),
              f"  requester: {a.get('requester') or '-'}",
-             f"  request:   {_what(a)}",
+             f"  what:      {_what(a)}",
+             f"  request:   {_request_line(a)}"
+             + (f" (upstream {a['what']['upstream']})" if (a.get("what") or {}).get("upstream")
+                else ""),
              f"  approvals: {a.get('approvals', 0)}/{a.get('min_approvals', 1)} from "
              f"{', '.join(a.get('groups') or []) or '-'}",
              f"  age:       {_age(a.get('age_seconds', 0))}"
@@ -161,6 +190,11 @@ def format_one(a: dict[str, Any]) -> str:
                      + (f": {v['reason']}" if v.get("reason") else ""))
     if a.get("reason") and a.get("state") != "pending":
         lines.append(f"  outcome:   {a['reason']}")
+    w = a.get("what") or {}
+    if w.get("session"):
+        lines.append(f"  session:   {w['session']}")
+    if w.get("summary"):
+        lines.append(f"  summary:   {w['summary']}")
     if a.get("preview"):
         lines.append("  preview (masked)" + (", truncated" if a.get("preview_truncated")
                                               else "") + ":")
@@ -196,10 +230,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    body = {"reason": args.reason} if args.reason else {}
+    # `via` names this client in the record (votes say page / cli / slack / mitmweb / api)
+    body = {"reason": args.reason, "via": "cli"} if args.reason else {"via": "cli"}
     return _run(args, lambda: call(args, "POST", f"/approvals/{_id(args.id)}/approve", body))
 
 
 def cmd_deny(args: argparse.Namespace) -> int:
     return _run(args, lambda: call(args, "POST", f"/approvals/{_id(args.id)}/deny",
-                                   {"reason": args.reason}))
+                                   {"reason": args.reason, "via": "cli"}))

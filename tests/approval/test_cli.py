@@ -122,3 +122,36 @@ def test_readme_approvals_example_is_valid() -> None:
         cfg = parse_approvals(MapSection("approvals", doc["approvals"],
                                          dict.fromkeys(doc["approvals"], "README.md")))
         assert cfg.describe()
+
+
+def test_list_tells_holds_apart(server: Server, capsys: pytest.CaptureFixture,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every LLM hold used to read `POST https://api.openai.com/v1/chat/completions
+    model=…`: now kind, model or tool and the one-line summary tell them apart."""
+    spec = ApprovalSpec(rule="bulk", groups=("reviewers",))
+    url = "https://api.openai.com/v1/chat/completions"
+    llm = [server.store.create(spec, "agent-1", {
+        "method": "POST", "url": url, "kind": "llm", "model": "gpt-4o", "summary": text})
+        for text in ("make 500 customer records", "delete the staging tables " + "x" * 200)]
+    tool = server.store.create(spec, "agent-1", {
+        "method": "POST", "url": "https://mcp.internal/mcp", "kind": "tool",
+        "tool": "delete_file", "summary": "tools/call delete_file(path)"})
+    sql = server.store.create(spec, "agent-1", {
+        "kind": "sql", "upstream": "orders-db", "database": "orders",
+        "sql": "DELETE FROM customers WHERE id = $1"})
+    monkeypatch.setenv("AGENTGATE_APPROVALS_URL", server.url)
+    monkeypatch.setenv("AGENTGATE_TOKEN", "tok-alice")
+    rc, out, _ = run(capsys, "list")
+    assert rc == 0
+    lines = {a.id: next(line for line in out.splitlines() if a.id in line)
+             for a in (*llm, tool, sql)}
+    assert 'LLM model=gpt-4o "make 500 customer records"' in lines[llm[0].id]
+    assert '"delete the staging tables xxx' in lines[llm[1].id] and "…" in lines[llm[1].id]
+    assert len(lines[llm[1].id]) < 250
+    assert 'tool tool=delete_file "tools/call delete_file(path)"' in lines[tool.id]
+    assert 'SQL orders-db/orders "DELETE FROM customers WHERE id = $1"' in lines[sql.id]
+    server.store.approve(llm[0].id, "bob", ["reviewers"], reason="synthetic only")
+    rc, out, _ = run(capsys, "show", llm[0].id)
+    assert "summary:   make 500 customer records" in out
+    assert "request:   POST https://api.openai.com/v1/chat/completions" in out
+    assert "approve by bob via api" in out and "synthetic only" in out
