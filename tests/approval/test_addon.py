@@ -703,3 +703,33 @@ def test_kind_of_a_held_flow() -> None:
     assert describe_request(f, 100)[0]["kind"] == "tool"
     f.metadata["upstream"] = {"name": "x", "dialect": "generic"}
     assert describe_request(f, 100)[0]["kind"] == "http"
+
+
+def test_reviewers_see_the_whole_masked_request_and_a_summary() -> None:
+    """A 2.7 KB system prompt cut the triggering user message out of a 2,000-character
+    preview; now the whole request (up to preview_bytes) is kept, and `what` names the
+    kind, model, tool and a one-line summary."""
+    system = "You are a careful data assistant. " * 80  # ~2.7 KB
+    f = held_flow(body={"model": "gpt-4o", "messages": [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [{"type": "text", "text": "export all <PERSON_1>\n"
+                                                              "records as CSV"}]}]})
+    what, preview, truncated = describe_request(f, ApprovalsConfig().preview_bytes)
+    assert not truncated and "export all <PERSON_1>" in preview and system in preview
+    assert what["kind"] == "llm" and what["model"] == "gpt-4o"
+    assert what["summary"] == "export all <PERSON_1> records as CSV"
+    # an MCP tools/call: the tool and its argument names (values stay in the preview)
+    f = held_flow(body={"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                        "params": {"name": "delete_file", "arguments": {"path": "/etc/x",
+                                                                        "force": True}}})
+    f.metadata["upstream"] = {"name": "files", "dialect": "mcp"}
+    what, preview, _ = describe_request(f, 1000)
+    assert what["kind"] == "tool" and what["tool"] == "delete_file"
+    assert what["summary"] == "tools/call delete_file(force, path)" and "/etc/x" in preview
+    # a long summary is cut to one short line; a multi-byte character is never split
+    f = held_flow(body={"model": "m", "messages": [{"role": "user", "content": "é" * 500}]})
+    what, preview, truncated = describe_request(f, 101)
+    assert len(what["summary"]) <= 160 and what["summary"].endswith("…")
+    assert truncated and "\ufffd" not in preview
