@@ -21,12 +21,10 @@ SECRET = "cs-GATEWAY-OAUTH-E2E-SECRET-0000000000"
 AGENT_TOKEN = "agent-own-bearer-token-must-not-pass-000"
 
 
-def rules(ts: TokenServer, mcp: MCPTestServer, name: str = "crm") -> str:
-    return textwrap.dedent(f"""\
-        identity: {{required: false}}
-        approvals: {{listen: "off"}}
-        recorder: {{batch_interval_ms: 20}}
-        upstreams:
+def rules(ts: TokenServer, mcp: MCPTestServer, name: str = "crm",
+          standin_upstreams: bool = False) -> str:
+    head = "{standin_upstreams}" if standin_upstreams else "upstreams:\n"
+    return head + textwrap.dedent(f"""\
           - name: {name}
             hosts: [mcp.crm.example]
             dialect: generic
@@ -39,6 +37,9 @@ def rules(ts: TokenServer, mcp: MCPTestServer, name: str = "crm") -> str:
                 scope: "mcp:tools"
                 audience: crm
                 ca_file: {ts.ca_path}
+        identity: {{required: false}}
+        approvals: {{listen: "off"}}
+        recorder: {{batch_interval_ms: 20}}
         """)
 
 
@@ -93,3 +94,47 @@ def test_mcp_server_gets_the_gateway_token_never_the_agents(gateway_factory, sta
         for value in (SECRET, token):
             assert value not in logs
         assert_no_secrets(gw.data_dir / "agentgate.duckdb", values=(SECRET, token))
+
+
+def test_a_slow_token_endpoint_holds_only_its_own_requests(gateway_factory, standin) -> None:
+    """The token request runs off the event loop: while it hangs, other upstreams are served
+    at full speed, and the waiting requests share one token request."""
+    import threading
+    import time
+
+    import openai
+
+    certdir = standin.ca_path.parent
+    with TokenServer({"agentgate": SECRET}, certdir=certdir, lifetime=600) as ts, \
+            MCPTestServer(certdir=certdir, require_auth=ts.valid, json_response=True) as mcp:
+        gw = gateway_factory(rules(ts, mcp, standin_upstreams=True),
+                             env={"AG_T_OAUTH_E2E": SECRET})
+        ts.delay = 3.0
+        body = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                           "clientInfo": {"name": "t", "version": "1"}}}
+        statuses: list[int] = []
+
+        def tool_request() -> None:
+            with httpx.Client(proxy=gw.proxy_url(), verify=str(gw.ca_cert), timeout=30) as h:
+                r = h.post("https://mcp.crm.example/mcp", json=body,
+                           headers={"accept": "application/json, text/event-stream"})
+                statuses.append(r.status_code)
+        waiting = [threading.Thread(target=tool_request) for _ in range(4)]
+        for t in waiting:
+            t.start()
+        time.sleep(0.5)  # all four are now waiting for the token
+        llm = openai.OpenAI(api_key="sk-agent", max_retries=0, timeout=30,
+                            http_client=openai.DefaultHttpxClient(proxy=gw.proxy_url(),
+                                                                  verify=str(gw.ca_cert)))
+        t0 = time.monotonic()
+        for _ in range(3):
+            r = llm.chat.completions.create(model="gpt-4o-mini",
+                                            messages=[{"role": "user", "content": "ping"}])
+            assert r.choices[0].message.content == "echo: ping"
+        fast = time.monotonic() - t0
+        for t in waiting:
+            t.join(30)
+        assert fast < 2.0, f"other upstreams waited for the token endpoint ({fast:.2f}s)"
+        assert statuses == [200] * 4
+        assert len(ts.grants) == 1
