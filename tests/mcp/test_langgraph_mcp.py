@@ -189,3 +189,44 @@ def test_langgraph_agent_with_mcp_tools_through_the_gateway(
         assert standin.requests == [] and mcp.requests == []  # offline: nothing upstream
         gw.stop()
         assert_no_secrets(out, gw.data_dir / "agentgate.duckdb", values=(TOOL_TOKEN, token))
+
+
+def test_langgraph_mcp_agent_through_agentgate_connect(gateway_factory, standin, oidc_provider,
+                                                        tmp_path: Path) -> None:
+    """The same agent with HTTPS_PROXY pointing at `agentgate connect` (no token anywhere in
+    the agent's environment): the connector adds the token, MCP and LLM calls both pass."""
+    with MCPTestServer(certdir=standin.ca_path.parent) as mcp:
+        gw = gateway_factory(rules(mcp, oidc_provider.identity_yaml()),
+                             env={"CRM_MCP_TOKEN": TOOL_TOKEN})
+        token_file = tmp_path / "token"
+        token_file.write_text(oidc_provider.token(sub="lg-connect", groups=["support"]))
+        port = free_port()
+        conn = subprocess.Popen(
+            [sys.executable, "-m", "addons.cli", "connect", "--gateway",
+             f"http://127.0.0.1:{gw.port}", "--listen", f"127.0.0.1:{port}",
+             "--token-file", str(token_file)], cwd=str(ROOT), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        try:
+            assert conn.stderr is not None and "listening on" in conn.stderr.readline()
+            env = {**gw.client_env(), "AGENT_SESSION": "lg-connect-1",
+                   "HTTPS_PROXY": f"http://127.0.0.1:{port}", "HTTP_PROXY": ""}
+            assert token_file.read_text() not in json.dumps(env)
+            p = subprocess.run([sys.executable, "-c", AGENT, "Jane Doe"], env=env,
+                               capture_output=True, text=True, timeout=180)
+        finally:
+            conn.terminate()
+            conn.communicate(timeout=20)
+        assert p.returncode == 0, p.stderr[-3000:]
+        transcript = json.loads(p.stdout)
+        assert [m["type"] for m in transcript] == ["human", "ai", "tool", "ai"]
+        assert CUSTOMER_CARD not in p.stdout
+        assert [c["params"]["name"] for c in mcp.jsonrpc("tools/call")] == ["lookup_customer"]
+        deadline = time.monotonic() + 10
+        while True:
+            rows = audit(gw, "--session", "lg-connect-1")
+            if len(rows) >= 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert {r["identity_sub"] for r in rows} == {"lg-connect"}
+        assert [r["kind"] for r in rows if r["kind"] != "tool" or
+                r["what"].startswith("tools/call")] == ["llm", "tool", "llm"]
