@@ -28,7 +28,8 @@ PURE = {"addons.masking.detectors", "addons.masking.normalize", "addons.masking.
         "addons.masking.sse", "addons.policy.engine", "addons.identity.jwt",
         "addons.approval.store", "addons.approval.web.session", "addons.approval.web.render",
         "addons.recording.store", "addons.config.schema",
-        "addons.config.loader", "addons.egress.config", "addons.connect.tokens",
+        "addons.config.loader", "addons.egress.config", "addons.egress.oauth",
+        "addons.connect.tokens",
         "addons.mcp.jsonrpc", "addons.mcp.sse", "addons.mcp.pins", "addons.mcp.config",
         "addons.database.protocol", "addons.database.scram", "addons.database.sqlfacts",
         "addons.database.config", "addons.database.policy", "addons.database.session"}
