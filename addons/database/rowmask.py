@@ -437,6 +437,9 @@ class ExecutionMasker:
         self._ctx = Masked(masker, self.session, self.findings, restorable=False) \
             if masker is not None else None
         self._cols: list[_Col] | None = None
+        # custom detectors may match short numbers (employee ids …): then every value is seen
+        cfg = getattr(getattr(masker, "detectors", None), "config", None)
+        self._short_numbers_clean = masker is not None and not getattr(cfg, "custom", ())
         if row_description is not None:
             self._plan(row_description, self.formats)
 
@@ -566,6 +569,8 @@ class ExecutionMasker:
             masked = ctx.text(text)
             return v if masked == text else masked.encode("utf-8")
         # a type that cannot hold a placeholder: a finding makes the value NULL
+        if self._short_numbers_clean and len(text) < 7 and text.lstrip("-").isdigit():
+            return v  # no built-in detector matches fewer than 7 digits (ids, counts)
         return None if self._null_if_found(text, ctx) else v
 
     @staticmethod
