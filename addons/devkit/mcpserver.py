@@ -454,7 +454,8 @@ class TokenServer:
     """An OAuth 2.0 token endpoint (client-credentials grant) on a loopback TLS port.
 
     `clients` maps client_id -> secret. Tokens are opaque and live `lifetime` seconds; a grant
-    can be made to fail (`fail_next` responses with HTTP 500, or `delay` seconds of silence)."""
+    can be made to fail (`fail_next` responses with HTTP 500, `delay` seconds of silence, or
+    `raw_answer`: these bytes as a 200 answer)."""
 
     def __init__(self, clients: dict[str, str], host: str = "127.0.0.1", port: int = 0,
                  certdir: str | Path | None = None, lifetime: int = 3600) -> None:
@@ -462,6 +463,7 @@ class TokenServer:
         self.lifetime = lifetime
         self.fail_next = 0
         self.delay = 0.0
+        self.raw_answer: bytes | None = None  # answer every grant with these bytes (hostile)
         self._certdir = Path(certdir) if certdir else Path(tempfile.mkdtemp(prefix="tokensrv-"))
         self.ca_path, leaf, key = make_test_ca(self._certdir)
         self._lock = threading.Lock()
@@ -555,6 +557,13 @@ class _TokenHandler(BaseHTTPRequestHandler):
             return
         if not client_id or owner.clients.get(client_id) != secret:
             self._json(401, {"error": "invalid_client"})
+            return
+        if owner.raw_answer is not None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(owner.raw_answer)))
+            self.end_headers()
+            self.wfile.write(owner.raw_answer)
             return
         token, lifetime = owner.issue({"client_id": client_id, "scope": form.get("scope"),
                                        "audience": form.get("audience"),

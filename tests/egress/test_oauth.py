@@ -246,3 +246,23 @@ def test_addon_injects_a_marker_and_refuses_without_a_token(tokens: TokenServer,
     assert "crm" in json.dumps(body) and "HTTP 500" in json.dumps(body)
     assert h.metadata["refusal"]["code"] == "credential_unavailable"
     assert SECRET not in h.response.text and "at-" not in h.response.text
+
+
+@pytest.mark.parametrize("answer, reason", [
+    (b"<html>not json</html>", "not JSON"),
+    (b'{"token_type": "Bearer", "expires_in": 60}', "no usable access_token"),
+    (b'{"access_token": "a\\r\\nX-Injected: 1", "expires_in": 60}', "no usable access_token"),
+    (b'{"access_token": 42, "expires_in": 60}', "no usable access_token"),
+    (b'{"access_token": "tok-0000000", "token_type": "mac", "expires_in": 60}', "bearer"),
+    (b'{"access_token": "tok-0000000", "expires_in": -5}', "expires_in"),
+    (b'{"access_token": "tok-0000000", "expires_in": true}', "expires_in"),
+    (b'{"access_token": "' + b"x" * 70000 + b'"}', "too large"),
+    (b"[]", "no usable access_token"),
+])
+def test_hostile_token_answers_are_refused(tokens: TokenServer, monkeypatch, answer: bytes,
+                                           reason: str) -> None:
+    monkeypatch.setenv("AG_T_OAUTH_SECRET", SECRET)
+    tokens.raw_answer = answer
+    with pytest.raises(TokenError, match=reason) as e:
+        fetch_token(client(tokens))
+    assert SECRET not in str(e.value) and "tok-" not in str(e.value)

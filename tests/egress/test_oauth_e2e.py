@@ -22,12 +22,12 @@ AGENT_TOKEN = "agent-own-bearer-token-must-not-pass-000"
 
 
 def rules(ts: TokenServer, mcp: MCPTestServer, name: str = "crm",
-          standin_upstreams: bool = False) -> str:
+          standin_upstreams: bool = False, dialect: str = "generic") -> str:
     head = "{standin_upstreams}" if standin_upstreams else "upstreams:\n"
     return head + textwrap.dedent(f"""\
           - name: {name}
             hosts: [mcp.crm.example]
-            dialect: generic
+            dialect: {dialect}
             forward_to: {mcp.base_url}
             credential:
               oauth:
@@ -138,3 +138,28 @@ def test_a_slow_token_endpoint_holds_only_its_own_requests(gateway_factory, stan
         assert fast < 2.0, f"other upstreams waited for the token endpoint ({fast:.2f}s)"
         assert statuses == [200] * 4
         assert len(ts.grants) == 1
+
+
+def test_no_token_is_a_json_rpc_error_on_an_mcp_upstream(gateway_factory, standin) -> None:
+    """On a `dialect: mcp` upstream the refusal is a JSON-RPC error the SDK client raises,
+    naming why; the server never sees the request."""
+    from mcp.shared.exceptions import McpError
+
+    certdir = standin.ca_path.parent
+    with TokenServer({"agentgate": SECRET}, certdir=certdir) as ts, \
+            MCPTestServer(certdir=certdir, require_auth=ts.valid) as mcp:
+        gw = gateway_factory(rules(ts, mcp, dialect="mcp"), env={"AG_T_OAUTH_E2E": "wrong"})
+
+        async def agent() -> None:
+            async with client_session("https://mcp.crm.example/mcp", ca=gw.ca_cert,
+                                      proxy=gw.proxy_url()):
+                pass
+        with pytest.raises(BaseException) as ei:
+            asyncio.run(asyncio.wait_for(agent(), 60))
+        err = ei.value
+        while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:
+            err = err.exceptions[0]
+        assert isinstance(err, McpError), repr(err)
+        assert "could not obtain a token" in err.error.message
+        assert "HTTP 401 (invalid_client)" in err.error.message
+        assert mcp.requests == [] and ts.grants == []
