@@ -631,3 +631,20 @@ def test_agents_token_lifetime_cap_does_not_refuse_reviewer_logins(
         login(Client(s.url), idp, "alice", ["reviewers"])
     finally:
         s.stop()
+
+
+def test_list_page_shortens_long_requests_detail_shows_all(web: Server,
+                                                           idp: RecordingIdP) -> None:
+    msgs = [{"role": "system", "content": "S" * 5000}]
+    msgs += [{"role": "user", "content": f"turn {i}"} for i in range(30)]
+    msgs.append({"role": "user", "content": "the last ask: " + "x" * 4000 + " END"})
+    a = held(web, {"model": "gpt-4o", "messages": msgs})
+    c = Client(web.url)
+    page = login(c, idp, "alice", ["reviewers"])
+    card = page[page.index(f'id="{a.id}"'):]
+    assert "turn 29" in card and "turn 5<" not in card and "S" * 5000 not in card
+    assert "the last ask: " in card and " END" in card  # the newest message, head and tail
+    assert "20 earlier turns not shown" in card and "characters cut" in card
+    _, _, detail = c.open(f"/ui/approvals/{a.id}")
+    assert "S" * 5000 in detail and "turn 0<" in detail and "x" * 4000 + " END" in detail
+    assert "Shortened here" not in detail

@@ -27,8 +27,10 @@ import json
 import logging
 import re
 import secrets
+import threading
 import time
 import urllib.parse
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -197,6 +199,11 @@ class _Page(_Base):
         return self.api.store.may_review(a, s.groups)
 
 
+SHORT_VIEWS = 2000  # list-page views kept (a few KB each)
+_SHORT_VIEWS: OrderedDict[str, Any] = OrderedDict()
+_SHORT_LOCK = threading.Lock()  # pages are laid out in worker threads
+
+
 class Helpers:
     """Formatting for the templates (they escape what these return)."""
 
@@ -217,8 +224,22 @@ class Helpers:
         return f"{seconds // 3600}h {(seconds % 3600) // 60}m"
 
     @staticmethod
-    def view(a: PendingApproval) -> Any:
-        return render(a.what, a.preview)
+    def view(a: PendingApproval, short: bool = False) -> Any:
+        if not short:
+            return render(a.what, a.preview)
+        # A hold's request never changes: its list view is laid out once, not on every
+        # reload of every reviewer (the list page re-renders on each live update).
+        with _SHORT_LOCK:
+            v = _SHORT_VIEWS.get(a.id)
+            if v is not None:
+                _SHORT_VIEWS.move_to_end(a.id)
+                return v
+        v = render(a.what, a.preview).clip()
+        with _SHORT_LOCK:
+            _SHORT_VIEWS[a.id] = v
+            while len(_SHORT_VIEWS) > SHORT_VIEWS:
+                _SHORT_VIEWS.popitem(last=False)
+        return v
 
     @staticmethod
     def kind_label(a: PendingApproval) -> str:

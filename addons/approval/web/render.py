@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_PARSE = 8 * 1024 * 1024  # bodies above this are shown as text, not parsed
+LIST_TURNS = 12     # the list page shows the last turns of a long conversation …
+LIST_CHARS = 1500   # … each cut to this many characters (the detail page has all)
 
 KIND_LABELS = {"llm": "LLM call", "tool": "tool call", "sql": "SQL", "webhook": "webhook",
                "http": "HTTP request"}
@@ -52,9 +54,41 @@ class View:
     params: list[tuple[str, str]] = field(default_factory=list)  # model, temperature, …
     text: str = ""                 # sql / json / text body
 
+    clipped_chars: int = 0         # characters left out of this (list page) view
+    hidden_turns: int = 0          # earlier turns left out of it
+
+    @property
+    def clipped(self) -> bool:
+        return bool(self.clipped_chars or self.hidden_turns)
+
     @property
     def kind_label(self) -> str:
         return KIND_LABELS.get(self.kind, self.kind)
+
+    def clip(self, max_turns: int = LIST_TURNS, max_chars: int = LIST_CHARS) -> View:
+        """A shorter view for the list page: the last `max_turns` turns (the newest
+        message, which usually triggered the hold, is always among them), each text cut
+        in the middle to `max_chars`; the detail page shows everything."""
+        left = 0
+
+        def cut(text: str) -> str:
+            nonlocal left
+            if len(text) <= max_chars:
+                return text
+            left += len(text) - max_chars
+            half = max_chars // 2
+            return (f"{text[:half]}\n… {len(text) - max_chars:,} characters left out "
+                    f"here …\n{text[-half:]}")
+
+        turns = self.turns[-max_turns:] if max_turns else []
+        out = View(self.kind, self.shape, self.title, params=self.params,
+                   turns=[Turn(t.role, cut(t.text),
+                               [ToolCall(c.name, cut(c.arguments), c.id) for c in t.tool_calls],
+                               t.tool_result_for, t.notes) for t in turns],
+                   calls=[ToolCall(c.name, cut(c.arguments), c.id) for c in self.calls],
+                   text=cut(self.text) if self.shape != "sql" else self.text)
+        out.clipped_chars, out.hidden_turns = left, len(self.turns) - len(turns)
+        return out
 
 
 def pretty(value: Any) -> str:
