@@ -126,13 +126,17 @@ def test_reviewer_page_end_to_end(gw: Gateway, oidc_provider: Any) -> None:
             assert card.locator(".progress").text_content().startswith("0 of 1")
             user_turn = card.locator(".turn.role-user pre.text")
             assert user_turn.text_content() == ASK  # the agent's markup, shown as text
-            assert len(card.locator(".turn.role-system pre.text").text_content()) == len(SYSTEM)
+            # the long system prompt is shortened in the list, whole on the detail page
+            assert "characters left out here" in card.locator(
+                ".turn.role-system pre.text").text_content()
             assert page.evaluate("window.pwned === undefined")
             shot(page, "pending")
 
             card.locator("a.aid").click()
             page.wait_for_url(re.compile(r".*/ui/approvals/ap-[0-9a-f]+$"))
             aid = page.url.rsplit("/", 1)[1]
+            assert page.text_content(".turn.role-system pre.text") == SYSTEM
+            assert page.text_content(".turn.role-user pre.text") == ASK
             shot(page, "detail")
             page.fill("form.approve textarea", "synthetic data only, fine for the load test")
             page.click("form.approve button")

@@ -42,6 +42,11 @@ class Turn:
     tool_calls: list[ToolCall] = field(default_factory=list)
     tool_result_for: str = ""      # the call id a tool result answers
     notes: list[str] = field(default_factory=list)  # "image omitted", …
+    chars: int = 0                 # the text's length before a shortened view cut it
+
+    @property
+    def length(self) -> int:
+        return self.chars or len(self.text)
 
 
 @dataclass
@@ -84,7 +89,7 @@ class View:
         out = View(self.kind, self.shape, self.title, params=self.params,
                    turns=[Turn(t.role, cut(t.text),
                                [ToolCall(c.name, cut(c.arguments), c.id) for c in t.tool_calls],
-                               t.tool_result_for, t.notes) for t in turns],
+                               t.tool_result_for, t.notes, len(t.text)) for t in turns],
                    calls=[ToolCall(c.name, cut(c.arguments), c.id) for c in self.calls],
                    text=cut(self.text) if self.shape != "sql" else self.text)
         out.clipped_chars, out.hidden_turns = left, len(self.turns) - len(turns)
