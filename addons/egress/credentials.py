@@ -202,6 +202,26 @@ def secret_values(rules: Any) -> set[str]:
     return vals
 
 
+# per OAuth client: the token values (with and without prefix) handed to the log scrubber
+_scrubbed_tokens: dict[Any, set[str]] = {}
+
+
+def _scrub_new_token(oauth: Any, real: str, prefix: str) -> None:
+    """Scrub a new OAuth token from logs (with and without its prefix) and forget this
+    client's tokens that are neither current nor previous, so rotation does not grow the
+    scrubber's set without bound; every other secret in the set is kept."""
+    keep = set(TOKENS.known(oauth))
+    new = {real, *((real[len(prefix):],) if prefix and real.startswith(prefix) else ())}
+    mine = _scrubbed_tokens.setdefault(oauth, set())
+    stale = {t for t in mine if t not in new and not any(t.endswith(k) for k in keep)}
+    mine.difference_update(stale)
+    mine.update(new)
+    if len(_scrubbed_tokens) > 256:  # rules churn: clients no longer configured
+        for k in [k for k in _scrubbed_tokens if k is not oauth][:128]:
+            del _scrubbed_tokens[k]
+    logscrub.set_secrets((set(logscrub.secrets_known()) - stale) | new)
+
+
 class Credentials:
     def __init__(self, holder: RulesHolder) -> None:
         self.holder = holder
@@ -314,9 +334,7 @@ class Credentials:
                 return
             if oauth is not None:
                 if real not in logscrub.secrets_known():
-                    # a new token: the scrubber's set is rebuilt (current and previous
-                    # tokens), so rotation does not grow it without bound
-                    logscrub.set_secrets(secret_values(rules))
+                    _scrub_new_token(oauth, real, up.credential.prefix)
             else:
                 # a rotated key is scrubbed from its first request on
                 logscrub.add_secret(real)

@@ -243,8 +243,8 @@ class TokenCache:
             log.warning("agentgate: %s: no token: %s", client.describe(), reason)
         else:
             with self._lock:
-                if e.token != token:
-                    e.previous = e.token
+                if e.token is not None and e.token != token:
+                    e.previous = e.token  # (after invalidate() it already is)
                 e.token = token
                 e.expires_at = started + lifetime
                 # a margin never larger than half the lifetime, or every request refreshes

@@ -266,3 +266,51 @@ def test_hostile_token_answers_are_refused(tokens: TokenServer, monkeypatch, ans
     with pytest.raises(TokenError, match=reason) as e:
         fetch_token(client(tokens))
     assert SECRET not in str(e.value) and "tok-" not in str(e.value)
+
+
+def test_token_rotation_keeps_the_log_scrubber_bounded(tokens: TokenServer, tmp_path: Path,
+                                                       monkeypatch) -> None:
+    monkeypatch.setenv("AG_T_OAUTH_SECRET", SECRET)
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "rules.yaml").write_text(textwrap.dedent(f"""\
+        identity: {{required: false}}
+        upstreams:
+          - name: crm
+            hosts: [mcp.crm.example]
+            credential:
+              oauth: {{token_url: "{tokens.token_url}", client_id: agentgate,
+                       client_secret_env: AG_T_OAUTH_SECRET, ca_file: "{tokens.ca_path}"}}
+        """))
+    holder = RulesHolder(load_rules(rules))
+    addon = credentials.Credentials(holder)
+    credentials.install_wire_substitution()
+    oauth = holder.rules.upstream_named("crm").credential.oauth
+    static = "sk-some-static-key-rotated-0000000000"
+    logscrub.add_secret(static)
+
+    def one() -> str:
+        f = tflow.tflow()
+        f.request.host, f.request.path = "mcp.crm.example", "/mcp"
+        f.metadata["upstream"] = {"name": "crm", "dialect": "generic"}
+
+        async def go() -> None:
+            res = addon.request(f)
+            if res is not None:
+                await res
+        asyncio.run(go())
+        assert f.response is None
+        wire = credentials.substitute([(b"authorization",
+                                        f.request.headers["authorization"].encode())])
+        return dict(wire)[b"authorization"].decode()[len("Bearer "):]
+
+    from addons.egress.oauth import TOKENS
+    seen = []
+    for _ in range(6):
+        seen.append(one())
+        TOKENS.invalidate(oauth)
+    known = set(logscrub.secrets_known())
+    assert len(set(seen)) == 6
+    assert seen[-1] in known and seen[-2] in known  # current and previous
+    assert not any(t in known for t in seen[:-2])   # older ones forgotten
+    assert static in known and SECRET in known       # everything else kept
