@@ -254,6 +254,11 @@ class Recorder:
     # ------------------------------------------------------------ hooks
     @guarded("recorder", skip_answered=False)
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if not flow.live:
+            # loaded from a file (`mitmweb -r`, `mitmdump -r`): recorded when it happened;
+            # recording it again would add a second, newer row for the same exchange
+            self._recorded[flow.id] = None
+            return
         cfg = self.cfg
         # the credentials step may already have stripped credential query parameters;
         # it leaves the agent's URL (values redacted) in metadata for the record
