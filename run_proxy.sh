@@ -4,6 +4,7 @@
 #
 #   ./run_proxy.sh [mitmproxy args…]        gateway under mitmdump on 127.0.0.1:8080
 #   ./run_proxy.sh web [mitmproxy args…]    the same under mitmweb
+#   ./run_proxy.sh web -r FILE.mitm         open saved flows read-only (no proxy, no suite, no recording)
 #   ./run_proxy.sh test [pytest args…]      the whole test suite
 #   ./run_proxy.sh demo                     a real LangGraph agent through the gateway
 #   ./run_proxy.sh dev                      local trial: dev IdP + stand-in + gateway (Ctrl-C stops)
@@ -136,9 +137,21 @@ EOF
     "$@"
 }
 
+view_flows() { # mitmweb -r FILE without the gateway: nothing proxied, nothing re-recorded
+  ensure_venv ""
+  say "opening saved flows read-only: no proxy listener, the gateway's addons are not loaded"
+  say "(the loaded flows are not recorded again; the audit DB is what 'agentgate audit' reads)"
+  exec "$VENV/bin/mitmweb" --no-server --set confdir="$CERTS" "$@"
+}
+
 cmd=${1:-}
 case $cmd in
-  web) shift; run_gateway mitmweb "$@" ;;
+  web)
+    shift
+    for a in "$@"; do
+      case $a in -r|--rfile|-r?*|--rfile=*) view_flows "$@" ;; esac
+    done
+    run_gateway mitmweb "$@" ;;
   test)
     shift
     ensure_venv test
