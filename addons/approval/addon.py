@@ -250,6 +250,14 @@ def intent_key(f: http.HTTPFlow, spec: ApprovalSpec) -> str:
     return h.hexdigest()
 
 
+def _under_mitmweb() -> bool:
+    try:
+        from mitmproxy.tools.web.master import WebMaster
+    except ImportError:  # pragma: no cover - mitmweb is part of mitmproxy
+        return False
+    return isinstance(getattr(ctx, "master", None), WebMaster)
+
+
 class Approval:
     def __init__(self, holder: RulesHolder, store: ApprovalStore | None = None,
                  verify: Callable[[str], Awaitable[dict[str, Any]]] | None = None) -> None:
@@ -401,6 +409,8 @@ class Approval:
         dec = f.metadata.get("decision")
         if not isinstance(dec, dict) or dec.get("action") != "approve" or dec.get("observed"):
             return
+        if not f.live:
+            return  # loaded from a file: it goes nowhere, and was decided when it happened
         cfg = self._config()
         spec = spec_from_decision(dec, cfg)
         ident = f.metadata.get("identity")
@@ -688,6 +698,13 @@ class Approval:
         a = self.store.get(target) if target.startswith("ap-") else None
         if a is not None:
             return [a] if not a.decided else []
+        if target == "@focus" and _under_mitmweb():
+            # mitmweb's view keeps a focus the UI never moves (the first flow shown): it is
+            # not the flow the operator selected, and approving it would approve another
+            raise exceptions.CommandError(
+                "@focus is not the selected flow in mitmweb (the web UI does not tell the "
+                "gateway which flow is selected): use the approval id from the flow's "
+                "comment, e.g. agentgate.approve ap-… (or @<flow id> from its URL)")
         spec = target if target.startswith("@") or " " in target or "~" in target \
             else f"@{target}"
         try:
@@ -697,13 +714,7 @@ class Approval:
         except Exception as e:  # noqa: BLE001 - no view (mitmdump without it)
             raise exceptions.CommandError(f"cannot resolve {target!r} ({type(e).__name__}); "
                                           "name the approval id (ap-…)") from None
-        found = self._pending_of(flows)
-        if not found and target == "@focus":
-            raise exceptions.CommandError(
-                "no held flow has the focus: mitmweb does not tell the gateway which flow is "
-                "selected; use the approval id from the flow's comment, e.g. "
-                "agentgate.approve ap-… (or @<flow id>)")
-        return found
+        return self._pending_of(flows)
 
     def _pending_of(self, flows: Sequence[flow.Flow]) -> list[PendingApproval]:
         out: list[PendingApproval] = []

@@ -1,4 +1,8 @@
-"""Summarise what agentgate decided about a flow in `flow.comment` for mitmweb."""
+"""Summarise what agentgate decided about a flow in `flow.comment` for mitmweb.
+
+The first line is the decision and its rule ("blocked by rule X", "approval denied by rule
+Y (ap-…)", "allow by rule Z"), so that a comment column tells flows apart; identity,
+session, upstream, votes and findings follow. Only names and counts: never a value."""
 
 from __future__ import annotations
 
@@ -9,8 +13,40 @@ from mitmproxy import http
 from addons.frame.guard import guarded
 
 
+def headline(meta: dict[str, Any]) -> str:
+    """The first line: what was decided and by which rule (a comment column shows it)."""
+    dec = meta.get("decision") if isinstance(meta.get("decision"), dict) else {}
+    appr = meta.get("approval") if isinstance(meta.get("approval"), dict) else {}
+    ref = meta.get("refusal") if isinstance(meta.get("refusal"), dict) else {}
+    if appr.get("state"):
+        state = appr["state"]
+        words = "held for approval" if state == "pending" else f"approval {state}"
+        return (f"{words} by rule {appr.get('rule') or dec.get('rule') or '?'}"
+                + (f" ({appr['id']})" if appr.get("id") else ""))
+    if ref.get("code"):
+        if dec.get("action") == "block" and not dec.get("observed"):
+            return f"blocked by rule {dec.get('rule') or ref.get('rule') or '?'}"
+        return (f"refused {ref.get('status')}: {ref['code']} at {ref.get('step')}"
+                + (f" (rule {ref['rule']})" if ref.get("rule") else ""))
+    if dec.get("action"):
+        return (f"{dec['action']}" + (f" by rule {dec['rule']}" if dec.get("rule") else "")
+                + (" (observed only, not enforced)" if dec.get("observed") else ""))
+    return ""
+
+
 def summary(meta: dict[str, Any]) -> str:
     parts: list[str] = []
+    first = headline(meta)
+    if first:
+        parts.append(first)
+    appr = meta.get("approval")
+    if isinstance(appr, dict) and appr.get("state"):
+        if appr.get("reason") and appr["state"] != "pending":
+            parts.append(f"outcome: {appr['reason']}")
+        for v in appr.get("votes") or []:
+            if isinstance(v, dict):
+                parts.append(f"{v.get('decision')} by {v.get('sub')} via {v.get('via')}"
+                             + (f": {v['reason']}" if v.get("reason") else ""))
     ident = meta.get("identity")
     if isinstance(ident, dict) and ident.get("sub"):
         groups = ",".join(ident.get("groups") or [])
@@ -21,22 +57,13 @@ def summary(meta: dict[str, Any]) -> str:
     up = meta.get("upstream")
     if isinstance(up, dict) and up.get("name"):
         parts.append(f"upstream: {up['name']}")
-    dec = meta.get("decision")
-    if isinstance(dec, dict) and dec.get("action"):
-        parts.append(f"decision: {dec['action']}"
-                     + (f" by rule {dec['rule']}" if dec.get("rule") else "")
-                     + (" (observed only, not enforced)" if dec.get("observed") else ""))
-    appr = meta.get("approval")
-    if isinstance(appr, dict) and appr.get("state"):
-        parts.append(f"approval: {appr['state']}"
-                     + (f" ({appr['id']})" if appr.get("id") else ""))
     findings = meta.get("findings")
     if isinstance(findings, dict) and findings:
         parts.append("masked: " + ", ".join(
             f"{k}x{v.get('count', v) if isinstance(v, dict) else v}"
             for k, v in sorted(findings.items())))
     ref = meta.get("refusal")
-    if isinstance(ref, dict) and ref.get("code"):
+    if isinstance(ref, dict) and ref.get("code") and not first.startswith("refused"):
         parts.append(f"refused {ref.get('status')}: {ref['code']} at {ref.get('step')}"
                      + (f" (rule {ref['rule']})" if ref.get("rule") else ""))
     return "\n".join(parts)
