@@ -193,11 +193,23 @@ def test_reviewer_page_end_to_end(gw: Gateway, oidc_provider: Any) -> None:
                                   form={"reason": "no token"})
             assert r.status == 403
             assert not third.done()
+            # a reviewer typing a reason does not lose it to a live update: the page
+            # says something changed instead of replacing the form
             page.fill("form.deny textarea", "cleanup")
+            fourth = ask("bulk-two")
+            page.wait_for_selector("#stale", state="visible", timeout=20000)
+            assert page.input_value("form.deny textarea") == "cleanup"
+            assert page.locator("article.card").count() == 1
             page.click("form.deny button")
             page.wait_for_selector("p.outcome")
             with pytest.raises(openai.PermissionDeniedError):
                 third.result(timeout=30)
+            page.goto(base + "/ui/")
+            page.fill("form.deny textarea", "cleanup too")
+            page.click("form.deny button")
+            page.wait_for_selector("p.outcome")
+            with pytest.raises(openai.PermissionDeniedError):
+                fourth.result(timeout=30)
             octx.close()
             secrets = [c["value"] for c in ctx.cookies()]
         finally:
