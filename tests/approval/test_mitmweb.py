@@ -166,3 +166,31 @@ def test_loaded_flows_are_not_recorded_again(gateway_factory, no_identity, stand
     con.close()
     assert not any("n=" in u for u in urls), urls
     assert len(urls) == 1 and "chat/completions" in urls[0]
+
+
+def test_run_proxy_web_r_opens_read_only(tmp_path: Path) -> None:
+    """`./run_proxy.sh web -r FILE` runs mitmweb without the suite and without a proxy
+    listener (a venv whose mitmweb only reports its arguments)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    fake = venv / "bin" / "mitmweb"
+    fake.write_text('#!/bin/sh\necho "mitmweb $*"\n')
+    fake.chmod(0o755)
+    want = hashlib.sha256((ROOT / "setup.cfg").read_bytes()
+                          + (ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    (venv / ".agentgate-deps").write_text(want + "\n")
+    for args in (["-r", "export.mitm"], ["--rfile=export.mitm"], ["-rexport.mitm"]):
+        p = subprocess.run(["/bin/bash", str(ROOT / "run_proxy.sh"), "web", *args],
+                           env={**os.environ, "AGENTGATE_VENV": str(venv)},
+                           capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.startswith("mitmweb --no-server ") and "gateway.py" not in p.stdout
+        assert "read-only" in p.stderr
