@@ -144,7 +144,8 @@ class Env:
 
 
 @pytest.fixture
-def env(gateway_factory, local_issuer, pgserver: ScramServer, tmp_path: Path) -> Env:
+def env(gateway_factory, local_issuer, pgserver: ScramServer, tmp_path: Path
+        ) -> Iterator[Env]:
     port = free_port()
     records = tmp_path / "records.jsonl"
     rules = RULES.format(standin_upstreams="{standin_upstreams}",
@@ -154,7 +155,9 @@ def env(gateway_factory, local_issuer, pgserver: ScramServer, tmp_path: Path) ->
                                      "AGENTGATE_TEST_PG_RECORDS": str(records)},
                          script=Path(__file__).with_name("gateway_records.py"))
     wait_port(port)
-    return Env(gw, port, local_issuer, records, pgserver)
+    yield Env(gw, port, local_issuer, records, pgserver)
+    # shown only when the test failed (captured output)
+    print("---- gateway log\n" + gw.logs()[-6000:])
 
 
 def test_token_login_and_refusals(env: Env) -> None:
