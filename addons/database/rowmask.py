@@ -799,9 +799,13 @@ class ResultMasker:
                 return self._error(payload)
             if self._dropping:
                 if t == b"Z":
+                    # the unit ends: everything the client sent up to its Sync (also what it
+                    # sent after the error, before it saw it) was skipped by the server or
+                    # by us
                     self._dropping = False
-                    if self._q and self._q[0][0] in ("S", "Q", "F"):
-                        self._q.popleft()
+                    while self._q:
+                        if self._q.popleft()[0] in ("S", "Q", "F"):
+                            break
                     self._end_unit(payload)
                     return [(t, payload)]
                 return []
@@ -995,6 +999,10 @@ class ResultMasker:
             self._stmt.error = f"{code}: {message}" if code else (message or "error")
             self._finish(b"", token)
         self._skip_to_sync()
+        if head is None or head[0] not in ("Q", "F"):
+            # extended protocol: the server now ignores every message up to the client's
+            # Sync, including those the client has not sent yet; its ReadyForQuery ends it
+            self._dropping = True
         return [(b"E", masked)]
 
     def _skip_to_sync(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import subprocess
 from collections.abc import Iterator
 
@@ -228,3 +229,89 @@ def test_desync_on_unsolicited_rows() -> None:
         m.server(b"D", b"\x00\x00")
     with pytest.raises(rowmask.Desync):
         m.client(b"B", b"\x00")  # truncated Bind
+
+
+# ---------------------------------------------------------------- protocol edge cases
+def _parse(sql: bytes, name: bytes = b"") -> bytes:
+    return name + b"\0" + sql + b"\0" + struct.pack(">h", 0)
+
+
+def _bind(fmts: tuple[int, ...] = (), portal: bytes = b"", stmt: bytes = b"") -> bytes:
+    return (portal + b"\0" + stmt + b"\0" + struct.pack(">hh", 0, 0)
+            + struct.pack(">h", len(fmts)) + b"".join(struct.pack(">h", f) for f in fmts))
+
+
+def _execute(portal: bytes = b"") -> bytes:
+    return portal + b"\0" + struct.pack(">i", 0)
+
+
+def _rd(type_oid: int, fmt: int = 0) -> bytes:
+    return rowmask.build_row_description([rowmask.Field(b"c", 0, 0, type_oid, -1, -1, fmt)])
+
+
+def _error(code: bytes, text: bytes) -> bytes:
+    return rowmask.build_fields([(ord("S"), b"ERROR"), (ord("C"), code), (ord("M"), text)])
+
+
+def _simple_query_masks(m: rowmask.ResultMasker) -> None:
+    m.client(b"Q", b"SELECT c\0", "q")
+    assert m.server(b"T", _rd(25)) == [(b"T", _rd(25))]
+    out = m.server(b"D", rowmask.build_data_row([EMAIL.encode()]))
+    assert rowmask.parse_data_row(out[0][1]) == [b"[EMAIL_1]"]
+    m.server(b"C", b"SELECT 1\0")
+    assert m.server(b"Z", b"I") == [(b"Z", b"I")]
+
+
+def test_server_error_then_messages_sent_before_sync() -> None:
+    """After an error the server skips everything up to Sync, also what the client sent
+    after it (it had not read the error yet): the masker must not expect answers for them."""
+    m = _make()
+    m.client(b"P", _parse(b"SELECT 1/0"))
+    m.client(b"B", _bind())
+    m.client(b"E", _execute(), "e1")
+    assert m.server(b"1", b"") == [(b"1", b"")]
+    assert m.server(b"2", b"") == [(b"2", b"")]
+    out = m.server(b"E", _error(b"22012", f"division by zero near {EMAIL}".encode()))
+    assert EMAIL.encode() not in out[0][1]
+    for t, p in ((b"P", _parse(b"SELECT 2")), (b"B", _bind()), (b"E", _execute()),
+                 (b"S", b"")):
+        m.client(t, p, None)
+    assert m.server(b"Z", b"I") == [(b"Z", b"I")]
+    _simple_query_masks(m)
+    assert [r.error for r in m.results if r.token == "e1"] == ["22012: division by zero "
+                                                               "near [EMAIL_1]"]
+
+
+def test_refused_result_drops_the_rest_of_the_unit() -> None:
+    m = _make()
+    m.client(b"P", _parse(b"SELECT m FROM t"))
+    m.client(b"B", _bind((1,)))
+    m.client(b"D", b"P\0")
+    m.client(b"E", _execute(), "e1")
+    m.server(b"1", b"")
+    m.server(b"2", b"")
+    out = m.server(b"T", _rd(70000, 1))  # a user-defined type in binary: cannot inspect
+    assert out[0][0] == b"E" and b"0A000" in out[0][1] and b"result refused" in out[0][1]
+    assert m.server(b"D", rowmask.build_data_row([b"secret"])) == []
+    assert m.server(b"C", b"SELECT 1\0") == []
+    m.client(b"S", b"")  # the Sync came after the rows
+    assert m.server(b"Z", b"I") == [(b"Z", b"I")]
+    assert [r.refused for r in m.results] == [True]
+    _simple_query_masks(m)
+
+
+def test_rows_of_a_statement_never_described_are_refused() -> None:
+    m = _make()
+    m.client(b"P", _parse(b"SELECT email FROM users", b"s1"))
+    m.client(b"S", b"")
+    m.server(b"1", b"")
+    m.server(b"Z", b"I")
+    m.client(b"B", _bind((0,), stmt=b"s1"))
+    m.client(b"E", _execute(), "e")
+    m.client(b"S", b"")
+    m.server(b"2", b"")
+    out = m.server(b"D", rowmask.build_data_row([EMAIL.encode()]))
+    assert out[0][0] == b"E" and b"never described" in out[0][1]
+    assert m.server(b"C", b"SELECT 1\0") == []
+    assert m.server(b"Z", b"I") == [(b"Z", b"I")]
+    _simple_query_masks(m)
