@@ -16,6 +16,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import openai
 import pytest
 from mitmproxy.test import taddons
 
@@ -345,3 +346,57 @@ def test_slack_config_errors_name_the_key() -> None:
                  "groups": {"approvers": ["U123"]}}).slack
     assert cfg.reviewer("U123") == ("alice@corp", ("approvers",))
     assert cfg.reviewer("U999") is None
+
+
+@pytest.mark.integration
+def test_slack_click_releases_a_real_agent_call(gateway_factory, oidc_provider, standin,
+                                                slack: Slack) -> None:
+    """End to end: a real mitmdump with the suite, a real OpenAI SDK call held by a rule,
+    the Slack message at the webhook, a signed click on /slack/actions of the gateway's
+    reviewers' listener, the call completes and the message is replaced."""
+    import concurrent.futures
+
+    from tests.approval.test_integration import api_url
+
+    rules = ("{standin_upstreams}" + oidc_provider.identity_yaml() + f"""
+policies:
+  - name: bulk-synthetic
+    match: {{model: ["bulk-one"]}}
+    action: approve
+    approvers: [reviewers]
+    timeout: 60
+approvals:
+  notify: {{url: '{slack.base}/services/T0/B0/HOOK', retries: 2, backoff: 0.2}}
+  slack:
+    signing_secret_env: {ENV}
+    users: {{UALICE01: alice}}
+    groups: {{reviewers: [UALICE01]}}
+""")
+    gw = gateway_factory(rules, env={ENV: SECRET})
+    base = api_url(gw)
+    agent = oidc_provider.token(sub="agent-7", groups=["agents"])
+    client = openai.OpenAI(api_key="unused", max_retries=0, timeout=60,
+                           http_client=openai.DefaultHttpxClient(
+                               proxy=gw.proxy_url(agent), verify=str(gw.ca_cert)))
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        fut = pool.submit(lambda: client.chat.completions.create(
+            model="bulk-one", messages=[{"role": "user", "content": "500 records please"}]))
+        deadline = time.monotonic() + 20
+        while not slack.to("/services/"):
+            assert time.monotonic() < deadline, gw.logs()[-3000:]
+            time.sleep(0.1)
+        msg = slack.to("/services/")[0]
+        assert "500 records please" in json.dumps(msg)  # the summary tells holds apart
+        body, hdrs = signed(click(slack, "UALICE01", "approve", msg["approval_id"], 7))
+        status, _ = asyncio.run(post(base, body, hdrs))
+        assert status == 200
+        assert fut.result(30).choices[0].message.content == "echo: 500 records please"
+        deadline = time.monotonic() + 10
+        while not slack.to("/respond/7"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert slack.to("/respond/7")[0]["state"] == "approved"
+        assert SECRET not in gw.logs() and agent not in gw.logs()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
