@@ -265,9 +265,9 @@ class Mcp:
                 method = meta.get("method")
         obj: dict[str, Any] | None = m.raw
         result = obj.get("result") if m.kind == "response" else None
-        # a tools/list answer, by correlation or by shape (a resumed stream has no request)
-        if isinstance(result, dict) and isinstance(result.get("tools"), list) and \
-                method in ("tools/list", None):
+        # a tools/list answer, by its shape whatever it claims to answer: a resumed stream
+        # has no request, and a hostile server may slip a tool list into any answer
+        if isinstance(result, dict) and isinstance(result.get("tools"), list):
             obj = self._tools_list(flow, cfg, obj, server)
             method = "tools/list"
         for t in self.transforms:
@@ -394,26 +394,44 @@ class Mcp:
 
 class McpStream:
     """The stream function of one SSE response: events in, events out, each JSON-RPC
-    message judged as it arrives; an event that is not JSON-RPC aborts the stream."""
+    message judged as it arrives. An event that cannot be judged (not JSON-RPC, too large)
+    ends what the agent gets of the stream: in its place the agent gets a JSON-RPC error
+    for each request of the flow (an MCP client raises it instead of waiting for an answer
+    that will not come), and the rest of the upstream's stream is swallowed."""
 
     def __init__(self, addon: Mcp, flow: http.HTTPFlow, cfg: McpConfig) -> None:
         self.addon = addon
         self.flow = weakref.proxy(flow)
         self.cfg = cfg
         self.splitter = Splitter(cfg.max_event_bytes)
+        self.failed = False
 
     def __call__(self, data: bytes) -> list[bytes] | bytes:
+        if self.failed:
+            return []
         try:
             events = self.splitter.end() if data == b"" else self.splitter.feed(data)
             out = [self.event(lines) for lines in events]
         except (EventTooLarge, jsonrpc.JsonRpcError) as e:
-            log.error("agentgate: mcp: event stream aborted: %s",
-                      e.message if isinstance(e, jsonrpc.JsonRpcError) else e)
-            raise RuntimeError("MCP stream aborted") from None
+            return self.fail(e.message if isinstance(e, jsonrpc.JsonRpcError) else str(e))
         except Exception as e:  # noqa: BLE001 - fail closed: never pass an unjudged event
-            log.error("agentgate: mcp: event stream aborted (%s)", type(e).__name__)
-            raise RuntimeError("MCP stream aborted") from None
+            return self.fail(f"internal error ({type(e).__name__})")
         return [b for b in out if b]
+
+    def fail(self, reason: str) -> list[bytes]:
+        self.failed = True
+        flow: Any = self.flow
+        meta = flow.metadata.setdefault("mcp", {})
+        meta["stream_refused"] = reason[:200]
+        up = mcp_upstream(flow) or {}
+        log.error("agentgate: mcp: event stream from %s cut: %s", up.get("name"), reason[:200])
+        err = {"code": jsonrpc.REFUSED,
+               "message": f"agentgate: the MCP server's answer could not be inspected "
+                          f"({reason[:200]}); refused",
+               "data": {"code": "upstream_invalid_jsonrpc"}}
+        return [b"event: message\ndata: " + jsonrpc.dumps(
+            {"jsonrpc": "2.0", "id": i, "error": err}) + b"\n\n"
+            for i in (meta.get("ids") or ())]
 
     def event(self, lines: list[bytes]) -> bytes:
         ev = Event.parse(lines)
