@@ -193,7 +193,9 @@ class ApprovalsConfig:
     def describe(self) -> str:
         api = url_for(self.listen) or "off"
         notify = self.notify.describe() if self.notify else "no notifications"
-        return (f"API {api}, default timeout {self.default_timeout:g}s "
+        page = (f"page sign-in as OIDC client {self.web.client_id}" if self.web
+                else "page sign-in off (no approvals.web)")
+        return (f"API {api}, {page}, default timeout {self.default_timeout:g}s "
                 f"(on timeout {self.on_timeout}, {self.timeout_status}), "
                 f"mitmweb approval {'per rule' if self.allow_mitmweb else 'off'}, {notify}")
 
