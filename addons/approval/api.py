@@ -48,7 +48,7 @@ MAX_BODY = 64 * 1024
 # 413 in JSON; beyond it tornado answers 400 and closes (nothing larger is ever buffered)
 MAX_READ = 256 * 1024
 HEAD_TIMEOUT = 10.0
-IDLE_TIMEOUT = 120.0
+IDLE_TIMEOUT = 30.0  # an idle keep-alive connection (not an open event stream) is closed
 
 Verifier = Callable[[str], Awaitable[dict[str, Any]]]
 Route = tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]

@@ -648,3 +648,11 @@ def test_list_page_shortens_long_requests_detail_shows_all(web: Server,
     _, _, detail = c.open(f"/ui/approvals/{a.id}")
     assert "S" * 5000 in detail and "turn 0<" in detail and "x" * 4000 + " END" in detail
     assert "Shortened here" not in detail
+
+
+def test_rules_check_names_the_page_login(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text("approvals:\n  web: {client_id: reviewers-app}\n")
+    assert "page sign-in as OIDC client reviewers-app" in \
+        load_rules(tmp_path).approvals.describe()
+    (tmp_path / "r.yaml").write_text("approvals: {}\n")
+    assert "page sign-in off" in load_rules(tmp_path).approvals.describe()
