@@ -14,9 +14,12 @@ Per result column, decided once from the RowDescription and the Bind's format co
   a `Catalog` (the relay fills it with `CATALOG_SQL` over its own login): an alias
   (`SELECT email AS e`) does not hide the source column. A column the catalog cannot name
   (computed: table OID 0, or no catalog given) is matched by its field name against the
-  rule's column part, whatever the table part says (fail closed; `lower(email) AS x` is
-  left to the detectors). Strategies: masking's placeholder / redact / partial / hash (same
-  placeholders as LLM traffic; SQL results are never restored) and `null`. Text-like
+  rule's column part, whatever the table part says (fail closed). A computed text or json
+  column (table OID 0: `lower(secret)`, `secret || ''`) of a statement that reads a table
+  with column rules gets that table's strictest rule, since the gateway cannot tell which
+  columns it derives from (numbers stay: `count(*)`). Strategies: masking's placeholder /
+  redact / partial / hash (same placeholders as LLM traffic; SQL results are never
+  restored) and `null`. Text-like
   columns get the strategy's text, json/jsonb a JSON string of it; a column of any other
   type (int8 card numbers, uuid, arrays, …) becomes NULL under any rule, since a
   placeholder cannot live in it: the RowDescription stays exactly as the server sent it,
@@ -295,6 +298,10 @@ def _array_build(header: bytes, elems: Sequence[bytes | None]) -> bytes:
 
 
 # ---------------------------------------------------------------- rules and catalog
+# which strategy wins when several rules could apply to one computed column
+_STRICTNESS = {"placeholder": 0, "partial": 1, "hash": 2, "redact": 3, "null": 4}
+
+
 @dataclass(frozen=True)
 class ColumnRule:
     """`[schema.]table.column` glob (case-insensitive) -> strategy."""
@@ -324,6 +331,19 @@ class ColumnRules:
 
     def __bool__(self) -> bool:
         return bool(self.rules)
+
+    def for_tables(self, tables: Iterable[str]) -> str | None:
+        """The strictest strategy of the rules whose table part matches one of `tables`
+        ("schema.table" or "table", as a statement names them), or None."""
+        best: str | None = None
+        for t in tables:
+            schema, _, table = t.lower().rpartition(".")
+            for (ps, pt, _pc), strategy in self._parts:
+                if fnmatch.fnmatchcase(table, pt) and (not schema or fnmatch.fnmatchcase(
+                        schema, ps)):
+                    if best is None or _STRICTNESS[strategy] > _STRICTNESS[best]:
+                        best = strategy
+        return best
 
     def match(self, schema: str | None, table: str | None, column: str) -> str | None:
         col = column.lower()
@@ -426,8 +446,11 @@ class ExecutionMasker:
 
     def __init__(self, masker: Masker | None, session: Session | None, rules: ColumnRules,
                  formats: Sequence[int] = (), catalog: Catalog | None = None,
-                 row_description: bytes | None = None) -> None:
+                 row_description: bytes | None = None, tables: Sequence[str] = ()) -> None:
         self.masker = masker
+        # a computed text column of a statement reading a table with column rules gets
+        # that table's strictest rule: `lower(secret)` must not get past `t.secret`
+        self._computed_rule = rules.for_tables(tables) if rules and tables else None
         self.session = session if session is not None else Session()
         self.rules = rules
         self.catalog = catalog
@@ -533,6 +556,8 @@ class ExecutionMasker:
                 rule = self.rules.match(None, None, name) if self.rules else None
                 lab = label(name)
             k = _kind(f.type_oid, fmt)
+            if rule is None and f.table_oid == 0 and k in (_TEXT, _JSON):
+                rule = self._computed_rule
             if rule is None and k == _OPAQUE and self._ctx is not None:
                 raise MaskRefused(
                     f"column {name!r} (type oid {f.type_oid}) is requested in binary format, "
@@ -740,10 +765,12 @@ class ResultMasker:
         self._dropping = False  # a refused result: drop until ReadyForQuery
         self._copy = False
 
-    def _execution(self, row_description: bytes | None, formats: Sequence[int] | None
-                   ) -> ExecutionMasker:
+    def _execution(self, row_description: bytes | None, formats: Sequence[int] | None,
+                   token: Any = None) -> ExecutionMasker:
+        statement = getattr(token, "statement", None)
+        tables = tuple(getattr(statement, "tables", ()) or ())
         ex = ExecutionMasker(self.masker, self.session, self.rules, formats or (),
-                             self.catalog, None)
+                             self.catalog, None, tables)
         if row_description is not None:
             ex._plan(row_description, formats)  # noqa: SLF001 - same module
         return ex
@@ -910,7 +937,7 @@ class ResultMasker:
         kind = head[0]
         if kind == "Q":
             self._start(head[1])
-            self._exec = self._execution(payload, None)  # simple query: the real formats
+            self._exec = self._execution(payload, None, head[1])  # simple query: real formats
         elif kind == "DS":
             self._q.popleft()
             if head[1] in self._statements:
@@ -938,7 +965,7 @@ class ResultMasker:
                     raise MaskRefused("rows of a statement that was never described: the "
                                       "gateway cannot tell its columns apart (send Describe "
                                       "first)")
-                self._exec = self._execution(portal.row_description, portal.formats)
+                self._exec = self._execution(portal.row_description, portal.formats, head[2])
         elif head[0] != "Q" or self._exec is None:
             raise Desync("DataRow out of order")
         ex = self._exec
