@@ -69,6 +69,19 @@ CUSTOMERS_CSV = (f"name,email,card\nJane Doe,{CUSTOMER_EMAIL},{CUSTOMER_CARD}\n"
 LOG_BODY_LIMIT = 1 << 20  # per logged request/response body: a test server must stay bounded
 
 
+class _ClientGoneFilter(logging.Filter):
+    """The SDK logs an ERROR with a traceback when a client closes its standalone GET stream
+    (anyio.ClosedResourceError in the writer): normal for every session that ends, and noise
+    in every failing test's output. Other errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, anyio.ClosedResourceError)
+
+
+logging.getLogger("mcp.server.streamable_http").addFilter(_ClientGoneFilter())
+
+
 def _build_mcp(server: MCPTestServer) -> Any:
     """The FastMCP application with the fixture tools, resource and prompt."""
 
