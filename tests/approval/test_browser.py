@@ -115,6 +115,12 @@ def test_reviewer_page_end_to_end(gw: Gateway, oidc_provider: Any) -> None:
             page.on("console", lambda m: csp_errors.append(m.text)
                     if "Content Security Policy" in m.text else None)
             sign_in(page, base, oidc_provider.issuer, "alice", ["reviewers"])
+            jar = {c["name"]: c for c in ctx.cookies()}
+            session = jar["agentgate_session"]
+            assert session["httpOnly"] and session["sameSite"] == "Lax"
+            assert session["path"] == "/ui/" and session["expires"] > time.time() + 3600
+            assert not session["secure"]  # plain http on loopback here; https sets Secure
+            assert page.evaluate("document.cookie") == ""  # no script can read it
 
             # the held call shows up (live or on load) with its whole transcript
             card = page.locator("article.card").first
