@@ -418,6 +418,13 @@ class Approval:
         key = intent_key(f, spec)
         joined = self.store.get(self._intents.get(key, ""))
         if joined is not None and not joined.decided:
+            if len(self._flows.get(joined.id, ())) >= cfg.max_pending_per_identity:
+                # joining costs no approval but holds a flow: the same cap as for holds,
+                # or one agent could park thousands of identical requests on one hold
+                refuse(f, 429, "too many copies of this request are awaiting approval "
+                       f"({cfg.max_pending_per_identity})", "approval_quota_exceeded", STEP,
+                       spec.rule)
+                return
             a = joined
             log.info("agentgate: %s %s repeats the request held by approval %s: joined "
                      "(no new hold)", f.request.method, f.request.pretty_url.split("?")[0],

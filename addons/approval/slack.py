@@ -262,6 +262,9 @@ def message(a: PendingApproval, link: str, now: float | None = None) -> dict[str
               f"*Request:* {_esc(target_of(a))}"]
     if w.get("summary"):
         fields.append(f"*Summary:* {_esc(w['summary'])}")
+    elif w.get("sql"):  # a held statement (masked literals): its first 300 characters
+        sql = " ".join(str(w["sql"]).split())
+        fields.append(f"*SQL:* {_esc(sql[:300])}" + ("…" if len(sql) > 300 else ""))
     if w.get("session"):
         fields.append(f"*Session:* {_esc(w['session'])}")
     if a.state == PENDING:

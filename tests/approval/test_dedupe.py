@@ -148,3 +148,33 @@ approvals:
     con.close()
     assert len(rows) >= 3 and len({r[0] for r in rows}) == 1, rows
     assert rows[-1][1] == 200 and rows[-1][2] == "approved"
+
+
+def test_joins_are_capped_like_holds() -> None:
+    """Joining costs no approval but parks a flow: one agent cannot park thousands of
+    copies of a request on one hold (the per-identity cap applies to joins too)."""
+    async def main() -> None:
+        addon = make_addon(ApprovalsConfig(listen=None, max_pending_per_identity=3))
+        with taddons.context(addon):
+            flows = [held_flow(decision()) for _ in range(3)]
+            tasks = [asyncio.create_task(addon.request(f)) for f in flows]
+            await until(lambda: all(f.intercepted for f in flows))
+            extra = held_flow(decision())
+            await addon.request(extra)
+            assert extra.response.status_code == 429 and not extra.intercepted
+            assert json.loads(extra.response.content)["error"]["code"] == \
+                "approval_quota_exceeded"
+            addon.store.deny(flows[0].metadata["approval"]["id"], "bob", ["reviewers"], "x")
+            await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    run(main)
+
+
+def test_sql_hold_message_shows_the_statement() -> None:
+    from addons.approval.slack import message
+    from addons.approval.store import ApprovalSpec, ApprovalStore
+
+    a = ApprovalStore().create(ApprovalSpec(rule="writes", groups=("dba",)), "agent-1", {
+        "kind": "sql", "upstream": "orders", "database": "shop",
+        "sql": "DELETE FROM customers\n WHERE id = $1", "statement_kind": "delete"})
+    text = json.dumps(message(a, ""))
+    assert "SQL on orders/shop" in text and "DELETE FROM customers WHERE id = $1" in text
