@@ -107,6 +107,17 @@ def test_sql_rows_chain_with_http_flows(recorder: Recorder, tmp_path: Path) -> N
     assert DB_PASSWORD not in repr(dump)
     con.close()
 
+    # export writes the HTTP flows (a statement is not a mitmproxy flow) and still works
+    mitm = tmp_path / "all.mitm"
+    out = subprocess.run([sys.executable, "-m", "addons.cli", "export", "--db", str(db),
+                          "--all", "-o", str(mitm)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stdout + out.stderr
+    from mitmproxy import io as mio
+    with mitm.open("rb") as f:
+        flows = list(mio.FlowReader(f).stream())
+    assert [fl.request.method for fl in flows] == ["GET", "GET"]
+
     # an edited SQL row breaks the chain
     con = duckdb.connect(str(db))
     con.execute("UPDATE flows SET request_body = 'SELECT 1' WHERE seq = 2")
