@@ -117,6 +117,7 @@ class Databases:
         self.servers: dict[str, tuple[tuple[str, int], asyncio.Server]] = {}
         self.catalogs: dict[str, _Catalog] = {}
         self.keys = KeyMap()
+        self.big_parses: asyncio.Semaphore | None = None  # shared by every connection
         self.tls: dict[str, ssl.SSLContext] = {}
         self._tasks: set[asyncio.Task] = set()
         self._conns: set[asyncio.Task] = set()
@@ -251,7 +252,8 @@ class Databases:
                 rules=lambda: self.holder.rules, hold=self.approval.hold,
                 approval_spec=self._approval_spec, record=self._record,
                 masker_factory=self.masker_factory, catalog_query=catalog.query,
-                client_tls=self.tls.get(name), keys=self.keys, conn_id=str(self._conn_seq))
+                client_tls=self.tls.get(name), keys=self.keys, big_parses=self._parses(),
+                conn_id=str(self._conn_seq))
         except (Refused, HookMissing) as e:
             code = e.code if isinstance(e, Refused) else "08006"
             text = e.text if isinstance(e, Refused) else f"agentgate: {e}: refused"
@@ -266,6 +268,11 @@ class Databases:
             writer.close()
             return
         await serve(context, reader, writer)
+
+    def _parses(self) -> asyncio.Semaphore:
+        if self.big_parses is None:
+            self.big_parses = asyncio.Semaphore(2)
+        return self.big_parses
 
     def _approval_spec(self, v: Verdict) -> Any:
         cfg = getattr(self.holder.rules, "approvals", None)

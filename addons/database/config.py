@@ -44,6 +44,7 @@ from addons.policy.engine import ApprovalSpec
 DATABASE_KEYS = {"name", "listen", "upstream", "database", "credential", "server_tls",
                  "client_tls", "allow_groups", "allow_subjects", "sql", "sql_default",
                  "mask", "mask_columns", "max_message_bytes", "max_server_message_bytes",
+                 "max_sql_bytes",
                  "connect_timeout", "login_timeout"}
 CREDENTIAL_KEYS = {"user", "password_env", "password_file"}
 SERVER_TLS_KEYS = {"mode", "ca_file"}
@@ -97,6 +98,7 @@ class Database:
     mask_columns: tuple[tuple[str, str], ...] = ()
     max_message_bytes: int = 8 << 20
     max_server_message_bytes: int = 64 << 20
+    max_sql_bytes: int = 256 << 10
     connect_timeout: float = 10.0
     login_timeout: float = 30.0
     where: str = ""
@@ -257,6 +259,8 @@ def parse_database(raw: Any, where: Where) -> Database:
         max_server_message_bytes=expect_int(d.get("max_server_message_bytes", 64 << 20),
                                             where.child("max_server_message_bytes"),
                                             minimum=1024, maximum=MAX_MESSAGE),
+        max_sql_bytes=expect_int(d.get("max_sql_bytes", 256 << 10), where.child("max_sql_bytes"),
+                                 minimum=1024, maximum=8 << 20),
         connect_timeout=float(expect_int(d.get("connect_timeout", 10),
                                          where.child("connect_timeout"), minimum=1,
                                          maximum=600)),

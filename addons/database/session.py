@@ -36,6 +36,7 @@ import logging
 import secrets
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,12 @@ log = logging.getLogger("agentgate.database")
 PASSED_PARAMS = ("application_name", "DateStyle", "TimeZone", "extra_float_digits",
                  "IntervalStyle")
 PARSE_IN_THREAD = 16 * 1024   # SQL longer than this is parsed off the event loop
+# libpg_query's tree-to-JSON step recurses in C once per nesting level: ~60k nested terms
+# overflow the 8 MiB main stack and crash the process (measured with pgparse 1.0.3). Long
+# SQL is therefore parsed in a thread with a large stack, two at a time (the JSON of a
+# 256 KiB statement peaks near 200 MB), and SQL above `max_sql_bytes` is refused unparsed.
+PARSE_STACK = 512 * 1024 * 1024
+_stack_lock = threading.Lock()
 LOGIN_MESSAGE_LIMIT = 64 * 1024
 MARKER = "agentgate_refused_"
 
@@ -108,6 +115,7 @@ class Context:
     catalog_query: Callable[[set[int]], Awaitable[list[tuple[Any, ...]]]] | None
     client_tls: ssl.SSLContext | None
     keys: KeyMap
+    big_parses: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
     conn_id: str = ""
 
 
@@ -145,6 +153,31 @@ def _buffered(reader: asyncio.StreamReader) -> int:
     if buf is None:  # the stdlib changed: refuse rather than risk CVE-2021-23214
         raise pg.ProtocolError("cannot check for bytes behind SSLRequest")
     return len(buf)
+
+
+async def _analyze_in_big_stack(sql: str) -> Statement:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Statement] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            (fut.set_result if ok else fut.set_exception)(value)
+
+    def run() -> None:
+        try:
+            result = analyze(sql)
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting coroutine
+            loop.call_soon_threadsafe(settle, False, e)
+        else:
+            loop.call_soon_threadsafe(settle, True, result)
+
+    with _stack_lock:  # stack_size is process-wide: set it just for this thread
+        old = threading.stack_size(PARSE_STACK)
+        try:
+            threading.Thread(target=run, name="agentgate-sql-parse", daemon=True).start()
+        finally:
+            threading.stack_size(old)
+    return await fut
 
 
 # ---------------------------------------------------------------- server side
@@ -394,9 +427,14 @@ class Session:
 
     async def _judge(self, sql: str) -> tuple[Statement | None, Verdict, bytes | None]:
         """(statement, verdict, refusal ErrorResponse or None)."""
+        if len(sql) > self.db.max_sql_bytes:
+            return None, Verdict("block", "too_long"), pg.error_response(
+                "54000", f"agentgate: the statement is longer than this database's "
+                         f"max_sql_bytes ({self.db.max_sql_bytes}); it was not sent")
         try:
             if len(sql) > PARSE_IN_THREAD:
-                st = await asyncio.to_thread(analyze, sql)
+                async with self.ctx.big_parses:
+                    st = await _analyze_in_big_stack(sql)
             else:
                 st = analyze(sql)
         except SqlError as e:

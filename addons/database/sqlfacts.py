@@ -67,9 +67,6 @@ DANGEROUS_FUNCTIONS = frozenset({
 # set_config can change client_encoding/search_path/role behind the parser's back; pg_sleep
 # ties up a server connection the agent does not pay for.
 
-MAX_DEPTH = 2000  # libpg_query's own limit is about 1000 nested expressions
-
-
 class SqlError(Exception):
     """The SQL cannot be parsed: it is refused (SQLSTATE 42601)."""
 
@@ -124,17 +121,18 @@ def _strings(nodes: list[Any] | None) -> list[str]:
     return out
 
 
-def _reads_a_column(node: Any, depth: int = 0) -> bool:
-    if depth > MAX_DEPTH:
-        return True
-    if isinstance(node, dict):
-        if "ColumnRef" in node or "SubLink" in node or "FuncCall" in node or "ParamRef" in node:
-            # a subquery, function or parameter may depend on the row; only a WHERE made of
-            # constants alone is known to match every row
-            return True
-        return any(_reads_a_column(v, depth + 1) for v in node.values())
-    if isinstance(node, list):
-        return any(_reads_a_column(v, depth + 1) for v in node)
+def _reads_a_column(node: Any) -> bool:
+    # a subquery, function or parameter may depend on the row; only a WHERE made of
+    # constants alone is known to match every row (iterative: no recursion limit to hit)
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            if "ColumnRef" in n or "SubLink" in n or "FuncCall" in n or "ParamRef" in n:
+                return True
+            stack.extend(n.values())
+        elif isinstance(n, list):
+            stack.extend(n)
     return False
 
 
@@ -143,77 +141,84 @@ def _relname(rv: dict[str, Any]) -> str:
     return ".".join(p for p in parts if p).lower()
 
 
-def _visit(node: Any, w: _Walk, depth: int = 0) -> None:
-    if depth > MAX_DEPTH:
-        raise SqlError("statement nested too deeply")
-    if isinstance(node, list):
-        for v in node:
-            _visit(v, w, depth + 1)
-        return
-    if not isinstance(node, dict):
-        return
-    for key, val in node.items():
-        if not isinstance(val, dict):
-            _visit(val, w, depth + 1)
+def _visit(root: Any, w: _Walk) -> None:
+    """Pre-order walk (a statement's own kind before the kinds nested in it), iterative:
+    libpg_query accepts expressions far deeper than Python's recursion limit."""
+    stack: list[Any] = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(reversed(node))
             continue
-        if key in KINDS:
-            w.add(w.kinds, KINDS[key])
-        elif key.endswith("Stmt") and key[0].isupper() and key not in WRAPPERS:
-            w.add(w.kinds, "DDL")
-        elif key in ("CreateTableAsStmt", "ViewStmt"):
-            w.add(w.kinds, "DDL")
-        if key == "SelectStmt" and val.get("intoClause"):
-            w.add(w.kinds, "DDL")  # SELECT … INTO creates a table
-        if key == "RangeVar" or (key in ("relation", "rel") and "relname" in val):
-            name = _relname(val)
-            if name and not ("." not in name and name in w.ctes):
-                w.add(w.tables, name)
-        elif key == "FuncCall":
-            fn = ".".join(_strings(val.get("funcname"))).lower()
-            w.add(w.functions, fn)
-            if fn.rsplit(".", 1)[-1] in DANGEROUS_FUNCTIONS:
-                w.add(w.guards, "dangerous_function")
-        elif key in ("DeleteStmt", "UpdateStmt"):
-            if not _reads_a_column(val.get("whereClause")):
-                rel = _relname(val.get("relation") or {})
-                w.add(w.unbounded, f"{KINDS[key]} {rel}")
-        elif key == "CopyStmt":
-            if val.get("is_program"):
-                w.add(w.guards, "copy_program")
-            elif val.get("filename"):
-                w.add(w.guards, "copy_server_file")
-        elif key == "DoStmt":
-            w.add(w.guards, "opaque_code")
-        elif key == "LoadStmt":
-            w.add(w.guards, "load_library")
-        elif key == "VariableSetStmt":
-            name = str(val.get("name") or "").lower()
-            if name in ("client_encoding", "names") or val.get("kind") == "VAR_RESET_ALL":
-                w.add(w.guards, "client_encoding")
-            if name in ("session_authorization", "role"):
-                w.add(w.guards, "change_role")
-        elif key == "PrepareStmt":
-            w.prepared = str(val.get("name") or "")
-        elif key == "ExecuteStmt":
-            w.executes = str(val.get("name") or "")
-        elif key == "CreateFunctionStmt":
-            # a function body is code the parser does not see into (LANGUAGE plpgsql, …)
-            w.add(w.guards, "opaque_code")
-        _visit(val, w, depth + 1)
+        if not isinstance(node, dict):
+            continue
+        children: list[Any] = []
+        for key, val in node.items():
+            if not isinstance(val, dict):
+                children.append(val)
+                continue
+            _facts(key, val, w)
+            children.append(val)
+        stack.extend(reversed(children))
 
 
-def _ctes(node: Any, out: set[str], depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise SqlError("statement nested too deeply")
-    if isinstance(node, dict):
-        cte = node.get("CommonTableExpr")
-        if isinstance(cte, dict) and cte.get("ctename"):
-            out.add(str(cte["ctename"]).lower())
-        for v in node.values():
-            _ctes(v, out, depth + 1)
-    elif isinstance(node, list):
-        for v in node:
-            _ctes(v, out, depth + 1)
+def _facts(key: str, val: dict[str, Any], w: _Walk) -> None:
+    if key in KINDS:
+        w.add(w.kinds, KINDS[key])
+    elif key.endswith("Stmt") and key[0].isupper() and key not in WRAPPERS:
+        w.add(w.kinds, "DDL")
+    elif key in ("CreateTableAsStmt", "ViewStmt"):
+        w.add(w.kinds, "DDL")
+    if key == "SelectStmt" and val.get("intoClause"):
+        w.add(w.kinds, "DDL")  # SELECT … INTO creates a table
+    if key == "RangeVar" or (key in ("relation", "rel") and "relname" in val):
+        name = _relname(val)
+        if name and not ("." not in name and name in w.ctes):
+            w.add(w.tables, name)
+    elif key == "FuncCall":
+        fn = ".".join(_strings(val.get("funcname"))).lower()
+        w.add(w.functions, fn)
+        if fn.rsplit(".", 1)[-1] in DANGEROUS_FUNCTIONS:
+            w.add(w.guards, "dangerous_function")
+    elif key in ("DeleteStmt", "UpdateStmt"):
+        if not _reads_a_column(val.get("whereClause")):
+            rel = _relname(val.get("relation") or {})
+            w.add(w.unbounded, f"{KINDS[key]} {rel}")
+    elif key == "CopyStmt":
+        if val.get("is_program"):
+            w.add(w.guards, "copy_program")
+        elif val.get("filename"):
+            w.add(w.guards, "copy_server_file")
+    elif key == "DoStmt":
+        w.add(w.guards, "opaque_code")
+    elif key == "LoadStmt":
+        w.add(w.guards, "load_library")
+    elif key == "VariableSetStmt":
+        name = str(val.get("name") or "").lower()
+        if name in ("client_encoding", "names") or val.get("kind") == "VAR_RESET_ALL":
+            w.add(w.guards, "client_encoding")
+        if name in ("session_authorization", "role"):
+            w.add(w.guards, "change_role")
+    elif key == "PrepareStmt":
+        w.prepared = str(val.get("name") or "")
+    elif key == "ExecuteStmt":
+        w.executes = str(val.get("name") or "")
+    elif key == "CreateFunctionStmt":
+        # a function body is code the parser does not see into (LANGUAGE plpgsql, …)
+        w.add(w.guards, "opaque_code")
+
+
+def _ctes(root: Any, out: set[str]) -> None:
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            cte = node.get("CommonTableExpr")
+            if isinstance(cte, dict) and cte.get("ctename"):
+                out.add(str(cte["ctename"]).lower())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def analyze(sql: str) -> Statement:
@@ -226,10 +231,11 @@ def analyze(sql: str) -> Statement:
         pos = e.args[1] if len(e.args) > 1 and isinstance(e.args[1], int) else None
         raise SqlError(str(e.args[0]) if e.args else "syntax error", pos) from None
     except (RecursionError, MemoryError, ValueError) as e:
-        raise SqlError(f"cannot parse ({type(e).__name__})") from None
+        raise SqlError(f"statement too deeply nested or too large ({type(e).__name__})"
+                       ) from None
     w = _Walk()
     # CTE names first, so `WITH t AS (…) SELECT … FROM t` does not list t as a table
-    _ctes(tree, w.ctes, 0)
+    _ctes(tree, w.ctes)
     for raw in tree:
         _visit(raw.get("stmt") or {}, w)
     try:

@@ -416,3 +416,15 @@ def test_pipeline_and_prepared_statements(env: Env) -> None:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute("PREPARE wipe_all AS DELETE FROM users")
         assert c.execute("SELECT count(*) FROM users").fetchone() == (2,)
+
+
+def test_huge_and_deeply_nested_sql_refused_and_the_gateway_lives(env: Env) -> None:
+    """~70k nested terms crash libpg_query's JSON output on an 8 MiB stack (a process
+    crash = every agent's connections gone): long SQL is parsed in a big-stack thread, and
+    SQL above max_sql_bytes (256 KiB) is refused unparsed."""
+    with env.connect() as c:
+        with pytest.raises(psycopg.errors.SyntaxError, match="deeply nested"):
+            c.execute("SELECT " + "1+" * 100_000 + "1")
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded, match="max_sql_bytes"):
+            c.execute("SELECT " + "1+" * 140_000 + "1")
+        assert c.execute("SELECT 1").fetchone() == (1,)

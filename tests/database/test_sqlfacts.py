@@ -1,0 +1,97 @@
+"""sqlfacts: what a statement does, from PostgreSQL's own parser."""
+
+from __future__ import annotations
+
+import pytest
+
+from addons.database.sqlfacts import SqlError, analyze
+
+
+@pytest.mark.parametrize(("sql", "kinds", "tables"), [
+    ("SELECT a FROM s.t WHERE x = 1", ("SELECT",), ("s.t",)),
+    ("insert into a.b select * from c where e = 'x'", ("INSERT", "SELECT"), ("a.b", "c")),
+    ("WITH d AS (DELETE FROM t WHERE id = 1 RETURNING *) SELECT * FROM d",
+     ("SELECT", "DELETE"), ("t",)),
+    ("EXPLAIN ANALYZE DELETE FROM t WHERE id = 2", ("EXPLAIN", "DELETE"), ("t",)),
+    ("SELECT * INTO newt FROM t", ("SELECT", "DDL"), ("newt", "t")),
+    ("CREATE TABLE x (a int)", ("DDL",), ("x",)),
+    ("GRANT ALL ON t TO bob", ("DCL",), ("t",)),
+    ("TRUNCATE t", ("TRUNCATE",), ("t",)),
+    ("COPY t FROM STDIN", ("COPY",), ("t",)),
+    ("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE", ("MERGE", ), ("t", "s")),
+    ("BEGIN", ("TRANSACTION",), ()),
+    ("", (), ()),
+])
+def test_kinds_and_tables(sql: str, kinds: tuple[str, ...], tables: tuple[str, ...]) -> None:
+    st = analyze(sql)
+    assert st.kinds[:len(kinds)] == kinds and set(st.tables) == set(tables)
+
+
+@pytest.mark.parametrize(("sql", "unbounded"), [
+    ("DELETE FROM t", True),
+    ("DELETE FROM t WHERE true", True),
+    ("UPDATE t SET a = 1 WHERE 1 = 1", True),
+    ("UPDATE t SET a = 1 WHERE 'x' = 'x' OR false", True),
+    ("WITH d AS (DELETE FROM t RETURNING 1) SELECT 1", True),
+    ("DELETE FROM t WHERE id = $1", False),
+    ("DELETE FROM t WHERE id IN (SELECT id FROM u)", False),
+    ("UPDATE t SET a = 1 WHERE a > 3", False),
+])
+def test_unbounded_writes(sql: str, unbounded: bool) -> None:
+    assert bool(analyze(sql).unbounded) is unbounded
+
+
+@pytest.mark.parametrize(("sql", "guard"), [
+    ("COPY t TO PROGRAM 'id'", "copy_program"),
+    ("COPY t FROM PROGRAM 'curl x'", "copy_program"),
+    ("COPY t TO '/tmp/x'", "copy_server_file"),
+    ("SELECT pg_read_file('/etc/passwd')", "dangerous_function"),
+    ("SELECT * FROM PG_CATALOG.pg_ls_dir('.')", "dangerous_function"),
+    ("SELECT lo_export(1, '/tmp/x')", "dangerous_function"),
+    ("SELECT query_to_xml('delete from t', true, true, '')", "dangerous_function"),
+    ("SELECT x FROM t WHERE y = (SELECT pg_read_binary_file('/x'))", "dangerous_function"),
+    ("DO $$ BEGIN DELETE FROM t; END $$", "opaque_code"),
+    ("CREATE FUNCTION f() RETURNS void LANGUAGE sql AS 'DELETE FROM t'", "opaque_code"),
+    ("SET client_encoding TO 'LATIN1'", "client_encoding"),
+    ("SET NAMES 'SJIS'", "client_encoding"),
+    ("RESET ALL", "client_encoding"),
+    ("SET ROLE admin", "change_role"),
+    ("LOAD 'plpgsql'", "load_library"),
+])
+def test_guards(sql: str, guard: str) -> None:
+    assert guard in analyze(sql).guards
+
+
+def test_multi_statement_and_masked_literals() -> None:
+    st = analyze("SELECT 1; DELETE FROM t WHERE email = 'ann@example.com'")
+    assert st.multi and st.count == 2
+    assert "ann@example.com" not in st.masked and "$" in st.masked
+
+
+def test_cte_names_are_not_tables() -> None:
+    st = analyze("WITH recent AS (SELECT * FROM orders) SELECT * FROM recent JOIN s.recent r "
+                 "ON true")
+    assert set(st.tables) == {"orders", "s.recent"}
+
+
+def test_functions_named() -> None:
+    st = analyze("SELECT lower(name), pg_catalog.now() FROM t")
+    assert set(st.functions) == {"lower", "pg_catalog.now"}
+
+
+@pytest.mark.parametrize("sql", ["SELEC 1", "SELECT (", "SELECT 'unterminated",
+                                 "SELECT 1\x00; DROP TABLE t"])
+def test_unparseable_is_an_error(sql: str) -> None:
+    with pytest.raises(SqlError):
+        analyze(sql)
+
+
+def test_prepare_and_execute_names() -> None:
+    assert analyze("PREPARE p AS DELETE FROM t WHERE id = $1").prepared == "p"
+    assert analyze("EXECUTE p(1)").executes == "p"
+
+
+def test_deep_nesting_is_refused_not_a_crash() -> None:
+    assert analyze("SELECT " + "1+" * 3000 + "1").kinds == ("SELECT",)
+    with pytest.raises(SqlError, match="deeply nested"):
+        analyze("SELECT " + "1+" * 8000 + "1")
