@@ -656,3 +656,37 @@ def test_rules_check_names_the_page_login(tmp_path: Path) -> None:
         load_rules(tmp_path).approvals.describe()
     (tmp_path / "r.yaml").write_text("approvals: {}\n")
     assert "page sign-in off" in load_rules(tmp_path).approvals.describe()
+
+
+def test_provider_refusal_is_shown(web: Server, idp: RecordingIdP) -> None:
+    c = Client(web.url)
+    _, h, _ = c.open("/ui/login")
+    status, h, _ = c.open(h["location"], {"action": "deny"})  # the user says no at the IdP
+    assert status == 302 and "error=access_denied" in h["location"]
+    status, _, text = c.open(h["location"])
+    assert status == 401 and "refused the sign-in (access_denied)" in text
+    assert c.cookie("agentgate_session") is None
+
+
+def test_session_table_expiry_bounds_and_next_paths() -> None:
+    from addons.approval.web.session import LOGIN_TTL, SessionTable, safe_next
+    now = [1000.0]
+    t = SessionTable(clock=lambda: now[0], max_sessions=3, max_logins=2)
+    s = t.create("alice", ("reviewers",), "iss", 60)
+    assert t.get(s.id) is s
+    now[0] += 60
+    assert t.get(s.id) is None and len(t) == 0  # expired: gone
+    ids = [t.create(f"u{i}", (), "iss", 60).id for i in range(5)]
+    assert len(t) == 3 and t.get(ids[0]) is None and t.get(ids[4]) is not None
+    a, b, c = (t.begin_login("/ui/") for _ in range(3))
+    assert t.finish_login(a.id, a.state) is None  # pushed out by the bound
+    assert t.finish_login(b.id, "wrong") is None and t.finish_login(b.id, b.state) is None
+    now[0] += LOGIN_TTL + 1
+    assert t.finish_login(c.id, c.state) is None  # too old
+    d = t.begin_login("/ui/history")
+    assert t.finish_login(d.id, d.state) is d and t.finish_login(d.id, d.state) is None
+    for evil in ("https://evil.example/", "//evil.example/ui/", "/ui/\\evil", "/x",
+                 "/ui/\r\nSet-Cookie: x", None, ""):
+        assert safe_next(evil) == "/ui/", evil
+    assert safe_next("/ui/approvals/ap-1") == "/ui/approvals/ap-1"
+    assert not s.csrf_ok(None) and not s.csrf_ok("") and s.csrf_ok(s.csrf)
