@@ -484,6 +484,10 @@ class Session:
                                           f"{'not given in time' if state == 'timeout' else state}"
                                  + (f" ({reason[:200]})" if reason else ""))
 
+    def _expired(self) -> bool:
+        exp = self.identity.get("exp")
+        return isinstance(exp, int | float) and time.time() >= exp
+
     def _gone(self) -> bool:
         return bool(getattr(self.reader, "_eof", False)) or self.writer.is_closing()
 
@@ -510,6 +514,11 @@ class Session:
         allowed = frozenset(pg.CLIENT_TYPES - {ord("p")})
         while True:
             t, payload = await read_message(self.reader, self.db.max_message_bytes, allowed)
+            if t in (b"Q", b"P", b"E", b"F") and self._expired():
+                # the token was the password: once it expires the connection ends, as an
+                # HTTP tunnel does at exp (pools reconnect with a fresh token)
+                raise Refused("28P01", "agentgate: the identity token of this connection "
+                                       "expired; reconnect with a fresh token")
             if t == b"Q":
                 await self._simple(payload)
             elif t == b"P":
@@ -700,6 +709,12 @@ class Session:
                 exc = t.exception()
                 if exc is None or isinstance(exc, asyncio.IncompleteReadError | ConnectionError):
                     continue
+                if isinstance(exc, Refused):
+                    log.info("agentgate: database %s: connection from %s closed: %s",
+                             self.db.name, self.peer, exc.text)
+                    self.writer.write(pg.fatal(exc.code, exc.text))
+                    await self._fatal_drain()
+                    continue
                 if isinstance(exc, pg.ProtocolError):
                     log.info("agentgate: database %s: connection from %s closed: %s",
                              self.db.name, self.peer, exc)
@@ -726,6 +741,12 @@ class Session:
         db, pid, key = hit
         await send_cancel(db, pid, key)
         log.info("agentgate: database %s: cancel request forwarded", db.name)
+
+    async def _fatal_drain(self) -> None:
+        try:
+            await asyncio.wait_for(self.writer.drain(), 5)
+        except (ConnectionError, TimeoutError, RuntimeError):
+            pass
 
     async def _fatal(self, code: str, text: str) -> None:
         try:

@@ -428,3 +428,11 @@ def test_huge_and_deeply_nested_sql_refused_and_the_gateway_lives(env: Env) -> N
         with pytest.raises(psycopg.errors.ProgramLimitExceeded, match="max_sql_bytes"):
             c.execute("SELECT " + "1+" * 140_000 + "1")
         assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_connection_ends_when_its_token_expires(env: Env) -> None:
+    with env.connect(env.token(expires_in=3)) as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
+        time.sleep(3.5)
+        with pytest.raises(psycopg.OperationalError, match="expired"):
+            c.execute("SELECT 2")
