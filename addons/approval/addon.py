@@ -230,6 +230,11 @@ def describe_request(f: http.HTTPFlow, preview_bytes: int) -> tuple[dict[str, An
     except decode.DecodeError:
         raw = b""
     what.update(summarize(kind, doc, f))
+    # what the masking step replaced, by entity: counts only, never a value
+    found = f.metadata.get("findings")
+    what["findings"] = {str(k): v["count"] for k, v in found.items()
+                        if isinstance(v, dict) and isinstance(v.get("count"), int)
+                        } if isinstance(found, dict) else {}
     mcp = f.metadata.get("mcp")
     if isinstance(mcp, dict) and isinstance(mcp.get("tool"), str) and not what["tool"]:
         what["tool"] = mcp["tool"]
@@ -453,7 +458,8 @@ class Approval:
             await self._wait(f, a)
         except asyncio.CancelledError:
             self._leave(f, a)
-            self.store.cancel(a.id, "hold cancelled")
+            if not self._flows.get(a.id):  # joined copies still waiting keep the hold
+                self.store.cancel(a.id, "hold cancelled")
             raise
         self._leave(f, a)
         self._finish(f, a, cfg)
