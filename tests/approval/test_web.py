@@ -690,3 +690,19 @@ def test_session_table_expiry_bounds_and_next_paths() -> None:
         assert safe_next(evil) == "/ui/", evil
     assert safe_next("/ui/approvals/ap-1") == "/ui/approvals/ap-1"
     assert not s.csrf_ok(None) and not s.csrf_ok("") and s.csrf_ok(s.csrf)
+
+
+def test_holds_carry_findings_counts_for_the_page() -> None:
+    from mitmproxy.test import tflow
+
+    from addons.approval.addon import describe_request
+    f = tflow.tflow()
+    f.request.content = b'{"model": "m", "messages": [{"role": "user", "content": "<EMAIL_1>"}]}'
+    f.metadata["upstream"] = {"name": "openai", "dialect": "openai"}
+    f.metadata["findings"] = {"EMAIL": {"count": 2, "strategy": "pseudonymize"},
+                              "IBAN": {"count": 1, "strategy": "redact"}}
+    what, _, _ = describe_request(f, 4096)
+    assert what["findings"] == {"EMAIL": 2, "IBAN": 1}
+    assert "pseudonymize" not in json.dumps(what)
+    f.metadata.pop("findings")
+    assert describe_request(f, 4096)[0]["findings"] == {}
