@@ -57,7 +57,16 @@ from decimal import Decimal
 from typing import Any
 
 from addons.masking.bodies import Masked, Unparseable
-from addons.masking.masker import Masker, Session, count, hmac_key_from_env, label, partial
+from addons.masking.masker import (
+    Masker,
+    Session,
+    SessionStore,
+    count,
+    hmac_key_from_env,
+    label,
+    partial,
+    session_key,
+)
 
 STRATEGIES = ("placeholder", "redact", "partial", "hash", "null")
 
@@ -1133,18 +1142,29 @@ def column_rules(db: Any) -> ColumnRules:
 
 
 _CATALOGS: dict[tuple[str, str], Catalog] = {}
+_SESSIONS = SessionStore()  # placeholder maps when the relay does not share masking's
 
 
-def make_result_masker(db: Any, masking: Any, identity: dict[str, Any] | None
-                       ) -> ResultMasker:
+def make_result_masker(db: Any, masking: Any, identity: dict[str, Any] | None, *,
+                       masker: Masker | None = None, sessions: SessionStore | None = None,
+                       session: str | None = None) -> ResultMasker:
     """addons/database/hooks.py's factory: one ResultMasker per client connection.
 
     Detectors: the rules' masking section (same detectors and strategies as LLM traffic);
-    `db.mask` false switches them off for this database (column rules still apply).
-    Placeholders are stable per connection (the masking addon's per-session map is not
-    shared with the database path). The catalog is shared per database."""
-    detect = getattr(db, "mask", True)
-    m = masker_for(masking) if detect is not False else None
+    `db.mask` false or `masking.enabled: false` switches them off (column rules still
+    apply). Placeholders: pass the masking addon's `masker()` and `sessions` and the
+    connection's `session` id, and a value gets the same placeholder as in the agent's LLM
+    traffic of that identity + session (`[EMAIL_2]` for bob in both, never bob's and alice's
+    `[EMAIL_1]` side by side, which `restore: true` would resolve to the wrong person; the
+    hash strategy then uses the same key too). Without them the maps are this module's own
+    (per identity + session when `session` is given, else per connection). Values from
+    results are never restorable. The catalog is shared per database."""
+    detect = getattr(db, "mask", True) is not False and \
+        getattr(masking, "enabled", True) is not False
+    m = (masker if masker is not None else masker_for(masking)) if detect else None
+    store = sessions if sessions is not None else _SESSIONS
+    sub = (identity or {}).get("sub") if isinstance(identity, dict) else None
+    placeholders = store.get(session_key(sub, session)) if session else Session()
     name = str(getattr(db, "name", "") or "")
     database = str(getattr(db, "database", "") or "")
     cat = _CATALOGS.get((name, database))
@@ -1152,4 +1172,4 @@ def make_result_masker(db: Any, masking: Any, identity: dict[str, Any] | None
         if len(_CATALOGS) > 1000:
             _CATALOGS.clear()
         cat = _CATALOGS[(name, database)] = Catalog()
-    return ResultMasker(m, Session(), column_rules(db), cat)
+    return ResultMasker(m, placeholders, column_rules(db), cat)

@@ -315,3 +315,36 @@ def test_rows_of_a_statement_never_described_are_refused() -> None:
     assert m.server(b"C", b"SELECT 1\0") == []
     assert m.server(b"Z", b"I") == [(b"Z", b"I")]
     _simple_query_masks(m)
+
+
+def test_placeholders_shared_with_the_llm_session_and_never_restorable() -> None:
+    """With masking's map of the same identity + session, a value in a result gets the
+    placeholder it has in the agent's LLM traffic, a new one gets a new number (never a
+    number already taken by another person), and result values never become restorable."""
+    from types import SimpleNamespace
+
+    from addons.masking.bodies import Masked
+    from addons.masking.masker import SessionStore, session_key
+    cfg = MaskingConfig()
+    masker = rowmask.masker_for(cfg)
+    assert masker is not None
+    sessions = SessionStore()
+    llm_side = sessions.get(session_key("agent-7", "t1"))
+    assert Masked(masker, llm_side, {}).text("mail alice@x.example") == "mail [EMAIL_1]"
+    m = rowmask.make_result_masker(SimpleNamespace(name="w", database="d", mask=True,
+                                                   mask_columns=()), cfg, {"sub": "agent-7"},
+                                   masker=masker, sessions=sessions, session="t1")
+    m.client(b"Q", b"SELECT c\0", "q")
+    m.server(b"T", _rd(25))
+    got = [rowmask.parse_data_row(m.server(b"D", rowmask.build_data_row([v]))[0][1])[0]
+           for v in (b"bob@y.example", b"alice@x.example")]
+    assert got == [b"[EMAIL_2]", b"[EMAIL_1]"]
+    assert llm_side.original("[EMAIL_2]") is None  # bob's address never comes back
+    assert llm_side.original("[EMAIL_1]") == "alice@x.example"  # the agent's own, as before
+    other = rowmask.make_result_masker(SimpleNamespace(name="w", database="d", mask=True,
+                                                       mask_columns=()), cfg, {"sub": "x"},
+                                       masker=masker, sessions=sessions, session="t1")
+    other.client(b"Q", b"SELECT c\0", "q")
+    other.server(b"T", _rd(25))
+    out = other.server(b"D", rowmask.build_data_row([b"bob@y.example"]))
+    assert rowmask.parse_data_row(out[0][1]) == [b"[EMAIL_1]"]  # another identity's map
