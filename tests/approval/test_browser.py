@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SHOTS = os.environ.get("AGENTGATE_SCREENSHOTS") == "1"
 XSS = "<script>window.pwned=1</script><img src=x onerror=\"window.pwned=2\">"
 SYSTEM = ("You generate synthetic CRM records for load tests. " * 60).strip()  # ~3 KB
-ASK = f"Make 500 synthetic customer records like {XSS} and send them to the CRM."
+EMAIL = "jane.doe@example.com"
+ASK = f"Make 500 synthetic customer records like {XSS} and send them to {EMAIL}."
 
 POLICIES = """
 policies:
@@ -130,8 +131,11 @@ def test_reviewer_page_end_to_end(gw: Gateway, oidc_provider: Any) -> None:
             assert "bulk synthetic records need a reviewer" in card.text_content()
             assert card.locator(".kind").text_content() == "LLM call"
             assert card.locator(".progress").text_content().startswith("0 of 1")
-            user_turn = card.locator(".turn.role-user pre.text")
-            assert user_turn.text_content() == ASK  # the agent's markup, shown as text
+            user_turn = card.locator(".turn.role-user pre.text").text_content()
+            # the agent's markup, shown as text; the address masked before anyone saw it
+            assert user_turn.startswith(ASK.split(EMAIL)[0]) and EMAIL not in page.content()
+            findings = card.locator(".finding").all_text_contents()
+            assert findings and all(re.fullmatch(r"[A-Z_]+: [0-9]+", x) for x in findings)
             # the long system prompt is shortened in the list, whole on the detail page
             assert "characters left out here" in card.locator(
                 ".turn.role-system pre.text").text_content()
@@ -142,7 +146,7 @@ def test_reviewer_page_end_to_end(gw: Gateway, oidc_provider: Any) -> None:
             page.wait_for_url(re.compile(r".*/ui/approvals/ap-[0-9a-f]+$"))
             aid = page.url.rsplit("/", 1)[1]
             assert page.text_content(".turn.role-system pre.text") == SYSTEM
-            assert page.text_content(".turn.role-user pre.text") == ASK
+            assert page.text_content(".turn.role-user pre.text") == user_turn
             shot(page, "detail")
             page.fill("form.approve textarea", "synthetic data only, fine for the load test")
             page.click("form.approve button")
