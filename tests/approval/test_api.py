@@ -134,6 +134,10 @@ def test_refusals_keep_their_codes(server: Server) -> None:
     status, out, _ = call(server.url, "GET", "/nowhere", "tok-bob")
     assert status == 404 and out["error"]["code"] == "not_found"
     assert not a.decided and server.votes == []
+    # a method tornado itself does not route still gets a JSON error
+    status, out, headers = call(server.url, "TRACE", path, "tok-bob")
+    assert status == 405 and headers["content-type"] == "application/json"
+    assert out["error"]["message"]
 
 
 def test_approve_then_late_vote_is_409(server: Server) -> None:

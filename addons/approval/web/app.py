@@ -127,6 +127,13 @@ class JsonApiHandler(_Base):
         else:
             self.finish(json.dumps(payload))
 
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # what tornado refuses itself (a method it does not route, …): JSON all the same
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": {"code": "bad_request" if status_code < 500
+                                          else "internal_error",
+                                          "message": self._reason or "request refused"}}))
+
 
 class _Page(_Base):
     """Pages behind the reviewer's session."""
