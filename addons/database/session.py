@@ -207,8 +207,15 @@ async def open_server(db: Database) -> tuple[asyncio.StreamReader, asyncio.Strea
         if _buffered(reader):
             writer.close()
             raise Refused("08006", f"database {db.name}: server sent data before TLS")
-        await asyncio.wait_for(writer.start_tls(tls, server_hostname=db.upstream_host),
-                               db.connect_timeout)
+        try:
+            await asyncio.wait_for(writer.start_tls(tls, server_hostname=db.upstream_host),
+                                   db.connect_timeout)
+        except ssl.SSLCertVerificationError as e:
+            writer.close()
+            log.warning("agentgate: database %s: the server's certificate did not verify: %s",
+                        db.name, e.verify_message)
+            raise Refused("08006", f"database {db.name}: the database server's TLS "
+                                   f"certificate did not verify ({e.verify_message})") from None
     return reader, writer
 
 

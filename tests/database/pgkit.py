@@ -43,10 +43,12 @@ class ScramServer:
     """postgres on 127.0.0.1:<free port>, scram-sha-256 only; role agent_rw / DB_PASSWORD
     owning database analytics with tables users and orders."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="agentgate-pga-"))
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.tls = tls
+        self.ca: Path | None = None
 
     def _cmd(self, argv: list[str]) -> list[str]:
         return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
@@ -56,9 +58,17 @@ class ScramServer:
         data = self.dir / "data"
         pw = self.dir / "pw"
         pw.write_text(ADMIN_PASSWORD + "\n")
+        tls_args: list[str] = []
+        if self.tls:  # a server certificate for localhost/127.0.0.1 from a throwaway CA
+            from addons.devkit.standin import make_test_ca
+            self.ca, leaf, key = make_test_ca(self.dir / "tls")
+            tls_args = ["-c", "ssl=on", "-c", f"ssl_cert_file={leaf}",
+                        "-c", f"ssl_key_file={key}"]
         if os.geteuid() == 0:
-            shutil.chown(self.dir, "postgres")
-            shutil.chown(pw, "postgres")
+            for p in [self.dir, pw, *((self.dir / "tls").glob("*"))]:
+                shutil.chown(p, "postgres")
+            if self.tls:
+                shutil.chown(self.dir / "tls", "postgres")
         subprocess.run(self._cmd([pg_bin("initdb"), "-D", str(data), "-U", "admin",
                                   "--pwfile", str(pw), "--auth-host=scram-sha-256",
                                   "--auth-local=scram-sha-256", "--no-sync", "-E", "UTF8",
@@ -66,8 +76,9 @@ class ScramServer:
                        check=True, capture_output=True, timeout=120)
         self.proc = subprocess.Popen(
             self._cmd([pg_bin("postgres"), "-D", str(data), "-p", str(self.port), "-h",
-                       "127.0.0.1", "-k", str(self.dir), "-c", "fsync=off",
-                       "-c", "max_connections=60", "-c", "password_encryption=scram-sha-256"]),
+                       "127.0.0.1,127.0.0.2" if self.tls else "127.0.0.1", "-k", str(self.dir), "-c", "fsync=off",
+                       "-c", "max_connections=60", "-c", "password_encryption=scram-sha-256",
+                       *tls_args]),
             stdout=subprocess.DEVNULL, stderr=open(self.dir / "log", "wb"))  # noqa: SIM115
         import psycopg
         deadline = time.monotonic() + 30
