@@ -96,9 +96,25 @@ class Message:
         return None
 
     def names(self) -> dict[str, Any]:
-        """Names only (never argument or result values): what metadata may carry."""
-        return {"method": self.method, "tool": self.tool, "uri": self.uri,
-                "prompt": self.prompt, "id": self.id, "kind": self.kind}
+        """Names only (never argument or result values): what metadata may carry. Of a
+        resource URI only its scheme and authority: its path or query may hold a value
+        (`crm://customers/jane@example.com`), and metadata is stored and shown unmasked
+        (the masked request body keeps the whole URI)."""
+        return {"method": self.method, "tool": _cut(self.tool), "uri": uri_origin(self.uri),
+                "prompt": _cut(self.prompt), "id": self.id, "kind": self.kind}
+
+
+def _cut(name: Any) -> Any:
+    return name[:200] if isinstance(name, str) else name
+
+
+def uri_origin(uri: str | None) -> str | None:
+    if uri is None:
+        return None
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri.partition(":")[0][:40] + ":"
+    return f"{scheme[:40]}://{rest.split('/', 1)[0].split('?', 1)[0].rpartition('@')[2][:200]}"
 
 
 def parse_message(obj: Any) -> Message:

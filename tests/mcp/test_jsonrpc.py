@@ -27,6 +27,12 @@ def test_kinds_and_names() -> None:
                        "error": {"code": -32700, "message": "x"}})
     assert e.kind == "error" and e.id is None
     assert parse_message(req("resources/read", uri="crm://x")).uri == "crm://x"
+    # metadata keeps only a URI's origin: its path may hold a value
+    for uri, origin in [("crm://customers/jane@example.com?x=1", "crm://customers"),
+                        ("file:///home/jane/notes.txt", "file://"),
+                        ("https://u:pw@h.example/p", "https://h.example"),
+                        ("urn:isbn:123", "urn:")]:
+        assert parse_message(req("resources/read", uri=uri)).names()["uri"] == origin
     assert parse_message(req("prompts/get", name="summarize")).prompt == "summarize"
 
 
