@@ -76,7 +76,8 @@ class ScramServer:
                        check=True, capture_output=True, timeout=120)
         self.proc = subprocess.Popen(
             self._cmd([pg_bin("postgres"), "-D", str(data), "-p", str(self.port), "-h",
-                       "127.0.0.1,127.0.0.2" if self.tls else "127.0.0.1", "-k", str(self.dir), "-c", "fsync=off",
+                       "127.0.0.1,127.0.0.2" if self.tls else "127.0.0.1", "-k", str(self.dir),
+                       "-c", "fsync=off",
                        "-c", "max_connections=60", "-c", "password_encryption=scram-sha-256",
                        *tls_args]),
             stdout=subprocess.DEVNULL, stderr=open(self.dir / "log", "wb"))  # noqa: SIM115
