@@ -325,8 +325,20 @@ def test_sampling_refused(gw, servers, oidc_provider) -> None:
     sse.clear()
     res = session(gw, dev, ask, sampling_callback=sampling)
     assert seen == [], "the client saw the server's sampling request"
+    # the server got the gateway's JSON-RPC error (not a timeout), sent with the gateway's
+    # credential for it
     assert "sampling failed" in res.content[0].text
     assert "not allowed" in res.content[0].text
+    answers = [r for r in sse.requests if '"error"' in r["body"]]
+    assert answers and dict(answers[0]["headers"])["authorization"] == f"Bearer {TOOLS_TOKEN}"
+    rows = _records(gw)  # stops the gateway: the log and the store are complete
+    assert any("sampling/createMessage" in (m.get("mcp") or {}).get(
+        "refused_server_requests", []) for m in rows)
+    # the real credential is in no log and no record
+    assert TOOLS_TOKEN not in gw.logs()
+    for f in gw.data_dir.iterdir():
+        if f.is_file():
+            assert TOOLS_TOKEN.encode() not in f.read_bytes(), f
 
 
 def test_bad_jsonrpc_gets_jsonrpc_errors(gw, servers, oidc_provider) -> None:
