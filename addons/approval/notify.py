@@ -207,6 +207,8 @@ class Notifier:
                 problem = bad
             except DeliveryError as e:
                 problem = e.problem
+            except Exception as e:  # noqa: BLE001 - a surprise is one failed attempt, named
+                problem = type(e).__name__  # by type only: its text may hold the URL
             self.failed_attempts += 1
             if attempt == retry.retries:
                 break
