@@ -30,10 +30,11 @@ def _saslprep(password: str) -> str:
 
 
 class ScramClient:
-    def __init__(self, password: str, nonce: str | None = None) -> None:
+    def __init__(self, password: str, nonce: str | None = None, user: str = "") -> None:
         self.password = _saslprep(password).encode("utf-8")
         self.nonce = nonce or base64.b64encode(secrets.token_bytes(18)).decode()
-        self.first_bare = f"n=,r={self.nonce}"
+        # PostgreSQL takes the user from the startup packet and ignores this one
+        self.first_bare = f"n={user},r={self.nonce}"
         self._server_signature = b""
 
     def first(self) -> bytes:
