@@ -41,6 +41,7 @@ class ListenerDouble:
         self.passwords: list[str] = []
         self.received = bytearray()
         self.cancels = 0
+        self.auth_code = 3  # AuthenticationCleartextPassword; 5 = MD5, 10 = SASL
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -67,7 +68,8 @@ class ListenerDouble:
             await w.start_tls(self.ctx)
             (n,) = struct.unpack("!I", await r.readexactly(4))
             startup = struct.pack("!I", n) + await r.readexactly(n - 4)
-            w.write(b"R" + struct.pack("!II", 8, 3))  # AuthenticationCleartextPassword
+            salt = b"salt" if self.auth_code == 5 else b""
+            w.write(b"R" + struct.pack("!II", 8 + len(salt), self.auth_code) + salt)
             await w.drain()
             head = await r.readexactly(5)
             pw = await r.readexactly(struct.unpack("!I", head[1:])[0] - 4)
@@ -201,3 +203,20 @@ def test_remote_listen_needs_opt_in() -> None:
                          cwd=ROOT, capture_output=True, text=True, timeout=30,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 2 and "LISTEN=GATEWAY_HOST:PORT" in out.stderr
+
+
+def test_other_auth_methods_never_get_the_token(pg: PgServer, listener: ListenerDouble,
+                                                tmp_path: Path) -> None:
+    """A listener (or something in its place) asking for MD5 would get a hash it could
+    replay elsewhere; the connector answers only a cleartext request, over verified TLS."""
+    listener.auth_code = 5
+    token_file = tmp_path / "token"
+    token_file.write_text("opaque-token-md5-probe\n")
+    proc, port = _connector(tmp_path, listener.port, listener.ca, token_file)
+    try:
+        with pytest.raises(psycopg.OperationalError, match="authentication method 5"):
+            psycopg.connect(_dsn(port, pg), connect_timeout=10)
+    finally:
+        _stop(proc)
+    assert listener.passwords == []
+    assert b"opaque-token-md5-probe" not in bytes(listener.received)
