@@ -36,8 +36,8 @@ from addons.config.schema import (
     expect_str,
     expect_str_list,
 )
-from addons.frame.hosts import is_loopback_host
 from addons.database.rowmask import STRATEGIES  # masking's strategies and `null`
+from addons.frame.hosts import is_loopback_host
 from addons.policy.config import APPROVAL_KEYS, parse_approval
 from addons.policy.engine import ApprovalSpec
 
