@@ -273,3 +273,29 @@ def test_langgraph_agent_sql_tool(env: Env, standin, pgserver: ScramServer,
                          cwd=ROOT, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     assert "INSERT" in out.stdout and "SQL" in out.stdout.upper()
+
+
+def test_connector_to_the_real_gateway(env: Env, tmp_path: Path) -> None:
+    """`agentgate connect --postgres` in front of the real gateway: TLS verified against the
+    gateway's CA, the token from the file as the password, a DSN without any secret; a
+    rotated token is used by the next connection."""
+    from tests.database.test_connect_pg import _connector, _stop
+    token_file = tmp_path / "token"
+    token_file.write_text(env.token() + "\n")
+    proc, port = _connector(tmp_path, env.port, env.gw.ca_cert, token_file)
+    dsn = (f"host=127.0.0.1 port={port} dbname=analytics user=agent sslmode=disable "
+           f"application_name={THREAD}-connector")
+    try:
+        with psycopg.connect(dsn) as con:
+            assert con.execute("SELECT email FROM customers WHERE id = 1").fetchone() == \
+                ("[EMAIL_1]",)
+        token_file.write_text(env.issuer.token(sub="agent-8", groups=["agents"]) + "\n")
+        with psycopg.connect(dsn) as con:
+            assert con.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        _stop(proc)
+    env.gw.stop()
+    subs = [r["identity_sub"] for r in _records(env)
+            if r["method"] == "SQL" and r["session_id"] == f"{THREAD}-connector"]
+    # BEGIN, SELECT, COMMIT per connection (psycopg outside autocommit)
+    assert subs and subs == sorted(subs) and set(subs) == {"agent-7", "agent-8"}
