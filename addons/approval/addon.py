@@ -631,13 +631,11 @@ class Approval:
             return  # no loop (a unit test driving the store): nothing to deliver
         n = self._config().notify
         if n is not None and n.format == "json":
-            url = n.resolve()
-            if url:
-                self.notifier.submit(url, event("approval.decided" if a.decided
-                                                 else "approval.voted", a, self._link(a.id)),
-                                     retries=n.retries, backoff=n.backoff,
-                                     max_backoff=n.max_backoff, timeout=n.timeout,
-                                     ca_file=n.ca_file, label=a.id, order=a.id)
+            self.notifier.submit(n.resolve, event("approval.decided" if a.decided
+                                                  else "approval.voted", a, self._link(a.id)),
+                                 retries=n.retries, backoff=n.backoff,
+                                 max_backoff=n.max_backoff, timeout=n.timeout,
+                                 ca_file=n.ca_file, label=a.id, order=a.id)
         self.slack.changed(a)
 
     @staticmethod
@@ -682,18 +680,20 @@ class Approval:
 
     def _notify(self, a: PendingApproval, cfg: ApprovalsConfig) -> None:
         n = cfg.notify
-        if n is not None and not n.resolve():
+        if n is not None and n.format == "json":
+            self.notifier.submit(n.resolve, event("approval.created", a, self._link(a.id)),
+                                 retries=n.retries, backoff=n.backoff,
+                                 max_backoff=n.max_backoff, timeout=n.timeout,
+                                 ca_file=n.ca_file, still_wanted=lambda: not a.decided,
+                                 label=a.id, order=a.id)
+        elif n is not None:
+            self.notifier.spawn(self._webhook_check(a, n))
+        self.slack.created(a)
+
+    async def _webhook_check(self, a: PendingApproval, n: Any) -> None:
+        if not await asyncio.to_thread(n.resolve):  # a secret file: read off the loop
             log.error("agentgate: approval %s: notification webhook not available (%s); "
                       "the request stays held", a.id, n.describe())
-        if n is not None and n.format == "json":
-            url = n.resolve()
-            if url:
-                self.notifier.submit(url, event("approval.created", a, self._link(a.id)),
-                                     retries=n.retries, backoff=n.backoff,
-                                     max_backoff=n.max_backoff, timeout=n.timeout,
-                                     ca_file=n.ca_file, still_wanted=lambda: not a.decided,
-                                     label=a.id, order=a.id)
-        self.slack.created(a)
 
     # ------------------------------------------------------------ client gone
     @guarded(STEP, skip_answered=False)

@@ -146,20 +146,27 @@ class Notifier:
         self.sent = 0
         self.failed_attempts = 0
 
-    def submit(self, url: str, payload: dict[str, Any], *, retries: int, backoff: float,
+    def submit(self, url: str | Callable[[], str | None], payload: dict[str, Any], *,
+               retries: int, backoff: float,
                max_backoff: float, timeout: float, ca_file: str | None = None,
                still_wanted: Callable[[], bool] = lambda: True, label: str = "",
                headers: dict[str, str] | None = None, check: Check = http_ok,
                order: str | None = None) -> asyncio.Task:
         """Deliver in the background; deliveries with the same `order` key go out one
-        after the other (an approval's `created` before its `decided`)."""
+        after the other (an approval's `created` before its `decided`). `url` may be a
+        function reading it (an environment variable, a secret file): called off the loop."""
         retry = Retry(retries, backoff, max_backoff, timeout, ca_file)
         prev = self._last.get(order) if order else None
 
         async def run() -> bytes | None:
             if prev is not None and not prev.done():
                 await asyncio.wait([prev])
-            return await self.deliver(url, payload, retry, still_wanted=still_wanted,
+            target = await asyncio.to_thread(url) if callable(url) else url
+            if not target:
+                log.error("agentgate: approval %s: notification webhook URL not available",
+                          label or payload.get("approval_id", ""))
+                return None
+            return await self.deliver(target, payload, retry, still_wanted=still_wanted,
                                       label=label or str(payload.get("approval_id", "")),
                                       headers=headers, check=check)
 

@@ -377,16 +377,15 @@ class SlackMessenger:
         token = cfg.bot_token()
         return (cfg, token) if token else None
 
-    def created(self, a: PendingApproval) -> asyncio.Task | None:
-        if self._bot() is None and not self.webhook():
-            return None
+    def created(self, a: PendingApproval) -> asyncio.Task:
         return self.notifier.spawn(self._created(a))
 
     async def _created(self, a: PendingApproval) -> None:
         t = self.thread(a.id)
         async with t.lock:
             msg = message(a, self.link(a.id))
-            bot = self._bot()
+            # the token and the webhook URL may live in files: read them off the event loop
+            bot = await asyncio.to_thread(self._bot)
             if bot is not None:
                 cfg, token = bot
                 body = await self.notifier.deliver(
@@ -397,7 +396,7 @@ class SlackMessenger:
                     data = json.loads(body)
                     t.channel, t.ts = data.get("channel"), data.get("ts")
                 return
-            url = self.webhook()
+            url = await asyncio.to_thread(self.webhook)
             if url:
                 await self.notifier.deliver(url, msg, self.retry(),
                                             still_wanted=lambda: not a.decided, label=a.id)
@@ -413,7 +412,7 @@ class SlackMessenger:
     async def _changed(self, a: PendingApproval, t: _Thread) -> None:
         async with t.lock:  # after the post of the message (we need its ts)
             msg = message(a, self.link(a.id))
-            bot = self._bot()
+            bot = await asyncio.to_thread(self._bot)
             if bot is not None and t.channel and t.ts:
                 cfg, token = bot
                 await self.notifier.deliver(
@@ -424,10 +423,9 @@ class SlackMessenger:
                 await self.notifier.deliver(t.response_url,
                                             dict(msg, replace_original=True), self.retry(),
                                             label=a.id)
-            elif a.decided and self.webhook():
+            elif a.decided and (url := await asyncio.to_thread(self.webhook)):
                 # an incoming webhook gives no handle on its message: say it in a new one
-                await self.notifier.deliver(self.webhook() or "", msg, self.retry(),
-                                            label=a.id)
+                await self.notifier.deliver(url, msg, self.retry(), label=a.id)
         if a.decided:
             self._threads.pop(a.id, None)
 
