@@ -264,8 +264,8 @@ def _f(v: Any, fmt: str = "{:.1f}") -> str:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    out = ["## Postgres path: pgbench -S and a masked 100k-row SELECT (bench/bench_postgres.py)",
-           "",
+    out = [f"## Postgres path: pgbench -S and a masked {res['rows']:,}-row SELECT "
+           "(bench/bench_postgres.py)", "",
            f"Real PostgreSQL, the real gateway (token login, SQL policy, result masking, "
            f"DuckDB records), sslmode=disable on loopback both ways. pgbench: select-only "
            f"script, {res['clients']} clients, {res['threads']} threads, "
