@@ -539,7 +539,10 @@ class Approval:
         rule = a.spec.rule
         masked = bool(f.metadata.get("findings"))
         if not a.decided:  # this client went away; the hold stays open for its retry
-            f.metadata["approval"]["left"] = "the client disconnected while held"
+            # this request's record: cancelled (the approval itself may still be decided
+            # for the retry that joins it, which gets its own record)
+            f.metadata["approval"].update(state=CANCELLED, left=True,
+                                          reason="the client disconnected while held")
             refuse(f, 503, "the client disconnected while the request was held",
                    "approval_cancelled", STEP, rule)
         elif a.state == APPROVED or (a.state == TIMEOUT and a.spec.on_timeout == "allow"):

@@ -340,6 +340,7 @@ def test_killed_flow_and_client_disconnect_release_the_hold() -> None:
             await asyncio.wait_for(task, 5)
             # the flow is answered at once; the hold waits a moment for the client's retry
             assert g.metadata["approval"]["left"] and not g.intercepted
+            assert g.metadata["approval"]["state"] == "cancelled"
             assert g.response.status_code == 503
             a = addon.store.get(g.metadata["approval"]["id"])
             assert a.state == "pending"
