@@ -558,7 +558,7 @@ class Approval:
         elif a.state == CANCELLED and f.error is None:
             refuse(f, 503, f"approval cancelled: {a.reason}", "approval_cancelled", STEP, rule)
         state = a.state if a.decided else CANCELLED
-        if f.response is not None and f.response.status_code >= 400 and state in MARKS:
+        if f.marked not in (":lock:", MARKS[APPROVED]) and state in MARKS:
             f.marked = MARKS[state]  # after refuse(), which marks every refusal alike
         log.info("agentgate: approval %s %s (%s)", a.id, a.state, a.reason)
         f.resume()

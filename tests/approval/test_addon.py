@@ -332,6 +332,7 @@ def test_killed_flow_and_client_disconnect_release_the_hold() -> None:
             f.kill()  # the operator's kill button: mitmproxy sets no resume event
             await asyncio.wait_for(task, 5)
             assert f.metadata["approval"]["state"] == "cancelled" and f.response is None
+            assert f.marked == ":heavy_multiplication_x:"  # killed: cancelled, not ⌛
 
             g = held_flow(decision())
             task = asyncio.create_task(addon.request(g))
