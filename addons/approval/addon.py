@@ -83,6 +83,7 @@ POLL_SECONDS = 1.0
 # a bigger JSON body is not parsed for the model / tool / summary (the preview still shows it)
 SCAN_BYTES = 2 * 1024 * 1024
 SUMMARY_CHARS = 160
+HASH_INLINE_BYTES = 64 * 1024  # bodies above this are hashed in a worker thread
 MARKS = {APPROVED: ":white_check_mark:", DENIED: ":no_entry_sign:", TIMEOUT: ":alarm_clock:",
          CANCELLED: ":heavy_multiplication_x:"}
 HELD_MARK = ":hourglass:"
@@ -420,7 +421,9 @@ class Approval:
         spec = spec_from_decision(dec, cfg)
         ident = f.metadata.get("identity")
         requester = ident.get("sub") if isinstance(ident, dict) else None
-        key = intent_key(f, spec)
+        # hashing a big body (up to the edge limit) would stall every flow: off the loop
+        big = len(f.request.raw_content or b"") > HASH_INLINE_BYTES
+        key = await asyncio.to_thread(intent_key, f, spec) if big else intent_key(f, spec)
         joined = self.store.get(self._intents.get(key, ""))
         if joined is not None and not joined.decided:
             if len(self._flows.get(joined.id, ())) >= cfg.max_pending_per_identity:

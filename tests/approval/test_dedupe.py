@@ -178,3 +178,23 @@ def test_sql_hold_message_shows_the_statement() -> None:
         "sql": "DELETE FROM customers\n WHERE id = $1", "statement_kind": "delete"})
     text = json.dumps(message(a, ""))
     assert "SQL on orders/shop" in text and "DELETE FROM customers WHERE id = $1" in text
+
+
+def test_big_bodies_join_too() -> None:
+    """Bodies above HASH_INLINE_BYTES are hashed in a worker thread: same result."""
+    from addons.approval.addon import HASH_INLINE_BYTES
+
+    async def main() -> None:
+        addon = make_addon()
+        with taddons.context(addon):
+            body = {"model": "gpt-4o", "messages": [
+                {"role": "user", "content": "x" * (HASH_INLINE_BYTES * 3)}]}
+            flows = [held_flow(decision(), body=body) for _ in range(2)]
+            other = held_flow(decision(), body=dict(body, model="gpt-4o-mini"))
+            tasks = [asyncio.create_task(addon.request(f)) for f in (*flows, other)]
+            await until(lambda: all(f.intercepted for f in (*flows, other)))
+            assert len(addon.store) == 2
+            for a in addon.store.pending():
+                addon.store.deny(a.id, "bob", ["reviewers"], "x")
+            await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    run(main)
