@@ -56,6 +56,9 @@ def pgserver() -> Iterator[ScramServer]:
                   "(2, 'dave@example.org', '5500 0000 0000 0004', 'x', 7, '{}', 'none')",
                   [EMAIL, CARD, SECRET, json.dumps({"mail": EMAIL}), f"reach {EMAIL}"])
         c.execute("CREATE TABLE results (id serial PRIMARY KEY, summary text)")
+        c.execute("CREATE TYPE mood AS ENUM ('calm', 'angry')")
+        c.execute("CREATE TABLE moods (id int, m mood, note text)")
+        c.execute("INSERT INTO moods VALUES (1, 'calm', %s)", [EMAIL])
     yield s
     s.stop()
 
@@ -123,6 +126,7 @@ async def _asyncpg(env: Env) -> None:
             _check_row(tuple(await stmt.fetchrow(1)))
         rows = await con.fetch("SELECT id, email FROM customers ORDER BY id")
         assert [r["email"] for r in rows] == ["[EMAIL_1]", "[EMAIL_2]"]
+        assert await con.fetchval("SELECT note FROM moods") == "[EMAIL_1]"
     finally:
         await con.close()
 
@@ -180,6 +184,12 @@ def test_client_matrix_masked_and_recorded(env: Env) -> None:
         _check_row(c1.fetchone())
         _check_row(c2.fetchone())
         assert [r[0] for r in c3.fetchall()] == ["[EMAIL_1]", "[EMAIL_2]"]
+        # an enum's binary form cannot be inspected: refused in band, the session goes on
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="result refused") as e:
+            con.cursor(binary=True).execute("SELECT m, note FROM moods").fetchall()
+        assert EMAIL not in str(e.value)
+        assert con.execute("SELECT m::text, note FROM moods").fetchone() == ("calm",
+                                                                             "[EMAIL_1]")
     asyncio.run(_psycopg_async(env.dsn()))
     asyncio.run(_asyncpg(env))
 
@@ -196,6 +206,8 @@ def test_client_matrix_masked_and_recorded(env: Env) -> None:
     assert selects and all(r["outcome"] == "forwarded" for r in selects)
     assert any(json.loads(r["metadata"])["pg"]["rows"] == 1 and r["findings_total"] >= 3
                for r in selects)
+    refused = [r for r in sql if r["outcome"] == "refused"]
+    assert len(refused) == 1 and "moods" in json.loads(refused[0]["metadata"])["pg"]["tables"]
     _verify(env)
 
 
