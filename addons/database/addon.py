@@ -126,6 +126,7 @@ class Databases:
         self._record: Any = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._conn_seq = 0
+        self.active: dict[str, int] = {}
         holder.on_change(lambda _rules: self._spawn(self._sync()) if self._running else None)
 
     # `running` and `done` are sync on purpose (see approval/addon.py: script reloads)
@@ -267,7 +268,22 @@ class Databases:
                 pass
             writer.close()
             return
-        await serve(context, reader, writer)
+        if self.active.get(name, 0) >= db.max_connections:
+            log.warning("agentgate: database %s: max_connections (%d) reached, connection "
+                        "refused", name, db.max_connections)
+            try:
+                writer.write(pg.fatal("53300", f"agentgate: too many connections to database "
+                                               f"{name} (max_connections {db.max_connections})"))
+                await writer.drain()
+            except (ConnectionError, RuntimeError):
+                pass
+            writer.close()
+            return
+        self.active[name] = self.active.get(name, 0) + 1
+        try:
+            await serve(context, reader, writer)
+        finally:
+            self.active[name] -= 1
 
     def _parses(self) -> asyncio.Semaphore:
         if self.big_parses is None:

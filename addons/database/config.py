@@ -44,7 +44,7 @@ from addons.policy.engine import ApprovalSpec
 DATABASE_KEYS = {"name", "listen", "upstream", "database", "credential", "server_tls",
                  "client_tls", "allow_groups", "allow_subjects", "sql", "sql_default",
                  "mask", "mask_columns", "max_message_bytes", "max_server_message_bytes",
-                 "max_sql_bytes",
+                 "max_sql_bytes", "max_connections",
                  "connect_timeout", "login_timeout"}
 CREDENTIAL_KEYS = {"user", "password_env", "password_file"}
 SERVER_TLS_KEYS = {"mode", "ca_file"}
@@ -99,6 +99,7 @@ class Database:
     max_message_bytes: int = 8 << 20
     max_server_message_bytes: int = 64 << 20
     max_sql_bytes: int = 256 << 10
+    max_connections: int = 100
     connect_timeout: float = 10.0
     login_timeout: float = 30.0
     where: str = ""
@@ -261,6 +262,8 @@ def parse_database(raw: Any, where: Where) -> Database:
                                             minimum=1024, maximum=MAX_MESSAGE),
         max_sql_bytes=expect_int(d.get("max_sql_bytes", 256 << 10), where.child("max_sql_bytes"),
                                  minimum=1024, maximum=8 << 20),
+        max_connections=expect_int(d.get("max_connections", 100),
+                                   where.child("max_connections"), minimum=1, maximum=10000),
         connect_timeout=float(expect_int(d.get("connect_timeout", 10),
                                          where.child("connect_timeout"), minimum=1,
                                          maximum=600)),

@@ -80,22 +80,25 @@ class Refused(Exception):
 class KeyMap:
     """The gateway's BackendKeyData per client → the server's, for CancelRequest."""
 
-    entries: dict[int, tuple[bytes, Database, int, bytes]] = field(default_factory=dict)
+    entries: dict[int, tuple[bytes, Database, int, bytes, Callable[[], None]]] = field(
+        default_factory=dict)
 
-    def issue(self, db: Database, server_pid: int, server_key: bytes) -> tuple[int, bytes]:
+    def issue(self, db: Database, server_pid: int, server_key: bytes,
+              on_cancel: Callable[[], None]) -> tuple[int, bytes]:
         while True:
             pid = secrets.randbits(31) or 1
             if pid not in self.entries:
                 break
         key = secrets.token_bytes(4)
-        self.entries[pid] = (key, db, server_pid, server_key)
+        self.entries[pid] = (key, db, server_pid, server_key, on_cancel)
         return pid, key
 
-    def lookup(self, pid: int, key: bytes) -> tuple[Database, int, bytes] | None:
+    def lookup(self, pid: int, key: bytes
+               ) -> tuple[Database, int, bytes, Callable[[], None]] | None:
         e = self.entries.get(pid)
         if e is None or not hmac.compare_digest(e[0], key):
             return None
-        return e[1], e[2], e[3]
+        return e[1], e[2], e[3], e[4]
 
     def drop(self, pid: int) -> None:
         self.entries.pop(pid, None)
@@ -336,7 +339,8 @@ class Session:
         self.statements: dict[str, tuple[Statement, Verdict]] = {}
         self.portals: dict[str, tuple[Statement, Verdict]] = {}
         self.prepared_sql: dict[str, tuple[Statement, Verdict]] = {}
-        self.closed = asyncio.Event()
+        self.holding = False
+        self.cancel_requested = False
 
     # ------------------------------------------------------------ startup + login
     async def startup(self) -> pg.Startup:
@@ -480,11 +484,18 @@ class Session:
                 "sql": st.masked, "statement_kind": st.kind, "tables": list(st.tables)}
         sub = self.identity.get("sub")
         owner = f"id:{self.identity.get('iss') or ''}|{sub}" if sub else f"client:{self.peer_host}"
-        a = await self.ctx.hold(spec, sub, what, st.masked, owner=owner, gone=self._gone)
+        self.holding, self.cancel_requested = True, False
+        try:
+            a = await self.ctx.hold(spec, sub, what, st.masked, owner=owner, gone=self._gone)
+        finally:
+            self.holding = False
         state = getattr(a, "state", "denied")
         tok.approval = {"id": getattr(a, "id", None), "state": state}
         if state == "approved" or (state == "timeout" and spec.on_timeout == "allow"):
             return None
+        if self.cancel_requested:  # the client's CancelRequest ended the hold
+            tok.error = "cancelled by the client"
+            return pg.error_response("57014", "canceling statement due to user request")
         reason = getattr(a, "reason", "") or ""
         tok.error = f"approval {state}"
         return pg.error_response("42501", f"agentgate: rule {v.rule} needs approval, which was "
@@ -496,7 +507,12 @@ class Session:
         return isinstance(exp, int | float) and time.time() >= exp
 
     def _gone(self) -> bool:
-        return bool(getattr(self.reader, "_eof", False)) or self.writer.is_closing()
+        return (self.cancel_requested or bool(getattr(self.reader, "_eof", False))
+                or self.writer.is_closing())
+
+    def _on_cancel(self) -> None:
+        if self.holding:  # a statement held for approval is cancelled at the gateway
+            self.cancel_requested = True
 
     def _forward(self, t: bytes, payload: bytes, token: Token | None) -> None:
         assert self.server is not None
@@ -696,7 +712,8 @@ class Session:
             await self._fatal("08006", f"agentgate: the gateway refused the connection "
                                        f"({type(e).__name__})")
             return
-        self.our_pid, our_key = self.ctx.keys.issue(self.db, self.server.pid, self.server.key)
+        self.our_pid, our_key = self.ctx.keys.issue(self.db, self.server.pid, self.server.key,
+                                                    self._on_cancel)
         out = pg.auth_request(pg.AUTH_OK)
         for k, v in self.server.params:
             out += pg.parameter_status(k, v)
@@ -745,7 +762,8 @@ class Session:
             log.info("agentgate: database %s: cancel request with an unknown key from %s",
                      self.db.name, self.peer)
             return
-        db, pid, key = hit
+        db, pid, key, on_cancel = hit
+        on_cancel()
         await send_cancel(db, pid, key)
         log.info("agentgate: database %s: cancel request forwarded", db.name)
 

@@ -42,6 +42,7 @@ databases:
     database: analytics
     credential: {{user: agent_rw, password_env: WAREHOUSE_PASSWORD}}
     server_tls: {{mode: disable}}
+    max_connections: 4
     sql:
       - {{name: no-ddl, action: block, match: {{kinds: [DDL, DCL]}},
          message: schema changes go through migrations}}
@@ -341,6 +342,25 @@ def test_cancel_request_reaches_the_server(env: Env) -> None:
         t.join(30)
         assert isinstance(done.get("r"), psycopg.errors.QueryCanceled), done
         assert c.execute("SELECT 1").fetchone() == (1,)
+    # a statement held for approval is cancelled at the gateway (Ctrl-C in psql)
+    with env.connect() as c:
+        got: dict[str, Any] = {}
+
+        def held() -> None:
+            try:
+                c.execute("INSERT INTO orders (user_id, total) VALUES (1, 5)")
+                got["r"] = "ran"
+            except psycopg.Error as e:
+                got["r"] = e
+        t = threading.Thread(target=held)
+        t.start()
+        deadline = time.monotonic() + 10
+        while "holding sql for approval" not in env.gw.logs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        c.cancel()
+        t.join(15)
+        assert isinstance(got.get("r"), psycopg.errors.QueryCanceled), got
+        assert c.execute("SELECT count(*) FROM orders").fetchone() == (2,)
     # a cancel request with a wrong key is dropped (nothing to cancel, nothing leaks)
     s = socket.create_connection(("127.0.0.1", env.port), timeout=5)
     s.sendall(struct.pack("!IIII", 16, 80877102, 12345, 67890))
@@ -436,3 +456,23 @@ def test_connection_ends_when_its_token_expires(env: Env) -> None:
         time.sleep(3.5)
         with pytest.raises(psycopg.OperationalError, match="expired"):
             c.execute("SELECT 2")
+
+
+def test_max_connections(env: Env) -> None:
+    conns = [env.connect() for _ in range(4)]
+    try:
+        s, got = raw_login(env.port, env.token())
+        s.close()
+        assert got[-1][0] == b"E" and fields(got[-1][1])["C"] == "53300", got
+    finally:
+        for c in conns:
+            c.close()
+    deadline = time.monotonic() + 5
+    while True:  # the slots come back once the gateway saw the closes
+        try:
+            with env.connect() as c:
+                assert c.execute("SELECT 1").fetchone() == (1,)
+            break
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
