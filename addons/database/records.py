@@ -24,9 +24,10 @@ findings, times). The row (`statement_row`, pure) is built on the writer thread:
                  "rows", "command", "duration_ms", "db", "database"}}
     flow_state  NULL: a statement is not a mitmproxy flow (exports skip it)
 
-Fail closed: `record()` raises RecorderUnavailable while the store cannot take records; the
-relay must check `recorder.unavailable()` before it forwards a statement, so nothing runs
-that could not be recorded.
+Fail closed: `record()` raises RecorderUnavailable while the store is not open; the relay
+must ask `record.unavailable()` (None, or why not) before it forwards a statement, so
+nothing runs that could not be recorded (a failing store's records stay queued and are
+written when it recovers; its backlog full also counts as unavailable).
 """
 
 from __future__ import annotations
@@ -219,4 +220,10 @@ def make_statement_recorder(recorder: Any) -> Callable[[dict[str, Any]], None]:
             method="SQL", url=f"postgresql://{db}/{snapshot.get('database') or ''}",
             size=size))
 
+    def unavailable() -> str | None:
+        """Why a statement must not run now (the store cannot record it), or None. The relay
+        asks before it forwards each statement: fail closed, as HTTP flows get 503."""
+        return recorder.unavailable()
+
+    record.unavailable = unavailable  # type: ignore[attr-defined]
     return record

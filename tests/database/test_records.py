@@ -61,6 +61,7 @@ def _verify(db: Path) -> subprocess.CompletedProcess:
 
 def test_sql_rows_chain_with_http_flows(recorder: Recorder, tmp_path: Path) -> None:
     record = make_statement_recorder(recorder)
+    assert record.unavailable() is None
     flow = tflow.tflow(resp=True)
     flow.metadata["session"] = "thread-42"
     recorder.response(flow)  # an HTTP flow through the recorder's own hook
@@ -130,8 +131,10 @@ def test_store_not_open_refuses(tmp_path: Path) -> None:
     holder = RulesHolder()
     holder.rules = SimpleNamespace(upstreams=(), databases=())  # type: ignore[assignment]
     rec = Recorder(holder)  # never started: no writer
+    record = make_statement_recorder(rec)
+    assert record.unavailable()  # the relay asks before it forwards a statement
     with pytest.raises(RecorderUnavailable):
-        make_statement_recorder(rec)(_stmt())
+        record(_stmt())
 
 
 def test_row_is_bounded() -> None:
