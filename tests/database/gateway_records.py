@@ -1,6 +1,7 @@
 """mitmdump script for the database tests: the gateway as addons/gateway.py builds it, with
 the statement-record hook replaced by a double that appends each record (a JSON line) to
-$AGENTGATE_TEST_PG_RECORDS, so tests can read what the relay reports per statement."""
+$AGENTGATE_TEST_PG_RECORDS, so tests can read what the relay reports per statement
+("missing": the hook raises as a missing one does)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ from typing import Any
 from addons import gateway
 from addons.approval.addon import Approval
 from addons.database.addon import Databases
+from addons.database.hooks import HookMissing
 from addons.recording.addon import Recorder
 
 
 def _records(_recorder: Any):
     path = os.environ["AGENTGATE_TEST_PG_RECORDS"]
+    if path == "missing":  # as when records.py is not installed: connections refused
+        raise HookMissing("statement recording is not installed")
 
     def record(event: dict[str, Any]) -> None:
         with open(path, "a", encoding="utf-8") as f:

@@ -476,3 +476,21 @@ def test_max_connections(env: Env) -> None:
         except psycopg.OperationalError:
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def test_missing_hook_refuses_connections(gateway_factory, local_issuer,
+                                          pgserver: ScramServer) -> None:
+    """Fail closed: without the statement-record hook nothing is served unrecorded."""
+    port = free_port()
+    rules = RULES.format(standin_upstreams="{standin_upstreams}",
+                         identity=local_issuer.identity_yaml(), listen=port,
+                         pgport=pgserver.port)
+    gateway_factory(rules, env={"WAREHOUSE_PASSWORD": DB_PASSWORD,
+                                "AGENTGATE_TEST_PG_RECORDS": "missing"},
+                    script=Path(__file__).with_name("gateway_records.py"))
+    wait_port(port)
+    s, got = raw_login(port, local_issuer.token(sub="agent-7", groups=["agents"]))
+    s.close()
+    assert got[-1][0] == b"E", got
+    f = fields(got[-1][1])
+    assert f["C"] == "08006" and "not installed" in f["M"], f
