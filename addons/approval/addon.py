@@ -83,6 +83,7 @@ POLL_SECONDS = 1.0
 # a bigger JSON body is not parsed for the model / tool / summary (the preview still shows it)
 SCAN_BYTES = 2 * 1024 * 1024
 SUMMARY_CHARS = 160
+DECIDED_PREVIEW_CHARS = 16 * 1024
 HASH_INLINE_BYTES = 64 * 1024  # bodies above this are hashed in a worker thread
 MARKS = {APPROVED: ":white_check_mark:", DENIED: ":no_entry_sign:", TIMEOUT: ":alarm_clock:",
          CANCELLED: ":heavy_multiplication_x:"}
@@ -610,6 +611,11 @@ class Approval:
         return a
 
     def _on_decided(self, a: PendingApproval) -> None:
+        # the store keeps up to keep_decided approvals for late votes and the history: a
+        # decided one keeps a short preview, not the whole request (1000 x 256 KiB)
+        if len(a.preview) > DECIDED_PREVIEW_CHARS:
+            a.preview = a.preview[:DECIDED_PREVIEW_CHARS]
+            a.preview_truncated = True
         event_ = self._external.get(a.id)
         if event_ is not None:
             event_.set()

@@ -735,3 +735,23 @@ def test_reviewers_see_the_whole_masked_request_and_a_summary() -> None:
     what, preview, truncated = describe_request(f, 101)
     assert len(what["summary"]) <= 160 and what["summary"].endswith("…")
     assert truncated and "\ufffd" not in preview
+
+
+def test_decided_approvals_keep_a_short_preview() -> None:
+    """Up to keep_decided approvals stay in memory after their decision: each keeps a
+    short preview, not the whole 256 KiB request."""
+    from addons.approval.addon import DECIDED_PREVIEW_CHARS
+
+    async def main() -> None:
+        addon = make_addon()
+        with taddons.context(addon):
+            f = held_flow(decision(), body={"model": "m", "messages": [
+                {"role": "user", "content": "y" * 100_000}]})
+            task = asyncio.create_task(addon.request(f))
+            await until(lambda: len(addon.store) == 1)
+            a = addon.store.pending()[0]
+            assert len(a.preview) > 100_000 and not a.preview_truncated
+            addon.store.approve(a.id, "bob", ["reviewers"])
+            await asyncio.wait_for(task, 5)
+            assert len(a.preview) == DECIDED_PREVIEW_CHARS and a.preview_truncated
+    run(main)
