@@ -167,6 +167,21 @@ class PinStore:
         sus = [] if entry.get("accepted") else list(entry.get("suspicious") or ())
         return state, sus
 
+    _scans: dict[tuple[str, str], list[str]] = {}
+
+    @classmethod
+    def _scan(cls, fp: str, tool: dict[str, Any]) -> list[str]:
+        """scan_tool, remembered by definition: a server lists the same tools every
+        session, and the scan is most of a list's cost (bounded, cleared when full)."""
+        title = tool.get("title")
+        key = (fp, title if isinstance(title, str) else "")
+        got = cls._scans.get(key)
+        if got is None:
+            if len(cls._scans) >= 4096:
+                cls._scans.clear()
+            got = cls._scans[key] = scan_tool(tool)
+        return list(got)
+
     def observe(self, scope: str, tools: list[dict[str, Any]], now: float | None = None
                 ) -> dict[str, tuple[str, list[str]]]:
         """Record a tools/list: {tool: (new | same | changed, suspicious reasons)}."""
@@ -181,7 +196,7 @@ class PinStore:
                 if not isinstance(name, str):
                     continue
                 fp = fingerprint(tool)
-                reasons = scan_tool(tool)
+                reasons = self._scan(fp, tool)
                 entry = pins.get(name)
                 if entry is None:
                     pins[name] = {"sha256": fp, "pinned_at": now, "changed": None,

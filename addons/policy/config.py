@@ -232,23 +232,24 @@ def _mcp_check(value: Any, where: Where) -> Any:
     d = expect_map(value, where, MCP_MATCH_KEYS)
     if not d:
         raise where.error("give method, tool, resource and/or prompt")
-    tests: list[tuple[str, Any]] = []
-    for key in ("method", "tool", "resource", "prompt"):
-        if key in d:
-            tests.append((key, glob_any(_nonempty_list(d[key], where.child(key)),
-                                        lower=False)))
+    tests = tuple((_MCP_FACTS[key], glob_any(_nonempty_list(d[key], where.child(key)),
+                                             lower=False))
+                  for key in ("method", "tool", "resource", "prompt") if key in d)
 
     def check(f: Any) -> bool:
         m = f.mcp
         if m is None:
             return False
-        for key, ok in tests:
-            v = {"method": m.method, "tool": m.tool, "resource": m.uri,
-                 "prompt": m.prompt}[key]
-            if not isinstance(v, str) or not ok(v):
+        for get, ok in tests:
+            v = get(m)
+            if type(v) is not str or not ok(v):
                 return False
         return True
     return check
+
+
+_MCP_FACTS = {"method": lambda m: m.method, "tool": lambda m: m.tool,
+              "resource": lambda m: m.uri, "prompt": lambda m: m.prompt}
 
 
 PROVIDER_TOOLS_KEYS = {"type", "server_url", "not_server_url", "tools", "not_tools",

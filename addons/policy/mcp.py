@@ -46,25 +46,48 @@ def tool_facts(tool: str, *, host: str, path: str, upstream: str | None,
                         content_type="application/json")
 
 
+# per rule set (the rules in force change on reload only): for each deciding rule, its
+# checks that do not depend on the arguments, and whether it has others
+_PLANS: dict[int, tuple[PolicySet, list[tuple[str, tuple[Any, ...], bool]]]] = {}
+
+
+def _plan(policies: PolicySet) -> list[tuple[str, tuple[Any, ...], bool]]:
+    got = _PLANS.get(id(policies))
+    if got is not None and got[0] is policies:
+        return got[1]
+    plan = []
+    for rule in policies.rules:
+        if rule.observing:
+            continue
+        fixed = tuple(c.check for c in rule.match.conditions if c.key in _FIXED_KEYS)
+        plan.append((rule.action, fixed, len(fixed) < len(rule.match.conditions)))
+    if len(_PLANS) >= 8:
+        _PLANS.clear()
+    _PLANS[id(policies)] = (policies, plan)
+    return plan
+
+
 def may_call(policies: PolicySet, facts: RequestFacts, *, observe_only: bool = False
              ) -> bool:
     """Could any call of the tool in `facts` be let through (allowed or approved)?"""
     if observe_only or policies.observe_only:
         return True
-    for rule in policies.rules:
-        if rule.observing:
-            continue
-        fixed = [c for c in rule.match.conditions if c.key in _FIXED_KEYS]
+    for action, fixed, depends in _plan(policies):
         try:
-            if not all(c.check(facts) for c in fixed):
-                continue
+            for check in fixed:
+                if not check(facts):
+                    break
+            else:
+                fixed = ()
         except BodyUnavailable:
             return True
-        if len(fixed) < len(rule.match.conditions):
-            if rule.action in ("allow", "approve"):
+        if fixed:
+            continue  # some condition on who, where or which tool does not hold
+        if depends:
+            if action in ("allow", "approve"):
                 return True
             continue
-        return rule.action != "block"
+        return action != "block"
     return True
 
 
