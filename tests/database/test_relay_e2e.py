@@ -50,6 +50,13 @@ databases:
       - {{name: orders-writes-reviewed, action: approve, approvers: [dba],
          match: {{kinds: [INSERT, UPDATE, DELETE], tables: [orders]}}}}
       - {{name: watch-users, action: observe, match: {{tables: [users]}}}}
+  - name: warehouse-tls
+    listen: 127.0.0.1:{listen_tls}
+    upstream: 127.0.0.1:{pgport}
+    database: analytics
+    credential: {{user: agent_rw, password_env: WAREHOUSE_PASSWORD}}
+    server_tls: {{mode: disable}}
+    client_tls: {{required: true}}
 """
 
 
@@ -82,12 +89,13 @@ def fields(payload: bytes) -> dict[str, str]:
 
 
 def raw_login(port: int, token: str, database: str = "analytics",
-              extra: tuple[tuple[str, str], ...] = ()) -> tuple[socket.socket, list]:
+              extra: tuple[tuple[str, str], ...] = (), minor: int = 0
+              ) -> tuple[socket.socket, list]:
     """Cleartext (loopback) login by hand; returns the socket and the messages up to
     ReadyForQuery or the first ErrorResponse."""
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     params = [("user", "agent"), ("database", database), *extra]
-    body = struct.pack("!I", 3 << 16) + b"".join(
+    body = struct.pack("!I", (3 << 16) | minor) + b"".join(
         k.encode() + b"\0" + v.encode() + b"\0" for k, v in params) + b"\0"
     s.sendall(struct.pack("!I", len(body) + 4) + body)
     got = []
@@ -112,8 +120,9 @@ def raw_query(s: socket.socket, sql: str) -> list[tuple[bytes, bytes]]:
 
 class Env:
     def __init__(self, gw: Any, port: int, issuer: Any, records: Path,
-                 pg: ScramServer) -> None:
+                 pg: ScramServer, tls_port: int = 0) -> None:
         self.gw, self.port, self.issuer, self.records, self.pg = gw, port, issuer, records, pg
+        self.tls_port = tls_port
 
     def token(self, **kw: Any) -> str:
         kw.setdefault("sub", "agent-7")
@@ -147,16 +156,17 @@ class Env:
 @pytest.fixture
 def env(gateway_factory, local_issuer, pgserver: ScramServer, tmp_path: Path
         ) -> Iterator[Env]:
-    port = free_port()
+    port, tls_port = free_port(), free_port()
     records = tmp_path / "records.jsonl"
     rules = RULES.format(standin_upstreams="{standin_upstreams}",
                          identity=local_issuer.identity_yaml(), listen=port,
-                         pgport=pgserver.port)
+                         pgport=pgserver.port, listen_tls=tls_port)
     gw = gateway_factory(rules, env={"WAREHOUSE_PASSWORD": DB_PASSWORD,
                                      "AGENTGATE_TEST_PG_RECORDS": str(records)},
                          script=Path(__file__).with_name("gateway_records.py"))
     wait_port(port)
-    yield Env(gw, port, local_issuer, records, pgserver)
+    wait_port(tls_port)
+    yield Env(gw, port, local_issuer, records, pgserver, tls_port)
     # shown only when the test failed (captured output)
     print("---- gateway log\n" + gw.logs()[-6000:])
 
@@ -484,7 +494,7 @@ def test_missing_hook_refuses_connections(gateway_factory, local_issuer,
     port = free_port()
     rules = RULES.format(standin_upstreams="{standin_upstreams}",
                          identity=local_issuer.identity_yaml(), listen=port,
-                         pgport=pgserver.port)
+                         pgport=pgserver.port, listen_tls=free_port())
     gateway_factory(rules, env={"WAREHOUSE_PASSWORD": DB_PASSWORD,
                                 "AGENTGATE_TEST_PG_RECORDS": "missing"},
                     script=Path(__file__).with_name("gateway_records.py"))
@@ -494,3 +504,36 @@ def test_missing_hook_refuses_connections(gateway_factory, local_issuer,
     assert got[-1][0] == b"E", got
     f = fields(got[-1][1])
     assert f["C"] == "08006" and "not installed" in f["M"], f
+
+
+def test_startup_negotiation(env: Env) -> None:
+    # GSSENCRequest -> N, then an ordinary startup on the same connection
+    s = socket.create_connection(("127.0.0.1", env.port), timeout=10)
+    s.sendall(struct.pack("!II", 8, 80877104))
+    assert s.recv(1) == b"N"
+    s.close()
+    # protocol 3.2 and a _pq_ option: NegotiateProtocolVersion(3.0, [option]) first
+    s, got = raw_login(env.port, env.token(), extra=(("_pq_.future", "1"),), minor=2)
+    s.close()
+    assert got[0][0] == b"v", got
+    newest, n = struct.unpack("!II", got[0][1][:8])
+    assert newest == 0 and n == 1 and got[0][1][8:] == b"_pq_.future\0"
+    assert got[-1][0] == b"Z"
+    # a TLS-only listener: no password asked in clear text, TLS works
+    s, got = raw_login(env.tls_port, env.token())
+    s.close()
+    assert fields(got[-1][1])["C"] == "28000" and "TLS" in fields(got[-1][1])["M"]
+    assert not any(t == b"R" for t, _ in got)
+    with psycopg.connect(env.dsn().replace(f"port={env.port}", f"port={env.tls_port}")
+                         + " sslmode=require") as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_copy_from_stdin(env: Env) -> None:
+    with env.connect() as c:
+        with c.cursor().copy("COPY users (id, name, email) FROM STDIN") as cp:
+            cp.write_row((50, "Cy", "cy@example.com"))
+        assert c.execute("SELECT name FROM users WHERE id = 50").fetchone() == ("Cy",)
+        c.execute("DELETE FROM users WHERE id = 50")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="copy_server_file"):
+            c.execute("COPY users FROM '/etc/passwd'")
