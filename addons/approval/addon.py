@@ -425,6 +425,10 @@ class Approval:
         # hashing a big body (up to the edge limit) would stall every flow: off the loop
         big = len(f.request.raw_content or b"") > HASH_INLINE_BYTES
         key = await asyncio.to_thread(intent_key, f, spec) if big else intent_key(f, spec)
+        if big and not f.client_conn.connected:
+            # it left while we hashed (client_disconnected found nothing held to mark)
+            refuse(f, 503, "the client disconnected", "approval_cancelled", STEP, spec.rule)
+            return
         joined = self.store.get(self._intents.get(key, ""))
         if joined is not None and not joined.decided:
             if len(self._flows.get(joined.id, ())) >= cfg.max_pending_per_identity:
