@@ -17,7 +17,9 @@ Per result column, decided once from the RowDescription and the Bind's format co
   rule's column part, whatever the table part says (fail closed). A computed text or json
   column (table OID 0: `lower(secret)`, `secret || ''`) of a statement that reads a table
   with column rules gets that table's strictest rule, since the gateway cannot tell which
-  columns it derives from (numbers stay: `count(*)`). Strategies: masking's placeholder /
+  columns it derives from (numbers stay: `count(*)`). A view's column (the catalog names
+  the tables a view reads, through nested views) gets the rule of a base column of its name,
+  else, when text, the base tables' strictest rule. Strategies: masking's placeholder /
   redact / partial / hash (same placeholders as LLM traffic; SQL results are never
   restored) and `null`. Text-like
   columns get the strategy's text, json/jsonb a JSON string of it; a column of any other
@@ -368,12 +370,24 @@ class ColumnRules:
 
 
 # The relay runs this (its own login, not the agent's session) for table OIDs the cache
-# lacks; $1 is an oid[] of them. Rows: (table oid, attnum, schema, table, column).
-CATALOG_SQL = ("SELECT a.attrelid::int8, a.attnum::int4, n.nspname::text, c.relname::text, "
-               "a.attname::text FROM pg_catalog.pg_attribute a "
-               "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
-               "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-               "WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0")
+# lacks; $1 is an oid[] of them. Rows: (table oid, attnum, schema, table, column, bases):
+# `bases` is, for a view or materialized view, the tables it reads ("schema.table,…",
+# through nested views), else NULL — a view column is matched against its base tables' rules.
+CATALOG_SQL = (
+    "SELECT a.attrelid::int8, a.attnum::int4, n.nspname::text, c.relname::text, "
+    "a.attname::text, CASE WHEN c.relkind IN ('v', 'm') THEN (WITH RECURSIVE deps(oid, depth) "
+    "AS (SELECT c.oid, 0 UNION SELECT d.refobjid, deps.depth + 1 FROM deps "
+    "JOIN pg_catalog.pg_rewrite r ON r.ev_class = deps.oid "
+    "JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::regclass "
+    "AND d.objid = r.oid AND d.refclassid = 'pg_catalog.pg_class'::regclass "
+    "AND d.refobjid <> deps.oid WHERE deps.depth < 8) "
+    "SELECT string_agg(DISTINCT bn.nspname || '.' || bc.relname, ',') FROM deps "
+    "JOIN pg_catalog.pg_class bc ON bc.oid = deps.oid "
+    "JOIN pg_catalog.pg_namespace bn ON bn.oid = bc.relnamespace "
+    "WHERE deps.oid <> c.oid AND bc.relkind NOT IN ('v', 'm')) END::text "
+    "FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0")
 
 
 class Catalog:
@@ -383,6 +397,7 @@ class Catalog:
     def __init__(self, ttl: float = 300.0, max_tables: int = 10_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._cols: dict[tuple[int, int], tuple[str, str, str]] = {}
+        self._bases: dict[int, tuple[str, ...]] = {}
         self._loaded: dict[int, float] = {}
         self.ttl = ttl
         self.max_tables = max_tables
@@ -398,13 +413,21 @@ class Catalog:
         if len(self._loaded) > self.max_tables:
             self._loaded.clear()
             self._cols.clear()
+            self._bases.clear()
         for t in oids:
             self._loaded[int(t)] = now
-        for t, a, s, tb, c in rows:
+        for row in rows:
+            t, a, s, tb, c = row[:5]
             self._cols[(int(t), int(a))] = (str(s), str(tb), str(c))
+            if len(row) > 5 and row[5]:
+                self._bases[int(t)] = tuple(x for x in str(row[5]).split(",") if x)
 
     def names(self, table_oid: int, attnum: int) -> tuple[str, str, str] | None:
         return self._cols.get((table_oid, attnum)) if table_oid else None
+
+    def bases(self, table_oid: int) -> tuple[str, ...]:
+        """The tables a view reads ("schema.table"), () for a table."""
+        return self._bases.get(table_oid, ())
 
 
 def wanted_tables(msg_type: bytes, payload: bytes) -> set[int]:
@@ -561,6 +584,10 @@ class ExecutionMasker:
             if names is not None:
                 rule = self.rules.match(*names) if self.rules else None
                 lab = label(names[2])
+                bases = self.catalog.bases(f.table_oid) if rule is None and self.rules \
+                    and self.catalog else ()
+                if bases:  # a view: its column as a column of the tables it reads
+                    rule = self._view_rule(bases, names[2], _kind(f.type_oid, fmt))
             else:
                 rule = self.rules.match(None, None, name) if self.rules else None
                 lab = label(name)
@@ -575,6 +602,17 @@ class ExecutionMasker:
                 rule = "null"  # a placeholder cannot live in this type: the value goes
             cols.append(_Col(name, f.type_oid, fmt, k, rule, lab))
         self._cols = cols
+
+    def _view_rule(self, bases: Sequence[str], column: str, kind: int) -> str | None:
+        """A view column's rule: a base table's rule for a column of that name, else (a
+        text or json column: it may be renamed or computed) the strictest rule of any base
+        table."""
+        for base in bases:
+            schema, _, table = base.rpartition(".")
+            rule = self.rules.match(schema, table, column)
+            if rule is not None:
+                return rule
+        return self.rules.for_tables(bases) if kind in (_TEXT, _JSON) else None
 
     # -- values
     def _value(self, v: bytes, c: _Col) -> bytes | None:

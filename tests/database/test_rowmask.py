@@ -37,6 +37,8 @@ INSERT INTO users VALUES
   'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'happy', ARRAY[1,2]),
  (2, 'bob@example.org', '5500 0000 0000 0004', 'other', 'nothing here', 7,
   '{{"n": 2}}', '{{"n": 2}}', ARRAY['x'], '192.168.0.1', 1.25, NULL, 'sad', NULL);
+CREATE VIEW contacts AS SELECT id, secret AS code, note, card FROM users;
+CREATE VIEW contacts2 AS SELECT * FROM contacts;
 """
 
 RULES = rowmask.ColumnRules([rowmask.ColumnRule("users.secret", "redact"),
@@ -348,3 +350,11 @@ def test_placeholders_shared_with_the_llm_session_and_never_restorable() -> None
     other.server(b"T", _rd(25))
     out = other.server(b"D", rowmask.build_data_row([b"bob@y.example"]))
     assert rowmask.parse_data_row(out[0][1]) == [b"[EMAIL_1]"]  # another identity's map
+
+
+def test_views_are_read_as_their_base_tables(relay: MaskingRelay, pg: PgServer) -> None:
+    """A view (even of a view) does not hide a ruled column: a column keeping its name gets
+    its rule, a renamed text column the base table's strictest rule; numbers stay."""
+    with psycopg.connect(pg.dsn(relay.port)) as con:
+        row = con.execute("SELECT code, card, note, id FROM contacts2 WHERE id = 1").fetchone()
+    assert row == ("[REDACTED_CODE]", "**** **** **** 1111", "[REDACTED_NOTE]", 1)
