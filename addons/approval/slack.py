@@ -271,8 +271,10 @@ def message(a: PendingApproval, link: str, now: float | None = None) -> dict[str
         left = max(0, int(a.expires_at - now))
         fields.append(f"*Deadline:* {left}s ({a.spec.on_timeout} on timeout)")
     # the notification's plain text (phones, screen readers): state, id, rule, target
-    text = (f"agentgate: {STATE_WORDS.get(a.state, a.state).lower()} {a.id} (rule "
-            f"{a.spec.rule}) — {target_of(a)}")
+    # escaped like the blocks: a model or tool name is the agent's text, and `<!channel>`
+    # in it would page everyone
+    text = _esc(f"agentgate: {STATE_WORDS.get(a.state, a.state).lower()} {a.id} (rule "
+                f"{a.spec.rule}) — {target_of(a)}")
     blocks: list[dict[str, Any]] = [
         {"type": "section", "text": {"type": "mrkdwn", "text": f"*{_esc(title)}*"}},
         {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(fields)}},
@@ -434,7 +436,7 @@ class SlackMessenger:
         if response_url:
             self.notifier.spawn(self.notifier.deliver(
                 response_url, {"response_type": "ephemeral", "replace_original": False,
-                               "text": text}, self.retry(), label="slack"))
+                               "text": _esc(text)}, self.retry(), label="slack"))
 
 
 # ---------------------------------------------------------------- the interactive callback

@@ -525,6 +525,10 @@ def test_slack_message_names_rule_and_buttons() -> None:
     text = json.dumps(p)
     assert a.id in p["text"] and "bulk" in text and "agent-1" in text and "model m" in text
     assert "make &lt;b&gt;50&lt;/b&gt; records" in text  # escaped: no injected markup
+    b = store.create(spec, "agent-1", {"method": "POST", "url": "https://x/y", "kind": "tool",
+                                       "tool": "<!channel> <https://evil|click>"})
+    sent = json.dumps(message(b, ""))
+    assert "<!channel>" not in sent and "<https://evil" not in sent  # no mention, no link
     buttons = p["blocks"][-1]["elements"]
     assert [b["action_id"] for b in buttons] == ["agentgate_approve", "agentgate_deny",
                                                  "agentgate_open"]
