@@ -437,6 +437,18 @@ def wanted_tables(msg_type: bytes, payload: bytes) -> set[int]:
     return {f.table_oid for f in parse_row_description(payload) if f.table_oid}
 
 
+RECORD_OIDS = frozenset({2249, 2287})  # record, record[]
+
+
+def may_hold_text(type_oid: int) -> bool:
+    """Whether a value of this type can carry a text column's content: text-like, json,
+    arrays of them, records (`row(secret)`), user-defined types (a table's row type, enums,
+    domains' arrays, extension types)."""
+    return (type_oid in TEXTUAL or type_oid in (JSON_OID, JSONB_OID)
+            or ARRAYS.get(type_oid) in TEXTUAL or ARRAYS.get(type_oid) in (JSON_OID, JSONB_OID)
+            or type_oid in RECORD_OIDS or type_oid >= USER_OID_MIN)
+
+
 # ---------------------------------------------------------------- the plan of one result
 _TEXT, _JSON, _OTHER, _ARRAY, _INERT, _OPAQUE = range(6)
 
@@ -587,23 +599,26 @@ class ExecutionMasker:
                 bases = self.catalog.bases(f.table_oid) if rule is None and self.rules \
                     and self.catalog else ()
                 if bases:  # a view: its column as a column of the tables it reads
-                    rule = self._view_rule(bases, names[2], _kind(f.type_oid, fmt))
+                    rule = self._view_rule(bases, names[2], f.type_oid)
             else:
                 rule = self.rules.match(None, None, name) if self.rules else None
                 lab = label(name)
             k = _kind(f.type_oid, fmt)
-            if rule is None and f.table_oid == 0 and k in (_TEXT, _JSON):
+            if rule is None and f.table_oid == 0 and may_hold_text(f.type_oid):
                 rule = self._computed_rule
             if rule is None and k == _OPAQUE and self._ctx is not None:
                 raise MaskRefused(
                     f"column {name!r} (type oid {f.type_oid}) is requested in binary format, "
                     "which the gateway cannot inspect for masking; request it in text format")
-            if rule is not None and rule != "null" and k not in (_TEXT, _JSON):
-                rule = "null"  # a placeholder cannot live in this type: the value goes
+            if rule is not None and rule != "null" and f.type_oid not in TEXTUAL and \
+                    f.type_oid not in (JSON_OID, JSONB_OID):
+                # a placeholder cannot live in this type (numbers, arrays, records, enums,
+                # extension types: the client parses them by type): the value goes
+                rule = "null"
             cols.append(_Col(name, f.type_oid, fmt, k, rule, lab))
         self._cols = cols
 
-    def _view_rule(self, bases: Sequence[str], column: str, kind: int) -> str | None:
+    def _view_rule(self, bases: Sequence[str], column: str, type_oid: int) -> str | None:
         """A view column's rule: a base table's rule for a column of that name, else (a
         text or json column: it may be renamed or computed) the strictest rule of any base
         table."""
@@ -612,7 +627,7 @@ class ExecutionMasker:
             rule = self.rules.match(schema, table, column)
             if rule is not None:
                 return rule
-        return self.rules.for_tables(bases) if kind in (_TEXT, _JSON) else None
+        return self.rules.for_tables(bases) if may_hold_text(type_oid) else None
 
     # -- values
     def _value(self, v: bytes, c: _Col) -> bytes | None:

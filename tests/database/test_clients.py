@@ -177,6 +177,11 @@ def test_client_matrix_masked_and_recorded(env: Env) -> None:
         row = con.execute("SELECT lower(secret), secret || '' AS secret2, "
                           "count(*) OVER () AS n FROM customers WHERE id = %s", [1]).fetchone()
         assert row == ("[REDACTED_LOWER]", "[REDACTED_SECRET2]", 1)
+        for binary in (False, True):  # arrays and records of a ruled column: NULL
+            row = con.cursor(binary=binary).execute(
+                "SELECT array_agg(secret ORDER BY id), max(row(secret)::text), "
+                "array_agg(id ORDER BY id) FROM customers").fetchone()
+            assert row == (None, "[REDACTED_MAX]", [1, 2])
         with con.pipeline():
             c1 = con.execute(SELECT, [1])
             c2 = con.cursor(binary=True).execute(SELECT, [1])
