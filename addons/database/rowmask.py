@@ -14,16 +14,17 @@ Per result column, decided once from the RowDescription and the Bind's format co
   a `Catalog` (the relay fills it with `CATALOG_SQL` over its own login): an alias
   (`SELECT email AS e`) does not hide the source column. A column the catalog cannot name
   (computed: table OID 0, or no catalog given) is matched by its field name against the
-  rule's column part, whatever the table part says (fail closed). A computed text or json
-  column (table OID 0: `lower(secret)`, `secret || ''`) of a statement that reads a table
-  with column rules gets that table's strictest rule, since the gateway cannot tell which
-  columns it derives from (numbers stay: `count(*)`). A view's column (the catalog names
+  rule's column part, whatever the table part says (fail closed). A computed column that
+  can carry text (table OID 0: `lower(secret)`, `secret || ''`, `array_agg(secret)`,
+  `row(secret)`) of a statement that reads a table with column rules gets that table's
+  strictest rule, since the gateway cannot tell which columns it derives from (numbers
+  stay: `count(*)`). A view's column (the catalog names
   the tables a view reads, through nested views) gets the rule of a base column of its name,
   else, when text, the base tables' strictest rule. Strategies: masking's placeholder /
   redact / partial / hash (same placeholders as LLM traffic; SQL results are never
-  restored) and `null`. Text-like
-  columns get the strategy's text, json/jsonb a JSON string of it; a column of any other
-  type (int8 card numbers, uuid, arrays, …) becomes NULL under any rule, since a
+  restored) and `null`. Text-like columns get the strategy's text, json/jsonb a JSON
+  string of it; a column of any other type (int8 card numbers, uuid, arrays, records,
+  enums, …) becomes NULL under any rule, since a
   placeholder cannot live in it: the RowDescription stays exactly as the server sent it,
   so every client keeps decoding by the types it was told.
 - every other value goes through the same detectors as LLM traffic: text-like and
