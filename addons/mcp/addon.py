@@ -20,6 +20,10 @@ policy's tools/list filter, addons/policy/mcp.py) runs on each message. A server
 client never sees it and the server is answered with a JSON-RPC error (a POST of its own,
 straight to the upstream, with the gateway's credential for it).
 
+An MCP session (the server's Mcp-Session-Id) stays with the identity that opened it: every
+agent reaches the server with the gateway's one credential, so the server cannot tell
+them apart; a request naming another identity's session is refused (rule `mcp.session`).
+
 McpAnswers (placed just before the recorder) turns every refusal of any step on an mcp
 upstream into what an MCP client reads: a JSON-RPC error per refused request, with its id,
 naming the rule, in an HTTP 200 (an SDK client treats any other status as a broken
@@ -56,6 +60,7 @@ log = logging.getLogger("agentgate.mcp")
 Transform = Callable[[http.HTTPFlow, "str | None", dict[str, Any]], "dict[str, Any] | None"]
 SERVER_METHODS = frozenset({"ping", "roots/list"})
 ANSWER_TIMEOUT = 10.0
+MAX_SESSIONS = 100_000
 
 
 def mcp_upstream(flow: http.HTTPFlow) -> dict[str, Any] | None:
@@ -76,6 +81,8 @@ class Mcp:
         self.transforms: list[Transform] = []
         self._stores: dict[str, PinStore] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
+        # (upstream, Mcp-Session-Id) -> the subject that opened it (bounded, oldest out)
+        self._sessions: dict[tuple[Any, str], str] = {}
 
     # -- configuration
     def config(self) -> McpConfig:
@@ -112,6 +119,18 @@ class Mcp:
         flow.metadata["mcp"] = meta
         # the gateway reads every response as it streams: no compression to undo
         req.headers["accept-encoding"] = "identity"
+        sid = meta["session"]
+        if sid is not None:
+            owner = self._sessions.get((up.get("name"), sid))
+            if owner is not None and owner != (_sub(flow) or ""):
+                # every agent reaches the server with the gateway's one credential: the
+                # server cannot tell them apart, so the gateway keeps each MCP session to
+                # the identity that opened it
+                log.warning("agentgate: mcp: a session of %s used by another identity; "
+                            "refused", up.get("name"))
+                refuse(flow, 403, "this MCP session belongs to another identity",
+                       "mcp_session_refused", "mcp", rule="mcp.session")
+                return
         if req.method in ("GET", "DELETE"):
             meta["method"] = "<stream>" if req.method == "GET" else "<end-session>"
             return
@@ -187,6 +206,11 @@ class Mcp:
         meta = flow.metadata.get("mcp")
         if sid and isinstance(meta, dict) and not meta.get("session"):
             meta["session"] = sid
+            key = (mcp_upstream(flow) or {}).get("name"), sid
+            if key not in self._sessions:
+                if len(self._sessions) >= MAX_SESSIONS:
+                    self._sessions.pop(next(iter(self._sessions)))  # the oldest
+                self._sessions[key] = _sub(flow) or ""
         if not resp.headers.get("content-type", "").lower().startswith("text/event-stream"):
             return
         enc = resp.headers.get("content-encoding", "").strip().lower()

@@ -337,3 +337,53 @@ mcp:
         r = fut.result(30)
     assert r.json()["result"]["content"][0]["text"] == "done"
     assert len(evil.requests) == 1
+
+
+def test_session_stays_with_its_identity_and_pins_per_identity(gateway_factory, evil,
+                                                               oidc_provider, tmp_path) -> None:
+    pins = tmp_path / "pins.json"
+    rules = RULES.format(port=evil.port).replace("identity:\n  required: false\n", "")
+    gw = gateway_factory(rules + oidc_provider.identity_yaml() + f"""
+mcp:
+  pinning: {{store: {pins}, scope: identity}}
+""")
+    alice = oidc_provider.token(sub="alice", groups=["agents"])
+    mallory = oidc_provider.token(sub="mallory", groups=["agents"])
+
+    def as_(token: str, body: Any, sid: str | None = None) -> httpx.Response:
+        hdrs = {"accept": "application/json, text/event-stream"}
+        if sid:
+            hdrs["mcp-session-id"] = sid
+        with httpx.Client(proxy=gw.proxy_url(token), verify=str(gw.ca_cert), timeout=30) as c:
+            return c.post(URL, json=body, headers=hdrs)
+
+    tool = {"name": "add", "description": "Adds.", "inputSchema": {"type": "object"}}
+    tools_script = _tools_answer(tool)
+
+    def script(method: str, body: bytes) -> Answer:
+        msg = json.loads(body)
+        if msg.get("method") == "initialize":
+            return 200, {"content-type": "application/json", "mcp-session-id": "S-alice"}, \
+                json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": {
+                    "protocolVersion": "2025-06-18", "capabilities": {},
+                    "serverInfo": {"name": "evil", "version": "1"}}}).encode()
+        return tools_script(method, body)
+    evil.script = script
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"}}}
+    assert as_(alice, init).headers["mcp-session-id"] == "S-alice"
+    evil.requests.clear()
+    r = as_(mallory, call("add", 5), sid="S-alice")
+    assert r.json()["error"]["data"]["rule"] == "mcp.session", r.text
+    assert evil.requests == []
+    assert as_(alice, call("add", 6), sid="S-alice").json()["result"]
+    # pins per identity: alice pinned the first definition, mallory pins the changed one
+    as_(alice, {"jsonrpc": "2.0", "id": 7, "method": "tools/list"}, sid="S-alice")
+    tools_script = _tools_answer({**tool, "description": "Adds. And more."})
+    as_(alice, {"jsonrpc": "2.0", "id": 8, "method": "tools/list"}, sid="S-alice")
+    as_(mallory, {"jsonrpc": "2.0", "id": 9, "method": "tools/list"})
+    assert as_(alice, call("add", 10), sid="S-alice").json()["error"]["data"]["rule"] \
+        == "mcp.pin:add"
+    assert as_(mallory, call("add", 11)).json()["result"]
+    assert set(json.loads(pins.read_text())) == {"evil-tools|alice", "evil-tools|mallory"}
