@@ -452,9 +452,17 @@ class Session:
             return None, Verdict("block", "unparseable"), pg.error_response(
                 "42601", f"agentgate: the statement could not be parsed ({e}); it was not "
                          "sent")
-        if st.executes is not None and st.executes in self.prepared_sql:
-            # SQL EXECUTE of a statement PREPAREd earlier: judge what it runs
-            inner, _ = self.prepared_sql[st.executes]
+        if st.executes is not None:
+            # SQL EXECUTE runs a statement prepared earlier (SQL PREPARE or a protocol
+            # Parse share one namespace): judge what it runs; one the gateway never saw
+            # (prepared inside a server function) cannot be judged and is refused
+            known = self.prepared_sql.get(st.executes) or self.statements.get(st.executes)
+            if known is None:
+                v = Verdict("block", "guard:unknown_statement")
+                return st, v, pg.error_response(
+                    "42501", "agentgate: blocked by rule guard:unknown_statement: EXECUTE of "
+                             "a prepared statement the gateway has not seen")
+            inner = known[0]
             st = Statement(sql=st.sql, masked=st.masked, count=st.count,
                            kinds=("EXECUTE", *inner.kinds), tables=inner.tables,
                            functions=inner.functions, unbounded=inner.unbounded,
@@ -548,7 +556,8 @@ class Session:
                 await self._parse(payload)
             elif t == b"B":
                 b = pg.parse_bind(payload)
-                entry = self.statements.get(b.statement)
+                entry = self.statements.get(b.statement) or self.prepared_sql.get(
+                    b.statement)  # Bind reaches SQL-PREPAREd statements too
                 if entry is None:
                     self.portals.pop(b.portal, None)
                 else:
@@ -608,8 +617,13 @@ class Session:
     async def _execute(self, payload: bytes) -> None:
         portal, _ = pg.parse_execute(payload)
         entry = self.portals.get(portal)
-        if entry is None:  # the server answers "portal does not exist"
-            self._forward(b"E", payload, Token(None, None, time.time()))
+        if entry is None:
+            # no Bind the gateway judged made this portal (a failed Bind, or a cursor
+            # declared inside a server function): nothing unjudged runs
+            tok = Token(None, Verdict("block", "guard:unknown_statement"), time.time())
+            self._refuse_in_band(b"E", tok, pg.error_response(
+                "42501", "agentgate: blocked by rule guard:unknown_statement: Execute of a "
+                         "portal the gateway has not seen bound"))
             return
         st, v = entry
         tok = Token(st, v, time.time())

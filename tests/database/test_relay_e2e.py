@@ -537,3 +537,38 @@ def test_copy_from_stdin(env: Env) -> None:
         c.execute("DELETE FROM users WHERE id = 50")
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="copy_server_file"):
             c.execute("COPY users FROM '/etc/passwd'")
+
+
+def _until_ready(s: socket.socket) -> list[tuple[bytes, bytes]]:
+    got = []
+    while True:
+        t, payload = _read(s)
+        got.append((t, payload))
+        if t == b"Z":
+            return got
+
+
+def test_nothing_unjudged_executes(env: Env) -> None:
+    """A statement runs only if the gateway judged its SQL: a portal it never saw bound, or
+    SQL EXECUTE of a statement it never saw prepared, is refused (the connection stays
+    usable)."""
+    s, got = raw_login(env.port, env.token())
+    assert got[-1][0] == b"Z"
+    s.sendall(_msg(b"E", b"nope\0" + struct.pack("!i", 0)) + _msg(b"S", b""))
+    got = _until_ready(s)
+    errs = [fields(p) for t, p in got if t == b"E"]
+    assert errs and errs[0]["C"] == "42501" and "unknown_statement" in errs[0]["M"], got
+    got = raw_query(s, "EXECUTE nosuch(1)")
+    errs = [fields(p) for t, p in got if t == b"E"]
+    assert errs and errs[0]["C"] == "42501" and "unknown_statement" in errs[0]["M"], got
+    # SQL EXECUTE of a statement prepared with Parse is judged by the Parse's SQL
+    s.sendall(_msg(b"P", b"wipe_all\0DELETE FROM users\0\0\0") + _msg(b"S", b""))
+    assert any(t == b"E" for t, _ in _until_ready(s))  # refused at Parse: never prepared
+    s.sendall(_msg(b"P", b"one\0SELECT name FROM users WHERE id = $1\0\0\0")
+              + _msg(b"S", b""))
+    assert [t for t, _ in _until_ready(s)] == [b"1", b"Z"]
+    got = raw_query(s, "EXECUTE one(1)")
+    assert any(t == b"D" and b"Ann" in p for t, p in got), got
+    s.close()
+    watched = [r for r in env.record_lines() if r["sql"] and r["sql"].startswith("EXECUTE")]
+    assert watched and watched[-1]["rule"] == "watch-users"  # the Parse's tables count
