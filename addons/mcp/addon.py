@@ -169,29 +169,32 @@ class Mcp:
                            "mcp_method_refused", "mcp", rule="mcp.unknown_methods")
                     return
         calls = [m for m in msgs if m.method == "tools/call"]
-        if calls and cfg.pinning.enabled:
+        if calls and (cfg.pinning.enabled or cfg.description_scan == "block"):
             store = self.store(cfg)
             await asyncio.to_thread(store.refresh)
-            scope = self.scope(cfg, flow, up.get("name") or "")
+            server = up.get("name") or ""
+            scope = self.scope(cfg, flow, server)
             for m in calls:
+                tool = (m.tool or "")[:100]
                 state, sus = store.status(scope, m.tool or "")
+                if not cfg.pinning.enabled:
+                    state = None if state is None else "same"
                 if cfg.description_scan != "block":
                     sus = []
                 if state == "changed" or sus:
-                    why = (f"tool {m.tool!r} of {up.get('name')!r} changed since it was "
-                           f"pinned" if state == "changed" else
-                           f"tool {m.tool!r} of {up.get('name')!r} has a suspicious "
-                           f"description ({', '.join(sus)})")
+                    why = (f"tool {tool!r} of {server!r} changed since it was pinned"
+                           if state == "changed" else
+                           f"tool {tool!r} of {server!r} has a suspicious description "
+                           f"({', '.join(sus)})")
                     meta["pin"] = "changed"
-                    if len(calls) > 1:
-                        meta.setdefault("pins", {})[m.tool] = "changed"
-                    log.warning("agentgate: mcp: call to %s/%s: %s", up.get("name"),
-                                m.tool, "pin changed" if state == "changed" else
+                    meta.setdefault("pin_changed", []).append(tool)
+                    log.warning("agentgate: mcp: call to %s/%r: %s", server, tool,
+                                "pin changed" if state == "changed" else
                                 "flagged by the description scan")
-                    if cfg.pinning.on_change == "block":
+                    if cfg.pinning.on_change == "block" or sus:
                         refuse(flow, 403, f"{why}; an operator must accept it: agentgate "
-                               f"mcp pins accept {up.get('name')} {m.tool}",
-                               "mcp_pin_changed", "mcp", rule=f"mcp.pin:{m.tool}")
+                               f"mcp pins accept {server} {tool}",
+                               "mcp_pin_changed", "mcp", rule=f"mcp.pin:{tool}")
                         return
                 elif meta["pin"] is None:
                     meta["pin"] = "same" if state == "same" else None

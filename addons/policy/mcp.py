@@ -100,7 +100,9 @@ def pin_decision(rules: Any, meta: Any, decision: Decision) -> Decision:
     pinning = cfg.pinning
     if pinning.on_change != "approve" or decision.enforced_action == "block":
         return decision
-    tool = meta.get("tool") or "?"
+    changed = meta.get("pin_changed")
+    # the changed tool (in a batch, the first changed one; not the batch's first message)
+    tool = changed[0] if isinstance(changed, list) and changed else meta.get("tool") or "?"
     return Decision("approve", f"mcp.pin:{tool}",
                     f"tool {tool!r} changed since it was pinned; held for approval",
                     False, ApprovalSpec(groups=pinning.approvers, timeout=pinning.timeout),

@@ -164,6 +164,9 @@ def test_pin_decision() -> None:
     assert pin_decision(_Rules("approve"), meta, block) is block
     assert pin_decision(_Rules("block"), meta, allow) is allow
     assert pin_decision(_Rules("approve"), {"pin": "same"}, allow) is allow
+    # in a batch the hold names the changed tool, not the batch's first message
+    batch = {"pin": "changed", "tool": "add", "pin_changed": ["lookup"]}
+    assert pin_decision(_Rules("approve"), batch, allow).rule == "mcp.pin:lookup"
 
 
 @pytest.mark.parametrize("match,key", [
