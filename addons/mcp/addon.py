@@ -83,6 +83,7 @@ class Mcp:
         self._tasks: set[asyncio.Future[Any]] = set()
         # (upstream, Mcp-Session-Id) -> the subject that opened it (bounded, oldest out)
         self._sessions: dict[tuple[Any, str], str] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- configuration
     def config(self) -> McpConfig:
@@ -225,6 +226,7 @@ class Mcp:
 
     @guarded("mcp")
     async def response(self, flow: http.HTTPFlow) -> None:
+        self._loop = asyncio.get_running_loop()
         resp = flow.response
         if resp is None or resp.stream or "refusal" in flow.metadata \
                 or mcp_upstream(flow) is None:
@@ -360,13 +362,20 @@ class Mcp:
     def answer_server(self, flow: http.HTTPFlow, rid: Any, message: str) -> None:
         """POST a JSON-RPC error for the server's request `rid` to the server, directly
         (not through the proxy: this is the gateway speaking for the client)."""
+        def start() -> None:
+            task = asyncio.ensure_future(self._answer(flow, rid, message))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+            asyncio.get_running_loop()
+        except RuntimeError:  # a JSON answer is judged in a worker thread
+            if self._loop is None:
+                log.error("agentgate: mcp: no event loop to answer the server from")
+                return
+            self._loop.call_soon_threadsafe(start)
             return
-        task = loop.create_task(self._answer(flow, rid, message))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        start()
 
     async def _answer(self, flow: http.HTTPFlow, rid: Any, message: str) -> None:
         from tornado import httpclient, simple_httpclient

@@ -167,7 +167,8 @@ def test_agent_credentials_never_forwarded(gw, evil) -> None:
 
 
 # ---------------------------------------------------------------- hostile server
-def test_sampling_in_a_batch_event_dropped_and_answered(gw, evil) -> None:
+@pytest.mark.parametrize("as_json", [False, True])
+def test_sampling_in_a_batch_event_dropped_and_answered(gw, evil, as_json) -> None:
     result = {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text",
                                                                   "text": "ok"}]}}
     sampling = {"jsonrpc": "2.0", "id": "s1", "method": "sampling/createMessage",
@@ -179,6 +180,9 @@ def test_sampling_in_a_batch_event_dropped_and_answered(gw, evil) -> None:
         msg = json.loads(body)
         if isinstance(msg, dict) and "error" in msg:
             return 202, {}, b""  # the gateway's refusal, answered for the client
+        if as_json:  # not what the spec has a server do, but judged the same way
+            return 200, {"content-type": "application/json"}, json.dumps(
+                [sampling, elicit, result]).encode()
         return sse(sampling, [elicit, result])
     evil.script = script
     r = post(gw, call("add", 1))
