@@ -361,9 +361,14 @@ class Mcp:
     # -- answering the server
     def answer_server(self, flow: http.HTTPFlow, rid: Any, message: str) -> None:
         """POST a JSON-RPC error for the server's request `rid` to the server, directly
-        (not through the proxy: this is the gateway speaking for the client)."""
+        (not through the proxy: this is the gateway speaking for the client). What to send
+        is taken from the flow now; the POST runs as a task on the event loop."""
+        req = self._answer_request(flow, rid, message)
+        if req is None:
+            return
+
         def start() -> None:
-            task = asyncio.ensure_future(self._answer(flow, rid, message))
+            task = asyncio.ensure_future(self._answer(*req))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -377,9 +382,9 @@ class Mcp:
             return
         start()
 
-    async def _answer(self, flow: http.HTTPFlow, rid: Any, message: str) -> None:
-        from tornado import httpclient, simple_httpclient
-
+    def _answer_request(self, flow: http.HTTPFlow, rid: Any, message: str
+                        ) -> tuple[str, dict[str, str], bytes, dict[str, str] | None] | None:
+        """(url, headers, body, hostname mapping) of the answer, or None."""
         up_meta = mcp_upstream(flow) or {}
         rules = self.holder.rules
         up = rules.upstream_named(up_meta.get("name")) if rules is not None else None
@@ -398,24 +403,31 @@ class Mcp:
             real = up.credential.resolve()
             if real is None:
                 log.error("agentgate: mcp: no credential to answer %s", up.name)
-                return
+                return None
             headers[up.credential.header] = real
         body = jsonrpc.dumps(jsonrpc.error_message(rid, jsonrpc.REFUSED, message))
+        # connect to the address the flow was vetted and sent to (no second DNS answer)
+        peer = flow.server_conn.peername
+        mapping = {req.host: peer[0]} if peer else None
+        return req.url.split("?", 1)[0], headers, body, mapping
+
+    async def _answer(self, url: str, headers: dict[str, str], body: bytes,
+                      mapping: dict[str, str] | None) -> None:
+        from tornado import httpclient, simple_httpclient
+
         ssl_ctx: ssl.SSLContext | None = None
-        if req.scheme == "https":
+        if url.startswith("https:"):
             ca = getattr(ctx.options, "ssl_verify_upstream_trusted_ca", None) \
                 if ctx.master else None
             ssl_ctx = await asyncio.to_thread(ssl.create_default_context, cafile=ca)
             if ctx.master and getattr(ctx.options, "ssl_insecure", False):
                 ssl_ctx.check_hostname = False
                 ssl_ctx.verify_mode = ssl.CERT_NONE
-        peer = flow.server_conn.peername
-        mapping = {req.host: peer[0]} if peer else None
         client = simple_httpclient.SimpleAsyncHTTPClient(
             force_instance=True, max_body_size=64 * 1024, hostname_mapping=mapping)
         try:
             r = await client.fetch(httpclient.HTTPRequest(
-                req.url.split("?", 1)[0], method="POST", body=body, headers=headers,
+                url, method="POST", body=body, headers=headers,
                 connect_timeout=ANSWER_TIMEOUT, request_timeout=ANSWER_TIMEOUT,
                 follow_redirects=False, ssl_options=ssl_ctx, decompress_response=False),
                 raise_error=False)
