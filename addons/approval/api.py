@@ -12,6 +12,11 @@ own OIDC token (`Authorization: Bearer …`), verified by the same code as agent
   POST /approvals/{id}/approve        {"reason": "…"} optional
   POST /approvals/{id}/deny           {"reason": "…"} required
 
+Both POSTs take an optional `"via"` naming the client, recorded with the vote: only what
+a bearer-token client may claim (API_VIAS: "api", the default, or "cli"). "page",
+"slack" and "mitmweb" are recorded only by those paths themselves; the store treats
+"mitmweb" as the shared operator, so an API client naming it would skip the group check.
+
 Errors are JSON `{"error": {"code", "message"}}` with 400/401/403/404/405/409/413/503.
 Tokens are never logged or echoed.
 """
@@ -34,7 +39,7 @@ import tornado.netutil
 import tornado.web
 
 from addons.approval.config import ApprovalsConfig
-from addons.approval.store import ApprovalError, ApprovalStore, PendingApproval
+from addons.approval.store import VIA_API, ApprovalError, ApprovalStore, PendingApproval
 from addons.approval.web.app import CookieKeys, make_app
 from addons.approval.web.login import OIDCLogin
 from addons.approval.web.session import SessionTable
@@ -52,6 +57,8 @@ IDLE_TIMEOUT = 30.0  # an idle keep-alive connection (not an open event stream) 
 
 Verifier = Callable[[str], Awaitable[dict[str, Any]]]
 Route = tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]
+# what a JSON API client may name as `via` (see the module docstring)
+API_VIAS = (VIA_API, "cli")
 _ROUTE = re.compile(r"^/approvals/([A-Za-z0-9_-]{1,64})(?:/(approve|deny))?/?$")
 
 
@@ -163,12 +170,16 @@ class ApprovalsAPI:
         who = await self._reviewer(headers)
         payload = _json_body(body)
         reason = payload.get("reason")
+        via = payload.get("via", VIA_API)
+        if via not in API_VIAS:  # also refuses non-strings
+            return _error(400, "bad_via", "via must be one of: " + ", ".join(API_VIAS))
         if action == "approve":
-            a = self.store.approve(approval_id, who["sub"], who["groups"], reason=reason)
+            a = self.store.approve(approval_id, who["sub"], who["groups"], reason=reason,
+                                   via=via)
         else:
             if not isinstance(reason, str) or not reason.strip():
                 return _error(400, "reason_required", 'deny needs {"reason": "…"}')
-            a = self.store.deny(approval_id, who["sub"], who["groups"], reason)
+            a = self.store.deny(approval_id, who["sub"], who["groups"], reason, via=via)
         log.info("agentgate: approval %s: %s by %s (%d/%d approvals, state %s)", a.id, action,
                  who["sub"], len(a.approvers), a.spec.min_approvals, a.state)
         if self.on_vote is not None:

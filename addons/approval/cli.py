@@ -230,7 +230,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    # `via` names this client; the API records it where it accepts the field (else "api")
+    # `via` names this client in the recorded vote (the API accepts "api" or "cli")
     body = {"reason": args.reason, "via": "cli"} if args.reason else {"via": "cli"}
     return _run(args, lambda: call(args, "POST", f"/approvals/{_id(args.id)}/approve", body))
 

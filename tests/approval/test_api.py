@@ -152,6 +152,33 @@ def test_approve_then_late_vote_is_409(server: Server) -> None:
     assert status == 409 and out["error"]["code"] == "approval_decided"
 
 
+def test_via_is_recorded_from_a_closed_set(server: Server) -> None:
+    """A bearer-token client may say it is the API (default) or the CLI; it may not claim
+    the page, Slack or mitmweb (the store treats "mitmweb" as the shared operator, who
+    skips the approver-group check): those are refused and nothing is voted."""
+    a = server.hold(min_approvals=2)
+    base = f"/approvals/{a.id}"
+    for bad in ("mitmweb", "page", "slack", "CLI", "", None, 1, ["cli"], {"via": "cli"}):
+        for action, body in (("approve", {"via": bad}), ("deny", {"via": bad, "reason": "x"})):
+            status, out, _ = call(server.url, "POST", f"{base}/{action}", "tok-bob",
+                                  json.dumps(body).encode())
+            assert status == 400 and out["error"]["code"] == "bad_via", (bad, action)
+    # an outsider claiming mitmweb gets no operator vote either
+    status, out, _ = call(server.url, "POST", f"{base}/approve", "tok-mallory",
+                          b'{"via": "mitmweb"}')
+    assert status == 400 and not a.votes and server.votes == []
+    status, out, _ = call(server.url, "POST", f"{base}/approve", "tok-bob",
+                          b'{"via": "cli", "reason": "ok"}')
+    assert status == 200 and out["approval"]["votes"][0]["via"] == "cli"
+    status, out, _ = call(server.url, "POST", f"{base}/approve", "tok-alice", b"{}")
+    assert status == 200 and out["approval"]["state"] == "approved"
+    assert [(v.sub, v.via) for v in a.votes] == [("bob", "cli"), ("alice", "api")]
+    b = server.hold()
+    status, out, _ = call(server.url, "POST", f"/approvals/{b.id}/deny", "tok-bob",
+                          b'{"via": "cli", "reason": "no"}')
+    assert status == 200 and [(v.sub, v.via) for v in b.votes] == [("bob", "cli")]
+
+
 def test_limits_and_garbage(server: Server) -> None:
     a = server.hold()
     # a body over the limit is refused, not buffered

@@ -70,7 +70,7 @@ def test_list_approve_deny(server: Server, capsys: pytest.CaptureFixture,
     rc, out, _ = run(capsys, "show", a.id)
     assert rc == 0 and "line two" in out and "0/2 from reviewers" in out
     rc, out, _ = run(capsys, "approve", a.id, "--reason", "ok")
-    assert rc == 0 and "1/2" in out and "approve by alice" in out
+    assert rc == 0 and "1/2" in out and "approve by alice via cli" in out
     rc, out, err = run(capsys, "approve", a.id)
     assert rc == 1 and "already_voted" in err and "409" in err
     rc, out, err = run(capsys, "approve", a.id, "--token", "tok-mallory")
@@ -82,6 +82,7 @@ def test_list_approve_deny(server: Server, capsys: pytest.CaptureFixture,
     rc, out, _ = run(capsys, "deny", a.id, "--reason", "changed my mind", "--token", "tok-bob",
                      "--json")
     assert rc == 0 and '"state": "denied"' in out
+    assert [(v.sub, v.via) for v in a.votes] == [("alice", "cli"), ("bob", "cli")]
     rc, out, err = run(capsys, "approve", "ap-doesnotexist")
     assert rc == 1 and "404" in err
     with pytest.raises(SystemExit):
