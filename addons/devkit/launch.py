@@ -113,8 +113,10 @@ def start_gateway(rules_dir: Path, confdir: Path, data_dir: Path, log_path: Path
                   gateway_env: dict[str, str] | None = None,
                   extra_args: tuple[str, ...] = (), web: bool = False,
                   wait: bool = True, script: Path | None = None,
-                  host: str = "127.0.0.1", port: int | None = None) -> Gateway:
-    # a fixed host/port for `agentgate dev` (a newcomer's env block stays valid across runs)
+                  host: str = "127.0.0.1", port: int | None = None,
+                  approvals_listen: str | None = None) -> Gateway:
+    # a fixed host/port for `agentgate dev` (a newcomer's env block stays valid across runs;
+    # its reviewers' page needs a fixed address too: the dev IdP knows its redirect URL)
     port = port or free_port()
     args = [str(BIN / ("mitmweb" if web else "mitmdump")),
             "-s", str(script or ROOT / "addons" / "gateway.py"),
@@ -125,7 +127,8 @@ def start_gateway(rules_dir: Path, confdir: Path, data_dir: Path, log_path: Path
             "--set", "connection_strategy=lazy",
             "--set", "agentgate_rules_poll_ms=200",
             # each gateway gets its own reviewers' API port, so several can run side by side
-            "--set", f"agentgate_approvals_listen=127.0.0.1:{free_port()}"]
+            "--set", "agentgate_approvals_listen="
+                     + (approvals_listen or f"127.0.0.1:{free_port()}")]
     if web:
         args += ["--set", f"web_port={free_port()}", "--set", "web_open_browser=false"]
     if standin_ca is not None:
