@@ -143,6 +143,10 @@ class Mcp:
             body = decode.request_body(flow, max_bytes=cfg.max_event_bytes)
             value = jsonrpc.loads_strict(body.text if body is not None else "")
             payload = jsonrpc.parse_payload(value)
+        except decode.TooLarge:
+            refuse(flow, 413, f"JSON-RPC body over mcp.max_event_bytes "
+                   f"({cfg.max_event_bytes} bytes)", "body_too_large", "mcp")
+            return
         except decode.DecodeError as e:
             refuse(flow, 400, f"cannot read the JSON-RPC body: {e.reason}", "invalid_json",
                    "mcp")

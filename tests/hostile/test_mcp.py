@@ -154,6 +154,14 @@ def test_smuggled_or_malformed_bodies_get_jsonrpc_errors(gw, evil, raw, code) ->
     assert evil.requests == []
 
 
+def test_oversized_body_refused_by_name(gateway_factory, evil) -> None:
+    gw = gateway_factory(RULES.format(port=evil.port) + "mcp: {max_event_bytes: 2048}\n")
+    r = post(gw, call("add", 1, text="x" * 4096))
+    assert r.json()["id"] == 1 or r.json()["id"] is None, r.text
+    assert r.json()["error"]["data"]["code"] == "body_too_large", r.text
+    assert evil.requests == []
+
+
 def test_agent_credentials_never_forwarded(gw, evil) -> None:
     evil.script = lambda m, b: (200, {"content-type": "application/json"},
                                 json.dumps({"jsonrpc": "2.0", "id": 1, "result": {}}).encode())
