@@ -399,3 +399,35 @@ mcp:
         == "mcp.pin:add"
     assert as_(mallory, call("add", 11)).json()["result"]
     assert set(json.loads(pins.read_text())) == {"evil-tools|alice", "evil-tools|mallory"}
+
+
+def test_streamed_result_restored_for_the_agent_only(gateway_factory, evil) -> None:
+    gw = gateway_factory(RULES.format(port=evil.port).replace(
+        "    dialect: mcp\n", "    dialect: mcp\n    restore: true\n"))
+
+    def echo(method: str, body: bytes) -> Answer:
+        msg = json.loads(body)
+        text = f"sent to {msg['params']['arguments']['to']}"
+        # one message split over two data lines and a CRLF event end: still one message
+        data = json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": {
+            "content": [{"type": "text", "text": text}],
+            "structuredContent": {"to": msg["params"]["arguments"]["to"]}}}, indent=1)
+        lines = data.split("\n")
+        body_out = (b"event: message\r\n" + b"".join(b"data: " + ln.encode() + b"\r\n"
+                                                     for ln in lines) + b"\r\n")
+        return 200, {"content-type": "text/event-stream"}, body_out
+    evil.script = echo
+    r = post(gw, call("send_email", 4, to="carol.jones@example.net"))
+    got = messages(r)
+    assert len(got) == 1 and got[0]["id"] == 4, r.text
+    assert got[0]["result"]["content"][0]["text"] == "sent to carol.jones@example.net"
+    assert got[0]["result"]["structuredContent"] == {"to": "carol.jones@example.net"}
+    assert "carol.jones" not in json.dumps(evil.jsonrpc())  # the server got a placeholder
+    gw.stop()
+    import duckdb
+    con = duckdb.connect(str(gw.data_dir / "agentgate.duckdb"), read_only=True)
+    try:
+        stored = json.dumps(con.execute("SELECT * FROM flows").fetchall(), default=str)
+    finally:
+        con.close()
+    assert "carol.jones" not in stored and "[EMAIL_" in stored
