@@ -34,9 +34,16 @@ characters, `\\u0034` / `%34` / `&#52;` escapes), detection runs on the normalis
 and spans are mapped back, so a finding's `value` is exactly `text[start:end]` of what was
 passed in.
 
-Cost: ~50 MB/s per core on ASCII prose, 25-40 MB/s on prose with non-ASCII words; every
-detector stays linear on hostile input (worst case measured ~1.3 MB/s, e.g. a body of
-'1' + zero-width space repeated) — see bench/bench_detectors.py.
+Engines: `DetectorSet(config)` runs one Hyperscan pass first (addons.masking.fastscan) and
+then only the detectors whose anchors occur (IBANs only in windows around their candidates);
+`DetectorSet(config, fast=False)` is the reference engine that runs every detector. Both
+give the same findings (tests/masking/test_differential.py); without the hyperscan module
+the default falls back to the reference engine and logs that once.
+
+Cost (reference engine): ~50 MB/s per core on ASCII prose, 25-40 MB/s on prose with
+non-ASCII words; the fast engine skips the regex scans of absent families, which is most of
+that on clean prose. Every detector stays linear on hostile input (worst case measured
+~1.3 MB/s, e.g. a body of '1' + zero-width space repeated) — see bench/bench_detectors.py.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from dataclasses import dataclass
 
 import regex
 
+from addons.masking import fastscan
 from addons.masking.config import BUILTIN_ENTITIES, MaskingConfig
 from addons.masking.normalize import normalize
 from addons.masking.secret_rules import (
@@ -544,12 +552,15 @@ _TEMPLATE = _c(r"[$<{%].*|[*xX]+|\.\.\.")
 _PW_WORDS = ("pass", "pwd", "secret", "token", "key", "credential")
 
 
-def _find_passwords(t: str, low: str | None, out: list) -> None:
-    if "://" in t:
+def _find_passwords(t: str, low: str | None, out: list, url: bool = True,
+                    assign: bool = True) -> None:
+    if url and "://" in t:
         for m in URL_PASSWORD.finditer(t):
             v = m.group("v")
             if not _TEMPLATE.fullmatch(v) and password_ok(v):
                 out.append((m.start("v"), m.end("v"), "PASSWORD", 15))
+    if not assign:
+        return
     if low is not None and len(t) < _SHORT_TEXT and not any(w in low for w in _PW_WORDS):
         return  # short text without a password-like word (cheaper than the scans)
     for op, pattern in zip("=:", PASSWORD_ASSIGNMENTS, strict=True):
@@ -650,6 +661,8 @@ def _rarest(literal: str) -> str:
 
 # below this length, `in` tests of a rule's literals are cheaper than starting its scan
 _SHORT_TEXT = 16384
+# below this length the reference path's `in` tests beat a prefilter pass
+_PREFILTER_MIN = 0
 
 # longest span per built-in entity, in normalised characters
 _MAX_LEN: dict[str, int] = {
@@ -691,7 +704,8 @@ class _Custom:
 class DetectorSet:
     """All enabled detectors of a masking config, compiled once; `find` is thread-safe."""
 
-    def __init__(self, config: MaskingConfig | None = None) -> None:
+    def __init__(self, config: MaskingConfig | None = None, *, fast: bool = True) -> None:
+        """`fast=False` is the reference engine (no prefilter): same findings, slower."""
         self.config = config or MaskingConfig()
         enabled = set(self.config.enabled_builtins())
         self._enabled = frozenset(enabled)
@@ -734,6 +748,23 @@ class DetectorSet:
         self._strategies = {e: self.config.strategy_for(e) for e in enabled}
         for c in self._custom:
             self._strategies[c.entity] = self.config.strategy_for(c.entity)
+        # the prefilter (fastscan): secret rules in the order the long-text path runs them
+        self._secret_fams = tuple(
+            (fastscan.secret_family((r.entity, r.literals)), r)
+            for r in self._long_rules_all + self._long_gated)
+        self._pre: fastscan.Prefilter | None = None
+        if fast and self.config.enabled:
+            fams = [f for f, on in (("email", self._email), ("aws_word", self._aws_secret),
+                                    ("pw_url", self._password), ("pw_word", self._password),
+                                    ("bearer", self._bearer), ("num", bool(self._numeric)),
+                                    ("ipv4", self._ip), ("ipv6", self._ip)) if on]
+            self._pre = fastscan.Prefilter.create(
+                fams, [(r.entity, r.literals) for _, r in self._secret_fams], self._iban)
+
+    @property
+    def fast(self) -> bool:
+        """True when the Hyperscan prefilter is in use."""
+        return self._pre is not None
 
     @property
     def entities(self) -> tuple[str, ...]:
@@ -765,6 +796,8 @@ class DetectorSet:
         return out
 
     def _candidates(self, t: str) -> list[tuple[int, int, str, int]]:
+        if self._pre is not None and len(t) >= _PREFILTER_MIN:
+            return self._candidates_fast(t, self._pre)
         out: list[tuple[int, int, str, int]] = []
         if len(t) < _SHORT_TEXT:
             # one `in` test per distinct literal, then only the rules it gates
@@ -815,6 +848,75 @@ class DetectorSet:
                 _find_ipv4(t, out)
             if ":" in t:
                 _find_ipv6(t, out)
+        for c in self._custom:
+            self._find_custom(c, t, out)
+        return out
+
+    def _candidates_fast(self, t: str, pre: fastscan.Prefilter) -> list[
+            tuple[int, int, str, int]]:
+        """The reference detectors, run only where the prefilter saw their anchors (the same
+        calls as `_candidates`, in the same order, so the findings are the same)."""
+        out: list[tuple[int, int, str, int]] = []
+        data = fastscan.to_bytes(t)
+        present = pre.scan(data)
+        for fam, r in self._secret_fams:
+            if fam not in present:
+                continue
+            if r.entity == "PRIVATE_KEY":
+                _find_pem(r, t, out)
+                continue
+            has_pre = "pre" in r.pattern.groupindex
+            for m in r.pattern.finditer(t):
+                if r.check is None or r.check(m):
+                    start = m.start("pre") if has_pre and m.start("pre") >= 0 else m.start()
+                    out.append((start, m.end(), r.entity, r.priority))
+        aws = self._aws_secret and "aws_word" in present
+        pw_url = self._password and "pw_url" in present
+        pw_assign = self._password and "pw_word" in present
+        bearer = self._bearer and "bearer" in present
+        low: str | None = None
+        if aws or pw_assign or bearer:
+            low = t.lower()
+            if len(low) != len(t):
+                low = None
+        if aws:
+            self._find_aws_secret(t, low, out)
+        if pw_url or pw_assign:
+            _find_passwords(t, low, out, url=pw_url, assign=pw_assign)
+        if bearer:
+            _find_bearer(t, low, out)
+        if "email" in present:
+            _find_emails(t, out)
+        if self._iban:
+            starts = pre.iban_starts(data)
+            if starts is None:  # too many candidates: one whole scan is cheaper
+                _run(_IBAN_DET, t, 0, len(t), out)
+                _run(_IBAN_LOWER_DET, t, 0, len(t), out)
+            elif starts:
+                # merged windows, each reaching IBAN_WINDOW past every start inside it: a
+                # match starts at a candidate and ends (look-ahead included) inside its window
+                n = len(t)
+                wins: list[list[int]] = []
+                for s0 in starts:
+                    hi = min(n, s0 + fastscan.IBAN_WINDOW)
+                    if wins and s0 <= wins[-1][1]:
+                        wins[-1][1] = hi
+                    else:
+                        wins.append([s0, hi])
+                for d in (_IBAN_DET, _IBAN_LOWER_DET):
+                    for lo, hi in wins:
+                        _run(d, t, lo, hi, out)
+        if "num" in present:
+            n = len(t)
+            for cm in _NUM_CLUSTER.finditer(t):
+                s, e = cm.span()
+                lo, hi = max(0, s - 2), min(n, e + 3)
+                for d in self._numeric:
+                    _run(d, t, lo, hi, out)
+        if "ipv4" in present:
+            _find_ipv4(t, out)
+        if "ipv6" in present:
+            _find_ipv6(t, out)
         for c in self._custom:
             self._find_custom(c, t, out)
         return out

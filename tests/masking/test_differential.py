@@ -1,0 +1,172 @@
+"""The fast engine (Hyperscan prefilter, addons/masking/fastscan.py) finds exactly what the
+reference engine (`DetectorSet(fast=False)`) finds: same entities, spans and values.
+
+Inputs: the shared corpus, every string literal of the masking and hostile test modules (the
+evasion cases other people wrote: Unicode digits, zero-width characters, escapes, separators),
+each alone, inside long prose (the long-text paths) and glued together, evasion variants of
+every sample, and random text from hypothesis (derandomised) built from the pieces the
+detectors care about.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from addons.masking import fastscan
+from addons.masking.config import CustomDetector, MaskingConfig
+from addons.masking.detectors import CONTEXT_SAMPLES, SAMPLES, DetectorSet
+from bench.bench_detectors import CORPUS_DIR, prose
+
+pytestmark = pytest.mark.skipif(not fastscan.AVAILABLE, reason="hyperscan not importable")
+
+FAST = DetectorSet()
+REF = DetectorSet(fast=False)
+ROOT = Path(__file__).resolve().parents[2]
+PAD = prose(20_000, seed=11)  # past _SHORT_TEXT: the reference's long-text path
+
+
+def same(text: str, fast: DetectorSet = FAST, ref: DetectorSet = REF) -> None:
+    got, want = fast.find(text), ref.find(text)
+    assert got == want, f"fast {got!r} != reference {want!r} for {text[:200]!r}"
+
+
+def test_fast_engine_is_in_use():
+    assert FAST.fast and not REF.fast
+
+
+def _corpus_texts() -> list[str]:
+    out = []
+    for name in ("pii_cases.json", "secret_cases.json"):
+        cases = json.loads((CORPUS_DIR / name).read_text(encoding="utf-8"))["cases"]
+        out.extend(c["text"] for c in cases)
+    return out
+
+
+def _test_literals() -> list[str]:
+    """Every string constant of the masking and hostile test modules (their evasions)."""
+    out: set[str] = set()
+    for d in ("tests/masking", "tests/hostile"):
+        for f in sorted((ROOT / d).glob("test_*.py")):
+            if f.name == Path(__file__).name:
+                continue
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                        and 3 <= len(node.value) <= 20_000:
+                    out.add(node.value)
+    return sorted(out)
+
+
+CORPUS = _corpus_texts()
+LITERALS = _test_literals()
+
+
+def test_corpus_alone_and_in_long_prose():
+    assert len(CORPUS) > 500
+    for text in CORPUS:
+        same(text)
+    # the long-text paths, with each case at a different offset
+    for i in range(0, len(CORPUS), 40):
+        same(PAD[: 997 * (i % 7)] + "\n".join(CORPUS[i:i + 40]) + PAD)
+
+
+def test_test_suite_literals_alone_and_glued():
+    assert len(LITERALS) > 300
+    for text in LITERALS:
+        same(text)
+    for i in range(0, len(LITERALS), 25):
+        chunk = LITERALS[i:i + 25]
+        same(" ".join(chunk))
+        same("".join(chunk))
+        same(PAD[:18_000] + " ".join(chunk))
+
+
+ZW = ("\u200b", "\u200c", "\u2060", "\ufeff", "\u00ad")
+
+
+def _evasions(value: str) -> list[str]:
+    full = "".join(chr(0xFF10 + int(c)) if c.isdigit() else c for c in value)
+    arabic = "".join(chr(0x0660 + int(c)) if c.isdigit() else c for c in value)
+    zw = ZW[len(value) % len(ZW)].join(value)
+    uesc = "".join(f"\\u{ord(c):04x}" if c.isdigit() else c for c in value)
+    pct = "".join(f"%{ord(c):02X}" if c.isalnum() else c for c in value)
+    html = "".join(f"&#{ord(c)};" if c.isdigit() else c for c in value)
+    return [value, full, arabic, zw, uesc, pct, html, value.lower(), value.upper()]
+
+
+def test_sample_evasions():
+    values = list(SAMPLES.values()) + [t for t, _ in CONTEXT_SAMPLES.values()]
+    for v in values:
+        for e in _evasions(v):
+            for text in (e, f"see {e}.", f'{{"x": "{e}"}}', PAD[:17_000] + " " + e + " ok"):
+                same(text)
+
+
+# random text from the pieces that start, extend, break or validate a detection
+PIECES = st.sampled_from([
+    "4111", "1111", "0132", "415", "555", "+1", "+44", "(20)", "078", "05", "1123", "DE89",
+    "3704", "0044", "gb82", "WEST", "12345698765432", "jane.doe", "@", "example.com", ".",
+    "-", " ", "  ", "\n", "\r\n", "/", "_", ",", ":", "::", "=", '"', "'", "#", "%41",
+    "\\u0034", "&#52;", "\u200b", "\uff14", "\u0664", "é", "日本", "\u2212", "aws", "secret",
+    "SECRET", "password", "Password=", "token: ", "Bearer ", "bearer", "://", "user:",
+    "https", "sk-", "sk-proj-", "T3BlbkFJ", "AKIA", "ghp_", "hf_", "xoxb-", "AIza", "eyJ",
+    "-----BEGIN ", "PRIVATE KEY-----", "glpat-", "npm_", "pypi-Ag", "SG.", "pplx-", "rk_",
+    "live_", "10.1.2.3", "192.168", "fe80", "::1", "2001:db8", "SSN", "phone", "call",
+    "social security", "abcdefghijKLMNOP", "Zq9xW2", "0", "1", "7", "9", "12", "x",
+] + list(SAMPLES.values()) + [t for t, _ in CONTEXT_SAMPLES.values()])
+PROFILE = settings(max_examples=600, derandomize=True, deadline=None, database=None,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@PROFILE
+@given(st.lists(PIECES, max_size=40), st.integers(0, 3))
+def test_random_texts(pieces: list[str], pad: int):
+    text = "".join(pieces)
+    same(text)
+    if pad:
+        same(PAD[: 6_000 * pad] + text + PAD[:100])
+
+
+@PROFILE
+@given(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)),
+               max_size=200))
+def test_random_unicode(text: str):
+    same(text)
+    same("1 " + text + " 4111 1111 1111 1111 " + text)
+
+
+def test_custom_detectors_and_allow_list():
+    cfg = MaskingConfig(custom=(
+        CustomDetector("EMPLOYEE_ID", r"EMP-\d{6}"),
+        CustomDetector("ACCOUNT", r"\b\d{8}\b", validator="luhn", context=("account",))),
+        allow=(r"[a-z.]+@example\.org",))
+    fast, ref = DetectorSet(cfg), DetectorSet(cfg, fast=False)
+    assert fast.fast
+    for text in ("EMP-123456 and account 79927398713? account 12345674",
+                 "ann@example.org jane.doe@example.com EMP-000001",
+                 PAD[:17_000] + " account no 12345674 EMP-654321"):
+        same(text, fast, ref)
+        assert fast.find(text)
+
+
+def test_hyperscan_iban_window_reaches_the_longest_iban():
+    # the grouped form with two-character separators is the longest: it must fit the window
+    text = "x MT84\r\nMALT\r\n0110\r\n0001\r\n2345\r\nMTLC\r\nAST0\r\n01S y"
+    got = FAST.find(text + PAD)
+    assert [f.entity for f in got][:1] == ["IBAN"]
+    assert got[0].end - got[0].start < fastscan.IBAN_WINDOW
+    same(text + PAD)
+    same(PAD + text)
+
+
+def test_a_wrong_anchor_is_caught(monkeypatch):
+    """The differential checks can fail: a prefilter missing the '@' anchor loses e-mails."""
+    monkeypatch.setitem(fastscan.PRESENCE_ANCHORS, "email", (rb"@@@",))
+    broken = DetectorSet(MaskingConfig())
+    with pytest.raises(AssertionError):
+        same("mail jane.doe@example.com now", broken, REF)
