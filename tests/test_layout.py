@@ -23,7 +23,8 @@ ORDER = ["frame", "config.schema", "config.holder", "egress", "identity", "mcp",
 # modules that may know every concern: the rules loader, its addon and CLI, the entry points
 TOP = {"addons.config.loader", "addons.config.addon", "addons.config.cli", "addons.gateway",
        "addons.cli"}
-PURE = {"addons.masking.detectors", "addons.masking.normalize", "addons.masking.validators",
+PURE = {"addons.masking.detectors", "addons.masking.fastscan", "addons.masking.normalize",
+        "addons.masking.validators",
         "addons.masking.secret_rules", "addons.masking.masker", "addons.masking.bodies",
         "addons.masking.sse", "addons.policy.engine", "addons.identity.jwt",
         "addons.approval.store", "addons.approval.web.session", "addons.approval.web.render",
