@@ -56,6 +56,7 @@ from addons.approval.config import (
     url_for,
 )
 from addons.approval.notify import Notifier, Retry, event
+from addons.approval.pgstore import STATE_ENV, state_store
 from addons.approval.slack import SlackActionsHandler, SlackInteractions, SlackMessenger
 from addons.approval.store import (
     APPROVED,
@@ -269,6 +270,14 @@ class Approval:
     def __init__(self, holder: RulesHolder, store: ApprovalStore | None = None,
                  verify: Callable[[str], Awaitable[dict[str, Any]]] | None = None) -> None:
         self.holder = holder
+        # AGENTGATE_STATE=postgresql://… shares the holds with every replica (pgstore.py);
+        # unset, they live in this process. A bad value is reported by configure().
+        self._state_error = ""
+        if store is None:
+            try:
+                store = state_store()
+            except ValueError as e:
+                self._state_error = str(e)
         self.store = store or ApprovalStore()
         self.store.on_decided = self._on_decided
         self._verify = verify  # tests inject a verifier; the gateway uses addons.identity.addon
@@ -305,6 +314,8 @@ class Approval:
             f"overrides approvals.listen of the rules when set (default: ${LISTEN_ENV}).")
 
     def configure(self, updated: set[str]) -> None:
+        if self._state_error:
+            raise exceptions.OptionsError(f"${STATE_ENV}: {self._state_error}")
         if "agentgate_approvals_listen" in updated:
             try:
                 parse_listen(ctx.options.agentgate_approvals_listen)
@@ -322,6 +333,8 @@ class Approval:
     def running(self) -> None:
         self._running = True
         self._spawn(self._start_api())
+        if self.store.shared:
+            self._spawn(self.store.start())
 
     def extra_handlers(self) -> list[tuple[str, type, dict[str, Any]]]:
         """Handlers the reviewers' tornado app mounts beside its own (Slack's callback)."""
@@ -332,6 +345,8 @@ class Approval:
         self._running = False
         for approval_id in [*self._flows, *self._external]:
             self.store.cancel(approval_id, "the gateway is stopping")
+        if self.store.shared:
+            self.store.close()  # records those cancellations, gives up the replica's lease
         self.notifier.cancel_all()
         self.api.close_now()
         self._api_spec = False
@@ -445,8 +460,9 @@ class Approval:
         else:
             what, preview, truncated = describe_request(f, cfg.preview_bytes)
             try:
-                a = self.store.create(spec, requester if isinstance(requester, str) else None,
-                                      what, preview, truncated, owner=owner_of(f))
+                a = await self.store.acreate(
+                    spec, requester if isinstance(requester, str) else None, what, preview,
+                    truncated, owner=owner_of(f))
             except ApprovalError as e:
                 refuse(f, e.status, e.message, e.code, STEP, spec.rule)
                 return
@@ -584,8 +600,8 @@ class Approval:
         protocol). `gone()` is polled: True (the client went away) cancels the hold.
         Raises ApprovalError when the hold cannot be opened (quota, too many pending)."""
         cfg = self._config()
-        a = self.store.create(spec, requester, what, preview, truncated,
-                              owner=owner or f"id:{requester or '-'}")
+        a = await self.store.acreate(spec, requester, what, preview, truncated,
+                                     owner=owner or f"id:{requester or '-'}")
         event = self._external[a.id] = asyncio.Event()
         log.info("agentgate: holding %s for approval %s (rule %s, requester %s, timeout %gs)",
                  what.get("kind") or "a request", a.id, spec.rule, a.requester or "-",

@@ -174,12 +174,12 @@ class ApprovalsAPI:
         if via not in API_VIAS:  # also refuses non-strings
             return _error(400, "bad_via", "via must be one of: " + ", ".join(API_VIAS))
         if action == "approve":
-            a = self.store.approve(approval_id, who["sub"], who["groups"], reason=reason,
-                                   via=via)
+            a = await self.store.aapprove(approval_id, who["sub"], who["groups"],
+                                          reason=reason, via=via)
         else:
             if not isinstance(reason, str) or not reason.strip():
                 return _error(400, "reason_required", 'deny needs {"reason": "…"}')
-            a = self.store.deny(approval_id, who["sub"], who["groups"], reason, via=via)
+            a = await self.store.adeny(approval_id, who["sub"], who["groups"], reason, via=via)
         log.info("agentgate: approval %s: %s by %s (%d/%d approvals, state %s)", a.id, action,
                  who["sub"], len(a.approvers), a.spec.min_approvals, a.state)
         if self.on_vote is not None:

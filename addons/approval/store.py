@@ -256,6 +256,31 @@ class ApprovalStore:
         self.changed(a)
         return a
 
+    # Callers on the event loop open holds and record API/page votes through these: a
+    # shared store (pgstore.PgApprovalStore) reaches its database first; here they are the
+    # synchronous methods.
+    shared = False
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def health(self) -> dict[str, Any]:
+        return {"kind": "memory", "ready": True}
+
+    async def acreate(self, spec: ApprovalSpec, requester: str | None, what: dict[str, Any],
+                      preview: str = "", preview_truncated: bool = False,
+                      now: float | None = None, owner: str | None = None) -> PendingApproval:
+        return self.create(spec, requester, what, preview, preview_truncated, now, owner)
+
+    async def aapprove(self, approval_id: str, sub: str, groups: Any = (), *,
+                       via: str = VIA_API, reason: Any = None) -> PendingApproval:
+        return self.approve(approval_id, sub, groups, via=via, reason=reason)
+
+    async def adeny(self, approval_id: str, sub: str, groups: Any = (), reason: Any = None,
+                    *, via: str = VIA_API) -> PendingApproval:
+        return self.deny(approval_id, sub, groups, reason, via=via)
+
     def _open(self, approval_id: str) -> PendingApproval:
         a = self.get(approval_id)
         if a is None:

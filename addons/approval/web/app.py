@@ -304,7 +304,7 @@ class DetailHandler(_Page):
 
 
 class VoteHandler(_Page):
-    def post(self, approval_id: str, action: str) -> None:
+    async def post(self, approval_id: str, action: str) -> None:
         s = self.current_user
         if s is None:
             self.fail(401, "sign in first (your session ended)")
@@ -316,13 +316,14 @@ class VoteHandler(_Page):
         reason = self.get_body_argument("reason", "") or ""
         try:
             if action == "approve":
-                a = self.api.store.approve(approval_id, s.sub, s.groups, via=VIA_PAGE,
-                                           reason=reason or None)
+                a = await self.api.store.aapprove(approval_id, s.sub, s.groups, via=VIA_PAGE,
+                                                  reason=reason or None)
             else:
                 if not reason.strip():
                     self.fail(400, "a denial needs a reason")
                     return
-                a = self.api.store.deny(approval_id, s.sub, s.groups, reason, via=VIA_PAGE)
+                a = await self.api.store.adeny(approval_id, s.sub, s.groups, reason,
+                                               via=VIA_PAGE)
         except ApprovalError as e:
             self.fail(e.status, e.message)
             return
