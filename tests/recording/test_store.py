@@ -248,7 +248,7 @@ def test_read_only_queries(con) -> None:
     assert cols == ["n"] and rows == [(2,)]
     for sql in ("DELETE FROM flows", "UPDATE flows SET status = 1", "DROP TABLE flows",
                 "COPY flows TO 'x.csv'", "ATTACH 'x.duckdb'", "SELECT 1; DELETE FROM flows",
-                "PRAGMA version", "SET threads = 1", "CHECKPOINT"):
+                "PRAGMA enable_profiling", "SET threads = 1", "CHECKPOINT"):
         with pytest.raises(ValueError):
             store.run_query(con, sql)
     assert store.verify(con).ok
