@@ -16,6 +16,7 @@ configures):
   recorder   -> addons.recording.config.parse_recorder
   mcp        -> addons.mcp.config.parse_mcp
   databases  -> addons.database.config.parse_databases (list)
+  audit_lake -> addons.recording.lake.parse_lake
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from addons.masking.config import parse_masking
 from addons.mcp.config import McpConfig, parse_mcp
 from addons.policy.config import parse_policies
 from addons.recording.config import parse_recorder
+from addons.recording.lake import LakeConfig, parse_lake
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Rules:
     recorder: Any
     mcp: Any = McpConfig()
     databases: tuple[Database, ...] = ()
+    audit_lake: LakeConfig | None = None
 
     def upstream_for(self, host: str, port: int) -> Upstream | None:
         for up in self.upstreams:
@@ -65,7 +68,7 @@ class Rules:
 
 
 LIST_SECTIONS = ("upstreams", "policies", "databases")
-MAP_SECTIONS = ("identity", "masking", "approvals", "recorder", "mcp")
+MAP_SECTIONS = ("identity", "masking", "approvals", "recorder", "mcp", "audit_lake")
 
 
 def rule_files(directory: str | Path) -> list[Path]:
@@ -146,4 +149,5 @@ def load_rules(directory: str | Path) -> Rules:
         recorder=parse_recorder(section("recorder")),
         mcp=parse_mcp(section("mcp"), {u.name: u.dialect for u in upstreams}),
         databases=parse_databases(list(_iter_list(lists["databases"], "databases"))),
+        audit_lake=parse_lake(section("audit_lake")),
     )
