@@ -108,14 +108,14 @@ def _groups(s: str) -> list[str]:
     return _SEP_SPLIT.split(s)
 
 
-_CLASSIC_SEP = frozenset(" -.()")
-_CLASSIC_GROUPS = _c(r"[0-9A-Za-z]+")
+# a character that is neither an ASCII letter or digit nor a classic separator
+_EXOTIC_CHAR = _c(r"[^0-9A-Za-z \-.()]")
 
 
 def _exotic(value: str) -> bool:
     """True when a separated value uses a separator other than space, dash, dot (the
     classic ones, whose behaviour is pinned by the corpus)."""
-    return any(c not in _CLASSIC_SEP for c in _CLASSIC_GROUPS.sub("", value))
+    return _EXOTIC_CHAR.search(value) is not None
 
 
 def _isolated(t: str, s: int, e: int) -> bool:
@@ -350,8 +350,12 @@ _PHONE_WORDS = _c(r"(?i)phone|tel\b|call|mobile|cell|fax|whatsapp|sms|contact|re
                   r"ph\.|tlf|telefon|t[eé]l[eé]phone|n[uú]mero")
 
 
+_NON_DIGITS = _c(r"[^0-9]+")
+
+
 def _digits(s: str) -> str:
-    return "".join(c for c in s if "0" <= c <= "9")
+    """The ASCII digits of `s`."""
+    return _NON_DIGITS.sub("", s)
 
 
 def _nanp_span(m: regex.Match, t: str) -> tuple[int, int] | None:
@@ -609,6 +613,9 @@ _NUMERIC: tuple[_RegexDet, ...] = (
     _RegexDet("PHONE", _PHONE_CN, _plain_span, 30),
     _RegexDet("PHONE", _PHONE_BARE, _bare_span, 30),
 )
+# their prefilter anchors (fastscan.NUMERIC_ANCHORS)
+_NUMERIC_NAMES: dict[_RegexDet, str] = dict(zip(
+    _NUMERIC, ("card", "ssn", "nanp", "intl", "trunk", "cn", "bare"), strict=True))
 _IBAN_DET = _RegexDet("IBAN", _IBAN, _iban_span, 45, retry=lambda m: m.start() + 1)
 
 
@@ -759,7 +766,8 @@ class DetectorSet:
                                     ("bearer", self._bearer), ("num", bool(self._numeric)),
                                     ("ipv4", self._ip), ("ipv6", self._ip)) if on]
             self._pre = fastscan.Prefilter.create(
-                fams, [(r.entity, r.literals) for _, r in self._secret_fams], self._iban)
+                fams, [(r.entity, r.literals) for _, r in self._secret_fams], self._iban,
+                [_NUMERIC_NAMES[d] for d in self._numeric])
 
     @property
     def fast(self) -> bool:
@@ -908,10 +916,17 @@ class DetectorSet:
                         _run(d, t, lo, hi, out)
         if "num" in present:
             n = len(t)
+            ends = pre.numeric_ends(data)
             for cm in _NUM_CLUSTER.finditer(t):
                 s, e = cm.span()
                 lo, hi = max(0, s - 2), min(n, e + 3)
-                for d in self._numeric:
+                for k, d in enumerate(self._numeric):
+                    if ends is not None:
+                        # run d only when one of its possible findings ends in (lo, hi]
+                        de = ends[k]
+                        i = bisect_right(de, lo)
+                        if i == len(de) or de[i] > hi:
+                            continue
                     _run(d, t, lo, hi, out)
         if "ipv4" in present:
             _find_ipv4(t, out)

@@ -66,20 +66,49 @@ SECRET_ANCHORS: dict[tuple[str, tuple[str, ...]], tuple[bytes, ...]] = {
     ("HUGGINGFACE_TOKEN", ("_",)): (rb"hf_", rb"api_org_"),
     ("STRIPE_KEY", ("k_",)): (rb"[rs]k_(?:live|test)_",),
 }
+# The numeric detectors (detectors._NUMERIC, by name): a pattern that matches a piece of
+# every FINDING each can return (its validated span's text), without the look-arounds, and
+# ends only a few times per number (each end is a Python callback). A 9-digit cluster runs
+# only the detectors with an anchor ending inside it (a piece of a finding ends inside the
+# finding, and the finding inside the cluster's window). S is the detectors' SEP (one
+# character that is not a letter or digit, or CRLF).
+_S = rb"(?:\r\n|[^A-Za-z0-9])"
+NUMERIC_ANCHORS: dict[str, bytes] = {
+    # the first 13 digits of a card (13-19 digits, card_ok / _card_span), one separator
+    # between groups
+    "card": rb"[0-9](?:" + _S + rb"?[0-9]){12}",
+    "ssn": rb"[0-9]{3}(?:[0-9]{6}|" + _S + rb"[0-9]{2}" + _S + rb"[0-9]{4}|-[0-9]{6})",
+    # the finding may start earlier (a country code); it ends where the pattern does
+    "nanp": rb"(?:[0-9]{3}" + _S + rb"|\([0-9]{3}\)" + _S + rb"?)[0-9]{3}" + _S + rb"[0-9]{4}",
+    # '+' and the first 8 digits (_intl_span_raw wants 8-15 digits); between two digits at
+    # most ')', a separator (CRLF: two) and '('
+    "intl": rb"\+[1-9](?:[^A-Za-z0-9]{0,4}[0-9]){7}",
+    # the trunk prefix and the first group after it
+    "trunk": rb"0[1-9][0-9]{0,3}" + _S + rb"[0-9]{2}",
+    "cn": rb"1[3-9][0-9](?:[0-9]{8}|" + _S + rb"[0-9]{4}" + _S + rb"[0-9]{4})",
+    "bare": rb"[2-9][0-9]{2}[2-9][0-9]{6}",
+}
 # IBAN candidates (upper or lower case): two letters not after a letter or digit, then two
 # digits. The match start is 4 bytes before the reported end.
 _IBAN_ANCHOR = rb"(?:^|[^A-Za-z0-9])[A-Za-z]{2}[0-9]{2}"
 # an IBAN match is at most 4 + 2 + 4 + 8 * (2 + 4) = 58 characters from its country code,
 # plus one character of look-ahead; windows reach that far past every candidate start
 IBAN_WINDOW = 64
-# more candidates than this and the window bookkeeping costs more than one whole scan
+# more candidates than this (plus one per HITS_PER_BYTES bytes) and the bookkeeping of
+# windows costs more than running the detectors over the whole text
 MAX_WINDOW_HITS = 2048
+HITS_PER_BYTES = 16
+
+
+def _hit_limit(data: bytes) -> int:
+    return MAX_WINDOW_HITS + len(data) // HITS_PER_BYTES
 
 
 class Prefilter:
     """Compiled anchors for one set of detector families; `scan` is thread-safe."""
 
-    def __init__(self, presence: Sequence[tuple[str, bytes]], iban: bool) -> None:
+    def __init__(self, presence: Sequence[tuple[str, bytes]], iban: bool,
+                 numeric: Sequence[str] = ()) -> None:
         assert _hs is not None
         self._names: list[str] = []
         exprs: list[bytes] = []
@@ -90,13 +119,17 @@ class Prefilter:
             flags.append(_hs.HS_FLAG_SINGLEMATCH)
         self._presence = _compile(exprs, flags) if exprs else None
         self._iban = _compile([_IBAN_ANCHOR], [0]) if iban else None
+        self._numeric_n = len(numeric)
+        self._numeric = _compile([NUMERIC_ANCHORS[n] for n in numeric],
+                                 [0] * len(numeric)) if numeric else None
         self._local = threading.local()
 
     @classmethod
     def create(cls, families: Sequence[str], secrets: Sequence[tuple[str, tuple[str, ...]]],
-               iban: bool) -> Prefilter | None:
-        """A prefilter for these presence families and secret rules (keys of SECRET_ANCHORS
-        or (entity, literals)); None when hyperscan is not importable."""
+               iban: bool, numeric: Sequence[str] = ()) -> Prefilter | None:
+        """A prefilter for these presence families, secret rules (keys of SECRET_ANCHORS
+        or (entity, literals)), IBAN windows and numeric detectors (NUMERIC_ANCHORS names,
+        in the caller's order); None when hyperscan is not importable."""
         if _hs is None:
             _warn_once()
             return None
@@ -108,7 +141,7 @@ class Prefilter:
             if anchors is None:
                 anchors = tuple(_literal(lit) for lit in key[1])
             presence.extend((secret_family(key), p) for p in anchors)
-        return cls(presence, iban)
+        return cls(presence, iban, numeric)
 
     def _scratch(self, which: str, db: object) -> object:
         s = getattr(self._local, which, None)
@@ -132,15 +165,16 @@ class Prefilter:
         return found
 
     def iban_starts(self, data: bytes) -> list[int] | None:
-        """Sorted positions where an IBAN may start, or None when there are more than
-        MAX_WINDOW_HITS (then scan the whole text)."""
+        """Sorted positions where an IBAN may start, or None when there are too many
+        (then scan the whole text)."""
         if self._iban is None:
             return []
         starts: list[int] = []
+        limit = _hit_limit(data)
 
         def hit(pid: int, start: int, end: int, flags: int, ctx: object) -> bool | None:
             starts.append(end - 4)
-            return True if len(starts) > MAX_WINDOW_HITS else None
+            return True if len(starts) > limit else None
 
         try:
             self._iban.scan(data, match_event_handler=hit,
@@ -148,6 +182,28 @@ class Prefilter:
         except _hs.ScanTerminated:
             return None
         return starts
+
+
+    def numeric_ends(self, data: bytes) -> list[list[int]] | None:
+        """Per numeric detector (the order given to create), the sorted end offsets of its
+        anchor; None when there are too many in all (then run them everywhere)."""
+        if self._numeric is None:
+            return []
+        ends: list[list[int]] = [[] for _ in range(self._numeric_n)]
+        count = [0]
+        limit = _hit_limit(data)
+
+        def hit(pid: int, start: int, end: int, flags: int, ctx: object) -> bool | None:
+            ends[pid].append(end)
+            count[0] += 1
+            return True if count[0] > limit else None
+
+        try:
+            self._numeric.scan(data, match_event_handler=hit,
+                               scratch=self._scratch("numeric", self._numeric))
+        except _hs.ScanTerminated:
+            return None
+        return ends
 
 
 def secret_family(key: tuple[str, tuple[str, ...]]) -> str:
