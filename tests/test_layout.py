@@ -19,7 +19,7 @@ ADDONS = ROOT / "addons"
 # Data-path order of the concern packages: a concern may import a concern before it,
 # never one after it. frame/ and the config leaves come first; devkit/ is outside.
 ORDER = ["frame", "config.schema", "config.holder", "egress", "identity", "mcp", "policy",
-         "masking", "approval", "recording", "database"]
+         "masking", "approval", "recording", "database", "health"]
 # modules that may know every concern: the rules loader, its addon and CLI, the entry points
 TOP = {"addons.config.loader", "addons.config.addon", "addons.config.cli", "addons.gateway",
        "addons.cli"}
@@ -33,7 +33,8 @@ PURE = {"addons.masking.detectors", "addons.masking.fastscan", "addons.masking.n
         "addons.connect.tokens",
         "addons.mcp.jsonrpc", "addons.mcp.sse", "addons.mcp.pins", "addons.mcp.config",
         "addons.database.protocol", "addons.database.scram", "addons.database.sqlfacts",
-        "addons.database.config", "addons.database.policy", "addons.database.session"}
+        "addons.database.config", "addons.database.policy", "addons.database.session",
+        "addons.approval.pgstore", "addons.health.probes"}
 
 
 def module_name(path: Path) -> str:

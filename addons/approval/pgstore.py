@@ -177,6 +177,7 @@ class PgApprovalStore(ApprovalStore):
         self._last_seq = 0
         self._last_ok = 0.0  # monotonic time of the last successful round trip
         self._started = False
+        self._ever = False  # connected once: losing it later is an error, not a slow start
         self.listening = False
 
     # ------------------------------------------------------------ health
@@ -219,7 +220,9 @@ class PgApprovalStore(ApprovalStore):
             raise
         except (psycopg.Error, OSError, TimeoutError) as e:
             await self._drop()
-            log.error("agentgate: shared approval store %s unavailable (%s: %s) while %s",
+            # a warning: an error logged while mitmdump starts makes it exit, and a replica
+            # whose database is not up yet should wait (not ready), not die
+            log.warning("agentgate: shared approval store %s unavailable (%s: %s) while %s",
                       self.where, type(e).__name__, str(e).splitlines()[0][:200] if str(e)
                       else "", what)
             raise ApprovalError(503, "approval_store_unavailable",
@@ -514,7 +517,7 @@ class PgApprovalStore(ApprovalStore):
             try:
                 if not self._started:
                     await self._run(self._setup, "creating the tables")
-                    self._started = True
+                    self._started = self._ever = True
                     log.info("agentgate: shared approval store %s ready (replica %s)",
                              self.where, self.replica)
                 await self._tick()
@@ -523,8 +526,9 @@ class PgApprovalStore(ApprovalStore):
                 raise
             except ApprovalError:
                 if not warned:
-                    log.error("agentgate: shared approval store %s unreachable: new holds "
-                              "are refused until it is back", self.where)
+                    log.log(logging.ERROR if self._ever else logging.WARNING,
+                            "agentgate: shared approval store %s unreachable: new holds are "
+                            "refused until it is back", self.where)
                     warned = True
             except Exception:  # noqa: BLE001 - the loop must outlive one bad round
                 log.exception("agentgate: shared approval store: poll failed")

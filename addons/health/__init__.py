@@ -1,0 +1,1 @@
+"""Readiness and liveness probes, graceful drain on SIGTERM."""
