@@ -10,6 +10,13 @@ removed. `agentgate token dev` prints a fresh token from the running dev IdP.
   AGENTGATE_DEV_IDP       dev IdP        default 127.0.0.1:8099 (127.0.0.1: the rules accept
                                          a plain-http issuer only there)
   AGENTGATE_DEV_UPSTREAM  the stand-in   default 127.0.0.1:8443 (127.0.0.1: its certificate)
+  AGENTGATE_APPROVALS_LISTEN  the reviewers' page and approvals API  default 127.0.0.1:8081
+
+The reviewers' page works out of the box: the page is an OAuth client registered at the dev
+IdP (a confidential client whose only redirect URL is the page's callback; its secret and
+the cookie key are random per run, handed to the gateway in its environment), the dev rules
+hold every call for the model `review-me` (rule needs-a-reviewer) for group dev-reviewers,
+and the dev IdP offers the reviewer `dev-reviewer` (group dev-reviewers) on its login form.
 
 Why loopback only: the dev IdP signs a token for any subject and group anyone on the machine
 asks for; reachable from elsewhere it would hand out identities. The dev rules are written to
@@ -46,6 +53,12 @@ from addons.devkit.launch import BIN, Gateway, standin_upstreams_yaml, start_gat
 GATEWAY = ("AGENTGATE_LISTEN", "127.0.0.1:8080", "the gateway")
 IDP = ("AGENTGATE_DEV_IDP", "127.0.0.1:8099", "the dev IdP")
 UPSTREAM = ("AGENTGATE_DEV_UPSTREAM", "127.0.0.1:8443", "the stand-in upstream")
+APPROVALS = ("AGENTGATE_APPROVALS_LISTEN", "127.0.0.1:8081", "the reviewers' page")
+REVIEWER = "dev-reviewer"
+REVIEWER_GROUP = "dev-reviewers"
+HELD_MODEL = "review-me"  # the dev rules hold calls for this model for a reviewer
+PAGE_SECRET_ENV = "AGENTGATE_DEV_PAGE_CLIENT_SECRET"
+PAGE_COOKIE_ENV = "AGENTGATE_DEV_PAGE_COOKIE_KEY"
 AUDIENCE = "agentgate"
 MAX_TTL = 3600  # the dev rules' max_lifetime: a dev token is short-lived like a real one
 PLACEHOLDER_KEYS = {"OPENAI_API_KEY": "managed-by-agentgate",
@@ -95,6 +108,9 @@ def _check_free(spec: tuple[str, str, str], host: str, port: int) -> None:
     traceback from whichever of the three servers hits the taken port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as s:
+        # as the servers bind (SO_REUSEADDR): a listener refuses the bind, connections of
+        # a run that just stopped (TIME_WAIT) do not; else a quick restart is refused
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -217,8 +233,10 @@ def run_token_dev(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- agentgate dev
-def dev_rules(standin: Any, issuer: str) -> dict[str, str]:
-    return {
+def dev_rules(standin: Any, issuer: str, page: dict[str, str] | None = None
+              ) -> dict[str, str]:
+    """The dev rules; `page` = {"client_id", "base"} adds the reviewers' page sign-in."""
+    rules = {
         "upstreams.yaml": standin_upstreams_yaml(standin),
         "identity.yaml": textwrap.dedent(f"""\
             # agentgate dev: trusts only the local dev IdP (never copy this into rules/)
@@ -229,7 +247,50 @@ def dev_rules(standin: Any, issuer: str) -> dict[str, str]:
                   audience: {AUDIENCE}
                   max_lifetime: {MAX_TTL}
             """),
+        "policies.yaml": textwrap.dedent(f"""\
+            # agentgate dev: a call for model {HELD_MODEL} waits for a reviewer's decision
+            policies:
+              - name: needs-a-reviewer
+                match: {{model: [{HELD_MODEL}]}}
+                action: approve
+                message: the dev rules hold model {HELD_MODEL} for a reviewer
+                approvers: [{REVIEWER_GROUP}]
+                timeout: 600
+            """),
     }
+    if page is not None:
+        base = page["base"]
+        rules["approvals.yaml"] = textwrap.dedent(f"""\
+            # agentgate dev: the reviewers' page signs in at the dev IdP as a client
+            # registered there for this run (secret and cookie key: random, in the env)
+            approvals:
+              link_base: {base}
+              web:
+                client_id: {page["client_id"]}
+                client_secret_env: {PAGE_SECRET_ENV}
+                issuer: {issuer}
+                redirect_url: {base}/ui/callback
+                cookie_secret_env: {PAGE_COOKIE_ENV}
+            """)
+    return rules
+
+
+def reviewer_block(page_base: str, idp: tuple[str, int]) -> str:
+    """How a newcomer reviews a held call: the page, who to sign in as, what gets held."""
+    tcmd = token_command(idp) + f" --sub {REVIEWER} --groups {REVIEWER_GROUP}"
+    cli = shlex.join(_cli())
+    return textwrap.dedent("""\
+        Review held calls (rule needs-a-reviewer holds every call for model "{model}"):
+          open {base}/ui/ in a browser on this machine; the dev IdP asks who you are:
+          click "{reviewer}" under "Predefined users" (group {group}, may decide)
+          from the agent's shell above, ask for a held call (it waits), then approve or
+          deny it on the page:
+          curl -s https://api.openai.com/v1/chat/completions -H 'content-type: application/json' \\
+            -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "hello"}}]}}'
+          or from a shell: {cli} approvals list --url {base} --token "$({tcmd})"
+          (then `approvals approve ID` or `approvals deny ID --reason …` with the same options)
+        """).format(model=HELD_MODEL, base=page_base, reviewer=REVIEWER, group=REVIEWER_GROUP,
+                    tcmd=tcmd, cli=cli)
 
 
 def env_block(gw: Gateway, idp: tuple[str, int]) -> str:
@@ -273,11 +334,13 @@ def run_dev(args: argparse.Namespace) -> int:
         gw_addr = parse_loopback(GATEWAY)
         idp_addr = parse_loopback(IDP, only_127_0_0_1=True)
         up_addr = parse_loopback(UPSTREAM, only_127_0_0_1=True)
-        addrs = {netloc(*gw_addr): GATEWAY, netloc(*idp_addr): IDP, netloc(*up_addr): UPSTREAM}
-        if len(addrs) < 3:
-            raise DevError("AGENTGATE_LISTEN, AGENTGATE_DEV_IDP and AGENTGATE_DEV_UPSTREAM "
-                           "must be three different addresses")
-        for spec, (host, port) in ((GATEWAY, gw_addr), (IDP, idp_addr), (UPSTREAM, up_addr)):
+        page_addr = parse_loopback(APPROVALS)
+        listeners = ((GATEWAY, gw_addr), (IDP, idp_addr), (UPSTREAM, up_addr),
+                     (APPROVALS, page_addr))
+        if len({netloc(*addr) for _, addr in listeners}) < len(listeners):
+            raise DevError("AGENTGATE_LISTEN, AGENTGATE_DEV_IDP, AGENTGATE_DEV_UPSTREAM and "
+                           "AGENTGATE_APPROVALS_LISTEN must be four different addresses")
+        for spec, (host, port) in listeners:
             _check_free(spec, host, port)
     except DevError as e:
         return _fail(f"dev: {e}")
@@ -291,7 +354,7 @@ def run_dev(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="agentgate-dev-"))
     stack: list[Any] = []
     try:
-        return _serve(workdir, gw_addr, idp_addr, up_addr, stack)
+        return _serve(workdir, gw_addr, idp_addr, up_addr, page_addr, stack)
     except KeyboardInterrupt:
         print("\nagentgate dev: stopping", file=sys.stderr, flush=True)
         return 0
@@ -313,22 +376,29 @@ def run_dev(args: argparse.Namespace) -> int:
 
 
 def _serve(workdir: Path, gw_addr: tuple[str, int], idp_addr: tuple[str, int],
-           up_addr: tuple[str, int], stack: list[Any]) -> int:
+           up_addr: tuple[str, int], page_addr: tuple[str, int], stack: list[Any]) -> int:
     from mitmproxy.certs import CertStore
 
     from addons.devkit.idp import DemoIdP
     from addons.devkit.standin import StandIn
 
     try:
-        idp = DemoIdP(*idp_addr).start()
+        idp = DemoIdP(*idp_addr, users={REVIEWER: {"groups": [REVIEWER_GROUP],
+                                                   "name": "Dev Reviewer"}}).start()
         stack.append(idp)
         standin = StandIn(*up_addr, certdir=workdir / "standin-certs").start()
         stack.append(standin)
     except OSError as e:  # taken between the check and now
         raise DevError(str(e)) from None
+    page_base = f"http://{netloc(*page_addr)}"
+    try:
+        client = idp.register_client([f"{page_base}/ui/callback"])
+    except (OSError, ValueError) as e:
+        raise DevError(f"the dev IdP did not register the reviewers' page: {e}") from None
     rules_dir = workdir / "rules"
     rules_dir.mkdir()
-    for name, text in dev_rules(standin, idp.issuer).items():
+    page = {"client_id": client["client_id"], "base": page_base}
+    for name, text in dev_rules(standin, idp.issuer, page).items():
         (rules_dir / name).write_text(text)
     confdir = workdir / "certs"
     confdir.mkdir()
@@ -339,11 +409,14 @@ def _serve(workdir: Path, gw_addr: tuple[str, int], idp_addr: tuple[str, int],
     # environment holds, which must never be sent to the stand-in.
     gateway_env = {"OPENAI_API_KEY": "sk-dev-" + secrets.token_hex(20),
                    "ANTHROPIC_API_KEY": "sk-ant-dev-" + secrets.token_hex(20),
-                   "WEBHOOK_TOKEN": "whk-dev-" + secrets.token_hex(12)}
+                   "WEBHOOK_TOKEN": "whk-dev-" + secrets.token_hex(12),
+                   PAGE_SECRET_ENV: client["client_secret"],
+                   PAGE_COOKIE_ENV: secrets.token_hex(32)}
     try:
         gw = start_gateway(rules_dir, confdir, data_dir, workdir / "gateway.log",
                            standin_ca=standin.ca_path, gateway_env=gateway_env,
-                           host=gw_addr[0], port=gw_addr[1])
+                           host=gw_addr[0], port=gw_addr[1],
+                           approvals_listen=netloc(*page_addr))
     except RuntimeError as e:
         raise DevError(f"the gateway did not start: {e}") from None
     stack.append(gw)
@@ -353,10 +426,12 @@ def _serve(workdir: Path, gw_addr: tuple[str, int], idp_addr: tuple[str, int],
           dev IdP    {idp.issuer}   (AGENTGATE_DEV_IDP; audience {AUDIENCE})
           stand-in   {standin.url}   (AGENTGATE_DEV_UPSTREAM; api.openai.com, \
 api.anthropic.com and hooks.example.com go here, it answers "echo: <your text>")
-          approvals  {gw.approvals_url or "(its address is in gateway.log)"}   (reviewers' API)
+          reviewers  {page_base}/ui/   (AGENTGATE_APPROVALS_LISTEN; sign in as \
+{REVIEWER}; the approvals API is on the same address)
           work dir   {workdir}   (dev rules, CA, DuckDB, gateway.log)
         """), flush=True)
     print(env_block(gw, idp_addr), flush=True)
+    print(reviewer_block(page_base, idp_addr), flush=True)
     while True:
         if gw.proc.poll() is not None:
             tail = gw.logs()[-3000:]

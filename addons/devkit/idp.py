@@ -2,7 +2,9 @@
 
 It serves discovery, JWKS and RS256-signed ID tokens through its real authorization-code
 flow; `token()` logs a subject in and returns the ID token the provider signed, with the
-extra claims (groups, exp …) set on the user first.
+extra claims (groups, exp …) set on the user first. `users` are offered as buttons on its
+login form (a reviewer signing in to the reviewers' page), `register_client()` registers
+an OAuth client (the page) through the provider's dynamic client registration.
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ _NO_REDIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoR
 
 
 class DemoIdP:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0,
+                 users: dict[str, dict[str, Any]] | None = None) -> None:
         import oidc_provider_mock
         import werkzeug.serving
 
-        self.app = oidc_provider_mock.app()
+        self.app = oidc_provider_mock.app(user_claims=[
+            oidc_provider_mock.User(sub=sub, claims=dict(claims))
+            for sub, claims in (users or {}).items()])
         self._server = werkzeug.serving.make_server(host, port, self.app, threaded=True)
         netloc = f"[{host}]" if ":" in host else host
         self.issuer = f"http://{netloc}:{self._server.server_port}"
@@ -50,6 +55,18 @@ class DemoIdP:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def register_client(self, redirect_uris: list[str], confidential: bool = True
+                        ) -> dict[str, Any]:
+        """Register an OAuth client (RFC 7591): its client_id (and client_secret when
+        confidential, sent by HTTP Basic); only these redirect URIs are accepted for it."""
+        body = {"redirect_uris": redirect_uris, "token_endpoint_auth_method":
+                "client_secret_basic" if confidential else "none"}
+        with _DIRECT.open(urllib.request.Request(  # noqa: S310 - the local provider
+                f"{self.issuer}/oauth2/clients", data=json.dumps(body).encode(),
+                method="POST", headers={"content-type": "application/json"}),
+                timeout=10) as resp:
+            return json.load(resp)
 
     def identity_yaml(self, audience: str = "agentgate") -> str:
         return (f"identity:\n  required: true\n  issuers:\n    - issuer: {self.issuer}\n"
@@ -89,4 +106,14 @@ class DemoIdP:
                     "grant_type": "authorization_code", "code": code, "client_id": aud,
                     "client_secret": "unused", "redirect_uri": redirect}).encode()),
                 timeout=10)
-            return json.load(resp)["id_token"]
+            token = json.load(resp)["id_token"]
+            # The claims stay on the user for its next login (a reviewer signing in to the
+            # page as the same subject): keep who it is, drop this token's lifetime, else
+            # that login's ID token would carry this token's (soon past) expiry.
+            _DIRECT.open(urllib.request.Request(  # noqa: S310
+                f"{self.issuer}/users/{urllib.parse.quote(sub, safe='')}",
+                data=json.dumps({k: v for k, v in claims.items()
+                                 if k not in ("iat", "exp", "nbf")}).encode(),
+                method="PUT", headers={"content-type": "application/json"}),
+                timeout=10).close()
+            return token

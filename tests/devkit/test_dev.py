@@ -17,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,11 +41,16 @@ print(r.choices[0].message.content)
 """
 
 
+def _ports() -> dict[str, int]:
+    return {"gw": free_port(), "idp": free_port(), "up": free_port(), "page": free_port()}
+
+
 def _base_env(tmp_path: Path, ports: dict[str, int]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     env.update(AGENTGATE_LISTEN=f"127.0.0.1:{ports['gw']}",
                AGENTGATE_DEV_IDP=f"127.0.0.1:{ports['idp']}",
                AGENTGATE_DEV_UPSTREAM=f"127.0.0.1:{ports['up']}",
+               AGENTGATE_APPROVALS_LISTEN=f"127.0.0.1:{ports['page']}",
                TMPDIR=str(tmp_path),  # the work directory lands where the test can see it
                OPENAI_API_KEY=REAL_USER_KEY)  # a user's real key: must not reach the stand-in
     return env
@@ -88,7 +95,7 @@ class Dev:
 
 @pytest.fixture
 def dev_gateway(tmp_path: Path) -> Iterator[Dev]:
-    ports = {"gw": free_port(), "idp": free_port(), "up": free_port()}
+    ports = _ports()
     env = _base_env(tmp_path, ports)
     proc = subprocess.Popen([AGENTGATE, "dev"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=str(ROOT))
@@ -111,7 +118,7 @@ def dev_gateway(tmp_path: Path) -> Iterator[Dev]:
         if ln is None:
             pytest.fail("agentgate dev exited:\n" + "".join(out))
         out.append(ln)
-        if ln.startswith("Try it:"):
+        if "approvals list --url" in ln:  # the last block: how to review held calls
             break
     else:
         proc.kill()
@@ -198,6 +205,82 @@ def test_printed_connector_command_works_as_printed(dev_gateway: Dev, tmp_path: 
             conn.kill()
 
 
+HELD_CLIENT = """
+import sys, openai
+r = openai.OpenAI(max_retries=0, timeout=120).chat.completions.create(
+    model="review-me", messages=[{"role": "user", "content": sys.argv[1]}])
+print(r.choices[0].message.content)
+"""
+
+
+def test_reviewers_page_works_out_of_the_box(dev_gateway: Dev) -> None:
+    """The printed page URL and reviewer sign in (through the gateway's OIDC login at the
+    dev IdP, as a browser would), see the held call, approve it with a reason, and the
+    agent's call completes; the printed CLI command lists the hold; an outsider signed
+    in sees nothing to decide; the page's client is registered at the IdP (only its own
+    callback is accepted)."""
+    from addons.devkit.reviewer import PageError, PageReviewer
+    d = dev_gateway
+    base = f"http://127.0.0.1:{d.ports['page']}"
+    assert d.line("reviewers").split()[1] == base + "/ui/"
+    assert d.line(f"open {base}/ui/").startswith(f"open {base}/ui/ in a browser")
+    assert 'click "dev-reviewer"' in d.out and "group dev-reviewers" in d.out
+
+    web = load_rules(d.workdir / "rules").approvals.web
+    issuer = f"http://127.0.0.1:{d.ports['idp']}"
+    assert web is not None and web.issuer == issuer
+    assert web.redirect_url == base + "/ui/callback"
+    query = urllib.parse.urlencode({"client_id": web.client_id, "response_type": "code",
+                                    "scope": "openid", "redirect_uri": "http://evil.test/cb"})
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        direct.open(f"{issuer}/oauth2/authorize?{query}", timeout=10)
+    assert refused.value.code == 400  # a registered client: another redirect is refused
+
+    t = d.token("--sub", "dev-agent")
+    assert t.returncode == 0, t.stderr
+    env = {k: v for k, v in d.env.items() if not k.endswith("_API_KEY")}
+    env.update(HTTPS_PROXY=f"http://agent:{t.stdout.strip()}@127.0.0.1:{d.ports['gw']}",
+               SSL_CERT_FILE=str(d.ca), OPENAI_API_KEY=dev.PLACEHOLDER_KEYS["OPENAI_API_KEY"])
+    agent = subprocess.Popen([sys.executable, "-c", HELD_CLIENT, "held for a reviewer"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        reviewer = PageReviewer(base)
+        reviewer.sign_in("dev-reviewer")
+        deadline = time.monotonic() + 60
+        while not (held := reviewer.pending()):
+            assert agent.poll() is None, agent.communicate()
+            assert time.monotonic() < deadline, "the call was not held"
+            time.sleep(0.2)
+        assert len(held) == 1 and agent.poll() is None  # the agent waits
+        assert "held for a reviewer" in reviewer.detail(held[0])
+
+        # the printed CLI line works as printed (in a shell: it has $(…))
+        cmd = d.line("or from a shell:").removeprefix("or from a shell:").strip()
+        r = subprocess.run(["bash", "-c", cmd], env=d.env, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0 and held[0] in r.stdout, r.stderr
+
+        outsider = PageReviewer(base)
+        outsider.sign_in("someone-else")
+        assert outsider.pending() == []
+        with pytest.raises(PageError):
+            outsider.vote(held[0], "approve", "let me")
+
+        page = reviewer.vote(held[0], "approve", "fine for a dev try")
+        assert "dev-reviewer approved via page" in page
+        out, err = agent.communicate(timeout=60)
+        assert agent.returncode == 0, err[-3000:]
+        assert out.strip() == "echo: held for a reviewer"
+        history = reviewer.history()
+        assert held[0] in history and "dev-reviewer approved via page: fine for a dev try" \
+            in history
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(5)
+
+
 def test_ctrl_c_stops_all_three_and_removes_the_work_directory(dev_gateway: Dev) -> None:
     d = dev_gateway
     workdir = d.workdir
@@ -220,9 +303,10 @@ def test_ctrl_c_stops_all_three_and_removes_the_work_directory(dev_gateway: Dev)
     ("AGENTGATE_DEV_IDP", "192.0.2.1:{port}"),
     ("AGENTGATE_DEV_IDP", "[::1]:{port}"),       # loopback, but not a plain-http issuer
     ("AGENTGATE_DEV_UPSTREAM", "10.0.0.1:{port}"),
+    ("AGENTGATE_APPROVALS_LISTEN", "0.0.0.0:{port}"),
 ])
 def test_non_loopback_addresses_are_refused(tmp_path: Path, var: str, value: str) -> None:
-    ports = {"gw": free_port(), "idp": free_port(), "up": free_port()}
+    ports = _ports()
     env = _base_env(tmp_path, ports)
     env[var] = value.format(port=free_port())
     r = subprocess.run([AGENTGATE, "dev"], env=env, capture_output=True, text=True,
@@ -238,7 +322,7 @@ def test_non_loopback_addresses_are_refused(tmp_path: Path, var: str, value: str
 
 
 def test_a_taken_port_names_the_variable(tmp_path: Path) -> None:
-    ports = {"gw": free_port(), "idp": free_port(), "up": free_port()}
+    ports = _ports()
     env = _base_env(tmp_path, ports)
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports["idp"]))
@@ -251,7 +335,7 @@ def test_a_taken_port_names_the_variable(tmp_path: Path) -> None:
 
 
 def test_token_dev_without_a_dev_gateway(tmp_path: Path) -> None:
-    env = _base_env(tmp_path, {"gw": free_port(), "idp": free_port(), "up": free_port()})
+    env = _base_env(tmp_path, _ports())
     t = subprocess.run([AGENTGATE, "token", "dev"], env=env, capture_output=True, text=True,
                        timeout=60)
     assert t.returncode == 1 and t.stdout == ""
@@ -306,7 +390,7 @@ def test_ctrl_c_while_starting_leaves_no_gateway_process_nor_directory(tmp_path:
     spawned), so usually while mitmdump is starting; whenever it lands, nothing may outlive
     `agentgate dev` (mitmdump's command line names the work directory under tmp_path, so any
     survivor is found)."""
-    ports = {"gw": free_port(), "idp": free_port(), "up": free_port()}
+    ports = _ports()
     env = _base_env(tmp_path, ports)
     proc = subprocess.Popen([AGENTGATE, "dev"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
