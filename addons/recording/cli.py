@@ -12,6 +12,10 @@ otherwise they open the file read-only. Either way only read-only statements run
                                              denials, timeouts and cancels counted apart
   agentgate audit sessions --session ID      one session's records in order (llm/tool/sql/http)
   agentgate export --session ID -o FILE.mitm flows for mitmdump -nr / --server-replay / -C
+
+With `--lake [CATALOG]` every command reads the audit lake instead (every replica's records,
+column `replica` says whose; addons/recording/lake.py); without a CATALOG, the rules'
+`audit_lake:`. `audit verify --lake` walks every replica's chain across its segments.
 """
 
 from __future__ import annotations
@@ -70,9 +74,11 @@ class AuditError(Exception):
     pass
 
 
-def call(db: Path, req: dict[str, Any]) -> dict[str, Any]:
+def call(db: Any, req: dict[str, Any]) -> dict[str, Any]:
     """Run a read-only operation through the gateway's socket or on the file directly."""
     from addons.recording import writer as audit_writer
+    if not isinstance(db, Path):
+        return call_lake(db, req)
     resp = audit_writer.ask_gateway(db, req)
     if resp is None:
         if not db.exists():
@@ -136,6 +142,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--db", type=Path, default=None,
                        help="audit store (default: $AGENTGATE_DB, the rules' recorder.path, "
                             "or $AGENTGATE_DATA/agentgate.duckdb)")
+        q.add_argument("--lake", nargs="?", const="", default=None, metavar="CATALOG",
+                       help="read the audit lake (every replica) instead: a DuckLake catalog "
+                            "(postgresql://… or a .ducklake file); without CATALOG the "
+                            "rules' audit_lake")
 
     v = asub.add_parser("verify", help="walk the hash chain; exit 1 at the first bad record")
     db_arg(v)
@@ -177,17 +187,58 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=cmd_export)
 
 
-def _db(args: argparse.Namespace) -> Path:
+def _db(args: argparse.Namespace) -> Any:
+    if getattr(args, "lake", None) is not None:
+        return lake_config(args.lake)
     return args.db or default_db()
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    db = _db(args)
+def lake_config(catalog: str) -> Any:
+    """The lake to read: CATALOG, else the rules' audit_lake (AuditError if neither)."""
+    from addons.recording.lake import LakeConfig
+    if catalog:
+        return LakeConfig(catalog=catalog)
     try:
-        r = call(db, {"op": "verify"})["result"]
+        from addons.config.loader import load_rules
+        cfg = load_rules(os.environ.get("AGENTGATE_RULES", "rules")).audit_lake
+    except Exception as e:  # noqa: BLE001 - said to the user
+        raise AuditError(f"--lake without a catalog reads the rules' audit_lake: {e}") from None
+    if cfg is None:
+        raise AuditError("no audit_lake in the rules: give --lake CATALOG")
+    return cfg
+
+
+def call_lake(cfg: Any, req: dict[str, Any]) -> dict[str, Any]:
+    """A read-only operation on the audit lake (read-only attach, read-only SQL only)."""
+    from addons.recording import lake
+    from addons.recording import writer as audit_writer
+    try:
+        con = lake.open_for_queries(cfg)
+    except lake.LakeError as e:
+        raise AuditError(str(e)) from None
+    try:
+        if req.get("op") == "verify":
+            return {"lake": lake.verify(con).to_dict()}
+        return audit_writer.handle_op(con, req)
+    except ValueError as e:
+        raise AuditError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - e.g. a Parquet file gone: say so, exit non-zero
+        raise AuditError(lake.redact_catalog(
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", cfg.catalog)
+        ) from None
+    finally:
+        con.close()
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    try:
+        resp = call(_db(args), {"op": "verify"})
     except AuditError as e:
         print(f"agentgate audit verify: {e}", file=sys.stderr)
         return 2
+    if "lake" in resp:
+        return print_lake_verify(resp["lake"], args.json)
+    r = resp["result"]
     if r["ok"] and args.head and r["head_hash"] != args.head:
         r["ok"] = False
         r["problem"] = (f"head is {r['head_hash']} (seq {r['head_seq']}), expected {args.head}: "
@@ -202,6 +253,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         print(f"TAMPERED: {r['problem']}", file=sys.stderr)
         print(f"({r['count']} records verified before it)", file=sys.stderr)
+    return 0 if r["ok"] else 1
+
+
+def print_lake_verify(r: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(r))
+    else:
+        for rep in r["replicas"]:
+            if rep["ok"]:
+                print(f"OK: replica {rep['replica']}: {rep['count']} records in "
+                      f"{rep['segments']} segments; head seq {rep['head_seq']} "
+                      f"hash {rep['head_hash']}")
+        for p in r["problems"]:
+            print(f"TAMPERED: {p}", file=sys.stderr)
+        if not r["replicas"]:
+            print("OK: the lake holds no records yet")
     return 0 if r["ok"] else 1
 
 

@@ -348,17 +348,27 @@ class LakeShipper:
     def ship_all(self) -> int:
         """Ship everything committed locally now (in segments); returns records shipped."""
         n = 0
-        while True:
-            if self._lake is None:
-                self._lake = connect(self.cfg)
-            if self._local is None:
-                self._local = self._open_local()
-            got = ship_segment(self._local, self._lake, self.replica, self.cfg.segment_rows)
-            if not got:
-                break
-            n += got
-            self.shipped += got
-            self.segments += 1
+        try:
+            while True:
+                if self._lake is None:
+                    self._lake = connect(self.cfg)
+                if self._local is None:
+                    self._local = self._open_local()
+                got = ship_segment(self._local, self._lake, self.replica,
+                                   self.cfg.segment_rows)
+                if not got:
+                    break
+                n += got
+                self.shipped += got
+                self.segments += 1
+        finally:
+            if not self.cfg.on_postgres and self._lake is not None:
+                # A DuckDB catalog file is locked by the process that has it attached: let
+                # go between rounds so the other processes of this host (and the audit CLI)
+                # get their turn. A Postgres catalog takes every replica at once.
+                with contextlib.suppress(Exception):
+                    self._lake.close()
+                self._lake = None
         self.last_ok = time.time()
         self.last_error = None
         return n
@@ -569,3 +579,42 @@ def open_for_queries(cfg: LakeConfig) -> Any:
 
 def env_replica() -> str | None:
     return os.environ.get("AGENTGATE_REPLICA") or None
+
+
+class LakeShipping:
+    """Addon: ships this replica's audit store to the lake of the rules' `audit_lake:`.
+
+    Placed after the recorder: at `done` the recorder has flushed and closed the local store,
+    so the last ship takes everything. Without `audit_lake:` it does nothing. The lake is read
+    at start; a changed `audit_lake:` takes effect at the next start (logged)."""
+
+    def __init__(self, holder: Any, recorder: Any) -> None:
+        self.holder = holder
+        self.recorder = recorder
+        self.shipper: LakeShipper | None = None
+
+    def running(self) -> None:
+        rules = self.holder.rules
+        cfg = getattr(rules, "audit_lake", None) if rules is not None else None
+        if not isinstance(cfg, LakeConfig):
+            return
+        if not self.recorder.cfg.enabled:
+            log.warning("agentgate: audit_lake is set but recording is off: nothing to ship")
+            return
+        from addons.recording import writer as audit_writer
+        path = self.recorder.db_path()
+        replica = cfg.replica or env_replica() or default_replica(path)
+        self.shipper = LakeShipper(cfg, replica, lambda: audit_writer.open_db(path))
+        self.shipper.start()
+        self.holder.on_change(self._rules_changed)
+        log.info("agentgate: %s, replica %s", cfg.describe(), replica)
+
+    def _rules_changed(self, rules: Any) -> None:
+        s = self.shipper
+        if s is not None and getattr(rules, "audit_lake", None) != s.cfg:
+            log.warning("agentgate: audit_lake changed; restart the gateway to ship to the new "
+                        "lake (still shipping to the one it started with)")
+
+    def done(self) -> None:
+        if self.shipper is not None:
+            self.shipper.stop()
