@@ -16,6 +16,7 @@ loaded) and the layer guard (closes every connection that is not TLS or HTTP).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from mitmproxy import ctx
 
@@ -31,7 +32,8 @@ from addons.egress.upstreams import Upstreams
 from addons.egress.websocket import WebSockets
 from addons.frame import sentinel
 from addons.frame.annotate import Annotate
-from addons.identity.addon import Identity
+from addons.health.addon import Health
+from addons.identity.addon import Identity, state_for
 from addons.masking.addon import Masking
 from addons.masking.websocket import WebSocketMasking
 from addons.mcp.addon import Mcp, McpAnswers
@@ -39,6 +41,7 @@ from addons.policy.addon import Policy
 from addons.policy.mcp import ToolListFilter
 from addons.policy.websocket import WebSocketPolicy
 from addons.recording.addon import Recorder
+from addons.recording.lake import LakeShipping
 from addons.recording.sessions import Sessions
 
 
@@ -69,8 +72,26 @@ def build(holder: RulesHolder | None = None) -> list[object]:
         Annotate(),
         McpAnswers(),
         recorder,
+        LakeShipping(holder, recorder),
         Databases(holder, approval, recorder),
+        Health(readiness(holder, approval, recorder)),
     ]
+
+
+def readiness(holder: RulesHolder, approval: Approval, recorder: Recorder
+              ) -> dict[str, Callable[[], str | None]]:
+    """What /readyz asks (addons/health): each check says why not, or None."""
+    def keys() -> str | None:
+        missing = [s["issuer"] for s in state_for(holder).store.status() if not s["loaded"]]
+        return f"no signing keys yet from {', '.join(missing)}" if missing else None
+
+    return {
+        "rules": lambda: None if holder.rules is not None else "no valid rules loaded",
+        "identity_keys": keys,
+        "approvals": lambda: None if approval.store.ready
+        else "the shared approval store is unreachable",
+        "audit": recorder.unavailable,
+    }
 
 
 def _guard_the_edge() -> None:
