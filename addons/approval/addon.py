@@ -278,7 +278,7 @@ class Approval:
                 store = state_store()
             except ValueError as e:
                 self._state_error = str(e)
-        self.store = store or ApprovalStore()
+        self.store = store if store is not None else ApprovalStore()
         self.store.on_decided = self._on_decided
         self._verify = verify  # tests inject a verifier; the gateway uses addons.identity.addon
         self.api = ApprovalsAPI(self.store, self._verify_reviewer, link=self._link,
