@@ -1,0 +1,179 @@
+"""Placeholders shared by every replica: the masking session map in Postgres, encrypted.
+
+A session whose requests land on different replicas must see one numbering ([EMAIL_1] is the
+same address on every replica) and get its placeholders restored wherever the answer comes
+back. `SharedPlaceholders` keeps the map in one Postgres table (the `AGENTGATE_STATE`
+database REP-A's approvals use):
+
+- rows are keyed by an HMAC of (identity subject, session) — the map stays per identity AND
+  session, as in memory (addons/masking/masker.py session_key) — and looked up by an HMAC of
+  (entity, canonical value): neither the session id nor the value is stored in clear;
+- the original value is sealed with AES-256-GCM (`cryptography`), its associated data the
+  row's key and placeholder, so a ciphertext moved to another session or placeholder does
+  not open;
+- both keys are derived (HKDF-SHA256) from the gateway's secret (`AGENTGATE_SECRET`, or the
+  file named by `AGENTGATE_SECRET_FILE`), never logged, never stored;
+- rows expire with the session (`idle_ttl` after their last use) and are purged;
+- placeholder numbers come from one counter row per (session, label), taken under the row
+  lock, so two replicas never hand out one number for two values.
+
+This map is never written to the audit store (the recorder stores masked bodies only).
+No mitmproxy import: usable and testable alone. Not yet wired into masking/addon.py: see
+`Session`-compatible `assign`/`original` below for the hook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+SECRET_ENV = "AGENTGATE_SECRET"
+SECRET_FILE_ENV = "AGENTGATE_SECRET_FILE"
+MIN_SECRET_BYTES = 16
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS agentgate_mask_values (
+    skey bytea NOT NULL, vkey bytea NOT NULL, placeholder text NOT NULL,
+    sealed bytea, expires timestamptz NOT NULL,
+    PRIMARY KEY (skey, vkey));
+CREATE UNIQUE INDEX IF NOT EXISTS agentgate_mask_values_ph
+    ON agentgate_mask_values (skey, placeholder);
+CREATE TABLE IF NOT EXISTS agentgate_mask_counters (
+    skey bytea NOT NULL, label text NOT NULL, n bigint NOT NULL, expires timestamptz NOT NULL,
+    PRIMARY KEY (skey, label));
+"""
+
+
+class SecretMissing(Exception):
+    pass
+
+
+def gateway_secret(env: dict[str, str] | None = None) -> bytes:
+    """The gateway's secret from AGENTGATE_SECRET or AGENTGATE_SECRET_FILE (at least 16
+    bytes). The message of the error names the variables, never a value."""
+    env = os.environ if env is None else env
+    value = env.get(SECRET_ENV, "")
+    if not value and env.get(SECRET_FILE_ENV):
+        try:
+            value = Path(env[SECRET_FILE_ENV]).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise SecretMissing(f"{SECRET_FILE_ENV}: cannot read ({e.strerror})") from None
+    if len(value.encode()) < MIN_SECRET_BYTES:
+        raise SecretMissing(f"set {SECRET_ENV} (or {SECRET_FILE_ENV}) to a secret of at least "
+                            f"{MIN_SECRET_BYTES} bytes, the same on every replica")
+    return value.encode()
+
+
+def _derive(secret: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+class SharedPlaceholders:
+    """The placeholder <-> value map of every (identity, session), in Postgres.
+
+    `assign(session_key, entity, canonical, value, restorable)` returns the session's
+    placeholder for a value (the same on every replica); `original(session_key, ph)` the value
+    a restorable placeholder stands for, or None. Blocking (psycopg): call from a worker
+    thread, as masking does for bodies. One connection, serialised by a lock."""
+
+    def __init__(self, dsn: str, secret: bytes, idle_ttl: float = 3600.0) -> None:
+        import psycopg
+        self._aead = AESGCM(_derive(secret, b"agentgate masking values v1"))
+        self._index = _derive(secret, b"agentgate masking index v1")
+        self.idle_ttl = float(idle_ttl)
+        self._lock = threading.Lock()
+        self._con = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+        with self._lock:
+            self._con.execute(SCHEMA)
+
+    def __repr__(self) -> str:  # no DSN, no key
+        return "<SharedPlaceholders>"
+
+    def close(self) -> None:
+        self._con.close()
+
+    # keys: HMACs, so neither session ids nor values are in the table
+    def _skey(self, session_key: str) -> bytes:
+        return hmac.new(self._index, b"s\x00" + session_key.encode(), hashlib.sha256).digest()
+
+    def _vkey(self, skey: bytes, entity: str, canonical: str) -> bytes:
+        return hmac.new(self._index, b"v\x00" + skey + entity.encode() + b"\x00"
+                        + canonical.encode(), hashlib.sha256).digest()
+
+    def _seal(self, skey: bytes, ph: str, value: str) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, value.encode(), skey + ph.encode())
+
+    def _open(self, skey: bytes, ph: str, sealed: bytes) -> str | None:
+        from cryptography.exceptions import InvalidTag
+        try:
+            return self._aead.decrypt(sealed[:12], sealed[12:], skey + ph.encode()).decode()
+        except (InvalidTag, ValueError):
+            return None  # moved, edited or sealed under another secret: never restored
+
+    def assign(self, session_key: str, entity: str, label: str, canonical: str, value: str,
+               restorable: bool) -> str:
+        skey = self._skey(session_key)
+        vkey = self._vkey(skey, entity, canonical)
+        ttl = f"{self.idle_ttl} seconds"
+        with self._lock, self._con.transaction():
+            row = self._con.execute(
+                "UPDATE agentgate_mask_values SET expires = now() + %s::interval "
+                "WHERE skey = %s AND vkey = %s RETURNING placeholder, sealed IS NOT NULL",
+                (ttl, skey, vkey)).fetchone()
+            if row is not None:
+                ph = row[0]
+                if restorable:  # the latest spelling the agent used is the one it gets back
+                    self._con.execute("UPDATE agentgate_mask_values SET sealed = %s WHERE "
+                                      "skey = %s AND vkey = %s",
+                                      (self._seal(skey, ph, value), skey, vkey))
+                return ph
+            n = self._con.execute(
+                "INSERT INTO agentgate_mask_counters VALUES (%s, %s, 1, now() + %s::interval) "
+                "ON CONFLICT (skey, label) DO UPDATE SET n = agentgate_mask_counters.n + 1, "
+                "expires = EXCLUDED.expires RETURNING n", (skey, label, ttl)).fetchone()[0]
+            ph = f"[{label}_{n}]"
+            got = self._con.execute(
+                "INSERT INTO agentgate_mask_values VALUES (%s, %s, %s, %s, "
+                "now() + %s::interval) ON CONFLICT (skey, vkey) DO NOTHING RETURNING placeholder",
+                (skey, vkey, ph, self._seal(skey, ph, value) if restorable else None, ttl)
+            ).fetchone()
+            if got is None:  # another replica numbered this value first: take its number
+                ph = self._con.execute("SELECT placeholder FROM agentgate_mask_values WHERE "
+                                       "skey = %s AND vkey = %s", (skey, vkey)).fetchone()[0]
+            return ph
+
+    def original(self, session_key: str, placeholder: str) -> str | None:
+        skey = self._skey(session_key)
+        with self._lock:
+            row = self._con.execute(
+                "SELECT sealed FROM agentgate_mask_values WHERE skey = %s AND placeholder = %s "
+                "AND expires > now()", (skey, placeholder)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return self._open(skey, placeholder, bytes(row[0]))
+
+    def purge(self) -> int:
+        """Delete expired rows (sessions idle past idle_ttl); returns how many values."""
+        with self._lock, self._con.transaction():
+            n = self._con.execute("DELETE FROM agentgate_mask_values WHERE expires <= now()"
+                                  ).rowcount
+            self._con.execute("DELETE FROM agentgate_mask_counters WHERE expires <= now()")
+        return n
+
+
+def shared_from_env(idle_ttl: float, env: dict[str, str] | None = None) -> Any:
+    """SharedPlaceholders on AGENTGATE_STATE when it is set, else None (memory, as before)."""
+    env = os.environ if env is None else env
+    dsn = env.get("AGENTGATE_STATE", "").strip()
+    if not dsn:
+        return None
+    return SharedPlaceholders(dsn, gateway_secret(env), idle_ttl)
