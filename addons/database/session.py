@@ -31,6 +31,7 @@ is forwarded):
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import logging
 import secrets
@@ -316,6 +317,87 @@ async def send_cancel(db: Database, pid: int, key: bytes) -> None:
         writer.close()
 
 
+# ---------------------------------------------------------------- prepared statements
+@dataclass
+class _Op:
+    gen: int                 # Syncs/Queries sent before it: the ReadyForQuery that ends it
+    kind: str                # parse | prepare | close_s | close_p | deallocate
+    name: str | None
+    entry: tuple[Statement, Verdict] | None = None
+
+
+class Prepared:
+    """Named statements as the *server* has them, so an execution is judged by the SQL the
+    server will run. Protocol Parse and SQL PREPARE share one namespace on the server (Bind
+    reaches SQL-PREPAREd statements, SQL EXECUTE reaches Parsed ones) and they are not
+    transactional. A definition counts once the server acknowledged it (ParseComplete,
+    CommandComplete PREPARE/DEALLOCATE, CloseComplete); an op the server skipped or refused
+    is dropped at the ReadyForQuery that ends its pipeline. Before that, `view()` gives the
+    pending definition and the pipeline it belongs to: the relay waits for that pipeline's
+    outcome when a later one uses the name (a Parse skipped after an error must not make a
+    later Bind judged by SQL the server never prepared)."""
+
+    def __init__(self) -> None:
+        self.committed: dict[str, tuple[Statement, Verdict] | None] = {}
+        self.pending: collections.deque[_Op] = collections.deque()
+        self.sent = 0   # Syncs + Queries forwarded
+        self.seen = 0   # ReadyForQuery received (after login)
+
+    def op(self, kind: str, name: str | None,
+           entry: tuple[Statement, Verdict] | None = None) -> None:
+        self.pending.append(_Op(self.sent, kind, name, entry))
+
+    def view(self, name: str) -> tuple[tuple[Statement, Verdict] | None, int | None]:
+        entry, gen = self.committed.get(name), None
+        for op in self.pending:
+            if op.kind in ("parse", "prepare") and op.name == name:
+                entry, gen = op.entry, op.gen
+            elif op.kind in ("close_s", "deallocate") and op.name in (name, "*"):
+                entry, gen = None, op.gen
+        return entry, gen
+
+    def _ack(self, kinds: tuple[str, ...], want: str | None = None) -> _Op | None:
+        for op in self.pending:
+            if op.kind in kinds and (want is None or (op.name == "*") == (want == "*")):
+                self.pending.remove(op)
+                return op
+        return None
+
+    def server(self, t: bytes, payload: bytes) -> bool:
+        """Follow one server message; True on ReadyForQuery."""
+        if t == b"1":
+            op = self._ack(("parse",))
+            if op is not None and op.name is not None:
+                self.committed[op.name] = op.entry
+        elif t == b"3":
+            op = self._ack(("close_s", "close_p"))
+            if op is not None and op.kind == "close_s" and op.name is not None:
+                self.committed.pop(op.name, None)
+        elif t == b"C":
+            tag = payload.rstrip(b"\x00")
+            if tag == b"PREPARE":
+                op = self._ack(("prepare",))
+                if op is not None and op.name is not None:
+                    self.committed[op.name] = op.entry
+            elif tag in (b"DEALLOCATE ALL", b"DISCARD ALL"):
+                if self._ack(("deallocate",), "*") is not None:
+                    self.committed.clear()
+            elif tag == b"DEALLOCATE":
+                op = self._ack(("deallocate",), "")
+                if op is not None and op.name is not None:
+                    self.committed.pop(op.name, None)
+        elif t == b"Z":
+            self.seen += 1
+            while self.pending and self.pending[0].gen < self.seen:
+                op = self.pending.popleft()
+                if op.kind == "parse" and op.name == "":
+                    # a failed Parse of the unnamed statement drops the old one first,
+                    # a skipped one keeps it: either way it is unknown now
+                    self.committed.pop("", None)
+            return True
+        return False
+
+
 # ---------------------------------------------------------------- the connection
 class Session:
     def __init__(self, ctx: Context, reader: asyncio.StreamReader,
@@ -336,9 +418,9 @@ class Session:
         self.nonce = secrets.token_hex(8)
         self.refusals: dict[str, bytes] = {}
         self.counter = 0
-        self.statements: dict[str, tuple[Statement, Verdict]] = {}
+        self.prepared = Prepared()
+        self.ready = asyncio.Event()  # set at each ReadyForQuery (replaced after)
         self.portals: dict[str, tuple[Statement, Verdict]] = {}
-        self.prepared_sql: dict[str, tuple[Statement, Verdict]] = {}
         self.holding = False
         self.cancel_requested = False
 
@@ -456,7 +538,7 @@ class Session:
             # SQL EXECUTE runs a statement prepared earlier (SQL PREPARE or a protocol
             # Parse share one namespace): judge what it runs; one the gateway never saw
             # (prepared inside a server function) cannot be judged and is refused
-            known = self.prepared_sql.get(st.executes) or self.statements.get(st.executes)
+            known = await self._lookup(st.executes)
             if known is None:
                 v = Verdict("block", "guard:unknown_statement")
                 return st, v, pg.error_response(
@@ -510,6 +592,24 @@ class Session:
                                           f"{'not given in time' if state == 'timeout' else state}"
                                  + (f" ({reason[:200]})" if reason else ""))
 
+    async def _lookup(self, name: str) -> tuple[Statement, Verdict] | None:
+        """The statement `name` the server will run, once any earlier pipeline that
+        (re)defines it has ended."""
+        while True:
+            entry, gen = self.prepared.view(name)
+            if gen is None or gen >= self.prepared.sent or self.prepared.seen > gen:
+                return entry
+            await self.ready.wait()
+
+    def _effects(self, st: Statement | None, v: Verdict) -> None:
+        """An executed PREPARE / DEALLOCATE / DISCARD ALL changes the statement namespace."""
+        if st is None:
+            return
+        if st.prepared is not None:
+            self.prepared.op("prepare", st.prepared, (st, v))
+        if st.deallocates is not None:
+            self.prepared.op("deallocate", st.deallocates)
+
     def _expired(self) -> bool:
         exp = self.identity.get("exp")
         return isinstance(exp, int | float) and time.time() >= exp
@@ -526,6 +626,8 @@ class Session:
         assert self.server is not None
         self.masker.client(t, payload, token)
         self.server.writer.write(pg.message(t, payload))
+        if t in (b"S", b"Q"):  # each ends with exactly one ReadyForQuery
+            self.prepared.sent += 1
 
     def _refuse_in_band(self, t: bytes, tok: Token, refusal: bytes) -> None:
         """Send the server a statement it rejects in place of the refused one; the refusal
@@ -536,6 +638,7 @@ class Session:
             self._forward(b"Q", pg.cstr(marker), None)
         else:  # Parse / Execute inside the extended protocol
             self._forward(b"P", pg.cstr("") + pg.cstr(marker) + b"\x00\x00", None)
+            self.prepared.op("parse", "", None)  # the server drops its unnamed statement
         f = pg.parse_fields(refusal[5:])
         self._record(tok, error=f"{f.get('C', '')} {f.get('M', '')}")
 
@@ -556,8 +659,7 @@ class Session:
                 await self._parse(payload)
             elif t == b"B":
                 b = pg.parse_bind(payload)
-                entry = self.statements.get(b.statement) or self.prepared_sql.get(
-                    b.statement)  # Bind reaches SQL-PREPAREd statements too
+                entry = await self._lookup(b.statement)
                 if entry is None:
                     self.portals.pop(b.portal, None)
                 else:
@@ -567,7 +669,9 @@ class Session:
                 await self._execute(payload)
             elif t == b"C":
                 kind, name = pg.parse_target(payload)
-                (self.statements if kind == "S" else self.portals).pop(name, None)
+                if kind == "P":
+                    self.portals.pop(name, None)
+                self.prepared.op("close_s" if kind == "S" else "close_p", name)
                 self._forward(t, payload, None)
             elif t == b"D":
                 pg.parse_target(payload)
@@ -596,8 +700,7 @@ class Session:
             self._refuse_in_band(b"Q", tok, refusal)
             self._log(tok)
             return
-        if st is not None and st.prepared is not None:
-            self.prepared_sql[st.prepared] = (st, v)
+        self._effects(st, v)
         self._log(tok)
         self._forward(b"Q", payload, tok)
 
@@ -606,12 +709,11 @@ class Session:
         st, v, refusal = await self._judge(p.query)
         if refusal is not None:
             tok = Token(st, v, time.time())
-            self.statements.pop(p.name, None)
             self._refuse_in_band(b"P", tok, refusal)
             self._log(tok)
             return
         assert st is not None
-        self.statements[p.name] = (st, v)
+        self.prepared.op("parse", p.name, (st, v))
         self._forward(b"P", payload, None)
 
     async def _execute(self, payload: bytes) -> None:
@@ -633,6 +735,7 @@ class Session:
                 self._refuse_in_band(b"E", tok, refusal)
                 self._log(tok)
                 return
+        self._effects(st, v)
         self._log(tok)
         self._forward(b"E", payload, tok)
 
@@ -664,6 +767,9 @@ class Session:
             refusal = None
             if t == b"E":
                 refusal = self._our_refusal(payload)
+            if self.prepared.server(t, payload):
+                self.ready.set()
+                self.ready = asyncio.Event()
             out = self.masker.server(t, payload)
             for ot, op in out:
                 if ot == b"E" and refusal is not None:

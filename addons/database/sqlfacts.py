@@ -87,6 +87,7 @@ class Statement:
     guards: tuple[str, ...] = ()     # guard names tripped (see module docstring)
     prepared: str | None = None      # SQL PREPARE name, for EXECUTE name later
     executes: str | None = None      # SQL EXECUTE name
+    deallocates: str | None = None   # SQL DEALLOCATE name; "*" = every prepared statement
 
     @property
     def kind(self) -> str:
@@ -107,6 +108,7 @@ class _Walk:
     ctes: set[str] = field(default_factory=set)
     prepared: str | None = None
     executes: str | None = None
+    deallocates: str | None = None
 
     def add(self, lst: list[str], v: str) -> None:
         if v not in lst:
@@ -203,6 +205,10 @@ def _facts(key: str, val: dict[str, Any], w: _Walk) -> None:
         w.prepared = str(val.get("name") or "")
     elif key == "ExecuteStmt":
         w.executes = str(val.get("name") or "")
+    elif key == "DeallocateStmt":
+        w.deallocates = "*" if val.get("isall") or not val.get("name") else str(val["name"])
+    elif key == "DiscardStmt" and val.get("target") == "DISCARD_ALL":
+        w.deallocates = "*"
     elif key == "CreateFunctionStmt":
         # a function body is code the parser does not see into (LANGUAGE plpgsql, …)
         w.add(w.guards, "opaque_code")
@@ -245,4 +251,4 @@ def analyze(sql: str) -> Statement:
     return Statement(sql=sql, masked=masked, count=len(tree), kinds=tuple(w.kinds),
                      tables=tuple(w.tables), functions=tuple(w.functions),
                      unbounded=tuple(w.unbounded), guards=tuple(w.guards),
-                     prepared=w.prepared, executes=w.executes)
+                     prepared=w.prepared, executes=w.executes, deallocates=w.deallocates)

@@ -572,3 +572,40 @@ def test_nothing_unjudged_executes(env: Env) -> None:
     s.close()
     watched = [r for r in env.record_lines() if r["sql"] and r["sql"].startswith("EXECUTE")]
     assert watched and watched[-1]["rule"] == "watch-users"  # the Parse's tables count
+
+
+def test_skipped_parse_does_not_decide_a_later_bind(env: Env) -> None:
+    """A Parse the server skipped (an earlier message of its pipeline failed) defines
+    nothing: when the name is later PREPAREd in SQL, a Bind of it is judged by the PREPARE —
+    here an INSERT on orders, so each execution is held for approval again."""
+    url = _api_url(env.gw)
+    dba = env.issuer.token(sub="dora", groups=["dba"])
+    s, got = raw_login(env.port, env.token())
+    assert got[-1][0] == b"Z"
+    s.sendall(_msg(b"P", b"\0SELECT 1/0\0\0\0") + _msg(b"B", b"\0\0\0\0\0\0\0\0")
+              + _msg(b"E", b"\0\0\0\0\0") + _msg(b"P", b"s\0SELECT 1\0\0\0") + _msg(b"S", b""))
+    assert any(t == b"E" for t, _ in _until_ready(s))  # division by zero; Parse s skipped
+    # PREPARE s in SQL: held (INSERT on orders), approved
+    s.sendall(_msg(b"Q", b"PREPARE s AS INSERT INTO orders (user_id, total) VALUES (1, 3)\0"))
+    a = _pending(url, dba)
+    assert _api(url, "POST", f"/approvals/{a['id']}/approve", dba)[0] == 200
+    assert _until_ready(s)[-1][0] == b"Z"
+    # Bind s + Execute: judged as the INSERT it is, so held again; denied, nothing written
+    s.sendall(_msg(b"B", b"\0s\0\0\0\0\0\0\0") + _msg(b"E", b"\0\0\0\0\0") + _msg(b"S", b""))
+    a2 = _pending(url, dba)
+    assert a2["id"] != a["id"] and a2["what"]["statement_kind"] == "PREPARE"
+    assert _api(url, "POST", f"/approvals/{a2['id']}/deny", dba, {"reason": "no"})[0] == 200
+    # (the result masker does not follow Binds of SQL-PREPAREd statements and closes the
+    # connection there, fail closed; what matters here is that the execution was held)
+    rest = b""
+    try:
+        while chunk := s.recv(65536):
+            rest += chunk
+            if b"Z\0\0\0\x05" in rest:
+                break
+    except (ConnectionError, TimeoutError):
+        pass
+    s.close()
+    assert b"INSERT 0 1" not in rest
+    with psycopg.connect(env.pg.dsn()) as direct:
+        assert direct.execute("SELECT count(*) FROM orders").fetchone() == (2,)
