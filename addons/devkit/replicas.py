@@ -1,0 +1,308 @@
+"""Several gateway processes behind HAProxy, sharing one CA, one rules directory and one
+state database: `./run_proxy.sh replicas N` (also the tests and bench/bench_replicas.py).
+
+- Postgres: `$AGENTGATE_STATE` when set; otherwise a throwaway Debian postgres (initdb in a
+  temp dir, 127.0.0.1 on a free port, scram-sha-256 with a random password), stopped on exit.
+- N × `mitmdump -s addons/gateway.py`, each on its own loopback port with its own probe
+  listener (`AGENTGATE_HEALTH_LISTEN`), reviewers' listener and data directory (each replica
+  keeps its own audit DuckDB: DuckDB is one writer per file), `AGENTGATE_STATE` shared.
+- HAProxy (Debian's `haproxy`) on the public address in TCP mode (agents speak CONNECT +
+  TLS to the gateway: nothing to terminate), round robin, health-checked with
+  `GET /readyz` on each replica's probe port (a draining or not-ready replica takes no new
+  connections), `option redispatch` + retries (a killed replica's refused connections go to
+  another).
+Ctrl-C / SIGTERM stops HAProxy, then drains every replica (SIGTERM), then Postgres.
+Never imported by the gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from addons.devkit.launch import ROOT, Gateway, free_port, start_gateway
+
+
+def pg_bin(name: str) -> str | None:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found[-1] if found else None
+
+
+class LocalPostgres:
+    """A throwaway postgres for the shared state (the tests and `replicas` without a DSN)."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="agentgate-state-"))
+        self.port = free_port()
+        self.password = secrets.token_urlsafe(18)
+        self.proc: subprocess.Popen | None = None
+
+    def _as_postgres(self, argv: list[str]) -> list[str]:
+        # initdb and postgres refuse to run as root
+        return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+    def start(self) -> LocalPostgres:
+        initdb, postgres = pg_bin("initdb"), pg_bin("postgres")
+        if not initdb or not postgres:
+            raise RuntimeError("PostgreSQL server binaries not found (Debian: apt-get install "
+                               "postgresql), or set AGENTGATE_STATE=postgresql://…")
+        pw = self.dir / "pw"
+        pw.write_text(self.password + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres")
+            shutil.chown(pw, "postgres")
+        subprocess.run(self._as_postgres(
+            [initdb, "-D", str(self.dir / "data"), "-U", "agentgate", "--pwfile", str(pw),
+             "--auth=scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C"]),
+            check=True, capture_output=True, timeout=120)
+        pw.unlink()
+        self.proc = subprocess.Popen(
+            self._as_postgres([postgres, "-D", str(self.dir / "data"), "-p", str(self.port),
+                               "-h", "127.0.0.1", "-k", str(self.dir), "-c", "fsync=off",
+                               "-c", "max_connections=100"]),
+            stdout=subprocess.DEVNULL, stderr=open(self.dir / "log", "wb"))  # noqa: SIM115
+        import psycopg
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                psycopg.connect(self.dsn, connect_timeout=2).close()
+                return self
+            except psycopg.OperationalError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("postgres did not start: " + self.log()[-2000:]) from None
+                time.sleep(0.1)
+
+    @property
+    def dsn(self) -> str:
+        return (f"postgresql://agentgate:{self.password}@127.0.0.1:{self.port}/postgres"
+                "?connect_timeout=3")
+
+    def log(self) -> str:
+        try:
+            return (self.dir / "log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def haproxy_config(listen: tuple[str, int], backends: list[tuple[str, int, int]],
+                   check_ms: int = 500) -> str:
+    """TCP load balancing over (name, proxy port, probe port) on 127.0.0.1."""
+    servers = "\n".join(
+        f"    server {name} 127.0.0.1:{port} check port {probe} inter {check_ms} "
+        "fall 2 rise 1" for name, port, probe in backends)
+    return f"""global
+    maxconn 4096
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 15m
+    timeout server 15m
+    retries 3
+    option redispatch
+frontend agents
+    bind {listen[0]}:{listen[1]}
+    default_backend gateways
+backend gateways
+    balance roundrobin
+    option httpchk GET /readyz
+    http-check expect status 200
+{servers}
+"""
+
+
+class HAProxy:
+    def __init__(self, listen: tuple[str, int], backends: list[tuple[str, int, int]],
+                 workdir: Path) -> None:
+        self.listen = listen
+        self.cfg = workdir / "haproxy.cfg"
+        self.cfg.write_text(haproxy_config(listen, backends))
+        self.log_path = workdir / "haproxy.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> HAProxy:
+        exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        if not os.path.exists(exe):
+            raise RuntimeError("haproxy not found (Debian: apt-get install haproxy)")
+        subprocess.run([exe, "-c", "-q", "-f", str(self.cfg)], check=True, timeout=30)
+        self.proc = subprocess.Popen([exe, "-db", "-f", str(self.cfg)],
+                                     stdout=open(self.log_path, "wb"),  # noqa: SIM115
+                                     stderr=subprocess.STDOUT)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@dataclass
+class Replica:
+    name: str
+    gateway: Gateway
+    probe_port: int
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                    f"http://127.0.0.1:{self.probe_port}/readyz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+
+@dataclass
+class Cluster:
+    replicas: list[Replica]
+    haproxy: HAProxy | None
+    postgres: LocalPostgres | None
+    dsn: str
+    workdir: Path
+    extra: list[Replica] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        assert self.haproxy is not None
+        return self.haproxy.listen[1]
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(r.ready() for r in self.replicas):
+            if time.monotonic() > deadline:
+                raise RuntimeError("replicas not ready: " + ", ".join(
+                    r.name for r in self.replicas if not r.ready()))
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.haproxy is not None:
+            self.haproxy.stop()
+        for r in self.replicas:
+            r.gateway.stop(signal.SIGTERM, timeout=40)
+        if self.postgres is not None:
+            self.postgres.stop()
+
+
+def start_replica(name: str, rules_dir: Path, confdir: Path, data_dir: Path, dsn: str,
+                  workdir: Path, *, standin_ca: Path | None = None,
+                  gateway_env: dict[str, str] | None = None,
+                  extra_args: tuple[str, ...] = ()) -> Replica:
+    probe = free_port()
+    d = data_dir / name
+    d.mkdir(parents=True, exist_ok=True)
+    gw = start_gateway(rules_dir, confdir, d, workdir / f"{name}.log", standin_ca=standin_ca,
+                       gateway_env={**(gateway_env or {}), "AGENTGATE_STATE": dsn,
+                                    "AGENTGATE_REPLICA": name,
+                                    "AGENTGATE_HEALTH_LISTEN": f"127.0.0.1:{probe}"},
+                       extra_args=extra_args)
+    deadline = time.monotonic() + 30  # the probe listener opens once mitmproxy runs
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", probe), timeout=0.5).close()
+            return Replica(name, gw, probe)
+        except OSError:
+            if gw.proc.poll() is not None or time.monotonic() > deadline:
+                gw.stop(signal.SIGKILL)
+                raise RuntimeError(f"replica {name}: no probe listener:\n{gw.logs()[-3000:]}"
+                                   ) from None
+            time.sleep(0.05)
+
+
+def start_cluster(n: int, rules_dir: Path, confdir: Path, data_dir: Path, *,
+                  listen: tuple[str, int] | None = None, dsn: str | None = None,
+                  standin_ca: Path | None = None, gateway_env: dict[str, str] | None = None,
+                  extra_args: tuple[str, ...] = (), balancer: bool = True) -> Cluster:
+    workdir = Path(tempfile.mkdtemp(prefix="agentgate-replicas-"))
+    pg = None
+    dsn = dsn or os.environ.get("AGENTGATE_STATE", "").strip() or None
+    if dsn is None:
+        pg = LocalPostgres().start()
+        dsn = pg.dsn
+    replicas: list[Replica] = []
+    try:
+        for i in range(n):
+            replicas.append(start_replica(f"gw{i + 1}", rules_dir, confdir, data_dir, dsn,
+                                          workdir, standin_ca=standin_ca,
+                                          gateway_env=gateway_env, extra_args=extra_args))
+        ha = None
+        if balancer:
+            ha = HAProxy(listen or ("127.0.0.1", free_port()),
+                         [(r.name, r.gateway.port, r.probe_port) for r in replicas],
+                         workdir).start()
+        cluster = Cluster(replicas, ha, pg, dsn, workdir)
+        cluster.wait_ready()
+        return cluster
+    except BaseException:
+        for r in replicas:
+            r.gateway.stop(signal.SIGKILL)
+        if pg is not None:
+            pg.stop()
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="run_proxy.sh replicas",
+                                 description="N gateway replicas behind HAProxy")
+    ap.add_argument("n", type=int, nargs="?", default=2, help="replicas (2-8, default 2)")
+    ap.add_argument("--listen", default=os.environ.get("AGENTGATE_LISTEN", "127.0.0.1:8080"))
+    ap.add_argument("--rules", default=os.environ.get("AGENTGATE_RULES", str(ROOT / "rules")))
+    ap.add_argument("--data", default=os.environ.get("AGENTGATE_DATA", str(ROOT / "data")))
+    ap.add_argument("--certs", default=str(ROOT / "certs"))
+    a = ap.parse_args(argv)
+    if not 1 <= a.n <= 8:
+        ap.error("between 1 and 8 replicas")
+    host, _, port = a.listen.rpartition(":")
+    cluster = start_cluster(a.n, Path(a.rules), Path(a.certs), Path(a.data),
+                            listen=(host or "127.0.0.1", int(port)))
+    print(f"agentgate: {a.n} replicas behind HAProxy at {a.listen}; shared state "
+          f"{'in a throwaway postgres' if cluster.postgres else 'in $AGENTGATE_STATE'}",
+          file=sys.stderr)
+    for r in cluster.replicas:
+        print(f"  {r.name}: proxy 127.0.0.1:{r.gateway.port}, probes "
+              f"http://127.0.0.1:{r.probe_port}/readyz, log {r.gateway.log_path}",
+              file=sys.stderr)
+    print(f"  export HTTPS_PROXY=http://{a.listen} SSL_CERT_FILE={a.certs}/"
+          "mitmproxy-ca-cert.pem   (Ctrl-C stops everything)", file=sys.stderr)
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    with contextlib.suppress(KeyboardInterrupt):
+        while not stop:
+            time.sleep(0.5)
+    print("agentgate: stopping (replicas drain)", file=sys.stderr)
+    cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
