@@ -236,7 +236,8 @@ def start_replica(name: str, rules_dir: Path, confdir: Path, data_dir: Path, dsn
 def start_cluster(n: int, rules_dir: Path, confdir: Path, data_dir: Path, *,
                   listen: tuple[str, int] | None = None, dsn: str | None = None,
                   standin_ca: Path | None = None, gateway_env: dict[str, str] | None = None,
-                  extra_args: tuple[str, ...] = (), balancer: bool = True) -> Cluster:
+                  extra_args: tuple[str, ...] = (), balancer: bool = True,
+                  wait: bool = True) -> Cluster:
     workdir = Path(tempfile.mkdtemp(prefix="agentgate-replicas-"))
     pg = None
     dsn = dsn or os.environ.get("AGENTGATE_STATE", "").strip() or None
@@ -255,7 +256,8 @@ def start_cluster(n: int, rules_dir: Path, confdir: Path, data_dir: Path, *,
                          [(r.name, r.gateway.port, r.probe_port) for r in replicas],
                          workdir).start()
         cluster = Cluster(replicas, ha, pg, dsn, workdir)
-        cluster.wait_ready()
+        if wait:
+            cluster.wait_ready()
         return cluster
     except BaseException:
         for r in replicas:
@@ -278,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("between 1 and 8 replicas")
     host, _, port = a.listen.rpartition(":")
     cluster = start_cluster(a.n, Path(a.rules), Path(a.certs), Path(a.data),
-                            listen=(host or "127.0.0.1", int(port)))
+                            listen=(host or "127.0.0.1", int(port)), wait=False)
+    try:
+        cluster.wait_ready(60)
+    except RuntimeError as e:  # e.g. the rules' identity provider is not reachable yet
+        print(f"agentgate: {e}; HAProxy sends them nothing until /readyz says 200",
+              file=sys.stderr)
     print(f"agentgate: {a.n} replicas behind HAProxy at {a.listen}; shared state "
           f"{'in a throwaway postgres' if cluster.postgres else 'in $AGENTGATE_STATE'}",
           file=sys.stderr)
