@@ -476,19 +476,22 @@ def _ipv6_ok(m: regex.Match) -> bool:
     return True
 
 
-def _find_ipv4(t: str, out: list) -> None:
+def _find_ipv4(t: str, out: list, windows: list[list[int]] | None = None) -> None:
+    """IPv4 addresses; with `windows` (sorted, disjoint [lo, hi] that hold every trigger
+    match of the text) the trigger is looked for only inside them, with the same result."""
     pos = 0
     search = _V4_TRIGGER.search
-    while True:
-        tm = search(t, pos)
-        if tm is None:
-            return
-        m = _IPV4.match(t, tm.start())
-        if m is not None:
-            out.append((m.start(), m.end(), "IP_ADDRESS", 20))
-            pos = m.end()
-        else:
-            pos = tm.start() + 1
+    for lo, hi in windows if windows is not None else ((0, len(t)),):
+        while pos < hi:
+            tm = search(t, max(pos, lo), hi)
+            if tm is None:
+                break
+            m = _IPV4.match(t, tm.start())
+            if m is not None:
+                out.append((m.start(), m.end(), "IP_ADDRESS", 20))
+                pos = m.end()
+            else:
+                pos = tm.start() + 1
 
 
 def _find_ipv6(t: str, out: list) -> None:
@@ -575,6 +578,41 @@ def _find_passwords(t: str, low: str | None, out: list, url: bool = True,
                 out.append((m.start("v"), m.end("v"), "PASSWORD", 15))
 
 
+def _find_assignments_at(t: str, op_ends: list[int], out: list) -> None:
+    """PASSWORD_ASSIGNMENTS matched only at the '=' / ':' that end a fastscan 'pw_op' anchor
+    (a password word before the operator, which each assignment's look-behind needs): the
+    same matches, in the same order, as their finditer over the whole text."""
+    for op, pattern in zip("=:", PASSWORD_ASSIGNMENTS, strict=True):
+        last = 0
+        for e in op_ends:
+            i = e - 1
+            if i < last or t[i] != op:
+                continue
+            m = pattern.match(t, i)
+            if m is not None:
+                if password_ok(m.group("v")):
+                    out.append((m.start("v"), m.end("v"), "PASSWORD", 15))
+                last = m.end()
+
+
+def _windows(points: list[int], before: int, after: int, n: int, t: str = "",
+             tail: regex.Pattern | None = None) -> list[list[int]]:
+    """Sorted, merged [lo, hi] windows [p - before, p + after] around sorted points, clipped
+    to [0, n]; with `tail`, hi is one past what `tail` matches in `t` at p + after."""
+    wins: list[list[int]] = []
+    for p in points:
+        lo = max(0, p - before)
+        hi = min(n, p + after)
+        if tail is not None:
+            hi = min(n, tail.match(t, hi).end() + 1)
+        if wins and lo <= wins[-1][1]:
+            if hi > wins[-1][1]:
+                wins[-1][1] = hi
+        else:
+            wins.append([lo, hi])
+    return wins
+
+
 def _find_bearer(t: str, low: str | None, out: list) -> None:
     src = low if low is not None else t
     i = src.find("bearer")
@@ -635,6 +673,30 @@ _IBAN_LOWER_DET = _RegexDet("IBAN", _IBAN_LOWER, _iban_lower_span, 45,
 # the shortest value these detectors accept has 9 digits (SSN, national phone numbers), so
 # dates and prices never qualify
 _NUM_CLUSTER = _c(r"[0-9](?:[\W_]{0,3}[0-9]){8,}")
+# a cluster read backwards from one of its digits: digits with at most three separators
+# between neighbours, as far left as they go (the cluster's start)
+_CHAIN_BACK = _c(r"(?r)(?:[0-9][\W_]{0,3})*[0-9]")
+
+
+def _clusters_at(t: str, ends: list[int]) -> list[regex.Match]:
+    """The _NUM_CLUSTER matches of `t` (what its finditer yields) that contain an anchor end
+    (fastscan 'num': every cluster holds one). A cluster is a maximal run of digits with
+    1-3 separators between neighbours, so it is found from any of its digits: back to its
+    start, then the cluster pattern from there; anchors inside a found cluster are skipped,
+    which keeps a long run of digits linear."""
+    out: list[regex.Match] = []
+    last = -1
+    for e in ends:
+        if e <= last:
+            continue
+        b = _CHAIN_BACK.match(t, 0, e)  # t[e - 1] is a digit: the anchor ends with one
+        if b is None:
+            continue
+        cm = _NUM_CLUSTER.match(t, b.start())
+        if cm is not None:
+            out.append(cm)
+            last = cm.end()
+    return out
 
 
 def _run(d: _RegexDet, t: str, pos: int, endpos: int, out: list) -> None:
@@ -762,11 +824,13 @@ class DetectorSet:
         self._pre: fastscan.Prefilter | None = None
         if fast and self.config.enabled:
             fams = [f for f, on in (("email", self._email), ("aws_word", self._aws_secret),
-                                    ("pw_url", self._password), ("pw_word", self._password),
-                                    ("bearer", self._bearer), ("num", bool(self._numeric)),
-                                    ("ipv4", self._ip), ("ipv6", self._ip)) if on]
+                                    ("pw_url", self._password), ("bearer", self._bearer),
+                                    ("ipv6", self._ip)) if on]
+            positional = [f for f, on in (("pw_op", self._password),
+                                          ("num", bool(self._numeric)), ("ipv4", self._ip),
+                                          ("iban", self._iban)) if on]
             self._pre = fastscan.Prefilter.create(
-                fams, [(r.entity, r.literals) for _, r in self._secret_fams], self._iban,
+                fams, [(r.entity, r.literals) for _, r in self._secret_fams], positional,
                 [_NUMERIC_NAMES[d] for d in self._numeric])
 
     @property
@@ -862,11 +926,13 @@ class DetectorSet:
 
     def _candidates_fast(self, t: str, pre: fastscan.Prefilter) -> list[
             tuple[int, int, str, int]]:
-        """The reference detectors, run only where the prefilter saw their anchors (the same
-        calls as `_candidates`, in the same order, so the findings are the same)."""
+        """The reference detectors, run only where the prefilter saw their anchors: the same
+        calls as `_candidates` in the same order, over the whole text or restricted to the
+        places where a match can start, so the findings are the same."""
         out: list[tuple[int, int, str, int]] = []
         data = fastscan.to_bytes(t)
         present = pre.scan(data)
+        pos = pre.positions(data, present)  # None: too many anchors, run over the whole text
         for fam, r in self._secret_fams:
             if fam not in present:
                 continue
@@ -880,56 +946,56 @@ class DetectorSet:
                     out.append((start, m.end(), r.entity, r.priority))
         aws = self._aws_secret and "aws_word" in present
         pw_url = self._password and "pw_url" in present
-        pw_assign = self._password and "pw_word" in present
+        pw_assign = self._password and "pw_op" in present
         bearer = self._bearer and "bearer" in present
         low: str | None = None
-        if aws or pw_assign or bearer:
+        if aws or (pw_assign and pos is None) or bearer:
             low = t.lower()
             if len(low) != len(t):
                 low = None
         if aws:
             self._find_aws_secret(t, low, out)
-        if pw_url or pw_assign:
+        if pw_assign and pos is not None:
+            _find_passwords(t, low, out, url=pw_url, assign=False)
+            _find_assignments_at(t, pos["pw_op"], out)
+        elif pw_url or pw_assign:
             _find_passwords(t, low, out, url=pw_url, assign=pw_assign)
         if bearer:
             _find_bearer(t, low, out)
         if "email" in present:
             _find_emails(t, out)
-        if self._iban:
-            starts = pre.iban_starts(data)
-            if starts is None:  # too many candidates: one whole scan is cheaper
-                _run(_IBAN_DET, t, 0, len(t), out)
-                _run(_IBAN_LOWER_DET, t, 0, len(t), out)
-            elif starts:
+        n = len(t)
+        if "iban" in present:
+            if pos is None:
+                _run(_IBAN_DET, t, 0, n, out)
+                _run(_IBAN_LOWER_DET, t, 0, n, out)
+            else:
                 # merged windows, each reaching IBAN_WINDOW past every start inside it: a
                 # match starts at a candidate and ends (look-ahead included) inside its window
-                n = len(t)
-                wins: list[list[int]] = []
-                for s0 in starts:
-                    hi = min(n, s0 + fastscan.IBAN_WINDOW)
-                    if wins and s0 <= wins[-1][1]:
-                        wins[-1][1] = hi
-                    else:
-                        wins.append([s0, hi])
+                wins = _windows([e - 4 for e in pos["iban"]], 0, fastscan.IBAN_WINDOW, n)
                 for d in (_IBAN_DET, _IBAN_LOWER_DET):
                     for lo, hi in wins:
                         _run(d, t, lo, hi, out)
         if "num" in present:
-            n = len(t)
-            ends = pre.numeric_ends(data)
-            for cm in _NUM_CLUSTER.finditer(t):
+            clusters = _NUM_CLUSTER.finditer(t) if pos is None else \
+                _clusters_at(t, pos["num"])
+            for cm in clusters:
                 s, e = cm.span()
                 lo, hi = max(0, s - 2), min(n, e + 3)
-                for k, d in enumerate(self._numeric):
-                    if ends is not None:
-                        # run d only when one of its possible findings ends in (lo, hi]
-                        de = ends[k]
+                for d in self._numeric:
+                    if pos is not None:
+                        # run d only when a piece of one of its findings ends in (lo, hi]
+                        de = pos["n:" + _NUMERIC_NAMES[d]]
                         i = bisect_right(de, lo)
                         if i == len(de) or de[i] > hi:
                             continue
                     _run(d, t, lo, hi, out)
         if "ipv4" in present:
-            _find_ipv4(t, out)
+            if pos is None:
+                _find_ipv4(t, out)
+            else:
+                # a trigger is at most 15 characters and ends where its anchor does
+                _find_ipv4(t, out, _windows(pos["ipv4"], 15, 0, n))
         if "ipv6" in present:
             _find_ipv6(t, out)
         for c in self._custom:

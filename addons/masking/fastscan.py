@@ -31,8 +31,8 @@ try:  # the wheel is binary: a platform without it still masks, with the referen
 except ImportError:  # pragma: no cover - exercised when the wheel is missing
     _hs = None
 
-__all__ = ["Prefilter", "AVAILABLE", "IBAN_WINDOW", "MAX_WINDOW_HITS",
-           "SECRET_ANCHORS", "PRESENCE_ANCHORS"]
+__all__ = ["Prefilter", "AVAILABLE", "IBAN_WINDOW", "MAX_WINDOW_HITS", "SECRET_ANCHORS",
+           "PRESENCE_ANCHORS", "POSITION_ANCHORS", "NUMERIC_ANCHORS", "to_bytes"]
 
 AVAILABLE = _hs is not None
 
@@ -46,17 +46,25 @@ PRESENCE_ANCHORS: dict[str, tuple[bytes, ...]] = {
     # _find_passwords: URL passwords need '://'; both assignment forms need a password word
     # (PASSWORD_ASSIGNMENTS' key part: pass…, pwd, secret, token, …key, credential)
     "pw_url": (rb"://",),
-    "pw_word": (rb"(?i)pass", rb"(?i)pwd", rb"(?i)secret", rb"(?i)token", rb"(?i)key",
-                rb"(?i)credential"),
     # _find_bearer: the word, any casing
     "bearer": (rb"(?i)bearer",),
-    # the numeric detectors run only inside _NUM_CLUSTER matches: 9 digits with at most
-    # three non-alphanumeric characters between neighbours
-    "num": (rb"[0-9](?:[^A-Za-z0-9]{0,3}[0-9]){8}",),
-    # _find_ipv4's trigger (digit.digit.digit.digit)
-    "ipv4": (rb"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]",),
     # _find_ipv6's trigger: two colons with at most four hex digits between them
     "ipv6": (rb":[0-9A-Fa-f]{0,4}:",),
+}
+# Positional families: every end offset is reported, the detectors run near them only.
+POSITION_ANCHORS: dict[str, tuple[bytes, ...]] = {
+    # password assignments (PASSWORD_ASSIGNMENTS): a key word, then at most a few more
+    # letters, two digits, a quote and blanks, then the '=' or ':' (where the anchor ends)
+    "pw_op": (rb"(?i)(?:pass|pwd|secret|token|key|credential)[A-Za-z_\-]{0,8}[0-9]{0,2}"
+              rb"[\"']?[ \t]*[=:]",),
+    # a _NUM_CLUSTER match (the numeric detectors run only inside them) holds 9 digits with
+    # at most three non-alphanumeric characters between neighbours
+    "num": (rb"[0-9](?:[^A-Za-z0-9]{0,3}[0-9]){8}",),
+    # _find_ipv4's trigger (digit.digit.digit.digit, at most 15 characters)
+    "ipv4": (rb"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]",),
+    # IBAN candidates (upper or lower case): two letters not after a letter or digit, then
+    # two digits; the match starts 4 bytes before the reported end
+    "iban": (rb"(?:^|[^A-Za-z0-9])[A-Za-z]{2}[0-9]{2}",),
 }
 # Secret rules by (entity, literals): anchors tighter than the rule's gate literal where
 # the literal is common ('_' in code and JSON); otherwise the literals themselves.
@@ -88,9 +96,6 @@ NUMERIC_ANCHORS: dict[str, bytes] = {
     "cn": rb"1[3-9][0-9](?:[0-9]{8}|" + _S + rb"[0-9]{4}" + _S + rb"[0-9]{4})",
     "bare": rb"[2-9][0-9]{2}[2-9][0-9]{6}",
 }
-# IBAN candidates (upper or lower case): two letters not after a letter or digit, then two
-# digits. The match start is 4 bytes before the reported end.
-_IBAN_ANCHOR = rb"(?:^|[^A-Za-z0-9])[A-Za-z]{2}[0-9]{2}"
 # an IBAN match is at most 4 + 2 + 4 + 8 * (2 + 4) = 58 characters from its country code,
 # plus one character of look-ahead; windows reach that far past every candidate start
 IBAN_WINDOW = 64
@@ -105,43 +110,49 @@ def _hit_limit(data: bytes) -> int:
 
 
 class Prefilter:
-    """Compiled anchors for one set of detector families; `scan` is thread-safe."""
+    """Compiled anchors for one set of detector families; thread-safe (scratch space is
+    per thread).
 
-    def __init__(self, presence: Sequence[tuple[str, bytes]], iban: bool,
-                 numeric: Sequence[str] = ()) -> None:
+    Two databases: `presence` (every family, each anchor reported once: which families can
+    match at all) and `positions` (the anchors of the families the detectors then run only
+    near their candidates: every end offset, for IBAN starts, 9-digit clusters, the numeric
+    detectors, IPv4 triggers and password words)."""
+
+    def __init__(self, presence: Sequence[tuple[str, bytes]],
+                 positions: Sequence[tuple[str, bytes]]) -> None:
         assert _hs is not None
-        self._names: list[str] = []
-        exprs: list[bytes] = []
-        flags: list[int] = []
-        for name, pattern in presence:
-            self._names.append(name)
-            exprs.append(pattern)
-            flags.append(_hs.HS_FLAG_SINGLEMATCH)
-        self._presence = _compile(exprs, flags) if exprs else None
-        self._iban = _compile([_IBAN_ANCHOR], [0]) if iban else None
-        self._numeric_n = len(numeric)
-        self._numeric = _compile([NUMERIC_ANCHORS[n] for n in numeric],
-                                 [0] * len(numeric)) if numeric else None
+        self._names = [n for n, _ in presence]
+        self._presence = _compile([p for _, p in presence], _hs.HS_FLAG_SINGLEMATCH) \
+            if presence else None
+        self._pos_names = [n for n, _ in positions]
+        self._positional = frozenset(self._pos_names)
+        self._positions = _compile([p for _, p in positions], 0) if positions else None
         self._local = threading.local()
 
     @classmethod
     def create(cls, families: Sequence[str], secrets: Sequence[tuple[str, tuple[str, ...]]],
-               iban: bool, numeric: Sequence[str] = ()) -> Prefilter | None:
-        """A prefilter for these presence families, secret rules (keys of SECRET_ANCHORS
-        or (entity, literals)), IBAN windows and numeric detectors (NUMERIC_ANCHORS names,
-        in the caller's order); None when hyperscan is not importable."""
+               positional: Sequence[str] = (),
+               numeric: Sequence[str] = ()) -> Prefilter | None:
+        """A prefilter for these presence families, secret rules (keys of SECRET_ANCHORS or
+        (entity, literals)), positional families (keys of POSITION_ANCHORS, also reported as
+        present) and numeric detectors (NUMERIC_ANCHORS names, positions named 'n:<name>');
+        None when hyperscan is not importable."""
         if _hs is None:
             _warn_once()
             return None
         presence: list[tuple[str, bytes]] = []
         for fam in families:
             presence.extend((fam, p) for p in PRESENCE_ANCHORS[fam])
+        for fam in positional:
+            presence.extend((fam, p) for p in POSITION_ANCHORS[fam])
         for key in secrets:
             anchors = SECRET_ANCHORS.get(key)
             if anchors is None:
                 anchors = tuple(_literal(lit) for lit in key[1])
             presence.extend((secret_family(key), p) for p in anchors)
-        return cls(presence, iban, numeric)
+        positions = [(fam, p) for fam in positional for p in POSITION_ANCHORS[fam]]
+        positions += [("n:" + n, NUMERIC_ANCHORS[n]) for n in numeric]
+        return cls(presence, positions)
 
     def _scratch(self, which: str, db: object) -> object:
         s = getattr(self._local, which, None)
@@ -151,7 +162,7 @@ class Prefilter:
         return s
 
     def scan(self, data: bytes) -> set[str]:
-        """Names of the presence families whose anchor occurs in `data`."""
+        """Names of the families whose anchor occurs in `data`."""
         found: set[str] = set()
         if self._presence is None:
             return found
@@ -164,45 +175,30 @@ class Prefilter:
                             scratch=self._scratch("presence", self._presence))
         return found
 
-    def iban_starts(self, data: bytes) -> list[int] | None:
-        """Sorted positions where an IBAN may start, or None when there are too many
-        (then scan the whole text)."""
-        if self._iban is None:
-            return []
-        starts: list[int] = []
-        limit = _hit_limit(data)
-
-        def hit(pid: int, start: int, end: int, flags: int, ctx: object) -> bool | None:
-            starts.append(end - 4)
-            return True if len(starts) > limit else None
-
-        try:
-            self._iban.scan(data, match_event_handler=hit,
-                            scratch=self._scratch("iban", self._iban))
-        except _hs.ScanTerminated:
-            return None
-        return starts
-
-
-    def numeric_ends(self, data: bytes) -> list[list[int]] | None:
-        """Per numeric detector (the order given to create), the sorted end offsets of its
-        anchor; None when there are too many in all (then run them everywhere)."""
-        if self._numeric is None:
-            return []
-        ends: list[list[int]] = [[] for _ in range(self._numeric_n)]
+    def positions(self, data: bytes, present: set[str]) -> dict[str, list[int]] | None:
+        """Sorted end offsets of every positional anchor (numeric detectors: 'n:<name>'), or
+        None when there are more than a few per 16 bytes (then the detectors run over the
+        whole text: cheaper than the bookkeeping). Empty when no positional family is in
+        `present` (the result of `scan`)."""
+        if self._positions is None or not (present & self._positional):
+            return {}
+        ends: dict[str, list[int]] = {n: [] for n in self._pos_names}
+        lists = [ends[n] for n in self._pos_names]
         count = [0]
         limit = _hit_limit(data)
 
         def hit(pid: int, start: int, end: int, flags: int, ctx: object) -> bool | None:
-            ends[pid].append(end)
+            lists[pid].append(end)
             count[0] += 1
             return True if count[0] > limit else None
 
         try:
-            self._numeric.scan(data, match_event_handler=hit,
-                               scratch=self._scratch("numeric", self._numeric))
+            self._positions.scan(data, match_event_handler=hit,
+                                 scratch=self._scratch("positions", self._positions))
         except _hs.ScanTerminated:
             return None
+        for v in ends.values():
+            v.sort()  # (already in end order; sorting a sorted list is one pass)
         return ends
 
 
@@ -223,10 +219,10 @@ def _literal(lit: str) -> bytes:
     return b"".join(out)
 
 
-def _compile(exprs: list[bytes], flags: list[int]) -> object:
+def _compile(exprs: list[bytes], flags: int) -> object:
     db = _hs.Database(mode=_hs.HS_MODE_BLOCK)
     db.compile(expressions=exprs, ids=list(range(len(exprs))), elements=len(exprs),
-               flags=flags)
+               flags=[flags] * len(exprs))
     return db
 
 

@@ -170,3 +170,27 @@ def test_a_wrong_anchor_is_caught(monkeypatch):
     broken = DetectorSet(MaskingConfig())
     with pytest.raises(AssertionError):
         same("mail jane.doe@example.com now", broken, REF)
+
+
+# the windowed paths: 9-digit clusters found from one digit, password operators, IPv4
+# triggers, IBAN starts — random runs of their pieces, at the start, middle and end of text
+DIGITS = st.sampled_from([
+    "0", "1", "2", "4", "5", "9", "41", "415", "4111", "078", "0532", " ", "-", ".", "_",
+    "/", ",", "\r\n", "\n", "é", "\u2022", "\u00b7", "a", "Z", ":", "(", ")", "+", "  ",
+    "   ", "    ", "#", "DE", "gb", "ab", "SSN ", "call ", "+44 ", "+1 ", "(20) ", "(415) ",
+    "10.", "192.168.", "1.2"])
+ASSIGN = st.sampled_from([
+    "PASSWORD", "password", "Passphrase", "pwd", "SECRET", "token", "api_key", "API-KEY",
+    "apikey", "access_key", "PRIVATE_KEY", "credentials", "db_", "export ", "2", "12", '"',
+    "'", "`", " ", "\t", "   ", "=", ":", "==", ":=", "=>", "\n", "\r\n", "x9!kQ2#zLm",
+    "S3cr3t-Pa55w0rd", "${VAR}", "changeme", "abc", "#", "key:", "pass=", "é",
+    '"password": "', "'token': '", '{"db_pass":"', "PASSWORD = ", "secret2 :  ", '"'])
+
+
+@PROFILE
+@given(st.lists(st.one_of(DIGITS, ASSIGN), max_size=120), st.integers(0, 2))
+def test_random_windowed_paths(pieces: list[str], where: int):
+    text = "".join(pieces)
+    same(text)
+    pad = PAD[:17_000]
+    same((pad + text, text + pad, pad + text + pad)[where])
