@@ -65,6 +65,7 @@ PARSE_IN_THREAD = 16 * 1024   # SQL longer than this is parsed off the event loo
 PARSE_STACK = 512 * 1024 * 1024
 _stack_lock = threading.Lock()
 LOGIN_MESSAGE_LIMIT = 64 * 1024
+WRITE_HIGH_WATER = 1 << 20
 MARKER = "agentgate_refused_"
 
 
@@ -777,7 +778,10 @@ class Session:
                 else:
                     self.writer.write(pg.message(ot, op))
             self._drain_results()
-            if not getattr(sr, "_buffer", None):  # a batch of rows is written, then drained
+            # write a batch of rows, then drain: when the server's bytes are all read, or
+            # when the client reads slower than the server sends (bounded memory)
+            if not getattr(sr, "_buffer", None) or \
+                    self.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
                 await self.writer.drain()
 
     def _our_refusal(self, payload: bytes) -> bytes | None:

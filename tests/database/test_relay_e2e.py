@@ -609,3 +609,20 @@ def test_skipped_parse_does_not_decide_a_later_bind(env: Env) -> None:
     assert b"INSERT 0 1" not in rest
     with psycopg.connect(env.pg.dsn()) as direct:
         assert direct.execute("SELECT count(*) FROM orders").fetchone() == (2,)
+
+
+def test_a_slow_reader_keeps_the_gateway_bounded(env: Env) -> None:
+    """The server's rows are read only as fast as the agent takes them: a 300 MB result to
+    a client that does not read leaves the gateway's memory near where it was."""
+    from tests.hostile.edgekit import rss_kb
+    s, got = raw_login(env.port, env.token())
+    assert got[-1][0] == b"Z"
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    before = rss_kb(env.gw)
+    s.sendall(_msg(b"Q", b"SELECT repeat('x', 150) FROM generate_series(1, 2000000)\0"))
+    time.sleep(4)
+    grown = rss_kb(env.gw) - before
+    s.close()
+    assert grown < 80_000, f"gateway grew by {grown} KiB while the client did not read"
+    with env.connect() as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
