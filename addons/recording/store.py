@@ -22,14 +22,16 @@ import contextlib
 import datetime
 import hashlib
 import json
+import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from addons.frame import credshape
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GENESIS = "0" * 64
 REDACTED = "[REDACTED]"
 KILLED_MESSAGE = "Connection killed."
@@ -89,12 +91,33 @@ FLOW_COLUMNS: tuple[tuple[str, str], ...] = (
     ("hash", "VARCHAR"),
 )
 COLUMN_NAMES = tuple(c for c, _ in FLOW_COLUMNS)
+# Schema 2: a body larger than INLINE_MAX is stored content-addressed in `blobs` and the row
+# holds its address here (its BLOB column is NULL). Added after `hash` (ALTER TABLE appends)
+# and hashed only when set, so rows written before schema 2 keep verifying unchanged.
+REF_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("request_body_ref", "VARCHAR"),
+    ("response_body_ref", "VARCHAR"),
+)
+REF_NAMES = tuple(c for c, _ in REF_COLUMNS)
+ALL_COLUMNS = FLOW_COLUMNS + REF_COLUMNS
+ALL_NAMES = COLUMN_NAMES + REF_NAMES
 TIMESTAMP_COLUMNS = frozenset(c for c, t in FLOW_COLUMNS if t == "TIMESTAMP")
-HASHED_COLUMNS = tuple(c for c in COLUMN_NAMES if c not in ("seq", "hash"))
+HASHED_COLUMNS = tuple(c for c in ALL_NAMES if c not in ("seq", "hash"))
+OPTIONAL_HASHED = frozenset(REF_NAMES)
+# Bodies up to this size stay inline in request_body/response_body: below it a blob's
+# address and chain node cost about as much as the bytes they would save.
+INLINE_MAX = 4096
+# Top-level JSON arrays whose elements are stored one blob each: the conversation (OpenAI
+# chat `messages`, Responses `input`, Gemini `contents`, Anthropic `system`) and tool lists.
+SPLIT_KEYS = frozenset({"messages", "input", "contents", "system", "tools"})
+NODE_TAG = b"agentgate-node\n"
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS flows (
-    {", ".join(f"{c} {t}" for c, t in FLOW_COLUMNS)}
+    {", ".join(f"{c} {t}" for c, t in ALL_COLUMNS)}
+);
+CREATE TABLE IF NOT EXISTS blobs (
+    hash VARCHAR PRIMARY KEY, data BLOB, prev VARCHAR, part VARCHAR, size BIGINT
 );
 CREATE TABLE IF NOT EXISTS approvals (
     id VARCHAR, flow_id VARCHAR, requester VARCHAR, rule VARCHAR,
@@ -110,16 +133,28 @@ CREATE TABLE IF NOT EXISTS audit_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 # SQL built only from the constant column list above (no outside input).
 # Columnar bulk insert: one list parameter per column, unnested in parallel. About 10x
 # faster than executemany, which runs the statement once per row.
-_UNNEST = ", ".join(f"CAST(make_timestamp(unnest(?)) AS {t})" if c in TIMESTAMP_COLUMNS
-                    else f"CAST(unnest(?) AS {t})" for c, t in FLOW_COLUMNS)
-INSERT_FLOWS = f"INSERT INTO flows ({', '.join(COLUMN_NAMES)}) SELECT {_UNNEST}"  # noqa: S608
+def _unnest(cols: tuple[tuple[str, str], ...]) -> str:
+    return ", ".join(f"CAST(make_timestamp(unnest(?)) AS {t})" if c in TIMESTAMP_COLUMNS
+                     else f"CAST(unnest(?) AS {t})" for c, t in cols)
+
+
+# INSERT_FLOWS: the schema-1 columns, as before (the refs stay NULL); _ALL: every column.
+INSERT_FLOWS = f"INSERT INTO flows ({', '.join(COLUMN_NAMES)}) SELECT {_unnest(FLOW_COLUMNS)}"  # noqa: S608,E501
+INSERT_FLOWS_ALL = f"INSERT INTO flows ({', '.join(ALL_NAMES)}) SELECT {_unnest(ALL_COLUMNS)}"  # noqa: S608,E501
+# A blob already stored (same address, so same content) is skipped, not an error.
+INSERT_BLOBS = ("INSERT OR IGNORE INTO blobs (hash, data, prev, part, size) SELECT "
+                "CAST(unnest(?) AS VARCHAR), CAST(unnest(?) AS BLOB), CAST(unnest(?) AS VARCHAR), "
+                "CAST(unnest(?) AS VARCHAR), CAST(unnest(?) AS BIGINT)")
 # Named columns: an audit DB made before `votes` existed gets the column added (init_schema)
 INSERT_APPROVAL = ("INSERT INTO approvals (id, flow_id, requester, rule, requested_at, "
                    "decided_at, decision, approvers, reason, votes) VALUES (?, ?, ?, ?, "
                    "make_timestamp(?), make_timestamp(?), ?, ?, ?, ?)")
 # Columns as verify reads them: timestamps as the integers they were hashed as.
+# (SELECT_FOR_VERIFY: the schema-1 columns, as before; _ALL: with the body references)
 SELECT_FOR_VERIFY = ", ".join(
     f"epoch_us({c}) AS {c}" if c in TIMESTAMP_COLUMNS else c for c in COLUMN_NAMES)
+SELECT_FOR_VERIFY_ALL = ", ".join(
+    f"epoch_us({c}) AS {c}" if c in TIMESTAMP_COLUMNS else c for c in ALL_NAMES)
 
 
 # ---------------------------------------------------------------- small helpers
@@ -155,6 +190,8 @@ def canonical(row: dict[str, Any]) -> bytes:
     out: dict[str, Any] = {}
     for c in HASHED_COLUMNS:
         v = row.get(c)
+        if v is None and c in OPTIONAL_HASHED:
+            continue  # not a column of schema 1: absent, so old rows hash as they did
         if isinstance(v, bytes | bytearray | memoryview):
             v = "sha256:" + hashlib.sha256(bytes(v)).hexdigest()
         elif isinstance(v, tuple):
@@ -499,6 +536,182 @@ def load_state(blob: bytes) -> dict[str, Any]:
     return json.loads(bytes(blob).decode("utf-8", "surrogatepass"), object_hook=_state_hook)
 
 
+# ---------------------------------------------------------------- content-addressed bodies
+# A body larger than INLINE_MAX is stored in `blobs`, once per distinct content:
+#   leaf: hash = sha256(data), data = the bytes;
+#   node: hash = sha256(NODE_TAG + prev + "\n" + part), data NULL: the content of `prev` (a
+#         node, or "" when NULL) followed by the leaf `part`; `size` = bytes up to here.
+# A chat body is cut at each element of its conversation arrays (SPLIT_KEYS), so it becomes
+# a chain of nodes whose leaves are the JSON text between and of the messages, byte for byte.
+# A node's address covers the whole prefix before it, so a turn that re-sends the history
+# reuses every node of the previous turn and adds only nodes and leaves for its new
+# messages: a conversation's storage grows with its new content, not with its length
+# squared. The row's `*_ref` holds the root address and is hashed with the row; `verify`
+# recomputes every blob's address from its content, so the chain covers the bodies.
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def leaf_address(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def node_address(prev: str | None, part: str) -> str:
+    return hashlib.sha256(NODE_TAG + (prev or "").encode() + b"\n" + part.encode()).hexdigest()
+
+
+def split_body(body: bytes) -> list[bytes]:
+    """The body cut before and after each element of its top-level SPLIT_KEYS arrays
+    (pieces joined give the body back exactly); [body] when it is not such a JSON object."""
+    if body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
+        return [body]
+    try:
+        s = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return [body]
+    cuts: list[int] = []
+
+    def ws(i: int) -> int:
+        m = _WS.match(s, i)
+        return m.end() if m else i
+
+    try:
+        i = ws(0)
+        if s[i] != "{":
+            return [body]
+        i = ws(i + 1)
+        if s[i] == "}":
+            return [body]
+        while True:
+            if s[i] != '"':
+                return [body]
+            key, i = json.decoder.scanstring(s, i + 1)
+            i = ws(i)
+            if s[i] != ":":
+                return [body]
+            i = ws(i + 1)
+            if key in SPLIT_KEYS and s[i] == "[":
+                i = ws(i + 1)
+                if s[i] != "]":
+                    while True:
+                        _, end = _DECODER.raw_decode(s, i)
+                        cuts += (i, end)
+                        i = ws(end)
+                        if s[i] == ",":
+                            i = ws(i + 1)
+                            continue
+                        if s[i] == "]":
+                            break
+                        return [body]
+                i += 1
+            else:
+                _, i = _DECODER.raw_decode(s, i)
+            i = ws(i)
+            if s[i] == ",":
+                i = ws(i + 1)
+                continue
+            if s[i] == "}":
+                break
+            return [body]
+    except (ValueError, IndexError):
+        return [body]
+    if not cuts:
+        return [body]
+    pieces: list[bytes] = []
+    last = 0
+    for c in [*cuts, len(s)]:
+        if c > last:
+            pieces.append(s[last:c].encode("utf-8"))
+            last = c
+    return pieces if b"".join(pieces) == body else [body]
+
+
+Blob = tuple[str, bytes | None, str | None, str | None, int]  # hash, data, prev, part, size
+
+
+def blob_tree(body: bytes, out: dict[str, Blob]) -> str:
+    """Add the blobs of body to out; returns its root address (a leaf or the last node)."""
+    pieces = split_body(body)
+    if len(pieces) == 1:
+        addr = leaf_address(body)
+        out.setdefault(addr, (addr, body, None, None, len(body)))
+        return addr
+    prev: str | None = None
+    size = 0
+    for piece in pieces:
+        leaf = leaf_address(piece)
+        out.setdefault(leaf, (leaf, piece, None, None, len(piece)))
+        size += len(piece)
+        node = node_address(prev, leaf)
+        out.setdefault(node, (node, None, prev, leaf, size))
+        prev = node
+    assert prev is not None
+    return prev
+
+
+class BlobMissing(LookupError):
+    """A referenced blob is not in the store (deleted, or the store was edited)."""
+
+
+# The chain of a root, newest node first, with the data of each node's leaf (or the root
+# leaf's own data). Depth-bounded: an edited store could hold a cycle.
+_CHAIN_SQL = """
+WITH RECURSIVE chain(h, depth) AS (
+    SELECT CAST(? AS VARCHAR), 0
+    UNION ALL
+    SELECT b.prev, c.depth + 1 FROM chain c JOIN blobs b ON b.hash = c.h
+    WHERE b.prev IS NOT NULL AND c.depth < 1000000
+)
+SELECT c.depth, c.h, b.hash IS NOT NULL, b.data, b.part, p.hash IS NOT NULL, p.data
+FROM chain c LEFT JOIN blobs b ON b.hash = c.h LEFT JOIN blobs p ON p.hash = b.part
+ORDER BY c.depth DESC
+"""
+
+
+def read_blob(con: Any, addr: str) -> bytes:
+    """The content at addr, reassembled; raises BlobMissing if any part is not stored."""
+    parts: list[bytes] = []
+    for _depth, h, found, data, part, part_found, part_data in con.execute(
+            _CHAIN_SQL, [addr]).fetchall():
+        if not found:
+            raise BlobMissing(f"blob {h} is not in the store")
+        if data is not None:  # a leaf: the whole content (only ever the root)
+            parts.append(bytes(data))
+            continue
+        if not part_found or part_data is None:
+            raise BlobMissing(f"blob {part} (a part of {h}) is not in the store")
+        parts.append(bytes(part_data))
+    return b"".join(parts)
+
+
+class BlobCache:
+    """Addresses known to be stored (committed): their data is not sent to DuckDB again.
+
+    Bounded (oldest forgotten first); a forgotten address only costs a redundant INSERT OR
+    IGNORE. Cleared after retention, which may delete blobs no record refers to any more.
+    """
+
+    def __init__(self, size: int = 50_000) -> None:
+        self._known: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+
+    def __contains__(self, addr: str) -> bool:
+        if addr in self._known:
+            self._known.move_to_end(addr)
+            return True
+        return False
+
+    def add(self, addrs: Iterable[str]) -> None:
+        for a in addrs:
+            self._known[a] = None
+            self._known.move_to_end(a)
+        while len(self._known) > self._size:
+            self._known.popitem(last=False)
+
+    def clear(self) -> None:
+        self._known.clear()
+
+
 def _headers_json(pairs: Sequence[Sequence[bytes]] | None) -> str | None:
     if pairs is None:
         return None
@@ -575,7 +788,19 @@ def build_row(p: Pending, decode: Decoder = _identity_decode) -> dict[str, Any]:
         if cuts:
             capped_meta["agentgate_truncated"] = cuts
         meta_json = cjson(capped_meta)
-    state_blob = dump_state(cap_state(st, limit), scrub)
+    capped = cap_state(st, limit)
+    blobs: dict[str, Blob] = {}
+    refs: dict[str, str | None] = {"request": None, "response": None}
+    for part, body in (("request", req_body), ("response", resp_body)):
+        msg = capped.get(part)
+        if body is None:
+            continue
+        if isinstance(msg, dict) and msg.get("content") == body:
+            # the state's copy is the body column's: stored once (export puts it back)
+            capped[part] = dict(msg, content={"$body": part})
+        if len(body) > INLINE_MAX:
+            refs[part] = blob_tree(body, blobs)
+    state_blob = dump_state(capped, scrub)
     row: dict[str, Any] = {
         "id": _s(st.get("id")),
         "session_id": p.session,
@@ -603,18 +828,22 @@ def build_row(p: Pending, decode: Decoder = _identity_decode) -> dict[str, Any]:
         "findings": cjson(findings),
         "findings_total": sum(findings.values()),
         "request_headers": _headers_json(req.get("headers")) if req else None,
-        "request_body": req_body,
+        "request_body": None if refs["request"] else req_body,
         "request_body_note": req_note,
         "request_size": req_size,
         "response_headers": _headers_json(resp.get("headers")) if resp else None,
-        "response_body": resp_body,
+        "response_body": None if refs["response"] else resp_body,
         "response_body_note": resp_note,
         "response_size": resp_size,
         "latency_ms": round((float(ended) - float(started)) * 1000.0, 3),
         "is_replay": st.get("is_replay"),
         "metadata": meta_json,
         "flow_state": state_blob,
+        "request_body_ref": refs["request"],
+        "response_body_ref": refs["response"],
     }
+    if blobs:
+        row["_blobs"] = list(blobs.values())  # inserted with the row (append)
     return row
 
 
@@ -722,8 +951,45 @@ def init_schema(con: Any) -> None:
     con.execute(SCHEMA)
     # audit DBs written before votes were recorded: add the column (old rows keep NULL)
     con.execute("ALTER TABLE approvals ADD COLUMN IF NOT EXISTS votes JSON")
-    con.execute("INSERT OR IGNORE INTO audit_meta VALUES ('schema_version', ?)",
+    # schema 1 DBs: the body reference columns (old rows keep NULL, and hash as before)
+    for c, t in REF_COLUMNS:
+        con.execute(f"ALTER TABLE flows ADD COLUMN IF NOT EXISTS {c} {t}")
+    con.execute(FLOW_BODIES_VIEW)
+    con.execute("INSERT OR REPLACE INTO audit_meta VALUES ('schema_version', ?)",
                 [str(SCHEMA_VERSION)])
+
+
+# `SELECT … FROM flow_bodies` gives every record's bodies whole, wherever they are stored
+# (inline or content-addressed): the query convenience for schema 2. It reassembles every
+# body it returns, so filter on flows first (`WHERE seq IN (SELECT seq FROM flows WHERE …)`).
+FLOW_BODIES_VIEW = """
+CREATE OR REPLACE VIEW flow_bodies AS
+WITH RECURSIVE roots AS (
+    SELECT seq, 'request' AS which, request_body_ref AS ref FROM flows
+    WHERE request_body_ref IS NOT NULL
+    UNION ALL
+    SELECT seq, 'response', response_body_ref FROM flows WHERE response_body_ref IS NOT NULL
+), chain(seq, which, h, depth) AS (
+    SELECT seq, which, ref, 0 FROM roots
+    UNION ALL
+    SELECT c.seq, c.which, b.prev, c.depth + 1 FROM chain c JOIN blobs b ON b.hash = c.h
+    WHERE b.prev IS NOT NULL AND c.depth < 1000000
+), pieces AS (
+    SELECT c.seq, c.which, c.depth, coalesce(b.data, p.data) AS data, b.data IS NOT NULL AS leaf
+    FROM chain c JOIN blobs b ON b.hash = c.h LEFT JOIN blobs p ON p.hash = b.part
+), bodies AS (
+    SELECT seq, which,
+           CASE WHEN bool_or(leaf) THEN first(data) FILTER (WHERE leaf)
+                ELSE encode(string_agg(decode(data), '' ORDER BY depth DESC)) END AS body
+    FROM pieces GROUP BY seq, which
+)
+SELECT f.seq, f.id, f.session_id,
+       coalesce(f.request_body, rq.body) AS request_body,
+       coalesce(f.response_body, rs.body) AS response_body
+FROM flows f
+LEFT JOIN bodies rq ON rq.seq = f.seq AND rq.which = 'request'
+LEFT JOIN bodies rs ON rs.seq = f.seq AND rs.which = 'response'
+"""
 
 
 def head(con: Any) -> tuple[int, str]:
@@ -738,9 +1004,17 @@ def head(con: Any) -> tuple[int, str]:
     return 0, GENESIS
 
 
-def append(con: Any, rows: list[dict[str, Any]], last: tuple[int, str]) -> tuple[int, str]:
-    """Chain and insert rows in one transaction; returns the new head. Mutates rows."""
+def append(con: Any, rows: list[dict[str, Any]], last: tuple[int, str],
+           known: BlobCache | None = None) -> tuple[int, str]:
+    """Chain and insert rows (and their blobs) in one transaction; returns the new head.
+    Mutates rows. `known`: addresses already stored (skipped; this batch's are added once
+    it committed)."""
     seq, prev = last
+    blobs: dict[str, Blob] = {}
+    for row in rows:
+        for b in row.get("_blobs") or ():
+            if b[0] not in blobs and (known is None or b[0] not in known):
+                blobs[b[0]] = b
     approvals = []
     for row in rows:
         seq += 1
@@ -752,7 +1026,10 @@ def append(con: Any, rows: list[dict[str, Any]], last: tuple[int, str]) -> tuple
             approvals.append(a)
     con.execute("BEGIN TRANSACTION")
     try:
-        con.execute(INSERT_FLOWS, [[r.get(c) for r in rows] for c in COLUMN_NAMES])
+        if blobs:
+            vals = list(blobs.values())
+            con.execute(INSERT_BLOBS, [[b[i] for b in vals] for i in range(5)])
+        con.execute(INSERT_FLOWS_ALL, [[r.get(c) for r in rows] for c in ALL_NAMES])
         if approvals:
             con.executemany(INSERT_APPROVAL, approvals)
         con.execute("INSERT OR REPLACE INTO audit_meta VALUES ('head', ?)", [f"{seq}:{prev}"])
@@ -763,6 +1040,8 @@ def append(con: Any, rows: list[dict[str, Any]], last: tuple[int, str]) -> tuple
         with contextlib.suppress(Exception):
             con.execute("ROLLBACK")
         raise
+    if known is not None and blobs:
+        known.add(blobs)
     return seq, prev
 
 
@@ -794,11 +1073,28 @@ def apply_retention(con: Any, days: float, now: float | None = None) -> int:
         con.execute("DELETE FROM approvals WHERE flow_id IN "
                     "(SELECT id FROM flows WHERE seq <= ?)", [last[0]])
         con.execute("DELETE FROM flows WHERE seq <= ?", [last[0]])
+        con.execute(_BLOB_GC_SQL)
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
     return int(n)
+
+
+# Blobs no remaining record reaches (through node chains) are deleted with the purged rows.
+_BLOB_GC_SQL = """
+DELETE FROM blobs WHERE hash NOT IN (
+    WITH RECURSIVE reach(h) AS (
+        SELECT request_body_ref FROM flows WHERE request_body_ref IS NOT NULL
+        UNION
+        SELECT response_body_ref FROM flows WHERE response_body_ref IS NOT NULL
+        UNION
+        SELECT unnest([b.prev, b.part]) FROM reach r JOIN blobs b ON b.hash = r.h
+        WHERE b.prev IS NOT NULL OR b.part IS NOT NULL
+    )
+    SELECT h FROM reach WHERE h IS NOT NULL
+)
+"""
 
 
 @dataclass
@@ -822,7 +1118,7 @@ def verify(con: Any, chunk: int = 2000) -> VerifyResult:
                      ).fetchone()
     exp_seq, exp_prev = (int(ck[0]) + 1, ck[1]) if ck else (1, GENESIS)
     ck_seq = int(ck[0]) if ck else 0
-    cur = con.execute(f"SELECT {SELECT_FOR_VERIFY} FROM flows ORDER BY seq")  # noqa: S608
+    cur = con.execute(f"SELECT {_verify_select(con)} FROM flows ORDER BY seq")  # noqa: S608
     count = 0
     last_seq, last_hash = exp_seq - 1, exp_prev
 
@@ -835,7 +1131,7 @@ def verify(con: Any, chunk: int = 2000) -> VerifyResult:
         if not batch:
             break
         for values in batch:
-            row = dict(zip(COLUMN_NAMES, values, strict=True))
+            row = dict(zip(ALL_NAMES, values, strict=True))
             if isinstance(row.get("identity_groups"), tuple):
                 row["identity_groups"] = list(row["identity_groups"])
             if chain_hash(row["prev_hash"] or "", row) != row["hash"]:
@@ -867,10 +1163,62 @@ def verify(con: Any, chunk: int = 2000) -> VerifyResult:
                                 f"deleted: the chain ends at seq {last_seq} but the writer's head "
                                 f"is seq {h_seq} (records removed from the end)", None, None,
                                 ck_seq)
+    bad, bad_seq, bad_id = _blobs_problem(con)
+    if bad:
+        return VerifyResult(False, count, last_seq, last_hash, bad, bad_seq, bad_id, ck_seq)
     bad = _approvals_mismatch(con)
     if bad:
         return VerifyResult(False, count, last_seq, last_hash, bad, None, None, ck_seq)
     return VerifyResult(True, count, last_seq, last_hash, None, None, None, ck_seq)
+
+
+def _columns(con: Any, table: str) -> set[str]:
+    return {r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+        [table]).fetchall()}
+
+
+def _verify_select(con: Any) -> str:
+    """SELECT_FOR_VERIFY, with NULL for the columns a schema-1 file opened read-only (not
+    migrated) does not have yet."""
+    have = _columns(con, "flows")
+    if all(c in have for c in REF_NAMES):
+        return SELECT_FOR_VERIFY_ALL
+    return ", ".join(f"epoch_us({c}) AS {c}" if c in TIMESTAMP_COLUMNS
+                     else (c if c in have else f"NULL AS {c}") for c in ALL_NAMES)
+
+
+def _blobs_problem(con: Any, chunk: int = 2000) -> tuple[str | None, int | None, str | None]:
+    """Every blob's content matches its address, and every address a record or a node
+    refers to is stored. (problem, seq, id) or (None, None, None)."""
+    if not _columns(con, "blobs"):
+        return None, None, None  # a schema-1 file: no body is stored by reference
+    cur = con.execute("SELECT hash, data, prev, part FROM blobs")
+    while batch := cur.fetchmany(chunk):
+        for h, data, prev, part in batch:
+            if data is not None:
+                ok = prev is None and part is None and leaf_address(bytes(data)) == h
+            else:
+                ok = part is not None and node_address(prev, part) == h
+            if not ok:
+                return (f"edited: blob {h} does not match its address (its content was "
+                        "changed)"), None, None
+    if all(c in _columns(con, "flows") for c in REF_NAMES):
+        r = con.execute(
+            "SELECT f.seq, f.id, r.which, r.ref FROM flows f, (SELECT seq, 'request' AS "
+            "which, request_body_ref AS ref FROM flows UNION ALL SELECT seq, 'response', "
+            "response_body_ref FROM flows) r WHERE r.seq = f.seq AND r.ref IS NOT NULL AND "
+            "r.ref NOT IN (SELECT hash FROM blobs) ORDER BY f.seq LIMIT 1").fetchone()
+        if r:
+            return (f"missing: blob {r[3]} ({r[2]} body of record seq {r[0]}, id {r[1]}) is "
+                    "not in the store"), r[0], r[1]
+    r = con.execute(
+        "SELECT b.hash, x.ref FROM blobs b, (SELECT hash, prev AS ref FROM blobs UNION ALL "
+        "SELECT hash, part FROM blobs) x WHERE x.hash = b.hash AND x.ref IS NOT NULL AND "
+        "x.ref NOT IN (SELECT hash FROM blobs) LIMIT 1").fetchone()
+    if r:
+        return f"missing: blob {r[1]} (a part of blob {r[0]}) is not in the store", None, None
+    return None, None, None
 
 
 def _approvals_mismatch(con: Any) -> str | None:
@@ -924,12 +1272,79 @@ def sessions(con: Any, limit: int = 50, since: float | None = None) -> tuple[lis
 
 def export_rows(con: Any, session: str | None, since: float | None = None
                 ) -> list[tuple[str, str | None, bytes]]:
-    """(id, url as the agent asked, flow_state) of a session's flows, in recorded order."""
+    """(id, url as the agent asked, flow_state) of a session's flows, in recorded order;
+    each state whole again (bodies put back from their columns or blobs: see resolve_state)."""
     us = micros(since)
-    return con.execute(
-        "SELECT id, url, flow_state FROM flows WHERE (? IS NULL OR session_id = ?) "
+    have = _columns(con, "flows")
+    refs = ", ".join(c if c in have else f"NULL AS {c}" for c in REF_NAMES)
+    rows = con.execute(
+        f"SELECT id, url, flow_state, request_body, response_body, {refs} FROM flows "  # noqa: S608
+        "WHERE (? IS NULL OR session_id = ?) "
         "AND (? IS NULL OR ended >= make_timestamp(?)) AND flow_state IS NOT NULL "
         "ORDER BY seq", [session, session, us, us]).fetchall()
+    return [(fid, url, resolve_state(con, blob, {"request": (rq, rq_ref),
+                                                 "response": (rs, rs_ref)}))
+            for fid, url, blob, rq, rs, rq_ref, rs_ref in rows]
+
+
+def row_state(row: dict[str, Any], con: Any = None) -> dict[str, Any]:
+    """The whole flow state of a row (as built, or read with its body columns and refs)."""
+    blobs = {b[0]: b for b in row.get("_blobs") or ()}
+
+    def body(part: str) -> tuple[Any, str | None]:
+        ref = row.get(f"{part}_body_ref")
+        if ref and con is None:
+            return blob_content(blobs, ref), None
+        return row.get(f"{part}_body"), ref
+
+    return load_state(resolve_state(con, row["flow_state"],
+                                    {"request": body("request"), "response": body("response")}))
+
+
+def row_body(row: dict[str, Any], part: str) -> bytes | None:
+    """A built row's request or response body as stored (inline, or from its new blobs)."""
+    ref = row.get(f"{part}_body_ref")
+    if ref:
+        return blob_content({b[0]: b for b in row.get("_blobs") or ()}, ref)
+    return row.get(f"{part}_body")
+
+
+def blob_content(blobs: dict[str, Blob], addr: str) -> bytes:
+    """The content at addr from a mapping of blobs (hash -> Blob); raises BlobMissing."""
+    parts: list[bytes] = []
+    h: str | None = addr
+    while h is not None:
+        b = blobs.get(h)
+        if b is None:
+            raise BlobMissing(f"blob {h} is not in the store")
+        if b[1] is not None:
+            parts.append(b[1])
+            break
+        leaf = blobs.get(b[3] or "")
+        if leaf is None or leaf[1] is None:
+            raise BlobMissing(f"blob {b[3]} (a part of {h}) is not in the store")
+        parts.append(leaf[1])
+        h = b[2]
+    return b"".join(reversed(parts))
+
+
+def resolve_state(con: Any, blob: bytes, bodies: dict[str, tuple[Any, str | None]]) -> bytes:
+    """A stored flow state with each `{"$body": part}` content replaced by that record's
+    body (inline column, else reassembled from its blobs): exactly what was recorded."""
+    raw = bytes(blob)
+    if b'"$body"' not in raw:
+        return raw  # schema 1, or no body equal to its column
+    st = load_state(raw)
+    for part, (inline, ref) in bodies.items():
+        msg = st.get(part)
+        if isinstance(msg, dict) and msg.get("content") == {"$body": part}:
+            if inline is not None:
+                msg["content"] = bytes(inline)
+            elif ref is not None:
+                msg["content"] = read_blob(con, ref)
+            else:
+                raise BlobMissing(f"the {part} body of flow {st.get('id')} is not stored")
+    return dump_state(st, Scrubber())
 
 
 READ_ONLY_TYPES = ("SELECT", "EXPLAIN")

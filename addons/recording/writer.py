@@ -147,8 +147,9 @@ def ask_gateway(db_path: str | Path, req: dict[str, Any], timeout: float = 300
 
 # ---------------------------------------------------------------- writer
 def row_bytes(row: dict[str, Any]) -> int:
-    """About how many bytes a row takes (its text and blob values)."""
-    return sum(len(v) for v in row.values() if isinstance(v, str | bytes | bytearray))
+    """About how many bytes a row takes (its text and blob values, and its new blobs)."""
+    return sum(len(v) for v in row.values() if isinstance(v, str | bytes | bytearray)) + \
+        sum(len(b[1] or b"") + 200 for b in row.get("_blobs") or ())
 
 
 class AuditWriter:
@@ -184,6 +185,7 @@ class AuditWriter:
         self._con: duckdb.DuckDBPyConnection | None = None
         self._server: QueryServer | None = None
         self._head: tuple[int, str] = (0, store.GENESIS)
+        self._known = store.BlobCache()  # blob addresses committed: not sent again
         self._last_retention = 0.0
 
     # -- lifecycle
@@ -348,7 +350,14 @@ class AuditWriter:
         """One transaction; on failure the rows are un-chained again and the error returned."""
         try:
             assert self._con is not None
+            # blobs already committed are not sent again (the INSERT would ignore them)
+            fresh = []
+            for r in rows:
+                if r.get("_blobs"):
+                    r["_blobs"] = [b for b in r["_blobs"] if b[0] not in self._known]
+                    fresh += (b[0] for b in r["_blobs"])
             self._head = store.append(self._con, rows, self._head)
+            self._known.add(fresh)
         except Exception as e:  # noqa: BLE001 - the caller decides: split, reduce or retry
             for r in rows:  # re-chained from the last good head on the next attempt
                 for k in ("seq", "prev_hash", "hash"):
@@ -429,6 +438,8 @@ class AuditWriter:
             return
         try:
             n = store.apply_retention(self._con, self.retention_days)
+            if n:
+                self._known.clear()  # unreferenced blobs were deleted with the rows
         except Exception as e:  # noqa: BLE001 - retention must not stop recording
             log.error("agentgate: audit retention failed (%s)", type(e).__name__)
             return

@@ -59,9 +59,10 @@ def _stored(gw) -> tuple[list[tuple], store.VerifyResult]:
     assert gw.stop() == 0, gw.logs()[-3000:]
     con = duckdb.connect(str(gw.data_dir / "agentgate.duckdb"), read_only=True)
     try:
-        rows = con.execute("SELECT session_id, status, refusal_code, request_body, "
-                           "request_body_note, request_size, flow_state FROM flows "
-                           "ORDER BY seq").fetchall()
+        # flow_bodies: the bodies whole, inline or content-addressed (schema 2)
+        rows = con.execute("SELECT f.session_id, f.status, f.refusal_code, b.request_body, "
+                           "f.request_body_note, f.request_size, f.flow_state FROM flows f "
+                           "JOIN flow_bodies b USING (seq) ORDER BY seq").fetchall()
         return rows, store.verify(con)
     finally:
         con.close()

@@ -112,8 +112,10 @@ def test_restore_never_puts_raw_values_in_the_store(gateway_factory, standin,
     assert gw.stop() == 0
 
     con = duckdb.connect(str(db), read_only=True)
-    rows = con.execute("SELECT session_id, decode(request_body), decode(response_body), "
-                       "response_body_note, findings_total FROM flows ORDER BY seq").fetchall()
+    # flow_bodies: bodies whole, inline or content-addressed (schema 2)
+    rows = con.execute("SELECT f.session_id, decode(b.request_body), decode(b.response_body), "
+                       "f.response_body_note, f.findings_total FROM flows f "
+                       "JOIN flow_bodies b USING (seq) ORDER BY seq").fetchall()
     con.close()
     assert [r[0] for r in rows] == ["rr-chat", "rr-stream", "rr-anthropic"]
     for session, req, resp, note, findings in rows:

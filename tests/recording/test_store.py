@@ -103,7 +103,7 @@ def test_secret_in_compressed_body_is_scrubbed() -> None:
     row = store.build_row(p, decode=gz)
     assert SECRET.encode() not in row["request_body"]
     assert row["request_body"] == b'{"k":"[REDACTED]"}'
-    st = store.load_state(row["flow_state"])
+    st = store.row_state(row)
     assert b"content-encoding" not in [k for k, _ in st["request"]["headers"]]
     assert st["request"]["content"] == b'{"k":"[REDACTED]"}'
 
@@ -111,7 +111,7 @@ def test_secret_in_compressed_body_is_scrubbed() -> None:
 def test_state_roundtrip_is_exact() -> None:
     st = state(5, body=b"\xff\x00binary", meta={"session": "s", "n": 1.0, "b": b"x"})
     row = store.build_row(store.Pending(st, "s"))
-    back = store.load_state(row["flow_state"])
+    back = store.row_state(row)
     assert back["request"]["content"] == b"\xff\x00binary"
     assert back["request"]["method"] == b"POST" and back["request"]["host"] == "127.0.0.1"
     assert back["metadata"] == {"session": "s", "n": 1.0, "b": b"x"}
