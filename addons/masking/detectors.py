@@ -931,8 +931,7 @@ class DetectorSet:
         places where a match can start, so the findings are the same."""
         out: list[tuple[int, int, str, int]] = []
         data = fastscan.to_bytes(t)
-        present = pre.scan(data)
-        pos = pre.positions(data, present)  # None: too many anchors, run over the whole text
+        present, pos = pre.scan(data)  # pos None: too many anchors, whole-text paths
         for fam, r in self._secret_fams:
             if fam not in present:
                 continue
@@ -982,14 +981,11 @@ class DetectorSet:
             for cm in clusters:
                 s, e = cm.span()
                 lo, hi = max(0, s - 2), min(n, e + 3)
+                # with anchors: only the detectors with a piece of a finding in the window
+                can = pre.numeric_in(data[lo:hi]) if pos is not None else None
                 for d in self._numeric:
-                    if pos is not None:
-                        # run d only when a piece of one of its findings ends in (lo, hi]
-                        de = pos["n:" + _NUMERIC_NAMES[d]]
-                        i = bisect_right(de, lo)
-                        if i == len(de) or de[i] > hi:
-                            continue
-                    _run(d, t, lo, hi, out)
+                    if can is None or _NUMERIC_NAMES[d] in can:
+                        _run(d, t, lo, hi, out)
         if "ipv4" in present:
             if pos is None:
                 _find_ipv4(t, out)

@@ -113,20 +113,25 @@ class Prefilter:
     """Compiled anchors for one set of detector families; thread-safe (scratch space is
     per thread).
 
-    Two databases: `presence` (every family, each anchor reported once: which families can
-    match at all) and `positions` (the anchors of the families the detectors then run only
-    near their candidates: every end offset, for IBAN starts, 9-digit clusters, the numeric
-    detectors, IPv4 triggers and password words)."""
+    Three databases. `presence`: secret literals, '@', words, each reported once (which
+    families can match at all). `positions`: every end offset of the anchors of the
+    detectors that then run only near them (IBAN starts, 9-digit clusters, IPv4 triggers,
+    password operators) — not single-match: in Hyperscan that made the pass 5x slower once
+    such a pattern had matched. `numeric`: run on each 9-digit cluster alone, says which
+    numeric detectors can find something there."""
 
     def __init__(self, presence: Sequence[tuple[str, bytes]],
-                 positions: Sequence[tuple[str, bytes]]) -> None:
+                 positions: Sequence[tuple[str, bytes]],
+                 numeric: Sequence[tuple[str, bytes]] = ()) -> None:
         assert _hs is not None
         self._names = [n for n, _ in presence]
-        self._presence = _compile([p for _, p in presence], _hs.HS_FLAG_SINGLEMATCH) \
-            if presence else None
         self._pos_names = [n for n, _ in positions]
-        self._positional = frozenset(self._pos_names)
-        self._positions = _compile([p for _, p in positions], 0) if positions else None
+        self._num_names = [n for n, _ in numeric]
+        self.families = frozenset(self._names) | frozenset(self._pos_names)
+        self._presence = _compile([p for _, p in presence],
+                                  [_hs.HS_FLAG_SINGLEMATCH] * len(presence))
+        self._positions = _compile([p for _, p in positions], [0] * len(positions))
+        self._numeric = _compile([p for _, p in numeric], [0] * len(numeric))
         self._local = threading.local()
 
     @classmethod
@@ -134,25 +139,21 @@ class Prefilter:
                positional: Sequence[str] = (),
                numeric: Sequence[str] = ()) -> Prefilter | None:
         """A prefilter for these presence families, secret rules (keys of SECRET_ANCHORS or
-        (entity, literals)), positional families (keys of POSITION_ANCHORS, also reported as
-        present) and numeric detectors (NUMERIC_ANCHORS names, positions named 'n:<name>');
-        None when hyperscan is not importable."""
+        (entity, literals)), positional families (keys of POSITION_ANCHORS) and numeric
+        detectors (NUMERIC_ANCHORS names); None when hyperscan is not importable."""
         if _hs is None:
             _warn_once()
             return None
         presence: list[tuple[str, bytes]] = []
         for fam in families:
             presence.extend((fam, p) for p in PRESENCE_ANCHORS[fam])
-        for fam in positional:
-            presence.extend((fam, p) for p in POSITION_ANCHORS[fam])
         for key in secrets:
             anchors = SECRET_ANCHORS.get(key)
             if anchors is None:
                 anchors = tuple(_literal(lit) for lit in key[1])
             presence.extend((secret_family(key), p) for p in anchors)
         positions = [(fam, p) for fam in positional for p in POSITION_ANCHORS[fam]]
-        positions += [("n:" + n, NUMERIC_ANCHORS[n]) for n in numeric]
-        return cls(presence, positions)
+        return cls(presence, positions, [(n, NUMERIC_ANCHORS[n]) for n in numeric])
 
     def _scratch(self, which: str, db: object) -> object:
         s = getattr(self._local, which, None)
@@ -161,28 +162,23 @@ class Prefilter:
             setattr(self._local, which, s)
         return s
 
-    def scan(self, data: bytes) -> set[str]:
-        """Names of the families whose anchor occurs in `data`."""
+    def scan(self, data: bytes) -> tuple[set[str], dict[str, list[int]] | None]:
+        """(families whose anchor occurs in `data`, sorted end offsets of every positional
+        anchor by family). With more than a few positional anchors per 16 bytes the answer
+        is (every family, None): run the detectors over the whole text, cheaper then than
+        the bookkeeping."""
         found: set[str] = set()
-        if self._presence is None:
-            return found
-        names = self._names
-
-        def hit(pid: int, start: int, end: int, flags: int, ctx: object) -> None:
-            found.add(names[pid])
-
-        self._presence.scan(data, match_event_handler=hit,
-                            scratch=self._scratch("presence", self._presence))
-        return found
-
-    def positions(self, data: bytes, present: set[str]) -> dict[str, list[int]] | None:
-        """Sorted end offsets of every positional anchor (numeric detectors: 'n:<name>'), or
-        None when there are more than a few per 16 bytes (then the detectors run over the
-        whole text: cheaper than the bookkeeping). Empty when no positional family is in
-        `present` (the result of `scan`)."""
-        if self._positions is None or not (present & self._positional):
-            return {}
         ends: dict[str, list[int]] = {n: [] for n in self._pos_names}
+        if self._presence is not None:
+            names = self._names
+
+            def seen(pid: int, start: int, end: int, flags: int, ctx: object) -> None:
+                found.add(names[pid])
+
+            self._presence.scan(data, match_event_handler=seen,
+                                scratch=self._scratch("presence", self._presence))
+        if self._positions is None:
+            return found, ends
         lists = [ends[n] for n in self._pos_names]
         count = [0]
         limit = _hit_limit(data)
@@ -196,10 +192,27 @@ class Prefilter:
             self._positions.scan(data, match_event_handler=hit,
                                  scratch=self._scratch("positions", self._positions))
         except _hs.ScanTerminated:
-            return None
-        for v in ends.values():
-            v.sort()  # (already in end order; sorting a sorted list is one pass)
-        return ends
+            return set(self.families), None
+        for n, v in ends.items():
+            if v:
+                found.add(n)
+                v.sort()  # (already in end order; sorting a sorted list is one pass)
+        return found, ends
+
+    def numeric_in(self, data: bytes) -> set[str]:
+        """Names of the numeric detectors whose anchor occurs in `data` (one cluster's
+        window: a finding inside it holds its anchor inside it too)."""
+        found: set[str] = set()
+        if self._numeric is None:
+            return found
+        names = self._num_names
+
+        def seen(pid: int, start: int, end: int, flags: int, ctx: object) -> None:
+            found.add(names[pid])
+
+        self._numeric.scan(data, match_event_handler=seen,
+                           scratch=self._scratch("numeric", self._numeric))
+        return found
 
 
 def secret_family(key: tuple[str, tuple[str, ...]]) -> str:
@@ -219,10 +232,12 @@ def _literal(lit: str) -> bytes:
     return b"".join(out)
 
 
-def _compile(exprs: list[bytes], flags: int) -> object:
+def _compile(exprs: list[bytes], flags: list[int]) -> object | None:
+    if not exprs:
+        return None
     db = _hs.Database(mode=_hs.HS_MODE_BLOCK)
     db.compile(expressions=exprs, ids=list(range(len(exprs))), elements=len(exprs),
-               flags=[flags] * len(exprs))
+               flags=flags)
     return db
 
 
