@@ -140,9 +140,7 @@ class Mcp:
                    "invalid_jsonrpc", "mcp")
             return
         try:
-            body = decode.request_body(flow, max_bytes=cfg.max_event_bytes)
-            value = jsonrpc.loads_strict(body.text if body is not None else "")
-            payload = jsonrpc.parse_payload(value)
+            payload = await _off_loop(_read_payload, flow, "request", cfg.max_event_bytes)
         except decode.TooLarge:
             refuse(flow, 413, f"JSON-RPC body over mcp.max_event_bytes "
                    f"({cfg.max_event_bytes} bytes)", "body_too_large", "mcp")
@@ -247,9 +245,7 @@ class Mcp:
             return  # an HTTP error text (masked like any response)
         cfg = self.config()
         try:
-            body = decode.response_body(flow, max_bytes=cfg.max_event_bytes)
-            value = jsonrpc.loads_strict(body.text if body is not None else "")
-            payload = jsonrpc.parse_payload(value)
+            payload = await _off_loop(_read_payload, flow, "response", cfg.max_event_bytes)
         except (decode.DecodeError, jsonrpc.JsonRpcError) as e:
             reason = e.reason if isinstance(e, decode.DecodeError) else e.message
             refuse(flow, 502, f"the MCP server's answer is not valid JSON-RPC: {reason}",
@@ -544,6 +540,27 @@ class McpAnswers:
         else:
             resp.content = jsonrpc.dumps({"jsonrpc": "2.0", "id": None, "error": err})
             resp.headers["content-type"] = "application/json"
+
+
+# Bodies from this many bytes on (and compressed ones) are decoded and parsed in a worker
+# thread, so the event loop keeps serving other flows meanwhile.
+THREAD_MIN_BYTES = 64 * 1024
+
+
+async def _off_loop(fn: Callable[..., Any], flow: http.HTTPFlow, part: str, *args: Any
+                    ) -> Any:
+    msg = getattr(flow, part)
+    if len(msg.raw_content or b"") >= THREAD_MIN_BYTES or msg.headers.get("content-encoding"):
+        return await asyncio.to_thread(fn, flow, part, *args)
+    return fn(flow, part, *args)
+
+
+def _read_payload(flow: http.HTTPFlow, part: str, max_bytes: int) -> jsonrpc.Payload:
+    """The JSON-RPC payload of the request or response body, read through the one decoder.
+    Raises decode.DecodeError or jsonrpc.JsonRpcError."""
+    read = decode.request_body if part == "request" else decode.response_body
+    body = read(flow, max_bytes=max_bytes)
+    return jsonrpc.parse_payload(jsonrpc.loads_strict(body.text if body is not None else ""))
 
 
 def _ids_of(flow: http.HTTPFlow) -> tuple[list[Any], bool, bool]:
