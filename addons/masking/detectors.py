@@ -730,8 +730,6 @@ def _rarest(literal: str) -> str:
 
 # below this length, `in` tests of a rule's literals are cheaper than starting its scan
 _SHORT_TEXT = 16384
-# below this length the reference path's `in` tests beat a prefilter pass
-_PREFILTER_MIN = 0
 
 # longest span per built-in entity, in normalised characters
 _MAX_LEN: dict[str, int] = {
@@ -823,15 +821,12 @@ class DetectorSet:
             for r in self._long_rules_all + self._long_gated)
         self._pre: fastscan.Prefilter | None = None
         if fast and self.config.enabled:
-            fams = [f for f, on in (("email", self._email), ("aws_word", self._aws_secret),
-                                    ("pw_url", self._password), ("bearer", self._bearer),
-                                    ("ipv6", self._ip)) if on]
-            positional = [f for f, on in (("pw_op", self._password),
-                                          ("num", bool(self._numeric)), ("ipv4", self._ip),
-                                          ("iban", self._iban)) if on]
+            # every anchor whatever the config (the families turned off are never looked
+            # up): one compiled prefilter per process, shared by every DetectorSet
             self._pre = fastscan.Prefilter.create(
-                fams, [(r.entity, r.literals) for _, r in self._secret_fams], positional,
-                [_NUMERIC_NAMES[d] for d in self._numeric])
+                ("email", "aws_word", "pw_url", "bearer", "ipv6"),
+                [(r.entity, r.literals) for r in SECRET_RULES],
+                ("pw_op", "num", "ipv4", "iban"), tuple(_NUMERIC_NAMES.values()))
 
     @property
     def fast(self) -> bool:
@@ -868,7 +863,7 @@ class DetectorSet:
         return out
 
     def _candidates(self, t: str) -> list[tuple[int, int, str, int]]:
-        if self._pre is not None and len(t) >= _PREFILTER_MIN:
+        if self._pre is not None:  # (faster from the shortest texts on: 0.8 us per word)
             return self._candidates_fast(t, self._pre)
         out: list[tuple[int, int, str, int]] = []
         if len(t) < _SHORT_TEXT:
@@ -961,10 +956,10 @@ class DetectorSet:
             _find_passwords(t, low, out, url=pw_url, assign=pw_assign)
         if bearer:
             _find_bearer(t, low, out)
-        if "email" in present:
+        if self._email and "email" in present:
             _find_emails(t, out)
         n = len(t)
-        if "iban" in present:
+        if self._iban and "iban" in present:
             if pos is None:
                 _run(_IBAN_DET, t, 0, n, out)
                 _run(_IBAN_LOWER_DET, t, 0, n, out)
@@ -975,7 +970,7 @@ class DetectorSet:
                 for d in (_IBAN_DET, _IBAN_LOWER_DET):
                     for lo, hi in wins:
                         _run(d, t, lo, hi, out)
-        if "num" in present:
+        if self._numeric and "num" in present:
             clusters = _NUM_CLUSTER.finditer(t) if pos is None else \
                 _clusters_at(t, pos["num"])
             for cm in clusters:
@@ -986,13 +981,13 @@ class DetectorSet:
                 for d in self._numeric:
                     if can is None or _NUMERIC_NAMES[d] in can:
                         _run(d, t, lo, hi, out)
-        if "ipv4" in present:
+        if self._ip and "ipv4" in present:
             if pos is None:
                 _find_ipv4(t, out)
             else:
                 # a trigger is at most 15 characters and ends where its anchor does
                 _find_ipv4(t, out, _windows(pos["ipv4"], 15, 0, n))
-        if "ipv6" in present:
+        if self._ip and "ipv6" in present:
             _find_ipv6(t, out)
         for c in self._custom:
             self._find_custom(c, t, out)

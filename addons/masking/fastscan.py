@@ -144,6 +144,18 @@ class Prefilter:
         if _hs is None:
             _warn_once()
             return None
+        key = (tuple(families), tuple(secrets), tuple(positional), tuple(numeric))
+        with _CACHE_LOCK:  # compiling takes ~0.25 s: once per process and anchor set
+            pre = _CACHE.get(key)
+            if pre is None:
+                if len(_CACHE) >= 8:
+                    _CACHE.clear()
+                pre = _CACHE[key] = cls._build(families, secrets, positional, numeric)
+            return pre
+
+    @classmethod
+    def _build(cls, families: Sequence[str], secrets: Sequence[tuple[str, tuple[str, ...]]],
+               positional: Sequence[str], numeric: Sequence[str]) -> Prefilter:
         presence: list[tuple[str, bytes]] = []
         for fam in families:
             presence.extend((fam, p) for p in PRESENCE_ANCHORS[fam])
@@ -242,6 +254,8 @@ def _compile(exprs: list[bytes], flags: list[int]) -> object | None:
 
 
 _warned = False
+_CACHE: dict[tuple, Prefilter] = {}
+_CACHE_LOCK = threading.Lock()
 
 
 def _warn_once() -> None:

@@ -167,6 +167,7 @@ def test_hyperscan_iban_window_reaches_the_longest_iban():
 def test_a_wrong_anchor_is_caught(monkeypatch):
     """The differential checks can fail: a prefilter missing the '@' anchor loses e-mails."""
     monkeypatch.setitem(fastscan.PRESENCE_ANCHORS, "email", (rb"@@@",))
+    monkeypatch.setattr(fastscan, "_CACHE", {})  # compile the broken anchors
     broken = DetectorSet(MaskingConfig())
     with pytest.raises(AssertionError):
         same("mail jane.doe@example.com now", broken, REF)
