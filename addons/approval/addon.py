@@ -55,7 +55,7 @@ from addons.approval.config import (
     parse_listen,
     url_for,
 )
-from addons.approval.notify import Notifier, Retry, event
+from addons.approval.notify import SHUTDOWN_GRACE, Notifier, Retry, event
 from addons.approval.pgstore import STATE_ENV, state_store
 from addons.approval.slack import SlackActionsHandler, SlackInteractions, SlackMessenger
 from addons.approval.store import (
@@ -341,15 +341,41 @@ class Approval:
         return [(r"/slack/actions", SlackActionsHandler,
                  {"interactions": self.slack_interactions})]
 
-    def done(self) -> None:
+    def done(self) -> asyncio.Task | None:
+        """Cancel every hold and stop listening. The holds' "cancelled" updates (Slack,
+        webhook) are still delivered: the returned task drains the notifier within
+        notify.SHUTDOWN_GRACE. A plain function returning an awaitable, because mitmproxy
+        awaits what a hook returns when it stops (AddonManager.invoke_addon), while a
+        script reload (invoke_addon_sync) refuses `async def` hooks and lets the task run
+        on in the background (tests/approval/test_shutdown.py checks both)."""
         self._running = False
+        held = [f for flows in self._flows.values() for f in flows]
         for approval_id in [*self._flows, *self._external]:
             self.store.cancel(approval_id, "the gateway is stopping")
         if self.store.shared:
             self.store.close()  # records those cancellations, gives up the replica's lease
-        self.notifier.cancel_all()
         self.api.close_now()
         self._api_spec = False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a unit test): nothing can be delivered
+            self.notifier.cancel_all()
+            return None
+        task = loop.create_task(self._stopping(held))
+        self._tasks.add(task)  # a reload drops what done() returns: keep it alive
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _stopping(self, held: list[http.HTTPFlow]) -> None:
+        """Within notify.SHUTDOWN_GRACE: the held flows' clients get their 503 (the
+        cancelled holds resumed them; mitmproxy marks a flow not live once its answer is
+        written), then the notifications in flight go out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_GRACE
+        while any(f.live and f.client_conn.connected for f in held) \
+                and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await self.notifier.drain(max(0.0, deadline - loop.time()))
 
     def _config(self) -> ApprovalsConfig:
         rules = self.holder.rules

@@ -29,6 +29,9 @@ from addons.approval.store import PendingApproval
 log = logging.getLogger("agentgate.approval")
 
 MAX_RESPONSE_BYTES = 256 * 1024  # chat APIs answer with small JSON; more is refused
+# how long a stopping gateway waits for deliveries in flight (the holds' "cancelled"
+# updates): long enough for a chat API's answer, short next to a supervisor's stop timeout
+SHUTDOWN_GRACE = 3.0
 USER_AGENT = "agentgate"
 
 
@@ -187,6 +190,20 @@ class Notifier:
         for t in list(self._tasks):
             t.cancel()
         self.transport.close()
+
+    async def drain(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """The gateway stops: let deliveries in flight (and those they start) finish
+        within `grace` seconds, then cancel the rest (a retry waiting out its backoff, an
+        unanswered chat API) and close the transport. Never raises."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while (left := [t for t in self._tasks if not t.done()]) \
+                and (wait := deadline - loop.time()) > 0:
+            await asyncio.wait(left, timeout=wait)
+        if left:
+            log.warning("agentgate: %d approval notification(s) not delivered within %.1fs "
+                        "of stopping", len(left), grace)
+        await self.close()
 
     async def close(self) -> None:
         for t in list(self._tasks):
