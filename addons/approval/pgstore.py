@@ -15,9 +15,10 @@ page, Slack and the CLI use it unchanged:
   mirror. A decision merged into a hold this replica keeps releases the held flow through
   the store's ordinary `on_decided` (within milliseconds). A poll every `poll` seconds is the
   fallback for a lost LISTEN connection.
-- Synchronous transitions (the addon's expiry and cancellation, mitmweb's commands, Slack's
-  callback) apply to the mirror at once and are replayed on the Postgres row in the
-  background (the same checks, on the locked row); a replay Postgres refuses is logged.
+- Synchronous transitions (the addon's expiry and cancellation, mitmweb's commands) apply to
+  the mirror at once and are replayed on the Postgres row in the background (the same
+  checks, on the locked row); a replay Postgres refuses is logged and the mirror shows what
+  Postgres keeps.
 - Each replica holds a lease (`agentgate_replicas.lease_until`, renewed every `poll`
   seconds). Survivors cancel the pending holds of a replica whose lease ran out (killed,
   partitioned): nobody is left waiting for a decision that can no longer release anything.
@@ -185,7 +186,8 @@ class PgApprovalStore(ApprovalStore):
     def ready(self) -> bool:
         """Reachable lately: a round trip within the last lease (the heartbeat runs every
         `poll` seconds)."""
-        return self._started and time.monotonic() - self._last_ok < max(self.lease / 2, 3.0)
+        return self._started and time.monotonic() - self._last_ok < max(self.lease / 2,
+                                                                        3 * self.poll, 3.0)
 
     def health(self) -> dict[str, Any]:
         return {"kind": "postgres", "where": self.where, "replica": self.replica,
@@ -437,6 +439,11 @@ class PgApprovalStore(ApprovalStore):
         except ApprovalError as e:
             log.warning("agentgate: approval %s: %s here was refused by the shared store "
                         "(%s); the store keeps %s", approval_id, op, e.message, a.state)
+            mine = self.get(approval_id)
+            if mine is not None and a.decided:  # show what the shared store says
+                mine.state, mine.reason, mine.decided_at = a.state, a.reason, a.decided_at
+                mine.votes = a.votes
+                self.changed(mine)
             return
         await c.execute(
             "UPDATE agentgate_approvals SET state = %s, record = %s, "

@@ -476,13 +476,14 @@ class SlackInteractions:
             return 400, {"error": {"code": "bad_payload",
                                    "message": "expected a form field 'payload' with JSON"}}
         try:
-            return self._act(cfg, payload)
+            return await self._act(cfg, payload)
         except Exception as e:  # noqa: BLE001 - answer Slack, keep serving
             log.error("agentgate: Slack callback failed (%s)", type(e).__name__,
                       exc_info=log.isEnabledFor(logging.DEBUG))
             return 500, {"error": {"code": "internal_error", "message": "internal error"}}
 
-    def _act(self, cfg: SlackConfig, p: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+    async def _act(self, cfg: SlackConfig, p: dict[str, Any]
+                   ) -> tuple[int, dict[str, Any] | None]:
         user = p.get("user") if isinstance(p.get("user"), dict) else {}
         uid = str(user.get("id") or "")
         kind = p.get("type")
@@ -495,8 +496,8 @@ class SlackInteractions:
                 return 200, None  # the link button: Slack wants an acknowledgement
             if response_url:
                 self.messenger.remember_response_url(approval_id, response_url)
-            return self._decide(cfg, uid, action_id, approval_id, response_url,
-                                trigger_id=str(p.get("trigger_id") or ""))
+            return await self._decide(cfg, uid, action_id, approval_id, response_url,
+                                      trigger_id=str(p.get("trigger_id") or ""))
         if kind == "view_submission":
             view = p.get("view") if isinstance(p.get("view"), dict) else {}
             if view.get("callback_id") != DENY_MODAL:
@@ -509,15 +510,17 @@ class SlackInteractions:
             if not reason:
                 return 200, {"response_action": "errors",
                              "errors": {"reason": "A reason is required to deny."}}
-            status, answer = self._decide(cfg, uid, ACTION_DENY, str(meta.get("id") or ""),
-                                          str(meta.get("response_url") or ""), reason=reason)
+            status, answer = await self._decide(cfg, uid, ACTION_DENY,
+                                                str(meta.get("id") or ""),
+                                                str(meta.get("response_url") or ""),
+                                                reason=reason)
             if answer and answer.get("error"):  # show why in the modal instead of closing
                 return 200, {"response_action": "errors",
                              "errors": {"reason": answer["error"]["message"]}}
             return 200, None
         return 200, None
 
-    def _decide(self, cfg: SlackConfig, uid: str, action_id: str, approval_id: str,
+    async def _decide(self, cfg: SlackConfig, uid: str, action_id: str, approval_id: str,
                 response_url: str, *, trigger_id: str = "", reason: str | None = None
                 ) -> tuple[int, dict[str, Any] | None]:
         who = cfg.reviewer(uid)
@@ -533,13 +536,14 @@ class SlackInteractions:
                                  f"no approval {approval_id!r}")
         try:
             if action_id == ACTION_APPROVE:
-                a = self.store.approve(approval_id, sub, groups, via=VIA_SLACK)
+                # the store's async votes: a shared store records them in Postgres first
+                a = await self.store.aapprove(approval_id, sub, groups, via=VIA_SLACK)
             elif reason is None and trigger_id and self._open_modal(cfg, a, sub, groups,
                                                                     trigger_id, response_url):
                 return 200, None  # the modal's submission decides
             else:
-                a = self.store.deny(approval_id, sub, groups,
-                                    reason or f"denied in Slack by {sub}", via=VIA_SLACK)
+                a = await self.store.adeny(approval_id, sub, groups,
+                                           reason or f"denied in Slack by {sub}", via=VIA_SLACK)
         except ApprovalError as e:
             return self._refused(response_url, e.status, e.code, e.message)
         log.info("agentgate: approval %s: %s by %s via Slack (%d/%d approvals, state %s)",

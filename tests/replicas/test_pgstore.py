@@ -50,8 +50,9 @@ async def started(dsn: str, **kw) -> PgApprovalStore:
 
 def test_decided_on_the_other_replica_both_ways(pg: ScramServer) -> None:
     async def main() -> None:
-        a = await started(pg.admin_dsn("postgres"), replica="a")
-        b = await started(pg.admin_dsn("postgres"), replica="b")
+        # a 10 s poll: a decision seen within 2 s came by LISTEN/NOTIFY
+        a = await started(pg.admin_dsn("postgres"), replica="a", poll=10)
+        b = await started(pg.admin_dsn("postgres"), replica="b", poll=10)
         released: list[str] = []
         a.on_decided = lambda ap: released.append(ap.id)
         b.on_decided = lambda ap: released.append(ap.id)
@@ -62,13 +63,13 @@ def test_decided_on_the_other_replica_both_ways(pg: ScramServer) -> None:
             assert b.get(h.id).state == PENDING and b.get(h.id).preview == "masked preview"
             await b.aapprove(h.id, "rev-1", ["reviewers"])
             took = await until(lambda: h.id in released and a.get(h.id).state == APPROVED)
-            assert took < 1.0, took  # LISTEN/NOTIFY, not the poll
+            assert took < 2.0, took  # LISTEN/NOTIFY, not the poll
             assert a.get(h.id).approvers == ["rev-1"]
             # and back: held on b, denied on a
             h2 = await b.acreate(SPEC, "agent-2", {"kind": "tool"}, "", owner="id:agent-2")
             await until(lambda: a.get(h2.id) is not None)
             await a.adeny(h2.id, "rev-2", ["reviewers"], "too risky")
-            await until(lambda: b.get(h2.id).state == DENIED, 1.0)
+            await until(lambda: b.get(h2.id).state == DENIED, 2.0)
             assert b.get(h2.id).reason == "too risky"
             # the in-memory store's checks run on the shared row: a second decision is 409,
             # self-approval 403, a reviewer outside the groups 403
@@ -85,6 +86,23 @@ def test_decided_on_the_other_replica_both_ways(pg: ScramServer) -> None:
             # a synchronous transition (the addon's timeout / cancellation) is replayed
             a.cancel(h3.id, "client left")
             await until(lambda: b.get(h3.id).state == CANCELLED, 3.0)
+            # a synchronous vote (mitmweb's operator) on the holding replica is replayed
+            op = SPEC.__class__(**{**SPEC.__dict__, "allow_mitmweb": True})
+            h4 = await a.acreate(op, "agent-1", {}, "", owner="id:agent-1")
+            await until(lambda: b.get(h4.id) is not None)
+            a.approve(h4.id, "", via="mitmweb")
+            await until(lambda: b.get(h4.id).state == APPROVED, 3.0)
+            # one racing it on the other replica loses in Postgres, and its mirror is told
+            h5 = await a.acreate(op, "agent-1", {}, "", owner="id:agent-1")
+            await until(lambda: b.get(h5.id) is not None)
+            for t in b._tasks:  # b hears nothing for a while (its LISTEN and poll stop)
+                t.cancel()
+            await a.adeny(h5.id, "rev-2", ["reviewers"], "first")
+            b.approve(h5.id, "", via="mitmweb")  # b's mirror still says pending
+            assert b.get(h5.id).state == APPROVED
+            await b._replay_all()  # refused on the row: the deny came first
+            assert b.get(h5.id).state == DENIED and b.get(h5.id).reason == "first"
+            assert a.get(h5.id).state == DENIED
         finally:
             await a.aclose()
             await b.aclose()
