@@ -347,7 +347,14 @@ def test_cancel_request_reaches_the_server(env: Env) -> None:
                 done["r"] = e
         t = threading.Thread(target=slow)
         t.start()
-        time.sleep(1.0)
+        with psycopg.connect(env.pg.admin_dsn(), autocommit=True) as watch:  # until it runs
+            deadline = time.monotonic() + 30
+            while not watch.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query "
+                    "LIKE '%generate_series(1, 2000000000)%' AND pid <> pg_backend_pid()"
+            ).fetchone()[0]:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
         c.cancel()
         t.join(30)
         assert isinstance(done.get("r"), psycopg.errors.QueryCanceled), done
