@@ -46,6 +46,7 @@ from mitmproxy import ctx, http
 
 from addons.config.holder import RulesHolder
 from addons.frame import decode
+from addons.frame.errors import error_payload
 from addons.frame.guard import guarded, refuse
 from addons.mcp import jsonrpc
 from addons.mcp.config import McpConfig
@@ -504,42 +505,76 @@ class McpStream:
 
 
 class McpAnswers:
-    """Refusals on mcp upstreams as JSON-RPC answers (see the module docstring)."""
+    """Refusals on mcp upstreams as JSON-RPC answers (see the module docstring).
+
+    A refusal made before the response is sent is rewritten at `response`. One made at
+    `responseheaders` with a stream that swallows the upstream's body (masking's answer to
+    a response it cannot mask) is rewritten here at `responseheaders`, which runs after
+    every other step's: the status and headers are not on the wire yet, the body is what
+    the stream emits at its end."""
+
+    @guarded("mcp", skip_answered=False)
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None or not callable(resp.stream) or not self._refused(flow):
+            return
+        status, body = _answer_for(flow)
+        resp.status_code = status
+        resp.headers["content-type"] = "application/json"
+        resp.headers.pop("content-length", None)
+        resp.headers.pop("content-encoding", None)
+        sent = [False]
+
+        def swallow(data: bytes) -> list[bytes]:
+            if data == b"" and not sent[0]:
+                sent[0] = True
+                return [body] if body else []
+            return []
+        resp.stream = swallow
+        flow.metadata["mcp_answered"] = True
 
     @guarded("mcp", skip_answered=False)
     def response(self, flow: http.HTTPFlow) -> None:
-        ref = flow.metadata.get("refusal")
         resp = flow.response
-        if not isinstance(ref, dict) or resp is None or mcp_upstream(flow) is None:
+        if resp is None or flow.metadata.get("mcp_answered") or not self._refused(flow):
             return
-        meta = flow.metadata.get("mcp")
-        ids: list[Any] = []
-        batch = False
-        notifications_only = False
-        if isinstance(meta, dict) and "ids" in meta:
-            ids = list(meta.get("ids") or ())
-            batch = bool(meta.get("batch"))
-            notifications_only = not ids and bool(meta.get("parsed"))
-        else:
-            ids, batch, notifications_only = _ids_of(flow)
-        try:
-            err = json.loads(resp.content or b"{}").get("error")
-        except (ValueError, AttributeError):
-            err = None
-        if not isinstance(err, dict) or "code" not in err:
-            err = {"code": jsonrpc.REFUSED, "message": f"agentgate: {ref.get('message')}",
-                   "data": {"code": ref.get("code"), "rule": ref.get("rule") or None}}
-        if ids:
-            answers = [{"jsonrpc": "2.0", "id": i, "error": err} for i in ids]
-            resp.status_code = 200
-            resp.content = jsonrpc.dumps(answers if batch else answers[0])
+        status, body = _answer_for(flow)
+        resp.status_code = status
+        resp.headers.pop("content-encoding", None)
+        resp.content = body
+        if body:
             resp.headers["content-type"] = "application/json"
-        elif notifications_only:
-            resp.status_code = 202
-            resp.content = b""
         else:
-            resp.content = jsonrpc.dumps({"jsonrpc": "2.0", "id": None, "error": err})
-            resp.headers["content-type"] = "application/json"
+            resp.headers.pop("content-type", None)
+
+    @staticmethod
+    def _refused(flow: http.HTTPFlow) -> bool:
+        return isinstance(flow.metadata.get("refusal"), dict) and \
+            mcp_upstream(flow) is not None
+
+
+def _answer_for(flow: http.HTTPFlow) -> tuple[int, bytes]:
+    """(status, body) of the JSON-RPC answer to a refused flow: an error per request id
+    (HTTP 200), nothing for notifications only (202), else one error with id null (the
+    refusal's own status). Built from the refusal record, never from the body (which may
+    be the upstream's by now)."""
+    ref = flow.metadata["refusal"]
+    meta = flow.metadata.get("mcp")
+    if isinstance(meta, dict) and "ids" in meta:
+        ids = list(meta.get("ids") or ())
+        batch = bool(meta.get("batch"))
+        notifications_only = not ids and bool(meta.get("parsed"))
+    else:
+        ids, batch, notifications_only = _ids_of(flow)
+    status = ref.get("status") if isinstance(ref.get("status"), int) else 502
+    err = error_payload("mcp", status, str(ref.get("message") or "request refused"),
+                        str(ref.get("code") or "refused"), ref.get("rule") or None)["error"]
+    if ids:
+        answers = [{"jsonrpc": "2.0", "id": i, "error": err} for i in ids]
+        return 200, jsonrpc.dumps(answers if batch else answers[0])
+    if notifications_only:
+        return 202, b""
+    return status, jsonrpc.dumps({"jsonrpc": "2.0", "id": None, "error": err})
 
 
 # Bodies from this many bytes on (and compressed ones) are decoded and parsed in a worker

@@ -431,3 +431,18 @@ def test_streamed_result_restored_for_the_agent_only(gateway_factory, evil) -> N
     finally:
         con.close()
     assert "carol.jones" not in stored and "[EMAIL_" in stored
+
+
+def test_answer_refused_once_streaming_began_is_still_a_jsonrpc_error(gateway_factory,
+                                                                       evil) -> None:
+    """Masking refuses an answer over its size limit when its headers arrive (and swallows
+    the body): the agent still gets a JSON-RPC error for its request, in a 200."""
+    gw = gateway_factory(RULES.format(port=evil.port) + "masking: {max_body_bytes: 4096}\n")
+    big = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {
+        "content": [{"type": "text", "text": "jane.doe@example.com " * 1000}]}}).encode()
+    evil.script = lambda m, b: (200, {"content-type": "application/json"}, big)
+    r = post(gw, {"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["id"] == 1 and got["error"]["data"]["code"] == "body_too_large", got
+    assert "jane.doe" not in r.text
