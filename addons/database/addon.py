@@ -254,6 +254,8 @@ class Databases:
                 approval_spec=self._approval_spec, record=self._record,
                 masker_factory=self.masker_factory, catalog_query=catalog.query,
                 client_tls=self.tls.get(name), keys=self.keys, big_parses=self._parses(),
+                current=lambda n=name: next((d for d in self._databases() if d.name == n),
+                                            None),
                 conn_id=str(self._conn_seq))
         except (Refused, HookMissing) as e:
             code = e.code if isinstance(e, Refused) else "08006"

@@ -120,6 +120,7 @@ class Context:
     catalog_query: Callable[[set[int]], Awaitable[list[tuple[Any, ...]]]] | None
     client_tls: ssl.SSLContext | None
     keys: KeyMap
+    current: Callable[[], Database | None] = lambda: None  # this database in the rules now
     big_parses: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
     conn_id: str = ""
 
@@ -611,6 +612,30 @@ class Session:
         if st.deallocates is not None:
             self.prepared.op("deallocate", st.deallocates)
 
+    def _refresh(self) -> None:
+        """Statements are judged by the rules in force, not those of the login: a reload
+        applies to open connections. A change the connection cannot follow (the database
+        removed, another server or credential, other masking, the identity no longer
+        allowed) ends it; the client reconnects under the new rules."""
+        db = self.ctx.current()
+        if db is self.db:
+            return
+        old = self.db
+        if db is None:
+            raise Refused("57P01", f"agentgate: database {old.name} was removed from the rules")
+        if (db.upstream, db.database, db.user, db.password_env, db.password_file,
+                db.server_tls, db.server_ca_file, db.mask, db.mask_columns) != (
+                old.upstream, old.database, old.user, old.password_env, old.password_file,
+                old.server_tls, old.server_ca_file, old.mask, old.mask_columns):
+            raise Refused("57P01", f"agentgate: the rules of database {db.name} changed; "
+                                   "reconnect")
+        groups = set(self.identity.get("groups") or ())
+        if (db.allow_groups and not groups & set(db.allow_groups)) or (
+                db.allow_subjects and self.identity.get("sub") not in db.allow_subjects):
+            raise Refused("28000", f"agentgate: identity no longer allowed to use database "
+                                   f"{db.name}")
+        self.db = db
+
     def _expired(self) -> bool:
         exp = self.identity.get("exp")
         return isinstance(exp, int | float) and time.time() >= exp
@@ -649,6 +674,8 @@ class Session:
         allowed = frozenset(pg.CLIENT_TYPES - {ord("p")})
         while True:
             t, payload = await read_message(self.reader, self.db.max_message_bytes, allowed)
+            if t in (b"Q", b"P", b"E", b"F"):
+                self._refresh()
             if t in (b"Q", b"P", b"E", b"F") and self._expired():
                 # the token was the password: once it expires the connection ends, as an
                 # HTTP tunnel does at exp (pools reconnect with a fresh token)

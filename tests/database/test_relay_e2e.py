@@ -634,3 +634,40 @@ def test_a_slow_reader_keeps_the_gateway_bounded(env: Env) -> None:
     assert grown < 80_000, f"gateway grew by {grown} KiB while the client did not read"
     with env.connect() as c:
         assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_rules_reload_applies_to_open_connections(env: Env) -> None:
+    with env.connect() as c, env.connect() as other:
+        assert c.execute("SELECT count(*) FROM orders").fetchone() == (2,)
+        rules = env.gw.rules_dir / "rules.yaml"
+        text = rules.read_text()
+        version = env.gw.logs().count("rules reloaded")
+        rules.write_text(text.replace(
+            "      - {name: no-ddl,",
+            "      - {name: orders-closed, action: block, match: {tables: [orders]}}\n"
+            "      - {name: no-ddl,", 1))
+        deadline = time.monotonic() + 20
+        while env.gw.logs().count("rules reloaded") == version:
+            assert time.monotonic() < deadline, env.gw.logs()[-2000:]
+            time.sleep(0.1)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="orders-closed"):
+            c.execute("SELECT count(*) FROM orders")
+        assert c.execute("SELECT count(*) FROM users").fetchone() == (2,)
+        # the database's server side changed: open connections end, new ones follow
+        rules.write_text(rules.read_text().replace("max_connections: 4",
+                                                   "max_connections: 5", 1)
+                         .replace("credential: {user: agent_rw, password_env: "
+                                  "WAREHOUSE_PASSWORD}\n    server_tls: {mode: disable}\n"
+                                  "    max_connections: 5",
+                                  "credential: {user: agent_rw, password_env: "
+                                  "WAREHOUSE_PASSWORD}\n    server_tls: {mode: disable}\n"
+                                  "    max_connections: 5\n    mask: false", 1))
+        version += 1
+        deadline = time.monotonic() + 20
+        while env.gw.logs().count("rules reloaded") == version:
+            assert time.monotonic() < deadline, env.gw.logs()[-2000:]
+            time.sleep(0.1)
+        with pytest.raises(psycopg.OperationalError, match="changed; reconnect"):
+            other.execute("SELECT 1")
+    with env.connect() as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
