@@ -425,10 +425,16 @@ class Approval:
                 self._api_spec = False  # try again on the next rules or option change
                 # Logged as an error, which makes mitmproxy stop during startup: say which
                 # address is taken and every way to pick another.
+                reason = bind_reason(e)
+                if _under_mitmweb() and getattr(ctx.options, "web_port", None) == want[1]:
+                    # both default to 8081: the usual clash under `./run_proxy.sh web`
+                    reason = (f"mitmweb's own web UI listens there (web_port {want[1]}): start "
+                              "it with --set web_port=8082 (e.g. ./run_proxy.sh web --set "
+                              "web_port=8082), or move the approvals API")
                 log.error("agentgate: approvals API cannot listen on %s: %s. Choose another "
                           "address with %s=HOST:PORT (or --set agentgate_approvals_listen="
                           "HOST:PORT, or approvals.listen in the rules; 'off' runs without "
-                          "the reviewers' API)%s", listen_text(want), bind_reason(e), LISTEN_ENV,
+                          "the reviewers' API)%s", listen_text(want), reason, LISTEN_ENV,
                           "; meanwhile held requests can only be decided in mitmweb or "
                           "time out" if self._api_started else "")
                 return

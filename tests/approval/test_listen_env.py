@@ -69,7 +69,8 @@ def test_bind_reason_and_address_text() -> None:
 
 # ---------------------------------------------------------------- through a real mitmdump
 def run_gateway(tmp_path: Path, gateway_confdir: Path, env: dict[str, str],
-                until: str, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+                until: str, timeout: float = 60, tool: str = "mitmdump",
+                extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     """mitmdump with our addons and *no* --set agentgate_approvals_listen (unlike the
     launcher), until `until` appears in its output or it exits."""
     rules = tmp_path / "rules"
@@ -81,7 +82,7 @@ def run_gateway(tmp_path: Path, gateway_confdir: Path, env: dict[str, str],
     penv.pop("AGENTGATE_APPROVALS_LISTEN", None)
     penv.update(env)
     proc = subprocess.Popen(
-        [str(BIN / "mitmdump"), "-s", str(ROOT / "addons" / "gateway.py"),
+        [str(BIN / tool), "-s", str(ROOT / "addons" / "gateway.py"), *extra,
          "--listen-host", "127.0.0.1", "--listen-port", str(free_port()),
          "--set", f"confdir={gateway_confdir}", "--set", f"agentgate_rules={rules}",
          "--set", f"agentgate_data={tmp_path / 'data'}"],
@@ -137,3 +138,22 @@ def test_taken_port_names_the_address_and_the_way_out(tmp_path, gateway_confdir)
     assert "agentgate_approvals_listen" in line
     # not the misleading promise of a gateway that goes on running
     assert "held requests can only be decided in mitmweb" not in line
+
+
+@pytest.mark.integration
+def test_mitmweb_on_the_same_port_is_named(tmp_path, gateway_confdir) -> None:
+    """mitmweb's web UI and the approvals API both default to 8081: under `./run_proxy.sh
+    web` the error says it is mitmweb's own port and how to move it."""
+    port = free_port()
+    proc, _ = run_gateway(tmp_path, gateway_confdir,
+                          {"AGENTGATE_APPROVALS_LISTEN": f"127.0.0.1:{port}"},
+                          "Error logged during startup", tool="mitmweb",
+                          extra=("--set", f"web_port={port}", "--set", "web_open_browser=false"))
+    try:
+        proc.wait(30)
+    finally:
+        stop(proc)
+    text = (tmp_path / "gw.log").read_text(errors="replace")
+    line = next(ln for ln in text.splitlines() if "approvals API cannot listen" in ln)
+    assert f"mitmweb's own web UI listens there (web_port {port})" in line
+    assert "--set web_port=8082" in line and "AGENTGATE_APPROVALS_LISTEN=HOST:PORT" in line
