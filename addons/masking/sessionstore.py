@@ -18,16 +18,20 @@ database REP-A's approvals use):
   lock, so two replicas never hand out one number for two values.
 
 This map is never written to the audit store (the recorder stores masked bodies only).
-No mitmproxy import: usable and testable alone. Not yet wired into masking/addon.py: see
-`Session`-compatible `assign`/`original` below for the hook.
+The masking addon uses it through `SharedSession`, a masker `Session` (the hook: Masking.
+_session); without AGENTGATE_STATE, or without the secret, placeholders stay in memory.
+No mitmproxy import: usable and testable alone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +39,17 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from addons.masking.masker import Session, canonical, label
+
 SECRET_ENV = "AGENTGATE_SECRET"
 SECRET_FILE_ENV = "AGENTGATE_SECRET_FILE"
 MIN_SECRET_BYTES = 16
+PURGE_EVERY_S = 60.0  # expired rows are deleted by the next load after this long
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agentgate_mask_values (
     skey bytea NOT NULL, vkey bytea NOT NULL, placeholder text NOT NULL,
-    sealed bytea, expires timestamptz NOT NULL,
+    sealed bytea NOT NULL, expires timestamptz NOT NULL,
     PRIMARY KEY (skey, vkey));
 CREATE UNIQUE INDEX IF NOT EXISTS agentgate_mask_values_ph
     ON agentgate_mask_values (skey, placeholder);
@@ -90,6 +97,7 @@ class SharedPlaceholders:
         self._index = _derive(secret, b"agentgate masking index v1")
         self.idle_ttl = float(idle_ttl)
         self._lock = threading.Lock()
+        self._purged = time.monotonic()
         self._con = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
         with self._lock:
             self._con.execute(SCHEMA)
@@ -108,16 +116,21 @@ class SharedPlaceholders:
         return hmac.new(self._index, b"v\x00" + skey + entity.encode() + b"\x00"
                         + canonical.encode(), hashlib.sha256).digest()
 
-    def _seal(self, skey: bytes, ph: str, value: str) -> bytes:
+    def _seal(self, skey: bytes, ph: str, entity: str, canonical: str,
+              value: str | None) -> bytes:
+        # entity and canonical form travel sealed too: a replica loading the session needs
+        # them to number a value it meets again; `v` only for values the agent sent
         nonce = os.urandom(12)
-        return nonce + self._aead.encrypt(nonce, value.encode(), skey + ph.encode())
+        doc = json.dumps({"e": entity, "c": canonical, "v": value}).encode()
+        return nonce + self._aead.encrypt(nonce, doc, skey + ph.encode())
 
-    def _open(self, skey: bytes, ph: str, sealed: bytes) -> str | None:
+    def _open(self, skey: bytes, ph: str, sealed: bytes) -> dict[str, Any] | None:
         from cryptography.exceptions import InvalidTag
         try:
-            return self._aead.decrypt(sealed[:12], sealed[12:], skey + ph.encode()).decode()
+            doc = json.loads(self._aead.decrypt(sealed[:12], sealed[12:], skey + ph.encode()))
         except (InvalidTag, ValueError):
             return None  # moved, edited or sealed under another secret: never restored
+        return doc if isinstance(doc, dict) else None
 
     def assign(self, session_key: str, entity: str, label: str, canonical: str, value: str,
                restorable: bool) -> str:
@@ -134,7 +147,8 @@ class SharedPlaceholders:
                 if restorable:  # the latest spelling the agent used is the one it gets back
                     self._con.execute("UPDATE agentgate_mask_values SET sealed = %s WHERE "
                                       "skey = %s AND vkey = %s",
-                                      (self._seal(skey, ph, value), skey, vkey))
+                                      (self._seal(skey, ph, entity, canonical, value), skey,
+                                       vkey))
                 return ph
             n = self._con.execute(
                 "INSERT INTO agentgate_mask_counters VALUES (%s, %s, 1, now() + %s::interval) "
@@ -144,7 +158,8 @@ class SharedPlaceholders:
             got = self._con.execute(
                 "INSERT INTO agentgate_mask_values VALUES (%s, %s, %s, %s, "
                 "now() + %s::interval) ON CONFLICT (skey, vkey) DO NOTHING RETURNING placeholder",
-                (skey, vkey, ph, self._seal(skey, ph, value) if restorable else None, ttl)
+                (skey, vkey, ph,
+                 self._seal(skey, ph, entity, canonical, value if restorable else None), ttl)
             ).fetchone()
             if got is None:  # another replica numbered this value first: take its number
                 ph = self._con.execute("SELECT placeholder FROM agentgate_mask_values WHERE "
@@ -157,9 +172,27 @@ class SharedPlaceholders:
             row = self._con.execute(
                 "SELECT sealed FROM agentgate_mask_values WHERE skey = %s AND placeholder = %s "
                 "AND expires > now()", (skey, placeholder)).fetchone()
-        if row is None or row[0] is None:
-            return None
-        return self._open(skey, placeholder, bytes(row[0]))
+        doc = self._open(skey, placeholder, bytes(row[0])) if row is not None else None
+        v = doc.get("v") if doc else None
+        return v if isinstance(v, str) else None
+
+    def load(self, session_key: str) -> list[tuple[str, str, str, str | None]]:
+        """Every live entry of a session: (entity, canonical, placeholder, value or None)."""
+        if time.monotonic() - self._purged > PURGE_EVERY_S:
+            self._purged = time.monotonic()
+            self.purge()
+        skey = self._skey(session_key)
+        with self._lock:
+            rows = self._con.execute(
+                "SELECT placeholder, sealed FROM agentgate_mask_values WHERE skey = %s AND "
+                "expires > now()", (skey,)).fetchall()
+        out = []
+        for ph, sealed in rows:
+            doc = self._open(skey, ph, bytes(sealed))
+            if doc and isinstance(doc.get("e"), str) and isinstance(doc.get("c"), str):
+                v = doc.get("v")
+                out.append((doc["e"], doc["c"], ph, v if isinstance(v, str) else None))
+        return out
 
     def purge(self) -> int:
         """Delete expired rows (sessions idle past idle_ttl); returns how many values."""
@@ -168,6 +201,58 @@ class SharedPlaceholders:
                                   ).rowcount
             self._con.execute("DELETE FROM agentgate_mask_counters WHERE expires <= now()")
         return n
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class SharedSession(Session):
+    """A masker `Session` backed by `SharedPlaceholders`: the same interface, so the masker
+    and the body walkers use it unchanged.
+
+    `prefetch()` (a worker thread, before a request is masked) loads the session's entries
+    from every replica; known values and restores are then answered from memory. A value
+    seen for the first time is numbered in Postgres — from a worker thread only (masking
+    runs there when a shared store is on). On the event loop (a streamed answer, a WebSocket
+    message) a new value gets `[LABEL]`: masked all the same, never restorable, no number
+    that could collide with another replica's."""
+
+    __slots__ = ("shared", "key")
+
+    def __init__(self, shared: SharedPlaceholders, key: str, max_entries: int = 10_000) -> None:
+        super().__init__(max_entries)
+        self.shared = shared
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"<SharedSession {len(self)} placeholders>"
+
+    def prefetch(self) -> None:
+        for entity, canon, ph, value in self.shared.load(self.key):
+            self._learn(entity, canon, ph, value)
+
+    def _learn(self, entity: str, canon: str, ph: str, value: str | None) -> None:
+        with self.lock:
+            self._by_value[(entity, canon)] = ph
+            if value is not None:
+                self._restore[ph] = value
+
+    def placeholder(self, entity: str, value: str, restorable: bool) -> str:
+        canon = canonical(entity, value)
+        with self.lock:
+            ph = self._by_value.get((entity, canon))
+            if ph is not None and (not restorable or self._restore.get(ph) == value):
+                return ph
+        if _on_event_loop():
+            return ph if ph is not None else f"[{label(entity)}]"
+        ph = self.shared.assign(self.key, entity, label(entity), canon, value, restorable)
+        self._learn(entity, canon, ph, value if restorable else None)
+        return ph
 
 
 def shared_from_env(idle_ttl: float, env: dict[str, str] | None = None) -> Any:
