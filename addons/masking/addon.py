@@ -65,6 +65,7 @@ from addons.masking.masker import (
     merge,
     session_key,
 )
+from addons.masking.sessionstore import SecretMissing, SharedSession, shared_from_env
 from addons.masking.sse import StreamDecoder, StreamMasker
 
 log = logging.getLogger("agentgate.masking")
@@ -138,6 +139,26 @@ class Masking:
         self._masker_cfg: Any = None
         self._flow_sessions: weakref.WeakKeyDictionary[http.HTTPFlow, Session] = \
             weakref.WeakKeyDictionary()
+        # AGENTGATE_STATE set: the placeholder map is shared by the replicas (sessionstore.py)
+        self.shared: Any = None
+        self.shared_error: str | None = None
+
+    def running(self) -> None:
+        try:
+            self.shared = shared_from_env(self.sessions.idle_ttl)
+        except SecretMissing as e:
+            # still masked, in memory: only restoring across replicas needs the secret
+            log.warning("agentgate: AGENTGATE_STATE is set but placeholders stay in this "
+                        "replica's memory: %s", e)
+        except Exception as e:  # noqa: BLE001 - fail closed: an error logged at start stops
+            # mitmproxy; should it go on, every masked flow is refused (_session raises)
+            self.shared_error = (f"masking session store unavailable: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+            log.error("agentgate: %s; masked flows will be refused", self.shared_error)
+
+    def done(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
 
     # -- configuration
     def masker(self) -> Masker:
@@ -177,7 +198,12 @@ class Masking:
             or f"conn:{flow.client_conn.id}"
         ident = flow.metadata.get("identity")
         sub = ident.get("sub") if isinstance(ident, dict) else None
-        s = self.sessions.get(session_key(sub, str(sid)))
+        if self.shared_error:
+            raise RuntimeError(self.shared_error)
+        if self.shared is not None:
+            s = SharedSession(self.shared, session_key(sub, str(sid)))
+        else:
+            s = self.sessions.get(session_key(sub, str(sid)))
         self._flow_sessions[flow] = s
         return s
 
@@ -218,11 +244,18 @@ class Masking:
         cfg, up = plan
         masker = self.masker()
         found: dict = {}
-        ctx = Masked(masker, self._session(flow), found, restorable=True,
+        session = self._session(flow)
+        ctx = Masked(masker, session, found, restorable=True,
                      dialect=self._dialect(flow, up))
         req = flow.request
-        _mask_url_and_headers(ctx, req, cfg)
-        _mask_recorded_origin(ctx, flow)
+        shared = isinstance(session, SharedSession)
+        if shared:  # Postgres round trips: in a worker thread, the flow waits in this hook
+            await asyncio.to_thread(session.prefetch)
+            await asyncio.to_thread(_mask_url_and_headers, ctx, req, cfg)
+            await asyncio.to_thread(_mask_recorded_origin, ctx, flow)
+        else:
+            _mask_url_and_headers(ctx, req, cfg)
+            _mask_recorded_origin(ctx, flow)
         raw = req.raw_content
         if raw is None:
             refuse(flow, 413, "a streamed request body cannot be masked", "body_too_large",
@@ -233,7 +266,7 @@ class Masking:
                     req.headers.get("content-type", ""), cfg.max_body_bytes,
                     cfg.on_unparseable == "pass_text")
             try:
-                if len(raw) >= THREAD_MIN_BYTES:
+                if len(raw) >= THREAD_MIN_BYTES or shared:
                     new = await asyncio.to_thread(mask_message, *args, flow=flow)
                 else:
                     new = mask_message(*args, flow=flow)
@@ -320,13 +353,14 @@ class Masking:
         if not raw:
             return
         found: dict = {}
-        ctx = Masked(self.masker(), self._session(flow), found, restorable=False,
+        session = self._session(flow)
+        ctx = Masked(self.masker(), session, found, restorable=False,
                      dialect=self._dialect(flow, up))
         args = (ctx, raw, resp.headers.get("content-encoding", ""),
                 resp.headers.get("content-type", ""), cfg.max_body_bytes,
                 cfg.on_unparseable == "pass_text", bool(up and up.restore))
         try:
-            if len(raw) >= THREAD_MIN_BYTES:
+            if len(raw) >= THREAD_MIN_BYTES or isinstance(session, SharedSession):
                 new, masked = await asyncio.to_thread(mask_response, *args, flow=flow)
             else:
                 new, masked = mask_response(*args, flow=flow)
