@@ -492,13 +492,20 @@ class Approval:
         else:
             what, preview, truncated = describe_request(f, cfg.preview_bytes)
             try:
-                a = await self.store.acreate(
+                # a shared store may answer with another replica's hold of this intent
+                a, elsewhere = await self.store.aopen(
                     spec, requester if isinstance(requester, str) else None, what, preview,
-                    truncated, owner=owner_of(f))
+                    truncated, owner=owner_of(f), intent=key)
             except ApprovalError as e:
                 refuse(f, e.status, e.message, e.code, STEP, spec.rule)
                 return
             self._intents[key] = a.id
+            if elsewhere:
+                joined = a
+                log.info("agentgate: %s %s repeats the request held by approval %s on "
+                         "another replica: joined (no new hold)", what["method"], what["url"],
+                         a.id)
+        if joined is not a:
             log.info("agentgate: holding %s %s for approval %s (rule %s, requester %s, "
                      "timeout %gs)", what["method"], what["url"], a.id, spec.rule,
                      a.requester or "-", spec.timeout)

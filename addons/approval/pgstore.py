@@ -83,6 +83,10 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS agentgate_approvals_pending ON agentgate_approvals (owner) "
     "WHERE state = 'pending'",
     "CREATE INDEX IF NOT EXISTS agentgate_approvals_seq_idx ON agentgate_approvals (seq)",
+    # sha256 of who asks what of whom under which rule (addon.intent_key): no content
+    "ALTER TABLE agentgate_approvals ADD COLUMN IF NOT EXISTS intent text",
+    "CREATE INDEX IF NOT EXISTS agentgate_approvals_intent ON agentgate_approvals (intent) "
+    "WHERE state = 'pending'",
     """CREATE TABLE IF NOT EXISTS agentgate_replicas (
          replica text PRIMARY KEY,
          host text NOT NULL,
@@ -318,6 +322,16 @@ class PgApprovalStore(ApprovalStore):
     async def acreate(self, spec: ApprovalSpec, requester: str | None, what: dict[str, Any],
                       preview: str = "", preview_truncated: bool = False,
                       now: float | None = None, owner: str | None = None) -> PendingApproval:
+        return (await self.aopen(spec, requester, what, preview, preview_truncated,
+                                 owner=owner, now=now))[0]
+
+    async def aopen(self, spec: ApprovalSpec, requester: str | None, what: dict[str, Any],
+                    preview: str = "", preview_truncated: bool = False, *,
+                    owner: str | None = None, intent: str | None = None,
+                    now: float | None = None) -> tuple[PendingApproval, bool]:
+        """Open a hold in Postgres, or join the pending hold another replica opened for the
+        same intent (an SDK's retry that the balancer sent elsewhere): one approval, one
+        notification, every copy released by the one decision."""
         if spec.min_approvals < 1:
             raise ValueError("min_approvals must be >= 1")
         if not self._started:
@@ -331,8 +345,15 @@ class PgApprovalStore(ApprovalStore):
                             preview_truncated=preview_truncated, requested_at=now,
                             expires_at=now + spec.timeout)
 
-        async def insert(c: psycopg.AsyncConnection) -> None:
+        async def insert(c: psycopg.AsyncConnection) -> dict[str, Any] | None:
             await c.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_CREATE,))
+            if intent:
+                cur = await c.execute(
+                    "SELECT record FROM agentgate_approvals WHERE state = 'pending' AND "
+                    "intent = %s AND replica <> %s LIMIT 1", (intent, self.replica))
+                row = await cur.fetchone()
+                if row is not None:
+                    return row[0]
             cur = await c.execute(
                 "SELECT count(*) FILTER (WHERE owner = %s), count(*) FROM agentgate_approvals "
                 "WHERE state = 'pending'", (owner,))
@@ -345,17 +366,26 @@ class PgApprovalStore(ApprovalStore):
                 raise ApprovalError(429, "approval_queue_full",
                                     f"too many requests awaiting approval ({self.max_pending})")
             await c.execute(
-                "INSERT INTO agentgate_approvals (id, replica, owner, state, record, seq) "
-                "VALUES (%s, %s, %s, %s, %s, nextval('agentgate_approvals_seq'))",
-                (a.id, self.replica, owner, PENDING, json.dumps(to_record(a))))
+                "INSERT INTO agentgate_approvals (id, replica, owner, intent, state, record, "
+                "seq) VALUES (%s, %s, %s, %s, %s, %s, nextval('agentgate_approvals_seq'))",
+                (a.id, self.replica, owner, intent, PENDING, json.dumps(to_record(a))))
             await c.execute("SELECT pg_notify(%s, %s)", (CHANNEL, a.id))
+            return None
 
-        await self._run(insert, "opening a hold")
+        other = await self._run(insert, "opening a hold")
+        if other is not None:
+            self.merge(other)
+            mine = self.get(other["id"])
+            if mine is not None and not mine.decided:
+                return mine, True
+            # decided in between (here, not yet in Postgres): open our own hold
+            return await self.aopen(spec, requester, what, preview, preview_truncated,
+                                    owner=owner, now=now)  # no intent: no second join
         self._pending[a.id] = a
         self._owner_of[a.id] = owner
         self._owned[owner] = self._owned.get(owner, 0) + 1
         self.changed(a)
-        return a
+        return a, False
 
     # ------------------------------------------------------------ votes, first in Postgres
     async def _vote(self, op: str, approval_id: str, args: tuple, kw: dict) -> PendingApproval:

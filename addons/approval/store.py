@@ -273,6 +273,15 @@ class ApprovalStore:
                       now: float | None = None, owner: str | None = None) -> PendingApproval:
         return self.create(spec, requester, what, preview, preview_truncated, now, owner)
 
+    async def aopen(self, spec: ApprovalSpec, requester: str | None, what: dict[str, Any],
+                    preview: str = "", preview_truncated: bool = False, *,
+                    owner: str | None = None, intent: str | None = None
+                    ) -> tuple[PendingApproval, bool]:
+        """(approval, joined): a new hold; a shared store may instead return the pending hold
+        of the same intent that another replica opened (joined=True)."""
+        return self.create(spec, requester, what, preview, preview_truncated,
+                           owner=owner), False
+
     async def aapprove(self, approval_id: str, sub: str, groups: Any = (), *,
                        via: str = VIA_API, reason: Any = None) -> PendingApproval:
         return self.approve(approval_id, sub, groups, via=via, reason=reason)

@@ -2,7 +2,8 @@
 with the whole suite, HAProxy in front (addons/devkit/replicas.py, as `./run_proxy.sh
 replicas N` starts them), a real OIDC provider and the OpenAI SDK against the stand-in.
 
-- a request held on one replica is decided through the other replica's API, both ways;
+- a request held on one replica is decided through the other replica's API, both ways; the
+  same request retried through the other replica joins that hold (one approval);
 - the per-identity cap is global: a second hold of the same agent on the other replica 429s;
 - requests through HAProxy spread over both replicas;
 - one replica SIGKILLed mid-load: its hold is cancelled in the shared store (seen from the
@@ -131,18 +132,28 @@ def test_decided_on_the_other_replica_global_cap_and_spread(cluster: Cluster, oi
             with pytest.raises(openai.RateLimitError) as e:
                 ask(decider.gateway.port, t["agent"], ca, "bulk-one", "another")
             assert e.value.body["code"] == "approval_quota_exceeded"
+            # the same request retried through the other replica joins the hold (one
+            # approval across replicas; no quota taken)
+            copy = pool.submit(ask, decider.gateway.port, t["agent"], ca, "bulk-one",
+                               "big job")
+            deadline = time.monotonic() + 10
+            while "on another replica: joined" not in decider.gateway.logs():
+                assert time.monotonic() < deadline and not copy.done(), decider.gateway.logs()
+                time.sleep(0.05)
+            assert len(api(decider, "GET", "/approvals", t["alice"])[1]["approvals"]) == 1
             t0 = time.monotonic()
             body = {"reason": "ok"} if verdict == "approve" else {"reason": "no thanks"}
             status, out = api(decider, "POST", f"/approvals/{pending['id']}/{verdict}",
                               t["alice"], body)
             assert status == 200, out
-            if verdict == "approve":
-                assert fut.result(10).choices[0].message.content == "echo: big job"
-            else:
-                with pytest.raises(openai.PermissionDeniedError) as e:
-                    fut.result(10)
-                assert e.value.body["code"] == "approval_denied"
-                assert "no thanks" in str(e.value)
+            for f in (fut, copy):
+                if verdict == "approve":
+                    assert f.result(10).choices[0].message.content == "echo: big job"
+                else:
+                    with pytest.raises(openai.PermissionDeniedError) as e:
+                        f.result(10)
+                    assert e.value.body["code"] == "approval_denied"
+                    assert "no thanks" in str(e.value)
             assert time.monotonic() - t0 < 1.5  # released on the holding replica
         # spread: new connections through HAProxy land on both replicas
         before = (served(a), served(b))
