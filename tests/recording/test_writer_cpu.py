@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -41,3 +42,34 @@ def test_appending_rows_searches_for_no_module(tmp_path: Path) -> None:
     # before: two failed `import pandas` per bound value (200 rows x 42 columns)
     assert spy.lookups.count("pandas") == 0, len(spy.lookups)
     assert len(spy.lookups) < 20, sorted(set(spy.lookups))
+
+
+@pytest.mark.parametrize("text", ["plain", "é ✓ 😀 \u2028 \u2029", "tab\tnl\n\"quote\" \\ /",
+                                  "ctl \x01\x1f\x7f", "nul \x00 inside", "\udc80 lone",
+                                  "\ud800 lone"])
+def test_batch_json_keeps_every_value_exact(tmp_path: Path, text: str) -> None:
+    """Rows reach DuckDB as one JSON text: every value must come back exactly as hashed
+    (else verify fails), and a value JSON cannot carry still leaves a (reduced) record."""
+    from addons.recording.writer import AuditWriter
+    w = AuditWriter(tmp_path / "a.duckdb", build=store.build_row, serve_queries=False,
+                    interval=0.01)
+    w.start()
+    try:
+        p = pending(1, meta={"note": text, "n": 2**62, "x": 1.1, "b": text.encode(
+            "utf-8", "surrogatepass")})
+        p.origin_url = "https://api.openai.com/v1/chat?q=" + text
+        w.submit(p)
+        assert w.flush(30)
+        assert w.failure is None
+        assert w._con is not None
+        (url, latency, meta) = w._con.execute(
+            "SELECT url, latency_ms, metadata FROM flows").fetchone()
+        assert store.verify(w._con).ok
+        if not text.endswith(" lone"):
+            assert url.endswith(text) and json.loads(meta)["note"] == text
+        else:  # undecodable bytes an agent sent: stored replaced, the store keeps working
+            for got in (url, json.loads(meta)["note"]):
+                assert got.endswith("\ufffd lone") and got.encode("utf-8")
+        assert latency == store.build_row(p)["latency_ms"]
+    finally:
+        w.close()
