@@ -1,0 +1,299 @@
+"""Multi-turn agent conversations through bare mitmdump and the full suite, in one run.
+
+The workload of issue 16: N agents (default 20) each hold a conversation of M turns
+(default 40); every request re-sends the whole history, as chat APIs require, so a body
+grows from ~1.6 KB at turn 1 to ~120 KB at turn 40. Each turn adds a user message (~1 KB)
+and the assistant's previous answer (~2 KB), prose with a realistic PII density (an
+e-mail, a phone number, a card or an IP address every ~1.1 KB; no US SSN, which the
+suite's policy blocks). Agents run concurrently, in lock-step by turn (all agents send
+turn k, then turn k+1), each on its own keep-alive connection with its own session
+(`X-Agent-Session`), so the proxy's CPU time over one round is the cost of turn k.
+
+Measured per configuration (bare mitmdump, then the suite: identity, policy, masking,
+recording, as bench/e2e.py runs it), against the same nginx upstream:
+- CPU per turn (proxy process utime+stime over a round / N), by decile of turns; the
+  ratio late/early (turns 31-40 over 1-10, scaled to M);
+- total CPU over the run, suite/bare;
+- p50 / p90 latency of a request (client wall clock), all turns;
+- peak RSS (VmHWM) of the proxy process;
+- audit bytes per session (the suite's data directory after it stopped, over N) against
+  the bytes of distinct content an agent sent (its last body, which holds every message
+  once).
+
+Run alone: `python -m bench.bench_multiturn [--quick] [--agents N] [--turns M]`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import e2e
+from bench import harness as h
+
+TARGETS = {"late_over_early": 1.5, "suite_over_bare_cpu": 2.0, "audit_over_distinct": 2.0}
+
+_WORDS = ("the customer asked whether the order could be shipped before friday and if the "
+          "invoice address on file is still correct after the move to the new office; "
+          "please check the ticket history, summarise what was promised last week, and "
+          "draft a short answer that keeps the tone friendly but does not commit to a date "
+          "we cannot keep; the warehouse team said the backlog should clear by monday").split()
+_FIRST = ("anna", "ben", "carla", "dmitri", "elif", "farid", "greta", "hugo", "ines", "jon")
+_LAST = ("meyer", "okafor", "silva", "tanaka", "novak", "berg", "costa", "haddad")
+_CARDS = ("4111 1111 1111 1111", "5500 0000 0000 0004", "4012 8888 8888 1881",
+          "3782 822463 10005")
+
+
+def _pii(rng: random.Random) -> str:
+    kind = rng.randrange(4)
+    if kind == 0:
+        return f"{rng.choice(_FIRST)}.{rng.choice(_LAST)}{rng.randrange(100)}@example.com"
+    if kind == 1:
+        return f"+1 415 555 {rng.randrange(1000, 9999)}"
+    if kind == 2:
+        return rng.choice(_CARDS)
+    return f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+
+
+def prose(rng: random.Random, size: int, pii_every: int = 1100) -> str:
+    """~`size` characters of prose with one PII value every ~`pii_every` characters."""
+    out: list[str] = []
+    n = 0
+    next_pii = rng.randrange(pii_every // 2, pii_every)
+    while n < size:
+        if n >= next_pii:
+            w = _pii(rng)
+            next_pii += pii_every
+        else:
+            w = rng.choice(_WORDS)
+        out.append(w)
+        n += len(w) + 1
+    return " ".join(out) + "."
+
+
+def conversation(agent: int, turns: int, seed: int = 16) -> list[bytes]:
+    """The request bodies of one agent's conversation, turn 1..turns (deterministic)."""
+    rng = random.Random(seed * 1000 + agent)
+    messages: list[dict[str, str]] = [
+        {"role": "system", "content": "You are a careful support agent for Example Corp. "
+                                      "Answer briefly; never invent order numbers."}]
+    bodies = []
+    for t in range(turns):
+        if t:
+            messages.append({"role": "assistant", "content": prose(rng, 2000)})
+        messages.append({"role": "user", "content": prose(rng, 1000 if t else 1300)})
+        bodies.append(json.dumps({"model": "gpt-4o-mini", "messages": messages,
+                                  "temperature": 0.2}).encode())
+    return bodies
+
+
+def _round(conns: list[Any], paths: list[str], bodies: list[bytes], sessions: list[str]
+           ) -> tuple[list[float], list[str]]:
+    lat: list[float] = [0.0] * len(conns)
+    errs: list[str] = []
+
+    def one(i: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            status, hdrs, data = conns[i].request(paths[i], bodies[i],
+                                                  [f"X-Agent-Session: {sessions[i]}"])
+        except (OSError, ConnectionError, ValueError) as e:
+            errs.append(f"{type(e).__name__}: {e}")
+            return
+        lat[i] = (time.perf_counter() - t0) * 1000
+        if status != 200:
+            errs.append(f"status {status} {hdrs.get('x-agentgate-refused', '')} {data[:200]!r}")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(conns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return lat, errs
+
+
+def drive(url: str, proxy: str, pid: int, convs: list[list[bytes]], tag: str
+          ) -> dict[str, Any]:
+    """Every agent's conversation through one proxy, turn by turn; CPU per turn."""
+    n = len(convs)
+    turns = len(convs[0])
+    opened = [h._open(url, proxy, None) for _ in range(n)]
+    conns = [c for c, _ in opened]
+    paths = [p for _, p in opened]
+    sessions = [f"{tag}-agent-{i}" for i in range(n)]
+    cpu_turn: list[float] = []
+    lats: list[float] = []
+    errors: list[str] = []
+    cpu_start = h.cpu_seconds(pid)
+    try:
+        for t in range(turns):
+            c0 = h.cpu_seconds(pid)
+            lat, errs = _round(conns, paths, [c[t] for c in convs], sessions)
+            # the proxy may still be finishing (recording) after the last reply
+            time.sleep(0.02)
+            cpu_turn.append((h.cpu_seconds(pid) - c0) * 1000 / n)
+            lats += [x for x in lat if x]
+            errors += errs
+            if len(errors) > 5:
+                break
+    finally:
+        for c in conns:
+            c.close()
+    time.sleep(0.5)
+    total = h.cpu_seconds(pid) - cpu_start
+    lats.sort()
+    return {"cpu_ms_per_turn": [round(x, 2) for x in cpu_turn],
+            "cpu_total_s": round(total, 3),
+            "p50_ms": round(h.percentile(lats, 50), 2) if lats else None,
+            "p90_ms": round(h.percentile(lats, 90), 2) if lats else None,
+            "peak_rss_mib": round(h.proc_status(pid).get("VmHWM", 0) / 1024, 1),
+            "errors": errors[:5]}
+
+
+def deciles(per_turn: list[float]) -> list[float]:
+    """Mean CPU per turn in ten equal slices of the turns (fewer when turns < 10)."""
+    k = min(10, len(per_turn))
+    out = []
+    for d in range(k):
+        lo, hi = d * len(per_turn) // k, (d + 1) * len(per_turn) // k
+        out.append(round(statistics.fmean(per_turn[lo:hi]), 2))
+    return out
+
+
+def late_over_early(per_turn: list[float]) -> float | None:
+    """Mean of the last quarter of turns over the first quarter (31-40 over 1-10)."""
+    q = max(1, len(per_turn) // 4)
+    early = statistics.fmean(per_turn[:q])
+    late = statistics.fmean(per_turn[-q:])
+    return round(late / early, 2) if early > 0 else None
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run(quick: bool = False, agents: int | None = None, turns: int | None = None
+        ) -> dict[str, Any]:
+    n = agents or (4 if quick else 20)
+    m = turns or (12 if quick else 40)
+    convs = [conversation(i, m) for i in range(n)]
+    out: dict[str, Any] = {"agents": n, "turns": m,
+                           "body_bytes_first": len(convs[0][0]),
+                           "body_bytes_last": len(convs[0][-1])}
+    tmp = Path(tempfile.mkdtemp(prefix="agentgate-multiturn-"))
+    env = e2e._Env(tmp, {}, 0)
+    out["notes"] = env.notes
+    try:
+        certs = tmp / "upstream-certs"
+        env.upstream_ca, _, _ = h.upstream_certs(certs)
+        standin = env.spawn(h.start_standin(tmp, certs))
+        try:
+            upstream = env.spawn(h.start_nginx(tmp, certs))
+        except (RuntimeError, OSError) as e:
+            upstream = standin
+            env.notes.append(f"nginx unavailable ({e}); the stand-in answers")
+        env.up_hostport = upstream.url.removeprefix("https://")
+        env.st_hostport = standin.url.removeprefix("https://")
+        env.confdir = h.make_confdir(tmp / "mitm-conf")
+        env.bodies = {"1KB": tmp / "body-1k.json"}
+        env.bodies["1KB"].write_bytes(h.chat_body(1024))
+        env.url = url = upstream.url + "/v1/chat/completions"
+        bare = env.spawn(h.start_mitmdump("bare", tmp, env.confdir, env.upstream_ca))
+        # warm-up (certificates, code paths) with a different conversation
+        warm = [conversation(1000 + i, 2) for i in range(2)]
+        drive(url, bare.url, bare.pid, warm, "warm")
+        out["bare"] = drive(url, bare.url, bare.pid, convs, "bare")
+        bare.stop()
+        suite, proxy, active, err = env.start_suite(e2e.CONCERNS, "suite")
+        out["active_concerns"] = active
+        if err:
+            out["error"] = f"suite could not serve a request: {err.splitlines()[0]}"
+            return out
+        drive(url, proxy, suite.pid, warm, "warm")
+        data = tmp / f"data{env.n_suites}"
+        before = _dir_bytes(data)
+        out["suite"] = drive(url, proxy, suite.pid, convs, "suite")
+        suite.stop()
+        out["audit_bytes_per_session"] = round((_dir_bytes(data) - before) / n)
+        out["distinct_bytes_per_session"] = round(
+            statistics.fmean(len(c[-1]) for c in convs))
+    finally:
+        env.stop()
+    for k in ("bare", "suite"):
+        r = out.get(k)
+        if r:
+            r["deciles"] = deciles(r["cpu_ms_per_turn"])
+            r["late_over_early"] = late_over_early(r["cpu_ms_per_turn"])
+    if out.get("bare") and out.get("suite") and out["bare"]["cpu_total_s"]:
+        out["suite_over_bare_cpu"] = round(out["suite"]["cpu_total_s"]
+                                           / out["bare"]["cpu_total_s"], 2)
+    if out.get("audit_bytes_per_session") is not None:
+        out["audit_over_distinct"] = round(out["audit_bytes_per_session"]
+                                           / out["distinct_bytes_per_session"], 2)
+    return out
+
+
+def verdicts(res: dict[str, Any]) -> list[tuple[str, str, str]]:
+    s = res.get("suite") or {}
+    rows = []
+    for label, val, key in (
+            ("suite CPU per turn, last quarter / first quarter (<= 1.5)",
+             s.get("late_over_early"), "late_over_early"),
+            ("suite/bare total CPU (<= 2.0)", res.get("suite_over_bare_cpu"),
+             "suite_over_bare_cpu"),
+            ("audit bytes per session / distinct content (<= 2.0)",
+             res.get("audit_over_distinct"), "audit_over_distinct")):
+        if val is None:
+            rows.append((label, "n/a", "not measured"))
+        else:
+            rows.append((label, f"{val}", "met" if val <= TARGETS[key] else "MISSED"))
+    return rows
+
+
+def markdown(res: dict[str, Any]) -> str:
+    out = ["## Multi-turn conversations (bench/bench_multiturn.py)", "",
+           f"{res['agents']} agents x {res['turns']} turns, every request re-sending the "
+           f"whole history (body {res['body_bytes_first'] / 1024:.1f} KB at turn 1, "
+           f"{res['body_bytes_last'] / 1024:.1f} KB at the last), PII every ~1.1 KB; "
+           "agents concurrent, in lock-step by turn.", ""]
+    if res.get("error"):
+        out += [f"**Error**: {res['error']}", ""]
+    for note in res.get("notes") or []:
+        out.append(f"- note: {note}")
+    out += ["| target | measured | verdict |", "|---|---|---|"]
+    out += [f"| {a} | {b} | {c} |" for a, b, c in verdicts(res)]
+    out += ["", "| | bare | suite |", "|---|---|---|"]
+    b, s = res.get("bare") or {}, res.get("suite") or {}
+    for label, key in (("CPU per turn by decile (ms)", "deciles"),
+                       ("late/early CPU per turn", "late_over_early"),
+                       ("total CPU (s)", "cpu_total_s"), ("p50 latency (ms)", "p50_ms"),
+                       ("p90 latency (ms)", "p90_ms"), ("peak RSS (MiB)", "peak_rss_mib"),
+                       ("errors", "errors")):
+        out.append(f"| {label} | {b.get(key, 'n/a')} | {s.get(key, 'n/a')} |")
+    if res.get("audit_bytes_per_session") is not None:
+        out += ["", f"Audit bytes per session: {res['audit_bytes_per_session']:,} for "
+                f"{res['distinct_bytes_per_session']:,} bytes of distinct content sent "
+                f"({res.get('audit_over_distinct')}x)."]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--agents", type=int)
+    ap.add_argument("--turns", type=int)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    r = run(quick=a.quick, agents=a.agents, turns=a.turns)
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=1))
+    print(markdown(r))
+    sys.exit(1 if r.get("error") else 0)
