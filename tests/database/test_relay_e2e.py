@@ -520,6 +520,16 @@ def test_startup_negotiation(env: Env) -> None:
     s.sendall(struct.pack("!II", 8, 80877104))
     assert s.recv(1) == b"N"
     s.close()
+    # bytes pipelined behind an SSLRequest would be read as if they came over TLS
+    # (CVE-2021-23214): refused, no 'S'
+    s = socket.create_connection(("127.0.0.1", env.port), timeout=10)
+    s.sendall(struct.pack("!II", 8, 80877103) + _msg(b"Q", b"SELECT 1\0"))
+    try:
+        answer = s.recv(100)
+    except ConnectionError:
+        answer = b""
+    s.close()
+    assert answer == b"", answer
     # protocol 3.2 and a _pq_ option: NegotiateProtocolVersion(3.0, [option]) first
     s, got = raw_login(env.port, env.token(), extra=(("_pq_.future", "1"),), minor=2)
     s.close()
