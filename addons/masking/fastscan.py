@@ -14,8 +14,10 @@ per character, so byte offsets are character offsets. All anchors are ASCII, and
 character is never a letter or digit of an anchor, which keeps every anchor a superset
 (a non-ASCII letter is a separator to these byte classes, as it is not to the detectors').
 
-`hyperscan` (Intel Hyperscan, BSD; python bindings MIT) is a runtime dependency; when it
-cannot be imported, `Prefilter.create()` returns None and the detectors run unfiltered.
+`hyperscan` (the python bindings, MIT, with Vectorscan — the BSD fork of Intel Hyperscan —
+statically linked) is a runtime dependency; when it cannot be imported or cannot compile on
+this CPU, `Prefilter.create()` returns None, says so once in the log, and the detectors run
+unfiltered (the reference engine: same findings, slower).
 """
 
 from __future__ import annotations
@@ -150,7 +152,12 @@ class Prefilter:
             if pre is None:
                 if len(_CACHE) >= 8:
                     _CACHE.clear()
-                pre = _CACHE[key] = cls._build(families, secrets, positional, numeric)
+                try:
+                    pre = cls._build(families, secrets, positional, numeric)
+                except _hs.HyperscanError as e:  # e.g. a CPU without the instructions
+                    _warn_once(f"hyperscan cannot compile here ({type(e).__name__}: {e})")
+                    return None
+                _CACHE[key] = pre
             return pre
 
     @classmethod
@@ -258,9 +265,9 @@ _CACHE: dict[tuple, Prefilter] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _warn_once() -> None:
+def _warn_once(why: str = "hyperscan is not importable") -> None:
     global _warned
     if not _warned:
         _warned = True
-        log.warning("hyperscan is not importable: masking runs the reference detectors "
-                    "(same findings, several times slower on long bodies)")
+        log.warning("%s: masking runs the reference detectors (same findings, several "
+                    "times slower on long bodies)", why)

@@ -121,3 +121,20 @@ def test_entities_turned_off(off: tuple[str, ...]):
 def test_masking_off_finds_nothing_and_builds_no_prefilter():
     ds = DetectorSet(MaskingConfig(enabled=False))
     assert not ds.fast and ds.find(SAMPLES["EMAIL"]) == []
+
+
+def test_a_database_that_cannot_compile_falls_back_to_the_reference(monkeypatch, caplog):
+    import hyperscan
+
+    def refuse(exprs, flags):
+        raise hyperscan.ArchitectureError("this CPU lacks the instructions")
+
+    monkeypatch.setattr(fastscan, "_compile", refuse)
+    monkeypatch.setattr(fastscan, "_CACHE", {})
+    monkeypatch.setattr(fastscan, "_warned", False)
+    with caplog.at_level("WARNING", logger="agentgate.masking"):
+        a, b = DetectorSet(), DetectorSet()
+    assert not a.fast and not b.fast
+    assert [f.entity for f in a.find("mail jane.doe@example.com")] == ["EMAIL"]
+    warned = [r for r in caplog.records if "cannot compile" in r.getMessage()]
+    assert len(warned) == 1 and "ArchitectureError" in warned[0].getMessage()
