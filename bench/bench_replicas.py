@@ -176,8 +176,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                    "p50_ms": round(statistics.median(r["p50_ms"] for r in rs), 2),
                    "p99_ms": round(statistics.median(r["p99_ms"] for r in rs), 2),
                    "errors": sum(r["errors"] for r in rs),
-                   "gateway_cpu_ms_per_req": statistics.median(
-                       r.get("gateway_cpu_ms_per_req", 0.0) for r in rs)}
+                   "gateway_cpu_ms_per_req": round(statistics.median(
+                       r.get("gateway_cpu_ms_per_req", 0.0) for r in rs), 3)}
             for name, rs in rounds.items()}
         t = out["throughput"]
         base = max(t["one"]["rps"], 1e-6)
@@ -185,7 +185,11 @@ def run(quick: bool = False) -> dict[str, Any]:
                          "two_vs_one_both_haproxy": round(
                              t["two+haproxy"]["rps"] / max(t["one+haproxy"]["rps"], 1e-6), 2),
                          "state_vs_memory_store": round(t["one+state"]["rps"] / base, 3),
-                         "haproxy_vs_direct": round(t["one+haproxy"]["rps"] / base, 3)}
+                         "haproxy_vs_direct": round(t["one+haproxy"]["rps"] / base, 3),
+                         # CPU per request: steadier than req/s on a machine others share
+                         "state_cpu_per_req_vs_memory": round(
+                             t["one+state"]["gateway_cpu_ms_per_req"]
+                             / max(t["one"]["gateway_cpu_ms_per_req"], 1e-6), 3)}
     finally:
         for p in reversed(procs):
             p.stop()
@@ -215,7 +219,8 @@ def markdown(res: dict[str, Any]) -> str:
                   f"**{r['two_haproxy_vs_one']}x** "
                   f"(both behind HAProxy: {r['two_vs_one_both_haproxy']}x)",
                   f"- shared approval store on ordinary (not held) traffic: "
-                  f"**{r['state_vs_memory_store']}x** the in-memory store's throughput",
+                  f"**{r['state_vs_memory_store']}x** the in-memory store's throughput, "
+                  f"{r['state_cpu_per_req_vs_memory']}x its gateway CPU per request",
                   f"- HAProxy in front of one replica: {r['haproxy_vs_direct']}x"]
     hd = res.get("holds")
     if hd:

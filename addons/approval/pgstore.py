@@ -221,8 +221,19 @@ class PgApprovalStore(ApprovalStore):
                 return out
 
         try:
-            return await asyncio.wait_for(go(), OP_TIMEOUT)
+            for attempt in range(3):
+                try:
+                    return await asyncio.wait_for(go(), OP_TIMEOUT)
+                except (psycopg.errors.DeadlockDetected,
+                        psycopg.errors.SerializationFailure):
+                    # rolled back by Postgres, the connection is fine: run it again
+                    if attempt == 2:
+                        raise
+                    await asyncio.sleep(0.01 * (attempt + 1))
         except ApprovalError:
+            raise
+        except asyncio.CancelledError:
+            await self._drop()  # cancelled mid-query: the connection's state is unknown
             raise
         except (psycopg.Error, OSError, TimeoutError) as e:
             await self._drop()

@@ -10,6 +10,7 @@ replicas N` starts them), a real OIDC provider and the OpenAI SDK against the st
   survivor), nothing that reached the survivor is lost, the survivor keeps serving;
 - SIGTERM drains: readyz 503, no new connections, the held flow is still released by a
   decision made on the other replica, the audit row is flushed, exit code 0;
+- a LangGraph agent (the demo's) through HAProxy: its runs spread over both replicas;
 - the state database unreachable: not ready, holds refused with 503 in the caller's dialect
   (never forwarded), other requests still served.
 """
@@ -20,6 +21,8 @@ import concurrent.futures
 import json
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -293,3 +296,28 @@ def test_state_database_down(tmp_path: Path, gateway_confdir: Path, standin,
         assert "pw-not-logged" not in r.gateway.logs()
     finally:
         assert r.gateway.stop() == 0
+
+
+def test_langgraph_agent_calls_spread_across_replicas(cluster: Cluster, oidc_provider) -> None:
+    """The demo's LangGraph agent (langchain-openai ChatOpenAI + a webhook tool), configured
+    only with HTTPS_PROXY = HAProxy and the CA: every run completes, and the runs' connections
+    land on both replicas."""
+    a, b = cluster.replicas
+    token = oidc_provider.token(sub="agent-lg", groups=["agents"])
+    env = a.gateway.client_env(token)
+    proxy = f"http://agent:{token}@127.0.0.1:{cluster.port}"
+    env.update(HTTPS_PROXY=proxy, HTTP_PROXY=proxy)
+    before = {r.name: r.gateway.logs().count("/agent-events") + served(r)
+              for r in cluster.replicas}
+    for i in range(4):
+        p = subprocess.run([sys.executable, "-m", "addons.devkit.agent",
+                            f"Tell the team build {i} is green."], env=env,
+                           capture_output=True, text=True, timeout=120,
+                           cwd=str(Path(__file__).resolve().parents[2]))
+        assert p.returncode == 0, p.stdout + p.stderr
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+        assert out["answer"] == "done: webhook answered 200", out
+    time.sleep(0.3)
+    after = {r.name: r.gateway.logs().count("/agent-events") + served(r)
+             for r in cluster.replicas}
+    assert all(after[n] > before[n] for n in after), (before, after)
