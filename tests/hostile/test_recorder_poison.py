@@ -137,3 +137,37 @@ def test_a_failing_store_refuses_then_recovers_by_itself(gateway_factory, tmp_pa
         if status == 503:
             assert stored[session][1] == "recorder_unavailable"
     assert list(answered.values()).count(200) >= 5
+
+
+
+def test_a_lone_surrogate_in_a_body_does_not_wedge_the_store(gateway_factory, standin
+                                                             ) -> None:
+    """A JSON escape of a lone surrogate ("\\ud800") is valid JSON that Python decodes to a
+    string UTF-8 cannot encode. It reached the row (the request's `model`), which then
+    could not be hashed, nor its reduced form: only a minimal record (no body, no headers,
+    no metadata) was kept. (In a column a minimal record keeps, e.g. a URL, the store
+    failed and every later flow got 503 until restart: tests/recording/test_writer_cpu.py.)"""
+    gw = gateway_factory(RULES)
+    body = b'{"model":"gpt-4o-mini\\ud800","messages":[{"role":"user","content":"hi"}]}'
+    with _client(gw) as c:
+        r = c.post(URL, content=body, headers={"X-Agent-Session": "surrogate",
+                                               "Content-Type": "application/json"})
+        assert r.status_code in (200, 400, 403), r.text[:500]
+        assert _until(lambda: _query(gw, "SELECT count(*) FROM flows WHERE "
+                                         "session_id = 'surrogate'") == [[1]]), \
+            gw.logs()[-3000:]
+        for i in range(3):
+            r = _ask(c, f"after-{i}")
+            assert r.status_code == 200, r.text[:500]
+    rows, ok = _stored(gw)
+    assert ok.ok, ok.problem
+    assert [r[0] for r in rows] == ["surrogate", "after-0", "after-1", "after-2"]
+    # the whole record, not a minimal one: body as forwarded, model with U+FFFD
+    assert bytes(rows[0][3]) == body and rows[0][4] is None, rows[0][:6]
+    con = duckdb.connect(str(gw.data_dir / "agentgate.duckdb"), read_only=True)
+    try:
+        model = con.execute("SELECT model FROM flows WHERE session_id = 'surrogate'"
+                            ).fetchall()
+    finally:
+        con.close()
+    assert len(model) == 1 and model[0][0].startswith("gpt-4o-mini\ufffd"), model
