@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hmac
 import logging
 import secrets
@@ -159,6 +160,13 @@ def _buffered(reader: asyncio.StreamReader) -> int:
     if buf is None:  # the stdlib changed: refuse rather than risk CVE-2021-23214
         raise pg.ProtocolError("cannot check for bytes behind SSLRequest")
     return len(buf)
+
+
+@functools.lru_cache(maxsize=2048)
+def _analyze_cached(sql: str) -> Statement:
+    """Agents repeat the same statements (unprepared, with parameters): parse each once.
+    Statement is immutable; SqlError is not cached (raised again each time)."""
+    return analyze(sql)
 
 
 async def _analyze_in_big_stack(sql: str) -> Statement:
@@ -531,7 +539,8 @@ class Session:
                 async with self.ctx.big_parses:
                     st = await _analyze_in_big_stack(sql)
             else:
-                st = analyze(sql)
+                # the cache holds at most 2048 × 4 KiB of SQL (+ facts)
+                st = _analyze_cached(sql) if len(sql) <= 4096 else analyze(sql)
         except SqlError as e:
             return None, Verdict("block", "unparseable"), pg.error_response(
                 "42601", f"agentgate: the statement could not be parsed ({e}); it was not "
