@@ -48,6 +48,7 @@ that on clean prose. Every detector stays linear on hostile input (worst case me
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
@@ -771,8 +772,13 @@ class _Custom:
 class DetectorSet:
     """All enabled detectors of a masking config, compiled once; `find` is thread-safe."""
 
-    def __init__(self, config: MaskingConfig | None = None, *, fast: bool = True) -> None:
-        """`fast=False` is the reference engine (no prefilter): same findings, slower."""
+    def __init__(self, config: MaskingConfig | None = None, *,
+                 fast: bool | None = None) -> None:
+        """`fast=False` is the reference engine (no prefilter): same findings, slower.
+        `fast=True` compiles the Hyperscan prefilter now if this process has not yet (~0.3 s).
+        The default does that too, except on a thread running an asyncio event loop (the
+        gateway's hooks): there it compiles in a background thread and this set runs the
+        reference engine until the prefilter is ready — the loop never waits for it."""
         self.config = config or MaskingConfig()
         enabled = set(self.config.enabled_builtins())
         self._enabled = frozenset(enabled)
@@ -820,18 +826,28 @@ class DetectorSet:
             (fastscan.secret_family((r.entity, r.literals)), r)
             for r in self._long_rules_all + self._long_gated)
         self._pre: fastscan.Prefilter | None = None
-        if fast and self.config.enabled:
+        self._pre_key: fastscan.PrefilterKey | None = None
+        if fast is not False and self.config.enabled:
             # every anchor whatever the config (the families turned off are never looked
             # up): one compiled prefilter per process, shared by every DetectorSet
+            args = (("email", "aws_word", "pw_url", "bearer", "ipv6"),
+                    [(r.entity, r.literals) for r in SECRET_RULES],
+                    ("pw_op", "num", "ipv4", "iban"), tuple(_NUMERIC_NAMES.values()))
+            self._pre_key = fastscan.prefilter_key(*args)
             self._pre = fastscan.Prefilter.create(
-                ("email", "aws_word", "pw_url", "bearer", "ipv6"),
-                [(r.entity, r.literals) for r in SECRET_RULES],
-                ("pw_op", "num", "ipv4", "iban"), tuple(_NUMERIC_NAMES.values()))
+                *args, wait=fast is True or not _on_event_loop())
 
     @property
     def fast(self) -> bool:
-        """True when the Hyperscan prefilter is in use."""
-        return self._pre is not None
+        """True when the Hyperscan prefilter is in use (now)."""
+        return self._prefilter() is not None
+
+    def _prefilter(self) -> fastscan.Prefilter | None:
+        pre = self._pre
+        if pre is None and self._pre_key is not None:
+            # compiled in the background since: use it from now on
+            pre = self._pre = fastscan.cached(self._pre_key)
+        return pre
 
     @property
     def entities(self) -> tuple[str, ...]:
@@ -863,8 +879,9 @@ class DetectorSet:
         return out
 
     def _candidates(self, t: str) -> list[tuple[int, int, str, int]]:
-        if self._pre is not None:  # (faster from the shortest texts on: 0.8 us per word)
-            return self._candidates_fast(t, self._pre)
+        pre = self._prefilter()
+        if pre is not None:  # (faster from the shortest texts on: 0.8 us per word)
+            return self._candidates_fast(t, pre)
         out: list[tuple[int, int, str, int]] = []
         if len(t) < _SHORT_TEXT:
             # one `in` test per distinct literal, then only the rules it gates
@@ -1078,6 +1095,14 @@ class DetectorSet:
             start = gm.start()
         keep = max(keep, n - start, self._custom_hold)
         return min(keep, self.max_len, n)
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _resolve(cands: list[tuple[int, int, str, int]]) -> list[tuple[int, int, str]]:

@@ -138,27 +138,30 @@ class Prefilter:
 
     @classmethod
     def create(cls, families: Sequence[str], secrets: Sequence[tuple[str, tuple[str, ...]]],
-               positional: Sequence[str] = (),
-               numeric: Sequence[str] = ()) -> Prefilter | None:
-        """A prefilter for these presence families, secret rules (keys of SECRET_ANCHORS or
-        (entity, literals)), positional families (keys of POSITION_ANCHORS) and numeric
-        detectors (NUMERIC_ANCHORS names); None when hyperscan is not importable."""
+               positional: Sequence[str] = (), numeric: Sequence[str] = (), *,
+               wait: bool = True) -> Prefilter | None:
+        """The prefilter for these presence families, secret rules (keys of SECRET_ANCHORS
+        or (entity, literals)), positional families (keys of POSITION_ANCHORS) and numeric
+        detectors (NUMERIC_ANCHORS names), compiled once per process (~0.3 s).
+
+        None when hyperscan is not importable or cannot compile here — and, with
+        wait=False, while it is still compiling in a background thread (Hyperscan releases
+        the GIL meanwhile; `cached(key)` has it once done)."""
         if _hs is None:
             _warn_once()
             return None
-        key = (tuple(families), tuple(secrets), tuple(positional), tuple(numeric))
-        with _CACHE_LOCK:  # compiling takes ~0.25 s: once per process and anchor set
-            pre = _CACHE.get(key)
-            if pre is None:
-                if len(_CACHE) >= 8:
-                    _CACHE.clear()
-                try:
-                    pre = cls._build(families, secrets, positional, numeric)
-                except _hs.HyperscanError as e:  # e.g. a CPU without the instructions
-                    _warn_once(f"hyperscan cannot compile here ({type(e).__name__}: {e})")
-                    return None
-                _CACHE[key] = pre
+        key = prefilter_key(families, secrets, positional, numeric)
+        pre = _CACHE.get(key)
+        if pre is not None or key in _FAILED:
             return pre
+        if wait:
+            return _compile_key(key)
+        with _CACHE_LOCK:
+            if key not in _PENDING:
+                _PENDING.add(key)
+                threading.Thread(target=_compile_key, args=(key,), daemon=True,
+                                 name="agentgate-hyperscan-compile").start()
+        return None
 
     @classmethod
     def _build(cls, families: Sequence[str], secrets: Sequence[tuple[str, tuple[str, ...]]],
@@ -261,8 +264,40 @@ def _compile(exprs: list[bytes], flags: list[int]) -> object | None:
 
 
 _warned = False
-_CACHE: dict[tuple, Prefilter] = {}
-_CACHE_LOCK = threading.Lock()
+PrefilterKey = tuple[tuple[str, ...], tuple[tuple[str, tuple[str, ...]], ...], tuple[str, ...],
+                     tuple[str, ...]]
+_CACHE: dict[PrefilterKey, Prefilter] = {}   # compiled, by anchor set (one in practice)
+_FAILED: set[PrefilterKey] = set()           # could not compile on this machine
+_PENDING: set[PrefilterKey] = set()          # compiling in a background thread
+_CACHE_LOCK = threading.Lock()               # guards _PENDING (held for microseconds)
+_BUILD_LOCK = threading.Lock()               # one compilation at a time
+
+
+def prefilter_key(families: Sequence[str], secrets: Sequence[tuple[str, tuple[str, ...]]],
+                  positional: Sequence[str], numeric: Sequence[str]) -> PrefilterKey:
+    return (tuple(families), tuple((e, tuple(lits)) for e, lits in secrets),
+            tuple(positional), tuple(numeric))
+
+
+def cached(key: PrefilterKey) -> Prefilter | None:
+    """The compiled prefilter for `key`, or None while it is not (yet) compiled."""
+    return _CACHE.get(key)
+
+
+def _compile_key(key: PrefilterKey) -> Prefilter | None:
+    with _BUILD_LOCK:
+        pre = _CACHE.get(key)
+        if pre is None and key not in _FAILED:
+            try:
+                pre = Prefilter._build(*key)
+            except _hs.HyperscanError as e:  # e.g. a CPU without the instructions it needs
+                _FAILED.add(key)
+                _warn_once(f"hyperscan cannot compile here ({type(e).__name__}: {e})")
+            else:
+                _CACHE[key] = pre
+        with _CACHE_LOCK:
+            _PENDING.discard(key)
+        return pre
 
 
 def _warn_once(why: str = "hyperscan is not importable") -> None:

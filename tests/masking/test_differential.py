@@ -25,7 +25,7 @@ from bench.bench_detectors import CORPUS_DIR, prose
 
 pytestmark = pytest.mark.skipif(not fastscan.AVAILABLE, reason="hyperscan not importable")
 
-FAST = DetectorSet()
+FAST = DetectorSet(fast=True)
 REF = DetectorSet(fast=False)
 ROOT = Path(__file__).resolve().parents[2]
 PAD = prose(20_000, seed=11)  # past _SHORT_TEXT: the reference's long-text path
@@ -145,7 +145,7 @@ def test_custom_detectors_and_allow_list():
         CustomDetector("EMPLOYEE_ID", r"EMP-\d{6}"),
         CustomDetector("ACCOUNT", r"\b\d{8}\b", validator="luhn", context=("account",))),
         allow=(r"[a-z.]+@example\.org",))
-    fast, ref = DetectorSet(cfg), DetectorSet(cfg, fast=False)
+    fast, ref = DetectorSet(cfg, fast=True), DetectorSet(cfg, fast=False)
     assert fast.fast
     for text in ("EMP-123456 and account 79927398713? account 12345674",
                  "ann@example.org jane.doe@example.com EMP-000001",
@@ -168,7 +168,7 @@ def test_a_wrong_anchor_is_caught(monkeypatch):
     """The differential checks can fail: a prefilter missing the '@' anchor loses e-mails."""
     monkeypatch.setitem(fastscan.PRESENCE_ANCHORS, "email", (rb"@@@",))
     monkeypatch.setattr(fastscan, "_CACHE", {})  # compile the broken anchors
-    broken = DetectorSet(MaskingConfig())
+    broken = DetectorSet(MaskingConfig(), fast=True)
     with pytest.raises(AssertionError):
         same("mail jane.doe@example.com now", broken, REF)
 

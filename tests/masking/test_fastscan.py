@@ -19,7 +19,7 @@ from bench.bench_detectors import prose
 pytestmark = pytest.mark.skipif(not fastscan.AVAILABLE, reason="hyperscan not importable")
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = DetectorSet()
+FAST = DetectorSet(fast=True)
 REF = DetectorSet(fast=False)
 
 
@@ -109,7 +109,7 @@ def test_hostile_inputs_agree(text: str):
                                  tuple(e for e in BUILTIN_ENTITIES if e != "US_SSN")])
 def test_entities_turned_off(off: tuple[str, ...]):
     cfg = MaskingConfig(entities={e: EntityConfig(enabled=False) for e in off})
-    fast, ref = DetectorSet(cfg), DetectorSet(cfg, fast=False)
+    fast, ref = DetectorSet(cfg, fast=True), DetectorSet(cfg, fast=False)
     assert fast.fast
     text = " ".join(SAMPLES.values()) + " SSN 078051123 call 4155550132 Bearer " \
         "n49QVJ8ANmb4u9icuNiVGuZyJKhxgy9s password=Zq9!xW2#kL"
@@ -131,6 +131,7 @@ def test_a_database_that_cannot_compile_falls_back_to_the_reference(monkeypatch,
 
     monkeypatch.setattr(fastscan, "_compile", refuse)
     monkeypatch.setattr(fastscan, "_CACHE", {})
+    monkeypatch.setattr(fastscan, "_FAILED", set())
     monkeypatch.setattr(fastscan, "_warned", False)
     with caplog.at_level("WARNING", logger="agentgate.masking"):
         a, b = DetectorSet(), DetectorSet()
@@ -138,3 +139,32 @@ def test_a_database_that_cannot_compile_falls_back_to_the_reference(monkeypatch,
     assert [f.entity for f in a.find("mail jane.doe@example.com")] == ["EMAIL"]
     warned = [r for r in caplog.records if "cannot compile" in r.getMessage()]
     assert len(warned) == 1 and "ArchitectureError" in warned[0].getMessage()
+
+
+def test_on_an_event_loop_the_prefilter_compiles_in_the_background(monkeypatch):
+    """The gateway builds its DetectorSet in a hook on the event loop: that must not wait
+    ~0.3 s for Hyperscan. It answers at once with the reference engine (same findings) and
+    switches to the prefilter when the background compilation is done."""
+    import asyncio
+    import time
+
+    monkeypatch.setattr(fastscan, "_CACHE", {})
+    monkeypatch.setattr(fastscan, "_PENDING", set())
+    text = "call +1 415 555 0132 or mail jane.doe@example.com"
+
+    async def build() -> tuple[DetectorSet, float, list]:
+        t0 = time.perf_counter()
+        ds = DetectorSet()
+        took = time.perf_counter() - t0
+        return ds, took, ds.find(text)
+
+    ds, took, found = asyncio.run(build())
+    assert took < 0.1, took  # compiling takes ~0.3 s; the loop did not wait for it
+    assert found == REF.find(text) and len(found) == 2
+    deadline = time.monotonic() + 30
+    while not ds.fast and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ds.fast and ds.find(text) == found
+    # off the loop the default compiles at once
+    monkeypatch.setattr(fastscan, "_CACHE", {})
+    assert DetectorSet().fast
