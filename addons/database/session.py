@@ -424,6 +424,7 @@ class Session:
         self.session_id: str | None = None
         self.server: ServerConn | None = None
         self.masker: Any = None
+        self.masking: Any = None
         self.our_pid = 0
         self.nonce = secrets.token_hex(8)
         self.refusals: dict[str, bytes] = {}
@@ -626,6 +627,11 @@ class Session:
         applies to open connections. A change the connection cannot follow (the database
         removed, another server or credential, other masking, the identity no longer
         allowed) ends it; the client reconnects under the new rules."""
+        masking = getattr(self.ctx.rules(), "masking", None)
+        if masking is not self.masking:
+            if masking != self.masking:  # the masker was built with the old detectors
+                raise Refused("57P01", "agentgate: the masking rules changed; reconnect")
+            self.masking = masking
         db = self.ctx.current()
         if db is self.db:
             return
@@ -855,8 +861,8 @@ class Session:
                 await self._cancel(st)
                 return
             params = await self.login(st)
-            self.masker = self.ctx.masker_factory(self.db, getattr(self.ctx.rules(), "masking",
-                                                                   None), self.identity)
+            self.masking = getattr(self.ctx.rules(), "masking", None)
+            self.masker = self.ctx.masker_factory(self.db, self.masking, self.identity)
             self.server = await login_server(self.db, params)
         except Refused as e:
             await self._fatal(e.code, e.text)

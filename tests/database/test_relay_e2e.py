@@ -679,5 +679,17 @@ def test_a_rules_reload_applies_to_open_connections(env: Env) -> None:
             time.sleep(0.1)
         with pytest.raises(psycopg.OperationalError, match="changed; reconnect"):
             other.execute("SELECT 1")
+    # the masking detectors changed: open connections (masker built with the old) end
+    with env.connect() as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
+        (env.gw.rules_dir / "masking.yaml").write_text(
+            "masking:\n  custom:\n    - {name: TICKET, pattern: 'TCK-[0-9]{6}'}\n")
+        version += 1
+        deadline = time.monotonic() + 20
+        while env.gw.logs().count("rules reloaded") == version:
+            assert time.monotonic() < deadline, env.gw.logs()[-2000:]
+            time.sleep(0.1)
+        with pytest.raises(psycopg.OperationalError, match="masking rules changed"):
+            c.execute("SELECT 1")
     with env.connect() as c:
         assert c.execute("SELECT 1").fetchone() == (1,)
