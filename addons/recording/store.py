@@ -446,7 +446,14 @@ def cap_state(st: dict[str, Any], limit: int) -> dict[str, Any]:
     return capped
 
 
-def _model(req_body: bytes | None, resp_body: bytes | None) -> str | None:
+def _model(req_body: bytes | None, resp_body: bytes | None,
+           known: dict[str, Any] | None = None) -> str | None:
+    """The `model` of the JSON request (else response) body. `known`: what split_body
+    already read of the request body (then it is not parsed again)."""
+    if known and "model" in known and req_body and req_body[:1] in (b"{", b" ", b"\n"):
+        if isinstance(known["model"], str):
+            return known["model"][:200]
+        req_body = None  # read whole, no model: as json.loads would have found
     for body in (req_body, resp_body):
         if not body or len(body) > 4 * 1024 * 1024 or body[:1] not in (b"{", b" ", b"\n"):
             continue
@@ -602,9 +609,12 @@ def node_address(prev: str | None, part: str) -> str:
     return hashlib.sha256(NODE_TAG + (prev or "").encode() + b"\n" + part.encode()).hexdigest()
 
 
-def split_body(body: bytes) -> list[bytes]:
+def split_body(body: bytes, facts: dict[str, Any] | None = None) -> list[bytes]:
     """The body cut before and after each element of its top-level SPLIT_KEYS arrays
-    (pieces joined give the body back exactly); [body] when it is not such a JSON object."""
+    (pieces joined give the body back exactly); [body] when it is not such a JSON object.
+
+    `facts`, when given, gets the top-level "model" (a string, else None) once the whole
+    object was read, so the row need not parse the body a second time for it."""
     if body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
         return [body]
     try:
@@ -612,6 +622,7 @@ def split_body(body: bytes) -> list[bytes]:
     except UnicodeDecodeError:
         return [body]
     cuts: list[int] = []
+    model: Any = None
 
     def ws(i: int) -> int:
         m = _WS.match(s, i)
@@ -647,7 +658,9 @@ def split_body(body: bytes) -> list[bytes]:
                         return [body]
                 i += 1
             else:
-                _, i = _DECODER.raw_decode(s, i)
+                value, i = _DECODER.raw_decode(s, i)
+                if key == "model":
+                    model = value
             i = ws(i)
             if s[i] == ",":
                 i = ws(i + 1)
@@ -657,6 +670,8 @@ def split_body(body: bytes) -> list[bytes]:
             return [body]
     except (ValueError, IndexError):
         return [body]
+    if facts is not None and ws(i + 1) == len(s):  # the whole body is this one object
+        facts["model"] = model if isinstance(model, str) else None
     if not cuts:
         return [body]
     pieces: list[bytes] = []
@@ -671,9 +686,9 @@ def split_body(body: bytes) -> list[bytes]:
 Blob = tuple[str, bytes | None, str | None, str | None, int]  # hash, data, prev, part, size
 
 
-def blob_tree(body: bytes, out: dict[str, Blob]) -> str:
+def blob_tree(body: bytes, out: dict[str, Blob], facts: dict[str, Any] | None = None) -> str:
     """Add the blobs of body to out; returns its root address (a leaf or the last node)."""
-    pieces = split_body(body)
+    pieces = split_body(body, facts)
     if len(pieces) == 1:
         addr = leaf_address(body)
         out.setdefault(addr, (addr, body, None, None, len(body)))
@@ -833,6 +848,7 @@ def build_row(p: Pending, decode: Decoder = _identity_decode) -> dict[str, Any]:
     capped = cap_state(st, limit)
     blobs: dict[str, Blob] = {}
     refs: dict[str, str | None] = {"request": None, "response": None}
+    facts: dict[str, Any] = {}
     for part, body in (("request", req_body), ("response", resp_body)):
         msg = capped.get(part)
         if body is None:
@@ -841,7 +857,7 @@ def build_row(p: Pending, decode: Decoder = _identity_decode) -> dict[str, Any]:
             # the state's copy is the body column's: stored once (export puts it back)
             capped[part] = dict(msg, content={"$body": part})
         if len(body) > INLINE_MAX:
-            refs[part] = blob_tree(body, blobs)
+            refs[part] = blob_tree(body, blobs, facts if part == "request" else None)
     state_blob = dump_state(capped, scrub)
     row: dict[str, Any] = {
         "id": _s(st.get("id")),
@@ -857,7 +873,7 @@ def build_row(p: Pending, decode: Decoder = _identity_decode) -> dict[str, Any]:
         "host": _host_of(url) if url else None,
         "upstream": upstream.get("name"),
         "upstream_url": forwarded if forwarded != url else None,
-        "model": _model(req_body, resp_body),
+        "model": _model(req_body, resp_body, facts),
         "status": int(resp["status_code"]) if resp else None,
         "outcome": outcome,
         "decision": decision.get("action"),

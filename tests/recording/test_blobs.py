@@ -262,3 +262,27 @@ def test_a_schema1_store_stays_readable_and_verifiable(tmp_path: Path, capsys) -
     c.execute("UPDATE flows SET request_body = 'x' WHERE seq = 2")
     assert not store.verify(c).ok
     c.close()
+
+
+@pytest.mark.parametrize("body", [
+    chat(3), chat(3, extra={"model": "second-wins"}), chat(3, indent=2),
+    chat(3).replace(b'"model": "gpt-4o-mini", ', b"") + b"",
+    chat(3).replace(b'"gpt-4o-mini"', b"42"), chat(3) + b" trailing",
+    b"\t" + chat(3)])
+def test_model_read_while_splitting_is_what_parsing_finds(body: bytes) -> None:
+    """The row's model comes from the split's walk over a big request body (one parse, not
+    two); it must be exactly what parsing the body found before."""
+    def parsed() -> str | None:  # the previous definition
+        for b in (body, ANSWER):
+            if b[:1] not in (b"{", b" ", b"\n"):
+                continue
+            try:
+                doc = json.loads(b)
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("model"), str):
+                return doc["model"][:200]
+        return None
+
+    row = store.build_row(pending(1, body=body))
+    assert row["model"] == parsed()
