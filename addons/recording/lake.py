@@ -279,9 +279,16 @@ def ship_segment(local: Any, lake: Any, replica: str, max_rows: int) -> int:
     i_seq, i_prev, i_hash = NAMES.index("seq"), NAMES.index("prev_hash"), NAMES.index("hash")
     first, last = rows[0], rows[-1]
     if head and first[i_prev] != head[1]:
-        raise LakeError(f"replica {replica!r}: local record seq {first[i_seq]} is not chained "
-                        f"to the lake's head seq {head[0]} (records purged locally before "
-                        "they were shipped?)")
+        purged = (first[i_seq] > head[0] + 1 and local.execute(
+            "SELECT count(*) FROM flows WHERE seq <= ?", [head[0]]).fetchone()[0] == 0)
+        if not purged:
+            raise LakeError(f"replica {replica!r}: local record seq {first[i_seq]} is not "
+                            f"chained to the lake's head seq {head[0]}")
+        # Local retention purged records the lake never got (it was unreachable that long):
+        # they are lost to the lake; ship on, and `audit verify --lake` reports the gap.
+        log.error("agentgate: audit lake: replica %s records seq %d..%d were purged locally "
+                  "before they were shipped; the lake will show the gap", replica,
+                  head[0] + 1, first[i_seq] - 1)
     columns = [list(col) for col in zip(*rows, strict=True)]
     blobs: list = []
     if REFS:
@@ -573,7 +580,14 @@ def open_for_queries(cfg: LakeConfig) -> Any:
     """A read-only lake connection whose default catalog is the lake: `flows` is every
     replica's records (column `replica` says whose), as the audit CLI's SQL expects."""
     con = connect(cfg, read_only=True)
+    # The SQL is the user's: the lake's own data directory stays readable, nothing else of
+    # the file system (read_text('/etc/…'), COPY … TO) — as with the local store.
+    data = con.execute(f"SELECT value FROM __ducklake_metadata_{LAKE}.ducklake_metadata "  # noqa: S608
+                       "WHERE key = 'data_path'").fetchone()
+    if data and data[0]:
+        con.execute(f"SET allowed_directories = [{_lit(str(data[0]))}]")
     con.execute(f"USE {LAKE}")
+    con.execute("SET enable_external_access = false")
     return con
 
 

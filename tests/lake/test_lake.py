@@ -229,3 +229,35 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     cfg = load_rules(d).audit_lake
     assert cfg == lake.LakeConfig(catalog="/l/x.ducklake", replica="gw-1")
     assert cfg.data_path() == "/l/x.ducklake.files"
+
+
+def test_records_purged_before_shipping_show_as_a_gap(two, tmp_path: Path) -> None:
+    """The lake was unreachable longer than local retention: the purged records are lost to
+    the lake, the shipper goes on with the rest, and verify names the missing range."""
+    cfg, (a, _b) = two
+    a.ship_all()  # seq 1..10
+    a.stop(1)
+    db = tmp_path / "gw-a.duckdb"
+    fill(db, 6, "s-later", start=10)  # seq 11..16
+    con = writer.open_db(db)
+    con.execute("INSERT INTO chain_checkpoints SELECT seq, hash, 13, now(), now() "
+                "FROM flows WHERE seq = 13")
+    con.execute("DELETE FROM flows WHERE seq <= 13")  # as retention does
+    con.close()
+    s = shipper(cfg, "gw-a", db)
+    assert s.ship_all() == 3  # seq 14..16
+    s.stop(1)
+    lk = lake_con(cfg)
+    r = lake.verify(lk)
+    lk.close()
+    assert r.problems == ["replica gw-a: missing segment: records seq 11..13 are not in the lake"]
+
+
+def test_lake_queries_read_no_other_file(two) -> None:
+    cfg, (a, _b) = two
+    a.ship_all()
+    a.stop(1)
+    q = cli("query", "--lake", cfg.catalog, "SELECT * FROM read_text('/etc/hostname')")
+    assert q.returncode != 0 and "disabled" in q.stderr
+    ok = cli("query", "--lake", cfg.catalog, "SELECT count(*) AS n FROM flows")
+    assert ok.returncode == 0 and "10" in ok.stdout

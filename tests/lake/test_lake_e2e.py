@@ -82,6 +82,18 @@ def test_two_gateways_one_lake_on_postgres(pg, gateway_factory, tmp_path: Path) 
     order = [(r["replica"], r["seq"]) for r in map(json.loads, exp.stdout.splitlines())]
     assert [rep for rep, _ in order] == ["gw-a", "gw-b"] * 4
 
+    out = tmp_path / "thread-1.mitm"
+    e = subprocess.run([sys.executable, "-m", "addons.cli", "export", "--lake", catalog,
+                        "--session", "thread-1", "-o", str(out)], cwd=ROOT, text=True,
+                       capture_output=True, timeout=120,
+                       env={**os.environ, "AGENTGATE_RULES": "/nonexistent"})
+    assert e.returncode == 0, e.stderr
+    from mitmproxy import io as mio
+    with open(out, "rb") as fh:
+        flows = list(mio.FlowReader(fh).stream())
+    assert sorted(json.loads(f.request.content)["messages"][0]["content"] for f in flows) \
+        == [f"turn {i}" for i in range(8)]
+
     # tamper with the lake in Postgres + Parquet as its owner could: drop gw-b's first segment
     lk = lake.connect(lake.LakeConfig(catalog=catalog, data=str(data)))
     lk.execute("DELETE FROM lake.flows WHERE replica = 'gw-b' AND seq <= 3")
