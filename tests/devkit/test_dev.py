@@ -361,6 +361,15 @@ def test_dev_rules_trust_only_the_dev_idp(tmp_path: Path) -> None:
     assert [(i.issuer, i.audiences, i.max_lifetime) for i in rules.identity.issuers] == [
         ("http://127.0.0.1:8099", ("agentgate",), dev.MAX_TTL)]
     assert rules.identity.required
+    # with the page: its sign-in at the dev IdP, secret and cookie key from the env only
+    page = {"client_id": "c-123", "base": "http://127.0.0.1:8081"}
+    for name, text in dev.dev_rules(FakeStandin(), "http://127.0.0.1:8099", page).items():
+        (tmp_path / name).write_text(text)
+    web = load_rules(tmp_path).approvals.web
+    assert (web.client_id, web.issuer, web.redirect_url) == (
+        "c-123", "http://127.0.0.1:8099", "http://127.0.0.1:8081/ui/callback")
+    assert (web.client_secret_env, web.cookie_secret_env) == (dev.PAGE_SECRET_ENV,
+                                                              dev.PAGE_COOKIE_ENV)
 
 
 def test_run_proxy_help_lists_dev_and_only_its_header() -> None:
