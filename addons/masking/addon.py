@@ -41,6 +41,12 @@ thread set by recording/sessions.py before masking runs), else the agent's `X-Ag
 else the client connection; always bound to the identity subject as well, so a session id
 alone never reaches another identity's values. The session is fixed when the request is
 masked and reused for its response.
+
+Incremental: an LLM request re-sends its whole history every turn; each message of it is
+masked as a unit, and one this session already sent is taken from the session's message
+cache (bodies.MessageCache: in memory, bounded, dropped with the placeholder session, keyed
+by identity and session like it), so a turn costs what its new messages cost. A hit is
+byte-identical to masking the message again (tests/masking/test_session_cache.py).
 """
 
 from __future__ import annotations
@@ -56,7 +62,14 @@ from mitmproxy import http
 from addons.config.holder import RulesHolder
 from addons.frame import decode
 from addons.frame.guard import guarded, refuse
-from addons.masking.bodies import Masked, TooLarge, Unparseable, decode_content
+from addons.masking.bodies import (
+    Masked,
+    MessageCache,
+    MessageCaches,
+    TooLarge,
+    Unparseable,
+    decode_content,
+)
 from addons.masking.masker import (
     Masker,
     Session,
@@ -139,6 +152,10 @@ class Masking:
         self._masker_cfg: Any = None
         self._flow_sessions: weakref.WeakKeyDictionary[http.HTTPFlow, Session] = \
             weakref.WeakKeyDictionary()
+        # per session: the request messages already masked (bodies.MessageCache), so a turn
+        # that re-sends the history costs only its new messages; keyed like the sessions
+        self.message_caches = MessageCaches(max_sessions=self.sessions.max_sessions,
+                                            idle_ttl=self.sessions.idle_ttl)
         # AGENTGATE_STATE set: the placeholder map is shared by the replicas (sessionstore.py)
         self.shared: Any = None
         self.shared_error: str | None = None
@@ -190,22 +207,34 @@ class Masking:
             return None
         return cfg, up  # an unresolved upstream is masked too (fail closed)
 
-    def _session(self, flow: http.HTTPFlow) -> Session:
-        s = self._flow_sessions.get(flow)
-        if s is not None:
-            return s
+    @staticmethod
+    def _session_key(flow: http.HTTPFlow) -> str:
         sid = flow.metadata.get("session") or flow.request.headers.get(SESSION_HEADER) \
             or f"conn:{flow.client_conn.id}"
         ident = flow.metadata.get("identity")
         sub = ident.get("sub") if isinstance(ident, dict) else None
+        return session_key(sub, str(sid))
+
+    def _session(self, flow: http.HTTPFlow) -> Session:
+        s = self._flow_sessions.get(flow)
+        if s is not None:
+            return s
         if self.shared_error:
             raise RuntimeError(self.shared_error)
         if self.shared is not None:
-            s = SharedSession(self.shared, session_key(sub, str(sid)))
+            s = SharedSession(self.shared, self._session_key(flow))
         else:
-            s = self.sessions.get(session_key(sub, str(sid)))
+            s = self.sessions.get(self._session_key(flow))
         self._flow_sessions[flow] = s
         return s
+
+    def _message_cache(self, flow: http.HTTPFlow, session: Session, masker: Masker
+                       ) -> MessageCache | None:
+        """This session's message cache (in-memory sessions only: a replica-shared map may
+        number a value on another replica, so its placeholders are not replayed here)."""
+        if isinstance(session, SharedSession):
+            return None
+        return self.message_caches.get(self._session_key(flow), session, masker)
 
     @staticmethod
     def _dialect(flow: http.HTTPFlow, up: Any) -> str:
@@ -246,7 +275,8 @@ class Masking:
         found: dict = {}
         session = self._session(flow)
         ctx = Masked(masker, session, found, restorable=True,
-                     dialect=self._dialect(flow, up))
+                     dialect=self._dialect(flow, up),
+                     cache=self._message_cache(flow, session, masker))
         req = flow.request
         shared = isinstance(session, SharedSession)
         if shared:  # Postgres round trips: in a worker thread, the flow waits in this hook

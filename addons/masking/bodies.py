@@ -37,16 +37,28 @@ JSON-aware details:
   (`source.data` of a base64 source, `input_audio.data`, `file_data`, `b64_json`,
   `signature`, `encrypted_content`) whose value is strict base64 of at least
   BINARY_MIN_LEN characters (what base64 hides, no detector reads anyway).
+
+With a MessageCache (requests of an LLM dialect whose `messages` / `input` list holds only
+message objects), each message is its own set of slots, with the last
+`masker.context_len` characters of the message before it as left context (so a context
+word such as "aws_secret_access_key" at the end of one message still confirms a key at
+the start of the next); a message seen before with the same left context is not walked
+or scanned again (see Masked._json_incremental). Message objects of a list are never
+siblings for the cross-field pass, so the units see the same joins as the whole body.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import threading
+import time
 from array import array
 from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from addons.frame import decode as _decode
@@ -426,11 +438,11 @@ class Masked:
     """Masking context of one flow direction: who, which session, what was found."""
 
     __slots__ = ("masker", "session", "findings", "restorable", "restore", "llm", "detect",
-                 "mcp")
+                 "mcp", "cache", "trace")
 
     def __init__(self, masker: Masker, session: Session | None, findings: Findings, *,
                  restorable: bool = True, restore: bool = False, dialect: str = "generic",
-                 detect: bool = True) -> None:
+                 detect: bool = True, cache: MessageCache | None = None) -> None:
         self.masker = masker
         self.session = session
         self.findings = findings
@@ -442,6 +454,10 @@ class Masked:
         # detect=False: a restore-only pass over a body this context already masked
         # (the masked body is what gets recorded; the restored one goes to the agent).
         self.detect = detect
+        # this session's messages already masked (see MessageCache); None: no reuse
+        self.cache = cache
+        # when a list: every replacement made, (entity, value, replacement), in order
+        self.trace: list[tuple[str, str, str]] | None = None
 
     def variant(self, *, restore: bool | None = None, detect: bool | None = None) -> Masked:
         """The same context (session, findings) with restore and/or detection switched."""
@@ -462,8 +478,9 @@ class Masked:
                                      escape=escape)
 
     # -- slots
-    def _apply(self, slots: _Slots) -> bool:
-        """Mask all slots with one detector pass. True if anything changed."""
+    def _apply(self, slots: _Slots, skip: int = 0) -> bool:
+        """Mask all slots with one detector pass. True if anything changed. Findings that
+        start before `skip` (a context-only first slot) are ignored."""
         if not slots.texts and not slots.forced:
             return False
         joined = "".join(slots.parts)
@@ -473,6 +490,7 @@ class Masked:
         if not found and not cross and not restore and not slots.forced:
             return False
         masker, session, restorable = self.masker, self.session, self.restorable
+        trace = self.trace
         texts, starts = slots.texts, slots.starts
         n = len(texts)
         ends = [s + len(t) for s, t in zip(starts, texts, strict=True)]
@@ -482,7 +500,7 @@ class Masked:
         last_end = -1
         for f in found:
             fs, fe = f.start, f.end
-            if fs < last_end:
+            if fs < last_end or fs < skip:
                 continue
             last_end = fe
             i = bisect_right(starts, fs) - 1
@@ -493,6 +511,8 @@ class Masked:
             entity = f.entity
             counts[entity] = counts.get(entity, 0) + 1
             repl = masker.replacement(entity, f.value, session, restorable)
+            if trace is not None:
+                trace.append((entity, f.value, repl))
             s = starts[i]
             if fs >= s and fe <= ends[i]:  # the usual case: inside one slot
                 e = edits.get(i)
@@ -512,6 +532,8 @@ class Masked:
         for entity, value, pieces in cross:
             counts[entity] = counts.get(entity, 0) + 1
             repl = masker.replacement(entity, value, session, restorable)
+            if trace is not None:
+                trace.append((entity, value, repl))
             for j, (i, lo, hi) in enumerate(pieces):
                 edits.setdefault(i, []).append((lo, hi, repl if j == 0 else ""))
         if cross:
@@ -561,12 +583,92 @@ class Masked:
     # -- JSON
     def json_obj(self, obj: Any) -> bool:
         """Mask a parsed JSON document in place. True if it changed."""
+        if self.cache is not None and self.detect and not self.restore and self.llm and \
+                isinstance(obj, dict):
+            key = _message_list_key(obj)
+            if key is not None:
+                return self._json_incremental(obj, key)
         slots = _Slots(self.llm)
         if isinstance(obj, dict | list):
             slots.walk(obj, -1)
         else:
             return False
         return self._apply(slots)
+
+    def _json_incremental(self, obj: dict, key: str) -> bool:
+        """An LLM request whose history is a list of messages: each message is masked as a
+        unit of its own (one detector pass, with the tail of the message before it as left
+        context), and a message this session has already sent is taken from the cache;
+        the rest of the document is masked around it, in document order (placeholders
+        are numbered in the order values appear). A hit replays the message's
+        replacements through the session first: the same calls, in the same order, as a
+        miss makes, so the session's map ends up the same; only when every one gives the
+        replacement cached is the cached masked form used (else it is masked again).
+        So a hit is byte-identical to a miss, and a turn costs its new messages."""
+        cache = self.cache
+        assert cache is not None
+        items = list(obj.items())
+        at = next(i for i, (k, _) in enumerate(items) if k == key)
+        before, after = dict(items[:at]), dict(items[at + 1:])
+        msgs: list = obj[key]
+        changed = self._apply_part(before)
+        ctx_len = self.masker.context_len
+        prev_tail = ""
+        for i, msg in enumerate(msgs):
+            body = _dump(msg)
+            digest = _digest(self.restorable, prev_tail, body)
+            tail = _last_text(msg)[-ctx_len:] if ctx_len else ""
+            hit = cache.get(digest)
+            if hit is not None and self._replay(hit):
+                if hit.masked is not None:
+                    msgs[i] = loads(hit.masked)
+                    changed = True
+                prev_tail = tail
+                continue
+            found: Findings = {}
+            one = Masked(self.masker, self.session, found, restorable=self.restorable)
+            one.llm = self.llm
+            one.trace = []
+            slots = _Slots(self.llm)
+            if prev_tail:
+                slots.add(prev_tail, _noop, -1)
+            skip = slots.pos + len(_BREAK) if prev_tail else 0
+            slots.walk(msg, -1, 2)  # where it sits in the document (depth limit)
+            masked = _dump(msg) if one._apply(slots, skip) else None
+            for entity, entry in found.items():
+                count(self.findings, entity, entry["strategy"], entry["count"])
+            if masked is not None:
+                changed = True
+            cache.put(digest, CachedMessage(masked, tuple(one.trace),
+                                            tuple((e, v["strategy"], v["count"])
+                                                  for e, v in found.items())))
+            prev_tail = tail
+        changed = self._apply_part(after) or changed
+        if changed:
+            obj.clear()
+            obj.update(before)
+            obj[key] = msgs
+            for k, v in after.items():
+                obj.setdefault(k, v)
+        return changed
+
+    def _apply_part(self, part: dict) -> bool:
+        if not part:
+            return False
+        slots = _Slots(self.llm)
+        slots.walk(part, -1)
+        return self._apply(slots)
+
+    def _replay(self, hit: CachedMessage) -> bool:
+        """Make a cached message's replacements again (the session's map moves as for a
+        miss); True when each gives the cached replacement, with its findings counted."""
+        masker, session, restorable = self.masker, self.session, self.restorable
+        for entity, value, repl in hit.replacements:
+            if masker.replacement(entity, value, session, restorable) != repl:
+                return False
+        for entity, strategy, n in hit.counts:
+            count(self.findings, entity, strategy, n)
+        return True
 
     def json_bytes(self, content: bytes) -> bytes | None:
         try:
@@ -778,6 +880,195 @@ class Masked:
             elif isinstance(obj, str) and obj:
                 slots.add(obj, lambda t, f=set_line: f(_dump(t)), -1, sib=("p", "str"))
         return b"\n".join(lines) if self._apply(slots) else None
+
+
+# ---------------------------------------------------------------- per-session message cache
+# The lists of messages an LLM request re-sends whole every turn (OpenAI chat and Anthropic
+# `messages`, OpenAI responses `input`).
+MESSAGE_LISTS = ("messages", "input")
+
+
+class CachedMessage(NamedTuple):
+    """A message as masked once: its masked JSON (None: nothing to mask), the replacements
+    made, in order ((entity, original, replacement): the originals are those the session's
+    placeholder map holds anyway), and the findings counted ((entity, strategy, n))."""
+    masked: str | None
+    replacements: tuple[tuple[str, str, str], ...]
+    counts: tuple[tuple[str, str, int], ...]
+
+
+def _entry_size(e: CachedMessage) -> int:
+    return 160 + len(e.masked or "") + sum(48 + len(v) + len(r) for _, v, r in e.replacements)
+
+
+class MessageCache:
+    """The masked messages of ONE (identity, session), by digest of (left context, the
+    message as sent); bounded in entries and bytes (least recently used evicted). In memory
+    only; it lives and dies with its placeholder session (MessageCaches)."""
+
+    __slots__ = ("_entries", "bytes", "max_entries", "max_bytes", "session", "masker",
+                 "last_used", "_store", "hits", "misses")
+
+    def __init__(self, store: MessageCaches, session: Any, masker: Any) -> None:
+        self._entries: OrderedDict[bytes, CachedMessage] = OrderedDict()
+        self.bytes = 0
+        self.max_entries = store.max_entries
+        self.max_bytes = store.max_bytes_per_session
+        self.session = session
+        self.masker = masker
+        self.last_used = 0.0
+        self._store = store
+        self.hits = 0
+        self.misses = 0
+
+    def __repr__(self) -> str:  # never show values
+        return f"<MessageCache {len(self._entries)} messages, {self.bytes} bytes>"
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, digest: bytes) -> CachedMessage | None:
+        with self._store.lock:
+            e = self._entries.get(digest)
+            if e is not None:
+                self._entries.move_to_end(digest)
+                self.hits += 1
+            else:
+                self.misses += 1
+            return e
+
+    def put(self, digest: bytes, entry: CachedMessage) -> None:
+        size = _entry_size(entry)
+        if size > self.max_bytes:
+            return
+        store = self._store
+        with store.lock:
+            old = self._entries.pop(digest, None)
+            if old is not None:
+                self._drop(old)
+            self._entries[digest] = entry
+            self.bytes += size
+            store.bytes += size
+            while self._entries and (len(self._entries) > self.max_entries
+                                     or self.bytes > self.max_bytes):
+                self._drop(self._entries.popitem(last=False)[1])
+            store._shrink(keep=self)
+
+    def _drop(self, e: CachedMessage) -> None:  # the store's lock held
+        size = _entry_size(e)
+        self.bytes -= size
+        self._store.bytes -= size
+
+    def clear(self) -> None:  # the store's lock held
+        self._store.bytes -= self.bytes
+        self.bytes = 0
+        self._entries.clear()
+
+
+class MessageCaches:
+    """Every session's MessageCache, keyed like the placeholder sessions (masker.session_key:
+    identity subject AND session id, so a session id sent by another identity finds
+    nothing). A cache is dropped when its placeholder session is no longer the one the
+    store hands out (expired or evicted) or the rules' masker changed; bounded in sessions,
+    in total bytes (least recently used sessions dropped first) and by idle time."""
+
+    def __init__(self, max_sessions: int = 10_000, idle_ttl: float = 3600.0,
+                 max_entries: int = 4096, max_bytes_per_session: int = 16 << 20,
+                 max_bytes: int = 256 << 20, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self._caches: OrderedDict[str, MessageCache] = OrderedDict()
+        self.lock = threading.Lock()
+        self.max_sessions = max_sessions
+        self.idle_ttl = idle_ttl
+        self.max_entries = max_entries
+        self.max_bytes_per_session = max_bytes_per_session
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self._caches)
+
+    def __repr__(self) -> str:
+        return f"<MessageCaches {len(self._caches)} sessions, {self.bytes} bytes>"
+
+    def get(self, key: str, session: Any, masker: Any) -> MessageCache:
+        now = self._clock()
+        with self.lock:
+            while self._caches:  # idle ones, oldest first
+                k, c = next(iter(self._caches.items()))
+                if now - c.last_used <= self.idle_ttl:
+                    break
+                c.clear()
+                del self._caches[k]
+            c = self._caches.get(key)
+            if c is not None and (c.session is not session or c.masker is not masker):
+                c.clear()
+                del self._caches[key]
+                c = None
+            if c is None:
+                c = self._caches[key] = MessageCache(self, session, masker)
+                while len(self._caches) > self.max_sessions:
+                    self._caches.popitem(last=False)[1].clear()
+            else:
+                self._caches.move_to_end(key)
+            c.last_used = now
+            return c
+
+    def _shrink(self, keep: MessageCache) -> None:  # the lock held
+        while self.bytes > self.max_bytes and self._caches:
+            k, c = next(iter(self._caches.items()))
+            if c is keep:
+                if len(self._caches) == 1:
+                    break
+                self._caches.move_to_end(k)
+                continue
+            c.clear()
+            del self._caches[k]
+
+    def clear(self) -> None:
+        with self.lock:
+            for c in self._caches.values():
+                c.clear()
+            self._caches.clear()
+
+
+def _message_list_key(obj: dict) -> str | None:
+    """The key of the request's message list when every item is a message object (not a
+    bare string or a `{"text": …}` part, whose neighbours the whole-body walk joins)."""
+    for key in MESSAGE_LISTS:
+        v = obj.get(key)
+        if isinstance(v, list) and v and all(
+                isinstance(m, dict) and not isinstance(m.get("text"), str) for m in v):
+            return key
+    return None
+
+
+def _digest(restorable: bool, context: str, body: str) -> bytes:
+    h = hashlib.sha256(b"r" if restorable else b"n")
+    h.update(len(context).to_bytes(8, "big"))
+    h.update(context.encode("utf-8", "surrogatepass"))
+    h.update(body.encode("utf-8", "surrogatepass"))
+    return h.digest()
+
+
+def _last_text(node: Any, depth: int = 0) -> str:
+    """The last string of a message (depth first): the left context of the next one."""
+    if isinstance(node, str):
+        return node
+    if depth > 16:
+        return ""
+    vals = list(node.values()) if isinstance(node, dict) else \
+        node if isinstance(node, list) else ()
+    for v in reversed(vals):
+        t = _last_text(v, depth + 1)
+        if t:
+            return t
+    return ""
+
+
+def _noop(_: str) -> None:
+    return None
 
 
 def _part_headers(head: bytes) -> dict[str, str]:
