@@ -98,6 +98,7 @@ class SharedPlaceholders:
         self.idle_ttl = float(idle_ttl)
         self._lock = threading.Lock()
         self._purged = time.monotonic()
+        self._dsn = dsn
         self._con = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
         with self._lock:
             self._con.execute(SCHEMA)
@@ -107,6 +108,16 @@ class SharedPlaceholders:
 
     def close(self) -> None:
         self._con.close()
+
+    def _c(self) -> Any:
+        """The connection, opened again after Postgres restarted or the link broke (the
+        failed call itself raised: that flow was refused, the next one goes on). Under
+        self._lock."""
+        if self._con.closed or self._con.broken:
+            import psycopg
+            self._con.close()
+            self._con = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
+        return self._con
 
     # keys: HMACs, so neither session ids nor values are in the table
     def _skey(self, session_key: str) -> bytes:
@@ -137,7 +148,7 @@ class SharedPlaceholders:
         skey = self._skey(session_key)
         vkey = self._vkey(skey, entity, canonical)
         ttl = f"{self.idle_ttl} seconds"
-        with self._lock, self._con.transaction():
+        with self._lock, self._c().transaction():
             row = self._con.execute(
                 "UPDATE agentgate_mask_values SET expires = now() + %s::interval "
                 "WHERE skey = %s AND vkey = %s RETURNING placeholder, sealed IS NOT NULL",
@@ -169,7 +180,7 @@ class SharedPlaceholders:
     def original(self, session_key: str, placeholder: str) -> str | None:
         skey = self._skey(session_key)
         with self._lock:
-            row = self._con.execute(
+            row = self._c().execute(
                 "SELECT sealed FROM agentgate_mask_values WHERE skey = %s AND placeholder = %s "
                 "AND expires > now()", (skey, placeholder)).fetchone()
         doc = self._open(skey, placeholder, bytes(row[0])) if row is not None else None
@@ -183,7 +194,7 @@ class SharedPlaceholders:
             self.purge()
         skey = self._skey(session_key)
         with self._lock:
-            rows = self._con.execute(
+            rows = self._c().execute(
                 "SELECT placeholder, sealed FROM agentgate_mask_values WHERE skey = %s AND "
                 "expires > now()", (skey,)).fetchall()
         out = []
@@ -196,7 +207,7 @@ class SharedPlaceholders:
 
     def purge(self) -> int:
         """Delete expired rows (sessions idle past idle_ttl); returns how many values."""
-        with self._lock, self._con.transaction():
+        with self._lock, self._c().transaction():
             n = self._con.execute("DELETE FROM agentgate_mask_values WHERE expires <= now()"
                                   ).rowcount
             self._con.execute("DELETE FROM agentgate_mask_counters WHERE expires <= now()")

@@ -102,3 +102,19 @@ def test_secret_required_and_never_echoed(tmp_path) -> None:
     f = tmp_path / "secret"
     f.write_text(SECRET.decode() + "\n")
     assert gateway_secret({"AGENTGATE_SECRET_FILE": str(f)}) == SECRET
+
+
+def test_a_broken_link_fails_one_call_then_reconnects(dsn) -> None:
+    """Postgres ended the store's connection (restart, failover, idle kill): the call that
+    meets it raises — masking refuses that flow, never passes it — and the next reconnects."""
+    s = SharedPlaceholders(dsn, SECRET)
+    k = session_key("agent-r", "reconnect")
+    ph = s.assign(k, "EMAIL_ADDRESS", "EMAIL", EMAIL, EMAIL, True)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> "
+                  "pg_backend_pid() AND datname = current_database() AND "
+                  "usename = current_user")
+    with pytest.raises(psycopg.OperationalError):
+        s.original(k, ph)
+    assert s.original(k, ph) == EMAIL
+    s.close()
