@@ -173,3 +173,20 @@ def test_a_new_session_object_drops_the_cache() -> None:
     c2 = caches.get("k", Session(), MASKER)  # the placeholder session expired: new one
     assert len(c2) == 0 and len(c1) == 0
     assert "anna" not in repr(c2) and "anna" not in repr(caches)
+
+
+def test_context_word_in_the_previous_message_still_confirms() -> None:
+    """The AWS secret needs its key word within 80 characters before it; with the word at
+    the end of one message and the key starting the next, whole-body masking finds it, and
+    so must the per-message units (left context), on a miss and on a hit."""
+    secret = SAMPLES["AWS_SECRET_KEY"].split("=")[-1].strip()
+    msgs = [{"role": "user", "content": "here is my aws_secret_access_key"},
+            {"role": "user", "content": f"{secret} thanks"}]
+    body = json.dumps({"model": "m", "messages": msgs}).encode()
+    whole = Masked(MASKER, Session(), {}, dialect="openai").body(body, "application/json")
+    assert whole is not None and secret.encode() not in whole
+    session, caches = Session(), MessageCaches()
+    for _ in range(2):  # miss, then hit
+        got = Masked(MASKER, session, {}, dialect="openai",
+                     cache=caches.get("k", session, MASKER)).body(body, "application/json")
+        assert got == whole
