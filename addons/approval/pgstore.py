@@ -68,6 +68,7 @@ CHANNEL = "agentgate_approvals"
 LOCK_SCHEMA = 0x61676174_0001
 LOCK_CREATE = 0x61676174_0002
 OP_TIMEOUT = 5.0  # one database operation; past it the hold is refused (503)
+LATE = 30.0  # seconds past its deadline after which any replica expires a hold
 CONNECT_TIMEOUT = 3  # seconds (libpq's connect_timeout)
 
 SCHEMA = [
@@ -267,6 +268,26 @@ class PgApprovalStore(ApprovalStore):
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_SCHEMA,))
         for stmt in SCHEMA:
             await conn.execute(stmt)
+        # Holds under this replica's name are an earlier process's (a restart under the same
+        # AGENTGATE_REPLICA before its lease ran out): nobody waits for them any more.
+        cur = await conn.execute(
+            "SELECT record FROM agentgate_approvals WHERE state = 'pending' AND replica = %s "
+            "FOR UPDATE", (self.replica,))
+        for (rec,) in await cur.fetchall():
+            a = from_record(rec)
+            _scratch(a, self.clock).cancel(a.id, f"the gateway replica holding it "
+                                                 f"({self.replica}) restarted")
+            await self._write(conn, a)
+            log.warning("agentgate: approval %s cancelled: it was held by an earlier process "
+                        "of this replica (%s)", a.id, self.replica)
+
+    @staticmethod
+    async def _write(c: psycopg.AsyncConnection, a: PendingApproval) -> None:
+        await c.execute(
+            "UPDATE agentgate_approvals SET state = %s, record = %s, "
+            "seq = nextval('agentgate_approvals_seq'), updated_at = now() WHERE id = %s",
+            (a.state, json.dumps(to_record(a)), a.id))
+        await c.execute("SELECT pg_notify(%s, %s)", (CHANNEL, a.id))
 
     async def aclose(self) -> None:
         """Stop the loops, replay what is queued and give up this replica's lease."""
@@ -596,20 +617,24 @@ class PgApprovalStore(ApprovalStore):
                 "VALUES (%s, %s, now() + make_interval(secs => %s)) ON CONFLICT (replica) "
                 "DO UPDATE SET lease_until = excluded.lease_until",
                 (self.replica, socket.gethostname(), self.lease))
+            # a dead replica's holds (no live lease), and any hold LATE seconds past its
+            # deadline (its replica should have expired it: a safety net, not the timer)
             cur = await c.execute(
-                "SELECT a.record, a.replica FROM agentgate_approvals a WHERE a.state = "
-                "'pending' AND NOT EXISTS (SELECT 1 FROM agentgate_replicas r WHERE "
-                "r.replica = a.replica AND r.lease_until > now()) FOR UPDATE OF a SKIP LOCKED")
+                "SELECT a.record, a.replica, r.replica IS NULL FROM agentgate_approvals a "
+                "LEFT JOIN agentgate_replicas r ON r.replica = a.replica AND r.lease_until > "
+                "now() WHERE a.state = 'pending' AND (r.replica IS NULL OR "
+                "(a.record->>'expires_at')::float8 < %s) FOR UPDATE OF a SKIP LOCKED",
+                (now - LATE,))
             reaped = []
-            for rec, replica in await cur.fetchall():
+            for rec, replica, dead in await cur.fetchall():
                 a = from_record(rec)
-                _scratch(a, self.clock).cancel(
-                    a.id, f"the gateway replica holding it ({replica}) stopped", now)
-                await c.execute(
-                    "UPDATE agentgate_approvals SET state = %s, record = %s, "
-                    "seq = nextval('agentgate_approvals_seq'), updated_at = now() "
-                    "WHERE id = %s", (a.state, json.dumps(to_record(a)), a.id))
-                await c.execute("SELECT pg_notify(%s, %s)", (CHANNEL, a.id))
+                scratch = _scratch(a, self.clock)
+                if dead:
+                    scratch.cancel(a.id, f"the gateway replica holding it ({replica}) stopped",
+                                   now)
+                else:
+                    scratch.expire(a.id, now)
+                await self._write(c, a)
                 reaped.append((a.id, replica))
             await c.execute("DELETE FROM agentgate_replicas WHERE lease_until < now() - "
                             "make_interval(secs => %s)", (self.lease,))
@@ -619,8 +644,8 @@ class PgApprovalStore(ApprovalStore):
             return reaped
 
         for approval_id, replica in await self._run(beat, "renewing the lease"):
-            log.warning("agentgate: approval %s cancelled: replica %s holding it stopped "
-                        "(lease expired)", approval_id, replica)
+            log.warning("agentgate: approval %s of replica %s closed here (its lease ran out, "
+                        "or its deadline passed %gs ago)", approval_id, replica, LATE)
         await self._replay_all()
         await self._sync()
 

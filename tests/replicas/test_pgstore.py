@@ -203,3 +203,32 @@ def test_bad_dsn_is_refused_without_echoing_it() -> None:
     assert "s3cret" not in str(e.value)
     with pytest.raises(ValueError):
         check_dsn("not a dsn")
+
+
+def test_a_restart_under_the_same_name_and_a_forgotten_deadline(pg: ScramServer) -> None:
+    async def main() -> None:
+        watcher = await started(pg.admin_dsn("postgres"), replica="w", poll=0.2)
+        old = await started(pg.admin_dsn("postgres"), replica="same", poll=0.2)
+        try:
+            h = await old.acreate(SPEC, "agent", {}, owner="id:agent")
+            for t in old._tasks:  # killed, and started again at once under the same name
+                t.cancel()
+            await old._drop()
+            new = await started(pg.admin_dsn("postgres"), replica="same", poll=0.2)
+            try:
+                await until(lambda: watcher.get(h.id).state == CANCELLED, 5)
+                assert "restarted" in watcher.get(h.id).reason
+                # a hold whose replica is alive but never expires it (a bug, a stuck
+                # loop): any replica expires it LATE seconds past its deadline
+                quick = ApprovalSpec(rule="r", groups=("g",), timeout=1)
+                h2 = await new.acreate(quick, "agent", {}, owner="id:agent",
+                                       now=time.time() - 40)
+                await until(lambda: watcher.get(h2.id) is not None
+                            and watcher.get(h2.id).state == "timeout", 5)
+                await until(lambda: new.get(h2.id).state == "timeout", 5)
+            finally:
+                await new.aclose()
+        finally:
+            await watcher.aclose()
+
+    asyncio.run(main())
