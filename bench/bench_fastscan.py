@@ -117,7 +117,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         "'a@a@…'": "a@" * 50_000, "full-width digits": "１" * 100_000,
         "'%41' escapes": "%41" * 33_333, "'aws ' repeated": "aws " * 25_000,
         "BEGIN PRIVATE KEY lines": ("-----BEGIN " "PRIVATE KEY-----\n") * 3_571,
-        "' ab12' (IBAN candidates)": " ab12" * 20_000, "'+1 ' repeated": "+1 " * 33_333,
+        "' ab12' (not a country)": " ab12" * 20_000,
+        "' de12' (IBAN candidates)": " de12" * 20_000, "'+1 ' repeated": "+1 " * 33_333,
     }
     out["hostile"] = {}
     for label, text in hostile.items():

@@ -26,6 +26,8 @@ import logging
 import threading
 from collections.abc import Sequence
 
+from addons.masking.validators import IBAN_LENGTHS
+
 log = logging.getLogger("agentgate.masking")
 
 try:  # the wheel is binary: a platform without it still masks, with the reference engine
@@ -64,9 +66,12 @@ POSITION_ANCHORS: dict[str, tuple[bytes, ...]] = {
     "num": (rb"[0-9](?:[^A-Za-z0-9]{0,3}[0-9]){8}",),
     # _find_ipv4's trigger (digit.digit.digit.digit, at most 15 characters)
     "ipv4": (rb"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]",),
-    # IBAN candidates (upper or lower case): two letters not after a letter or digit, then
-    # two digits; the match starts 4 bytes before the reported end
-    "iban": (rb"(?:^|[^A-Za-z0-9])[A-Za-z]{2}[0-9]{2}",),
+    # IBAN candidates (upper or lower case): a country code of the registry (_iban_span
+    # refuses any other) not after a letter or digit, then two digits; the match starts 4
+    # bytes before the reported end
+    "iban": (rb"(?:^|[^A-Za-z0-9])(?:" + b"|".join(
+        b"[%c%c][%c%c]" % (a, a + 32, b, b + 32) for a, b in sorted(
+            cc.encode("ascii") for cc in IBAN_LENGTHS)) + rb")[0-9]{2}",),
 }
 # Secret rules by (entity, literals): anchors tighter than the rule's gate literal where
 # the literal is common ('_' in code and JSON); otherwise the literals themselves.
