@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import duckdb
+
 DB_NAME = "agentgate.duckdb"
 
 
@@ -94,6 +96,8 @@ def call(db: Any, req: dict[str, Any]) -> dict[str, Any]:
             resp = audit_writer.handle_op(con, req)
         except ValueError as e:
             raise AuditError(str(e)) from None
+        except duckdb.Error as e:  # bad SQL: one clear line, not a traceback
+            raise AuditError(f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
         finally:
             con.close()
     if "error" in resp:
