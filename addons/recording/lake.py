@@ -224,6 +224,24 @@ def connect(cfg: LakeConfig, read_only: bool = False) -> Any:
             con.execute(f"LOAD {_lit(pg)}")
         dl = extension_file("duckdb_extension_ducklake", "ducklake", "ducklake")
         con.execute(f"LOAD {_lit(dl)}")
+    except LakeError:
+        con.close()
+        raise
+    except Exception as e:  # noqa: BLE001 - duckdb raises several types here
+        con.close()
+        raise LakeError(f"cannot load the DuckLake extension: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
+    try:
+        attach(con, cfg, read_only)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def attach(con: Any, cfg: LakeConfig, read_only: bool = False) -> None:
+    """Attach the lake as `lake` on a connection of connect() (again after detach())."""
+    try:
         target = _pg_target(cfg.catalog) if cfg.on_postgres else "ducklake:" + cfg.catalog
         opts = []
         data = cfg.data_path()
@@ -240,16 +258,15 @@ def connect(cfg: LakeConfig, read_only: bool = False) -> Any:
         if not read_only:
             con.execute(LAKE_SCHEMA)
     except LakeError:
-        con.close()
         raise
     except Exception as e:  # noqa: BLE001 - duckdb raises several types here
-        con.close()
+        with contextlib.suppress(Exception):
+            con.execute(f"DETACH DATABASE IF EXISTS {LAKE}")
         first = str(e).splitlines()[0] if str(e) else ""
         raise LakeError(redact_catalog(f"cannot attach the audit lake "
                                        f"{redacted_catalog(cfg.catalog)}: "
                                        f"{type(e).__name__}: {first}"[:600], cfg.catalog)
                         ) from None
-    return con
 
 
 # ---------------------------------------------------------------- shipping
@@ -343,6 +360,8 @@ class LakeShipper:
         self._thread: threading.Thread | None = None
         self._lake: Any = None
         self._local: Any = None
+        self._shipped_to: int | None = None  # the lake's head seq after the last round
+        self._attached = False
         self.shipped = 0
         self.segments = 0
         self.last_error: str | None = None
@@ -354,13 +373,23 @@ class LakeShipper:
 
     def ship_all(self) -> int:
         """Ship everything committed locally now (in segments); returns records shipped."""
+        if self._local is None:
+            self._local = self._open_local()
+        top = self._local.execute("SELECT max(seq) FROM flows").fetchone()[0]
+        if top is not None and top == self._shipped_to:
+            # a hint only (the lake's head decides what is shipped): nothing new locally,
+            # so the catalog is not even attached this round
+            self.last_ok = time.time()
+            return 0
         n = 0
         try:
+            if self._lake is None:
+                self._lake = connect(self.cfg)
+                self._attached = True
+            elif not self._attached:
+                attach(self._lake, self.cfg)
+                self._attached = True
             while True:
-                if self._lake is None:
-                    self._lake = connect(self.cfg)
-                if self._local is None:
-                    self._local = self._open_local()
                 got = ship_segment(self._local, self._lake, self.replica,
                                    self.cfg.segment_rows)
                 if not got:
@@ -368,14 +397,17 @@ class LakeShipper:
                 n += got
                 self.shipped += got
                 self.segments += 1
+            head = lake_head(self._lake, self.replica)
+            self._shipped_to = head[0] if head else None
         finally:
-            if not self.cfg.on_postgres and self._lake is not None:
+            if self._attached and not self.cfg.on_postgres:
                 # A DuckDB catalog file is locked by the process that has it attached: let
                 # go between rounds so the other processes of this host (and the audit CLI)
-                # get their turn. A Postgres catalog takes every replica at once.
+                # get their turn. The extension stays loaded. A Postgres catalog takes
+                # every replica at once and stays attached.
                 with contextlib.suppress(Exception):
-                    self._lake.close()
-                self._lake = None
+                    self._lake.execute(f"DETACH DATABASE {LAKE}")
+                self._attached = False
         self.last_ok = time.time()
         self.last_error = None
         return n
@@ -386,6 +418,8 @@ class LakeShipper:
                 with contextlib.suppress(Exception):
                     con.close()
         self._lake = self._local = None
+        self._shipped_to = None
+        self._attached = False
 
     def _run(self) -> None:
         backoff = 1.0
