@@ -3,11 +3,13 @@ families can possibly match, and where the position-anchored ones may start. No 
 
 The detectors (addons.masking.detectors) are the reference: a family this module says is
 absent cannot match, so its regex scans are skipped; a family that is present runs its exact
-`regex` detector and validators, over the whole text or, for IBANs, only in windows around
-the candidate starts. Each anchor below is a SUPERSET of what its detector can match (a
-necessary substring or a looser shape without look-arounds), so skipping never loses a
-finding; tests/masking/test_fastscan.py checks the fast and the reference engine agree on the
-corpus, the evasion cases and random (hypothesis) text.
+`regex` detector and validators, over the whole text (secrets, e-mail, URL passwords, bearer
+tokens, IPv6) or only near its anchors (IBAN starts, 9-digit clusters and the numeric
+detectors inside them, IPv4 triggers, password operators). Each anchor below matches a
+piece of everything its detector can find (a necessary substring, or a looser shape without
+the look-arounds), so skipping never loses a finding; tests/masking/test_differential.py
+checks that the fast and the reference engine agree on the corpus, the test suites' evasion
+cases and random (hypothesis) text, and that a wrong anchor or window is caught.
 
 Text is scanned as latin-1 bytes with every character above U+00FF replaced by '?': one byte
 per character, so byte offsets are character offsets. All anchors are ASCII, and a replaced
@@ -47,8 +49,7 @@ PRESENCE_ANCHORS: dict[str, tuple[bytes, ...]] = {
     "email": (rb"@",),
     # _find_aws_secret: a key counts only after one of AWS_SECRET_WORDS (any casing)
     "aws_word": (rb"(?i)aws", rb"(?i)secret"),
-    # _find_passwords: URL passwords need '://'; both assignment forms need a password word
-    # (PASSWORD_ASSIGNMENTS' key part: pass…, pwd, secret, token, …key, credential)
+    # _find_passwords: URL passwords need '://' (assignments: POSITION_ANCHORS["pw_op"])
     "pw_url": (rb"://",),
     # _find_bearer: the word, any casing
     "bearer": (rb"(?i)bearer",),
