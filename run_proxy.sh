@@ -3,7 +3,7 @@
 # interception CA, then run the gateway (mitmdump / mitmweb), the tests, the demo or the CLI.
 #
 #   ./run_proxy.sh [mitmproxy args…]        gateway under mitmdump on 127.0.0.1:8080
-#   ./run_proxy.sh web [mitmproxy args…]    the same under mitmweb
+#   ./run_proxy.sh web [mitmproxy args…]    the same under mitmweb (UI on 127.0.0.1:8082)
 #   ./run_proxy.sh web -r FILE.mitm         open saved flows read-only (no proxy, no suite, no recording)
 #   ./run_proxy.sh test [pytest args…]      the whole test suite
 #   ./run_proxy.sh demo                     a real LangGraph agent through the gateway
@@ -150,10 +150,14 @@ cmd=${1:-}
 case $cmd in
   web)
     shift
+    web_port=()
     for a in "$@"; do
       case $a in -r|--rfile|-r?*|--rfile=*) view_flows "$@" ;; esac
     done
-    run_gateway mitmweb "$@" ;;
+    # mitmweb's UI defaults to 8081, where the reviewers' page listens: move the UI to
+    # $AGENTGATE_WEB_PORT (8082) unless the caller chose a web_port.
+    [[ " $* " == *web_port=* ]] || web_port=(--set "web_port=${AGENTGATE_WEB_PORT:-8082}")
+    run_gateway mitmweb "${web_port[@]}" "$@" ;;
   test)
     shift
     ensure_venv test

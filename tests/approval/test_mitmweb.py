@@ -194,3 +194,36 @@ def test_run_proxy_web_r_opens_read_only(tmp_path: Path) -> None:
         assert p.returncode == 0, p.stderr
         assert p.stdout.startswith("mitmweb --no-server ") and "gateway.py" not in p.stdout
         assert "read-only" in p.stderr
+
+
+def test_run_proxy_web_moves_mitmweb_ui_off_the_reviewers_port(tmp_path: Path) -> None:
+    """`./run_proxy.sh web` starts as the README says: mitmweb's UI would take 8081, the
+    reviewers' page's port, so run_proxy moves it to 8082 (AGENTGATE_WEB_PORT) unless the
+    caller set web_port."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    for tool, script in (("mitmweb", 'echo "mitmweb $*"'), ("agentgate", "exit 0")):
+        fake = venv / "bin" / tool
+        fake.write_text(f"#!/bin/sh\n{script}\n")
+        fake.chmod(0o755)
+    want = hashlib.sha256((ROOT / "setup.cfg").read_bytes()
+                          + (ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    (venv / ".agentgate-deps").write_text(want + "\n")
+    env = {**os.environ, "AGENTGATE_VENV": str(venv), "AGENTGATE_DATA": str(tmp_path / "d")}
+    for extra_env, args, expect in (({}, [], "web_port=8082"),
+                                    ({"AGENTGATE_WEB_PORT": "9191"}, [], "web_port=9191"),
+                                    ({}, ["--set", "web_port=7000"], "web_port=7000")):
+        p = subprocess.run(["/bin/bash", str(ROOT / "run_proxy.sh"), "web", *args],
+                           env={**env, **extra_env}, capture_output=True, text=True,
+                           timeout=120, cwd=str(tmp_path))
+        assert p.returncode == 0, p.stderr
+        assert "gateway.py" in p.stdout and expect in p.stdout, p.stdout
+        assert p.stdout.count("web_port=") == 1, p.stdout
