@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import secrets
 import threading
 import time
 from array import array
@@ -583,11 +584,6 @@ class Masked:
     # -- JSON
     def json_obj(self, obj: Any) -> bool:
         """Mask a parsed JSON document in place. True if it changed."""
-        if self.cache is not None and self.detect and not self.restore and self.llm and \
-                isinstance(obj, dict):
-            key = _message_list_key(obj)
-            if key is not None:
-                return self._json_incremental(obj, key)
         slots = _Slots(self.llm)
         if isinstance(obj, dict | list):
             slots.walk(obj, -1)
@@ -595,16 +591,23 @@ class Masked:
             return False
         return self._apply(slots)
 
-    def _json_incremental(self, obj: dict, key: str) -> bool:
+    def _incremental_key(self, obj: Any) -> str | None:
+        if self.cache is not None and self.detect and not self.restore and self.llm and \
+                isinstance(obj, dict):
+            return _message_list_key(obj)
+        return None
+
+    def _json_incremental(self, obj: dict, key: str) -> bytes | None:
         """An LLM request whose history is a list of messages: each message is masked as a
         unit of its own (one detector pass, with the tail of the message before it as left
-        context), and a message this session has already sent is taken from the cache;
-        the rest of the document is masked around it, in document order (placeholders
-        are numbered in the order values appear). A hit replays the message's
-        replacements through the session first: the same calls, in the same order, as a
-        miss makes, so the session's map ends up the same; only when every one gives the
-        replacement cached is the cached masked form used (else it is masked again).
-        So a hit is byte-identical to a miss, and a turn costs its new messages."""
+        context), and a message this session has already sent is taken from the cache,
+        serialised; the rest of the document is masked around it, in document order
+        (placeholders are numbered in the order values appear). A hit replays the
+        message's replacements through the session first: the same calls, in the same
+        order, as a miss makes, so the session's map ends up the same; only when every one
+        gives the replacement cached is the cached form used (else it is masked again).
+        So a hit is byte-identical to a miss, and a turn costs its new messages: they alone
+        are walked, scanned and serialised; the rest is hashed and spliced."""
         cache = self.cache
         assert cache is not None
         items = list(obj.items())
@@ -614,43 +617,51 @@ class Masked:
         changed = self._apply_part(before)
         ctx_len = self.masker.context_len
         prev_tail = ""
-        for i, msg in enumerate(msgs):
-            body = _dump(msg)
-            digest = _digest(self.restorable, prev_tail, body)
+        parts: list[str] = []
+        for msg in msgs:
+            digest = _digest(self.restorable, prev_tail, msg)
             tail = _last_text(msg)[-ctx_len:] if ctx_len else ""
-            hit = cache.get(digest)
+            prev_tail = tail
+            hit = cache.get(digest.key)
             if hit is not None and self._replay(hit):
-                if hit.masked is not None:
-                    msgs[i] = loads(hit.masked)
-                    changed = True
-                prev_tail = tail
+                parts.append(hit.json)
+                changed = changed or hit.changed
                 continue
             found: Findings = {}
             one = Masked(self.masker, self.session, found, restorable=self.restorable)
             one.llm = self.llm
             one.trace = []
             slots = _Slots(self.llm)
-            if prev_tail:
-                slots.add(prev_tail, _noop, -1)
-            skip = slots.pos + len(_BREAK) if prev_tail else 0
+            ctx = digest.context
+            if ctx:
+                slots.add(ctx, _noop, -1)
+            skip = slots.pos + len(_BREAK) if ctx else 0
             slots.walk(msg, -1, 2)  # where it sits in the document (depth limit)
-            masked = _dump(msg) if one._apply(slots, skip) else None
+            one_changed = one._apply(slots, skip)
             for entity, entry in found.items():
                 count(self.findings, entity, entry["strategy"], entry["count"])
-            if masked is not None:
-                changed = True
-            cache.put(digest, CachedMessage(masked, tuple(one.trace),
-                                            tuple((e, v["strategy"], v["count"])
-                                                  for e, v in found.items())))
-            prev_tail = tail
+            js = _dump(msg)
+            changed = changed or one_changed
+            cache.put(digest.key, CachedMessage(js, one_changed, tuple(one.trace),
+                                                tuple((e, v["strategy"], v["count"])
+                                                      for e, v in found.items())))
+            parts.append(js)
         changed = self._apply_part(after) or changed
-        if changed:
-            obj.clear()
-            obj.update(before)
-            obj[key] = msgs
-            for k, v in after.items():
-                obj.setdefault(k, v)
-        return changed
+        if not changed:
+            return None
+        # the document with a unique stand-in for the list, then the list spliced in
+        mark = f"\x00agentgate-messages-{secrets.token_hex(16)}\x00"
+        doc: dict = {}
+        doc.update(before)
+        doc[key] = mark
+        for k, v in after.items():
+            doc.setdefault(k, v)
+        text = _dump(doc)
+        quoted = _dump(mark)
+        if text.count(quoted) != 1:  # cannot happen (random); never guess
+            raise Unparseable("body cannot be re-serialised", 400)
+        # every part went through _dump, which only returns UTF-8-encodable text
+        return text.replace(quoted, "[" + ",".join(parts) + "]").encode()
 
     def _apply_part(self, part: dict) -> bool:
         if not part:
@@ -682,6 +693,9 @@ class Masked:
                 new = self.text(obj)
                 return None if new == obj else _dump(new).encode()
             return None
+        key = self._incremental_key(obj)
+        if key is not None:
+            return self._json_incremental(obj, key)
         return _dump(obj).encode() if self.json_obj(obj) else None
 
     # -- forms and query strings
@@ -889,16 +903,18 @@ MESSAGE_LISTS = ("messages", "input")
 
 
 class CachedMessage(NamedTuple):
-    """A message as masked once: its masked JSON (None: nothing to mask), the replacements
-    made, in order ((entity, original, replacement): the originals are those the session's
-    placeholder map holds anyway), and the findings counted ((entity, strategy, n))."""
-    masked: str | None
+    """A message as masked once: its JSON as forwarded (masked; a message with nothing to
+    mask is its own masked form), whether masking changed it, the replacements made, in
+    order ((entity, original, replacement): originals the session's placeholder map holds
+    anyway), and the findings counted ((entity, strategy, n))."""
+    json: str
+    changed: bool
     replacements: tuple[tuple[str, str, str], ...]
     counts: tuple[tuple[str, str, int], ...]
 
 
 def _entry_size(e: CachedMessage) -> int:
-    return 160 + len(e.masked or "") + sum(48 + len(v) + len(r) for _, v, r in e.replacements)
+    return 160 + len(e.json) + sum(48 + len(v) + len(r) for _, v, r in e.replacements)
 
 
 class MessageCache:
@@ -1044,12 +1060,41 @@ def _message_list_key(obj: dict) -> str | None:
     return None
 
 
-def _digest(restorable: bool, context: str, body: str) -> bytes:
+class _Digest(NamedTuple):
+    key: bytes
+    context: str  # the left context (original text; never stored, only hashed)
+
+
+def _digest(restorable: bool, context: str, msg: Any) -> _Digest:
+    """The cache key of a message: its left context and its content, hashed structurally
+    (type-tagged, length-prefixed, so no two documents share a feed), no serialisation."""
     h = hashlib.sha256(b"r" if restorable else b"n")
-    h.update(len(context).to_bytes(8, "big"))
-    h.update(context.encode("utf-8", "surrogatepass"))
-    h.update(body.encode("utf-8", "surrogatepass"))
-    return h.digest()
+    _feed(h, context, 0)
+    _feed(h, msg, 0)
+    return _Digest(h.digest(), context)
+
+
+def _feed(h: Any, node: Any, depth: int) -> None:
+    t = type(node)
+    if t is str:
+        b = node.encode("utf-8", "surrogatepass")
+        h.update(b"s%d:" % len(b))
+        h.update(b)
+    elif t is dict:
+        h.update(b"d%d:" % len(node))
+        for k, v in node.items():
+            _feed(h, k, depth + 1)
+            _feed(h, v, depth + 1)
+    elif t is list:
+        h.update(b"l%d:" % len(node))
+        for v in node:
+            _feed(h, v, depth + 1)
+    elif node is None or t is bool:
+        h.update(b"c" + repr(node).encode())
+    elif t is _Float:
+        h.update(b"f" + node.text.encode() + b";")
+    else:  # int (JSON has no other types after `loads`)
+        h.update(b"i" + str(node).encode() + b";")
 
 
 def _last_text(node: Any, depth: int = 0) -> str:
