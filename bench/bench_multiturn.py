@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -179,8 +181,9 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run(quick: bool = False, agents: int | None = None, turns: int | None = None
-        ) -> dict[str, Any]:
+def run(quick: bool = False, agents: int | None = None, turns: int | None = None,
+        profile: str | None = None) -> dict[str, Any]:
+    """`profile`: a path for a py-spy profile (collapsed stacks) of the suite's run."""
     n = agents or (4 if quick else 20)
     m = turns or (12 if quick else 40)
     convs = [conversation(i, m) for i in range(n)]
@@ -219,7 +222,18 @@ def run(quick: bool = False, agents: int | None = None, turns: int | None = None
         drive(url, proxy, suite.pid, warm, "warm")
         data = tmp / f"data{env.n_suites}"
         before = _dir_bytes(data)
-        out["suite"] = drive(url, proxy, suite.pid, convs, "suite")
+        spy = None
+        if profile and e2e.py_spy():
+            spy = subprocess.Popen([e2e.py_spy(), "record", "--format", "raw", "-r", "200",
+                                    "-o", profile, "-p", str(suite.pid)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
+        try:
+            out["suite"] = drive(url, proxy, suite.pid, convs, "suite")
+        finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(timeout=30)
         suite.stop()
         out["audit_bytes_per_session"] = round((_dir_bytes(data) - before) / n)
         out["distinct_bytes_per_session"] = round(
@@ -291,8 +305,9 @@ if __name__ == "__main__":
     ap.add_argument("--agents", type=int)
     ap.add_argument("--turns", type=int)
     ap.add_argument("--json")
+    ap.add_argument("--profile", help="write a py-spy profile (collapsed) of the suite here")
     a = ap.parse_args()
-    r = run(quick=a.quick, agents=a.agents, turns=a.turns)
+    r = run(quick=a.quick, agents=a.agents, turns=a.turns, profile=a.profile)
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=1))
     print(markdown(r))
