@@ -88,8 +88,8 @@ def readiness(holder: RulesHolder, approval: Approval, recorder: Recorder
     return {
         "rules": lambda: None if holder.rules is not None else "no valid rules loaded",
         "identity_keys": keys,
-        "approvals": lambda: None if approval.store.ready
-        else "the shared approval store is unreachable",
+        "approvals": lambda: None if approval.ready
+        else "the shared approval store is unreachable or not configured correctly",
         "audit": recorder.unavailable,
     }
 

@@ -56,7 +56,7 @@ from addons.approval.config import (
     url_for,
 )
 from addons.approval.notify import SHUTDOWN_GRACE, Notifier, Retry, event
-from addons.approval.pgstore import STATE_ENV, state_store
+from addons.approval.pgstore import STATE_ENV, PgApprovalStore, state_store
 from addons.approval.slack import SlackActionsHandler, SlackInteractions, SlackMessenger
 from addons.approval.store import (
     APPROVED,
@@ -273,6 +273,8 @@ class Approval:
         # AGENTGATE_STATE=postgresql://… shares the holds with every replica (pgstore.py);
         # unset, they live in this process. A bad value is reported by configure().
         self._state_error = ""
+        self._state_cfg: Any = None
+        self._refuse_holds = False  # `state:` configured but unusable: fail closed
         if store is None:
             try:
                 store = state_store()
@@ -332,9 +334,44 @@ class Approval:
     # with invoke_addon_sync, which refuses coroutine hooks and aborts the reload.
     def running(self) -> None:
         self._running = True
+        self._state_from_rules()
         self._spawn(self._start_api())
         if self.store.shared:
             self._spawn(self.store.start())
+
+    @property
+    def ready(self) -> bool:
+        """Holds can be opened (readiness probe)."""
+        return not self._refuse_holds and self.store.ready
+
+    def _state_from_rules(self) -> None:
+        """`state:` of the rules (when $AGENTGATE_STATE is not set): the shared store, in
+        place before the first hold. Configured but unusable is an error (mitmdump stops at
+        startup): falling back to holds in memory would split them across replicas."""
+        st = getattr(self.holder.rules, "state", None)
+        self._state_cfg = st
+        if self.store.shared or st is None:
+            return
+        dsn = st.resolve()
+        if not dsn:
+            log.error("agentgate: state.url_env: the environment variable %s is not set; "
+                      "held requests are refused until the gateway restarts with it",
+                      st.url_env)
+            self._refuse_holds = True
+            return
+        try:
+            store = PgApprovalStore(dsn)
+        except ValueError as e:
+            log.error("agentgate: state (from %s): %s; held requests are refused",
+                      f"${st.url_env}" if st.url_env else "the rules", e)
+            self._refuse_holds = True
+            return
+        old = self.store
+        store.listeners = old.listeners  # the API's and this addon's watchers
+        store.on_decided = self._on_decided
+        store.max_pending, store.max_pending_per_identity = (old.max_pending,
+                                                             old.max_pending_per_identity)
+        self.store = self.api.store = self.slack_interactions.store = store
 
     def extra_handlers(self) -> list[tuple[str, type, dict[str, Any]]]:
         """Handlers the reviewers' tornado app mounts beside its own (Slack's callback)."""
@@ -391,6 +428,9 @@ class Approval:
         return parse_listen(opt) if opt else self._config().listen
 
     def _rules_changed(self, rules: Any) -> None:
+        if self._running and getattr(rules, "state", None) != self._state_cfg:
+            log.warning("agentgate: state: changed in the rules; it applies when the gateway "
+                        "restarts (the holds stay where they are)")
         cfg = self._config()
         self.store.max_pending = cfg.max_pending
         self.store.max_pending_per_identity = cfg.max_pending_per_identity
@@ -467,6 +507,10 @@ class Approval:
             return  # loaded from a file: it goes nowhere, and was decided when it happened
         cfg = self._config()
         spec = spec_from_decision(dec, cfg)
+        if self._refuse_holds:
+            refuse(f, 503, "the shared approval store (state:) is not usable; the request "
+                   "cannot be held for approval", "approval_store_unavailable", STEP, spec.rule)
+            return
         ident = f.metadata.get("identity")
         requester = ident.get("sub") if isinstance(ident, dict) else None
         # hashing a big body (up to the edge limit) would stall every flow: off the loop
@@ -639,6 +683,9 @@ class Approval:
         protocol). `gone()` is polled: True (the client went away) cancels the hold.
         Raises ApprovalError when the hold cannot be opened (quota, too many pending)."""
         cfg = self._config()
+        if self._refuse_holds:
+            raise ApprovalError(503, "approval_store_unavailable",
+                                "the shared approval store (state:) is not usable")
         a = await self.store.acreate(spec, requester, what, preview, truncated,
                                      owner=owner or f"id:{requester or '-'}")
         event = self._external[a.id] = asyncio.Event()

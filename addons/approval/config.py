@@ -34,6 +34,7 @@ No mitmproxy import: `agentgate rules check` uses the same parser.
 from __future__ import annotations
 
 import errno
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,3 +345,44 @@ def parse_approvals(section: MapSection) -> ApprovalsConfig:
         retry_grace=float(expect_number(d.get("retry_grace", 15), w("retry_grace"),
                                         minimum=0, maximum=3600)),
     )
+
+
+# ---------------------------------------------------------------- state: (several replicas)
+STATE_KEYS = {"url", "url_env"}
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """Where replicas share their holds: `state: postgresql://…` (or `{url: …}`), or
+    `state: {url_env: NAME}` to keep a password out of the rules. `$AGENTGATE_STATE`, when
+    set, wins (pgstore.py). Read when the gateway starts."""
+
+    url: str = ""
+    url_env: str = ""
+
+    def resolve(self) -> str:
+        if self.url:
+            return self.url
+        return os.environ.get(self.url_env, "").strip() if self.url_env else ""
+
+
+def parse_state(section: MapSection) -> StateConfig | None:
+    if not section.data:
+        return None
+    d = expect_map(section.data, section.where(), STATE_KEYS)
+    w = section.where
+    if ("url" in d) == ("url_env" in d):
+        raise section.where().error("set one of url (a postgresql:// URL) or url_env (the "
+                                    "name of an environment variable holding it)")
+    if "url_env" in d:
+        name = expect_str(d["url_env"], w("url_env")).strip()
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise w("url_env").error("expected an environment variable name")
+        return StateConfig(url_env=name)
+    url = expect_str(d["url"], w("url")).strip()
+    from addons.approval.pgstore import check_dsn  # psycopg: only when the key is used
+    try:
+        check_dsn(url)
+    except ValueError as e:
+        raise w("url").error(str(e)) from None  # the message never echoes the URL
+    return StateConfig(url=url)

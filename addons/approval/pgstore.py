@@ -105,7 +105,7 @@ def check_dsn(dsn: str) -> None:
         conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as e:
         # libpq's message names the bad part, not the password
-        raise ValueError(f"not a valid Postgres connection string ({e})") from None
+        raise ValueError(f"not a valid Postgres connection string ({str(e).strip()})") from None
 
 
 def describe_dsn(dsn: str) -> str:
@@ -323,6 +323,10 @@ class PgApprovalStore(ApprovalStore):
                 c.execute("DELETE FROM agentgate_replicas WHERE replica = %s", (self.replica,))
                 c.commit()
         except (psycopg.Error, OSError) as e:
+            if not ops:
+                log.debug("shared approval store: lease not given up (%s)", type(e).__name__)
+                self._started = False
+                return
             log.warning("agentgate: shared approval store %s: could not record %d "
                         "transition(s) on stopping (%s); survivors cancel this replica's "
                         "holds when its lease runs out", self.where, len(ops),
