@@ -17,6 +17,7 @@ configures):
   mcp        -> addons.mcp.config.parse_mcp
   databases  -> addons.database.config.parse_databases (list)
   audit_lake -> addons.recording.lake.parse_lake
+  state      -> addons.approval.config.parse_state (a URL, or a mapping)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from addons.approval.config import parse_approvals
+from addons.approval.config import parse_approvals, parse_state
 from addons.config.schema import ConfigError, MapSection, Where, expect_map
 from addons.database.config import Database, parse_databases
 from addons.egress.config import Upstream, parse_upstreams
@@ -53,6 +54,7 @@ class Rules:
     mcp: Any = McpConfig()
     databases: tuple[Database, ...] = ()
     audit_lake: LakeConfig | None = None
+    state: Any = None
 
     def upstream_for(self, host: str, port: int) -> Upstream | None:
         for up in self.upstreams:
@@ -68,7 +70,7 @@ class Rules:
 
 
 LIST_SECTIONS = ("upstreams", "policies", "databases")
-MAP_SECTIONS = ("identity", "masking", "approvals", "recorder", "mcp", "audit_lake")
+MAP_SECTIONS = ("identity", "masking", "approvals", "recorder", "mcp", "audit_lake", "state")
 
 
 def rule_files(directory: str | Path) -> list[Path]:
@@ -127,6 +129,8 @@ def load_rules(directory: str | Path) -> Rules:
                 lists[section].append((str(path), value))
                 continue
             where = Where(str(path), section)
+            if section == "state" and isinstance(value, str):
+                value = {"url": value}  # `state: postgresql://…`
             for key, v in expect_map(value, where).items():
                 if key in maps[section]:
                     raise where.child(key).error(
@@ -150,4 +154,5 @@ def load_rules(directory: str | Path) -> Rules:
         mcp=parse_mcp(section("mcp"), {u.name: u.dialect for u in upstreams}),
         databases=parse_databases(list(_iter_list(lists["databases"], "databases"))),
         audit_lake=parse_lake(section("audit_lake")),
+        state=parse_state(section("state")),
     )
