@@ -108,8 +108,13 @@ class _Catalog:
 class Databases:
     def __init__(self, holder: RulesHolder, approval: Approval, recorder: Any, *,
                  masker_factory: MaskerFactory | None = None,
-                 record_factory: RecorderFactory | None = None) -> None:
+                 record_factory: RecorderFactory | None = None,
+                 masking: Any = None) -> None:
         self.holder = holder
+        # the masking addon (addons/masking/addon.py): its masker and placeholder sessions
+        # are the result masker's, so SQL results and LLM traffic of one agent session share
+        # placeholders; None (tests of this concern alone): rowmask's own per-session maps
+        self.masking = masking
         self.approval = approval
         self.recorder = recorder
         self.masker_factory = masker_factory
@@ -128,6 +133,19 @@ class Databases:
         self._conn_seq = 0
         self.active: dict[str, int] = {}
         holder.on_change(lambda _rules: self._spawn(self._sync()) if self._running else None)
+
+    def _placeholders(self) -> dict[str, Any]:
+        """The masking addon's masker and session store for a new connection's result masker.
+        Raises (the connection is refused) when masking refuses its flows too."""
+        m = self.masking
+        if getattr(m, "shared_error", None):
+            raise RuntimeError(m.shared_error)
+        if getattr(m, "shared", None) is not None:
+            # replica-shared placeholders number values with Postgres I/O from worker threads
+            # only; the relay masks on the event loop, so results keep rowmask's own map for
+            # this identity + session (masked all the same, numbered apart from the LLM's)
+            return {}
+        return {"masker": m.masker(), "sessions": m.sessions}
 
     # `running` and `done` are sync on purpose (see approval/addon.py: script reloads)
     def running(self) -> None:
@@ -256,7 +274,8 @@ class Databases:
                 client_tls=self.tls.get(name), keys=self.keys, big_parses=self._parses(),
                 current=lambda n=name: next((d for d in self._databases() if d.name == n),
                                             None),
-                conn_id=str(self._conn_seq))
+                conn_id=str(self._conn_seq),
+                placeholders=self._placeholders if self.masking is not None else None)
         except (Refused, HookMissing) as e:
             code = e.code if isinstance(e, Refused) else "08006"
             text = e.text if isinstance(e, Refused) else f"agentgate: {e}: refused"

@@ -61,7 +61,8 @@ class ResultMasker(Protocol):
     def server(self, msg_type: bytes, payload: bytes) -> list[tuple[bytes, bytes]]: ...
 
 
-MaskerFactory = Callable[[Any, Any, dict[str, Any]], ResultMasker]
+# (db, masking, identity, *, session=…, masker=…, sessions=…): see rowmask.make_result_masker
+MaskerFactory = Callable[..., ResultMasker]
 RecorderFactory = Callable[[Any], Callable[[dict[str, Any]], None]]
 
 
@@ -82,7 +83,7 @@ def resolve_hooks() -> tuple[MaskerFactory, RecorderFactory]:
     return masker, recorder
 
 
-def _missing_masker(db: Any, masking: Any, identity: dict[str, Any]) -> ResultMasker:
+def _missing_masker(db: Any, masking: Any, identity: dict[str, Any], **_: Any) -> ResultMasker:
     raise HookMissing("result masking is not installed")
 
 

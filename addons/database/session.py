@@ -124,6 +124,9 @@ class Context:
     current: Callable[[], Database | None] = lambda: None  # this database in the rules now
     big_parses: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
     conn_id: str = ""
+    # the masking addon's masker and placeholder store ({"masker", "sessions"}), so a
+    # result's [EMAIL_1] is the agent's LLM traffic's [EMAIL_1] in the same session
+    placeholders: Callable[[], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -511,7 +514,8 @@ class Session:
 
     # ------------------------------------------------------------ relay helpers
     def _record(self, tok: Token, *, rows: int | None = None, tag: str | None = None,
-                error: str | None = None, findings: int = 0) -> None:
+                error: str | None = None, findings: int = 0,
+                entities: dict[str, Any] | None = None) -> None:
         st, v = tok.statement, tok.verdict
         ended = time.time()
         event = {
@@ -525,9 +529,33 @@ class Session:
             "decision": v.action if v else "allow", "rule": v.rule if v else None,
             "approval": tok.approval, "rows": rows, "command": tag,
             "error": tok.error or error, "findings": findings,
+            "findings_by_entity": dict(entities) if entities else None,
             "started": tok.started, "ended": ended,
             "duration_ms": round((ended - tok.started) * 1000, 3)}
-        self.ctx.record(event)
+        try:
+            self.ctx.record(event)
+        except Exception as e:
+            if tok.refused is None:
+                raise  # a statement that ran and cannot be recorded ends the connection
+            # nothing ran: the refusal is logged; the caller already has its ErrorResponse
+            log.warning("agentgate: database %s: refused statement not recorded: %s",
+                        self.db.name, type(e).__name__)
+
+    def _recorder_down(self) -> bytes | None:
+        """An ErrorResponse when the audit store cannot take this statement's record now:
+        nothing runs unrecorded (as HTTP flows get 503), and the session stays usable."""
+        check = getattr(self.ctx.record, "unavailable", None)
+        if check is None:
+            return None
+        try:
+            why = check()
+        except Exception as e:  # noqa: BLE001 - a recorder that cannot answer is down
+            why = f"{type(e).__name__}"
+        if not why:
+            return None
+        return pg.error_response(
+            "58000", f"agentgate: the audit recorder cannot record this statement now "
+                     f"({str(why)[:200]}); it was not sent — retry later")
 
     async def _judge(self, sql: str) -> tuple[Statement | None, Verdict, bytes | None]:
         """(statement, verdict, refusal ErrorResponse or None)."""
@@ -737,8 +765,12 @@ class Session:
         sql = pg.parse_query(payload)
         st, v, refusal = await self._judge(sql)
         tok = Token(st, v, time.time())
+        if refusal is None:
+            refusal = self._recorder_down()
         if refusal is None and v.action == "approve":
             refusal = await self._approve(tok)
+        if refusal is None:
+            refusal = self._recorder_down()  # it may have gone down during the hold
         if refusal is not None:
             self._refuse_in_band(b"Q", tok, refusal)
             self._log(tok)
@@ -772,12 +804,15 @@ class Session:
             return
         st, v = entry
         tok = Token(st, v, time.time())
-        if v.action == "approve":
+        refusal = self._recorder_down()
+        if refusal is None and v.action == "approve":
             refusal = await self._approve(tok)
-            if refusal is not None:
-                self._refuse_in_band(b"E", tok, refusal)
-                self._log(tok)
-                return
+            if refusal is None:
+                refusal = self._recorder_down()
+        if refusal is not None:
+            self._refuse_in_band(b"E", tok, refusal)
+            self._log(tok)
+            return
         self._effects(st, v)
         self._log(tok)
         self._forward(b"E", payload, tok)
@@ -851,7 +886,8 @@ class Session:
                 continue
             err = getattr(r, "error", None)
             self._record(tok, rows=getattr(r, "rows", None), tag=getattr(r, "tag", None),
-                         error=err, findings=int(getattr(r, "findings", 0) or 0))
+                         error=err, findings=int(getattr(r, "findings", 0) or 0),
+                         entities=getattr(r, "entities", None))
 
     # ------------------------------------------------------------ run
     async def run(self) -> None:
@@ -862,7 +898,9 @@ class Session:
                 return
             params = await self.login(st)
             self.masking = getattr(self.ctx.rules(), "masking", None)
-            self.masker = self.ctx.masker_factory(self.db, self.masking, self.identity)
+            shared = self.ctx.placeholders() if self.ctx.placeholders is not None else {}
+            self.masker = self.ctx.masker_factory(self.db, self.masking, self.identity,
+                                                  session=self.session_id, **shared)
             self.server = await login_server(self.db, params)
         except Refused as e:
             await self._fatal(e.code, e.text)

@@ -1,7 +1,8 @@
 """mitmdump script for the database tests: the gateway as addons/gateway.py builds it, with
 the statement-record hook replaced by a double that appends each record (a JSON line) to
 $AGENTGATE_TEST_PG_RECORDS, so tests can read what the relay reports per statement
-("missing": the hook raises as a missing one does)."""
+("missing": the hook raises as a missing one does; while "<records>.down" exists the hook
+says the store is unavailable and raises, as the real recorder does when its store is down)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,16 @@ def _records(_recorder: Any):
         raise HookMissing("statement recording is not installed")
 
     def record(event: dict[str, Any]) -> None:
+        if os.path.exists(path + ".down"):
+            raise RuntimeError("test recorder is down")
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(event, default=str) + "\n")
+
+    def unavailable() -> str | None:
+        # "<records>.down" exists: the store cannot take records (as Recorder.unavailable())
+        return "the audit store is down (test)" if os.path.exists(path + ".down") else None
+
+    record.unavailable = unavailable  # type: ignore[attr-defined]
     return record
 
 

@@ -316,3 +316,26 @@ def test_connector_to_the_real_gateway(env: Env, tmp_path: Path) -> None:
             if r["method"] == "SQL" and r["session_id"] == f"{THREAD}-connector"]
     # BEGIN, SELECT, COMMIT per connection (psycopg outside autocommit)
     assert subs and subs == sorted(subs) and set(subs) == {"agent-7", "agent-8"}
+
+
+def test_sql_results_share_placeholders_with_llm_traffic(env: Env, standin) -> None:
+    """A value an agent's LLM call masked as [EMAIL_1] is [EMAIL_1] in its SQL results of the
+    same session (the masking addon's map), and another session's map is its own."""
+    import httpx
+    session = "thread-shared-ph"
+    standin.clear()
+    with httpx.Client(proxy=env.gw.proxy_url(env.token()), verify=str(env.gw.ca_cert),
+                      timeout=30) as c:
+        r = c.post("https://api.openai.com/v1/chat/completions",
+                   headers={"x-agent-session": session},
+                   json={"model": "gpt-4o", "messages": [
+                       {"role": "user", "content": "write to ann.lee@example.com"}]})
+    assert r.status_code == 200, r.text
+    seen = json.dumps(standin.requests)
+    assert "ann.lee@example.com" not in seen and "[EMAIL_1]" in seen
+    sql = "SELECT 'zed.q@example.net' AS a, 'ann.lee@example.com' AS b"
+    with psycopg.connect(env.dsn(application_name=session), autocommit=True) as con:
+        # ann is the LLM traffic's [EMAIL_1]; zed is new in this session: [EMAIL_2]
+        assert con.execute(sql).fetchone() == ("[EMAIL_2]", "[EMAIL_1]")
+    with psycopg.connect(env.dsn(application_name="thread-other"), autocommit=True) as con:
+        assert con.execute(sql).fetchone() == ("[EMAIL_1]", "[EMAIL_2]")

@@ -693,3 +693,38 @@ def test_a_rules_reload_applies_to_open_connections(env: Env) -> None:
             c.execute("SELECT 1")
     with env.connect() as c:
         assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_statements_refused_while_the_recorder_is_down(env: Env) -> None:
+    """Nothing runs that cannot be recorded: with the audit store down every statement
+    (simple and extended protocol) is refused in band with 58000 naming the recorder,
+    nothing reaches the table, and the same session works once the store is back."""
+    down = Path(str(env.records) + ".down")
+    with env.connect() as c:
+        before = c.execute("SELECT count(*) FROM users").fetchone()
+        down.touch()
+        try:
+            for sql, params in [("INSERT INTO users (id, name) VALUES (901, 'x')", None),
+                                ("INSERT INTO users (id, name) VALUES (%s, %s)", (902, "y")),
+                                ("SELECT 1", None)]:
+                with pytest.raises(psycopg.Error) as e:
+                    c.execute(sql, params)
+                assert e.value.sqlstate == "58000", (sql, e.value)
+                assert "audit recorder" in str(e.value)
+        finally:
+            down.unlink()
+        assert c.execute("SELECT count(*) FROM users").fetchone() == before
+        assert c.execute("SELECT %s::int", (5,)).fetchone() == (5,)
+    with psycopg.connect(env.pg.dsn()) as direct:
+        assert direct.execute("SELECT count(*) FROM users WHERE id > 900").fetchone() == (0,)
+
+
+def test_records_carry_findings_per_entity(env: Env) -> None:
+    with env.connect() as c:
+        row = c.execute("SELECT 'ann@example.com' AS a, 'bo@example.org' AS b, "
+                        "'4111 1111 1111 1111' AS c").fetchone()
+    assert row[0].startswith("[EMAIL") and "4111 1111 1111 1111" not in row
+    rec = [r for r in env.record_lines() if r["kinds"] == ["SELECT"] and r["rows"] == 1][-1]
+    assert rec["findings"] == 3
+    by = rec["findings_by_entity"]
+    assert by["EMAIL"]["count"] == 2 and sum(e["count"] for e in by.values()) == 3, by
