@@ -73,7 +73,7 @@ def build(holder: RulesHolder | None = None) -> list[object]:
         McpAnswers(),
         recorder,
         LakeShipping(holder, recorder),
-        Databases(holder, approval, recorder),
+        Databases(holder, approval, recorder, masking=masking),
         Health(readiness(holder, approval, recorder)),
     ]
 
