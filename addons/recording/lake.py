@@ -629,6 +629,16 @@ def env_replica() -> str | None:
     return os.environ.get("AGENTGATE_REPLICA") or None
 
 
+def open_local(path: str | Path) -> Any:
+    """A reading connection to a replica's local store. In the gateway's process it joins
+    the writer's DuckDB instance (same file, same config); unlike writer.open_db it writes
+    nothing (no schema step), so it never conflicts with the writer's transactions."""
+    import duckdb
+
+    from addons.recording.writer import DB_CONFIG
+    return duckdb.connect(str(path), config=dict(DB_CONFIG))
+
+
 class LakeShipping:
     """Addon: ships this replica's audit store to the lake of the rules' `audit_lake:`.
 
@@ -649,10 +659,9 @@ class LakeShipping:
         if not self.recorder.cfg.enabled:
             log.warning("agentgate: audit_lake is set but recording is off: nothing to ship")
             return
-        from addons.recording import writer as audit_writer
         path = self.recorder.db_path()
         replica = cfg.replica or env_replica() or default_replica(path)
-        self.shipper = LakeShipper(cfg, replica, lambda: audit_writer.open_db(path))
+        self.shipper = LakeShipper(cfg, replica, lambda: open_local(path))
         self.shipper.start()
         self.holder.on_change(self._rules_changed)
         log.info("agentgate: %s, replica %s", cfg.describe(), replica)

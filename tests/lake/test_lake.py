@@ -39,7 +39,7 @@ def fill(path: Path, n: int, session: str, start: int = 0, big_every: int = 0) -
 
 
 def shipper(cfg: lake.LakeConfig, replica: str, path: Path) -> lake.LakeShipper:
-    return lake.LakeShipper(cfg, replica, lambda: writer.open_db(path))
+    return lake.LakeShipper(cfg, replica, lambda: lake.open_local(path))
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
