@@ -6,6 +6,10 @@ for the approval addon, the annotations and the recorder. A `block` decision is 
 here with a 403 in the caller's dialect naming the rule; an `approve` decision is held by
 the approval addon later in the chain (it holds exactly when `decision["approval"]` is set).
 Replayed flows are evaluated like live ones.
+
+Prompt searches are incremental per session (identity subject and session id): a turn
+that re-sends the history searches only past the part of the text the session's last
+request shared with it, with exactly the answer of a full search (engine.SearchHistory).
 """
 
 from __future__ import annotations
@@ -18,7 +22,13 @@ from mitmproxy import ctx, http
 from addons.config.holder import RulesHolder
 from addons.frame import decode
 from addons.frame.guard import guarded, refuse
-from addons.policy.engine import BodyUnavailable, PolicySet, RequestFacts, evaluate
+from addons.policy.engine import (
+    BodyUnavailable,
+    PolicySet,
+    RequestFacts,
+    SearchHistories,
+    evaluate,
+)
 from addons.policy.mcp import pin_decision
 
 log = logging.getLogger("agentgate.policy")
@@ -50,10 +60,26 @@ def facts_from_flow(flow: http.HTTPFlow, now: float | None = None,
         body=body, now=now, dialect=up.get("dialect") if isinstance(up, dict) else None)
 
 
+SESSION_HEADER = "x-agent-session"
+
+
+def session_key(flow: http.HTTPFlow) -> str:
+    """The agent's session as masking keys it: identity subject AND session id (the
+    recorder's, else the X-Agent-Session header, else the connection)."""
+    sid = flow.metadata.get("session") or flow.request.headers.get(SESSION_HEADER) \
+        or f"conn:{flow.client_conn.id}"
+    ident = flow.metadata.get("identity")
+    sub = ident.get("sub") if isinstance(ident, dict) else None
+    return f"{sub or '-'}\x00{sid}"
+
+
 class Policy:
     def __init__(self, holder: RulesHolder) -> None:
         self.holder = holder
         self.observe_only = False
+        # per session: where its last prompt searches found nothing (hashes only), so a
+        # turn that re-sends the history searches only what is new (engine.SearchHistory)
+        self.histories = SearchHistories()
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -79,6 +105,7 @@ class Policy:
         if not isinstance(limit, int) or limit <= 0:
             limit = decode.MAX_BYTES
         facts = facts_from_flow(flow, max_bytes=limit)
+        facts.history = self.histories.get(session_key(flow))
         req = flow.request
         try:
             if len(req.raw_content or b"") >= THREAD_MIN_BYTES or \

@@ -23,9 +23,12 @@ Evaluation order (documented in rules/README.md):
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -110,6 +113,10 @@ class RequestFacts:
         self._model: Any = _UNSET
         self._mcp: Any = _UNSET
         self._local: dict[str, datetime.datetime] = {}
+        # the session's SearchHistory (set by the policy addon): prompt searches start
+        # where this text differs from what the session sent before
+        self.history: SearchHistory | None = None
+        self._blocks: dict[str, tuple[bytes, ...]] = {}
 
     # -- body
     @property
@@ -290,6 +297,19 @@ class RequestFacts:
     @property
     def prompt_folded(self) -> str:
         return self.folded("prompt_text")
+
+    def search(self, pattern: re.Pattern[str], which: str) -> bool:
+        """Does `pattern` match one form of the prompt text (`prompt_text`, `norm_text`,
+        `skel_text`)? With a session history, only the part that can hold a match the
+        session's previous text did not have is searched (SearchHistory.search)."""
+        text = getattr(self, which)
+        h = self.history
+        if h is None or len(text) < INCREMENTAL_MIN_CHARS:
+            return pattern.search(text) is not None
+        blocks = self._blocks.get(which)
+        if blocks is None:
+            blocks = self._blocks[which] = block_hashes(text)
+        return h.search(pattern, which, text, blocks)
 
     @property
     def tool_names(self) -> frozenset[str]:
@@ -950,13 +970,13 @@ def prompt_test(pattern: re.Pattern[str], text: str = "prompt_text") -> Check:
     """
     lits = required_literals(pattern)
     if not lits:
-        return lambda f: pattern.search(getattr(f, text)) is not None
+        return lambda f: f.search(pattern, text)
 
     def check(f: RequestFacts) -> bool:
         folded = f.folded(text)
         for lit in lits:
             if lit in folded:
-                return pattern.search(getattr(f, text)) is not None
+                return f.search(pattern, text)
         return False
     return check
 
@@ -1048,6 +1068,157 @@ def _alternatives(items: list[Any]) -> frozenset[str] | None:
     flush()
     # the most selective requirement: the one whose shortest alternative is longest
     return max(cands, key=lambda s: (min(len(x) for x in s), -len(s)), default=None)
+
+
+# ---------------------------------------------------------------- incremental prompt search
+# An agent re-sends its whole history every turn, so its prompt text grows by appending:
+# searching it all again costs O(history) per turn. A session remembers, per pattern and
+# text form, the block hashes of the last text searched and whether it matched. When it
+# did not, a match in the new text must consult a character past the prefix both texts
+# share (else it was in the old text too): it starts at most `reach` characters before the
+# end of that prefix (reach = the pattern's longest match plus its look-around widths
+# plus one character each side for \b, ^, $). So the search starts there; the answer is
+# exactly that of a full search (tests/policy/test_incremental.py, differential).
+# Patterns without a bounded reach (\s+, .*, back-references) are searched whole.
+INCREMENTAL_MIN_CHARS = 8192
+BLOCK_CHARS = 4096
+
+
+def block_hashes(text: str) -> tuple[bytes, ...]:
+    """A hash per full BLOCK_CHARS block of `text` (the partial tail is never shared)."""
+    enc = "utf-8"
+    return tuple(hashlib.blake2b(text[i:i + BLOCK_CHARS].encode(enc, "surrogatepass"),
+                                 digest_size=16).digest()
+                 for i in range(0, len(text) - BLOCK_CHARS + 1, BLOCK_CHARS))
+
+
+_REACH: dict[tuple[str, int], int | None] = {}
+
+
+def pattern_reach(pattern: re.Pattern[str]) -> int | None:
+    """How far before its start and after its end a match of `pattern` may look, plus its
+    longest match: None when unbounded or not known."""
+    key = (pattern.pattern, pattern.flags)
+    if key in _REACH:
+        return _REACH[key]
+    r: int | None
+    try:
+        tree = _sre_parse.parse(pattern.pattern, pattern.flags)
+        hi = tree.getwidth()[1]
+        extra = _assert_width(list(tree))
+        r = None if extra is None or hi >= _sre_c.MAXREPEAT or hi > 1 << 16 \
+            else hi + extra + 2
+    except Exception:  # noqa: BLE001 - private parser API: search whole
+        r = None
+    if len(_REACH) < 4096:
+        _REACH[key] = r
+    return r
+
+
+def _assert_width(items: list[Any]) -> int | None:
+    """The summed widths of every look-around in a parsed pattern; None if one is
+    unbounded or the pattern refers back to a group (its width is the group's)."""
+    total = 0
+    for op, av in items:
+        sub: list[list[Any]] = []
+        if op in (_sre_c.GROUPREF, _sre_c.GROUPREF_EXISTS):
+            return None
+        if op in (_sre_c.ASSERT, _sre_c.ASSERT_NOT):
+            w = av[1].getwidth()[1]
+            if w >= _sre_c.MAXREPEAT:
+                return None
+            total += w
+            sub = [list(av[1])]
+        elif op is _sre_c.SUBPATTERN:
+            sub = [list(av[-1])]
+        elif op is _sre_c.BRANCH:
+            sub = [list(b) for b in av[1]]
+        elif op in (_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT, _sre_c.POSSESSIVE_REPEAT):
+            sub = [list(av[2])]
+        elif op is _sre_c.ATOMIC_GROUP:
+            sub = [list(av)]
+        for s in sub:
+            w2 = _assert_width(s)
+            if w2 is None:
+                return None
+            total += w2
+    return total
+
+
+class SearchHistory:
+    """One session's last prompt searches: {(pattern, text form): (block hashes, matched)}.
+    Hashes only (never text); bounded in entries. Thread-safe."""
+
+    __slots__ = ("_seen", "_lock", "last_used", "max_entries", "saved_chars")
+
+    def __init__(self, max_entries: int = 512) -> None:
+        self._seen: dict[tuple[Any, str], tuple[tuple[bytes, ...], bool]] = {}
+        self._lock = threading.Lock()
+        self.last_used = 0.0
+        self.max_entries = max_entries
+        self.saved_chars = 0  # characters not searched again (for tests and benchmarks)
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def search(self, pattern: re.Pattern[str], which: str, text: str,
+               blocks: tuple[bytes, ...]) -> bool:
+        reach = pattern_reach(pattern)
+        if reach is None:
+            return pattern.search(text) is not None
+        key = (pattern, which)
+        with self._lock:
+            prev = self._seen.get(key)
+        start = 0
+        if prev is not None and not prev[1]:
+            common = 0
+            for a, b in zip(prev[0], blocks, strict=False):
+                if a != b:
+                    break
+                common += 1
+            start = max(0, common * BLOCK_CHARS - reach)
+        # search(text, pos) still lets \b and look-behinds see the characters before pos
+        matched = pattern.search(text, start) is not None
+        with self._lock:
+            if key in self._seen or len(self._seen) < self.max_entries:
+                self._seen[key] = (blocks, matched)
+            self.saved_chars += start
+        return matched
+
+
+class SearchHistories:
+    """Every session's SearchHistory, by session key; bounded (least recently used out)
+    and expiring after an idle time."""
+
+    def __init__(self, max_sessions: int = 10_000, idle_ttl: float = 3600.0,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time
+        self._h: OrderedDict[str, SearchHistory] = OrderedDict()
+        self._lock = threading.Lock()
+        self.max_sessions = max_sessions
+        self.idle_ttl = idle_ttl
+        self._clock = clock or time.monotonic
+
+    def __len__(self) -> int:
+        return len(self._h)
+
+    def get(self, key: str) -> SearchHistory:
+        now = self._clock()
+        with self._lock:
+            while self._h:
+                k, h = next(iter(self._h.items()))
+                if now - h.last_used <= self.idle_ttl:
+                    break
+                del self._h[k]
+            h = self._h.get(key)
+            if h is None:
+                h = self._h[key] = SearchHistory()
+                while len(self._h) > self.max_sessions:
+                    self._h.popitem(last=False)
+            else:
+                self._h.move_to_end(key)
+            h.last_used = now
+            return h
 
 
 def tools_test(match: Callable[[str], bool]) -> Check:
