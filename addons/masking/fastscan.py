@@ -59,8 +59,10 @@ PRESENCE_ANCHORS: dict[str, tuple[bytes, ...]] = {
 # Positional families: every end offset is reported, the detectors run near them only.
 POSITION_ANCHORS: dict[str, tuple[bytes, ...]] = {
     # password assignments (PASSWORD_ASSIGNMENTS): a key word, then at most a few more
-    # letters, two digits, a quote and blanks, then the '=' or ':' (where the anchor ends)
-    "pw_op": (rb"(?i)(?:pass|pwd|secret|token|key|credential)[A-Za-z_\-]{0,8}[0-9]{0,2}"
+    # letters, two digits, a quote and blanks, then the '=' or ':' (where the anchor ends).
+    # The assignments' (?i) also matches U+0130 'İ' for an 'i' (the one non-ASCII letter
+    # that `regex` case-folds to ASCII and normalize leaves; here it is the byte '?')
+    "pw_op": (rb"(?i)(?:pass|pwd|secret|token|key|credent[i?]al)[A-Za-z_\-]{0,8}[0-9]{0,2}"
               rb"[\"']?[ \t]*[=:]",),
     # a _NUM_CLUSTER match (the numeric detectors run only inside them) holds 9 digits with
     # at most three non-alphanumeric characters between neighbours

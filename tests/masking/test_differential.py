@@ -185,7 +185,8 @@ ASSIGN = st.sampled_from([
     "apikey", "access_key", "PRIVATE_KEY", "credentials", "db_", "export ", "2", "12", '"',
     "'", "`", " ", "\t", "   ", "=", ":", "==", ":=", "=>", "\n", "\r\n", "x9!kQ2#zLm",
     "S3cr3t-Pa55w0rd", "${VAR}", "changeme", "abc", "#", "key:", "pass=", "é",
-    '"password": "', "'token': '", '{"db_pass":"', "PASSWORD = ", "secret2 :  ", '"'])
+    '"password": "', "'token': '", '{"db_pass":"', "PASSWORD = ", "secret2 :  ", '"',
+    "credent\u0130al", "CREDENT\u0130ALS", "\u0130", "\u0131", "\u017f", "\u212a"])
 
 
 @PROFILE
@@ -195,3 +196,14 @@ def test_random_windowed_paths(pieces: list[str], where: int):
     same(text)
     pad = PAD[:17_000]
     same((pad + text, text + pad, pad + text + pad)[where])
+
+
+@pytest.mark.parametrize("word", ["credent\u0130al", "CREDENT\u0130AL", "pa\u017f\u017f",
+                                  "to\u212aen", "api_\u212aey"])
+def test_unicode_case_folding_in_password_words(word: str):
+    """The assignments' (?i) matches 'İ' (U+0130) for 'i'; 'ſ' and the Kelvin sign are
+    folded to ASCII by normalize. The prefilter's anchors must let all of them through."""
+    for text in (f'db_{word}: "S3cr3t-Pa55w0rd"', f'{word}="S3cr3t-Pa55w0rd"',
+                 PAD + f' {word}="S3cr3t-Pa55w0rd"'):
+        same(text)
+    assert REF.find(f'db_{word}: "S3cr3t-Pa55w0rd"')
