@@ -10,7 +10,7 @@
 #   ./run_proxy.sh dev                      local trial: dev IdP + stand-in + gateway (Ctrl-C stops)
 #   ./run_proxy.sh bench [args…]            benchmarks (writes BENCHMARKS.md)
 #   ./run_proxy.sh cli ARGS…                the agentgate command (rules check, token verify…)
-#   ./run_proxy.sh replicas [N]             N gateways (default 2) behind HAProxy on AGENTGATE_LISTEN,
+#   ./run_proxy.sh replicas [N] [-- args…]  N gateways (default 2) behind HAProxy on AGENTGATE_LISTEN,
 #                                           approvals shared in $AGENTGATE_STATE (else a throwaway postgres)
 #
 # Env: AGENTGATE_LISTEN (host:port), AGENTGATE_RULES (dir), AGENTGATE_DATA (dir),
@@ -198,8 +198,8 @@ case $cmd in
     ensure_venv ""
     ensure_ca
     mkdir -p "$DATA"
-    exec "$VENV/bin/python" -m addons.devkit.replicas "$@" --listen "$LISTEN" --rules "$RULES" \
-      --data "$DATA" --certs "$CERTS"
+    exec "$VENV/bin/python" -m addons.devkit.replicas --listen "$LISTEN" --rules "$RULES" \
+      --data "$DATA" --certs "$CERTS" "$@"
     ;;
   -h|--help|help)
     sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'  # the header comment only
