@@ -275,12 +275,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rules", default=os.environ.get("AGENTGATE_RULES", str(ROOT / "rules")))
     ap.add_argument("--data", default=os.environ.get("AGENTGATE_DATA", str(ROOT / "data")))
     ap.add_argument("--certs", default=str(ROOT / "certs"))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:  # what follows goes to every mitmdump (--set …)
+        extra = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
     a = ap.parse_args(argv)
     if not 1 <= a.n <= 8:
         ap.error("between 1 and 8 replicas")
     host, _, port = a.listen.rpartition(":")
     cluster = start_cluster(a.n, Path(a.rules), Path(a.certs), Path(a.data),
-                            listen=(host or "127.0.0.1", int(port)), wait=False)
+                            listen=(host or "127.0.0.1", int(port)), wait=False,
+                            extra_args=tuple(extra))
     try:
         cluster.wait_ready(60)
     except RuntimeError as e:  # e.g. the rules' identity provider is not reachable yet
