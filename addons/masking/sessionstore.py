@@ -44,6 +44,7 @@ from addons.masking.masker import Session, canonical, label
 SECRET_ENV = "AGENTGATE_SECRET"
 SECRET_FILE_ENV = "AGENTGATE_SECRET_FILE"
 MIN_SECRET_BYTES = 16
+MAX_LOADED = 10_000  # entries of one session loaded per request at most (masker's default)
 PURGE_EVERY_S = 60.0  # expired rows are deleted by the next load after this long
 
 SCHEMA = """
@@ -194,9 +195,11 @@ class SharedPlaceholders:
             self.purge()
         skey = self._skey(session_key)
         with self._lock:
+            # bounded like the in-memory map: the most recently used entries
             rows = self._c().execute(
                 "SELECT placeholder, sealed FROM agentgate_mask_values WHERE skey = %s AND "
-                "expires > now()", (skey,)).fetchall()
+                "expires > now() ORDER BY expires DESC LIMIT %s",
+                (skey, MAX_LOADED)).fetchall()
         out = []
         for ph, sealed in rows:
             doc = self._open(skey, ph, bytes(sealed))
