@@ -68,6 +68,7 @@ CHANNEL = "agentgate_approvals"
 LOCK_SCHEMA = 0x61676174_0001
 LOCK_CREATE = 0x61676174_0002
 OP_TIMEOUT = 5.0  # one database operation; past it the hold is refused (503)
+DECIDED_PREVIEW_CHARS = 16 * 1024
 LATE = 30.0  # seconds past its deadline after which any replica expires a hold
 CONNECT_TIMEOUT = 3  # seconds (libpq's connect_timeout)
 
@@ -119,12 +120,17 @@ def describe_dsn(dsn: str) -> str:
 
 def to_record(a: PendingApproval) -> dict[str, Any]:
     s = a.spec
+    # a decided hold keeps a short preview (as the addon does in memory): every replica
+    # mirrors the row, and the table keeps decided rows for keep_seconds
+    preview, cut = a.preview, a.preview_truncated
+    if a.decided and len(preview) > DECIDED_PREVIEW_CHARS:
+        preview, cut = preview[:DECIDED_PREVIEW_CHARS], True
     return {"id": a.id, "spec": {"rule": s.rule, "groups": list(s.groups),
                                  "min_approvals": s.min_approvals, "timeout": s.timeout,
                                  "on_timeout": s.on_timeout, "allow_mitmweb": s.allow_mitmweb,
                                  "message": s.message},
-            "requester": a.requester, "what": a.what, "preview": a.preview,
-            "preview_truncated": a.preview_truncated, "requested_at": a.requested_at,
+            "requester": a.requester, "what": a.what, "preview": preview,
+            "preview_truncated": cut, "requested_at": a.requested_at,
             "expires_at": a.expires_at, "state": a.state,
             "votes": [v.to_dict() for v in a.votes], "reason": a.reason,
             "decided_at": a.decided_at}
@@ -541,6 +547,7 @@ class PgApprovalStore(ApprovalStore):
             return
         if new.decided:
             cur.votes = new.votes
+            cur.preview, cur.preview_truncated = new.preview, new.preview_truncated  # short
             self._decide(cur, new.state, new.reason, new.decided_at or self.clock())
         elif [v.to_dict() for v in new.votes] != [v.to_dict() for v in cur.votes]:
             cur.votes = new.votes

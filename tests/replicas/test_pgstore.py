@@ -232,3 +232,29 @@ def test_a_restart_under_the_same_name_and_a_forgotten_deadline(pg: ScramServer)
             await watcher.aclose()
 
     asyncio.run(main())
+
+
+def test_decided_holds_keep_a_short_preview_everywhere(pg: ScramServer) -> None:
+    async def main() -> None:
+        a = await started(pg.admin_dsn("postgres"), replica="pa")
+        b = await started(pg.admin_dsn("postgres"), replica="pb")
+        try:
+            h = await a.acreate(SPEC, "agent", {}, "x" * 200_000, owner="id:agent")
+            await until(lambda: b.get(h.id) is not None)
+            assert len(b.get(h.id).preview) == 200_000  # pending: reviewers see it whole
+            await b.adeny(h.id, "rev", ["reviewers"], "no")
+
+            async def stored(c) -> int:
+                cur = await c.execute("SELECT length(record->>'preview') FROM "
+                                      "agentgate_approvals WHERE id = %s", (h.id,))
+                return (await cur.fetchone())[0]
+
+            assert await a._run(stored, "test") == 16 * 1024
+            await until(lambda: a.get(h.id).state == DENIED)
+            assert b.get(h.id).preview_truncated
+            assert len(b.get(h.id).preview) == 16 * 1024
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    asyncio.run(main())
