@@ -2,8 +2,8 @@
 
 A session whose requests land on different replicas must see one numbering ([EMAIL_1] is the
 same address on every replica) and get its placeholders restored wherever the answer comes
-back. `SharedPlaceholders` keeps the map in one Postgres table (the `AGENTGATE_STATE`
-database REP-A's approvals use):
+back. `SharedPlaceholders` keeps the map in one Postgres table (the `AGENTGATE_STATE` / rules
+`state:` database the shared approvals use):
 
 - rows are keyed by an HMAC of (identity subject, session) — the map stays per identity AND
   session, as in memory (addons/masking/masker.py session_key) — and looked up by an HMAC of
@@ -19,7 +19,7 @@ database REP-A's approvals use):
 
 This map is never written to the audit store (the recorder stores masked bodies only).
 The masking addon uses it through `SharedSession`, a masker `Session` (the hook: Masking.
-_session); without AGENTGATE_STATE, or without the secret, placeholders stay in memory.
+_session); without a state database, or without the secret, placeholders stay in memory.
 No mitmproxy import: usable and testable alone.
 """
 
@@ -269,10 +269,14 @@ class SharedSession(Session):
         return ph
 
 
-def shared_from_env(idle_ttl: float, env: dict[str, str] | None = None) -> Any:
-    """SharedPlaceholders on AGENTGATE_STATE when it is set, else None (memory, as before)."""
+def shared_from_env(idle_ttl: float, env: dict[str, str] | None = None,
+                    rules_state: Any = None) -> Any:
+    """SharedPlaceholders on $AGENTGATE_STATE, else on the rules' `state:` (its `resolve()`:
+    addons/approval/config.py StateConfig), else None (memory, as before)."""
     env = os.environ if env is None else env
     dsn = env.get("AGENTGATE_STATE", "").strip()
+    if not dsn and rules_state is not None and callable(getattr(rules_state, "resolve", None)):
+        dsn = str(rules_state.resolve() or "").strip()
     if not dsn:
         return None
     return SharedPlaceholders(dsn, gateway_secret(env), idle_ttl)

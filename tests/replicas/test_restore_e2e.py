@@ -88,3 +88,16 @@ def test_missing_secret_keeps_placeholders_in_memory(pg, gateway_factory, standi
     assert "AGENTGATE_SECRET" in a.logs()
     with psycopg.connect(pg.admin_dsn("analytics")) as c:
         assert c.execute("SELECT to_regclass('agentgate_mask_values')").fetchone()[0] is None
+
+
+def test_state_from_the_rules(pg, gateway_factory, standin) -> None:
+    """`state:` in the rules (no AGENTGATE_STATE) shares the placeholders the same way."""
+    from tests.database.pgkit import ADMIN_PASSWORD
+    url = f"postgresql://admin:{ADMIN_PASSWORD}@127.0.0.1:{pg.port}/analytics"
+    a, b = [gateway_factory({"rules.yaml": rules(standin), "state.yaml": f"state: {url}\n"},
+                            env={"AGENTGATE_SECRET": SECRET}) for _ in range(2)]
+    standin.clear()
+    assert say(a, "conv-r", f"mail {EMAIL}") == f"echo: mail {EMAIL}"
+    assert say(b, "conv-r", "[EMAIL_1] again") == f"echo: {EMAIL} again"
+    for gw in (a, b):
+        assert ADMIN_PASSWORD not in gw.logs()
