@@ -156,16 +156,18 @@ class Masking:
         # that re-sends the history costs only its new messages; keyed like the sessions
         self.message_caches = MessageCaches(max_sessions=self.sessions.max_sessions,
                                             idle_ttl=self.sessions.idle_ttl)
-        # AGENTGATE_STATE set: the placeholder map is shared by the replicas (sessionstore.py)
+        # AGENTGATE_STATE / state: set: the placeholder map is shared by the replicas
+        # (sessionstore.py)
         self.shared: Any = None
         self.shared_error: str | None = None
 
     def running(self) -> None:
         try:
-            self.shared = shared_from_env(self.sessions.idle_ttl)
+            self.shared = shared_from_env(self.sessions.idle_ttl, rules_state=getattr(
+                self.holder.rules, "state", None))
         except SecretMissing as e:
             # still masked, in memory: only restoring across replicas needs the secret
-            log.warning("agentgate: AGENTGATE_STATE is set but placeholders stay in this "
+            log.warning("agentgate: a state database is set but placeholders stay in this "
                         "replica's memory: %s", e)
         except Exception as e:  # noqa: BLE001 - fail closed: an error logged at start stops
             # mitmproxy; should it go on, every masked flow is refused (_session raises)
