@@ -182,8 +182,10 @@ def _dir_bytes(path: Path) -> int:
 
 
 def run(quick: bool = False, agents: int | None = None, turns: int | None = None,
-        profile: str | None = None) -> dict[str, Any]:
-    """`profile`: a path for a py-spy profile (collapsed stacks) of the suite's run."""
+        profile: str | None = None, concerns: tuple[str, ...] = e2e.CONCERNS
+        ) -> dict[str, Any]:
+    """`profile`: a path for a py-spy profile (collapsed stacks) of the suite's run;
+    `concerns`: the suite's concerns (default all, as bench/e2e.py)."""
     n = agents or (4 if quick else 20)
     m = turns or (12 if quick else 40)
     convs = [conversation(i, m) for i in range(n)]
@@ -214,7 +216,7 @@ def run(quick: bool = False, agents: int | None = None, turns: int | None = None
         drive(url, bare.url, bare.pid, warm, "warm")
         out["bare"] = drive(url, bare.url, bare.pid, convs, "bare")
         bare.stop()
-        suite, proxy, active, err = env.start_suite(e2e.CONCERNS, "suite")
+        suite, proxy, active, err = env.start_suite(tuple(concerns), "suite")
         out["active_concerns"] = active
         if err:
             out["error"] = f"suite could not serve a request: {err.splitlines()[0]}"
@@ -235,9 +237,10 @@ def run(quick: bool = False, agents: int | None = None, turns: int | None = None
                 spy.send_signal(signal.SIGINT)
                 spy.wait(timeout=30)
         suite.stop()
-        out["audit_bytes_per_session"] = round((_dir_bytes(data) - before) / n)
-        out["distinct_bytes_per_session"] = round(
-            statistics.fmean(len(c[-1]) for c in convs))
+        if "recording" in active:
+            out["audit_bytes_per_session"] = round((_dir_bytes(data) - before) / n)
+            out["distinct_bytes_per_session"] = round(
+                statistics.fmean(len(c[-1]) for c in convs))
     finally:
         env.stop()
     for k in ("bare", "suite"):
@@ -276,7 +279,8 @@ def markdown(res: dict[str, Any]) -> str:
            f"{res['agents']} agents x {res['turns']} turns, every request re-sending the "
            f"whole history (body {res['body_bytes_first'] / 1024:.1f} KB at turn 1, "
            f"{res['body_bytes_last'] / 1024:.1f} KB at the last), PII every ~1.1 KB; "
-           "agents concurrent, in lock-step by turn.", ""]
+           "agents concurrent, in lock-step by turn; suite concerns: "
+           f"{', '.join(res.get('active_concerns') or [])}.", ""]
     if res.get("error"):
         out += [f"**Error**: {res['error']}", ""]
     for note in res.get("notes") or []:
@@ -306,8 +310,11 @@ if __name__ == "__main__":
     ap.add_argument("--turns", type=int)
     ap.add_argument("--json")
     ap.add_argument("--profile", help="write a py-spy profile (collapsed) of the suite here")
+    ap.add_argument("--concerns", default=",".join(e2e.CONCERNS),
+                    help="the suite's concerns (default: all)")
     a = ap.parse_args()
-    r = run(quick=a.quick, agents=a.agents, turns=a.turns, profile=a.profile)
+    r = run(quick=a.quick, agents=a.agents, turns=a.turns, profile=a.profile,
+            concerns=tuple(c for c in a.concerns.split(",") if c))
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=1))
     print(markdown(r))
