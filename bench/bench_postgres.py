@@ -145,6 +145,36 @@ def fetch_all(dsn: str, sql: str, binary: bool) -> tuple[float, int, Any]:
 SELECT = "SELECT id, email, card, note FROM masked_rows"
 
 
+def stall(dsn: str, sql: str) -> dict[str, Any]:
+    """`SELECT 1` in a loop on a second connection through the gateway while the first
+    fetches `sql` (a big masked result): the worst and p99 latency show whether the relay
+    streaming one result stalls the other connections (they share one event loop)."""
+    import threading
+
+    import psycopg
+    lat: list[float] = []
+    done = threading.Event()
+    with psycopg.connect(dsn, autocommit=True) as probe:
+        probe.execute("SELECT 1")
+
+        def big() -> None:
+            try:
+                fetch_all(dsn, sql, False)
+            finally:
+                done.set()
+        t = threading.Thread(target=big, daemon=True)
+        t.start()
+        while not done.is_set():
+            t0 = time.perf_counter()
+            probe.execute("SELECT 1").fetchone()
+            lat.append((time.perf_counter() - t0) * 1000)
+        t.join()
+    lat.sort()
+    return {"probes": len(lat), "max_ms": lat[-1] if lat else None,
+            "p99_ms": lat[max(0, int(len(lat) * 0.99) - 1)] if lat else None,
+            "p50_ms": statistics.median(lat) if lat else None}
+
+
 def masker_alone(n: int) -> dict[str, Any]:
     """The result masker in-process on n DataRows shaped like the table's (no I/O)."""
     from addons.database import rowmask
@@ -247,6 +277,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             sel[fmt] = {"direct_s": d_s, "gateway_s": g_s, "direct_rows_per_s": d_n / d_s,
                         "gateway_rows_per_s": g_n / g_s, "first_row": [str(v) for v in first]}
         out["masked_select"] = sel
+        out["stall"] = stall(gdsn, SELECT)
         out["masker_alone"] = masker_alone(rows_n)
         return out
     finally:
@@ -285,6 +316,13 @@ def markdown(res: dict[str, Any]) -> str:
     for fmt, r in res["masked_select"].items():
         out.append(f"| {fmt} | {_f(r['direct_rows_per_s'], '{:,.0f}')} | "
                    f"{_f(r['gateway_rows_per_s'], '{:,.0f}')} | {_f(r['gateway_s'], '{:.2f}')} |")
+    st = res.get("stall")
+    if st:
+        out += ["", f"Another connection's `SELECT 1` in a loop while the masked SELECT streams "
+                f"(text) through the same gateway: p50 {_f(st['p50_ms'], '{:.2f}')} ms, p99 "
+                f"{_f(st['p99_ms'], '{:.2f}')} ms, worst {_f(st['max_ms'], '{:.2f}')} ms "
+                f"({st['probes']} probes; the relay yields the event loop every few ms of "
+                f"masking)."]
     m = res["masker_alone"]
     first = res["masked_select"].get("text", {}).get("first_row")
     out += ["", f"The result masker alone (rowmask.ResultMasker, same rows, in-process, one "

@@ -67,6 +67,10 @@ PARSE_STACK = 512 * 1024 * 1024
 _stack_lock = threading.Lock()
 LOGIN_MESSAGE_LIMIT = 64 * 1024
 WRITE_HIGH_WATER = 1 << 20
+# a connection streaming a big masked result gives the event loop back after this much
+# masking time: reads of already-buffered server bytes never suspend, so without it one
+# 100k-row result held every other connection (and every HTTP flow) for its whole burst
+YIELD_AFTER_S = 0.001
 MARKER = "agentgate_refused_"
 
 
@@ -836,8 +840,13 @@ class Session:
         if catalog is not None and self.ctx.catalog_query is not None:
             from addons.database import rowmask  # PG-B's module: present when catalog is
             wanted = rowmask.wanted_tables
+        clock = time.monotonic
+        since = clock()
         while True:
             t, payload = await read_message(sr, self.db.max_server_message_bytes)
+            if clock() - since > YIELD_AFTER_S:
+                await asyncio.sleep(0)
+                since = clock()
             if t == b"T" and wanted is not None:
                 missing = catalog.missing(wanted(t, payload))
                 if missing:
