@@ -1085,11 +1085,16 @@ BLOCK_CHARS = 4096
 
 
 def block_hashes(text: str) -> tuple[bytes, ...]:
-    """A hash per full BLOCK_CHARS block of `text` (the partial tail is never shared)."""
-    enc = "utf-8"
-    return tuple(hashlib.blake2b(text[i:i + BLOCK_CHARS].encode(enc, "surrogatepass"),
-                                 digest_size=16).digest()
-                 for i in range(0, len(text) - BLOCK_CHARS + 1, BLOCK_CHARS))
+    """A SHA-256 per full BLOCK_CHARS block of `text` (the partial tail is never shared).
+    ASCII text (most prompts) is encoded once and hashed through views; other text per
+    block, so that blocks stay in characters."""
+    b = BLOCK_CHARS
+    stop = len(text) - b + 1
+    if text.isascii():
+        view = memoryview(text.encode("ascii"))
+        return tuple(hashlib.sha256(view[i:i + b]).digest() for i in range(0, stop, b))
+    return tuple(hashlib.sha256(text[i:i + b].encode("utf-8", "surrogatepass")).digest()
+                 for i in range(0, stop, b))
 
 
 _REACH: dict[tuple[str, int], int | None] = {}

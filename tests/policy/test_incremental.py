@@ -34,7 +34,7 @@ PATTERNS = [re.compile(p, f) for p, f in (
     (r"\d{2}\Z", 0),
     (r"x(?=y{5})", 0),             # a wide look-ahead: its width counts in the reach
 )]
-ALPHABET = "ab cdexz-0123456789\nqk=y"
+ALPHABET = "ab cdexz-0123456789\nqk=yé\u200b"
 PIECES = ["123-45-6789", "Project  Bluebird", "key=abcd", "\nssn\n", "abcde", "abxe",
           "qq", "99", " ", "-", "\n", "xyyyyy", "yyyy"]
 
