@@ -52,7 +52,7 @@ LAKE = "lake"  # the catalog's name inside a lake connection
 PG_PREFIXES = ("postgresql://", "postgres://", "postgres:")
 
 # The recorder's columns: with content-addressed bodies (schema 2) the body references too.
-COLUMNS: tuple[tuple[str, str], ...] = getattr(store, "ALL_COLUMNS", store.FLOW_COLUMNS)
+COLUMNS: tuple[tuple[str, str], ...] = store.ALL_COLUMNS
 NAMES = tuple(c for c, _ in COLUMNS)
 TIMESTAMPS = frozenset(c for c, t in COLUMNS if t == "TIMESTAMP")
 REFS = tuple(c for c in NAMES if c.endswith("_body_ref"))
@@ -77,7 +77,7 @@ SELECT_LOCAL = f"SELECT {_COLS} FROM flows WHERE seq > ? ORDER BY seq LIMIT ?"  
 # The blobs a range of records refers to, with every node and part below them.
 _ROOTS = " UNION ".join(
     f"SELECT {c} FROM flows WHERE seq BETWEEN ? AND ? AND {c} IS NOT NULL"  # noqa: S608
-    for c in REFS) or "SELECT NULL WHERE FALSE"
+    for c in REFS)
 SELECT_LOCAL_BLOBS = f"""
 WITH RECURSIVE r(h) AS (
     {_ROOTS}
@@ -307,10 +307,7 @@ def ship_segment(local: Any, lake: Any, replica: str, max_rows: int) -> int:
                   "before they were shipped; the lake will show the gap", replica,
                   head[0] + 1, first[i_seq] - 1)
     columns = [list(col) for col in zip(*rows, strict=True)]
-    blobs: list = []
-    if REFS:
-        blobs = local.execute(SELECT_LOCAL_BLOBS,
-                              [first[i_seq], last[i_seq]] * len(REFS)).fetchall()
+    blobs = local.execute(SELECT_LOCAL_BLOBS, [first[i_seq], last[i_seq]] * len(REFS)).fetchall()
     lake.execute("BEGIN TRANSACTION")
     try:
         # Re-read the head inside the transaction: two shippers of one replica conflict
@@ -555,10 +552,7 @@ def _verify_replica(lake: Any, replica: str, chain: tuple | None, chunk: int) ->
 
 def _blobs_problem(lake: Any, chunk: int = 2000) -> str | None:
     """Every shipped blob matches its content address and every reference is shipped."""
-    leaf = getattr(store, "leaf_address", None)
-    node = getattr(store, "node_address", None)
-    if leaf is None or node is None or not REFS:
-        return None  # the recorder stores every body inline: nothing by reference
+    leaf, node = store.leaf_address, store.node_address
     cur = lake.execute(f"SELECT hash, data, prev, part FROM {LAKE}.blobs")  # noqa: S608
     while batch := cur.fetchmany(chunk):
         for h, data, prev, part in batch:

@@ -78,8 +78,9 @@ def test_two_replicas_ship_in_segments_and_verify(two, tmp_path: Path) -> None:
     assert reps["gw-a"].count == 13 and reps["gw-a"].segments == 4
     assert reps["gw-b"].count == 10
     # bodies over the recorder's inline size went by reference: their blobs are in the lake
-    if lake.REFS:
-        assert con.execute("SELECT count(*) FROM lake.blobs").fetchone()[0] > 0
+    assert con.execute("SELECT count(*) FROM lake.flows WHERE request_body_ref IS NOT NULL"
+                       ).fetchone()[0] == 8  # seq 1, 4, 7, 10 of each replica
+    assert con.execute("SELECT count(*) FROM lake.blobs").fetchone()[0] > 0
     con.close()
     a.stop(1), b.stop(1)
 
@@ -261,3 +262,18 @@ def test_lake_queries_read_no_other_file(two) -> None:
     assert q.returncode != 0 and "disabled" in q.stderr
     ok = cli("query", "--lake", cfg.catalog, "SELECT count(*) AS n FROM flows")
     assert ok.returncode == 0 and "10" in ok.stdout
+
+
+def test_edited_or_missing_blob_is_reported(two) -> None:
+    cfg, (a, _b) = two
+    a.ship_all()
+    a.stop(1)
+    con = lake_con(cfg)
+    h = con.execute("SELECT hash FROM lake.blobs WHERE data IS NOT NULL LIMIT 1").fetchone()[0]
+    con.execute("UPDATE lake.blobs SET data = 'forged'::BLOB WHERE hash = ?", [h])
+    r = lake.verify(con)
+    assert not r.ok and r.problems == [f"replica *: edited: blob {h} does not match its address"]
+    con.execute("DELETE FROM lake.blobs WHERE hash = ?", [h])
+    r = lake.verify(con)
+    con.close()
+    assert not r.ok and "missing: blob" in r.problems[0]
