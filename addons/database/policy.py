@@ -29,6 +29,7 @@ GUARD_REASONS = {
     "load_library": "LOAD of a server library",
     "client_encoding": "changing client_encoding (the gateway reads SQL and rows as UTF-8)",
     "change_role": "changing the session role or authorization",
+    "search_path": "changing search_path (rules resolve unqualified tables as public.<name>)",
 }
 
 

@@ -67,6 +67,18 @@ DANGEROUS_FUNCTIONS = frozenset({
 # set_config can change client_encoding/search_path/role behind the parser's back; pg_sleep
 # ties up a server connection the agent does not pay for.
 
+# set_config(name, …) of these settings stays allowed (asyncpg turns jit off around its type
+# introspection): none changes which object a name means, who the session is, how the relay
+# reads bytes, or a custom setting row-level security may read (app.tenant_id). The name must
+# be a string constant; search_path stays out (the policy resolves unqualified tables as
+# public.<name>, so moving the path would make a rule judge the wrong table).
+SAFE_SETTINGS = frozenset({
+    "jit", "jit_above_cost", "jit_inline_above_cost", "jit_optimize_above_cost",
+    "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout",
+    "application_name", "timezone", "datestyle", "intervalstyle", "extra_float_digits",
+    "work_mem", "plan_cache_mode",
+})
+
 class SqlError(Exception):
     """The SQL cannot be parsed: it is refused (SQLSTATE 42601)."""
 
@@ -138,6 +150,19 @@ def _reads_a_column(node: Any) -> bool:
     return False
 
 
+def _const_text(args: Any) -> str | None:
+    """The first argument when it is a string constant (optionally cast), lower-cased."""
+    if not isinstance(args, list) or not args or not isinstance(args[0], dict):
+        return None
+    node = args[0]
+    if "TypeCast" in node:
+        node = node["TypeCast"].get("arg") or {}
+    const = node.get("A_Const") if isinstance(node, dict) else None
+    sval = const.get("sval") if isinstance(const, dict) else None
+    text = sval.get("sval") if isinstance(sval, dict) else None
+    return text.lower() if isinstance(text, str) else None
+
+
 def _relname(rv: dict[str, Any]) -> str:
     parts = [rv.get("catalogname"), rv.get("schemaname"), rv.get("relname")]
     return ".".join(p for p in parts if p).lower()
@@ -180,7 +205,10 @@ def _facts(key: str, val: dict[str, Any], w: _Walk) -> None:
     elif key == "FuncCall":
         fn = ".".join(_strings(val.get("funcname"))).lower()
         w.add(w.functions, fn)
-        if fn.rsplit(".", 1)[-1] in DANGEROUS_FUNCTIONS:
+        base = fn.rsplit(".", 1)[-1]
+        if base in DANGEROUS_FUNCTIONS and not (
+                base == "set_config" and fn in ("set_config", "pg_catalog.set_config")
+                and _const_text(val.get("args")) in SAFE_SETTINGS):
             w.add(w.guards, "dangerous_function")
     elif key in ("DeleteStmt", "UpdateStmt"):
         if not _reads_a_column(val.get("whereClause")):
@@ -201,6 +229,8 @@ def _facts(key: str, val: dict[str, Any], w: _Walk) -> None:
             w.add(w.guards, "client_encoding")
         if name in ("session_authorization", "role"):
             w.add(w.guards, "change_role")
+        if name == "search_path":  # unqualified names would no longer mean public.<name>
+            w.add(w.guards, "search_path")
     elif key == "PrepareStmt":
         w.prepared = str(val.get("name") or "")
     elif key == "ExecuteStmt":

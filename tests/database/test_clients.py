@@ -339,3 +339,33 @@ def test_sql_results_share_placeholders_with_llm_traffic(env: Env, standin) -> N
         assert con.execute(sql).fetchone() == ("[EMAIL_2]", "[EMAIL_1]")
     with psycopg.connect(env.dsn(application_name="thread-other"), autocommit=True) as con:
         assert con.execute(sql).fetchone() == ("[EMAIL_1]", "[EMAIL_2]")
+
+
+def test_asyncpg_enum_introspection(env: Env) -> None:
+    """asyncpg introspects a user-defined type (an enum) with set_config('jit', …) around its
+    catalog query: the dangerous-function guard lets those settings through (and keeps
+    refusing search_path, role, …)."""
+    import asyncpg
+
+    async def run() -> None:
+        con = await asyncpg.connect(host="127.0.0.1", port=env.port, user="agent",
+                                    password=env.token(), database="analytics",
+                                    server_settings={"application_name": THREAD})
+        try:
+            # the enum parameter makes asyncpg introspect the type (jit off, then back)
+            rows = await con.fetch("SELECT id, note FROM moods WHERE m = $1", "calm")
+            assert [(r["id"], r["note"]) for r in rows] == [(1, "[EMAIL_1]")]
+            # an enum's binary form is refused under masking (test above); asyncpg reads it
+            # in text format with a text codec
+            await con.set_type_codec("mood", encoder=str, decoder=str, schema="public",
+                                     format="text")
+            rows = await con.fetch("SELECT id, m, note FROM moods WHERE m = $1", "calm")
+            assert [(r["id"], r["m"], r["note"]) for r in rows] == [(1, "calm", "[EMAIL_1]")]
+            for sql in ("SELECT set_config('search_path', 'pg_catalog', false)",
+                        "SET search_path TO pg_catalog", "SELECT set_config('role', 'x', false)"):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await con.execute(sql)
+            assert await con.fetchval("SELECT count(*) FROM moods") == 1
+        finally:
+            await con.close()
+    asyncio.run(run())

@@ -57,9 +57,31 @@ def test_unbounded_writes(sql: str, unbounded: bool) -> None:
     ("RESET ALL", "client_encoding"),
     ("SET ROLE admin", "change_role"),
     ("LOAD 'plpgsql'", "load_library"),
+    ("SET search_path TO other, public", "search_path"),
+    ("SET LOCAL search_path = other", "search_path"),
+    ("SELECT set_config('search_path', 'other', false)", "dangerous_function"),
+    ("SELECT set_config('role', 'admin', false)", "dangerous_function"),
+    ("SELECT set_config('session_authorization', 'admin', true)", "dangerous_function"),
+    ("SELECT set_config('client_encoding', 'LATIN1', false)", "dangerous_function"),
+    ("SELECT set_config('app.tenant_id', '2', false)", "dangerous_function"),
+    ("SELECT set_config($1, 'off', false)", "dangerous_function"),
+    ("SELECT set_config(lower('JIT'), 'off', false)", "dangerous_function"),
+    ("SELECT myschema.set_config('jit', 'off', false)", "dangerous_function"),
 ])
 def test_guards(sql: str, guard: str) -> None:
     assert guard in analyze(sql).guards
+
+
+@pytest.mark.parametrize("sql", [
+    # asyncpg's type introspection turns jit off and back
+    "SELECT current_setting('jit') AS cur, set_config('jit', 'off', false) AS new",
+    "SELECT set_config('jit', $1, false)",
+    "SELECT pg_catalog.set_config('statement_timeout', '5s', true)",
+    "SELECT set_config('JIT'::text, 'on', false)",
+    "SELECT current_setting('search_path')",
+])
+def test_safe_settings_pass_the_guard(sql: str) -> None:
+    assert analyze(sql).guards == ()
 
 
 def test_multi_statement_and_masked_literals() -> None:
