@@ -16,6 +16,8 @@ import json
 import httpx
 import pytest
 
+from addons.policy import engine
+from addons.policy.engine import RequestFacts
 from tests.conftest import standin_upstreams_yaml
 
 pytestmark = pytest.mark.integration
@@ -87,3 +89,50 @@ def test_cached_turns_stable_and_no_leak_across_identities(gateway_factory, stan
     status, answer = chat(gw, alice, [{"role": "user", "content": "say [EMAIL_1]"}])
     assert status == 200
     assert ALICE_MAIL in answer  # restore: alice gets her own original back
+
+
+def test_incremental_policy_still_blocks_late_content(gateway_factory, standin,
+                                                      oidc_provider) -> None:
+    """A long conversation (the prompt searches become incremental past 8 KB) whose later
+    turns bring a forbidden value: at the end of the text, straddling what the session
+    sent before (its last message grown), and in another identity's turn under the same
+    session id: each is blocked, as a full search would."""
+    policy = ("policies:\n"
+              "  - name: no-ssn\n"
+              "    match: {prompt: {regex: ['\\b\\d{3}-\\d{2}-\\d{4}\\b']}}\n"
+              "    action: block\n"
+              "    message: forbidden content\n")
+    gw = gateway_factory({"rules.yaml": "{standin_upstreams}", "id.yaml":
+                          oidc_provider.identity_yaml(), "p.yaml": policy})
+    alice = oidc_provider.token(sub="alice", groups=["agents"])
+    mallory = oidc_provider.token(sub="mallory", groups=["agents"])
+    msgs = [{"role": "system", "content": "be brief " * 40}]
+    for turn in range(6):
+        msgs = [*msgs, {"role": "user", "content": f"turn {turn}: order 12-345 " * 150},
+                {"role": "assistant", "content": "noted 555-12 " * 150}]
+        assert chat(gw, alice, msgs)[0] == 200
+    # the last message grows by the value's tail ('555-12' + '-3456'), with the end of what
+    # was sent before 3 characters past a 4096-character block boundary of the prompt
+    # text: the match starts in the shared blocks, before where they end
+    def prompt_len(messages: list[dict]) -> int:
+        body = json.dumps({"model": "gpt-4o-mini", "messages": messages}).encode()
+        return len(RequestFacts("POST", "api.openai.com", "/v1/chat/completions",
+                                body=body, content_type="application/json").prompt_text)
+
+    base = " noted" * 150 + " 555-12"
+    pad = (3 - prompt_len([*msgs[:-1], {"role": "assistant", "content": base}])) \
+        % engine.BLOCK_CHARS
+    last = "x" * pad + base
+    before = [*msgs[:-1], {"role": "assistant", "content": last}]
+    assert prompt_len(before) % engine.BLOCK_CHARS == 3
+    assert chat(gw, alice, before)[0] == 200
+    status, body = chat(gw, alice, [*msgs[:-1], {"role": "assistant",
+                                                 "content": last + "-3456"}])
+    assert status == 403 and "no-ssn" in body
+    # an ordinary next turn still passes, then the value in a new message is blocked
+    assert chat(gw, alice, [*msgs, {"role": "user", "content": "thanks"}])[0] == 200
+    status, body = chat(gw, alice, [*msgs, {"role": "user", "content": "ssn 536-22-4519"}])
+    assert status == 403
+    # another identity, same session id, same history plus the value: blocked too
+    status, body = chat(gw, mallory, [*msgs, {"role": "user", "content": "ssn 536-22-4519"}])
+    assert status == 403
