@@ -942,9 +942,12 @@ class ResultMasker:
             self._q.popleft()
             _, portal, stmt, codes = head
             desc = self._statements.get(stmt)
-            if desc is None:
-                raise Desync("Bind of an unknown statement completed")
-            self._named(self._portals, portal, _Desc(desc.row_description, codes))
+            # a statement this masker never saw parsed (SQL PREPARE, which the server
+            # accepted: it bound it) has no known columns; its portal gets them from a
+            # Describe of the portal (libpq sends one with every Bind), else its rows are
+            # refused in band ("never described") — never guessed, never a disconnect
+            self._named(self._portals, portal,
+                        _Desc(desc.row_description if desc is not None else None, codes))
         elif t == b"t":
             self._expect(kind, "DS")
         elif t == b"n":
@@ -1132,11 +1135,25 @@ class ResultMasker:
         self._copy = False
         if tag_payload:
             st.tag = tag_payload.rstrip(b"\0").decode("utf-8", "replace")
+            self._follow_sql_prepare(st.tag, token)
         for entity, entry in st.entities.items():
             count(self.findings, entity, entry["strategy"], entry["count"])
         self.results.append(st)
         if len(self.results) > MAX_QUEUED:
             raise Desync("the relay does not drain statement results")
+
+    def _follow_sql_prepare(self, tag: str, token: Any) -> None:
+        """SQL PREPARE / DEALLOCATE / DISCARD ALL change the server's statements behind the
+        protocol: a name they touch loses what a Parse + Describe told this masker (a stale
+        RowDescription would mask another statement's rows by the wrong columns)."""
+        if not tag.startswith(("PREPARE", "DEALLOCATE", "DISCARD")):
+            return
+        stmt = getattr(token, "statement", None)
+        name = getattr(stmt, "prepared", None) or getattr(stmt, "deallocates", None)
+        if tag in ("DEALLOCATE ALL", "DISCARD ALL") or not name or name == "*":
+            self._statements.clear()
+        else:
+            self._statements.pop(str(name).encode("utf-8"), None)
 
     def _end_unit(self, status: bytes) -> None:
         self._exec = None

@@ -728,3 +728,46 @@ def test_records_carry_findings_per_entity(env: Env) -> None:
     assert rec["findings"] == 3
     by = rec["findings_by_entity"]
     assert by["EMAIL"]["count"] == 2 and sum(e["count"] for e in by.values()) == 3, by
+
+
+def test_sql_prepared_statement_bound_by_the_protocol(env: Env) -> None:
+    """SQL PREPARE then a protocol Bind of that name: rows come back masked when the portal
+    is described (libpq does), refused in band when nothing described them, and the
+    connection is never closed; a name re-PREPAREd with other columns is not masked by the
+    columns a Parse + Describe gave the old one."""
+    s, got = raw_login(env.port, env.token())
+    assert got[-1][0] == b"Z"
+    assert raw_query(s, "PREPARE byid AS SELECT name, email FROM users WHERE id = $1")[-1][0] \
+        == b"Z"
+    one = struct.pack("!hh", 1, 0) + struct.pack("!h", 1) + struct.pack("!i", 1) + b"1" \
+        + struct.pack("!h", 0)
+    # Bind + Describe portal + Execute: masked rows
+    s.sendall(_msg(b"B", b"\0byid\0" + one) + _msg(b"D", b"P\0")
+              + _msg(b"E", b"\0" + struct.pack("!i", 0)) + _msg(b"S", b""))
+    got = _until_ready(s)
+    rows = [p for t, p in got if t == b"D"]
+    assert [t for t, _ in got] == [b"2", b"T", b"D", b"C", b"Z"], got
+    assert b"ann@example.com" not in rows[0] and b"[EMAIL_" in rows[0]
+    # Bind + Execute without any Describe: refused in band, the session goes on
+    s.sendall(_msg(b"B", b"\0byid\0" + one) + _msg(b"E", b"\0" + struct.pack("!i", 0))
+              + _msg(b"S", b""))
+    got = _until_ready(s)
+    errs = [fields(p) for t, p in got if t == b"E"]
+    assert errs and errs[0]["C"] == "0A000" and "described" in errs[0]["M"], got
+    assert not any(b"ann@example.com" in p for _, p in got)
+    # a Parse + Describe of a name, then SQL DEALLOCATE + PREPARE with other columns, then a
+    # Bind: the old description must not decide how the new rows are read
+    s.sendall(_msg(b"P", b"swap\0SELECT id, name FROM users WHERE id = $1\0\0\0")
+              + _msg(b"D", b"Sswap\0") + _msg(b"S", b""))
+    assert _until_ready(s)[-1][0] == b"Z"
+    raw_query(s, "DEALLOCATE swap")
+    raw_query(s, "PREPARE swap AS SELECT email, id FROM users WHERE id = $1")
+    binary = one[:-2] + struct.pack("!hh", 1, 1)  # results in binary format
+    s.sendall(_msg(b"B", b"\0swap\0" + binary) + _msg(b"E", b"\0" + struct.pack("!i", 0))
+              + _msg(b"S", b""))
+    got = _until_ready(s)
+    assert not any(b"ann@example.com" in p for _, p in got), got
+    assert any(t == b"E" and "described" in fields(p)["M"] for t, p in got), got
+    got = raw_query(s, "SELECT 1")
+    assert any(t == b"D" for t, _ in got)
+    s.close()
