@@ -23,6 +23,7 @@ pure; the password is read when the gateway logs in (`read_secret`), never store
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,22 @@ class Database:
     @property
     def listen(self) -> str:
         return f"{self.listen_host}:{self.listen_port}"
+
+    def describe(self) -> str:
+        """One line for `agentgate rules check` (never the password, only where it is)."""
+        if self.password_env:
+            where = f"password from env {self.password_env}"
+            ready = bool(os.environ.get(self.password_env))
+        else:
+            where = f"password from file {self.password_file}"
+            ready = bool(self.password_file) and os.path.isfile(str(self.password_file))
+        tls = "TLS required" if self.client_tls_required else "TLS optional (loopback)"
+        return (f"{self.name}: listen {self.listen} ({tls}) -> {self.upstream} database "
+                f"{self.database} (user {self.user}, {where}, server TLS {self.server_tls}); "
+                f"{len(self.sql)} sql rules, default {self.sql_default}, "
+                f"{len(self.mask_columns)} column rules, masking "
+                f"{'on' if self.mask else 'off'}"
+                + ("" if ready else "  [password not set in this environment]"))
 
 
 def _host_port(value: Any, where: Where) -> tuple[str, int]:

@@ -79,3 +79,32 @@ def test_table_patterns() -> None:
     assert not table_matches("crm.users", "users")
     assert table_matches("crm.*", "crm.users") and not table_matches("crm.*", "hr.users")
     assert table_matches("*.users", "db.crm.users")
+
+
+def test_rules_check_lists_databases_and_mcp(tmp_path: Path) -> None:
+    """`agentgate rules check` (the real CLI) shows each database (name, listen, upstream,
+    database, rules count, where its password comes from, never the password) and the mcp
+    section's summary next to the upstreams."""
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "r.yaml").write_text(GOOD + "mcp:\n  unknown_methods: allow\n")
+    env = {k: v for k, v in os.environ.items() if k != "WAREHOUSE_PASSWORD"}
+    env["PYTHONPATH"] = str(root)
+
+    def run(extra: dict[str, str]) -> str:
+        p = subprocess.run([sys.executable, "-m", "addons.cli", "rules", "check", str(tmp_path)],
+                           capture_output=True, text=True, timeout=60, cwd=root,
+                           env={**env, **extra})
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+    out = run({})
+    line = next(x for x in out.splitlines() if x.strip().startswith("database warehouse:"))
+    for part in ("listen 127.0.0.1:15432", "-> 127.0.0.1:5432", "database analytics",
+                 "user agent_rw", "env WAREHOUSE_PASSWORD", "2 sql rules", "1 column rules",
+                 "[password not set in this environment]"):
+        assert part in line, (part, line)
+    assert "mcp: unknown methods allow" in out
+    out = run({"WAREHOUSE_PASSWORD": "s3cret-db-pass"})
+    assert "s3cret-db-pass" not in out and "not set in this environment" not in out
