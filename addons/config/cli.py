@@ -32,6 +32,8 @@ def check(args: argparse.Namespace) -> int:
         fwd = f" -> {up.forward_to[0]}://{up.forward_to[1]}:{up.forward_to[2]}" \
             if up.forward_to else ""
         print(f"  upstream {up.name}: {', '.join(up.hosts)} ({up.dialect}; {cred}){fwd}{ready}")
+    for db in getattr(rules, "databases", ()) or ():
+        print(f"  database {db.describe()}")
     for line in _section_summaries(rules):
         print(f"  {line}")
     return 0
@@ -39,7 +41,7 @@ def check(args: argparse.Namespace) -> int:
 
 def _section_summaries(rules) -> list[str]:
     out = []
-    for name in ("identity", "masking", "policies", "approvals", "recorder"):
+    for name in ("identity", "masking", "policies", "approvals", "recorder", "mcp"):
         value = getattr(rules, name)
         describe = getattr(value, "describe", None)
         if callable(describe):
