@@ -575,6 +575,8 @@ class PgApprovalStore(ApprovalStore):
                 try:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.listening = True
+                    if self._wake is not None:
+                        self._wake.set()  # sync now: what changed before LISTEN took hold
                     async for n in conn.notifies():
                         try:
                             await self._fetch([n.payload])
@@ -589,7 +591,9 @@ class PgApprovalStore(ApprovalStore):
             except (psycopg.Error, OSError) as e:
                 log.debug("shared approval store: LISTEN connection lost (%s)",
                           type(e).__name__)
-            await asyncio.sleep(self.poll)
+            except Exception:  # noqa: BLE001 - the listener must outlive one bad message
+                log.exception("agentgate: shared approval store: LISTEN loop failed")
+            await asyncio.sleep(min(self.poll, 1.0))
 
     async def _poll_loop(self) -> None:
         warned = False

@@ -85,13 +85,14 @@ def test_decided_on_the_other_replica_both_ways(pg: ScramServer) -> None:
             assert e.value.code == "reviewer_not_in_group"
             # a synchronous transition (the addon's timeout / cancellation) is replayed
             a.cancel(h3.id, "client left")
-            await until(lambda: b.get(h3.id).state == CANCELLED, 3.0)
+            await until(lambda: b.get(h3.id) is not None
+                        and b.get(h3.id).state == CANCELLED, 3.0)
             # a synchronous vote (mitmweb's operator) on the holding replica is replayed
             op = SPEC.__class__(**{**SPEC.__dict__, "allow_mitmweb": True})
             h4 = await a.acreate(op, "agent-1", {}, "", owner="id:agent-1")
             await until(lambda: b.get(h4.id) is not None)
             a.approve(h4.id, "", via="mitmweb")
-            await until(lambda: b.get(h4.id).state == APPROVED, 3.0)
+            await until(lambda: b.get(h4.id).state == APPROVED, 3.0)  # b has h4 (above)
             # one racing it on the other replica loses in Postgres, and its mirror is told
             h5 = await a.acreate(op, "agent-1", {}, "", owner="id:agent-1")
             await until(lambda: b.get(h5.id) is not None)
@@ -216,7 +217,8 @@ def test_a_restart_under_the_same_name_and_a_forgotten_deadline(pg: ScramServer)
             await old._drop()
             new = await started(pg.admin_dsn("postgres"), replica="same", poll=0.2)
             try:
-                await until(lambda: watcher.get(h.id).state == CANCELLED, 5)
+                await until(lambda: watcher.get(h.id) is not None
+                            and watcher.get(h.id).state == CANCELLED, 5)
                 assert "restarted" in watcher.get(h.id).reason
                 # a hold whose replica is alive but never expires it (a bug, a stuck
                 # loop): any replica expires it LATE seconds past its deadline
