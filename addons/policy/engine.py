@@ -116,7 +116,7 @@ class RequestFacts:
         # the session's SearchHistory (set by the policy addon): prompt searches start
         # where this text differs from what the session sent before
         self.history: SearchHistory | None = None
-        self._blocks: dict[str, tuple[bytes, ...]] = {}
+        self._blocks: dict[str, bytes] = {}
 
     # -- body
     @property
@@ -1084,17 +1084,24 @@ INCREMENTAL_MIN_CHARS = 8192
 BLOCK_CHARS = 4096
 
 
-def block_hashes(text: str) -> tuple[bytes, ...]:
-    """A SHA-256 per full BLOCK_CHARS block of `text` (the partial tail is never shared).
-    ASCII text (most prompts) is encoded once and hashed through views; other text per
-    block, so that blocks stay in characters."""
+HASH_BYTES = 16
+# hashes cover the first MiB of a text (4 KiB of hashes per text form and session); a
+# longer text is searched from there on every time
+MAX_BLOCKS = 256
+
+
+def block_hashes(text: str) -> bytes:
+    """SHA-256 (first HASH_BYTES) of every full BLOCK_CHARS block of `text`, concatenated
+    (the partial tail is never shared). ASCII text (most prompts) is encoded once and
+    hashed through views; other text per block, so that blocks stay in characters."""
     b = BLOCK_CHARS
-    stop = len(text) - b + 1
+    stop = min(len(text) - b + 1, MAX_BLOCKS * b)
     if text.isascii():
         view = memoryview(text.encode("ascii"))
-        return tuple(hashlib.sha256(view[i:i + b]).digest() for i in range(0, stop, b))
-    return tuple(hashlib.sha256(text[i:i + b].encode("utf-8", "surrogatepass")).digest()
-                 for i in range(0, stop, b))
+        return b"".join(hashlib.sha256(view[i:i + b]).digest()[:HASH_BYTES]
+                        for i in range(0, stop, b))
+    return b"".join(hashlib.sha256(text[i:i + b].encode("utf-8", "surrogatepass"))
+                    .digest()[:HASH_BYTES] for i in range(0, stop, b))
 
 
 _REACH: dict[tuple[str, int], int | None] = {}
@@ -1152,12 +1159,13 @@ def _assert_width(items: list[Any]) -> int | None:
 
 class SearchHistory:
     """One session's last prompt searches: {(pattern, text form): (block hashes, matched)}.
-    Hashes only (never text); bounded in entries. Thread-safe."""
+    Hashes only (never text): at most MAX_BLOCKS x HASH_BYTES (4 KiB) per text form, the
+    forms' hashes shared by their patterns; bounded in entries. Thread-safe."""
 
     __slots__ = ("_seen", "_lock", "last_used", "max_entries", "saved_chars")
 
     def __init__(self, max_entries: int = 512) -> None:
-        self._seen: dict[tuple[Any, str], tuple[tuple[bytes, ...], bool]] = {}
+        self._seen: dict[tuple[Any, str], tuple[bytes, bool]] = {}
         self._lock = threading.Lock()
         self.last_used = 0.0
         self.max_entries = max_entries
@@ -1166,8 +1174,7 @@ class SearchHistory:
     def __len__(self) -> int:
         return len(self._seen)
 
-    def search(self, pattern: re.Pattern[str], which: str, text: str,
-               blocks: tuple[bytes, ...]) -> bool:
+    def search(self, pattern: re.Pattern[str], which: str, text: str, blocks: bytes) -> bool:
         reach = pattern_reach(pattern)
         if reach is None:
             return pattern.search(text) is not None
@@ -1176,9 +1183,10 @@ class SearchHistory:
             prev = self._seen.get(key)
         start = 0
         if prev is not None and not prev[1]:
+            old, n = prev[0], HASH_BYTES
             common = 0
-            for a, b in zip(prev[0], blocks, strict=False):
-                if a != b:
+            for i in range(0, min(len(old), len(blocks)), n):
+                if old[i:i + n] != blocks[i:i + n]:
                     break
                 common += 1
             start = max(0, common * BLOCK_CHARS - reach)
@@ -1195,7 +1203,7 @@ class SearchHistories:
     """Every session's SearchHistory, by session key; bounded (least recently used out)
     and expiring after an idle time."""
 
-    def __init__(self, max_sessions: int = 10_000, idle_ttl: float = 3600.0,
+    def __init__(self, max_sessions: int = 4096, idle_ttl: float = 3600.0,
                  clock: Callable[[], float] | None = None) -> None:
         import time
         self._h: OrderedDict[str, SearchHistory] = OrderedDict()
