@@ -5,10 +5,13 @@ PG-B: implement these in `addons/database/rowmask.py` and `addons/database/recor
 message in both directions); the relay (addons/database/session.py) finds them through
 `resolve_hooks()`:
 
-- `addons.database.rowmask.make_result_masker(db, masking, identity) -> ResultMasker`, once per
-  client connection after login. `db` is the `Database` (addons/database/config.py: `mask`,
-  `mask_columns`, …), `masking` the rules' masking section in force, `identity` the verified
-  identity dict. The relay then calls, in wire order:
+- `addons.database.rowmask.make_result_masker(db, masking, identity, *, session, masker,
+  sessions) -> ResultMasker`, once per client connection after login (`session`: the
+  connection's session id; `masker`/`sessions`: the masking addon's, when the gateway has
+  one, so results share the placeholders of the session's LLM traffic). `db` is the
+  `Database` (addons/database/config.py: `mask`, `mask_columns`, …), `masking` the rules'
+  masking section in force, `identity` the verified identity dict. The relay then calls, in
+  wire order:
     `masker.client(msg_type, payload, token)` for every frontend message it forwards
       (payload without type byte and length; `token` is the relay's per-statement object for
       Query/Execute, else None);
@@ -31,7 +34,9 @@ message in both directions); the relay (addons/database/session.py) finds them t
   [..], "decision": allow|block|approve|observe, "rule": name or None, "approval": approval
   id/state or None, "rows": int or None, "command": CommandComplete tag or None, "error":
   str or None (SQLSTATE + message, masked), "findings": int, "started": epoch s, "ended":
-  epoch s, "duration_ms": float}.
+  epoch s, "duration_ms": float, "findings_by_entity": {ENTITY: {count, strategy}} or None}.
+  Its `unavailable()` attribute (None, or why the store cannot take a record now) is asked
+  before each statement is forwarded: when it gives a reason the statement is refused (58000).
 
 Until PG-B's modules exist the defaults below refuse: a connection is refused rather than
 served unmasked or unrecorded (fail closed). Tests replace the factories on the Database
