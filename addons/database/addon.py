@@ -43,6 +43,7 @@ from addons.database.hooks import HookMissing, MaskerFactory, RecorderFactory, r
 from addons.database.policy import Verdict
 from addons.database.session import Context, KeyMap, Refused, login_server, serve
 from addons.identity.addon import verify_token
+from addons.masking.sessionstore import SharedSession
 
 log = logging.getLogger("agentgate.database")
 
@@ -105,6 +106,16 @@ class _Catalog:
             self.conn = None
 
 
+class _SharedSessions:
+    """A `SessionStore`-like view of the masking addon's replica-shared placeholder map."""
+
+    def __init__(self, shared: Any) -> None:
+        self.shared = shared
+
+    def get(self, key: str) -> Any:
+        return SharedSession(self.shared, key)
+
+
 class Databases:
     def __init__(self, holder: RulesHolder, approval: Approval, recorder: Any, *,
                  masker_factory: MaskerFactory | None = None,
@@ -141,10 +152,10 @@ class Databases:
         if getattr(m, "shared_error", None):
             raise RuntimeError(m.shared_error)
         if getattr(m, "shared", None) is not None:
-            # replica-shared placeholders number values with Postgres I/O from worker threads
-            # only; the relay masks on the event loop, so results keep rowmask's own map for
-            # this identity + session (masked all the same, numbered apart from the LLM's)
-            return {}
+            # replica-shared placeholders: the session's map as every replica has it (the
+            # relay prefetches it in a worker thread before the first statement); a value it
+            # meets first in a result gets `[LABEL]`, as on the event loop in HTTP masking
+            return {"masker": m.masker(), "sessions": _SharedSessions(m.shared)}
         return {"masker": m.masker(), "sessions": m.sessions}
 
     # `running` and `done` are sync on purpose (see approval/addon.py: script reloads)

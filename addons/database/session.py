@@ -910,6 +910,11 @@ class Session:
             shared = self.ctx.placeholders() if self.ctx.placeholders is not None else {}
             self.masker = self.ctx.masker_factory(self.db, self.masking, self.identity,
                                                   session=self.session_id, **shared)
+            placeholders = getattr(self.masker, "session", None)
+            if callable(getattr(placeholders, "prefetch", None)):
+                # a replica-shared map (Postgres I/O): loaded off the event loop; a failure
+                # refuses the connection as the masking addon refuses the flow
+                await asyncio.to_thread(placeholders.prefetch)
             self.server = await login_server(self.db, params)
         except Refused as e:
             await self._fatal(e.code, e.text)

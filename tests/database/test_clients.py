@@ -369,3 +369,34 @@ def test_asyncpg_enum_introspection(env: Env) -> None:
         finally:
             await con.close()
     asyncio.run(run())
+
+
+def test_sql_results_share_replica_placeholders(gateway_factory, local_issuer, standin,
+                                                pgserver: ScramServer) -> None:
+    """With replica-shared placeholders (AGENTGATE_STATE), a SQL result uses the map every
+    replica has for that identity + session: a value the LLM traffic numbered keeps its
+    number, a value first met in a result is `[EMAIL]` (never a number another value holds)."""
+    import httpx
+    port = free_port()
+    rules = RULES.format(standin_upstreams="{standin_upstreams}",
+                         identity=local_issuer.identity_yaml(), listen=port,
+                         pgport=pgserver.port)
+    gw = gateway_factory(rules, env={
+        "WAREHOUSE_PASSWORD": DB_PASSWORD, "AGENTGATE_STATE": pgserver.dsn(),
+        "AGENTGATE_SECRET": "replica-secret-for-tests-0123456789"})
+    wait_port(port)
+    env = Env(gw, port, local_issuer)
+    session = "thread-replica-ph"
+    with httpx.Client(proxy=gw.proxy_url(env.token()), verify=str(gw.ca_cert),
+                      timeout=30) as c:
+        r = c.post("https://api.openai.com/v1/chat/completions",
+                   headers={"x-agent-session": session},
+                   json={"model": "gpt-4o", "messages": [
+                       {"role": "user", "content": "write to ann.lee@example.com"}]})
+    assert r.status_code == 200, r.text
+    assert "[EMAIL_1]" in json.dumps(standin.requests[-1])
+    sql = "SELECT 'zed.q@example.net' AS a, 'ann.lee@example.com' AS b"
+    with psycopg.connect(env.dsn(application_name=session), autocommit=True) as con:
+        assert con.execute(sql).fetchone() == ("[EMAIL]", "[EMAIL_1]")
+    with psycopg.connect(env.dsn(application_name="thread-other-r"), autocommit=True) as con:
+        assert con.execute(sql).fetchone() == ("[EMAIL]", "[EMAIL]")
