@@ -137,6 +137,9 @@ def start_gateway(rules_dir: Path, confdir: Path, data_dir: Path, log_path: Path
     penv = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     penv.update(gateway_env or {})
     penv.update(env or {})
+    # SIGTERM drains flows in flight (addons/health) for up to 25 s by default: the tests'
+    # and dev's gateways, stopped with flows still held, wait 5 s (an env or --set wins)
+    penv.setdefault("AGENTGATE_DRAIN_SECONDS", "5")
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=penv,
                             cwd=str(ROOT))

@@ -59,7 +59,9 @@ def cluster(tmp_path: Path, gateway_confdir: Path, standin, oidc_provider):
     (rules / "rules.yaml").write_text(standin_upstreams_yaml(standin)
                                       + oidc_provider.identity_yaml() + POLICIES)
     c = start_cluster(2, rules, gateway_confdir, tmp_path / "data",
-                      standin_ca=standin.ca_path, gateway_env=GATEWAY_ENV)
+                      standin_ca=standin.ca_path,
+                      # the drain test decides a held flow while its replica drains
+                      gateway_env={**GATEWAY_ENV, "AGENTGATE_DRAIN_SECONDS": "25"})
     yield c
     c.stop()
 
