@@ -410,35 +410,68 @@ def cap_value(v: Any, limit: int, path: str, notes: list[dict[str, Any]]) -> Any
     Applied to the whole flow state, not to named fields: every copy of a body (request,
     response, `backup`, WebSocket messages, bytes an addon left in metadata) and any other
     oversized value (a huge header) is bounded the same way, so no single flow can make a
-    row larger than the store can take.
+    row larger than the store can take. Containers with nothing to cut are returned as they
+    are (shared, not copied: treat the result as read-only below the top level).
     """
+    start = len(notes)
+    out = _cap(v, limit, notes)
+    for note in notes[start:]:  # paths are built only for the cuts (the walk is per flow)
+        note["path"] = path + "".join(reversed(note.pop("_keys")))
+    return out
+
+
+def _cap(v: Any, limit: int, notes: list[dict[str, Any]]) -> Any:
     if isinstance(v, bytes | bytearray | memoryview):
-        b = bytes(v)
-        if len(b) <= limit:
+        if len(v) <= limit:
             return v
-        notes.append({"path": path, "size": len(b), "kept": limit,
+        b = bytes(v)
+        notes.append({"_keys": [], "size": len(b), "kept": limit,
                       "sha256": hashlib.sha256(b).hexdigest()})
         return b[:limit]
     if isinstance(v, str):
         if len(v) <= limit:
             return v
         whole = v.encode("utf-8", "surrogatepass")
-        notes.append({"path": path, "size": len(whole), "kept": limit,
+        notes.append({"_keys": [], "size": len(whole), "kept": limit,
                       "sha256": hashlib.sha256(whole).hexdigest()})
         return v[:limit]
     if isinstance(v, dict):
-        return {k: cap_value(x, limit, f"{path}.{k}", notes) for k, x in v.items()}
+        changed: dict[Any, Any] | None = None
+        for k, x in v.items():
+            n = len(notes)
+            y = _cap(x, limit, notes)
+            if y is not x:
+                for note in notes[n:]:
+                    note["_keys"].append(f".{k}")
+                if changed is None:
+                    changed = dict(v)
+                changed[k] = y
+        return v if changed is None else changed
     if isinstance(v, list | tuple):
-        out = [cap_value(x, limit, f"{path}[{i}]", notes) for i, x in enumerate(v)]
-        return tuple(out) if isinstance(v, tuple) else out
+        items: list[Any] | None = None
+        for i, x in enumerate(v):
+            n = len(notes)
+            y = _cap(x, limit, notes)
+            if y is not x:
+                for note in notes[n:]:
+                    note["_keys"].append(f"[{i}]")
+                if items is None:
+                    items = list(v)
+                items[i] = y
+        if items is None:
+            return v
+        return tuple(items) if isinstance(v, tuple) else items
     return v
 
 
 def cap_state(st: dict[str, Any], limit: int) -> dict[str, Any]:
     """The flow state as stored: every oversized value truncated (see cap_value); the cuts
-    are listed in the stored state's metadata under `agentgate_truncated`."""
+    are listed in the stored state's metadata under `agentgate_truncated`. The top level
+    is a new dict (callers replace its parts)."""
     notes: list[dict[str, Any]] = []
     capped = cap_value(st, max(limit, 0), "", notes)
+    if capped is st:
+        capped = dict(st)
     if notes:
         meta = capped.get("metadata")
         capped["metadata"] = dict(meta) if isinstance(meta, dict) else {}
