@@ -52,6 +52,7 @@ from addons.database.policy import Verdict, evaluate
 from addons.database.scram import MECHANISM, ScramClient, ScramError, md5_password
 from addons.database.sqlfacts import SqlError, Statement, analyze
 from addons.frame.hosts import is_loopback_host
+from addons.masking.masker import SessionStore, session_key
 
 log = logging.getLogger("agentgate.database")
 
@@ -441,6 +442,7 @@ class Session:
         self.portals: dict[str, tuple[Statement, Verdict]] = {}
         self.holding = False
         self.cancel_requested = False
+        self.placeholder_store: SessionStore | None = None  # the masking addon's, in memory
 
     # ------------------------------------------------------------ startup + login
     async def startup(self) -> pg.Startup:
@@ -659,6 +661,7 @@ class Session:
         applies to open connections. A change the connection cannot follow (the database
         removed, another server or credential, other masking, the identity no longer
         allowed) ends it; the client reconnects under the new rules."""
+        self._renew_placeholders()
         masking = getattr(self.ctx.rules(), "masking", None)
         if masking is not self.masking:
             if masking != self.masking:  # the masker was built with the old detectors
@@ -682,6 +685,19 @@ class Session:
             raise Refused("28000", f"agentgate: identity no longer allowed to use database "
                                    f"{db.name}")
         self.db = db
+
+    def _renew_placeholders(self) -> None:
+        """The session's map as the masking addon has it now, before each statement: the
+        store drops a session idle past its TTL (or the least recent beyond max_sessions),
+        and the LLM traffic then numbers values in a new map — a result masked by the old
+        one would hand out numbers that now mean other values. Asking also keeps the
+        session alive while the connection works."""
+        store = self.placeholder_store
+        if store is None or self.masker is None:
+            return
+        current = store.get(session_key(self.identity.get("sub"), str(self.session_id)))
+        if getattr(self.masker, "session", current) is not current:
+            self.masker.session = current
 
     def _expired(self) -> bool:
         exp = self.identity.get("exp")
@@ -910,6 +926,8 @@ class Session:
             shared = self.ctx.placeholders() if self.ctx.placeholders is not None else {}
             self.masker = self.ctx.masker_factory(self.db, self.masking, self.identity,
                                                   session=self.session_id, **shared)
+            store = shared.get("sessions")
+            self.placeholder_store = store if isinstance(store, SessionStore) else None
             placeholders = getattr(self.masker, "session", None)
             if callable(getattr(placeholders, "prefetch", None)):
                 # a replica-shared map (Postgres I/O): loaded off the event loop; a failure
