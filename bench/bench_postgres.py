@@ -321,7 +321,7 @@ def markdown(res: dict[str, Any]) -> str:
         out += ["", f"Another connection's `SELECT 1` in a loop while the masked SELECT streams "
                 f"(text) through the same gateway: p50 {_f(st['p50_ms'], '{:.2f}')} ms, p99 "
                 f"{_f(st['p99_ms'], '{:.2f}')} ms, worst {_f(st['max_ms'], '{:.2f}')} ms "
-                f"({st['probes']} probes; the relay yields the event loop every few ms of "
+                f"({st['probes']} probes; the relay yields the event loop after each ms of "
                 f"masking)."]
     m = res["masker_alone"]
     first = res["masked_select"].get("text", {}).get("first_row")
