@@ -206,6 +206,7 @@ class Cluster:
             r.gateway.stop(signal.SIGTERM, timeout=40)
         if self.postgres is not None:
             self.postgres.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)  # logs, haproxy.cfg
 
 
 def start_replica(name: str, rules_dir: Path, confdir: Path, data_dir: Path, dsn: str,
