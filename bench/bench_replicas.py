@@ -22,6 +22,7 @@ Run alone: `python -m bench.bench_replicas [--quick]`.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import statistics
 import sys
 import tempfile
@@ -197,6 +198,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             issuer.stop()
         if pg is not None:
             pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
