@@ -11,6 +11,9 @@ state database: `./run_proxy.sh replicas N` (also the tests and bench/bench_repl
   `GET /readyz` on each replica's probe port (a draining or not-ready replica takes no new
   connections), `option redispatch` + retries (a killed replica's refused connections go to
   another).
+- `main()` (the command) also wires the two settings that make replicas one gateway: the
+  gateway secret (placeholders sealed in the shared Postgres restore on any replica) and the
+  audit lake (every replica's chain in one DuckLake): see cluster_secret() and lake_rules().
 Ctrl-C / SIGTERM stops HAProxy, then drains every replica (SIGTERM), then Postgres.
 Never imported by the gateway.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import json
 import os
 import secrets
 import shutil
@@ -107,6 +111,56 @@ class LocalPostgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+MIN_SECRET_BYTES = 16  # addons/masking/sessionstore.py's minimum
+
+
+def cluster_secret(data_dir: Path) -> Path:
+    """The local cluster's gateway secret: `<data>/replicas-secret`, created 0600 with 32
+    random bytes (hex) on first use and reused after (placeholders sealed under it in an
+    $AGENTGATE_STATE database stay readable across restarts). Never printed."""
+    path = data_dir / "replicas-secret"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if len(path.read_text(encoding="utf-8").strip().encode()) < MIN_SECRET_BYTES:
+            raise RuntimeError(f"{path}: shorter than {MIN_SECRET_BYTES} bytes; remove it and "
+                               "a new one is generated") from None
+        os.chmod(path, 0o600)  # a copied file may have come with wider modes
+        return path
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    return path
+
+
+def lake_rules(rules_dir: Path, dsn: str, lake_data: Path, workdir: Path) -> Path:
+    """A rules directory for the replicas: the user's files (symlinked, so edits reload) plus
+    an `audit_lake:` with its catalog in the state Postgres and Parquet under `lake_data`.
+    The user's rules are used as they are when they set `audit_lake:` themselves (or cannot
+    be read: the gateways then report why). The DSN's password lands only in this 0600 file
+    inside the 0700 work directory, removed at stop."""
+    from addons.config.loader import ConfigError, load_rules, rule_files
+    try:
+        if load_rules(rules_dir).audit_lake is not None:
+            return rules_dir
+    except ConfigError:
+        return rules_dir
+    out = workdir / "rules"
+    out.mkdir(mode=0o700)
+    for f in rule_files(rules_dir):
+        (out / f.name).symlink_to(f.resolve())
+    lake_data.mkdir(parents=True, exist_ok=True)
+    name = "zz-replicas-audit-lake.yaml"
+    while (out / name).exists():
+        name = "z" + name
+    fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("# written by ./run_proxy.sh replicas: every replica ships its audit here\n"
+                f"audit_lake:\n  catalog: {json.dumps(dsn)}\n"
+                f"  data: {json.dumps(str(lake_data.resolve()))}\n  interval_s: 1\n")
+    return out
+
+
 def haproxy_config(listen: tuple[str, int], backends: list[tuple[str, int, int]],
                    check_ms: int = 500) -> str:
     """TCP load balancing over (name, proxy port, probe port) on 127.0.0.1."""
@@ -185,6 +239,8 @@ class Cluster:
     dsn: str
     workdir: Path
     extra: list[Replica] = field(default_factory=list)
+    rules_dir: Path | None = None  # what the replicas load (with the lake: workdir/rules)
+    lake_data: Path | None = None  # the Parquet of a lake whose catalog is in `postgres`
 
     @property
     def port(self) -> int:
@@ -206,7 +262,9 @@ class Cluster:
             r.gateway.stop(signal.SIGTERM, timeout=40)
         if self.postgres is not None:
             self.postgres.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)  # logs, haproxy.cfg
+            if self.lake_data is not None:  # its catalog died with the throwaway postgres
+                shutil.rmtree(self.lake_data, ignore_errors=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)  # logs, haproxy.cfg, lake rules
 
 
 def start_replica(name: str, rules_dir: Path, confdir: Path, data_dir: Path, dsn: str,
@@ -238,7 +296,11 @@ def start_cluster(n: int, rules_dir: Path, confdir: Path, data_dir: Path, *,
                   listen: tuple[str, int] | None = None, dsn: str | None = None,
                   standin_ca: Path | None = None, gateway_env: dict[str, str] | None = None,
                   extra_args: tuple[str, ...] = (), balancer: bool = True,
-                  wait: bool = True) -> Cluster:
+                  wait: bool = True, shared_secret: bool = False,
+                  lake_data: Path | None = None) -> Cluster:
+    """`shared_secret`: unless the environment names one, every replica gets
+    AGENTGATE_SECRET_FILE=cluster_secret(data_dir); `lake_data`: unless the rules set
+    `audit_lake:`, the replicas ship to a lake in the state Postgres with Parquet there."""
     workdir = Path(tempfile.mkdtemp(prefix="agentgate-replicas-"))
     pg = None
     dsn = dsn or os.environ.get("AGENTGATE_STATE", "").strip() or None
@@ -247,6 +309,14 @@ def start_cluster(n: int, rules_dir: Path, confdir: Path, data_dir: Path, *,
         dsn = pg.dsn
     replicas: list[Replica] = []
     try:
+        gateway_env = dict(gateway_env or {})
+        if shared_secret and not (os.environ.get("AGENTGATE_SECRET")
+                                  or os.environ.get("AGENTGATE_SECRET_FILE")
+                                  or "AGENTGATE_SECRET" in gateway_env
+                                  or "AGENTGATE_SECRET_FILE" in gateway_env):
+            gateway_env["AGENTGATE_SECRET_FILE"] = str(cluster_secret(data_dir).resolve())
+        if lake_data is not None:
+            rules_dir = lake_rules(rules_dir, dsn, lake_data, workdir)
         for i in range(n):
             replicas.append(start_replica(f"gw{i + 1}", rules_dir, confdir, data_dir, dsn,
                                           workdir, standin_ca=standin_ca,
@@ -256,7 +326,8 @@ def start_cluster(n: int, rules_dir: Path, confdir: Path, data_dir: Path, *,
             ha = HAProxy(listen or ("127.0.0.1", free_port()),
                          [(r.name, r.gateway.port, r.probe_port) for r in replicas],
                          workdir).start()
-        cluster = Cluster(replicas, ha, pg, dsn, workdir)
+        cluster = Cluster(replicas, ha, pg, dsn, workdir, rules_dir=rules_dir,
+                          lake_data=lake_data if rules_dir == workdir / "rules" else None)
         if wait:
             cluster.wait_ready()
         return cluster
@@ -265,6 +336,7 @@ def start_cluster(n: int, rules_dir: Path, confdir: Path, data_dir: Path, *,
             r.gateway.stop(signal.SIGKILL)
         if pg is not None:
             pg.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
         raise
 
 
@@ -287,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     host, _, port = a.listen.rpartition(":")
     cluster = start_cluster(a.n, Path(a.rules), Path(a.certs), Path(a.data),
                             listen=(host or "127.0.0.1", int(port)), wait=False,
-                            extra_args=tuple(extra))
+                            extra_args=tuple(extra), shared_secret=True,
+                            lake_data=Path(a.data) / "lake")
     try:
         cluster.wait_ready(60)
     except RuntimeError as e:  # e.g. the rules' identity provider is not reachable yet
@@ -300,6 +373,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r.name}: proxy 127.0.0.1:{r.gateway.port}, probes "
               f"http://127.0.0.1:{r.probe_port}/readyz, log {r.gateway.log_path}",
               file=sys.stderr)
+    secret = ("$AGENTGATE_SECRET" if os.environ.get("AGENTGATE_SECRET") else
+              "$AGENTGATE_SECRET_FILE" if os.environ.get("AGENTGATE_SECRET_FILE") else
+              f"{Path(a.data) / 'replicas-secret'} (0600)")
+    print(f"  placeholders restore on any replica: sealed in the state database under the "
+          f"secret in {secret}", file=sys.stderr)
+    assert cluster.rules_dir is not None
+    if cluster.lake_data is not None or cluster.rules_dir != Path(a.rules):
+        where = (f"catalog in the state database, Parquet in {Path(a.data) / 'lake'}"
+                 + (" (both gone at stop; each replica's own audit stays in its data dir)"
+                    if cluster.postgres else ""))
+    else:
+        where = "the rules' audit_lake"
+    rules_env = f"AGENTGATE_RULES={cluster.rules_dir} "
+    print(f"  audit lake ({where}), every replica:\n"
+          f"    {rules_env}./run_proxy.sh cli audit verify --lake\n"
+          f"    {rules_env}./run_proxy.sh cli audit sessions --lake", file=sys.stderr)
     print(f"  export HTTPS_PROXY=http://{a.listen} SSL_CERT_FILE={a.certs}/"
           "mitmproxy-ca-cert.pem   (Ctrl-C stops everything)", file=sys.stderr)
     stop = False

@@ -1,13 +1,18 @@
 """`./run_proxy.sh replicas 2`: the one command, as a user runs it — a throwaway postgres,
-two gateways, HAProxy on AGENTGATE_LISTEN; a request through it is answered; Ctrl-C / SIGTERM
-stops everything (no process, no temp database left behind)."""
+two gateways, HAProxy on AGENTGATE_LISTEN; a conversation whose turns land on both replicas
+gets its masked value restored on every turn (the command generated the shared secret: 0600,
+never printed), and the audit command it prints verifies both replicas' chains in the lake it
+set up; Ctrl-C / SIGTERM stops everything (no process, no temp database left behind)."""
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
+import shlex
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -17,22 +22,22 @@ import pytest
 
 from addons.devkit.launch import free_port
 from tests.conftest import ROOT
+from tests.recording.test_restore_record_e2e import rules as restore_rules
 
 pytestmark = pytest.mark.integration
 
 
 def test_run_proxy_replicas(tmp_path: Path, standin) -> None:
-    from addons.devkit.launch import standin_upstreams_yaml
     rules = tmp_path / "rules"
     rules.mkdir()
-    (rules / "r.yaml").write_text(standin_upstreams_yaml(standin)
-                                  + "identity:\n  required: false\n")
+    (rules / "r.yaml").write_text(restore_rules(standin))  # emails masked, restored
     port = free_port()
     before = set(glob.glob("/tmp/agentgate-state-*"))
     env = {**os.environ, "AGENTGATE_LISTEN": f"127.0.0.1:{port}",
            "AGENTGATE_RULES": str(rules), "AGENTGATE_DATA": str(tmp_path / "data"),
            "OPENAI_API_KEY": "sk-test-not-real-0000000000000000000000"}
-    env.pop("AGENTGATE_STATE", None)
+    for k in ("AGENTGATE_STATE", "AGENTGATE_SECRET", "AGENTGATE_SECRET_FILE"):
+        env.pop(k, None)
     log = open(tmp_path / "out.log", "wb")  # noqa: SIM115 - closed below
     p = subprocess.Popen([str(ROOT / "run_proxy.sh"), "replicas", "2", "--", "--set",
                           f"ssl_verify_upstream_trusted_ca={standin.ca_path}"], env=env,
@@ -54,11 +59,49 @@ def test_run_proxy_replicas(tmp_path: Path, standin) -> None:
             time.sleep(0.2)
         time.sleep(1.2)  # HAProxy's health checks see both
         ca = ROOT / "certs" / "mitmproxy-ca-cert.pem"
-        with httpx.Client(proxy=f"http://127.0.0.1:{port}", verify=str(ca)) as c:
-            r = c.post("https://api.openai.com/v1/chat/completions",
-                       json={"model": "gpt-4o-mini",
-                             "messages": [{"role": "user", "content": "hi"}]})
-        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "echo: hi"
+        email = "run.replicas@example.com"
+
+        def turn(text: str) -> str:
+            # a new client per turn: a new connection, so HAProxy picks the next replica
+            with httpx.Client(proxy=f"http://127.0.0.1:{port}", verify=str(ca),
+                              headers={"X-Agent-Session": "run-replicas"}) as c:
+                r = c.post("https://api.openai.com/v1/chat/completions", timeout=60,
+                           json={"model": "gpt-4o-mini",
+                                 "messages": [{"role": "user", "content": text}]})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        standin.clear()
+        assert turn(f"mail {email}") == f"echo: mail {email}"
+        for i in range(4):  # [EMAIL_1] comes back as the address on either replica
+            assert turn(f"[EMAIL_1] turn {i}") == f"echo: {email} turn {i}"
+        sent = [json.loads(r["body"])["messages"][0]["content"] for r in standin.requests]
+        assert sent[0] == "mail [EMAIL_1]" and all(email not in x for x in sent), sent
+        logs = [Path(x).read_text(errors="replace") for x in re.findall(r", log (\S+)", out)]
+        assert len(logs) == 2
+        assert all(lg.count("/v1/chat/completions") > 0 for lg in logs)  # both replicas served
+        secret_file = tmp_path / "data" / "replicas-secret"
+        assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+        secret = secret_file.read_text().strip()
+        assert len(secret) >= 32
+        # the audit command the startup lines print: both replicas' chains, verified
+        cmd = re.search(r"^\s*(AGENTGATE_RULES=\S+ \./run_proxy\.sh cli audit verify --lake)$",
+                        out, re.M)
+        assert cmd, out
+        rules_env, *argv = shlex.split(cmd.group(1))
+        venv = {**env, rules_env.split("=", 1)[0]: rules_env.split("=", 1)[1]}
+        deadline = time.monotonic() + 60
+        while True:  # the shippers run every second
+            v = subprocess.run(argv, cwd=str(ROOT), env=venv, capture_output=True, text=True,
+                               timeout=120)
+            if v.returncode == 0 and "OK: replica gw1:" in v.stdout \
+                    and "OK: replica gw2:" in v.stdout:
+                break
+            assert time.monotonic() < deadline, v.stdout + v.stderr
+            time.sleep(1)
+        for text in [out, v.stdout, v.stderr, *logs]:
+            assert secret not in text
+            assert "postgresql://agentgate:" not in text  # the throwaway DSN's password
         p.send_signal(signal.SIGTERM)
         assert p.wait(90) == 0
         assert "stopping (replicas drain)" in (tmp_path / "out.log").read_text()
@@ -68,5 +111,7 @@ def test_run_proxy_replicas(tmp_path: Path, standin) -> None:
             p.wait(10)
         log.close()
     assert set(glob.glob("/tmp/agentgate-state-*")) <= before  # the temp database is gone
+    assert not (tmp_path / "data" / "lake").exists()  # its catalog went with that database
+    assert not Path(rules_env.split("=", 1)[1]).exists()  # the rules with the DSN, removed
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(port) not in ps  # HAProxy (bound to the port) is gone
