@@ -2,14 +2,27 @@
 paths and port the gateway's probe listener serves (checked against addons/health's own
 code), the grace period covers preStop + the drain bound, a PodDisruptionBudget selects the
 gateway pods and allows at most one down, each replica reaches the shared state from a Secret
-and names itself after its pod. The schema itself is checked by test_manifests.py (strict)."""
+and names itself after its pod, shares the placeholder secret from a Secret (the stub is
+refused by the gateway's own check), and ships its audit to a lake whose catalog is the state
+Postgres (no password in the ConfigMap: PGPASSWORD from the state's Secret) and whose data is a
+ReadWriteMany volume. One integration test attaches a real lake with that catalog form.
+The schema itself is checked by test_manifests.py (strict)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+import yaml
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
 from addons.approval.config import parse_listen
 from addons.approval.pgstore import check_dsn
+from addons.config.loader import Rules, load_rules
 from addons.health.addon import DEFAULT_DRAIN
 from addons.health.probes import ProbeServer
+from addons.masking.sessionstore import SecretMissing, gateway_secret
+from addons.recording.lake import LakeConfig, redacted_catalog
 from tests.deploy.test_manifests import container, k8s_docs, matches, one
 
 
@@ -72,3 +85,91 @@ def test_replicas_share_state_and_a_pdb_guards_them() -> None:
     # one audit DuckDB per replica: the data volume is not shared by the pods
     vols = {v["name"]: v for v in gw["spec"]["template"]["spec"]["volumes"]}
     assert "persistentVolumeClaim" not in vols["data"]
+
+
+def configmap_rules(tmp_path: Path) -> Rules:
+    for name, text in one("ConfigMap", "agentgate-rules")["data"].items():
+        (tmp_path / name).write_text(text)
+    return load_rules(tmp_path)  # the gateway's own loader
+
+
+def secret_value(ref: dict[str, str]) -> str:
+    return one("Secret", ref["name"])["stringData"][ref["key"]]
+
+
+def test_replicas_share_the_secret_from_a_secret_and_the_stub_is_refused() -> None:
+    env = gateway_env()
+    ref = env["AGENTGATE_SECRET"]["valueFrom"]["secretKeyRef"]
+    stub = secret_value(ref)
+    # the published stub is not a key anyone shares: the gateway's own check refuses it
+    with pytest.raises(SecretMissing):
+        gateway_secret({"AGENTGATE_SECRET": stub})
+    assert gateway_secret({"AGENTGATE_SECRET": "0" * 64})  # what `openssl rand -hex 32` gives
+    # only the gateway reads the key and the state's password, never an agent
+    for _, d in k8s_docs():
+        if d["kind"] == "Deployment" and d["metadata"]["name"] != "agentgate":
+            text = yaml.safe_dump(d)
+            assert ref["name"] not in text and "agentgate-state" not in text
+
+
+def test_audit_lake_catalog_is_the_state_postgres_without_its_password(tmp_path: Path) -> None:
+    lake = configmap_rules(tmp_path).audit_lake
+    assert isinstance(lake, LakeConfig) and lake.on_postgres
+    assert lake.replica is None  # each replica's chain is named after its pod (env below)
+    conninfo = lake.catalog.removeprefix("postgres:")
+    assert conninfo != lake.catalog and "password" not in conninfo.lower()
+    assert redacted_catalog(lake.catalog) == lake.catalog
+    env = gateway_env()
+    state = conninfo_to_dict(secret_value(env["AGENTGATE_STATE"]["valueFrom"]["secretKeyRef"]))
+    cat = conninfo_to_dict(conninfo)
+    for k in ("host", "port", "dbname", "user"):
+        assert cat[k] == state[k], k  # the same database as the shared state
+    # libpq's own variable carries the password, from the state's Secret
+    pw = env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert pw["name"] == env["AGENTGATE_STATE"]["valueFrom"]["secretKeyRef"]["name"]
+    assert secret_value(pw) == state["password"]  # the stubs agree
+    assert env["AGENTGATE_REPLICA"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+def test_audit_lake_data_is_a_volume_every_replica_writes(tmp_path: Path) -> None:
+    lake = configmap_rules(tmp_path).audit_lake
+    gw = one("Deployment", "agentgate")
+    c = container(gw, "gateway")
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == lake.data_path()]
+    assert not mount.get("readOnly")
+    vols = {v["name"]: v for v in gw["spec"]["template"]["spec"]["volumes"]}
+    claim = one("PersistentVolumeClaim",
+                vols[mount["name"]]["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # all replicas at once
+    # `kubectl exec … agentgate audit verify --lake` finds the lake in the mounted rules
+    rules_mount = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["rules"]
+    assert gateway_env()["AGENTGATE_RULES"]["value"] == rules_mount
+
+
+@pytest.mark.integration
+def test_the_manifests_catalog_form_reaches_a_real_lake_with_pgpassword(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ConfigMap's catalog shape (conninfo without password) + PGPASSWORD attaches a real
+    DuckLake in a real Postgres; without PGPASSWORD it does not (the password is not found
+    elsewhere)."""
+    from addons.devkit.replicas import LocalPostgres
+    from addons.recording import lake as lakemod
+    (tmp_path / "r").mkdir()
+    cat = conninfo_to_dict(configmap_rules(tmp_path / "r").audit_lake.catalog
+                           .removeprefix("postgres:"))
+    pg = LocalPostgres().start()
+    try:
+        cat.update(host="127.0.0.1", port=str(pg.port), dbname="postgres", user="agentgate")
+        cfg = LakeConfig(catalog="postgres:" + make_conninfo(**cat), data=str(tmp_path / "pq"))
+        monkeypatch.delenv("PGPASSWORD", raising=False)
+        monkeypatch.setenv("PGPASSFILE", str(tmp_path / "none"))
+        with pytest.raises(lakemod.LakeError):
+            lakemod.connect(cfg).close()
+        monkeypatch.setenv("PGPASSWORD", pg.password)
+        con = lakemod.connect(cfg)
+        try:
+            assert con.execute("SELECT count(*) FROM lake.flows").fetchone() == (0,)
+        finally:
+            con.close()
+    finally:
+        pg.stop()
