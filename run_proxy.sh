@@ -12,6 +12,7 @@
 #   ./run_proxy.sh cli ARGS…                the agentgate command (rules check, token verify…)
 #   ./run_proxy.sh replicas [N] [-- args…]  N gateways (default 2) behind HAProxy on AGENTGATE_LISTEN,
 #                                           approvals shared in $AGENTGATE_STATE (else a throwaway postgres)
+#                                           + one secret (placeholders restore on any replica) and one audit lake
 #
 # Env: AGENTGATE_LISTEN (host:port), AGENTGATE_RULES (dir), AGENTGATE_DATA (dir),
 #      AGENTGATE_PYTHON (interpreter to use), AGENTGATE_VENV (virtualenv dir).
