@@ -25,6 +25,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from addons.approval.config import bind_reason, listen_text, parse_listen
+from addons.frame.guard import guarded
 from addons.health.probes import Check, ProbeServer
 
 log = logging.getLogger("agentgate.health")
@@ -32,6 +33,7 @@ log = logging.getLogger("agentgate.health")
 LISTEN_ENV = "AGENTGATE_HEALTH_LISTEN"
 DRAIN_ENV = "AGENTGATE_DRAIN_SECONDS"
 DEFAULT_DRAIN = 25
+STEP = "health"
 
 
 def _env_drain() -> int:
@@ -46,6 +48,7 @@ class Health:
         self._inflight: set[str] = set()
         self._listening: tuple[str, int] | None = None
         self._drain_task: asyncio.Task | None = None
+        self._start_task: asyncio.Task | None = None  # keeps the listener's start alive
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -66,30 +69,43 @@ class Health:
         if "agentgate_drain_seconds" in updated and ctx.options.agentgate_drain_seconds < 0:
             raise exceptions.OptionsError("agentgate_drain_seconds: must be >= 0")
 
-    async def running(self) -> None:
-        want = parse_listen(ctx.options.agentgate_health_listen)
-        if want is not None:
-            try:
-                self._listening = await self.probes.start(*want)
-            except OSError as e:
-                log.error("agentgate: probe listener cannot listen on %s: %s (set %s or "
-                          "agentgate_health_listen)", listen_text(want), bind_reason(e),
-                          LISTEN_ENV)
-                return
-            log.info("agentgate: probes at http://%s/healthz and /readyz",
-                     listen_text(self._listening))
-        loop = asyncio.get_running_loop()
+    # `running` and `done` are sync on purpose: on a script reload mitmproxy invokes them
+    # with invoke_addon_sync, which refuses coroutine hooks and aborts the reload.
+    def running(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._start_task = loop.create_task(self._start())
         with contextlib.suppress(NotImplementedError, RuntimeError):
             # replaces mitmproxy's own SIGTERM handler (an immediate shutdown)
             loop.add_signal_handler(signal.SIGTERM, self.sigterm)
+
+    async def _start(self) -> None:
+        want = parse_listen(ctx.options.agentgate_health_listen)
+        if want is None:
+            return
+        try:
+            self._listening = await self.probes.start(*want)
+        except OSError as e:
+            log.error("agentgate: probe listener cannot listen on %s: %s (set %s or "
+                      "agentgate_health_listen)", listen_text(want), bind_reason(e),
+                      LISTEN_ENV)
+            return
+        log.info("agentgate: probes at http://%s/healthz and /readyz",
+                 listen_text(self._listening))
 
     def done(self) -> None:
         self.probes.stop()
 
     # ------------------------------------------------------------ flows in flight
+    # Guarded like every flow hook (an exception refuses the flow, never passes it); run for
+    # answered flows too: what is in flight is what a drain waits for.
+    @guarded(STEP, skip_answered=False)
     def requestheaders(self, f: http.HTTPFlow) -> None:
         self._inflight.add(f.id)
 
+    @guarded(STEP, skip_answered=False)
     def response(self, f: http.HTTPFlow) -> None:
         self._inflight.discard(f.id)
         if self.draining and f.response is not None and f.request.http_version.startswith(
@@ -97,6 +113,7 @@ class Health:
             # the client's next request opens a new connection: to another replica
             f.response.headers["connection"] = "close"
 
+    @guarded(STEP, skip_answered=False)
     def error(self, f: http.HTTPFlow) -> None:
         self._inflight.discard(f.id)
 
