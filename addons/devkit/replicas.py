@@ -26,6 +26,7 @@ import glob
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -133,27 +134,52 @@ def cluster_secret(data_dir: Path) -> Path:
     return path
 
 
+LAKE_RULES_FILE = "zz-replicas-audit-lake.yaml"
+
+
+def sync_overlay(rules_dir: Path, out: Path) -> None:
+    """Mirror the user's rules files into the overlay as symlinks: an edited file reloads
+    through its link (the gateway's poll follows it), a new or removed file appears or goes
+    here on the next call (main() calls it every half second)."""
+    from addons.config.loader import rule_files
+    try:
+        want = {f.name: f.resolve() for f in rule_files(rules_dir) if f.name != LAKE_RULES_FILE}
+    except OSError:
+        return  # the directory is gone or unreadable for a moment: keep the last mirror
+    for link in out.iterdir():
+        if link.is_symlink() and link.name not in want:
+            link.unlink(missing_ok=True)
+    for name, target in want.items():
+        link = out / name
+        if link.is_symlink() and link.readlink() == target:
+            continue
+        tmp = out / f".{name}.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target)
+        tmp.replace(link)  # atomic: the gateway never sees the file missing
+
+
 def lake_rules(rules_dir: Path, dsn: str, lake_data: Path, workdir: Path) -> Path:
-    """A rules directory for the replicas: the user's files (symlinked, so edits reload) plus
-    an `audit_lake:` with its catalog in the state Postgres and Parquet under `lake_data`.
+    """A rules directory for the replicas: the user's files (symlinked, so edits reload;
+    sync_overlay() keeps the set current) plus an `audit_lake:` with its catalog in the state
+    Postgres and Parquet under `lake_data`.
     The user's rules are used as they are when they set `audit_lake:` themselves (or cannot
     be read: the gateways then report why). The DSN's password lands only in this 0600 file
     inside the 0700 work directory, removed at stop."""
-    from addons.config.loader import ConfigError, load_rules, rule_files
+    from addons.config.loader import ConfigError, load_rules
     try:
         if load_rules(rules_dir).audit_lake is not None:
             return rules_dir
     except ConfigError:
         return rules_dir
+    if (rules_dir / LAKE_RULES_FILE).exists():
+        raise RuntimeError(f"{rules_dir / LAKE_RULES_FILE}: that name is the replicas' own "
+                           "audit_lake file; rename yours")
     out = workdir / "rules"
     out.mkdir(mode=0o700)
-    for f in rule_files(rules_dir):
-        (out / f.name).symlink_to(f.resolve())
+    sync_overlay(rules_dir, out)
     lake_data.mkdir(parents=True, exist_ok=True)
-    name = "zz-replicas-audit-lake.yaml"
-    while (out / name).exists():
-        name = "z" + name
-    fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(out / LAKE_RULES_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write("# written by ./run_proxy.sh replicas: every replica ships its audit here\n"
                 f"audit_lake:\n  catalog: {json.dumps(dsn)}\n"
@@ -385,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                     if cluster.postgres else ""))
     else:
         where = "the rules' audit_lake"
-    rules_env = f"AGENTGATE_RULES={cluster.rules_dir} "
+    rules_env = f"AGENTGATE_RULES={shlex.quote(str(cluster.rules_dir))} "
     print(f"  audit lake ({where}), every replica:\n"
           f"    {rules_env}./run_proxy.sh cli audit verify --lake\n"
           f"    {rules_env}./run_proxy.sh cli audit sessions --lake", file=sys.stderr)
@@ -402,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         while not stop:
             time.sleep(0.5)
+            if cluster.rules_dir != Path(a.rules):
+                sync_overlay(Path(a.rules), cluster.rules_dir)
     print("agentgate: stopping (replicas drain)", file=sys.stderr)
     cluster.stop()
     return 0

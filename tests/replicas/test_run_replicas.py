@@ -115,3 +115,40 @@ def test_run_proxy_replicas(tmp_path: Path, standin) -> None:
     assert not Path(rules_env.split("=", 1)[1]).exists()  # the rules with the DSN, removed
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(port) not in ps  # HAProxy (bound to the port) is gone
+
+
+def test_lake_rules_overlay_follows_the_users_rules(tmp_path: Path) -> None:
+    """The rules the replicas load when the command adds the lake: the user's files as links
+    (edits, new and removed files follow), plus a 0600 `audit_lake:` the real loader reads;
+    a user's own `audit_lake:` is used as it is."""
+    from addons.config.loader import load_rules
+    from addons.devkit.replicas import LAKE_RULES_FILE, lake_rules, sync_overlay
+    user = tmp_path / "rules"
+    user.mkdir()
+    (user / "a.yaml").write_text("identity:\n  required: false\n")
+    (user / "notes.txt").write_text("not rules")
+    work = tmp_path / "work"
+    work.mkdir()
+    dsn = "postgresql://agentgate:pw-in-file-only@127.0.0.1:5/postgres?connect_timeout=3"
+    out = lake_rules(user, dsn, tmp_path / "data" / "lake", work)
+    assert out == work / "rules" and (tmp_path / "data" / "lake").is_dir()
+    assert sorted(p.name for p in out.iterdir()) == ["a.yaml", LAKE_RULES_FILE]
+    assert stat.S_IMODE((out / LAKE_RULES_FILE).stat().st_mode) == 0o600
+    lake = load_rules(out).audit_lake
+    assert lake is not None and lake.catalog == dsn
+    assert lake.data == str((tmp_path / "data" / "lake").resolve())
+    assert load_rules(out).identity.required is False  # the user's file, through its link
+    (user / "a.yaml").write_text("identity:\n  required: true\n  issuers: []\n")
+    (user / "b.yaml").write_text("masking:\n  enabled: true\n")
+    sync_overlay(user, out)
+    assert sorted(p.name for p in out.iterdir()) == ["a.yaml", "b.yaml", LAKE_RULES_FILE]
+    assert (out / "a.yaml").read_text() == (user / "a.yaml").read_text()  # edits show
+    (user / "b.yaml").unlink()
+    sync_overlay(user, out)
+    assert sorted(p.name for p in out.iterdir()) == ["a.yaml", LAKE_RULES_FILE]
+    # the user's own lake wins: their directory is loaded as it is
+    (user / "lake.yaml").write_text(f"audit_lake:\n  catalog: {tmp_path / 'x.ducklake'}\n")
+    work2 = tmp_path / "work2"
+    work2.mkdir()
+    assert lake_rules(user, dsn, tmp_path / "data" / "lake", work2) == user
+    assert not (work2 / "rules").exists()
