@@ -342,7 +342,12 @@ def start_cluster(n: int, rules_dir: Path, confdir: Path, data_dir: Path, *,
                                   or "AGENTGATE_SECRET_FILE" in gateway_env):
             gateway_env["AGENTGATE_SECRET_FILE"] = str(cluster_secret(data_dir).resolve())
         if lake_data is not None:
-            rules_dir = lake_rules(rules_dir, dsn, lake_data, workdir)
+            own = lake_rules(rules_dir, dsn, lake_data, workdir)
+            if own != rules_dir and pg is not None:
+                # our lake, a new catalog: Parquet left by a killed run belongs to none
+                shutil.rmtree(lake_data, ignore_errors=True)
+                lake_data.mkdir(parents=True)
+            rules_dir = own
         for i in range(n):
             replicas.append(start_replica(f"gw{i + 1}", rules_dir, confdir, data_dir, dsn,
                                           workdir, standin_ca=standin_ca,
