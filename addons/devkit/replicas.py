@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         where = "the rules' audit_lake"
     rules_env = f"AGENTGATE_RULES={shlex.quote(str(cluster.rules_dir))} "
-    print(f"  audit lake ({where}), every replica:\n"
+    print(f"  audit lake: {where}; every replica's audit, from the repository:\n"
           f"    {rules_env}./run_proxy.sh cli audit verify --lake\n"
           f"    {rules_env}./run_proxy.sh cli audit sessions --lake", file=sys.stderr)
     print(f"  export HTTPS_PROXY=http://{a.listen} SSL_CERT_FILE={a.certs}/"
