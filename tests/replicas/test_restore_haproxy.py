@@ -62,9 +62,7 @@ def test_conversation_over_haproxy_restored_and_audited_in_one_lake(
         assert all(n > 0 for n in served.values()), served  # the turns used both replicas
     finally:
         if cluster is not None:
-            cluster.haproxy.stop()
-            for r in cluster.replicas:
-                r.gateway.stop()
+            cluster.stop()  # also removes its work directory (logs, haproxy.cfg)
     try:
         env = {**os.environ, "AGENTGATE_RULES": "/nonexistent"}
         v = subprocess.run([sys.executable, "-m", "addons.cli", "audit", "verify", "--lake",
