@@ -3,7 +3,7 @@
 of a masked 100k-row SELECT (through the gateway and, for the masker's own cost, the result
 masker alone on the same rows).
 
-Real parts: Debian's PostgreSQL (initdb in a temp dir, scram-sha-256), the real gateway
+Real parts: Debian's PostgreSQL (addons/devkit/postgres.py, scram-sha-256), the real gateway
 (mitmdump with addons/gateway.py: token login, SQL policy, result masking, DuckDB records),
 a local OIDC provider for the token, pgbench and psycopg as clients. Both sides use
 sslmode=disable on loopback (the gateway accepts a cleartext token on loopback), so the
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from addons.devkit.postgres import Postgres, pg_bin
 from bench import harness as h
 
 ROWS = 100_000
@@ -36,71 +37,19 @@ DB_PASSWORD = "bench-" + secrets.token_hex(8)
 ADMIN_PASSWORD = "admin-" + secrets.token_hex(8)
 
 
-def pg_bin(name: str) -> str | None:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found[-1] if found else shutil.which(name)
+def start_server() -> Postgres:
+    """addons/devkit/postgres.py's server: scram-sha-256, superuser admin, role agent_rw
+    owning `analytics` (what pgbench and the gateway log in as)."""
+    return Postgres(superuser="admin", password=ADMIN_PASSWORD, max_connections=60,
+                    prefix="agentgate-bench-pgsrv-",
+                    init_sql=[f"CREATE ROLE agent_rw LOGIN PASSWORD '{DB_PASSWORD}'",
+                              "CREATE DATABASE analytics OWNER agent_rw"]).start()
 
 
-class Server:
-    """postgres on a free loopback port, scram-sha-256, role agent_rw owning `analytics`."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.dir = tmp / "pg"
-        self.dir.mkdir()
-        self.port = h.free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def _cmd(self, argv: list[str]) -> list[str]:
-        return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
-
-    def start(self) -> Server:
-        initdb, postgres = pg_bin("initdb"), pg_bin("postgres")
-        if not initdb or not postgres:
-            raise RuntimeError("PostgreSQL server binaries not installed (apt-get install "
-                               "postgresql)")
-        pw = self.dir / "pw"
-        pw.write_text(ADMIN_PASSWORD + "\n")
-        if os.geteuid() == 0:
-            for p in (self.dir.parent, self.dir, pw):
-                shutil.chown(p, "postgres")
-        subprocess.run(self._cmd([initdb, "-D", str(self.dir / "data"), "-U", "admin",
-                                  "--pwfile", str(pw), "--auth=scram-sha-256", "--no-sync",
-                                  "-E", "UTF8", "--locale=C"]),
-                       check=True, capture_output=True, timeout=120)
-        self.proc = subprocess.Popen(
-            self._cmd([postgres, "-D", str(self.dir / "data"), "-p", str(self.port), "-h",
-                       "127.0.0.1", "-k", str(self.dir), "-c", "fsync=off",
-                       "-c", "max_connections=60"]),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import psycopg
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                con = psycopg.connect(self.dsn("admin", ADMIN_PASSWORD, "postgres"),
-                                      autocommit=True, connect_timeout=2)
-                break
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        with con:
-            con.execute(f"CREATE ROLE agent_rw LOGIN PASSWORD '{DB_PASSWORD}'")
-            con.execute("CREATE DATABASE analytics OWNER agent_rw")
-        return self
-
-    def dsn(self, user: str = "agent_rw", password: str = DB_PASSWORD,
-            db: str = "analytics", port: int | None = None) -> str:
-        return (f"host=127.0.0.1 port={port or self.port} user={user} password={password} "
-                f"dbname={db} sslmode=disable")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+def dsn(server: Postgres, user: str = "agent_rw", password: str = DB_PASSWORD,
+        db: str = "analytics", port: int | None = None) -> str:
+    # cleartext on loopback on both sides: the comparison is the relay's cost, not TLS's
+    return server.conninfo(user, password, db, port) + " sslmode=disable"
 
 
 def pgbench(port: int, user: str, password: str, seconds: int, logdir: Path, tag: str,
@@ -225,14 +174,14 @@ def run(quick: bool = False) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="agentgate-bench-pg-"))
     server = idp = gw = None
     try:
-        server = Server(tmp).start()
+        server = start_server()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env.update(PGPASSWORD=DB_PASSWORD)
         subprocess.run([pg_bin("pgbench") or "pgbench", "-i", "-s", "1", "-q", "-h",
                         "127.0.0.1", "-p", str(server.port), "-U", "agent_rw", "analytics"],
                        check=True, capture_output=True, env=env, timeout=300)
         import psycopg
-        with psycopg.connect(server.dsn(), autocommit=True) as con:
+        with psycopg.connect(dsn(server), autocommit=True) as con:
             con.execute("CREATE TABLE masked_rows (id int, email text, card text, note text)")
             con.execute("INSERT INTO masked_rows SELECT i, 'user' || i || '@example.com', "
                         "'4111 1111 1111 1111', 'customer ' || i || ' asked for a refund on "
@@ -264,11 +213,11 @@ def run(quick: bool = False) -> dict[str, Any]:
                 else None,
                 "added_p50_ms": (via["p50_ms"] - direct["p50_ms"])
                 if via["p50_ms"] is not None and direct["p50_ms"] is not None else None}
-        gdsn = server.dsn("agent", token, port=listen)
+        gdsn = dsn(server, "agent", token, port=listen)
         sel: dict[str, Any] = {}
         for binary in (False, True):
             fmt = "binary" if binary else "text"
-            d_s, d_n, _ = fetch_all(server.dsn(), SELECT, binary)
+            d_s, d_n, _ = fetch_all(dsn(server), SELECT, binary)
             g_s, g_n, first = fetch_all(gdsn, SELECT, binary)
             if d_n != rows_n or g_n != rows_n:
                 raise RuntimeError(f"row count mismatch: {d_n} direct, {g_n} gateway")

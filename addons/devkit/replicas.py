@@ -1,8 +1,8 @@
 """Several gateway processes behind HAProxy, sharing one CA, one rules directory and one
 state database: `./run_proxy.sh replicas N` (also the tests and bench/bench_replicas.py).
 
-- Postgres: `$AGENTGATE_STATE` when set; otherwise a throwaway Debian postgres (initdb in a
-  temp dir, 127.0.0.1 on a free port, scram-sha-256 with a random password), stopped on exit.
+- Postgres: `$AGENTGATE_STATE` when set; otherwise a throwaway postgres
+  (addons/devkit/postgres.py: scram-sha-256 with a random password), stopped on exit.
 - N × `mitmdump -s addons/gateway.py`, each on its own loopback port with its own probe
   listener (`AGENTGATE_HEALTH_LISTEN`), reviewers' listener and data directory (each replica
   keeps its own audit DuckDB: DuckDB is one writer per file), `AGENTGATE_STATE` shared.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import json
 import os
 import secrets
@@ -39,77 +38,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from addons.devkit.launch import ROOT, Gateway, free_port, start_gateway
+from addons.devkit.postgres import Postgres
 
 
-def pg_bin(name: str) -> str | None:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found[-1] if found else None
-
-
-class LocalPostgres:
-    """A throwaway postgres for the shared state (the tests and `replicas` without a DSN)."""
+class LocalPostgres(Postgres):
+    """The throwaway state database (the tests and `replicas` without a DSN):
+    addons/devkit/postgres.py's server, scram-sha-256, superuser agentgate with a random
+    password; `dsn` is the URL form the gateway's AGENTGATE_STATE takes."""
 
     def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="agentgate-state-"))
-        self.port = free_port()
-        self.password = secrets.token_urlsafe(18)
-        self.proc: subprocess.Popen | None = None
-
-    def _as_postgres(self, argv: list[str]) -> list[str]:
-        # initdb and postgres refuse to run as root
-        return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+        super().__init__(superuser="agentgate", password=secrets.token_urlsafe(18),
+                         prefix="agentgate-state-")
 
     def start(self) -> LocalPostgres:
-        initdb, postgres = pg_bin("initdb"), pg_bin("postgres")
-        if not initdb or not postgres:
-            raise RuntimeError("PostgreSQL server binaries not found (Debian: apt-get install "
-                               "postgresql), or set AGENTGATE_STATE=postgresql://…")
-        pw = self.dir / "pw"
-        pw.write_text(self.password + "\n")
-        if os.geteuid() == 0:
-            shutil.chown(self.dir, "postgres")
-            shutil.chown(pw, "postgres")
-        subprocess.run(self._as_postgres(
-            [initdb, "-D", str(self.dir / "data"), "-U", "agentgate", "--pwfile", str(pw),
-             "--auth=scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C"]),
-            check=True, capture_output=True, timeout=120)
-        pw.unlink()
-        self.proc = subprocess.Popen(
-            self._as_postgres([postgres, "-D", str(self.dir / "data"), "-p", str(self.port),
-                               "-h", "127.0.0.1", "-k", str(self.dir), "-c", "fsync=off",
-                               "-c", "max_connections=100"]),
-            stdout=subprocess.DEVNULL, stderr=open(self.dir / "log", "wb"))  # noqa: SIM115
-        import psycopg
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                psycopg.connect(self.dsn, connect_timeout=2).close()
-                return self
-            except psycopg.OperationalError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("postgres did not start: " + self.log()[-2000:]) from None
-                time.sleep(0.1)
+        super().start()
+        return self
 
     @property
     def dsn(self) -> str:
         return (f"postgresql://agentgate:{self.password}@127.0.0.1:{self.port}/postgres"
                 "?connect_timeout=3")
-
-    def log(self) -> str:
-        try:
-            return (self.dir / "log").read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 MIN_SECRET_BYTES = 16  # addons/masking/sessionstore.py's minimum

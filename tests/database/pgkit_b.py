@@ -1,5 +1,5 @@
-"""Test parts for the result masker: a real PostgreSQL server (initdb in a temp dir, free
-port, trust auth on loopback only) and a minimal relay that runs rowmask.ResultMasker on a
+"""Test parts for the result masker: a real PostgreSQL server (addons/devkit/postgres.py;
+here trust auth on loopback only) and a minimal relay that runs rowmask.ResultMasker on a
 real connection, so rowmask is tested against what real servers and clients send without
 the rest of the database path. Tests through the whole gateway use PG-A's relay.
 """
@@ -7,89 +7,35 @@ the rest of the database path. Tests through the whole gateway use PG-A's relay.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import glob
-import os
-import shutil
-import socket
 import struct
-import subprocess
-import tempfile
 import threading
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from addons.database import rowmask
+from addons.devkit.launch import free_port
+from addons.devkit.postgres import Postgres, pg_bin
+
+__all__ = ["MaskingRelay", "PgServer", "free_port", "pg_bin"]
 
 
-def pg_bin(name: str) -> str | None:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found[-1] if found else shutil.which(name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PgServer:
-    """initdb + postgres on 127.0.0.1:<free port>; as user `postgres` when run as root
-    (the server refuses to run as root)."""
+class PgServer(Postgres):
+    """addons/devkit/postgres.py's server with trust auth (loopback only): these tests are
+    about rows, not logins; `user` is the superuser they log in as."""
 
     def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="agentgate-pgb-"))
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self.user = "postgres"
+        super().__init__(max_connections=50, prefix="agentgate-pgb-")
 
-    def _cmd(self, argv: list[str]) -> list[str]:
-        if os.geteuid() == 0:
-            return ["runuser", "-u", "postgres", "--", *argv]
-        self.user = os.environ.get("USER") or "postgres"
-        return argv
+    @property
+    def user(self) -> str:
+        return self.superuser
 
     def start(self) -> PgServer:
-        initdb, postgres = pg_bin("initdb"), pg_bin("postgres")
-        if not initdb or not postgres:
-            raise RuntimeError("PostgreSQL server binaries not installed")
-        data = self.dir / "data"
-        if os.geteuid() == 0:
-            shutil.chown(self.dir, "postgres")
-        subprocess.run(self._cmd([initdb, "-D", str(data), "-A", "trust", "-U", self.user,
-                                  "--no-sync", "-E", "UTF8", "--locale=C"]),
-                       check=True, capture_output=True, timeout=120)
-        self.proc = subprocess.Popen(
-            self._cmd([postgres, "-D", str(data), "-p", str(self.port), "-h", "127.0.0.1",
-                       "-k", str(self.dir), "-c", "fsync=off", "-c", "max_connections=50"]),
-            stdout=subprocess.DEVNULL, stderr=open(self.dir / "log", "wb"))  # noqa: SIM115
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), 0.5):
-                import psycopg
-                try:
-                    psycopg.connect(self.dsn(), connect_timeout=2).close()
-                    return self
-                except psycopg.OperationalError:
-                    pass
-            time.sleep(0.1)
-        raise RuntimeError("postgres did not start: " + (self.dir / "log").read_text()[-2000:])
+        super().start()
+        return self
 
     def dsn(self, port: int | None = None, dbname: str = "postgres") -> str:
-        return f"host=127.0.0.1 port={port or self.port} user={self.user} dbname={dbname}"
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        return self.conninfo(dbname=dbname, port=port)
 
 
 async def _read_msg(r: asyncio.StreamReader) -> tuple[bytes, bytes]:
