@@ -5,8 +5,10 @@ that fails or hangs is reported without stopping the others), then the end-to-en
 comparison (`bench/e2e.py`), and writes BENCHMARKS.md: the machine, the targets and whether
 they are met, every section, all from this one run.
 
-NAME for --only: `e2e`, a component's concern (`masking` for bench/bench_masking.py) or its
-module name. `--soak-minutes 10` adds the memory soak (suite under steady load, RSS drift).
+NAME for --only: `e2e`, `soak`, a component's concern (`masking` for bench/bench_masking.py)
+or its module name. `--soak-minutes 10` adds the memory soak (suite under steady load, RSS
+drift) to the e2e run; `--only soak` runs the memory phases and the soak alone (bench/soak.py,
+10 minutes unless --soak-minutes says otherwise, 1 in --quick).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import bench
-from bench import e2e
+from bench import e2e, soak
 from bench import harness as h
 
 MASKING_TARGET_MB_S = 50.0
@@ -54,10 +56,10 @@ def selected(only: list[str] | None) -> tuple[list[str], bool]:
         return comps, True
     want = {w.removeprefix("bench.").removesuffix(".py") for w in only}
     picked = [c for c in comps if c in want or c.removeprefix("bench_") in want]
-    unknown = want - {"e2e"} - set(picked) - {c.removeprefix("bench_") for c in picked}
+    unknown = want - {"e2e", "soak"} - set(picked) - {c.removeprefix("bench_") for c in picked}
     if unknown:
-        raise SystemExit(f"bench: unknown benchmark(s) {sorted(unknown)}; "
-                         f"have: e2e, {', '.join(c.removeprefix('bench_') for c in comps)}")
+        raise SystemExit(f"bench: unknown benchmark(s) {sorted(unknown)}; have: e2e, soak, "
+                         f"{', '.join(c.removeprefix('bench_') for c in comps)}")
     return picked, "e2e" in want
 
 
@@ -236,6 +238,14 @@ def main(argv: list[str] | None = None) -> int:
             comps[name]["error"].splitlines()[-1][:200]
         print(f"bench: {name} {status} ({comps[name].get('seconds', 0):.1f} s)",
               file=sys.stderr, flush=True)
+    soak_res = None
+    if args.only and "soak" in args.only:
+        minutes = args.soak_minutes or (1 if args.quick else 10)
+        print(f"bench: soak (memory phases + {minutes:g} min soak) …", file=sys.stderr,
+              flush=True)
+        soak_res = soak.run(minutes=minutes, concerns=concerns, quick=args.quick)
+        print(f"bench: soak {'FAILED: ' + soak_res['error'] if soak_res.get('error') else 'ok'}",
+              file=sys.stderr, flush=True)
     e2e_res = None
     if want_e2e:
         print("bench: e2e (direct / bare mitmdump / suite) …", file=sys.stderr, flush=True)
@@ -250,14 +260,18 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     facts["loadavg_at_end"] = h.machine_facts()["loadavg_at_start"]
     text = render(facts, comps, e2e_res, args, time.monotonic() - t0)
+    if soak_res is not None:
+        text = text.rstrip() + "\n\n" + soak.markdown(soak_res) + "\n"
     Path(args.output).write_text(text)
     if args.json:
         Path(args.json).write_text(json.dumps({"facts": facts, "components": comps,
-                                               "e2e": e2e_res}, indent=1, default=repr))
+                                               "e2e": e2e_res, "soak": soak_res}, indent=1,
+                                              default=repr))
     print(f"bench: wrote {args.output} ({time.monotonic() - t0:.0f} s)", file=sys.stderr)
     print(text)
     failed = [n for n, r in comps.items() if not r.get("ok")]
-    return 1 if failed or (e2e_res and e2e_res.get("error")) else 0
+    return 1 if failed or (e2e_res and e2e_res.get("error")) or \
+        (soak_res and soak_res.get("error")) else 0
 
 
 if __name__ == "__main__":
