@@ -48,7 +48,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ from mcp import types
 from mcp.server.fastmcp import Context, FastMCP
 from mcp.server.transport_security import TransportSecuritySettings
 
-from addons.devkit.standin import make_test_ca
+from addons.devkit.standin import TLSTestServer, make_test_ca
 
 log = logging.getLogger("agentgate.mcpserver")
 
@@ -463,12 +463,14 @@ def _text(res: Any) -> str:
 
 
 # ---------------------------------------------------------------- OAuth token endpoint
-class TokenServer:
+class TokenServer(TLSTestServer):
     """An OAuth 2.0 token endpoint (client-credentials grant) on a loopback TLS port.
 
     `clients` maps client_id -> secret. Tokens are opaque and live `lifetime` seconds; a grant
     can be made to fail (`fail_next` responses with HTTP 500, `delay` seconds of silence, or
     `raw_answer`: these bytes as a 200 answer)."""
+
+    thread_name = "tokenserver"
 
     def __init__(self, clients: dict[str, str], host: str = "127.0.0.1", port: int = 0,
                  certdir: str | Path | None = None, lifetime: int = 3600) -> None:
@@ -477,39 +479,15 @@ class TokenServer:
         self.fail_next = 0
         self.delay = 0.0
         self.raw_answer: bytes | None = None  # answer every grant with these bytes (hostile)
-        self._certdir = Path(certdir) if certdir else Path(tempfile.mkdtemp(prefix="tokensrv-"))
-        self.ca_path, leaf, key = make_test_ca(self._certdir)
         self._lock = threading.Lock()
         self._tokens: dict[str, float] = {}
         self.grants: list[dict[str, Any]] = []
         handler = type("Handler", (_TokenHandler,), {"owner": self})
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(leaf), str(key))
-        self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
-        self.host, self.port = host, self._server.server_address[1]
-        self._thread: threading.Thread | None = None
+        super().__init__(handler, host, port, certdir, prefix="tokensrv-")
 
     @property
     def token_url(self) -> str:
         return f"https://{self.host}:{self.port}/oauth/token"
-
-    def start(self) -> TokenServer:
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
-                                        name="tokenserver")
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def __enter__(self) -> TokenServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def issue(self, grant: dict[str, Any]) -> tuple[str, int]:
         token = "at-" + secrets.token_urlsafe(24)

@@ -30,7 +30,7 @@ import zlib
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 log = logging.getLogger("agentgate.standin")
 
@@ -218,21 +218,20 @@ def _chunks(text: str, size: int) -> list[str]:
 
 
 # ---------------------------------------------------------------- the server
-class StandIn:
-    """The stand-in server. Thread-safe; start() returns once it accepts connections."""
+class TLSTestServer:
+    """A threaded HTTPS server on loopback with a certificate from its own throwaway CA
+    (`ca_path` is what a client must trust). Subclasses give the handler class; start()
+    returns once it accepts connections. Shared by the stand-in and devkit's other peers."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0,
-                 certdir: str | Path | None = None) -> None:
+    thread_name = "tlsserver"
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1",
+                 port: int = 0, certdir: str | Path | None = None,
+                 prefix: str = "tlsserver-") -> None:
         import tempfile
         self.host = host
-        self._certdir = Path(certdir) if certdir else Path(tempfile.mkdtemp(prefix="standin-"))
+        self._certdir = Path(certdir) if certdir else Path(tempfile.mkdtemp(prefix=prefix))
         self.ca_path, self._leaf, self._key = make_test_ca(self._certdir)
-        self._lock = threading.Lock()
-        self._requests: list[dict[str, Any]] = []
-        self._script: deque[dict[str, Any]] = deque()
-        self.stream_defaults: dict[str, Any] = {"delta_chars": 8, "delay": 0.0,
-                                                "split_writes": False}
-        handler = type("Handler", (_Handler,), {"standin": self})
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -241,13 +240,9 @@ class StandIn:
         self.port = self._server.server_address[1]
         self._thread: threading.Thread | None = None
 
-    @property
-    def url(self) -> str:
-        return f"https://{self.host}:{self.port}"
-
-    def start(self) -> StandIn:
+    def start(self) -> Self:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
-                                        name="standin")
+                                        name=self.thread_name)
         self._thread.start()
         return self
 
@@ -255,11 +250,31 @@ class StandIn:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> StandIn:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class StandIn(TLSTestServer):
+    """The stand-in server. Thread-safe; start() returns once it accepts connections."""
+
+    thread_name = "standin"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0,
+                 certdir: str | Path | None = None) -> None:
+        self._lock = threading.Lock()
+        self._requests: list[dict[str, Any]] = []
+        self._script: deque[dict[str, Any]] = deque()
+        self.stream_defaults: dict[str, Any] = {"delta_chars": 8, "delay": 0.0,
+                                                "split_writes": False}
+        handler = type("Handler", (_Handler,), {"standin": self})
+        super().__init__(handler, host, port, certdir, prefix="standin-")
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}:{self.port}"
 
     # -- what it received
     @property
