@@ -205,3 +205,38 @@ def test_tiny_load_through_bare_mitmdump(tmp_path: Path):
         for p in reversed(procs):
             p.stop()
     assert not any(p.alive() for p in procs)
+
+
+def test_issue16_summary_judges_every_target_from_one_run():
+    from bench import bench_fastscan, issue16
+    cells = {f"{cfg}|{b}|{c}": {"rps": rps, "p50_ms": p50, "cpu_ms_per_req": cpu}
+             for cfg, b, c, rps, p50, cpu in [
+                 ("bare", "1KB", 1, 700, 1.3, 1.3), ("suite", "1KB", 1, 600, 2.0, 1.6),
+                 ("bare", "1KB", 16, 800, 20, 1.3), ("suite", "1KB", 16, 640, 25, 1.6),
+                 ("bare", "100KB", 1, 500, 1.8, 1.8), ("suite", "100KB", 1, 100, 9, 9),
+                 ("bare", "100KB", 16, 600, 25, 1.7), ("suite", "100KB", 16, 120, 130, 8)]}
+    res = {"fastscan": {"rows": {bench_fastscan.REALISTIC: {
+               "same_findings": True, "fast": {"body_mb_s": 120.0}}}},
+           "e2e": {"cells": cells},
+           "multiturn": {"suite": {"late_over_early": 1.2, "peak_rss_mib": 300},
+                         "bare": {"peak_rss_mib": 100}, "suite_over_bare_cpu": 2.5,
+                         "audit_over_distinct": 1.7},
+           "soak": {"peak_kib": {"bare": 100_000, "suite": 190_000},
+                    "soak": {"drift_pct": 6.0, "minutes": 10}}}
+    got = {name.strip(): (val, verdict) for name, val, verdict in issue16.summary(res)}
+    assert got["masking >= 100 MB/s per core, whole body, 1 value per 1.1 KB"] == (
+        "120.0 MB/s", "met")
+    assert got["1 KB chat c=16: suite/bare req/s >= 0.75"] == ("0.80", "met")
+    assert got["1 KB chat c=1: added p50 <= 1 ms over bare"] == ("0.70 ms", "met")
+    assert got["100 KB chat c=16: suite/bare req/s >= 0.5"] == ("0.20", "MISSED")
+    assert got["peak RSS suite/bare (1 KB and 100 KB load, soak) <= 2.0"] == ("1.90", "met")
+    assert got["peak RSS suite/bare, multi-turn run <= 2.0"] == ("3.00", "MISSED")
+    assert got["soak RSS drift < 5 % (10 min)"] == ("6.00 %", "MISSED")
+    verdicts = [v for _, (_, v) in got.items()]
+    assert verdicts.count("MISSED") == 5  # 100 KB x2, multi-turn CPU, RSS multi-turn, drift
+    # findings that differ from the reference engine never count as met, however fast
+    res["fastscan"]["rows"][bench_fastscan.REALISTIC]["same_findings"] = False
+    row = next(r for r in issue16.summary(res) if r[0].startswith("masking"))
+    assert row[2].startswith("MISSED")
+    # a part that did not run is said so, not judged
+    assert all(v == "not measured" for _, _, v in issue16.summary({})[:2])
