@@ -235,10 +235,29 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return d
 
 
+class JsonFloat(float):
+    """A JSON number with a fraction or exponent, remembering how it was written: masking
+    checks `4111111111111111.0` as written, and reads the same parse every other step reads
+    (one parse per body). A float for everyone else: compares, hashes, formats (`repr`,
+    `json.dumps`, tnetstring) exactly as the float it equals."""
+
+    __slots__ = ("text",)
+    text: str
+
+    def __new__(cls, text: str) -> JsonFloat:
+        f = super().__new__(cls, text)
+        f.text = text
+        return f
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:  # copy / pickle keep the written text
+        return (JsonFloat, (self.text,))
+
+
 def loads_strict(text: str) -> Any:
-    """json.loads refusing duplicate keys. Raises DecodeError."""
+    """json.loads refusing duplicate keys, non-integer numbers as JsonFloat.
+    Raises DecodeError."""
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates)
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_float=JsonFloat)
     except DuplicateKey:
         raise DecodeError("JSON object with duplicate keys", 400) from None
     except (ValueError, RecursionError):

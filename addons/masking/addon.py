@@ -69,6 +69,7 @@ from addons.masking.bodies import (
     TooLarge,
     Unparseable,
     decode_content,
+    shared_json,
 )
 from addons.masking.masker import (
     Masker,
@@ -110,13 +111,31 @@ def _decoded(flow: Any, part: str, raw: bytes, encoding: str, limit: int) -> byt
     return raw if got is None else got.data
 
 
+def _shared_doc(flow: Any, part: str, data: bytes, limit: int) -> Any:
+    """The flow's one JSON parse of `data` (addons/frame/decode.py: policy, sessions and
+    approval read the same one), when it is exactly what masking would parse, else None.
+    Masking never changes it (bodies: copy on write)."""
+    msg = getattr(flow, part, None) if flow is not None else None
+    if msg is None:
+        return None
+    try:
+        body = (decode.request_body if part == "request" else decode.response_body)(
+            flow, max_bytes=limit)
+    except decode.DecodeError:
+        return None  # masking decodes it itself and answers with its own error
+    if body is None or body.data is not data:
+        return None
+    return shared_json(body)
+
+
 def mask_message(ctx: Masked, raw: bytes, encoding: str, content_type: str, limit: int,
                  pass_text: bool, flow: Any = None) -> bytes | None:
     """Decoded, masked body, or None when nothing changed. Raises Unparseable/TooLarge."""
     if len(raw) > limit:
         raise TooLarge
     data = _decoded(flow, "request", raw, encoding, limit) if encoding else raw
-    return ctx.body(data, content_type, pass_text)
+    return ctx.body(data, content_type, pass_text,
+                    doc=_shared_doc(flow, "request", data, limit))
 
 
 def mask_response(ctx: Masked, raw: bytes, encoding: str, content_type: str, limit: int,
@@ -132,13 +151,15 @@ def mask_response(ctx: Masked, raw: bytes, encoding: str, content_type: str, lim
     if len(raw) > limit:
         raise TooLarge
     data = _decoded(flow, "response", raw, encoding, limit) if encoding else raw
-    masked = ctx.body(data, content_type, pass_text)
+    doc = _shared_doc(flow, "response", data, limit)
+    masked = ctx.body(data, content_type, pass_text, doc=doc)
     if not restore:
         return masked, None
     base = data if masked is None else masked
     if b"[" not in base:  # every placeholder starts with "["
         return masked, None
-    restored = ctx.variant(restore=True, detect=False).body(base, content_type, pass_text)
+    restored = ctx.variant(restore=True, detect=False).body(
+        base, content_type, pass_text, doc=doc if masked is None else None)
     if restored is None or restored == base:
         return masked, None
     return restored, base

@@ -49,6 +49,7 @@ siblings for the cross-field pass, so the units see the same joins as the whole 
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import re
@@ -63,7 +64,7 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from addons.frame import decode as _decode
-from addons.frame.decode import parse_content_type
+from addons.frame.decode import JsonFloat, parse_content_type
 from addons.masking.masker import Findings, Masker, Session, count
 
 LLM_DIALECTS = ("openai", "anthropic")
@@ -120,14 +121,50 @@ def decode_content(raw: bytes, encoding: str, limit: int) -> bytes:
         raise Unparseable(e.reason, e.status) from None
 
 
+def shared_json(body: _decode.Body) -> Any:
+    """The shared decoder's JSON value of `body` when it is exactly what masking's own parse
+    of `body.data` would give (a dict or list), else None (masking parses it itself).
+
+    Both refuse duplicate keys and keep how numbers were written (JsonFloat); they agree
+    on the text when json.loads would pick the charset the decoder picked (RFC 8259 BOM /
+    NUL sniffing; a charset parameter of a non-JSON media type may differ) and the decoder
+    decoded it strictly (json.loads allows lone surrogates: then it parses again here)."""
+    try:
+        doc = body.json
+    except _decode.DecodeError:
+        return None
+    if not isinstance(doc, dict | list):
+        return None
+    data = body.data
+    enc = json.detect_encoding(data)
+    charset = body.charset
+    if enc == "utf-8-sig":
+        same = charset == "utf-8" and data.startswith(codecs.BOM_UTF8)
+    elif enc in ("utf-16", "utf-32"):  # a BOM: both read it the same way
+        same = charset.startswith(enc + "-")
+    else:
+        same = enc == charset
+    return doc if same else None
+
+
 # ---------------------------------------------------------------- slots
+# A container's place in the document walked: (container, its parent's chain, its key
+# there). The parent _OWNED: the container is ours (parsed here) and is changed in place;
+# None: the root of a shared document (the flow's one parse, addons/frame/decode.py),
+# which is never changed: a container is copied (shallow) the first time something in it
+# changes, and its parent after it, up to a new root (copy on write).
+_OWNED: Any = ("owned",)
+Chain = tuple[Any, Any, Any]
+
+
 class _Slots:
     """Strings of a document, joined into one text with their positions."""
 
     __slots__ = ("texts", "starts", "setters", "owners", "parts", "pos", "glue_key",
-                 "subdocs", "llm", "forced", "sibs", "path_mode")
+                 "subdocs", "llm", "forced", "sibs", "path_mode", "cow", "root", "_copies",
+                 "_renamed")
 
-    def __init__(self, llm: bool) -> None:
+    def __init__(self, llm: bool, cow: bool = False) -> None:
         self.texts: list[str] = []
         self.starts: list[int] = []
         self.setters: list[Callable[[str], None]] = []
@@ -143,6 +180,47 @@ class _Slots:
         self.sibs: list[Any] = []
         # NDJSON: siblings are the strings at the same path on consecutive lines
         self.path_mode = False
+        # copy on write: the document walked is shared, `root` is its changed copy (None:
+        # unchanged); copies by id of the original container
+        self.cow = cow
+        self.root: Any = None
+        self._copies: dict[int, Any] = {}
+        # renamed keys by id of the (writable) dict: a value written later under its old
+        # key lands under the new one (never the old key back, with the value unmasked)
+        self._renamed: dict[int, dict[str, str]] = {}
+
+    def writable(self, chain: Chain) -> Any:
+        """The container of `chain` as it may be changed: itself when ours, else its copy
+        (made now, and linked into its parent's writable copy)."""
+        node, parent, key = chain
+        if parent is _OWNED:
+            return node
+        c = self._copies.get(id(node))
+        if c is None:
+            c = dict(node) if isinstance(node, dict) else list(node)
+            self._copies[id(node)] = c
+            if parent is None:
+                self.root = c
+            else:
+                self.put(parent, key, c)
+        return c
+
+    def put(self, chain: Chain, key: Any, value: Any) -> None:
+        w = self.writable(chain)
+        if self._renamed and isinstance(key, str):
+            key = self._renamed.get(id(w), {}).get(key, key)
+        w[key] = value
+
+    def rename(self, chain: Chain, old: str, new: str) -> None:
+        w = self.writable(chain)
+        items = [(new if k == old else k, v) for k, v in w.items()]
+        w.clear()
+        w.update(items)
+        self._renamed.setdefault(id(w), {})[old] = new
+
+    def root_chain(self, node: Any) -> Chain:
+        """The chain of a document's root: copied on write when shared (`cow`)."""
+        return (node, None if self.cow else _OWNED, None)
 
     def add(self, text: str, setter: Callable[[str], None], owner: int,
             glue: tuple[int, int] | None = None, sib: Any = None) -> None:
@@ -173,23 +251,28 @@ class _Slots:
                 inner = None
             if isinstance(inner, dict | list):
                 self.subdocs.append((owner, setter, inner))
-                self.walk(inner, len(self.subdocs) - 1, depth + 1, _child(sib, "doc"))
+                self.walk(inner, len(self.subdocs) - 1, depth + 1, _child(sib, "doc"),
+                          (inner, _OWNED, None))  # parsed here: changed in place
                 return
         self.add(text, setter, owner, glue, sib)
 
-    def walk(self, node: Any, owner: int, depth: int = 0, path: Any = ()) -> None:
+    def walk(self, node: Any, owner: int, depth: int = 0, path: Any = (),
+             chain: Chain | None = None) -> None:
+        """Add the strings of `node` (`chain`: its place; default: the document's root)."""
         if depth > MAX_DEPTH:
             raise Unparseable("JSON nested too deeply", 400)
         if not self.path_mode:
             path = None  # only NDJSON needs paths; a body may hold millions of values
+        if chain is None:
+            chain = self.root_chain(node)
         if isinstance(node, dict):
-            self._walk_dict(node, owner, depth, path)
+            self._walk_dict(node, owner, depth, path, chain=chain)
         elif isinstance(node, list):
             if len(node) > 1 and all(type(v) is int for v in node):
                 # a list of integers is ONE slot, the numbers joined by commas: one string
                 # for the whole list (token-id arrays stay cheap), and a value spread over
                 # the items ([4111, 1111, 1111, 1111]) is read as written
-                self.add(",".join(map(str, node)), _int_list_setter(node), owner)
+                self.add(",".join(map(str, node)), self._int_list_setter(chain), owner)
                 return
             # text parts first, adjacent, so consecutive parts of one list are glued; their
             # other fields after the list's text
@@ -201,15 +284,18 @@ class _Slots:
                         not (self.llm and _is_binary_field(item, "text", item["text"])):
                     if depth + 1 > MAX_DEPTH:
                         raise Unparseable("JSON nested too deeply", 400)
-                    self.add_string(item["text"], _setter(item, "text"), owner, depth + 1,
-                                    (id(node), i), self._sib(node, _child(ipath, "text")))
-                    deferred.append(item)
+                    ichain = (item, chain, i)
+                    self.add_string(item["text"], self._setter(ichain, "text"), owner,
+                                    depth + 1, (id(node), i),
+                                    self._sib(node, _child(ipath, "text")))
+                    deferred.append(ichain)
                 elif isinstance(item, dict):
-                    self._walk_dict(item, owner, depth + 1, ipath)
+                    self._walk_dict(item, owner, depth + 1, ipath, chain=(item, chain, i))
                 else:
-                    self._walk_value(node, i, item, owner, depth + 1, ipath, lsib)
-            for item in deferred:
-                self._walk_dict(item, owner, depth + 1, ipath, skip_text=True)
+                    self._walk_value(chain, i, item, owner, depth + 1, ipath, lsib)
+            for ichain in deferred:
+                self._walk_dict(ichain[0], owner, depth + 1, ipath, skip_text=True,
+                                chain=ichain)
         else:
             raise Unparseable("not a JSON document", 400)
 
@@ -218,7 +304,7 @@ class _Slots:
         return path if self.path_mode else id(container)
 
     def _walk_dict(self, d: dict, owner: int, depth: int, path: Any = (),
-                   skip_text: bool = False) -> None:
+                   skip_text: bool = False, *, chain: Chain) -> None:
         if depth > MAX_DEPTH:
             raise Unparseable("JSON nested too deeply", 400)
         llm = self.llm
@@ -230,42 +316,53 @@ class _Slots:
             if llm and k in LOGPROB_KEYS and v and isinstance(v, dict | list):
                 # the output again, one token per entry: no detector sees a value split
                 # over tokens, so it cannot be masked there; drop it
-                d[k] = None if isinstance(v, dict) else []
+                self.put(chain, k, None if isinstance(v, dict) else [])
                 self.forced.add(owner)
                 continue
             if skip_text and k == "text":
                 continue  # added by the list walk
-            self._walk_key(d, k, owner)
-            self._walk_value(d, k, v, owner, depth + 1, _child(path, k), dsib)
+            self._walk_key(chain, k, owner)
+            self._walk_value(chain, k, v, owner, depth + 1, _child(path, k), dsib)
 
-    def _walk_key(self, d: dict, k: str, owner: int) -> None:
+    def _walk_key(self, chain: Chain, k: str, owner: int) -> None:
         if len(k) < 6 or _PLAIN_KEY.fullmatch(k):
             return  # plain field names: nothing a detector could match
 
-        def rename(new: str, d: dict = d, k: str = k) -> None:
-            items = [(new if key == k else key, val) for key, val in d.items()]
-            d.clear()
-            d.update(items)
+        def rename(new: str) -> None:
+            self.rename(chain, k, new)
 
         self.add(k, rename, owner)
 
-    def _walk_value(self, container: Any, key: Any, v: Any, owner: int, depth: int,
+    def _setter(self, chain: Chain, key: Any) -> Callable[[str], None]:
+        def set_(value: str) -> None:
+            self.put(chain, key, value)
+        return set_
+
+    def _int_list_setter(self, chain: Chain) -> Callable[[str], None]:
+        """Write a masked comma-joined integer list back: numbers stay numbers, a
+        replacement becomes a string item (the value is gone; the list may get shorter)."""
+        def set_(value: str) -> None:
+            self.writable(chain)[:] = [int(x) if x.lstrip("-").isdigit() else x
+                                       for x in value.split(",") if x]
+        return set_
+
+    def _walk_value(self, chain: Chain, key: Any, v: Any, owner: int, depth: int,
                     path: Any = None, sib: Any = None) -> None:
         if sib is None:
-            sib = self._sib(container, path)
+            sib = self._sib(chain[0], path)
         if isinstance(v, str):
             if v:
-                self.add_string(v, _setter(container, key), owner, depth, sib=sib)
+                self.add_string(v, self._setter(chain, key), owner, depth, sib=sib)
         elif isinstance(v, bool) or v is None:
             return
-        elif isinstance(v, _Float):
+        elif isinstance(v, JsonFloat):
             if len(v.text) >= 5:
-                self.add(v.text, _setter(container, key), owner, sib=sib)
+                self.add(v.text, self._setter(chain, key), owner, sib=sib)
         elif isinstance(v, int | float):
             if abs(v) >= 10_000:  # nothing shorter than 5 digits is ever a finding alone
-                self.add(str(v), _setter(container, key), owner, sib=sib)
+                self.add(str(v), self._setter(chain, key), owner, sib=sib)
         elif isinstance(v, dict | list):
-            self.walk(v, owner, depth, path)
+            self.walk(v, owner, depth, path, (v, chain, key))
 
 
 def _cross_findings(masker: Masker, slots: _Slots, found: list
@@ -369,14 +466,6 @@ def _child(path: Any, key: Any) -> Any:
     return None if path is None else (path, key)
 
 
-def _int_list_setter(node: list) -> Callable[[str], None]:
-    """Write a masked comma-joined integer list back: numbers stay numbers, a replacement
-    becomes a string item (the value is gone; the list may get shorter)."""
-    def set_(value: str) -> None:
-        node[:] = [int(x) if x.lstrip("-").isdigit() else x for x in value.split(",") if x]
-    return set_
-
-
 def _setter(container: Any, key: Any) -> Callable[[str], None]:
     def set_(value: str) -> None:
         container[key] = value
@@ -396,18 +485,6 @@ def _is_binary_field(d: dict, k: str, v: Any) -> bool:
     return False
 
 
-class _Float(float):
-    """A JSON number with a fraction or exponent, remembering how it was written (a card
-    number written as `4111111111111111.0` must be checked as written)."""
-
-    text: str
-
-    def __new__(cls, text: str) -> _Float:
-        f = super().__new__(cls, text)
-        f.text = text
-        return f
-
-
 class DuplicateKeys(ValueError):
     pass
 
@@ -422,11 +499,22 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
 
 
 def loads(data: str | bytes) -> Any:
-    """json.loads, refusing duplicate keys and keeping the text of non-integer numbers."""
-    return json.loads(data, object_pairs_hook=_no_duplicates, parse_float=_Float)
+    """json.loads, refusing duplicate keys and keeping the text of non-integer numbers (as
+    the shared decoder does: addons/frame/decode.py)."""
+    return json.loads(data, object_pairs_hook=_no_duplicates, parse_float=JsonFloat)
 
 
-def _dump(obj: Any) -> str:
+def _dump(obj: Any, ascii_hint: bool = False) -> str:
+    """Compact JSON, non-ASCII characters written as they are (unless that is not valid
+    UTF-8: lone surrogates, then every one escaped). `ascii_hint`: the text is probably
+    ASCII, so the faster ASCII encoder is tried first; where it wrote no `\\u` escape at
+    all, no character needed one and the result is the same text, byte for byte (both
+    encoders write the same short escapes, `\\"` `\\\\` `\\n` ..., and differ only in
+    which characters they write as `\\uXXXX`)."""
+    if ascii_hint:
+        out = json.dumps(obj, separators=(",", ":"))
+        if "\\u" not in out:
+            return out
     try:
         out = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
         out.encode("utf-8")
@@ -435,11 +523,14 @@ def _dump(obj: Any) -> str:
         return json.dumps(obj, separators=(",", ":"))
 
 
+_UNCHANGED: Any = object()
+
+
 class Masked:
     """Masking context of one flow direction: who, which session, what was found."""
 
     __slots__ = ("masker", "session", "findings", "restorable", "restore", "llm", "detect",
-                 "mcp", "cache", "trace")
+                 "mcp", "cache", "trace", "ascii_hint")
 
     def __init__(self, masker: Masker, session: Session | None, findings: Findings, *,
                  restorable: bool = True, restore: bool = False, dialect: str = "generic",
@@ -459,6 +550,8 @@ class Masked:
         self.cache = cache
         # when a list: every replacement made, (entity, value, replacement), in order
         self.trace: list[tuple[str, str, str]] | None = None
+        # the JSON body being masked is ASCII without \u escapes (see _dump)
+        self.ascii_hint = False
 
     def variant(self, *, restore: bool | None = None, detect: bool | None = None) -> Masked:
         """The same context (session, findings) with restore and/or detection switched."""
@@ -591,13 +684,22 @@ class Masked:
             return False
         return self._apply(slots)
 
+    def _json_doc(self, obj: Any, shared: bool) -> Any:
+        """The masked document, or _UNCHANGED. `shared`: `obj` is the flow's one parse
+        (read by other steps too): left as it is, changed parts copied."""
+        slots = _Slots(self.llm, cow=shared)
+        slots.walk(obj, -1)
+        if not self._apply(slots):
+            return _UNCHANGED
+        return slots.root if shared else obj
+
     def _incremental_key(self, obj: Any) -> str | None:
         if self.cache is not None and self.detect and not self.restore and self.llm and \
                 isinstance(obj, dict):
             return _message_list_key(obj)
         return None
 
-    def _json_incremental(self, obj: dict, key: str) -> bytes | None:
+    def _json_incremental(self, obj: dict, key: str, shared: bool) -> bytes | None:
         """An LLM request whose history is a list of messages: each message is masked as a
         unit of its own (one detector pass, with the tail of the message before it as left
         context), and a message this session has already sent is taken from the cache,
@@ -614,6 +716,7 @@ class Masked:
         at = next(i for i, (k, _) in enumerate(items) if k == key)
         before, after = dict(items[:at]), dict(items[at + 1:])
         msgs: list = obj[key]
+        ascii_hint = self.ascii_hint
         changed = self._apply_part(before)
         ctx_len = self.masker.context_len
         prev_tail = ""
@@ -631,7 +734,7 @@ class Masked:
             one = Masked(self.masker, self.session, found, restorable=self.restorable)
             one.llm = self.llm
             one.trace = []
-            slots = _Slots(self.llm)
+            slots = _Slots(self.llm, cow=shared)
             ctx = digest.context
             if ctx:
                 slots.add(ctx, _noop, -1)
@@ -640,7 +743,7 @@ class Masked:
             one_changed = one._apply(slots, skip)
             for entity, entry in found.items():
                 count(self.findings, entity, entry["strategy"], entry["count"])
-            js = _dump(msg)
+            js = _dump(slots.root if shared and slots.root is not None else msg, ascii_hint)
             changed = changed or one_changed
             cache.put(digest.key, CachedMessage(js, one_changed, tuple(one.trace),
                                                 tuple((e, v["strategy"], v["count"])
@@ -656,7 +759,7 @@ class Masked:
         doc[key] = mark
         for k, v in after.items():
             doc.setdefault(k, v)
-        text = _dump(doc)
+        text = _dump(doc, ascii_hint)
         quoted = _dump(mark)
         if text.count(quoted) != 1:  # cannot happen (random); never guess
             raise Unparseable("body cannot be re-serialised", 400)
@@ -664,10 +767,11 @@ class Masked:
         return text.replace(quoted, "[" + ",".join(parts) + "]").encode()
 
     def _apply_part(self, part: dict) -> bool:
+        """Mask `part` (a new dict: changed in place; its values copied on write)."""
         if not part:
             return False
-        slots = _Slots(self.llm)
-        slots.walk(part, -1)
+        slots = _Slots(self.llm, cow=True)
+        slots.walk(part, -1, chain=(part, _OWNED, None))
         return self._apply(slots)
 
     def _replay(self, hit: CachedMessage) -> bool:
@@ -681,13 +785,22 @@ class Masked:
             count(self.findings, entity, strategy, n)
         return True
 
-    def json_bytes(self, content: bytes) -> bytes | None:
-        try:
-            obj = loads(content)
-        except DuplicateKeys:
-            raise Unparseable("JSON object with duplicate keys", 400) from None
-        except (ValueError, RecursionError):
-            raise Unparseable("body is not valid JSON", 400) from None
+    def json_bytes(self, content: bytes, doc: Any = None) -> bytes | None:
+        """`content` masked as one JSON document. `doc`: the flow's parse of exactly these
+        bytes (a dict or list, see `shared_json`), used instead of parsing them again and
+        never changed (copy on write)."""
+        shared = doc is not None
+        if shared:
+            obj = doc
+        else:
+            try:
+                obj = loads(content)
+            except DuplicateKeys:
+                raise Unparseable("JSON object with duplicate keys", 400) from None
+            except (ValueError, RecursionError):
+                raise Unparseable("body is not valid JSON", 400) from None
+        # An ASCII body (no \u escape) re-serialises to ASCII: the fast encoder first
+        self.ascii_hint = content.isascii() and b"\\u" not in content
         if not isinstance(obj, dict | list):
             if isinstance(obj, str):
                 new = self.text(obj)
@@ -695,8 +808,9 @@ class Masked:
             return None
         key = self._incremental_key(obj)
         if key is not None:
-            return self._json_incremental(obj, key)
-        return _dump(obj).encode() if self.json_obj(obj) else None
+            return self._json_incremental(obj, key, shared)
+        new_doc = self._json_doc(obj, shared)
+        return None if new_doc is _UNCHANGED else _dump(new_doc, self.ascii_hint).encode()
 
     # -- forms and query strings
     def pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]] | None:
@@ -827,9 +941,10 @@ class Masked:
 
     # -- any body
     def body(self, content: bytes, content_type: str, pass_text: bool = False,
-             in_multipart: bool = False) -> bytes | None:
+             in_multipart: bool = False, doc: Any = None) -> bytes | None:
         """Masked body (decoded, identity) or None when nothing changed.
-        Raises Unparseable when it cannot be masked and `pass_text` is off."""
+        Raises Unparseable when it cannot be masked and `pass_text` is off.
+        `doc`: the flow's JSON parse of exactly `content` (`shared_json`), or None."""
         if not content:
             return None
         mime, params = parse_content_type(content_type)
@@ -838,7 +953,7 @@ class Masked:
             if mime == "application/json" or mime.endswith("+json") or (
                     not mime and content.lstrip()[:1] in (b"{", b"[")) or (
                     self.llm and not mime and not in_multipart):
-                return self.json_bytes(content)
+                return self.json_bytes(content, doc)
             if mime == "application/x-www-form-urlencoded":
                 return self.form_bytes(content, charset)
             if mime.startswith("multipart/"):
@@ -851,7 +966,7 @@ class Masked:
             if content.lstrip()[:1] in (b"{", b"["):
                 # JSON under another media type: JSON-aware if it parses, text otherwise
                 try:
-                    return self.json_bytes(content)
+                    return self.json_bytes(content, doc)
                 except Unparseable:
                     pass
             try:
@@ -1091,7 +1206,7 @@ def _feed(h: Any, node: Any, depth: int) -> None:
             _feed(h, v, depth + 1)
     elif node is None or t is bool:
         h.update(b"c" + repr(node).encode())
-    elif t is _Float:
+    elif t is JsonFloat:
         h.update(b"f" + node.text.encode() + b";")
     else:  # int (JSON has no other types after `loads`)
         h.update(b"i" + str(node).encode() + b";")
