@@ -23,8 +23,40 @@ class PipelineSentinel:
     name = "agentgate_sentinel"
 
     def __init__(self, master=None) -> None:
-        self.loaded = 0  # number of live pipelines (a reload briefly has old + new)
+        self._loaded = 0  # number of live pipelines (a reload briefly has old + new)
         self.master = master
+        # Walking the whole chain (~70 addons with the script's) on every hook of every
+        # flow is measurable; a positive answer is kept until something could change it:
+        # any load()/done() of a pipeline (`loaded` changing, even back to the same count:
+        # a reload whose new script fails after load()), or the top-level chain list being
+        # replaced or resized (AddonManager.add/remove).
+        self._generation = 0
+        self._verified: tuple[int, int, int] | None = None
+
+    @property
+    def loaded(self) -> int:
+        return self._loaded
+
+    @loaded.setter
+    def loaded(self, value: int) -> None:
+        self._loaded = value
+        self._generation += 1
+        self._verified = None
+
+    def _in_chain(self) -> bool:
+        """`_pipeline_in_chain`, remembered while neither the pipelines nor the chain
+        changed (only a positive answer is kept: a missing pipeline is looked for again on
+        every flow)."""
+        if self.master is None:
+            return True
+        chain = self.master.addons.chain
+        key = (self._generation, id(chain), len(chain))
+        if self._verified == key:
+            return True
+        if not self._pipeline_in_chain():
+            return False
+        self._verified = key
+        return True
 
     def _pipeline_in_chain(self) -> bool:
         """Is an addon marked `agentgate_pipeline` really in the chain?
@@ -38,7 +70,7 @@ class PipelineSentinel:
                    for a in traverse(self.master.addons.chain))
 
     def _check(self, flow: http.HTTPFlow) -> None:
-        if self.loaded <= 0 or not self._pipeline_in_chain():
+        if self._loaded <= 0 or not self._in_chain():
             refuse(flow, 503, "the agentgate addon pipeline is not loaded (script failed to "
                    "load or was removed); all traffic is refused", "pipeline_not_loaded",
                    "sentinel")
