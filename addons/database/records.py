@@ -5,7 +5,8 @@ whatever built it).
 The relay calls the recorder made by `make_statement_recorder(recorder)` (the hook in
 addons/database/hooks.py) once per statement with a plain dict (see hooks.py: identity,
 session, masked SQL, kinds, tables, decision, rule, approval, rows, command tag, error,
-findings, times). The row (`statement_row`, pure) is built on the writer thread:
+findings, times). The row (`statement_row`, pure) is built in the gateway as plain data
+and handed to the recorder, whose writer process chains and stores it:
 
     method      "SQL"
     url         postgresql://<databases[].name>/<database>   (the agent's view)
@@ -214,8 +215,10 @@ def make_statement_recorder(recorder: Any) -> Callable[[dict[str, Any]], None]:
         max_body = recorder.cfg.max_body_bytes
         db = str(snapshot.get("db") or "")
         size = len(snapshot.get("sql") or "") + 2048
+        # Built here, as plain data: the writer process cannot import this package (and a
+        # closure cannot cross a pipe); a statement row costs little (no bodies, no state).
         recorder.record(Direct(
-            build=lambda: statement_row(snapshot, sec, max_body, rid), id=rid,
+            row=statement_row(snapshot, sec, max_body, rid), id=rid,
             session=str(snapshot.get("session") or f"pg-conn-{snapshot.get('peer') or '-'}"),
             method="SQL", url=f"postgresql://{db}/{snapshot.get('database') or ''}",
             size=size))

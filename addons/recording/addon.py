@@ -11,10 +11,13 @@ Hooks (all guarded, fail closed):
 - `response` (also reached by flows another addon answered: blocked, denied, timed-out
   approvals, refusals), `error` (upstream failures, killed flows, client aborts) and
   `http_connect_error` (CONNECT refused, e.g. default-deny egress): snapshot the flow with
-  `flow.get_state()` and queue it; the writer thread redacts, hashes and stores it.
+  `flow.get_state()` and queue it; the writer process (addons/recording/writerproc.py)
+  redacts, hashes and stores it.
 - `done` (mitmproxy calls it on SIGTERM/SIGINT too): write everything queued, then close.
 
-Pure logic lives in addons/recording/store.py, the thread in addons/recording/writer.py.
+Pure logic lives in addons/recording/store.py; the gateway's side of the writer process in
+addons/recording/remote.py, the process itself in writerproc.py (with writer.py's batching).
+No DuckDB in the gateway process.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from addons.frame import decode as body_decode
 from addons.frame.guard import already_answered, guarded, refuse
 from addons.recording import store
 from addons.recording.config import RecorderConfig
+from addons.recording.remote import WriterProcess, WriterStartError
 from addons.recording.sessions import clean_session
-from addons.recording.writer import AuditWriter
 
 log = logging.getLogger("agentgate.recorder")
 
@@ -120,7 +123,7 @@ class RecorderUnavailable(Exception):
 class Recorder:
     def __init__(self, holder: RulesHolder) -> None:
         self.holder = holder
-        self.writer: AuditWriter | None = None
+        self.writer: WriterProcess | None = None
         self.start_error: str | None = None
         self._recorded: OrderedDict[str, None] = OrderedDict()
         self._secrets: tuple[str, ...] = ()
@@ -158,6 +161,7 @@ class Recorder:
             w.retention_days = cfg.retention_days
             w.max_batch_bytes = cfg.max_batch_bytes
             w.max_pending_bytes = cfg.max_pending_bytes
+            w.reconfigure()
             if self.db_path(cfg) != w.path:
                 log.warning("agentgate: recorder.path changed; restart the gateway to record "
                             "to the new file (still writing %s)", w.path)
@@ -207,14 +211,18 @@ class Recorder:
 
     def start(self, path: str | Path) -> None:
         cfg = self.cfg
-        writer = AuditWriter(path, build=build_row, batch_size=cfg.batch_size,
-                             interval=cfg.batch_interval_ms / 1000,
-                             max_pending=cfg.max_pending, retention_days=cfg.retention_days,
-                             serve_queries=cfg.query_socket,
-                             max_batch_bytes=cfg.max_batch_bytes,
-                             max_pending_bytes=cfg.max_pending_bytes)
+        writer = WriterProcess(path, batch_size=cfg.batch_size,
+                               interval=cfg.batch_interval_ms / 1000,
+                               max_pending=cfg.max_pending, retention_days=cfg.retention_days,
+                               serve_queries=cfg.query_socket,
+                               max_batch_bytes=cfg.max_batch_bytes,
+                               max_pending_bytes=cfg.max_pending_bytes)
         try:
             writer.start()
+        except WriterStartError as e:  # fail closed: refuse flows, say why (the process's)
+            self.start_error = str(e)
+            log.error("agentgate: %s; every flow will be refused", self.start_error)
+            return
         except Exception as e:  # noqa: BLE001 - fail closed: refuse flows, say why
             self.start_error = (f"cannot open the audit store {path}: {type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200] if str(e) else ''}")

@@ -348,10 +348,10 @@ class Pending:
 @dataclass
 class Direct:
     """A record that is not an HTTP flow (a SQL statement, addons/database/records.py):
-    `build()` makes its whole row (every column but seq, prev_hash and hash) on the writer
-    thread; it is chained and stored like every flow."""
+    `row` is its whole row (every column but seq, prev_hash and hash), built by the caller as
+    plain data (it crosses to the writer process); it is chained and stored like every flow."""
 
-    build: Callable[[], dict[str, Any]]
+    row: dict[str, Any]
     id: str
     session: str
     method: str | None = None

@@ -11,6 +11,7 @@ when it works again — with every record present and the hash chain verifying.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,10 @@ def test_a_12mb_request_does_not_stop_the_recorder(gateway_factory, standin) -> 
 def test_a_failing_store_refuses_then_recovers_by_itself(gateway_factory, tmp_path: Path
                                                          ) -> None:
     flag = tmp_path / "store-fails"
-    gw = gateway_factory(RULES, env={"AGENTGATE_TEST_STORE_FAULT": str(flag)},
-                         extra_args=("-s", str(ROOT / "tests" / "hostile" / "_store_fault.py")))
+    # the fault is injected in the writer process, which owns the store (sitecustomize)
+    fault = ROOT / "tests" / "hostile" / "_store_fault"
+    gw = gateway_factory(RULES, env={"AGENTGATE_TEST_STORE_FAULT": str(flag),
+                                     "PYTHONPATH": f"{fault}{os.pathsep}{ROOT}"})
     answered: dict[str, int] = {}
     n = 0
 

@@ -20,8 +20,10 @@ from addons.recording import store
 from addons.recording.addon import Recorder
 from addons.recording.config import RecorderConfig
 from addons.recording.sessions import Sessions, body_session, clean_session
+from addons.recording.writer import ask_gateway
 
 REAL = "sk-proj-UNITREALKEY-000000000000000000000000"
+FAULT = Path(__file__).resolve().parents[1] / "hostile" / "_store_fault"
 
 
 def make_rules(tmp_path: Path, recorder: str = "") -> object:
@@ -51,11 +53,18 @@ def rec(tmp_path: Path, monkeypatch):
 
 
 def rows(r: Recorder, sql: str = "SELECT * FROM flows ORDER BY seq") -> list[dict]:
+    """Read the store through the writer process's query socket (it owns the file)."""
     assert r.writer is not None and r.writer.flush(10)
-    cur = r.writer._con.cursor()
-    c = cur.execute(sql)
-    cols = [d[0] for d in c.description]
-    return [dict(zip(cols, v, strict=True)) for v in c.fetchall()]
+    out = ask_gateway(r.writer.path, {"op": "query", "sql": sql})
+    assert out is not None and "error" not in out, out
+    return [dict(zip(out["columns"], v, strict=True)) for v in out["rows"]]
+
+
+def verified(r: Recorder) -> bool:
+    assert r.writer is not None and r.writer.flush(10)
+    out = ask_gateway(r.writer.path, {"op": "verify"})
+    assert out is not None and "error" not in out, out
+    return bool(out["result"]["ok"])
 
 
 def openai_flow(body: dict | None = None, headers: dict | None = None) -> http.HTTPFlow:
@@ -154,7 +163,7 @@ def test_error_connect_error_and_dedupe(rec: Recorder) -> None:
     assert [r["outcome"] for r in out] == ["error", "refused"]
     assert out[1]["url"] == "evil.example.org:443" and out[1]["method"] == "CONNECT"
     assert b"YWdlbnQ6" not in out[1]["flow_state"]
-    assert store.verify(rec.writer._con.cursor()).ok
+    assert verified(rec)
 
 
 def test_findings_and_approval_are_recorded(rec: Recorder) -> None:
@@ -173,29 +182,36 @@ def test_findings_and_approval_are_recorded(rec: Recorder) -> None:
 
 
 # ---------------------------------------------------------------- fail closed
-def test_store_failure_refuses_new_flows_then_recovers(rec: Recorder, monkeypatch) -> None:
-    real_append = store.append
-
-    def boom(*a, **k):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(store, "append", boom)
-    f = openai_flow()
-    run(rec, f)  # in flight when the store fails: kept queued, retried
-    assert not rec.writer.flush(1)
-    assert "disk full" in (rec.writer.failure or "")
-    g = openai_flow()
-    rec.requestheaders(g)
-    assert g.response is not None and g.response.status_code == 503
-    body = json.loads(g.response.content)
-    assert body["error"]["code"] == "recorder_unavailable"
-    assert "audit store unavailable" in body["error"]["message"]
-    monkeypatch.setattr(store, "append", real_append)
-    assert rec.writer.flush(10) and rec.writer.failure is None
-    h = openai_flow()
-    rec.requestheaders(h)
-    assert h.response is None  # accepted again
-    assert len(rows(rec)) == 1  # the in-flight flow was not lost
+def test_store_failure_refuses_new_flows_then_recovers(tmp_path: Path, monkeypatch) -> None:
+    # The store fails inside the writer process (which owns it): tests/hostile/_store_fault
+    # is that process's sitecustomize; the flag file is "the disk fails".
+    flag = tmp_path / "store-fails"
+    monkeypatch.setenv("AGENTGATE_TEST_STORE_FAULT", str(flag))
+    monkeypatch.setenv("PYTHONPATH", str(FAULT))
+    monkeypatch.setenv("UNIT_OPENAI_KEY", REAL)
+    holder = RulesHolder(make_rules(tmp_path, "recorder:\n  batch_interval_ms: 5\n"))
+    rec = Recorder(holder)
+    with taddons.context(rec):
+        rec.start(tmp_path / "a.duckdb")
+        assert rec.writer is not None
+        flag.write_text("x")
+        f = openai_flow()
+        run(rec, f)  # in flight when the store fails: kept queued, retried
+        assert not rec.writer.flush(2)
+        assert "injected: the audit disk failed" in (rec.writer.failure or "")
+        g = openai_flow()
+        rec.requestheaders(g)
+        assert g.response is not None and g.response.status_code == 503
+        body = json.loads(g.response.content)
+        assert body["error"]["code"] == "recorder_unavailable"
+        assert "audit store unavailable" in body["error"]["message"]
+        flag.unlink()
+        assert rec.writer.flush(20) and rec.writer.failure is None
+        h = openai_flow()
+        rec.requestheaders(h)
+        assert h.response is None  # accepted again
+        assert len(rows(rec)) == 1  # the in-flight flow was not lost
+        rec.done()
 
 
 def test_backlog_limit_refuses(rec: Recorder) -> None:

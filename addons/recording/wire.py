@@ -1,0 +1,74 @@
+"""The pipe between the gateway and its audit writer process (pure: no DuckDB, no mitmproxy).
+
+Every message is one frame: a 4-byte big-endian length, then the message as `marshal` data.
+marshal, not pickle: it carries exactly the plain types a flow snapshot is made of (dict,
+list, tuple, set, str, bytes, int, float, bool, None), its C encoder costs a few µs for a
+1 KB flow on the event loop, and loading it cannot construct arbitrary objects or run code.
+A snapshot holding anything else is refused by `dumps` (the recorder then stores the flow's
+minimal record, as a row that could not be built always was).
+
+Gateway → writer: ("flow", n, <Pending fields>), ("row", n, <Direct fields>), ("cfg", {…}),
+("flush",). `n` numbers the records of one gateway run, 1, 2, 3 … in submission order.
+Writer → gateway: ("ready", head_seq, head_hash), ("fatal", why), ("ack", n_written,
+failure_or_None). Records are written strictly in order, so one number acknowledges every
+record up to it.
+"""
+
+from __future__ import annotations
+
+import marshal
+import struct
+from typing import IO, Any
+
+from addons.recording import store
+
+HEADER = struct.Struct("!I")
+MAX_FRAME = 0xFFFF_FFFF  # what the length field can say; the byte bound keeps real ones far below
+MARSHAL_VERSION = 4
+
+
+def frame(msg: tuple[Any, ...]) -> bytes:
+    """One message as a frame; ValueError when it holds a non-plain object."""
+    data = marshal.dumps(msg, MARSHAL_VERSION)
+    if len(data) > MAX_FRAME:
+        raise ValueError(f"message of {len(data)} bytes is larger than a frame may be")
+    return HEADER.pack(len(data)) + data
+
+
+def read_frame(f: IO[bytes]) -> tuple[Any, ...] | None:
+    """The next message, or None at end of stream (the other side closed or died).
+    A stream cut inside a frame is also its end: a partial message is never used."""
+    head = f.read(HEADER.size)
+    if len(head) < HEADER.size:
+        return None
+    (size,) = HEADER.unpack(head)
+    data = f.read(size)
+    if len(data) < size:
+        return None
+    msg = marshal.loads(data)  # noqa: S302 - a private pipe between our own processes
+    if not isinstance(msg, tuple) or not msg or not isinstance(msg[0], str):
+        raise ValueError("malformed message on the audit writer pipe")
+    return msg
+
+
+def pending_msg(n: int, p: store.Pending) -> tuple[Any, ...]:
+    return ("flow", n, p.state, p.session, p.origin_url, p.kind, p.recorded_at,
+            tuple(p.secrets), tuple(sorted(p.redact)), p.max_body, p.size)
+
+
+def direct_msg(n: int, d: store.Direct) -> tuple[Any, ...]:
+    return ("row", n, d.row, d.id, d.session, d.method, d.url, d.recorded_at, d.size)
+
+
+def record_of(msg: tuple[Any, ...]) -> tuple[int, store.Pending | store.Direct]:
+    """(n, record) of a "flow" or "row" message."""
+    if msg[0] == "flow":
+        (_, n, state, session, origin, kind, at, secrets, redact, max_body, size) = msg
+        return n, store.Pending(state=state, session=session, origin_url=origin, kind=kind,
+                                recorded_at=at, secrets=tuple(secrets),
+                                redact=frozenset(redact), max_body=max_body, size=size)
+    if msg[0] == "row":
+        (_, n, row, rid, session, method, url, at, size) = msg
+        return n, store.Direct(row=row, id=rid, session=session, method=method, url=url,
+                               recorded_at=at, size=size)
+    raise ValueError(f"not a record message: {msg[0]!r}")

@@ -1,0 +1,138 @@
+"""The audit writer process: `python -m addons.recording.writerproc <db> <config json>`.
+
+The gateway (addons/recording/remote.py) starts this process and feeds it flow snapshots
+over its stdin (frames, addons/recording/wire.py); this process owns the DuckDB connection:
+it builds the rows (redaction, decoding, capping, blobs), chains and appends them in batches
+(addons/recording/writer.py's AuditWriter, on its thread here) and serves the `agentgate
+audit` query socket. Row building and inserts (~0.3 ms of Python per 1 KB flow) no longer
+hold the gateway's GIL, and DuckDB's memory lives here, not in the gateway.
+
+It reports on stdout: ("ready", seq, hash) once the store is open (or ("fatal", why) and
+exit 1), then ("ack", n, failure) whenever the number of records written or the store's
+failure changes.
+
+Its life is its stdin: end of stream means the gateway closed it (shutdown) or died (even
+SIGKILL closes the pipe). Either way it writes everything it has read, checkpoints, closes
+the store and exits — never an orphan, and no accepted record is dropped. SIGINT / SIGTERM
+are ignored for that reason: a Ctrl-C or a process-group signal reaches the gateway too, and
+the gateway decides when the writer stops (it closes the pipe after its own drain).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import IO, Any
+
+from addons.frame import decode as body_decode
+from addons.frame import logscrub
+from addons.recording import store, wire
+from addons.recording.writer import AuditWriter
+
+log = logging.getLogger("agentgate.recorder")
+
+REPORT_INTERVAL = 0.02  # seconds between looks at the writer's progress
+DRAIN_TIMEOUT = 120.0  # seconds to write what is queued once the gateway is gone
+
+
+def build(pending: store.Pending) -> dict[str, Any]:
+    # the one bounded decoder, as in the gateway (a bomb must not blow up the writer)
+    return store.build_row(pending, decode=body_decode.decompress)
+
+
+class Reporter:
+    """Sends ("ack", n, failure) when progress or failure changes; all writes to stdout."""
+
+    def __init__(self, out: IO[bytes], writer: AuditWriter) -> None:
+        self.out = out
+        self.writer = writer
+        self.base = 0  # n of the record before the first one this process received
+        self.lock = threading.Lock()
+        self.sent: tuple[int, str | None] | None = None
+        self.gone = False  # the gateway stopped reading: keep writing, stop reporting
+        self.stop = threading.Event()
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        with self.lock:
+            if self.gone:
+                return
+            try:
+                self.out.write(wire.frame(msg))
+                self.out.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                self.gone = True
+
+    def report(self) -> None:
+        state = (self.base + self.writer.written, self.writer.failure)
+        if state != self.sent:
+            self.sent = state
+            self.send(("ack", *state))
+
+    def run(self) -> None:
+        while not self.stop.wait(REPORT_INTERVAL):
+            self.report()
+
+
+def configure(w: AuditWriter, cfg: dict[str, Any]) -> None:
+    for key in ("batch_size", "interval", "max_batch_bytes", "retention_days"):
+        if key in cfg:
+            setattr(w, key, cfg[key])
+    # the gateway bounds the backlog (it refuses flows); here nothing may be refused
+    w.max_pending = 1 << 62
+    w.max_pending_bytes = 1 << 62
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="[%(asctime)s.%(msecs)03d] %(message)s", datefmt="%H:%M:%S")
+    logscrub.install()
+    db, cfg = argv[0], json.loads(argv[1])
+    inp = sys.stdin.buffer
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    # nothing else may write into the message stream (a stray print would corrupt it)
+    sys.stdout = sys.stderr
+    w = AuditWriter(db, build=build, serve_queries=bool(cfg.get("serve_queries", True)))
+    configure(w, cfg)
+    rep = Reporter(out, w)
+    try:
+        w.start()
+    except Exception as e:  # noqa: BLE001 - the gateway says why and refuses flows
+        rep.send(("fatal", f"cannot open the audit store {db}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''}"))
+        return 1
+    seq, head = store.head(w._con) if w._con is not None else (0, store.GENESIS)  # noqa: SLF001
+    rep.send(("ready", seq, head))
+    threading.Thread(target=rep.run, name="agentgate-audit-report", daemon=True).start()
+    first = True
+    try:
+        while True:
+            msg = wire.read_frame(inp)
+            if msg is None:
+                break
+            kind = msg[0]
+            if kind in ("flow", "row"):
+                n, item = wire.record_of(msg)
+                if first:
+                    rep.base, first = n - 1, False
+                w.submit(item)
+            elif kind == "cfg":
+                configure(w, msg[1])
+            elif kind == "flush":
+                with w._cv:  # noqa: SLF001 - write what is queued now, not at the interval
+                    w._cv.notify()  # noqa: SLF001
+    finally:
+        # the gateway closed the pipe or died: write everything read, then exit
+        ok = w.close(DRAIN_TIMEOUT)
+        rep.stop.set()
+        rep.report()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
