@@ -35,15 +35,27 @@ def frame(msg: tuple[Any, ...]) -> bytes:
     return HEADER.pack(len(data)) + data
 
 
+def _read_exact(f: IO[bytes], size: int) -> bytes | None:
+    # an unbuffered pipe may return less than asked for: read until size or end of stream
+    parts = []
+    while size > 0:
+        part = f.read(size)
+        if not part:
+            return None
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)
+
+
 def read_frame(f: IO[bytes]) -> tuple[Any, ...] | None:
     """The next message, or None at end of stream (the other side closed or died).
     A stream cut inside a frame is also its end: a partial message is never used."""
-    head = f.read(HEADER.size)
-    if len(head) < HEADER.size:
+    head = _read_exact(f, HEADER.size)
+    if head is None:
         return None
     (size,) = HEADER.unpack(head)
-    data = f.read(size)
-    if len(data) < size:
+    data = _read_exact(f, size)
+    if data is None:
         return None
     msg = marshal.loads(data)  # noqa: S302 - a private pipe between our own processes
     if not isinstance(msg, tuple) or not msg or not isinstance(msg[0], str):
