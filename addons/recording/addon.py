@@ -23,6 +23,7 @@ No DuckDB in the gateway process.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -131,6 +132,7 @@ class Recorder:
         self._redact: frozenset[str] = store.REDACT_HEADERS
         self._running = False
         self._conns = ConnStates()
+        self._lake: tuple[dict[str, Any], str] | None = None
         holder.on_change(self._rules_changed)
 
     # ------------------------------------------------------------ configuration
@@ -230,6 +232,15 @@ class Recorder:
             return
         self.start_error = None
         self.writer = writer
+        if self._lake is not None:
+            writer.set_lake(*self._lake)
+
+    def ship_to_lake(self, lake: Any, replica: str) -> None:
+        """Ship the store to an audit lake (addons/recording/lake.py's LakeShipping calls
+        this): the shipper runs in the writer process, beside the DuckDB instance."""
+        self._lake = (dataclasses.asdict(lake), replica)
+        if self.writer is not None:
+            self.writer.set_lake(*self._lake)
 
     def done(self) -> None:
         # Synchronous on purpose: while we flush, the event loop produces no new responses

@@ -1,7 +1,8 @@
 """The audit lake: every replica's hash chain, shipped in sealed segments to one DuckLake.
 
 Each replica keeps recording into its own local DuckDB (fast, fail closed: addons/recording/
-writer.py). A shipper thread here copies what the local store has committed to a DuckLake
+writer.py, in the writer process). A shipper thread (in that process, beside the writer)
+copies what the local store has committed to a DuckLake
 (catalog in Postgres, or a local DuckDB catalog file for one host; data as Parquet files in a
 directory), off the event loop, in segments:
 
@@ -344,7 +345,7 @@ class LakeShipper:
     """Ships a local audit store's new records to the lake from its own thread.
 
     `open_local` returns a connection to the local store (the recorder's DuckDB; in the
-    gateway, another connection to the writer's instance). Errors back off (1 s doubling to
+    writer process, another connection to the writer's instance). Errors back off (1 s doubling to
     60 s) and are logged without the catalog's credentials; flows are never held for the
     lake: the local store is the fail-closed one."""
 
@@ -624,7 +625,7 @@ def env_replica() -> str | None:
 
 
 def open_local(path: str | Path) -> Any:
-    """A reading connection to a replica's local store. In the gateway's process it joins
+    """A reading connection to a replica's local store. In the writer process it joins
     the writer's DuckDB instance (same file, same config); unlike writer.open_db it writes
     nothing (no schema step), so it never conflicts with the writer's transactions."""
     import duckdb
@@ -636,14 +637,16 @@ def open_local(path: str | Path) -> Any:
 class LakeShipping:
     """Addon: ships this replica's audit store to the lake of the rules' `audit_lake:`.
 
-    Placed after the recorder: at `done` the recorder has flushed and closed the local store,
-    so the last ship takes everything. Without `audit_lake:` it does nothing. The lake is read
-    at start; a changed `audit_lake:` takes effect at the next start (logged)."""
+    The shipper runs in the recorder's writer process (addons/recording/writerproc.py), which
+    owns the local store's DuckDB instance: this addon hands it the lake and the replica name
+    (`Recorder.ship_to_lake`). The writer process ships the rest after its last write when
+    the gateway stops. Without `audit_lake:` it does nothing. The lake is read at start; a
+    changed `audit_lake:` takes effect at the next start (logged)."""
 
     def __init__(self, holder: Any, recorder: Any) -> None:
         self.holder = holder
         self.recorder = recorder
-        self.shipper: LakeShipper | None = None
+        self.cfg: LakeConfig | None = None
 
     def running(self) -> None:
         rules = self.holder.rules
@@ -655,17 +658,12 @@ class LakeShipping:
             return
         path = self.recorder.db_path()
         replica = cfg.replica or env_replica() or default_replica(path)
-        self.shipper = LakeShipper(cfg, replica, lambda: open_local(path))
-        self.shipper.start()
+        self.cfg = cfg
+        self.recorder.ship_to_lake(cfg, replica)
         self.holder.on_change(self._rules_changed)
         log.info("agentgate: %s, replica %s", cfg.describe(), replica)
 
     def _rules_changed(self, rules: Any) -> None:
-        s = self.shipper
-        if s is not None and getattr(rules, "audit_lake", None) != s.cfg:
+        if self.cfg is not None and getattr(rules, "audit_lake", None) != self.cfg:
             log.warning("agentgate: audit_lake changed; restart the gateway to ship to the new "
                         "lake (still shipping to the one it started with)")
-
-    def done(self) -> None:
-        if self.shipper is not None:
-            self.shipper.stop()

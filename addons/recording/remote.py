@@ -75,6 +75,7 @@ class WriterProcess:
         self._closing = False
         self._closed = False
         self._threads: list[threading.Thread] = []
+        self._lake: tuple[dict[str, Any], str] | None = None
 
     # -- process
     def _config(self) -> dict[str, Any]:
@@ -159,6 +160,13 @@ class WriterProcess:
             self.pending_bytes += len(data)
             self._unacked.append((n, data))
             self._outbox.append((n, data))
+            self._cv.notify_all()
+
+    def set_lake(self, lake: dict[str, Any], replica: str) -> None:
+        """Have the process ship its store to this audit lake (kept across restarts)."""
+        with self._lock:
+            self._lake = (lake, replica)
+            self._outbox.append((0, wire.frame(("lake", lake, replica))))
             self._cv.notify_all()
 
     def reconfigure(self) -> None:
@@ -294,7 +302,9 @@ class WriterProcess:
                     self._gen += 1
                     # everything not acknowledged goes to the new process, in order
                     self._outbox = deque(self._unacked)
-                    self._outbox.append((0, wire.frame(("cfg", self._config()))))
+                    self._outbox.appendleft((0, wire.frame(("cfg", self._config()))))
+                    if self._lake is not None:
+                        self._outbox.appendleft((0, wire.frame(("lake", *self._lake))))
                     self.restarts += 1
                     self._cv.notify_all()
                 self.failure = None

@@ -4,8 +4,9 @@ The gateway (addons/recording/remote.py) starts this process and feeds it flow s
 over its stdin (frames, addons/recording/wire.py); this process owns the DuckDB connection:
 it builds the rows (redaction, decoding, capping, blobs), chains and appends them in batches
 (addons/recording/writer.py's AuditWriter, on its thread here) and serves the `agentgate
-audit` query socket. Row building and inserts (~0.3 ms of Python per 1 KB flow) no longer
-hold the gateway's GIL, and DuckDB's memory lives here, not in the gateway.
+audit` query socket and, with `audit_lake:`, ships the store to the lake (lake.py's
+shipper, beside the writer's DuckDB instance). Row building and inserts (~0.3 ms of Python
+per 1 KB flow) no longer hold the gateway's GIL, and DuckDB's memory lives here.
 
 It reports on stdout: ("ready", seq, hash) once the store is open (or ("fatal", why) and
 exit 1), then ("ack", n, failure) whenever the number of records written or the store's
@@ -20,6 +21,7 @@ the gateway decides when the writer stops (it closes the pipe after its own drai
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -30,7 +32,7 @@ from typing import IO, Any
 
 from addons.frame import decode as body_decode
 from addons.frame import logscrub
-from addons.recording import store, wire
+from addons.recording import lake, store, wire
 from addons.recording.writer import AuditWriter
 
 log = logging.getLogger("agentgate.recorder")
@@ -110,6 +112,7 @@ def main(argv: list[str]) -> int:
     rep.send(("ready", seq, head))
     threading.Thread(target=rep.run, name="agentgate-audit-report", daemon=True).start()
     first = True
+    shipper: lake.LakeShipper | None = None
     try:
         while True:
             msg = wire.read_frame(inp)
@@ -123,6 +126,10 @@ def main(argv: list[str]) -> int:
                 w.submit(item)
             elif kind == "cfg":
                 configure(w, msg[1])
+            elif kind == "lake" and shipper is None:
+                shipper = lake.LakeShipper(lake.LakeConfig(**msg[1]), str(msg[2]),
+                                           functools.partial(lake.open_local, db))
+                shipper.start()
             elif kind == "flush":
                 with w._cv:  # noqa: SLF001 - write what is queued now, not at the interval
                     w._cv.notify()  # noqa: SLF001
@@ -131,6 +138,8 @@ def main(argv: list[str]) -> int:
         ok = w.close(DRAIN_TIMEOUT)
         rep.stop.set()
         rep.report()
+        if shipper is not None:
+            shipper.stop()  # ships what the last batches added
     return 0 if ok else 1
 
 
