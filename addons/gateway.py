@@ -30,7 +30,7 @@ from addons.egress.edge import EdgeOptions, attach_layer_guard
 from addons.egress.limits import EdgeLimits
 from addons.egress.upstreams import Upstreams
 from addons.egress.websocket import WebSockets
-from addons.frame import sentinel
+from addons.frame import dispatch, sentinel
 from addons.frame.annotate import Annotate
 from addons.health.addon import Health
 from addons.identity.addon import Identity, state_for
@@ -105,6 +105,8 @@ def _guard_the_edge() -> None:
     if master is not None and hasattr(master, "addons"):
         sentinel.attach(master)
         attach_layer_guard(master)
+        # the same event dispatch, cheaper: ~0.3 ms of CPU per flow (frame/dispatch.py)
+        dispatch.install()
 
 
 logging.getLogger("agentgate").setLevel(logging.INFO)
