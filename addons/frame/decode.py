@@ -347,6 +347,26 @@ _cache: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, ...]]] = \
 _lock = threading.Lock()
 
 
+def coding_and_type(headers: Any) -> tuple[str, str]:
+    """(Content-Encoding, Content-Type) exactly as `headers.get(name, "")` gives them (all
+    values of a repeated field joined with ", "), in one pass over mitmproxy's fields:
+    every step asks for both on every flow, and each `get` is a scan of its own."""
+    fields = getattr(headers, "fields", None)
+    if not isinstance(fields, tuple):
+        return headers.get("content-encoding", ""), headers.get("content-type", "")
+    enc: list[str] = []
+    ctype: list[str] = []
+    for k, v in fields:
+        n = len(k)
+        if n == 16 or n == 12:
+            k = k.lower()
+            if k == b"content-encoding":
+                enc.append(v.decode("utf-8", "surrogateescape"))
+            elif k == b"content-type":
+                ctype.append(v.decode("utf-8", "surrogateescape"))
+    return ", ".join(enc), ", ".join(ctype)
+
+
 def _message_body(flow: Any, part: str, max_bytes: int, max_ratio: int) -> Body | None:
     msg = getattr(flow, part, None)
     if msg is None:
@@ -354,8 +374,7 @@ def _message_body(flow: Any, part: str, max_bytes: int, max_ratio: int) -> Body 
     raw = msg.raw_content
     if raw is None:
         raise DecodeError("the body is streamed and cannot be inspected", 413)
-    enc = msg.headers.get("content-encoding", "")
-    ctype = msg.headers.get("content-type", "")
+    enc, ctype = coding_and_type(msg.headers)
     key = (raw, enc, ctype, max_bytes, max_ratio)
     with _lock:  # policy decodes large bodies in a worker thread
         slot = _cache.setdefault(flow, {})

@@ -315,8 +315,7 @@ class Masking:
                    "masking")
             return
         if raw:
-            args = (ctx, raw, req.headers.get("content-encoding", ""),
-                    req.headers.get("content-type", ""), cfg.max_body_bytes,
+            args = (ctx, raw, *decode.coding_and_type(req.headers), cfg.max_body_bytes,
                     cfg.on_unparseable == "pass_text")
             try:
                 if len(raw) >= THREAD_MIN_BYTES or shared:
@@ -409,8 +408,7 @@ class Masking:
         session = self._session(flow)
         ctx = Masked(self.masker(), session, found, restorable=False,
                      dialect=self._dialect(flow, up))
-        args = (ctx, raw, resp.headers.get("content-encoding", ""),
-                resp.headers.get("content-type", ""), cfg.max_body_bytes,
+        args = (ctx, raw, *decode.coding_and_type(resp.headers), cfg.max_body_bytes,
                 cfg.on_unparseable == "pass_text", bool(up and up.restore))
         try:
             if len(raw) >= THREAD_MIN_BYTES or isinstance(session, SharedSession):

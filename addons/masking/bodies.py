@@ -87,6 +87,15 @@ SPLIT_WINDOW = 256
 _BREAK = "\n\n"
 
 
+# URL paths remembered as clean (nothing found) per masker, and the longest remembered
+CLEAN_PATHS = 4096
+CLEAN_PATH_MAX = 1024
+
+
+def _counted(findings: Findings) -> int:
+    return sum(e["count"] for e in findings.values())
+
+
 class Unparseable(Exception):
     """The body cannot be masked: `status` 400 (malformed) or 415 (unsupported)."""
 
@@ -861,13 +870,22 @@ class Masked:
         """Mask the segments of a URL path (without its query), percent-decoded; changed
         segments are re-encoded, the others kept byte for byte. Consecutive segments are
         siblings, so '/4111/1111/1111/1111' is one card. None if nothing changed."""
+        clean = getattr(self.masker, "clean_paths", None) \
+            if self.detect and not self.restore and len(path) <= CLEAN_PATH_MAX else None
+        if clean is not None and path in clean:
+            return None  # the detectors found nothing in it before, whoever sent it
         segs = path.split("/")
         rows = [[unquote(seg, errors="surrogateescape")] for seg in segs]
         slots = _Slots(False)
         for row in rows:
             if row[0]:
                 slots.add(row[0], _setter(row, 0), -1, sib=("path",))
+        counted = _counted(self.findings)
         if not self._apply(slots):
+            if clean is not None and _counted(self.findings) == counted:
+                if len(clean) >= CLEAN_PATHS:
+                    clean.clear()  # only a cache
+                clean[path] = None
             return None
         out = []
         for seg, row in zip(segs, rows, strict=True):

@@ -264,6 +264,9 @@ class Masker:
         self._key = hmac_key if hmac_key is not None else secrets.token_bytes(32)
         self.sessions = sessions if sessions is not None else SessionStore()
         self._strategy_cache: dict[str, str] = {}
+        # URL paths the detectors found nothing in (bodies.Masked.url_path): a path does
+        # not depend on the session, and most requests of a gateway share a few paths
+        self.clean_paths: dict[str, None] = {}
 
     def __repr__(self) -> str:
         return "<Masker>"

@@ -193,3 +193,18 @@ def test_flow_errors_are_cached_too() -> None:
     for _ in range(2):
         with pytest.raises(DecodeError):
             decode.request_body(f)
+
+
+@pytest.mark.parametrize("fields", [
+    [],
+    [(b"Content-Type", b"application/json")],
+    [(b"content-encoding", b"gzip"), (b"CONTENT-TYPE", b"text/plain; charset=latin-1")],
+    [(b"Content-Encoding", b"gzip"), (b"x-a", b"1"), (b"content-encoding", b"br")],
+    [(b"content-type", b"a/b; x=\xe9\xff"), (b"content-type", b"c/d")],
+    [(b"content-typ", b"x"), (b"content-typee", b"y"), (b"xontent-encoding", b"z")],
+])
+def test_coding_and_type_read_as_headers_get_does(fields) -> None:
+    from mitmproxy import http
+    h = http.Headers(fields)
+    assert decode.coding_and_type(h) == (h.get("content-encoding", ""),
+                                         h.get("content-type", ""))

@@ -202,3 +202,22 @@ def test_escapes_and_non_ascii_bodies_are_forwarded_as_before():
         obj = json.loads(raw.decode("utf-8", "surrogatepass"))
         obj["a"] = obj["a"].replace("jane.doe@example.com", "[EMAIL_1]")
         assert out == _dump(obj, False).encode("utf-8", "surrogatepass")
+
+
+# ---------------------------------------------------------------- clean URL paths
+def test_a_clean_url_path_is_remembered_and_a_path_with_a_value_never():
+    masker = Masker(DetectorSet(), b"k")
+    clean = "/v1/chat/completions"
+    dirty = "/v1/users/jane.doe@example.com/orders/4111/1111/1111/1111"
+    for _ in range(3):
+        found: dict = {}
+        c = Masked(masker, Session(), found, restorable=True)
+        assert c.url_path(clean) is None
+        out = c.url_path(dirty)
+        assert out is not None and "jane.doe" not in out and "4111" not in out
+        assert found["EMAIL"]["count"] == 1 and found["CREDIT_CARD"]["count"] == 1
+    assert clean in masker.clean_paths and dirty not in masker.clean_paths
+    # a restoring or detection-free pass neither reads nor fills it
+    masker.clean_paths.clear()
+    Masked(masker, Session(), {}, restore=True).url_path(clean)
+    assert masker.clean_paths == {}
