@@ -89,7 +89,9 @@ class WriterProcess:
         env["PYTHONPATH"] = os.pathsep.join(
             [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "addons.recording.writerproc", str(self.path),
+            # -P: not the working directory first on sys.path (an `addons` package there
+            # would be imported instead of ours); ROOT leads PYTHONPATH: the same code runs
+            [sys.executable, "-P", "-m", "addons.recording.writerproc", str(self.path),
              json.dumps(self._config())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True, bufsize=0)
         assert proc.stdout is not None

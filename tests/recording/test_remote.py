@@ -116,3 +116,20 @@ def test_the_gateway_side_loads_no_duckdb() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
+
+
+def test_an_addons_package_in_the_working_directory_is_not_the_writer(tmp_path: Path) -> None:
+    # a gateway started from a directory holding another `addons` package (an older
+    # checkout, a user's own) must still run its own writer code
+    decoy = tmp_path / "cwd" / "addons" / "recording"
+    decoy.mkdir(parents=True)
+    (decoy.parent / "__init__.py").write_text("")
+    (decoy / "__init__.py").write_text("")
+    root = Path(__file__).resolve().parents[2]
+    code = (f"import sys; sys.path.insert(0, {str(root)!r}); "
+            "from addons.recording.remote import WriterProcess; "
+            f"w = WriterProcess({str(tmp_path / 'a.duckdb')!r}, serve_queries=False); "
+            "w.start(); print('closed', w.close(30))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path / "cwd", timeout=120)
+    assert "closed True" in out.stdout, out.stderr[-2000:]
