@@ -41,10 +41,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
-
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from typing import TYPE_CHECKING, Any
 
 from addons.approval.store import (
     PENDING,
@@ -56,6 +53,9 @@ from addons.approval.store import (
     PendingApproval,
     Vote,
 )
+
+if TYPE_CHECKING:
+    import psycopg
 
 log = logging.getLogger("agentgate.approval")
 
@@ -97,13 +97,37 @@ SCHEMA = [
 ]
 
 
+def _load_psycopg() -> None:
+    """Import psycopg into this module's globals on first use. A gateway whose approvals
+    live in memory (no AGENTGATE_STATE, no `state:`) never needs it, and importing it costs
+    ~9 MiB of RSS and ~70 ms. Every way into this module that touches Postgres (check_dsn,
+    describe_dsn, PgApprovalStore) calls this first; a missing or broken psycopg is then a
+    ValueError there, which the approval addon's configure() turns into an OptionsError:
+    the gateway refuses to start rather than fall back to holds in one process."""
+    global psycopg  # noqa: PLW0603 - bound once, read by every method below
+    if "psycopg" in globals():
+        return
+    try:
+        import psycopg
+        import psycopg.conninfo  # noqa: F401 - _conninfo below
+    except ImportError as e:
+        raise ValueError(f"the shared approval store needs the psycopg package, which "
+                         f"cannot be imported here ({e})") from None
+
+
+def _conninfo(dsn: str) -> dict[str, Any]:
+    _load_psycopg()
+    return psycopg.conninfo.conninfo_to_dict(dsn)
+
+
 def check_dsn(dsn: str) -> None:
     """Raise ValueError (without echoing the DSN: it may hold a password) when `dsn` is no
-    Postgres connection string."""
+    Postgres connection string (or psycopg cannot be imported)."""
     if not dsn.startswith(("postgresql://", "postgres://")) and "=" not in dsn:
         raise ValueError("expected a postgresql://… URL or a libpq key=value string")
+    _load_psycopg()
     try:
-        conninfo_to_dict(dsn)
+        _conninfo(dsn)
     except psycopg.ProgrammingError as e:
         # libpq's message names the bad part, not the password
         raise ValueError(f"not a valid Postgres connection string ({str(e).strip()})") from None
@@ -111,8 +135,9 @@ def check_dsn(dsn: str) -> None:
 
 def describe_dsn(dsn: str) -> str:
     """host:port/dbname of a DSN, for logs (never the user or password)."""
+    _load_psycopg()
     try:
-        d = conninfo_to_dict(dsn)
+        d = _conninfo(dsn)
     except psycopg.ProgrammingError:
         return "(invalid)"
     return f"{d.get('host') or 'localhost'}:{d.get('port') or 5432}/{d.get('dbname') or '-'}"
