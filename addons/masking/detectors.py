@@ -77,7 +77,9 @@ from addons.masking.validators import (
     IBAN_LENGTHS,
     card_lengths,
     card_ok,
+    card_ok_b,
     luhn_ok,
+    luhn_ok_b,
     mod97_ok,
     ssn_ok,
 )
@@ -206,7 +208,7 @@ def _card_span(m: regex.Match, t: str) -> tuple[int, int] | None:
     return None
 
 
-def _prefix_len(raw: str, groups: list[str], j: int) -> int:
+def _prefix_len[S: (str, bytes)](raw: S, groups: list[S], j: int) -> int:
     """Length of `raw` up to the end of its j-th group (separators may differ in length)."""
     pos = 0
     for k, g in enumerate(groups[:j]):
@@ -366,7 +368,7 @@ def _nanp_span(m: regex.Match, t: str) -> tuple[int, int] | None:
     cm = _NANP_CC.match(t, max(0, s - 5), s) if prev in "+-. " else None
     if cm is not None and cm.group(1).lstrip("+") in _CC:
         return cm.start(), e  # '+1 ', '1-', '91-' belong to the number
-    if prev in "+-.":
+    if prev and prev in "+-.":  # ('' is in every string: a number at the text's start)
         return None  # inside a longer dash/dot sequence that is not a phone number
     return s, e
 
@@ -650,6 +652,217 @@ _NUMERIC: tuple[_RegexDet, ...] = (
 # their prefilter anchors (fastscan.NUMERIC_ANCHORS)
 _NUMERIC_NAMES: dict[_RegexDet, str] = dict(zip(
     _NUMERIC, ("card", "ssn", "nanp", "intl", "trunk", "cn", "bare"), strict=True))
+# ---------------------------------------------------------------------------- fast engine
+# The numeric detectors' validation as the fast engine runs it: the same answers as the
+# span functions above (the reference), with bytes operations in C instead of regex calls
+# and per-character Python loops (tests/masking/test_differential.py compares them on
+# random clusters). Only a match that is all ASCII takes these paths — one byte per
+# character, and str.isdigit() agrees with [0-9] — any other goes to the reference function.
+_NOT_DIGIT = bytes(b for b in range(256) if not 48 <= b <= 57)
+_SEP_TO_SPACE = bytes.maketrans(_NOT_DIGIT, b" " * len(_NOT_DIGIT))
+_CLASSIC = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz -.()"
+_CC_B = frozenset(c.encode("ascii") for c in _CC)
+
+
+def _exotic_b(value: bytes) -> bool:
+    """_exotic of an ASCII value."""
+    return bool(value.translate(None, _CLASSIC))
+
+
+def _nanp_ok_b(d: bytes) -> bool:
+    """_nanp_ok of ASCII digits (48 = '0', 49 = '1')."""
+    return len(d) == 10 and d[0] > 49 and d[3] > 49 and d[1:3] != b"11" and d[4:6] != b"11"
+
+
+def _card_span_fast(m: regex.Match, t: str) -> tuple[int, int] | None:
+    raw = m.group(0)
+    if not raw.isascii():
+        return _card_span(m, t)
+    if m.group("sep") is None:
+        return m.span() if card_ok_b(raw.encode("ascii")) else None
+    rb = raw.encode("ascii")
+    groups = rb.translate(_SEP_TO_SPACE).split()  # the match alternates digits, one SEP
+    digits = b"".join(groups)
+    allowed = card_lengths(digits[:6].decode("ascii"))
+    if not allowed:
+        return None
+    lens = [len(g) for g in groups]
+    total = 0
+    ends = []
+    for j, n in enumerate(lens, 1):
+        total += n
+        if total > 19:
+            break
+        if total in allowed and j > 1:
+            ends.append((j, total))
+    s = m.start()
+    for j, total in reversed(ends):
+        if _card_grouping_ok(lens[:j]) and luhn_ok_b(digits[:total]):
+            end = s + _prefix_len(rb, groups, j)
+            if _exotic_b(rb[:end - s]):
+                value = t[s:end]
+                if lens[0] <= 2 and len(set(_SEP_SPLIT.findall(value))) > 1:
+                    return None
+                if not _isolated(t, s, end):
+                    return None
+            return s, end
+    return None
+
+
+def _card_retry_fast(m: regex.Match) -> int:
+    if m.group("sep") is None:
+        return m.end()
+    raw = m.group(0)
+    if not raw.isascii():
+        return _card_retry(m)
+    groups = raw.encode("ascii").translate(_SEP_TO_SPACE).split(None, 2)
+    first, second = groups[0], groups[1]
+    return m.start() + len(first) + 1 if len(first) != len(second) else m.end()
+
+
+def _ssn_span_fast(m: regex.Match, t: str) -> tuple[int, int] | None:
+    raw = m.group(0)
+    if not raw.isascii() or raw.isdigit():
+        return _ssn_span(m, t)  # bare digits: the context word decides (rare)
+    rb = raw.encode("ascii")
+    if _exotic_b(rb) and not _isolated(t, m.start(), m.end()):
+        return None
+    return m.span() if ssn_ok(rb.translate(None, _NOT_DIGIT).decode("ascii")) else None
+
+
+def _nanp_span_fast(m: regex.Match, t: str) -> tuple[int, int] | None:
+    raw = m.group(0)
+    if not raw.isascii():
+        return _nanp_span(m, t)
+    rb = raw.encode("ascii")
+    if not _nanp_ok_b(rb.translate(None, _NOT_DIGIT)):
+        return None
+    s, e = m.span()
+    if _exotic_b(rb) and not _isolated(t, s, e):
+        return None
+    prev = t[s - 1] if s else ""
+    if prev.isdigit():
+        return None
+    if prev in "+-. ":
+        cc = _nanp_cc(t, s)
+        if cc is not None and cc[1].lstrip("+") in _CC:
+            return cc[0], e
+        if prev and prev in "+-.":
+            return None
+    return s, e
+
+
+_DIGIT_CHARS = "0123456789"
+
+
+def _nanp_cc(t: str, s: int) -> tuple[int, str] | None:
+    """(start, group 1) of _NANP_CC.match(t, max(0, s - 5), s), without the regex call:
+    an optional ' ', '.' or '-' just before s, then 1-3 digits and an optional '+' (taken
+    greedily, right to left, none before max(0, s - 5)), not after a digit or '+' (that
+    look-behind sees before the window). Checked against the regex on every string of 7
+    characters from the alphabet that matters (tests/masking/test_differential_numeric.py)."""
+    lo = max(0, s - 5)
+    for q in ((s - 1, s) if s - 1 >= lo and t[s - 1] in " .-" else (s,)):
+        k = 0
+        while k < 3 and q - k - 1 >= lo and t[q - k - 1] in _DIGIT_CHARS:
+            k += 1
+        for nd in range(k, 0, -1):
+            p = q - nd
+            if p - 1 >= lo and t[p - 1] == "+" and not (p >= 2 and t[p - 2] in "0123456789+"):
+                return p - 1, t[p - 1:q]
+            if not (p >= 1 and t[p - 1] in "0123456789+"):
+                return p, t[p:q]
+    return None
+
+
+def _intl_ok_b(d: bytes) -> bool | None:
+    """One step of _intl_span_raw on the digits of a prefix: True (a number), False (try a
+    shorter prefix), None (no country code: give up)."""
+    for k in (1, 2, 3):
+        cc = d[:k]
+        if cc in _CC_B:
+            break
+    else:
+        return None
+    if cc == b"1":
+        return len(d) == 11 and _nanp_ok_b(d[1:])
+    return 8 <= len(d) <= 15 and len(d) - len(cc) >= 6
+
+
+def _intl_span_fast(m: regex.Match, t: str) -> tuple[int, int] | None:
+    text = m.group(0)
+    if not text.isascii():
+        return _intl_span(m, t)
+    tb = text.encode("ascii")
+    s = m.start()
+    ok = _intl_ok_b(tb.translate(None, _NOT_DIGIT))
+    end = len(tb)
+    if ok is None:
+        return None
+    if not ok:
+        # cut at group boundaries from the right (a non-digit other than ')' after a digit
+        # or ')'), as _intl_span_raw does
+        end = 0
+        for i in range(len(tb) - 1, 0, -1):
+            c, p = tb[i], tb[i - 1]
+            if not 48 <= c <= 57 and c != 41 and (48 <= p <= 57 or p == 41):
+                ok = _intl_ok_b(tb[:i].translate(None, _NOT_DIGIT))
+                if ok is None:
+                    return None
+                if ok:
+                    end = i
+                    break
+        if not end:
+            return None
+    if _exotic_b(tb[:end]) and not _isolated(t, s, s + end):
+        return None
+    return s, s + end
+
+
+def _trunk_span_fast(m: regex.Match, t: str) -> tuple[int, int] | None:
+    raw = m.group(0)
+    if not raw.isascii():
+        return _trunk_span(m, t)
+    rb = raw.encode("ascii")
+    lens = [len(p) for p in rb.translate(_SEP_TO_SPACE).split()]
+    if lens == [5, 4] and b"-" in rb:
+        return None
+    rest = lens[1:]
+    if not (all(n >= 3 for n in rest) or (all(n == 2 for n in rest) and len(rest) >= 4)):
+        return None
+    if _exotic_b(rb) and not _isolated(t, *m.span()):
+        return None
+    return m.span() if 9 <= sum(lens) <= 11 else None
+
+
+def _plain_span_fast(m: regex.Match, t: str) -> tuple[int, int] | None:
+    raw = m.group(0)
+    if not raw.isascii():
+        return _plain_span(m, t)
+    if _exotic_b(raw.encode("ascii")) and not _isolated(t, *m.span()):
+        return None
+    return m.span()
+
+
+def _bare_span_fast(m: regex.Match, t: str) -> tuple[int, int] | None:
+    if not _nanp_ok_b(m.group(0).encode("ascii")):  # ten ASCII digits by its pattern
+        return None
+    lo = max(0, m.start() - 30)
+    return m.span() if _PHONE_WORDS.search(t, lo, m.start()) else None
+
+
+# the fast engine's numeric detectors: the same patterns, entities, priorities and order
+_NUMERIC_FAST: dict[_RegexDet, _RegexDet] = dict(zip(_NUMERIC, (
+    _RegexDet("CREDIT_CARD", _CARD, _card_span_fast, 50, retry=_card_retry_fast),
+    _RegexDet("US_SSN", _SSN, _ssn_span_fast, 40),
+    _RegexDet("PHONE", _PHONE_NANP, _nanp_span_fast, 30),
+    _RegexDet("PHONE", _PHONE_INTL, _intl_span_fast, 30),
+    _RegexDet("PHONE", _PHONE_TRUNK, _trunk_span_fast, 30),
+    _RegexDet("PHONE", _PHONE_CN, _plain_span_fast, 30),
+    _RegexDet("PHONE", _PHONE_BARE, _bare_span_fast, 30),
+), strict=True))
+
+
 _IBAN_DET = _RegexDet("IBAN", _IBAN, _iban_span, 45, retry=lambda m: m.start() + 1)
 
 
@@ -674,27 +887,6 @@ _NUM_CLUSTER = _c(r"[0-9](?:[\W_]{0,3}[0-9]){8,}")
 _CHAIN_BACK = _c(r"(?r)(?:[0-9][\W_]{0,3})*[0-9]")
 
 
-def _clusters_at(t: str, ends: list[int]) -> list[regex.Match]:
-    """The _NUM_CLUSTER matches of `t` (what its finditer yields) that contain an anchor end
-    (fastscan 'num': every cluster holds one). A cluster is a maximal run of digits with
-    1-3 separators between neighbours, so it is found from any of its digits: back to its
-    start, then the cluster pattern from there; anchors inside a found cluster are skipped,
-    which keeps a long run of digits linear."""
-    out: list[regex.Match] = []
-    last = -1
-    for e in ends:
-        if e <= last:
-            continue
-        b = _CHAIN_BACK.match(t, 0, e)  # t[e - 1] is a digit: the anchor ends with one
-        if b is None:
-            continue
-        cm = _NUM_CLUSTER.match(t, b.start())
-        if cm is not None:
-            out.append(cm)
-            last = cm.end()
-    return out
-
-
 def _run(d: _RegexDet, t: str, pos: int, endpos: int, out: list) -> None:
     search = d.pattern.search
     while True:
@@ -702,6 +894,26 @@ def _run(d: _RegexDet, t: str, pos: int, endpos: int, out: list) -> None:
         if m is None:
             return
         span = d.span(m, t) if d.span is not None else m.span()
+        if span is not None:
+            out.append((span[0], span[1], d.entity, d.priority))
+            pos = max(span[1], m.start() + 1)
+        else:
+            pos = max(d.retry(m) if d.retry else m.end(), m.start() + 1)
+
+
+# no numeric finding is shorter (an SSN or '+' and 8 digits); each lies in its match
+_NUM_MIN_MATCH = 9
+
+
+def _run_fast(d: _RegexDet, t: str, pos: int, endpos: int, out: list) -> None:
+    """_run for the fast engine's numeric detectors: the same findings, without the last
+    search once fewer characters are left than any finding needs."""
+    search, span_of = d.pattern.search, d.span
+    while endpos - pos >= _NUM_MIN_MATCH:
+        m = search(t, pos, endpos)
+        if m is None:
+            return
+        span = span_of(m, t)
         if span is not None:
             out.append((span[0], span[1], d.entity, d.priority))
             pos = max(span[1], m.start() + 1)
@@ -778,6 +990,8 @@ class DetectorSet:
         enabled = set(self.config.enabled_builtins())
         self._enabled = frozenset(enabled)
         self._numeric = tuple(d for d in _NUMERIC if d.entity in enabled)
+        # the fast engine's versions of them, with their prefilter anchors' names
+        self._numeric_fast = tuple((_NUMERIC_FAST[d], _NUMERIC_NAMES[d]) for d in self._numeric)
         self._iban = "IBAN" in enabled
         self._ip = "IP_ADDRESS" in enabled
         self._secrets = tuple(r for r in SECRET_RULES if r.entity in enabled)
@@ -827,7 +1041,7 @@ class DetectorSet:
             # up): one compiled prefilter per process, shared by every DetectorSet
             args = (("email", "aws_word", "pw_url", "bearer", "ipv6"),
                     [(r.entity, r.literals) for r in SECRET_RULES],
-                    ("pw_op", "num", "ipv4", "iban"), tuple(_NUMERIC_NAMES.values()))
+                    ("pw_op", "ipv4", "iban"), tuple(_NUMERIC_NAMES.values()))
             self._pre_key = fastscan.prefilter_key(*args)
             self._pre = fastscan.Prefilter.create(
                 *args, wait=fast is True or not _on_event_loop())
@@ -983,16 +1197,14 @@ class DetectorSet:
                     for lo, hi in wins:
                         _run(d, t, lo, hi, out)
         if self._numeric and "num" in present:
-            clusters = _NUM_CLUSTER.finditer(t) if pos is None else \
-                _clusters_at(t, pos["num"])
-            for cm in clusters:
-                s, e = cm.span()
-                lo, hi = max(0, s - 2), min(n, e + 3)
-                # with anchors: only the detectors with a piece of a finding in the window
-                can = pre.numeric_in(data[lo:hi]) if pos is not None else None
-                for d in self._numeric:
-                    if can is None or _NUMERIC_NAMES[d] in can:
-                        _run(d, t, lo, hi, out)
+            if pos is None:
+                for cm in _NUM_CLUSTER.finditer(t):
+                    s, e = cm.span()
+                    lo, hi = max(0, s - 2), min(n, e + 3)
+                    for d, _ in self._numeric_fast:
+                        _run_fast(d, t, lo, hi, out)
+            else:
+                self._numeric_at(t, pos["num"], pre.numeric_codes, out)
         if self._ip and "ipv4" in present:
             if pos is None:
                 _find_ipv4(t, out)
@@ -1004,6 +1216,34 @@ class DetectorSet:
         for c in self._custom:
             self._find_custom(c, t, out)
         return out
+
+    def _numeric_at(self, t: str, codes: list[int], code_of: dict[str, int],
+                    out: list) -> None:
+        """The numeric detectors in the 9-digit clusters that hold a numeric anchor (codes:
+        sorted `end << 3 | detector code` from the prefilter), each cluster running only the
+        detectors with an anchor ending inside it — a finding holds its detector's anchor,
+        and its digits are the cluster's. The same clusters and windows as the reference's
+        _NUM_CLUSTER.finditer (a cluster is found back from any of its digits)."""
+        dets = [(d, 1 << code_of[name]) for d, name in self._numeric_fast]
+        n = len(t)
+        i, count = 0, len(codes)
+        chain_back, cluster = _CHAIN_BACK.match, _NUM_CLUSTER.match
+        while i < count:
+            e = codes[i] >> 3
+            b = chain_back(t, 0, e)  # t[e - 1] is a digit: every anchor ends with one
+            cm = cluster(t, b.start()) if b is not None else None
+            if cm is None:  # that digit is in no cluster of 9 digits
+                i += 1
+                continue
+            s, ce = cm.span()
+            mask = 0
+            while i < count and codes[i] >> 3 <= ce:  # the anchors ending in this cluster
+                mask |= 1 << (codes[i] & 7)
+                i += 1
+            lo, hi = max(0, s - 2), min(n, ce + 3)
+            for d, bit in dets:
+                if mask & bit:
+                    _run_fast(d, t, lo, hi, out)
 
     @staticmethod
     def _find_aws_secret(t: str, low: str | None, out: list) -> None:

@@ -21,6 +21,17 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
+# digit byte -> the digit doubled, digits summed (Luhn's doubled positions)
+_LUHN_DOUBLE = bytes.maketrans(b"0123456789", bytes((0, 2, 4, 6, 8, 1, 3, 5, 7, 9)))
+
+
+def luhn_ok_b(digits: bytes) -> bool:
+    """luhn_ok of ASCII digits as bytes, in C: the undoubled digits (from the right: 1st,
+    3rd, …) summed as bytes minus 48 each, plus the doubled ones through a table."""
+    return (sum(digits[-1::-2]) - 48 * ((len(digits) + 1) // 2)
+            + sum(digits[-2::-2].translate(_LUHN_DOUBLE))) % 10 == 0
+
+
 def mod97_ok(value: str) -> bool:
     """ISO 7064 MOD 97-10 as used by IBAN: move the first 4 chars to the end, letters->10..35."""
     s = value[4:] + value[:4]
@@ -77,6 +88,12 @@ def card_issuer_ok(digits: str) -> bool:
 
 def card_ok(digits: str) -> bool:
     return 13 <= len(digits) <= 19 and card_issuer_ok(digits) and luhn_ok(digits)
+
+
+def card_ok_b(digits: bytes) -> bool:
+    """card_ok of ASCII digits as bytes."""
+    return 13 <= len(digits) <= 19 and len(digits) in card_lengths(digits[:6].decode("ascii")) \
+        and luhn_ok_b(digits)
 
 
 # Published advertising / sample numbers the SSA voided; not anyone's number.

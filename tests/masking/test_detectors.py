@@ -593,3 +593,15 @@ def test_fuzz_holdback_property():
             for f in full:
                 if f[0] < safe:
                     assert f in pre, (text, cut, f)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("value", ["(415) 555-0132", "415-555-0132", "415.555.0132",
+                                   "415 555 0132", "+1 415 555 0132", "1-415-555-0132"])
+def test_phone_at_the_very_start_of_a_text(value, fast):
+    """A JSON string that IS a phone number ('"phone": "415-555-0132"') is searched on its
+    own: the number starts the text. The NANP check read the character before it as ''
+    and took '' in "+-." (true for every string) for a dash before the number."""
+    ds = DetectorSet(fast=fast)
+    for text in (value, value + " x", value + "\n"):
+        assert found(text, ds) == [("PHONE", value)], text
