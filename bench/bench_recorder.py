@@ -2,11 +2,13 @@
 
 Two measurements, one run:
 
-1. Writer throughput, in process: realistic flow snapshots (a ~2 KB chat request, a ~1 KB
+1. Writer throughput, in process (the writer process runs this `AuditWriter`): realistic
+   flow snapshots (a ~2 KB chat request, a ~1 KB
    answer, real `flow.get_state()` from mitmproxy's test flows) submitted to the real
    `AuditWriter` as fast as one thread can, with the configured batch size; rows/s from the
    first submit until everything is committed (redaction, decoding, hashing, insert). The
-   split between building rows and inserting them is measured separately.
+   split between building rows and inserting them is measured separately. Then the
+   recorder's CPU per flow in the gateway process: writer thread vs writer process.
 2. Added latency, end to end: two identical real gateways (`mitmdump -s addons/gateway.py`,
    full suite, identity not required, masking off in both to isolate the recorder) in front
    of the stand-in, one with `recorder.enabled: false`. One keep-alive client connection to
@@ -19,6 +21,7 @@ Run alone: `python -m bench.bench_recorder [--quick]`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -102,6 +105,72 @@ def writer_throughput(n: int, batch: int = 500) -> dict[str, Any]:
             "bytes_per_row": round(size / n), "chain_verified": ok}
 
 
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def gateway_cpu(n: int, rounds: int = 2) -> dict[str, Any]:
+    """CPU per flow that recording costs the gateway process, by where the writer runs.
+
+    The same flow snapshots (what the hook hands over: `store.Pending` of a real flow state)
+    are recorded to a fresh store by the writer as a thread of this process (the design before
+    issue 16's PERF-G) and by the writer process (`remote.WriterProcess`, now), alternating,
+    `rounds` times each; CPU from the first submit until everything is committed. "gateway"
+    is this process's CPU (every thread: the event loop's submit and, with the thread, the
+    build + insert; with the process, serialising + the pipe's sender/ack threads); "writer
+    process" is the child's. Best round of each (least disturbed by neighbours)."""
+    from addons.recording import store
+    from addons.recording.addon import build_row
+    from addons.recording.remote import WriterProcess
+    from addons.recording.writer import AuditWriter
+
+    states = _states(min(n, 2000))
+    secrets = ("sk-bench-REAL-0000000000000000",)
+
+    def pendings() -> list[store.Pending]:
+        out = []
+        for i in range(n):
+            st = dict(states[i % len(states)])
+            st["id"] = f"flow-{i}"
+            out.append(store.Pending(state=st, session=f"s{i % 20}", secrets=secrets,
+                                     origin_url="https://api.openai.com/v1/chat/completions",
+                                     size=3000))
+        return out
+
+    best: dict[str, list[float]] = {"thread": [], "process": [], "process_writer": [],
+                                    "process_submit": [], "thread_submit": []}
+    for r in range(rounds):
+        for mode in ("thread", "process"):
+            items = pendings()
+            with tempfile.TemporaryDirectory() as d:
+                db = Path(d) / f"{mode}{r}.duckdb"
+                if mode == "thread":
+                    w: Any = AuditWriter(db, build=build_row, batch_size=500, interval=0.05,
+                                         serve_queries=False)
+                else:
+                    w = WriterProcess(db, batch_size=500, interval=0.05, serve_queries=False)
+                w.start()
+                child0 = _proc_cpu(w.pid) if mode == "process" else 0.0
+                t0 = time.process_time()
+                for p in items:
+                    w.submit(p)
+                t_sub = time.process_time() - t0
+                assert w.flush(600), "writer did not drain"
+                cpu = time.process_time() - t0
+                if mode == "process":
+                    best["process_writer"].append((_proc_cpu(w.pid) - child0) / n)
+                w.close()
+            best[mode].append(cpu / n)
+            best[f"{mode}_submit"].append(t_sub / n)
+    us = {k: round(min(v) * 1e6, 1) for k, v in best.items()}
+    return {"flows": n, "rounds": rounds,
+            "thread_gateway_us": us["thread"], "thread_submit_us": us["thread_submit"],
+            "process_gateway_us": us["process"], "process_submit_us": us["process_submit"],
+            "process_writer_us": us["process_writer"]}
+
+
 def _rules(standin_url: str, enabled: bool) -> str:
     return textwrap.dedent(f"""\
         upstreams:
@@ -142,6 +211,10 @@ def added_latency(n: int) -> dict[str, Any]:
                     sets=[f"agentgate_rules={rules}", f"agentgate_data={data}"],
                     env={"OPENAI_API_KEY": "sk-bench-REAL-0000000000000000"}))
             lat = _alternate([g.port for g in gws], n)
+            rss = {"gateway, recording on": h.proc_status(gws[0].pid).get("VmHWM"),
+                   "its writer process": sum(h.proc_status(c).get("VmHWM") or 0
+                                             for c in _writer_children(gws[0].pid)),
+                   "gateway, recording off": h.proc_status(gws[1].pid).get("VmHWM")}
             rows = _count_rows(gws[0], work / "data_rec_on" / "agentgate.duckdb")
         finally:
             for g in gws:
@@ -155,7 +228,19 @@ def added_latency(n: int) -> dict[str, Any]:
         res[f"p{q}_off_ms"] = round(b, 3)
         res[f"p{q}_added_ms"] = round(a - b, 3)
     res["rows_recorded"] = rows
+    res["rss_peak_kib"] = rss
     return res
+
+
+def _writer_children(pid: int) -> list[int]:
+    """The gateway's audit writer process(es) (addons/recording/writerproc.py)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for c in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                if b"addons.recording.writerproc" in Path(f"/proc/{c}/cmdline").read_bytes():
+                    out.append(int(c))
+    return out
 
 
 def _count_rows(gw: h.Proc, db: Path) -> int:
@@ -226,13 +311,14 @@ def run(quick: bool = False) -> dict:
     res: dict[str, Any] = {"machine": h.machine_facts(),
                            "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
     res["writer"] = writer_throughput(3000 if quick else 20000)
+    res["gateway_cpu"] = gateway_cpu(3000 if quick else 10000)
     res["latency"] = added_latency(150 if quick else 1000)
     res["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     return res
 
 
 def markdown(results: dict) -> str:
-    w, lt = results["writer"], results["latency"]
+    w, lt, g = results["writer"], results["latency"], results["gateway_cpu"]
     return textwrap.dedent(f"""\
         ### Recorder (DuckDB audit store)
 
@@ -243,6 +329,13 @@ def markdown(results: dict) -> str:
         {w['submit_us_per_row']} µs/row on the event loop; {w['bytes_per_row']:,} bytes/row
         on disk; chain verified: {w['chain_verified']}).
 
+        Recording's CPU per flow in the gateway process ({g['flows']:,} flows, best of
+        {g['rounds']} alternating rounds): writer as a thread of the gateway (before)
+        **{g['thread_gateway_us']} µs** (hook {g['thread_submit_us']} µs); writer in its own
+        process (now) **{g['process_gateway_us']} µs** (hook, serialising the snapshot:
+        {g['process_submit_us']} µs) in the gateway + {g['process_writer_us']} µs in the
+        writer process.
+
         Added latency (same run, two identical gateways, recording on vs
         `recorder.enabled: false`, {lt['requests_each']} alternating requests each, one
         keep-alive connection per gateway):
@@ -252,11 +345,12 @@ def markdown(results: dict) -> str:
         | p50 | {lt['p50_off_ms']} ms | {lt['p50_on_ms']} ms | {lt['p50_added_ms']} ms |
         | p99 | {lt['p99_off_ms']} ms | {lt['p99_on_ms']} ms | {lt['p99_added_ms']} ms |
 
+        Peak RSS (VmHWM, KiB): {lt.get('rss_peak_kib')}.
+
         Rows recorded by the gateway during the run: {lt['rows_recorded']:,}. Load average
         (1/5/15 min) before {results.get('loadavg_before')}, after
         {results.get('loadavg_after')}: on a shared machine p99 mostly measures the neighbours;
-        the writer competes with the event loop for the GIL and the CPU only while it builds a
-        batch (it yields the GIL between rows).
+        the writer process competes with the gateway for a core, not for its GIL.
         """)
 
 
