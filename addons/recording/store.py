@@ -2,8 +2,9 @@
 
 Pure logic (no mitmproxy import): the recorder addon hands over a plain snapshot of a
 finished flow (`flow.get_state()` plus a few facts) and this module turns it into one row of
-the `flows` table. The writer thread (addons/recording/writer.py) and the CLI use the same
-functions, so what `agentgate audit verify` checks is exactly what the gateway wrote.
+the `flows` table. The writer (addons/recording/writer.py, in the writer process) and the
+CLI use the same functions, so what `agentgate audit verify` checks is exactly what was
+written.
 
 Tamper evidence: every row carries `prev_hash` (the `hash` of the row before it, by `seq`)
 and `hash = sha256(prev_hash + "\\n" + canonical(row))`. The canonical form is a JSON object

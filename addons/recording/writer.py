@@ -1,6 +1,7 @@
-"""Background writer for the audit store, and the gateway's local query socket.
+"""Background writer for the audit store, and the local query socket.
 
-The recorder's hooks only snapshot a flow and `submit()` it (a deque append, no I/O); one
+It runs in the audit writer process (addons/recording/writerproc.py; the gateway's side is
+remote.py), which submits every record the gateway sends it (a deque append, no I/O); one
 thread builds the rows (redaction, decoding, hashing) and appends them to DuckDB in batches,
 one transaction per batch. If a batch cannot be written it stays queued and is retried; while
 the store is failing `failure` says why, and the recorder refuses new flows (fail closed).
@@ -8,9 +9,9 @@ the store is failing `failure` says why, and the recorder refuses new flows (fai
 `done()` on SIGTERM / SIGINT).
 
 DuckDB lets one process hold a database file open for writing and no other process may open
-it meanwhile, not even read-only. So while the gateway runs, `agentgate audit …` talks to it
-over a Unix socket next to the database (`<db>.sock`, mode 0600, in the data directory) and
-the gateway answers read-only requests from a second connection to the same database; when
+it meanwhile, not even read-only. So while the gateway runs, `agentgate audit …` talks to its
+writer process over a Unix socket next to the database (`<db>.sock`, mode 0600, in the data
+directory), which answers read-only requests from a second connection to the same database; when
 the gateway is not running the CLI opens the file read-only itself. Queries run with
 `enable_external_access=false` (no file reads/writes, no ATTACH, no extension installs) and
 only SELECT/EXPLAIN statements are accepted.
