@@ -181,6 +181,38 @@ class Masking:
         # (sessionstore.py)
         self.shared: Any = None
         self.shared_error: str | None = None
+        # the masker of new rules, built in a worker thread as soon as they are installed
+        # (compiling the detectors takes a few hundred ms: not on the event loop, not in
+        # the first flow after a start or a reload): (masking config, future)
+        self._warming: tuple[Any, asyncio.Future[Masker]] | None = None
+        holder.on_change(self._rules_changed)
+
+    def _rules_changed(self, rules: Any) -> None:
+        cfg = getattr(rules, "masking", None)
+        if cfg is None or cfg is self._masker_cfg or not getattr(cfg, "enabled", True):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop (a command, a test): built on first use
+        self._warming = (cfg, loop.run_in_executor(None, self._build, cfg))
+
+    def _build(self, cfg: Any) -> Masker:
+        from addons.masking.detectors import DetectorSet  # the detector engine (other module)
+        key = cfg.hmac_key() if hasattr(cfg, "hmac_key") else None
+        if key is None and getattr(cfg, "hmac_key_env", None):
+            log.warning("masking: %s is not set; the hash strategy uses a random key "
+                        "for this process only", cfg.hmac_key_env)
+        return Masker(DetectorSet(cfg), key or _PROCESS_KEY, self.sessions)
+
+    async def _ready_masker(self) -> Masker:
+        """The masker of the rules in force, waiting (not blocking) for its build."""
+        rules = self.holder.rules
+        warming = self._warming
+        if rules is not None and warming is not None and warming[0] is rules.masking \
+                and self._masker_cfg is not rules.masking:
+            await asyncio.shield(warming[1])
+        return self.masker()
 
     def running(self) -> None:
         try:
@@ -207,13 +239,15 @@ class Masking:
         assert rules is not None  # RulesLoader refuses flows before rules exist
         cfg = rules.masking
         if self._masker is None or self._masker_cfg is not cfg:
-            from addons.masking.detectors import DetectorSet  # the detector engine (other module)
-            key = cfg.hmac_key() if hasattr(cfg, "hmac_key") else None
-            if key is None and getattr(cfg, "hmac_key_env", None):
-                log.warning("masking: %s is not set; the hash strategy uses a random key "
-                            "for this process only", cfg.hmac_key_env)
-            self._masker = Masker(DetectorSet(cfg), key or _PROCESS_KEY, self.sessions)
+            warming = self._warming
+            fut = warming[1] if warming is not None and warming[0] is cfg else None
+            if fut is not None and fut.done() and not fut.cancelled() \
+                    and fut.exception() is None:
+                self._masker = fut.result()
+            else:  # not warmed (yet): built here, as it always could be
+                self._masker = self._build(cfg)
             self._masker_cfg = cfg
+            self._warming = None
         return self._masker
 
     def _plan(self, flow: http.HTTPFlow) -> tuple[Any, Any] | None:
@@ -294,7 +328,7 @@ class Masking:
         if plan is None:
             return
         cfg, up = plan
-        masker = self.masker()
+        masker = await self._ready_masker()
         found: dict = {}
         session = self._session(flow)
         ctx = Masked(masker, session, found, restorable=True,
