@@ -92,6 +92,17 @@ class EdgeLimits:
     def __init__(self) -> None:
         self.conns: dict[str, _Conn] = {}
         self._task: asyncio.Task | None = None
+        # The per-request limits, read in configure(): every ctx.options read deep-copies
+        # the value (twice for a default), three times on every request otherwise.
+        self._limits: tuple[int, int, int] | None = None
+
+    def _request_limits(self) -> tuple[int, int, int]:
+        """(max_headers, max_header_bytes, max_body_bytes) as the options say now."""
+        if self._limits is None:
+            opts = ctx.options
+            self._limits = (opts.agentgate_max_headers, opts.agentgate_max_header_bytes,
+                            opts.agentgate_max_body_bytes)
+        return self._limits
 
     def load(self, loader) -> None:
         _install_head_limit()
@@ -114,6 +125,8 @@ class EdgeLimits:
         for name in DEFAULTS:
             if name in updated and getattr(opts, name) <= 0:
                 raise exceptions.OptionsError(f"{name} must be a positive number")
+        self._limits = None  # read again (any option change reaches here)
+        self._request_limits()
         _state["max_header_bytes"] = opts.agentgate_max_header_bytes
         # mitmproxy's own limit bounds what it buffers of a chunked body: never above ours.
         current = human.parse_size(opts.body_size_limit) if opts.body_size_limit else None
@@ -151,7 +164,7 @@ class EdgeLimits:
         if c is not None:
             c.idle_since = None
             c.bodies[flow.id] = time.monotonic()
-        opts = ctx.options
+        max_headers, max_header_bytes, max_body_bytes = self._request_limits()
         if flow.request.http_version not in HTTP_VERSIONS:
             # mitmproxy parses any "HTTP/x.y" and would forward it as such: an upstream
             # reading an unknown version its own way is a framing disagreement.
@@ -159,13 +172,13 @@ class EdgeLimits:
                    STEP, headers={"connection": "close"})
             return
         headers = flow.request.headers
-        if len(headers) > opts.agentgate_max_headers:
-            refuse(flow, 431, f"more than {opts.agentgate_max_headers} request headers",
+        if len(headers) > max_headers:
+            refuse(flow, 431, f"more than {max_headers} request headers",
                    "headers_too_large", STEP)
             return
         size = sum(len(k) + len(v) + 4 for k, v in headers.fields)
-        if size > opts.agentgate_max_header_bytes:
-            refuse(flow, 431, f"request headers larger than {opts.agentgate_max_header_bytes} "
+        if size > max_header_bytes:
+            refuse(flow, 431, f"request headers larger than {max_header_bytes} "
                    "bytes", "headers_too_large", STEP)
             return
         lengths = headers.get_all("content-length")
@@ -179,8 +192,8 @@ class EdgeLimits:
                 refuse(flow, 400, "conflicting Content-Length headers", "bad_content_length",
                        STEP)
                 return
-            if declared.pop() > opts.agentgate_max_body_bytes:
-                refuse(flow, 413, f"request body larger than {opts.agentgate_max_body_bytes} "
+            if declared.pop() > max_body_bytes:
+                refuse(flow, 413, f"request body larger than {max_body_bytes} "
                        "bytes", "body_too_large", STEP, headers={"connection": "close"})
 
     @guarded(STEP, skip_answered=False)
