@@ -3,8 +3,10 @@
 The workload of issue 16: agents that each hold a 40-turn conversation and re-send the whole
 history every turn (request bodies 1.6 KB at turn 1 to ~120 KB at turn 40; each answer
 ~2 KB). Every turn is a real mitmproxy flow state (`tflow`) recorded by the real recorder
-code: `store.build_row` (redaction, decoding, splitting, hashing, on the writer thread in
-the gateway) and `store.append` in batches of at most 500 rows and 8 MiB, as the writer does.
+code: `store.build_row` (redaction, decoding, splitting, hashing; in the writer process since
+issue 16's PERF-G, a thread of the gateway before) and `store.append` in batches of at most
+500 rows and 8 MiB, as the writer does; and what stays in the gateway process (serialising
+the snapshot for the writer process's pipe, `wire.frame`).
 
 Measured per session:
 - audit bytes: every value of its rows (text and blobs, as DuckDB is handed them) plus the
@@ -39,6 +41,10 @@ from mitmproxy.test import tflow
 from addons.recording import store
 from addons.recording.addon import build_row
 from addons.recording.writer import open_db, row_bytes
+try:
+    from addons.recording import wire  # the writer process (issue 16, PERF-G)
+except ImportError:  # an older tree: the writer was a thread of the gateway
+    wire = None
 
 SYSTEM = {"role": "system", "content": "You are a support agent for ACME. Follow policy. " * 24}
 
@@ -127,6 +133,7 @@ with tempfile.TemporaryDirectory() as d:
     distinct = 0
     sent = 0
     cpu = {"early": [], "late": []}
+    gw = {"early": [], "late": []}
     batch = []
     size = 0
     for a in range(agents):
@@ -142,6 +149,12 @@ with tempfile.TemporaryDirectory() as d:
             p = store.Pending(state=flow_state(a, t, req, resp), session=f"agent-{a}",
                               origin_url="https://api.openai.com/v1/chat/completions",
                               secrets=("sk-bench-REAL-0000000000000000",))
+            if wire is not None:  # the gateway's share since the writer process: serialise
+                g0 = time.process_time()
+                wire.frame(wire.pending_msg(t + 1, p))
+                g = time.process_time() - g0
+                if t < 10: gw["early"].append(g)
+                elif t >= turns - 10: gw["late"].append(g)
             c0 = time.process_time()
             row = build_row(p)
             c1 = time.process_time()
@@ -199,6 +212,10 @@ with tempfile.TemporaryDirectory() as d:
     for k in ("early", "late"):
         v = sorted(cpu[k])
         out[f"cpu_ms_per_row_{k}"] = round(sum(v) / len(v) * 1000, 3)
+        # in the gateway process: all of it with the writer thread, serialising with the
+        # writer process (which does the build + insert above)
+        out[f"gateway_cpu_ms_per_row_{k}"] = (round(sum(gw[k]) / len(gw[k]) * 1000, 3)
+                                              if gw[k] else out[f"cpu_ms_per_row_{k}"])
     out.update(agents=agents, turns=turns, rows=agents * turns,
                sent_bytes_per_session=round(sent / agents),
                distinct_bytes_per_session=round(distinct / agents),
@@ -263,6 +280,8 @@ def markdown(res: dict[str, Any]) -> str:
             ("recorder CPU ms per row, turns 1-10", "cpu_ms_per_row_early"),
             ("recorder CPU ms per row, turns 31-40", "cpu_ms_per_row_late"),
             ("late / early CPU", "late_over_early_cpu"),
+            ("of that in the gateway process, turns 1-10", "gateway_cpu_ms_per_row_early"),
+            ("of that in the gateway process, turns 31-40", "gateway_cpu_ms_per_row_late"),
             ("chain verified", "verified"),
             ("store write failures (retried on a reopened connection)", "store_failures"),
             ("first failure", "first_failure")]
