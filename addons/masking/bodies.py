@@ -164,6 +164,9 @@ def shared_json(body: _decode.Body) -> Any:
 # changes, and its parent after it, up to a new root (copy on write).
 _OWNED: Any = ("owned",)
 Chain = tuple[Any, Any, Any]
+# where a slot's new text goes: a function, or (chain, key) of a JSON value (no closure
+# made per value: a body may hold millions)
+Setter = Callable[[str], None] | tuple[Chain, Any]
 
 
 class _Slots:
@@ -176,13 +179,13 @@ class _Slots:
     def __init__(self, llm: bool, cow: bool = False) -> None:
         self.texts: list[str] = []
         self.starts: list[int] = []
-        self.setters: list[Callable[[str], None]] = []
+        self.setters: list[Setter] = []
         self.owners: list[int] = []
         self.parts: list[str] = []
         self.pos = 0
         self.glue_key: tuple[int, int] | None = None
         # (parent owner, setter, parsed object) of JSON documents nested in strings
-        self.subdocs: list[tuple[int, Callable[[str], None], Any]] = []
+        self.subdocs: list[tuple[int, Setter, Any]] = []
         self.llm = llm
         self.forced: set[int] = set()  # owners changed by the walk itself (logprobs dropped)
         # per slot: its sibling key (slots of one run share it), None for keys
@@ -220,6 +223,13 @@ class _Slots:
             key = self._renamed.get(id(w), {}).get(key, key)
         w[key] = value
 
+    def set(self, setter: Setter, value: str) -> None:
+        """Write a slot's new text through its setter."""
+        if type(setter) is tuple:
+            self.put(setter[0], setter[1], value)
+        else:
+            setter(value)
+
     def rename(self, chain: Chain, old: str, new: str) -> None:
         w = self.writable(chain)
         items = [(new if k == old else k, v) for k, v in w.items()]
@@ -231,7 +241,7 @@ class _Slots:
         """The chain of a document's root: copied on write when shared (`cow`)."""
         return (node, None if self.cow else _OWNED, None)
 
-    def add(self, text: str, setter: Callable[[str], None], owner: int,
+    def add(self, text: str, setter: Setter, owner: int,
             glue: tuple[int, int] | None = None, sib: Any = None) -> None:
         sep = "" if glue is not None and self.glue_key is not None and \
             glue == (self.glue_key[0], self.glue_key[1] + 1) else _BREAK
@@ -247,7 +257,7 @@ class _Slots:
         self.glue_key = glue
         self.sibs.append(sib)
 
-    def add_string(self, text: str, setter: Callable[[str], None], owner: int,
+    def add_string(self, text: str, setter: Setter, owner: int,
                    depth: int, glue: tuple[int, int] | None = None, sib: Any = None) -> None:
         """A string slot, or a nested JSON document when the string holds one."""
         head = text.lstrip()[:1]
@@ -294,7 +304,7 @@ class _Slots:
                     if depth + 1 > MAX_DEPTH:
                         raise Unparseable("JSON nested too deeply", 400)
                     ichain = (item, chain, i)
-                    self.add_string(item["text"], self._setter(ichain, "text"), owner,
+                    self.add_string(item["text"], (ichain, "text"), owner,
                                     depth + 1, (id(node), i),
                                     self._sib(node, _child(ipath, "text")))
                     deferred.append(ichain)
@@ -342,11 +352,6 @@ class _Slots:
 
         self.add(k, rename, owner)
 
-    def _setter(self, chain: Chain, key: Any) -> Callable[[str], None]:
-        def set_(value: str) -> None:
-            self.put(chain, key, value)
-        return set_
-
     def _int_list_setter(self, chain: Chain) -> Callable[[str], None]:
         """Write a masked comma-joined integer list back: numbers stay numbers, a
         replacement becomes a string item (the value is gone; the list may get shorter)."""
@@ -361,15 +366,15 @@ class _Slots:
             sib = self._sib(chain[0], path)
         if isinstance(v, str):
             if v:
-                self.add_string(v, self._setter(chain, key), owner, depth, sib=sib)
+                self.add_string(v, (chain, key), owner, depth, sib=sib)
         elif isinstance(v, bool) or v is None:
             return
         elif isinstance(v, JsonFloat):
             if len(v.text) >= 5:
-                self.add(v.text, self._setter(chain, key), owner, sib=sib)
+                self.add(v.text, (chain, key), owner, sib=sib)
         elif isinstance(v, int | float):
             if abs(v) >= 10_000:  # nothing shorter than 5 digits is ever a finding alone
-                self.add(str(v), self._setter(chain, key), owner, sib=sib)
+                self.add(str(v), (chain, key), owner, sib=sib)
         elif isinstance(v, dict | list):
             self.walk(v, owner, depth, path, (v, chain, key))
 
@@ -656,7 +661,7 @@ class Masked:
             old = texts[i]
             new = self._rebuild(old, edits.get(i, ()), restore)
             if new != old:
-                slots.setters[i](new)
+                slots.set(slots.setters[i], new)
                 changed_owners.add(slots.owners[i])
         if not changed_owners:
             return False
@@ -665,7 +670,7 @@ class Masked:
         for idx in range(len(slots.subdocs) - 1, -1, -1):
             if idx in dirty:
                 parent, setter, obj = slots.subdocs[idx]
-                setter(_dump(obj))
+                slots.set(setter, _dump(obj))
                 dirty.add(parent)
         return True
 
