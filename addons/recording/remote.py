@@ -12,9 +12,9 @@ Fail closed, bounded:
 - While the store fails (the process reports why) or the process is not running, new flows
   are refused. A process that exits is restarted with a bounded back-off (0.5 s doubling to
   30 s); every record it had not acknowledged is sent to the new one, in order, so nothing
-  accepted is lost. (A record written in the instant between the store's commit and the
-  acknowledgement reaching us is sent again: the store then holds it twice, both chained —
-  a duplicate, never a gap.)
+  accepted is lost. Each batch commits the highest record number it holds (`audit_meta`,
+  key `writer-run:<run id>`, in the same transaction); the new process reports it, so a
+  record committed in the instant before the exit is neither lost nor written twice.
 - `close()` (the addon's `done`, SIGTERM / SIGINT) sends what is queued, closes the pipe and
   waits for the process to write it all and exit. If the gateway dies without `close()` (even
   SIGKILL), the pipe closes with it: the process writes what it read and exits by itself.
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class WriterProcess:
         self.pending_bytes = 0
         self.written = 0
         self.restarts = 0
+        self.run = uuid.uuid4().hex  # this gateway run's records, numbered 1, 2, 3 …
         self._n = 0  # records submitted
         self._acked = 0  # records the process wrote (every one up to this number)
         self._unacked: deque[tuple[int, bytes]] = deque()
@@ -79,11 +81,11 @@ class WriterProcess:
 
     # -- process
     def _config(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "interval": self.interval,
+        return {"run": self.run, "batch_size": self.batch_size, "interval": self.interval,
                 "max_batch_bytes": self.max_batch_bytes,
                 "retention_days": self.retention_days, "serve_queries": self.serve_queries}
 
-    def _spawn(self) -> tuple[subprocess.Popen[bytes], int, str]:
+    def _spawn(self) -> tuple[subprocess.Popen[bytes], int, int]:
         """Start the process and wait until its store is open; raises with its reason."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
@@ -110,7 +112,7 @@ class WriterProcess:
             raise WriterStartError(f"cannot open the audit store {self.path}: the audit "
                                    f"writer process did not start (exit code "
                                    f"{proc.returncode})")
-        return proc, int(msg[1]), str(msg[2])
+        return proc, int(msg[1]), int(msg[3])  # head seq, records of this run committed
 
     def start(self) -> None:
         """Start the writer process (raises when the store cannot be opened)."""
@@ -294,11 +296,12 @@ class WriterProcess:
                 time.sleep(backoff)
                 backoff = min(BACKOFF_MAX, backoff * 2)
                 try:
-                    new, seq, _ = self._spawn()
+                    new, seq, done = self._spawn()
                 except Exception as e:  # noqa: BLE001 - keep trying, bounded back-off
                     self.failure = f"the audit writer process cannot start: {e}"
                     log.error("agentgate: %s; retrying in %.1f s", self.failure, backoff)
                     continue
+                self._acked_upto(done, None)  # committed just before the exit: not resent
                 with self._lock:
                     self._proc = new
                     self._gen += 1

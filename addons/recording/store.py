@@ -1121,10 +1121,12 @@ def _valid_text(row: dict[str, Any]) -> None:
 
 
 def append(con: Any, rows: list[dict[str, Any]], last: tuple[int, str],
-           known: BlobCache | None = None) -> tuple[int, str]:
+           known: BlobCache | None = None,
+           marks: Sequence[tuple[str, str]] = ()) -> tuple[int, str]:
     """Chain and insert rows (and their blobs) in one transaction; returns the new head.
     Mutates rows. `known`: addresses already stored (skipped; this batch's are added once
-    it committed)."""
+    it committed). `marks`: (key, value) pairs for `audit_meta`, committed with the rows
+    (the writer process's progress: what a restarted one must not write again)."""
     seq, prev = last
     for row in rows:
         _valid_text(row)
@@ -1150,6 +1152,8 @@ def append(con: Any, rows: list[dict[str, Any]], last: tuple[int, str],
         if approvals:
             con.executemany(INSERT_APPROVAL, approvals)
         con.execute("INSERT OR REPLACE INTO audit_meta VALUES ('head', ?)", [f"{seq}:{prev}"])
+        for key, value in marks:
+            con.execute("INSERT OR REPLACE INTO audit_meta VALUES (?, ?)", [key, value])
         con.execute("COMMIT")
     except BaseException:
         # A failed COMMIT has already rolled back: the ROLLBACK's own error ("no transaction

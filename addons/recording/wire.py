@@ -8,10 +8,10 @@ A snapshot holding anything else is refused by `dumps` (the recorder then stores
 minimal record, as a row that could not be built always was).
 
 Gateway → writer: ("flow", n, <Pending fields>), ("row", n, <Direct fields>), ("cfg", {…}),
-("flush",). `n` numbers the records of one gateway run, 1, 2, 3 … in submission order.
-Writer → gateway: ("ready", head_seq, head_hash), ("fatal", why), ("ack", n_written,
-failure_or_None). Records are written strictly in order, so one number acknowledges every
-record up to it.
+("lake", {…}, replica), ("flush",). `n` numbers the records of one gateway run, 1, 2, 3 …
+in submission order. Writer → gateway: ("ready", head_seq, head_hash, n_committed_earlier),
+("fatal", why), ("ack", n_written, failure_or_None). Records are written strictly in order,
+so one number acknowledges every record up to it.
 """
 
 from __future__ import annotations

@@ -207,6 +207,9 @@ class AuditWriter:
         self._head: tuple[int, str] = (0, store.GENESIS)
         self._known = store.BlobCache()  # blob addresses committed: not sent again
         self._last_retention = 0.0
+        # audit_meta key under which each batch commits the highest `sub` it holds (the
+        # gateway's record number, set by the writer process); None: not tracked
+        self.progress_key: str | None = None
 
     # -- lifecycle
     def start(self) -> None:
@@ -348,6 +351,9 @@ class AuditWriter:
                 log.error("agentgate: could not build the audit record of a flow (%s); "
                           "storing a minimal record", type(e).__name__)
                 row = store.fallback_row(item, f"record build failed: {type(e).__name__}")
+            sub = getattr(item, "sub", None)  # the gateway's number (writer process)
+            if sub is not None:
+                row["_sub"] = sub
             rows.append(row)
             size += row_bytes(row)
         if not rows:
@@ -376,7 +382,11 @@ class AuditWriter:
                 if r.get("_blobs"):
                     r["_blobs"] = [b for b in r["_blobs"] if b[0] not in self._known]
                     fresh += (b[0] for b in r["_blobs"])
-            self._head = store.append(self._con, rows, self._head)
+            subs = [r["_sub"] for r in rows if r.get("_sub") is not None]
+            marks = [(self.progress_key, str(max(subs)))] if subs and self.progress_key \
+                else []
+            self._head = store.append(self._con, rows, self._head,
+                                      **({"marks": marks} if marks else {}))
             self._known.add(fresh)
         except Exception as e:  # noqa: BLE001 - the caller decides: split, reduce or retry
             for r in rows:  # re-chained from the last good head on the next attempt
@@ -411,6 +421,8 @@ class AuditWriter:
         why = f"the store refused the full record ({type(err).__name__})"
         for minimal in (False, True):
             small = store.reduced_row(row, why, minimal=minimal)
+            if row.get("_sub") is not None:
+                small["_sub"] = row["_sub"]
             err2 = self._append([small])
             if err2 is None:
                 log.error("agentgate: audit record of flow %s stored reduced: %s",

@@ -8,9 +8,9 @@ audit` query socket and, with `audit_lake:`, ships the store to the lake (lake.p
 shipper, beside the writer's DuckDB instance). Row building and inserts (~0.3 ms of Python
 per 1 KB flow) no longer hold the gateway's GIL, and DuckDB's memory lives here.
 
-It reports on stdout: ("ready", seq, hash) once the store is open (or ("fatal", why) and
-exit 1), then ("ack", n, failure) whenever the number of records written or the store's
-failure changes.
+It reports on stdout: ("ready", seq, hash, n_committed_earlier) once the store is open (or
+("fatal", why) and exit 1), then ("ack", n, failure) whenever the number of records
+written or the store's failure changes.
 
 Its life is its stdin: end of stream means the gateway closed it (shutdown) or died (even
 SIGKILL closes the pipe). Either way it writes everything it has read, checkpoints, closes
@@ -109,7 +109,19 @@ def main(argv: list[str]) -> int:
                            f"{str(e).splitlines()[0][:200] if str(e) else ''}"))
         return 1
     seq, head = store.head(w._con) if w._con is not None else (0, store.GENESIS)  # noqa: SLF001
-    rep.send(("ready", seq, head))
+    # What an earlier writer process of this gateway run committed (its batches record
+    # their highest record number): those records are not written again when the gateway
+    # re-sends what was not acknowledged — a crash between commit and acknowledgement
+    # leaves no duplicate.
+    done = 0
+    run = cfg.get("run")
+    if isinstance(run, str) and run:
+        w.progress_key = f"writer-run:{run}"
+        got = w._con.execute("SELECT value FROM audit_meta WHERE key = ?",  # noqa: SLF001
+                             [w.progress_key]).fetchone() if w._con is not None else None  # noqa: SLF001
+        done = int(got[0]) if got else 0
+    rep.base = done
+    rep.send(("ready", seq, head, done))
     threading.Thread(target=rep.run, name="agentgate-audit-report", daemon=True).start()
     first = True
     shipper: lake.LakeShipper | None = None
@@ -121,8 +133,11 @@ def main(argv: list[str]) -> int:
             kind = msg[0]
             if kind in ("flow", "row"):
                 n, item = wire.record_of(msg)
+                if n <= done:
+                    continue  # committed by the process before this one
                 if first:
                     rep.base, first = n - 1, False
+                item.sub = n  # type: ignore[union-attr] - committed with its batch
                 w.submit(item)
             elif kind == "cfg":
                 configure(w, msg[1])

@@ -19,6 +19,8 @@ from addons.recording import store, wire
 from addons.recording.addon import ConnStates, flow_state
 from addons.recording.remote import WriterProcess, WriterStartError
 
+FAULT = Path(__file__).resolve().parents[1] / "hostile" / "_store_fault"
+
 
 def pending(session: str, **meta: object) -> store.Pending:
     f = tflow.tflow(resp=True)
@@ -133,3 +135,30 @@ def test_an_addons_package_in_the_working_directory_is_not_the_writer(tmp_path: 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=tmp_path / "cwd", timeout=120)
     assert "closed True" in out.stdout, out.stderr[-2000:]
+
+
+def test_a_crash_between_commit_and_acknowledgement_writes_nothing_twice(
+        tmp_path: Path, monkeypatch) -> None:
+    # tests/hostile/_store_fault (the process's sitecustomize): the first batch commits,
+    # then the process dies before it can say so; the gateway re-sends what it had not
+    # acknowledged to the restarted process, which must skip what was committed
+    die = tmp_path / "die"
+    die.write_text("x")
+    monkeypatch.setenv("AGENTGATE_TEST_DIE_AFTER_COMMIT", str(die))
+    monkeypatch.setenv("PYTHONPATH", str(FAULT))
+    db = tmp_path / "a.duckdb"
+    w = WriterProcess(db, batch_size=100_000, interval=0.3, serve_queries=False)
+    w.start()
+    first = w.pid
+    for i in range(20):
+        w.submit(pending(f"s{i}"))
+    deadline = time.monotonic() + 30
+    while (w.restarts == 0 or w.failure) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert w.restarts == 1 and w.pid != first and not die.exists()
+    for i in range(20, 25):
+        w.submit(pending(f"s{i}"))
+    assert w.close(60)
+    rows, ok = stored(db)
+    assert ok.ok, ok.problem
+    assert [r[0] for r in rows] == [f"s{i}" for i in range(25)]  # each once, in order
