@@ -156,11 +156,10 @@ def test_a_killed_writer_refuses_then_recovers_and_loses_nothing(gateway_factory
     assert gw.stop() == 0
     by, ok = _stored(gw.data_dir / "agentgate.duckdb")
     assert ok.ok, ok.problem
-    # every answer the gateway gave is recorded (a record written in the instant before the
-    # kill may be stored twice — a duplicate, never a gap)
+    # every answer the gateway gave is recorded, once
     assert set(by) == set(answered)
     for session, status in answered.items():
-        assert {s for s, _ in by[session]} == {status}
+        assert [s for s, _ in by[session]] == [status]
     assert list(answered.values()).count(503) >= 1
 
 
