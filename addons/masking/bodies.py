@@ -527,7 +527,8 @@ def _dump(obj: Any, ascii_hint: bool = False) -> str:
     which characters they write as `\\uXXXX`)."""
     if ascii_hint:
         out = json.dumps(obj, separators=(",", ":"))
-        if "\\u" not in out:
+        # rfind: `in` scans for the frequent last character 'u' (2x slower on prose)
+        if out.rfind("\\u") < 0:
             return out
     try:
         out = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
@@ -544,7 +545,7 @@ class Masked:
     """Masking context of one flow direction: who, which session, what was found."""
 
     __slots__ = ("masker", "session", "findings", "restorable", "restore", "llm", "detect",
-                 "mcp", "cache", "trace", "ascii_hint")
+                 "mcp", "cache", "trace", "_hint_of", "_hint")
 
     def __init__(self, masker: Masker, session: Session | None, findings: Findings, *,
                  restorable: bool = True, restore: bool = False, dialect: str = "generic",
@@ -564,8 +565,9 @@ class Masked:
         self.cache = cache
         # when a list: every replacement made, (entity, value, replacement), in order
         self.trace: list[tuple[str, str, str]] | None = None
-        # the JSON body being masked is ASCII without \u escapes (see _dump)
-        self.ascii_hint = False
+        # the JSON body being masked, until ascii_hint() is worked out from it
+        self._hint_of = b""
+        self._hint: bool | None = False
 
     def variant(self, *, restore: bool | None = None, detect: bool | None = None) -> Masked:
         """The same context (session, findings) with restore and/or detection switched."""
@@ -575,6 +577,16 @@ class Masked:
         out.llm = self.llm
         out.mcp = self.mcp
         return out
+
+    def ascii_hint(self) -> bool:
+        """The JSON body being masked is ASCII without `\\u` escapes, so its masked form is
+        likely ASCII too: the fast encoder is tried first (see _dump). Worked out once,
+        and only when something is re-serialised (a body with nothing found costs none)."""
+        if self._hint is None:
+            c = self._hint_of
+            self._hint = c.isascii() and c.rfind(b"\\u") < 0
+            self._hint_of = b""
+        return self._hint
 
     # -- one text
     def text(self, text: str, escape: Callable[[str], str] | None = None) -> str:
@@ -730,7 +742,7 @@ class Masked:
         at = next(i for i, (k, _) in enumerate(items) if k == key)
         before, after = dict(items[:at]), dict(items[at + 1:])
         msgs: list = obj[key]
-        ascii_hint = self.ascii_hint
+        ascii_hint = self.ascii_hint()
         changed = self._apply_part(before)
         ctx_len = self.masker.context_len
         prev_tail = ""
@@ -813,8 +825,7 @@ class Masked:
                 raise Unparseable("JSON object with duplicate keys", 400) from None
             except (ValueError, RecursionError):
                 raise Unparseable("body is not valid JSON", 400) from None
-        # An ASCII body (no \u escape) re-serialises to ASCII: the fast encoder first
-        self.ascii_hint = content.isascii() and b"\\u" not in content
+        self._hint_of, self._hint = content, None
         if not isinstance(obj, dict | list):
             if isinstance(obj, str):
                 new = self.text(obj)
@@ -824,7 +835,7 @@ class Masked:
         if key is not None:
             return self._json_incremental(obj, key, shared)
         new_doc = self._json_doc(obj, shared)
-        return None if new_doc is _UNCHANGED else _dump(new_doc, self.ascii_hint).encode()
+        return None if new_doc is _UNCHANGED else _dump(new_doc, self.ascii_hint()).encode()
 
     # -- forms and query strings
     def pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]] | None:
