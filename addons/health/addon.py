@@ -11,6 +11,9 @@
   25: below Kubernetes' default 30 s grace period) to finish, then mitmproxy shuts down,
   which flushes the audit store (the recorder's `done`) and cancels holds still waiting;
   the process exits 0. A second SIGTERM (or SIGINT) stops at once.
+- Every `agentgate_heap_trim_seconds` (default 10; 0: never) the heap's free memory goes
+  back to the OS (heap.py: glibc malloc_trim, in a worker thread), so RSS after a burst of
+  large bodies falls back instead of staying at the burst's peak.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.approval.config import bind_reason, listen_text, parse_listen
 from addons.frame.guard import guarded
+from addons.health.heap import HeapTrimmer
 from addons.health.probes import Check, ProbeServer
 
 log = logging.getLogger("agentgate.health")
@@ -33,6 +37,7 @@ log = logging.getLogger("agentgate.health")
 LISTEN_ENV = "AGENTGATE_HEALTH_LISTEN"
 DRAIN_ENV = "AGENTGATE_DRAIN_SECONDS"
 DEFAULT_DRAIN = 25
+DEFAULT_HEAP_TRIM = 10  # seconds between malloc_trim calls
 STEP = "health"
 
 
@@ -49,6 +54,8 @@ class Health:
         self._listening: tuple[str, int] | None = None
         self._drain_task: asyncio.Task | None = None
         self._start_task: asyncio.Task | None = None  # keeps the listener's start alive
+        self.heap = HeapTrimmer()
+        self._trim_task: asyncio.Task | None = None
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -59,6 +66,10 @@ class Health:
             "agentgate_drain_seconds", int, _env_drain(),
             "On SIGTERM, how long flows in flight may take to finish before the gateway "
             f"stops (default: ${DRAIN_ENV}, else {DEFAULT_DRAIN}).")
+        loader.add_option(
+            "agentgate_heap_trim_seconds", int, DEFAULT_HEAP_TRIM,
+            "Every this many seconds, give the heap's free memory back to the OS (glibc "
+            "malloc_trim, off the event loop); 0: never.")
 
     def configure(self, updated: set[str]) -> None:
         if "agentgate_health_listen" in updated:
@@ -68,6 +79,10 @@ class Health:
                 raise exceptions.OptionsError(f"agentgate_health_listen: {e}") from None
         if "agentgate_drain_seconds" in updated and ctx.options.agentgate_drain_seconds < 0:
             raise exceptions.OptionsError("agentgate_drain_seconds: must be >= 0")
+        if "agentgate_heap_trim_seconds" in updated:
+            if ctx.options.agentgate_heap_trim_seconds < 0:
+                raise exceptions.OptionsError(
+                    "agentgate_heap_trim_seconds: must be >= 0 (seconds; 0: never)")
 
     # `running` and `done` are sync on purpose: on a script reload mitmproxy invokes them
     # with invoke_addon_sync, which refuses coroutine hooks and aborts the reload.
@@ -77,6 +92,8 @@ class Health:
         except RuntimeError:
             return
         self._start_task = loop.create_task(self._start())
+        if self.heap.available and self._trim_task is None:
+            self._trim_task = loop.create_task(self._trim_loop())
         with contextlib.suppress(NotImplementedError, RuntimeError):
             # replaces mitmproxy's own SIGTERM handler (an immediate shutdown)
             loop.add_signal_handler(signal.SIGTERM, self.sigterm)
@@ -95,8 +112,22 @@ class Health:
         log.info("agentgate: probes at http://%s/healthz and /readyz",
                  listen_text(self._listening))
 
+    async def _trim_loop(self) -> None:
+        # reads the option each round: --set at runtime takes effect within a round
+        while True:
+            every = ctx.options.agentgate_heap_trim_seconds
+            await asyncio.sleep(every if every > 0 else 1)
+            if every > 0:
+                try:
+                    await asyncio.to_thread(self.heap.trim)
+                except Exception:  # noqa: BLE001 - housekeeping: log, keep serving
+                    log.exception("agentgate: returning free heap memory failed")
+
     def done(self) -> None:
         self.probes.stop()
+        if self._trim_task is not None:
+            self._trim_task.cancel()
+            self._trim_task = None
 
     # ------------------------------------------------------------ flows in flight
     # Guarded like every flow hook (an exception refuses the flow, never passes it); run for
