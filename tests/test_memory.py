@@ -41,8 +41,9 @@ addons = [Probe()]
 '''
 
 # Top-level packages a default configuration (no AGENTGATE_STATE / state:, no databases:,
-# no mcp upstream) must not load.
-NOT_BY_DEFAULT = ("psycopg", "psycopg_binary", "psycopg_c", "mcp")
+# no mcp upstream) must not load in the gateway process (DuckDB lives in the audit writer
+# process, addons/recording/remote.py).
+NOT_BY_DEFAULT = ("psycopg", "psycopg_binary", "psycopg_c", "mcp", "duckdb", "_duckdb")
 
 
 def _chat(gw: Gateway) -> int:
