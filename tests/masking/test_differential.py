@@ -207,3 +207,70 @@ def test_unicode_case_folding_in_password_words(word: str):
                  PAD + f' {word}="S3cr3t-Pa55w0rd"'):
         same(text)
     assert REF.find(f'db_{word}: "S3cr3t-Pa55w0rd"')
+
+
+# overlap resolution: the shortcut for candidates whose different spans are all disjoint
+# must pick what the general resolution picks (longest, then priority, then first found)
+CANDIDATE = st.tuples(st.integers(0, 60), st.integers(0, 12),
+                      st.sampled_from(["PHONE", "US_SSN", "CREDIT_CARD", "EMAIL", "JWT"]),
+                      st.sampled_from([15, 30, 40, 50, 80])).map(
+    lambda c: (c[0], c[0] + c[1], c[2], c[3]))
+
+
+@PROFILE
+@given(st.lists(CANDIDATE, max_size=30), st.booleans())
+def test_resolution_shortcut_is_the_general_resolution(cands, spread):
+    from addons.masking import detectors as D
+
+    if spread:  # mostly disjoint spans (the usual case), duplicates included
+        cands = [(s * 20, s * 20 + max(n, 1), ent, p) for s, e, ent, p in cands
+                 for n in [e - s]] + cands[:3]
+    want = D._resolve_overlapping(list(cands))
+    fast = D._resolve_disjoint(list(cands))
+    if fast is not None:
+        assert fast == want
+    assert D._resolve(list(cands)) == want
+
+
+def test_resolution_shortcut_is_taken_for_disjoint_spans():
+    from addons.masking import detectors as D
+
+    cands = [(10, 20, "PHONE", 30), (0, 5, "EMAIL", 35), (10, 20, "PHONE", 30),
+             (10, 20, "US_SSN", 40), (20, 25, "JWT", 80)]
+    assert D._resolve_disjoint(cands) == [(0, 5, "EMAIL"), (10, 20, "US_SSN"),
+                                          (20, 25, "JWT")]
+    assert D._resolve_disjoint(cands + [(4, 6, "PHONE", 30)]) is None
+
+
+# e-mail addresses on ASCII text: `re` on the domain and the reversed bytes for the local
+# part (fast engine) against the look-behind capture of _EMAIL (reference)
+EMAIL_PIECES = st.sampled_from([
+    "jane.doe", "j", ".", "..", "_", "%", "+", "-", "x" * 30, "y" * 35, "@", "@@", "example",
+    "com", ".com", ".c", "xn--bcher-kva", ".xn--p1ai", "sub-", "-a", "a-", "1", "42", " ",
+    "\n", ":", "://", "https", "user:", "mailto:", ",", ";", "(", ")", "<", ">", '"', "'",
+    "#", "/", "?", "=", "e", "ABC", "a" * 63,
+])
+
+
+LOCAL = st.lists(st.sampled_from(["jane", "doe", ".", "_", "%", "+", "-", "x" * 30, "y" * 35,
+                                   "1", "a" * 63, "Q"]), min_size=1, max_size=4).map("".join)
+LABEL = st.sampled_from(["example", "a", "sub-domain", "-bad", "bad-", "x1", "_u", "b" * 61,
+                         "c" * 62, "1"])
+TLD = st.sampled_from(["com", "org", "c", "co", "xn--p1ai", "xn--", "c0m", "museum",
+                       "d" * 63, "e" * 64])
+ADDRESS = st.builds(lambda lo, labels, tld, tail: f"{lo}@{'.'.join(labels)}.{tld}{tail}",
+                    LOCAL, st.lists(LABEL, min_size=1, max_size=3), TLD,
+                    st.sampled_from(["", " ", ".", "-", "_", "x", ":", ">", "@b.co"]))
+
+
+@PROFILE
+@given(st.lists(st.one_of(EMAIL_PIECES, ADDRESS, ADDRESS), max_size=12))
+def test_email_scan_on_ascii_is_the_reference_scan(pieces):
+    from addons.masking import detectors as D
+
+    t = "".join(pieces)
+    want: list = []
+    D._find_emails(t, want)
+    got: list = []
+    D._find_emails_ascii(t, t.encode("ascii")[::-1], got)
+    assert got == want, t
