@@ -742,7 +742,10 @@ class Masked:
         at = next(i for i, (k, _) in enumerate(items) if k == key)
         before, after = dict(items[:at]), dict(items[at + 1:])
         msgs: list = obj[key]
-        ascii_hint = self.ascii_hint()
+        # what is serialised here is the new messages and the rest of the document, not
+        # the history: the fast encoder is tried on each (a miss costs a small dump),
+        # rather than the whole body checked on every turn
+        ascii_hint = True
         changed = self._apply_part(before)
         ctx_len = self.masker.context_len
         prev_tail = ""
