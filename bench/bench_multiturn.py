@@ -21,6 +21,11 @@ recording, as bench/e2e.py runs it), against the same nginx upstream:
   once).
 
 Run alone: `python -m bench.bench_multiturn [--quick] [--agents N] [--turns M]`.
+`--in-process`: no proxy; the CPU per turn of what the gateway does with each body in
+masking's request path (the flow's one decode and JSON parse, as policy reads it, then
+the masking of the body with the session's message cache), in this process, so that what
+still grows with the history there is measured without the proxy's noise; with
+`--profile F` a cProfile of the last quarter of the turns is written to F.
 """
 
 from __future__ import annotations
@@ -177,6 +182,58 @@ def late_over_early(per_turn: list[float]) -> float | None:
     return round(late / early, 2) if early > 0 else None
 
 
+def in_process(agents: int = 6, turns: int = 40, profile: str | None = None
+               ) -> dict[str, Any]:
+    """CPU per turn of decode + masking (addons.masking.addon.mask_message with the real
+    detectors, per-session placeholders and message caches), no proxy."""
+    import cProfile
+
+    from mitmproxy.test import tflow
+
+    from addons.frame import decode
+    from addons.masking.addon import mask_message
+    from addons.masking.bodies import Masked, MessageCaches
+    from addons.masking.config import MaskingConfig
+    from addons.masking.detectors import DetectorSet
+    from addons.masking.masker import Masker, SessionStore
+
+    convs = [conversation(i, turns) for i in range(agents)]
+    store = SessionStore()
+    masker = Masker(DetectorSet(MaskingConfig()), b"bench-key", store)
+    caches = MessageCaches()
+    limit = MaskingConfig().max_body_bytes
+    prof = cProfile.Profile() if profile else None
+    per_turn: list[float] = []
+    for t in range(turns):
+        flows = []
+        for a in range(agents):
+            f = tflow.tflow()
+            f.request.headers["content-type"] = "application/json"
+            f.request.raw_content = convs[a][t]
+            flows.append(f)
+        late = prof is not None and t >= turns - max(1, turns // 4)
+        if late:
+            prof.enable()
+        c0 = time.process_time()
+        for a, f in enumerate(flows):
+            raw = f.request.raw_content
+            body = decode.request_body(f, max_bytes=limit)
+            assert body is not None and body.json is not None  # policy's read: the one parse
+            sess = store.get(f"agent-{a}")
+            ctx = Masked(masker, sess, {}, restorable=True, dialect="openai",
+                         cache=caches.get(f"agent-{a}", sess, masker))
+            mask_message(ctx, raw, "", "application/json", limit, False, flow=f)
+        per_turn.append((time.process_time() - c0) * 1000 / agents)
+        if late:
+            prof.disable()
+    if prof is not None and profile:
+        prof.dump_stats(profile)
+    return {"agents": agents, "turns": turns,
+            "cpu_ms_per_turn": [round(x, 3) for x in per_turn],
+            "deciles": deciles(per_turn), "late_over_early": late_over_early(per_turn),
+            "cpu_total_ms": round(sum(per_turn) * agents, 1)}
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -312,7 +369,17 @@ if __name__ == "__main__":
     ap.add_argument("--profile", help="write a py-spy profile (collapsed) of the suite here")
     ap.add_argument("--concerns", default=",".join(e2e.CONCERNS),
                     help="the suite's concerns (default: all)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="decode + masking per turn in this process, no proxy")
     a = ap.parse_args()
+    if a.in_process:
+        ip = in_process(a.agents or 6, a.turns or 40, a.profile)
+        if a.json:
+            Path(a.json).write_text(json.dumps(ip, indent=1))
+        print(f"in process, {ip['agents']} agents x {ip['turns']} turns: decode + masking "
+              f"CPU per request by decile (ms) {ip['deciles']}; late/early "
+              f"{ip['late_over_early']}; total {ip['cpu_total_ms']} ms")
+        sys.exit(0)
     r = run(quick=a.quick, agents=a.agents, turns=a.turns, profile=a.profile,
             concerns=tuple(c for c in a.concerns.split(",") if c))
     if a.json:
