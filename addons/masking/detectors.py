@@ -625,6 +625,26 @@ def _find_passwords(t: str, low: str | None, out: list, url: bool = True,
                 out.append((m.start("v"), m.end("v"), "PASSWORD", 15))
 
 
+# an URL_PASSWORD match: '://', 1-64 characters of user, ':', 1-128 of password, '@'
+_URL_PASSWORD_AT = 3 + 64 + 1 + 128
+
+
+def _find_url_passwords(t: str, out: list) -> None:
+    """The URL passwords of _find_passwords: URL_PASSWORD tried only at each '://' with an
+    '@' close enough after it (most URLs have none). The same matches as its finditer: a
+    match starts at its '://' (the scheme is a look-behind) and holds no '/', so it never
+    reaches the next '://'."""
+    i = t.find("://")
+    while i != -1:
+        if t.find("@", i + 3, i + _URL_PASSWORD_AT + 1) != -1:
+            m = URL_PASSWORD.match(t, i)
+            if m is not None:
+                v = m.group("v")
+                if not _TEMPLATE.fullmatch(v) and password_ok(v):
+                    out.append((m.start("v"), m.end("v"), "PASSWORD", 15))
+        i = t.find("://", i + 1)
+
+
 def _find_assignments_at(t: str, op_ends: list[int], out: list) -> None:
     """PASSWORD_ASSIGNMENTS matched only at the '=' / ':' that end a fastscan 'pw_op' anchor
     (a password word before the operator, which each assignment's look-behind needs): the
@@ -747,9 +767,11 @@ def _card_span_fast(m: regex.Match, t: str) -> tuple[int, int] | None:
         if total in allowed and j > 1:
             ends.append((j, total))
     s = m.start()
+    crlf = rb.find(b"\r\n")
     for j, total in reversed(ends):
         if _card_grouping_ok(lens[:j]) and luhn_ok_b(digits[:total]):
-            end = s + _prefix_len(rb, groups, j)
+            # j groups and the j - 1 one-character separators between them (a CRLF is two)
+            end = s + (total + j - 1 if crlf == -1 else _prefix_len(rb, groups, j))
             if _exotic_b(rb[:end - s]):
                 value = t[s:end]
                 if lens[0] <= 2 and len(set(_SEP_SPLIT.findall(value))) > 1:
@@ -1255,11 +1277,12 @@ class DetectorSet:
                 low = None
         if aws:
             self._find_aws_secret(t, low, out)
+        if pw_url:
+            _find_url_passwords(t, out)
         if pw_assign and pos is not None:
-            _find_passwords(t, low, out, url=pw_url, assign=False)
             _find_assignments_at(t, pos["pw_op"], out)
-        elif pw_url or pw_assign:
-            _find_passwords(t, low, out, url=pw_url, assign=pw_assign)
+        elif pw_assign:
+            _find_passwords(t, low, out, url=False, assign=True)
         if bearer:
             _find_bearer(t, low, out)
         # ASCII text (the usual case; O(1) to ask): the e-mail and cluster scans run on `re`

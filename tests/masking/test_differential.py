@@ -274,3 +274,42 @@ def test_email_scan_on_ascii_is_the_reference_scan(pieces):
     got: list = []
     D._find_emails_ascii(t, t.encode("ascii")[::-1], got)
     assert got == want, t
+
+
+URL_PIECES = st.sampled_from([
+    "https", "postgres", "x", "://", ":/", "//", "app", "user", ":", "S3cr3t-Pa55w0rd", "p" * 70,
+    "q" * 130, "@", "db.internal", "[::1]", ":5432", "/prod", "?a=1", "#f", " ", "\n", '"',
+    "<", "${PW}", "***", "...", "é", "1", "-", "+", "."])
+
+
+URL = st.builds(lambda sch, user, pw, host: f"{sch}://{user}:{pw}@{host}",
+                st.sampled_from(["https", "postgres", "x", "", "1a", "a" * 22]),
+                st.sampled_from(["app", "u", "", "p" * 64, "p" * 65, "a/b"]),
+                st.sampled_from(["S3cr3t-Pa55w0rd", "Zq9!xW2#kL", "${PW}", "***", "q" * 128,
+                                 "q" * 129, "x9 y", ""]),
+                st.sampled_from(["db.internal:5432/prod", "[::1]", "-h", "", "h"]))
+
+
+@PROFILE
+@given(st.lists(st.one_of(URL_PIECES, URL, URL), max_size=12))
+def test_url_passwords_at_each_scheme_are_the_finditer(pieces):
+    from addons.masking import detectors as D
+
+    t = "".join(pieces)
+    want: list = []
+    D._find_passwords(t, None, want, url=True, assign=False)
+    got: list = []
+    D._find_url_passwords(t, got)
+    assert got == want, t
+
+
+def test_url_password_at_the_longest_user_and_password():
+    from addons.masking import detectors as D
+
+    for t in ("x https://" + "p" * 64 + ":" + "aB3dE5gH7j" * 12 + "kL9mN0pQ@h y",
+              "postgres://" + "u" * 64 + ":S3cr3t-Pa55w0rd@db"):
+        want: list = []
+        D._find_passwords(t, None, want, url=True, assign=False)
+        got: list = []
+        D._find_url_passwords(t, got)
+        assert got == want and len(want) == 1, t
