@@ -774,9 +774,10 @@ class Masked:
                 count(self.findings, entity, entry["strategy"], entry["count"])
             js = _dump(slots.root if shared and slots.root is not None else msg, ascii_hint)
             changed = changed or one_changed
-            cache.put(digest.key, CachedMessage(js, one_changed, tuple(one.trace),
-                                                tuple((e, v["strategy"], v["count"])
-                                                      for e, v in found.items())))
+            cache.put(digest.key, CachedMessage(
+                js, one_changed, tuple(one.trace),
+                tuple((e, v["strategy"], v["count"]) for e, v in found.items()),
+                all(v["strategy"] == "placeholder" for v in found.values())))
             parts.append(js)
         changed = self._apply_part(after) or changed
         if not changed:
@@ -807,9 +808,14 @@ class Masked:
         """Make a cached message's replacements again (the session's map moves as for a
         miss); True when each gives the cached replacement, with its findings counted."""
         masker, session, restorable = self.masker, self.session, self.restorable
-        for entity, value, repl in hit.replacements:
-            if masker.replacement(entity, value, session, restorable) != repl:
-                return False
+        reps = hit.replacements
+        # the usual hit: placeholders only, every value known to the session's own map
+        fast = type(session) is Session and hit.placeholders_only and \
+            session.replays(reps, restorable)
+        if not fast:
+            for entity, value, repl in reps:
+                if masker.replacement(entity, value, session, restorable) != repl:
+                    return False
         for entity, strategy, n in hit.counts:
             count(self.findings, entity, strategy, n)
         return True
@@ -1063,6 +1069,9 @@ class CachedMessage(NamedTuple):
     changed: bool
     replacements: tuple[tuple[str, str, str], ...]
     counts: tuple[tuple[str, str, int], ...]
+    # every replacement is a session placeholder (the masker's strategy for its entity;
+    # a cache lives no longer than its masker)
+    placeholders_only: bool = False
 
 
 def _entry_size(e: CachedMessage) -> int:

@@ -158,6 +158,19 @@ class Session:
                     self._restore.popitem(last=False)
             return ph
 
+    def replays(self, items: Iterable[tuple[str, str, str]], restorable: bool) -> bool:
+        """Would `placeholder(entity, value, restorable)` give `ph` for every (entity,
+        value, ph), each on its fast path (a spelling seen before: no state changes)? One
+        lock for a whole cached message instead of one call per value; False: ask one by
+        one (bodies.Masked._replay), which is what happened before."""
+        with self.lock:
+            by_raw, back = self._by_raw, self._restore
+            for entity, value, ph in items:
+                if by_raw.get((entity, value)) != ph or (restorable
+                                                         and back.get(ph) != value):
+                    return False
+        return True
+
     def original(self, placeholder: str) -> str | None:
         with self.lock:
             return self._restore.get(placeholder)

@@ -221,3 +221,18 @@ def test_a_clean_url_path_is_remembered_and_a_path_with_a_value_never():
     masker.clean_paths.clear()
     Masked(masker, Session(), {}, restore=True).url_path(clean)
     assert masker.clean_paths == {}
+
+
+# ---------------------------------------------------------------- cache hits replayed
+def test_a_hit_is_replayed_in_one_step_only_where_each_call_would_change_nothing():
+    s = Session()
+    assert s.replays([], True)
+    ph = s.placeholder("EMAIL", "ann@example.com", True)
+    assert s.replays([("EMAIL", "ann@example.com", ph)], True)
+    assert not s.replays([("EMAIL", "ann@example.com", "[EMAIL_9]")], True)
+    assert not s.replays([("EMAIL", "bob@example.com", ph)], False)
+    # the same value in another spelling: same placeholder, restore now gives that
+    # spelling, so the cached spelling must go through placeholder() again (as a miss)
+    assert s.placeholder("EMAIL", "ANN@example.com", True) == ph
+    assert not s.replays([("EMAIL", "ann@example.com", ph)], True)
+    assert s.replays([("EMAIL", "ann@example.com", ph)], False)
