@@ -566,6 +566,9 @@ _EMAIL_DOMAIN_ASCII = re.compile(_EMAIL_DOMAIN)
 _EMAIL_LOCAL_REVERSED = re.compile(rb"[A-Za-z0-9_.%+\-]{1,65}")
 
 
+_EMAIL_DENSE = 64  # more than one '@' per this many characters: the regex scan
+
+
 def _find_emails_ascii(t: str, rev: bytes, out: list) -> None:
     """_find_emails for an ASCII `t`; rev: its bytes reversed."""
     n = len(t)
@@ -1291,7 +1294,8 @@ class DetectorSet:
             (self._email and "email" in present) or (self._numeric and "num" in present)) \
             else None
         if self._email and "email" in present:
-            if rev is not None:
+            # (an '@' every few characters, 'a@a@…': regex's one scan is cheaper per '@')
+            if rev is not None and t.count("@") * _EMAIL_DENSE < len(t):
                 _find_emails_ascii(t, rev, out)
             else:
                 _find_emails(t, out)
