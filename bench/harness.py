@@ -341,6 +341,43 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process started by `pid`, recursively (the suite's audit writer process)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                kids = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
+            except OSError:
+                continue
+            for k in map(int, kids):
+                if k not in out:
+                    out.append(k)
+                    todo.append(k)
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and of its live descendants: work a gateway moves into a
+    child process (the audit writer) still counts against it."""
+    return cpu_seconds(pid) + sum(cpu_seconds(k) for k in descendants(pid))
+
+
+def tree_kib(pid: int, key: str = "VmRSS") -> int | None:
+    """`key` (VmRSS or VmHWM) of a process plus all of its descendants, in KiB. Memory a
+    gateway moves into a child process still counts against it."""
+    own = proc_status(pid).get(key)
+    if own is None:
+        return None
+    return own + sum(proc_status(k).get(key) or 0 for k in descendants(pid))
+
+
 def thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds of each thread (task) of a process: {tid: seconds}."""
     out: dict[int, float] = {}
