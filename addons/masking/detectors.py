@@ -632,20 +632,19 @@ def _find_passwords(t: str, low: str | None, out: list, url: bool = True,
 _URL_PASSWORD_AT = 3 + 64 + 1 + 128
 
 
-def _find_url_passwords(t: str, out: list) -> None:
-    """The URL passwords of _find_passwords: URL_PASSWORD tried only at each '://' with an
-    '@' close enough after it (most URLs have none). The same matches as its finditer: a
-    match starts at its '://' (the scheme is a look-behind) and holds no '/', so it never
-    reaches the next '://'."""
-    i = t.find("://")
-    while i != -1:
-        if t.find("@", i + 3, i + _URL_PASSWORD_AT + 1) != -1:
+def _find_url_passwords(t: str, ends: list[int], out: list) -> None:
+    """The URL passwords of _find_passwords: URL_PASSWORD tried only at each '://' (ends:
+    sorted offsets just past each, fastscan 'pw_url') with an '@' close enough after it
+    (most URLs have none). The same matches as its finditer: a match starts at its '://'
+    (the scheme is a look-behind) and holds no '/', so it never reaches the next '://'."""
+    for e in ends:
+        i = e - 3
+        if t.find("@", e, i + _URL_PASSWORD_AT + 1) != -1:
             m = URL_PASSWORD.match(t, i)
             if m is not None:
                 v = m.group("v")
                 if not _TEMPLATE.fullmatch(v) and password_ok(v):
                     out.append((m.start("v"), m.end("v"), "PASSWORD", 15))
-        i = t.find("://", i + 1)
 
 
 def _find_assignments_at(t: str, op_ends: list[int], out: list) -> None:
@@ -1142,9 +1141,9 @@ class DetectorSet:
         if fast is not False and self.config.enabled:
             # every anchor whatever the config (the families turned off are never looked
             # up): one compiled prefilter per process, shared by every DetectorSet
-            args = (("email", "aws_word", "pw_url", "bearer", "ipv6"),
+            args = (("email", "aws_word", "bearer", "ipv6"),
                     [(r.entity, r.literals) for r in SECRET_RULES],
-                    ("pw_op", "ipv4", "iban"), tuple(_NUMERIC_NAMES.values()))
+                    ("pw_op", "pw_url", "ipv4", "iban"), tuple(_NUMERIC_NAMES.values()))
             self._pre_key = fastscan.prefilter_key(*args)
             self._pre = fastscan.Prefilter.create(
                 *args, wait=fast is True or not _on_event_loop())
@@ -1280,8 +1279,10 @@ class DetectorSet:
                 low = None
         if aws:
             self._find_aws_secret(t, low, out)
-        if pw_url:
-            _find_url_passwords(t, out)
+        if pw_url and pos is not None:
+            _find_url_passwords(t, pos["pw_url"], out)
+        elif pw_url:
+            _find_passwords(t, low, out, url=True, assign=False)
         if pw_assign and pos is not None:
             _find_assignments_at(t, pos["pw_op"], out)
         elif pw_assign:
