@@ -10,6 +10,7 @@ and say why.
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import subprocess
 import urllib.request
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Gateway
+from tests.conftest import BIN, Gateway
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +44,8 @@ addons = [Probe()]
 # Top-level packages a default configuration (no AGENTGATE_STATE / state:, no databases:,
 # no mcp upstream) must not load in the gateway process (DuckDB lives in the audit writer
 # process, addons/recording/remote.py).
-NOT_BY_DEFAULT = ("psycopg", "psycopg_binary", "psycopg_c", "mcp", "duckdb", "_duckdb")
+NOT_BY_DEFAULT = ("psycopg", "psycopg_binary", "psycopg_c", "mcp", "duckdb", "_duckdb",
+                  "pgparse")
 
 
 def _chat(gw: Gateway) -> int:
@@ -99,3 +101,35 @@ def test_shared_state_without_psycopg_refuses_to_start(gateway_factory, no_ident
     assert rc != 0, logs
     assert "AGENTGATE_STATE" in logs and "psycopg" in logs, logs
     assert "hunter2" not in gw.logs()
+
+
+DATABASES = """\
+identity:
+  required: false
+databases:
+  - name: warehouse
+    listen: 127.0.0.1:15432
+    upstream: 127.0.0.1:5432
+    database: analytics
+    credential: {user: agent_rw, password_env: WAREHOUSE_PASSWORD}
+    server_tls: {mode: disable}
+"""
+
+
+def test_databases_without_the_sql_parser_are_refused_naming_file_and_key(
+        tmp_path: Path) -> None:
+    # pgparse that cannot be imported, first on the path; the real `agentgate rules check`
+    # (run_proxy.sh runs it before starting; the gateway loads rules the same way)
+    shadow = tmp_path / "shadow" / "pgparse"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('pgparse is broken here')\n")
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "db.yaml").write_text(DATABASES)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(shadow.parent)
+    p = subprocess.run([str(BIN / "agentgate"), "rules", "check", str(rules)], env=env,
+                       capture_output=True, text=True, timeout=60)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out
+    assert "db.yaml" in out and "databases[0]" in out and "pgparse" in out, out

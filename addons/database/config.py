@@ -37,6 +37,7 @@ from addons.config.schema import (
     expect_str,
     expect_str_list,
 )
+from addons.database import sqlfacts
 from addons.database.rowmask import STRATEGIES  # masking's strategies and `null`
 from addons.frame.hosts import is_loopback_host
 from addons.policy.config import APPROVAL_KEYS, parse_approval
@@ -294,6 +295,11 @@ def parse_databases(items: list[tuple[Any, Where]]) -> tuple[Database, ...]:
     names: dict[str, str] = {}
     listens: dict[tuple[str, int], str] = {}
     for raw, where in items:
+        try:
+            sqlfacts.parser()
+        except ImportError as e:
+            raise where.error(f"the Postgres path needs the pgparse package (SQL parser), "
+                              f"which cannot be imported here ({e})") from None
         db = parse_database(raw, where)
         if db.name in names:
             raise where.child("name").error(f"database name {db.name!r} already used at "

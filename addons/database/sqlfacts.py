@@ -20,9 +20,23 @@ The masked SQL for records and reviewers is libpg_query's normalize(): every lit
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
-import pgparse
+_pgparse: ModuleType | None = None
+
+
+def parser() -> ModuleType:
+    """pgparse, imported on first use: only a gateway with `databases:` in its rules needs
+    it (its libpg_query maps ~1 MiB more into every gateway otherwise). The rules loader
+    calls this for a `databases:` section (database/config.py), so a missing or broken
+    pgparse refuses those rules, naming the file and key, before any listener opens.
+    Raises ImportError."""
+    global _pgparse  # noqa: PLW0603 - set once
+    if _pgparse is None:
+        import pgparse
+        _pgparse = pgparse
+    return _pgparse
 
 # statement node -> kind
 KINDS = {
@@ -337,6 +351,10 @@ def analyze(sql: str) -> Statement:
     """Parse and describe one Query / Parse string. Raises SqlError when it does not parse."""
     if "\x00" in sql:
         raise SqlError("NUL byte in SQL")
+    try:
+        pgparse = parser()
+    except ImportError as e:  # checked when the rules loaded; refuse, never pass
+        raise SqlError(f"the SQL parser cannot be imported ({e})") from None
     try:
         tree = pgparse.parse(sql)
     except pgparse.PGQueryError as e:
