@@ -892,6 +892,10 @@ def build_row(p: Pending, decode: Decoder = _identity_decode) -> dict[str, Any]:
             capped[part] = dict(msg, content={"$body": part})
         if len(body) > INLINE_MAX:
             refs[part] = blob_tree(body, blobs, facts if part == "request" else None)
+    if meta_json is not None and _same_metadata(capped.get("metadata"), meta_json, scrub):
+        # the state's metadata is the `metadata` column's (identity, decision, findings,
+        # upstream: ~0.8 KB on every row of a conversation): stored once, put back on read
+        capped["metadata"] = dict(METADATA_MARK)
     state_blob = dump_state(capped, scrub)
     row: dict[str, Any] = {
         "id": _s(st.get("id")),
@@ -937,6 +941,22 @@ def build_row(p: Pending, decode: Decoder = _identity_decode) -> dict[str, Any]:
     if blobs:
         row["_blobs"] = list(blobs.values())  # inserted with the row (append)
     return row
+
+
+METADATA_MARK = {"$metadata": "column"}
+
+
+def _same_metadata(state_meta: Any, meta_json: str, scrub: Scrubber) -> bool:
+    """Whether the state's metadata, stored and read back, is exactly what reading the
+    `metadata` column gives (so the state can say `{"$metadata": "column"}` instead):
+    not when the state's copy holds bytes, or cuts of other parts of the state."""
+    if not isinstance(state_meta, dict) or not state_meta:
+        return False
+    try:
+        back = load_state(dump_state({"m": state_meta}, scrub))["m"]
+        return bool(back == json.loads(meta_json, object_hook=_state_hook))
+    except (TypeError, ValueError):
+        return False
 
 
 def _host_of(url: str) -> str:
@@ -1399,13 +1419,14 @@ def export_rows(con: Any, session: str | None, since: float | None = None
     have = _columns(con, "flows")
     refs = ", ".join(c if c in have else f"NULL AS {c}" for c in REF_NAMES)
     rows = con.execute(
-        f"SELECT id, url, flow_state, request_body, response_body, {refs} FROM flows "  # noqa: S608
+        f"SELECT id, url, flow_state, request_body, response_body, metadata, {refs} "  # noqa: S608
+        "FROM flows "
         "WHERE (? IS NULL OR session_id = ?) "
         "AND (? IS NULL OR ended >= make_timestamp(?)) AND flow_state IS NOT NULL "
         "ORDER BY seq", [session, session, us, us]).fetchall()
     return [(fid, url, resolve_state(con, blob, {"request": (rq, rq_ref),
-                                                 "response": (rs, rs_ref)}))
-            for fid, url, blob, rq, rs, rq_ref, rs_ref in rows]
+                                                 "response": (rs, rs_ref)}, meta))
+            for fid, url, blob, rq, rs, meta, rq_ref, rs_ref in rows]
 
 
 def row_state(row: dict[str, Any], con: Any = None) -> dict[str, Any]:
@@ -1419,7 +1440,8 @@ def row_state(row: dict[str, Any], con: Any = None) -> dict[str, Any]:
         return row.get(f"{part}_body"), ref
 
     return load_state(resolve_state(con, row["flow_state"],
-                                    {"request": body("request"), "response": body("response")}))
+                                    {"request": body("request"), "response": body("response")},
+                                    row.get("metadata")))
 
 
 def row_body(row: dict[str, Any], part: str) -> bytes | None:
@@ -1449,13 +1471,19 @@ def blob_content(blobs: dict[str, Blob], addr: str) -> bytes:
     return b"".join(reversed(parts))
 
 
-def resolve_state(con: Any, blob: bytes, bodies: dict[str, tuple[Any, str | None]]) -> bytes:
+def resolve_state(con: Any, blob: bytes, bodies: dict[str, tuple[Any, str | None]],
+                  metadata: str | None = None) -> bytes:
     """A stored flow state with each `{"$body": part}` content replaced by that record's
-    body (inline column, else reassembled from its blobs): exactly what was recorded."""
+    body (inline column, else reassembled from its blobs), and a `{"$metadata": "column"}`
+    by the record's `metadata` column: exactly what was recorded."""
     raw = bytes(blob)
-    if b'"$body"' not in raw:
-        return raw  # schema 1, or no body equal to its column
+    if b'"$body"' not in raw and b'"$metadata"' not in raw:
+        return raw  # schema 1, or nothing stored by reference
     st = load_state(raw)
+    if st.get("metadata") == METADATA_MARK:
+        if metadata is None:
+            raise BlobMissing(f"the metadata of flow {st.get('id')} is not stored")
+        st["metadata"] = json.loads(metadata, object_hook=_state_hook)
     for part, (inline, ref) in bodies.items():
         msg = st.get(part)
         if isinstance(msg, dict) and msg.get("content") == {"$body": part}:

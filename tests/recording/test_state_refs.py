@@ -1,0 +1,107 @@
+"""Parts of a flow state stored once per record: the state's metadata is the `metadata`
+column's and reads `{"$metadata": "column"}` in `flow_state`; every reader (row_state,
+export, `agentgate export`) puts it back, and the hash chain covers it through the column."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+from mitmproxy import io as mio
+from mitmproxy.test import tflow
+
+from addons.cli import main
+from addons.recording import store
+
+META = {
+    "identity": {"sub": "agent-7", "iss": "https://idp.example", "groups": ["agents"],
+                 "roles": [], "jti": "jti-123", "token_hash": "5efa0e9a29335696b357dae3fe5acf15",
+                 "exp": 1796168729, "source": "proxy"},
+    "session": "s1",
+    "decision": {"action": "allow", "rule": "agents-may-use-models", "message": "",
+                 "observed": False},
+    "findings": {"EMAIL": {"count": 2, "strategy": "placeholder"}},
+    "upstream": {"name": "openai", "dialect": "openai", "stripped": [],
+                 "injected": "authorization"},
+    "ratio": 0.25, "unicode": "é ✓",
+}
+
+
+def pending(i: int, meta: dict, *, resp_body: bytes = b'{"choices":[]}',
+            max_body: int | None = None) -> store.Pending:
+    f = tflow.tflow(resp=True)
+    f.id = f"flow-{i}"
+    f.request.scheme, f.request.host, f.request.port = "https", "127.0.0.1", 9443
+    f.request.path = "/v1/chat/completions"
+    f.request.content = b'{"model":"m","messages":[]}'
+    f.response.content = resp_body
+    f.request.timestamp_start = f.request.timestamp_end = time.time()
+    st = f.get_state()
+    st["metadata"] = dict(meta)  # as the snapshot carries it (bytes values included)
+    p = store.Pending(state=st, session="s1")
+    if max_body is not None:
+        p.max_body = max_body
+    return p
+
+
+def test_metadata_is_stored_once_and_read_back_exactly() -> None:
+    row = store.build_row(pending(1, META))
+    assert json.loads(row["metadata"]) == META
+    raw = bytes(row["flow_state"])
+    assert b"token_hash" not in raw and b"agents-may-use-models" not in raw
+    assert b'"$metadata"' in raw
+    assert store.row_state(row)["metadata"] == META
+
+
+@pytest.mark.parametrize("meta, by_ref", [
+    ({**META, "raw": b"text bytes"}, False),  # the column reads them back as a str
+    ({**META, "raw": b"\xff\x00bytes"}, True),  # both tag them {"$b64": ...}
+    ({**META, "tuple": ("a", 1)}, True),  # both store a list
+])
+def test_metadata_by_reference_only_when_it_reads_back_the_same(meta, by_ref) -> None:
+    row = store.build_row(pending(2, meta))
+    assert (b'"$metadata"' in bytes(row["flow_state"])) is by_ref
+    # whichever way it was stored, reading gives what the state itself would have given
+    alone = store.load_state(store.dump_state({"m": meta}, store.Scrubber()))["m"]
+    assert store.row_state(row)["metadata"] == alone
+    assert isinstance(store.row_state(row)["metadata"].get("raw", b""), bytes)
+
+
+def test_state_cuts_keep_their_own_metadata() -> None:
+    # a body cut in the state lists the cut in the state's metadata only: not the column's
+    row = store.build_row(pending(3, META, resp_body=b"x" * 5000, max_body=1024))
+    raw = bytes(row["flow_state"])
+    assert b'"$metadata"' not in raw and b"agentgate_truncated" in raw
+    assert store.row_state(row)["metadata"]["identity"] == META["identity"]
+
+
+def test_export_and_verify_cover_the_metadata(tmp_path: Path) -> None:
+    db = tmp_path / "a.duckdb"
+    con = duckdb.connect(str(db))
+    store.init_schema(con)
+    store.append(con, [store.build_row(pending(i, META)) for i in range(3)], store.head(con))
+    assert store.verify(con).ok
+    con.close()
+    out = tmp_path / "s1.mitm"
+    assert main(["export", "--db", str(db), "--session", "s1", "-o", str(out)]) == 0
+    with open(out, "rb") as fh:
+        flows = list(mio.FlowReader(fh).stream())
+    assert len(flows) == 3
+    assert all(f.metadata["identity"] == META["identity"] for f in flows)
+    assert all(f.metadata["decision"] == META["decision"] for f in flows)
+    # the column the state refers to is hashed with the record: an edit is found
+    con = duckdb.connect(str(db))
+    con.execute("""UPDATE flows SET metadata = '{"session":"forged"}' WHERE seq = 2""")
+    res = store.verify(con)
+    con.close()
+    assert not res.ok and res.seq == 2
+
+
+def test_a_missing_metadata_column_fails_loudly() -> None:
+    row = store.build_row(pending(4, META))
+    row["metadata"] = None
+    with pytest.raises(store.BlobMissing):
+        store.row_state(row)
