@@ -109,6 +109,10 @@ class TooLarge(Exception):
     """The (decoded) body is over the configured limit."""
 
 
+# a `\u` escape: `re`'s literal-prefix search is cheaper than str/bytes (r)find here, whose
+# fast search stalls on the frequent last character 'u' (1 MB of prose: 0.32 vs 0.41-1.0 ms)
+_ESC_U_STR = re.compile(r"\\u")
+_ESC_U_BYTES = re.compile(rb"\\u")
 # an HTTP header name (RFC 9110 token): a masked name that is no longer one is dropped
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # URL path characters left as they are when a masked segment is re-encoded
@@ -527,8 +531,7 @@ def _dump(obj: Any, ascii_hint: bool = False) -> str:
     which characters they write as `\\uXXXX`)."""
     if ascii_hint:
         out = json.dumps(obj, separators=(",", ":"))
-        # rfind: `in` scans for the frequent last character 'u' (2x slower on prose)
-        if out.rfind("\\u") < 0:
+        if _ESC_U_STR.search(out) is None:
             return out
     try:
         out = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
@@ -584,7 +587,7 @@ class Masked:
         and only when something is re-serialised (a body with nothing found costs none)."""
         if self._hint is None:
             c = self._hint_of
-            self._hint = c.isascii() and c.rfind(b"\\u") < 0
+            self._hint = c.isascii() and _ESC_U_BYTES.search(c) is None
             self._hint_of = b""
         return self._hint
 
