@@ -591,8 +591,8 @@ def dump_state(st: dict[str, Any], scrub: Scrubber) -> bytes:
             msg = dict(msg)
             for key in ("headers", "trailers"):
                 pairs = msg.get(key)
-                if pairs and all(isinstance(k, bytes) and isinstance(v, bytes)
-                                 for k, v in pairs):
+                if pairs and isinstance(pairs, list | tuple) and all(
+                        isinstance(k, bytes) and isinstance(v, bytes) for k, v in pairs):
                     msg[key] = {"$h": [[k.decode("latin-1"),
                                         (scrub.bytes(v) if scrub else v).decode("latin-1")]
                                        for k, v in pairs]}
@@ -644,8 +644,10 @@ def node_address(prev: str | None, part: str) -> str:
 
 
 def split_body(body: bytes, facts: dict[str, Any] | None = None) -> list[bytes]:
-    """The body cut before and after each element of its top-level SPLIT_KEYS arrays
-    (pieces joined give the body back exactly); [body] when it is not such a JSON object.
+    """The body cut before the first element of each of its top-level SPLIT_KEYS arrays
+    and after every element (so each piece after the first holds the separator and the
+    element: `, {…}`; pieces joined give the body back exactly); [body] when it is not
+    such a JSON object.
 
     `facts`, when given, gets the top-level "model" (a string, else None) once the whole
     object was read, so the row need not parse the body a second time for it."""
@@ -680,9 +682,13 @@ def split_body(body: bytes, facts: dict[str, Any] | None = None) -> list[bytes]:
             if key in SPLIT_KEYS and s[i] == "[":
                 i = ws(i + 1)
                 if s[i] != "]":
+                    # cut before the first element and after each one, so a piece is one
+                    # element with the separator before it: a turn adds one node per new
+                    # message (not one more for each "," between messages)
+                    cuts.append(i)
                     while True:
                         _, end = _DECODER.raw_decode(s, i)
-                        cuts += (i, end)
+                        cuts.append(end)
                         i = ws(end)
                         if s[i] == ",":
                             i = ws(i + 1)
@@ -892,6 +898,14 @@ def build_row(p: Pending, decode: Decoder = _identity_decode) -> dict[str, Any]:
             capped[part] = dict(msg, content={"$body": part})
         if len(body) > INLINE_MAX:
             refs[part] = blob_tree(body, blobs, facts if part == "request" else None)
+    hdr_cols = {"request": _headers_json(req.get("headers")) if req else None,
+                "response": _headers_json(resp.get("headers")) if resp else None}
+    for part, col in hdr_cols.items():
+        msg = capped.get(part)
+        if col is not None and isinstance(msg, dict) and _same_headers(msg.get("headers"), col):
+            # the same header block as the record's `*_headers` column (every turn of an
+            # agent's conversation sends the same few): stored once, put back on read
+            capped[part] = dict(msg, headers=dict(HEADERS_MARK))
     if meta_json is not None and _same_metadata(capped.get("metadata"), meta_json, scrub):
         # the state's metadata is the `metadata` column's (identity, decision, findings,
         # upstream: ~0.8 KB on every row of a conversation): stored once, put back on read
@@ -923,11 +937,11 @@ def build_row(p: Pending, decode: Decoder = _identity_decode) -> dict[str, Any]:
         "approval": cjson(approval) if approval else None,
         "findings": cjson(findings),
         "findings_total": sum(findings.values()),
-        "request_headers": _headers_json(req.get("headers")) if req else None,
+        "request_headers": hdr_cols["request"],
         "request_body": None if refs["request"] else req_body,
         "request_body_note": req_note,
         "request_size": req_size,
-        "response_headers": _headers_json(resp.get("headers")) if resp else None,
+        "response_headers": hdr_cols["response"],
         "response_body": None if refs["response"] else resp_body,
         "response_body_note": resp_note,
         "response_size": resp_size,
@@ -944,6 +958,23 @@ def build_row(p: Pending, decode: Decoder = _identity_decode) -> dict[str, Any]:
 
 
 METADATA_MARK = {"$metadata": "column"}
+HEADERS_MARK = {"$headers": "column"}
+_PLAIN = frozenset(range(0x20, 0x7F)) - {ord('"'), ord("\\")}
+
+
+def _same_headers(pairs: Any, col: str) -> bool:
+    """Whether the state's header pairs are exactly the `*_headers` column's: only for
+    printable ASCII without quote or backslash (the column decodes values as UTF-8, the
+    state as Latin-1, and the state's secret scrubbing also works on its JSON text)."""
+    if not pairs or not isinstance(pairs, list | tuple):
+        return False
+    text = []
+    for pair in pairs:
+        if (not isinstance(pair, list | tuple) or len(pair) != 2
+                or not all(isinstance(x, bytes) and _PLAIN.issuperset(x) for x in pair)):
+            return False
+        text.append([pair[0].decode("ascii"), pair[1].decode("ascii")])
+    return bool(json.loads(col) == text)
 
 
 def _same_metadata(state_meta: Any, meta_json: str, scrub: Scrubber) -> bool:
@@ -1419,14 +1450,16 @@ def export_rows(con: Any, session: str | None, since: float | None = None
     have = _columns(con, "flows")
     refs = ", ".join(c if c in have else f"NULL AS {c}" for c in REF_NAMES)
     rows = con.execute(
-        f"SELECT id, url, flow_state, request_body, response_body, metadata, {refs} "  # noqa: S608
+        "SELECT id, url, flow_state, request_body, response_body, metadata, "  # noqa: S608
+        f"request_headers, response_headers, {refs} "
         "FROM flows "
         "WHERE (? IS NULL OR session_id = ?) "
         "AND (? IS NULL OR ended >= make_timestamp(?)) AND flow_state IS NOT NULL "
         "ORDER BY seq", [session, session, us, us]).fetchall()
     return [(fid, url, resolve_state(con, blob, {"request": (rq, rq_ref),
-                                                 "response": (rs, rs_ref)}, meta))
-            for fid, url, blob, rq, rs, meta, rq_ref, rs_ref in rows]
+                                                 "response": (rs, rs_ref)}, meta,
+                                 {"request": rq_h, "response": rs_h}))
+            for fid, url, blob, rq, rs, meta, rq_h, rs_h, rq_ref, rs_ref in rows]
 
 
 def row_state(row: dict[str, Any], con: Any = None) -> dict[str, Any]:
@@ -1441,7 +1474,9 @@ def row_state(row: dict[str, Any], con: Any = None) -> dict[str, Any]:
 
     return load_state(resolve_state(con, row["flow_state"],
                                     {"request": body("request"), "response": body("response")},
-                                    row.get("metadata")))
+                                    row.get("metadata"),
+                                    {"request": row.get("request_headers"),
+                                     "response": row.get("response_headers")}))
 
 
 def row_body(row: dict[str, Any], part: str) -> bytes | None:
@@ -1472,14 +1507,23 @@ def blob_content(blobs: dict[str, Blob], addr: str) -> bytes:
 
 
 def resolve_state(con: Any, blob: bytes, bodies: dict[str, tuple[Any, str | None]],
-                  metadata: str | None = None) -> bytes:
+                  metadata: str | None = None,
+                  headers: dict[str, str | None] | None = None) -> bytes:
     """A stored flow state with each `{"$body": part}` content replaced by that record's
     body (inline column, else reassembled from its blobs), and a `{"$metadata": "column"}`
     by the record's `metadata` column: exactly what was recorded."""
     raw = bytes(blob)
-    if b'"$body"' not in raw and b'"$metadata"' not in raw:
+    if b'"$body"' not in raw and b'"$metadata"' not in raw and b'"$headers"' not in raw:
         return raw  # schema 1, or nothing stored by reference
     st = load_state(raw)
+    for part in ("request", "response"):
+        msg = st.get(part)
+        if isinstance(msg, dict) and msg.get("headers") == HEADERS_MARK:
+            col = (headers or {}).get(part)
+            if col is None:
+                raise BlobMissing(f"the {part} headers of flow {st.get('id')} are not stored")
+            msg["headers"] = [[k.encode("latin-1"), v.encode("latin-1")]
+                              for k, v in json.loads(col)]
     if st.get("metadata") == METADATA_MARK:
         if metadata is None:
             raise BlobMissing(f"the metadata of flow {st.get('id')} is not stored")

@@ -78,9 +78,16 @@ def test_split_is_exact_and_cuts_at_messages() -> None:
         pieces = store.split_body(body)
         assert b"".join(pieces) == body
         assert len(pieces) > 3
-    # one piece per message, and the glue between them
+    # one piece per message (with the separator before it), the document around them
     pieces = store.split_body(chat(1))
-    assert sum(1 for p in pieces if p.startswith(b'{"role"')) == 4
+    msgs = [p for p in pieces if b'"role"' in p]
+    assert len(msgs) == 4 and all(p.count(b'"role"') == 1 for p in msgs)
+    assert msgs[0].startswith(b'{"role"')
+    assert all(p.startswith(b', {"role"') and p.endswith(b"}") for p in msgs[1:])
+    # the next turn re-uses every piece of this one but the document's tail
+    nxt = store.split_body(chat(2))
+    assert pieces[:-1] == nxt[:len(pieces) - 1] and pieces[-1] == nxt[-1]
+    assert len(nxt) == len(pieces) + 2
 
 
 @pytest.mark.parametrize("body", [b"", b"[1, 2]", b"not json", b'{"messages": [1, 2',

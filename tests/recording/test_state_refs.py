@@ -105,3 +105,54 @@ def test_a_missing_metadata_column_fails_loudly() -> None:
     row["metadata"] = None
     with pytest.raises(store.BlobMissing):
         store.row_state(row)
+
+
+def test_header_blocks_are_stored_once_and_read_back_exactly() -> None:
+    p = pending(5, META)
+    p.state["request"]["headers"] = ((b"Host", b"api.example"), (b"X-Agent-Session", b"s1"),
+                                     (b"authorization", b"Bearer sk-live-0123456789"))
+    row = store.build_row(p)
+    raw = bytes(row["flow_state"])
+    assert raw.count(b'"$headers"') == 2 and b"X-Agent-Session" not in raw
+    st = store.row_state(row)
+    assert [tuple(h) for h in st["request"]["headers"]] == [
+        (b"Host", b"api.example"), (b"X-Agent-Session", b"s1"),
+        (b"authorization", b"[REDACTED]")]
+    assert b"sk-live" not in raw and b"sk-live" not in row["request_headers"].encode()
+    row["request_headers"] = None
+    with pytest.raises(store.BlobMissing):
+        store.row_state(row)
+
+
+@pytest.mark.parametrize("value", [b"caf\xc3\xa9", b"\xe9t\xe9", b'say "hi"', b"a\\b",
+                                   b"tab\there"])
+def test_headers_the_column_would_change_stay_in_the_state(value: bytes) -> None:
+    p = pending(6, META)
+    p.state["request"]["headers"] = ((b"Host", b"api.example"), (b"X-Note", value))
+    row = store.build_row(p)
+    assert b"X-Note" in bytes(row["flow_state"])
+    st = store.row_state(row)
+    assert [tuple(h) for h in st["request"]["headers"]] == [
+        (b"Host", b"api.example"), (b"X-Note", value)]
+
+
+def test_export_gives_back_the_headers(tmp_path: Path) -> None:
+    db = tmp_path / "a.duckdb"
+    con = duckdb.connect(str(db))
+    store.init_schema(con)
+    rows = []
+    for i, v in enumerate((b"plain", b"caf\xc3\xa9")):
+        p = pending(10 + i, META)
+        p.state["request"]["headers"] = ((b"Host", b"api.example"), (b"X-Note", v))
+        rows.append(store.build_row(p))
+    store.append(con, rows, store.head(con))
+    assert store.verify(con).ok
+    con.close()
+    out = tmp_path / "s1.mitm"
+    assert main(["export", "--db", str(db), "--session", "s1", "-o", str(out)]) == 0
+    with open(out, "rb") as fh:
+        flows = list(mio.FlowReader(fh).stream())
+    assert [f.request.headers.fields[-1] for f in flows] == [
+        (b"X-Note", b"plain"), (b"X-Note", b"caf\xc3\xa9")]
+    want = tuple(tuple(h) for h in pending(0, META).state["response"]["headers"])
+    assert all(f.response.headers.fields == want for f in flows)
