@@ -569,12 +569,22 @@ _EMAIL_LOCAL_REVERSED = re.compile(rb"[A-Za-z0-9_.%+\-]{1,65}")
 _EMAIL_DENSE = 64  # more than one '@' per this many characters: the regex scan
 
 
-def _find_emails_ascii(t: str, rev: bytes, out: list) -> None:
-    """_find_emails for an ASCII `t`; rev: its bytes reversed."""
+def _find_emails_ascii(t: str, rev: bytes, out: list, limit: int | None = None) -> bool:
+    """_find_emails for an ASCII `t`; rev: its bytes reversed. With `limit`: once more
+    than that many '@' are seen, what it added to `out` is taken back and False returned
+    (the caller runs the regex scan instead): the same choice as counting the '@' first,
+    without a counting pass over the whole text (~0.3 ms per MB)."""
     n = len(t)
     domain, local = _EMAIL_DOMAIN_ASCII.match, _EMAIL_LOCAL_REVERSED.match
+    mark = len(out)
+    seen = 0
     at = t.find("@")
     while at != -1:
+        if limit is not None:
+            seen += 1
+            if seen > limit:
+                del out[mark:]
+                return False
         lm = local(rev, n - at)
         if lm is not None:
             size = lm.end() - lm.start()
@@ -583,6 +593,7 @@ def _find_emails_ascii(t: str, rev: bytes, out: list) -> None:
                 if dm is not None:
                     _email_found(t, at - size, at, dm.end(), out)
         at = t.find("@", at + 1)
+    return True
 
 
 # ---------------------------------------------------------------------------- PEM
@@ -1296,9 +1307,9 @@ class DetectorSet:
             else None
         if self._email and "email" in present:
             # (an '@' every few characters, 'a@a@…': regex's one scan is cheaper per '@')
-            if rev is not None and t.count("@") * _EMAIL_DENSE < len(t):
-                _find_emails_ascii(t, rev, out)
-            else:
+            # count * _EMAIL_DENSE < len(t)  <=>  count <= (len(t) - 1) // _EMAIL_DENSE
+            if rev is None or not _find_emails_ascii(t, rev, out,
+                                                     (len(t) - 1) // _EMAIL_DENSE):
                 _find_emails(t, out)
         n = len(t)
         if self._iban and "iban" in present:

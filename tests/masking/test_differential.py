@@ -276,6 +276,32 @@ def test_email_scan_on_ascii_is_the_reference_scan(pieces):
     assert got == want, t
 
 
+def test_email_scan_gives_up_past_its_limit_and_takes_back_what_it_added():
+    """The ASCII e-mail scan stops at the (limit+1)th '@' with `out` as it found it, so
+    the caller's regex scan alone decides; within the limit it is the reference scan."""
+    from addons.masking import detectors as D
+
+    t = "a@b.co x1@y.org " * 4 + "a@a@a@"
+    rev = t.encode("ascii")[::-1]
+    want: list = []
+    D._find_emails(t, want)
+    got: list = [(0, 1, "SENTINEL", 0)]
+    assert D._find_emails_ascii(t, rev, got, limit=t.count("@") - 1) is False
+    assert got == [(0, 1, "SENTINEL", 0)]
+    got = []
+    assert D._find_emails_ascii(t, rev, got, limit=t.count("@")) is True
+    assert got == want and want
+
+
+@pytest.mark.parametrize("every", [2, 8, 63, 64, 65, 66, 200])
+def test_email_density_threshold_either_side_same_findings(every):
+    """Texts with one '@' per `every` characters (about the engine's 1-in-64 switch between
+    the ASCII scan and the regex scan, from both sides): the same findings."""
+    unit = ("x" * max(0, every - 12) + " u@ex.com ")[-every:]
+    for n in (every * 64 - 1, every * 64, every * 64 + 1, 5000):
+        same((unit * (n // len(unit) + 1))[:n])
+
+
 URL_PIECES = st.sampled_from([
     "https", "postgres", "x", "://", ":/", "//", "app", "user", ":", "S3cr3t-Pa55w0rd", "p" * 70,
     "q" * 130, "@", "db.internal", "[::1]", ":5432", "/prod", "?a=1", "#f", " ", "\n", '"',
