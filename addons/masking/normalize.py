@@ -116,6 +116,35 @@ def _unescape_pct(m: regex.Match) -> str:
     return chr(code) if 0x20 <= code <= 0x7E else m.group(0)
 
 
+_HEX = "0123456789ABCDEFabcdef"
+# at most one '%' per this many characters: str.find (memchr) from one to the next is
+# cheaper than the regex's scan (prose with a few '50%': ~0.15 vs 0.35 ms per MB); denser
+# text ('%%%…') goes to the regex, which is cheaper per '%'
+_PCT_SPARSE = 64
+
+
+def _pct_units(text: str) -> list[tuple[int, int, str]] | None:
+    """The units of _ESC_PCT.finditer(text) (same matches: left to right, not overlapping,
+    two ASCII hex digits after the '%'), or None when '%' is too dense for this loop."""
+    limit = len(text) // _PCT_SPARSE
+    out: list[tuple[int, int, str]] = []
+    find = text.find
+    seen = 0
+    at = find("%")
+    while at != -1:
+        seen += 1
+        if seen > limit:
+            return None
+        a, b = text[at + 1:at + 2], text[at + 2:at + 3]
+        if a and b and a in _HEX and b in _HEX:
+            code = int(a + b, 16)
+            out.append((at, at + 3, chr(code) if 0x20 <= code <= 0x7E else text[at:at + 3]))
+            at = find("%", at + 3)
+        else:
+            at = find("%", at + 1)
+    return out
+
+
 def _unescape_html(m: regex.Match) -> str:
     code = int(m.group(1), 16) if m.group(1) is not None else int(m.group(2))
     if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
@@ -146,7 +175,12 @@ def normalize(text: str) -> Normalized | None:
         units.extend((m.start(), m.end(), _unescape_u(m)) for m in _ESC_U.finditer(text))
     if has_pct:
         sources += 1
-        units.extend((m.start(), m.end(), _unescape_pct(m)) for m in _ESC_PCT.finditer(text))
+        pct = _pct_units(text)
+        if pct is None:
+            units.extend((m.start(), m.end(), _unescape_pct(m))
+                         for m in _ESC_PCT.finditer(text))
+        else:
+            units.extend(pct)
     if has_amp:
         sources += 1
         units.extend((m.start(), m.end(), _unescape_html(m)) for m in _ESC_HTML.finditer(text))
