@@ -75,11 +75,6 @@ def test_default_gateway_does_not_load_unused_libraries(gateway_factory, no_iden
     assert not loaded & set(NOT_BY_DEFAULT), sorted(loaded & set(NOT_BY_DEFAULT))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "approval/addon.py configure() raises OptionsError for a bad $AGENTGATE_STATE on every "
-    "configure call; mitmproxy's rollback re-runs configure, which raises again: the "
-    "gateway loops (RecursionError, GBs of log) instead of exiting. Same for any invalid "
-    "AGENTGATE_STATE, before and after the lazy psycopg import"))
 def test_shared_state_without_psycopg_refuses_to_start(gateway_factory, no_identity,
                                                        tmp_path: Path) -> None:
     # psycopg that cannot be imported (a broken install), first on the path
@@ -133,3 +128,21 @@ def test_databases_without_the_sql_parser_are_refused_naming_file_and_key(
     out = p.stdout + p.stderr
     assert p.returncode != 0, out
     assert "db.yaml" in out and "databases[0]" in out and "pgparse" in out, out
+
+
+def test_invalid_state_url_exits_at_start_with_one_clear_error(gateway_factory, no_identity
+                                                               ) -> None:
+    # not a URL at all: refused once at start (mitmdump exits), never the rollback loop that
+    # re-raised it on every options update (RecursionError, GBs of log, SIGTERM ignored)
+    gw = gateway_factory("{standin_upstreams}" + no_identity, wait=False,
+                         env={"AGENTGATE_STATE": "not a dsn"})
+    try:
+        rc = gw.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        gw.proc.kill()
+        gw.proc.wait(10)
+        pytest.fail("mitmdump neither exited nor stopped within 30 s with a bad AGENTGATE_STATE")
+    logs = gw.logs()
+    assert rc != 0, logs[:5000]
+    assert "AGENTGATE_STATE" in logs, logs[:5000]
+    assert "RecursionError" not in logs and logs.count("AGENTGATE_STATE") < 5, logs[:5000]

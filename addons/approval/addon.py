@@ -273,6 +273,7 @@ class Approval:
         # AGENTGATE_STATE=postgresql://… shares the holds with every replica (pgstore.py);
         # unset, they live in this process. A bad value is reported by configure().
         self._state_error = ""
+        self._state_reported = False
         self._state_cfg: Any = None
         self._refuse_holds = False  # `state:` configured but unusable: fail closed
         if store is None:
@@ -280,6 +281,9 @@ class Approval:
                 store = state_store()
             except ValueError as e:
                 self._state_error = str(e)
+                # whatever happens next, holds are never kept in this process instead of
+                # the shared store that was asked for
+                self._refuse_holds = True
         self.store = store if store is not None else ApprovalStore()
         self.store.on_decided = self._on_decided
         self._verify = verify  # tests inject a verifier; the gateway uses addons.identity.addon
@@ -316,7 +320,13 @@ class Approval:
             f"overrides approvals.listen of the rules when set (default: ${LISTEN_ENV}).")
 
     def configure(self, updated: set[str]) -> None:
-        if self._state_error:
+        if self._state_error and not self._state_reported:
+            # Raised once, at the first configure (the script's load: mitmdump exits on an
+            # error logged while starting). Raising on every call would loop: mitmproxy
+            # answers an OptionsError from an options update by rolling back and configuring
+            # again, which would raise again, forever (RecursionError, GBs of log, a process
+            # that ignores SIGTERM). Holds stay refused (_refuse_holds) if it runs on.
+            self._state_reported = True
             raise exceptions.OptionsError(f"${STATE_ENV}: {self._state_error}")
         if "agentgate_approvals_listen" in updated:
             try:
