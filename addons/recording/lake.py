@@ -56,7 +56,7 @@ PG_PREFIXES = ("postgresql://", "postgres://", "postgres:")
 COLUMNS: tuple[tuple[str, str], ...] = store.ALL_COLUMNS
 NAMES = tuple(c for c, _ in COLUMNS)
 TIMESTAMPS = frozenset(c for c, t in COLUMNS if t == "TIMESTAMP")
-REFS = tuple(c for c in NAMES if c.endswith("_body_ref"))
+REFS = store.REF_NAMES  # every column that holds a `blobs` address
 
 LAKE_SCHEMA = (
     f"CREATE TABLE IF NOT EXISTS {LAKE}.flows (replica VARCHAR, "
@@ -258,6 +258,12 @@ def attach(con: Any, cfg: LakeConfig, read_only: bool = False) -> None:
                     + (f" ({', '.join(opts)})" if opts else ""))
         if not read_only:
             con.execute(LAKE_SCHEMA)
+            # lakes made before a reference column existed (schema 3: certs_ref) get it;
+            # only when missing (an ALTER is a new lake schema version for every reader)
+            have = _lake_columns(con)
+            for c, t in store.REF_COLUMNS:
+                if c not in have:
+                    con.execute(f"ALTER TABLE {LAKE}.flows ADD COLUMN {c} {t}")
     except LakeError:
         raise
     except Exception as e:  # noqa: BLE001 - duckdb raises several types here
@@ -488,9 +494,19 @@ class LakeVerifyResult:
                 "replicas": [dict(r.__dict__) for r in self.replicas]}
 
 
-_VERIFY_COLS = ", ".join(f"epoch_us({c}) AS {c}" if c in TIMESTAMPS else c for c in NAMES)
-_SELECT_VERIFY = (f"SELECT {_VERIFY_COLS} FROM {LAKE}.flows "  # noqa: S608
-                  "WHERE replica = ? AND seq BETWEEN ? AND ? ORDER BY seq")
+def _lake_columns(lake: Any) -> set[str]:
+    return {r[0] for r in lake.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE database_name = ? "
+        "AND table_name = 'flows'", [LAKE]).fetchall()}
+
+
+def _select_verify(have: set[str]) -> str:
+    """The verify query; a reference column an older lake (read-only) lacks reads NULL,
+    which is how a record without that reference hashes."""
+    cols = ", ".join(f"epoch_us({c}) AS {c}" if c in TIMESTAMPS
+                     else (c if c in have or c not in REFS else f"NULL AS {c}") for c in NAMES)
+    return (f"SELECT {cols} FROM {LAKE}.flows "  # noqa: S608
+            "WHERE replica = ? AND seq BETWEEN ? AND ? ORDER BY seq")
 
 
 def _verify_replica(lake: Any, replica: str, chain: tuple | None, chunk: int) -> ReplicaResult:
@@ -514,7 +530,7 @@ def _verify_replica(lake: Any, replica: str, chain: tuple | None, chunk: int) ->
                            "in the lake")
             return bad(f"segment seq {s_first}..{s_last} does not continue the chain at seq "
                        f"{exp_seq} (edited or duplicated segment)")
-        cur = lake.execute(_SELECT_VERIFY, [replica, s_first, s_last])
+        cur = lake.execute(_select_verify(_lake_columns(lake)), [replica, s_first, s_last])
         n = 0
         while True:
             batch = cur.fetchmany(chunk)
@@ -562,7 +578,8 @@ def _blobs_problem(lake: Any, chunk: int = 2000) -> str | None:
             if not ok:
                 return f"edited: blob {h} does not match its address"
     refs = " UNION ALL ".join(
-        f"SELECT replica, seq, {c} AS ref FROM {LAKE}.flows" for c in REFS)  # noqa: S608
+        f"SELECT replica, seq, {c} AS ref FROM {LAKE}.flows"  # noqa: S608
+        for c in REFS if c in _lake_columns(lake))
     r = lake.execute(f"SELECT replica, seq, ref FROM ({refs}) WHERE ref IS NOT NULL AND ref "  # noqa: S608
                      f"NOT IN (SELECT hash FROM {LAKE}.blobs) LIMIT 1").fetchone()
     if r:

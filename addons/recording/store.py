@@ -32,7 +32,7 @@ from typing import Any
 
 from addons.frame import credshape
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 GENESIS = "0" * 64
 REDACTED = "[REDACTED]"
 KILLED_MESSAGE = "Connection killed."
@@ -95,9 +95,12 @@ COLUMN_NAMES = tuple(c for c, _ in FLOW_COLUMNS)
 # Schema 2: a body larger than INLINE_MAX is stored content-addressed in `blobs` and the row
 # holds its address here (its BLOB column is NULL). Added after `hash` (ALTER TABLE appends)
 # and hashed only when set, so rows written before schema 2 keep verifying unchanged.
+# Schema 3: the TLS certificate chains of a flow state (the same PEM chain on every flow to
+# one upstream) are one leaf in `blobs`, and the row holds its address in `certs_ref`.
 REF_COLUMNS: tuple[tuple[str, str], ...] = (
     ("request_body_ref", "VARCHAR"),
     ("response_body_ref", "VARCHAR"),
+    ("certs_ref", "VARCHAR"),
 )
 REF_NAMES = tuple(c for c, _ in REF_COLUMNS)
 ALL_COLUMNS = FLOW_COLUMNS + REF_COLUMNS
@@ -906,6 +909,7 @@ def build_row(p: Pending, decode: Decoder = _identity_decode) -> dict[str, Any]:
             # the same header block as the record's `*_headers` column (every turn of an
             # agent's conversation sends the same few): stored once, put back on read
             capped[part] = dict(msg, headers=dict(HEADERS_MARK))
+    refs["certs"] = _certs_blob(capped, scrub, blobs)
     if meta_json is not None and _same_metadata(capped.get("metadata"), meta_json, scrub):
         # the state's metadata is the `metadata` column's (identity, decision, findings,
         # upstream: ~0.8 KB on every row of a conversation): stored once, put back on read
@@ -951,6 +955,7 @@ def build_row(p: Pending, decode: Decoder = _identity_decode) -> dict[str, Any]:
         "flow_state": state_blob,
         "request_body_ref": refs["request"],
         "response_body_ref": refs["response"],
+        "certs_ref": refs["certs"],
     }
     if blobs:
         row["_blobs"] = list(blobs.values())  # inserted with the row (append)
@@ -958,6 +963,30 @@ def build_row(p: Pending, decode: Decoder = _identity_decode) -> dict[str, Any]:
 
 
 METADATA_MARK = {"$metadata": "column"}
+CERTS_MARK = {"$certs": "certs_ref"}
+CERTS_MIN = 256  # a chain shorter than this stays in the state (an address costs ~100 bytes)
+
+
+def _certs_blob(capped: dict[str, Any], scrub: Scrubber, blobs: dict[str, Blob]) -> str | None:
+    """Move the connections' certificate chains out of the state into one leaf blob
+    (`{"client_conn": [...], "server_conn": [...]}` as dump_state writes it); the state's
+    lists become CERTS_MARK. Returns the leaf's address, or None (nothing worth moving)."""
+    chains: dict[str, Any] = {}
+    for conn in ("client_conn", "server_conn"):
+        c = capped.get(conn)
+        if isinstance(c, dict) and isinstance(c.get("certificate_list"), list | tuple) \
+                and c["certificate_list"]:
+            chains[conn] = c["certificate_list"]
+    if not chains:
+        return None
+    data = dump_state(chains, scrub)
+    if len(data) < CERTS_MIN:
+        return None
+    addr = leaf_address(data)
+    blobs.setdefault(addr, (addr, data, None, None, len(data)))
+    for conn in chains:
+        capped[conn] = dict(capped[conn], certificate_list=dict(CERTS_MARK))
+    return addr
 HEADERS_MARK = {"$headers": "column"}
 _PLAIN = frozenset(range(0x20, 0x7F)) - {ord('"'), ord("\\")}
 
@@ -1261,6 +1290,8 @@ DELETE FROM blobs WHERE hash NOT IN (
         UNION
         SELECT response_body_ref FROM flows WHERE response_body_ref IS NOT NULL
         UNION
+        SELECT certs_ref FROM flows WHERE certs_ref IS NOT NULL
+        UNION
         SELECT unnest([b.prev, b.part]) FROM reach r JOIN blobs b ON b.hash = r.h
         WHERE b.prev IS NOT NULL OR b.part IS NOT NULL
     )
@@ -1375,14 +1406,18 @@ def _blobs_problem(con: Any, chunk: int = 2000) -> tuple[str | None, int | None,
             if not ok:
                 return (f"edited: blob {h} does not match its address (its content was "
                         "changed)"), None, None
-    if all(c in _columns(con, "flows") for c in REF_NAMES):
+    have = _columns(con, "flows")
+    named = [f"SELECT seq, '{what}' AS which, {c} AS ref FROM flows"  # noqa: S608
+             for c, what in (("request_body_ref", "request body"),
+                             ("response_body_ref", "response body"),
+                             ("certs_ref", "certificates")) if c in have]
+    if named:  # (a schema-2 file read-only has no certs_ref column)
         r = con.execute(
-            "SELECT f.seq, f.id, r.which, r.ref FROM flows f, (SELECT seq, 'request' AS "
-            "which, request_body_ref AS ref FROM flows UNION ALL SELECT seq, 'response', "
-            "response_body_ref FROM flows) r WHERE r.seq = f.seq AND r.ref IS NOT NULL AND "
-            "r.ref NOT IN (SELECT hash FROM blobs) ORDER BY f.seq LIMIT 1").fetchone()
+            f"SELECT f.seq, f.id, r.which, r.ref FROM flows f, ({' UNION ALL '.join(named)}) r "  # noqa: S608
+            "WHERE r.seq = f.seq AND r.ref IS NOT NULL AND r.ref NOT IN (SELECT hash FROM "
+            "blobs) ORDER BY f.seq LIMIT 1").fetchone()
         if r:
-            return (f"missing: blob {r[3]} ({r[2]} body of record seq {r[0]}, id {r[1]}) is "
+            return (f"missing: blob {r[3]} ({r[2]} of record seq {r[0]}, id {r[1]}) is "
                     "not in the store"), r[0], r[1]
     r = con.execute(
         "SELECT b.hash, x.ref FROM blobs b, (SELECT hash, prev AS ref FROM blobs UNION ALL "
@@ -1458,13 +1493,19 @@ def export_rows(con: Any, session: str | None, since: float | None = None
         "ORDER BY seq", [session, session, us, us]).fetchall()
     return [(fid, url, resolve_state(con, blob, {"request": (rq, rq_ref),
                                                  "response": (rs, rs_ref)}, meta,
-                                 {"request": rq_h, "response": rs_h}))
-            for fid, url, blob, rq, rs, meta, rq_h, rs_h, rq_ref, rs_ref in rows]
+                                 {"request": rq_h, "response": rs_h},
+                                 read_blob(con, c_ref) if c_ref else None))
+            for fid, url, blob, rq, rs, meta, rq_h, rs_h, rq_ref, rs_ref, c_ref in rows]
 
 
 def row_state(row: dict[str, Any], con: Any = None) -> dict[str, Any]:
     """The whole flow state of a row (as built, or read with its body columns and refs)."""
     blobs = {b[0]: b for b in row.get("_blobs") or ()}
+
+    def certs(ref: str | None) -> bytes | None:
+        if not ref:
+            return None
+        return blob_content(blobs, ref) if con is None else read_blob(con, ref)
 
     def body(part: str) -> tuple[Any, str | None]:
         ref = row.get(f"{part}_body_ref")
@@ -1476,7 +1517,8 @@ def row_state(row: dict[str, Any], con: Any = None) -> dict[str, Any]:
                                     {"request": body("request"), "response": body("response")},
                                     row.get("metadata"),
                                     {"request": row.get("request_headers"),
-                                     "response": row.get("response_headers")}))
+                                     "response": row.get("response_headers")},
+                                    certs(row.get("certs_ref"))))
 
 
 def row_body(row: dict[str, Any], part: str) -> bytes | None:
@@ -1508,14 +1550,22 @@ def blob_content(blobs: dict[str, Blob], addr: str) -> bytes:
 
 def resolve_state(con: Any, blob: bytes, bodies: dict[str, tuple[Any, str | None]],
                   metadata: str | None = None,
-                  headers: dict[str, str | None] | None = None) -> bytes:
+                  headers: dict[str, str | None] | None = None,
+                  certs: bytes | None = None) -> bytes:
     """A stored flow state with each `{"$body": part}` content replaced by that record's
     body (inline column, else reassembled from its blobs), and a `{"$metadata": "column"}`
     by the record's `metadata` column: exactly what was recorded."""
     raw = bytes(blob)
-    if b'"$body"' not in raw and b'"$metadata"' not in raw and b'"$headers"' not in raw:
+    if (b'"$body"' not in raw and b'"$metadata"' not in raw and b'"$headers"' not in raw
+            and b'"$certs"' not in raw):
         return raw  # schema 1, or nothing stored by reference
     st = load_state(raw)
+    for conn in ("client_conn", "server_conn"):
+        c = st.get(conn)
+        if isinstance(c, dict) and c.get("certificate_list") == CERTS_MARK:
+            if certs is None:
+                raise BlobMissing(f"the certificates of flow {st.get('id')} are not stored")
+            c["certificate_list"] = load_state(certs)[conn]
     for part in ("request", "response"):
         msg = st.get(part)
         if isinstance(msg, dict) and msg.get("headers") == HEADERS_MARK:

@@ -22,8 +22,10 @@ from addons.recording import lake, store, writer
 from tests.recording.test_store import pending
 
 ROOT = Path(__file__).resolve().parents[2]
+# six messages: enough blob rows per shipped segment that the lake writes Parquet files
+# (a few rows DuckLake may keep inlined in its catalog, and the Parquet tests need files)
 BIG = json.dumps({"model": "gpt-4o-mini", "messages": [
-    {"role": "user", "content": "x" * 3000 + str(i)} for i in range(3)]}).encode()
+    {"role": "user", "content": "x" * 3000 + str(i)} for i in range(6)]}).encode()
 
 
 def fill(path: Path, n: int, session: str, start: int = 0, big_every: int = 0) -> None:
@@ -277,3 +279,20 @@ def test_edited_or_missing_blob_is_reported(two) -> None:
     r = lake.verify(con)
     con.close()
     assert not r.ok and "missing: blob" in r.problems[0]
+
+
+def test_a_lake_made_before_certs_ref_verifies_and_gets_the_column(two) -> None:
+    cfg, (a, _b) = two
+    con = lake_con(cfg)  # creates the lake, then make it look like one from before schema 3
+    con.execute("ALTER TABLE lake.flows DROP COLUMN certs_ref")
+    con.close()
+    ro = lake.connect(cfg, read_only=True)  # read-only: verified as it is
+    assert lake.verify(ro).ok
+    ro.close()
+    assert a.ship_all() == 10  # attached for writing: the column is added, records shipped
+    con = lake_con(cfg)
+    assert "certs_ref" in lake._lake_columns(con)
+    r = lake.verify(con)
+    assert r.ok, r.problems
+    con.close()
+    a.stop(1)

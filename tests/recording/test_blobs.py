@@ -259,7 +259,7 @@ def test_a_schema1_store_stays_readable_and_verifiable(tmp_path: Path, capsys) -
     c = duckdb.connect(str(db))
     store.init_schema(c)
     assert c.execute("SELECT value FROM audit_meta WHERE key = 'schema_version'"
-                     ).fetchone() == ("2",)
+                     ).fetchone() == (str(store.SCHEMA_VERSION),)
     record(c, [chat(t) for t in range(4, 7)], first=3)
     r = store.verify(c)
     assert r.ok and r.count == 6, r.problem

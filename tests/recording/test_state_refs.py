@@ -156,3 +156,95 @@ def test_export_gives_back_the_headers(tmp_path: Path) -> None:
         (b"X-Note", b"plain"), (b"X-Note", b"caf\xc3\xa9")]
     want = tuple(tuple(h) for h in pending(0, META).state["response"]["headers"])
     assert all(f.response.headers.fields == want for f in flows)
+
+
+# ---------------------------------------------------------------- certificate chains
+def _pem(cn: str) -> bytes:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+CHAIN = [_pem("upstream.example"), _pem("intermediate.example")]
+
+
+def with_certs(i: int, chain: list[bytes] = CHAIN) -> store.Pending:
+    p = pending(i, META)
+    p.state["server_conn"] = dict(p.state["server_conn"], certificate_list=list(chain))
+    return p
+
+
+def test_certificate_chains_are_one_blob_per_distinct_chain() -> None:
+    a, b = store.build_row(with_certs(20)), store.build_row(with_certs(21))
+    assert a["certs_ref"] and a["certs_ref"] == b["certs_ref"]
+    assert b"BEGIN CERTIFICATE" not in bytes(a["flow_state"])
+    assert store.row_state(a)["server_conn"]["certificate_list"] == CHAIN
+    # the chain's address is hashed with the record
+    c = dict(b, certs_ref=store.leaf_address(b"other"))
+    assert store.canonical(c) != store.canonical(b)
+    # a short (or no) chain stays where it was
+    assert store.build_row(pending(22, META))["certs_ref"] is None
+
+
+@pytest.fixture
+def certs_db(tmp_path: Path):
+    db = tmp_path / "a.duckdb"
+    con = duckdb.connect(str(db))
+    store.init_schema(con)
+    store.append(con, [store.build_row(with_certs(30 + i)) for i in range(3)], store.head(con))
+    assert store.verify(con).ok
+    yield con, db
+    con.close()
+
+
+def test_export_puts_the_certificates_back(certs_db, tmp_path: Path) -> None:
+    con, db = certs_db
+    con.close()
+    out = tmp_path / "s1.mitm"
+    assert main(["export", "--db", str(db), "--session", "s1", "-o", str(out)]) == 0
+    with open(out, "rb") as fh:
+        flows = list(mio.FlowReader(fh).stream())
+    assert len(flows) == 3
+    assert all([c.to_pem() for c in f.server_conn.certificate_list] == CHAIN for f in flows)
+
+
+def test_an_edited_or_missing_certificate_blob_is_reported(certs_db) -> None:
+    con, _db = certs_db
+    ref = con.execute("SELECT certs_ref FROM flows WHERE seq = 1").fetchone()[0]
+    con.execute("UPDATE blobs SET data = CAST('forged' AS BLOB) WHERE hash = ?", [ref])
+    r = store.verify(con)
+    assert not r.ok and r.problem.startswith("edited: blob"), r.problem
+    con.execute("DELETE FROM blobs WHERE hash = ?", [ref])
+    r = store.verify(con)
+    assert not r.ok and "missing: blob" in r.problem and "certificates" in r.problem, r.problem
+
+
+def test_retention_keeps_a_chain_while_a_record_refers_to_it(tmp_path: Path) -> None:
+    con = duckdb.connect(str(tmp_path / "r.duckdb"))
+    store.init_schema(con)
+    old, new = time.time() - 10 * 86400, time.time()
+    rows = []
+    for i, (t, chain) in enumerate([(old, CHAIN), (old, CHAIN[:1]), (new, CHAIN)]):
+        p = with_certs(40 + i, chain)
+        p.state["request"]["timestamp_start"] = t
+        p.state["response"]["timestamp_end"] = t + 0.01
+        p.recorded_at = t
+        rows.append(store.build_row(p))
+    store.append(con, rows, store.head(con))
+    assert store.apply_retention(con, 5, now=time.time()) == 2
+    refs = {r[0] for r in con.execute("SELECT hash FROM blobs").fetchall()}
+    assert rows[2]["certs_ref"] in refs and rows[1]["certs_ref"] not in refs
+    assert store.verify(con).ok
+    con.close()
