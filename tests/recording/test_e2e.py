@@ -159,6 +159,19 @@ def test_record_query_live_export_and_replay(gw: Gateway, standin, tmp_path: Pat
     out = tmp_path / "run42.mitm"
     e = cli("export", "--db", str(db), "--session", "run-42", "-o", str(out))
     assert e.returncode == 0 and "wrote 2 flows" in e.stdout, e.stdout + e.stderr
+    # the upstream's TLS certificate chain is stored once per distinct chain (certs_ref,
+    # not inside each flow_state) and the export puts it back on every flow
+    from mitmproxy import io as mio
+    with open(out, "rb") as fh:
+        exported = list(mio.FlowReader(fh).stream())
+    assert len(exported) == 2
+    assert all(f.server_conn.certificate_list for f in exported)
+    c = cli("audit", "query", "--db", str(db), "--format", "json",
+            "SELECT count(DISTINCT certs_ref) AS chains, count(*) FILTER (WHERE "
+            "contains(decode(flow_state), 'BEGIN CERTIFICATE')) AS inline FROM flows "
+            "WHERE session_id = 'run-42'")
+    assert c.returncode == 0, c.stderr
+    assert json.loads(c.stdout.splitlines()[0]) == {"chains": 1, "inline": 0}
 
     # mitmdump reads it
     rd = subprocess.run([str(BIN / "mitmdump"), "-nr", str(out), "--set",
