@@ -218,22 +218,31 @@ def test_issue16_summary_judges_every_target_from_one_run():
     res = {"fastscan": {"rows": {bench_fastscan.REALISTIC: {
                "same_findings": True, "fast": {"body_mb_s": 120.0}}}},
            "e2e": {"cells": cells},
-           "multiturn": {"suite": {"late_over_early": 1.2, "peak_rss_mib": 300},
-                         "bare": {"peak_rss_mib": 100}, "suite_over_bare_cpu": 2.5,
-                         "audit_over_distinct": 1.7},
-           "soak": {"peak_kib": {"bare": 100_000, "suite": 190_000},
-                    "soak": {"drift_pct": 6.0, "minutes": 10}}}
+           "multiturn": {"suite": {"late_over_early": 1.2, "peak_rss_mib": 300,
+                                   "own_peak_rss_mib": 190},
+                         "bare": {"peak_rss_mib": 100, "own_peak_rss_mib": 100},
+                         "suite_over_bare_cpu": 2.5, "audit_over_distinct": 1.7},
+           "soak": {"peak_kib": {"bare": 100_000, "suite": 190_000,
+                                 "suite+children": 250_000},
+                    "soak": {"drift_pct": 6.0, "minutes": 10, "tree": {"drift_pct": 4.0}}}}
     got = {name.strip(): (val, verdict) for name, val, verdict in issue16.summary(res)}
     assert got["masking >= 100 MB/s per core, whole body, 1 value per 1.1 KB"] == (
         "120.0 MB/s", "met")
     assert got["1 KB chat c=16: suite/bare req/s >= 0.75"] == ("0.80", "met")
     assert got["1 KB chat c=1: added p50 <= 1 ms over bare"] == ("0.70 ms", "met")
     assert got["100 KB chat c=16: suite/bare req/s >= 0.5"] == ("0.20", "MISSED")
-    assert got["peak RSS suite/bare (1 KB and 100 KB load, soak) <= 2.0"] == ("1.90", "met")
-    assert got["peak RSS suite/bare, multi-turn run <= 2.0"] == ("3.00", "MISSED")
-    assert got["soak RSS drift < 5 % (10 min)"] == ("6.00 %", "MISSED")
+    assert got["peak RSS suite/bare (1 KB and 100 KB load, soak), gateway process <= 2.0"
+               ] == ("1.90", "met")
+    assert got["peak RSS suite/bare (1 KB and 100 KB load, soak), with its writer process "
+               "<= 2.0"] == ("2.50", "MISSED")
+    assert got["peak RSS suite/bare, multi-turn run, gateway process <= 2.0"] == ("1.90", "met")
+    assert got["peak RSS suite/bare, multi-turn run, with its writer process <= 2.0"] == (
+        "3.00", "MISSED")
+    assert got["soak RSS drift < 5 % (10 min), gateway process"] == ("6.00 %", "MISSED")
+    assert got["soak RSS drift < 5 % (10 min), with its writer process"] == ("4.00 %", "met")
     verdicts = [v for _, (_, v) in got.items()]
-    assert verdicts.count("MISSED") == 5  # 100 KB x2, multi-turn CPU, RSS multi-turn, drift
+    # 100 KB x2, multi-turn CPU, RSS with the writer x2, drift of the gateway process
+    assert verdicts.count("MISSED") == 6
     # findings that differ from the reference engine never count as met, however fast
     res["fastscan"]["rows"][bench_fastscan.REALISTIC]["same_findings"] = False
     row = next(r for r in issue16.summary(res) if r[0].startswith("masking"))
