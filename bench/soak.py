@@ -56,40 +56,9 @@ def smaps(pid: int, top: int = 12) -> dict[str, Any]:
                                  key=lambda kv: -kv[1])[:4]}
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process started by `pid`, recursively (the suite's audit writer process)."""
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                kids = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
-            except OSError:
-                continue
-            for k in map(int, kids):
-                if k not in out:
-                    out.append(k)
-                    todo.append(k)
-    return out
-
-
-def tree_kib(pid: int, key: str = "VmRSS") -> int | None:
-    """`key` (VmRSS or VmHWM) of a process plus all of its descendants, in KiB. Memory a
-    gateway moves into a child process still counts against it."""
-    own = h.proc_status(pid).get(key)
-    if own is None:
-        return None
-    return own + sum(h.proc_status(k).get(key) or 0 for k in descendants(pid))
-
-
 def _phase(pids: dict[str, int]) -> dict[str, int | None]:
     out = {n: h.proc_status(p).get("VmRSS") for n, p in pids.items()}
-    out["suite+children"] = tree_kib(pids["suite"])
+    out["suite+children"] = h.tree_kib(pids["suite"])
     return out
 
 
@@ -108,7 +77,7 @@ class TreeSampler(h.RssSampler):
                 return
             t = time.monotonic() - t0
             self.samples.append((t, rss))
-            self.tree.append((t, tree_kib(self.pid) or rss))
+            self.tree.append((t, h.tree_kib(self.pid) or rss))
             self._stop.wait(self.interval)
 
 
@@ -208,7 +177,7 @@ def _peaks(pids: dict[str, int]) -> dict[str, int | None]:
     """VmHWM of bare and suite; for the suite with its children, the sum of each process's
     own peak (an upper bound: the peaks need not coincide)."""
     out = {n: h.proc_status(p).get("VmHWM") for n, p in pids.items()}
-    out["suite+children"] = tree_kib(pids["suite"], "VmHWM")
+    out["suite+children"] = h.tree_kib(pids["suite"], "VmHWM")
     return out
 
 
