@@ -48,7 +48,7 @@ class WriterStartError(RuntimeError):
     """The writer process could not open the store (the message says why) or did not start."""
 
 
-class WriterProcess:
+class WriterProcess(store.BacklogBound):
     def __init__(self, path: str | Path, *, batch_size: int = 500, interval: float = 0.2,
                  max_pending: int = 100_000, retention_days: float = 0,
                  serve_queries: bool = True, max_batch_bytes: int = 8 * 1024 * 1024,
@@ -178,18 +178,6 @@ class WriterProcess:
         with self._lock:
             self._outbox.append((0, wire.frame(("cfg", self._config()))))
             self._cv.notify_all()
-
-    def overloaded(self) -> str | None:
-        """Why new flows must be refused right now, or None."""
-        if self._closed or self._closing:
-            return "the gateway is shutting down"
-        if self.failure:
-            return self.failure
-        if self.backlog >= self.max_pending:
-            return f"audit store backlog is full ({self.backlog} records waiting)"
-        if self.pending_bytes >= self.max_pending_bytes:
-            return f"audit store backlog is full ({self.pending_bytes} bytes waiting)"
-        return None
 
     def flush(self, timeout: float = 30) -> bool:
         """Wait until everything submitted so far is written (True) or timeout (False)."""

@@ -364,6 +364,32 @@ class Direct:
     size: int = 0  # about how many bytes the record holds: bounds the backlog
 
 
+class BacklogBound:
+    """When a writer must refuse new flows: shutting down, failing, or its backlog over the
+    bound in records or bytes. One rule for the in-process writer (writer.AuditWriter) and
+    the gateway's side of the writer process (remote.WriterProcess)."""
+
+    _closed: bool
+    _closing: bool
+    failure: str | None
+    max_pending: int
+    pending_bytes: int
+    max_pending_bytes: int
+    backlog: int  # each writer counts what it still holds (a property there)
+
+    def overloaded(self) -> str | None:
+        """Why new flows must be refused right now, or None."""
+        if self._closed or self._closing:
+            return "the gateway is shutting down"
+        if self.failure:
+            return self.failure
+        if self.backlog >= self.max_pending:
+            return f"audit store backlog is full ({self.backlog} records waiting)"
+        if self.pending_bytes >= self.max_pending_bytes:
+            return f"audit store backlog is full ({self.pending_bytes} bytes waiting)"
+        return None
+
+
 Decoder = Callable[[bytes, str], bytes]
 
 

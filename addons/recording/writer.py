@@ -172,7 +172,7 @@ def row_bytes(row: dict[str, Any]) -> int:
         sum(len(b[1] or b"") + 200 for b in row.get("_blobs") or ())
 
 
-class AuditWriter:
+class AuditWriter(store.BacklogBound):
     """Appends pending flows to the store from one background thread."""
 
     def __init__(self, path: str | Path, *, build: Callable[[store.Pending], dict[str, Any]],
@@ -249,18 +249,6 @@ class AuditWriter:
         if len(self._queue) >= self.batch_size:
             with self._cv:
                 self._cv.notify()
-
-    def overloaded(self) -> str | None:
-        """Why new flows must be refused right now, or None."""
-        if self._closed or self._closing:
-            return "the gateway is shutting down"
-        if self.failure:
-            return self.failure
-        if self.backlog >= self.max_pending:
-            return f"audit store backlog is full ({self.backlog} records waiting)"
-        if self.pending_bytes >= self.max_pending_bytes:
-            return f"audit store backlog is full ({self.pending_bytes} bytes waiting)"
-        return None
 
     def flush(self, timeout: float = 30) -> bool:
         """Wait until everything submitted so far is written (True) or timeout (False)."""
