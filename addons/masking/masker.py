@@ -103,13 +103,33 @@ def partial(value: str, keep: int = 4) -> str:
 
 
 # ---------------------------------------------------------------- sessions
+# What one placeholder costs in memory beyond its value's characters (the map entries, the
+# key tuple, the placeholder string, the restore entry): measured with tracemalloc, ~340
+# bytes for an e-mail address (tests/masking/test_session_bounds.py checks the estimate
+# stays above what the interpreter really allocates).
+ENTRY_OVERHEAD = 384
+RAW_OVERHEAD = 160  # one entry of the exact-spelling shortcut (_by_raw)
+# Defaults that fit the memory target (issue 16: the gateway's peak RSS at most twice bare
+# mitmdump's, ~105 MiB): all placeholder maps of a gateway together at most 16 MiB, one
+# session at most 1 MiB (~2,500 e-mail addresses; 10,000 entries as before), one identity
+# (all of its sessions) at most a quarter of the total.
+MAX_BYTES = 16 << 20
+SESSION_MAX_BYTES = 1 << 20
+IDENTITY_SHARE = 4
+
+
 class Session:
-    """Placeholders of one (identity, session): value -> placeholder, placeholder -> value."""
+    """Placeholders of one (identity, session): value -> placeholder, placeholder -> value.
+
+    Bounded in entries and in bytes (values' characters plus ENTRY_OVERHEAD each): past
+    either, the session's own least recently used values are forgotten. Numbers are never
+    handed out twice: a forgotten value that comes back gets the next number, so a
+    placeholder never stands for two values within a session."""
 
     __slots__ = ("_by_value", "_by_raw", "_restore", "_counters", "_max_entries", "last_used",
-                 "lock")
+                 "lock", "_cost", "bytes", "_raw_bytes", "max_bytes", "_store", "_ident")
 
-    def __init__(self, max_entries: int = 10_000) -> None:
+    def __init__(self, max_entries: int = 10_000, max_bytes: int = SESSION_MAX_BYTES) -> None:
         self._by_value: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._by_raw: dict[tuple[str, str], str] = {}
         self._restore: OrderedDict[str, str] = OrderedDict()
@@ -117,12 +137,33 @@ class Session:
         self._max_entries = max_entries
         self.last_used = time.monotonic()
         self.lock = threading.Lock()
+        # bytes held per placeholder (its canonical form and restore value) and in all
+        self._cost: dict[str, int] = {}
+        self.bytes = 0
+        self._raw_bytes = 0
+        self.max_bytes = max_bytes
+        # the SessionStore this session's bytes count against (None: on its own, or
+        # dropped from the store), and its identity there
+        self._store: SessionStore | None = None
+        self._ident = ""
 
     def __repr__(self) -> str:  # never show values, even in a debugger or a traceback
         return f"<Session {len(self._by_value)} placeholders>"
 
     def __len__(self) -> int:
         return len(self._by_value)
+
+    def _set_cost(self, ph: str, cost: int) -> None:
+        self.bytes += cost - self._cost.get(ph, 0)
+        self._cost[ph] = cost
+
+    def _forget_lru(self) -> int:
+        """Drop the least recently used value (self.lock held); the bytes freed."""
+        _, old = self._by_value.popitem(last=False)
+        self._restore.pop(old, None)
+        freed = self._cost.pop(old, 0)
+        self.bytes -= freed
+        return freed
 
     def placeholder(self, entity: str, value: str, restorable: bool) -> str:
         raw_key = (entity, value)
@@ -133,6 +174,7 @@ class Session:
                 return ph
         key = (entity, canonical(entity, value))
         with self.lock:
+            before = self.bytes
             ph = self._by_value.get(key)
             if ph is None:
                 lab = label(entity)
@@ -140,13 +182,18 @@ class Session:
                 self._counters[lab] = n
                 ph = f"[{lab}_{n}]"
                 self._by_value[key] = ph
-                if len(self._by_value) > self._max_entries:
-                    _, old = self._by_value.popitem(last=False)
-                    self._restore.pop(old, None)
+                self._set_cost(ph, ENTRY_OVERHEAD + len(key[1]) + len(ph))
             else:
                 self._by_value.move_to_end(key)
-            if len(self._by_raw) >= self._max_entries:
+            if len(self._by_raw) >= self._max_entries or \
+                    self._raw_bytes > self.max_bytes // 2:
                 self._by_raw.clear()  # only a cache: rebuilt as values come back
+                self.bytes -= self._raw_bytes
+                self._raw_bytes = 0
+            if raw_key not in self._by_raw:
+                c = RAW_OVERHEAD + len(value)
+                self._raw_bytes += c
+                self.bytes += c
             self._by_raw[raw_key] = ph
             # Only values the agent itself sent may come back to it: a value the model
             # produced on its own keeps its placeholder on the way back too.
@@ -154,9 +201,24 @@ class Session:
             if restorable:
                 self._restore[ph] = value
                 self._restore.move_to_end(ph)
+                self._set_cost(ph, ENTRY_OVERHEAD + len(key[1]) + len(ph) + len(value))
                 if len(self._restore) > self._max_entries:
                     self._restore.popitem(last=False)
-            return ph
+            # over its own bounds: the spelling shortcut goes first (only a cache), then
+            # this session's least recently used values (never the one just asked for:
+            # it is the most recent)
+            if self.bytes > self.max_bytes and self._raw_bytes:
+                self._by_raw.clear()
+                self.bytes -= self._raw_bytes
+                self._raw_bytes = 0
+            while len(self._by_value) > self._max_entries or (
+                    self.bytes > self.max_bytes and len(self._by_value) > 1):
+                self._forget_lru()
+            delta = self.bytes - before
+        store = self._store
+        if store is not None and delta:
+            store._account(self, delta)
+        return ph
 
     def replays(self, items: Iterable[tuple[str, str, str]], restorable: bool) -> bool:
         """Would `placeholder(entity, value, restorable)` give `ph` for every (entity,
@@ -190,37 +252,122 @@ class Session:
 
 
 class SessionStore:
-    """Bounded, expiring map of sessions. Thread-safe."""
+    """Bounded, expiring map of sessions. Thread-safe.
+
+    Bounds: `max_sessions` sessions and `max_bytes` bytes of placeholders in all; each
+    session `session_max_bytes` (its own least recently used values go first); and each
+    identity (the subject part of masker.session_key) at most 1/`identity_share` of
+    both, so that one identity opening sessions or sending values without end evicts its
+    own sessions, least recently used first, never everyone else's. Past the total with
+    every identity within its share, the least recently used session overall goes.
+    A dropped session's placeholders are gone: the same session starts again at
+    `[EMAIL_1]` (rules/README.md, masking: what eviction means)."""
 
     def __init__(self, max_sessions: int = 10_000, idle_ttl: float = 3600.0,
-                 max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic,
+                 max_bytes: int = MAX_BYTES, session_max_bytes: int = SESSION_MAX_BYTES,
+                 identity_share: int = IDENTITY_SHARE) -> None:
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        # per identity: its sessions in least recently used order, and its bytes
+        self._by_ident: dict[str, OrderedDict[str, Session]] = {}
+        self._ident_bytes: dict[str, int] = {}
         self._lock = threading.Lock()
         self.max_sessions = max_sessions
         self.idle_ttl = idle_ttl
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.session_max_bytes = min(session_max_bytes, max_bytes)
+        self.identity_share = max(1, identity_share)
+        self.bytes = 0
         self._clock = clock
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def __repr__(self) -> str:
-        return f"<SessionStore {len(self._sessions)} sessions>"
+        return f"<SessionStore {len(self._sessions)} sessions, {self.bytes} bytes>"
+
+    @property
+    def identity_max_sessions(self) -> int:
+        return max(1, self.max_sessions // self.identity_share)
+
+    @property
+    def identity_max_bytes(self) -> int:
+        return max(self.session_max_bytes, self.max_bytes // self.identity_share)
+
+    @staticmethod
+    def _identity(key: str) -> str:
+        sub, sep, _ = key.partition("\x00")
+        return sub if sep else key
 
     def get(self, key: str) -> Session:
         now = self._clock()
         with self._lock:
             self._expire(now)
             s = self._sessions.get(key)
+            ident = self._identity(key)
             if s is None:
-                s = Session(self.max_entries)
+                s = Session(self.max_entries, self.session_max_bytes)
+                s._store, s._ident = self, ident
                 self._sessions[key] = s
-                while len(self._sessions) > self.max_sessions:
-                    self._sessions.popitem(last=False)
+                own = self._by_ident.setdefault(ident, OrderedDict())
+                own[key] = s
+                self._ident_bytes.setdefault(ident, 0)
+                self._shrink(ident, keep=key)
             else:
                 self._sessions.move_to_end(key)
+                self._by_ident[ident].move_to_end(key)
             s.last_used = now
             return s
+
+    def _account(self, s: Session, delta: int) -> None:
+        """A session's placeholders grew or shrank by `delta` bytes (its lock released)."""
+        with self._lock:
+            if s._store is not self:
+                return  # dropped meanwhile: its bytes were taken off then
+            self.bytes += delta
+            self._ident_bytes[s._ident] = self._ident_bytes.get(s._ident, 0) + delta
+            if delta > 0:
+                self._shrink(s._ident, keep=None, growing=s)
+
+    def _drop(self, key: str) -> None:  # self._lock held
+        s = self._sessions.pop(key)
+        own = self._by_ident.get(s._ident)
+        if own is not None:
+            own.pop(key, None)
+        if own:
+            self._ident_bytes[s._ident] -= s.bytes
+        else:
+            self._by_ident.pop(s._ident, None)
+            self._ident_bytes.pop(s._ident, None)
+        self.bytes -= s.bytes
+        s._store = None  # a flow still holding it masks on; it no longer counts here
+
+    def _shrink(self, ident: str, keep: str | None, growing: Session | None = None
+                ) -> None:
+        """Back within bounds (self._lock held): first the identity over its share drops
+        its own least recently used sessions, then the oldest sessions overall go. The
+        session being handed out (`keep`) or growing stays: it is the one in use."""
+        own = self._by_ident.get(ident)
+        while own and (len(own) > self.identity_max_sessions
+                       or self._ident_bytes.get(ident, 0) > self.identity_max_bytes):
+            victim = next(iter(own))
+            if victim == keep or own[victim] is growing:
+                if len(own) == 1:
+                    break
+                own.move_to_end(victim)  # (only its order among its own changes)
+                victim = next(iter(own))
+            self._drop(victim)
+        while self._sessions and (len(self._sessions) > self.max_sessions
+                                  or self.bytes > self.max_bytes):
+            victim = next(iter(self._sessions))
+            s = self._sessions[victim]
+            if victim == keep or s is growing:
+                if len(self._sessions) == 1:
+                    break
+                self._sessions.move_to_end(victim)
+                continue
+            self._drop(victim)
 
     def _expire(self, now: float) -> None:
         # Oldest first: stop at the first session still in use.
@@ -228,11 +375,12 @@ class SessionStore:
             key, s = next(iter(self._sessions.items()))
             if now - s.last_used <= self.idle_ttl:
                 break
-            del self._sessions[key]
+            self._drop(key)
 
     def clear(self) -> None:
         with self._lock:
-            self._sessions.clear()
+            for key in list(self._sessions):
+                self._drop(key)
 
 
 def session_key(subject: str | None, session: str) -> str:
