@@ -88,6 +88,14 @@ log = logging.getLogger("agentgate.masking")
 # keeps serving other flows meanwhile.
 THREAD_MIN_BYTES = 64 * 1024
 SESSION_HEADER = "x-agent-session"
+# The message caches are a speed-up only (a miss masks the message again, with the same
+# placeholders): at most 16 MiB in all and 4 MiB per session (a 4 MB history, ~1M tokens,
+# still hits whole), so that with the placeholder maps (masker.MAX_BYTES, 16 MiB) a
+# gateway an agent fills on purpose stays near the memory target (issue 16: peak RSS at
+# most twice bare mitmdump's ~105 MiB; the multi-turn bench peaks at ~180 MiB). Before:
+# 256 MiB and 16 MiB.
+MESSAGE_CACHE_BYTES = 16 << 20
+MESSAGE_CACHE_SESSION_BYTES = 4 << 20
 
 # The hash strategy's key when `masking.hmac_key_env` names no set variable: random per
 # process (stable across rules reloads), so hashes correlate within one gateway run only.
@@ -176,7 +184,9 @@ class Masking:
         # per session: the request messages already masked (bodies.MessageCache), so a turn
         # that re-sends the history costs only its new messages; keyed like the sessions
         self.message_caches = MessageCaches(max_sessions=self.sessions.max_sessions,
-                                            idle_ttl=self.sessions.idle_ttl)
+                                            idle_ttl=self.sessions.idle_ttl,
+                                            max_bytes_per_session=MESSAGE_CACHE_SESSION_BYTES,
+                                            max_bytes=MESSAGE_CACHE_BYTES)
         # AGENTGATE_STATE / state: set: the placeholder map is shared by the replicas
         # (sessionstore.py)
         self.shared: Any = None

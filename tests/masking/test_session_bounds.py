@@ -134,3 +134,49 @@ def test_a_dropped_session_no_longer_counts_and_expiry_gives_its_bytes_back() ->
     assert store.bytes == 0
     store.clear()
     assert store.bytes == 0 and not store._by_ident
+
+
+def test_the_gateway_masking_caches_stay_within_their_bounds_under_a_flood() -> None:
+    """The addon's own stores (placeholders and message caches, with their defaults)
+    flooded through the real masking path: many sessions, long unique histories, a
+    value in every message; what the interpreter holds follows the bounds."""
+    from addons.config.holder import RulesHolder
+    from addons.masking.addon import (
+        MESSAGE_CACHE_BYTES,
+        MESSAGE_CACHE_SESSION_BYTES,
+        Masking,
+    )
+    from addons.masking.bodies import Masked
+    from addons.masking.config import MaskingConfig
+    from addons.masking.detectors import DetectorSet
+    from addons.masking.masker import MAX_BYTES, Masker
+
+    m = Masking(RulesHolder())
+    assert m.message_caches.max_bytes == MESSAGE_CACHE_BYTES <= 16 << 20
+    assert m.message_caches.max_bytes_per_session == MESSAGE_CACHE_SESSION_BYTES
+    assert m.sessions.max_bytes == MAX_BYTES <= 16 << 20
+    masker = Masker(DetectorSet(MaskingConfig()), b"k", m.sessions)
+    import json
+    filler = "lorem ipsum dolor sit amet " * 370  # ~10 KB of prose per message
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for k in range(80):
+            key = session_key(f"id{k % 3}", f"s{k}")
+            msgs = [{"role": "user", "content": f"{k}.{i} {filler} mail u{k}x{i}@example.com"}
+                    for i in range(60)]
+            body = json.dumps({"model": "m", "messages": msgs}).encode()
+            s = m.sessions.get(key)
+            ctx = Masked(masker, s, {}, restorable=True, dialect="openai",
+                         cache=m.message_caches.get(key, s, masker))
+            assert ctx.body(body, "application/json") is not None
+            assert m.message_caches.bytes <= MESSAGE_CACHE_BYTES
+            assert m.sessions.bytes <= MAX_BYTES
+        gc.collect()
+        real = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    # 80 x 600 KB of history sent (48 MB; before: all of it kept, 256 MiB allowed);
+    # held: the two bounds and a little
+    assert real <= MESSAGE_CACHE_BYTES + MAX_BYTES + (4 << 20), real
