@@ -992,6 +992,25 @@ _NUM_CLUSTER_ASCII = re.compile(_NUM_CLUSTER.pattern)
 _CHAIN_REVERSED = re.compile(rb"[0-9](?:[^A-Za-z0-9]{0,3}[0-9])*")
 
 
+# A cluster that is exactly '1', then groups of 3, 3 and 4 digits each after one space,
+# dash or dot, with a '+' just before it ('+1 415 555 0132', the usual way a US number is
+# written in international form): the international detector finds nothing there that
+# the NANP detector does not find too, so it is not run (one validation per number
+# instead of two). Why, with p the '+' and s = p + 1 the cluster's start: the cluster
+# ends at its last digit, so in the window [s - 2, end + 3) _PHONE_INTL can match only at
+# p, and only when t[p - 1] is neither a word character nor '+'; it matches the whole
+# cluster, and _intl_span gives (p, end) — cc '1', 11 digits, _nanp_ok of the last 10 —
+# or None ('+' is exotic: None when t[p - 2] is a digit and t[p - 1] a separator other
+# than a space; nothing after the end can make it not isolated, or the cluster would go
+# on). _PHONE_NANP matches the last 10 digits there, and _nanp_span gives None when
+# _nanp_ok fails (then so does _intl_span), else reads the country code back: '+1' when
+# t[p - 1] is not a digit or '+' (always so when _PHONE_INTL matched: a word character
+# or '+' failed it first), so (p, end): the same span, entity and priority, a duplicate
+# that resolution drops. tests/masking/test_differential_numeric.py runs both engines on
+# such numbers with every kind of character around them.
+_PLUS1 = re.compile(r"1[ .\-][0-9]{3}[ .\-][0-9]{3}[ .\-][0-9]{4}")
+
+
 def _run(d: _RegexDet, t: str, pos: int, endpos: int, out: list) -> None:
     search = d.pattern.search
     while True:
@@ -1355,6 +1374,12 @@ class DetectorSet:
         _NUM_CLUSTER.finditer: a cluster is found back from any of its digits (`rev`: the
         reversed bytes of an ASCII text, read by `re`; else `regex` reads backwards)."""
         dets = [(d, 1 << code_of[name]) for d, name in self._numeric_fast]
+        names = {name for _, name in self._numeric_fast}
+        # a '+1 NNN NNN NNNN' cluster: the international detector only when the NANP one
+        # does not run there (see _PLUS1)
+        intl = 1 << code_of["intl"] if {"nanp", "intl"} <= names else 0
+        both = (intl | 1 << code_of["nanp"]) if intl else -1
+        plus1 = _PLUS1.fullmatch
         n = len(t)
         i, count = 0, len(codes)
         ascii_text = rev is not None
@@ -1376,6 +1401,8 @@ class DetectorSet:
             while i < count and codes[i] >> 3 <= ce:  # the anchors ending in this cluster
                 mask |= 1 << (codes[i] & 7)
                 i += 1
+            if mask & both == both and s and t[s - 1] == "+" and plus1(t, s, ce):
+                mask ^= intl
             lo, hi = max(0, s - 2), min(n, ce + 3)
             asc = ascii_text or _ascii_window(t, lo, hi)
             for d, bit in dets:

@@ -270,3 +270,67 @@ def test_nanp_country_code_without_the_regex_is_the_regex():
                 assert D._nanp_cc(t, s) == want, (t, s)
                 checked += 1
     assert checked > 900_000
+
+
+# around a '+1 NNN NNN NNNN' cluster: what decides the two phone detectors there (digits,
+# '+', word and non-word characters, separators, non-ASCII letters and digits)
+_AROUND = ["", "0", "7", "+", ",", " ", "-", ".", "(", "a", "_", "\u00e9", "\u0664", "\n"]
+_PLUS1_NUMBERS = ["1 415 555 0132", "1-415-555-0132", "1.415.555.0132", "1 415-555.0132",
+                  "1 911 555 0132", "1 415 211 0132", "1 015 555 0132", "1 415 155 0132"]
+
+
+def _phone_runs(t: str, lo: int, hi: int) -> tuple[list, list, list, list]:
+    nanp, intl = D._NUMERIC[2], D._NUMERIC[3]
+    return (_findings(D._run, nanp, t, lo, hi), _findings(D._run, intl, t, lo, hi),
+            _findings(D._run_fast, D._NUMERIC_FAST[nanp], t, lo, hi),
+            _findings(D._run_fast, D._NUMERIC_FAST[intl], t, lo, hi))
+
+
+def test_plus1_cluster_intl_adds_nothing_to_nanp():
+    """detectors._PLUS1: in a cluster of that shape with '+' before it, every finding of
+    the international detector is one the NANP detector makes too (so the fast engine
+    runs only the latter there) — for every two characters before the '+' and after the
+    number, in both engines' detectors."""
+    import itertools
+
+    checked = 0
+    for number in _PLUS1_NUMBERS:
+        for a, b, c, d in itertools.product(_AROUND, repeat=4):
+            t = a + b + "+" + number + c + d
+            clusters = [cm.span() for cm in D._NUM_CLUSTER.finditer(t)]
+            s = len(a + b) + 1
+            if (s, s + len(number)) not in clusters:
+                continue  # the cluster goes on (a digit next to it): not the fast path
+            lo, hi = max(0, s - 2), min(len(t), s + len(number) + 3)
+            nanp, intl, nanp_fast, intl_fast = _phone_runs(t, lo, hi)
+            assert set(intl) <= set(nanp), t
+            assert set(intl_fast) <= set(nanp_fast), t
+            checked += 1
+    assert checked > 10_000
+
+
+def test_plus1_engines_agree():
+    ref = D.DetectorSet(fast=False)
+    fast = D.DetectorSet(fast=True)
+    assert fast.fast
+    texts = [f"{a}{b}+{n}{c}" for n in _PLUS1_NUMBERS for a in _AROUND for b in _AROUND
+             for c in _AROUND]
+    for t in texts:
+        assert fast.find(t) == ref.find(t), t
+    found = fast.find("call +1 415 555 0132, or 5,+1 415 555 0132 x+1 415 555 0132")
+    assert [f.value for f in found] == ["+1 415 555 0132", "+1 415 555 0132",
+                                        "+1 415 555 0132"]
+
+
+def test_a_looser_plus1_shape_is_caught(monkeypatch):
+    """With the shape loosened to any separator, the fast engine loses a number only the
+    international detector finds ('+1,415,555,0132': to NANP, '415,555,0132' is an item
+    of a list after '1,'): the engine comparison above would fail."""
+    import re
+
+    text = "call +1,415,555,0132 today"
+    ref = D.DetectorSet(fast=False).find(text)
+    assert [f.value for f in ref] == ["+1,415,555,0132"]
+    assert D.DetectorSet(fast=True).find(text) == ref
+    monkeypatch.setattr(D, "_PLUS1", re.compile(r"1[\W_][0-9]{3}[\W_][0-9]{3}[\W_][0-9]{4}"))
+    assert D.DetectorSet(fast=True).find(text) == []
