@@ -644,13 +644,17 @@ _URL_PASSWORD_AT = 3 + 64 + 1 + 128
 
 
 def _find_url_passwords(t: str, ends: list[int], out: list) -> None:
-    """The URL passwords of _find_passwords: URL_PASSWORD tried only at each '://' (ends:
-    sorted offsets just past each, fastscan 'pw_url') with an '@' close enough after it
-    (most URLs have none). The same matches as its finditer: a match starts at its '://'
-    (the scheme is a look-behind) and holds no '/', so it never reaches the next '://'."""
+    """The URL passwords of _find_passwords: URL_PASSWORD tried only at the '://' of each
+    fastscan 'pw_url' anchor (ends: sorted offsets just past the ':' that ends a user part
+    after a '://') with an '@' close enough after it (most URLs have none). The same
+    matches as its finditer: a match starts at its '://' (the scheme is a look-behind),
+    its user part holds no ':' (so the '://' is the last one before the anchor's end:
+    rfind), and it holds no '/', so it never reaches the next '://'."""
     for e in ends:
-        i = e - 3
-        if t.find("@", e, i + _URL_PASSWORD_AT + 1) != -1:
+        i = t.rfind("://", max(0, e - 68), e)  # '://', 1-64 of user, ':'
+        if i == -1:
+            continue  # (not reached: the anchor holds that '://')
+        if t.find("@", i + 3, i + _URL_PASSWORD_AT + 1) != -1:
             m = URL_PASSWORD.match(t, i)
             if m is not None:
                 v = m.group("v")

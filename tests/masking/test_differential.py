@@ -339,11 +339,13 @@ def test_percent_escapes_in_long_prose_found_by_both_engines():
 URL_PIECES = st.sampled_from([
     "https", "postgres", "x", "://", ":/", "//", "app", "user", ":", "S3cr3t-Pa55w0rd", "p" * 70,
     "q" * 130, "@", "db.internal", "[::1]", ":5432", "/prod", "?a=1", "#f", " ", "\n", '"',
-    "<", "${PW}", "***", "...", "é", "1", "-", "+", "."])
+    "<", "${PW}", "***", "...", "é", "1", "-", "+", ".", "\u4e2d", "?", "\u3000", "\xa0",
+    "u:"])
 
 
 def _scheme_ends(t: str) -> list[int]:
-    """What the prefilter's 'pw_url' anchor reports: the end of every '://'."""
+    """What the prefilter's 'pw_url' anchor reports: the end of the ':' after a user part
+    behind a '://'."""
     present, pos = FAST._pre.scan(fastscan.to_bytes(t))
     assert pos is not None
     return pos["pw_url"]
@@ -351,7 +353,8 @@ def _scheme_ends(t: str) -> list[int]:
 
 URL = st.builds(lambda sch, user, pw, host: f"{sch}://{user}:{pw}@{host}",
                 st.sampled_from(["https", "postgres", "x", "", "1a", "a" * 22]),
-                st.sampled_from(["app", "u", "", "p" * 64, "p" * 65, "a/b"]),
+                st.sampled_from(["app", "u", "", "p" * 64, "p" * 65, "a/b", "u\u4e2d",
+                                 "\u4e2d" * 64, "u?x", "u\xa0v", "u\u2028v", "a b"]),
                 st.sampled_from(["S3cr3t-Pa55w0rd", "Zq9!xW2#kL", "${PW}", "***", "q" * 128,
                                  "q" * 129, "x9 y", ""]),
                 st.sampled_from(["db.internal:5432/prod", "[::1]", "-h", "", "h"]))
