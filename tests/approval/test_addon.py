@@ -592,6 +592,9 @@ def test_notification_over_https_with_own_ca(standin) -> None:
             aid = addon.store.pending()[0].id
             addon.store.approve(aid, "bob", ["reviewers"])
             await asyncio.wait_for(task, 5)
+            # the follow-up is posted in the background once the flow is released: wait for
+            # its delivery, not for the flow (under load it came after the read below)
+            await until(lambda: addon.notifier.sent == 2, timeout=30)
         # without the CA the TLS handshake fails: logged, counted, not delivered
         bad = make_addon(ApprovalsConfig(listen=None, notify=NotifyConfig(
             url=f"{standin.url}/services/T1/B1/hook", retries=0, timeout=5)))
