@@ -384,13 +384,19 @@ class _Slots:
         elif isinstance(v, bool) or v is None:
             return
         elif isinstance(v, JsonFloat):
-            if len(v.text) >= 5:
-                self.add(v.text, (chain, key), owner, sib=sib)
+            # as written (what goes upstream when the body is left as it is) and as every
+            # reader takes it, which is also how a re-serialisation spells it:
+            # 41111111111111110e-1 is 4111111111111111.0
+            self.add(v.text, (chain, key), owner, sib=sib)
+            value = float.__repr__(v)
+            if value != v.text:
+                self.add(value, (chain, key), owner)
         elif isinstance(v, int | float):
             if type(v) is not int:
                 self.floats = True  # (any float but a JsonFloat; an int subclass too)
-            if abs(v) >= 10_000:  # nothing shorter than 5 digits is ever a finding alone
-                self.add(str(v), (chain, key), owner, sib=sib)
+            # every number, however short: a value may be spread over sibling numbers
+            # ({"a": 4111, "b": 1111, …}; a list that is not all integers)
+            self.add(str(v), (chain, key), owner, sib=sib)
         elif isinstance(v, dict | list):
             self.walk(v, owner, depth, path, (v, chain, key))
 
