@@ -28,6 +28,7 @@ from __future__ import annotations
 import codecs
 import io
 import json
+import re
 import threading
 import weakref
 import zlib
@@ -39,6 +40,8 @@ MAX_RATIO = 200                 # decoded bytes per wire byte ...
 RATIO_FLOOR = 1024 * 1024       # ... above this floor (tiny, very repetitive bodies are fine)
 MAX_CODINGS = 4                 # stacked content-encodings
 _CHUNK = 64 * 1024
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 
 JSON_MIMES = ("application/json", "application/jsonl", "application/x-ndjson")
 
@@ -215,12 +218,36 @@ def charset_of(data: bytes, mime: str, params: dict[str, str]) -> tuple[str, int
     if bom is not None:
         return bom
     declared = params.get("charset", "").strip().lower()
+    sniffed = sniff_nuls(data) or "utf-8"
     if declared and not is_json_mime(mime):
         try:
-            return codecs.lookup(declared).name, 0
+            codec = codecs.lookup(declared).name
         except LookupError:
             raise DecodeError(f"unknown charset {declared[:40]!r}", 415) from None
-    return sniff_nuls(data) or "utf-8", 0
+        if codec != sniffed and _reads_other_ascii(data, codec, sniffed):
+            raise DecodeError(f"charset {declared[:40]!r} reads this body differently "
+                              f"from {sniffed}", 415)
+        return codec, 0
+    return sniffed, 0
+
+
+def _reads_other_ascii(data: bytes, codec: str, sniffed: str) -> bool:
+    """Whether `data`, valid in the charset a reader that ignores the charset parameter
+    sniffs (as JSON parsers and most form parsers do), reads as other ASCII text in the
+    declared `codec` (EBCDIC, UTF-16/32, UTF-7, ISO-2022 …): one step would judge one text
+    and the upstream read another. A Latin-1/UTF-8 mix-up differs only in non-ASCII
+    characters and is not refused."""
+    try:
+        plain = codecs.decode(data, sniffed, "strict")
+    except UnicodeDecodeError:
+        return False  # only the declared reading is text
+    try:
+        other = codecs.decode(data, codec, "strict")
+    except (UnicodeDecodeError, LookupError):
+        return True  # only the sniffed reading is text: the one the upstream may take
+    if other == plain:
+        return False
+    return _NON_ASCII.sub("", other) != _NON_ASCII.sub("", plain)
 
 
 # ---------------------------------------------------------------- JSON
@@ -319,7 +346,9 @@ class Body:
         try:
             text = self.text
         except DecodeError as e:
-            return e if declared else None
+            # a charset that is unknown or reads the body unlike the sniffed one: refused
+            # whatever the media type (the upstream may read it as JSON all the same)
+            return e if declared or e.status == 415 else None
         head = text.lstrip()[:1]
         if head not in ("{", "["):
             if not declared:

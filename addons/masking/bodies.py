@@ -140,6 +140,16 @@ def decode_content(raw: bytes, encoding: str, limit: int) -> bytes:
         raise Unparseable(e.reason, e.status) from None
 
 
+def _text_charset(content: bytes, mime: str, params: dict[str, str]) -> str:
+    """The charset of a text or form body as every step reads it (the shared decoder's
+    rule: a BOM, then a declared charset — refused when it reads the body as other ASCII
+    text than a reader ignoring it would —, NUL sniffing, else UTF-8)."""
+    try:
+        return _decode.charset_of(content, mime, params)[0]
+    except _decode.DecodeError as e:
+        raise Unparseable(e.reason, e.status) from None
+
+
 def shared_json(body: _decode.Body) -> Any:
     """The shared decoder's JSON value of `body` when it is exactly what masking's own parse
     of `body.data` would give (a dict or list), else None (masking parses it itself).
@@ -1051,14 +1061,13 @@ class Masked:
         if not content:
             return None
         mime, params = parse_content_type(content_type)
-        charset = params.get("charset", "utf-8")
         try:
             if mime == "application/json" or mime.endswith("+json") or (
                     not mime and content.lstrip()[:1] in (b"{", b"[")) or (
                     self.llm and not mime and not in_multipart):
                 return self.json_bytes(content, doc)
             if mime == "application/x-www-form-urlencoded":
-                return self.form_bytes(content, charset)
+                return self.form_bytes(content, _text_charset(content, mime, params))
             if mime.startswith("multipart/"):
                 boundary = params.get("boundary")
                 if not boundary:
@@ -1072,6 +1081,7 @@ class Masked:
                     return self.json_bytes(content, doc)
                 except Unparseable:
                     pass
+            charset = _text_charset(content, mime, params)
             try:
                 text = content.decode(charset)
             except (UnicodeDecodeError, LookupError):
