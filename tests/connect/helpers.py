@@ -6,16 +6,47 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import json
 import socket
 import socketserver
+import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from addons.connect.forwarder import ConnectConfig, Connector
 from addons.connect.tokens import TokenSource
+
+NODE_DIR = Path(__file__).resolve().parents[2] / "addons" / "connect" / "node"
+
+
+def ensure_preload_deps() -> str | None:
+    """The Node preload's pinned dependencies in NODE_DIR/node_modules, installed as the docs
+    say (`npm ci --omit=dev`) when the pinned undici is not there; None, or npm's error.
+
+    `npm ci` wipes node_modules first, so it runs under an exclusive (advisory) lock on
+    package-lock.json: test processes running side by side (pytest-xdist workers,
+    test_node.py and test_netns.py on a fresh clone) neither install twice at once nor wipe
+    the modules another is loading; the version is checked again once the lock is held."""
+    lock = json.loads((NODE_DIR / "package-lock.json").read_text())
+    want = lock["packages"]["node_modules/undici"]["version"]
+    have = NODE_DIR / "node_modules" / "undici" / "package.json"
+
+    def ready() -> bool:
+        return have.exists() and json.loads(have.read_text())["version"] == want
+
+    if ready():
+        return None
+    with open(NODE_DIR / "package-lock.json", "rb") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)  # released when the file is closed
+        if ready():
+            return None
+        p = subprocess.run(["npm", "ci", "--omit=dev", "--no-audit", "--no-fund"],
+                           cwd=NODE_DIR, capture_output=True, text=True, timeout=300)
+        return None if p.returncode == 0 else p.stderr[-2000:]
 
 
 def jwt(exp: float | None, sub: str = "agent-1", pad: str = "") -> str:

@@ -49,7 +49,7 @@ import duckdb
 import pytest
 
 from tests.conftest import REAL_OPENAI_KEY
-from tests.connect.helpers import free_port, wait_for
+from tests.connect.helpers import ensure_preload_deps, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -360,13 +360,11 @@ def js_project(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
     project ships no preload or node/npm are missing: the soak then runs the Python agent."""
     if not (PRELOAD.exists() and shutil.which("node") and shutil.which("npm")):
         return None
-    lock = json.loads((NODE_DIR / "package-lock.json").read_text())
-    want = lock["packages"]["node_modules/undici"]["version"]
-    have = NODE_DIR / "node_modules" / "undici" / "package.json"
-    # `npm ci` wipes node_modules first: only when the pinned version is not there, so another
-    # process using the preload right now is not broken under its feet
-    if not have.exists() or json.loads(have.read_text())["version"] != want:
-        _npm(["ci", "--omit=dev"], NODE_DIR)
+    # `npm ci` wipes node_modules first: only when the pinned version is not there, and under
+    # a lock, so another process using the preload right now is not broken under its feet
+    err = ensure_preload_deps()
+    if err is not None:
+        pytest.fail(f"npm ci --omit=dev in {NODE_DIR} failed: {err}")
     proj = tmp_path_factory.mktemp("js-agent")
     (proj / "package.json").write_text(json.dumps({"name": "agent", "private": True,
                                                    "type": "module"}))

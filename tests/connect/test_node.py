@@ -16,6 +16,7 @@ import pytest
 
 from addons.devkit.standin import StandIn
 from tests.conftest import REAL_OPENAI_KEY
+from tests.connect.helpers import ensure_preload_deps
 from tests.connect.stack import DOC_CA, DOC_CONNECTOR, Stack, saw, start_stack
 from tests.oidc_fixtures import LocalIssuer
 
@@ -71,13 +72,11 @@ def node_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     throwaway agent project with the pinned `openai` package. Installed once per session."""
     if not (shutil.which("node") and shutil.which("npm")):
         pytest.skip("node/npm not installed: the Node preload cannot be tested here")
-    lock = json.loads((NODE_DIR / "package-lock.json").read_text())
-    want = lock["packages"]["node_modules/undici"]["version"]
-    have = NODE_DIR / "node_modules" / "undici" / "package.json"
-    # `npm ci` wipes node_modules first: skip it when the pinned version is already there, so
-    # another process using the preload at this moment is not broken under its feet.
-    if not have.exists() or json.loads(have.read_text())["version"] != want:
-        _npm(["ci", "--omit=dev"], NODE_DIR)
+    # `npm ci` wipes node_modules first: skipped when the pinned version is already there and
+    # run under a lock otherwise, so another process using the preload is not broken
+    err = ensure_preload_deps()
+    if err is not None:
+        pytest.fail(f"npm ci --omit=dev in {NODE_DIR} failed: {err}")
     proj = tmp_path_factory.mktemp("node-agent")
     (proj / "package.json").write_text(json.dumps({"name": "agent", "private": True,
                                                    "type": "module"}))
