@@ -39,16 +39,19 @@ THREAD_MIN_BYTES = 64 * 1024
 
 
 def facts_from_flow(flow: http.HTTPFlow, now: float | None = None,
-                    max_bytes: int = decode.MAX_BYTES) -> RequestFacts:
+                    max_bytes: int = decode.MAX_BYTES,
+                    memo_key: str | None = None) -> RequestFacts:
     """Facts of a flow; the body is read through the one decoder (addons/frame/decode.py),
-    with masking's size limit, so policy reads exactly what masking reads."""
+    with masking's size limit, so policy reads exactly what masking reads. `memo_key`:
+    the session (session_key), whose previous body's parse the JSON parse may continue
+    (decode.parse_memo: the same value as a full parse)."""
     up = flow.metadata.get("upstream")
     ident = flow.metadata.get("identity")
 
     def body() -> decode.Body:
         if flow.request.raw_content is None:
             raise BodyUnavailable("the request body is streamed and cannot be inspected")
-        got = decode.request_body(flow, max_bytes=max_bytes)
+        got = decode.request_body(flow, max_bytes=max_bytes, memo_key=memo_key)
         return got if got is not None else decode.Body(b"")
 
     return RequestFacts(
@@ -104,8 +107,9 @@ class Policy:
         limit = getattr(cfg, "max_body_bytes", decode.MAX_BYTES)
         if not isinstance(limit, int) or limit <= 0:
             limit = decode.MAX_BYTES
-        facts = facts_from_flow(flow, max_bytes=limit)
-        facts.history = self.histories.get(session_key(flow))
+        key = session_key(flow)
+        facts = facts_from_flow(flow, max_bytes=limit, memo_key=key)
+        facts.history = self.histories.get(key)
         req = flow.request
         try:
             if len(req.raw_content or b"") >= THREAD_MIN_BYTES or \
