@@ -180,7 +180,7 @@ def _card_grouping_ok(lens: list[int]) -> bool:
     first = lens[0]
     # groups of 4 (the way cards are printed), or of 1-2 digits (a spacing evasion); not
     # 3-3-3-3-3 or 5-5-5, which are how long numbers and tables are written
-    return first in (1, 2, 4) and all(n == first for n in lens[:-1]) and lens[-1] <= first
+    return first in (1, 2, 4) and lens.count(first) >= len(lens) - 1 and lens[-1] <= first
 
 
 def _card_retry(m: regex.Match) -> int:
@@ -1214,7 +1214,17 @@ class DetectorSet:
             return []
         chosen = _resolve(cands)
         if norm is None and not self._allow:
-            return [_finding(entity, s, e, text[s:e]) for s, e, entity in chosen]
+            # (_finding inlined: a body may hold thousands)
+            found: list[Finding] = []
+            new, add = _new_finding, found.append
+            for s, e, entity in chosen:
+                f = new(Finding)
+                _set_entity(f, entity)
+                _set_start(f, s)
+                _set_end(f, e)
+                _set_value(f, text[s:e])
+                add(f)
+            return found
         out: list[Finding] = []
         for s, e, entity in chosen:
             if norm is not None:
@@ -1384,6 +1394,7 @@ class DetectorSet:
         intl = 1 << code_of["intl"] if {"nanp", "intl"} <= names else 0
         both = (intl | 1 << code_of["nanp"]) if intl else -1
         plus1 = _PLUS1.fullmatch
+        by_mask: dict[int, tuple[_RegexDet, ...]] = {}
         n = len(t)
         i, count = 0, len(codes)
         ascii_text = rev is not None
@@ -1409,9 +1420,11 @@ class DetectorSet:
                 mask ^= intl
             lo, hi = max(0, s - 2), min(n, ce + 3)
             asc = ascii_text or _ascii_window(t, lo, hi)
-            for d, bit in dets:
-                if mask & bit:
-                    _run_fast(d, t, lo, hi, out, asc)
+            run = by_mask.get(mask)
+            if run is None:  # the detectors of these anchors, in the engines' order
+                run = by_mask[mask] = tuple(d for d, bit in dets if mask & bit)
+            for d in run:
+                _run_fast(d, t, lo, hi, out, asc)
 
     @staticmethod
     def _find_aws_secret(t: str, low: str | None, out: list) -> None:
