@@ -755,6 +755,18 @@ class Masked:
         return True
 
     def _rebuild(self, old: str, edits: Any, restore: bool) -> str:
+        if not (restore and self.session):  # the usual case: the gaps as they are
+            if not edits:
+                return old
+            pieces: list[str] = []
+            add = pieces.append
+            pos = 0
+            for lo, hi, repl in edits:
+                add(old[pos:lo])
+                add(repl)
+                pos = hi
+            add(old[pos:])
+            return "".join(pieces)
         if not edits:
             return self.session.restore(old) if restore and self.session else old
         out: list[str] = []
