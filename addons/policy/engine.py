@@ -23,7 +23,6 @@ Evaluation order (documented in rules/README.md):
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import math
 import re
@@ -116,7 +115,9 @@ class RequestFacts:
         # the session's SearchHistory (set by the policy addon): prompt searches start
         # where this text differs from what the session sent before
         self.history: SearchHistory | None = None
-        self._blocks: dict[str, bytes] = {}
+        # per text form: (the session's previous text's generation, the prefix length
+        # both share, this text's generation): SearchHistory.begin, once per request
+        self._shared: dict[str, tuple[int, int, int]] = {}
 
     # -- body
     @property
@@ -308,10 +309,10 @@ class RequestFacts:
         h = self.history
         if h is None or len(text) < INCREMENTAL_MIN_CHARS:
             return (fast or pattern).search(text) is not None
-        blocks = self._blocks.get(which)
-        if blocks is None:
-            blocks = self._blocks[which] = block_hashes(text)
-        return h.search(pattern, which, text, blocks, fast)
+        shared = self._shared.get(which)
+        if shared is None:
+            shared = self._shared[which] = h.begin(which, text)
+        return h.search(pattern, which, text, shared, fast)
 
     @property
     def tool_names(self) -> frozenset[str]:
@@ -1138,36 +1139,38 @@ def _make_twin(pattern: re.Pattern[str]) -> re.Pattern[str]:
 
 # ---------------------------------------------------------------- incremental prompt search
 # An agent re-sends its whole history every turn, so its prompt text grows by appending:
-# searching it all again costs O(history) per turn. A session remembers, per pattern and
-# text form, the block hashes of the last text searched and whether it matched. When it
-# did not, a match in the new text must consult a character past the prefix both texts
-# share (else it was in the old text too): it starts at most `reach` characters before the
-# end of that prefix (reach = the pattern's longest match plus its look-around widths
-# plus one character each side for \b, ^, $). So the search starts there; the answer is
-# exactly that of a full search (tests/policy/test_incremental.py, differential).
-# Patterns without a bounded reach (\s+, .*, back-references) are searched whole.
+# searching it all again costs O(history) per turn. A session remembers, per text form, the
+# last text searched, and per pattern whether it matched that text. When it did not, a
+# match in the new text must consult a character past the prefix both texts share (else it
+# was in the old text too): it starts at most `reach` characters before the end of that
+# prefix (reach = the pattern's longest match plus its look-around widths plus one
+# character each side for \b, ^, $). So the search starts there; the answer is exactly
+# that of a full search (tests/policy/test_incremental.py, differential). Patterns without
+# a bounded reach (\s+, .*, back-references) are searched whole.
+# The shared prefix is found by comparing the texts themselves (memcmp: ~10 us for 120 KB)
+# rather than by hashing both (SHA-256 per 4 KB block: 110 us per form and turn); the
+# texts are kept in memory only, bounded in bytes (SearchHistories), never logged.
 INCREMENTAL_MIN_CHARS = 8192
 BLOCK_CHARS = 4096
 
 
-HASH_BYTES = 16
-# hashes cover the first MiB of a text (4 KiB of hashes per text form and session); a
-# longer text is searched from there on every time
-MAX_BLOCKS = 256
-
-
-def block_hashes(text: str) -> bytes:
-    """SHA-256 (first HASH_BYTES) of every full BLOCK_CHARS block of `text`, concatenated
-    (the partial tail is never shared). ASCII text (most prompts) is encoded once and
-    hashed through views; other text per block, so that blocks stay in characters."""
-    b = BLOCK_CHARS
-    stop = min(len(text) - b + 1, MAX_BLOCKS * b)
-    if text.isascii():
-        view = memoryview(text.encode("ascii"))
-        return b"".join(hashlib.sha256(view[i:i + b]).digest()[:HASH_BYTES]
-                        for i in range(0, stop, b))
-    return b"".join(hashlib.sha256(text[i:i + b].encode("utf-8", "surrogatepass"))
-                    .digest()[:HASH_BYTES] for i in range(0, stop, b))
+def common_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix of `a` and `b` (C comparisons: the usual
+    case, `a` a prefix of `b`, is one memcmp; else block by block, then bisected)."""
+    n = min(len(a), len(b))
+    if b.startswith(a[:n] if n < len(a) else a):
+        return n
+    lo, step = 0, BLOCK_CHARS
+    while lo + step <= n and a[lo:lo + step] == b[lo:lo + step]:
+        lo += step
+    hi = min(lo + step, n)
+    while lo < hi:  # a[:lo] == b[:lo]; the largest such lo up to hi
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 _REACH: dict[tuple[str, int], int | None] = {}
@@ -1223,83 +1226,180 @@ def _assert_width(items: list[Any]) -> int | None:
     return total
 
 
-class SearchHistory:
-    """One session's last prompt searches: {(pattern, text form): (block hashes, matched)}.
-    Hashes only (never text): at most MAX_BLOCKS x HASH_BYTES (4 KiB) per text form, the
-    forms' hashes shared by their patterns; bounded in entries. Thread-safe."""
+def _text_bytes(text: str) -> int:
+    return 64 + (len(text) if text.isascii() else 4 * len(text))
 
-    __slots__ = ("_seen", "_lock", "last_used", "max_entries", "saved_chars")
+
+class SearchHistory:
+    """One session's last prompt searches: per text form its last text, per (pattern,
+    text form) the generation of the text it was last searched in and whether it matched.
+    Bounded in entries; its texts count against its SearchHistories' bytes. Thread-safe
+    (concurrent requests of a session: each compares with whichever text was last)."""
+
+    __slots__ = ("_seen", "_texts", "_lock", "last_used", "max_entries", "saved_chars",
+                 "bytes", "_gen", "_store", "_ident")
 
     def __init__(self, max_entries: int = 512) -> None:
-        self._seen: dict[tuple[Any, str], tuple[bytes, bool]] = {}
+        self._seen: dict[tuple[Any, str], tuple[int, bool]] = {}
+        self._texts: dict[str, tuple[int, str]] = {}
         self._lock = threading.Lock()
         self.last_used = 0.0
         self.max_entries = max_entries
         self.saved_chars = 0  # characters not searched again (for tests and benchmarks)
+        self.bytes = 0
+        self._gen = 0
+        self._store: SearchHistories | None = None
+        self._ident = ""
 
     def __len__(self) -> int:
         return len(self._seen)
 
-    def search(self, pattern: re.Pattern[str], which: str, text: str, blocks: bytes,
-               fast: re.Pattern[str] | None = None) -> bool:
+    def __repr__(self) -> str:  # never show text
+        return f"<SearchHistory {len(self._seen)} searches, {self.bytes} bytes>"
+
+    def begin(self, which: str, text: str) -> tuple[int, int, int]:
+        """A request's `which` text: (the generation of the form's previous text, the
+        length of the prefix both share, this text's generation, now the form's last)."""
+        with self._lock:
+            old = self._texts.get(which)
+            self._gen += 1
+            gen = self._gen
+            self._texts[which] = (gen, text)
+            delta = _text_bytes(text) - (_text_bytes(old[1]) if old else 0)
+            self.bytes += delta
+        store = self._store
+        if store is not None and delta:
+            store._account(self, delta)
+        if old is None:
+            return 0, 0, gen
+        return old[0], common_prefix(old[1], text), gen
+
+    def search(self, pattern: re.Pattern[str], which: str, text: str,
+               shared: tuple[int, int, int], fast: re.Pattern[str] | None = None) -> bool:
+        """Does `pattern` match `text`? `shared`: begin(which, text) of this request."""
         reach = pattern_reach(pattern)
         runner = fast or pattern  # search_twin(pattern): same matches, keyed as `pattern`
         if reach is None:
             return runner.search(text) is not None
+        old_gen, common, gen = shared
         key = (pattern, which)
         with self._lock:
             prev = self._seen.get(key)
         start = 0
-        if prev is not None and not prev[1]:
-            old, n = prev[0], HASH_BYTES
-            common = 0
-            for i in range(0, min(len(old), len(blocks)), n):
-                if old[i:i + n] != blocks[i:i + n]:
-                    break
-                common += 1
-            start = max(0, common * BLOCK_CHARS - reach)
+        if prev is not None and prev[0] == old_gen and old_gen and not prev[1]:
+            start = max(0, common - reach)
         # search(text, pos) still lets \b and look-behinds see the characters before pos
         matched = runner.search(text, start) is not None
         with self._lock:
             if key in self._seen or len(self._seen) < self.max_entries:
-                self._seen[key] = (blocks, matched)
+                self._seen[key] = (gen, matched)
             self.saved_chars += start
         return matched
 
+    def _forget_texts(self) -> int:  # the histories' lock held: dropped from the store
+        with self._lock:
+            freed, self.bytes = self.bytes, 0
+            self._texts.clear()
+            return freed
+
 
 class SearchHistories:
-    """Every session's SearchHistory, by session key; bounded (least recently used out)
-    and expiring after an idle time."""
+    """Every session's SearchHistory, by session key; bounded in sessions and in the bytes
+    of the texts they keep (`max_bytes` in all; one identity, the key's part before NUL,
+    at most 1/`identity_share` of both: over it, its own least recently used sessions
+    go first), least recently used out, expiring after an idle time. A history dropped
+    only means full searches for that session's next request."""
 
     def __init__(self, max_sessions: int = 4096, idle_ttl: float = 3600.0,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, max_bytes: int = 16 << 20,
+                 identity_share: int = 4) -> None:
         import time
         self._h: OrderedDict[str, SearchHistory] = OrderedDict()
+        self._ident_bytes: dict[str, int] = {}
+        # per identity: its sessions, least recently used first
+        self._by_ident: dict[str, OrderedDict[str, SearchHistory]] = {}
         self._lock = threading.Lock()
         self.max_sessions = max_sessions
         self.idle_ttl = idle_ttl
+        self.max_bytes = max_bytes
+        self.identity_share = max(1, identity_share)
+        self.bytes = 0
         self._clock = clock or time.monotonic
 
     def __len__(self) -> int:
         return len(self._h)
 
+    def __repr__(self) -> str:
+        return f"<SearchHistories {len(self._h)} sessions, {self.bytes} bytes>"
+
     def get(self, key: str) -> SearchHistory:
         now = self._clock()
+        ident = key.partition("\x00")[0]
         with self._lock:
             while self._h:
                 k, h = next(iter(self._h.items()))
                 if now - h.last_used <= self.idle_ttl:
                     break
-                del self._h[k]
+                self._drop(k)
             h = self._h.get(key)
             if h is None:
                 h = self._h[key] = SearchHistory()
-                while len(self._h) > self.max_sessions:
-                    self._h.popitem(last=False)
+                h._store, h._ident = self, ident
+                self._by_ident.setdefault(ident, OrderedDict())[key] = h
+                self._shrink(h)
             else:
                 self._h.move_to_end(key)
+                self._by_ident[ident].move_to_end(key)
             h.last_used = now
             return h
+
+    def _account(self, h: SearchHistory, delta: int) -> None:
+        with self._lock:
+            if h._store is not self:
+                return  # dropped meanwhile: it no longer counts
+            self.bytes += delta
+            self._ident_bytes[h._ident] = self._ident_bytes.get(h._ident, 0) + delta
+            if delta > 0:
+                self._shrink(h)
+
+    def _drop(self, key: str) -> None:  # the lock held
+        h = self._h.pop(key)
+        h._store = None
+        freed = h._forget_texts()
+        self.bytes -= freed
+        ident = h._ident
+        own = self._by_ident.get(ident)
+        if own is not None:
+            own.pop(key, None)
+        if own:
+            self._ident_bytes[ident] = self._ident_bytes.get(ident, 0) - freed
+        else:
+            self._by_ident.pop(ident, None)
+            self._ident_bytes.pop(ident, None)
+
+    def _shrink(self, keep: SearchHistory) -> None:  # the lock held
+        ident = keep._ident
+        share_n = max(1, self.max_sessions // self.identity_share)
+        share_b = self.max_bytes // self.identity_share
+        own = self._by_ident.get(ident)
+        while own and len(own) > 1 and (len(own) > share_n
+                                        or self._ident_bytes.get(ident, 0) > share_b):
+            k = next(iter(own))
+            if own[k] is keep:
+                own.move_to_end(k)
+                k = next(iter(own))
+            self._drop(k)
+        while (len(self._h) > self.max_sessions or self.bytes > self.max_bytes) \
+                and len(self._h) > 1:
+            k = next(iter(self._h))
+            if self._h[k] is keep:
+                self._h.move_to_end(k)
+                k = next(iter(self._h))
+            self._drop(k)
+        if keep._store is self and keep.bytes > self.max_bytes:
+            freed = keep._forget_texts()  # alone over the total: keeps no text
+            self.bytes -= freed
+            self._ident_bytes[ident] = self._ident_bytes.get(ident, 0) - freed
 
 
 def tools_test(match: Callable[[str], bool]) -> Check:

@@ -72,9 +72,9 @@ def test_same_answer_as_a_full_search(seq: list[str]) -> None:
     try:
         h = SearchHistory()
         for text in seq:
-            blocks = engine.block_hashes(text)
+            shared = h.begin("prompt_text", text)
             for p in PATTERNS:
-                assert h.search(p, "prompt_text", text, blocks) == \
+                assert h.search(p, "prompt_text", text, shared) == \
                     (p.search(text) is not None), (p.pattern, text)
     finally:
         engine.BLOCK_CHARS = old
@@ -137,8 +137,51 @@ def test_a_look_ahead_reaching_past_the_shared_prefix() -> None:
         p = re.compile(r"x(?=y{5})")
         h = SearchHistory()
         for text in ("aaaaaaaaxyyyzzzz", "aaaaaaaaxyyyyy"):
-            assert h.search(p, "prompt_text", text, engine.block_hashes(text)) == \
+            assert h.search(p, "prompt_text", text, h.begin("prompt_text", text)) == \
                 (p.search(text) is not None)
         assert h.saved_chars > 0
     finally:
         engine.BLOCK_CHARS = old
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text("ab\u00e9", max_size=40), st.text("ab\u00e9", max_size=40),
+       st.integers(1, 8))
+def test_common_prefix(a: str, b: str, block: int) -> None:
+    import os.path
+    old = engine.BLOCK_CHARS
+    engine.BLOCK_CHARS = block
+    try:
+        for x, y in ((a, b), (a, a + b), (a + b, a), (b + a, b + b)):
+            assert engine.common_prefix(x, y) == len(os.path.commonprefix([x, y]))
+    finally:
+        engine.BLOCK_CHARS = old
+
+
+def test_a_pattern_not_searched_last_time_is_searched_whole() -> None:
+    """The prefilter skipped a pattern on one turn: its answer belongs to an older text,
+    so the next search of it starts at 0, not at the newer text's shared prefix."""
+    p = re.compile(r"\b\d{3}-\d{2}-\d{4}\b")
+    h = SearchHistory()
+    t1 = "a" * 9000
+    assert not h.search(p, "prompt_text", t1, h.begin("prompt_text", t1))
+    t2 = "123-45-6789 " + "a" * 9000  # not searched for p this time (as if skipped)
+    h.begin("prompt_text", t2)
+    t3 = t2 + " more"
+    assert h.search(p, "prompt_text", t3, h.begin("prompt_text", t3))
+
+
+def test_histories_are_bounded_in_bytes_and_fair_per_identity() -> None:
+    from addons.policy.engine import SearchHistories
+    hs = SearchHistories(max_sessions=64, max_bytes=1 << 20)
+    alice = hs.get("alice\x00t")
+    alice.begin("prompt_text", "x" * 50_000)
+    for i in range(500):  # mallory: many sessions, big texts
+        hs.get(f"mallory\x00s{i}").begin("prompt_text", "y" * 100_000)
+        assert hs.bytes <= hs.max_bytes and len(hs) <= 64
+    assert hs.get("alice\x00t") is alice and alice.bytes > 0
+    assert "xxxx" not in repr(alice) and "yyyy" not in repr(hs)
+    huge = hs.get("bob\x00t")
+    huge.begin("prompt_text", "z" * (2 << 20))  # alone over the total: keeps no text
+    assert hs.bytes <= hs.max_bytes
+    assert huge.bytes == 0

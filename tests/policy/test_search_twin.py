@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from addons.policy import engine
-from addons.policy.engine import RequestFacts, SearchHistory, block_hashes, search_twin
+from addons.policy.engine import RequestFacts, SearchHistory, search_twin
 
 PATTERNS = [
     r"\b\d{3}-\d{2}-\d{4}\b",
@@ -84,5 +84,5 @@ def test_requests_and_histories_search_with_the_twin(monkeypatch) -> None:
     assert check(f) and calls == ["twin"]
     long = "x " * 6000 + " 123-45-6789"
     h = SearchHistory()
-    assert h.search(p, "prompt_text", long, block_hashes(long), engine.search_twin(p))
+    assert h.search(p, "prompt_text", long, h.begin("prompt_text", long), engine.search_twin(p))
     assert calls == ["twin", "twin"]
