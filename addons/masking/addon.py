@@ -142,8 +142,14 @@ def mask_message(ctx: Masked, raw: bytes, encoding: str, content_type: str, limi
     if len(raw) > limit:
         raise TooLarge
     data = _decoded(flow, "request", raw, encoding, limit) if encoding else raw
-    return ctx.body(data, content_type, pass_text,
-                    doc=_shared_doc(flow, "request", data, limit))
+    doc = _shared_doc(flow, "request", data, limit)
+    if doc is not None and ctx.cache is not None:
+        # which messages the flow's parse took whole from the session's previous body
+        # (policy parsed it with the session's memo key: decode.parse_memo)
+        body = decode.request_body(flow, max_bytes=limit)
+        if body is not None and body.generation and body.json is doc:
+            ctx.reuse = (body.generation, body.reused, body.reused_from)
+    return ctx.body(data, content_type, pass_text, doc=doc)
 
 
 def mask_response(ctx: Masked, raw: bytes, encoding: str, content_type: str, limit: int,

@@ -613,7 +613,7 @@ class Masked:
     """Masking context of one flow direction: who, which session, what was found."""
 
     __slots__ = ("masker", "session", "findings", "restorable", "restore", "llm", "detect",
-                 "mcp", "cache", "trace", "_hint_of", "_hint")
+                 "mcp", "cache", "trace", "_hint_of", "_hint", "reuse")
 
     def __init__(self, masker: Masker, session: Session | None, findings: Findings, *,
                  restorable: bool = True, restore: bool = False, dialect: str = "generic",
@@ -633,6 +633,9 @@ class Masked:
         self.cache = cache
         # when a list: every replacement made, (entity, value, replacement), in order
         self.trace: list[tuple[str, str, str]] | None = None
+        # the shared parse's (generation, items reused, from generation) when the JSON
+        # document given is the flow's one parse (addons/frame/decode.py parse_memo)
+        self.reuse: tuple[int, int, int] | None = None
         # the JSON body being masked, until ascii_hint() is worked out from it
         self._hint_of = b""
         self._hint: bool | None = False
@@ -831,7 +834,24 @@ class Masked:
         ctx_len = self.masker.context_len
         prev_tail = ""
         parts: list[str] = []
-        for msg in msgs:
+        # the messages the shared parse took whole from the session's previous body (the
+        # very objects, after the same left context): that body's masked messages, when
+        # every replacement they made is still what the session's map gives — one check
+        # for the history instead of one digest per message (a digest costs a walk and a
+        # hash of the message: ~4 µs per KB-sized message, O(history) per turn)
+        reuse = self.reuse if shared else None
+        done = 0
+        record: list[tuple[bytes, CachedMessage]] | None = None
+        if reuse is not None and reuse[0]:
+            record = []
+            prefix = cache.prefix(reuse[2], reuse[1], self.restorable, self.llm)
+            if prefix is not None and self._replay_prefix(prefix):
+                parts.extend(e.json for _, e in prefix.entries)
+                changed = changed or prefix.changed
+                prev_tail = prefix.tail
+                done = len(prefix.entries)
+                record.extend(prefix.entries)
+        for msg in msgs[done:] if done else msgs:
             digest = _digest(self.restorable, prev_tail, msg)
             tail = _last_text(msg)[-ctx_len:] if ctx_len else ""
             prev_tail = tail
@@ -839,6 +859,8 @@ class Masked:
             if hit is not None and self._replay(hit):
                 parts.append(hit.json)
                 changed = changed or hit.changed
+                if record is not None:
+                    record.append((digest.key, hit))
                 continue
             found: Findings = {}
             one = Masked(self.masker, self.session, found, restorable=self.restorable)
@@ -856,11 +878,17 @@ class Masked:
             js = _dump_bytes(slots.root if shared and slots.root is not None else msg,
                              slots.floats, ascii_hint).decode()
             changed = changed or one_changed
-            cache.put(digest.key, CachedMessage(
+            entry = CachedMessage(
                 js, one_changed, tuple(one.trace),
                 tuple((e, v["strategy"], v["count"]) for e, v in found.items()),
-                all(v["strategy"] == "placeholder" for v in found.values())))
+                all(v["strategy"] == "placeholder" for v in found.values()))
+            cache.put(digest.key, entry)
+            if record is not None:
+                record.append((digest.key, entry))
             parts.append(js)
+        if record is not None and reuse is not None:
+            cache.set_prefix(CachedPrefix(reuse[0], tuple(record), self.restorable,
+                                          self.llm, prev_tail))
         changed = self._apply_part(after) or changed
         if not changed:
             return None
@@ -885,6 +913,19 @@ class Masked:
         slots = _Slots(self.llm, cow=True)
         slots.walk(part, -1, chain=(part, _OWNED, None))
         return self._apply(slots)
+
+    def _replay_prefix(self, prefix: CachedPrefix) -> bool:
+        """Every replacement of the prefix's messages is what the session's map gives now,
+        on its fast path (no state changes, as a per-message hit's): their findings
+        counted, in message order. False: the messages are taken one by one."""
+        session, restorable = self.session, self.restorable
+        if type(session) is not Session or not prefix.placeholders_only or \
+                not session.replays(prefix.replacements(), restorable):
+            return False
+        for _, e in prefix.entries:
+            for entity, strategy, n in e.counts:
+                count(self.findings, entity, strategy, n)
+        return True
 
     def _replay(self, hit: CachedMessage) -> bool:
         """Make a cached message's replacements again (the session's map moves as for a
@@ -1156,6 +1197,28 @@ class CachedMessage(NamedTuple):
     placeholders_only: bool = False
 
 
+class CachedPrefix(NamedTuple):
+    """The messages of a session's last request, as masked, under the shared parse's
+    generation of that body: the next body whose parse took all of those messages from
+    it (decode.parse_memo) starts with exactly them, after the same left contexts."""
+    generation: int
+    entries: tuple[tuple[bytes, CachedMessage], ...]  # (digest, entry) per message
+    restorable: bool
+    llm: bool
+    tail: str  # the last message's left-context tail (for the next message)
+
+    @property
+    def changed(self) -> bool:
+        return any(e.changed for _, e in self.entries)
+
+    @property
+    def placeholders_only(self) -> bool:
+        return all(e.placeholders_only for _, e in self.entries)
+
+    def replacements(self) -> Any:
+        return (r for _, e in self.entries for r in e.replacements)
+
+
 def _entry_size(e: CachedMessage) -> int:
     return 160 + len(e.json) + sum(48 + len(v) + len(r) for _, v, r in e.replacements)
 
@@ -1165,7 +1228,7 @@ class MessageCache:
     message as sent); bounded in entries and bytes (least recently used evicted). In memory
     only; it lives and dies with its placeholder session (MessageCaches)."""
 
-    __slots__ = ("_entries", "bytes", "max_entries", "max_bytes", "session", "masker",
+    __slots__ = ("_entries", "bytes", "max_entries", "max_bytes", "session", "masker", "_prefix",
                  "last_used", "_store", "hits", "misses")
 
     def __init__(self, store: MessageCaches, session: Any, masker: Any) -> None:
@@ -1179,6 +1242,9 @@ class MessageCache:
         self._store = store
         self.hits = 0
         self.misses = 0
+        # the last request's messages (CachedPrefix): references to entries held here,
+        # dropped whenever an entry is (so it never keeps an evicted one alive)
+        self._prefix: CachedPrefix | None = None
 
     def __repr__(self) -> str:  # never show values
         return f"<MessageCache {len(self._entries)} messages, {self.bytes} bytes>"
@@ -1195,6 +1261,28 @@ class MessageCache:
             else:
                 self.misses += 1
             return e
+
+    def prefix(self, generation: int, n: int, restorable: bool, llm: bool
+               ) -> CachedPrefix | None:
+        """The last request's messages when a parse took its `n` messages from the parse
+        of `generation` (and nothing was evicted since); their entries count as used."""
+        with self._store.lock:
+            p = self._prefix
+            if p is None or p.generation != generation or len(p.entries) != n or \
+                    p.restorable != restorable or p.llm != llm:
+                return None
+            entries = self._entries
+            for digest, _ in p.entries:
+                entries.move_to_end(digest)
+            self.hits += n
+            return p
+
+    def set_prefix(self, prefix: CachedPrefix) -> None:
+        with self._store.lock:
+            entries = self._entries
+            # only while every message is held here (an entry over max_bytes is not)
+            ok = all(entries.get(d) is e for d, e in prefix.entries)
+            self._prefix = prefix if ok else None
 
     def put(self, digest: bytes, entry: CachedMessage) -> None:
         size = _entry_size(entry)
@@ -1214,11 +1302,13 @@ class MessageCache:
             store._shrink(keep=self)
 
     def _drop(self, e: CachedMessage) -> None:  # the store's lock held
+        self._prefix = None
         size = _entry_size(e)
         self.bytes -= size
         self._store.bytes -= size
 
     def clear(self) -> None:  # the store's lock held
+        self._prefix = None
         self._store.bytes -= self.bytes
         self.bytes = 0
         self._entries.clear()
