@@ -31,16 +31,15 @@ from addons.frame import dispatch
 def restore(monkeypatch):
     """Every test leaves AddonManager as it found it."""
     cls = addonmanager.AddonManager
-    monkeypatch.setattr(cls, "_iter_hooks", cls._iter_hooks)
-    monkeypatch.setattr(cls, "trigger_event", cls.trigger_event)
+    for name in dispatch.ORIGINAL:
+        monkeypatch.setattr(cls, name, getattr(cls, name))
 
 
 def use(which: str) -> None:
     cls = addonmanager.AddonManager
-    src = dispatch.ORIGINAL if which == "mitmproxy" else \
-        {"_iter_hooks": dispatch._iter_hooks, "trigger_event": dispatch.trigger_event}
-    cls._iter_hooks = src["_iter_hooks"]
-    cls.trigger_event = src["trigger_event"]
+    src = dispatch.ORIGINAL if which == "mitmproxy" else dispatch.REPLACEMENTS
+    for name, fn in src.items():
+        setattr(cls, name, fn)
 
 
 def run_event(chain: list, event_for) -> str | None:
