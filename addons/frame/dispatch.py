@@ -16,21 +16,24 @@ costs nothing. Exactly what mitmproxy does, in the same order:
 - A hook is looked up again (`getattr`) when it is called, so a hook method replaced,
   removed or made non-callable is seen at once; a module attribute named like the hook is
   skipped, any other non-callable raises AddonManagerError (logged, as `safecall` does).
-- Children: at the position where mitmproxy's walk reads a parent's `addons` (after the
-  parent's own hook ran), the table compares them with what it was built from; if they
-  differ (an addon changed its children during the event, a script reloaded while a hook
-  awaited), the rest of that subtree is walked the generic way from that point, and the
-  table is rebuilt at the next event.
-- The chain: the table is used only while `chain` holds the very same addons it was built
-  from (checked on every event); each top-level addon is checked at its index before it
-  runs and the length after the last one, so an addon added to or taken out of the chain
-  during an event is handled as mitmproxy's list iteration would.
+- Structure: every place mitmproxy's walk passes — each top-level addon's index in the
+  chain, each addon's index among its parent's children, the end of each children list,
+  each parent's `addons` where the walk reads them (after the parent's own hook) — is
+  checked to hold what the table expects at the moment the walk would pass it (a whole
+  list is compared at C speed, and not looked at again until some addon code has run).
+  On any difference (an addon added, inserted, removed or replaced in the chain or in a
+  children list, between events or by a hook during one, or while a hook awaited: a
+  script reload) the event goes on with mitmproxy's own walk from exactly where its list
+  iterators would be, and the table is rebuilt at the next event.
 - A table is rebuilt after any event dispatched outside it: `load` (every register: add,
   script load and reload), `done` (remove), `configure` (every options change), `running`,
   the synchronous `trigger` — all go through `_iter_hooks`, which bumps the manager's
-  generation. The one thing not seen until then: a hook *attribute* given at run time to
-  an addon object (or its class) that did not have one when the table was built, with no
-  addon or option change since; neither mitmproxy's addons nor ours do that.
+  generation. Not seen until then: a hook (or `addons`) *attribute* given at run time to
+  an addon object or its class that did not have one when the table was built, with no
+  addon or option change since (neither mitmproxy's addons nor ours do that); and, as
+  lists are compared with `==` (identity first) when no addon in them has an `__eq__` of
+  its own, an addon put in another's place without register/remove whose own `__eq__`
+  calls it equal to the one it replaced.
 - Per top-level addon, `AddonHalt` stops the event, `OptionsError` propagates, any other
   exception is logged as "Addon error: ..." on mitmproxy's addonmanager logger (as
   `safecall` does) and the next top-level addon runs.
