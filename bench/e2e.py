@@ -197,12 +197,16 @@ class _Env:
         self.procs.append(p)
         return p
 
-    def start_suite(self, concerns: tuple[str, ...], name: str = "suite"
-                    ) -> tuple[h.Proc, str, list[str], str]:
+    def start_suite(self, concerns: tuple[str, ...], name: str = "suite",
+                    tree: Path | None = None) -> tuple[h.Proc, str, list[str], str]:
         """The suite with every concern asked for that works today: a concern whose rules
         today's parser rejects, or whose addon fails on the benchmark's request, is
         switched off (and said so in the notes) rather than sinking the whole comparison.
+        `tree`: another checkout of agentgate (a git worktree at an older commit) to run
+        the gateway from, for before/after comparisons in one invocation.
         Returns (process, proxy URL with the token, active concerns, error or '')."""
+        tree_env = {"PYTHONPATH": str(tree)} if tree else {}
+        root = tree or h.ROOT
         active = list(concerns)
         if "identity" in active and self.issuer is None:
             self.issuer = h.TokenIssuer().start()
@@ -224,10 +228,10 @@ class _Env:
             data.mkdir(exist_ok=True)
             suite = self.spawn(h.start_mitmdump(
                 f"{name}{n}", self.tmp, self.confdir, self.upstream_ca,
-                scripts=[str(h.ROOT / "addons" / "gateway.py")],
+                scripts=[str(root / "addons" / "gateway.py")],
                 sets=[f"agentgate_rules={rules_dir}", f"agentgate_data={data}",
                       "agentgate_rules_poll_ms=0"],
-                env={**GATEWAY_ENV, "AGENTGATE_RULES": str(rules_dir),
+                env={**GATEWAY_ENV, **tree_env, "AGENTGATE_RULES": str(rules_dir),
                      "AGENTGATE_DATA": str(data)}))
             proxy = suite.url.replace("http://", f"http://agent:{token}@") if token \
                 else suite.url
@@ -247,6 +251,37 @@ class _Env:
             active.remove(failed)
             suite.stop()
         return suite, proxy, active, err
+
+    def start_common(self, out: dict[str, Any]) -> tuple[h.Proc, h.Proc, str]:
+        """Upstreams (nginx, the stand-in), mitmproxy's CA, the bodies and bare mitmdump,
+        each checked with one request. Returns (stand-in, bare, error or '')."""
+        tmp = self.tmp
+        certs = tmp / "upstream-certs"
+        self.upstream_ca, _, _ = h.upstream_certs(certs)
+        standin = self.spawn(h.start_standin(tmp, certs, stream_delay=0.002))
+        try:
+            upstream = self.spawn(h.start_nginx(tmp, certs))
+            out["upstream"] = "nginx (canned OpenAI completion)"
+        except (RuntimeError, OSError) as e:
+            upstream = standin
+            out["upstream"] = "stand-in (nginx unavailable)"
+            self.notes.append(f"nginx unavailable ({e}); throughput may be bounded by the "
+                              "stand-in (apt-get install -y nginx-light)")
+        self.up_hostport = upstream.url.removeprefix("https://")
+        self.st_hostport = standin.url.removeprefix("https://")
+        self.confdir = h.make_confdir(tmp / "mitm-conf")
+        bare = self.spawn(h.start_mitmdump("bare", tmp, self.confdir, self.upstream_ca))
+        self.bodies = {"1KB": tmp / "body-1k.json", "100KB": tmp / "body-100k.json"}
+        self.bodies["1KB"].write_bytes(h.chat_body(1024))
+        self.bodies["100KB"].write_bytes(h.chat_body(100 * 1024))
+        self.url = upstream.url + "/v1/chat/completions"
+        out["checks"] = {}
+        for name, px in (("direct", None), ("bare", bare.url)):
+            err = _check(self.url, px, self.bodies["1KB"])
+            out["checks"][name] = err or "ok"
+            if err:
+                return standin, bare, f"{name} could not serve a request: {err}"
+        return standin, bare, ""
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -285,21 +320,10 @@ def run(quick: bool = False, soak_minutes: float = 0, concerns: tuple[str, ...] 
     env = _Env(tmp, cfg, soak_minutes)
     out["notes"] = env.notes
     try:
-        certs = tmp / "upstream-certs"
-        env.upstream_ca, _, _ = h.upstream_certs(certs)
-        standin = env.spawn(h.start_standin(tmp, certs, stream_delay=0.002))
-        try:
-            upstream = env.spawn(h.start_nginx(tmp, certs))
-            out["upstream"] = "nginx (canned OpenAI completion)"
-        except (RuntimeError, OSError) as e:
-            upstream = standin
-            out["upstream"] = "stand-in (nginx unavailable)"
-            env.notes.append(f"nginx unavailable ({e}); throughput may be bounded by the "
-                             "stand-in (apt-get install -y nginx-light)")
-        env.up_hostport = upstream.url.removeprefix("https://")
-        env.st_hostport = standin.url.removeprefix("https://")
-        env.confdir = h.make_confdir(tmp / "mitm-conf")
-        bare = env.spawn(h.start_mitmdump("bare", tmp, env.confdir, env.upstream_ca))
+        standin, bare, err = env.start_common(out)
+        if err:
+            out["error"] = err
+            return out
         # TTFT needs a bare mitmdump that streams SSE like the suite does; mitmdump buffers
         # whole responses unless told otherwise, and stream_large_bodies only kicks in after
         # that many bytes of a chunked reply. A one-hook addon is the minimum.
@@ -307,17 +331,7 @@ def run(quick: bool = False, soak_minutes: float = 0, concerns: tuple[str, ...] 
         sse_script.write_text(STREAM_SSE_ADDON)
         bare_sse = env.spawn(h.start_mitmdump("bare-sse", tmp, env.confdir, env.upstream_ca,
                                               scripts=[str(sse_script)]))
-        env.bodies = bodies = {"1KB": tmp / "body-1k.json", "100KB": tmp / "body-100k.json"}
-        bodies["1KB"].write_bytes(h.chat_body(1024))
-        bodies["100KB"].write_bytes(h.chat_body(100 * 1024))
-        env.url = url = upstream.url + "/v1/chat/completions"
-        out["checks"] = {}
-        for name, px in (("direct", None), ("bare", bare.url)):
-            err = _check(url, px, bodies["1KB"])
-            out["checks"][name] = err or "ok"
-            if err:
-                out["error"] = f"{name} could not serve a request: {err}"
-                return out
+        bodies, url = env.bodies, env.url
 
         suite, suite_proxy, active, err = env.start_suite(concerns)
         out["checks"]["suite"] = err or "ok"
@@ -373,6 +387,125 @@ def run(quick: bool = False, soak_minutes: float = 0, concerns: tuple[str, ...] 
         env.stop()
         if workdir is None and not os.environ.get("AGENTGATE_BENCH_KEEP"):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def compare(trees: dict[str, Path | None], concerns: tuple[str, ...] = CONCERNS,
+            body_names: tuple[str, ...] = ("1KB",), concurrencies: tuple[int, ...] = (16, 1),
+            seconds: float = 4.0, repeats: int = 4, profile_seconds: float = 0,
+            workdir: Path | None = None) -> dict[str, Any]:
+    """Before/after in one invocation: bare mitmdump and one suite per tree ({name: a
+    checkout of agentgate, e.g. a git worktree at the commit before a change; None: this
+    one}), all against the same upstream, measured interleaved (the order rotates every
+    repetition, so drift in the machine's load is shared) and repeated; medians. CPU per
+    request (gateway and its children, and the gateway process alone) is the number to
+    compare on a shared machine. With `profile_seconds`, py-spy --gil on each at c=16."""
+    cfg = {**_settings(False), "seconds": seconds, "repeats": repeats}
+    if not h.HEY:
+        return {"error": "hey is not installed (apt-get install -y hey)"}
+    tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="agentgate-compare-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {"settings": cfg, "concerns": list(concerns),
+                           "trees": {k: str(v or h.ROOT) for k, v in trees.items()}}
+    env = _Env(tmp, cfg, 0)
+    out["notes"] = env.notes
+    try:
+        _standin, bare, err = env.start_common(out)
+        if err:
+            out["error"] = err
+            return out
+        proxies: dict[str, str | None] = {"bare": bare.url}
+        pids = {"bare": bare.pid}
+        for name, tree in trees.items():
+            suite, proxy, active, err = env.start_suite(concerns, name=name, tree=tree)
+            out["checks"][name] = err or f"ok ({','.join(active)})"
+            if err:
+                out["error"] = f"{name} could not serve a request: {err.splitlines()[0]}"
+                return out
+            proxies[name], pids[name] = proxy, suite.pid
+        for px in proxies.values():
+            h.run_hey(env.url, concurrency=16, seconds=cfg["warmup_s"], proxy=px,
+                      body_file=env.bodies["1KB"])
+        runs: dict[str, list[dict[str, Any]]] = {}
+        order = list(proxies)
+        for rep in range(repeats):
+            for body_name in body_names:
+                for conc in concurrencies:
+                    k = rep % len(order)
+                    for name in order[k:] + order[:k]:
+                        runs.setdefault(f"{name}|{body_name}|{conc}", []).append(_measure(
+                            env.url, proxies[name], pids[name], conc, seconds,
+                            env.bodies[body_name]))
+        out["cells"] = {k: _median_cell(v) for k, v in runs.items()}
+        if profile_seconds > 0:
+            out["profile"] = profile_under_load(
+                {n: (pids[n], proxies[n]) for n in proxies}, env.url, env.bodies["1KB"],
+                profile_seconds, tmp)
+        return out
+    finally:
+        env.stop()
+        if workdir is None and not os.environ.get("AGENTGATE_BENCH_KEEP"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def compare_markdown(res: dict[str, Any]) -> str:
+    """compare()'s cells, each configuration beside bare: req/s, p50, CPU per request."""
+    if res.get("error"):
+        return f"compare failed: {res['error']}"
+    cells = res.get("cells") or {}
+    lines = [f"trees: {res.get('trees')}; concerns: {', '.join(res.get('concerns', []))}; "
+             f"{res['settings']['repeats']} x {res['settings']['seconds']:g} s, medians",
+             "", "| config | body | c | req/s | / bare | p50 ms | added p50 | CPU ms/req "
+             "(tree) | gateway process | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, c in cells.items():
+        name, body, conc = key.split("|")
+        b = cells.get(f"bare|{body}|{conc}") or {}
+        ratio = round(c["rps"] / b["rps"], 3) if c.get("rps") and b.get("rps") else ""
+        added = round(c["p50_ms"] - b["p50_ms"], 3) \
+            if c.get("p50_ms") is not None and b.get("p50_ms") is not None else ""
+        lines.append(f"| {name} | {body} | {conc} | {c['rps']} | {ratio} | {c['p50_ms']} | "
+                     f"{added} | {c['cpu_ms_per_req']} | {c['own_cpu_ms_per_req']} | "
+                     f"{c['errors']} |")
+    for name, p in (res.get("profile") or {}).items():
+        if isinstance(p, dict) and "ms_per_req" in p:
+            lines.append(f"\nprofile {name}: GIL {p['ms_per_req']} ms/req, CPU "
+                         f"{p.get('cpu_ms_per_req')} ms/req, agentgate {p['ours_ms_per_req']}"
+                         f" ms/req ({p['ours_pct']} %)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m bench.e2e", description=(
+        "Compare agentgate trees (before/after a change) against bare mitmdump in one run."))
+    ap.add_argument("--compare", nargs="+", metavar="NAME=PATH", required=True,
+                    help="suites to run: NAME=PATH (a checkout, e.g. a git worktree) or "
+                         "NAME=. for this tree")
+    ap.add_argument("--concerns", default=",".join(CONCERNS))
+    ap.add_argument("--bodies", default="1KB", help="1KB,100KB")
+    ap.add_argument("--concurrency", default="16,1")
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--profile-seconds", type=float, default=0)
+    ap.add_argument("--workdir", default=None, help="keep logs and py-spy stacks here")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    trees: dict[str, Path | None] = {}
+    for spec in args.compare:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or name == "bare":
+            ap.error(f"--compare {spec!r}: want NAME=PATH (NAME not 'bare')")
+        trees[name] = None if path in ("", ".") else Path(path).resolve()
+    res = compare(trees, tuple(c for c in args.concerns.split(",") if c),
+                  tuple(args.bodies.split(",")),
+                  tuple(int(c) for c in args.concurrency.split(",")), args.seconds,
+                  args.repeats, args.profile_seconds,
+                  Path(args.workdir) if args.workdir else None)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    print(compare_markdown(res))
+    return 1 if res.get("error") else 0
 
 
 def _breakdown(env: _Env, bare: h.Proc, concerns: list[str]) -> dict[str, Any]:
@@ -842,3 +975,7 @@ def profile_markdown(p: dict[str, Any]) -> str:
     lines += ["", "Suite, GIL samples by thread:", "", "| thread | % |", "|---|---|"]
     lines += [f"| {k} | {pct} |" for k, pct, _ms in suite.get("threads", [])]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
