@@ -50,6 +50,12 @@ def _read_exact(f: IO[bytes], size: int) -> bytes | None:
 def read_frame(f: IO[bytes]) -> tuple[Any, ...] | None:
     """The next message, or None at end of stream (the other side closed or died).
     A stream cut inside a frame is also its end: a partial message is never used."""
+    got = read_frame_sized(f)
+    return None if got is None else got[0]
+
+
+def read_frame_sized(f: IO[bytes]) -> tuple[tuple[Any, ...], int] | None:
+    """(the next message, its frame's size in bytes), or None at end of stream."""
     head = _read_exact(f, HEADER.size)
     if head is None:
         return None
@@ -60,7 +66,7 @@ def read_frame(f: IO[bytes]) -> tuple[Any, ...] | None:
     msg = marshal.loads(data)  # noqa: S302 - a private pipe between our own processes
     if not isinstance(msg, tuple) or not msg or not isinstance(msg[0], str):
         raise ValueError("malformed message on the audit writer pipe")
-    return msg
+    return msg, HEADER.size + size
 
 
 def pending_msg(n: int, p: store.Pending) -> tuple[Any, ...]:

@@ -246,20 +246,44 @@ class AuditWriter(store.BacklogBound):
             raise RuntimeError("audit writer is closed")
         self.pending_bytes += item.size
         self._queue.append(item)
-        if len(self._queue) >= self.batch_size:
+        if self.full():
             with self._cv:
-                self._cv.notify()
+                self._cv.notify_all()
+
+    def full(self) -> bool:
+        """A whole batch is queued, by records or by bytes: write it now, not at the
+        interval (a few large bodies fill a batch long before batch_size records do)."""
+        return len(self._queue) >= self.batch_size or \
+            self.pending_bytes >= self.max_batch_bytes
+
+    def wait_room(self, timeout: float | None = None) -> bool:
+        """Block while a whole batch already waits behind the one being written; True once
+        there is room. The writer process reads its pipe only this far ahead, so what it
+        holds stays near two batches (max_batch_bytes each) however far the store lags:
+        the rest waits, as bytes, in the gateway's bounded backlog, which refuses flows
+        when full (fail closed). It does not wait while the store is failing or closing
+        (the gateway then refuses new flows, which bounds the total; and the process must
+        still read its pipe to the end to notice that the gateway has gone)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while self.full() and not self.failure and not self._closing and (
+                    self._thread is not None and self._thread.is_alive()):
+                left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
 
     def flush(self, timeout: float = 30) -> bool:
         """Wait until everything submitted so far is written (True) or timeout (False)."""
         deadline = time.monotonic() + timeout
         with self._cv:
-            self._cv.notify()
+            self._cv.notify_all()
         while self.backlog or self._busy:
             if time.monotonic() > deadline:
                 return False
             with self._cv:
-                self._cv.notify()
+                self._cv.notify_all()
             time.sleep(0.005)
         return True
 
@@ -269,7 +293,7 @@ class AuditWriter(store.BacklogBound):
             return True
         self._closing = True
         with self._cv:
-            self._cv.notify()
+            self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
         left = self.backlog
@@ -312,10 +336,10 @@ class AuditWriter(store.BacklogBound):
                 time.sleep(0.5)  # the store is failing: retry, without spinning
             elif time.time() - self._last_retention > 3600:
                 self._apply_retention()
-            if not self._closing and len(self._queue) < self.batch_size and not self.failure:
+            if not self._closing and not self.full() and not self.failure:
                 # Gather a batch for up to `interval`, unless it filled up meanwhile.
                 with self._cv:
-                    if len(self._queue) < self.batch_size:
+                    if not self.full():
                         self._cv.wait(self.interval)
 
     _fail_count = 0
@@ -344,6 +368,8 @@ class AuditWriter(store.BacklogBound):
                 row["_sub"] = sub
             rows.append(row)
             size += row_bytes(row)
+        with self._cv:
+            self._cv.notify_all()  # room in the queue (wait_room)
         if not rows:
             return
         if self.failure and self._con_broken():

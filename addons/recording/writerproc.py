@@ -21,6 +21,8 @@ the gateway decides when the writer stops (it closes the pipe after its own drai
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import json
 import logging
@@ -28,6 +30,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import IO, Any
 
 from addons.frame import decode as body_decode
@@ -39,6 +42,10 @@ log = logging.getLogger("agentgate.recorder")
 
 REPORT_INTERVAL = 0.02  # seconds between looks at the writer's progress
 DRAIN_TIMEOUT = 120.0  # seconds to write what is queued once the gateway is gone
+# Give freed heap back after this many bytes of records went through (and the queue is
+# empty), at most once per TRIM_EVERY seconds.
+TRIM_AFTER_BYTES = 4 * 1024 * 1024
+TRIM_EVERY = 1.0
 
 
 def build(pending: store.Pending) -> dict[str, Any]:
@@ -46,12 +53,35 @@ def build(pending: store.Pending) -> dict[str, Any]:
     return store.build_row(pending, decode=body_decode.decompress)
 
 
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        fn = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
+
 class Reporter:
-    """Sends ("ack", n, failure) when progress or failure changes; all writes to stdout."""
+    """Sends ("ack", n, failure) when progress or failure changes; all writes to stdout.
+
+    Between reports it gives the heap back after a burst: each batch's rows, JSON text and
+    DuckDB's parse of it are freed once committed, but glibc keeps the freed chunks, so the
+    process's RSS would stay at its busiest moment for good. Once the queue is empty after
+    TRIM_AFTER_BYTES of records, malloc_trim returns the free pages (a few ms, off the
+    writer thread; ctypes releases the GIL)."""
 
     def __init__(self, out: IO[bytes], writer: AuditWriter) -> None:
         self.out = out
         self.writer = writer
+        self.received = 0  # bytes of records read from the pipe (main thread)
+        self.trimmed_at = 0  # `received` at the last trim
+        self.trims = 0
+        self._trim = _malloc_trim()
+        self._last_trim = 0.0
         self.base = 0  # n of the record before the first one this process received
         self.lock = threading.Lock()
         self.sent: tuple[int, str | None] | None = None
@@ -77,6 +107,18 @@ class Reporter:
     def run(self) -> None:
         while not self.stop.wait(REPORT_INTERVAL):
             self.report()
+            self.maybe_trim()
+
+    def maybe_trim(self) -> None:
+        w = self.writer
+        if (self._trim is None or self.received - self.trimmed_at < TRIM_AFTER_BYTES
+                or w.backlog or w._busy  # noqa: SLF001 - idle: nothing being built
+                or time.monotonic() - self._last_trim < TRIM_EVERY):
+            return
+        self.trimmed_at = self.received
+        self._last_trim = time.monotonic()
+        self._trim(0)
+        self.trims += 1
 
 
 def configure(w: AuditWriter, cfg: dict[str, Any]) -> None:
@@ -86,6 +128,43 @@ def configure(w: AuditWriter, cfg: dict[str, Any]) -> None:
     # the gateway bounds the backlog (it refuses flows); here nothing may be refused
     w.max_pending = 1 << 62
     w.max_pending_bytes = 1 << 62
+
+
+def pump(inp: IO[bytes], w: AuditWriter, rep: Reporter, done: int, db: str,
+         shippers: list[lake.LakeShipper]) -> None:
+    """Read the gateway's messages until the end of the stream and hand the records to the
+    writer, reading no further ahead than one batch behind the one being written."""
+    first = True
+    while True:
+        got = wire.read_frame_sized(inp)
+        if got is None:
+            return
+        msg, nbytes = got
+        kind = msg[0]
+        if kind in ("flow", "row"):
+            n, item = wire.record_of(msg)
+            if n <= done:
+                continue  # committed by the process before this one
+            if first:
+                rep.base, first = n - 1, False
+            item.sub = n  # type: ignore[union-attr] - committed with its batch
+            # what it holds here: at least its frame (metadata, headers, bodies)
+            item.size = max(item.size, nbytes)
+            rep.received += nbytes
+            w.submit(item)
+            # Backpressure: while a whole batch waits behind the one being written, stop
+            # reading; the pipe fills and the gateway's sender waits, its backlog bounded.
+            w.wait_room()
+        elif kind == "cfg":
+            configure(w, msg[1])
+        elif kind == "lake" and not shippers:
+            shipper = lake.LakeShipper(lake.LakeConfig(**msg[1]), str(msg[2]),
+                                       functools.partial(lake.open_local, db))
+            shipper.start()
+            shippers.append(shipper)
+        elif kind == "flush":
+            with w._cv:  # noqa: SLF001 - write what is queued now, not at the interval
+                w._cv.notify_all()  # noqa: SLF001
 
 
 def main(argv: list[str]) -> int:
@@ -123,37 +202,15 @@ def main(argv: list[str]) -> int:
     rep.base = done
     rep.send(("ready", seq, head, done))
     threading.Thread(target=rep.run, name="agentgate-audit-report", daemon=True).start()
-    first = True
-    shipper: lake.LakeShipper | None = None
+    shippers: list[lake.LakeShipper] = []
     try:
-        while True:
-            msg = wire.read_frame(inp)
-            if msg is None:
-                break
-            kind = msg[0]
-            if kind in ("flow", "row"):
-                n, item = wire.record_of(msg)
-                if n <= done:
-                    continue  # committed by the process before this one
-                if first:
-                    rep.base, first = n - 1, False
-                item.sub = n  # type: ignore[union-attr] - committed with its batch
-                w.submit(item)
-            elif kind == "cfg":
-                configure(w, msg[1])
-            elif kind == "lake" and shipper is None:
-                shipper = lake.LakeShipper(lake.LakeConfig(**msg[1]), str(msg[2]),
-                                           functools.partial(lake.open_local, db))
-                shipper.start()
-            elif kind == "flush":
-                with w._cv:  # noqa: SLF001 - write what is queued now, not at the interval
-                    w._cv.notify()  # noqa: SLF001
+        pump(inp, w, rep, done, db, shippers)
     finally:
         # the gateway closed the pipe or died: write everything read, then exit
         ok = w.close(DRAIN_TIMEOUT)
         rep.stop.set()
         rep.report()
-        if shipper is not None:
+        for shipper in shippers:
             shipper.stop()  # ships what the last batches added
     return 0 if ok else 1
 
