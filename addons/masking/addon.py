@@ -119,7 +119,8 @@ def _decoded(flow: Any, part: str, raw: bytes, encoding: str, limit: int) -> byt
     return raw if got is None else got.data
 
 
-def _shared_doc(flow: Any, part: str, data: bytes, limit: int) -> Any:
+def _shared_doc(flow: Any, part: str, data: bytes, limit: int,
+                memo_key: str | None = None) -> Any:
     """The flow's one JSON parse of `data` (addons/frame/decode.py: policy, sessions and
     approval read the same one), when it is exactly what masking would parse, else None.
     Masking never changes it (bodies: copy on write)."""
@@ -127,8 +128,10 @@ def _shared_doc(flow: Any, part: str, data: bytes, limit: int) -> Any:
     if msg is None:
         return None
     try:
-        body = (decode.request_body if part == "request" else decode.response_body)(
-            flow, max_bytes=limit)
+        if part == "request":
+            body = decode.request_body(flow, max_bytes=limit, memo_key=memo_key)
+        else:
+            body = decode.response_body(flow, max_bytes=limit)
     except decode.DecodeError:
         return None  # masking decodes it itself and answers with its own error
     if body is None or body.data is not data:
@@ -137,12 +140,16 @@ def _shared_doc(flow: Any, part: str, data: bytes, limit: int) -> Any:
 
 
 def mask_message(ctx: Masked, raw: bytes, encoding: str, content_type: str, limit: int,
-                 pass_text: bool, flow: Any = None) -> bytes | None:
-    """Decoded, masked body, or None when nothing changed. Raises Unparseable/TooLarge."""
+                 pass_text: bool, flow: Any = None, memo_key: str | None = None
+                 ) -> bytes | None:
+    """Decoded, masked body, or None when nothing changed. Raises Unparseable/TooLarge.
+    `memo_key`: the session's key, for the flow's JSON parse when no step parsed it yet
+    (policy does, with the same key, when a rule reads the body)."""
     if len(raw) > limit:
         raise TooLarge
     data = _decoded(flow, "request", raw, encoding, limit) if encoding else raw
-    doc = _shared_doc(flow, "request", data, limit)
+    doc = _shared_doc(flow, "request", data, limit,
+                      memo_key if ctx.cache is not None else None)
     if doc is not None and ctx.cache is not None:
         # which messages the flow's parse took whole from the session's previous body
         # (policy parsed it with the session's memo key: decode.parse_memo)
@@ -368,10 +375,12 @@ class Masking:
             args = (ctx, raw, *decode.coding_and_type(req.headers), cfg.max_body_bytes,
                     cfg.on_unparseable == "pass_text")
             try:
+                key = None if shared else self._session_key(flow)
                 if len(raw) >= THREAD_MIN_BYTES or shared:
-                    new = await asyncio.to_thread(mask_message, *args, flow=flow)
+                    new = await asyncio.to_thread(mask_message, *args, flow=flow,
+                                                  memo_key=key)
                 else:
-                    new = mask_message(*args, flow=flow)
+                    new = mask_message(*args, flow=flow, memo_key=key)
             except TooLarge:
                 refuse(flow, 413, f"request body over masking.max_body_bytes "
                        f"({cfg.max_body_bytes} bytes, decoded) cannot be masked",
