@@ -8,7 +8,8 @@ What is folded (detection only; the original text is never changed by this modul
 - zero-width and other invisible characters are removed: ZWSP, ZWNJ, ZWJ, WJ, BOM, soft
   hyphen, bidi controls (all of category Cf), combining marks and variation selectors,
 - escapes that appear inside text: JSON `\\uXXXX` (and surrogate pairs), URL `%XX` (printable
-  ASCII only) and HTML numeric references `&#52;` / `&#x34;`.
+  ASCII, and runs that are one UTF-8 encoded character: `%EF%BC%94` is a full-width 4) and
+  HTML numeric references `&#52;` / `&#x34;`.
 
 Pure ASCII text without `\\u`, `%` or `&#` is returned untouched without any work, which is
 the common case and keeps detection fast.
@@ -24,6 +25,9 @@ import regex
 _ESC_U = regex.compile(r"\\u(?:([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})"
                       r"|([0-9a-fA-F]{4}))")
 _ESC_PCT = regex.compile(r"%([0-9A-Fa-f]{2})")
+# a UTF-8 encoded character written as %XX escapes: a lead byte, then 1-3 continuation
+# bytes (`%EF%BC%94` is a full-width 4, `%E2%80%8B` a zero-width space)
+_ESC_PCT_UTF8 = regex.compile(r"%(?:[C-Fc-f][0-9A-Fa-f])(?:%[89ABab][0-9A-Fa-f]){1,3}")
 _ESC_HTML = regex.compile(r"&#(?:[xX]([0-9A-Fa-f]{1,6})|([0-9]{1,7}));")
 _ALWAYS_DROP = frozenset("\u115f\u1160\u3164\uffa0\u034f\u180e")
 # punctuation that matters inside the values we detect (full-width forms fold to these)
@@ -145,6 +149,22 @@ def _pct_units(text: str) -> list[tuple[int, int, str]] | None:
     return out
 
 
+def _pct_utf8_units(text: str) -> list[tuple[int, int, str]]:
+    """Units of the UTF-8 characters written as %XX runs, each folded: one unit per
+    character (a run that is not valid UTF-8 is left to the single-byte units)."""
+    out: list[tuple[int, int, str]] = []
+    for m in _ESC_PCT_UTF8.finditer(text):
+        s, e = m.span()
+        raw = bytes.fromhex(m.group().replace("%", ""))
+        try:
+            ch = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if len(ch) == 1:
+            out.append((s, e, FOLD[ord(ch)]))
+    return out
+
+
 def _unescape_html(m: regex.Match) -> str:
     code = int(m.group(1), 16) if m.group(1) is not None else int(m.group(2))
     if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
@@ -181,6 +201,10 @@ def normalize(text: str) -> Normalized | None:
                          for m in _ESC_PCT.finditer(text))
         else:
             units.extend(pct)
+        utf8 = _pct_utf8_units(text)
+        if utf8:
+            sources += 1  # overlaps the single-byte units of the same escapes: sorted
+            units.extend(utf8)
     if has_amp:
         sources += 1
         units.extend((m.start(), m.end(), _unescape_html(m)) for m in _ESC_HTML.finditer(text))
