@@ -1312,7 +1312,7 @@ class SearchHistories:
 
     def __init__(self, max_sessions: int = 4096, idle_ttl: float = 3600.0,
                  clock: Callable[[], float] | None = None, max_bytes: int = 16 << 20,
-                 identity_share: int = 4) -> None:
+                 identity_share: int = 2) -> None:
         import time
         self._h: OrderedDict[str, SearchHistory] = OrderedDict()
         self._ident_bytes: dict[str, int] = {}
