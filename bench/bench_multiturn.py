@@ -136,6 +136,7 @@ def drive(url: str, proxy: str, pid: int, convs: list[list[bytes]], tag: str
     paths = [p for _, p in opened]
     sessions = [f"{tag}-agent-{i}" for i in range(n)]
     cpu_turn: list[float] = []
+    own_turn: list[float] = []
     lats: list[float] = []
     errors: list[str] = []
     # the proxy and its child processes (the suite's audit writer): work moved out of the
@@ -143,11 +144,12 @@ def drive(url: str, proxy: str, pid: int, convs: list[list[bytes]], tag: str
     cpu_start, own_start = h.tree_cpu_seconds(pid), h.cpu_seconds(pid)
     try:
         for t in range(turns):
-            c0 = h.tree_cpu_seconds(pid)
+            c0, o0 = h.tree_cpu_seconds(pid), h.cpu_seconds(pid)
             lat, errs = _round(conns, paths, [c[t] for c in convs], sessions)
             # the proxy may still be finishing (recording) after the last reply
             time.sleep(0.02)
             cpu_turn.append((h.tree_cpu_seconds(pid) - c0) * 1000 / n)
+            own_turn.append((h.cpu_seconds(pid) - o0) * 1000 / n)
             lats += [x for x in lat if x]
             errors += errs
             if len(errors) > 5:
@@ -160,6 +162,8 @@ def drive(url: str, proxy: str, pid: int, convs: list[list[bytes]], tag: str
     own_total = h.cpu_seconds(pid) - own_start
     lats.sort()
     return {"cpu_ms_per_turn": [round(x, 2) for x in cpu_turn],
+            # the gateway process alone (what grows on the gateway's side of the pipe)
+            "own_cpu_ms_per_turn": [round(x, 2) for x in own_turn],
             "cpu_total_s": round(total, 3),
             "own_cpu_total_s": round(own_total, 3),
             "p50_ms": round(h.percentile(lats, 50), 2) if lats else None,
@@ -201,7 +205,7 @@ def in_process(agents: int = 6, turns: int = 40, profile: str | None = None
     from addons.masking.bodies import Masked, MessageCaches
     from addons.masking.config import MaskingConfig
     from addons.masking.detectors import DetectorSet
-    from addons.masking.masker import Masker, SessionStore
+    from addons.masking.masker import Masker, SessionStore, session_key
 
     convs = [conversation(i, turns) for i in range(agents)]
     store = SessionStore()
@@ -223,12 +227,15 @@ def in_process(agents: int = 6, turns: int = 40, profile: str | None = None
         c0 = time.process_time()
         for a, f in enumerate(flows):
             raw = f.request.raw_content
-            body = decode.request_body(f, max_bytes=limit)
-            assert body is not None and body.json is not None  # policy's read: the one parse
-            sess = store.get(f"agent-{a}")
+            key = session_key("bench", f"agent-{a}")
+            # policy's read: the one parse, with the session's memo key
+            body = decode.request_body(f, max_bytes=limit, memo_key=key)
+            assert body is not None and body.json is not None
+            sess = store.get(key)
             ctx = Masked(masker, sess, {}, restorable=True, dialect="openai",
-                         cache=caches.get(f"agent-{a}", sess, masker))
-            mask_message(ctx, raw, "", "application/json", limit, False, flow=f)
+                         cache=caches.get(key, sess, masker))
+            mask_message(ctx, raw, "", "application/json", limit, False, flow=f,
+                         memo_key=key)
         per_turn.append((time.process_time() - c0) * 1000 / agents)
         if late:
             prof.disable()
@@ -245,10 +252,13 @@ def _dir_bytes(path: Path) -> int:
 
 
 def run(quick: bool = False, agents: int | None = None, turns: int | None = None,
-        profile: str | None = None, concerns: tuple[str, ...] = e2e.CONCERNS
-        ) -> dict[str, Any]:
+        profile: str | None = None, concerns: tuple[str, ...] = e2e.CONCERNS,
+        base: str | None = None, repeats: int = 1) -> dict[str, Any]:
     """`profile`: a path for a py-spy profile (collapsed stacks) of the suite's run;
-    `concerns`: the suite's concerns (default all, as bench/e2e.py)."""
+    `concerns`: the suite's concerns (default all, as bench/e2e.py); `base`: another
+    checkout (a git worktree at the commit before a change) whose gateway runs the same
+    conversations, interleaved with this tree's `repeats` times (base, suite, base, …):
+    before/after in one invocation, under the same machine load."""
     n = agents or (4 if quick else 20)
     m = turns or (12 if quick else 40)
     convs = [conversation(i, m) for i in range(n)]
@@ -279,41 +289,79 @@ def run(quick: bool = False, agents: int | None = None, turns: int | None = None
         drive(url, bare.url, bare.pid, warm, "warm")
         out["bare"] = drive(url, bare.url, bare.pid, convs, "bare")
         bare.stop()
-        suite, proxy, active, err = env.start_suite(tuple(concerns), "suite")
-        out["active_concerns"] = active
-        if err:
+        if base:
+            for r in range(repeats):
+                for label, tree in (("base", Path(base)), ("suite", None)):
+                    key = label if r == 0 else f"{label}_{r + 1}"
+                    if tree is None:
+                        s2, p2, active, err = env.start_suite(tuple(concerns), key)
+                    else:
+                        s2, p2, active, err = env.start_suite(tuple(concerns), key,
+                                                              tree=tree)
+                    if err:
+                        out["error"] = f"{key} could not serve a request: " \
+                                       f"{err.splitlines()[0]}"
+                        break
+                    out["active_concerns"] = active
+                    drive(url, p2, s2.pid, warm, "warm")
+                    out[key] = drive(url, p2, s2.pid, convs, key)
+                    s2.stop()
+        if base:
+            pass
+        elif (started := env.start_suite(tuple(concerns), "suite"))[3]:
+            suite, proxy, active, err = started
+            out["active_concerns"] = active
             out["error"] = f"suite could not serve a request: {err.splitlines()[0]}"
             return out
-        drive(url, proxy, suite.pid, warm, "warm")
-        data = tmp / f"data{env.n_suites}"
-        before = _dir_bytes(data)
-        spy = None
-        if profile and e2e.py_spy():
-            spy = subprocess.Popen([e2e.py_spy(), "record", "--format", "raw", "-r", "200",
-                                    "-o", profile, "-p", str(suite.pid)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1)
-        try:
-            out["suite"] = drive(url, proxy, suite.pid, convs, "suite")
-        finally:
-            if spy is not None:
-                spy.send_signal(signal.SIGINT)
-                spy.wait(timeout=30)
-        suite.stop()
-        if "recording" in active:
-            out["audit_bytes_per_session"] = round((_dir_bytes(data) - before) / n)
-            out["distinct_bytes_per_session"] = round(
-                statistics.fmean(len(c[-1]) for c in convs))
+        else:
+            suite, proxy, active, _ = started
+            out["active_concerns"] = active
+            _suite_run(out, env, url, proxy, suite, warm, convs, profile, n)
     finally:
         env.stop()
-    for k in ("bare", "suite"):
+    return _summarise(out)
+
+
+def _suite_run(out: dict[str, Any], env: Any, url: str, proxy: str, suite: Any,
+               warm: list[list[bytes]], convs: list[list[bytes]], profile: str | None,
+               n: int) -> None:
+    """The suite's run (this tree): CPU per turn, with a py-spy profile if asked, and the
+    audit bytes its data directory gained."""
+    drive(url, proxy, suite.pid, warm, "warm")
+    data = env.tmp / f"data{env.n_suites}"
+    before = _dir_bytes(data)
+    spy = None
+    if profile and e2e.py_spy():
+        spy = subprocess.Popen([e2e.py_spy(), "record", "--gil", "--format", "raw",
+                                "-r", "200", "-o", profile, "-p", str(suite.pid)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)
+    try:
+        out["suite"] = drive(url, proxy, suite.pid, convs, "suite")
+    finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=30)
+    suite.stop()
+    if "recording" in out["active_concerns"]:
+        out["audit_bytes_per_session"] = round((_dir_bytes(data) - before) / n)
+        out["distinct_bytes_per_session"] = round(
+            statistics.fmean(len(c[-1]) for c in convs))
+
+
+def _summarise(out: dict[str, Any]) -> dict[str, Any]:
+    for k in [k for k in out if k == "bare" or k.startswith(("suite", "base"))]:
         r = out.get(k)
-        if r:
+        if isinstance(r, dict) and "cpu_ms_per_turn" in r:
             r["deciles"] = deciles(r["cpu_ms_per_turn"])
             r["late_over_early"] = late_over_early(r["cpu_ms_per_turn"])
+            r["own_deciles"] = deciles(r["own_cpu_ms_per_turn"])
+            r["own_late_over_early"] = late_over_early(r["own_cpu_ms_per_turn"])
     if out.get("bare") and out.get("suite") and out["bare"]["cpu_total_s"]:
         out["suite_over_bare_cpu"] = round(out["suite"]["cpu_total_s"]
                                            / out["bare"]["cpu_total_s"], 2)
+        out["own_suite_over_bare_cpu"] = round(out["suite"]["own_cpu_total_s"]
+                                               / out["bare"]["cpu_total_s"], 2)
     if out.get("audit_bytes_per_session") is not None:
         out["audit_over_distinct"] = round(out["audit_bytes_per_session"]
                                            / out["distinct_bytes_per_session"], 2)
@@ -360,8 +408,15 @@ def markdown(res: dict[str, Any]) -> str:
                        ("peak RSS with child processes (MiB)", "peak_rss_mib"),
                        ("peak RSS, mitmdump process alone (MiB)", "own_peak_rss_mib"),
                        ("total CPU, mitmdump process alone (s)", "own_cpu_total_s"),
+                       ("CPU per turn by decile, mitmdump process alone (ms)",
+                        "own_deciles"),
+                       ("late/early CPU per turn, mitmdump process alone",
+                        "own_late_over_early"),
                        ("errors", "errors")):
         out.append(f"| {label} | {b.get(key, 'n/a')} | {s.get(key, 'n/a')} |")
+    if res.get("own_suite_over_bare_cpu") is not None:
+        out += ["", "suite/bare total CPU, the mitmdump process alone (its writer process "
+                f"left out): {res['own_suite_over_bare_cpu']}."]
     if res.get("audit_bytes_per_session") is not None:
         out += ["", f"Audit bytes per session: {res['audit_bytes_per_session']:,} for "
                 f"{res['distinct_bytes_per_session']:,} bytes of distinct content sent "
@@ -381,6 +436,9 @@ if __name__ == "__main__":
                     help="the suite's concerns (default: all)")
     ap.add_argument("--in-process", action="store_true",
                     help="decode + masking per turn in this process, no proxy")
+    ap.add_argument("--base", help="another checkout whose gateway runs interleaved with "
+                                   "this one's (before/after in one invocation)")
+    ap.add_argument("--repeats", type=int, default=1, help="with --base: rounds")
     a = ap.parse_args()
     if a.in_process:
         ip = in_process(a.agents or 6, a.turns or 40, a.profile)
@@ -391,7 +449,24 @@ if __name__ == "__main__":
               f"{ip['late_over_early']}; total {ip['cpu_total_ms']} ms")
         sys.exit(0)
     r = run(quick=a.quick, agents=a.agents, turns=a.turns, profile=a.profile,
-            concerns=tuple(c for c in a.concerns.split(",") if c))
+            concerns=tuple(c for c in a.concerns.split(",") if c), base=a.base,
+            repeats=a.repeats)
+    if a.base:
+        if a.json:
+            Path(a.json).write_text(json.dumps(r, indent=1))
+        bare = r.get("bare") or {}
+        print(f"bare: CPU/turn deciles {bare.get('deciles')} total {bare.get('cpu_total_s')} s")
+        for k, v in r.items():
+            if isinstance(v, dict) and k != "bare" and "deciles" in v:
+                print(f"{k}: gateway alone deciles {v['own_deciles']} late/early "
+                      f"{v['own_late_over_early']} total {v['own_cpu_total_s']} s "
+                      f"(/bare {round(v['own_cpu_total_s'] / bare['cpu_total_s'], 2)}); "
+                      f"with writer late/early {v['late_over_early']} total "
+                      f"{v['cpu_total_s']} s (/bare "
+                      f"{round(v['cpu_total_s'] / bare['cpu_total_s'], 2)}); "
+                      f"p50 {v['p50_ms']} ms; peak RSS {v['own_peak_rss_mib']} / "
+                      f"{v['peak_rss_mib']} MiB; errors {v['errors']}")
+        sys.exit(1 if r.get("error") else 0)
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=1))
     print(markdown(r))
