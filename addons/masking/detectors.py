@@ -1099,8 +1099,17 @@ _HOLD_TOKEN = _c(r"(?r)\S{1,N}".replace("N", str(_TOKEN_MAX)))
 # characters inside) with a separator (any non-alphanumeric character, as SEP):
 # "4111 1111 ", "4111,1111/", "+44 (20) ", "DE89 3704 ", "078 05 "
 _G = r"\dA-Z\uFF10-\uFF19\uFF21-\uFF3A"
-_HOLD_GROUPS = _c(r"(?r)(?:[+(]?[" + _G + r"][" + _G + r")\u200b-\u200d\u2060\ufeff\u00ad]{0,12}"
-                  r"[\W_]){1,12}")
+# ... each character may be written as an escape normalize undoes (`\u0034`, `%34`, `&#52;`,
+# a UTF-8 character as two to four `%XX`): "%34%31%31%31 %31%31…" is a card as well
+# (atomic, escapes first: read backwards, the '1' of '%31' must not be a unit of its own)
+_GU = (r"(?>\\u[0-9A-Fa-f]{4}|%[C-Fc-f][0-9A-Fa-f](?:%[89ABab][0-9A-Fa-f]){1,3}|"
+       r"%[0-9A-Fa-f]{2}|&#(?:[xX][0-9A-Fa-f]{1,6}|[0-9]{1,7});|"
+       r"[" + _G + r"])")
+_HOLD_GROUPS = _c(r"(?r)(?:[+(]?" + _GU + r"(?:" + _GU + r"|[)\u200b-\u200d\u2060\ufeff"
+                  r"\u00ad]){0,12}[\W_]){1,12}")
+# how far before the last token the groups are looked for: 12 groups of 13 characters,
+# each written as an escape of up to 12 characters (a 4-byte UTF-8 character as %XX)
+_HOLD_GROUPS_REACH = 12 * 14 * 12
 _PEM_OPEN = "-----BEGIN "
 _PEM_CLOSE = _c(r"-----END [A-Z0-9 ]{1,40}-----")
 
@@ -1509,7 +1518,7 @@ class DetectorSet:
                 i = text.find(_PEM_OPEN, close.end())
         tm = _HOLD_TOKEN.match(text, max(0, n - _TOKEN_MAX * 2), n)
         start = tm.start() if tm is not None else n
-        gm = _HOLD_GROUPS.match(text, max(0, start - 160), start)
+        gm = _HOLD_GROUPS.match(text, max(0, start - _HOLD_GROUPS_REACH), start)
         if gm is not None:
             start = gm.start()
         keep = max(keep, n - start, self._custom_hold)
