@@ -291,24 +291,48 @@ def _make_error_response(status_code: int, message: str = "") -> bytes:
     return assemble_response(http.Response.make(status_code, body, headers))
 
 
-def _stepped(method):
-    """Run a generator method with _CURRENT set to its connection for every step (and
-    reset between steps: other connections run while it waits on a hook)."""
+def _first_step(method):
+    """Run a generator method with _CURRENT set to its connection while its first step
+    runs, and reset after it (other connections run while it waits on a hook). The first
+    step is the only one in which mitmproxy 12's Http1Server.send and read_headers build
+    an error page: `make_error_response(...)` is the argument of their first `yield` on
+    that path (tests/egress/test_error_pages.py fails if it is not). The rest of the
+    generator is delegated natively (`yield from`): no Python work per later step."""
     def wrapper(self, event):
         gen = method(self, event)
-        sent = None
+        token = _CURRENT.set(self)
+        try:
+            cmd = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            _CURRENT.reset(token)
+        sent = yield cmd
+        if sent is None:  # what the layer sends back for these commands
+            return (yield from gen)
         while True:
-            token = _CURRENT.set(self)
             try:
                 cmd = gen.send(sent)
             except StopIteration as stop:
                 return stop.value
-            finally:
-                _CURRENT.reset(token)
             sent = yield cmd
     wrapper.__name__ = method.__name__
     wrapper.__wrapped__ = method  # type: ignore[attr-defined]
     return wrapper
+
+
+def _send(method):
+    """Http1Server.send: only a ResponseProtocolError can build an error page; every other
+    event (headers, data, end of message: three per response) goes straight through."""
+    stepped = _first_step(method)
+
+    def send(self, event):
+        if isinstance(event, _events.ResponseProtocolError):
+            return stepped(self, event)
+        return method(self, event)
+    send.__name__ = method.__name__
+    send.__wrapped__ = method  # type: ignore[attr-defined]
+    return send
 
 
 def _h2_handle_event(original):
@@ -370,8 +394,8 @@ def install_error_pages() -> None:
     if bad:
         raise RuntimeError("agentgate cannot replace mitmproxy's error pages: " + "; ".join(bad))
     server = _http1.Http1Server
-    for name in ("send", "read_headers"):
-        setattr(server, name, _stepped(getattr(server, name)))
+    server.send = _send(server.send)  # type: ignore[method-assign]
+    server.read_headers = _first_step(server.read_headers)  # type: ignore[method-assign]
     _make_error_response.__wrapped__ = _http1.make_error_response  # type: ignore[attr-defined]
     _make_error_response.agentgate_errors = True  # type: ignore[attr-defined]
     _http1.make_error_response = _make_error_response
