@@ -81,7 +81,10 @@ def call(db: Any, req: dict[str, Any]) -> dict[str, Any]:
     from addons.recording import writer as audit_writer
     if not isinstance(db, Path):
         return call_lake(db, req)
-    resp = audit_writer.ask_gateway(db, req)
+    try:
+        resp = audit_writer.ask_gateway(db, req)
+    except OSError as e:  # a socket not to be asked, or the gateway went away mid-answer
+        raise AuditError(str(e)) from None
     if resp is None:
         if not db.exists():
             raise AuditError(f"no audit store at {db} (set --db or AGENTGATE_DATA)")

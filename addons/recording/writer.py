@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import socketserver
+import stat
 import tempfile
 import threading
 import time
@@ -143,12 +144,27 @@ class QueryServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         os.chmod(path, 0o600)
 
 
+def _check_owner(path: str, db_path: str | Path) -> None:
+    """Refuse a socket that is not owned by the store's owner (the gateway's user): with a
+    long store path the name is in the shared temporary directory, where another local
+    user could bind it first, read every question (SQL) and answer anything ("OK")."""
+    st = os.lstat(path)
+    try:
+        owner = os.stat(db_path).st_uid
+    except OSError:
+        owner = os.getuid()
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != owner:
+        raise ConnectionError(f"{path} is not owned by the audit store's owner (uid {owner}, "
+                              f"not {st.st_uid}) or is not a socket: not asked")
+
+
 def ask_gateway(db_path: str | Path, req: dict[str, Any], timeout: float = 300
                 ) -> dict[str, Any] | None:
     """Send a request to the gateway serving db_path; None when no gateway listens."""
     path = socket_path(db_path)
     if not os.path.exists(path):
         return None
+    _check_owner(path, db_path)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
