@@ -10,7 +10,6 @@ and every addon see the marker.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import logging
@@ -87,37 +86,61 @@ def carries_marker(value: str | bytes) -> bool:
     return nonce in value  # type: ignore[operator]
 
 
+def _real_for(k: Any, v: Any) -> bytes | None:
+    """The real credential for header field (k, v) when v is a marker made for header k;
+    raises when that secret cannot be read any more (fail the connection, never send the
+    marker)."""
+    hit = _MARKERS.get(bytes(v)) if len(v) > len(_NONCE) else None
+    if hit is None or bytes(k).lower() != hit[0]:
+        return None
+    real = hit[1].resolve()
+    if real is None:
+        raise RuntimeError("upstream credential no longer available; not sending")
+    return real.encode()
+
+
 def substitute(fields: Any) -> Any:
     """Header pairs with each marker replaced by its real credential (the same object when
     there is none). Only in the header the marker was made for; a secret that cannot be
     read any more fails the connection instead of sending the marker."""
     out = None
     for i, (k, v) in enumerate(fields):
-        hit = _MARKERS.get(bytes(v)) if len(v) > len(_NONCE) else None
-        if hit is None or bytes(k).lower() != hit[0]:
-            continue
-        real = hit[1].resolve()
+        real = _real_for(k, v)
         if real is None:
-            raise RuntimeError("upstream credential no longer available; not sending")
+            continue
         if out is None:
             out = list(fields)
-        out[i] = (k, real.encode())
+        out[i] = (k, real)
     if out is None:
         return fields
     return tuple(out) if isinstance(fields, tuple) else out
 
 
 def _h1_head(orig: Callable[[http.Request], bytes]) -> Callable[[http.Request], bytes]:
+    nonce = _NONCE.encode()
+
     def assemble_request_head(request: http.Request) -> bytes:
+        head = orig(request)
+        if nonce not in head:  # every marker holds the nonce: none in this head
+            return head
+        # mitmproxy's head is `line CRLF k: v CRLF ... CRLF` (Headers.__bytes__): each
+        # marker's bytes are replaced in place, found by the fields' lengths (the flow's
+        # request keeps the marker; no copy of it is made)
         fields = request.headers.fields
-        new = substitute(fields)
-        if new is fields:
-            return orig(request)
-        # A private copy for the wire: the flow's request keeps the marker.
-        wire = copy.copy(request)
-        wire.data = copy.copy(request.data)
-        wire.data.headers = http.Headers(new)
-        return orig(wire)
+        pos = len(head) - 2 - sum(len(k) + len(v) + 4 for k, v in fields)
+        parts: list[bytes] = []
+        last = 0
+        for k, v in fields:
+            real = _real_for(k, v)
+            if real is not None:
+                start = pos + len(k) + 2
+                parts += (head[last:start], real)
+                last = start + len(v)
+            pos += len(k) + len(v) + 4
+        if not parts:
+            return head
+        parts.append(head[last:])
+        return b"".join(parts)
     assemble_request_head.__wrapped__ = orig  # type: ignore[attr-defined]
     return assemble_request_head
 

@@ -247,3 +247,57 @@ def test_agent_credentials_dropped_at_requestheaders_even_on_refused_flows(
         assert "agent-key" not in str(f.get_state())
         assert f.request.path == "/v1/chat/completions?limit=1"
         assert f.metadata["origin_redacted"].endswith("?access_token=[REDACTED]&limit=1")
+
+
+def _reference_head(request) -> bytes:
+    """The wire head as it was assembled before the no-copy version: a private copy of the
+    request with the substituted header fields, through mitmproxy's own assembler."""
+    import copy
+
+    from mitmproxy import http
+    from mitmproxy.net.http.http1 import assemble
+
+    fields = request.headers.fields
+    new = credentials.substitute(fields)
+    if new is fields:
+        return assemble.assemble_request_head(request)
+    wire = copy.copy(request)
+    wire.data = copy.copy(request.data)
+    wire.data.headers = http.Headers(new)
+    return assemble.assemble_request_head(wire)
+
+
+def test_wire_head_equals_the_copying_assembly(holder: RulesHolder) -> None:
+    """The substituted head is built from mitmproxy's own bytes (no copy of the request):
+    byte for byte what assembling a substituted copy gives, for markers in their header,
+    in another header (never substituted), twice, next to a look-alike holding the nonce,
+    in origin-form, absolute-form and CONNECT requests, with and without other headers."""
+    import random
+
+    credentials.install_wire_substitution()
+    from mitmproxy.net.http import http1
+    base = flow_to("api.openai.com")
+    run(holder, base)
+    marker = base.request.headers["authorization"]
+    rng = random.Random(16)
+    cases = 0
+    for _ in range(300):
+        f = flow_to("api.openai.com")
+        req = f.request
+        req.headers.clear()
+        for _ in range(rng.randint(0, 6)):
+            req.headers.add(rng.choice(["Authorization", "authorization", "x-api-key",
+                                        "X-Other", "host", "accept"]),
+                            rng.choice([marker, "plain", marker + "x",
+                                        "a " + credentials._NONCE, "Bearer " + marker]))
+        form = rng.choice(["origin", "absolute", "connect"])
+        if form == "absolute":
+            req.authority = "api.openai.com:443"
+        elif form == "connect":
+            req.method, req.authority = "CONNECT", "api.openai.com:443"
+        want = _reference_head(req)
+        got = http1.assemble_request_head(req)  # the installed wrapper
+        assert got == want, (form, req.headers.fields)
+        assert req.headers.fields == f.request.headers.fields  # the flow keeps its marker
+        cases += b"real-openai-secret" in got
+    assert cases > 30  # substitutions happened
