@@ -301,13 +301,18 @@ async def _run_steps(self: addonmanager.AddonManager, top: Any, steps: tuple[_St
     and found unchanged is not looked at again until some code of an addon (a hook, a
     children property) has run: `ran` counts those, `verified[d]` is `ran` when lists[d]
     was compared."""
-    lists: list[Any] = [(top,)]
+    lists: list[Any] = [(top,)]  # ours: nobody else can change it
+    snaps: list[Any] = [None]    # the children the table was built from, per depth
     done = [-1]
     ran = 0
-    verified = [0]
+    verified = [-1]
     for kind, a, depth, i, extra, gap in steps:
         live = lists[depth]
-        checked = verified[depth] == ran
+        checked = not depth or verified[depth] == ran
+        if not checked and type(snaps[depth]) is list and type(live) is list \
+                and live == snaps[depth]:
+            verified[depth] = ran  # the whole list unchanged (compared at C speed)
+            checked = True
         if not checked and gap and _moved(live, gap):
             return await _resume(self, lists, done, depth, done[depth] + 1, name, args)
         if kind == _CALL:
@@ -329,6 +334,7 @@ async def _run_steps(self: addonmanager.AddonManager, top: Any, steps: tuple[_St
             if not checked and len(live) != i:  # grew or shrank during the event
                 return await _resume(self, lists, done, depth, done[depth] + 1, name, args)
             lists.pop()
+            snaps.pop()
             done.pop()
             verified.pop()
             continue
@@ -338,6 +344,7 @@ async def _run_steps(self: addonmanager.AddonManager, top: Any, steps: tuple[_St
         ran += 1
         now = a.addons  # read where mitmproxy reads it: after the addon's own hook
         lists.append(now)
+        snaps.append(extra)
         done.append(-1)
         verified.append(ran)
         if not _same(now, extra):
@@ -364,8 +371,11 @@ async def _dispatch(self: addonmanager.AddonManager, name: str, args: list[Any],
                     plan: _Plan, chain: list[Any]) -> None:
     done = -1  # index in `chain` of the last top-level addon handled
     generic = False
+    snapshot = plan.snapshot  # a list when `==` on the chain compares identity
     for index, top, steps, gap in plan.entries:
-        if (gap and _moved(chain, gap)) or index >= len(chain) or chain[index] is not top:
+        if done >= 0 and (snapshot is None or chain != snapshot) and (
+                (gap and _moved(chain, gap)) or index >= len(chain)
+                or chain[index] is not top):
             generic = True  # the chain changed during this event: as mitmproxy from here
             break
         try:  # safecall()'s handling, per top-level addon
@@ -390,7 +400,8 @@ async def _dispatch(self: addonmanager.AddonManager, name: str, args: list[Any],
         except Exception:  # noqa: BLE001 - as safecall()
             _addon_error()
         done = index
-    if not generic and len(chain) == len(plan.chain) and not _moved(chain, plan.tail):
+    if not generic and ((snapshot is not None and chain == snapshot) or (
+            len(chain) == len(plan.chain) and not _moved(chain, plan.tail))):
         return
     # mitmproxy iterates the live list: go on after the last one handled, the generic way
     _invalidate(self)
