@@ -962,6 +962,14 @@ class Masked:
             if isinstance(obj, str):
                 new = self.text(obj)
                 return None if new == obj else _dump(new).encode()
+            if isinstance(obj, int | float) and not isinstance(obj, bool):
+                # a bare number is a document too: as written and as every reader takes it
+                forms = (obj.text, float.__repr__(obj)) if isinstance(obj, JsonFloat) \
+                    else (str(obj),)
+                for form in dict.fromkeys(forms):
+                    new = self.text(form)
+                    if new != form:
+                        return _dump(new).encode()
             return None
         key = self._incremental_key(obj)
         if key is not None:

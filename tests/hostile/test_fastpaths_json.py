@@ -59,7 +59,7 @@ def views(body: str) -> list[str]:
     except ValueError:
         return out
     out.append(json.dumps(doc, ensure_ascii=False))
-    _numbers(doc, out)
+    _numbers([doc], out)  # (a bare number is a document too)
     return out
 
 
@@ -77,6 +77,9 @@ BODIES = [
     ("list with a float", b'{"ints":[4111,1111,1111,1111.0]}'),
     ("list with a string", b'{"ints":[4111,1111,1111,1111,"x"]}'),
     ("dict of small ints", b'{"a":4111,"b":1111,"c":1111,"d":1111}'),
+    ("bare number", b'4111111111111111'),
+    ("bare exponent", b'4.111111111111111e15'),
+    ("bare negative", b'-4111111111111111'),
 ]
 
 
