@@ -693,99 +693,228 @@ def split_body(body: bytes, facts: dict[str, Any] | None = None) -> list[bytes]:
 
     `facts`, when given, gets the top-level "model" (a string, else None) once the whole
     object was read, so the row need not parse the body a second time for it."""
-    if body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
-        return [body]
-    try:
-        s = body.decode("utf-8")
-    except UnicodeDecodeError:
-        return [body]
-    cuts: list[int] = []
-    model: Any = None
+    got = _split(body, facts, None)
+    return [body] if got is None else got.pieces
 
-    def ws(i: int) -> int:
-        m = _WS.match(s, i)
-        return m.end() if m else i
 
-    try:
-        i = ws(0)
-        if s[i] != "{":
-            return [body]
-        i = ws(i + 1)
-        if s[i] == "}":
-            return [body]
-        while True:
-            if s[i] != '"':
-                return [body]
-            key, i = json.decoder.scanstring(s, i + 1)
-            i = ws(i)
-            if s[i] != ":":
-                return [body]
-            i = ws(i + 1)
-            if key in SPLIT_KEYS and s[i] == "[":
-                i = ws(i + 1)
-                if s[i] != "]":
-                    # cut before the first element and after each one, so a piece is one
-                    # element with the separator before it: a turn adds one node per new
-                    # message (not one more for each "," between messages)
-                    cuts.append(i)
-                    while True:
-                        _, end = _DECODER.raw_decode(s, i)
-                        cuts.append(end)
-                        i = ws(end)
-                        if s[i] == ",":
-                            i = ws(i + 1)
-                            continue
-                        if s[i] == "]":
-                            break
-                        return [body]
-                i += 1
-            else:
-                value, i = _DECODER.raw_decode(s, i)
-                if key == "model":
-                    model = value
-            i = ws(i)
-            if s[i] == ",":
-                i = ws(i + 1)
-                continue
-            if s[i] == "}":
-                break
-            return [body]
-    except (ValueError, IndexError):
-        return [body]
-    if facts is not None and ws(i + 1) == len(s):  # the whole body is this one object
-        facts["model"] = model if isinstance(model, str) else None
-    if not cuts:
-        return [body]
-    pieces: list[bytes] = []
-    last = 0
-    for c in [*cuts, len(s)]:
-        if c > last:
-            pieces.append(s[last:c].encode("utf-8"))
-            last = c
-    return pieces if b"".join(pieces) == body else [body]
+# A place in a body where cutting can resume: the end of an array element that closes with
+# '}', ']' or '"' (the JSON decoder decides where such a value ends without looking past
+# it), with the "model" read before it. The cut positions up to there and the parser's state
+# depend only on the text before it, so a body with the same text up to there is cut the
+# same way up to there.
+_Resume = tuple[int, Any]
 
 
 Blob = tuple[str, bytes | None, str | None, str | None, int]  # hash, data, prev, part, size
 
 
-def blob_tree(body: bytes, out: dict[str, Blob], facts: dict[str, Any] | None = None) -> str:
-    """Add the blobs of body to out; returns its root address (a leaf or the last node)."""
-    pieces = split_body(body, facts)
-    if len(pieces) == 1:
+@dataclass
+class _Cut:
+    text: str  # the body, decoded
+    pieces: list[bytes]
+    cuts: list[int]  # character offsets in text where the pieces but the last end
+    resumes: list[_Resume]
+    kept: int = 0  # leading pieces taken from the earlier body's cut
+    blobs: list[tuple[Blob, Blob]] = field(default_factory=list)  # (leaf, node) per piece
+
+
+def _ws(s: str, i: int) -> int:
+    m = _WS.match(s, i)
+    return m.end() if m else i
+
+
+def _split(body: bytes, facts: dict[str, Any] | None, prev: _Cut | None) -> _Cut | None:
+    """split_body's work; None when the body is not a splittable object. `prev`: the cut
+    of an earlier body; when this body starts with the same text as `prev` up to one of
+    its resume points, that prefix is not parsed again (same result, see _Resume)."""
+    if body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
+        return None
+    try:
+        s = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    start: _Resume | None = None
+    kept = 0  # pieces (and cuts) of prev reused: those up to the resume point
+    if prev is not None:
+        # the furthest resume point up to which s reads as prev: "s starts with prev up to
+        # there" holds for every point before one where it holds, so a binary search
+        lo, hi = 0, len(prev.resumes)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            pos = prev.resumes[mid][0]
+            if len(s) > pos and s.startswith(prev.text[:pos]):
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo:
+            start = prev.resumes[lo - 1]
+            kept = prev.cuts.index(start[0]) + 1
+    got = _cuts(s, start)
+    if got is None:
+        return None
+    new_cuts, model, i, resumes = got
+    if facts is not None and _ws(s, i + 1) == len(s):  # the whole body is this one object
+        facts["model"] = model if isinstance(model, str) else None
+    if start is None:
+        cuts, pieces, last = new_cuts, [], 0
+    else:
+        assert prev is not None
+        cuts = prev.cuts[:kept] + new_cuts
+        pieces = prev.pieces[:kept]
+        resumes = [r for r in prev.resumes if r[0] <= start[0]] + resumes
+        last = start[0]
+    if not cuts:
+        return None
+    for c in [*new_cuts, len(s)]:
+        if c > last:
+            pieces.append(s[last:c].encode("utf-8"))
+            last = c
+    if len(pieces) != len(cuts) + 1 or b"".join(pieces) != body:
+        return None
+    return _Cut(s, pieces, cuts, resumes, kept)
+
+
+def _cuts(s: str, start: _Resume | None) -> tuple[list[int], Any, int, list[_Resume]] | None:
+    """Cut offsets (before the first element of each top-level SPLIT_KEYS array and after
+    every element), the top-level "model", where the object ends and the resume points;
+    from `start` (inside an array, just after an element) or from the beginning."""
+    cuts: list[int] = []
+    resumes: list[_Resume] = []
+    model: Any = None
+    try:
+        if start is None:
+            i = _ws(s, 0)
+            if s[i] != "{":
+                return None
+            i = _ws(s, i + 1)
+            if s[i] == "}":
+                return None
+            in_array = after = False
+        else:
+            i, model = start
+            in_array = after = True
+        while True:
+            if not in_array:
+                if s[i] != '"':
+                    return None
+                key, i = json.decoder.scanstring(s, i + 1)
+                i = _ws(s, i)
+                if s[i] != ":":
+                    return None
+                i = _ws(s, i + 1)
+                if key in SPLIT_KEYS and s[i] == "[":
+                    i = _ws(s, i + 1)
+                    if s[i] != "]":
+                        # cut before the first element and after each one, so a piece is
+                        # one element with the separator before it: a turn adds one node
+                        # per new message (not one more for each "," between messages)
+                        cuts.append(i)
+                        in_array = True
+                    else:
+                        i += 1
+                else:
+                    value, i = _DECODER.raw_decode(s, i)
+                    if key == "model":
+                        model = value
+            if in_array:
+                while True:
+                    if not after:
+                        _, end = _DECODER.raw_decode(s, i)
+                        cuts.append(end)
+                        if s[end - 1] in '}]"':
+                            resumes.append((end, model))
+                        i = end
+                    after = False
+                    i = _ws(s, i)
+                    if s[i] == ",":
+                        i = _ws(s, i + 1)
+                        continue
+                    if s[i] == "]":
+                        break
+                    return None
+                i += 1
+                in_array = False
+            i = _ws(s, i)
+            if s[i] == ",":
+                i = _ws(s, i + 1)
+                continue
+            if s[i] == "}":
+                break
+            return None
+    except (ValueError, IndexError):
+        return None
+    return cuts, model, i, resumes
+
+
+class SplitCache:
+    """The last cut body of each recent key (a session's request bodies): the next turn of
+    a conversation re-sends the history and adds to its end, so only what follows the
+    shared text is parsed and hashed — the writer's work per turn tracks the new content,
+    not the length of the conversation. Bounded in entries and bytes (a body is held about
+    twice: its text and its pieces), least recently used out first. A hit needs the very
+    same text up to the resume point (compared whole), so nothing of one body can enter
+    another's row; keyed by session all the same."""
+
+    def __init__(self, entries: int = 256, max_bytes: int = 16 * 1024 * 1024) -> None:
+        self.entries = entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[Any, tuple[_Cut, int]] = OrderedDict()
+
+    def get(self, key: Any) -> _Cut | None:
+        got = self._items.get(key)
+        if got is None:
+            return None
+        self._items.move_to_end(key)
+        return got[0]
+
+    def put(self, key: Any, cut: _Cut) -> None:
+        size = 2 * len(cut.text) + 200 * len(cut.pieces)
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.bytes -= old[1]
+        if size > self.max_bytes:
+            return
+        self._items[key] = (cut, size)
+        self.bytes += size
+        while len(self._items) > self.entries or self.bytes > self.max_bytes:
+            _, (_, n) = self._items.popitem(last=False)
+            self.bytes -= n
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def blob_tree(body: bytes, out: dict[str, Blob], facts: dict[str, Any] | None = None,
+              cache: SplitCache | None = None, key: Any = None) -> str:
+    """Add the blobs of body to out; returns its root address (a leaf or the last node).
+    `cache`/`key`: where the cut of this key's previous body is kept (see SplitCache); the
+    blobs and the address are the same with it or without it."""
+    prev = cache.get(key) if cache is not None else None
+    cut = _split(body, facts, prev)
+    if cut is None:
         addr = leaf_address(body)
         out.setdefault(addr, (addr, body, None, None, len(body)))
         return addr
-    prev: str | None = None
-    size = 0
-    for piece in pieces:
+    blobs = prev.blobs[:cut.kept] if prev is not None and cut.kept else []
+    node: str | None = blobs[-1][1][0] if blobs else None
+    size = blobs[-1][1][4] if blobs else 0
+    for piece in cut.pieces[len(blobs):]:
         leaf = leaf_address(piece)
-        out.setdefault(leaf, (leaf, piece, None, None, len(piece)))
         size += len(piece)
-        node = node_address(prev, leaf)
-        out.setdefault(node, (node, None, prev, leaf, size))
-        prev = node
-    assert prev is not None
-    return prev
+        addr = node_address(node, leaf)
+        blobs.append(((leaf, piece, None, None, len(piece)), (addr, None, node, leaf, size)))
+        node = addr
+    for leaf_blob, node_blob in blobs:
+        # every blob of the body, reused or not: one the store has not committed (an
+        # earlier row reduced or still queued) must go with this row
+        out.setdefault(leaf_blob[0], leaf_blob)
+        out.setdefault(node_blob[0], node_blob)
+    cut.blobs = blobs
+    if cache is not None:
+        cache.put(key, cut)
+    assert node is not None
+    return node
 
 
 class BlobMissing(LookupError):
@@ -857,8 +986,10 @@ def _headers_json(pairs: Sequence[Sequence[bytes]] | None) -> str | None:
     return cjson([[k.decode("latin-1"), v.decode("utf-8", "replace")] for k, v in pairs])
 
 
-def build_row(p: Pending, decode: Decoder = _identity_decode) -> dict[str, Any]:
-    """One `flows` row (without seq, prev_hash, hash) from a pending flow snapshot."""
+def build_row(p: Pending, decode: Decoder = _identity_decode,
+              splits: SplitCache | None = None) -> dict[str, Any]:
+    """One `flows` row (without seq, prev_hash, hash) from a pending flow snapshot.
+    `splits`: the cuts of recent bodies per session (the same row, built faster)."""
     scrub = Scrubber(p.secrets)
     st = safe_state(p.state, p.redact, scrub, decode)
     req = st.get("request") or {}
@@ -940,7 +1071,8 @@ def build_row(p: Pending, decode: Decoder = _identity_decode) -> dict[str, Any]:
             # the state's copy is the body column's: stored once (export puts it back)
             capped[part] = dict(msg, content={"$body": part})
         if len(body) > INLINE_MAX:
-            refs[part] = blob_tree(body, blobs, facts if part == "request" else None)
+            refs[part] = blob_tree(body, blobs, facts if part == "request" else None,
+                                   splits, (p.session, part))
     hdr_cols = {"request": _headers_json(req.get("headers")) if req else None,
                 "response": _headers_json(resp.get("headers")) if resp else None}
     for part, col in hdr_cols.items():

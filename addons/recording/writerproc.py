@@ -48,9 +48,14 @@ TRIM_AFTER_BYTES = 4 * 1024 * 1024
 TRIM_EVERY = 1.0
 
 
+# the cuts of each session's last bodies: a turn that re-sends the history is parsed and
+# hashed only past it (only the writer thread builds rows)
+SPLITS = store.SplitCache()
+
+
 def build(pending: store.Pending) -> dict[str, Any]:
     # the one bounded decoder, as in the gateway (a bomb must not blow up the writer)
-    return store.build_row(pending, decode=body_decode.decompress)
+    return store.build_row(pending, decode=body_decode.decompress, splits=SPLITS)
 
 
 def _malloc_trim() -> Any:
