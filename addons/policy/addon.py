@@ -80,8 +80,9 @@ class Policy:
     def __init__(self, holder: RulesHolder) -> None:
         self.holder = holder
         self.observe_only = False
-        # per session: where its last prompt searches found nothing (hashes only), so a
-        # turn that re-sends the history searches only what is new (engine.SearchHistory)
+        # per session: its last prompt texts and which searches found nothing in them
+        # (in memory, bounded in bytes), so a turn that re-sends the history searches
+        # only what is new (engine.SearchHistory)
         self.histories = SearchHistories()
 
     def load(self, loader) -> None:
