@@ -3,7 +3,8 @@
 The workload of issue 16: agents that each hold a 40-turn conversation and re-send the whole
 history every turn (request bodies 1.6 KB at turn 1 to ~120 KB at turn 40; each answer
 ~2 KB). Every turn is a real mitmproxy flow state (`tflow`) recorded by the real recorder
-code: `store.build_row` (redaction, decoding, splitting, hashing; in the writer process since
+code: the writer process's `writerproc.build` (`store.build_row` with its per-session split cache:
+redaction, decoding, splitting, hashing; in the writer process since
 issue 16's PERF-G, a thread of the gateway before) and `store.append` in batches of at most
 500 rows and 8 MiB, as the writer does; and what stays in the gateway process (serialising
 the snapshot for the writer process's pipe, `wire.frame`).
@@ -39,7 +40,10 @@ agents, turns = int(sys.argv[1]), int(sys.argv[2])
 sys.path.insert(0, sys.argv[3])
 from mitmproxy.test import tflow
 from addons.recording import store
-from addons.recording.addon import build_row
+try:  # what the writer process runs (with its per-session split cache, PERF-K)
+    from addons.recording.writerproc import build as build_row
+except ImportError:  # an older tree: the writer was a thread of the gateway
+    from addons.recording.addon import build_row
 from addons.recording.writer import open_db, row_bytes
 try:
     from addons.recording import wire  # the writer process (issue 16, PERF-G)
