@@ -141,13 +141,21 @@ def decode_content(raw: bytes, encoding: str, limit: int) -> bytes:
 
 
 def _text_charset(content: bytes, mime: str, params: dict[str, str]) -> str:
-    """The charset of a text or form body as every step reads it (the shared decoder's
-    rule: a BOM, then a declared charset — refused when it reads the body as other ASCII
-    text than a reader ignoring it would —, NUL sniffing, else UTF-8)."""
+    """The charset a text or form body is masked in: the declared one, else UTF-8 — and
+    only when the shared decoder (what policy reads) reads the body in that charset too.
+    Refused (415): a declared charset that reads the body as other ASCII text than a
+    reader ignoring it would (decode.charset_of), or bytes whose BOM or NUL pattern says
+    another charset than the type (a binary body, or text in disguise)."""
     try:
-        return _decode.charset_of(content, mime, params)[0]
+        codec = _decode.charset_of(content, mime, params)[0]
+        want = codecs.lookup(params.get("charset", "utf-8")).name
     except _decode.DecodeError as e:
         raise Unparseable(e.reason, e.status) from None
+    except LookupError:
+        raise Unparseable("body is not text in a known charset", 415) from None
+    if codec != want and not codec.startswith(want + "-"):  # utf-16 declared, LE BOM
+        raise Unparseable(f"body reads as {codec}, its type says {want}", 415)
+    return want
 
 
 def shared_json(body: _decode.Body) -> Any:

@@ -98,3 +98,21 @@ def test_honest_charsets_are_masked_and_forwarded(gw, standin, ctype, body) -> N
         assert r.status_code == 200, (ctype, r.status_code, r.text[:300])
         got = standin.requests[0]["body"]
         assert EMAIL not in got and "EMAIL_1" in got.replace("\x00", ""), (ctype, got)
+
+
+@pytest.mark.parametrize("ctype,body", [
+    # a UTF-16 BOM (or NUL pattern) in front of UTF-8 text: the decoder reads noise in
+    # UTF-16, an upstream that takes the type's charset (or skips the BOM) reads the text
+    ("text/plain", b"\xff\xfe" + f"mail {EMAIL} card {CARD}".encode()),
+    ("application/x-www-form-urlencoded", b"\xfe\xff" + f"m={EMAIL}&c={CARD}x".encode()),
+    ("text/plain; charset=utf-8", b"\xff\xfe" + f"mail {EMAIL} card {CARD}".encode()),
+    ("application/octet-stream", b"m\x00" + f"ail {EMAIL} card {CARD}".encode()),
+])
+def test_bytes_that_say_another_charset_hide_no_pii(gw, standin, ctype, body) -> None:
+    with client(gw) as c:
+        standin.clear()
+        r = c.post(HOOK + "/bytes", content=body, headers={"content-type": ctype})
+        got = " ".join(x["body"] for x in standin.requests)
+        assert EMAIL not in got and CARD not in got, (ctype, r.status_code, got)
+        assert r.status_code in (200, 400, 415), (ctype, r.status_code, r.text[:300])
+        still_serving(c)
