@@ -710,12 +710,24 @@ Blob = tuple[str, bytes | None, str | None, str | None, int]  # hash, data, prev
 
 @dataclass
 class _Cut:
-    text: str  # the body, decoded
+    body: bytes
     pieces: list[bytes]
-    cuts: list[int]  # character offsets in text where the pieces but the last end
+    cuts: list[int]  # character offsets where the pieces but the last end
+    ends: list[int]  # byte offsets where the pieces but the last end
     resumes: list[_Resume]
-    kept: int = 0  # leading pieces taken from the earlier body's cut
-    blobs: list[tuple[Blob, Blob]] = field(default_factory=list)  # (leaf, node) per piece
+    kept: int = 0  # leading pieces cut as the earlier body's were (not parsed again)
+
+
+@dataclass
+class _Seen:
+    """What SplitCache keeps of a body: no copy of its text or pieces, only the body
+    itself (to compare the next one with), where it was cut and the pieces' addresses."""
+
+    body: bytes
+    cuts: list[int]
+    ends: list[int]
+    resumes: list[_Resume]
+    addrs: list[tuple[str, str, int]]  # (leaf, node, size up to here) per piece
 
 
 def _ws(s: str, i: int) -> int:
@@ -723,7 +735,7 @@ def _ws(s: str, i: int) -> int:
     return m.end() if m else i
 
 
-def _split(body: bytes, facts: dict[str, Any] | None, prev: _Cut | None) -> _Cut | None:
+def _split(body: bytes, facts: dict[str, Any] | None, prev: _Seen | None) -> _Cut | None:
     """split_body's work; None when the body is not a splittable object. `prev`: the cut
     of an earlier body; when this body starts with the same text as `prev` up to one of
     its resume points, that prefix is not parsed again (same result, see _Resume)."""
@@ -736,13 +748,14 @@ def _split(body: bytes, facts: dict[str, Any] | None, prev: _Cut | None) -> _Cut
     start: _Resume | None = None
     kept = 0  # pieces (and cuts) of prev reused: those up to the resume point
     if prev is not None:
-        # the furthest resume point up to which s reads as prev: "s starts with prev up to
-        # there" holds for every point before one where it holds, so a binary search
+        # the furthest resume point up to which body is prev's bytes (so its text: the
+        # bytes before a resume point are whole UTF-8 characters): "the same up to there"
+        # holds for every point before one where it holds, so a binary search
         lo, hi = 0, len(prev.resumes)
         while lo < hi:
             mid = (lo + hi) // 2
-            pos = prev.resumes[mid][0]
-            if len(s) > pos and s.startswith(prev.text[:pos]):
+            end = prev.ends[prev.cuts.index(prev.resumes[mid][0])]
+            if len(body) > end and body.startswith(prev.body[:end]):
                 lo = mid + 1
             else:
                 hi = mid
@@ -756,22 +769,27 @@ def _split(body: bytes, facts: dict[str, Any] | None, prev: _Cut | None) -> _Cut
     if facts is not None and _ws(s, i + 1) == len(s):  # the whole body is this one object
         facts["model"] = model if isinstance(model, str) else None
     if start is None:
-        cuts, pieces, last = new_cuts, [], 0
+        cuts, pieces, ends, last, at = new_cuts, [], [], 0, 0
     else:
         assert prev is not None
         cuts = prev.cuts[:kept] + new_cuts
-        pieces = prev.pieces[:kept]
+        ends = prev.ends[:kept]
+        pieces = [body[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
         resumes = [r for r in prev.resumes if r[0] <= start[0]] + resumes
-        last = start[0]
+        last, at = start[0], ends[-1]
     if not cuts:
         return None
     for c in [*new_cuts, len(s)]:
         if c > last:
-            pieces.append(s[last:c].encode("utf-8"))
+            piece = s[last:c].encode("utf-8")
+            pieces.append(piece)
+            at += len(piece)
+            ends.append(at)
             last = c
+    ends.pop()  # the last piece ends with the body
     if len(pieces) != len(cuts) + 1 or b"".join(pieces) != body:
         return None
-    return _Cut(s, pieces, cuts, resumes, kept)
+    return _Cut(body, pieces, cuts, ends, resumes, kept)
 
 
 def _cuts(s: str, start: _Resume | None) -> tuple[list[int], Any, int, list[_Resume]] | None:
@@ -850,26 +868,28 @@ class SplitCache:
     """The last cut body of each recent key (a session's request bodies): the next turn of
     a conversation re-sends the history and adds to its end, so only what follows the
     shared text is parsed and hashed — the writer's work per turn tracks the new content,
-    not the length of the conversation. Bounded in entries and bytes (a body is held about
-    twice: its text and its pieces), least recently used out first. A hit needs the very
-    same text up to the resume point (compared whole), so nothing of one body can enter
-    another's row; keyed by session all the same."""
+    not the length of the conversation. Bounded in entries and bytes (it holds each body
+    once, plus ~200 bytes of addresses per piece), least recently used out first. A hit
+    needs the very same bytes up to the resume point (compared whole), so nothing of one
+    body can enter another's row; keyed by session all the same."""
 
-    def __init__(self, entries: int = 256, max_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, entries: int = 256, max_bytes: int = 8 * 1024 * 1024) -> None:
         self.entries = entries
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._items: OrderedDict[Any, tuple[_Cut, int]] = OrderedDict()
+        self.cuts = 0  # bodies cut with the cache at hand
+        self.resumed = 0  # of those, cut only past an earlier body's text
+        self._items: OrderedDict[Any, tuple[_Seen, int]] = OrderedDict()
 
-    def get(self, key: Any) -> _Cut | None:
+    def get(self, key: Any) -> _Seen | None:
         got = self._items.get(key)
         if got is None:
             return None
         self._items.move_to_end(key)
         return got[0]
 
-    def put(self, key: Any, cut: _Cut) -> None:
-        size = 2 * len(cut.text) + 200 * len(cut.pieces)
+    def put(self, key: Any, cut: _Seen) -> None:
+        size = len(cut.body) + 200 * len(cut.addrs)
         old = self._items.pop(key, None)
         if old is not None:
             self.bytes -= old[1]
@@ -896,23 +916,26 @@ def blob_tree(body: bytes, out: dict[str, Blob], facts: dict[str, Any] | None = 
         addr = leaf_address(body)
         out.setdefault(addr, (addr, body, None, None, len(body)))
         return addr
-    blobs = prev.blobs[:cut.kept] if prev is not None and cut.kept else []
-    node: str | None = blobs[-1][1][0] if blobs else None
-    size = blobs[-1][1][4] if blobs else 0
-    for piece in cut.pieces[len(blobs):]:
-        leaf = leaf_address(piece)
-        size += len(piece)
-        addr = node_address(node, leaf)
-        blobs.append(((leaf, piece, None, None, len(piece)), (addr, None, node, leaf, size)))
-        node = addr
-    for leaf_blob, node_blob in blobs:
+    addrs = prev.addrs[:cut.kept] if prev is not None and cut.kept else []
+    node: str | None = None
+    size = 0
+    for i, piece in enumerate(cut.pieces):
+        if i < len(addrs):  # the same bytes as the earlier body's piece: the same address
+            leaf, addr, size = addrs[i]
+        else:
+            leaf = leaf_address(piece)
+            size += len(piece)
+            addr = node_address(node, leaf)
+            addrs.append((leaf, addr, size))
         # every blob of the body, reused or not: one the store has not committed (an
         # earlier row reduced or still queued) must go with this row
-        out.setdefault(leaf_blob[0], leaf_blob)
-        out.setdefault(node_blob[0], node_blob)
-    cut.blobs = blobs
+        out.setdefault(leaf, (leaf, piece, None, None, len(piece)))
+        out.setdefault(addr, (addr, None, node, leaf, size))
+        node = addr
     if cache is not None:
-        cache.put(key, cut)
+        cache.cuts += 1
+        cache.resumed += cut.kept > 0
+        cache.put(key, _Seen(body, cut.cuts, cut.ends, cut.resumes, addrs))
     assert node is not None
     return node
 

@@ -213,6 +213,8 @@ def main(argv: list[str]) -> int:
     finally:
         # the gateway closed the pipe or died: write everything read, then exit
         ok = w.close(DRAIN_TIMEOUT)
+        log.info("agentgate: audit writer: %d of %d split bodies cut past an earlier turn; "
+                 "%d heap trims", SPLITS.resumed, SPLITS.cuts, rep.trims)
         rep.stop.set()
         rep.report()
         for shipper in shippers:

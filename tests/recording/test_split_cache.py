@@ -33,8 +33,11 @@ def test_a_conversation_turn_by_turn_with_other_sessions_between() -> None:
             body = json.dumps({"model": "m", "messages": msgs, "stream": False},
                               ensure_ascii=turn % 3 == 0).encode()
             both(body, cache, who)
-    prev = cache.get("a")
-    assert prev is not None and prev.kept == len(prev.pieces) - 2  # one new message, the tail
+    msgs = talks["a"] + [{"role": "user", "content": "one more"}]
+    body = json.dumps({"model": "m", "messages": msgs, "stream": False},
+                      ensure_ascii=False).encode()  # as the last turn was
+    cut = store._split(body, None, cache.get("a"))  # noqa: SLF001
+    assert cut is not None and cut.kept == len(cut.pieces) - 2  # one new message, the tail
 
 
 def test_what_does_not_extend_the_previous_body_is_cut_afresh() -> None:
@@ -108,10 +111,10 @@ def test_the_cache_is_bounded_in_entries_and_bytes() -> None:
     for k in range(10):
         store.blob_tree(body, {}, None, cache, k)
     assert len(cache) == 3 and cache.bytes <= 20_000
-    big = json.dumps({"messages": [{"c": "x" * 9000}, {"c": "y"}]}).encode()
+    big = json.dumps({"messages": [{"c": "x" * 18_500}, {"c": "y"}]}).encode()
     store.blob_tree(big, {}, None, cache, "big")
     assert cache.bytes <= 20_000 and cache.get("big") is not None and len(cache) == 1
-    huge = json.dumps({"messages": [{"c": "x" * 20_000}, {"c": "y"}]}).encode()
+    huge = json.dumps({"messages": [{"c": "x" * 25_000}, {"c": "y"}]}).encode()
     store.blob_tree(huge, {}, None, cache, "huge")
     assert cache.get("huge") is None and cache.bytes <= 20_000
 
