@@ -38,6 +38,11 @@ GATEWAY_ENV = {
 def start_gateway(*args, **kwargs) -> Gateway:
     """launch.start_gateway with the tests' fake upstream secrets in the gateway's env."""
     kwargs["gateway_env"] = {**GATEWAY_ENV, **(kwargs.get("gateway_env") or {})}
+    # the reviewers' API on a port the gateway's own bind picks (tests read it back from the
+    # log: Gateway.approvals_url): a port probed free here and bound later by mitmdump could be
+    # taken in between by another test process — one gateway in a 2-worker run exited with
+    # "approvals API cannot listen … already in use"
+    kwargs.setdefault("approvals_listen", "127.0.0.1:0")
     return _start_gateway(*args, **kwargs)
 
 
