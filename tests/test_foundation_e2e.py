@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -187,7 +188,11 @@ def test_langgraph_agent_end_to_end(gw: Gateway, standin) -> None:
 
 def test_mitmweb_runs_the_same_suite(gateway_factory, no_identity, standin) -> None:
     gw = gateway_factory("{standin_upstreams}" + no_identity, web=True)
-    assert "Web server listening" in gw.logs()
+    # the factory returns once the proxy accepts; mitmweb's UI server may log a moment later
+    deadline = time.monotonic() + 30
+    while "Web server listening" not in gw.logs():
+        assert time.monotonic() < deadline, gw.logs()[-3000:]
+        time.sleep(0.05)
     standin.clear()
     r = sdk(gw).chat.completions.create(model="gpt-4o-mini",
                                         messages=[{"role": "user", "content": "via web"}])
