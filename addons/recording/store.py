@@ -871,7 +871,7 @@ class SplitCache:
     not the length of the conversation. Bounded in entries and bytes (it holds each body
     once, plus ~200 bytes of addresses per piece), least recently used out first. A hit
     needs the very same bytes up to the resume point (compared whole), so nothing of one
-    body can enter another's row; keyed by session all the same."""
+    body can enter another's row; keyed by identity and session all the same."""
 
     def __init__(self, entries: int = 256, max_bytes: int = 8 * 1024 * 1024) -> None:
         self.entries = entries
@@ -1095,7 +1095,7 @@ def build_row(p: Pending, decode: Decoder = _identity_decode,
             capped[part] = dict(msg, content={"$body": part})
         if len(body) > INLINE_MAX:
             refs[part] = blob_tree(body, blobs, facts if part == "request" else None,
-                                   splits, (p.session, part))
+                                   splits, (ident.get("sub"), p.session, part))
     hdr_cols = {"request": _headers_json(req.get("headers")) if req else None,
                 "response": _headers_json(resp.get("headers")) if resp else None}
     for part, col in hdr_cols.items():

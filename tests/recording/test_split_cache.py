@@ -132,3 +132,22 @@ def test_the_writer_process_builds_rows_with_the_cache_the_same() -> None:
         f.request.content = json.dumps({"model": "m", "messages": msgs}).encode()
         p = store.Pending(state=flow_state(f, ConnStates()), session="conv")
         assert writerproc.build(p) == store.build_row(p)
+
+
+def test_identities_sharing_a_session_name_do_not_share_an_entry() -> None:
+    from mitmproxy.test import tflow
+
+    from addons.recording.addon import ConnStates, flow_state
+
+    cache = store.SplitCache()
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 5000},
+                                                  {"role": "user", "content": "y"}]}).encode()
+    rows = []
+    for sub in ("alice", "mallory", "alice"):
+        f = tflow.tflow(resp=True)
+        f.request.content = body
+        f.metadata["identity"] = {"sub": sub, "iss": "https://idp"}
+        p = store.Pending(state=flow_state(f, ConnStates()), session="shared")
+        rows.append(store.build_row(p, splits=cache))
+        assert rows[-1] == store.build_row(p)
+    assert len(cache) == 2 and cache.cuts == 3 and cache.resumed == 1  # alice's second only
