@@ -275,6 +275,23 @@ def dev_rules(standin: Any, issuer: str, page: dict[str, str] | None = None
     return rules
 
 
+def wait_for_approvals(gw, addr: tuple[str, int], timeout: float = 60) -> None:
+    """Return once the gateway's approvals API accepts connections at `addr`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gw.proc.poll() is not None:
+            raise DevError(f"the gateway exited ({gw.proc.returncode}):\n{gw.logs()[-3000:]}")
+        if gw.approvals_url is not None:
+            try:
+                socket.create_connection(addr, timeout=0.5).close()
+                return
+            except OSError:
+                pass
+        time.sleep(0.05)
+    raise DevError(f"the reviewers' page did not start listening on {netloc(*addr)} "
+                   f"within {timeout:.0f} s (see {gw.log_path})")
+
+
 def reviewer_block(page_base: str, idp: tuple[str, int]) -> str:
     """How a newcomer reviews a held call: the page, who to sign in as, what gets held."""
     tcmd = token_command(idp) + f" --sub {REVIEWER} --groups {REVIEWER_GROUP}"
@@ -420,6 +437,9 @@ def _serve(workdir: Path, gw_addr: tuple[str, int], idp_addr: tuple[str, int],
     except RuntimeError as e:
         raise DevError(f"the gateway did not start: {e}") from None
     stack.append(gw)
+    # The proxy accepts before the approvals API binds (it starts in the gateway's running
+    # hook): the printed reviewers' address must answer when the user opens it.
+    wait_for_approvals(gw, page_addr)
     print(textwrap.dedent(f"""\
         agentgate dev: running until Ctrl-C (then all three stop and the work directory goes)
           gateway    http://{netloc(gw.host, gw.port)}   (AGENTGATE_LISTEN; trusts only the dev IdP)
