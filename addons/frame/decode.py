@@ -263,6 +263,13 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return d
 
 
+class NumberOutOfRange(ValueError):
+    """A JSON number too large for a double (it would read as infinity)."""
+
+
+_INFINITIES = (float("inf"), float("-inf"))
+
+
 class JsonFloat(float):
     """A JSON number with a fraction or exponent, remembering how it was written: masking
     checks `4111111111111111.0` as written, and reads the same parse every other step reads
@@ -274,6 +281,10 @@ class JsonFloat(float):
 
     def __new__(cls, text: str) -> JsonFloat:
         f = super().__new__(cls, text)
+        if f in _INFINITIES:
+            # 1e400 reads as inf, which every serialiser writes as `Infinity` (not JSON): a
+            # masked body would go upstream invalid. Outside I-JSON's range (RFC 7493 2.2).
+            raise NumberOutOfRange(text[:40])
         f.text = text
         return f
 
@@ -288,6 +299,8 @@ def loads_strict(text: str) -> Any:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_float=JsonFloat)
     except DuplicateKey:
         raise DecodeError("JSON object with duplicate keys", 400) from None
+    except NumberOutOfRange:
+        raise DecodeError("JSON number out of range (larger than a double)", 400) from None
     except (ValueError, RecursionError):
         raise DecodeError("body is not valid JSON", 400) from None
 

@@ -65,7 +65,7 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from addons.frame import decode as _decode
-from addons.frame.decode import JsonFloat, parse_content_type
+from addons.frame.decode import JsonFloat, NumberOutOfRange, parse_content_type
 from addons.masking.masker import Findings, Masker, Session, count
 
 try:  # a binary wheel: without it the standard library's encoder writes the same bytes
@@ -963,6 +963,9 @@ class Masked:
                 obj = loads(content)
             except DuplicateKeys:
                 raise Unparseable("JSON object with duplicate keys", 400) from None
+            except NumberOutOfRange:
+                raise Unparseable("JSON number out of range (larger than a double)",
+                                  400) from None
             except (ValueError, RecursionError):
                 raise Unparseable("body is not valid JSON", 400) from None
         self._hint_of, self._hint = content, None
@@ -1180,6 +1183,9 @@ class Masked:
                 obj = loads(line)
             except DuplicateKeys:
                 raise Unparseable("JSON object with duplicate keys", 400) from None
+            except NumberOutOfRange:
+                raise Unparseable("JSON number out of range (larger than a double)",
+                                  400) from None
             except (ValueError, RecursionError):
                 raise Unparseable("body is not valid NDJSON", 400) from None
 

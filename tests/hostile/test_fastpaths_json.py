@@ -164,3 +164,24 @@ def _json_strings(s: str) -> list[str]:
                 walk(v)
     walk(doc)
     return out
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"1.5e99999"])
+def test_a_number_past_a_double_is_refused_not_forwarded_as_infinity(gw, standin, number):
+    """1e400 reads as infinity; a masked (re-serialised) body would carry `Infinity`, which
+    no strict JSON reader accepts. Refused in the caller's dialect: nothing goes upstream."""
+    standin.clear()
+    body = b'{"note":"' + EMAIL.encode() + b'","n":' + number + b"}"
+    with client(gw) as c:
+        r = c.post(HOOK + "/ev", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (number, r.status_code, r.text[:300])
+        assert "out of range" in r.text
+        assert standin.requests == []
+        r = c.post(OPENAI + "/v1/chat/completions",
+                   content=b'{"model":"gpt-4o-mini","temperature":' + number
+                   + b',"messages":[{"role":"user","content":"hi"}]}',
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["message"], r.text[:300]
+        assert standin.requests == []
+        r = c.post(HOOK + "/ok", json={"hello": "world"})
+        assert r.status_code == 200

@@ -28,7 +28,9 @@ _CHARS = st.one_of(
 )
 _TEXT = st.text(_CHARS, max_size=40)
 _FLOAT_TEXT = st.one_of(
-    st.sampled_from(["1.5", "1.50", "1e-05", "1E5", "-0.0", "0.1", "1e999", "-1e999",
+    # (1e999 is refused at parse: decode.NumberOutOfRange)
+    st.sampled_from(["1.5", "1.50", "1e-05", "1E5", "-0.0", "0.1", "1e308",
+                     "-1.7976931348623157e308",
                      "123456789012345678.0", "4111111111111111.0", "5e-324", "1e16"]),
     st.floats(allow_nan=False, allow_infinity=False).map(repr),
 )
