@@ -25,21 +25,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.test import tflow
 
 from addons.frame import dispatch
-
-
-@pytest.fixture(autouse=True)
-def restore(monkeypatch):
-    """Every test leaves AddonManager as it found it."""
-    cls = addonmanager.AddonManager
-    for name in dispatch.ORIGINAL:
-        monkeypatch.setattr(cls, name, getattr(cls, name))
-
-
-def use(which: str) -> None:
-    cls = addonmanager.AddonManager
-    src = dispatch.ORIGINAL if which == "mitmproxy" else dispatch.REPLACEMENTS
-    for name, fn in src.items():
-        setattr(cls, name, fn)
+from tests.frame.dispatchkit import restore, use  # noqa: F401 - restore is autouse
 
 
 def run_event(chain: list, event_for) -> str | None:

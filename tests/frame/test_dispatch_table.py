@@ -22,24 +22,11 @@ from mitmproxy.addons import script as mitm_script
 from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.test import tflow
 
-from addons.frame import dispatch
+from tests.frame.dispatchkit import restore, use  # noqa: F401 - restore is autouse
 
 HOOK_NAMES = ("request", "response", "update", "running")
 
 
-@pytest.fixture(autouse=True)
-def restore(monkeypatch):
-    """Every test leaves AddonManager as it found it."""
-    cls = addonmanager.AddonManager
-    for name in dispatch.ORIGINAL:
-        monkeypatch.setattr(cls, name, getattr(cls, name))
-
-
-def use(which: str) -> None:
-    cls = addonmanager.AddonManager
-    for name, fn in (dispatch.ORIGINAL if which == "mitmproxy"
-                     else dispatch.REPLACEMENTS).items():
-        setattr(cls, name, fn)
 
 
 # ---------------------------------------------------------------- a random addon world

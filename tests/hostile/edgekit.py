@@ -8,6 +8,7 @@ import socket
 import ssl
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -211,3 +212,16 @@ class RawRecorder:
 
     def close(self) -> None:
         self.srv.close()
+
+
+def serve_tls(handler: type[BaseHTTPRequestHandler], standin) -> tuple[ThreadingHTTPServer, str]:
+    """A threaded HTTPS server on loopback answering with `handler`, under the stand-in's
+    certificate (which the test gateways trust), serving in a daemon thread: (server, url).
+    Stop it with server.shutdown(); server.server_close()."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(standin._leaf), str(standin._key))
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"https://127.0.0.1:{server.server_address[1]}"

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-import ssl
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import quote
 
 import httpx
@@ -24,6 +22,7 @@ import pytest
 
 from addons.masking.detectors import DetectorSet
 from tests.conftest import Gateway
+from tests.hostile.edgekit import serve_tls
 from tests.hostile.test_fastpaths_masking import leaked, reading
 
 pytestmark = pytest.mark.integration
@@ -93,13 +92,7 @@ class Upstream:
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.server.daemon_threads = True
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(standin._leaf), str(standin._key))
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve_tls(H, standin)
 
     def stop(self) -> None:
         self.server.shutdown()

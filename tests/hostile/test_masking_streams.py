@@ -6,11 +6,9 @@ of the values (raw, JSON-decoded, URL-decoded), and the audit store must hold no
 from __future__ import annotations
 
 import json
-import ssl
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import unquote_plus
 
 import duckdb
@@ -18,6 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import Gateway
+from tests.hostile.edgekit import serve_tls
 
 pytestmark = pytest.mark.integration
 
@@ -96,13 +95,7 @@ class Upstream:
                 outer.served += 1
 
         self.served = 0
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.server.daemon_threads = True
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(standin._leaf), str(standin._key))
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve_tls(H, standin)
 
     def stop(self) -> None:
         self.server.shutdown()
