@@ -44,6 +44,7 @@ from addons.approval.web.app import CookieKeys, make_app
 from addons.approval.web.login import OIDCLogin
 from addons.approval.web.session import SessionTable
 from addons.config.holder import RulesHolder
+from addons.frame import listeners
 
 log = logging.getLogger("agentgate.approval")
 
@@ -223,6 +224,7 @@ class ApprovalsAPI:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sockets = tornado.netutil.bind_sockets(port, host, family=family, backlog=128)
         server.add_sockets(sockets)
+        listeners.register(self, sockets)  # never an upstream (egress), port 0 included
         self._server = server
         sock = sockets[0].getsockname()
         self.address = (sock[0], sock[1])
@@ -238,6 +240,7 @@ class ApprovalsAPI:
         reload, and an async `done` there aborts the reload); open connections are closed
         in the background."""
         server, self._server = self._server, None
+        listeners.unregister(self)
         self.address = None
         self._app = None
         if server is not None:
@@ -249,6 +252,7 @@ class ApprovalsAPI:
 
     async def stop(self) -> None:
         server, self._server = self._server, None
+        listeners.unregister(self)
         self.address = None
         self._app = None
         if server is not None:

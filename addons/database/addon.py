@@ -42,6 +42,7 @@ from addons.database.config import Database
 from addons.database.hooks import HookMissing, MaskerFactory, RecorderFactory, resolve_hooks
 from addons.database.policy import Verdict
 from addons.database.session import Context, KeyMap, Refused, login_server, serve
+from addons.frame import listeners
 from addons.identity.addon import verify_token
 from addons.masking.sessionstore import SharedSession
 
@@ -167,6 +168,7 @@ class Databases:
         self._running = False
         for _, server in self.servers.values():
             server.close()
+            listeners.unregister(server)
         self.servers.clear()
         for task in list(self._conns):
             task.cancel()
@@ -200,6 +202,7 @@ class Databases:
                 db = wanted.get(name)
                 if db is None or (db.listen_host, db.listen_port) != addr:
                     server.close()
+                    listeners.unregister(server)
                     del self.servers[name]
                     cat = self.catalogs.pop(name, None)
                     if cat is not None:
@@ -219,6 +222,7 @@ class Databases:
                               db.listen, e)
                     continue
                 self.servers[name] = ((db.listen_host, db.listen_port), server)
+                listeners.register(server, server.sockets)  # never an upstream (egress)
                 log.info("agentgate: database %s: Postgres listener on %s -> %s (database %s)",
                          name, db.listen, db.upstream, db.database)
 

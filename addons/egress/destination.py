@@ -21,6 +21,7 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from addons.config.holder import RulesHolder
 from addons.egress.addresses import refusal
 from addons.egress.config import is_ip
+from addons.frame import listeners
 from addons.frame.guard import guarded
 
 log = logging.getLogger("agentgate.destination")
@@ -62,6 +63,14 @@ class Destinations:
         listen = getattr(approvals, "listen", None)
         if isinstance(listen, tuple) and len(listen) == 2:
             out.add((str(listen[0]), int(listen[1])))
+        # what is actually bound: mitmproxy's proxy servers and every listener of the suite
+        # (a port 0 in the options binds a port only the socket knows)
+        proxyserver = ctx.master.addons.get("proxyserver") if ctx.master else None
+        if proxyserver is not None:
+            for addr in proxyserver.listen_addrs():
+                if isinstance(addr, tuple) and len(addr) >= 2:
+                    out.add((str(addr[0]), int(addr[1])))
+        out |= listeners.bound()
         return out
 
     def _explicit_and_private(self, name: str, port: int) -> tuple[set, bool]:

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from addons.frame import listeners
+
 log = logging.getLogger("agentgate.health")
 
 Check = Callable[[], str | None]  # None: fine; a string: why not
@@ -83,6 +85,7 @@ class ProbeServer:
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_HEAD)
         self.address = self._server.sockets[0].getsockname()[:2]
+        listeners.register(self, self._server.sockets)  # never an upstream (egress)
         return self.address
 
     def stop(self) -> None:
@@ -90,3 +93,4 @@ class ProbeServer:
             self._server.close()
             self._server = None
             self.address = None
+            listeners.unregister(self)

@@ -165,3 +165,30 @@ def test_connect_inside_a_tunnel_is_refused(gw, standin) -> None:
     assert status_of(answer) == 400, answer[:300]  # mitmproxy: CONNECT only in regular mode
     assert standin.requests == []
     assert_healthy(gw, standin)
+
+
+def test_a_listener_on_an_ephemeral_port_is_never_an_upstream(gateway_factory, standin) -> None:
+    """A listener given port 0 binds a port no option shows (here the probes): the egress
+    check knows it from the socket, so rules that forward to it are still refused."""
+    import re
+    import time
+    gw = gateway_factory("{standin_upstreams}" + NO_ID,
+                         extra_args=("--set", "agentgate_health_listen=127.0.0.1:0"))
+    deadline = time.monotonic() + 30
+    while not (m := re.search(r"probes at http://[^:]+:(\d+)/healthz", gw.logs())):
+        assert time.monotonic() < deadline, gw.logs()
+        time.sleep(0.1)
+    port = int(m.group(1))
+    rules = next(gw.rules_dir.glob("*.yaml"))
+    rules.write_text(rules.read_text().replace(
+        "identity:", "  - name: probes\n    hosts: [probes.example.com]\n"
+        f"    dialect: webhook\n    forward_to: http://127.0.0.1:{port}\nidentity:"))
+    deadline = time.monotonic() + 30
+    while "rules reloaded" not in gw.logs():
+        assert time.monotonic() < deadline, gw.logs()
+        time.sleep(0.1)
+    with client(gw) as c:
+        r = c.get("https://probes.example.com/healthz")
+    assert r.status_code == 502, r.text
+    assert "own listeners" in gw.logs(), gw.logs()
+    assert_healthy(gw, standin)
