@@ -142,16 +142,23 @@ def test_gateway_approvals_api_is_never_an_upstream(gateway_factory, standin) ->
     port = int(re.search(r":(\d+)$", gw.approvals_url).group(1))
     # The rules name the reviewers' API by address (a loopback literal is "declared"):
     # it must still never be reachable through the proxy.
+    assert_own_listener_refused(gw, standin, "approvals.example.com", port, "/api/approvals")
+
+
+def assert_own_listener_refused(gw, standin, host: str, port: int, path: str) -> None:
+    """Rules forwarding `host` to 127.0.0.1:`port` (one of the gateway's own listeners)
+    are loaded, and a request there is refused with 502 instead of reaching it."""
+    import time
     rules = next(gw.rules_dir.glob("*.yaml"))
     rules.write_text(rules.read_text().replace(
-        "identity:", "  - name: reviewers\n    hosts: [approvals.example.com]\n"
+        "identity:", f"  - name: own-listener\n    hosts: [{host}]\n"
         f"    dialect: webhook\n    forward_to: http://127.0.0.1:{port}\nidentity:"))
     deadline = time.monotonic() + 30
     while "rules reloaded" not in gw.logs():
         assert time.monotonic() < deadline, gw.logs()
         time.sleep(0.1)
     with client(gw) as c:
-        r = c.get("https://approvals.example.com/api/approvals")
+        r = c.get(f"https://{host}{path}")
     assert r.status_code == 502, r.text
     assert "own listeners" in gw.logs(), gw.logs()
     assert_healthy(gw, standin)
@@ -178,17 +185,4 @@ def test_a_listener_on_an_ephemeral_port_is_never_an_upstream(gateway_factory, s
     while not (m := re.search(r"probes at http://[^:]+:(\d+)/healthz", gw.logs())):
         assert time.monotonic() < deadline, gw.logs()
         time.sleep(0.1)
-    port = int(m.group(1))
-    rules = next(gw.rules_dir.glob("*.yaml"))
-    rules.write_text(rules.read_text().replace(
-        "identity:", "  - name: probes\n    hosts: [probes.example.com]\n"
-        f"    dialect: webhook\n    forward_to: http://127.0.0.1:{port}\nidentity:"))
-    deadline = time.monotonic() + 30
-    while "rules reloaded" not in gw.logs():
-        assert time.monotonic() < deadline, gw.logs()
-        time.sleep(0.1)
-    with client(gw) as c:
-        r = c.get("https://probes.example.com/healthz")
-    assert r.status_code == 502, r.text
-    assert "own listeners" in gw.logs(), gw.logs()
-    assert_healthy(gw, standin)
+    assert_own_listener_refused(gw, standin, "probes.example.com", int(m.group(1)), "/healthz")
