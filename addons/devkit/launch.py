@@ -7,11 +7,13 @@ given rules directory, data directory and interception CA.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -19,10 +21,59 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
+# Ports handed to a process that binds them later come from below the kernel's ephemeral range:
+# connect() takes every client socket's source port from that range, so a port probed free
+# there (bind to :0) can be taken by one of a test run's many outgoing connections before the
+# gateway or database listener it was meant for binds it ("address already in use"). Each
+# process walks its own cursor from a random start; pytest-xdist workers (and the processes
+# they start, which inherit the variables) walk disjoint slices, so two workers never probe
+# the same port at the same moment.
+_PORTS_LOW = 10000
+_port_lock = threading.Lock()
+_port_cursor: list[int] = []  # [next port to try, slice start, slice end, owner pid]
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; other systems start theirs higher still
+
+
+def _port_slice() -> tuple[int, int]:
+    high = min(_ephemeral_low(), 65536)
+    try:
+        worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+        workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    except ValueError:
+        worker, workers = 0, 1
+    span = (high - _PORTS_LOW) // workers
+    start = _PORTS_LOW + (worker % workers) * span
+    return start, start + span
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A 127.0.0.1 TCP port nothing is bound to now (see above for where it comes from)."""
+    with _port_lock:
+        if not _port_cursor or _port_cursor[3] != os.getpid():  # a forked child: its own walk
+            lo, hi = _port_slice()
+            if hi - lo < 100:  # an ephemeral range reaching down here: the kernel's pick
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    return s.getsockname()[1]
+            _port_cursor[:] = [random.randrange(lo, hi), lo, hi, os.getpid()]
+        port, lo, hi, _ = _port_cursor
+        for _ in range(hi - lo):
+            candidate = port
+            port = lo if port + 1 >= hi else port + 1
+            with socket.socket() as s:
+                try:  # no SO_REUSEADDR: a port still in TIME_WAIT is skipped too
+                    s.bind(("127.0.0.1", candidate))
+                except OSError:
+                    continue
+            _port_cursor[0] = port
+            return candidate
+        raise OSError(f"no free 127.0.0.1 port in {lo}-{hi - 1}")
 
 
 def standin_upstreams_yaml(standin) -> str:

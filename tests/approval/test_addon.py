@@ -538,10 +538,7 @@ def test_slack_message_names_rule_and_buttons() -> None:
 def test_listener_follows_option_and_rules() -> None:
     import socket
 
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
+    from addons.devkit.launch import free_port
 
     async def main() -> None:
         addon = make_addon(ApprovalsConfig(listen=("127.0.0.1", 0)))

@@ -19,6 +19,7 @@ from typing import Any
 
 from addons.connect.forwarder import ConnectConfig, Connector
 from addons.connect.tokens import TokenSource
+from addons.devkit.launch import free_port  # noqa: F401 - re-exported for the connect tests
 
 NODE_DIR = Path(__file__).resolve().parents[2] / "addons" / "connect" / "node"
 
@@ -173,12 +174,6 @@ def recv_head(s: socket.socket) -> bytes:
             break
         buf += chunk
     return buf
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 10) -> bool:
