@@ -27,6 +27,13 @@ from tests.recording.test_restore_record_e2e import rules as restore_rules
 pytestmark = pytest.mark.integration
 
 
+def _postmaster_port(state_dir: Path) -> str | None:
+    try:  # postmaster.pid: pid, data directory, start time, port, …
+        return (state_dir / "data" / "postmaster.pid").read_text().splitlines()[3].strip()
+    except (OSError, IndexError):
+        return None
+
+
 def test_run_proxy_replicas(tmp_path: Path, standin) -> None:
     rules = tmp_path / "rules"
     rules.mkdir()
@@ -89,6 +96,15 @@ def test_run_proxy_replicas(tmp_path: Path, standin) -> None:
                         out, re.M)
         assert cmd, out
         rules_env, *argv = shlex.split(cmd.group(1))
+        # this run's throwaway state database: the new one serving the catalog's port (a
+        # parallel test may start and stop its own agentgate-state-* meanwhile)
+        lake_text = "".join(f.read_text() for f in Path(rules_env.split("=", 1)[1]).iterdir()
+                            if f.is_file())
+        pg_port = re.findall(r"postgresql://agentgate:[^@\s]*@127\.0\.0\.1:(\d+)/", lake_text)
+        assert pg_port, lake_text[:2000]
+        ours = [d for d in set(glob.glob("/tmp/agentgate-state-*")) - before
+                if _postmaster_port(Path(d)) == pg_port[0]]
+        assert len(ours) == 1, ours
         venv = {**env, rules_env.split("=", 1)[0]: rules_env.split("=", 1)[1]}
         deadline = time.monotonic() + 60
         while True:  # the shippers run every second
@@ -110,7 +126,7 @@ def test_run_proxy_replicas(tmp_path: Path, standin) -> None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(10)
         log.close()
-    assert set(glob.glob("/tmp/agentgate-state-*")) <= before  # the temp database is gone
+    assert not Path(ours[0]).exists()  # the temp database is gone
     assert not (tmp_path / "data" / "lake").exists()  # its catalog went with that database
     assert not Path(rules_env.split("=", 1)[1]).exists()  # the rules with the DSN, removed
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
