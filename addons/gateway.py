@@ -30,7 +30,7 @@ from addons.egress.edge import EdgeOptions, attach_layer_guard
 from addons.egress.limits import EdgeLimits
 from addons.egress.upstreams import Upstreams
 from addons.egress.websocket import WebSockets
-from addons.frame import dispatch, sentinel
+from addons.frame import dispatch, sentinel, typecheck
 from addons.frame.annotate import Annotate
 from addons.health.addon import Health
 from addons.identity.addon import Identity, state_for
@@ -107,6 +107,8 @@ def _guard_the_edge() -> None:
         attach_layer_guard(master)
         # the same event dispatch, cheaper: a hook table per event (frame/dispatch.py)
         dispatch.install()
+        # mitmproxy's type check of every message it builds, the same verdicts cheaper
+        typecheck.install()
 
 
 logging.getLogger("agentgate").setLevel(logging.INFO)
