@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from addons.frame.principal import principal
 from addons.masking.bodies import Masked, Unparseable
 from addons.masking.masker import (
     Masker,
@@ -1234,8 +1235,7 @@ def make_result_masker(db: Any, masking: Any, identity: dict[str, Any] | None, *
         getattr(masking, "enabled", True) is not False
     m = (masker if masker is not None else masker_for(masking)) if detect else None
     store = sessions if sessions is not None else _SESSIONS
-    sub = (identity or {}).get("sub") if isinstance(identity, dict) else None
-    placeholders = store.get(session_key(sub, session)) if session else Session()
+    placeholders = store.get(session_key(principal(identity), session)) if session else Session()
     name = str(getattr(db, "name", "") or "")
     database = str(getattr(db, "database", "") or "")
     cat = _CATALOGS.get((name, database))

@@ -52,6 +52,7 @@ from addons.database.policy import Verdict, evaluate
 from addons.database.scram import MECHANISM, ScramClient, ScramError, md5_password
 from addons.database.sqlfacts import SqlError, Statement, analyze
 from addons.frame.hosts import is_loopback_host
+from addons.frame.principal import principal
 from addons.masking.masker import SessionStore, session_key
 
 log = logging.getLogger("agentgate.database")
@@ -695,7 +696,7 @@ class Session:
         store = self.placeholder_store
         if store is None or self.masker is None:
             return
-        current = store.get(session_key(self.identity.get("sub"), str(self.session_id)))
+        current = store.get(session_key(principal(self.identity), str(self.session_id)))
         if getattr(self.masker, "session", current) is not current:
             self.masker.session = current
 

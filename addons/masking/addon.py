@@ -62,6 +62,7 @@ from mitmproxy import http
 from addons.config.holder import RulesHolder
 from addons.frame import decode
 from addons.frame.guard import guarded, refuse
+from addons.frame.principal import principal
 from addons.masking.bodies import (
     Masked,
     MessageCache,
@@ -291,9 +292,7 @@ class Masking:
     def _session_key(flow: http.HTTPFlow) -> str:
         sid = flow.metadata.get("session") or flow.request.headers.get(SESSION_HEADER) \
             or f"conn:{flow.client_conn.id}"
-        ident = flow.metadata.get("identity")
-        sub = ident.get("sub") if isinstance(ident, dict) else None
-        return session_key(sub, str(sid))
+        return session_key(principal(flow.metadata.get("identity")), str(sid))
 
     def _session(self, flow: http.HTTPFlow) -> Session:
         s = self._flow_sessions.get(flow)

@@ -22,6 +22,7 @@ from mitmproxy import ctx, http
 from addons.config.holder import RulesHolder
 from addons.frame import decode
 from addons.frame.guard import guarded, refuse
+from addons.frame.principal import principal
 from addons.policy.engine import (
     BodyUnavailable,
     PolicySet,
@@ -71,9 +72,7 @@ def session_key(flow: http.HTTPFlow) -> str:
     recorder's, else the X-Agent-Session header, else the connection)."""
     sid = flow.metadata.get("session") or flow.request.headers.get(SESSION_HEADER) \
         or f"conn:{flow.client_conn.id}"
-    ident = flow.metadata.get("identity")
-    sub = ident.get("sub") if isinstance(ident, dict) else None
-    return f"{sub or '-'}\x00{sid}"
+    return f"{principal(flow.metadata.get('identity'))}\x00{sid}"
 
 
 class Policy:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from addons.frame import credshape
+from addons.frame.principal import principal
 
 SCHEMA_VERSION = 3
 GENESIS = "0" * 64
@@ -117,12 +118,32 @@ INLINE_MAX = 4096
 SPLIT_KEYS = frozenset({"messages", "input", "contents", "system", "tools"})
 NODE_TAG = b"agentgate-node\n"
 
-SCHEMA = f"""
+# Stored with DuckDB's ZSTD instead of its own choice (FSST, dictionary): values that repeat
+# most of their text from row to row (a flow state is ~2 KB of the same JSON keys, three
+# UUIDs and a few timestamps; metadata and header blocks differ by a few fields), which
+# FSST's 255-symbol table compresses per value ~2x and ZSTD across the values of a segment
+# ~10x (multi-turn run: flow_state 786 -> 66 KB, metadata 180 -> 16 KB per 800 rows).
+# Only where the file's storage format has ZSTD for strings (DuckDB storage v1.2.0, which
+# writer.DB_CONFIG asks for when it creates a store): an older file would store such a
+# column uncompressed, twice the default's size.
+ZSTD_COLUMNS = frozenset({"flow_state", "metadata", "request_headers", "response_headers",
+                          "request_body", "response_body", "approval", "findings",
+                          "blobs.data"})
+ZSTD_STORAGE = (1, 2, 0)
+
+
+def schema_sql(zstd: bool) -> str:
+    """The CREATE statements; `zstd`: the file's storage format has ZSTD (ZSTD_COLUMNS)."""
+    def z(name: str) -> str:
+        return " USING COMPRESSION zstd" if zstd and name in ZSTD_COLUMNS else ""
+
+    return f"""
 CREATE TABLE IF NOT EXISTS flows (
-    {", ".join(f"{c} {t}" for c, t in ALL_COLUMNS)}
+    {", ".join(f"{c} {t}{z(c)}" for c, t in ALL_COLUMNS)}
 );
 CREATE TABLE IF NOT EXISTS blobs (
-    hash VARCHAR PRIMARY KEY, data BLOB, prev VARCHAR, part VARCHAR, size BIGINT
+    hash VARCHAR PRIMARY KEY, data BLOB{z("blobs.data")}, prev VARCHAR, part VARCHAR,
+    size BIGINT
 );
 CREATE TABLE IF NOT EXISTS approvals (
     id VARCHAR, flow_id VARCHAR, requester VARCHAR, rule VARCHAR,
@@ -1095,7 +1116,7 @@ def build_row(p: Pending, decode: Decoder = _identity_decode,
             capped[part] = dict(msg, content={"$body": part})
         if len(body) > INLINE_MAX:
             refs[part] = blob_tree(body, blobs, facts if part == "request" else None,
-                                   splits, (ident.get("sub"), p.session, part))
+                                   splits, (principal(ident), p.session, part))
     hdr_cols = {"request": _headers_json(req.get("headers")) if req else None,
                 "response": _headers_json(resp.get("headers")) if resp else None}
     for part, col in hdr_cols.items():
@@ -1321,8 +1342,18 @@ def approval_row(row: dict[str, Any]) -> tuple | None:
 
 
 # ---------------------------------------------------------------- store operations (duckdb)
+def storage_version(con: Any) -> tuple[int, ...]:
+    """The storage format of the connection's database file ("v1.2.0+" -> (1, 2, 0));
+    () when it is not known (in memory, or an unfamiliar tag)."""
+    got = con.execute("SELECT tags FROM duckdb_databases() WHERE database_name = "
+                      "current_database()").fetchone()
+    tag = str((got[0] or {}).get("storage_version", "")) if got else ""
+    m = re.match(r"v(\d+)\.(\d+)\.(\d+)", tag)
+    return tuple(int(x) for x in m.groups()) if m else ()
+
+
 def init_schema(con: Any) -> None:
-    con.execute(SCHEMA)
+    con.execute(schema_sql(storage_version(con) >= ZSTD_STORAGE))
     # audit DBs written before votes were recorded: add the column (old rows keep NULL)
     con.execute("ALTER TABLE approvals ADD COLUMN IF NOT EXISTS votes JSON")
     # schema 1 DBs: the body reference columns (old rows keep NULL, and hash as before)

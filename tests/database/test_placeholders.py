@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 from addons.database import rowmask
 from addons.database.session import Session
+from addons.frame.principal import principal
 from addons.masking.config import MaskingConfig
 from addons.masking.masker import SessionStore, session_key
 
@@ -36,7 +37,7 @@ def test_a_session_the_store_dropped_is_renewed_before_the_next_statement() -> N
                     SimpleNamespace(get_extra_info=lambda _k: ("127.0.0.1", 1)))
     relay.identity, relay.session_id = {"sub": "agent-7"}, "t1"
     relay.masker, relay.placeholder_store = masker, store
-    key = session_key("agent-7", "t1")
+    key = session_key(principal({"sub": "agent-7"}), "t1")
     assert masker.session is store.get(key)
 
     now[0] = 60  # idle past the TTL: the LLM side now numbers in a new map

@@ -325,13 +325,14 @@ def test_placeholders_shared_with_the_llm_session_and_never_restorable() -> None
     number already taken by another person), and result values never become restorable."""
     from types import SimpleNamespace
 
+    from addons.frame.principal import principal
     from addons.masking.bodies import Masked
     from addons.masking.masker import SessionStore, session_key
     cfg = MaskingConfig()
     masker = rowmask.masker_for(cfg)
     assert masker is not None
     sessions = SessionStore()
-    llm_side = sessions.get(session_key("agent-7", "t1"))
+    llm_side = sessions.get(session_key(principal({"sub": "agent-7"}), "t1"))
     assert Masked(masker, llm_side, {}).text("mail alice@x.example") == "mail [EMAIL_1]"
     m = rowmask.make_result_masker(SimpleNamespace(name="w", database="d", mask=True,
                                                    mask_columns=()), cfg, {"sub": "agent-7"},

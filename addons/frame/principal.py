@@ -1,0 +1,26 @@
+"""Who an agent is, as every per-identity cache and map keys it. Pure; imports nothing of
+ours.
+
+An OIDC subject is unique only within its issuer (OpenID Connect Core 1.0, section 2: `sub`
+is "locally unique and never reassigned within the Issuer"): with two issuers trusted,
+`sub: alice` from each is two principals, so a key by `sub` alone would hand one the
+other's placeholder map (and, with `restore: true`, her originals)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+ANONYMOUS = "-"
+
+
+def principal(ident: Any) -> str:
+    """The identity's key: issuer and subject, JSON-written (no NUL or other control
+    character, which the session keys use as separators); "-" without a subject."""
+    if not isinstance(ident, dict):
+        return ANONYMOUS
+    sub = ident.get("sub")
+    if not isinstance(sub, str) or not sub:
+        return ANONYMOUS
+    iss = ident.get("iss")
+    return json.dumps([iss if isinstance(iss, str) else "", sub])

@@ -1,0 +1,97 @@
+"""Hostile: the per-session caches and maps are keyed by WHO the agent is, and an OIDC
+subject is only unique within its issuer (OpenID Connect Core 2: `sub` is "locally unique
+... within the Issuer"). A gateway trusting two issuers (a CI system and a company IdP, say)
+sees `sub: alice` from each as two principals; the approval store already keeps them apart.
+
+Through a real mitmdump with two real (local) issuers, both signing `sub: alice`, the
+stand-in upstream echoing the last user text, `restore: true`: the second issuer's alice,
+naming the first one's session, must get nothing of the first one's — no original restored
+for a placeholder she quotes, no placeholder number taken from the first one's map, and
+the first one's next turn unaffected."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.conftest import standin_upstreams_yaml
+
+pytestmark = pytest.mark.integration
+
+MAIL = "alice.cooper@example.com"
+OTHER = "bob.dylan@example.org"
+SID = {"X-Agent-Session": "conv-shared"}
+FILLER = "lorem ipsum dolor sit amet " * 400  # over the parse memo's 8 KB floor
+
+
+def chat(gw, token: str, messages: list[dict]) -> tuple[int, str]:
+    with httpx.Client(proxy=gw.proxy_url(token), verify=str(gw.ca_cert), timeout=30) as c:
+        r = c.post("https://api.openai.com/v1/chat/completions", headers=SID,
+                   json={"model": "gpt-4o-mini", "messages": messages})
+    if r.status_code != 200:
+        return r.status_code, r.text
+    return 200, r.json()["choices"][0]["message"]["content"]
+
+
+def sent(standin) -> list[str]:
+    return [m["content"] for m in json.loads(standin.requests[-1]["body"])["messages"]]
+
+
+@pytest.fixture
+def two(gateway_factory, make_local_issuer, standin):
+    a, b = make_local_issuer(), make_local_issuer()
+    ups = standin_upstreams_yaml(standin).replace(
+        "    dialect: openai\n", "    dialect: openai\n    restore: true\n", 1)
+    identity = (f"identity:\n  required: true\n  issuers:\n"
+                f"    - {{issuer: \"{a.issuer}\", audience: agentgate}}\n"
+                f"    - {{issuer: \"{b.issuer}\", audience: agentgate}}\n")
+    gw = gateway_factory({"rules.yaml": ups, "id.yaml": identity})
+    return gw, a.token(sub="alice"), b.token(sub="alice")
+
+
+def test_same_subject_other_issuer_gets_no_original_back(two, standin) -> None:
+    gw, alice_a, alice_b = two
+    standin.clear()
+    assert chat(gw, alice_a, [{"role": "user", "content": f"mail {MAIL}"}]) == \
+        (200, f"echo: mail {MAIL}")
+    assert sent(standin) == ["mail [EMAIL_1]"]
+    # the other issuer's alice quotes the placeholder in the same session: the echo must
+    # stay a placeholder (her session has no [EMAIL_1]), never the first alice's address
+    status, answer = chat(gw, alice_b, [{"role": "user", "content": "say [EMAIL_1]"}])
+    assert status == 200
+    assert MAIL not in answer, "an original restored to another issuer's subject"
+    assert answer == "echo: say [EMAIL_1]"
+    # her own first address is her [EMAIL_1], not the next number of the other map
+    status, _ = chat(gw, alice_b, [{"role": "user", "content": f"write {OTHER}"}])
+    assert status == 200 and sent(standin) == ["write [EMAIL_1]"]
+    # the first alice is unaffected: her map still has only her address
+    assert chat(gw, alice_a, [{"role": "user", "content": "say [EMAIL_1] [EMAIL_2]"}]) == \
+        (200, f"echo: say {MAIL} [EMAIL_2]")
+
+
+def test_same_subject_other_issuer_long_history(two, standin) -> None:
+    """The same through the incremental paths (parse memo, cached masked history, policy
+    prompt history): a history over the memo floor, re-sent by the other issuer's alice
+    with her own first message."""
+    gw, alice_a, alice_b = two
+    m1 = {"role": "user", "content": f"{FILLER} mail {MAIL}"}
+    a1 = {"role": "assistant", "content": "Noted."}
+    m2 = {"role": "user", "content": f"{FILLER} also {OTHER}"}
+    standin.clear()
+    for turn in range(2):
+        assert chat(gw, alice_a, [m1, a1, m2] + [a1, m2] * turn)[0] == 200
+        got = sent(standin)
+        assert got[0].endswith("mail [EMAIL_1]") and got[2].endswith("also [EMAIL_2]")
+    standin.clear()
+    status, answer = chat(gw, alice_b, [{"role": "user", "content": f"{FILLER} hi"}, a1, m2,
+                                        a1, {"role": "user",
+                                             "content": "say [EMAIL_1] [EMAIL_2]"}])
+    assert status == 200
+    # her map: the address she sent is her [EMAIL_1] (hers to get back), [EMAIL_2] unknown
+    assert answer == f"echo: say {OTHER} [EMAIL_2]", answer
+    got = sent(standin)
+    assert got[2].endswith("also [EMAIL_1]"), got[2][-40:]
+    raw = "\n".join(r["body"] for r in standin.requests)
+    assert MAIL not in raw and OTHER not in raw
