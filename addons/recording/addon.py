@@ -85,8 +85,12 @@ class ConnStates:
         return st
 
 
-def flow_state(flow: http.HTTPFlow, conns: ConnStates) -> dict[str, Any]:
-    """Exactly `flow.get_state()` (a test holds it to that), with cached connections."""
+def flow_state(flow: http.HTTPFlow, conns: ConnStates, copy_metadata: bool = True
+               ) -> dict[str, Any]:
+    """Exactly `flow.get_state()` (a test holds it to that), with cached connections.
+    `copy_metadata=False`: the flow's metadata dict itself, not a deep copy — only for a
+    caller that serialises the state before any other code runs (Recorder._record: the
+    writer's `submit` marshals it at once), so nothing can change it under the record."""
     state: dict[str, Any] = {
         "version": mitmproxy_version.FLOW_FORMAT_VERSION,
         "type": flow.type,
@@ -97,7 +101,7 @@ def flow_state(flow: http.HTTPFlow, conns: ConnStates) -> dict[str, Any]:
         "intercepted": flow.intercepted,
         "is_replay": flow.is_replay,
         "marked": flow.marked,
-        "metadata": copy.deepcopy(flow.metadata),
+        "metadata": copy.deepcopy(flow.metadata) if copy_metadata else flow.metadata,
         "comment": flow.comment,
         "timestamp_created": flow.timestamp_created,
     }
@@ -344,8 +348,11 @@ class Recorder:
             info = meta["recorder"] = {"session_source": "connection"}
         if flow.response is not None and flow.response.stream:
             info["streamed"] = True
-        # a snapshot (metadata deep-copied): later changes must not race the writer
-        state = flow_state(flow, self._conns)
+        # a snapshot: WriterProcess.submit serialises it (marshal) before it returns, and
+        # nothing runs in between, so later changes cannot race the writer without a deep
+        # copy of the metadata first (marshal refuses what is not plain data: a minimal
+        # record, as a deep copy of it would have been refused by store.dump_state)
+        state = flow_state(flow, self._conns, copy_metadata=False)
         origin = info.get("origin")
         pending = store.Pending(state=state, session=session,
                                 origin_url=origin if isinstance(origin, str) else None,

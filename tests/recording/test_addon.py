@@ -347,3 +347,30 @@ def test_flow_state_equals_mitmproxy_get_state() -> None:
     g.client_conn.timestamp_end = 12345.0
     assert flow_state(g, conns)["client_conn"]["timestamp_end"] == 12345.0
     assert first["client_conn"]["timestamp_end"] != 12345.0
+
+
+def test_record_is_the_flow_as_it_was_when_recorded(rec: Recorder) -> None:
+    """The snapshot is taken without a deep copy of the metadata (the writer's submit
+    serialises it at once): what changes on the flow afterwards is not in the row; an
+    object in the metadata that is not plain data gives a minimal record, never a hook
+    error, and the gateway goes on recording."""
+    f = openai_flow()
+    f.metadata["findings"] = {"EMAIL": {"count": 1, "strategy": "placeholder"}}
+    f.metadata["identity"] = {"sub": "bot-1", "groups": ["g"]}
+    run(rec, f)
+    f.metadata["findings"]["EMAIL"]["count"] = 99  # after the record: not in it
+    f.metadata["identity"]["sub"] = "someone-else"
+    f.metadata["late"] = "x"
+    g = openai_flow()
+    g.metadata["odd"] = object()  # not plain data
+    run(rec, g)
+    assert g.response is not None and g.response.status_code == 200  # not refused
+    h = openai_flow()
+    run(rec, h)
+    out = rows(rec)
+    assert [r["id"] for r in out] == [f.id, g.id, h.id]
+    assert json.loads(out[0]["findings"]) == {"EMAIL": 1} and out[0]["identity_sub"] == "bot-1"
+    meta = json.loads(out[0]["metadata"])
+    assert "late" not in meta and meta["findings"]["EMAIL"]["count"] == 1, meta
+    assert out[1]["outcome"] == "record_error" and out[2]["outcome"] != "record_error"
+    assert verified(rec)
