@@ -48,6 +48,7 @@ from addons.config.holder import RulesHolder
 from addons.frame import decode
 from addons.frame.errors import error_payload
 from addons.frame.guard import guarded, refuse
+from addons.frame.principal import principal
 from addons.mcp import jsonrpc
 from addons.mcp.config import McpConfig
 from addons.mcp.pins import PinStore, scope_key
@@ -124,7 +125,7 @@ class Mcp:
         sid = meta["session"]
         if sid is not None:
             owner = self._sessions.get((up.get("name"), sid))
-            if owner is not None and owner != (_sub(flow) or ""):
+            if owner is not None and owner != principal(flow.metadata.get("identity")):
                 # every agent reaches the server with the gateway's one credential: the
                 # server cannot tell them apart, so the gateway keeps each MCP session to
                 # the identity that opened it
@@ -217,7 +218,8 @@ class Mcp:
             if key not in self._sessions:
                 if len(self._sessions) >= MAX_SESSIONS:
                     self._sessions.pop(next(iter(self._sessions)))  # the oldest
-                self._sessions[key] = _sub(flow) or ""
+                # issuer AND subject: the same sub from another issuer is another agent
+                self._sessions[key] = principal(flow.metadata.get("identity"))
         if not resp.headers.get("content-type", "").lower().startswith("text/event-stream"):
             return
         enc = resp.headers.get("content-encoding", "").strip().lower()

@@ -12,6 +12,8 @@ the first one's next turn unaffected."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -95,3 +97,51 @@ def test_same_subject_other_issuer_long_history(two, standin) -> None:
     assert got[2].endswith("also [EMAIL_1]"), got[2][-40:]
     raw = "\n".join(r["body"] for r in standin.requests)
     assert MAIL not in raw and OTHER not in raw
+
+
+def test_mcp_session_of_same_subject_other_issuer_refused(gateway_factory, make_local_issuer,
+                                                          standin) -> None:
+    """The gateway keeps each MCP session to the identity that opened it (the server sees
+    one credential for every agent): the other issuer's alice is another identity."""
+    from tests.hostile.test_mcp import RULES, URL, HostileServer, call
+
+    evil = HostileServer(Path(standin.ca_path).parent)
+    evil.thread.start()
+    try:
+        a, b = make_local_issuer(), make_local_issuer()
+        rules = RULES.format(port=evil.port).replace("identity:\n  required: false\n", "")
+        gw = gateway_factory(rules + (
+            f"identity:\n  required: true\n  issuers:\n"
+            f"    - {{issuer: \"{a.issuer}\", audience: agentgate}}\n"
+            f"    - {{issuer: \"{b.issuer}\", audience: agentgate}}\n"))
+
+        def script(method: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+            msg = json.loads(body)
+            hdrs = {"content-type": "application/json"}
+            if msg.get("method") == "initialize":
+                hdrs["mcp-session-id"] = "S-alice"
+            return 200, hdrs, json.dumps({"jsonrpc": "2.0", "id": msg.get("id"),
+                                          "result": {"content": []}}).encode()
+        evil.script = script
+
+        def as_(token: str, body: Any, sid: str | None = None) -> httpx.Response:
+            hdrs = {"accept": "application/json, text/event-stream"}
+            if sid:
+                hdrs["mcp-session-id"] = sid
+            with httpx.Client(proxy=gw.proxy_url(token), verify=str(gw.ca_cert),
+                              timeout=30) as c:
+                return c.post(URL, json=body, headers=hdrs)
+
+        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"}}}
+        alice_a, alice_b = a.token(sub="alice"), b.token(sub="alice")
+        assert as_(alice_a, init).headers["mcp-session-id"] == "S-alice"
+        evil.requests.clear()
+        r = as_(alice_b, call("add", 5), sid="S-alice")
+        assert r.json().get("error", {}).get("data", {}).get("rule") == "mcp.session", r.text
+        assert evil.requests == []
+        assert "result" in as_(alice_a, call("add", 6), sid="S-alice").json()
+    finally:
+        evil.httpd.shutdown()
+        evil.httpd.server_close()
