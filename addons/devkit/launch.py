@@ -181,7 +181,9 @@ def start_gateway(rules_dir: Path, confdir: Path, data_dir: Path, log_path: Path
             "--set", "agentgate_approvals_listen="
                      + (approvals_listen or f"127.0.0.1:{free_port()}")]
     if web:
-        args += ["--set", f"web_port={free_port()}", "--set", "web_open_browser=false"]
+        if not any(a.startswith("web_port=") for a in extra_args):  # a caller's (0) wins
+            args += ["--set", f"web_port={free_port()}"]
+        args += ["--set", "web_open_browser=false"]
     if standin_ca is not None:
         args += ["--set", f"ssl_verify_upstream_trusted_ca={standin_ca}"]
     args += list(extra_args)
