@@ -39,9 +39,45 @@ def _listen(text: str | None) -> tuple[str, int] | None:
         return None
 
 
+def served_by_tornado() -> list[socket.socket]:
+    """The listening sockets tornado's IOLoop serves in this process: mitmweb's UI (its
+    HTTPServer is a local of WebMaster.running, so its socket is found here) and the
+    reviewers' API."""
+    try:
+        from tornado.ioloop import IOLoop
+    except ImportError:  # pragma: no cover - tornado comes with mitmproxy
+        return []
+    loop = IOLoop.current(instance=False)
+    out = []
+    for entry in list((getattr(loop, "handlers", None) or {}).values()):
+        sock = entry[0] if isinstance(entry, tuple) and entry else None
+        if isinstance(sock, socket.socket):
+            try:
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    out.append(sock)
+            except OSError:
+                continue
+    return out
+
+
 class Destinations:
     def __init__(self, holder: RulesHolder) -> None:
         self.holder = holder
+
+    def running(self) -> None:
+        # mitmweb binds its UI before `running`; with web_port 0 on a port no option shows
+        # (and mitmproxy's own log says :0): registered as bound, so that no rules can make
+        # it an upstream, and named in the log
+        if not hasattr(ctx.master, "app"):  # mitmdump: no UI
+            return
+        socks = served_by_tornado()
+        listeners.register(self, socks)
+        for host, port in sorted(listeners.addresses(socks)):
+            log.info("agentgate: own listener (mitmweb UI and reviewers' API) on %s:%d",
+                     host, port)
+
+    def done(self) -> None:
+        listeners.unregister(self)
 
     def _listeners(self) -> set[tuple[str, int]]:
         out: set[tuple[str, int]] = set()

@@ -18,7 +18,8 @@ _lock = threading.Lock()
 _bound: dict[int, frozenset[tuple[str, int]]] = {}
 
 
-def _addresses(sockets: Iterable[socket.socket]) -> frozenset[tuple[str, int]]:
+def addresses(sockets: Iterable[socket.socket]) -> frozenset[tuple[str, int]]:
+    """The (host, port) each of `sockets` is bound to."""
     out = set()
     for s in sockets:
         try:
@@ -32,7 +33,7 @@ def _addresses(sockets: Iterable[socket.socket]) -> frozenset[tuple[str, int]]:
 
 def register(owner: object, sockets: Iterable[socket.socket]) -> None:
     """`owner`'s listening sockets (replacing what it registered before)."""
-    addrs = _addresses(sockets)
+    addrs = addresses(sockets)
     with _lock:
         _bound[id(owner)] = addrs
 
