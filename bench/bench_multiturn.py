@@ -251,6 +251,31 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _held_bytes(db: Path) -> int | None:
+    """The bytes of the values the audit store holds (every text and blob value of its
+    tables, before DuckDB compresses them): a second, steadier measure beside the data
+    directory's growth, which moves in DuckDB's 256 KiB blocks."""
+    import duckdb
+    if not db.exists():
+        return None
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        total = 0
+        for table, column in con.execute(
+                "SELECT c.table_name, c.column_name FROM information_schema.columns c "
+                "JOIN information_schema.tables t USING (table_name) WHERE t.table_type = "
+                "'BASE TABLE' AND c.data_type IN ('VARCHAR', 'BLOB', 'JSON', 'VARCHAR[]')"
+                ).fetchall():  # (not the flow_bodies view: it reassembles every body)
+            expr = (f"octet_length(CAST(array_to_string({column}, ',') AS BLOB))"
+                    if column == "identity_groups" else
+                    f"octet_length(CAST({column} AS BLOB))")
+            total += con.execute(f"SELECT coalesce(sum({expr}), 0) "  # noqa: S608
+                                 f"FROM {table}").fetchone()[0]
+        return int(total)
+    finally:
+        con.close()
+
+
 def run(quick: bool = False, agents: int | None = None, turns: int | None = None,
         profile: str | None = None, concerns: tuple[str, ...] = e2e.CONCERNS,
         base: str | None = None, repeats: int = 1) -> dict[str, Any]:
@@ -345,6 +370,9 @@ def _suite_run(out: dict[str, Any], env: Any, url: str, proxy: str, suite: Any,
     suite.stop()
     if "recording" in out["active_concerns"]:
         out["audit_bytes_per_session"] = round((_dir_bytes(data) - before) / n)
+        held = _held_bytes(data / "agentgate.duckdb")
+        if held is not None:  # (the warm-up's few rows included)
+            out["audit_held_bytes_per_session"] = round(held / n)
         out["distinct_bytes_per_session"] = round(
             statistics.fmean(len(c[-1]) for c in convs))
 
@@ -421,6 +449,11 @@ def markdown(res: dict[str, Any]) -> str:
         out += ["", f"Audit bytes per session: {res['audit_bytes_per_session']:,} for "
                 f"{res['distinct_bytes_per_session']:,} bytes of distinct content sent "
                 f"({res.get('audit_over_distinct')}x)."]
+    if (held := res.get("audit_held_bytes_per_session")) is not None:
+        out += ["", "Values the audit store holds per session (every text and blob value, "
+                "before DuckDB compresses them; steadier than the data directory's growth, "
+                f"which moves in 256 KiB blocks): {held:,} "
+                f"({held / res['distinct_bytes_per_session']:.2f}x)."]
     return "\n".join(out)
 
 
