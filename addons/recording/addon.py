@@ -289,7 +289,12 @@ class Recorder:
         info: dict[str, Any] = {"origin": origin if isinstance(origin, str)
                                 else store.redact_query(flow.request.url)}
         session = None
+        # headers.get() scans every field and raises KeyError inside for an absent name:
+        # the names present, lowercased as mitmproxy compares them, are read once instead
+        present = {k.lower() for k, _ in flow.request.headers.fields}
         for name in cfg.session_headers:
+            if name.encode("utf-8", "surrogateescape").lower() not in present:
+                continue  # headers.get(name) would be None
             session = clean_session(flow.request.headers.get(name))
             if session:
                 info["session_source"] = f"header:{name}"

@@ -107,6 +107,20 @@ def test_session_from_header_body_or_connection(rec: Recorder) -> None:
     assert c.metadata["session"] == f"conn-{c.client_conn.id}"
 
 
+def test_session_header_any_case_first_configured_wins(rec: Recorder) -> None:
+    """Header names match in any case; the first configured header with a usable value
+    names the session (an empty or unusable one is skipped), as headers.get() reads it."""
+    cases = [({"x-agent-session": "s-low"}, "s-low", "header:X-Agent-Session"),
+             ({"X-THREAD-ID": "t-1", "X-Run-Id": "r-1"}, "t-1", "header:X-Thread-Id"),
+             ({"X-Agent-Session": "", "x-run-id": "r-2"}, "r-2", "header:X-Run-Id"),
+             ({"X-Other": "o"}, None, "connection")]
+    for headers, want, source in cases:
+        f = openai_flow(headers=headers)
+        rec.requestheaders(f)
+        assert f.metadata["session"] == (want or f"conn-{f.client_conn.id}"), headers
+        assert f.metadata["recorder"]["session_source"] == source, headers
+
+
 def test_session_values_are_cleaned() -> None:
     assert clean_session("  a b\nc<script>  ") == "a_b_c_script_"
     assert clean_session("x" * 500) == "x" * 128
