@@ -50,8 +50,11 @@ log = logging.getLogger("agentgate.edge")
 
 # Options that would let bytes pass without becoming an inspected flow.
 PASS_THROUGH_OPTIONS = ("ignore_hosts", "allow_hosts", "tcp_hosts", "udp_hosts")
-# Forced values: mitmproxy's defaults here would relay or pre-connect.
-FORCED = {"rawtcp": False, "connection_strategy": "lazy"}
+# Forced values: mitmproxy's defaults here would relay or pre-connect, or (onboarding) answer
+# requests from the gateway itself: mitmproxy's onboarding app runs before every hook of
+# ours at `request`, so a request for its host (mitm.it, a declared upstream or not) got
+# mitmproxy's page instead of the pipeline — and the check ran on every request.
+FORCED = {"rawtcp": False, "connection_strategy": "lazy", "onboarding": False}
 
 # A request line we can read: METHOD SP target SP HTTP/x[.y] (HTTP/2's preface included).
 _REQUEST_LINE = re.compile(rb"[A-Z]{3,20} [\x21-\x7e]{1,8192} HTTP/\d(?:\.\d)?\r?\n")
@@ -219,7 +222,8 @@ class EdgeOptions:
                         f"mode {spec!r} is refused by agentgate: only the regular HTTP(S) "
                         "proxy mode is inspected")
         force = {k: v for k, v in FORCED.items()
-                 if (k in updated or not hasattr(self, "_forced")) and getattr(opts, k) != v}
+                 if (k in updated or not hasattr(self, "_forced")) and hasattr(opts, k)
+                 and getattr(opts, k) != v}
         self._forced = True
         if force:
             log.info("agentgate: forcing %s", ", ".join(f"{k}={v}" for k, v in force.items()))
