@@ -94,3 +94,34 @@ def test_a_continued_body_reads_as_a_full_parse(gw, standin, cases, url) -> None
         standin.clear()
         assert send(c, HOOK, "after", '{"hello":"world"}').status_code == 200
     assert bad == [], bad
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br", "deflate"])
+def test_a_compressed_turn_continues_the_memo_and_is_masked(gw, standin, coding) -> None:
+    """The memo works on the decoded text: a turn sent compressed continues the session's
+    parse like a plain one, and the card it adds is masked all the same; a compressed turn
+    that decodes past the cap is refused, nothing upstream."""
+    import gzip
+    import zlib
+
+    import brotli
+    squeeze = {"gzip": gzip.compress, "br": brotli.compress, "deflate": zlib.compress}[coding]
+    b = first('{"role":"user","content":"hi"}')
+    with httpx.Client(proxy=gw.proxy_url(), verify=str(gw.ca_cert), timeout=30) as c:
+        assert send(c, OPENAI, "z", b + "]}").status_code == 200
+        two = b + ',{"role":"user","content":"card ' + CARD + '"}]}'
+        standin.clear()
+        r = c.post(OPENAI, content=squeeze(two.encode()), headers={
+            "content-type": "application/json", "content-encoding": coding,
+            "x-agent-session": "z", "authorization": "Bearer sk-agent"})
+        assert r.status_code == 200, r.text[:300]
+        up = standin.requests[0]["body"]
+        assert CARD not in up and "[CREDIT_CARD_1]" in up
+        bomb = b + ',{"role":"user","content":"' + "a" * (64 << 20) + '"}]}'
+        standin.clear()
+        r = c.post(OPENAI, content=squeeze(bomb.encode()), headers={
+            "content-type": "application/json", "content-encoding": coding,
+            "x-agent-session": "z", "authorization": "Bearer sk-agent"})
+        assert r.status_code in (400, 413), r.text[:300]
+        assert standin.requests == []
+        assert send(c, OPENAI, "z", b + "]}").status_code == 200
