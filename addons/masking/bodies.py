@@ -61,6 +61,7 @@ from array import array
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable
+from itertools import chain
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
@@ -430,57 +431,68 @@ def _cross_findings(masker: Masker, slots: _Slots, found: list
             runs.setdefault(key, []).append(i)
     texts, starts = slots.texts, slots.starts
     out: list[tuple[str, str, list[tuple[int, int, int]]]] = []
-    w = SPLIT_WINDOW
     # Every run in one window text (runs apart by a break): one more detector pass. Each
     # run joined with nothing ('sk-proj-Xi' + '8tcN…' is one key) and, where a letter meets
     # a digit, once more with a space there ('cards' + '4111': a word boundary, as a reader
     # sees two fields, so a number's look-behind still sees its start). A crossing finding
     # starts in the tail of one slot and ends in the head of a later one: the first slot of
     # a run gives its tail, the last its head, the others both (whole when short).
-    # Bookkeeping in flat arrays: a body may hold millions of slots.
+    # A plan is one run laid out once (joined, or spaced); the text holds the plans apart by
+    # a break. Where each piece of a slot lies is worked out only for the plans a finding
+    # falls in (_lay_out, the same layout): a body of numbers holds a slot per number and
+    # findings there are rare, so the bookkeeping per slot is gone from the usual body.
+    plans: list[tuple[list[int], list[str], list[bool] | None]] = []
+    spaced: list[tuple[list[int], list[str], list[bool] | None]] = []
+    for idxs in runs.values():
+        if len(idxs) > 1:
+            run = [texts[i] for i in idxs]
+            plans.append((idxs, run, None))
+            gaps = _junctions(run)
+            if gaps is not None:
+                spaced.append((idxs, run, gaps))
+    if not plans:
+        return out
+    plans += spaced
     buf: list[str] = []
-    seg_pos = array("q")
-    seg_slot = array("q")
-    seg_local = array("q")
+    plan_start: list[int] = []
     pos = 0
-    plans = [(idxs, False) for idxs in runs.values() if len(idxs) > 1]
-    plans += [(idxs, True) for idxs, _ in plans if _run_has_junction(texts, idxs)]
-    for idxs, spaced in plans:
+    for idxs, run, gaps in plans:
         if buf:
             buf.append(_BREAK)
             pos += len(_BREAK)
-        last = len(idxs) - 1
-        prev_end = ""
-        for j, i in enumerate(idxs):
-            t = texts[i]
-            if len(t) <= w or (0 < j < last and len(t) <= 2 * w):
-                pieces: tuple[tuple[int, str], ...] = ((0, t),)
-            elif j == 0:
-                pieces = ((len(t) - w, t[-w:]),)
-            elif j == last:
-                pieces = ((0, t[:w]),)
-            else:
-                pieces = ((0, t[:w]), (len(t) - w, t[-w:]))
-            for k, (local, piece) in enumerate(pieces):
-                if k:
-                    buf.append(_BREAK)
-                    pos += len(_BREAK)
-                elif spaced and j and _word_junction(prev_end, piece[:1]):
-                    buf.append(" ")
-                    pos += 1
-                seg_pos.append(pos)
-                seg_slot.append(i)
-                seg_local.append(local)
-                buf.append(piece)
-                pos += len(piece)
-            prev_end = t[-1:]
-    if not seg_pos:
-        return out
+        plan_start.append(pos)
+        pos = _lay_out(idxs, run, gaps, pos, buf, None)
     text = "".join(buf)
     del buf
-    n_segs = len(seg_pos)
+    n_plans = len(plans)
+    # (flat arrays: a run may hold millions of slots)
+    laid: dict[int, tuple[array, array, array]] = {}
+
+    def segments(p: int) -> tuple[array, array, array]:
+        seg = laid.get(p)
+        if seg is None:
+            seg = laid[p] = (array("q"), array("q"), array("q"))
+            _lay_out(*plans[p], plan_start[p], None, seg)
+        return seg
+
     taken = [(f.start, f.end) for f in found]
     for f in masker.find(text):
+        pa = bisect_right(plan_start, f.start) - 1
+        pb = bisect_right(plan_start, f.end - 1) - 1
+        if pa < 0:
+            continue
+        if pa == pb:
+            seg_pos, seg_slot, seg_local = segments(pa)
+        else:  # across a break between plans (rare): their segments in a row
+            seg_pos, seg_slot, seg_local = array("q"), array("q"), array("q")
+            for p in range(pa, pb + 1):
+                sp, ss, sl = segments(p)
+                seg_pos += sp
+                seg_slot += ss
+                seg_local += sl
+        n_segs = len(seg_pos)
+        # where the next segment starts after the last one of these plans
+        after = plan_start[pb + 1] if pb + 1 < n_plans else len(text)
         a = bisect_right(seg_pos, f.start) - 1
         b = bisect_right(seg_pos, f.end - 1) - 1
         if a < 0 or seg_slot[a] == seg_slot[b]:
@@ -488,7 +500,7 @@ def _cross_findings(masker: Masker, slots: _Slots, found: list
         pieces_out: list[tuple[int, int, int]] = []
         for g in range(a, b + 1):
             p0 = seg_pos[g]
-            p1 = seg_pos[g + 1] if g + 1 < n_segs else len(text)
+            p1 = seg_pos[g + 1] if g + 1 < n_segs else after
             slot, local = seg_slot[g], seg_local[g]
             # the segment's own length (what follows it may be a break or a space)
             p1 = min(p1, p0 + len(texts[slot]) - local)
@@ -506,9 +518,68 @@ def _cross_findings(masker: Masker, slots: _Slots, found: list
     return out
 
 
-def _run_has_junction(texts: list[str], idxs: list[int]) -> bool:
-    return any(_word_junction(texts[a][-1:], texts[b][:1]) for a, b in zip(idxs, idxs[1:],
-                                                                           strict=False))
+def _lay_out(idxs: list[int], run: list[str], gaps: list[bool] | None, pos: int,
+             buf: list[str] | None, seg: tuple[array, array, array] | None) -> int:
+    """One plan of the cross-field text, from `pos`: its pieces appended to `buf` and/or
+    where each lies to `seg` (text position, slot, local start in the slot); the position
+    after it. `gaps`: a space at each boundary marked (the spaced join), None: joined."""
+    w = SPLIT_WINDOW
+    if seg is None and buf is not None and max(map(len, run)) <= w:
+        # every slot whole (short values: the usual run), laid out by C-level joins
+        joined = "".join(run)
+        if gaps is None:
+            buf.append(joined)
+            return pos + len(joined)
+        buf.append(run[0])
+        for t, gap in zip(run[1:], gaps, strict=True):
+            if gap:
+                buf.append(" ")
+            buf.append(t)
+        return pos + len(joined) + sum(gaps)
+    last = len(idxs) - 1
+    for j, i in enumerate(idxs):
+        t = run[j]
+        if len(t) <= w or (0 < j < last and len(t) <= 2 * w):
+            pieces: tuple[tuple[int, str], ...] = ((0, t),)
+        elif j == 0:
+            pieces = ((len(t) - w, t[-w:]),)
+        elif j == last:
+            pieces = ((0, t[:w]),)
+        else:
+            pieces = ((0, t[:w]), (len(t) - w, t[-w:]))
+        for k, (local, piece) in enumerate(pieces):
+            if k:
+                if buf is not None:
+                    buf.append(_BREAK)
+                pos += len(_BREAK)
+            elif gaps is not None and j and gaps[j - 1]:
+                if buf is not None:
+                    buf.append(" ")
+                pos += 1
+            if seg is not None:
+                seg[0].append(pos)
+                seg[1].append(i)
+                seg[2].append(local)
+            if buf is not None:
+                buf.append(piece)
+            pos += len(piece)
+    return pos
+
+
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
+_ASCII_DIGIT = re.compile(r"[0-9]")
+
+
+def _junctions(run: list[str]) -> list[bool] | None:
+    """Per boundary of a run (between slot j and j + 1): a word junction there; None when
+    the run has none. (In ASCII a junction is a letter beside a digit: a run without
+    both, e.g. all numbers, has none, told by two C-level searches.)"""
+    joined = "".join(run)
+    if joined.isascii() and (_ASCII_LETTER.search(joined) is None
+                             or _ASCII_DIGIT.search(joined) is None):
+        return None
+    gaps = [_word_junction(a[-1:], b[:1]) for a, b in zip(run, run[1:], strict=False)]
+    return gaps if any(gaps) else None
 
 
 def _word_junction(a: str, b: str) -> bool:
@@ -1238,7 +1309,7 @@ class CachedPrefix(NamedTuple):
         return all(e.placeholders_only for _, e in self.entries)
 
     def replacements(self) -> Any:
-        return (r for _, e in self.entries for r in e.replacements)
+        return chain.from_iterable(e.replacements for _, e in self.entries)
 
 
 def _entry_size(e: CachedMessage) -> int:

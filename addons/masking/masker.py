@@ -224,10 +224,13 @@ class Session:
         """Would `placeholder(entity, value, restorable)` give `ph` for every (entity,
         value, ph), each on its fast path (a spelling seen before: no state changes)? One
         lock for a whole cached message instead of one call per value; False: ask one by
-        one (bodies.Masked._replay), which is what happened before."""
+        one (bodies.Masked._replay), which is what happened before. Each distinct item is
+        looked at once (a check changes nothing, so a repeat gets the same answer: a
+        message naming the same address a hundred times costs one check)."""
+        distinct = dict.fromkeys(items)
         with self.lock:
             by_raw, back = self._by_raw, self._restore
-            for entity, value, ph in items:
+            for entity, value, ph in distinct:
                 if by_raw.get((entity, value)) != ph or (restorable
                                                          and back.get(ph) != value):
                     return False
