@@ -20,25 +20,15 @@ import pytest
 
 from tests.conftest import standin_upstreams_yaml
 
+# one chat helper for the cross-identity tests (one X-Agent-Session for every identity)
+from tests.hostile.test_session_cache import chat
+from tests.hostile.test_session_cache import sent_messages as sent
+
 pytestmark = pytest.mark.integration
 
 MAIL = "alice.cooper@example.com"
 OTHER = "bob.dylan@example.org"
-SID = {"X-Agent-Session": "conv-shared"}
 FILLER = "lorem ipsum dolor sit amet " * 400  # over the parse memo's 8 KB floor
-
-
-def chat(gw, token: str, messages: list[dict]) -> tuple[int, str]:
-    with httpx.Client(proxy=gw.proxy_url(token), verify=str(gw.ca_cert), timeout=30) as c:
-        r = c.post("https://api.openai.com/v1/chat/completions", headers=SID,
-                   json={"model": "gpt-4o-mini", "messages": messages})
-    if r.status_code != 200:
-        return r.status_code, r.text
-    return 200, r.json()["choices"][0]["message"]["content"]
-
-
-def sent(standin) -> list[str]:
-    return [m["content"] for m in json.loads(standin.requests[-1]["body"])["messages"]]
 
 
 @pytest.fixture
