@@ -1,0 +1,105 @@
+"""Hostile upstream: a response (not streamed) whose JSON the one-parse path must refuse or
+read whole — a number past a double (1e400, which reads as infinity), duplicate keys, a
+lone surrogate, deep nesting — next to an e-mail address and a card. Through a real
+mitmdump: whatever the gateway does with such an answer, the agent never receives the
+address or the card raw, the answer it gets is valid JSON when it is a 200, and the
+gateway keeps serving."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway
+from tests.hostile.edgekit import serve_tls
+
+pytestmark = pytest.mark.integration
+
+EMAIL = "ann.lee@example.com"
+CARD = "4111111111111111"
+PII = f'"note":"mail {EMAIL} card {CARD}"'
+ANSWERS = {
+    "out of range": '{' + PII + ',"n":1e400}',
+    "negative out of range": '{' + PII + ',"n":-1e400}',
+    "duplicate keys": '{' + PII + ',"note":"clean"}',
+    "lone surrogate": '{' + PII + ',"s":"\\ud800"}',
+    "deep": '{' + PII + ',"d":' + "[" * 5000 + "]" * 5000 + "}",
+    "card as an exponent": '{"note":"mail ' + EMAIL + '","n":41111111111111110e-1}',
+    "constant": '{' + PII + ',"n":NaN}',
+}
+
+
+class Upstream:
+    def __init__(self, standin) -> None:
+        self.answer = b"{}"
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - stdlib name
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(outer.answer)))
+                self.end_headers()
+                self.wfile.write(outer.answer)
+
+        self.server, self.url = serve_tls(H, standin)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def upstream(standin) -> Iterator[Upstream]:
+    u = Upstream(standin)
+    yield u
+    u.stop()
+
+
+@pytest.fixture
+def gw(gateway_factory, no_identity, upstream) -> Gateway:
+    extra = f"""  - name: local-llm
+    hosts: [llm.example.com]
+    dialect: openai
+    forward_to: {upstream.url}
+  - name: local-hook
+    hosts: [hook.example.com]
+    dialect: webhook
+    forward_to: {upstream.url}
+"""
+    return gateway_factory("{standin_upstreams}" + extra + no_identity)
+
+
+@pytest.mark.parametrize("what", list(ANSWERS))
+def test_a_hostile_answer_never_reaches_the_agent_raw(gw, upstream, standin, what) -> None:
+    upstream.answer = ANSWERS[what].encode()
+    with httpx.Client(proxy=gw.proxy_url(), verify=str(gw.ca_cert), timeout=30) as c:
+        for url in ("https://llm.example.com/v1/chat/completions", "https://hook.example.com/x"):
+            r = c.post(url, json={"model": "gpt-4o-mini",
+                                  "messages": [{"role": "user", "content": "hi"}]})
+            got = r.text
+            digits = "".join(ch for ch in got if ch.isdigit())
+            assert EMAIL not in got and CARD not in got and CARD not in digits, \
+                (what, url, r.status_code, got[:300])
+            if r.status_code == 200:
+                # valid JSON: nothing the gateway wrote is `Infinity` (NaN: the upstream's
+                # own spelling, kept as it sent it)
+                json.loads(got, parse_constant=None if what == "constant" else
+                           lambda k: pytest.fail(f"{what}: {k}"))
+            else:
+                assert r.status_code in (502, 400, 415), (what, r.status_code, got[:300])
+        standin.clear()
+        r = c.post("https://api.openai.com/v1/chat/completions", json={
+            "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "ping"}]},
+            headers={"authorization": "Bearer sk-agent"})
+        assert r.status_code == 200
