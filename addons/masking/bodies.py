@@ -768,11 +768,18 @@ class Masked:
         edits: dict[int, list[tuple[int, int, str]]] = {}
         counts: dict[str, int] = {}
         last_end = -1
+        kept_found = []
         for f in found:
-            fs, fe = f.start, f.end
-            if fs < last_end or fs < skip:
+            if f.start < last_end or f.start < skip:
                 continue
-            last_end = fe
+            last_end = f.end
+            kept_found.append(f)
+        # every replacement in one batch, in the order they were made one by one (the
+        # session's map moves the same way): found values, then the crossing ones
+        repls = masker.replacements([(f.entity, f.value) for f in kept_found]
+                                    + [(e, v) for e, v, _ in cross], session, restorable)
+        for f, repl in zip(kept_found, repls, strict=False):
+            fs, fe = f.start, f.end
             i = bisect_right(starts, fs) - 1
             if i < 0:
                 i = 0
@@ -780,7 +787,6 @@ class Masked:
                 i += 1  # the finding starts in a separator
             entity = f.entity
             counts[entity] = counts.get(entity, 0) + 1
-            repl = masker.replacement(entity, f.value, session, restorable)
             if trace is not None:
                 trace.append((entity, f.value, repl))
             s = starts[i]
@@ -799,9 +805,8 @@ class Masked:
                     edits.setdefault(i, []).append((lo, max(lo, hi), repl if first else ""))
                     first = False
                 i += 1
-        for entity, value, pieces in cross:
+        for (entity, value, pieces), repl in zip(cross, repls[len(kept_found):], strict=True):
             counts[entity] = counts.get(entity, 0) + 1
-            repl = masker.replacement(entity, value, session, restorable)
             if trace is not None:
                 trace.append((entity, value, repl))
             for j, (i, lo, hi) in enumerate(pieces):

@@ -220,6 +220,28 @@ class Session:
             store._account(self, delta)
         return ph
 
+    def placeholders(self, items: list[tuple[str, str]], restorable: bool) -> list[str]:
+        """[placeholder(entity, value, restorable) for each item], in order: the same calls'
+        answers and state, with one lock for every run of values on the fast path (a
+        spelling seen before: no state changes) instead of one per value; a value off it
+        is handed to placeholder() itself, before the items after it are looked at."""
+        out: list[str] = []
+        add = out.append
+        i, n = 0, len(items)
+        while i < n:
+            with self.lock:
+                by_raw, back = self._by_raw, self._restore
+                while i < n:
+                    ph = by_raw.get(items[i])
+                    if ph is None or (restorable and back.get(ph) != items[i][1]):
+                        break
+                    add(ph)
+                    i += 1
+            if i < n:
+                add(self.placeholder(items[i][0], items[i][1], restorable))
+                i += 1
+        return out
+
     def replays(self, items: Iterable[tuple[str, str, str]], restorable: bool) -> bool:
         """Would `placeholder(entity, value, restorable)` give `ph` for every (entity,
         value, ph), each on its fast path (a spelling seen before: no state changes)? One
@@ -481,6 +503,16 @@ class Masker:
         if session is None:
             session = Session()
         return session.placeholder(entity, value, restorable)
+
+    def replacements(self, items: list[tuple[str, str]], session: Session | None,
+                     restorable: bool = True) -> list[str]:
+        """[replacement(entity, value, session, restorable) for each (entity, value)]: the
+        same answers, in one batch when every entity is placeholdered in a plain Session
+        (Session.placeholders: one lock per run of known values)."""
+        if type(session) is Session and all(
+                self.strategy(e) == "placeholder" for e in {e for e, _ in items}):
+            return session.placeholders(items, restorable)
+        return [self.replacement(e, v, session, restorable) for e, v in items]
 
     def apply(self, text: str, found: Iterable[Any], session: Session | None,
               findings: Findings, *, restorable: bool = True, restore: bool = False,

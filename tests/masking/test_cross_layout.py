@@ -243,3 +243,31 @@ def test_replays_answers_as_one_check_per_item(items, restorable):
         session.placeholder(entity, value, restorable=entity == "EMAIL")
     assert session.replays(iter(items), restorable) == \
         _replays_one_by_one(session, items, restorable)
+
+
+def _state(session: Session) -> tuple:
+    return (list(session._by_value.items()), dict(session._by_raw),
+            list(session._restore.items()), dict(session._counters), session.bytes,
+            session._raw_bytes)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["EMAIL", "PHONE", "US_SSN"]),
+                          st.sampled_from(["a@x.io", "A@X.IO", "b@x.io", "4155550132",
+                                           "415-555-0132", "536-22-4519", "c" * 300])),
+                max_size=30),
+       st.lists(st.tuples(st.sampled_from(["EMAIL", "PHONE"]), st.sampled_from(["a@x.io", "z"])),
+                max_size=4),
+       st.booleans(), st.sampled_from([(10_000, 1 << 20), (3, 1 << 20), (50, 2_000)]))
+def test_placeholders_in_one_batch_are_the_calls_one_by_one(items, seen, restorable, bounds):
+    # same answers and the same map afterwards, also past the session's bounds (values
+    # forgotten, the spelling shortcut cleared between two values of one batch)
+    one, batch = Session(*bounds), Session(*bounds)
+    for s in (one, batch):
+        for entity, value in seen:
+            s.placeholder(entity, value, not restorable)
+    want = [one.placeholder(e, v, restorable) for e, v in items]
+    assert batch.placeholders(items, restorable) == want
+    assert _state(batch) == _state(one)
+    assert MASKER.replacements(items, None, restorable) == \
+        [MASKER.replacement(e, v, None, restorable) for e, v in items]
