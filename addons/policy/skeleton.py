@@ -31,7 +31,7 @@ from pathlib import Path
 
 # invisible but not Cf: Hangul fillers, braille blank, combining grapheme joiner (Mn anyway)
 _INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f")
-_DROP_CATS = frozenset(("Cf", "Mn", "Me", "Mc"))
+_DROP_CATS = frozenset(("Cf", "Mn", "Me", "Mc"))  # format characters, marks
 # a hyphen (any dash the confusables map to `-`, or still the original) at a line break
 _HYPHEN_BREAK = re.compile(r"[-\u2010\u2011\u2012\u2013\u2043\u2212\ufe63\uff0d]"
                            r"[ \t]*(?:\r\n|\r|\n|\u2028|\u2029|\x85|\x0b|\x0c)\s*")
@@ -123,27 +123,25 @@ _ASCII_HYPHEN_BREAK = re.compile(r"-[ \t]*(?:\r\n|\r|\n|\x0b|\x0c)\s*")
 
 
 def normalize(text: str) -> str:
-    """NFKC; format characters, combining marks and fillers removed; hyphenation joined."""
+    """NFKC; format characters, combining marks and fillers removed; hyphenation joined.
+
+    Marks are taken off precomposed letters by decomposing every character (NFD) and
+    composing again (NFC) after the marks are gone: a Hangul syllable comes out as it went
+    in, whatever else the text holds (decomposing only when some character had a table
+    decomposition left the syllables in jamo next to any accented letter, so a Korean
+    keyword went unseen beside an `é`). Every step works on each character or stops at
+    an ASCII letter or digit, so normalize(a + b) == normalize(a) + normalize(b) when b
+    starts with one (tests/policy/test_skeleton.py)."""
     if text.isascii():
         return _ASCII_HYPHEN_BREAK.sub("", text) if "-" in text else text
     text = unicodedata.normalize("NFKC", text)
-    drop: dict[int, None] = {}
-    need_nfd = False
-    for ch in set(text):
-        cat = unicodedata.category(ch)
-        if cat in ("Cf",) or ch in _INVISIBLE:
-            drop[ord(ch)] = None
-        elif not ch.isascii() and unicodedata.decomposition(ch):
-            need_nfd = True
-        elif cat in _DROP_CATS:
-            drop[ord(ch)] = None
-    if need_nfd:  # precomposed letters (é): split off the marks, then drop them
+    if not text.isascii():
         text = unicodedata.normalize("NFD", text)
-        for ch in set(text):
-            if unicodedata.category(ch) in _DROP_CATS:
-                drop[ord(ch)] = None
-    if drop:
-        text = text.translate(drop)
+        drop = {ord(ch): None for ch in set(text)
+                if ch in _INVISIBLE or unicodedata.category(ch) in _DROP_CATS}
+        if drop:
+            text = text.translate(drop)
+        text = unicodedata.normalize("NFC", text)
     return _HYPHEN_BREAK.sub("", text)
 
 
@@ -156,9 +154,12 @@ def skeleton(text: str) -> str:
     t = table()
     mapping = {ord(ch): t[ord(ch)] for ch in set(text) if ord(ch) in t}
     text = text.translate(mapping) if mapping else text
-    if not text.isascii():
-        text = normalize(text)  # casefold can produce marks again (e.g. `İ`)
-    return text
+    # casefold can produce marks again (e.g. `İ`), and the confusables map dashes to `-`
+    # (`˗` U+02D7 at a line break is hyphenation too): normalised again, also when the
+    # result is ASCII — so that skeleton(a + b) == skeleton(a) + skeleton(b) whenever b
+    # starts with an ASCII letter or digit, which lets a session's skeleton be extended
+    # by its new text alone (engine.derive_text)
+    return normalize(text)
 
 
 # ---------------------------------------------------------------- regex literals

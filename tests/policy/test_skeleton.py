@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from addons.policy.skeleton import normalize, skeleton, skeleton_pattern, table
 
@@ -46,3 +48,33 @@ def test_skeleton_pattern_maps_literals_only() -> None:
     assert p == "pass(?P<x>word)?[a-z]{2}"
     assert re.search(p, "password") is not None
     assert skeleton_pattern("a\u200bb") == "ab"
+
+
+def test_skeleton_splits_at_ascii_letters_and_digits() -> None:
+    """What lets a session's skeleton be continued from its last one (derive_text):
+    fn(a + b) == fn(a) + fn(b) when b starts with an ASCII letter or digit."""
+    @settings(max_examples=3000, deadline=None)
+    @given(st.text(st.characters(exclude_categories=("Cs",)), max_size=8),
+           st.sampled_from("aZ09"),
+           st.text(st.characters(exclude_categories=("Cs",)), max_size=8))
+    def check(a: str, c: str, b: str) -> None:
+        assert normalize(a + c + b) == normalize(a) + normalize(c + b)
+        assert skeleton(a + c + b) == skeleton(a) + skeleton(c + b)
+    check()
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ("\u2028", "a\u02d7\r"),       # a dash confusable with '-' at a line break
+    ("\u00e9", "a\uac00"),         # an accented letter next to Hangul
+])
+def test_skeleton_split_cases_that_failed_before(a: str, b: str) -> None:
+    assert normalize(a + b) == normalize(a) + normalize(b)
+    assert skeleton(a + b) == skeleton(a) + skeleton(b)
+
+
+def test_korean_keyword_beside_an_accented_letter() -> None:
+    """Hangul stays composed whatever else the text holds (before: decomposed to jamo as
+    soon as any character had a table decomposition, so the keyword went unseen)."""
+    word = skeleton("비밀번호")
+    assert word in skeleton("비밀번호 é")
+    assert re.search(word, skeleton("café 비밀번호"))
