@@ -9,7 +9,10 @@ Replayed flows are evaluated like live ones.
 
 Prompt searches are incremental per session (identity subject and session id): a turn
 that re-sends the history searches only past the part of the text the session's last
-request shared with it, with exactly the answer of a full search (engine.SearchHistory).
+request shared with it, with exactly the answer of a full search (engine.SearchHistory);
+the strings and tool names of the messages it sent before, the skeleton of its text and
+the literal prefilters are taken from that request too, so a turn costs what its new
+messages cost. Reloaded rules start every session afresh.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ class Policy:
         # (in memory, bounded in bytes), so a turn that re-sends the history searches
         # only what is new (engine.SearchHistory)
         self.histories = SearchHistories()
+        self._rules: object = None  # the rules the histories were made under
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -103,6 +107,10 @@ class Policy:
         if rules is None:
             raise RuntimeError("no rules loaded")  # guarded: refuses the flow
         policies: PolicySet = rules.policies
+        if rules is not self._rules:
+            # new rules: nothing a session learnt under the old ones is carried over (its
+            # searches were of other patterns; the body limit may differ)
+            self.histories, self._rules = SearchHistories(), rules
         cfg = getattr(rules, "masking", None)
         limit = getattr(cfg, "max_body_bytes", decode.MAX_BYTES)
         if not isinstance(limit, int) or limit <= 0:

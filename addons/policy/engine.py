@@ -22,9 +22,11 @@ Evaluation order (documented in rules/README.md):
 
 from __future__ import annotations
 
+import bisect
 import datetime
 import json
 import math
+import operator
 import re
 import threading
 from collections import OrderedDict
@@ -118,6 +120,10 @@ class RequestFacts:
         # per text form: (the session's previous text's generation, the prefix length
         # both share, this text's generation): SearchHistory.begin, once per request
         self._shared: dict[str, tuple[int, int, int]] = {}
+        # while the prompt text is built from a session's history (_item_strings): per
+        # message list (key, index of its first part, items, ends, budget used), with the
+        # session's last prompt text that spans refer to
+        self._lists: tuple[str, list[tuple[Any, ...]]] | None = None
 
     # -- body
     @property
@@ -219,7 +225,7 @@ class RequestFacts:
         query string. A body that is not text in its charset is refused."""
         if self._prompt is None:
             out: list[str] = []
-            budget = [max(8 * len(self.body), 1 << 16)]
+            budget = [max(STRING_BUDGET_FACTOR * len(self.body), MIN_STRING_BUDGET)]
             try:
                 self._body_strings(self.decoded, out, budget, top=True)
             except DecodeError as e:
@@ -229,14 +235,20 @@ class RequestFacts:
                 for k, v in parse_qsl(self.query, keep_blank_values=True):
                     out.append(k)
                     all_strings(v, out, budget=budget)
-            self._prompt = "\n\n".join(out)
+            if self._lists is not None:
+                self._prompt = self._join_parts(out)
+            else:
+                self._prompt = "\n\n".join(out)
         return self._prompt
 
     def _body_strings(self, body: Body, out: list[str], budget: list[int], *,
                       top: bool = False) -> None:
         j = self.json if top else body.json
         if j is not None:
-            all_strings(j, out, budget=budget)
+            if top and self._incremental():
+                self._item_strings(j, out, budget)
+            else:
+                all_strings(j, out, budget=budget)
             return
         if not body.data:
             return
@@ -271,19 +283,135 @@ class RequestFacts:
                     except (ValueError, RecursionError):
                         continue
 
+    def _incremental(self) -> bool:
+        """Is this request's work continued from its session's last one? (A history, a
+        body worth it.)"""
+        return self.history is not None and len(self.body) >= INCREMENTAL_MIN_CHARS
+
+    def _item_strings(self, j: Any, out: list[Any], budget: list[int]) -> None:
+        """all_strings(j, out, budget=budget), except that the strings of the first items
+        of a message list that are the very items the session's last request had are not
+        walked again: they are one (start, end) span of that request's prompt text in
+        `out` (_join_parts makes the text). The text comes out exactly as all_strings
+        makes it: the strings of a list's items are consecutive in it, in order, joined
+        by the same separator."""
+        if type(j) is not dict:
+            all_strings(j, out, budget=budget)
+            return
+        h = self.history
+        assert h is not None
+        lists: list[tuple[Any, ...]] = []
+        # the session's last prompt text: the one spans in `out` refer to (read once: a
+        # concurrent request of the session may record another meanwhile)
+        last = h.last("prompt_text")
+        out.extend(j)  # the keys first, then the values: all_strings' order
+        for key, v in j.items():
+            tv = type(v)
+            if tv is str:
+                out.append(v)
+                if v and (v[0] in _NESTED_START or v[0].isspace()):
+                    _nested(v, out, 0, budget)
+            elif tv is list and key in _ITEM_LISTS:
+                lists.append(self._list_strings(key, v, out, budget, last))
+            elif tv is dict or tv is list:
+                all_strings(v, out, 1, budget)
+        self._lists = (last[1] if last is not None else "", lists)
+
+    def _list_strings(self, key: str, items: list[Any], out: list[Any], budget: list[int],
+                      last: tuple[int, str, Any] | None) -> tuple[Any, ...]:
+        """all_strings(items, out, 1, budget) for one message list (see _item_strings)."""
+        h = self.history
+        assert h is not None
+        rec = h.record(("text", key))
+        m = 0
+        end, used = -1, 0
+        first = len(out)
+        if rec is not None and last is not None and last[0] == rec.gen:
+            m = known_prefix(items, rec.items)
+        if m:
+            # walking them would raise exactly when the budget left is below what they took
+            used = rec.used[m - 1]
+            if budget[0] < used:
+                raise BodyUnavailable("too much JSON nested in strings to inspect")
+            budget[0] -= used
+            end = rec.ends[m - 1]
+            if end >= 0:
+                out.append((rec.start, rec.start + end))
+        ends = list(rec.ends[:m]) if m else []
+        useds = list(rec.used[:m]) if m else []
+        for item in items[m:]:
+            sub: list[str] = []
+            before = budget[0]
+            ti = type(item)
+            if ti is str:
+                sub.append(item)
+                if item and (item[0] in _NESTED_START or item[0].isspace()):
+                    _nested(item, sub, 1, budget)
+            elif ti is dict or ti is list:
+                all_strings(item, sub, 2, budget)
+            if sub:
+                chunk = "\n\n".join(sub)
+                out.append(chunk)
+                end = (end + 2 if end >= 0 else 0) + len(chunk)
+            used += before - budget[0]
+            ends.append(end)
+            useds.append(used)
+        return key, first if len(out) > first else -1, \
+            (rec.items[:m] if m else ()) + tuple(items[m:]), ends, useds
+
+    def _join_parts(self, out: list[Any]) -> str:
+        """The prompt text from `out` (strings, and spans of the session's last prompt
+        text); where each message list's strings begin in it goes to the history."""
+        h = self.history
+        assert h is not None and self._lists is not None
+        (old_text, lists), self._lists = self._lists, None
+        starts = {first: None for _, first, _, _, _ in lists if first >= 0}
+        parts: list[str] = []
+        pos = 0
+        for i, p in enumerate(out):
+            if type(p) is tuple:
+                p = old_text[p[0]:p[1]]
+            if i in starts:
+                starts[i] = pos
+            pos += len(p) + 2
+            parts.append(p)
+        text = "\n\n".join(parts)
+        shared = self._shared["prompt_text"] = h.begin("prompt_text", text)
+        for key, first, items, ends, useds in lists:
+            start = starts[first] if first >= 0 else 0
+            h.set_record(("text", key), ListText(items, tuple(ends), tuple(useds),
+                                                 shared[2], start or 0))
+        return text
+
     @property
     def norm_text(self) -> str:
         """The prompt text normalised (NFKC, invisibles and marks out, hyphenation joined)."""
         if self._norm is None:
-            self._norm = normalize(self.prompt_text)
+            self._norm = self._derived("norm_text", normalize)
         return self._norm
 
     @property
     def skel_text(self) -> str:
         """The prompt text's skeleton: normalised, case folded, confusables mapped."""
         if self._skel is None:
-            self._skel = skeleton(self.prompt_text)
+            self._skel = self._derived("skel_text", skeleton)
         return self._skel
+
+    def _derived(self, which: str, fn: Callable[[str], str]) -> str:
+        text = self.prompt_text
+        h = self.history
+        if h is None or len(text) < INCREMENTAL_MIN_CHARS:
+            return fn(text)
+        out, self._shared[which] = h.derive(which, fn, text, self._begun("prompt_text"))
+        return out
+
+    def _begun(self, which: str) -> tuple[int, int, int]:
+        shared = self._shared.get(which)
+        if shared is None:
+            h = self.history
+            assert h is not None
+            shared = self._shared[which] = h.begin(which, getattr(self, which))
+        return shared
 
     def folded(self, which: str) -> str:
         """A text case-folded exactly as `re.IGNORECASE` compares characters."""
@@ -309,17 +437,64 @@ class RequestFacts:
         h = self.history
         if h is None or len(text) < INCREMENTAL_MIN_CHARS:
             return (fast or pattern).search(text) is not None
-        shared = self._shared.get(which)
-        if shared is None:
-            shared = self._shared[which] = h.begin(which, text)
-        return h.search(pattern, which, text, shared, fast)
+        return h.search(pattern, which, text, self._begun(which), fast)
+
+    def has_literal(self, lits: Iterable[str], which: str) -> bool:
+        """Is one of `lits` (case folded) in the case-folded `which` text? With a session
+        history, only in what is new since the session's last text (SearchHistory.contains:
+        the same answer)."""
+        text = getattr(self, which)
+        h = self.history
+        if h is None or len(text) < INCREMENTAL_MIN_CHARS:
+            folded = self.folded(which)
+            return any(lit in folded for lit in lits)
+
+        def folded_from(start: int) -> str:
+            f = self._folded.get(which)
+            if f is not None:
+                return f[start:]
+            t = text[start:]
+            return t if which == "skel_text" and t.isascii() else fold(t)
+
+        return h.contains(lits, which, text, self._begun(which), folded_from)
 
     @property
     def tool_names(self) -> frozenset[str]:
         if self._tools is None:
             j = self.json
-            self._tools = frozenset(tool_names(j)) if isinstance(j, dict) else frozenset()
+            if not isinstance(j, dict):
+                self._tools = frozenset()
+            elif self._incremental():
+                self._tools = self._session_tool_names(j)
+            else:
+                self._tools = frozenset(tool_names(j))
         return self._tools
+
+    def _session_tool_names(self, j: dict[str, Any]) -> frozenset[str]:
+        """tool_names(j), the names in the first items of a message list that are the
+        very items the session's last request had taken from what it found in them."""
+        h = self.history
+        assert h is not None
+        names = tool_names({k: v for k, v in j.items() if k not in _ITEM_LISTS})
+        for key in ("messages", "input"):
+            items = j.get(key)
+            if not isinstance(items, list):
+                continue
+            rec = h.record(("tools", key))
+            m = known_prefix(items, rec.items) if rec is not None else 0
+            acc = rec.tools[m - 1] if m else frozenset()
+            cum = list(rec.tools[:m]) if m else []
+            for item in items[m:]:
+                if isinstance(item, dict):
+                    found: set[str] = set()
+                    _item_tool_names(item, found)
+                    if found - acc:
+                        acc = acc | found
+                cum.append(acc)
+            names |= acc
+            h.set_record(("tools", key), ListTools(
+                (rec.items[:m] if m else ()) + tuple(items[m:]), tuple(cum)))
+        return frozenset(names)
 
     @property
     def provider_tools(self) -> tuple[ProviderTool, ...]:
@@ -482,6 +657,11 @@ def all_strings(node: Any, out: list[str], depth: int = 0,
 
 
 _NESTED_START = frozenset('{["')
+# JSON nested in strings parsed per request: this many times the body, at least the minimum
+STRING_BUDGET_FACTOR = 8
+MIN_STRING_BUDGET = 1 << 16
+# the lists whose items a session's history knows (the parse memo's, addons/frame/decode.py)
+_ITEM_LISTS = frozenset(("messages", "input"))
 MAX_DEPTH = 64
 
 
@@ -578,8 +758,11 @@ def _part(part: dict[str, Any], out: list[str], *, skip_content: bool = False,
         _content(part.get("content"), out, depth + 1)
 
 
-def tool_names(body: dict[str, Any]) -> set[str]:
-    """Names of tools defined in the request and tools called in its history."""
+def tool_names(body: dict[str, Any],
+               of_item: Callable[[dict[str, Any]], Iterable[str]] | None = None
+               ) -> set[str]:
+    """Names of tools defined in the request and tools called in its history. `of_item`:
+    the names in one history item, when known (else _item_tool_names)."""
     names: set[str] = set()
 
     def add(v: Any) -> None:
@@ -606,29 +789,40 @@ def tool_names(body: dict[str, Any]) -> set[str]:
     fc = body.get("function_call")
     if isinstance(fc, dict):
         add(fc.get("name"))
-    items: list[Any] = []
     for key in ("messages", "input"):
         v = body.get(key)
         if isinstance(v, list):
-            items.extend(v)
-    for m in items:
-        if not isinstance(m, dict):
-            continue
-        if m.get("type") in ("function_call", "custom_tool_call", "mcp_call"):
-            add(m.get("name"))
-        for call in m.get("tool_calls") or ():
-            if isinstance(call, dict) and isinstance(call.get("function"), dict):
-                add(call["function"].get("name"))
-        mfc = m.get("function_call")
-        if isinstance(mfc, dict):
-            add(mfc.get("name"))
-        content = m.get("content")
-        if isinstance(content, list):
-            for block in content:
-                if isinstance(block, dict) and block.get("type") in (
-                        "tool_use", "server_tool_use", "mcp_tool_use"):
-                    add(block.get("name"))
+            for m in v:
+                if not isinstance(m, dict):
+                    continue
+                if of_item is None:
+                    _item_tool_names(m, names)
+                else:
+                    names.update(of_item(m))
     return names
+
+
+def _item_tool_names(m: dict[str, Any], names: set[str]) -> None:
+    """The tools one history item calls (a message's tool calls, a function_call item,
+    tool_use content blocks)."""
+    def add(v: Any) -> None:
+        if isinstance(v, str) and v:
+            names.add(v)
+
+    if m.get("type") in ("function_call", "custom_tool_call", "mcp_call"):
+        add(m.get("name"))
+    for call in m.get("tool_calls") or ():
+        if isinstance(call, dict) and isinstance(call.get("function"), dict):
+            add(call["function"].get("name"))
+    mfc = m.get("function_call")
+    if isinstance(mfc, dict):
+        add(mfc.get("name"))
+    content = m.get("content")
+    if isinstance(content, list):
+        for block in content:
+            if isinstance(block, dict) and block.get("type") in (
+                    "tool_use", "server_tool_use", "mcp_tool_use"):
+                add(block.get("name"))
 
 
 class ProviderTool(NamedTuple):
@@ -977,11 +1171,7 @@ def prompt_test(pattern: re.Pattern[str], text: str = "prompt_text") -> Check:
         return lambda f: f.search(pattern, text, fast)
 
     def check(f: RequestFacts) -> bool:
-        folded = f.folded(text)
-        for lit in lits:
-            if lit in folded:
-                return f.search(pattern, text, fast)
-        return False
+        return f.has_literal(lits, text) and f.search(pattern, text, fast)
     return check
 
 
@@ -1173,6 +1363,49 @@ def common_prefix(a: str, b: str) -> int:
     return lo
 
 
+# The normalised forms of the prompt text (skeleton, normalize) are built from the new
+# part of a session's text alone: both split at any ASCII letter or digit,
+# fn(a + b) == fn(a) + fn(b) when b starts with one (addons/policy/skeleton.py; every
+# step there maps characters one by one or, as NFKC/NFD/NFC and the hyphenation join,
+# cannot reach across such a character; tests/policy/test_skeleton.py checks it on
+# arbitrary Unicode). So a text is cut at such characters every CUT_CHARS or so, and the
+# form remembers where each cut falls in it: fn(text) = out[:s] + fn(text[j:]) for a
+# cut (j, s) inside the prefix the new text shares with the old one.
+CUT_CHARS = 4096
+_CUT_AT = re.compile(r"[0-9A-Za-z]")
+
+
+def derive_text(fn: Callable[[str], str], src: str,
+                old: tuple[str, tuple[tuple[int, int], ...]] | None, common: int
+                ) -> tuple[str, tuple[tuple[int, int], ...], int]:
+    """(fn(src), its cuts, characters of src taken from `old` unprocessed). `old`: the
+    form's last (out, cuts) whose source shares its first `common` characters with src.
+    Cuts (j, s): src[j] is a cut character (or j == 0) and out[:s] == fn(src[:j])."""
+    cuts: list[tuple[int, int]] = [(0, 0)]
+    head = ""
+    if old is not None:
+        out_old, old_cuts = old
+        k = bisect.bisect_left(old_cuts, (common, -1)) - 1  # the last cut before common
+        if k > 0:
+            cuts = list(old_cuts[:k + 1])
+            head = out_old[:cuts[-1][1]]
+    j, s = cuts[-1]
+    kept = j
+    parts = [head] if head else []
+    n = len(src)
+    while True:
+        m = _CUT_AT.search(src, j + CUT_CHARS) if j + CUT_CHARS < n else None
+        end = m.start() if m else n
+        piece = fn(src[j:end])
+        parts.append(piece)
+        s += len(piece)
+        if m is None:
+            break
+        cuts.append((end, s))
+        j = end
+    return "".join(parts), tuple(cuts), kept
+
+
 _REACH: dict[tuple[str, int], int | None] = {}
 
 
@@ -1230,22 +1463,66 @@ def _text_bytes(text: str) -> int:
     return 64 + (len(text) if text.isascii() else 4 * len(text))
 
 
+class ListText(NamedTuple):
+    """What a session's last request's prompt text holds of one message list: its items
+    (the parsed objects themselves: the session's parse memo, addons/frame/decode.py,
+    hands the very same objects to the next request whose body starts with the same
+    text, so a prefix of the list is known only when each item `is` the one recorded,
+    never a look-alike); per item, the length of the list's strings joined up to it (-1:
+    none yet) and the nested-JSON budget they took up to it; `gen`/`start`: the prompt
+    text (generation) and the offset in it where the list's strings begin."""
+    items: tuple[Any, ...]
+    ends: tuple[int, ...]
+    used: tuple[int, ...]
+    gen: int
+    start: int
+
+
+class ListTools(NamedTuple):
+    """Per item of a session's last message list (the objects, as ListText), the tool
+    names its items call up to it."""
+    items: tuple[Any, ...]
+    tools: tuple[frozenset[str], ...]
+
+
+_REF_BYTES = 24  # per item of a record: a reference and its numbers, estimated
+
+
+def known_prefix(items: list[Any], known: tuple[Any, ...]) -> int:
+    """How many first items of `items` are the very objects of `known` (C loops: the
+    usual case, the whole record, costs a few ns per item)."""
+    n = min(len(items), len(known))
+    if n and all(map(operator.is_, items[:n], known[:n])):
+        return n
+    i = 0
+    while i < n and items[i] is known[i]:
+        i += 1
+    return i
+
+
 class SearchHistory:
     """One session's last prompt searches: per text form its last text, per (pattern,
-    text form) the generation of the text it was last searched in and whether it matched.
+    text form) the generation of the text it was last searched in and whether it matched;
+    per literal prefilter where it was first found; per message list its items with
+    their strings' place in the last prompt text and their tool names; for the normalised
+    forms, the cuts that let the next text's form be built from its new part alone.
     Bounded in entries; its texts count against its SearchHistories' bytes. Thread-safe
     (concurrent requests of a session: each compares with whichever text was last)."""
 
     __slots__ = ("_seen", "_texts", "_lock", "last_used", "max_entries", "saved_chars",
-                 "bytes", "_gen", "_store", "_ident")
+                 "bytes", "_gen", "_store", "_ident", "_records", "derived_chars")
 
     def __init__(self, max_entries: int = 512) -> None:
-        self._seen: dict[tuple[Any, str], tuple[int, bool]] = {}
-        self._texts: dict[str, tuple[int, str]] = {}
+        self._seen: dict[tuple[Any, str], tuple[int, Any]] = {}
+        # per text form: (generation, text, what goes with it: cuts for a derived form)
+        self._texts: dict[str, tuple[int, str, Any]] = {}
+        # per ("text" | "tools", list key): ListText / ListTools of the last request
+        self._records: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         self.last_used = 0.0
         self.max_entries = max_entries
         self.saved_chars = 0  # characters not searched again (for tests and benchmarks)
+        self.derived_chars = 0  # characters not normalised again (ditto)
         self.bytes = 0
         self._gen = 0
         self._store: SearchHistories | None = None
@@ -1257,22 +1534,108 @@ class SearchHistory:
     def __repr__(self) -> str:  # never show text
         return f"<SearchHistory {len(self._seen)} searches, {self.bytes} bytes>"
 
-    def begin(self, which: str, text: str) -> tuple[int, int, int]:
+    def begin(self, which: str, text: str, extra: Any = None) -> tuple[int, int, int]:
         """A request's `which` text: (the generation of the form's previous text, the
         length of the prefix both share, this text's generation, now the form's last)."""
         with self._lock:
             old = self._texts.get(which)
             self._gen += 1
             gen = self._gen
-            self._texts[which] = (gen, text)
+            self._texts[which] = (gen, text, extra)
             delta = _text_bytes(text) - (_text_bytes(old[1]) if old else 0)
             self.bytes += delta
-        store = self._store
-        if store is not None and delta:
-            store._account(self, delta)
+        self._charge(delta)
         if old is None:
             return 0, 0, gen
         return old[0], common_prefix(old[1], text), gen
+
+    def _charge(self, delta: int) -> None:
+        store = self._store
+        if store is not None and delta:
+            store._account(self, delta)
+
+    def last(self, which: str) -> tuple[int, str, Any] | None:
+        with self._lock:
+            return self._texts.get(which)
+
+    def derive(self, which: str, fn: Callable[[str], str], src: str,
+               src_shared: tuple[int, int, int]) -> tuple[str, tuple[int, int, int]]:
+        """fn(src) (`skeleton` or `normalize` of the prompt text, `src`), built from the
+        form's last text where `src` shares its prefix with the prompt text that one was
+        made from (`src_shared`: begin("prompt_text", src)); then begun as `which`'s
+        text. (derive_text says why the result is exactly fn(src).)"""
+        old_gen, common, gen = src_shared
+        last = self.last(which)
+        old: tuple[str, tuple[tuple[int, int], ...]] | None = None
+        if last is not None and old_gen and isinstance(last[2], tuple) \
+                and last[2][0] == old_gen:
+            old = (last[1], last[2][1])
+        out, cuts, kept = derive_text(fn, src, old, common)
+        self.derived_chars += kept
+        return out, self.begin(which, out, (gen, cuts))
+
+    def contains(self, lits: Iterable[str], which: str, text: str,
+                 shared: tuple[int, int, int], folded: Callable[[int], str]) -> bool:
+        """Is one of `lits` (case folded) in the case-folded `text`? Only where the text
+        is new since the session's last one, unless a literal was seen in the shared
+        part. `folded(start)`: the folded text from `start` (case folding maps each
+        character to one: it is the folded text's own suffix)."""
+        old_gen, common, gen = shared
+        todo: list[tuple[str, int]] = []
+        with self._lock:
+            for lit in lits:
+                prev = self._seen.get((lit, which))
+                start = 0
+                if prev is not None and prev[0] == old_gen and old_gen:
+                    pos = prev[1]
+                    if 0 <= pos and pos + len(lit) <= common:
+                        # the first place it was found is unchanged: still the first
+                        self._seen[(lit, which)] = (gen, pos)
+                        self.saved_chars += common
+                        return True
+                    if pos < 0:  # not in the last text: a new one ends past `common`
+                        start = max(0, common - len(lit) + 1)
+                todo.append((lit, start))
+        if not todo:
+            return False
+        base = min(st for _, st in todo)
+        window = folded(base)
+        found = False
+        results: list[tuple[str, int]] = []
+        for lit, start in todo:
+            i = window.find(lit, start - base)
+            pos = base + i if i >= 0 else -1
+            results.append((lit, pos))
+            if pos >= 0:
+                found = True
+                break
+        with self._lock:
+            for lit, pos in results:
+                key = (lit, which)
+                if key in self._seen or len(self._seen) < self.max_entries:
+                    self._seen[key] = (gen, pos)
+            self.saved_chars += base
+        return found
+
+    def record(self, key: Any) -> Any:
+        with self._lock:
+            return self._records.get(key)
+
+    def set_record(self, key: Any, rec: Any) -> None:
+        """A ListText / ListTools of this request (ListText only while its prompt text is
+        the form's last: its offsets refer to that text)."""
+        with self._lock:
+            if isinstance(rec, ListText):
+                last = self._texts.get("prompt_text")
+                if last is None or last[0] != rec.gen:
+                    return
+            old = self._records.get(key)
+            delta = _REF_BYTES * (len(rec.items) - (len(old.items) if old else 0))
+            if old is None:
+                delta += 128
+            self._records[key] = rec
+            self.bytes += delta
+        self._charge(delta)
 
     def search(self, pattern: re.Pattern[str], which: str, text: str,
                shared: tuple[int, int, int], fast: re.Pattern[str] | None = None) -> bool:
@@ -1300,6 +1663,7 @@ class SearchHistory:
         with self._lock:
             freed, self.bytes = self.bytes, 0
             self._texts.clear()
+            self._records.clear()
             return freed
 
 

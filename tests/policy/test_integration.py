@@ -148,3 +148,29 @@ def test_observe_only_option_lets_blocked_requests_pass(gateway_factory, no_iden
     assert len(standin.requests) == 1
     assert json.loads(standin.requests[0]["body"])["model"] == "gpt-5-pro"
     wait_for_log(gw, "block (observed, not enforced) by rule restricted-models")
+
+
+def test_a_long_conversation_is_judged_as_from_scratch(gw: Gateway, standin) -> None:
+    """Turns that re-send a growing history (past the sizes where a session's facts are
+    continued from its last request) through the real gateway: a phrase completed at the
+    end of what was sent before is blocked, the turns around it pass."""
+    prose = "the order ships on friday; the invoice address is unchanged. " * 60
+    msgs = [{"role": "system", "content": "be brief"}]
+    hdr = {"x-agent-session": "long-conversation"}
+
+    def send(messages: list) -> httpx.Response:
+        with httpx.Client(proxy=gw.proxy_url(), verify=str(gw.ca_cert), timeout=30) as c:
+            return c.post("https://api.openai.com/v1/chat/completions", headers=hdr,
+                          json={"model": "gpt-4o-mini", "messages": messages})
+
+    for turn in range(6):
+        msgs = [*msgs, {"role": "user", "content": f"turn {turn}: {prose}"},
+                {"role": "assistant", "content": prose}]
+        assert send(msgs).status_code == 200
+    for head, tail in (("about project", " bluebird"), ("my number is 536-22-", "4519")):
+        start = [*msgs, {"role": "user", "content": head}]
+        assert send(start).status_code == 200
+        done = [*msgs, {"role": "user", "content": head + tail}]
+        r = send(done)
+        assert r.status_code == 403 and r.json()["error"]["rule"] == "no-customer-ssn"
+        assert send([*start, {"role": "assistant", "content": "ok"}]).status_code == 200
