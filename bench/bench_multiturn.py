@@ -22,8 +22,9 @@ recording, as bench/e2e.py runs it), against the same nginx upstream:
 
 Run alone: `python -m bench.bench_multiturn [--quick] [--agents N] [--turns M]`.
 `--in-process`: no proxy; the CPU per turn of what the gateway does with each body in
-masking's request path (the flow's one decode and JSON parse, as policy reads it, then
-the masking of the body with the session's message cache), in this process, so that what
+policy's and masking's request path (the flow's one decode and JSON parse, policy's
+facts and decision under the suite's rules with the session's history, then the
+masking of the body with the session's message cache), in this process, so that what
 still grows with the history there is measured without the proxy's noise; with
 `--profile F` a cProfile of the last quarter of the turns is written to F.
 """
@@ -192,10 +193,27 @@ def late_over_early(per_turn: list[float]) -> float | None:
     return round(late / early, 2) if early > 0 else None
 
 
+def _suite_policies() -> Any:
+    """The suite's policy set (bench/e2e.py's rules), parsed as the gateway parses it."""
+    import yaml
+
+    from addons.config.schema import Where
+    from addons.egress.config import Upstream
+    from addons.policy.config import parse_policies
+    hosts = ("127.0.0.1:1", "127.0.0.1:2")
+    files = e2e.suite_rules(*hosts, None, ("policy",))
+    items = yaml.safe_load(files["40-policies.yaml"])["policies"]
+    ups = tuple(Upstream(n, (hp,), "openai", None)
+                for n, hp in zip(("bench-openai", "bench-stream"), hosts, strict=True))
+    return parse_policies([(it, Where("40-policies.yaml", f"policies[{i}]"))
+                           for i, it in enumerate(items)], ups)
+
+
 def in_process(agents: int = 6, turns: int = 40, profile: str | None = None
                ) -> dict[str, Any]:
-    """CPU per turn of decode + masking (addons.masking.addon.mask_message with the real
-    detectors, per-session placeholders and message caches), no proxy."""
+    """CPU per turn of decode + policy (the suite's rules, a session history per agent,
+    as the policy addon evaluates) and of masking (addons.masking.addon.mask_message
+    with the real detectors, per-session placeholders and message caches), no proxy."""
     import cProfile
 
     from mitmproxy.test import tflow
@@ -206,6 +224,8 @@ def in_process(agents: int = 6, turns: int = 40, profile: str | None = None
     from addons.masking.config import MaskingConfig
     from addons.masking.detectors import DetectorSet
     from addons.masking.masker import Masker, SessionStore, session_key
+    from addons.policy.addon import facts_from_flow
+    from addons.policy.engine import SearchHistories, evaluate
 
     convs = [conversation(i, turns) for i in range(agents)]
     store = SessionStore()
@@ -214,21 +234,32 @@ def in_process(agents: int = 6, turns: int = 40, profile: str | None = None
     limit = MaskingConfig().max_body_bytes
     prof = cProfile.Profile() if profile else None
     per_turn: list[float] = []
+    policy_turn: list[float] = []
+    policies = _suite_policies()
+    histories = SearchHistories()
     for t in range(turns):
         flows = []
         for a in range(agents):
             f = tflow.tflow()
             f.request.headers["content-type"] = "application/json"
             f.request.raw_content = convs[a][t]
+            f.request.host, f.request.path = "127.0.0.1", "/v1/chat/completions"
+            f.metadata["upstream"] = {"name": "bench-openai", "dialect": "openai"}
             flows.append(f)
         late = prof is not None and t >= turns - max(1, turns // 4)
         if late:
             prof.enable()
         c0 = time.process_time()
+        p0 = 0.0
         for a, f in enumerate(flows):
             raw = f.request.raw_content
             key = session_key("bench", f"agent-{a}")
-            # policy's read: the one parse, with the session's memo key
+            # policy: the one parse, with the session's memo key, and the decision
+            p1 = time.process_time()
+            facts = facts_from_flow(f, max_bytes=limit, memo_key=key)
+            facts.history = histories.get(key)
+            assert evaluate(policies, facts).action == "allow"
+            p0 += time.process_time() - p1
             body = decode.request_body(f, max_bytes=limit, memo_key=key)
             assert body is not None and body.json is not None
             sess = store.get(key)
@@ -237,6 +268,7 @@ def in_process(agents: int = 6, turns: int = 40, profile: str | None = None
             mask_message(ctx, raw, "", "application/json", limit, False, flow=f,
                          memo_key=key)
         per_turn.append((time.process_time() - c0) * 1000 / agents)
+        policy_turn.append(p0 * 1000 / agents)
         if late:
             prof.disable()
     if prof is not None and profile:
@@ -244,7 +276,9 @@ def in_process(agents: int = 6, turns: int = 40, profile: str | None = None
     return {"agents": agents, "turns": turns,
             "cpu_ms_per_turn": [round(x, 3) for x in per_turn],
             "deciles": deciles(per_turn), "late_over_early": late_over_early(per_turn),
-            "cpu_total_ms": round(sum(per_turn) * agents, 1)}
+            "cpu_total_ms": round(sum(per_turn) * agents, 1),
+            "policy_deciles": deciles(policy_turn),
+            "policy_late_over_early": late_over_early(policy_turn)}
 
 
 def _dir_bytes(path: Path) -> int:
@@ -477,9 +511,11 @@ if __name__ == "__main__":
         ip = in_process(a.agents or 6, a.turns or 40, a.profile)
         if a.json:
             Path(a.json).write_text(json.dumps(ip, indent=1))
-        print(f"in process, {ip['agents']} agents x {ip['turns']} turns: decode + masking "
-              f"CPU per request by decile (ms) {ip['deciles']}; late/early "
-              f"{ip['late_over_early']}; total {ip['cpu_total_ms']} ms")
+        print(f"in process, {ip['agents']} agents x {ip['turns']} turns: decode + policy + "
+              f"masking CPU per request by decile (ms) {ip['deciles']}; late/early "
+              f"{ip['late_over_early']}; total {ip['cpu_total_ms']} ms; of which policy "
+              f"(decode, facts, decision) {ip['policy_deciles']}, late/early "
+              f"{ip['policy_late_over_early']}")
         sys.exit(0)
     r = run(quick=a.quick, agents=a.agents, turns=a.turns, profile=a.profile,
             concerns=tuple(c for c in a.concerns.split(",") if c), base=a.base,
