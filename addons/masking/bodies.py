@@ -332,6 +332,9 @@ class _Slots:
             ipath = _child(path, "[]")
             lsib = self._sib(node, ipath)
             for i, item in enumerate(node):
+                if type(item) is int:  # _walk_value's slot of an integer, directly
+                    self.add(str(item), (chain, i), owner, None, lsib)
+                    continue
                 if isinstance(item, dict) and isinstance(item.get("text"), str) and \
                         not (self.llm and _is_binary_field(item, "text", item["text"])):
                     if depth + 1 > MAX_DEPTH:
@@ -361,8 +364,8 @@ class _Slots:
             raise Unparseable("JSON nested too deeply", 400)
         llm = self.llm
         dsib = None if self.path_mode else id(d)
-        for k in list(d):
-            v = d[k]
+        # (a snapshot of the items: the loop changes no value but the one of its own key)
+        for k, v in list(d.items()):
             if llm and _is_binary_field(d, k, v):
                 continue
             if llm and k in LOGPROB_KEYS and v and isinstance(v, dict | list):
@@ -373,8 +376,14 @@ class _Slots:
                 continue
             if skip_text and k == "text":
                 continue  # added by the list walk
-            self._walk_key(chain, k, owner)
-            self._walk_value(chain, k, v, owner, depth + 1, _child(path, k), dsib)
+            if len(k) >= 6:  # (shorter keys are plain: _walk_key)
+                self._walk_key(chain, k, owner)
+            t = type(v)
+            if t is int and dsib is not None:
+                # an integer (rows of data hold thousands): _walk_value's slot, directly
+                self.add(str(v), (chain, k), owner, None, dsib)
+            elif v is not None and t is not bool:
+                self._walk_value(chain, k, v, owner, depth + 1, _child(path, k), dsib)
 
     def _walk_key(self, chain: Chain, k: str, owner: int) -> None:
         if len(k) < 6 or _PLAIN_KEY.fullmatch(k):
