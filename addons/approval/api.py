@@ -146,7 +146,7 @@ class ApprovalsAPI:
             if method != "GET":
                 return _error(405, "method_not_allowed", "use GET /approvals")
             who = await self._reviewer(headers)
-            items = self.store.visible_to(who["sub"], who["groups"])
+            items = self.store.visible_to(who["owner"], who["groups"])
             now = time.time()
             return 200, {"reviewer": who["sub"],
                          "approvals": [self._view(a, who, now) for a in items]}, {}
@@ -161,7 +161,8 @@ class ApprovalsAPI:
             a = self.store.get(approval_id)
             if a is None:
                 return _error(404, "approval_not_found", f"no approval {approval_id!r}")
-            if not (self.store.may_review(a, who["groups"]) or a.requester == who["sub"]):
+            if not (self.store.may_review(a, who["groups"])
+                    or (a.owner != "" and a.owner == who["owner"])):
                 return _error(403, "reviewer_not_in_group",
                               f"reviewer {who['sub']!r} is not in an approver group of rule "
                               f"{a.spec.rule!r}")
@@ -205,7 +206,11 @@ class ApprovalsAPI:
         if not isinstance(sub, str) or not sub:
             raise ApprovalError(401, "token_invalid", "token has no subject")
         groups = tuple(g for g in (ident.get("groups") or ()) if isinstance(g, str))
-        return {"sub": sub, "groups": groups}
+        # `owner`: the caller as a hold's owner names it (approval addon owner_of), so an
+        # agent finds its own requests by issuer AND subject
+        iss = ident.get("iss")
+        return {"sub": sub, "groups": groups,
+                "owner": f"id:{iss if isinstance(iss, str) else ''}|{sub}"}
 
     def _view(self, a: PendingApproval, who: dict[str, Any], now: float) -> dict[str, Any]:
         d = a.public(now)

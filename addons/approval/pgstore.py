@@ -158,7 +158,7 @@ def to_record(a: PendingApproval) -> dict[str, Any]:
             "preview_truncated": cut, "requested_at": a.requested_at,
             "expires_at": a.expires_at, "state": a.state,
             "votes": [v.to_dict() for v in a.votes], "reason": a.reason,
-            "decided_at": a.decided_at}
+            "decided_at": a.decided_at, "owner": a.owner}
 
 
 def from_record(r: dict[str, Any]) -> PendingApproval:
@@ -176,7 +176,8 @@ def from_record(r: dict[str, Any]) -> PendingApproval:
         requested_at=float(r["requested_at"]), expires_at=float(r["expires_at"]), state=state,
         votes=[Vote(v["sub"], v["decision"], float(v["at"]), v.get("via") or VIA_API,
                     v.get("reason") or "") for v in r.get("votes") or []],
-        reason=str(r.get("reason") or ""), decided_at=r.get("decided_at"))
+        reason=str(r.get("reason") or ""), decided_at=r.get("decided_at"),
+        owner=str(r.get("owner") or ""))  # (a record of an older replica: none, seen by none)
 
 
 def _scratch(a: PendingApproval, clock: Callable[[], float]) -> ApprovalStore:
@@ -410,7 +411,7 @@ class PgApprovalStore(ApprovalStore):
         a = PendingApproval(id=self.id_factory(), spec=spec, requester=requester,
                             what=dict(what), preview=preview,
                             preview_truncated=preview_truncated, requested_at=now,
-                            expires_at=now + spec.timeout)
+                            expires_at=now + spec.timeout, owner=owner)
 
         async def insert(c: psycopg.AsyncConnection) -> dict[str, Any] | None:
             await c.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_CREATE,))

@@ -91,6 +91,10 @@ class PendingApproval:
     decided_at: float | None = None
     # notes for mitmweb and the log (e.g. "mitmweb resume ignored"); not part of the record
     notes: list[str] = field(default_factory=list)
+    # whose request it is: the verified issuer AND subject (`id:<iss>|<sub>`), else the
+    # client's address; an agent sees its own requests by this, never by `requester` (the
+    # subject alone: the same sub from another trusted issuer is another agent)
+    owner: str = ""
 
     @property
     def approvers(self) -> list[str]:
@@ -211,12 +215,12 @@ class ApprovalStore:
     def may_review(a: PendingApproval, groups: tuple[str, ...] | list[str]) -> bool:
         return bool(set(a.spec.groups) & set(groups))
 
-    def visible_to(self, sub: str, groups: tuple[str, ...] | list[str]
+    def visible_to(self, owner: str, groups: tuple[str, ...] | list[str]
                    ) -> list[PendingApproval]:
-        """Pending approvals a reviewer may act on, plus the caller's own requests."""
+        """Pending approvals a reviewer may act on, plus the caller's own requests (`owner`:
+        the caller as create's `owner` names it)."""
         return [a for a in self.pending()
-                if self.may_review(a, groups) or (a.requester is not None
-                                                  and a.requester == sub)]
+                if self.may_review(a, groups) or (a.owner != "" and a.owner == owner)]
 
     # ------------------------------------------------------------ writing
     def pending_of(self, owner: str) -> int:
@@ -249,7 +253,7 @@ class ApprovalStore:
             approval_id = self.id_factory()
         a = PendingApproval(id=approval_id, spec=spec, requester=requester, what=dict(what),
                             preview=preview, preview_truncated=preview_truncated,
-                            requested_at=now, expires_at=now + spec.timeout)
+                            requested_at=now, expires_at=now + spec.timeout, owner=owner)
         self._pending[a.id] = a
         self._owner_of[a.id] = owner
         self._owned[owner] = self._owned.get(owner, 0) + 1

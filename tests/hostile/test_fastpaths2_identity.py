@@ -135,3 +135,55 @@ def test_mcp_session_of_same_subject_other_issuer_refused(gateway_factory, make_
     finally:
         evil.httpd.shutdown()
         evil.httpd.server_close()
+
+
+def test_held_request_not_shown_to_same_subject_of_another_issuer(gateway_factory,
+                                                                   make_local_issuer,
+                                                                   standin) -> None:
+    """An agent may read its own held requests in the reviewers' API; "its own" is issuer
+    AND subject: the other issuer's alice sees nothing of the first alice's hold (its
+    masked preview, rule, what), by list or by id."""
+    import concurrent.futures
+    import time
+
+    from tests.hostile.test_approval_fairness import RULES, _api, _client
+
+    a, b = make_local_issuer(), make_local_issuer()
+    gw = gateway_factory("{standin_upstreams}" + RULES + (
+        f"identity:\n  required: true\n  issuers:\n"
+        f"    - {{issuer: \"{a.issuer}\", audience: agentgate}}\n"
+        f"    - {{issuer: \"{b.issuer}\", audience: agentgate}}\n"))
+    deadline = time.monotonic() + 10
+    while not gw.approvals_url and time.monotonic() < deadline:
+        time.sleep(0.05)
+    url = gw.approvals_url
+    assert url, gw.logs()
+    alice_a, alice_b = a.token(sub="alice"), b.token(sub="alice")
+    reviewer = a.token(sub="rita", groups=["reviewers"])
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    aid = None
+    held = pool.submit(lambda: _client(gw, alice_a).chat.completions.create(
+        model="held-model", messages=[{"role": "user", "content": "merger plans: hold me"}]))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            status, out = _api(url, "GET", "/approvals", alice_a)
+            assert status == 200, out
+            if out["approvals"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert len(out["approvals"]) == 1, out  # her own request: she sees it
+        aid = out["approvals"][0]["id"]
+        status, out = _api(url, "GET", "/approvals", alice_b)
+        assert status == 200 and out["approvals"] == [], out
+        status, out = _api(url, "GET", f"/approvals/{aid}", alice_b)
+        assert status == 403, out
+        assert "merger" not in json.dumps(out)
+    finally:
+        if aid is not None:
+            _api(url, "POST", f"/approvals/{aid}/deny", reviewer, {"reason": "test over"})
+        try:
+            held.result(30)
+        except Exception:  # noqa: BLE001 - denied: the client raises, as it should
+            pass
+        pool.shutdown()
