@@ -450,13 +450,22 @@ def _cross_findings(masker: Masker, slots: _Slots, found: list
     # a break. Where each piece of a slot lies is worked out only for the plans a finding
     # falls in (_lay_out, the same layout): a body of numbers holds a slot per number and
     # findings there are rare, so the bookkeeping per slot is gone from the usual body.
+    # A run of fewer ASCII digits than any detector needs in digits alone (the numbers of
+    # a row: '12' + '7' + '450') is left out: nothing can be found in it, and no
+    # detector needs it as context (it holds no word, and its neighbours in this text
+    # lie past a break either way: leaving it out only brings them closer). Rows of
+    # small numbers otherwise made one long run of digits and breaks for the detectors.
+    inert = getattr(getattr(masker, "detectors", None), "digits_alone_min", 0)
     plans: list[tuple[list[int], list[str], list[bool] | None]] = []
     spaced: list[tuple[list[int], list[str], list[bool] | None]] = []
     for idxs in runs.values():
         if len(idxs) > 1:
             run = [texts[i] for i in idxs]
+            joined = "".join(run)
+            if len(joined) < inert and joined.isascii() and joined.isdigit():
+                continue
             plans.append((idxs, run, None))
-            gaps = _junctions(run)
+            gaps = _junctions(run, joined)
             if gaps is not None:
                 spaced.append((idxs, run, gaps))
     if not plans:
@@ -579,11 +588,11 @@ _ASCII_LETTER = re.compile(r"[A-Za-z]")
 _ASCII_DIGIT = re.compile(r"[0-9]")
 
 
-def _junctions(run: list[str]) -> list[bool] | None:
-    """Per boundary of a run (between slot j and j + 1): a word junction there; None when
-    the run has none. (In ASCII a junction is a letter beside a digit: a run without
-    both, e.g. all numbers, has none, told by two C-level searches.)"""
-    joined = "".join(run)
+def _junctions(run: list[str], joined: str) -> list[bool] | None:
+    """Per boundary of a run (between slot j and j + 1; `joined`: the run joined): a word
+    junction there; None when the run has none. (In ASCII a junction is a letter beside a
+    digit: a run without both, e.g. all numbers, has none, told by two C-level
+    searches.)"""
     if joined.isascii() and (_ASCII_LETTER.search(joined) is None
                              or _ASCII_DIGIT.search(joined) is None):
         return None

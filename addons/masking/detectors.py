@@ -1195,6 +1195,16 @@ class DetectorSet:
                 *args, wait=fast is True or not _on_event_loop())
 
     @property
+    def digits_alone_min(self) -> int:
+        """The fewest ASCII digits a text of digits alone (between line breaks) must have
+        for any detector of this set to find something in it: 9 for the built-ins (the
+        numeric detectors' shortest value is an SSN's nine digits; every other built-in
+        needs a letter, '@', '.', ':' or 40 characters), 0 with custom detectors (their
+        patterns may match any digits). The cross-field pass leaves shorter runs of digits
+        out (bodies._cross_findings)."""
+        return 0 if self._custom else _NUM_MIN_MATCH
+
+    @property
     def fast(self) -> bool:
         """True when the Hyperscan prefilter is in use (now)."""
         return self._prefilter() is not None

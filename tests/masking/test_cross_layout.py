@@ -27,7 +27,7 @@ from addons.masking.bodies import (
     _Slots,
     _word_junction,
 )
-from addons.masking.config import MaskingConfig
+from addons.masking.config import CustomDetector, MaskingConfig
 from addons.masking.detectors import DetectorSet
 from addons.masking.masker import Masker, Session
 
@@ -179,12 +179,44 @@ def _both(doc: Any) -> tuple[list, list]:
     return _cross_findings(MASKER, slots, found), reference_cross_findings(MASKER, slots, found)
 
 
+def _short_digit_runs(doc: Any) -> bool:
+    """Whether the pass leaves a run out: fewer than 9 ASCII digits in all."""
+    slots = _slots(doc)
+    runs: dict = {}
+    for i, key in enumerate(slots.sibs):
+        if key is not None:
+            runs.setdefault(key, []).append(slots.texts[i])
+    return any(len(r) > 1 and len(j := "".join(r)) < 9 and j.isascii() and j.isdigit()
+               for r in runs.values())
+
+
 @settings(max_examples=400, derandomize=True, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(docs)
 def test_cross_findings_match_the_reference(doc):
+    # the same findings; where runs of a few digits were left out, at least the same (the
+    # others' text only comes closer: context can be gained, not lost)
     got, want = _both(doc)
-    assert got == want
+    if _short_digit_runs(doc):
+        assert all(w in got for w in want)
+    else:
+        assert got == want
+
+
+DIGITS_CONTEXT = ["ssn ", "social security ", "call ", "phone number ", "aws secret key ",
+                  "password=", 'password: "', "Bearer ", "card ", "+", "+1 ", "tel: "]
+
+
+@settings(max_examples=500, derandomize=True, deadline=None)
+@given(st.text(alphabet="0123456789", min_size=1, max_size=8), st.sampled_from(DIGITS_CONTEXT),
+       st.sampled_from(["", "\n\n"]))
+def test_fewer_than_nine_digits_alone_hold_nothing(digits, before, gap):
+    # why a run of fewer than 9 ASCII digits can be left out of the cross-field text: no
+    # built-in finds anything in it, whatever words come before it
+    text = before + gap + digits
+    assert MASKER.detectors.digits_alone_min == 9
+    start = len(before + gap)
+    assert not [f for f in MASKER.find("x\n\n" + text + "\n\n") if f.end > start + 3]
 
 
 @pytest.mark.parametrize("doc,crossing", [
@@ -197,6 +229,7 @@ def test_cross_findings_match_the_reference(doc):
                                                                       " 0132"]], True),
     ({"a": "x" * 300, "b": "4111" * 100, "c": "1111 " * 80 + "z" * 300}, False),
     ({"rows": [{"id": i, "qty": i % 7, "ok": True} for i in range(50)]}, False),
+    ([{"id": 5, "n": 536, "m": 22}, {"a": "ssn", "b": 536, "c": 22, "d": 4519}], True),
 ])
 def test_cross_findings_match_the_reference_on_known_splits(doc, crossing):
     got, want = _both(doc)
@@ -204,11 +237,22 @@ def test_cross_findings_match_the_reference_on_known_splits(doc, crossing):
     assert bool(want) == crossing
 
 
+def test_custom_detectors_keep_every_run():
+    ds = DetectorSet(MaskingConfig(custom=(CustomDetector("EMPLOYEE_ID", r"[0-9]{6}"),)))
+    assert ds.digits_alone_min == 0
+    masker = Masker(ds, b"k")
+    slots = _slots({"a": 123, "b": 456})
+    found = masker.find("".join(slots.parts))
+    got = _cross_findings(masker, slots, found)
+    assert got == reference_cross_findings(masker, slots, found)
+    assert [e for e, _, _ in got] == ["EMPLOYEE_ID"]
+
+
 @settings(max_examples=300, derandomize=True, deadline=None)
 @given(st.lists(st.text(alphabet="ab1２é _-.", min_size=1, max_size=4), min_size=2, max_size=6))
 def test_junctions_are_the_word_junctions(run):
     gaps = [_word_junction(a[-1:], b[:1]) for a, b in zip(run, run[1:], strict=False)]
-    assert _junctions(run) == (gaps if any(gaps) else None)
+    assert _junctions(run, "".join(run)) == (gaps if any(gaps) else None)
 
 
 # ---------------------------------------------------------------- normalize, replays
