@@ -445,6 +445,15 @@ class _Parsed(NamedTuple):
     reused_from: int  # ... of this generation (0: none)
 
 
+def memo_new_chars(text: str, key: str, memos: ParseMemos | None = None) -> int | None:
+    """How much of `text` follows what the session's parse memo already holds (its
+    parse would take the rest as it is), or None when the memo does not continue it."""
+    prev = (MEMOS if memos is None else memos).get(key)
+    if prev is None or not text.startswith(prev.text):
+        return None
+    return len(text) - len(prev.text)
+
+
 def parse_memo(text: str, key: str, memos: ParseMemos | None = None) -> _Parsed | None:
     """`text` (a JSON object) parsed with the session's memo, or None when loads_strict
     must parse it (not a plain object, invalid, a duplicate key, deep nesting)."""

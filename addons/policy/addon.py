@@ -38,8 +38,13 @@ from addons.policy.mcp import pin_decision
 log = logging.getLogger("agentgate.policy")
 
 # Bodies from this many bytes on (and compressed ones, and batches) are evaluated in a
-# worker thread, so the event loop keeps serving other flows meanwhile.
+# worker thread, so the event loop keeps serving other flows meanwhile — unless the body
+# continues its session's last one and adds at most INLINE_NEW_CHARS to it: then what is
+# left to do is proportional to that new part (the parse memo, the session's history),
+# and handing it to a thread costs more than it (ThreadPoolExecutor.submit and the GIL
+# hand-over: ~13 % of the gateway's time in the last turns of the multi-turn bench).
 THREAD_MIN_BYTES = 64 * 1024
+INLINE_NEW_CHARS = 16 * 1024
 
 
 def facts_from_flow(flow: http.HTTPFlow, now: float | None = None,
@@ -76,6 +81,22 @@ def session_key(flow: http.HTTPFlow) -> str:
     sid = flow.metadata.get("session") or flow.request.headers.get(SESSION_HEADER) \
         or f"conn:{flow.client_conn.id}"
     return f"{principal(flow.metadata.get('identity'))}\x00{sid}"
+
+
+def continues(facts: RequestFacts, key: str) -> bool:
+    """Does this (uncompressed) body continue its session's last one, adding at most
+    INLINE_NEW_CHARS, with the session's history in place? Decoding an uncompressed
+    body is a copy; the comparison one memcmp. Anything unusual: no (a worker thread
+    evaluates it, and meets the same error there)."""
+    h = facts.history
+    if h is None or h.last("prompt_text") is None:
+        return False
+    try:
+        text = facts.decoded.text
+    except Exception:  # noqa: BLE001 - evaluated (and refused) in the thread instead
+        return False
+    new = decode.memo_new_chars(text, key)
+    return new is not None and new <= INLINE_NEW_CHARS
 
 
 class Policy:
@@ -120,9 +141,10 @@ class Policy:
         facts.history = self.histories.get(key)
         req = flow.request
         try:
-            if len(req.raw_content or b"") >= THREAD_MIN_BYTES or \
-                    req.headers.get("content-encoding") or \
-                    facts.path.rstrip("/").endswith(("/files", "/batches", "/uploads")):
+            if req.headers.get("content-encoding") or \
+                    facts.path.rstrip("/").endswith(("/files", "/batches", "/uploads")) or \
+                    len(req.raw_content or b"") >= THREAD_MIN_BYTES and \
+                    not continues(facts, key):
                 # decoding (up to the caps), the skeleton of a large text and a batch of
                 # up to 100,000 requests run in a worker thread: other flows keep moving
                 decision = await asyncio.to_thread(evaluate, policies, facts,

@@ -348,3 +348,56 @@ def test_literal_prefilter_only_over_new_text(tiny) -> None:
     # found before, in the shared part: found without searching
     f = _facts(_body([*msgs, {"role": "user", "content": "more"}]), h, key)
     assert f.has_literal(lits, "skel_text")
+
+
+def test_a_continued_turn_is_evaluated_on_the_loop(tmp_path, monkeypatch) -> None:
+    """Past THREAD_MIN_BYTES a body goes to a worker thread, unless it continues its
+    session's last body by little: then the work left is that little. A first long body,
+    one that adds more than INLINE_NEW_CHARS, an edited one and a compressed one still
+    go to the thread; every decision is as before."""
+    import asyncio
+    import gzip
+
+    from addons.policy import addon as policy_addon
+    from addons.policy.addon import Policy
+    from tests.policy.test_addon import make_holder, openai_flow, run
+    rules = """
+upstreams:
+  - {name: openai, hosts: [api.openai.com], dialect: openai}
+policies:
+  - name: words
+    match: {prompt: {words: [project bluebird]}}
+    action: block
+"""
+    threaded: list[int] = []
+    real = asyncio.to_thread
+
+    async def counting(fn, *a, **kw):
+        threaded.append(1)
+        return await real(fn, *a, **kw)
+
+    monkeypatch.setattr(policy_addon.asyncio, "to_thread", counting)
+    addon = Policy(make_holder(tmp_path, rules))
+    hdr = {"x-agent-session": "inline"}
+    msgs = [{"role": "user", "content": "plain words here " * 5000}]   # ~85 KB
+
+    def turn(messages: list, **kw) -> tuple[int | None, int]:
+        before = len(threaded)
+        f = run(addon, openai_flow({"model": "m", "messages": messages}, headers=hdr, **kw))
+        return (f.response.status_code if f.response else None), len(threaded) - before
+
+    assert turn(msgs) == (None, 1)                        # first long body: thread
+    msgs = [*msgs, {"role": "assistant", "content": "fine " * 200}]
+    assert turn(msgs) == (None, 0)                        # continued by 1 KB: inline
+    msgs = [*msgs, {"role": "user", "content": "now project bluebird"}]
+    assert turn(msgs) == (403, 0)                         # same decision, inline
+    big = [*msgs, {"role": "user", "content": "more words " * 2000}]
+    assert turn(big) == (403, 1)                          # 22 KB new: thread
+    edited = [{"role": "user", "content": "other words " * 8000}, *msgs[1:]]
+    assert turn(edited) == (403, 1)                       # not a continuation: thread
+    f = openai_flow(None, headers={**hdr, "content-encoding": "gzip"})
+    f.request.raw_content = gzip.compress(json.dumps(
+        {"model": "m", "messages": [*edited, {"role": "user", "content": "x"}]}).encode())
+    before = len(threaded)
+    run(addon, f)
+    assert len(threaded) - before == 1 and f.response.status_code == 403
