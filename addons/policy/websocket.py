@@ -23,7 +23,6 @@ Messages from the upstream are not policed (as HTTP responses are not); they are
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import weakref
 from typing import Any
@@ -39,6 +38,7 @@ from addons.egress.websocket import (
     closing,
     is_slot,
 )
+from addons.frame import decode
 from addons.frame.guard import guarded
 from addons.policy.engine import BodyUnavailable, RequestFacts, evaluate
 
@@ -58,9 +58,15 @@ def message_facts(flow: http.HTTPFlow, content: bytes) -> RequestFacts:
 
     def as_json() -> Any:
         try:
-            obj = json.loads(content)
-        except ValueError:
-            return None
+            # (bytes: json.loads finds the UTF encoding, as before)
+            obj = decode.loads_strict(content)  # type: ignore[arg-type]
+        except decode.DecodeError as e:
+            if e.reason.startswith("body is not valid JSON"):
+                return None  # text after all
+            # duplicate keys (parsers disagree on which one wins: the upstream may read the
+            # one not judged), a number past a double: unreadable for a rule that needs
+            # the event's structure (1008), as the HTTP body is refused
+            raise BodyUnavailable(f"cannot read the message: {e.reason}") from None
         if isinstance(obj, dict) and "model" not in obj:
             sess = obj.get("session")
             if isinstance(sess, dict) and "model" in sess:
