@@ -66,8 +66,12 @@ _no_pandas_lookups()
 # A store created now uses DuckDB's storage format v1.2.0, the first with ZSTD for strings
 # (store.ZSTD_COLUMNS: the flow states take a tenth of the room); read by DuckDB >= 1.2. A
 # file made earlier keeps its format (and its columns their compression).
+# allocator_background_threads: DuckDB hands the memory its inserts and checkpoints freed
+# back to the system from a thread of its own, instead of only when a later task ends:
+# the writer process's RSS after a burst of 1 KB flows falls back ~20-50 MiB further than
+# with malloc_trim alone (the Reporter's), for the same CPU.
 DB_CONFIG = {"enable_external_access": False, "memory_limit": "64MB", "threads": 1,
-             "storage_compatibility_version": "v1.2.0"}
+             "storage_compatibility_version": "v1.2.0", "allocator_background_threads": True}
 
 
 def socket_path(db_path: str | Path) -> str:
