@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
+from typing import Any
 
 import httpx
 import pytest
@@ -33,58 +34,47 @@ ANSWERS = {
 }
 
 
-class Upstream:
-    def __init__(self, standin) -> None:
-        self.answer = b"{}"
-        outer = self
+class _Answer(BaseHTTPRequestHandler):
+    """Answers every POST with the server's `answer` (set by the test)."""
+    protocol_version = "HTTP/1.1"
 
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    def log_message(self, *a) -> None:
+        pass
 
-            def log_message(self, *a) -> None:
-                pass
-
-            def do_POST(self) -> None:  # noqa: N802 - stdlib name
-                self.rfile.read(int(self.headers.get("content-length") or 0))
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(outer.answer)))
-                self.end_headers()
-                self.wfile.write(outer.answer)
-
-        self.server, self.url = serve_tls(H, standin)
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        answer = self.server.answer  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
 
 
 @pytest.fixture
-def upstream(standin) -> Iterator[Upstream]:
-    u = Upstream(standin)
-    yield u
-    u.stop()
+def upstream(standin) -> Iterator[Any]:
+    server, url = serve_tls(_Answer, standin)
+    server.answer = b"{}"  # type: ignore[attr-defined]
+    server.url = url  # type: ignore[attr-defined]
+    yield server
+    server.shutdown()
+    server.server_close()
 
 
 @pytest.fixture
 def gw(gateway_factory, no_identity, upstream) -> Gateway:
-    extra = f"""  - name: local-llm
-    hosts: [llm.example.com]
-    dialect: openai
-    forward_to: {upstream.url}
-  - name: local-hook
-    hosts: [hook.example.com]
-    dialect: webhook
-    forward_to: {upstream.url}
-"""
-    return gateway_factory("{standin_upstreams}" + extra + no_identity)
+    # one scripted upstream behind both dialects
+    ups = "".join(f"  - name: local-{d}\n    hosts: [{d}.example.com]\n    dialect: {d}\n"
+                  f"    forward_to: {upstream.url}\n" for d in ("openai", "webhook"))
+    return gateway_factory("{standin_upstreams}" + ups + no_identity)
 
 
 @pytest.mark.parametrize("what", list(ANSWERS))
 def test_a_hostile_answer_never_reaches_the_agent_raw(gw, upstream, standin, what) -> None:
     upstream.answer = ANSWERS[what].encode()
     with httpx.Client(proxy=gw.proxy_url(), verify=str(gw.ca_cert), timeout=30) as c:
-        for url in ("https://llm.example.com/v1/chat/completions", "https://hook.example.com/x"):
+        for url in ("https://openai.example.com/v1/chat/completions",
+                    "https://webhook.example.com/x"):
             r = c.post(url, json={"model": "gpt-4o-mini",
                                   "messages": [{"role": "user", "content": "hi"}]})
             got = r.text
