@@ -308,9 +308,7 @@ class RequestFacts:
         for key, v in j.items():
             tv = type(v)
             if tv is str:
-                out.append(v)
-                if v and (v[0] in _NESTED_START or v[0].isspace()):
-                    _nested(v, out, 0, budget)
+                _string(v, out, 0, budget)
             elif tv is list and key in _ITEM_LISTS:
                 lists.append(self._list_strings(key, v, out, budget, last))
             elif tv is dict or tv is list:
@@ -344,9 +342,7 @@ class RequestFacts:
             before = budget[0]
             ti = type(item)
             if ti is str:
-                sub.append(item)
-                if item and (item[0] in _NESTED_START or item[0].isspace()):
-                    _nested(item, sub, 1, budget)
+                _string(item, sub, 1, budget)
             elif ti is dict or ti is list:
                 all_strings(item, sub, 2, budget)
             if sub:
@@ -663,6 +659,13 @@ MIN_STRING_BUDGET = 1 << 16
 # the lists whose items a session's history knows (the parse memo's, addons/frame/decode.py)
 _ITEM_LISTS = frozenset(("messages", "input"))
 MAX_DEPTH = 64
+
+
+def _string(s: str, out: list[Any], depth: int, budget: list[int]) -> None:
+    """A string value as all_strings takes it: itself, then the JSON it may hold."""
+    out.append(s)
+    if s and (s[0] in _NESTED_START or s[0].isspace()):
+        _nested(s, out, depth, budget)
 
 
 def _nested(s: str, out: list[str], depth: int, budget: list[int]) -> None:

@@ -54,6 +54,16 @@ POLICIES = _policies([
 LITERALS = [frozenset({"bluebird"}), frozenset({"key=", "token:"}), frozenset({"é"})]
 
 
+WORD_RULES = """
+upstreams:
+  - {name: openai, hosts: [api.openai.com], dialect: openai}
+policies:
+  - name: words
+    match: {prompt: {words: [project bluebird]}}
+    action: block
+"""
+
+
 @pytest.fixture
 def tiny(monkeypatch) -> None:
     monkeypatch.setattr(engine, "INCREMENTAL_MIN_CHARS", 0)
@@ -302,14 +312,7 @@ def test_reloaded_rules_start_sessions_afresh(tmp_path) -> None:
     from addons.config.loader import load_rules
     from addons.policy.addon import Policy
     from tests.policy.test_addon import make_holder, openai_flow, run
-    rules = """
-upstreams:
-  - {name: openai, hosts: [api.openai.com], dialect: openai}
-policies:
-  - name: words
-    match: {prompt: {words: [project bluebird]}}
-    action: block
-"""
+    rules = WORD_RULES
     holder = make_holder(tmp_path, rules)
     addon = Policy(holder)
     msgs = [{"role": "user", "content": "the project bluebird plan " + "x " * 5000}]
@@ -361,14 +364,7 @@ def test_a_continued_turn_is_evaluated_on_the_loop(tmp_path, monkeypatch) -> Non
     from addons.policy import addon as policy_addon
     from addons.policy.addon import Policy
     from tests.policy.test_addon import make_holder, openai_flow, run
-    rules = """
-upstreams:
-  - {name: openai, hosts: [api.openai.com], dialect: openai}
-policies:
-  - name: words
-    match: {prompt: {words: [project bluebird]}}
-    action: block
-"""
+    rules = WORD_RULES
     threaded: list[int] = []
     real = asyncio.to_thread
 
