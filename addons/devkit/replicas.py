@@ -178,7 +178,21 @@ class HAProxy:
         self.proc = subprocess.Popen([exe, "-db", "-f", str(self.cfg)],
                                      stdout=open(self.log_path, "wb"),  # noqa: SIM115
                                      stderr=subprocess.STDOUT)
-        return self
+        # started is not listening: a client right after start (the tests, a user reading
+        # "Ctrl-C stops everything") was refused on a loaded machine
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"haproxy exited {self.proc.returncode}: "
+                                   + self.log_path.read_text(errors="replace")[-2000:])
+            try:
+                socket.create_connection(self.listen, timeout=1).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"haproxy is not listening on {self.listen}") from None
+                time.sleep(0.05)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
