@@ -5,6 +5,7 @@ Everything listens on 127.0.0.1 with ports picked by the OS; nothing needs the i
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -123,6 +124,24 @@ def _no_stale_mitmproxy_log_handlers() -> Iterator[None]:
     drop()
     yield
     drop()
+
+
+# The files that take minutes, longest first (a full 2-worker run, 2026-12-02: ~290, 170,
+# 165, 150 s of test time): they are handed out first. pytest-xdist (--dist loadfile, as
+# ./run_proxy.sh test runs it) gives whole files to whichever worker is free in collection
+# order, and the soak in test_netns.py, collected late, ran alone for its last ~4 minutes
+# while the other worker sat idle. Only the order of files changes, and only under xdist.
+LONG_FILES_FIRST = ("tests/connect/test_netns.py", "tests/hostile/test_mcp.py",
+                    "tests/database/test_relay_e2e.py", "tests/replicas/test_replicas_e2e.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank = {path: i for i, path in enumerate(LONG_FILES_FIRST)}
+    # a stable sort: every worker derives the same order (xdist requires it), the rest of the
+    # files and the tests inside each file keep theirs
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
 
 
 def have(tool: str) -> bool:
