@@ -1464,9 +1464,11 @@ def append(con: Any, rows: list[dict[str, Any]], last: tuple[int, str],
         con.execute(INSERT_FLOWS_JSON, [rows_json(rows)])
         if approvals:
             con.executemany(INSERT_APPROVAL, approvals)
-        con.execute("INSERT OR REPLACE INTO audit_meta VALUES ('head', ?)", [f"{seq}:{prev}"])
-        for key, value in marks:
-            con.execute("INSERT OR REPLACE INTO audit_meta VALUES (?, ?)", [key, value])
+        # the head and the marks in one statement: each upsert costs ~0.6-1 ms of CPU
+        # (its conflict check), more than the rest of a small batch's statements
+        meta = dict([("head", f"{seq}:{prev}"), *marks])
+        con.execute("INSERT OR REPLACE INTO audit_meta VALUES "  # noqa: S608 - placeholders
+                    + ", ".join(["(?, ?)"] * len(meta)), [x for kv in meta.items() for x in kv])
         con.execute("COMMIT")
     except BaseException:
         # A failed COMMIT has already rolled back: the ROLLBACK's own error ("no transaction
