@@ -78,3 +78,23 @@ def test_korean_keyword_beside_an_accented_letter() -> None:
     word = skeleton("비밀번호")
     assert word in skeleton("비밀번호 é")
     assert re.search(word, skeleton("café 비밀번호"))
+
+
+def test_translate_is_str_translate() -> None:
+    """skeleton's _translate (a regex over the table's characters, for long texts) gives
+    exactly str.translate's result, lone surrogates and regex metacharacters included."""
+    from addons.policy.skeleton import _translate
+    chars = st.characters(codec=None)
+    table = st.dictionaries(chars.map(ord), st.one_of(st.none(), st.text(max_size=2)),
+                            max_size=6)
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(st.one_of(chars, st.sampled_from("]\\^-[.a\u0301")), max_size=400)
+           .map("".join), table, st.integers(0, 300))
+    def check(text: str, tbl: dict, pad: int) -> None:
+        long = text + "x" * pad + text
+        for t in (text, long):
+            assert _translate(t, tbl) == t.translate(tbl)
+            drop = dict.fromkeys(tbl)
+            assert _translate(t, drop) == t.translate(drop)
+    check()
