@@ -482,6 +482,9 @@ def _cross_findings(masker: Masker, slots: _Slots, found: list
         pos = _lay_out(idxs, run, gaps, pos, buf, None)
     text = "".join(buf)
     del buf
+    crossing = masker.find(text)
+    if not crossing:
+        return out
     n_plans = len(plans)
     # (flat arrays: a run may hold millions of slots)
     laid: dict[int, tuple[array, array, array]] = {}
@@ -494,7 +497,7 @@ def _cross_findings(masker: Masker, slots: _Slots, found: list
         return seg
 
     taken = [(f.start, f.end) for f in found]
-    for f in masker.find(text):
+    for f in crossing:
         pa = bisect_right(plan_start, f.start) - 1
         pb = bisect_right(plan_start, f.end - 1) - 1
         if pa < 0:
@@ -591,10 +594,10 @@ _ASCII_DIGIT = re.compile(r"[0-9]")
 def _junctions(run: list[str], joined: str) -> list[bool] | None:
     """Per boundary of a run (between slot j and j + 1; `joined`: the run joined): a word
     junction there; None when the run has none. (In ASCII a junction is a letter beside a
-    digit: a run without both, e.g. all numbers, has none, told by two C-level
-    searches.)"""
-    if joined.isascii() and (_ASCII_LETTER.search(joined) is None
-                             or _ASCII_DIGIT.search(joined) is None):
+    digit: a longer run without both, e.g. a row of numbers, has none, told by two
+    C-level searches.)"""
+    if len(run) > 4 and joined.isascii() and (_ASCII_LETTER.search(joined) is None
+                                              or _ASCII_DIGIT.search(joined) is None):
         return None
     gaps = [_word_junction(a[-1:], b[:1]) for a, b in zip(run, run[1:], strict=False)]
     return gaps if any(gaps) else None

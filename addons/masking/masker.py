@@ -441,6 +441,10 @@ def hmac_key_from_env(env_name: str | None) -> tuple[bytes, bool]:
     return secrets.token_bytes(32), False
 
 
+# fewer replacements than this are asked one by one: the batch's own set-up costs more
+BATCH_MIN = 8
+
+
 class Masker:
     """Replace findings by their strategy's text. One per rules version; sessions shared."""
 
@@ -509,7 +513,7 @@ class Masker:
         """[replacement(entity, value, session, restorable) for each (entity, value)]: the
         same answers, in one batch when every entity is placeholdered in a plain Session
         (Session.placeholders: one lock per run of known values)."""
-        if type(session) is Session and all(
+        if len(items) >= BATCH_MIN and type(session) is Session and all(
                 self.strategy(e) == "placeholder" for e in {e for e, _ in items}):
             return session.placeholders(items, restorable)
         return [self.replacement(e, v, session, restorable) for e, v in items]
