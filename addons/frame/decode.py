@@ -443,6 +443,7 @@ class _Parsed(NamedTuple):
     generation: int   # of this parse's memo (0: none left)
     reused: int       # items taken from the previous parse ...
     reused_from: int  # ... of this generation (0: none)
+    key: str | None   # the message list's key (MEMO_LISTS), None without one
 
 
 def memo_new_chars(text: str, key: str, memos: ParseMemos | None = None) -> int | None:
@@ -475,8 +476,8 @@ def parse_memo(text: str, key: str, memos: ParseMemos | None = None) -> _Parsed 
         memos.put(key, prefix)
         gen = prefix.generation
     if prev is None:
-        return _Parsed(doc, gen, 0, 0)
-    return _Parsed(doc, gen, len(prev.items), prev.generation)
+        return _Parsed(doc, gen, 0, 0, lst_key)
+    return _Parsed(doc, gen, len(prev.items), prev.generation, lst_key)
 
 
 def _read_object(text: str, prev: ParsePrefix | None) -> tuple[Any, ...] | None:
@@ -639,6 +640,7 @@ class Body:
     generation: int = field(default=0, repr=False)
     reused: int = field(default=0, repr=False)
     reused_from: int = field(default=0, repr=False)
+    memo_list: str | None = field(default=None, repr=False)  # the list those items are in
 
     @property
     def charset(self) -> str:
@@ -694,7 +696,7 @@ class Body:
         if key is not None and head == "{" and len(text) >= MEMO_MIN_CHARS:
             got = parse_memo(text, key)
             if got is not None:
-                self.generation, self.reused, self.reused_from = got[1:]
+                self.generation, self.reused, self.reused_from, self.memo_list = got[1:]
                 return got.doc
         try:
             return loads_strict(text)

@@ -26,7 +26,6 @@ import bisect
 import datetime
 import json
 import math
-import operator
 import re
 import threading
 from collections import OrderedDict
@@ -325,7 +324,7 @@ class RequestFacts:
         end, used = -1, 0
         first = len(out)
         if rec is not None and last is not None and last[0] == rec.gen:
-            m = known_prefix(items, rec.items)
+            m = self._known_items(key, rec.memo, len(rec.ends))
         if m:
             # walking them would raise exactly when the budget left is below what they took
             used = rec.used[m - 1]
@@ -352,8 +351,16 @@ class RequestFacts:
             used += before - budget[0]
             ends.append(end)
             useds.append(used)
-        return key, first if len(out) > first else -1, \
-            (rec.items[:m] if m else ()) + tuple(items[m:]), ends, useds
+        return key, first if len(out) > first else -1, ends, useds
+
+    def _known_items(self, key: str, memo: int, known: int) -> int:
+        """How many first items of the `key` list are the very objects of the parse with
+        memo generation `memo` (the session's last request's), of which `known` were
+        recorded (decode.Body.reused / reused_from; 0 when the memo did not continue)."""
+        body = self.decoded
+        if not memo or body.reused_from != memo or body.memo_list != key:
+            return 0
+        return min(body.reused, known)
 
     def _join_parts(self, out: list[Any]) -> str:
         """The prompt text from `out` (strings, and spans of the session's last prompt
@@ -361,7 +368,7 @@ class RequestFacts:
         h = self.history
         assert h is not None and self._lists is not None
         (old_text, lists), self._lists = self._lists, None
-        starts = {first: None for _, first, _, _, _ in lists if first >= 0}
+        starts = {first: None for _, first, _, _ in lists if first >= 0}
         parts: list[str] = []
         pos = 0
         for i, p in enumerate(out):
@@ -373,9 +380,10 @@ class RequestFacts:
             parts.append(p)
         text = "\n\n".join(parts)
         shared = self._shared["prompt_text"] = h.begin("prompt_text", text)
-        for key, first, items, ends, useds in lists:
+        memo = self.decoded.generation
+        for key, first, ends, useds in lists:
             start = starts[first] if first >= 0 else 0
-            h.set_record(("text", key), ListText(items, tuple(ends), tuple(useds),
+            h.set_record(("text", key), ListText(tuple(ends), tuple(useds), memo,
                                                  shared[2], start or 0))
         return text
 
@@ -477,7 +485,7 @@ class RequestFacts:
             if not isinstance(items, list):
                 continue
             rec = h.record(("tools", key))
-            m = known_prefix(items, rec.items) if rec is not None else 0
+            m = self._known_items(key, rec.memo, len(rec.tools)) if rec is not None else 0
             acc = rec.tools[m - 1] if m else frozenset()
             cum = list(rec.tools[:m]) if m else []
             for item in items[m:]:
@@ -488,8 +496,7 @@ class RequestFacts:
                         acc = acc | found
                 cum.append(acc)
             names |= acc
-            h.set_record(("tools", key), ListTools(
-                (rec.items[:m] if m else ()) + tuple(items[m:]), tuple(cum)))
+            h.set_record(("tools", key), ListTools(tuple(cum), self.decoded.generation))
         return frozenset(names)
 
     @property
@@ -1467,40 +1474,33 @@ def _text_bytes(text: str) -> int:
 
 
 class ListText(NamedTuple):
-    """What a session's last request's prompt text holds of one message list: its items
-    (the parsed objects themselves: the session's parse memo, addons/frame/decode.py,
-    hands the very same objects to the next request whose body starts with the same
-    text, so a prefix of the list is known only when each item `is` the one recorded,
-    never a look-alike); per item, the length of the list's strings joined up to it (-1:
-    none yet) and the nested-JSON budget they took up to it; `gen`/`start`: the prompt
-    text (generation) and the offset in it where the list's strings begin."""
-    items: tuple[Any, ...]
+    """What a session's last request's prompt text holds of its message list: per item,
+    the length of the list's strings joined up to it (-1: none yet) and the nested-JSON
+    budget they took up to it; `memo`: the generation of that request's parse memo
+    (addons/frame/decode.py), whose items the next parse of the session hands on as the
+    very same objects (Body.reused of them, from Body.reused_from) — so no item is held
+    here and none is compared; `gen`/`start`: the prompt text (generation) and the offset
+    in it where the list's strings begin."""
     ends: tuple[int, ...]
     used: tuple[int, ...]
+    memo: int
     gen: int
     start: int
 
 
 class ListTools(NamedTuple):
-    """Per item of a session's last message list (the objects, as ListText), the tool
+    """Per item of a session's last message list (parse memo generation `memo`), the tool
     names its items call up to it."""
-    items: tuple[Any, ...]
     tools: tuple[frozenset[str], ...]
+    memo: int
 
 
-_REF_BYTES = 24  # per item of a record: a reference and its numbers, estimated
-
-
-def known_prefix(items: list[Any], known: tuple[Any, ...]) -> int:
-    """How many first items of `items` are the very objects of `known` (C loops: the
-    usual case, the whole record, costs a few ns per item)."""
-    n = min(len(items), len(known))
-    if n and all(map(operator.is_, items[:n], known[:n])):
-        return n
-    i = 0
-    while i < n and items[i] is known[i]:
-        i += 1
-    return i
+def _record_bytes(rec: Any) -> int:
+    if rec is None:
+        return 0
+    if isinstance(rec, ListText):
+        return 128 + 72 * len(rec.ends)   # two references and two numbers per item
+    return 128 + 8 * len(rec.tools)       # a reference (the sets are shared) per item
 
 
 class SearchHistory:
@@ -1632,10 +1632,7 @@ class SearchHistory:
                 last = self._texts.get("prompt_text")
                 if last is None or last[0] != rec.gen:
                     return
-            old = self._records.get(key)
-            delta = _REF_BYTES * (len(rec.items) - (len(old.items) if old else 0))
-            if old is None:
-                delta += 128
+            delta = _record_bytes(rec) - _record_bytes(self._records.get(key))
             self._records[key] = rec
             self.bytes += delta
         self._charge(delta)

@@ -397,3 +397,40 @@ def test_a_continued_turn_is_evaluated_on_the_loop(tmp_path, monkeypatch) -> Non
     before = len(threaded)
     run(addon, f)
     assert len(threaded) - before == 1 and f.response.status_code == 403
+
+
+def test_a_turn_decided_before_the_prompt_is_read(tiny) -> None:
+    """A turn decided by an earlier rule (a field) never builds its prompt text, but its
+    parse moves the session's parse memo on: the next turn continues that parse, not the
+    one the session's prompt record was made from, and must not take that record's
+    spans (the two conversations share nothing)."""
+    policies = _policies([
+        {"name": "hot", "action": "block", "match": {"fields": {"temperature": "> 1"}}},
+        {"name": "words", "action": "block",
+         "match": {"prompt": {"words": ["project bluebird"]}}},
+        {"name": "tools", "action": "approve", "approvers": ["r"],
+         "match": {"tools": ["delete_*"]}},
+    ])
+    a = [{"role": "user", "content": "quiet words " * 40},
+         {"role": "assistant", "content": "fine", "tool_calls": [
+             {"type": "function", "id": "c", "function": {"name": "read", "arguments": ""}}]}]
+    b = [{"role": "user", "content": "the project bluebird plan " * 40},
+         {"role": "assistant", "content": "ok", "tool_calls": [
+             {"type": "function", "id": "c", "function": {"name": "delete_all",
+                                                          "arguments": ""}}]}]
+    h = SearchHistory()
+    key = "a\x00decided"
+
+    def body(msgs: list, temperature: float) -> bytes:
+        return json.dumps({"model": "m", "messages": msgs,
+                           "temperature": temperature}).encode()
+
+    assert evaluate(policies, _facts(body(a, 0), h, key)).rule == "<default>"
+    assert evaluate(policies, _facts(body(b, 2), h, key)).rule == "hot"
+    c = body([*b, {"role": "user", "content": "go on"}], 0)
+    got = _facts(c, h, key)
+    fresh = _facts(c, None, None)
+    assert got.tool_names == fresh.tool_names
+    assert got.decoded.reused == 2   # the memo went on from the decided turn's parse
+    assert got.prompt_text == fresh.prompt_text
+    assert evaluate(policies, _facts(c, h, key)).rule == "words"
