@@ -444,6 +444,7 @@ class _Parsed(NamedTuple):
     reused: int       # items taken from the previous parse ...
     reused_from: int  # ... of this generation (0: none)
     key: str | None   # the message list's key (MEMO_LISTS), None without one
+    new_chars: int = -1  # characters past the previous parse's text (-1: not continued)
 
 
 def memo_new_chars(text: str, key: str, memos: ParseMemos | None = None) -> int | None:
@@ -477,7 +478,8 @@ def parse_memo(text: str, key: str, memos: ParseMemos | None = None) -> _Parsed 
         gen = prefix.generation
     if prev is None:
         return _Parsed(doc, gen, 0, 0, lst_key)
-    return _Parsed(doc, gen, len(prev.items), prev.generation, lst_key)
+    return _Parsed(doc, gen, len(prev.items), prev.generation, lst_key,
+                   len(text) - len(prev.text))
 
 
 def _read_object(text: str, prev: ParsePrefix | None) -> tuple[Any, ...] | None:
@@ -641,6 +643,9 @@ class Body:
     reused: int = field(default=0, repr=False)
     reused_from: int = field(default=0, repr=False)
     memo_list: str | None = field(default=None, repr=False)  # the list those items are in
+    # characters this parse read past the session's previous body (-1: it did not continue
+    # one), so a later step knows how much of the body is new without comparing again
+    new_chars: int = field(default=-1, repr=False)
 
     @property
     def charset(self) -> str:
@@ -696,7 +701,8 @@ class Body:
         if key is not None and head == "{" and len(text) >= MEMO_MIN_CHARS:
             got = parse_memo(text, key)
             if got is not None:
-                self.generation, self.reused, self.reused_from, self.memo_list = got[1:]
+                (self.generation, self.reused, self.reused_from, self.memo_list,
+                 self.new_chars) = got[1:]
                 return got.doc
         try:
             return loads_strict(text)
@@ -766,6 +772,20 @@ def _message_body(flow: Any, part: str, max_bytes: int, max_ratio: int,
         raise value
     if memo_key is not None and value.memo_key is None and value._json is _UNSET:
         value.memo_key = memo_key
+    return value
+
+
+def parsed_request(flow: Any, raw: bytes) -> Body | None:
+    """The flow's request Body when an earlier step already parsed `raw` (that very
+    object) as JSON, else None. Looks only: never decodes or parses (its `new_chars`,
+    `reused`, `reused_from` tell what the parse took from the session's memo)."""
+    with _lock:
+        hit = _cache.get(flow, {}).get("request")
+    if hit is None or hit[0] is not raw:
+        return None
+    value = hit[-1]
+    if isinstance(value, DecodeError) or value._json is _UNSET:
+        return None
     return value
 
 

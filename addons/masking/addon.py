@@ -88,6 +88,11 @@ log = logging.getLogger("agentgate.masking")
 # Bodies above this many bytes are masked in a worker thread, so that the event loop
 # keeps serving other flows meanwhile.
 THREAD_MIN_BYTES = 64 * 1024
+# ... unless the flow's parse (policy's, with the session's memo) found it continues the
+# session's previous body by at most this much: masking then takes the known messages from
+# the session's cache and masks only the new part, less work than the hand-over to a
+# thread and back (ThreadPoolExecutor.submit and the GIL ping-pong), as policy does
+INLINE_NEW_CHARS = 16 * 1024
 SESSION_HEADER = "x-agent-session"
 # The message caches are a speed-up only (a miss masks the message again, with the same
 # placeholders): at most 16 MiB in all and 4 MiB per session (a 4 MB history, ~1M tokens,
@@ -138,6 +143,19 @@ def _shared_doc(flow: Any, part: str, data: bytes, limit: int,
     if body is None or body.data is not data:
         return None
     return shared_json(body)
+
+
+def _continues(ctx: Masked, flow: Any, raw: bytes) -> bool:
+    """Is masking `raw` small work: the flow's parse (policy's, with the session's memo)
+    took all but at most INLINE_NEW_CHARS of it from the session's previous body, and this
+    session's cache holds that body's messages as masked? Looks only; anything else: no
+    (a worker thread masks it, as any large body)."""
+    cache = ctx.cache
+    if cache is None:
+        return False
+    body = decode.parsed_request(flow, raw)
+    return body is not None and 0 <= body.new_chars <= INLINE_NEW_CHARS and \
+        body.reused > 0 and cache.has_prefix(body.reused_from, body.reused, ctx.restorable, ctx.llm)
 
 
 def mask_message(ctx: Masked, raw: bytes, encoding: str, content_type: str, limit: int,
@@ -375,7 +393,7 @@ class Masking:
                     cfg.on_unparseable == "pass_text")
             try:
                 key = None if shared else self._session_key(flow)
-                if len(raw) >= THREAD_MIN_BYTES or shared:
+                if shared or len(raw) >= THREAD_MIN_BYTES and not _continues(ctx, flow, raw):
                     new = await asyncio.to_thread(mask_message, *args, flow=flow,
                                                   memo_key=key)
                 else:

@@ -1396,6 +1396,13 @@ class MessageCache:
             self.hits += n
             return p
 
+    def has_prefix(self, generation: int, n: int, restorable: bool, llm: bool) -> bool:
+        """Would `prefix(...)` with these arguments find the last request's messages (looks
+        only; what decides whether masking a continued body is small work)."""
+        p = self._prefix
+        return p is not None and p.generation == generation and len(p.entries) == n and \
+            p.restorable == restorable and p.llm == llm
+
     def set_prefix(self, prefix: CachedPrefix) -> None:
         with self._store.lock:
             entries = self._entries
