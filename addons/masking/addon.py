@@ -93,6 +93,9 @@ THREAD_MIN_BYTES = 64 * 1024
 # the session's cache and masks only the new part, less work than the hand-over to a
 # thread and back (ThreadPoolExecutor.submit and the GIL ping-pong), as policy does
 INLINE_NEW_CHARS = 16 * 1024
+# and is at most this long: what stays proportional to the whole body (the replay check of
+# the history's placeholders, joining the masked messages) then stays a few ms at worst
+INLINE_MAX_BYTES = 1024 * 1024
 SESSION_HEADER = "x-agent-session"
 # The message caches are a speed-up only (a miss masks the message again, with the same
 # placeholders): at most 16 MiB in all and 4 MiB per session (a 4 MB history, ~1M tokens,
@@ -151,7 +154,7 @@ def _continues(ctx: Masked, flow: Any, raw: bytes) -> bool:
     session's cache holds that body's messages as masked? Looks only; anything else: no
     (a worker thread masks it, as any large body)."""
     cache = ctx.cache
-    if cache is None:
+    if cache is None or len(raw) > INLINE_MAX_BYTES:
         return False
     body = decode.parsed_request(flow, raw)
     return body is not None and 0 <= body.new_chars <= INLINE_NEW_CHARS and \

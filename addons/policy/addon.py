@@ -45,6 +45,8 @@ log = logging.getLogger("agentgate.policy")
 # hand-over: ~13 % of the gateway's time in the last turns of the multi-turn bench).
 THREAD_MIN_BYTES = 64 * 1024
 INLINE_NEW_CHARS = 16 * 1024
+# ... and the body is at most this long (a memcmp and a decode of the whole body remain)
+INLINE_MAX_BYTES = 1024 * 1024
 
 
 def facts_from_flow(flow: http.HTTPFlow, now: float | None = None,
@@ -144,7 +146,8 @@ class Policy:
             if req.headers.get("content-encoding") or \
                     facts.path.rstrip("/").endswith(("/files", "/batches", "/uploads")) or \
                     len(req.raw_content or b"") >= THREAD_MIN_BYTES and \
-                    not continues(facts, key):
+                    (len(req.raw_content or b"") > INLINE_MAX_BYTES or
+                     not continues(facts, key)):
                 # decoding (up to the caps), the skeleton of a large text and a batch of
                 # up to 100,000 requests run in a worker thread: other flows keep moving
                 decision = await asyncio.to_thread(evaluate, policies, facts,

@@ -87,3 +87,28 @@ def test_continued_turns_are_masked_on_the_loop_and_equal_a_twin(tmp_path: Path,
     # the same session sent unparsed (no rule read it): thread, as before
     got, n = _turn(m, [*more, {"role": "user", "content": "w"}], threaded, parsed=False)
     assert n == 1
+
+
+def test_a_continued_body_past_the_inline_bound_goes_to_the_thread(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """What stays proportional to the whole body on the loop is bounded: past
+    INLINE_MAX_BYTES a continued body is masked in the thread all the same."""
+    threaded: list[int] = []
+    real = asyncio.to_thread
+
+    async def counting(fn, *a, **kw):
+        threaded.append(1)
+        return await real(fn, *a, **kw)
+
+    monkeypatch.setattr(masking_addon.asyncio, "to_thread", counting)
+    monkeypatch.setattr(masking_addon, "INLINE_MAX_BYTES", 150 * 1024)
+    m = addon_for(tmp_path)
+    msgs = [{"role": "user", "content": "plain words, mail ann@example.com " * 2500}]
+    assert _turn(m, msgs, threaded)[1] == 1
+    msgs = [*msgs, {"role": "user", "content": "x"}]
+    assert _turn(m, msgs, threaded)[1] == 0                     # 85 KB: loop
+    msgs = [*msgs, {"role": "user", "content": "more words, bob@example.com " * 4000}]
+    assert _turn(m, msgs, threaded)[1] == 1                     # 110 KB new: thread
+    msgs = [*msgs, {"role": "user", "content": "y"}]
+    got, n = _turn(m, msgs, threaded)                           # 197 KB, past 150 KB: thread
+    assert n == 1 and b"bob@example.com" not in got

@@ -434,3 +434,39 @@ def test_a_turn_decided_before_the_prompt_is_read(tiny) -> None:
     assert got.decoded.reused == 2   # the memo went on from the decided turn's parse
     assert got.prompt_text == fresh.prompt_text
     assert evaluate(policies, _facts(c, h, key)).rule == "words"
+
+
+def test_a_continued_body_past_the_inline_bound_is_evaluated_in_the_thread(
+        tmp_path, monkeypatch) -> None:
+    """What stays proportional to the whole body (decode, one memcmp) is bounded on the
+    loop: past INLINE_MAX_BYTES a continued body goes to the thread all the same."""
+    import asyncio
+
+    from addons.policy import addon as policy_addon
+    from addons.policy.addon import Policy
+    from tests.policy.test_addon import make_holder, openai_flow, run
+    threaded: list[int] = []
+    real = asyncio.to_thread
+
+    async def counting(fn, *a, **kw):
+        threaded.append(1)
+        return await real(fn, *a, **kw)
+
+    monkeypatch.setattr(policy_addon.asyncio, "to_thread", counting)
+    monkeypatch.setattr(policy_addon, "INLINE_MAX_BYTES", 95 * 1024)
+    addon = Policy(make_holder(tmp_path, WORD_RULES))
+    hdr = {"x-agent-session": "bound"}
+    msgs = [{"role": "user", "content": "plain words here " * 5000}]   # ~85 KB
+
+    def turn(messages: list) -> int:
+        before = len(threaded)
+        run(addon, openai_flow({"model": "m", "messages": messages}, headers=hdr))
+        return len(threaded) - before
+
+    assert turn(msgs) == 1
+    msgs = [*msgs, {"role": "assistant", "content": "fine " * 200}]
+    assert turn(msgs) == 0                                   # 86 KB, continued: loop
+    msgs = [*msgs, {"role": "assistant", "content": "fine " * 3000}]
+    assert turn(msgs) == 1                                   # 101 KB, past the bound
+    msgs = [*msgs, {"role": "user", "content": "x"}]
+    assert turn(msgs) == 1                                   # continued by 1: thread
