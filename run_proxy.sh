@@ -163,7 +163,16 @@ case $cmd in
     shift
     ensure_venv test
     ensure_ca
-    exec "$VENV/bin/python" -m pytest "$@"
+    # two pytest-xdist workers (AGENTGATE_TEST_WORKERS), each given whole test files so a
+    # module's shared gateway starts once, in collection order (tests/conftest.py puts the
+    # files that take minutes first; xdist's own order, by test count, ran the netns soak
+    # last and alone); ports come from disjoint per-worker slices
+    # (addons/devkit/launch.free_port). Any -n/--dist/-p no:xdist of the caller's wins.
+    par=(-n "${AGENTGATE_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder)
+    for a in "$@"; do
+      case $a in -n|-n?*|--numprocesses*|--dist*|no:xdist|-pno:xdist) par=() ;; esac
+    done
+    exec "$VENV/bin/python" -m pytest "${par[@]}" "$@"
     ;;
   demo)
     shift
