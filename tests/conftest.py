@@ -127,10 +127,11 @@ def _no_stale_mitmproxy_log_handlers() -> Iterator[None]:
 
 
 # The files that take minutes, longest first (a full 2-worker run, 2026-12-02: ~290, 170,
-# 165, 150 s of test time): they are handed out first. pytest-xdist (--dist loadfile, as
-# ./run_proxy.sh test runs it) gives whole files to whichever worker is free in collection
-# order, and the soak in test_netns.py, collected late, ran alone for its last ~4 minutes
-# while the other worker sat idle. Only the order of files changes, and only under xdist.
+# 165, 150 s of test time): they are handed out first. pytest-xdist (--dist loadfile
+# --no-loadscope-reorder, as ./run_proxy.sh test runs it) gives whole files to whichever
+# worker is free in collection order; the soak in test_netns.py, handed out last, ran alone
+# for its last ~4 minutes while the other worker sat idle. Only the order of files changes,
+# and only under xdist.
 LONG_FILES_FIRST = ("tests/connect/test_netns.py", "tests/hostile/test_mcp.py",
                     "tests/database/test_relay_e2e.py", "tests/replicas/test_replicas_e2e.py")
 
