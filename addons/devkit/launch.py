@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -194,9 +195,27 @@ def start_gateway(rules_dir: Path, confdir: Path, data_dir: Path, log_path: Path
     # and dev's gateways, stopped with flows still held, wait 5 s (an env or --set wins)
     penv.setdefault("AGENTGATE_DRAIN_SECONDS", "5")
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=penv,
-                            cwd=str(ROOT))
+    # Ctrl-C/SIGTERM held while Popen runs: raised inside it (after the fork, while it waits
+    # for the exec) the interrupt left a mitmdump nobody had a handle to stop (`agentgate dev`
+    # interrupted as it started the gateway; tests/devkit/test_dev.py saw the survivor)
+    held: list[int] = []
+    old: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {s: signal.signal(s, lambda n, _f: held.append(n))
+               for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=penv,
+                                cwd=str(ROOT))
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        held[:] = [n for n in held if old.get(n) is not signal.SIG_IGN]  # ignored stays so
+        if held and sys.exc_info()[0] is not None:
+            os.kill(os.getpid(), held[0])  # Popen failed: the interrupt still goes through
     gw = Gateway(proc, port, confdir, rules_dir, data_dir, log_path, host)
+    if held:  # the process exists and has a handle: stop it, then deliver the interrupt
+        gw.stop()
+        os.kill(os.getpid(), held[0])
     if wait:
         deadline = time.monotonic() + 60
         try:
