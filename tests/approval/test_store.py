@@ -373,7 +373,7 @@ def test_audit_db_from_before_votes_stays_readable(tmp_path) -> None:
 
     path = str(tmp_path / "old.duckdb")
     con = duckdb.connect(path)
-    con.execute(rec.SCHEMA.replace(", votes JSON", ""))
+    con.execute(rec.schema_sql(False).replace(", votes JSON", ""))
     con.execute("INSERT OR IGNORE INTO audit_meta VALUES ('schema_version', '1')")
     old = {"id": "ap-old", "state": "approved", "rule": "bulk", "approvers": ["bob"],
            "reason": "approved by bob"}
