@@ -6,7 +6,6 @@ the bytes sent upstream are those of masking the body from scratch."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from addons.masking import addon as masking_addon
 from addons.masking.addon import Masking
 from addons.masking.masker import Masker
 from addons.policy.addon import session_key as policy_session_key
+from tests.frame.threadcount import count_to_thread
 from tests.masking.test_addon import addon_for, flow, run
 from tests.masking.test_masker import FakeDetectors
 
@@ -44,14 +44,7 @@ def _turn(m: Masking, messages: list, threaded: list, *, upstream: str = "openai
 
 def test_continued_turns_are_masked_on_the_loop_and_equal_a_twin(tmp_path: Path,
                                                                  monkeypatch) -> None:
-    threaded: list[int] = []
-    real = asyncio.to_thread
-
-    async def counting(fn, *a, **kw):
-        threaded.append(1)
-        return await real(fn, *a, **kw)
-
-    monkeypatch.setattr(masking_addon.asyncio, "to_thread", counting)
+    threaded = count_to_thread(monkeypatch, masking_addon)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     m = addon_for(tmp_path / "a")
@@ -93,14 +86,7 @@ def test_a_continued_body_past_the_inline_bound_goes_to_the_thread(tmp_path: Pat
                                                                    monkeypatch) -> None:
     """What stays proportional to the whole body on the loop is bounded: past
     INLINE_MAX_BYTES a continued body is masked in the thread all the same."""
-    threaded: list[int] = []
-    real = asyncio.to_thread
-
-    async def counting(fn, *a, **kw):
-        threaded.append(1)
-        return await real(fn, *a, **kw)
-
-    monkeypatch.setattr(masking_addon.asyncio, "to_thread", counting)
+    threaded = count_to_thread(monkeypatch, masking_addon)
     monkeypatch.setattr(masking_addon, "INLINE_MAX_BYTES", 150 * 1024)
     m = addon_for(tmp_path)
     msgs = [{"role": "user", "content": "plain words, mail ann@example.com " * 2500}]

@@ -358,21 +358,14 @@ def test_a_continued_turn_is_evaluated_on_the_loop(tmp_path, monkeypatch) -> Non
     session's last body by little: then the work left is that little. A first long body,
     one that adds more than INLINE_NEW_CHARS, an edited one and a compressed one still
     go to the thread; every decision is as before."""
-    import asyncio
     import gzip
 
     from addons.policy import addon as policy_addon
     from addons.policy.addon import Policy
+    from tests.frame.threadcount import count_to_thread
     from tests.policy.test_addon import make_holder, openai_flow, run
     rules = WORD_RULES
-    threaded: list[int] = []
-    real = asyncio.to_thread
-
-    async def counting(fn, *a, **kw):
-        threaded.append(1)
-        return await real(fn, *a, **kw)
-
-    monkeypatch.setattr(policy_addon.asyncio, "to_thread", counting)
+    threaded = count_to_thread(monkeypatch, policy_addon)
     addon = Policy(make_holder(tmp_path, rules))
     hdr = {"x-agent-session": "inline"}
     msgs = [{"role": "user", "content": "plain words here " * 5000}]   # ~85 KB
@@ -440,19 +433,11 @@ def test_a_continued_body_past_the_inline_bound_is_evaluated_in_the_thread(
         tmp_path, monkeypatch) -> None:
     """What stays proportional to the whole body (decode, one memcmp) is bounded on the
     loop: past INLINE_MAX_BYTES a continued body goes to the thread all the same."""
-    import asyncio
-
     from addons.policy import addon as policy_addon
     from addons.policy.addon import Policy
+    from tests.frame.threadcount import count_to_thread
     from tests.policy.test_addon import make_holder, openai_flow, run
-    threaded: list[int] = []
-    real = asyncio.to_thread
-
-    async def counting(fn, *a, **kw):
-        threaded.append(1)
-        return await real(fn, *a, **kw)
-
-    monkeypatch.setattr(policy_addon.asyncio, "to_thread", counting)
+    threaded = count_to_thread(monkeypatch, policy_addon)
     monkeypatch.setattr(policy_addon, "INLINE_MAX_BYTES", 95 * 1024)
     addon = Policy(make_holder(tmp_path, WORD_RULES))
     hdr = {"x-agent-session": "bound"}
