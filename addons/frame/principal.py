@@ -28,3 +28,14 @@ def principal(ident: Any) -> str:
     return f'[{encode_basestring_ascii(iss if isinstance(iss, str) else "")}, ' \
         f'{encode_basestring_ascii(sub)}]'
 
+
+SESSION_HEADER = "x-agent-session"
+
+
+def flow_session_key(flow: Any) -> str:
+    """The agent's session as every per-session store keys it (masking's placeholder maps
+    and message caches, the parse memos, policy's histories): principal AND session id (the
+    recorder's, else the X-Agent-Session header, else the connection), NUL-separated."""
+    sid = flow.metadata.get("session") or flow.request.headers.get(SESSION_HEADER) \
+        or f"conn:{flow.client_conn.id}"
+    return f"{principal(flow.metadata.get('identity'))}\x00{sid}"

@@ -62,7 +62,7 @@ from mitmproxy import http
 from addons.config.holder import RulesHolder
 from addons.frame import decode
 from addons.frame.guard import guarded, refuse
-from addons.frame.principal import principal
+from addons.frame.principal import flow_session_key
 from addons.masking.bodies import (
     Masked,
     MessageCache,
@@ -78,7 +78,6 @@ from addons.masking.masker import (
     SessionStore,
     hmac_key_from_env,
     merge,
-    session_key,
 )
 from addons.masking.sessionstore import SecretMissing, SharedSession, shared_from_env
 from addons.masking.sse import StreamDecoder, StreamMasker
@@ -96,7 +95,6 @@ INLINE_NEW_CHARS = 16 * 1024
 # and is at most this long: what stays proportional to the whole body (the replay check of
 # the history's placeholders, joining the masked messages) then stays a few ms at worst
 INLINE_MAX_BYTES = 1024 * 1024
-SESSION_HEADER = "x-agent-session"
 # The message caches are a speed-up only (a miss masks the message again, with the same
 # placeholders): at most 16 MiB in all and 4 MiB per session (a 4 MB history, ~1M tokens,
 # still hits whole), so that with the placeholder maps (masker.MAX_BYTES, 16 MiB) a
@@ -311,9 +309,7 @@ class Masking:
 
     @staticmethod
     def _session_key(flow: http.HTTPFlow) -> str:
-        sid = flow.metadata.get("session") or flow.request.headers.get(SESSION_HEADER) \
-            or f"conn:{flow.client_conn.id}"
-        return session_key(principal(flow.metadata.get("identity")), str(sid))
+        return flow_session_key(flow)
 
     def _session(self, flow: http.HTTPFlow) -> Session:
         s = self._flow_sessions.get(flow)

@@ -25,7 +25,7 @@ from mitmproxy import ctx, http
 from addons.config.holder import RulesHolder
 from addons.frame import decode
 from addons.frame.guard import guarded, refuse
-from addons.frame.principal import principal
+from addons.frame.principal import flow_session_key
 from addons.policy.engine import (
     BodyUnavailable,
     PolicySet,
@@ -74,24 +74,17 @@ def facts_from_flow(flow: http.HTTPFlow, now: float | None = None,
         body=body, now=now, dialect=up.get("dialect") if isinstance(up, dict) else None)
 
 
-SESSION_HEADER = "x-agent-session"
+# the agent's session, as masking keys it (frame/principal.flow_session_key)
+session_key = flow_session_key
 
 
-def session_key(flow: http.HTTPFlow) -> str:
-    """The agent's session as masking keys it: identity subject AND session id (the
-    recorder's, else the X-Agent-Session header, else the connection)."""
-    sid = flow.metadata.get("session") or flow.request.headers.get(SESSION_HEADER) \
-        or f"conn:{flow.client_conn.id}"
-    return f"{principal(flow.metadata.get('identity'))}\x00{sid}"
-
-
-def continues(facts: RequestFacts, key: str) -> bool:
-    """Does this (uncompressed) body continue its session's last one, adding at most
-    INLINE_NEW_CHARS, with the session's history in place? Decoding an uncompressed
-    body is a copy; the comparison one memcmp. Anything unusual: no (a worker thread
-    evaluates it, and meets the same error there)."""
+def continues(facts: RequestFacts, key: str, size: int) -> bool:
+    """Does this (uncompressed) body of `size` bytes, at most INLINE_MAX_BYTES, continue
+    its session's last one, adding at most INLINE_NEW_CHARS, with the session's history in
+    place? Decoding an uncompressed body is a copy; the comparison one memcmp. Anything
+    unusual: no (a worker thread evaluates it, and meets the same error there)."""
     h = facts.history
-    if h is None or h.last("prompt_text") is None:
+    if size > INLINE_MAX_BYTES or h is None or h.last("prompt_text") is None:
         return False
     try:
         text = facts.decoded.text
@@ -143,11 +136,10 @@ class Policy:
         facts.history = self.histories.get(key)
         req = flow.request
         try:
+            size = len(req.raw_content or b"")
             if req.headers.get("content-encoding") or \
                     facts.path.rstrip("/").endswith(("/files", "/batches", "/uploads")) or \
-                    len(req.raw_content or b"") >= THREAD_MIN_BYTES and \
-                    (len(req.raw_content or b"") > INLINE_MAX_BYTES or
-                     not continues(facts, key)):
+                    size >= THREAD_MIN_BYTES and not continues(facts, key, size):
                 # decoding (up to the caps), the skeleton of a large text and a batch of
                 # up to 100,000 requests run in a worker thread: other flows keep moving
                 decision = await asyncio.to_thread(evaluate, policies, facts,
