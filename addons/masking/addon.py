@@ -175,7 +175,7 @@ def mask_message(ctx: Masked, raw: bytes, encoding: str, content_type: str, limi
         # (policy parsed it with the session's memo key: decode.parse_memo)
         body = decode.request_body(flow, max_bytes=limit)
         if body is not None and body.generation and body.json is doc:
-            ctx.reuse = (body.generation, body.reused, body.reused_from)
+            ctx.reuse = (body.generation, body.reused, body.reused_from, body.memo_list)
     return ctx.body(data, content_type, pass_text, doc=doc)
 
 

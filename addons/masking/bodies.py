@@ -733,9 +733,9 @@ class Masked:
         self.cache = cache
         # when a list: every replacement made, (entity, value, replacement), in order
         self.trace: list[tuple[str, str, str]] | None = None
-        # the shared parse's (generation, items reused, from generation) when the JSON
-        # document given is the flow's one parse (addons/frame/decode.py parse_memo)
-        self.reuse: tuple[int, int, int] | None = None
+        # the shared parse's (generation, items reused, from generation, memo list) when
+        # the JSON document given is the flow's one parse (addons/frame/decode.py parse_memo)
+        self.reuse: tuple[int, int, int, str | None] | None = None
         # the JSON body being masked, until ascii_hint() is worked out from it
         self._hint_of = b""
         self._hint: bool | None = False
@@ -944,7 +944,11 @@ class Masked:
         # every replacement they made is still what the session's map gives — one check
         # for the history instead of one digest per message (a digest costs a walk and a
         # hash of the message: ~4 µs per KB-sized message, O(history) per turn)
-        reuse = self.reuse if shared else None
+        # only when the parse's memo list is the list masked here: with both "input" and
+        # "messages" in a body the memo may have continued the other one, and this list's
+        # items are then not the previous body's (tests/hostile/test_fastpaths3_lists.py)
+        reuse = self.reuse if shared and self.reuse is not None and \
+            self.reuse[3] == key else None
         done = 0
         record: list[tuple[bytes, CachedMessage]] | None = None
         if reuse is not None and reuse[0]:
