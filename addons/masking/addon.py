@@ -388,11 +388,15 @@ class Masking:
                    "masking")
             return
         if raw:
-            args = (ctx, raw, *decode.coding_and_type(req.headers), cfg.max_body_bytes,
+            encoding, ctype = decode.coding_and_type(req.headers)
+            args = (ctx, raw, encoding, ctype, cfg.max_body_bytes,
                     cfg.on_unparseable == "pass_text")
             try:
                 key = None if shared else self._session_key(flow)
-                if shared or len(raw) >= THREAD_MIN_BYTES and not _continues(ctx, flow, raw):
+                # a compressed body's size on the wire says nothing of its decoded size
+                # (up to decode.MAX_RATIO times it): always a thread, as policy does
+                if shared or encoding or len(raw) >= THREAD_MIN_BYTES \
+                        and not _continues(ctx, flow, raw):
                     new = await asyncio.to_thread(mask_message, *args, flow=flow,
                                                   memo_key=key)
                 else:

@@ -1,0 +1,90 @@
+"""Hostile: which request bodies masking works on in the event loop. The choice was made
+on the wire size: a body of a few KB gzip that decodes to MBs (up to the decoder's ratio
+cap, 200x, and masking.max_body_bytes) was masked whole on the loop, holding every other
+flow of the gateway for as long (tens of ms per body, as often as the agent sends it).
+Policy already sends every compressed body to a worker thread; masking must too.
+
+Through the real masking addon (its real detectors: the rules' masking section) with the
+flow's parse made as policy makes it; the hand-overs to a thread are counted."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pytest
+from mitmproxy.test import taddons
+
+from addons.config.holder import RulesHolder
+from addons.config.loader import load_rules
+from addons.frame import decode
+from addons.frame.principal import flow_session_key
+from addons.masking import addon as masking_addon
+from addons.masking.addon import Masking
+from tests.frame.threadcount import count_to_thread
+from tests.masking.test_addon import UPSTREAMS, flow, run
+
+CARD = "4111 1111 1111 1111"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_memos() -> None:
+    decode.MEMOS.clear()
+
+
+def _addon(tmp_path: Path) -> Masking:
+    (tmp_path / "rules.yaml").write_text(UPSTREAMS)
+    return Masking(RulesHolder(load_rules(tmp_path)))
+
+
+def _send(m: Masking, body: bytes, *, coding: str = "", session: str = "s") -> bytes:
+    headers = {"x-agent-session": session}
+    if coding:
+        headers["content-encoding"] = coding
+    f = flow("openai", body, headers=headers)
+    parsed = decode.request_body(f, memo_key=flow_session_key(f))  # as policy reads it
+    assert parsed is not None
+    parsed.json  # noqa: B018
+    with taddons.context(m):
+        m.requestheaders(f)
+        run(m.request(f))
+    assert f.response is None, f.response and f.response.text
+    return f.request.content or b""
+
+
+def test_a_small_gzip_body_that_decodes_large_is_masked_in_a_thread(tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    threaded = count_to_thread(monkeypatch, masking_addon)
+    m = _addon(tmp_path)
+    rnd = random.Random(1)
+    words = ["alpha", "beta", "gamma", "delta", "kappa", "theta"]
+    # ~130x smaller on the wire (under the decoder's 200x cap): 2.6 MB from ~20 KB
+    content = "".join("words and more words here " * 8 + rnd.choice(words) + " "
+                      for _ in range(12_000))
+    text = json.dumps({"model": "m", "messages": [
+        {"role": "user", "content": content + CARD}]}).encode()
+    wire = gzip.compress(text)
+    assert len(text) > 2 << 20 and len(wire) < masking_addon.THREAD_MIN_BYTES
+    got = _send(m, wire, coding="gzip")
+    assert CARD.encode() not in got and b"[CREDIT_CARD_1]" in got
+    assert len(threaded) == 1
+
+
+def test_a_compressed_continued_body_is_masked_in_a_thread(tmp_path: Path,
+                                                           monkeypatch) -> None:
+    """A continued body is taken on the loop only within INLINE_MAX_BYTES, which a
+    compressed one can pass on the wire size: the same bound holds for it."""
+    threaded = count_to_thread(monkeypatch, masking_addon)
+    monkeypatch.setattr(masking_addon, "INLINE_MAX_BYTES", 150 * 1024)
+    m = _addon(tmp_path)
+    msgs = [{"role": "user", "content": "plain words, ann@example.com " * 8000}]  # 240 KB
+    _send(m, json.dumps({"model": "m", "messages": msgs}).encode())
+    assert len(threaded) == 1
+    msgs = [*msgs, {"role": "user", "content": "and " + CARD}]
+    wire = gzip.compress(json.dumps({"model": "m", "messages": msgs}).encode())
+    assert len(wire) < 150 * 1024
+    got = _send(m, wire, coding="gzip")
+    assert CARD.encode() not in got and b"ann@example.com" not in got
+    assert len(threaded) == 2
