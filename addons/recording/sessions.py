@@ -13,6 +13,7 @@ then), so masking sees the same session as the record. A header always wins over
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -51,6 +52,15 @@ def body_session(doc: Any, keys: tuple[str, ...]) -> tuple[str, str] | None:
     return None
 
 
+@functools.lru_cache(maxsize=8)
+def _first_segments(keys: tuple[str, ...]) -> tuple[bytes, ...]:
+    """The distinct first segments of the dotted keys, encoded: what a body must contain
+    to name a session. The default keys all start with `metadata`: one scan of the body
+    instead of four (~50 us each at 100 KB). Few key sets ever exist (one per rules
+    load), so the cache stays tiny."""
+    return tuple(dict.fromkeys(k.split(".", 1)[0].encode() for k in keys))
+
+
 class Sessions:
     def __init__(self, holder: RulesHolder) -> None:
         self.holder = holder
@@ -76,7 +86,7 @@ class Sessions:
             return
         if not req.headers.get("content-encoding") and b"\0" not in raw[:4] and \
                 not raw.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")) and \
-                not any(k.split(".", 1)[0].encode() in raw for k in keys):
+                not any(seg in raw for seg in _first_segments(keys)):
             return  # cheap pre-check (UTF-8 only): parse only bodies that mention a key
         try:
             doc = flowbody.parsed_json(flow)  # parsed once, shared with policy

@@ -30,3 +30,35 @@ def test_utf16_and_bom_bodies_name_their_session() -> None:
             f = _flow(raw)
             s.request(f)
             assert f.metadata["session"] == "t-9", raw[:8]
+
+
+def test_every_configured_key_is_looked_for_whatever_its_first_segment() -> None:
+    """The byte pre-check scans the body once per distinct first segment of the keys
+    (the defaults share `metadata`): a key with another first segment, listed after keys
+    that share one, still names the session; a body naming none of them keeps the
+    connection's session. Fails if the pre-check checks only the first key's segment, or
+    caches the segments of another key set."""
+    from types import SimpleNamespace
+
+    from addons.recording.config import RecorderConfig
+
+    def sessions(keys: tuple[str, ...]) -> Sessions:
+        return Sessions(RulesHolder(SimpleNamespace(  # type: ignore[arg-type]
+            recorder=RecorderConfig(session_body_keys=keys))))
+
+    shared = sessions(("metadata.thread_id", "metadata.run_id", "ctx.session", "run"))
+    other = sessions(("conversation.id",))
+    with taddons.context():
+        for body, want in ((b'{"ctx": {"session": "c-1"}}', "c-1"),
+                           (b'{"run": "r-2", "metadata": {}}', "r-2"),
+                           (b'{"metadata": {"run_id": "m-3"}}', "m-3"),
+                           (b'{"conversation": {"id": "x"}}', None)):
+            f = _flow(body)
+            shared.request(f)
+            assert f.metadata["session"] == (want or f"conn-{f.client_conn.id}"), body
+        f = _flow(b'{"conversation": {"id": "v-4"}}')
+        other.request(f)
+        assert f.metadata["session"] == "v-4"
+        g = _flow(b'{"ctx": {"session": "c-1"}}')
+        other.request(g)
+        assert g.metadata["session"] == f"conn-{g.client_conn.id}"
