@@ -392,13 +392,15 @@ def run(quick: bool = False, soak_minutes: float = 0, concerns: tuple[str, ...] 
 def compare(trees: dict[str, Path | None], concerns: tuple[str, ...] = CONCERNS,
             body_names: tuple[str, ...] = ("1KB",), concurrencies: tuple[int, ...] = (16, 1),
             seconds: float = 4.0, repeats: int = 4, profile_seconds: float = 0,
-            workdir: Path | None = None) -> dict[str, Any]:
+            workdir: Path | None = None, profile_body: str = "1KB",
+            profile_rate: int = 0) -> dict[str, Any]:
     """Before/after in one invocation: bare mitmdump and one suite per tree ({name: a
     checkout of agentgate, e.g. a git worktree at the commit before a change; None: this
     one}), all against the same upstream, measured interleaved (the order rotates every
     repetition, so drift in the machine's load is shared) and repeated; medians. CPU per
     request (gateway and its children, and the gateway process alone) is the number to
-    compare on a shared machine. With `profile_seconds`, py-spy --gil on each at c=16."""
+    compare on a shared machine. With `profile_seconds`, py-spy --gil on each at c=16
+    (`profile_body` sent, `profile_rate` samples per second)."""
     cfg = {**_settings(False), "seconds": seconds, "repeats": repeats}
     if not h.HEY:
         return {"error": "hey is not installed (apt-get install -y hey)"}
@@ -438,8 +440,8 @@ def compare(trees: dict[str, Path | None], concerns: tuple[str, ...] = CONCERNS,
         out["cells"] = {k: _median_cell(v) for k, v in runs.items()}
         if profile_seconds > 0:
             out["profile"] = profile_under_load(
-                {n: (pids[n], proxies[n]) for n in proxies}, env.url, env.bodies["1KB"],
-                profile_seconds, tmp)
+                {n: (pids[n], proxies[n]) for n in proxies}, env.url, env.bodies[profile_body],
+                profile_seconds, tmp, rate=profile_rate or PROFILE_RATE)
         return out
     finally:
         env.stop()
@@ -488,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--profile-seconds", type=float, default=0)
+    ap.add_argument("--profile-body", default="1KB", help="the body sent while profiling")
+    ap.add_argument("--profile-rate", type=int, default=PROFILE_RATE,
+                    help="py-spy samples per second")
     ap.add_argument("--workdir", default=None, help="keep logs and py-spy stacks here")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -501,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
                   tuple(args.bodies.split(",")),
                   tuple(int(c) for c in args.concurrency.split(",")), args.seconds,
                   args.repeats, args.profile_seconds,
-                  Path(args.workdir) if args.workdir else None)
+                  Path(args.workdir) if args.workdir else None, args.profile_body,
+                  args.profile_rate)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     print(compare_markdown(res))
@@ -785,7 +791,7 @@ PROFILE_RATE = 500  # samples per second
 
 
 def _spy(pid: int, url: str, proxy: str | None, body: Path, seconds: float, raw: Path,
-         concurrency: int) -> dict[str, Any]:
+         concurrency: int, rate: int = PROFILE_RATE) -> dict[str, Any]:
     """py-spy --gil on one process while hey loads it: stacks of whoever holds the GIL,
     i.e. the Python work, plus per-thread CPU from /proc and the requests served."""
     import subprocess
@@ -806,7 +812,7 @@ def _spy(pid: int, url: str, proxy: str | None, body: Path, seconds: float, raw:
     cpu0, t0 = h.thread_cpu(pid), time.monotonic()
     try:
         p = subprocess.run([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
-                            "--rate", str(PROFILE_RATE), "--format", "raw", "--output",
+                            "--rate", str(rate), "--format", "raw", "--output",
                             str(raw), "--nonblocking", "--gil"], capture_output=True,
                            text=True, timeout=seconds + 60)
     finally:
@@ -817,7 +823,7 @@ def _spy(pid: int, url: str, proxy: str | None, body: Path, seconds: float, raw:
     r = res.get("r")
     nreq = (r.rps if r else 0) * int(seconds)
     wall = max(t1 - t0, 1e-6)
-    summary = summarise_stacks(raw.read_text(), rate=PROFILE_RATE, requests=nreq)
+    summary = summarise_stacks(raw.read_text(), rate=rate, requests=nreq)
     summary.update(
         rps=r.rps if r else 0,
         cpu_main=round((cpu1.get(pid, 0) - cpu0.get(pid, 0)) / wall, 2),
@@ -829,15 +835,14 @@ def _spy(pid: int, url: str, proxy: str | None, body: Path, seconds: float, raw:
 
 
 def profile_under_load(targets: dict[str, tuple[int, str | None]], url: str, body: Path,
-                       seconds: float, workdir: Path, concurrency: int = 16
-                       ) -> dict[str, Any]:
+                       seconds: float, workdir: Path, concurrency: int = 16,
+                       rate: int = PROFILE_RATE) -> dict[str, Any]:
     """Profile bare mitmdump and the suite alike, so the difference per request shows
     what the suite adds and where: {name: summary}."""
-    out: dict[str, Any] = {"seconds": seconds, "concurrency": concurrency,
-                           "rate": PROFILE_RATE}
+    out: dict[str, Any] = {"seconds": seconds, "concurrency": concurrency, "rate": rate}
     for name, (pid, proxy) in targets.items():
         out[name] = _spy(pid, url, proxy, body, seconds, workdir / f"profile-{name}.txt",
-                         concurrency)
+                         concurrency, rate)
     return out
 
 
