@@ -43,6 +43,45 @@ def parse_host(value: str) -> tuple[str, int | None] | None:
     return _authority(value) if len(value) <= 300 else _authority.__wrapped__(value)
 
 
+def _named(headers: http.Headers) -> tuple[list[str], str | None, str]:
+    """`headers.get_all("host")`, `headers.get("upgrade")` and `headers.get("connection",
+    "")` (values decoded and folded as mitmproxy does) from one pass over the fields:
+    mitmproxy's `get`/`get_all` each lower-case every field name again (3 passes)."""
+    host: list[str] = []
+    upgrade: list[bytes] = []
+    conn: list[bytes] = []
+    for k, v in headers.fields:
+        k = k.lower()
+        if k == b"host":
+            host.append(v.decode("utf-8", "surrogateescape"))
+        elif k == b"upgrade":
+            upgrade.append(v)
+        elif k == b"connection":
+            conn.append(v)
+    return (host,
+            b", ".join(upgrade).decode("utf-8", "surrogateescape") if upgrade else None,
+            b", ".join(conn).decode("utf-8", "surrogateescape"))
+
+
+PATH_CACHE_MAX_CHARS = 512
+
+
+@functools.lru_cache(maxsize=1024)
+def _path_verdict(dialect: str, extra: tuple[str, ...] | None, path: str
+                  ) -> tuple[int, str, str] | None:
+    """None when `path` (query and fragment already cut off) is allowed, else the refusal
+    (status, code, message). Pure, so remembered for the few paths a gateway sees (every
+    request of an agent names the same endpoint); only short paths are passed here, and
+    the query (which may carry a key) is never part of the key."""
+    try:
+        norm = normalise(path)
+    except PathError as e:
+        return 400, "ambiguous_path", f"ambiguous request path refused: {e}"
+    if not path_allowed(dialect, extra, norm):
+        return 404, "path_not_allowed", f"{norm} is not a known {dialect} endpoint of "
+    return None
+
+
 class Upstreams:
     agentgate_pipeline = True  # the sentinel opens the gateway only while this is in the chain
 
@@ -71,19 +110,20 @@ class Upstreams:
         up = self._resolve(flow)
         if up is None:
             return
-        if not self._scheme_ok(flow, up) or not self._pinned(flow):
+        host, upgrade, connection = _named(flow.request.headers)
+        if not self._scheme_ok(flow, up) or not self._pinned(flow, host):
             return
-        if not self._upgrade_ok(flow, up):
+        if not self._upgrade_ok(flow, up, upgrade, connection):
             return
         self._path_ok(flow, up)
 
     @staticmethod
-    def _pinned(flow: http.HTTPFlow) -> bool:
-        """Every name the request carries for its destination is the tunnel's target."""
+    def _pinned(flow: http.HTTPFlow, names: list[str]) -> bool:
+        """Every name the request carries for its destination is the tunnel's target.
+        `names`: the Host header's values."""
         req = flow.request
         target_host, target_port = _norm_host(req.host), req.port
         default = 443 if req.scheme == "https" else 80
-        names = list(req.headers.get_all("host"))
         if len(names) > 1:
             refuse(flow, 400, "more than one Host header", "ambiguous_host", STEP)
             return False
@@ -121,10 +161,9 @@ class Upstreams:
         return False
 
     @staticmethod
-    def _upgrade_ok(flow: http.HTTPFlow, up: Upstream) -> bool:
-        upgrade = flow.request.headers.get("upgrade")
-        if upgrade is None and "upgrade" not in flow.request.headers.get(
-                "connection", "").lower():
+    def _upgrade_ok(flow: http.HTTPFlow, up: Upstream, upgrade: str | None,
+                    connection: str) -> bool:
+        if upgrade is None and "upgrade" not in connection.lower():
             return True
         if (upgrade or "").strip().lower() == "websocket" and up.websocket:
             return True
@@ -137,14 +176,14 @@ class Upstreams:
 
     @staticmethod
     def _path_ok(flow: http.HTTPFlow, up: Upstream) -> bool:
-        try:
-            path = normalise(flow.request.path)
-        except PathError as e:
-            refuse(flow, 400, f"ambiguous request path refused: {e}", "ambiguous_path", STEP)
-            return False
-        if not path_allowed(up.dialect, up.paths, path):
-            refuse(flow, 404, f"{path} is not a known {up.dialect} endpoint of upstream "
-                   f"{up.name!r} (default-deny paths; allow it with paths:)",
-                   "path_not_allowed", STEP)
-            return False
-        return True
+        # what normalise() reads of it: the query and fragment never reach the cache
+        path = flow.request.path.split("?", 1)[0].split("#", 1)[0]
+        verdict = (_path_verdict if len(path) <= PATH_CACHE_MAX_CHARS
+                   else _path_verdict.__wrapped__)(up.dialect, up.paths, path)
+        if verdict is None:
+            return True
+        status, code, message = verdict
+        if code == "path_not_allowed":
+            message += f"upstream {up.name!r} (default-deny paths; allow it with paths:)"
+        refuse(flow, status, message, code, STEP)
+        return False
