@@ -84,7 +84,14 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(str(path), "<file>", f"cannot read: {e}") from None
     try:
-        doc = yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                _no_duplicate_keys(loader, node, "", str(path))
+            doc = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         pos = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -100,6 +107,41 @@ def _load_yaml(path: Path) -> dict[str, Any]:
             raise ConfigError(str(path), str(key),
                               f"unknown section (allowed: {', '.join(sorted(known))})")
     return doc
+
+
+def _no_duplicate_keys(loader: yaml.SafeLoader, node: yaml.Node, at: str, file: str,
+                       seen_nodes: set[int] | None = None) -> None:
+    """YAML keeps the last of two equal keys in a mapping and drops the first without a
+    word: a second `policies:` in a file would silently discard every rule above it.
+    Refused, naming both lines. (`<<` merge keys are YAML's own way to override.) Each
+    node is looked at once: an alias names the same node again (and may name its own
+    ancestor, or fan out a billion times)."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _no_duplicate_keys(loader, item, f"{at}[{i}]", file, seen_nodes)
+    elif isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for k, v in node.value:
+            if k.tag == "tag:yaml.org,2002:merge":
+                continue
+            name = loader.construct_object(k, deep=True) if isinstance(k, yaml.ScalarNode) \
+                else None
+            child = f"{at}.{name}" if at else str(name)
+            if isinstance(k, yaml.ScalarNode):
+                line = k.start_mark.line + 1
+                try:
+                    if name in seen:
+                        raise ConfigError(file, child, f"line {line}: the key is already "
+                                          f"given on line {seen[name]} of this mapping "
+                                          "(YAML would silently keep only the last one)")
+                    seen[name] = line
+                except TypeError:  # an unhashable key: the section parsers refuse it
+                    pass
+            _no_duplicate_keys(loader, v, child, file, seen_nodes)
 
 
 def _iter_list(lists: list[tuple[str, Any]], section: str) -> Iterator[tuple[Any, Where]]:
