@@ -10,6 +10,7 @@ and every addon see the marker.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import logging
@@ -38,6 +39,10 @@ CREDENTIAL_HEADERS = (
 )
 
 
+# (name, the name as mitmproxy compares it: lower-case bytes), encoded once
+_CREDENTIAL_KEYS = tuple((name, name.lower().encode()) for name in CREDENTIAL_HEADERS)
+
+
 def strip_credentials(headers: http.Headers, extra: str | None = None) -> list[str]:
     """Delete every credential header; the names removed, in CREDENTIAL_HEADERS order.
 
@@ -46,8 +51,8 @@ def strip_credentials(headers: http.Headers, extra: str | None = None) -> list[s
     runs twice on every request."""
     present = {k.lower() for k, _ in headers.fields}
     removed = []
-    for name in (*CREDENTIAL_HEADERS, *((extra,) if extra else ())):
-        key = name.lower().encode()
+    for name, key in (_CREDENTIAL_KEYS if not extra
+                      else (*_CREDENTIAL_KEYS, (extra, extra.lower().encode()))):
         if key in present:
             del headers[name]
             present.discard(key)  # `extra` may name a header already removed
@@ -64,16 +69,22 @@ REDACTED = INJECTED
 # Per process and secret: a marker the agent never sees cannot be forged by it, so no
 # header the agent writes can make the gateway substitute a real credential.
 _NONCE = secrets.token_hex(16)
+_NONCE_BYTES = _NONCE.encode()
 _MARKERS: dict[bytes, tuple[bytes, SecretRef]] = {}  # marker -> (header name, where)
 MAX_MARKERS = 4096
 
 PINNED_MITMPROXY = "12.2."
 
 
+@functools.lru_cache(maxsize=MAX_MARKERS)
+def _marker_value(upstream: str, header: str) -> str:
+    tag = hashlib.sha256(f"{upstream}\n{header.lower()}".encode()).hexdigest()[:12]
+    return f"{REDACTED} {tag}.{_NONCE}"
+
+
 def marker_for(upstream: str, ref: SecretRef) -> str:
     """The value put on the flow in place of the upstream's real credential."""
-    tag = hashlib.sha256(f"{upstream}\n{ref.header.lower()}".encode()).hexdigest()[:12]
-    value = f"{REDACTED} {tag}.{_NONCE}"
+    value = _marker_value(upstream, ref.header)  # a pure function of both: hashed once
     key = value.encode()
     if key not in _MARKERS and len(_MARKERS) >= MAX_MARKERS:
         _MARKERS.clear()  # rules churn: forget old upstreams' markers
@@ -82,8 +93,7 @@ def marker_for(upstream: str, ref: SecretRef) -> str:
 
 
 def carries_marker(value: str | bytes) -> bool:
-    nonce = _NONCE.encode() if isinstance(value, bytes) else _NONCE
-    return nonce in value  # type: ignore[operator]
+    return (_NONCE_BYTES if isinstance(value, bytes) else _NONCE) in value  # type: ignore[operator]
 
 
 def _real_for(k: Any, v: Any) -> bytes | None:
@@ -117,7 +127,7 @@ def substitute(fields: Any) -> Any:
 
 
 def _h1_head(orig: Callable[[http.Request], bytes]) -> Callable[[http.Request], bytes]:
-    nonce = _NONCE.encode()
+    nonce = _NONCE_BYTES
 
     def assemble_request_head(request: http.Request) -> bytes:
         head = orig(request)
@@ -322,7 +332,7 @@ class Credentials:
                                     up.credential.header if up.credential else None)
         if _strip_query(flow):
             removed.append("query")
-        if any(carries_marker(v) for _k, v in flow.request.headers.fields):
+        if any(_NONCE_BYTES in v for _k, v in flow.request.headers.fields):
             # only the gateway writes markers; one coming from the agent is a forgery
             refuse(flow, 400, "request carries a reserved gateway value", "forged_marker",
                    "credentials")
