@@ -91,10 +91,13 @@ def call(db: Any, req: dict[str, Any]) -> dict[str, Any]:
         try:
             con = audit_writer.open_db(db, read_only=True)
         except Exception as e:  # noqa: BLE001 - duckdb raises IOException for the lock
+            hint = audit_writer.open_failure_hint(db, e)
+            if not hint or "another process" in hint:
+                hint = ("If a gateway is writing it, enable its query socket "
+                        "(recorder.query_socket) so the CLI can ask it.")
             raise AuditError(
                 f"cannot open {db} read-only ({type(e).__name__}: {str(e).splitlines()[0]}). "
-                "If a gateway is writing it, enable its query socket (recorder.query_socket) "
-                "so the CLI can ask it.") from None
+                f"{hint[:1].upper()}{hint[1:]}") from None
         try:
             resp = audit_writer.handle_op(con, req)
         except ValueError as e:

@@ -93,6 +93,26 @@ def open_db(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnect
     return con
 
 
+def open_failure_hint(path: str | Path, error: BaseException) -> str:
+    """What to do when DuckDB cannot open the audit store `path` (`error`: what it
+    raised), for the gateway's and the CLI's message; "" when nothing useful is known."""
+    text = str(error)
+    aside = (f"move it aside with its WAL (mv {path} {path}.old; "
+             f"mv {path}.wal {path}.old.wal if it exists): the gateway then starts a new "
+             "store, whose hash chain starts over")
+    if "version number" in text or "newer version" in text:
+        return (f"the file was written by a newer DuckDB than this one ({duckdb.__version__}):"
+                f" open it with the agentgate that wrote it, or {aside}")
+    if any(m in text for m in ("not a valid DuckDB database", "Corrupt database",
+                               "Could not read enough bytes", "checksum")):
+        return (f"the file is damaged or not a DuckDB database (truncated, or another file "
+                f"under that name): keep it for investigation and {aside}")
+    if "lock" in text.lower():
+        return ("another process has it open (a gateway using the same data directory?): "
+                "stop it, or give this one its own AGENTGATE_DATA")
+    return ""
+
+
 # ---------------------------------------------------------------- read-only operations
 def handle_op(con: duckdb.DuckDBPyConnection, req: dict[str, Any]) -> dict[str, Any]:
     """One read-only request (shared by the socket server and the CLI's direct mode)."""

@@ -36,7 +36,7 @@ from typing import IO, Any
 from addons.frame import decode as body_decode
 from addons.frame import logscrub
 from addons.recording import lake, store, wire
-from addons.recording.writer import AuditWriter
+from addons.recording.writer import AuditWriter, open_failure_hint
 
 log = logging.getLogger("agentgate.recorder")
 
@@ -189,8 +189,10 @@ def main(argv: list[str]) -> int:
     try:
         w.start()
     except Exception as e:  # noqa: BLE001 - the gateway says why and refuses flows
+        hint = open_failure_hint(db, e)
         rep.send(("fatal", f"cannot open the audit store {db}: {type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200] if str(e) else ''}"))
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''}"
+                           + (f" — {hint}" if hint else "")))
         return 1
     seq, head = store.head(w._con) if w._con is not None else (0, store.GENESIS)  # noqa: SLF001
     # What an earlier writer process of this gateway run committed (its batches record
