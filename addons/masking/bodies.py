@@ -935,10 +935,13 @@ class Masked:
         # the history: the fast encoder is tried on each (a miss costs a small dump),
         # rather than the whole body checked on every turn
         ascii_hint = True
+        # the session map's state before anything here asks it (see _replay_prefix)
+        session = self.session
+        epoch = session.epoch if type(session) is Session else 0
         changed = self._apply_part(before)
         ctx_len = self.masker.context_len
         prev_tail = ""
-        parts: list[str] = []
+        parts: list[bytes] = []
         # the messages the shared parse took whole from the session's previous body (the
         # very objects, after the same left context): that body's masked messages, when
         # every replacement they made is still what the session's map gives — one check
@@ -984,8 +987,11 @@ class Masked:
             one_changed = one._apply(slots, skip)
             for entity, entry in found.items():
                 count(self.findings, entity, entry["strategy"], entry["count"])
-            js = _dump_bytes(slots.root if shared and slots.root is not None else msg,
-                             slots.floats, ascii_hint).decode()
+            # kept in the cache: an exact copy (orjson's own bytes object keeps the whole
+            # buffer it grew, up to ~10x the text, as tracemalloc sees it)
+            js = memoryview(_dump_bytes(
+                slots.root if shared and slots.root is not None else msg, slots.floats,
+                ascii_hint)).tobytes()
             changed = changed or one_changed
             entry = CachedMessage(
                 js, one_changed, tuple(one.trace),
@@ -996,8 +1002,12 @@ class Masked:
                 record.append((digest.key, entry))
             parts.append(js)
         if record is not None and reuse is not None:
+            # every replacement of the record was what the map gave at some point after
+            # `epoch` was read (checked, or made here): while the map is still at that
+            # epoch (epochs never repeat), each still is, and the next turn need not
+            # check them again
             cache.set_prefix(CachedPrefix(reuse[0], tuple(record), self.restorable,
-                                          self.llm, prev_tail))
+                                          self.llm, prev_tail, epoch))
         changed = self._apply_part(after) or changed
         if not changed:
             return None
@@ -1010,10 +1020,19 @@ class Masked:
             doc.setdefault(k, v)
         text = _dump(doc, ascii_hint)
         quoted = _dump(mark)
-        if text.count(quoted) != 1:  # cannot happen (random); never guess
+        head, found_mark, tail = text.partition(quoted)
+        if not found_mark or quoted in tail:  # cannot happen (random); never guess
             raise Unparseable("body cannot be re-serialised", 400)
-        # every part went through _dump, which only returns UTF-8-encodable text
-        return text.replace(quoted, "[" + ",".join(parts) + "]").encode()
+        # the messages spliced in as bytes, in one copy (each part is UTF-8 from
+        # _dump_bytes; head and tail come from _dump, which returns only UTF-8-encodable
+        # text, and split at ASCII: their bytes are the whole text's)
+        pieces = [head.encode(), b"["]
+        for js in parts:
+            pieces.append(js)
+            pieces.append(b",")
+        pieces[-1] = b"]"
+        pieces.append(tail.encode())
+        return b"".join(pieces)
 
     def _apply_part(self, part: dict) -> bool:
         """Mask `part` (a new dict: changed in place; its values copied on write)."""
@@ -1026,9 +1045,14 @@ class Masked:
     def _replay_prefix(self, prefix: CachedPrefix) -> bool:
         """Every replacement of the prefix's messages is what the session's map gives now,
         on its fast path (no state changes, as a per-message hit's): their findings
-        counted, in message order. False: the messages are taken one by one."""
+        counted, in message order. False: the messages are taken one by one.
+        Checked value by value unless the map is still at the epoch the prefix was known
+        good at (Session.epoch: nothing that could make one of them wrong happened since),
+        so a turn does not cost a look-up per value of the whole history."""
         session, restorable = self.session, self.restorable
-        if type(session) is not Session or not prefix.placeholders_only or \
+        if type(session) is not Session or not prefix.placeholders_only:
+            return False
+        if not (prefix.epoch and prefix.epoch == session.epoch) and \
                 not session.replays(prefix.replacements(), restorable):
             return False
         for _, e in prefix.entries:
@@ -1311,7 +1335,7 @@ class CachedMessage(NamedTuple):
     mask is its own masked form), whether masking changed it, the replacements made, in
     order ((entity, original, replacement): originals the session's placeholder map holds
     anyway), and the findings counted ((entity, strategy, n))."""
-    json: str
+    json: bytes  # UTF-8
     changed: bool
     replacements: tuple[tuple[str, str, str], ...]
     counts: tuple[tuple[str, str, int], ...]
@@ -1329,6 +1353,9 @@ class CachedPrefix(NamedTuple):
     restorable: bool
     llm: bool
     tail: str  # the last message's left-context tail (for the next message)
+    # the session map's epoch (masker.Session.epoch) at which every replacement of these
+    # messages was known to be what the map gives; 0: not known (check them)
+    epoch: int = 0
 
     @property
     def changed(self) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import logging
 import os
 import re
@@ -116,6 +117,9 @@ RAW_OVERHEAD = 160  # one entry of the exact-spelling shortcut (_by_raw)
 MAX_BYTES = 16 << 20
 SESSION_MAX_BYTES = 1 << 20
 IDENTITY_SHARE = 4
+# Session.epoch values: one sequence for every session of the process, so an epoch names
+# one state of one session's map (itertools.count's next() is atomic under the GIL)
+_EPOCHS = itertools.count(1)
 
 
 class Session:
@@ -124,10 +128,17 @@ class Session:
     Bounded in entries and in bytes (values' characters plus ENTRY_OVERHEAD each): past
     either, the session's own least recently used values are forgotten. Numbers are never
     handed out twice: a forgotten value that comes back gets the next number, so a
-    placeholder never stands for two values within a session."""
+    placeholder never stands for two values within a session.
+
+    `epoch` changes whenever an answer `replays` gave True may turn False: a spelling
+    shortcut dropped or pointed elsewhere, a restore entry dropped or given another
+    spelling. Adding values never changes it. So replays(items) True at one epoch is
+    still True while the epoch is the same (bodies.Masked._replay_prefix relies on it to
+    check a re-sent history once, not on every turn)."""
 
     __slots__ = ("_by_value", "_by_raw", "_restore", "_counters", "_max_entries", "last_used",
-                 "lock", "_cost", "bytes", "_raw_bytes", "max_bytes", "_store", "_ident")
+                 "lock", "_cost", "bytes", "_raw_bytes", "max_bytes", "_store", "_ident",
+                 "epoch")
 
     def __init__(self, max_entries: int = 10_000, max_bytes: int = SESSION_MAX_BYTES) -> None:
         self._by_value: OrderedDict[tuple[str, str], str] = OrderedDict()
@@ -146,6 +157,7 @@ class Session:
         # dropped from the store), and its identity there
         self._store: SessionStore | None = None
         self._ident = ""
+        self.epoch = next(_EPOCHS)
 
     def __repr__(self) -> str:  # never show values, even in a debugger or a traceback
         return f"<Session {len(self._by_value)} placeholders>"
@@ -161,6 +173,7 @@ class Session:
         """Drop the least recently used value (self.lock held); the bytes freed."""
         _, old = self._by_value.popitem(last=False)
         self._restore.pop(old, None)
+        self.epoch = next(_EPOCHS)
         freed = self._cost.pop(old, 0)
         self.bytes -= freed
         return freed
@@ -190,20 +203,28 @@ class Session:
                 self._by_raw.clear()  # only a cache: rebuilt as values come back
                 self.bytes -= self._raw_bytes
                 self._raw_bytes = 0
-            if raw_key not in self._by_raw:
+                self.epoch = next(_EPOCHS)
+            was = self._by_raw.get(raw_key)
+            if was is None:
                 c = RAW_OVERHEAD + len(value)
                 self._raw_bytes += c
                 self.bytes += c
+            elif was != ph:
+                self.epoch = next(_EPOCHS)
             self._by_raw[raw_key] = ph
             # Only values the agent itself sent may come back to it: a value the model
             # produced on its own keeps its placeholder on the way back too.
             # (the latest spelling the agent used is the one it gets back)
             if restorable:
+                spelled = self._restore.get(ph)
+                if spelled is not None and spelled != value:
+                    self.epoch = next(_EPOCHS)
                 self._restore[ph] = value
                 self._restore.move_to_end(ph)
                 self._set_cost(ph, ENTRY_OVERHEAD + len(key[1]) + len(ph) + len(value))
                 if len(self._restore) > self._max_entries:
                     self._restore.popitem(last=False)
+                    self.epoch = next(_EPOCHS)
             # over its own bounds: the spelling shortcut goes first (only a cache), then
             # this session's least recently used values (never the one just asked for:
             # it is the most recent)
@@ -211,6 +232,7 @@ class Session:
                 self._by_raw.clear()
                 self.bytes -= self._raw_bytes
                 self._raw_bytes = 0
+                self.epoch = next(_EPOCHS)
             while len(self._by_value) > self._max_entries or (
                     self.bytes > self.max_bytes and len(self._by_value) > 1):
                 self._forget_lru()
