@@ -77,6 +77,8 @@ def test_requests_and_histories_search_with_the_twin(monkeypatch) -> None:
             return real.search(text, pos)
 
     monkeypatch.setitem(engine._TWINS, (p.pattern, p.flags), Spy())
+    # a whole (short) text is searched with the literal-anchored twin when there is one
+    monkeypatch.setitem(engine._ANCHORS, (p.pattern, p.flags), None)
     check = engine.prompt_test(p)
     f = RequestFacts("POST", "api.openai.com", "/v1/chat/completions",
                      body=b'{"messages": [{"role": "user", "content": "ssn 123-45-6789"}]}',

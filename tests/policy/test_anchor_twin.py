@@ -1,0 +1,88 @@
+"""anchor_twin: a prompt rule whose first literal follows a fixed-width start is searched
+in a whole text from that literal (addons/policy/engine.py). It must find a match exactly
+when the rule's own pattern does (differential, property-based), be declined where the
+rewrite would not be exact, and be what runs for whole texts (never from pos > 0)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from addons.policy import engine
+from addons.policy.engine import RequestFacts, SearchHistory, anchor_twin
+
+# each: a fixed-width start (assertions, classes, exact repeats) before its first literal
+ANCHORED = [
+    r"\b\d{3}-\d{2}-\d{4}\b",
+    r"\d\d:\d\d",
+    r"(?<!\w)\w{2}-x",
+    r"\B.\s=",
+    r"[^-]{2}-(\d)\1",       # a group after the literal: numbering kept
+    r"\b\d{2}-(?P<n>\d)+",
+    r"\b\d{3}-(?:ab|c)",
+    r"(?<=x)\d\d-",
+    r"\b\d{1}-\d",
+    r"(?:\d\d)-x",          # a group that does not number: flattened by the parser
+]
+# no literal, a literal first, a variable or grouped start, a cased literal under
+# IGNORECASE: not rewritten (the last one only under IGNORECASE)
+DECLINED = [r"\d{3}\s\d", r"-\d{3}", r"\b\d+-\d", r"\b\d{2,3}-\d", r"(\d)-\1",
+            r"\d*x", r"\b\d{2}a"]
+FLAGS = [0, re.IGNORECASE, re.ASCII, re.IGNORECASE | re.ASCII]
+ALPHABET = "ab cx-_:=1234٣5\u212aKkſsSÉé.\n"
+
+
+def compiled(patterns: list[str]) -> list[re.Pattern[str]]:
+    return [re.compile(p, f) for p in patterns for f in FLAGS]
+
+
+def test_rewritten_and_declined() -> None:
+    for p in compiled(ANCHORED):
+        assert anchor_twin(p) is not None, p
+    for p in compiled(DECLINED):
+        cased = p.pattern == r"\b\d{2}a" and not p.flags & re.IGNORECASE
+        assert (anchor_twin(p) is not None) == cased, p
+    p = re.compile(r"\b\d{3}-\d{2}-\d{4}\b")
+    assert anchor_twin(p).search("call 123-45-6789 now")
+    assert not anchor_twin(p).search("call 1234-45-6789 now 123-45-67890")
+
+
+@settings(max_examples=600, deadline=None)
+@given(text=st.text(alphabet=ALPHABET, max_size=40),
+       which=st.integers(0, len(ANCHORED) * len(FLAGS) - 1))
+def test_anchor_finds_a_match_exactly_when_the_pattern_does(text: str, which: int) -> None:
+    p = compiled(ANCHORED)[which]
+    twin = anchor_twin(p)
+    assert (p.search(text) is None) == (twin.search(text) is None), (p, text)
+
+
+def test_whole_texts_use_it_and_histories_never_do(monkeypatch) -> None:
+    p = re.compile(r"\b\d{3}-\d{2}-\d{4}\b")
+    calls: list[str] = []
+    real = anchor_twin(p)
+
+    class Spy:
+        def search(self, text: str, pos: int = 0):
+            calls.append(f"anchor@{pos}")
+            return real.search(text, pos)
+
+    monkeypatch.setitem(engine._ANCHORS, (p.pattern, p.flags), Spy())
+    check = engine.prompt_test(p)
+    for content, want in (("ssn 123-45-6789", True), ("ssn 123-45-678", False)):
+        f = RequestFacts("POST", "api.openai.com", "/v1/chat/completions",
+                         body=json.dumps({"messages": [{"role": "user", "content": content}]})
+                         .encode(), content_type="application/json")
+        assert check(f) is want
+    assert calls == ["anchor@0", "anchor@0"]
+    # a session's incremental search (from pos > 0) keeps the pos-exact search_twin: a
+    # match that starts before pos is not the anchor's to report there
+    long = "x " * 6000
+    h = SearchHistory()
+    assert not h.search(p, "prompt_text", long, h.begin("prompt_text", long))
+    longer = long + "123-45-6789"
+    assert h.search(p, "prompt_text", longer, h.begin("prompt_text", longer),
+                    engine.search_twin(p))
+    assert calls == ["anchor@0", "anchor@0"]
