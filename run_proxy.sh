@@ -107,6 +107,18 @@ run_gateway() { # $1: mitmdump | mitmweb
   mkdir -p "$DATA"
   local host=${LISTEN%:*} port=${LISTEN##*:}
   [[ $host != "$LISTEN" && $port =~ ^[0-9]+$ ]] || die "AGENTGATE_LISTEN must be host:port, got '$LISTEN'"
+  # A listener already there: say which variable moves ours (mitmproxy's own hint names
+  # --mode, which would leave the printed env block pointing at the taken address).
+  "$VENV/bin/python" - "$host" "$port" <<'EOF' || die "$LISTEN is already in use (another gateway or program listens there): stop it, or choose another address with AGENTGATE_LISTEN=HOST:PORT"
+import errno, socket, sys
+host, port = sys.argv[1].strip("[]"), int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as mitmproxy binds: TIME_WAIT is no listener
+try:
+    s.bind((host, port))
+except OSError as e:
+    sys.exit(1 if e.errno == errno.EADDRINUSE else 0)  # anything else: mitmproxy reports it
+EOF
   # Refuse to start on bad rules, with the file, key and reason.
   "$VENV/bin/agentgate" rules check "$RULES" >&2 || die "not starting: fix the rules above"
   local ca=$CERTS/mitmproxy-ca-cert.pem c=http://127.0.0.1:8888
