@@ -310,6 +310,20 @@ def reviewer_block(page_base: str, idp: tuple[str, int]) -> str:
                     tcmd=tcmd, cli=cli)
 
 
+def audit_block(db: Path) -> str:
+    """Where this run's calls are recorded: the audit commands, with the store named (the
+    default `data/agentgate.duckdb` is not this run's: `agentgate audit sessions` there
+    shows nothing of it, without saying why)."""
+    cli = shlex.join(_cli())
+    q = shlex.quote(str(db))
+    return textwrap.dedent(f"""\
+        What the gateway recorded (this run's audit store; it goes with the work dir):
+          {cli} audit sessions --db {q}
+          {cli} audit verify --db {q}
+          {cli} export --session SESSION_ID --db {q} -o run.mitm
+        """)
+
+
 def env_block(gw: Gateway, idp: tuple[str, int]) -> str:
     cli = shlex.join(_cli())
     tcmd = token_command(idp)
@@ -451,6 +465,7 @@ api.anthropic.com and hooks.example.com go here, it answers "echo: <your text>")
           work dir   {workdir}   (dev rules, CA, DuckDB, gateway.log)
         """), flush=True)
     print(env_block(gw, idp_addr), flush=True)
+    print(audit_block(data_dir / "agentgate.duckdb"), flush=True)
     print(reviewer_block(page_base, idp_addr), flush=True)
     while True:
         if gw.proc.poll() is not None:
