@@ -1035,12 +1035,25 @@ class Masked:
         return b"".join(pieces)
 
     def _apply_part(self, part: dict) -> bool:
-        """Mask `part` (a new dict: changed in place; its values copied on write)."""
+        """Mask `part` (a new dict: changed in place; its values copied on write).
+        A part this session sent before with nothing found in it (the model, tool
+        definitions, settings: the same every turn) is not walked and scanned again: the
+        detectors' answer depends on its content alone (structural digest, as a
+        message's), and nothing found means no change and no call to the session."""
         if not part:
+            return False
+        cache = self.cache
+        digest = _part_digest(self.llm, part) if cache is not None else None
+        if digest is not None and cache is not None and cache.clean_part(digest):
             return False
         slots = _Slots(self.llm, cow=True)
         slots.walk(part, -1, chain=(part, _OWNED, None))
-        return self._apply(slots)
+        counted = _counted(self.findings)
+        changed = self._apply(slots)
+        if digest is not None and cache is not None and not changed and not slots.forced \
+                and _counted(self.findings) == counted:
+            cache.add_clean_part(digest)
+        return changed
 
     def _replay_prefix(self, prefix: CachedPrefix) -> bool:
         """Every replacement of the prefix's messages is what the session's map gives now,
@@ -1369,6 +1382,12 @@ class CachedPrefix(NamedTuple):
         return chain.from_iterable(e.replacements for _, e in self.entries)
 
 
+# parts of a request around its message list remembered as clean, per session (each costs
+# CLEAN_PART_COST bytes of the session's cache)
+CLEAN_PARTS = 8
+CLEAN_PART_COST = 128
+
+
 def _entry_size(e: CachedMessage) -> int:
     return 160 + len(e.json) + sum(48 + len(v) + len(r) for _, v, r in e.replacements)
 
@@ -1379,7 +1398,7 @@ class MessageCache:
     only; it lives and dies with its placeholder session (MessageCaches)."""
 
     __slots__ = ("_entries", "bytes", "max_entries", "max_bytes", "session", "masker", "_prefix",
-                 "last_used", "_store", "hits", "misses")
+                 "last_used", "_store", "hits", "misses", "_clean")
 
     def __init__(self, store: MessageCaches, session: Any, masker: Any) -> None:
         self._entries: OrderedDict[bytes, CachedMessage] = OrderedDict()
@@ -1395,6 +1414,9 @@ class MessageCache:
         # the last request's messages (CachedPrefix): references to entries held here,
         # dropped whenever an entry is (so it never keeps an evicted one alive)
         self._prefix: CachedPrefix | None = None
+        # digests of request parts around the message list in which nothing was found
+        # (Masked._apply_part), least recently used first
+        self._clean: OrderedDict[bytes, None] = OrderedDict()
 
     def __repr__(self) -> str:  # never show values
         return f"<MessageCache {len(self._entries)} messages, {self.bytes} bytes>"
@@ -1441,6 +1463,27 @@ class MessageCache:
             ok = all(entries.get(d) is e for d, e in prefix.entries)
             self._prefix = prefix if ok else None
 
+    def clean_part(self, digest: bytes) -> bool:
+        with self._store.lock:
+            if digest not in self._clean:
+                return False
+            self._clean.move_to_end(digest)
+            return True
+
+    def add_clean_part(self, digest: bytes) -> None:
+        store = self._store
+        with store.lock:
+            if digest in self._clean:
+                return
+            self._clean[digest] = None
+            cost = CLEAN_PART_COST
+            if len(self._clean) > CLEAN_PARTS:
+                self._clean.popitem(last=False)
+                cost = 0
+            self.bytes += cost
+            store.bytes += cost
+            store._shrink(keep=self)
+
     def put(self, digest: bytes, entry: CachedMessage) -> None:
         size = _entry_size(entry)
         if size > self.max_bytes:
@@ -1469,6 +1512,7 @@ class MessageCache:
         self._store.bytes -= self.bytes
         self.bytes = 0
         self._entries.clear()
+        self._clean.clear()
 
 
 class MessageCaches:
@@ -1562,6 +1606,17 @@ def _digest(restorable: bool, context: str, msg: Any) -> _Digest:
     _feed(h, context, 0)
     _feed(h, msg, 0)
     return _Digest(h.digest(), context)
+
+
+def _part_digest(llm: bool, part: dict) -> bytes | None:
+    """The digest of a request part around the message list (None: too deep to hash
+    here; the walk then refuses it as it always did)."""
+    h = hashlib.sha256(b"part:llm" if llm else b"part")
+    try:
+        _feed(h, part, 0)
+    except RecursionError:
+        return None
+    return h.digest()
 
 
 def _feed(h: Any, node: Any, depth: int) -> None:
