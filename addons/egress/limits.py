@@ -171,18 +171,27 @@ class EdgeLimits:
             refuse(flow, 505, "HTTP version not supported", "http_version_not_supported",
                    STEP, headers={"connection": "close"})
             return
-        headers = flow.request.headers
-        if len(headers) > max_headers:
+        # one pass over the fields for what len(headers) (distinct names, lower-cased),
+        # the size and get_all("content-length") would each walk them for
+        names: set[bytes] = set()
+        size = 0
+        raw_lengths: list[bytes] = []
+        for k, v in flow.request.headers.fields:
+            lk = k.lower()
+            names.add(lk)
+            size += len(k) + len(v) + 4
+            if lk == b"content-length":
+                raw_lengths.append(v)
+        if len(names) > max_headers:
             refuse(flow, 431, f"more than {max_headers} request headers",
                    "headers_too_large", STEP)
             return
-        size = sum(len(k) + len(v) + 4 for k, v in headers.fields)
         if size > max_header_bytes:
             refuse(flow, 431, f"request headers larger than {max_header_bytes} "
                    "bytes", "headers_too_large", STEP)
             return
-        lengths = headers.get_all("content-length")
-        if lengths:
+        if raw_lengths:
+            lengths = [v.decode("utf-8", "surrogateescape") for v in raw_lengths]
             try:
                 declared = {int(v.strip()) for v in lengths}
             except ValueError:
