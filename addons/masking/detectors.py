@@ -1140,6 +1140,9 @@ class DetectorSet:
         self._numeric = tuple(d for d in _NUMERIC if d.entity in enabled)
         # the fast engine's versions of them, with their prefilter anchors' names
         self._numeric_fast = tuple((_NUMERIC_FAST[d], _NUMERIC_NAMES[d]) for d in self._numeric)
+        # _numeric_at's per-prefilter set-up: (code_of, intl, both, detectors by anchor
+        # mask, (detector, bit) pairs)
+        self._num_plan: tuple | None = None
         self._iban = "IBAN" in enabled
         self._ip = "IP_ADDRESS" in enabled
         self._secrets = tuple(r for r in SECRET_RULES if r.entity in enabled)
@@ -1409,14 +1412,18 @@ class DetectorSet:
         and its digits are the cluster's. The same clusters and windows as the reference's
         _NUM_CLUSTER.finditer: a cluster is found back from any of its digits (`rev`: the
         reversed bytes of an ASCII text, read by `re`; else `regex` reads backwards)."""
-        dets = [(d, 1 << code_of[name]) for d, name in self._numeric_fast]
-        names = {name for _, name in self._numeric_fast}
-        # a '+1 NNN NNN NNNN' cluster: the international detector only when the NANP one
-        # does not run there (see _PLUS1)
-        intl = 1 << code_of["intl"] if {"nanp", "intl"} <= names else 0
-        both = (intl | 1 << code_of["nanp"]) if intl else -1
+        plan = self._num_plan
+        if plan is None or plan[0] is not code_of:
+            # (worked out once per prefilter, not per text: a short text pays it whole)
+            dets = [(d, 1 << code_of[name]) for d, name in self._numeric_fast]
+            names = {name for _, name in self._numeric_fast}
+            # a '+1 NNN NNN NNNN' cluster: the international detector only when the NANP
+            # one does not run there (see _PLUS1)
+            intl = 1 << code_of["intl"] if {"nanp", "intl"} <= names else 0
+            plan = self._num_plan = (code_of, intl, (intl | 1 << code_of["nanp"]) if intl
+                                     else -1, {}, dets)
+        _, intl, both, by_mask, dets = plan
         plus1 = _PLUS1.fullmatch
-        by_mask: dict[int, tuple[_RegexDet, ...]] = {}
         n = len(t)
         i, count = 0, len(codes)
         ascii_text = rev is not None
