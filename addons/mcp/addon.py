@@ -72,11 +72,6 @@ def mcp_upstream(flow: http.HTTPFlow) -> dict[str, Any] | None:
     return None
 
 
-def _sub(flow: http.HTTPFlow) -> str | None:
-    ident = flow.metadata.get("identity")
-    return ident.get("sub") if isinstance(ident, dict) else None
-
-
 class Mcp:
     def __init__(self, holder: RulesHolder) -> None:
         self.holder = holder
@@ -106,7 +101,10 @@ class Mcp:
         return st
 
     def scope(self, cfg: McpConfig, flow: http.HTTPFlow, server: str) -> str:
-        return scope_key(server, _sub(flow), cfg.pinning.scope == "identity")
+        # per identity: issuer AND subject (the same `sub` from another issuer is another
+        # agent, frame/principal.py); "-" without a token
+        return scope_key(server, principal(flow.metadata.get("identity")),
+                         cfg.pinning.scope == "identity")
 
     # -- requests
     @guarded("mcp")

@@ -1,16 +1,17 @@
 """`agentgate mcp pins list|accept|reset`: the operator's side of tool pinning.
 
   agentgate mcp pins list [--json]                  every pinned tool, changed ones marked
-  agentgate mcp pins accept SERVER TOOL [--identity SUB]
+  agentgate mcp pins accept SERVER TOOL [--identity SUB [--issuer ISS]]
                                                     accept a changed (or flagged) definition
-  agentgate mcp pins reset (SERVER [TOOL] | --all) [--identity SUB]
+  agentgate mcp pins reset (SERVER [TOOL] | --all) [--identity SUB [--issuer ISS]]
                                                     forget pins; re-pinned on the next list
 
 The store is the gateway's own file (addons/mcp/pins.py), found by `--store`, else
 $AGENTGATE_MCP_PINS, else the rules' `mcp.pinning.store` ($AGENTGATE_RULES or ./rules),
 else <$AGENTGATE_DATA or ./data>/mcp-pins.json. The running gateway sees a change on the
 next call (it re-reads the file when it changes). With `pinning.scope: identity` a server
-has one pin set per identity: `--identity` picks one; without it, all of that server's.
+has one pin set per identity (issuer and subject): `--identity SUB` picks that subject's
+(of every issuer, or of `--issuer ISS`); without it, all of that server's.
 Exit status: 0 done, 1 nothing matched, 2 usage or store error.
 """
 
@@ -23,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from addons.mcp.pins import PinStore
+from addons.mcp.pins import PinStore, scope_identity
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,11 +44,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     acc.add_argument("server")
     acc.add_argument("tool")
     acc.add_argument("--identity", default=None, help="one identity's pins (scope: identity)")
+    acc.add_argument("--issuer", default=None,
+                     help="with --identity: only that issuer's subject of this name")
     acc.set_defaults(func=cmd_accept)
     rs = psub.add_parser("reset", parents=[common], help="forget pins")
     rs.add_argument("server", nargs="?")
     rs.add_argument("tool", nargs="?")
     rs.add_argument("--identity", default=None)
+    rs.add_argument("--issuer", default=None)
     rs.add_argument("--all", action="store_true", help="forget every pin of every server")
     rs.set_defaults(func=cmd_reset)
 
@@ -70,11 +74,15 @@ def store_path(args: argparse.Namespace) -> Path:
     return Path(os.environ.get("AGENTGATE_DATA", "data")) / "mcp-pins.json"
 
 
-def _scopes(store: PinStore, server: str, identity: str | None) -> list[str]:
+def _scopes(store: PinStore, server: str, identity: str | None,
+            issuer: str | None = None) -> list[str]:
+    """The server's pin sets; with `identity`, that subject's (of `issuer` if given: the
+    same subject from two trusted issuers is two identities with a pin set each)."""
     out = []
     for scope in store.list():
-        name, _, sub = scope.partition("|")
-        if name == server and (identity is None or sub == identity):
+        name, iss, sub = scope_identity(scope)
+        if name == server and (identity is None or sub == identity) and \
+                (issuer is None or iss == issuer):
             out.append(scope)
     return out
 
@@ -92,8 +100,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("no pinned tools")
         return 0
     for scope in sorted(data):
-        server, _, sub = scope.partition("|")
-        print(f"{server}" + (f" (identity {sub})" if sub else ""))
+        server, iss, sub = scope_identity(scope)
+        print(f"{server}" + (f" (identity {sub}" + (f" of {iss})" if iss else ")")
+                             if sub else ""))
         for tool, e in sorted(data[scope].items()):
             state = "CHANGED" if e.get("changed") else "pinned"
             sus = e.get("suspicious") or []
@@ -107,7 +116,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_accept(args: argparse.Namespace) -> int:
     store = PinStore(store_path(args))
-    scopes = _scopes(store, args.server, args.identity)
+    scopes = _scopes(store, args.server, args.identity, args.issuer)
     done = [s for s in scopes if store.accept(s, args.tool)]
     if not done:
         print(f"agentgate: no pinned tool {args.tool!r} of {args.server!r}", file=sys.stderr)
@@ -121,7 +130,8 @@ def cmd_reset(args: argparse.Namespace) -> int:
     if args.all:
         n = store.reset()
     elif args.server:
-        n = sum(store.reset(s, args.tool) for s in _scopes(store, args.server, args.identity))
+        n = sum(store.reset(s, args.tool) for s in _scopes(store, args.server, args.identity,
+                                                          args.issuer))
     else:
         print("agentgate: name a server (and a tool), or --all", file=sys.stderr)
         return 2

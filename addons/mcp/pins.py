@@ -100,8 +100,31 @@ def scan_tool(tool: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------- the store
-def scope_key(server: str, sub: str | None, per_identity: bool) -> str:
-    return f"{server}|{sub or '-'}" if per_identity else server
+def scope_key(server: str, who: str | None, per_identity: bool) -> str:
+    """The pin set of `server` (per identity: `who`, frame/principal.principal: issuer AND
+    subject, JSON-written; "-" without a token)."""
+    return f"{server}|{who or '-'}" if per_identity else server
+
+
+def _legacy_scope(scope: str) -> str | None:
+    """The key the same subject's pin set had before pins were kept per issuer."""
+    server, iss, sub = scope_identity(scope)
+    return f"{server}|{sub}" if iss is not None and sub is not None else None
+
+
+def scope_identity(scope: str) -> tuple[str, str | None, str | None]:
+    """(server, issuer, subject) of a scope key; issuer None for a key of the subject
+    alone (written before pins were kept per issuer too), both None without identity."""
+    server, sep, who = scope.partition("|")
+    if not sep or who == "-":
+        return server, None, None
+    if who.startswith("["):
+        try:
+            iss, sub = json.loads(who)
+            return server, str(iss), str(sub)
+        except (ValueError, TypeError):
+            pass
+    return server, None, who
 
 
 class PinStore:
@@ -160,7 +183,10 @@ class PinStore:
     def status(self, scope: str, tool: str) -> tuple[str | None, list[str]]:
         """("same" | "changed" | None when not pinned, suspicious reasons). Uses what
         was last read (call refresh() first, off the event loop)."""
-        entry = self._data.get(scope, {}).get(tool)
+        pins = self._data.get(scope)
+        if pins is None:
+            pins = self._data.get(_legacy_scope(scope) or "", {})
+        entry = pins.get(tool)
         if entry is None:
             return None, []
         state = "changed" if entry.get("changed") else "same"
@@ -189,8 +215,14 @@ class PinStore:
         out: dict[str, tuple[str, list[str]]] = {}
         with self._locked():
             self._read()
-            pins = self._data.setdefault(scope, {})
             dirty = False
+            legacy = _legacy_scope(scope)
+            if scope not in self._data and legacy in self._data:
+                # the set this subject had before pins were kept per issuer: each issuer's
+                # subject starts from it (a change since is still a change), then apart
+                self._data[scope] = json.loads(json.dumps(self._data[legacy]))
+                dirty = True
+            pins = self._data.setdefault(scope, {})
             for tool in tools:
                 name = tool.get("name")
                 if not isinstance(name, str):

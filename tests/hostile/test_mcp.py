@@ -398,7 +398,11 @@ mcp:
     assert as_(alice, call("add", 10), sid="S-alice").json()["error"]["data"]["rule"] \
         == "mcp.pin:add"
     assert as_(mallory, call("add", 11)).json()["result"]
-    assert set(json.loads(pins.read_text())) == {"evil-tools|alice", "evil-tools|mallory"}
+    # one pin set per identity: issuer AND subject (addons/frame/principal.py)
+    from addons.mcp.pins import scope_identity
+    assert {scope_identity(s) for s in json.loads(pins.read_text())} == {
+        ("evil-tools", oidc_provider.issuer, "alice"),
+        ("evil-tools", oidc_provider.issuer, "mallory")}
 
 
 def test_streamed_result_restored_for_the_agent_only(gateway_factory, evil) -> None:
