@@ -487,10 +487,14 @@ class Masking:
         session = self._session(flow)
         ctx = Masked(self.masker(), session, found, restorable=False,
                      dialect=self._dialect(flow, up))
-        args = (ctx, raw, *decode.coding_and_type(resp.headers), cfg.max_body_bytes,
+        encoding, ctype = decode.coding_and_type(resp.headers)
+        args = (ctx, raw, encoding, ctype, cfg.max_body_bytes,
                 cfg.on_unparseable == "pass_text", bool(up and up.restore))
+        # compressed, it may decode to decode.MAX_RATIO times its size on the wire (an
+        # upstream may compress whatever the request asked for: a hostile MCP server)
+        size = len(raw) * decode.MAX_RATIO if encoding else len(raw)
         try:
-            if len(raw) >= THREAD_MIN_BYTES or isinstance(session, SharedSession):
+            if size >= THREAD_MIN_BYTES or isinstance(session, SharedSession):
                 new, masked = await asyncio.to_thread(mask_response, *args, flow=flow)
             else:
                 new, masked = mask_response(*args, flow=flow)

@@ -88,3 +88,34 @@ def test_a_compressed_continued_body_is_masked_in_a_thread(tmp_path: Path,
     got = _send(m, wire, coding="gzip")
     assert CARD.encode() not in got and b"ann@example.com" not in got
     assert len(threaded) == 2
+
+
+def test_a_small_gzip_response_that_decodes_large_is_masked_in_a_thread(
+        tmp_path: Path, monkeypatch) -> None:
+    """The same on the way back: an upstream (a hostile MCP server, say, which may ignore
+    the gateway's `accept-encoding: identity`) answering a few KB of gzip that decode to
+    MBs had them masked on the loop."""
+    from mitmproxy import http
+    from mitmproxy.test import tutils
+
+    threaded = count_to_thread(monkeypatch, masking_addon)
+    m = _addon(tmp_path)
+    rnd = random.Random(2)
+    words = ["alpha", "beta", "gamma", "delta", "kappa", "theta"]
+    content = "".join("words and more words here " * 8 + rnd.choice(words) + " "
+                      for _ in range(12_000))
+    answer = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                  "content": content + CARD}}]}).encode()
+    wire = gzip.compress(answer)
+    assert len(answer) > 2 << 20 and len(wire) < masking_addon.THREAD_MIN_BYTES
+    f = flow("openai", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    f.response = tutils.tresp(content=b"", headers=http.Headers(
+        [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")]))
+    f.response.raw_content = wire
+    with taddons.context(m):
+        run(m.request(f))
+        before = len(threaded)
+        run(m.response(f))
+    got = f.response.content or b""
+    assert CARD.encode() not in got and b"[CREDIT_CARD_1]" in got
+    assert len(threaded) - before == 1
