@@ -958,7 +958,7 @@ class Masked:
             record = []
             prefix = cache.prefix(reuse[2], reuse[1], self.restorable, self.llm)
             if prefix is not None and self._replay_prefix(prefix):
-                parts.extend(e.json for _, e in prefix.entries)
+                parts.extend(prefix.jsons)
                 changed = changed or prefix.changed
                 prev_tail = prefix.tail
                 done = len(prefix.entries)
@@ -1068,9 +1068,8 @@ class Masked:
         if not (prefix.epoch and prefix.epoch == session.epoch) and \
                 not session.replays(prefix.replacements(), restorable):
             return False
-        for _, e in prefix.entries:
-            for entity, strategy, n in e.counts:
-                count(self.findings, entity, strategy, n)
+        for entity, strategy, n in prefix.counts:
+            count(self.findings, entity, strategy, n)
         return True
 
     def _replay(self, hit: CachedMessage) -> bool:
@@ -1357,26 +1356,45 @@ class CachedMessage(NamedTuple):
     placeholders_only: bool = False
 
 
-class CachedPrefix(NamedTuple):
+class CachedPrefix:
     """The messages of a session's last request, as masked, under the shared parse's
     generation of that body: the next body whose parse took all of those messages from
-    it (decode.parse_memo) starts with exactly them, after the same left contexts."""
-    generation: int
-    entries: tuple[tuple[bytes, CachedMessage], ...]  # (digest, entry) per message
-    restorable: bool
-    llm: bool
-    tail: str  # the last message's left-context tail (for the next message)
-    # the session map's epoch (masker.Session.epoch) at which every replacement of these
-    # messages was known to be what the map gives; 0: not known (check them)
-    epoch: int = 0
+    it (decode.parse_memo) starts with exactly them, after the same left contexts.
+    What a turn that takes them whole needs is summed up once, here (their JSON, their
+    findings by entity in the order counted, changed, placeholders only), so taking
+    them costs no pass over every message of the history."""
 
-    @property
-    def changed(self) -> bool:
-        return any(e.changed for _, e in self.entries)
+    __slots__ = ("generation", "entries", "restorable", "llm", "tail", "epoch", "jsons",
+                 "counts", "changed", "placeholders_only")
 
-    @property
-    def placeholders_only(self) -> bool:
-        return all(e.placeholders_only for _, e in self.entries)
+    def __init__(self, generation: int, entries: tuple[tuple[bytes, CachedMessage], ...],
+                 restorable: bool, llm: bool, tail: str, epoch: int = 0) -> None:
+        self.generation = generation
+        self.entries = entries  # (digest, entry) per message
+        self.restorable = restorable
+        self.llm = llm
+        self.tail = tail  # the last message's left-context tail (for the next message)
+        # the session map's epoch (masker.Session.epoch) at which every replacement of
+        # these messages was known to be what the map gives; 0: not known (check them)
+        self.epoch = epoch
+        self.jsons = tuple(e.json for _, e in entries)
+        # masker.count() of every message's counts in turn leaves the same findings as
+        # one count() per entity of these sums, in first-counted order (an entity's
+        # strategy is the masker's, the same in every message)
+        sums: dict[str, list[Any]] = {}
+        for _, e in entries:
+            for entity, strategy, n in e.counts:
+                got = sums.get(entity)
+                if got is None:
+                    sums[entity] = [strategy, n]
+                else:
+                    got[1] += n
+        self.counts = tuple((entity, st, n) for entity, (st, n) in sums.items())
+        self.changed = any(e.changed for _, e in entries)
+        self.placeholders_only = all(e.placeholders_only for _, e in entries)
+
+    def __repr__(self) -> str:  # never show values
+        return f"<CachedPrefix {len(self.entries)} messages>"
 
     def replacements(self) -> Any:
         return chain.from_iterable(e.replacements for _, e in self.entries)

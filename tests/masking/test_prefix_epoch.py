@@ -118,7 +118,8 @@ def test_forgotten_and_respelled_values_are_masked_as_masking_again_gives(
                                       MessageCaches())
     ref, ref_found = run_reference(bodies, masker, b)
     assert outs == ref
-    assert founds == ref_found
+    # the same counts, in the same order (the record's findings are serialised as counted)
+    assert [list(f.items()) for f in founds] == [list(f.items()) for f in ref_found]
     _same_maps(a, b)
     assert reused == len(bodies) - 1
 
