@@ -89,9 +89,13 @@ class Sessions:
                 not any(seg in raw for seg in _first_segments(keys)):
             return  # cheap pre-check (UTF-8 only): parse only bodies that mention a key
         try:
-            doc = flowbody.parsed_json(flow)  # parsed once, shared with policy
+            # parsed once, shared with policy; a compressed body only while it decodes to
+            # at most MAX_BODY too (this runs on the event loop: ~20 KB of gzip may
+            # decode to MBs, decode.MAX_RATIO)
+            doc = flowbody.parsed_json(flow, max_bytes=MAX_BODY) \
+                if req.headers.get("content-encoding") else flowbody.parsed_json(flow)
         except ValueError:
-            return  # undecodable content-encoding: masking refuses it, not ours to judge
+            return  # undecodable (or too large) content-encoding: not ours to judge
         found = body_session(doc, keys)
         if found:
             info["session_source"] = f"body:{found[0]}"

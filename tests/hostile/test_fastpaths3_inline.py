@@ -119,3 +119,38 @@ def test_a_small_gzip_response_that_decodes_large_is_masked_in_a_thread(
     got = f.response.content or b""
     assert CARD.encode() not in got and b"[CREDIT_CARD_1]" in got
     assert len(threaded) - before == 1
+
+
+def test_a_compressed_body_is_searched_for_its_session_only_within_max_body() -> None:
+    """recording/sessions.py reads the session a body names, on the event loop, for bodies
+    up to MAX_BODY (1 MiB) — on the wire: a compressed one was decoded whole (up to 16
+    MiB) and parsed there. Now the same bound holds for what it decodes to: such a body
+    is not searched (as an uncompressed one over MAX_BODY is not); one within it still
+    is."""
+    from mitmproxy.test import tflow
+
+    from addons.recording import sessions
+
+    def chat_flow(data: bytes):
+        f = tflow.tflow()
+        f.request.headers["content-type"] = "application/json"
+        f.request.headers["content-encoding"] = "gzip"
+        f.request.raw_content = gzip.compress(data)
+        f.metadata["session"] = f"conn-{f.client_conn.id}"
+        f.metadata["recorder"] = {"session_source": "connection"}
+        return f
+
+    s = sessions.Sessions(RulesHolder())
+    rnd = random.Random(3)
+    words = ["alpha", "beta", "gamma", "delta", "kappa", "theta"]
+    # ~130x smaller on the wire, under the decoder's 200x cap: ~2 MB from ~15 KB
+    pad = "".join("words and more words here " * 8 + rnd.choice(words) + " "
+                  for _ in range(9_000))
+    big = chat_flow(json.dumps({"metadata": {"thread_id": "t-big"}, "pad": pad}).encode())
+    small = chat_flow(json.dumps({"metadata": {"thread_id": "t-small"}, "pad": "x"}).encode())
+    assert len(big.request.raw_content) < sessions.MAX_BODY // 50 and len(pad) > sessions.MAX_BODY
+    with taddons.context():
+        s.request(big)
+        s.request(small)
+    assert big.metadata["session"].startswith("conn-")
+    assert small.metadata["session"] == "t-small"
