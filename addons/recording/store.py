@@ -581,6 +581,20 @@ def fits(v: Any, limit: int) -> bool:
         return False
 
 
+def _fits_state(st: dict[str, Any], limit: int) -> bool:
+    """fits(st, limit), without serialising the bodies: a body is one leaf, so it fits
+    when its length does, and every other leaf is in the rest of the state (the whole
+    state's marshal copied a late turn's ~120 KB body once more per row)."""
+    rest = dict(st)
+    for part in ("request", "response"):
+        msg = st.get(part)
+        if isinstance(msg, dict) and isinstance(msg.get("content"), bytes):
+            if len(msg["content"]) > limit:
+                return False
+            rest[part] = dict(msg, content=None)
+    return fits(rest, limit)
+
+
 def cap_state(st: dict[str, Any], limit: int) -> dict[str, Any]:
     """The flow state as stored: every oversized value truncated (see cap_value); the cuts
     are listed in the stored state's metadata under `agentgate_truncated`. The top level
@@ -872,7 +886,10 @@ def _split(body: bytes, facts: dict[str, Any] | None, prev: _Seen | None) -> _Cu
             ends.append(at)
             last = c
     ends.pop()  # the last piece ends with the body
-    if len(pieces) != len(cuts) + 1 or b"".join(pieces) != body:
+    # the kept pieces are slices of body itself, end to end from its start: only what
+    # follows them is compared (a late turn's body is mostly history)
+    done = ends[kept - 1] if kept else 0
+    if len(pieces) != len(cuts) + 1 or b"".join(pieces[kept:]) != body[done:]:
         return None
     return _Cut(body, pieces, cuts, ends, resumes, kept)
 
@@ -1063,29 +1080,47 @@ def read_blob(con: Any, addr: str) -> bytes:
 class BlobCache:
     """Addresses known to be stored (committed): their data is not sent to DuckDB again.
 
-    Bounded (oldest forgotten first); a forgotten address only costs a redundant INSERT OR
-    IGNORE. Cleared after retention, which may delete blobs no record refers to any more.
+    Bounded: two generations of at most size/2 addresses each; an address found in the
+    older one moves to the newer, and when the newer is full the older is dropped — an
+    address in use stays, as with least-recently-used order, for a dict lookup per
+    address instead of an OrderedDict move per hit (a late turn re-sends ~160). A
+    forgotten address that is stored costs one batch written twice (append: the plain
+    INSERT fails, then INSERT OR IGNORE; `unsure` batches after it are written with OR
+    IGNORE at once). Cleared after retention, which may delete blobs no record refers to
+    any more.
     """
 
+    UNSURE_BATCHES = 64  # after a conflict: while the cache may lag the store
+
     def __init__(self, size: int = 50_000) -> None:
-        self._known: OrderedDict[str, None] = OrderedDict()
-        self._size = size
+        self._half = max(size // 2, 1)
+        self._new: dict[str, None] = {}
+        self._old: dict[str, None] = {}
+        self.unsure = 0  # batches left to write with INSERT OR IGNORE (see append)
 
     def __contains__(self, addr: str) -> bool:
-        if addr in self._known:
-            self._known.move_to_end(addr)
+        if addr in self._new:
+            return True
+        if addr in self._old:
+            self._put(addr)
             return True
         return False
 
+    def __len__(self) -> int:
+        return len(self._new) + len(self._old)
+
+    def _put(self, addr: str) -> None:
+        self._new[addr] = None
+        if len(self._new) >= self._half:
+            self._old, self._new = self._new, {}
+
     def add(self, addrs: Iterable[str]) -> None:
         for a in addrs:
-            self._known[a] = None
-            self._known.move_to_end(a)
-        while len(self._known) > self._size:
-            self._known.popitem(last=False)
+            self._put(a)
 
     def clear(self) -> None:
-        self._known.clear()
+        self._new.clear()
+        self._old.clear()
 
 
 def _headers_json(pairs: Sequence[Sequence[bytes]] | None) -> str | None:
@@ -1159,7 +1194,7 @@ def build_row(p: Pending, decode: Decoder = _identity_decode,
     groups = ident.get("groups") if isinstance(ident.get("groups"), list | tuple) else []
 
     limit = max(p.max_body, 0)
-    small = fits(st, limit)  # nothing to cut anywhere (the usual case): skip the walks
+    small = _fits_state(st, limit)  # nothing to cut (the usual case): skip the walks
     meta_json = None
     capped_meta: Any = None
     if meta:
@@ -1558,13 +1593,20 @@ def append(con: Any, rows: list[dict[str, Any]], last: tuple[int, str],
             approvals.append(a)
     blob_doc = blobs_json(blobs.values()) if blobs else None
     row_doc = rows_json(rows)
-    # The new blobs with a plain INSERT first: INSERT OR IGNORE's conflict handling costs
-    # ~2 ms more per 100 blobs, and the blobs sent are those the writer does not know to
-    # be stored (`known`, its BlobCache). One already stored all the same (after a restart,
-    # or forgotten by the bounded cache) fails the transaction on the primary key: it is
-    # written again with INSERT OR IGNORE (the stored blob has the same content: same
-    # address), so the rows stored are the same either way.
-    for insert_blobs in (INSERT_NEW_BLOBS, INSERT_BLOBS):
+    # With `known` (the writer's BlobCache), the new blobs go in with a plain INSERT
+    # first: INSERT OR IGNORE's conflict handling costs ~2 ms more per 100 blobs, and
+    # the blobs sent are those the cache does not know to be stored. One stored all the
+    # same (after a restart, or forgotten by the bounded cache) fails the transaction on
+    # the primary key: it is written again with INSERT OR IGNORE (the stored blob has the
+    # same content: same address), so the rows stored are the same either way; the next
+    # `unsure` batches use OR IGNORE at once. Without `known`: OR IGNORE.
+    tries = (INSERT_BLOBS,)
+    if known is not None:
+        if known.unsure:
+            known.unsure -= 1
+        else:
+            tries = (INSERT_NEW_BLOBS, INSERT_BLOBS)
+    for insert_blobs in tries:
         con.execute("BEGIN TRANSACTION")
         try:
             if blob_doc is not None:
@@ -1581,6 +1623,8 @@ def append(con: Any, rows: list[dict[str, Any]], last: tuple[int, str],
                 con.execute("ROLLBACK")
             if (insert_blobs is INSERT_NEW_BLOBS and blob_doc is not None
                     and type(e).__name__ == "ConstraintException"):
+                assert known is not None
+                known.unsure = known.UNSURE_BATCHES
                 continue  # a blob already stored: again, skipping those
             raise
         break

@@ -434,18 +434,17 @@ class AuditWriter(store.BacklogBound):
         """One transaction; on failure the rows are un-chained again and the error returned."""
         try:
             assert self._con is not None
-            # blobs already committed are not sent again (the INSERT would ignore them)
-            fresh = []
+            # blobs already committed are not sent again (append adds this batch's to the
+            # cache once it committed)
             for r in rows:
                 if r.get("_blobs"):
                     r["_blobs"] = [b for b in r["_blobs"] if b[0] not in self._known]
-                    fresh += (b[0] for b in r["_blobs"])
             subs = [r["_sub"] for r in rows if r.get("_sub") is not None]
             marks = [(self.progress_key, str(max(subs)))] if subs and self.progress_key \
                 else []
-            self._head = store.append(self._con, rows, self._head,
+            # (the cache: what the store holds, for append's choice of blob INSERT)
+            self._head = store.append(self._con, rows, self._head, self._known,
                                       **({"marks": marks} if marks else {}))
-            self._known.add(fresh)
         except Exception as e:  # noqa: BLE001 - the caller decides: split, reduce or retry
             for r in rows:  # re-chained from the last good head on the next attempt
                 for k in ("seq", "prev_hash", "hash"):

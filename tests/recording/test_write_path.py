@@ -179,7 +179,10 @@ def test_a_stored_blob_the_writer_does_not_know_is_written_again(tmp_path: Path)
     shared = {b[0] for r in rows[:3] for b in r.get("_blobs") or ()}
     again = [store.build_row(p) for p in items[3:]]
     assert shared & {b[0] for r in again for b in r.get("_blobs") or ()}
-    head = store.append(con, again, head)  # nothing known: the stored blobs are sent
+    known = store.BlobCache()  # knows nothing: the stored blobs are sent
+    head = store.append(con, again, head, known)
+    assert known.unsure == store.BlobCache.UNSURE_BATCHES  # OR IGNORE for a while
+    assert all(b[0] in known for r in again for b in r.get("_blobs") or ())
     assert con.execute("SELECT count(*) FROM flows").fetchone()[0] == 6
     assert con.execute("SELECT value FROM audit_meta WHERE key = 'head'").fetchone()[0] == \
         f"{head[0]}:{head[1]}"
@@ -232,3 +235,16 @@ def test_same_metadata_fast_branch_agrees(meta: dict[str, Any], secrets: tuple[s
     text = store.cjson(m)
     assert store._same_metadata(m, text, scrub, m) == \
         store._same_metadata(m, text, scrub)  # noqa: SLF001
+
+
+def test_blob_cache_is_bounded_and_keeps_what_is_in_use() -> None:
+    cache = store.BlobCache(size=100)
+    cache.add(f"a{i}" for i in range(10))
+    for i in range(1000):
+        cache.add([f"x{i}"])
+        assert "a3" in cache  # in use all along: never forgotten
+        assert len(cache) <= 100
+    assert "x0" not in cache and "a7" not in cache  # not used since: forgotten
+    cache.clear()
+    assert len(cache) == 0 and "a3" not in cache
+

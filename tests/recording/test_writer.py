@@ -112,10 +112,10 @@ def test_a_row_that_fails_even_reduced_stays_queued_in_order(tmp_path: Path,
     real = store.append
     broken = {"on": True}
 
-    def flaky(con, rows, last):
+    def flaky(con, rows, last, *more, **kw):
         if broken["on"]:
             raise duckdb.IOException("injected: the disk went away")
-        return real(con, rows, last)
+        return real(con, rows, last, *more, **kw)
 
     try:
         monkeypatch.setattr(store, "append", flaky)
@@ -162,9 +162,9 @@ def test_batches_are_bounded_by_bytes(tmp_path: Path, monkeypatch) -> None:
     sizes: list[int] = []
     real = store.append
 
-    def spy(con, rows, last):
+    def spy(con, rows, last, *more, **kw):
         sizes.append(sum(writer.row_bytes(r) for r in rows))
-        return real(con, rows, last)
+        return real(con, rows, last, *more, **kw)
 
     monkeypatch.setattr(store, "append", spy)
     body = b'{"x":"' + b"q" * 200_000 + b'"}'
