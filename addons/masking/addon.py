@@ -69,6 +69,7 @@ from addons.masking.bodies import (
     MessageCaches,
     TooLarge,
     Unparseable,
+    _message_list_key,
     decode_content,
     shared_json,
 )
@@ -155,8 +156,16 @@ def _continues(ctx: Masked, flow: Any, raw: bytes) -> bool:
     if cache is None or len(raw) > INLINE_MAX_BYTES:
         return False
     body = decode.parsed_request(flow, raw)
-    return body is not None and 0 <= body.new_chars <= INLINE_NEW_CHARS and \
-        body.reused > 0 and cache.has_prefix(body.reused_from, body.reused, ctx.restorable, ctx.llm)
+    if body is None or not (0 <= body.new_chars <= INLINE_NEW_CHARS and body.reused > 0) or \
+            not cache.has_prefix(body.reused_from, body.reused, ctx.restorable, ctx.llm):
+        return False
+    # ... taken from the list masking masks (with both "input" and "messages" in a body
+    # the memo may have continued the other one: then nothing is taken whole)
+    try:
+        doc = body.json
+    except decode.DecodeError:
+        return False
+    return isinstance(doc, dict) and _message_list_key(doc) == body.memo_list
 
 
 def mask_message(ctx: Masked, raw: bytes, encoding: str, content_type: str, limit: int,

@@ -154,3 +154,24 @@ def test_a_compressed_body_is_searched_for_its_session_only_within_max_body() ->
         s.request(small)
     assert big.metadata["session"].startswith("conn-")
     assert small.metadata["session"] == "t-small"
+
+
+def test_a_body_whose_memo_continued_the_other_list_is_masked_in_a_thread(
+        tmp_path: Path, monkeypatch) -> None:
+    """The memo continued "input" (first in the body) while masking masks "messages":
+    nothing of the history is taken whole, so the whole body is masked — in a thread,
+    as any long body that is not a small continuation."""
+    threaded = count_to_thread(monkeypatch, masking_addon)
+    m = _addon(tmp_path)
+    history = [{"role": "user", "content": "plain words, ann@example.com " * 3000}]  # 90 KB
+    _send(m, json.dumps({"model": "m", "input": history}).encode())
+    assert len(threaded) == 1
+    _send(m, json.dumps({"model": "m", "input": [*history, {"role": "user", "content": "x"}]}
+                        ).encode())
+    assert len(threaded) == 1  # a small continuation of the same list: on the loop
+    got = _send(m, json.dumps({"model": "m", "input": [*history, {"role": "user",
+                                                                   "content": "x"}],
+                               "messages": [{"role": "user", "content": "hi " + CARD}]}
+                              ).encode())
+    assert CARD.encode() not in got and b"ann@example.com" not in got
+    assert len(threaded) == 2
