@@ -34,6 +34,15 @@ def _fresh_memos() -> None:
     decode.MEMOS.clear()
 
 
+def squeezable(n: int) -> str:
+    """~220 * n characters that gzip ~130x smaller: under the decoder's 200x ratio cap,
+    so a few KB on the wire are MBs decoded (more repetitive text hits the cap)."""
+    rnd = random.Random(n)
+    words = ["alpha", "beta", "gamma", "delta", "kappa", "theta"]
+    return "".join("words and more words here " * 8 + rnd.choice(words) + " "
+                   for _ in range(n))
+
+
 def _addon(tmp_path: Path) -> Masking:
     (tmp_path / "rules.yaml").write_text(UPSTREAMS)
     return Masking(RulesHolder(load_rules(tmp_path)))
@@ -58,11 +67,7 @@ def test_a_small_gzip_body_that_decodes_large_is_masked_in_a_thread(tmp_path: Pa
                                                                     monkeypatch) -> None:
     threaded = count_to_thread(monkeypatch, masking_addon)
     m = _addon(tmp_path)
-    rnd = random.Random(1)
-    words = ["alpha", "beta", "gamma", "delta", "kappa", "theta"]
-    # ~130x smaller on the wire (under the decoder's 200x cap): 2.6 MB from ~20 KB
-    content = "".join("words and more words here " * 8 + rnd.choice(words) + " "
-                      for _ in range(12_000))
+    content = squeezable(12_000)  # 2.6 MB
     text = json.dumps({"model": "m", "messages": [
         {"role": "user", "content": content + CARD}]}).encode()
     wire = gzip.compress(text)
@@ -100,10 +105,7 @@ def test_a_small_gzip_response_that_decodes_large_is_masked_in_a_thread(
 
     threaded = count_to_thread(monkeypatch, masking_addon)
     m = _addon(tmp_path)
-    rnd = random.Random(2)
-    words = ["alpha", "beta", "gamma", "delta", "kappa", "theta"]
-    content = "".join("words and more words here " * 8 + rnd.choice(words) + " "
-                      for _ in range(12_000))
+    content = squeezable(12_000)
     answer = json.dumps({"choices": [{"message": {"role": "assistant",
                                                   "content": content + CARD}}]}).encode()
     wire = gzip.compress(answer)
@@ -141,11 +143,7 @@ def test_a_compressed_body_is_searched_for_its_session_only_within_max_body() ->
         return f
 
     s = sessions.Sessions(RulesHolder())
-    rnd = random.Random(3)
-    words = ["alpha", "beta", "gamma", "delta", "kappa", "theta"]
-    # ~130x smaller on the wire, under the decoder's 200x cap: ~2 MB from ~15 KB
-    pad = "".join("words and more words here " * 8 + rnd.choice(words) + " "
-                  for _ in range(9_000))
+    pad = squeezable(9_000)  # ~2 MB
     big = chat_flow(json.dumps({"metadata": {"thread_id": "t-big"}, "pad": pad}).encode())
     small = chat_flow(json.dumps({"metadata": {"thread_id": "t-small"}, "pad": "x"}).encode())
     assert len(big.request.raw_content) < sessions.MAX_BODY // 50 and len(pad) > sessions.MAX_BODY
