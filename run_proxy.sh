@@ -70,6 +70,14 @@ ensure_venv() { # $1: extras ("" | demo | test)
     rm -rf "$VENV"
     "$py" -m venv "$VENV"
   fi
+  # A virtualenv another checkout installed itself into (AGENTGATE_VENV shared): its
+  # `agentgate`, and every `addons` import of this checkout's mitmdump, would run that
+  # checkout's code, and the pip run below would point it at this one behind its back.
+  local theirs
+  theirs=$(cd / && "$VENV/bin/python" -c 'import addons, pathlib; print(pathlib.Path(addons.__file__).resolve().parent.parent)' 2>/dev/null) || theirs=""
+  if [[ -n $theirs && -f $theirs/run_proxy.sh && $theirs != "$(pwd -P)" ]]; then
+    die "the virtualenv $VENV runs the agentgate of $theirs, not of this checkout ($ROOT): give this checkout its own (unset AGENTGATE_VENV: $ROOT/.venv)"
+  fi
   want=$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)
   stamp=$VENV/.agentgate-deps${extras:+-$extras}
   if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
