@@ -7,10 +7,11 @@ without looking each of its values up again (bodies.Masked._replay_prefix).
    (values forgotten, spelling shortcuts dropped, restore spellings changed): every set of
    answers that replayed at an epoch still replays while the epoch is the same.
 2. Differential, through the real glue (policy's decode with the memo key, then
-   masking.addon.mask_message): conversations whose values are forgotten between and
-   during turns, or sent with another spelling, masked with the shortcut and against a
+   masking.addon.mask_message): conversations whose values are forgotten during turns
+   (tiny bounds) or sent with another spelling, masked with the shortcut and against a
    twin session masked with no cache; bodies, findings and maps identical — and the
-   shortcut is taken (no vacuous pass)."""
+   shortcut is taken (no vacuous pass). Values pushed out between turns by other flows:
+   test_prefix_reuse.py's forgotten-placeholder test, which takes this path too."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from addons.frame import decode
 from addons.masking.bodies import MessageCaches
 from addons.masking.masker import Masker, Session, session_key
 from tests.masking.test_prefix_reuse import _same_maps, run_cached, run_reference
-from tests.masking.test_session_cache import DETECTORS, VALUES, text
+from tests.masking.test_session_cache import DETECTORS, text
 
 
 @pytest.fixture(autouse=True)
@@ -122,26 +123,6 @@ def test_forgotten_and_respelled_values_are_masked_as_masking_again_gives(
     assert [list(f.items()) for f in founds] == [list(f.items()) for f in ref_found]
     _same_maps(a, b)
     assert reused == len(bodies) - 1
-
-
-def test_values_forgotten_between_turns_are_not_spliced_in(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Other flows of the session push the history's values out of the map between two
-    turns (the epoch moves): the next turn checks the history and masks it again."""
-    masker = Masker(DETECTORS, b"k")
-    bodies = _conversation(5, 6, spellings=False)
-    a, b = Session(max_entries=8), Session(max_entries=8)
-    caches = MessageCaches()
-    key = session_key("alice", "t")
-    outs, _, _ = run_cached(bodies[:3], masker, key, a, caches)
-    assert outs == run_reference(bodies[:3], masker, b)[0]
-    for s in (a, b):
-        for v in VALUES[:12]:
-            s.placeholder("EMAIL", f"x{v}@example.org", True)
-    outs, founds, _ = run_cached(bodies[3:], masker, key, a, caches)
-    ref, ref_found = run_reference(bodies[3:], masker, b)
-    assert outs == ref and founds == ref_found
-    _same_maps(a, b)
 
 
 def test_an_unchanged_map_is_not_asked_again_for_the_history(
