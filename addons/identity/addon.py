@@ -48,7 +48,7 @@ from addons.egress.config import Upstream
 from addons.frame.guard import guarded, refuse
 from addons.identity.config import IdentityConfig
 from addons.identity.jwks import JwksStore
-from addons.identity.jwt import TokenError, TokenVerifier
+from addons.identity.jwt import TokenError, TokenVerifier, token_hash
 
 if TYPE_CHECKING:
     from addons.config.loader import Rules
@@ -105,10 +105,12 @@ def state_for(holder: RulesHolder) -> _State:
     return st
 
 
-async def verify_token(holder: RulesHolder, token: str) -> dict[str, Any]:
+async def verify_token(holder: RulesHolder, token: str, key: str | None = None
+                       ) -> dict[str, Any]:
     """Verify a token against the issuers in force; returns the identity dict
-    {sub, iss, groups, roles, jti, token_hash, exp}. Raises TokenError (short `.reason`)."""
-    return await state_for(holder).verifier_for(holder.rules).verify(token.strip())
+    {sub, iss, groups, roles, jti, token_hash, exp}. Raises TokenError (short `.reason`).
+    `key`: token_hash(token.strip()), when the caller keeps it (a tunnel's)."""
+    return await state_for(holder).verifier_for(holder.rules).verify(token.strip(), key)
 
 
 # ---------------------------------------------------------------- token extraction
@@ -176,6 +178,12 @@ class _Tunnel:
     ident: dict[str, Any]
     active: set[str] = field(default_factory=set)  # flows in flight (requests, WebSockets)
     timer: asyncio.TimerHandle | None = None
+    # token_hash of the token, computed once: every request of the tunnel verifies it again
+    # (a cache hit, keyed by this hash)
+    key: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.key = token_hash(self.token.strip())
 
     @property
     def exp(self) -> float:
@@ -323,7 +331,7 @@ class Identity:
         conn = self._conns.get(flow.client_conn.id)
         if conn is not None:
             try:
-                return await verify_token(self.holder, conn.token), "proxy"
+                return await verify_token(self.holder, conn.token, conn.key), "proxy"
             except TokenError as err:
                 # A kept-alive tunnel whose token expired (or whose issuer was removed):
                 # every further request on it is refused; the client must reconnect.

@@ -390,11 +390,13 @@ class TokenVerifier:
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def cached(self, token: str) -> dict[str, Any] | None:
-        """A previously verified identity for this exact token, if it has not expired."""
+    def cached(self, token: str, key: str | None = None) -> dict[str, Any] | None:
+        """A previously verified identity for this exact token, if it has not expired.
+        `key`: token_hash(token), when the caller keeps it (a tunnel's token, verified
+        again on every request: SHA-256 of ~1 KB not repeated)."""
         if not self.config.cache_size:
             return None
-        h = token_hash(token)
+        h = key or token_hash(token)
         ident = self._cache.get(h)
         if ident is None:
             return None
@@ -406,8 +408,10 @@ class TokenVerifier:
         self.hits += 1
         return dict(ident, groups=list(ident["groups"]), roles=list(ident["roles"]))
 
-    async def verify(self, token: str) -> dict[str, Any]:
-        ident = self.cached(token)
+    async def verify(self, token: str, key: str | None = None) -> dict[str, Any]:
+        """The identity of a valid token (raises TokenError). `key`: token_hash(token),
+        if the caller has it (see cached)."""
+        ident = self.cached(token, key)
         if ident is not None:
             return ident
         self.misses += 1
