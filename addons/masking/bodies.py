@@ -1012,14 +1012,17 @@ class Masked:
         if not changed:
             return None
         # the document with a unique stand-in for the list, then the list spliced in
-        mark = f"\x00agentgate-messages-{secrets.token_hex(16)}\x00"
+        # (letters, digits and '-' only: it serialises as itself, on the ASCII encoder's
+        # first try — a control character in it made every dump escape it and write the
+        # document twice)
+        mark = f"agentgate-messages-{secrets.token_hex(16)}"
         doc: dict = {}
         doc.update(before)
         doc[key] = mark
         for k, v in after.items():
             doc.setdefault(k, v)
         text = _dump(doc, ascii_hint)
-        quoted = _dump(mark)
+        quoted = f'"{mark}"'
         head, found_mark, tail = text.partition(quoted)
         if not found_mark or quoted in tail:  # cannot happen (random); never guess
             raise Unparseable("body cannot be re-serialised", 400)
