@@ -142,3 +142,35 @@ def test_bounded_per_session_and_counted_in_its_bytes() -> None:
     assert not any(other.clean_part(d) for d in cache._clean)  # one session's only
     caches.clear()
     assert caches.bytes == 0 and not cache._clean
+
+
+@pytest.mark.parametrize("where", ["before", "after", "messages"])
+def test_the_stand_in_for_the_list_never_splices_in_the_wrong_place(
+        monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """The document around the message list is serialised with a random stand-in for the
+    list, then the masked messages replace it. A part that holds the very stand-in (here
+    known: the random source fixed) is refused, never spliced at the wrong place; the same
+    text inside the messages is only text."""
+    monkeypatch.setattr(bodies.secrets, "token_hex", lambda n=16: "ab" * n)
+    mark = "agentgate-messages-" + "ab" * 16
+    masker = Masker(DETECTORS, b"k")
+    msgs = [{"role": "user", "content": "mail ann.lee@example.com"}]
+    doc: dict = {"model": "m", "messages": msgs, "temperature": 0.5}
+    if where == "before":
+        doc["model"] = mark
+    elif where == "after":
+        doc["temperature"] = [mark]
+    else:
+        msgs.append({"role": "user", "content": mark})
+    body = json.dumps(doc).encode()
+    session, caches = Session(), MessageCaches()
+    ctx = Masked(masker, session, {}, dialect="openai",
+                 cache=caches.get("alice\x00t", session, masker))
+    if where != "messages":
+        with pytest.raises(bodies.Unparseable):
+            ctx.body(body, "application/json")
+        return
+    out = ctx.body(body, "application/json")
+    assert out == Masked(masker, Session(), {}, dialect="openai").body(
+        body, "application/json")
+    assert json.loads(out)["messages"][1]["content"] == mark
