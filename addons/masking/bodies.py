@@ -954,6 +954,7 @@ class Masked:
             self.reuse[3] == key else None
         done = 0
         record: list[tuple[bytes, CachedMessage]] | None = None
+        taken: CachedPrefix | None = None  # the history taken whole (record starts with it)
         if reuse is not None and reuse[0]:
             record = []
             prefix = cache.prefix(reuse[2], reuse[1], self.restorable, self.llm)
@@ -963,6 +964,7 @@ class Masked:
                 prev_tail = prefix.tail
                 done = len(prefix.entries)
                 record.extend(prefix.entries)
+                taken = prefix
         for msg in msgs[done:] if done else msgs:
             digest = _digest(self.restorable, prev_tail, msg)
             tail = _last_text(msg)[-ctx_len:] if ctx_len else ""
@@ -1007,7 +1009,7 @@ class Masked:
             # epoch (epochs never repeat), each still is, and the next turn need not
             # check them again
             cache.set_prefix(CachedPrefix(reuse[0], tuple(record), self.restorable,
-                                          self.llm, prev_tail, epoch))
+                                          self.llm, prev_tail, epoch, taken))
         changed = self._apply_part(after) or changed
         if not changed:
             return None
@@ -1371,7 +1373,10 @@ class CachedPrefix:
                  "counts", "changed", "placeholders_only")
 
     def __init__(self, generation: int, entries: tuple[tuple[bytes, CachedMessage], ...],
-                 restorable: bool, llm: bool, tail: str, epoch: int = 0) -> None:
+                 restorable: bool, llm: bool, tail: str, epoch: int = 0,
+                 base: CachedPrefix | None = None) -> None:
+        """`base`: the prefix this turn took whole, whose entries (the very tuples) are
+        the first ones of `entries`: its sums are extended, not worked out again."""
         self.generation = generation
         self.entries = entries  # (digest, entry) per message
         self.restorable = restorable
@@ -1380,12 +1385,19 @@ class CachedPrefix:
         # the session map's epoch (masker.Session.epoch) at which every replacement of
         # these messages was known to be what the map gives; 0: not known (check them)
         self.epoch = epoch
-        self.jsons = tuple(e.json for _, e in entries)
+        done = len(base.entries) if base is not None else 0
+        if not done or len(entries) < done or entries[0] is not base.entries[0] or \
+                entries[done - 1] is not base.entries[-1]:  # (not extended: summed anew)
+            done = 0
+        new = entries[done:] if done else entries
         # masker.count() of every message's counts in turn leaves the same findings as
         # one count() per entity of these sums, in first-counted order (an entity's
         # strategy is the masker's, the same in every message)
         sums: dict[str, list[Any]] = {}
-        for _, e in entries:
+        if done and base is not None:
+            for entity, st, n in base.counts:
+                sums[entity] = [st, n]
+        for _, e in new:
             for entity, strategy, n in e.counts:
                 got = sums.get(entity)
                 if got is None:
@@ -1393,8 +1405,16 @@ class CachedPrefix:
                 else:
                     got[1] += n
         self.counts = tuple((entity, st, n) for entity, (st, n) in sums.items())
-        self.changed = any(e.changed for _, e in entries)
-        self.placeholders_only = all(e.placeholders_only for _, e in entries)
+        fresh = tuple(e.json for _, e in new)
+        if done and base is not None:
+            self.jsons = base.jsons + fresh
+            self.changed = base.changed or any(e.changed for _, e in new)
+            self.placeholders_only = base.placeholders_only and all(
+                e.placeholders_only for _, e in new)
+        else:
+            self.jsons = fresh
+            self.changed = any(e.changed for _, e in new)
+            self.placeholders_only = all(e.placeholders_only for _, e in new)
 
     def __repr__(self) -> str:  # never show values
         return f"<CachedPrefix {len(self.entries)} messages>"
