@@ -103,3 +103,42 @@ def test_two_identities_same_session_id_do_not_share(gw: Gateway, standin) -> No
                   dialect="openai").body(body, "application/json")
     assert want is not None
     assert outs == [want.decode(), want.decode()]
+
+
+def test_tools_settings_and_respelled_values_around_the_history(gw: Gateway,
+                                                                 standin) -> None:
+    """The parts around the history (tools, settings) repeat clean most turns and carry an
+    address in some (same keys, same shape), and the agent writes a value of the history
+    again in another spelling (the session's map changes under the taken history): every
+    turn forwards what masking the whole body again gives, the address never in clear."""
+    rng = random.Random(23)
+    ref_masker = Masker(DetectorSet(MaskingConfig()), b"k")
+    ref_session = Session()
+    tool = {"type": "function", "function": {
+        "name": "lookup_customer", "description": "Find a customer by name.",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
+    leaky = {**tool, "function": {**tool["function"],
+                                  "description": "Escalate to Dana.Ross@example.com."}}
+    msgs: list[dict] = [{"role": "system", "content": "You are a careful support agent."},
+                        {"role": "user", "content": _prose(rng, 200, "first")
+                         + " and write to Ann.Lee@example.com"}]
+    url = "https://api.openai.com/v1/chat/completions"
+    with httpx.Client(proxy=gw.proxy_url(), verify=str(gw.ca_cert), timeout=30) as c:
+        for turn in range(9):
+            if turn:
+                msgs.append({"role": "assistant", "content": _prose(rng, 250, f"a{turn}")})
+                extra = " (again: ANN.LEE@example.com)" if turn in (4, 7) else ""
+                msgs.append({"role": "user", "content": _prose(rng, 120, f"u{turn}") + extra})
+            body = json.dumps({"model": "gpt-4o-mini", "messages": msgs,
+                               "tools": [leaky if turn in (3, 6) else tool],
+                               "temperature": 0.2}).encode()
+            standin.clear()
+            r = c.post(url, content=body, headers={"content-type": "application/json",
+                                                   "x-agent-session": "multiturn-parts"})
+            assert r.status_code == 200, r.text[:300]
+            got = standin.requests[-1]["body"]
+            want = Masked(ref_masker, ref_session, {}, dialect="openai").body(
+                body, "application/json")
+            assert want is not None
+            assert got == want.decode(), f"turn {turn}: forwarded body differs"
+            assert "Dana.Ross" not in got and "Ann.Lee" not in got and "ANN.LEE" not in got
