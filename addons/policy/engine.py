@@ -439,12 +439,14 @@ class RequestFacts:
         session's previous text did not have is searched (SearchHistory.search). `fast`
         is `search_twin(pattern)`: the same matches, found sooner; `whole` is
         `anchor_twin(pattern)`: a match somewhere exactly when `pattern` has one, for a
-        search of the whole text."""
+        search of the whole text and the session's incremental search."""
         text = getattr(self, which)
         h = self.history
         if h is None or len(text) < INCREMENTAL_MIN_CHARS:
             return (whole or fast or pattern).search(text) is not None
-        return h.search(pattern, which, text, self._begun(which), fast)
+        # the anchor serves the incremental search too (SearchHistory.search: a match it
+        # finds from `start` is one of the pattern's from there; see anchor_twin)
+        return h.search(pattern, which, text, self._begun(which), whole or fast)
 
     def has_literal(self, lits: Iterable[str], which: str) -> bool:
         """Is one of `lits` (case folded) in the case-folded `which` text? With a session
@@ -1346,8 +1348,12 @@ def _make_twin(pattern: re.Pattern[str]) -> re.Pattern[str]:
 # '-' in C (a literal prefix) instead of trying the start at every digit (~9.5 -> ~1 us
 # per 1 KB prompt). The anchored pattern matches at q exactly when the original matches
 # at q - width(start), so a search of a whole text (pos 0) finds a match exactly when the
-# original does; from pos > 0 its look-behind may find one that starts before pos, so it
-# is used for whole texts only (search_twin keeps pos semantics and serves the rest).
+# original does. From pos > 0 its look-behind may find a match of the original that
+# starts up to width(start) before pos; SearchHistory.search starts at `common - reach`
+# only when the session's previous text had no match, and a match starting before that
+# lies within the shared prefix (reach covers its length and look-around): it would have
+# been in the previous text. So there the anchor answers exactly as the pattern too. It is
+# not a twin for any pos (search_twin is: it keeps pos semantics).
 _ANCHORS: dict[tuple[str, int], re.Pattern[str] | None] = {}
 
 
