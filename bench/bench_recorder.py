@@ -16,7 +16,9 @@ Two measurements, one run:
    timed from its first byte sent to its last byte read. Added latency = recording-on
    percentile minus recording-off percentile (p50, p99).
 
-Run alone: `python -m bench.bench_recorder [--quick]`.
+Run alone: `python -m bench.bench_recorder [--quick]`. `--writer-process [NAME=TREE ...]
+[--rounds N]`: only the writer process's CPU per flow at a steady load (1 KB chat flows at
+400/s, and bench_multiturn's 20 x 40 conversation), each tree (a checkout) interleaved.
 """
 
 from __future__ import annotations
@@ -169,6 +171,94 @@ def gateway_cpu(n: int, rounds: int = 2) -> dict[str, Any]:
             "thread_gateway_us": us["thread"], "thread_submit_us": us["thread_submit"],
             "process_gateway_us": us["process"], "process_submit_us": us["process_submit"],
             "process_writer_us": us["process_writer"]}
+
+
+def _threads_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of a process (/proc/<pid>/task)."""
+    out = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            f = Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()
+            out[t] = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def _multiturn_pendings(agents: int, turns: int) -> list[list[Any]]:
+    """bench_multiturn's conversations as the recorder hands them over: one round of
+    `agents` flows per turn (request = the whole history so far, a ~1.8 KB answer)."""
+    from mitmproxy.test import tflow
+
+    from addons.recording import store
+    from bench.bench_multiturn import conversation
+    convs = [conversation(a, turns) for a in range(agents)]
+    answer = json.dumps({"id": "x", "model": "gpt-4o-mini", "choices": [
+        {"message": {"role": "assistant", "content": "ok " * 600}}]}).encode()
+    rounds = []
+    for t in range(turns):
+        one = []
+        for a in range(agents):
+            f = tflow.tflow(resp=True)
+            f.request.scheme, f.request.host, f.request.port = "https", "127.0.0.1", 9443
+            f.request.path = "/v1/chat/completions"
+            f.request.headers["content-type"] = "application/json"
+            f.request.content = convs[a][t]
+            f.response.content = answer
+            f.metadata.update({"upstream": {"name": "openai", "dialect": "openai"},
+                               "identity": {"sub": f"agent-{a}", "iss": "https://idp"},
+                               "session": f"agent-{a}"})
+            one.append(store.Pending(state=f.get_state(), session=f"agent-{a}",
+                                     origin_url="https://api.openai.com/v1/chat/completions",
+                                     secrets=("sk-bench-REAL-0000000000000000",),
+                                     size=len(convs[a][t])))
+        rounds.append(one)
+    return rounds
+
+
+def writer_process_cpu(flows: int = 3000, rate: int = 400, agents: int = 20,
+                       turns: int = 40) -> dict[str, Any]:
+    """The writer process's CPU per flow at a steady load, as a gateway feeds it: the real
+    `remote.WriterProcess` (default batching: 500 rows / 200 ms), records submitted in
+    ticks of 20 ms (1 KB chat flows at `rate`/s), or one round of `agents` multi-turn
+    flows every 150 ms (bench_multiturn's conversations, lock-step by turn). CPU is the
+    writer process's (/proc, every thread) from the first submit until all is committed;
+    per thread too (the main thread reads the pipe, the writer thread builds and inserts).
+    Its RSS at rest and at the end."""
+    from addons.recording import store
+    from addons.recording.remote import WriterProcess
+
+    states = _states(200)
+    one_kb = [store.Pending(state=dict(states[i % len(states)], id=f"flow-{i}"),
+                            session=f"s{i % 16}", secrets=("sk-bench-REAL-0000000000000000",),
+                            origin_url="https://api.openai.com/v1/chat/completions",
+                            size=3000) for i in range(flows)]
+    tick = max(1, rate // 50)
+    loads = {"1kb": ([one_kb[i:i + tick] for i in range(0, flows, tick)], 0.02),
+             "multiturn": (_multiturn_pendings(agents, turns), 0.15)}
+    out: dict[str, Any] = {}
+    for name, (groups, gap) in loads.items():
+        with tempfile.TemporaryDirectory() as d:
+            w = WriterProcess(Path(d) / "a.duckdb")
+            w.start()
+            assert w.pid is not None
+            rest = h.proc_status(w.pid)
+            cpu0, th0 = _proc_cpu(w.pid), _threads_cpu(w.pid)
+            n, t0 = 0, time.monotonic()
+            for k, group in enumerate(groups):
+                for p in group:
+                    w.submit(p)
+                    n += 1
+                time.sleep(max(0.0, t0 + (k + 1) * gap - time.monotonic()))
+            assert w.flush(600), "writer did not drain"
+            cpu1, th1 = _proc_cpu(w.pid), _threads_cpu(w.pid)
+            end = h.proc_status(w.pid)
+            w.close()
+        out[name] = {"flows": n, "writer_us_per_flow": round((cpu1 - cpu0) / n * 1e6, 1),
+                     "threads_us_per_flow": sorted(
+                         (round((v - th0.get(t, 0.0)) / n * 1e6, 1) for t, v in th1.items()),
+                         reverse=True),
+                     "rss_rest_kib": rest.get("VmRSS"), "rss_end_kib": end.get("VmRSS"),
+                     "rss_peak_kib": end.get("VmHWM")}
+    return out
 
 
 def _rules(standin_url: str, enabled: bool) -> str:
@@ -354,7 +444,31 @@ def markdown(results: dict) -> str:
         """)
 
 
+def compare_writer(trees: dict[str, str], rounds: int = 2) -> dict[str, list[Any]]:
+    """writer_process_cpu (this file's) for each tree (a checkout: PYTHONPATH and cwd on
+    it, so the gateway side and the writer process run its code), interleaved `rounds`
+    times."""
+    import subprocess
+    out: dict[str, list[Any]] = {name: [] for name in trees}
+    for _ in range(rounds):
+        for name, tree in trees.items():
+            env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
+            got = subprocess.run(
+                [sys.executable, "-c", "import json, runpy, sys; f = runpy.run_path("
+                 "sys.argv[1])['writer_process_cpu']; print(json.dumps(f()))", __file__],
+                cwd=tree, env=env, capture_output=True, text=True, timeout=900, check=True)
+            out[name].append(json.loads(got.stdout.strip().splitlines()[-1]))
+    return out
+
+
 if __name__ == "__main__":
+    if "--writer-process" in sys.argv:
+        # python -m bench.bench_recorder --writer-process [NAME=TREE ...] [--rounds N]
+        args = [a for a in sys.argv[1:] if "=" in a]
+        rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 2
+        res = compare_writer(dict(a.split("=", 1) for a in args) or {"this": "."}, rounds)
+        print(json.dumps(res, indent=1))
+        sys.exit(0)
     r = run(quick="--quick" in sys.argv)
     print(json.dumps(r, indent=1, default=str))
     print(markdown(r))
