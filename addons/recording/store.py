@@ -1308,6 +1308,7 @@ def _certs_blob(capped: dict[str, Any], scrub: Scrubber, blobs: dict[str, Blob])
     return addr
 HEADERS_MARK = {"$headers": "column"}
 _PLAIN = frozenset(range(0x20, 0x7F)) - {ord('"'), ord("\\")}
+_PLAIN_BYTES = bytes(sorted(_PLAIN))  # x.translate(None, _PLAIN_BYTES) == b"": x is plain
 
 
 def _same_headers(pairs: Any, col: str, source: Any = None) -> bool:
@@ -1322,7 +1323,8 @@ def _same_headers(pairs: Any, col: str, source: Any = None) -> bool:
     text = []
     for pair in pairs:
         if (not isinstance(pair, list | tuple) or len(pair) != 2
-                or not all(isinstance(x, bytes) and _PLAIN.issuperset(x) for x in pair)):
+                or not all(isinstance(x, bytes) and not x.translate(None, _PLAIN_BYTES)
+                           for x in pair)):
             return False
         text.append([pair[0].decode("ascii"), pair[1].decode("ascii")])
     if pairs is source:
@@ -1544,6 +1546,8 @@ def head(con: Any) -> tuple[int, str]:
 
 
 def _text(v: str) -> str:
+    if v.isascii():  # (a flag of the string object: no copy) the usual case
+        return v
     try:
         v.encode("utf-8")
     except UnicodeEncodeError:

@@ -248,3 +248,24 @@ def test_blob_cache_is_bounded_and_keeps_what_is_in_use() -> None:
     cache.clear()
     assert len(cache) == 0 and "a3" not in cache
 
+
+
+def _reference_same_headers(pairs: Any, col: str) -> bool:
+    plain = frozenset(range(0x20, 0x7F)) - {ord('"'), ord("\\")}
+    text = []
+    for pair in pairs:
+        if (not isinstance(pair, list | tuple) or len(pair) != 2
+                or not all(isinstance(x, bytes) and plain.issuperset(x) for x in pair)):
+            return False
+        text.append([pair[0].decode("ascii"), pair[1].decode("ascii")])
+    return bool(json.loads(col) == text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=12), st.binary(max_size=12)), min_size=1,
+                max_size=5))
+def test_same_headers_agrees_with_the_reference(pairs: list[tuple[bytes, bytes]]) -> None:
+    col = store._headers_json(pairs)  # noqa: SLF001
+    assert col is not None
+    assert store._same_headers(pairs, col) == _reference_same_headers(pairs, col)  # noqa: SLF001
+    assert store._same_headers(pairs, col, pairs) == _reference_same_headers(pairs, col)  # noqa: SLF001
