@@ -1298,19 +1298,26 @@ MAX_TWINS = 4096
 def search_twin(pattern: re.Pattern[str]) -> re.Pattern[str]:
     """A pattern with the same matches as `pattern` that `re` searches faster, or
     `pattern` itself when there is no such rewrite (or anything about it is unsure)."""
+    return _remembered(_TWINS, _make_twin, pattern, pattern)
+
+
+def _remembered(cache: dict[tuple[str, int], Any], make: Callable[[re.Pattern[str]], Any],
+                pattern: re.Pattern[str], fallback: Any) -> Any:
+    """make(pattern), remembered per (source, flags) in `cache` (bounded: MAX_TWINS);
+    `fallback` without the private parser API or when make fails."""
     if _tolower is None:
-        return pattern
+        return fallback
     key = (pattern.pattern, pattern.flags)
-    twin = _TWINS.get(key)
-    if twin is None:
-        try:
-            twin = _make_twin(pattern)
-        except Exception:  # noqa: BLE001 - private parser API: plain search then
-            twin = pattern
-        if len(_TWINS) >= MAX_TWINS:
-            _TWINS.clear()
-        _TWINS[key] = twin
-    return twin
+    if key in cache:
+        return cache[key]
+    try:
+        out = make(pattern)
+    except Exception:  # noqa: BLE001 - private parser API: the plain search then
+        out = fallback
+    if len(cache) >= MAX_TWINS:
+        cache.clear()
+    cache[key] = out
+    return out
 
 
 def _make_twin(pattern: re.Pattern[str]) -> re.Pattern[str]:
@@ -1358,19 +1365,8 @@ _ANCHORS: dict[tuple[str, int], re.Pattern[str] | None] = {}
 
 
 def anchor_twin(pattern: re.Pattern[str]) -> re.Pattern[str] | None:
-    """The literal-anchored rewrite of `pattern` for whole-text searches, or None."""
-    if _tolower is None:
-        return None
-    key = (pattern.pattern, pattern.flags)
-    if key not in _ANCHORS:
-        try:
-            twin = _make_anchor(pattern)
-        except Exception:  # noqa: BLE001 - private parser API: no rewrite then
-            twin = None
-        if len(_ANCHORS) >= MAX_TWINS:
-            _ANCHORS.clear()
-        _ANCHORS[key] = twin
-    return _ANCHORS[key]
+    """The literal-anchored rewrite of `pattern` (see above), or None."""
+    return _remembered(_ANCHORS, _make_anchor, pattern, None)
 
 
 def _fixed_simple(items: list[Any]) -> bool:
