@@ -144,14 +144,21 @@ def _dump(path: Path) -> dict[str, Any]:
     return out
 
 
-def test_same_stores_and_exports_as_the_reference_path(tmp_path: Path, reference) -> None:
+def test_same_stores_and_exports_as_the_reference_path(tmp_path: Path, reference,
+                                                       monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
     items = _pendings()
     batches = [items[k:k + 5] for k in range(0, len(items), 5)]
     # the SplitCache and build mutate nothing of the pendings: the same objects serve both
     _write(tmp_path / "new.duckdb", batches)
+    new = _dump(tmp_path / "new.duckdb")
     reference()
     _write(tmp_path / "ref.duckdb", batches)
-    new, ref = _dump(tmp_path / "new.duckdb"), _dump(tmp_path / "ref.duckdb")
+    ref = _dump(tmp_path / "ref.duckdb")
+    new_by_ref = _dump(tmp_path / "new.duckdb")["verify"]  # the reference's verify
+    monkeypatch.undo()
+    ref_by_new = _dump(tmp_path / "ref.duckdb")["verify"]  # this path's verify
+    assert new_by_ref["ok"] and ref_by_new["ok"]
     assert new["verify"]["ok"] and ref["verify"]["ok"]
     assert new["verify"]["count"] == len(items)
     for key in ref:
