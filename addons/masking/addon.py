@@ -96,6 +96,17 @@ INLINE_NEW_CHARS = 16 * 1024
 # and is at most this long: what stays proportional to the whole body (the replay check of
 # the history's placeholders, joining the masked messages) then stays a few ms at worst
 INLINE_MAX_BYTES = 1024 * 1024
+# Whatever its size, a body (or a continued body's new part) goes to a worker thread when
+# masking it is not small work. That cost follows the values in it more than its bytes
+# (measured in process, 16 KB bodies: ~3-7 us per e-mail address, 0.7-3.4 us per digit of
+# number-dense text — cards, phones, IBAN-like ' de12' runs — ~0.003 us per byte of plain
+# prose; 60 KB of addresses held the loop ~175 ms: BENCHMARKS, PERF-AC). It is estimated
+# from C-level counts of the bytes that start or make findings (_heavy: 8 us an '@', 2 a
+# digit, 1 a '%' or a byte past ASCII, 0.01 a byte); over this many microseconds, a
+# thread. (Only where the work runs changes: the bytes are the same.)
+LOOP_BUDGET_US = 2000
+_NON_DIGITS = bytes(b for b in range(256) if not 0x30 <= b <= 0x39)
+_ASCII_BYTES = bytes(range(128))
 # The message caches are a speed-up only (a miss masks the message again, with the same
 # placeholders): at most 16 MiB in all and 4 MiB per session (a 4 MB history, ~1M tokens,
 # still hits whole), so that with the placeholder maps (masker.MAX_BYTES, 16 MiB) a
@@ -147,17 +158,48 @@ def _shared_doc(flow: Any, part: str, data: bytes, limit: int,
     return shared_json(body)
 
 
+def _heavy(data: bytes) -> bool:
+    """Would masking `data` likely take more than LOOP_BUDGET_US? An estimate from what
+    makes the detectors work (see LOOP_BUDGET_US): '@' (e-mail addresses), digits (every
+    numeric detector, IBANs, IPs), '%' (escapes decoded), bytes past ASCII (normalised),
+    and the length. A few us per KB to ask."""
+    est = len(data) // 100
+    if est <= LOOP_BUDGET_US:
+        est += 8 * data.count(b"@") + data.count(b"%")
+    if est <= LOOP_BUDGET_US:
+        est += 2 * len(data.translate(None, _NON_DIGITS))
+    if est <= LOOP_BUDGET_US and not data.isascii():
+        est += len(data.translate(None, _ASCII_BYTES))
+    return est > LOOP_BUDGET_US
+
+
+def _on_loop(ctx: Masked, flow: Any, raw: bytes) -> bool:
+    """Is masking the request body `raw` (not compressed) small work, for the loop: a small
+    body that is not heavy, or one that continues the session's previous body (_continues)
+    by a part that is not heavy."""
+    if len(raw) < THREAD_MIN_BYTES and not _heavy(raw):
+        return True
+    return _continues(ctx, flow, raw)
+
+
 def _continues(ctx: Masked, flow: Any, raw: bytes) -> bool:
     """Is masking `raw` small work: the flow's parse (policy's, with the session's memo)
-    took all but at most INLINE_NEW_CHARS of it from the session's previous body, and this
-    session's cache holds that body's messages as masked? Looks only; anything else: no
-    (a worker thread masks it, as any large body)."""
+    took all but at most INLINE_NEW_CHARS of it from the session's previous body, that
+    new part is not heavy, and this session's cache holds that body's messages as masked?
+    Looks only; anything else: no (a worker thread masks it, as any large body)."""
     cache = ctx.cache
     if cache is None or len(raw) > INLINE_MAX_BYTES:
         return False
     body = decode.parsed_request(flow, raw)
     if body is None or not (0 <= body.new_chars <= INLINE_NEW_CHARS and body.reused > 0) or \
             not cache.has_prefix(body.reused_from, body.reused, ctx.restorable, ctx.llm):
+        return False
+    # the new part is the end of the body's text (decode.parse_memo)
+    try:
+        new = body.text[len(body.text) - body.new_chars:]
+    except decode.DecodeError:
+        return False
+    if _heavy(new.encode("utf-8", "surrogatepass")):
         return False
     # ... taken from the list masking masks (with both "input" and "messages" in a body
     # the memo may have continued the other one: then nothing is taken whole)
@@ -404,8 +446,7 @@ class Masking:
                 key = None if shared else self._session_key(flow)
                 # a compressed body's size on the wire says nothing of its decoded size
                 # (up to decode.MAX_RATIO times it): always a thread, as policy does
-                if shared or encoding or len(raw) >= THREAD_MIN_BYTES \
-                        and not _continues(ctx, flow, raw):
+                if shared or encoding or not _on_loop(ctx, flow, raw):
                     new = await asyncio.to_thread(mask_message, *args, flow=flow,
                                                   memo_key=key)
                 else:
@@ -503,7 +544,8 @@ class Masking:
         # upstream may compress whatever the request asked for: a hostile MCP server)
         size = len(raw) * decode.MAX_RATIO if encoding else len(raw)
         try:
-            if size >= THREAD_MIN_BYTES or isinstance(session, SharedSession):
+            if size >= THREAD_MIN_BYTES or isinstance(session, SharedSession) or \
+                    _heavy(raw):
                 new, masked = await asyncio.to_thread(mask_response, *args, flow=flow)
             else:
                 new, masked = mask_response(*args, flow=flow)
