@@ -19,17 +19,16 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tutils
 
-from addons.config.holder import RulesHolder
-from addons.config.loader import load_rules
 from addons.frame import decode
-from addons.frame.principal import flow_session_key
 from addons.masking import addon as masking_addon
 from addons.masking.addon import Masking
 from addons.masking.bodies import Masked
 from addons.masking.masker import Masker, Session
 from bench import harness as h
 from tests.frame.threadcount import count_to_thread
-from tests.masking.test_addon import UPSTREAMS, flow, run
+from tests.hostile.test_fastpaths3_inline import _addon
+from tests.hostile.test_fastpaths3_inline import _send as send
+from tests.masking.test_addon import flow, run
 
 ADDRESSES = " ".join(f"user{i}.x@example.com" for i in range(700))  # ~16 KB, 700 values
 DENSE_DIGITS = " de12" * 3300  # IBAN candidates, ~16 KB
@@ -41,21 +40,8 @@ def _fresh_memos() -> None:
     decode.MEMOS.clear()
 
 
-def _addon(tmp_path: Path) -> Masking:
-    (tmp_path / "rules.yaml").write_text(UPSTREAMS)
-    return Masking(RulesHolder(load_rules(tmp_path)))
-
-
 def _send(m: Masking, doc: dict, session: str = "s") -> bytes:
-    f = flow("openai", doc, headers={"x-agent-session": session})
-    parsed = decode.request_body(f, memo_key=flow_session_key(f))  # as policy reads it
-    assert parsed is not None
-    parsed.json  # noqa: B018
-    with taddons.context(m):
-        m.requestheaders(f)
-        run(m.request(f))
-    assert f.response is None, f.response and f.response.text
-    return f.request.content or b""
+    return send(m, json.dumps(doc).encode(), session=session)
 
 
 def _reference(m: Masking, doc: dict) -> bytes:

@@ -51,12 +51,26 @@ def gw(standin, gateway_confdir, tmp_path_factory) -> Iterator[Gateway]:
     g.stop()
 
 
+def _forwarded_as_masking_again(c: httpx.Client, standin, body: bytes, session: str,
+                                ref: Masked, turn: int) -> str:
+    """Send one turn; what the upstream got is what `ref` (the reference session) masks
+    the whole body to. Returns it."""
+    standin.clear()
+    r = c.post("https://api.openai.com/v1/chat/completions", content=body,
+               headers={"content-type": "application/json", "x-agent-session": session})
+    assert r.status_code == 200, r.text[:300]
+    got = standin.requests[-1]["body"]
+    want = ref.body(body, "application/json")
+    assert want is not None
+    assert got == want.decode(), f"turn {turn}: forwarded body differs"
+    return got
+
+
 def test_every_turn_is_what_masking_the_whole_body_gives(gw: Gateway, standin) -> None:
     rng = random.Random(16)
     ref_masker = Masker(DetectorSet(MaskingConfig()), b"k")
     ref_session = Session()
     msgs: list[dict] = [{"role": "system", "content": "You are a careful support agent."}]
-    url = "https://api.openai.com/v1/chat/completions"
     with httpx.Client(proxy=gw.proxy_url(), verify=str(gw.ca_cert), timeout=30) as c:
         for turn in range(14):
             if turn:
@@ -69,15 +83,9 @@ def test_every_turn_is_what_masking_the_whole_body_gives(gw: Gateway, standin) -
                 at = old.index("@example.com")
                 msgs[3] = {**msgs[3], "content": old[:at - 1] + "7" + old[at:]}
             body = json.dumps({"model": "gpt-4o-mini", "messages": msgs}).encode()
-            standin.clear()
-            r = c.post(url, content=body, headers={"content-type": "application/json",
-                                                   "x-agent-session": "multiturn-1"})
-            assert r.status_code == 200, r.text[:300]
-            got = standin.requests[-1]["body"]
-            want = Masked(ref_masker, ref_session, {}, dialect="openai").body(
-                body, "application/json")
-            assert want is not None
-            assert got == want.decode(), f"turn {turn}: forwarded body differs"
+            got = _forwarded_as_masking_again(
+                c, standin, body, "multiturn-1",
+                Masked(ref_masker, ref_session, {}, dialect="openai"), turn)
             assert "@example.com" not in got
     assert len(body) > 3 * 8192  # the history long enough to be remembered (MEMO_MIN_CHARS)
 
@@ -122,7 +130,6 @@ def test_tools_settings_and_respelled_values_around_the_history(gw: Gateway,
     msgs: list[dict] = [{"role": "system", "content": "You are a careful support agent."},
                         {"role": "user", "content": _prose(rng, 200, "first")
                          + " and write to Ann.Lee@example.com"}]
-    url = "https://api.openai.com/v1/chat/completions"
     with httpx.Client(proxy=gw.proxy_url(), verify=str(gw.ca_cert), timeout=30) as c:
         for turn in range(9):
             if turn:
@@ -132,13 +139,7 @@ def test_tools_settings_and_respelled_values_around_the_history(gw: Gateway,
             body = json.dumps({"model": "gpt-4o-mini", "messages": msgs,
                                "tools": [leaky if turn in (3, 6) else tool],
                                "temperature": 0.2}).encode()
-            standin.clear()
-            r = c.post(url, content=body, headers={"content-type": "application/json",
-                                                   "x-agent-session": "multiturn-parts"})
-            assert r.status_code == 200, r.text[:300]
-            got = standin.requests[-1]["body"]
-            want = Masked(ref_masker, ref_session, {}, dialect="openai").body(
-                body, "application/json")
-            assert want is not None
-            assert got == want.decode(), f"turn {turn}: forwarded body differs"
+            got = _forwarded_as_masking_again(
+                c, standin, body, "multiturn-parts",
+                Masked(ref_masker, ref_session, {}, dialect="openai"), turn)
             assert "Dana.Ross" not in got and "Ann.Lee" not in got and "ANN.LEE" not in got
