@@ -84,6 +84,15 @@ class Dev:
         return subprocess.run([AGENTGATE, "token", "dev", *args], env=self.env,
                               capture_output=True, text=True, timeout=60)
 
+    def agent_env(self, token: str) -> dict[str, str]:
+        """An agent's environment for the dev gateway: the token as proxy password, the
+        CA, the placeholder key (no other key of the user's)."""
+        env = {k: v for k, v in self.env.items() if not k.endswith("_API_KEY")}
+        env.update(HTTPS_PROXY=f"http://agent:{token}@127.0.0.1:{self.ports['gw']}",
+                   SSL_CERT_FILE=str(self.ca),
+                   OPENAI_API_KEY=dev.PLACEHOLDER_KEYS["OPENAI_API_KEY"])
+        return env
+
     def standin_received(self) -> list[dict]:
         ctx = ssl.create_default_context(cafile=str(self.workdir / "standin-certs" / "ca.pem"))
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
@@ -144,9 +153,7 @@ def test_token_then_a_real_openai_client_through_the_dev_gateway(dev_gateway: De
     assert t.returncode == 0, t.stderr
     token = t.stdout.strip()
     assert token.count(".") == 2 and "\n" not in token
-    env = {k: v for k, v in d.env.items() if not k.endswith("_API_KEY")}
-    env.update(HTTPS_PROXY=f"http://agent:{token}@127.0.0.1:{d.ports['gw']}",
-               SSL_CERT_FILE=str(d.ca), OPENAI_API_KEY=dev.PLACEHOLDER_KEYS["OPENAI_API_KEY"])
+    env = d.agent_env(token)
     r = subprocess.run([sys.executable, "-c", CLIENT, "hello from the dev mode"], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from addons.devkit import dev
 from tests.devkit.test_dev import CLIENT, Dev, dev_gateway  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.integration
@@ -28,10 +27,8 @@ def test_the_printed_audit_commands_show_this_runs_calls(dev_gateway: Dev) -> No
     assert all(shlex.split(ln)[-1] == str(db) for ln in printed), printed
     t = d.token("--sub", "newcomer")
     assert t.returncode == 0, t.stderr
-    env = {k: v for k, v in d.env.items() if not k.endswith("_API_KEY")}
-    env.update(HTTPS_PROXY=f"http://agent:{t.stdout.strip()}@127.0.0.1:{d.ports['gw']}",
-               SSL_CERT_FILE=str(d.ca), OPENAI_API_KEY=dev.PLACEHOLDER_KEYS["OPENAI_API_KEY"])
-    r = subprocess.run([sys.executable, "-c", CLIENT, "hello, audit"], env=env,
+    r = subprocess.run([sys.executable, "-c", CLIENT, "hello, audit"],
+                       env=d.agent_env(t.stdout.strip()),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     sessions = next(ln for ln in printed if "audit sessions" in ln)
