@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -119,6 +120,13 @@ def _snapshot_size(flow: http.HTTPFlow) -> int:
     if flow.response is not None:
         size += len(flow.response.raw_content or b"")
     return size
+
+
+@functools.lru_cache(maxsize=8)
+def _header_keys(names: tuple[str, ...]) -> tuple[tuple[str, bytes], ...]:
+    """(name, the name as mitmproxy compares it), encoded once per configured list (one
+    per rules load) rather than on every request."""
+    return tuple((n, n.encode("utf-8", "surrogateescape").lower()) for n in names)
 
 
 class RecorderUnavailable(Exception):
@@ -292,8 +300,8 @@ class Recorder:
         # headers.get() scans every field and raises KeyError inside for an absent name:
         # the names present, lowercased as mitmproxy compares them, are read once instead
         present = {k.lower() for k, _ in flow.request.headers.fields}
-        for name in cfg.session_headers:
-            if name.encode("utf-8", "surrogateescape").lower() not in present:
+        for name, key in _header_keys(cfg.session_headers):
+            if key not in present:
                 continue  # headers.get(name) would be None
             session = clean_session(flow.request.headers.get(name))
             if session:

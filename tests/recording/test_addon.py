@@ -121,6 +121,19 @@ def test_session_header_any_case_first_configured_wins(rec: Recorder) -> None:
         assert f.metadata["recorder"]["session_source"] == source, headers
 
 
+def test_session_headers_follow_a_rules_change(rec: Recorder, tmp_path: Path) -> None:
+    """The configured names (encoded once per list) are the ones in force: after a reload
+    with other session_headers, the new name is read and an old one no longer is."""
+    f = openai_flow(headers={"x-agent-session": "s-1", "X-Conv": "c-1"})
+    rec.requestheaders(f)
+    assert f.metadata["session"] == "s-1"
+    rec.holder.install(make_rules(tmp_path, "recorder:\n  session_headers: [X-Conv]\n"))
+    g = openai_flow(headers={"x-agent-session": "s-1", "x-CONV": "c-1"})
+    rec.requestheaders(g)
+    assert (g.metadata["session"], g.metadata["recorder"]["session_source"]) == \
+        ("c-1", "header:X-Conv")
+
+
 def test_session_values_are_cleaned() -> None:
     assert clean_session("  a b\nc<script>  ") == "a_b_c_script_"
     assert clean_session("x" * 500) == "x" * 128
