@@ -137,7 +137,7 @@ class Policy:
         req = flow.request
         try:
             size = len(req.raw_content or b"")
-            if req.headers.get("content-encoding") or \
+            if decode.coding_and_type(req.headers)[0] or \
                     facts.path.rstrip("/").endswith(("/files", "/batches", "/uploads")) or \
                     size >= THREAD_MIN_BYTES and not continues(facts, key, size):
                 # decoding (up to the caps), the skeleton of a large text and a batch of

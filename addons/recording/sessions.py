@@ -20,7 +20,7 @@ from typing import Any
 from mitmproxy import http
 
 from addons.config.holder import RulesHolder
-from addons.frame import flowbody
+from addons.frame import decode, flowbody
 from addons.frame.guard import guarded
 from addons.recording.config import RecorderConfig
 
@@ -82,9 +82,11 @@ class Sessions:
         raw = req.raw_content
         if not keys or not raw or len(raw) > MAX_BODY:
             return
-        if "json" not in req.headers.get("content-type", "").lower():
+        # both headers from one pass over the fields (each headers.get is a scan of its own)
+        encoding, ctype = decode.coding_and_type(req.headers)
+        if "json" not in ctype.lower():
             return
-        if not req.headers.get("content-encoding") and b"\0" not in raw[:4] and \
+        if not encoding and b"\0" not in raw[:4] and \
                 not raw.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")) and \
                 not any(seg in raw for seg in _first_segments(keys)):
             return  # cheap pre-check (UTF-8 only): parse only bodies that mention a key

@@ -62,3 +62,20 @@ def test_every_configured_key_is_looked_for_whatever_its_first_segment() -> None
         g = _flow(b'{"ctx": {"session": "c-1"}}')
         other.request(g)
         assert g.metadata["session"] == f"conn-{g.client_conn.id}"
+
+
+def test_a_compressed_body_is_decoded_even_without_a_nul_up_front() -> None:
+    """The pre-check reads the Content-Encoding (one pass with Content-Type): a deflate
+    body (no NUL in its first bytes, its words compressed away) is decoded and names its
+    session; read as uncompressed, the scan would find no key and skip it."""
+    import zlib
+
+    raw = zlib.compress(json.dumps({"metadata": {"thread_id": "z-1"}, "pad": "m" * 50})
+                        .encode())
+    assert b"\0" not in raw[:4] and b"metadata" not in raw
+    s = Sessions(RulesHolder())
+    with taddons.context():
+        f = _flow(raw)
+        f.request.headers["content-encoding"] = "deflate"
+        s.request(f)
+        assert f.metadata["session"] == "z-1"
