@@ -127,6 +127,9 @@ def _no_duplicate_keys(loader: yaml.SafeLoader, node: yaml.Node, at: str, file: 
         seen: dict[Any, int] = {}
         for k, v in node.value:
             if k.tag == "tag:yaml.org,2002:merge":
+                # what is merged may hold a key twice itself (`<<: {a: 1, a: 2}`): its
+                # keys land in this mapping: checked, named under `<<`
+                _no_duplicate_keys(loader, v, f"{at}.<<" if at else "<<", file, seen_nodes)
                 continue
             name = loader.construct_object(k, deep=True) if isinstance(k, yaml.ScalarNode) \
                 else None
