@@ -1,0 +1,174 @@
+"""Heavy body work handed to worker threads, shared fairly between identities. Pure: no
+mitmproxy import; imports only frame/principal.
+
+Masking a findings-dense body (and policy's work on a large or compressed one) runs in a
+worker thread so that the event loop keeps serving. Threads alone do not isolate agents:
+masking is GIL-bound, every heavy job competes with the loop for the one interpreter, and
+`asyncio.to_thread`'s executor takes whatever it is given (min(32, cores + 4) threads). Two
+agents flooding e-mail-dense bodies moved a third agent's 1 KB p50 from 6 to ~40 ms
+(BENCHMARKS, PERF-AC): each flooding job is one more thread the loop waits behind.
+
+FairPool bounds that work:
+- at most `total` heavy jobs run at once (in threads), at most `per_key` of them for one
+  identity (frame/principal: issuer AND subject), so one identity's flood never takes
+  every slot;
+- jobs waiting for a slot queue per identity, and a freed slot goes to the next identity
+  in round-robin order (not to whoever queued first), so an identity with one job waits
+  behind at most one job of each other identity, never behind another's backlog;
+- queues are bounded (`queue_per_key` per identity, `queue_total` in all): a job over the
+  bound is refused at once with Busy, which the caller answers as an error in the
+  caller's dialect (429 for the identity's own queue, 503 when the gateway's is full).
+The event loop never waits on the pool: callers `await` (a Future per queued job), and a
+job cancelled while queued (its client went away) leaves the queue; one cancelled while
+running keeps its slot until its thread returns (the thread cannot be stopped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+from addons.frame.principal import principal
+
+log = logging.getLogger("agentgate.offload")
+
+# Two heavy jobs at once: on a 2-core machine a third thread only adds GIL contention
+# (each running job is one more thread the loop waits behind), and with two the pool is
+# still never idle while one job's thread waits on I/O (the shared placeholder store).
+TOTAL = 2
+PER_KEY = 1
+QUEUE_PER_KEY = 32
+QUEUE_TOTAL = 1024
+
+
+class Busy(Exception):
+    """The job was not queued: `status` 429 (this identity's queue is full) or 503 (the
+    gateway's). The message names the bound and no value of the body."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class FairPool:
+    """Per-identity bounded, round-robin share of worker-thread slots (see module doc)."""
+
+    def __init__(self, total: int = TOTAL, per_key: int = PER_KEY,
+                 queue_per_key: int = QUEUE_PER_KEY, queue_total: int = QUEUE_TOTAL) -> None:
+        if min(total, per_key, queue_per_key, queue_total) < 1:
+            raise ValueError("FairPool bounds must be at least 1")
+        self.total = total
+        self.per_key = min(per_key, total)
+        self.queue_per_key = queue_per_key
+        self.queue_total = queue_total
+        self.running = 0
+        self._running: dict[str, int] = {}
+        # identity -> its waiting jobs; the dict's order is the round-robin order (an
+        # identity served moves to the end)
+        self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+        self.queued = 0
+        self.refused = 0  # jobs answered with Busy since start (a counter for tests/bench)
+
+    def _can_start(self, key: str) -> bool:
+        return self.running < self.total and self._running.get(key, 0) < self.per_key
+
+    def _start(self, key: str) -> None:
+        self.running += 1
+        self._running[key] = self._running.get(key, 0) + 1
+
+    def _release(self, key: str) -> None:
+        self.running -= 1
+        n = self._running[key] - 1
+        if n:
+            self._running[key] = n
+        else:
+            del self._running[key]
+        if key in self._waiting:  # it was just served: the others' turn first
+            self._waiting.move_to_end(key)
+        self._grant()
+
+    def _grant(self) -> None:
+        """Hand free slots to waiting jobs, one identity after another in round-robin
+        order. A slot is counted as taken when granted (before the waiter resumes), so
+        nothing can overtake it."""
+        while self.running < self.total and self._waiting:
+            for key in list(self._waiting):
+                if self._running.get(key, 0) >= self.per_key:
+                    continue
+                q = self._waiting[key]
+                fut = q.popleft()
+                self.queued -= 1
+                if q:
+                    self._waiting.move_to_end(key)
+                else:
+                    del self._waiting[key]
+                if fut.done():  # cancelled while queued, its task not resumed yet
+                    break
+                self._start(key)
+                fut.set_result(None)
+                break
+            else:
+                return  # every waiting identity is at its own bound
+
+    async def _acquire(self, key: str) -> None:
+        if not self._waiting and self._can_start(key):
+            self._start(key)
+            return
+        q = self._waiting.get(key)
+        if q is not None and len(q) >= self.queue_per_key:
+            self.refused += 1
+            raise Busy(429, f"too much heavy body work queued for this identity (more than "
+                            f"{self.queue_per_key} requests waiting); retry later")
+        if self.queued >= self.queue_total:
+            self.refused += 1
+            raise Busy(503, f"the gateway's heavy body work queue is full ({self.queue_total} "
+                            f"requests waiting); retry later")
+        if q is None:
+            q = self._waiting[key] = deque()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        q.append(fut)
+        self.queued += 1
+        self._grant()  # this identity may be under its bound while others wait at theirs
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release(key)  # granted, then cancelled before it ran: give it back
+            elif fut in q:
+                q.remove(fut)
+                self.queued -= 1
+                if not q and self._waiting.get(key) is q:
+                    del self._waiting[key]
+            raise
+
+    async def run[R](self, key: str, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
+        """`fn(*args, **kwargs)` in a worker thread once this identity's turn comes.
+        Raises Busy (not queued) or what `fn` raises."""
+        await self._acquire(key)
+        try:
+            job = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+        except BaseException:
+            self._release(key)
+            raise
+        # the slot is freed when the thread returns, not when the caller stops waiting (a
+        # cancelled flow's thread keeps running: it still counts)
+        job.add_done_callback(lambda j: (self._release(key),
+                                         j.cancelled() or j.exception()))
+        return await asyncio.shield(job)
+
+
+POOL = FairPool()
+
+
+def flow_key(flow: Any) -> str:
+    """The identity a flow's heavy work is counted against (issuer and subject)."""
+    return principal(flow.metadata.get("identity"))
+
+
+async def run_heavy[R](flow: Any, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
+    """`fn(*args, **kwargs)` in a worker thread, in the flow's identity's share of POOL."""
+    return await POOL.run(flow_key(flow), fn, *args, **kwargs)
