@@ -62,6 +62,7 @@ from mitmproxy import http
 from addons.config.holder import RulesHolder
 from addons.frame import decode
 from addons.frame.guard import guarded, refuse
+from addons.frame.offload import Busy, run_heavy
 from addons.frame.principal import flow_session_key
 from addons.masking.bodies import (
     Masked,
@@ -447,10 +448,15 @@ class Masking:
                 # a compressed body's size on the wire says nothing of its decoded size
                 # (up to decode.MAX_RATIO times it): always a thread, as policy does
                 if shared or encoding or not _on_loop(ctx, flow, raw):
-                    new = await asyncio.to_thread(mask_message, *args, flow=flow,
-                                                  memo_key=key)
+                    # in this identity's share of the worker threads (frame/offload.py)
+                    new = await run_heavy(flow, mask_message, *args, flow=flow,
+                                          memo_key=key)
                 else:
                     new = mask_message(*args, flow=flow, memo_key=key)
+            except Busy as e:
+                refuse(flow, e.status, e.message, "busy", "masking",
+                       headers={"retry-after": "1"})
+                return
             except TooLarge:
                 refuse(flow, 413, f"request body over masking.max_body_bytes "
                        f"({cfg.max_body_bytes} bytes, decoded) cannot be masked",
@@ -546,9 +552,13 @@ class Masking:
         try:
             if size >= THREAD_MIN_BYTES or isinstance(session, SharedSession) or \
                     _heavy(raw):
-                new, masked = await asyncio.to_thread(mask_response, *args, flow=flow)
+                new, masked = await run_heavy(flow, mask_response, *args, flow=flow)
             else:
                 new, masked = mask_response(*args, flow=flow)
+        except Busy as e:
+            refuse(flow, e.status, f"upstream response cannot be masked now: {e.message}",
+                   "busy", "masking", headers={"retry-after": "1"})
+            return
         except TooLarge:
             refuse(flow, 502, "upstream response over masking.max_body_bytes cannot be masked",
                    "body_too_large", "masking")

@@ -43,7 +43,6 @@ message over the size cap or held text over `masking.max_body_bytes` closes it t
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import weakref
@@ -63,7 +62,8 @@ from addons.egress.websocket import (
     is_slot,
 )
 from addons.frame.guard import guarded
-from addons.masking.addon import THREAD_MIN_BYTES, Masking
+from addons.frame.offload import Busy, run_heavy
+from addons.masking.addon import THREAD_MIN_BYTES, Masking, _heavy
 from addons.masking.bodies import Masked, loads
 from addons.masking.masker import merge
 from addons.masking.sse import SSEEvent, StreamMasker
@@ -71,6 +71,7 @@ from addons.masking.sse import SSEEvent, StreamMasker
 log = logging.getLogger("agentgate.masking")
 
 STEP = "masking"
+CLOSE_TRY_AGAIN = 1013  # RFC 6455 registry: try again later (the heavy-work queue is full)
 # event type -> the field holding base64 audio (passed; every other field is masked)
 AUDIO_FIELDS = {"input_audio_buffer.append": "audio", "response.audio.delta": "delta",
                 "response.output_audio.delta": "delta"}
@@ -169,13 +170,18 @@ class WebSocketMasking:
             return
         st, d = self._direction(flow, message.from_client, up, cfg)
         try:
-            if len(message.content) >= THREAD_MIN_BYTES:
-                # a large message is masked in a worker thread: other flows keep moving
-                # (this socket waits: mitmproxy runs the hook before the next message)
-                outs = await asyncio.to_thread(self._mask, d, text)
+            if len(message.content) >= THREAD_MIN_BYTES or _heavy(message.content):
+                # a large message, or one dense with values (masking cost follows them,
+                # addon.LOOP_BUDGET_US), is masked in a worker thread, in this identity's
+                # share of them (frame/offload.py): other flows keep moving (this socket
+                # waits: mitmproxy runs the hook before the next message)
+                outs = await run_heavy(flow, self._mask, d, text)
             else:
                 outs = self._mask(d, text)
             d.fifo.extend(outs)
+        except Busy as e:
+            close_websocket(flow, CLOSE_TRY_AGAIN, f"agentgate: {e.message}")
+            return
         except SplitValue:
             close_websocket(flow, CLOSE_POLICY,
                             "agentgate: a value split across two messages cannot be masked")

@@ -218,3 +218,23 @@ def test_large_message_is_masked_in_a_worker_thread(addon: WebSocketMasking) -> 
     m = send(addon, f, body)
     assert len(m.content) > 64 * 1024 and "[CREDIT_CARD" in m.text
     assert "4111111111111111" not in digits(m.text)
+
+
+def test_small_message_dense_with_values_is_masked_in_a_worker_thread(
+        addon: WebSocketMasking, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Masking cost follows the values (addon.LOOP_BUDGET_US): ~16 KB of e-mail addresses
+    held the event loop tens of ms when only messages over THREAD_MIN_BYTES left it. Same
+    bytes either way (compared with the same message masked on the loop, budget raised)."""
+    from addons.masking import addon as masking_addon
+    from tests.frame.threadcount import count_to_thread
+
+    text = " ".join(f"user{i}.x@example.com" for i in range(700))
+    body = json.dumps({"type": "conversation.item.create",
+                       "item": {"content": [{"type": "input_text", "text": text}]}})
+    assert len(body) < masking_addon.THREAD_MIN_BYTES
+    threaded = count_to_thread(monkeypatch, masking_addon)
+    m = send(addon, ws_flow(), body)
+    assert len(threaded) == 1 and "@example.com" not in m.text
+    monkeypatch.setattr(masking_addon, "LOOP_BUDGET_US", 10**9)
+    inline = send(addon, ws_flow(), body)
+    assert len(threaded) == 1 and inline.content == m.content
