@@ -17,7 +17,6 @@ messages cost. Reloaded rules start every session afresh.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from mitmproxy import ctx, http
@@ -25,6 +24,7 @@ from mitmproxy import ctx, http
 from addons.config.holder import RulesHolder
 from addons.frame import decode
 from addons.frame.guard import guarded, refuse
+from addons.frame.offload import Busy, run_heavy
 from addons.frame.principal import flow_session_key
 from addons.policy.engine import (
     BodyUnavailable,
@@ -142,10 +142,13 @@ class Policy:
                     size >= THREAD_MIN_BYTES and not continues(facts, key, size):
                 # decoding (up to the caps), the skeleton of a large text and a batch of
                 # up to 100,000 requests run in a worker thread: other flows keep moving
-                decision = await asyncio.to_thread(evaluate, policies, facts,
-                                                   observe_only=self.observe_only)
+                decision = await run_heavy(flow, evaluate, policies, facts,
+                                           observe_only=self.observe_only)
             else:
                 decision = evaluate(policies, facts, observe_only=self.observe_only)
+        except Busy as e:  # this identity's share of worker threads is full
+            refuse(flow, e.status, e.message, "busy", "policy", headers={"retry-after": "1"})
+            return
         except BodyUnavailable as e:
             flow.metadata["decision"] = {"action": "block", "rule": "<uninspectable>",
                                          "message": str(e), "observed": False}
