@@ -2,8 +2,15 @@
 
 `WriterProcess` has the interface the recorder addon needs (start, submit, overloaded,
 flush, close, backlog, failure): `submit()` serialises a snapshot (addons/recording/wire.py,
-a few µs, on the event loop) and queues the bytes; a sender thread writes them to the
-process's stdin (blocking writes, GIL released); a reader thread takes its acknowledgements.
+a few µs, on the event loop) and writes the frame to the process's stdin itself — the pipe
+is non-blocking, so the write either goes into the pipe's buffer at once or not at all.
+Only what does not fit (the pipe is full: the process is behind), or what must wait for
+earlier frames still queued, goes to the outbox and wakes the sender thread, which waits
+for room (poll, GIL released) and writes it. Waking a thread per flow cost the event loop's
+thread more than the write itself (a condition variable's notify, then the GIL handed back
+and forth), and the order of the stream is kept: a frame is written directly only when
+nothing is queued before it and the sender is not writing. A reader thread takes the
+process's acknowledgements.
 
 Fail closed, bounded:
 - Every record stays in memory, as bytes, until the writer process says it is written
@@ -26,6 +33,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -42,6 +50,21 @@ log = logging.getLogger("agentgate.recorder")
 ROOT = Path(__file__).resolve().parents[2]  # the directory that holds the addons package
 START_TIMEOUT = 60.0  # seconds for the process to open the store (a WAL replay may take time)
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of data to a non-blocking pipe, waiting for room (GIL released) when it is
+    full; OSError when the reader is gone. poll, not select: no FD_SETSIZE limit."""
+    view = memoryview(data)
+    waiter: select.poll | None = None
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            if waiter is None:
+                waiter = select.poll()
+                waiter.register(fd, select.POLLOUT)
+            waiter.poll(1000)
 
 
 class WriterStartError(RuntimeError):
@@ -71,7 +94,11 @@ class WriterProcess(store.BacklogBound):
         self._unacked: deque[tuple[int, bytes]] = deque()
         self._outbox: deque[tuple[int, bytes]] = deque()  # not yet sent to this process
         self._lock = threading.Lock()
-        self._cv = threading.Condition(self._lock)
+        self._cv = threading.Condition(self._lock)  # acknowledgements, restarts, closing
+        # the sender waits on its own condition: an acknowledgement does not wake it
+        self._send_cv = threading.Condition(self._lock)
+        self._sending = False  # the sender holds frames taken from the outbox (not yet written)
+        self._fd = -1  # the current process's stdin (non-blocking), -1 when none
         self._proc: subprocess.Popen[bytes] | None = None
         self._gen = 0  # which process the outbox is for
         self._closing = False
@@ -96,7 +123,9 @@ class WriterProcess(store.BacklogBound):
             [sys.executable, "-P", "-m", "addons.recording.writerproc", str(self.path),
              json.dumps(self._config())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True, bufsize=0)
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stdin is not None
+        # the event loop writes frames itself and must never wait for the process
+        os.set_blocking(proc.stdin.fileno(), False)
         first: list[tuple[Any, ...] | None] = []
         t = threading.Thread(target=lambda: first.append(wire.read_frame(proc.stdout)),
                              daemon=True)
@@ -119,6 +148,7 @@ class WriterProcess(store.BacklogBound):
         proc, seq, head = self._spawn()
         with self._lock:
             self._proc = proc
+            self._fd = proc.stdin.fileno() if proc.stdin is not None else -1
             self._gen += 1
         for target, name in ((self._send_loop, "agentgate-audit-send"),
                              (self._read_loop, "agentgate-audit-acks")):
@@ -141,10 +171,21 @@ class WriterProcess(store.BacklogBound):
         return self._n - self._acked
 
     def submit(self, item: store.Pending | store.Direct) -> None:
-        """Queue a record (serialised now: later changes to the flow cannot race)."""
-        if self._closed or self._closing:
-            raise RuntimeError("audit writer is closed")
-        n = self._n + 1
+        """Send a record (serialised now: later changes to the flow cannot race). It stays
+        in the backlog until the process acknowledges it."""
+        with self._lock:
+            # under the lock: numbered, kept and sent in one step, never after close()
+            # let the sender close the pipe
+            if self._closed or self._closing:
+                raise RuntimeError("audit writer is closed")
+            n = self._n + 1
+            data = self._encode(n, item)
+            self._n = n
+            self.pending_bytes += len(data)
+            self._unacked.append((n, data))
+            self._send(data)
+
+    def _encode(self, n: int, item: store.Pending | store.Direct) -> bytes:
         if isinstance(item, store.Direct):
             data = wire.frame(wire.direct_msg(n, item))
         else:
@@ -159,33 +200,47 @@ class WriterProcess(store.BacklogBound):
                 d = store.Direct(row=row, id=row["id"], session=item.session,
                                  recorded_at=item.recorded_at, size=item.size)
                 data = wire.frame(wire.direct_msg(n, d))
-        with self._lock:
-            self._n = n
-            self.pending_bytes += len(data)
-            self._unacked.append((n, data))
-            self._outbox.append((n, data))
-            self._cv.notify_all()
+        return data
+
+    def _send(self, data: bytes) -> None:
+        """Write a frame to the process now, or queue it for the sender (lock held).
+
+        Directly only when nothing is queued before it and the sender holds nothing: the
+        stream's order is the order of the calls. A write that fails (the process is gone)
+        is not retried here: the reader restarts the process and re-sends every record not
+        acknowledged, this one included; a control frame is re-sent as the new process's
+        configuration. A partial write leaves the rest first in the outbox."""
+        if not self._outbox and not self._sending and self._fd >= 0:
+            try:
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0  # the pipe is full: the sender waits for room
+            except OSError:
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._outbox.append((0, data))
+        if not self._sending:
+            self._send_cv.notify()
 
     def set_lake(self, lake: dict[str, Any], replica: str) -> None:
         """Have the process ship its store to this audit lake (kept across restarts)."""
         with self._lock:
             self._lake = (lake, replica)
-            self._outbox.append((0, wire.frame(("lake", lake, replica))))
-            self._cv.notify_all()
+            self._send(wire.frame(("lake", lake, replica)))
 
     def reconfigure(self) -> None:
         """Send the current batch settings to the process (after the rules changed)."""
         with self._lock:
-            self._outbox.append((0, wire.frame(("cfg", self._config()))))
-            self._cv.notify_all()
+            self._send(wire.frame(("cfg", self._config())))
 
     def flush(self, timeout: float = 30) -> bool:
         """Wait until everything submitted so far is written (True) or timeout (False)."""
         target = self._n
         deadline = time.monotonic() + timeout
         with self._lock:
-            self._outbox.append((0, wire.frame(("flush",))))
-            self._cv.notify_all()
+            self._send(wire.frame(("flush",)))
             while self._acked < target:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -202,6 +257,7 @@ class WriterProcess(store.BacklogBound):
         with self._lock:
             self._closing = True
             self._cv.notify_all()
+            self._send_cv.notify_all()
         # the sender closes the pipe once the outbox is empty; the process then drains
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -226,32 +282,34 @@ class WriterProcess(store.BacklogBound):
 
     # -- threads
     def _send_loop(self) -> None:
-        """Write queued frames to the current process; close its stdin at shutdown."""
+        """Write what submit() could not (the pipe was full, or frames were queued before
+        it) to the current process; close its stdin at shutdown."""
         while True:
             with self._lock:
+                self._sending = False
                 while not self._outbox and not self._closing:
-                    self._cv.wait()
+                    self._send_cv.wait()
                 if not self._outbox and self._closing:
                     proc = self._proc
                     break
-                proc, gen = self._proc, self._gen
+                proc, gen, fd = self._proc, self._gen, self._fd
                 chunk = []
                 size = 0
                 while self._outbox and size < 1 << 20:
                     n, data = self._outbox.popleft()
                     chunk.append(data)
                     size += len(data)
+                self._sending = True  # submit() queues behind these until they are written
             try:
-                assert proc is not None and proc.stdin is not None
-                view = memoryview(b"".join(chunk))
-                while view:  # unbuffered: a write may take only part of it
-                    view = view[proc.stdin.write(view) or 0:]
-            except (OSError, ValueError, AssertionError):
+                _write_all(fd, b"".join(chunk))
+            except (OSError, ValueError):
                 # the process died: the reader restarts it and re-queues what it had not
                 # acknowledged (this chunk included); wait for that
                 with self._lock:
                     while self._gen == gen and not self._closed:
-                        if self._closing and self._proc is proc and proc.poll() is not None:
+                        if self._closing and self._proc is proc and proc is not None \
+                                and proc.poll() is not None:
+                            self._sending = False
                             return
                         self._cv.wait(0.5)
         if proc is not None and proc.stdin is not None:
@@ -292,6 +350,7 @@ class WriterProcess(store.BacklogBound):
                 self._acked_upto(done, None)  # committed just before the exit: not resent
                 with self._lock:
                     self._proc = new
+                    self._fd = new.stdin.fileno() if new.stdin is not None else -1
                     self._gen += 1
                     # everything not acknowledged goes to the new process, in order
                     self._outbox = deque(self._unacked)
@@ -300,6 +359,7 @@ class WriterProcess(store.BacklogBound):
                         self._outbox.appendleft((0, wire.frame(("lake", *self._lake))))
                     self.restarts += 1
                     self._cv.notify_all()
+                    self._send_cv.notify_all()
                 self.failure = None
                 log.warning("agentgate: audit writer process restarted (pid %d, head seq %d, "
                             "%d records sent again)", new.pid, seq, len(self._unacked))
