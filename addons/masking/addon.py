@@ -103,15 +103,16 @@ INLINE_MAX_BYTES = 1024 * 1024
 # number-dense text — cards, phones, IBAN-like ' de12' runs — ~0.003 us per byte of plain
 # prose; 60 KB of addresses held the loop ~175 ms: BENCHMARKS, PERF-AC). It is estimated
 # from C-level counts of the bytes that start or make findings (_heavy: 8 us an '@', 2 a
-# digit, 1 a '%' or a byte past ASCII, 1/3 a capital letter in a body of 2 KB or more,
-# 0.01 a byte); over this many microseconds, a thread. (Only where the work runs changes:
-# the bytes are the same.)
+# digit, 1 a '%', a byte past ASCII or a capital letter, 2 a '_', '-' or '/' — those
+# two in a body of 2 KB or more —, 0.01 a byte); over this many microseconds, a thread.
+# (Only where the work runs changes: the bytes are the same.)
 LOOP_BUDGET_US = 2000
 _NON_DIGITS = bytes(b for b in range(256) if not 0x30 <= b <= 0x39)
 _ASCII_BYTES = bytes(range(128))
 _NON_CAPS = bytes(b for b in range(256) if not 0x41 <= b <= 0x5A)
+_NON_JOINERS = bytes(b for b in range(256) if b not in b"_-/")
 # under this size even a body of letter-only secrets is small work (~100 of them)
-_CAPS_MIN_BYTES = 2048
+_TOKENS_MIN_BYTES = 2048
 # The message caches are a speed-up only (a miss masks the message again, with the same
 # placeholders): at most 16 MiB in all and 4 MiB per session (a 4 MB history, ~1M tokens,
 # still hits whole), so that with the placeholder maps (masker.MAX_BYTES, 16 MiB) a
@@ -175,11 +176,14 @@ def _heavy(data: bytes) -> bool:
         est += 2 * len(data.translate(None, _NON_DIGITS))
     if est <= LOOP_BUDGET_US and not data.isascii():
         est += len(data.translate(None, _ASCII_BYTES))
-    if est <= LOOP_BUDGET_US and len(data) >= _CAPS_MIN_BYTES:
-        # provider secrets of letters alone (AKIA + 16 capitals, ghp_/AIza tokens: ~12-15
-        # us each, ~18-20 capitals each) have none of the bytes above; prose has a few
-        # per cent capitals (60 KB of it at 6 %: ~1.2 ms counted, still the loop)
-        est += len(data.translate(None, _NON_CAPS)) // 3
+    if est <= LOOP_BUDGET_US and len(data) >= _TOKENS_MIN_BYTES:
+        # provider secrets made of letters (AKIA + 16 capitals, ghp_/glpat-/npm_/pplx-/
+        # AIza tokens, Slack hook paths: ~12-30 us each to find, check and replace) have
+        # none of the bytes above: each has a capital, '_', '-' or '/' (in the
+        # secret rules' literals). Prose has a few per cent capitals and few of the rest.
+        est += len(data.translate(None, _NON_CAPS))
+        if est <= LOOP_BUDGET_US:
+            est += 2 * len(data.translate(None, _NON_JOINERS))
     return est > LOOP_BUDGET_US
 
 
