@@ -30,6 +30,7 @@ Fail closed, bounded:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ log = logging.getLogger("agentgate.recorder")
 ROOT = Path(__file__).resolve().parents[2]  # the directory that holds the addons package
 START_TIMEOUT = 60.0  # seconds for the process to open the store (a WAL replay may take time)
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+PIPE_SIZE = 1 << 20  # bytes the pipe to the process may hold (where the system allows)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -126,6 +128,11 @@ class WriterProcess(store.BacklogBound):
         assert proc.stdout is not None and proc.stdin is not None
         # the event loop writes frames itself and must never wait for the process
         os.set_blocking(proc.stdin.fileno(), False)
+        # a larger pipe (Linux; up to fs.pipe-max-size, 1 MiB by default) holds what
+        # arrives while the process naps between reads (writerproc.READ_NAP): the direct
+        # write keeps succeeding and the sender thread stays asleep
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         first: list[tuple[Any, ...] | None] = []
         t = threading.Thread(target=lambda: first.append(wire.read_frame(proc.stdout)),
                              daemon=True)

@@ -41,6 +41,9 @@ from addons.recording.writer import AuditWriter, open_failure_hint
 log = logging.getLogger("agentgate.recorder")
 
 REPORT_INTERVAL = 0.02  # seconds between looks at the writer's progress
+# Read the pipe at most this often while it is quiet (wire.FrameReader): frames arrive one
+# per flow, rows are written every `interval` (0.2 s) — one wake-up per nap, not per flow.
+READ_NAP = 0.01
 DRAIN_TIMEOUT = 120.0  # seconds to write what is queued once the gateway is gone
 # Give freed heap back after this many bytes of records went through (and the queue is
 # empty), at most once per TRIM_EVERY seconds.
@@ -135,13 +138,13 @@ def configure(w: AuditWriter, cfg: dict[str, Any]) -> None:
     w.max_pending_bytes = 1 << 62
 
 
-def pump(inp: IO[bytes], w: AuditWriter, rep: Reporter, done: int, db: str,
+def pump(inp: wire.FrameReader, w: AuditWriter, rep: Reporter, done: int, db: str,
          shippers: list[lake.LakeShipper]) -> None:
     """Read the gateway's messages until the end of the stream and hand the records to the
     writer, reading no further ahead than one batch behind the one being written."""
     first = True
     while True:
-        got = wire.read_frame_sized(inp)
+        got = inp.next()
         if got is None:
             return
         msg, nbytes = got
@@ -179,7 +182,7 @@ def main(argv: list[str]) -> int:
                         format="[%(asctime)s.%(msecs)03d] %(message)s", datefmt="%H:%M:%S")
     logscrub.install()
     db, cfg = argv[0], json.loads(argv[1])
-    inp = sys.stdin.buffer
+    inp = wire.FrameReader(sys.stdin.fileno(), nap=READ_NAP)
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     # nothing else may write into the message stream (a stray print would corrupt it)
     sys.stdout = sys.stderr

@@ -126,3 +126,43 @@ def test_frames_written_to_a_dead_process_are_sent_again_and_flows_refused(
         w.submit(pending(f"s{i}", 2000))
     assert w.close(60)
     assert sessions(db) == expected  # each once, in order
+
+
+def _feed(fd: int, data: bytes, cuts: list[int]) -> None:
+    """Write data to a pipe in pieces cut at the given offsets, then close it."""
+    at = 0
+    for cut in [*cuts, len(data)]:
+        view = memoryview(data)[at:cut]
+        while view:
+            view = view[os.write(fd, view):]
+        at = cut
+    os.close(fd)
+
+
+def test_the_writer_reads_every_frame_whatever_the_pieces_it_arrives_in() -> None:
+    import random
+
+    from addons.recording import wire
+    rnd = random.Random(16)
+    msgs = [("flow", i, b"x" * rnd.choice((0, 1, 3, 700, 4096, 70_000, 300_000)),
+             {"k": "v" * (i % 7)}) for i in range(1, 60)]
+    data = b"".join(wire.frame(m) for m in msgs)
+    for cuts in ([], sorted(rnd.sample(range(1, len(data)), 40)), list(range(1, 200))):
+        r, w = os.pipe()
+        t = threading.Thread(target=_feed, args=(w, data, cuts), daemon=True)
+        t.start()
+        reader = wire.FrameReader(r, nap=0.001, chunk=4096)
+        got = []
+        while (item := reader.next()) is not None:
+            got.append(item)
+        t.join(10)
+        os.close(r)
+        assert [m for m, _ in got] == msgs  # each once, in order, none torn
+        assert [n for _, n in got] == [len(wire.frame(m)) for m in msgs]
+    # a stream cut inside a frame ends there: the partial message is never used
+    r, w = os.pipe()
+    _feed(w, wire.frame(("ack", 1, None)) + wire.frame(("ack", 2, None))[:-1], [])
+    reader = wire.FrameReader(r)
+    assert reader.next() == (("ack", 1, None), len(wire.frame(("ack", 1, None))))
+    assert reader.next() is None
+    os.close(r)
