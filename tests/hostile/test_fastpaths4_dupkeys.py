@@ -9,14 +9,11 @@ one (YAML's own way to override) is still fine."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import Gateway
-from tests.hostile.test_newuser_rules import TWO_POLICIES, UPSTREAMS, check
+from tests.hostile.test_newuser_rules import UPSTREAMS, check, reload_is_refused
 
 CASES = {
     "inline mapping": (UPSTREAMS + "  - name: other\n    hosts: [api.example.com]\n"
@@ -64,19 +61,7 @@ MERGED_TWICE = """policies:
 @pytest.mark.integration
 def test_a_reload_with_a_key_twice_in_a_merge_keeps_the_rules_in_force(
         gateway_factory, no_identity, standin) -> None:
-    gw: Gateway = gateway_factory({"rules.yaml": "{standin_upstreams}" + no_identity,
-                                   "policy.yaml": TWO_POLICIES.split("# ...")[0]})
-    url = "https://api.openai.com/v1/chat/completions"
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user",
-                                                  "content": "about project bluebird"}]}
-    with httpx.Client(proxy=gw.proxy_url(), verify=str(gw.ca_cert), timeout=30) as c:
-        assert c.post(url, json=body).status_code == 403
-        # the merged mapping's second `match` would replace the first: bluebird allowed
-        (gw.rules_dir / "policy.yaml").write_text(MERGED_TWICE)
-        deadline = time.monotonic() + 30
-        while "rules change rejected" not in gw.logs():
-            assert time.monotonic() < deadline, gw.logs()[-2000:]
-            time.sleep(0.1)
-        assert "policy.yaml: policies[0].<<.match: line 3: the key is already given on " \
-            "line 3" in gw.logs()
-        assert c.post(url, json=body).status_code == 403  # the block rule is still there
+    # the merged mapping's second `match` would replace the first: bluebird allowed
+    reload_is_refused(gateway_factory, no_identity, MERGED_TWICE,
+                      "policy.yaml: policies[0].<<.match: line 3: the key is already given "
+                      "on line 3")

@@ -96,6 +96,13 @@ def test_aliases_are_walked_once(tmp_path: Path, text: str) -> None:
 @pytest.mark.integration
 def test_a_reload_with_a_key_twice_keeps_the_rules_in_force(gateway_factory, no_identity,
                                                             standin) -> None:
+    reload_is_refused(gateway_factory, no_identity, TWO_POLICIES,
+                      "policy.yaml: policies: line 6: the key is already given on line 1")
+
+
+def reload_is_refused(gateway_factory, no_identity: str, text: str, logged: str) -> None:
+    """A gateway blocking 'project bluebird' (one policy file) reloads `text` as that
+    file: refused with `logged` in its log, and the block still in force."""
     gw: Gateway = gateway_factory({"rules.yaml": "{standin_upstreams}" + no_identity,
                                    "policy.yaml": TWO_POLICIES.split("# ...")[0]})
     url = "https://api.openai.com/v1/chat/completions"
@@ -103,11 +110,10 @@ def test_a_reload_with_a_key_twice_keeps_the_rules_in_force(gateway_factory, no_
                                                   "content": "about project bluebird"}]}
     with httpx.Client(proxy=gw.proxy_url(), verify=str(gw.ca_cert), timeout=30) as c:
         assert c.post(url, json=body).status_code == 403
-        (gw.rules_dir / "policy.yaml").write_text(TWO_POLICIES)
+        (gw.rules_dir / "policy.yaml").write_text(text)
         deadline = time.monotonic() + 30
         while "rules change rejected" not in gw.logs():
             assert time.monotonic() < deadline, gw.logs()[-2000:]
             time.sleep(0.1)
-        assert "policy.yaml: policies: line 6: the key is already given on line 1" \
-            in gw.logs()
+        assert logged in gw.logs()
         assert c.post(url, json=body).status_code == 403  # the block rule is still there
