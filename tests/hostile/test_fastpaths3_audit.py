@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -29,6 +30,19 @@ FILLER = "lorem ipsum dolor sit amet " * 200
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "addons.cli", *args], cwd=str(ROOT),
                           capture_output=True, text=True, timeout=120)
+
+
+def verified_export(db: Path, session: str, tmp_path: Path) -> list:
+    """`agentgate audit verify` of the store passes; the session's chat flows as
+    `agentgate export` gives them back."""
+    v = cli("audit", "verify", "--db", str(db))
+    assert v.returncode == 0, v.stdout + v.stderr
+    out = tmp_path / f"{session}.mitm"
+    e = cli("export", "--db", str(db), "--session", session, "-o", str(out))
+    assert e.returncode == 0, e.stdout + e.stderr
+    with open(out, "rb") as fh:
+        return [f for f in mio.FlowReader(fh).stream()
+                if f.request.path.endswith("/chat/completions")]
 
 
 def msg(text: str) -> dict:
@@ -90,15 +104,7 @@ def test_a_hostile_conversation_exports_as_forwarded(gw, standin, tmp_path) -> N
             sent.append((got["body"], note))
     assert "4111 1111 1111 1111" not in sent[-2][0]
     assert gw.stop() == 0
-    db = gw.data_dir / "agentgate.duckdb"
-    v = cli("audit", "verify", "--db", str(db))
-    assert v.returncode == 0, v.stdout + v.stderr
-    out = tmp_path / "hostile.mitm"
-    e = cli("export", "--db", str(db), "--session", "hostile", "-o", str(out))
-    assert e.returncode == 0, e.stdout + e.stderr
-    with open(out, "rb") as fh:
-        flows = [f for f in mio.FlowReader(fh).stream()
-                 if f.request.path.endswith("/chat/completions")]
+    flows = verified_export(gw.data_dir / "agentgate.duckdb", "hostile", tmp_path)
     got = [(f.request.content.decode("utf-8", "replace"),
             f.request.headers.get("x-note")) for f in flows]
     assert [g[0] for g in got] == [s[0] for s in sent]

@@ -14,10 +14,9 @@ import json
 
 import httpx
 import pytest
-from mitmproxy import io as mio
 
-from tests.conftest import start_gateway
-from tests.hostile.test_fastpaths3_audit import cli
+from tests.conftest import standin_upstreams_yaml, start_gateway
+from tests.hostile.test_fastpaths3_audit import verified_export
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +45,6 @@ def test_a_restart_on_the_same_store_records_the_resent_history(
         tmp_path, gateway_confdir, standin, no_identity) -> None:
     rules = tmp_path / "rules"
     rules.mkdir()
-    from addons.devkit.launch import standin_upstreams_yaml
     (rules / "rules.yaml").write_text(standin_upstreams_yaml(standin) + no_identity
                                       + "recorder:\n  batch_interval_ms: 20\n")
     data = tmp_path / "data"
@@ -63,15 +61,8 @@ def test_a_restart_on_the_same_store_records_the_resent_history(
         log = (tmp_path / f"gateway{run}.log").read_text()
         assert "Traceback" not in log, log[-3000:]
     assert all("ann1@example.com" not in s for s in sent)
-    db = data / "agentgate.duckdb"
-    v = cli("audit", "verify", "--db", str(db))
-    assert v.returncode == 0, v.stdout + v.stderr
-    out = tmp_path / "restart.mitm"
-    e = cli("export", "--db", str(db), "--session", "restart", "-o", str(out))
-    assert e.returncode == 0, e.stdout + e.stderr
-    with open(out, "rb") as fh:
-        got = [f.request.content.decode() for f in mio.FlowReader(fh).stream()
-               if f.request.path.endswith("/chat/completions")]
+    got = [f.request.content.decode()
+           for f in verified_export(data / "agentgate.duckdb", "restart", tmp_path)]
     assert len(got) == 8
     assert got == sent
     # the second run's turns re-sent the first run's history, masked the same way
