@@ -89,42 +89,52 @@ class FrameReader:
         self.nap = nap
         self.nap_below = nap_below
         self.chunk = chunk
-        self._buf = bytearray()
-        self._pos = 0
+        # read(2) goes straight into this buffer (readv): a frame's bytes are copied once
+        # from the kernel, then decoded in place; grown for a larger frame, shrunk after
+        self._buf = bytearray(chunk)
+        self._start = 0  # the next frame's first byte
+        self._end = 0  # one past the last byte read
         self._last = chunk  # the size of the last read: no nap before the first
         self.reads = 0
 
     def next(self) -> tuple[tuple[Any, ...], int] | None:
         """(the next message, its frame's size), or None at end of stream; a stream cut
         inside a frame is also its end (a partial message is never used)."""
-        buf = self._buf
         while True:
-            have = len(buf) - self._pos
+            buf, start = self._buf, self._start
+            have = self._end - start
+            need = HEADER.size
             if have >= HEADER.size:
-                (size,) = HEADER.unpack_from(buf, self._pos)
-                end = self._pos + HEADER.size + size
-                if end <= len(buf):
-                    # a view, not a copy; released before the buffer is resized
-                    with memoryview(buf) as view, view[self._pos + HEADER.size:end] as data:
+                need += HEADER.unpack_from(buf, start)[0]
+                if have >= need:
+                    with memoryview(buf) as view, view[start + HEADER.size:start + need] as data:
                         msg = marshal.loads(data)  # noqa: S302 - our own pipe
-                    self._pos = end
+                    self._start = start + need
+                    if self._start == self._end:
+                        self._start = self._end = 0
+                        if len(buf) > self.chunk:  # a large frame passed: give it back
+                            self._buf = bytearray(self.chunk)
                     if not isinstance(msg, tuple) or not msg or not isinstance(msg[0], str):
                         raise ValueError("malformed message on the audit writer pipe")
-                    return msg, HEADER.size + size
-                want = end - len(buf)
-            else:
-                want = HEADER.size - have
-            if self._pos:
-                del buf[:self._pos]  # what was used; the partial frame moves to the front
-                self._pos = 0
-            if self.nap and not buf and self._last < self.nap_below:  # not mid-frame
+                    return msg, need
+            if start + need > len(buf) or (start and len(buf) - self._end < len(buf) // 4):
+                # the partial frame moves to the front (of a larger buffer if it needs one)
+                if need > len(buf):
+                    grown = bytearray(need)
+                    grown[:have] = buf[start:self._end]
+                    self._buf = buf = grown
+                else:
+                    buf[:have] = buf[start:self._end]
+                self._start, self._end = 0, have
+            if self.nap and not have and self._last < self.nap_below:  # not mid-frame
                 time.sleep(self.nap)
-            part = os.read(self.fd, max(self.chunk, want))
+            with memoryview(buf) as view, view[self._end:] as free:
+                got = os.readv(self.fd, [free])
             self.reads += 1
-            if not part:
+            if not got:
                 return None
-            self._last = len(part)
-            buf += part
+            self._last = got
+            self._end += got
 
 
 def pending_msg(n: int, p: store.Pending) -> tuple[Any, ...]:
