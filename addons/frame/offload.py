@@ -9,8 +9,8 @@ agents flooding e-mail-dense bodies moved a third agent's 1 KB p50 from 6 to ~40
 (BENCHMARKS, PERF-AC): each flooding job is one more thread the loop waits behind.
 
 FairPool bounds that work:
-- at most `total` heavy jobs run at once (in threads), at most `per_key` of them for one
-  identity (frame/principal: issuer AND subject), so one identity's flood never takes
+- at most `total` heavy jobs run at once (in threads; TOTAL below), at most `per_key` of
+  them for one identity (frame/principal: issuer AND subject), so one identity's flood never takes
   every slot;
 - jobs waiting for a slot queue per identity, and a freed slot goes to the next identity
   in round-robin order (not to whoever queued first), so an identity with one job waits
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -35,12 +36,18 @@ from addons.frame.principal import principal
 
 log = logging.getLogger("agentgate.offload")
 
-# Two heavy jobs at once: on a 2-core machine a third thread only adds GIL contention
-# (each running job is one more thread the loop waits behind), and with two the pool is
-# still never idle while one job's thread waits on I/O (the shared placeholder store).
-TOTAL = 2
-PER_KEY = 1
-QUEUE_PER_KEY = 32
+# How many heavy jobs run at once: one core's worth of threads besides the loop's, at most
+# 4. Each running job is one more thread the event loop waits behind for the GIL (~5 ms
+# per switch): measured on 2 cores (bench/bench_fairness.py, one run, BENCHMARKS PERF-AE),
+# a light agent's 1 KB p50 while two identities flood e-mail-dense bodies was 59-70 ms
+# with asyncio.to_thread's executor (up to 6 threads), 35-53 with 4 slots (2 per
+# identity), 26-31 with 2 (1 per identity), 13-19 with 1 — and the flood's throughput was
+# the same (GIL-bound); 100 KB c=16 from one identity unchanged within noise.
+TOTAL = max(1, min(4, (os.cpu_count() or 2) - 1))
+PER_KEY = max(1, TOTAL // 2)
+# Waiting jobs: one identity may have this many queued (a busy agent with many parallel
+# workers behind one token), the gateway this many in all; beyond, Busy at once.
+QUEUE_PER_KEY = 128
 QUEUE_TOTAL = 1024
 
 
@@ -121,10 +128,12 @@ class FairPool:
         q = self._waiting.get(key)
         if q is not None and len(q) >= self.queue_per_key:
             self.refused += 1
+            log.warning("agentgate: heavy body work refused: an identity's queue is full")
             raise Busy(429, f"too much heavy body work queued for this identity (more than "
                             f"{self.queue_per_key} requests waiting); retry later")
         if self.queued >= self.queue_total:
             self.refused += 1
+            log.warning("agentgate: heavy body work refused: the gateway's queue is full")
             raise Busy(503, f"the gateway's heavy body work queue is full ({self.queue_total} "
                             f"requests waiting); retry later")
         if q is None:

@@ -460,10 +460,15 @@ class Masking:
                 key = None if shared else self._session_key(flow)
                 # a compressed body's size on the wire says nothing of its decoded size
                 # (up to decode.MAX_RATIO times it): always a thread, as policy does
-                if shared or encoding or not _on_loop(ctx, flow, raw):
+                if encoding or not _on_loop(ctx, flow, raw):
                     # in this identity's share of the worker threads (frame/offload.py)
                     new = await run_heavy(flow, mask_message, *args, flow=flow,
                                           memo_key=key)
+                elif shared:
+                    # small work, but the replica-shared map's round trips: a thread of
+                    # its own (I/O-bound: it must not hold a heavy-work slot while waiting)
+                    new = await asyncio.to_thread(mask_message, *args, flow=flow,
+                                                  memo_key=key)
                 else:
                     new = mask_message(*args, flow=flow, memo_key=key)
             except Busy as e:
@@ -563,9 +568,10 @@ class Masking:
         # upstream may compress whatever the request asked for: a hostile MCP server)
         size = len(raw) * decode.MAX_RATIO if encoding else len(raw)
         try:
-            if size >= THREAD_MIN_BYTES or isinstance(session, SharedSession) or \
-                    _heavy(raw):
+            if size >= THREAD_MIN_BYTES or _heavy(raw):
                 new, masked = await run_heavy(flow, mask_response, *args, flow=flow)
+            elif isinstance(session, SharedSession):  # I/O-bound (see request)
+                new, masked = await asyncio.to_thread(mask_response, *args, flow=flow)
             else:
                 new, masked = mask_response(*args, flow=flow)
         except Busy as e:
