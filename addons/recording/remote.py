@@ -52,6 +52,10 @@ ROOT = Path(__file__).resolve().parents[2]  # the directory that holds the addon
 START_TIMEOUT = 60.0  # seconds for the process to open the store (a WAL replay may take time)
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 PIPE_SIZE = 1 << 20  # bytes the pipe to the process may hold (where the system allows)
+# Frames up to this size are written by submit() itself: below it the sender's wake-up
+# costs more than the copy into the pipe; above it (a long conversation's history) the
+# copy dominates and is better done by the sender, beside the event loop (GIL released)
+DIRECT_MAX = 32 * 1024
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -212,12 +216,14 @@ class WriterProcess(store.BacklogBound):
     def _send(self, data: bytes) -> None:
         """Write a frame to the process now, or queue it for the sender (lock held).
 
-        Directly only when nothing is queued before it and the sender holds nothing: the
-        stream's order is the order of the calls. A write that fails (the process is gone)
-        is not retried here: the reader restarts the process and re-sends every record not
-        acknowledged, this one included; a control frame is re-sent as the new process's
-        configuration. A partial write leaves the rest first in the outbox."""
-        if not self._outbox and not self._sending and self._fd >= 0:
+        Directly only when it is small (DIRECT_MAX), nothing is queued before it and the
+        sender holds nothing: the stream's order is the order of the calls. A write that
+        fails (the process is gone) is not retried here: the reader restarts the process
+        and re-sends every record not acknowledged, this one included; a control frame is
+        re-sent as the new process's configuration. A partial write leaves the rest first
+        in the outbox."""
+        if len(data) <= DIRECT_MAX and not self._outbox and not self._sending \
+                and self._fd >= 0:
             try:
                 sent = os.write(self._fd, data)
             except BlockingIOError:
