@@ -57,7 +57,7 @@ import weakref
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 
 from addons.config.holder import RulesHolder
 from addons.frame import decode
@@ -83,6 +83,7 @@ from addons.masking.masker import (
 )
 from addons.masking.sessionstore import SecretMissing, SharedSession, shared_from_env
 from addons.masking.sse import StreamDecoder, StreamMasker
+from addons.masking.streamwork import StreamJob, install, upstream_transport
 
 log = logging.getLogger("agentgate.masking")
 
@@ -164,11 +165,11 @@ def _shared_doc(flow: Any, part: str, data: bytes, limit: int,
     return shared_json(body)
 
 
-def _heavy(data: bytes) -> bool:
-    """Would masking `data` likely take more than LOOP_BUDGET_US? An estimate from what
-    makes the detectors work (see LOOP_BUDGET_US): '@' (e-mail addresses), digits (every
-    numeric detector, IBANs, IPs), '%' (escapes decoded), bytes past ASCII (normalised),
-    and the length. A few us per KB to ask."""
+def _cost(data: bytes) -> int:
+    """The estimated microseconds masking `data` takes (counting stops once over
+    LOOP_BUDGET_US), from what makes the detectors work (see LOOP_BUDGET_US): '@' (e-mail
+    addresses), digits (every numeric detector, IBANs, IPs), '%' (escapes decoded), bytes
+    past ASCII (normalised), and the length. A few us per KB to ask."""
     est = len(data) // 100
     if est <= LOOP_BUDGET_US:
         est += 8 * data.count(b"@") + data.count(b"%")
@@ -184,7 +185,12 @@ def _heavy(data: bytes) -> bool:
         est += len(data.translate(None, _NON_CAPS))
         if est <= LOOP_BUDGET_US:
             est += 2 * len(data.translate(None, _NON_JOINERS))
-    return est > LOOP_BUDGET_US
+    return est
+
+
+def _heavy(data: bytes) -> bool:
+    """Would masking `data` likely take more than LOOP_BUDGET_US (_cost)?"""
+    return _cost(data) > LOOP_BUDGET_US
 
 
 def _on_loop(ctx: Masked, flow: Any, raw: bytes) -> bool:
@@ -294,6 +300,9 @@ class Masking:
         # the first flow after a start or a reload): (masking config, future)
         self._warming: tuple[Any, asyncio.Future[Masker]] | None = None
         holder.on_change(self._rules_changed)
+        # heavy streamed chunks masked off the event loop (streamwork.py); when it cannot
+        # be installed they stay on the loop
+        install()
 
     def _rules_changed(self, rules: Any) -> None:
         cfg = getattr(rules, "masking", None)
@@ -537,7 +546,7 @@ class Masking:
         # an earlier step's stream function (the mcp addon judging each JSON-RPC event)
         # runs first; its output is what gets masked
         before = resp.stream if callable(resp.stream) else None
-        resp.stream = _safe_stream(masker, flow, found, before)
+        resp.stream = _SafeStream(masker, flow, found, before)
         # The body changes length and is sent decoded.
         resp.headers.pop("content-encoding", None)
         if "content-length" in resp.headers:
@@ -596,6 +605,37 @@ class Masking:
             merge(self._findings(flow), found)
 
 
+    async def agentgate_stream_work(self, job: StreamJob) -> None:
+        """streamwork.StreamWorkHook: a heavy streamed chunk, masked in a worker thread (in
+        the identity's share: frame/offload) while reading from its upstream is paused, so
+        what arrives meanwhile waits in the kernel, not in memory. Without a transport to
+        pause, the layer's call masks it on the loop (as before). Never raises: an error
+        goes back to the layer's call in the job (the stream aborts)."""
+        if job.done:
+            return
+        try:
+            transport = upstream_transport(job.flow, ctx.master.addons.get("proxyserver"))
+            if transport is None:
+                return
+            transport.pause_reading()
+        except Exception as e:  # noqa: BLE001 - the work stays on the loop
+            log.debug("masking: stream chunk masked on the loop (%s)", type(e).__name__)
+            return
+        try:
+            await run_heavy(job.flow, job.run)
+        except Busy as e:
+            log.warning("masking: stream aborted: %s", e.message)
+            job.error, job.done = RuntimeError("masking failed; stream aborted"), True
+        except BaseException:
+            job.error, job.done = RuntimeError("masking failed; stream aborted"), True
+            raise
+        finally:
+            try:
+                transport.resume_reading()
+            except Exception:  # noqa: BLE001, S110 - the connection is gone
+                pass
+
+
 def _masked_fields(ctx: Masked, headers: http.Headers, passed: frozenset[str]
                    ) -> tuple[tuple[bytes, bytes], ...] | None:
     """The header fields masked (bytes, for `Headers.fields`), or None when unchanged."""
@@ -646,40 +686,96 @@ def _mask_recorded_origin(ctx: Masked, flow: http.HTTPFlow) -> None:
                                     parts.query if query is None else query, parts.fragment))
 
 
-def _safe_stream(masker: StreamMasker, flow: http.HTTPFlow, found: dict,
-                 before: Any = None) -> Any:
+class _SafeStream:
     """The stream callable: masks each chunk, keeps the flow's findings up to date, and
     aborts the stream (fail closed) if masking a chunk fails; never passes it unmasked.
-    `before`: an earlier stream function whose output is masked (it raises to abort)."""
+    `before`: an earlier stream function whose output is masked (it raises to abort).
 
-    def stream(data: bytes) -> list[bytes] | bytes:
-        if before is not None:
-            got = before(data)
-            chunk = b"".join(got) if isinstance(got, list) else got
-        else:
-            chunk = data
+    Heavy work leaves the event loop (streamwork.py): the HTTP layer first calls
+    `agentgate_offload(data)`, which runs `before` (on the loop: its state is the loop's)
+    and adds up the estimated masking work (_cost) of the chunks since no event was
+    pending; over LOOP_BUDGET_US (a compressed stream: always, its decoded size is not
+    known) it returns the masking as a job for a worker thread. The layer's call with the
+    same chunk then hands back what the job computed. Same calls to the masker, in the
+    same order, either way."""
+
+    def __init__(self, masker: StreamMasker, flow: http.HTTPFlow, found: dict,
+                 before: Any = None) -> None:
+        self.masker = masker
+        self.flow = flow
+        self.found = found
+        self.before = before
+        self._ready: tuple[bytes, StreamJob] | None = None
+        self._cost = 0  # estimated us of masking work held in the masker (events pending)
+
+    def _chunk(self, data: bytes) -> bytes:
+        got = self.before(data)
+        return b"".join(got) if isinstance(got, list) else got
+
+    def _mask(self, data: bytes, chunk: bytes) -> list[bytes] | bytes:
+        masker = self.masker
         try:
-            if before is None:
-                out = masker(data)
-            else:
-                out = masker(chunk) if chunk else []
-                if data == b"":  # the end: flush what the masker still holds
-                    end = masker(b"")
-                    out = [*(out if isinstance(out, list) else [out]),
-                           *(end if isinstance(end, list) else [end])]
+            if self.before is None:
+                return masker(data)
+            out = masker(chunk) if chunk else []
+            if data == b"":  # the end: flush what the masker still holds
+                end = masker(b"")
+                out = [*(out if isinstance(out, list) else [out]),
+                       *(end if isinstance(end, list) else [end])]
+            return out
         except Exception as e:  # noqa: BLE001 - fail closed: abort, never pass unmasked
             # The type only: an exception text could quote the stream's content.
             log.error("masking: stream aborted (%s)", type(e).__name__)
             raise RuntimeError("masking failed; stream aborted") from None
+
+    def agentgate_offload(self, data: bytes) -> StreamJob | None:
+        """The layer asks before its call with `data`: a job for a worker thread when the
+        masking work is heavy, else None (the call does it, on the loop)."""
+        self._ready = None
+        job = StreamJob(self.flow, _nothing)
+        if self.before is not None:
+            try:
+                chunk = self._chunk(data)
+            except BaseException as e:  # noqa: BLE001 - raised by the layer's call
+                job.error, job.done = e, True
+                self._ready = (data, job)
+                return None
+        else:
+            chunk = data
+        job.work = lambda: self._mask(data, chunk)
+        self._ready = (data, job)
+        self._cost += _cost(chunk)
+        if self.masker.decoder is None and self._cost <= LOOP_BUDGET_US:
+            return None
+        return job
+
+    def __call__(self, data: bytes) -> list[bytes] | bytes:
+        ready = self._ready
+        if ready is not None and ready[0] is data:
+            self._ready = None
+            job = ready[1]
+            if not job.done:  # small work (or no handler ran the hook): here, on the loop
+                job.run()
+            if job.error is not None:
+                raise job.error
+            out = job.result
+        else:  # the layer called without asking first (streamwork not installed)
+            out = self._mask(data, self._chunk(data) if self.before is not None else data)
+        splitter = self.masker.splitter
+        if not splitter.buf and not splitter.lines:
+            self._cost = 0  # no event pending: the estimate starts again
+        flow, found = self.flow, self.found
         if found and flow.metadata.get("findings") is not found:
             flow.metadata["findings"] = found
-        if data == b"" and masker.restored:
+        if data == b"" and self.masker.restored:
             # restore: the agent got its originals back; the recorder stores the masked
             # stream instead (set before mitmproxy's response hook, which follows the end)
-            flow.metadata["masked_response"] = masker.masked_copy()
+            flow.metadata["masked_response"] = self.masker.masked_copy()
         return out
 
-    return stream
+
+def _nothing() -> None:
+    return None
 
 
 def _refuse_stream(flow: http.HTTPFlow, message: str, code: str) -> None:
