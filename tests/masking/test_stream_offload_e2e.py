@@ -19,6 +19,8 @@ import pytest
 
 from tests.conftest import Gateway
 from tests.hostile.edgekit import AGENT_KEY, CHAT, client, serve_tls
+from tests.hostile.test_fastpaths_streams import Upstream as _StreamingUpstream
+from tests.hostile.test_fastpaths_streams import gw  # noqa: F401 - fixture (see below)
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +34,7 @@ def _event(text: str) -> bytes:
                                                 "finish_reason": None}]}) + "\n\n").encode()
 
 
-class Upstream:
+class Upstream(_StreamingUpstream):
     """Streams: a small first event, then the big one (one write), then waits for the
     test to say so before [DONE] (the stream stays open meanwhile)."""
 
@@ -69,10 +71,10 @@ class Upstream:
 
     def stop(self) -> None:
         self.finish.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().stop()
 
 
+# `gw` (imported): the gateway with llm.example.com forwarded to this module's `upstream`
 @pytest.fixture
 def upstream(standin) -> Iterator[Upstream]:
     u = Upstream(standin)
@@ -80,17 +82,7 @@ def upstream(standin) -> Iterator[Upstream]:
     u.stop()
 
 
-@pytest.fixture
-def gw(gateway_factory, no_identity, upstream) -> Gateway:
-    extra = f"""  - name: hostile-llm
-    hosts: [llm.example.com]
-    dialect: openai
-    forward_to: {upstream.url}
-"""
-    return gateway_factory("{standin_upstreams}" + extra + no_identity)
-
-
-def test_a_big_event_is_masked_while_other_flows_are_served(gw: Gateway,
+def test_a_big_event_is_masked_while_other_flows_are_served(gw: Gateway,  # noqa: F811
                                                            upstream: Upstream) -> None:
     got = bytearray()
     times: dict[str, float] = {}
