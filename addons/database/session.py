@@ -51,8 +51,10 @@ from addons.database.hooks import MaskerFactory
 from addons.database.policy import Verdict, evaluate
 from addons.database.scram import MECHANISM, ScramClient, ScramError, md5_password
 from addons.database.sqlfacts import SqlError, Statement, analyze
+from addons.frame import offload
 from addons.frame.hosts import is_loopback_host
 from addons.frame.principal import principal
+from addons.masking import cost as mask_cost
 from addons.masking.masker import SessionStore, session_key
 
 log = logging.getLogger("agentgate.database")
@@ -73,6 +75,11 @@ WRITE_HIGH_WATER = 1 << 20
 # masking time: reads of already-buffered server bytes never suspend, so without it one
 # 100k-row result held every other connection (and every HTTP flow) for its whole burst
 YIELD_AFTER_S = 0.001
+# A result row whose masking is not small work (masking/cost.py: e.g. a DataRow of 60 KB of
+# e-mail addresses, or a 64 MiB one) is masked in a worker thread, in the identity's share
+# of frame/offload's pool, so the event loop keeps serving every other flow meanwhile; rows
+# stay in order (the server loop awaits each). Under this size a row is always small work.
+HEAVY_ROW_MIN = 2048
 MARKER = "agentgate_refused_"
 
 
@@ -434,6 +441,11 @@ class Session:
         self.server: ServerConn | None = None
         self.masker: Any = None
         self.masking: Any = None
+        # the masker is one object for both directions: while a heavy row is masked in a
+        # thread, the loop's own calls into it (client messages, the session's map) wait
+        # for it (they first await _masker_idle; the lock is the guarantee)
+        self._mask_lock = threading.Lock()
+        self._server_job: asyncio.Future[Any] | None = None
         self.our_pid = 0
         self.nonce = secrets.token_hex(8)
         self.refusals: dict[str, bytes] = {}
@@ -698,7 +710,30 @@ class Session:
             return
         current = store.get(session_key(principal(self.identity), str(self.session_id)))
         if getattr(self.masker, "session", current) is not current:
-            self.masker.session = current
+            with self._mask_lock:
+                self.masker.session = current
+
+    async def _masker_idle(self) -> None:
+        """Until no heavy row of this connection is being masked in a thread."""
+        while (job := self._server_job) is not None and not job.done():
+            await asyncio.wait({job})
+
+    def _mask_server(self, t: bytes, payload: bytes) -> list[tuple[bytes, bytes]]:
+        with self._mask_lock:
+            return self.masker.server(t, payload)
+
+    async def _mask_heavy_row(self, t: bytes, payload: bytes) -> list[tuple[bytes, bytes]]:
+        job = asyncio.ensure_future(offload.POOL.run(principal(self.identity),
+                                                     self._mask_server, t, payload))
+        self._server_job = job
+        try:
+            return await job
+        except offload.Busy as e:
+            # nothing of the row was forwarded: the connection ends (fail closed)
+            raise Refused("53000", f"agentgate: the gateway is busy masking results "
+                                   f"({e.status}); retry later") from None
+        finally:
+            self._server_job = None
 
     def _expired(self) -> bool:
         exp = self.identity.get("exp")
@@ -714,7 +749,8 @@ class Session:
 
     def _forward(self, t: bytes, payload: bytes, token: Token | None) -> None:
         assert self.server is not None
-        self.masker.client(t, payload, token)
+        with self._mask_lock:
+            self.masker.client(t, payload, token)
         self.server.writer.write(pg.message(t, payload))
         if t in (b"S", b"Q"):  # each ends with exactly one ReadyForQuery
             self.prepared.sent += 1
@@ -738,6 +774,7 @@ class Session:
         allowed = frozenset(pg.CLIENT_TYPES - {ord("p")})
         while True:
             t, payload = await read_message(self.reader, self.db.max_message_bytes, allowed)
+            await self._masker_idle()
             if t in (b"Q", b"P", b"E", b"F"):
                 self._refresh()
             if t in (b"Q", b"P", b"E", b"F") and self._expired():
@@ -752,6 +789,7 @@ class Session:
             elif t == b"B":
                 b = pg.parse_bind(payload)
                 entry = await self._lookup(b.statement)
+                await self._masker_idle()
                 if entry is None:
                     self.portals.pop(b.portal, None)
                 else:
@@ -792,6 +830,7 @@ class Session:
             refusal = await self._approve(tok)
         if refusal is None:
             refusal = self._recorder_down()  # it may have gone down during the hold
+        await self._masker_idle()
         if refusal is not None:
             self._refuse_in_band(b"Q", tok, refusal)
             self._log(tok)
@@ -803,6 +842,7 @@ class Session:
     async def _parse(self, payload: bytes) -> None:
         p = pg.parse_parse(payload)
         st, v, refusal = await self._judge(p.query)
+        await self._masker_idle()
         if refusal is not None:
             tok = Token(st, v, time.time())
             self._refuse_in_band(b"P", tok, refusal)
@@ -830,6 +870,7 @@ class Session:
             refusal = await self._approve(tok)
             if refusal is None:
                 refusal = self._recorder_down()
+            await self._masker_idle()
         if refusal is not None:
             self._refuse_in_band(b"E", tok, refusal)
             self._log(tok)
@@ -874,7 +915,10 @@ class Session:
             if self.prepared.server(t, payload):
                 self.ready.set()
                 self.ready = asyncio.Event()
-            out = self.masker.server(t, payload)
+            if t == b"D" and len(payload) >= HEAVY_ROW_MIN and mask_cost.heavy(payload):
+                out = await self._mask_heavy_row(t, payload)
+            else:
+                out = self.masker.server(t, payload)
             for ot, op in out:
                 if ot == b"E" and refusal is not None:
                     self.writer.write(refusal)

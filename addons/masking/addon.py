@@ -64,6 +64,7 @@ from addons.frame import decode
 from addons.frame.guard import guarded, refuse
 from addons.frame.offload import Busy, run_heavy
 from addons.frame.principal import flow_session_key
+from addons.masking import cost
 from addons.masking.bodies import (
     Masked,
     MessageCache,
@@ -98,22 +99,8 @@ INLINE_NEW_CHARS = 16 * 1024
 # and is at most this long: what stays proportional to the whole body (the replay check of
 # the history's placeholders, joining the masked messages) then stays a few ms at worst
 INLINE_MAX_BYTES = 1024 * 1024
-# Whatever its size, a body (or a continued body's new part) goes to a worker thread when
-# masking it is not small work. That cost follows the values in it more than its bytes
-# (measured in process, 16 KB bodies: ~3-7 us per e-mail address, 0.7-3.4 us per digit of
-# number-dense text — cards, phones, IBAN-like ' de12' runs — ~0.003 us per byte of plain
-# prose; 60 KB of addresses held the loop ~175 ms: BENCHMARKS, PERF-AC). It is estimated
-# from C-level counts of the bytes that start or make findings (_heavy: 8 us an '@', 2 a
-# digit, 1 a '%', a byte past ASCII or a capital letter, 2 a '_', '-' or '/' — those
-# two in a body of 2 KB or more —, 0.01 a byte); over this many microseconds, a thread.
-# (Only where the work runs changes: the bytes are the same.)
-LOOP_BUDGET_US = 2000
-_NON_DIGITS = bytes(b for b in range(256) if not 0x30 <= b <= 0x39)
-_ASCII_BYTES = bytes(range(128))
-_NON_CAPS = bytes(b for b in range(256) if not 0x41 <= b <= 0x5A)
-_NON_JOINERS = bytes(b for b in range(256) if b not in b"_-/")
-# under this size even a body of letter-only secrets is small work (~100 of them)
-_TOKENS_MIN_BYTES = 2048
+# Heavy bodies go to a worker thread whatever their size: masking/cost.py estimates the
+# work from C-level byte counts (shared with the database relay's rows).
 # The message caches are a speed-up only (a miss masks the message again, with the same
 # placeholders): at most 16 MiB in all and 4 MiB per session (a 4 MB history, ~1M tokens,
 # still hits whole), so that with the placeholder maps (masker.MAX_BYTES, 16 MiB) a
@@ -165,32 +152,9 @@ def _shared_doc(flow: Any, part: str, data: bytes, limit: int,
     return shared_json(body)
 
 
-def _cost(data: bytes) -> int:
-    """The estimated microseconds masking `data` takes (counting stops once over
-    LOOP_BUDGET_US), from what makes the detectors work (see LOOP_BUDGET_US): '@' (e-mail
-    addresses), digits (every numeric detector, IBANs, IPs), '%' (escapes decoded), bytes
-    past ASCII (normalised), and the length. A few us per KB to ask."""
-    est = len(data) // 100
-    if est <= LOOP_BUDGET_US:
-        est += 8 * data.count(b"@") + data.count(b"%")
-    if est <= LOOP_BUDGET_US:
-        est += 2 * len(data.translate(None, _NON_DIGITS))
-    if est <= LOOP_BUDGET_US and not data.isascii():
-        est += len(data.translate(None, _ASCII_BYTES))
-    if est <= LOOP_BUDGET_US and len(data) >= _TOKENS_MIN_BYTES:
-        # provider secrets made of letters (AKIA + 16 capitals, ghp_/glpat-/npm_/pplx-/
-        # AIza tokens, Slack hook paths: ~12-30 us each to find, check and replace) have
-        # none of the bytes above: each has a capital, '_', '-' or '/' (in the
-        # secret rules' literals). Prose has a few per cent capitals and few of the rest.
-        est += len(data.translate(None, _NON_CAPS))
-        if est <= LOOP_BUDGET_US:
-            est += 2 * len(data.translate(None, _NON_JOINERS))
-    return est
-
-
-def _heavy(data: bytes) -> bool:
-    """Would masking `data` likely take more than LOOP_BUDGET_US (_cost)?"""
-    return _cost(data) > LOOP_BUDGET_US
+LOOP_BUDGET_US = cost.LOOP_BUDGET_US
+_cost = cost.estimate
+_heavy = cost.heavy
 
 
 def _on_loop(ctx: Masked, flow: Any, raw: bytes) -> bool:
@@ -745,7 +709,7 @@ class _SafeStream:
         job.work = lambda: self._mask(data, chunk)
         self._ready = (data, job)
         self._cost += _cost(chunk)
-        if self.masker.decoder is None and self._cost <= LOOP_BUDGET_US:
+        if self.masker.decoder is None and self._cost <= cost.LOOP_BUDGET_US:
             return None
         return job
 

@@ -172,7 +172,7 @@ class WebSocketMasking:
         try:
             if len(message.content) >= THREAD_MIN_BYTES or _heavy(message.content):
                 # a large message, or one dense with values (masking cost follows them,
-                # addon.LOOP_BUDGET_US), is masked in a worker thread, in this identity's
+                # masking/cost.py LOOP_BUDGET_US), is masked in a worker thread, in this identity's
                 # share of them (frame/offload.py): other flows keep moving (this socket
                 # waits: mitmproxy runs the hook before the next message)
                 outs = await run_heavy(flow, self._mask, d, text)
