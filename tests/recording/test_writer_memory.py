@@ -70,9 +70,12 @@ def test_the_writer_reads_no_further_than_one_batch_ahead(tmp_path: Path) -> Non
     threads = [threading.Thread(target=feed), threading.Thread(target=sample)]
     for t in threads:
         t.start()
-    with os.fdopen(r, "rb", buffering=0) as inp:
-        writerproc.pump(inp, w, rep, 0, str(db), [])
-    stop.set()
+    try:
+        # as the process reads its stdin: a batch at a time, napping while it is quiet
+        writerproc.pump(wire.FrameReader(r, nap=writerproc.READ_NAP), w, rep, 0, str(db), [])
+    finally:
+        stop.set()  # the sampler ends even when pump fails
+        os.close(r)
     for t in threads:
         t.join(10)
     assert fed.is_set()
