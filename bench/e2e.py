@@ -198,12 +198,14 @@ class _Env:
         return p
 
     def start_suite(self, concerns: tuple[str, ...], name: str = "suite",
-                    tree: Path | None = None) -> tuple[h.Proc, str, list[str], str]:
+                    tree: Path | None = None, env: dict[str, str] | None = None
+                    ) -> tuple[h.Proc, str, list[str], str]:
         """The suite with every concern asked for that works today: a concern whose rules
         today's parser rejects, or whose addon fails on the benchmark's request, is
         switched off (and said so in the notes) rather than sinking the whole comparison.
         `tree`: another checkout of agentgate (a git worktree at an older commit) to run
-        the gateway from, for before/after comparisons in one invocation.
+        the gateway from, for before/after comparisons in one invocation; `env`: more
+        environment for the gateway (e.g. a glibc malloc tunable).
         Returns (process, proxy URL with the token, active concerns, error or '')."""
         tree_env = {"PYTHONPATH": str(tree)} if tree else {}
         root = tree or h.ROOT
@@ -231,8 +233,8 @@ class _Env:
                 scripts=[str(root / "addons" / "gateway.py")],
                 sets=[f"agentgate_rules={rules_dir}", f"agentgate_data={data}",
                       "agentgate_rules_poll_ms=0"],
-                env={**GATEWAY_ENV, **tree_env, "AGENTGATE_RULES": str(rules_dir),
-                     "AGENTGATE_DATA": str(data)}))
+                env={**GATEWAY_ENV, **tree_env, **(env or {}),
+                     "AGENTGATE_RULES": str(rules_dir), "AGENTGATE_DATA": str(data)}))
             proxy = suite.url.replace("http://", f"http://agent:{token}@") if token \
                 else suite.url
             err = _check(self.url, proxy, self.bodies["1KB"])
