@@ -33,6 +33,7 @@ from addons.egress.websocket import WebSockets
 from addons.frame import dispatch, sentinel, typecheck
 from addons.frame.annotate import Annotate
 from addons.health.addon import Health
+from addons.health.memory import Memory
 from addons.identity.addon import Identity, state_for
 from addons.masking.addon import Masking
 from addons.masking.websocket import WebSocketMasking
@@ -75,6 +76,8 @@ def build(holder: RulesHolder | None = None) -> list[object]:
         LakeShipping(holder, recorder),
         Databases(holder, approval, recorder, masking=masking),
         Health(readiness(holder, approval, recorder)),
+        # last: lets go of a flow's decoded bodies once every step above has read them
+        Memory(),
     ]
 
 

@@ -1,0 +1,101 @@
+"""addons/health/memory.py: a flow's decoded bodies are let go as soon as no step reads
+them, while the flow itself is still alive (mitmproxy frees finished flows only in the
+cyclic GC's full collections), and the start-up heap is frozen out of the collector."""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from mitmproxy.test import taddons, tflow
+
+from addons import gateway
+from addons.frame import decode
+from addons.health.memory import Memory
+
+BODY = json.dumps({"model": "gpt-4o-mini",
+                   "messages": [{"role": "user", "content": "x" * 4096}]}).encode()
+
+
+@contextmanager
+def no_cyclic_gc() -> Iterator[None]:
+    """Only reference counting frees objects here: what a test sees freed was freed by
+    the release, not by a collection that happened to run."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _flow(resp: bool = False):
+    f = tflow.tflow(resp=resp)
+    f.request.headers["content-type"] = "application/json"
+    f.request.content = BODY
+    if resp:
+        f.response.headers["content-type"] = "application/json"
+        f.response.content = BODY
+    return f
+
+
+def test_request_hook_frees_the_decoded_request_while_the_flow_lives() -> None:
+    with no_cyclic_gc(), taddons.context():
+        f = _flow()
+        body = decode.request_body(f)
+        assert body is not None and body.json["model"] == "gpt-4o-mini"
+        ref = weakref.ref(body)
+        del body
+        assert ref() is not None, "the per-flow cache holds the decoded body"
+        Memory().request(f)
+        assert ref() is None, "the decoded request outlived the request hooks"
+        # a late reader decodes again, the same value
+        assert decode.request_body(f).json == json.loads(BODY)
+
+
+def test_response_hook_frees_request_and_response() -> None:
+    with no_cyclic_gc(), taddons.context():
+        f = _flow(resp=True)
+        refs = [weakref.ref(decode.request_body(f)), weakref.ref(decode.response_body(f))]
+        assert all(r() is not None for r in refs)
+        Memory().response(f)
+        assert [r() for r in refs] == [None, None]
+
+
+def test_error_hook_frees_everything() -> None:
+    with no_cyclic_gc(), taddons.context():
+        f = _flow(resp=True)
+        ref = weakref.ref(decode.response_body(f))
+        Memory().error(f)
+        assert ref() is None
+
+
+def test_request_release_keeps_the_response() -> None:
+    # the request hook only lets go of the request: a response decoded earlier (a flow
+    # answered by a step) is still there for the response hooks
+    with no_cyclic_gc(), taddons.context():
+        f = _flow(resp=True)
+        ref = weakref.ref(decode.response_body(f))
+        Memory().request(f)
+        assert ref() is not None
+
+
+def test_memory_is_the_last_addon() -> None:
+    # every step that reads a body runs before the release, on every hook
+    addons = gateway.build()
+    assert isinstance(addons[-1], Memory)
+    assert sum(isinstance(a, Memory) for a in addons) == 1
+
+
+def test_running_freezes_the_startup_heap() -> None:
+    gc.unfreeze()
+    try:
+        m = Memory()
+        m.running()
+        assert m.frozen > 0 and gc.get_freeze_count() == m.frozen
+    finally:
+        gc.unfreeze()
