@@ -173,6 +173,27 @@ class FairPool:
 POOL = FairPool()
 
 
+class StreamJob:
+    """The heavy part of one call of a streamed response's stream function (masking's SSE
+    chunks, an MCP server's events): `work()` runs in a worker thread (masking/streamwork.py
+    pauses the stream's layer meanwhile) and stores what it returned or raised; `done`
+    tells the stream function it may hand it back."""
+
+    def __init__(self, flow: Any, work: Callable[[], Any]) -> None:
+        self.flow = flow
+        self.work = work
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.work()
+        except BaseException as e:  # noqa: BLE001 - handed back to the layer's call
+            self.error = e
+        self.done = True
+
+
 def flow_key(flow: Any) -> str:
     """The identity a flow's heavy work is counted against (issuer and subject)."""
     return principal(flow.metadata.get("identity"))

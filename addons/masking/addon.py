@@ -62,7 +62,7 @@ from mitmproxy import ctx, http
 from addons.config.holder import RulesHolder
 from addons.frame import decode
 from addons.frame.guard import guarded, refuse
-from addons.frame.offload import Busy, run_heavy
+from addons.frame.offload import Busy, StreamJob, run_heavy
 from addons.frame.principal import flow_session_key
 from addons.masking import cost
 from addons.masking.bodies import (
@@ -84,7 +84,7 @@ from addons.masking.masker import (
 )
 from addons.masking.sessionstore import SecretMissing, SharedSession, shared_from_env
 from addons.masking.sse import StreamDecoder, StreamMasker
-from addons.masking.streamwork import StreamJob, install, upstream_transport
+from addons.masking.streamwork import install, upstream_transport
 
 log = logging.getLogger("agentgate.masking")
 
@@ -698,6 +698,13 @@ class _SafeStream:
         self._ready = None
         job = StreamJob(self.flow, _nothing)
         if self.before is not None:
+            before_heavy = getattr(self.before, "agentgate_heavy", None)
+            if before_heavy is not None and before_heavy(data):
+                # the earlier stream function's own work is heavy (the mcp addon parsing
+                # and judging a large event): it runs in the job too, then the masking
+                job.work = lambda: self._mask(data, self._chunk(data))
+                self._ready = (data, job)
+                return job
             try:
                 chunk = self._chunk(data)
             except BaseException as e:  # noqa: BLE001 - raised by the layer's call

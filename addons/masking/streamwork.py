@@ -9,7 +9,8 @@ it took (seconds for MBs).
 
 Here the layer's handler is wrapped (version-pinned, checked against its source): before
 the layer handles a chunk (or the end), it asks the stream function
-(`agentgate_offload(data)`) whether the work for it is heavy; if so the layer yields a
+(`agentgate_offload(data)`: masking's, or the mcp addon's own when masking does not wrap
+it) whether the work for it is heavy; if so the layer yields a
 blocking hook, `StreamWorkHook`, and the masking addon runs the work in a worker thread
 (frame/offload: the identity's share) while the loop serves others. A blocking hook pauses
 this stream's layer exactly as mitmproxy's own hooks do: later chunks queue in order, so
@@ -25,13 +26,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import version as mitmproxy_version
 from mitmproxy.proxy import commands
 from mitmproxy.proxy.layers import http as http_layers
+
+from addons.frame.offload import StreamJob
 
 log = logging.getLogger("agentgate.masking")
 
@@ -40,25 +43,6 @@ _PINS = ('chunks = self.flow.response.stream(event.data)',
          'chunks = self.flow.response.stream(b"")',
          'yield from self.send_response(already_streamed=True)')
 _MARK = "_agentgate_stream_work"
-
-
-class StreamJob:
-    """The heavy part of one stream call: `work()` runs in a worker thread and stores what
-    it returned or raised; `done` tells the stream function it may hand it back."""
-
-    def __init__(self, flow: Any, work: Callable[[], Any]) -> None:
-        self.flow = flow
-        self.work = work
-        self.done = False
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.result = self.work()
-        except BaseException as e:  # noqa: BLE001 - handed back to the layer's call
-            self.error = e
-        self.done = True
 
 
 @dataclass

@@ -48,6 +48,7 @@ from addons.config.holder import RulesHolder
 from addons.frame import decode
 from addons.frame.errors import error_payload
 from addons.frame.guard import guarded, refuse
+from addons.frame.offload import Busy, StreamJob, run_heavy
 from addons.frame.principal import principal
 from addons.mcp import jsonrpc
 from addons.mcp.config import McpConfig
@@ -63,6 +64,11 @@ Transform = Callable[[http.HTTPFlow, "str | None", dict[str, Any]], "dict[str, A
 SERVER_METHODS = frozenset({"ping", "roots/list"})
 ANSWER_TIMEOUT = 10.0
 MAX_SESSIONS = 100_000
+# An answer (a JSON body, or the SSE events a chunk completes) whose reading and judging is
+# estimated over this many microseconds (jsonrpc.parse_cost) leaves the event loop: the
+# same budget as masking's (masking/cost.py LOOP_BUDGET_US; this concern runs before
+# masking and cannot import it).
+LOOP_BUDGET_US = 2000
 
 
 def mcp_upstream(flow: http.HTTPFlow) -> dict[str, Any] | None:
@@ -141,6 +147,9 @@ class Mcp:
             return
         try:
             payload = await _off_loop(_read_payload, flow, "request", cfg.max_event_bytes)
+        except Busy as e:
+            refuse(flow, e.status, e.message, "busy", "mcp", headers={"retry-after": "1"})
+            return
         except decode.TooLarge:
             refuse(flow, 413, f"JSON-RPC body over mcp.max_event_bytes "
                    f"({cfg.max_event_bytes} bytes)", "body_too_large", "mcp")
@@ -205,6 +214,8 @@ class Mcp:
     # -- responses
     @guarded("mcp")
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # the loop a worker thread answers the server from (an SSE event judged off it)
+        self._loop = asyncio.get_running_loop()
         resp = flow.response
         if resp is None or "refusal" in flow.metadata or mcp_upstream(flow) is None:
             return
@@ -247,12 +258,26 @@ class Mcp:
         cfg = self.config()
         try:
             payload = await _off_loop(_read_payload, flow, "response", cfg.max_event_bytes)
+            if _heavy_answer(resp):
+                # in this identity's share of the worker threads (frame/offload.py), not
+                # asyncio's executor: one identity's flood of large answers must not take
+                # every thread the others' work waits for
+                out = await run_heavy(flow, self.process, flow, cfg, payload.messages)
+            elif _has_tools(payload):
+                # a small tool list: the pin store's file (read, locked, written) in a
+                # thread of its own (I/O: it must not hold a heavy-work slot)
+                out = await asyncio.to_thread(self.process, flow, cfg, payload.messages)
+            else:
+                out = self.process(flow, cfg, payload.messages)
+        except Busy as e:
+            refuse(flow, e.status, f"the MCP server's answer cannot be judged now: "
+                   f"{e.message}", "busy", "mcp", headers={"retry-after": "1"})
+            return
         except (decode.DecodeError, jsonrpc.JsonRpcError) as e:
             reason = e.reason if isinstance(e, decode.DecodeError) else e.message
             refuse(flow, 502, f"the MCP server's answer is not valid JSON-RPC: {reason}",
                    "upstream_invalid_jsonrpc", "mcp")
             return
-        out = await asyncio.to_thread(self.process, flow, cfg, payload.messages)
         if out is None:
             return
         if not out:
@@ -446,7 +471,17 @@ class McpStream:
     message judged as it arrives. An event that cannot be judged (not JSON-RPC, too large)
     ends what the agent gets of the stream: in its place the agent gets a JSON-RPC error
     for each request of the flow (an MCP client raises it instead of waiting for an answer
-    that will not come), and the rest of the upstream's stream is swallowed."""
+    that will not come), and the rest of the upstream's stream is swallowed.
+
+    Heavy events leave the event loop (a hostile server's one event of 4 MB of small JSON
+    values took ~0.3 s to parse, judge and write back, holding every other flow): before
+    each call the HTTP layer asks (masking/streamwork.py) `agentgate_offload(data)` — or,
+    when masking wraps this function, masking asks `agentgate_heavy(data)` and runs both
+    in its job —, which adds up the estimated work of the chunks since no event was
+    pending (jsonrpc.parse_cost; a tool list: the pin store's file too); when the chunk
+    may complete an event and the sum is over LOOP_BUDGET_US, the call runs in a worker
+    thread (the identity's share, frame/offload.py) while the stream's layer waits: later
+    chunks queue behind it, so events stay in order. Same calls, same output either way."""
 
     def __init__(self, addon: Mcp, flow: http.HTTPFlow, cfg: McpConfig) -> None:
         self.addon = addon
@@ -454,8 +489,61 @@ class McpStream:
         self.cfg = cfg
         self.splitter = Splitter(cfg.max_event_bytes)
         self.failed = False
+        self._cost = 0  # estimated us of the work held (events pending)
+        self._tools = False  # a tool list may be pending (the pin store's file)
+        self._tail = b""  # the last bytes of the previous chunk (a blank line cut in two)
+        self._ready: tuple[bytes, StreamJob] | None = None
+
+    def agentgate_heavy(self, data: bytes) -> bool:
+        """Asked once per chunk, before the call with it: is the work that call may do
+        (the events `data` completes) heavy? Never raises (an error: heavy)."""
+        try:
+            if self.failed:
+                return False
+            tail, self._tail = self._tail, data[-8:]
+            self._cost += jsonrpc.parse_cost(data)
+            self._tools = self._tools or b"tools" in tail + data[:8] or b"tools" in data
+            if not (self._cost > LOOP_BUDGET_US or self._tools):
+                return False
+            # only a blank line ends an event (or the end of the stream): a chunk in the
+            # middle of one is split only, on the loop
+            return data == b"" or b"\n\n" in data or b"\r\r" in data or b"\n\r" in data \
+                or (tail[-1:] in (b"\r", b"\n") and data[:1] in (b"\r", b"\n"))
+        except Exception:  # noqa: BLE001 - in doubt, off the loop
+            return True
+
+    def agentgate_offload(self, data: bytes) -> StreamJob | None:
+        """masking/streamwork.py (this function is the response's stream, masking does not
+        wrap it): a job for a worker thread when the work is heavy, else None."""
+        self._ready = None
+        if not self.agentgate_heavy(data):
+            return None
+        job = StreamJob(self.flow, lambda: self._judge(data))
+        self._ready = (data, job)
+        return job
 
     def __call__(self, data: bytes) -> list[bytes] | bytes:
+        ready = self._ready
+        if ready is not None and ready[0] is data:
+            self._ready = None
+            job = ready[1]
+            if not job.done:  # no handler ran the hook: here, on the loop
+                job.run()
+            if job.error is not None:
+                # _judge answers its own errors: this is the hook's (the identity's share
+                # of the worker threads is full: frame/offload.Busy). The events were not
+                # judged: none passes, the agent gets JSON-RPC errors (fail closed).
+                out: list[bytes] | bytes = self.fail(
+                    "the gateway is too busy to judge it now; retry later")
+            else:
+                out = job.result
+        else:
+            out = self._judge(data)
+        if not self.splitter.pending():
+            self._cost, self._tools = 0, False  # no event pending: the estimate starts again
+        return out
+
+    def _judge(self, data: bytes) -> list[bytes] | bytes:
         if self.failed:
             return []
         try:
@@ -584,10 +672,29 @@ THREAD_MIN_BYTES = 64 * 1024
 
 async def _off_loop(fn: Callable[..., Any], flow: http.HTTPFlow, part: str, *args: Any
                     ) -> Any:
+    """`fn(flow, part, *args)`: large or compressed bodies in the identity's share of the
+    worker threads (frame/offload.py; raises Busy when that share's queue is full)."""
     msg = getattr(flow, part)
     if len(msg.raw_content or b"") >= THREAD_MIN_BYTES or msg.headers.get("content-encoding"):
-        return await asyncio.to_thread(fn, flow, part, *args)
+        return await run_heavy(flow, fn, flow, part, *args)
     return fn(flow, part, *args)
+
+
+def _has_tools(payload: jsonrpc.Payload) -> bool:
+    """Does an answer carry a tool list (by its shape: server_message's test)?"""
+    for m in payload.messages:
+        result = m.raw.get("result") if m.kind == "response" else None
+        if isinstance(result, dict) and isinstance(result.get("tools"), list):
+            return True
+    return False
+
+
+def _heavy_answer(msg: http.Response) -> bool:
+    """Is judging this answer heavy work (by its size on the wire and its JSON values;
+    compressed: its decoded size is not known)?"""
+    raw = msg.raw_content or b""
+    return len(raw) >= THREAD_MIN_BYTES or bool(msg.headers.get("content-encoding")) or \
+        jsonrpc.parse_cost(raw) > LOOP_BUDGET_US
 
 
 def _read_payload(flow: http.HTTPFlow, part: str, max_bytes: int) -> jsonrpc.Payload:

@@ -28,6 +28,10 @@ class Splitter:
         self.size = 0
         self.started = False
         self.pending_cr = False
+        # pieces of a line without a line end yet (the first is `buf` as it was), and
+        # their length beyond it
+        self._parts: list[bytes] = []
+        self._pending = 0
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         if not self.started:
@@ -40,6 +44,21 @@ class Splitter:
         if self.pending_cr and data.startswith(b"\n"):
             data = data[1:]  # the LF of a CRLF cut between chunks
         self.pending_cr = False
+        if self._parts or (data and _LINE_END.search(data) is None):
+            # No line end in the new part (a long line arriving in pieces): keep the
+            # pieces and look at the new bytes only, instead of copying and scanning the
+            # whole line again for every chunk (quadratic in the line's length, on the
+            # event loop: one max_event_bytes line in 64 KB chunks rescanned MBs per chunk)
+            if not self._parts:
+                self._parts.append(self.buf)
+            self._parts.append(data)
+            self._pending += len(data)
+            if self.size + len(self._parts[0]) + self._pending > self.max_event:
+                raise EventTooLarge(f"an SSE event over {self.max_event} bytes")
+            if _LINE_END.search(data) is None:
+                return []
+            data = b"".join(self._parts)
+            self._parts, self._pending, self.buf = [], 0, b""
         self.buf += data
         out: list[list[bytes]] = []
         pos = 0
@@ -62,10 +81,15 @@ class Splitter:
             raise EventTooLarge(f"an SSE event over {self.max_event} bytes")
         return out
 
+    def pending(self) -> bool:
+        """Is part of an event held (lines or a line without its end yet)?"""
+        return bool(self.buf or self.lines or self._parts)
+
     def end(self) -> list[list[bytes]]:
         """What is left when the stream ends (an event without its blank line)."""
-        lines = self.lines + ([self.buf] if self.buf else [])
-        self.lines, self.buf = [], b""
+        rest = b"".join(self._parts) if self._parts else self.buf
+        lines = self.lines + ([rest] if rest else [])
+        self.lines, self.buf, self._parts, self._pending = [], b"", [], 0
         return [lines] if lines else []
 
 
