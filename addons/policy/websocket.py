@@ -22,7 +22,6 @@ Messages from the upstream are not policed (as HTTP responses are not); they are
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import weakref
 from typing import Any
@@ -40,6 +39,7 @@ from addons.egress.websocket import (
 )
 from addons.frame import decode
 from addons.frame.guard import guarded
+from addons.frame.offload import Busy, run_heavy
 from addons.policy.engine import BodyUnavailable, RequestFacts, evaluate
 
 log = logging.getLogger("agentgate.policy")
@@ -48,6 +48,10 @@ STEP = "policy"
 THREAD_MIN_BYTES = 64 * 1024
 MAX_OBSERVED = 100  # observed decisions kept per socket (the record's metadata stays small)
 JOIN_TAIL = 256  # characters of the previous message read again in front of the next
+# RFC 6455 registry: try again later. The identity's (or the gateway's) heavy-work queue
+# is full: the message is not judged, so it is not forwarded (masking/websocket.py closes
+# with the same code for the same reason).
+CLOSE_TRY_AGAIN = 1013
 
 
 def message_facts(flow: http.HTTPFlow, content: bytes) -> RequestFacts:
@@ -171,9 +175,17 @@ class WebSocketPolicy:
         args = (rules.policies, flow, message.content, tail, observe_only)
         try:
             if len(message.content) >= THREAD_MIN_BYTES:
-                decision, text = await asyncio.to_thread(_judge, *args)
+                # in this identity's share of the worker threads (frame/offload.py), not
+                # asyncio's executor: one identity's flood of large messages must not take
+                # every thread the others' work waits for
+                decision, text = await run_heavy(flow, _judge, *args)
             else:
                 decision, text = _judge(*args)
+        except Busy as e:
+            flow.metadata["decision"] = {"action": "block", "rule": "<busy>",
+                                         "message": e.message, "observed": False}
+            close_websocket(flow, CLOSE_TRY_AGAIN, f"agentgate: {e.message}")
+            return
         except BodyUnavailable as e:
             flow.metadata["decision"] = {"action": "block", "rule": "<uninspectable>",
                                          "message": str(e), "observed": False}

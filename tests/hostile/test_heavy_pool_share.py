@@ -1,0 +1,212 @@
+"""Heavy work of WebSocket policy and of MCP answers is counted in the identity's share of
+the gateway's worker threads (frame/offload.FairPool), as masking's is: through a real
+mitmdump whose pool has one slot and a queue of one job per identity (tests/hostile/
+_tiny_pool.py), one identity keeps the slot busy (masking a request of 300k e-mail
+addresses) and sends three more heavy items at once — WebSocket messages of 80 KB to a
+`mask: false` upstream, or 100 KB JSON answers from a `mask: false` MCP server. The share
+is full: at least one is refused at once in the caller's dialect — a WebSocket closed with
+1013 (try again later) and the refusal recorded, a JSON-RPC error with the request's id
+naming the queue — nothing of a refused item is forwarded, and the gateway keeps
+serving. Before, both went to asyncio's own executor (min(32, cores + 4) threads), past
+the identity's share: every item was judged at once, none refused.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import httpx
+import pytest
+
+from tests.hostile.edgekit import AGENT_KEY, assert_healthy, client, connect_tunnel
+from tests.hostile.test_mcp import HostileServer
+
+pytestmark = pytest.mark.integration
+
+TINY_POOL = Path(__file__).with_name("_tiny_pool.py")
+N_ADDRESSES = 300_000  # ~7 MB to mask: one to several seconds holding the only slot
+
+
+def _occupy(gw: Any, done: dict[str, Any]) -> threading.Thread:
+    """The identity's slot taken: a chat request whose masking is long (in the pool)."""
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": " ".join(
+        f"user{i}.x@example.com" for i in range(N_ADDRESSES))}]}).encode()
+
+    def run() -> None:
+        with client(gw) as c:
+            r = c.post("https://api.openai.com/v1/chat/completions", content=body,
+                       headers={"content-type": "application/json",
+                                "authorization": f"Bearer {AGENT_KEY}"})
+        done["status"] = r.status_code
+        done["at"] = time.monotonic()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    time.sleep(1.0)  # uploaded; its masking holds the slot
+    return t
+
+
+def _records(gw: Any) -> str:
+    assert gw.stop() == 0
+    con = duckdb.connect(str(gw.data_dir / "agentgate.duckdb"), read_only=True)
+    try:
+        cols = [r[0] for r in con.execute("DESCRIBE flows").fetchall()]
+        rows = con.execute(f"SELECT {', '.join(f'CAST({c} AS VARCHAR)' for c in cols)} "
+                           "FROM flows").fetchall()
+    finally:
+        con.close()
+    return json.dumps(rows, default=str)
+
+
+# ------------------------------------------------------------------------- WebSocket
+@contextmanager
+def _ws_upstream(standin: Any) -> Iterator[tuple[int, list[str]]]:
+    from websockets.sync.server import serve
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(str(standin._leaf), str(standin._key))  # noqa: SLF001
+    seen: list[str] = []
+
+    def echo(ws: Any) -> None:
+        for msg in ws:
+            seen.append(msg)
+            ws.send(f"echo: {len(msg)}")
+
+    with serve(echo, "127.0.0.1", 0, ssl=sctx) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield server.socket.getsockname()[1], seen
+        finally:
+            server.shutdown()
+
+
+def test_websocket_policy_work_is_in_the_identitys_share(gateway_factory, standin) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    with _ws_upstream(standin) as (port, seen):
+        gw = gateway_factory(
+            "{standin_upstreams}  - name: live\n    hosts: [ws.example.com]\n"
+            "    dialect: webhook\n    websocket: true\n    mask: false\n"
+            f"    forward_to: https://127.0.0.1:{port}\n"
+            "identity:\n  required: false\n"
+            "policies:\n  - name: no-exfil\n    match: {prompt: {words: [exfiltrate]}}\n"
+            "    action: block\n",
+            extra_args=("-s", str(TINY_POOL)))
+        cctx = ssl.create_default_context(cafile=str(gw.ca_cert))
+        sockets = []
+        for _ in range(3):
+            sock, head = connect_tunnel(gw, "ws.example.com:443")
+            assert b" 200 " in head.split(b"\r\n", 1)[0]
+            sockets.append(connect("wss://ws.example.com/live", sock=sock, ssl=cctx,
+                                   server_hostname="ws.example.com"))
+        for ws in sockets:  # each socket open through to the upstream
+            ws.send("hello")
+            assert ws.recv(timeout=30) == "echo: 5"
+        seen.clear()
+        done: dict[str, Any] = {}
+        occupier = _occupy(gw, done)
+        big = "lorem ipsum dolor sit amet " * 3000  # 81 KB: judged in the pool
+        outcomes: list[Any] = [None] * len(sockets)
+
+        def send(i: int) -> None:
+            try:
+                sockets[i].send(big)
+                outcomes[i] = sockets[i].recv(timeout=60)
+            except ConnectionClosed as e:
+                outcomes[i] = e.rcvd
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(sockets))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        occupier.join(90)
+        for ws in sockets:
+            ws.close()
+    assert "at" in done, "the occupying request never finished"
+    refused = [o for o in outcomes if o is not None and not isinstance(o, str)]
+    passed = [o for o in outcomes if isinstance(o, str)]
+    assert refused, outcomes  # the identity's share was full: refused at once
+    for close in refused:
+        assert close.code == 1013, close
+        assert "heavy body work" in close.reason, close.reason
+    assert passed == [f"echo: {len(big)}"] * len(passed)
+    assert len(seen) == len(passed)  # nothing of a refused message reached the upstream
+    assert_healthy(gw, standin)
+    record = _records(gw)
+    assert "<busy>" in record and "1013" in record
+
+
+# ------------------------------------------------------------------------------- MCP
+MCP_RULES = """{{standin_upstreams}}  - name: evil-tools
+    hosts: [evil-tools.example.com]
+    dialect: mcp
+    mask: false
+    forward_to: https://127.0.0.1:{port}
+identity:
+  required: false
+"""
+
+
+@pytest.fixture
+def evil(standin) -> Iterator[HostileServer]:
+    s = HostileServer(Path(standin.ca_path).parent)
+    s.thread.start()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+def test_mcp_answer_work_is_in_the_identitys_share(gateway_factory, standin,
+                                                  evil: HostileServer) -> None:
+    def answer(method: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        rid = json.loads(body)["id"]
+        return 200, {"content-type": "application/json"}, json.dumps(
+            {"jsonrpc": "2.0", "id": rid, "result": {"content": [
+                {"type": "text", "text": "row " * 25_000}]}}).encode()
+
+    evil.script = answer
+    gw = gateway_factory(MCP_RULES.format(port=evil.port), extra_args=("-s", str(TINY_POOL)))
+    done: dict[str, Any] = {}
+    occupier = _occupy(gw, done)
+    outcomes: list[httpx.Response | None] = [None] * 3
+
+    def call(i: int) -> None:
+        with client(gw) as c:
+            outcomes[i] = c.post("https://evil-tools.example.com/mcp", content=json.dumps(
+                {"jsonrpc": "2.0", "id": 10 + i, "method": "tools/call",
+                 "params": {"name": "rows", "arguments": {}}}),
+                headers={"content-type": "application/json",
+                         "accept": "application/json, text/event-stream"})
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    occupier.join(90)
+    assert "at" in done, "the occupying request never finished"
+    busy = []
+    for i, r in enumerate(outcomes):
+        assert r is not None and r.status_code == 200, r
+        msg = r.json()
+        assert msg["id"] == 10 + i
+        if "error" in msg:
+            busy.append(msg)
+            assert msg["error"]["code"] == -32001, msg
+            assert "heavy body work" in msg["error"]["message"], msg
+            assert "row row" not in r.text  # nothing of the unjudged answer
+        else:
+            assert msg["result"]["content"][0]["text"] == "row " * 25_000
+    assert busy, [r.text[:200] for r in outcomes if r is not None]
+    assert_healthy(gw, standin)
+    record = _records(gw)
+    assert record.count("heavy body work") >= len(busy)  # each refusal recorded
