@@ -60,7 +60,7 @@ import regex
 
 from addons.masking import fastscan
 from addons.masking.config import BUILTIN_ENTITIES, MaskingConfig
-from addons.masking.normalize import normalize
+from addons.masking.normalize import normalize, untouched
 from addons.masking.secret_rules import (
     AWS_SECRET,
     AWS_SECRET_WINDOW,
@@ -1174,6 +1174,16 @@ class DetectorSet:
         lens += [c.max_length * _ESCAPE_WIDTH for c in self._custom]
         self.max_len: int = max(lens, default=0)
         self.context_len: int = CONTEXT_LEN * _ESCAPE_WIDTH
+        # Put between two texts, this makes find(a + sep + b) find(a)'s findings, then
+        # find(b)'s moved by len(a + sep) (bodies.Masked._detect: one call for a body's two
+        # passes, whose fixed cost per call is most of a short body's). No built-in looks
+        # further back than context_len (the left context a stream keeps) or matches across
+        # a blank line, save a private-key block (up to 32 KiB, blank lines included, to its
+        # END line); a block ends before the next BEGIN line (secret_rules.pem_end), so a
+        # BEGIN line in the middle stops one from `a` where `a` ends, as at a text's end.
+        # None with custom detectors: their patterns and context windows may reach anywhere.
+        pad = "\n" * (self.context_len + 2)
+        self._breaks = None if self._custom else (pad, pad + "-----BEGIN \n" + pad)
         self._pem_hold = min(self.max_len, _MAX_LEN["PRIVATE_KEY"])
         # a custom match may be confirmed by a context word up to `window` characters after it
         self._custom_hold = max((c.max_length + (c.window if c.context else 0)
@@ -1206,6 +1216,22 @@ class DetectorSet:
         patterns may match any digits). The cross-field pass leaves shorter runs of digits
         out (bodies._cross_findings)."""
         return 0 if self._custom else _NUM_MIN_MATCH
+
+    def isolating_break(self, a: str) -> str | None:
+        """A separator that keeps `a` and any text after it apart in one find() call:
+        find(a + sep + b) is find(a)'s findings, then find(b)'s moved by len(a + sep)
+        (bodies.Masked._detect: a short body's two passes in one call, whose fixed cost
+        is most of theirs). No built-in looks further back than context_len (what a
+        stream keeps as left context) or matches across a blank line, save a private-key
+        block (up to 32 KiB, blank lines included, to its END line); a block ends before
+        the next BEGIN line (secret_rules.pem_end), so when `a` may hold one (after
+        normalising) a BEGIN line in the middle stops it where `a` ends, as at a text's
+        end. None with custom detectors: their patterns and context windows may reach
+        anywhere."""
+        if self._breaks is None:
+            return None
+        plain, stop = self._breaks
+        return plain if untouched(a) and "-----BEGIN " not in a else stop
 
     @property
     def fast(self) -> bool:

@@ -190,6 +190,13 @@ def needs_normalizing(text: str) -> bool:
     return not text.isascii() or "\\u" in text or "%" in text or "&#" in text
 
 
+def untouched(text: str) -> bool:
+    """Is `text` what normalize() leaves as it is, told without the work: pure ASCII
+    without `\\u`, `%` or `&#` (normalize returns None for such a text)."""
+    return text.isascii() and "%" not in text and not ("\\" in text and "\\u" in text) \
+        and not ("&" in text and "&#" in text)
+
+
 def normalize(text: str) -> Normalized | None:
     """Normalised form of `text`, or None when nothing needed folding (use `text` itself)."""
     is_ascii = text.isascii()

@@ -114,6 +114,8 @@ def test_a_clean_part_is_not_scanned_again(monkeypatch: pytest.MonkeyPatch) -> N
         return real(t)
 
     monkeypatch.setattr(masker, "find", spy)
+    # the two passes as two calls (bodies.Masked._detect joins them): counted per pass
+    monkeypatch.setattr(bodies, "USE_ONE_CALL", False)
     body = json.dumps({"model": "gpt-4o-mini", "messages": [
         {"role": "user", "content": "hi"}], "tools": TOOLS}).encode()
     _run(masker, [body] * 4, cached=True)
