@@ -312,8 +312,10 @@ def _held_bytes(db: Path) -> int | None:
 
 def run(quick: bool = False, agents: int | None = None, turns: int | None = None,
         profile: str | None = None, concerns: tuple[str, ...] = e2e.CONCERNS,
-        base: str | None = None, repeats: int = 1) -> dict[str, Any]:
-    """`profile`: a path for a py-spy profile (collapsed stacks) of the suite's run;
+        base: str | None = None, repeats: int = 1, profile_rate: int = 200
+        ) -> dict[str, Any]:
+    """`profile`: a path for a py-spy profile (collapsed stacks) of the suite's run, at
+    `profile_rate` samples per second (the GIL holder's stacks: the gateway's Python work);
     `concerns`: the suite's concerns (default all, as bench/e2e.py); `base`: another
     checkout (a git worktree at the commit before a change) whose gateway runs the same
     conversations, interleaved with this tree's `repeats` times (base, suite, base, …):
@@ -375,7 +377,7 @@ def run(quick: bool = False, agents: int | None = None, turns: int | None = None
         else:
             suite, proxy, active, _ = started
             out["active_concerns"] = active
-            _suite_run(out, env, url, proxy, suite, warm, convs, profile, n)
+            _suite_run(out, env, url, proxy, suite, warm, convs, profile, n, profile_rate)
     finally:
         env.stop()
     return _summarise(out)
@@ -383,7 +385,7 @@ def run(quick: bool = False, agents: int | None = None, turns: int | None = None
 
 def _suite_run(out: dict[str, Any], env: Any, url: str, proxy: str, suite: Any,
                warm: list[list[bytes]], convs: list[list[bytes]], profile: str | None,
-               n: int) -> None:
+               n: int, profile_rate: int = 200) -> None:
     """The suite's run (this tree): CPU per turn, with a py-spy profile if asked, and the
     audit bytes its data directory gained."""
     drive(url, proxy, suite.pid, warm, "warm")
@@ -392,7 +394,7 @@ def _suite_run(out: dict[str, Any], env: Any, url: str, proxy: str, suite: Any,
     spy = None
     if profile and e2e.py_spy():
         spy = subprocess.Popen([e2e.py_spy(), "record", "--gil", "--format", "raw",
-                                "-r", "200", "-o", profile, "-p", str(suite.pid)],
+                                "-r", str(profile_rate), "-o", profile, "-p", str(suite.pid)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1)
     try:
@@ -499,6 +501,9 @@ if __name__ == "__main__":
     ap.add_argument("--turns", type=int)
     ap.add_argument("--json")
     ap.add_argument("--profile", help="write a py-spy profile (collapsed) of the suite here")
+    ap.add_argument("--profile-rate", type=int, default=200,
+                    help="py-spy samples per second (a 40-turn run is ~1 s of the suite's CPU: "
+                         "raise it for more samples)")
     ap.add_argument("--concerns", default=",".join(e2e.CONCERNS),
                     help="the suite's concerns (default: all)")
     ap.add_argument("--in-process", action="store_true",
@@ -519,7 +524,7 @@ if __name__ == "__main__":
         sys.exit(0)
     r = run(quick=a.quick, agents=a.agents, turns=a.turns, profile=a.profile,
             concerns=tuple(c for c in a.concerns.split(",") if c), base=a.base,
-            repeats=a.repeats)
+            repeats=a.repeats, profile_rate=a.profile_rate)
     if a.base:
         if a.json:
             Path(a.json).write_text(json.dumps(r, indent=1))
