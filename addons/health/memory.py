@@ -1,5 +1,5 @@
-"""The gateway's memory per flow: decoded bodies let go as soon as they are dead, and the
-start-up heap kept out of the cyclic garbage collector's way.
+"""The gateway's memory per flow: decoded bodies let go as soon as they are dead, finished
+flows collected by body bytes, and the start-up heap kept out of the collector's way.
 
 The last addon on the chain (addons/gateway.py puts it there):
 - `request`, after every other request hook (policy, masking, approval, credentials): the
@@ -7,23 +7,29 @@ The last addon on the chain (addons/gateway.py puts it there):
   masking rewrote the body, the original bytes) is released before the upstream round trip,
   which takes seconds with a real model. Every step that reads the request body has read
   it by then; one that reads it later (McpAnswers on a refusal) decodes again.
-- `response` / `error`, after the recorder: the decoded response is released too.
+- `response` / `error`, after the recorder: the decoded response is released too, and the
+  flow's body bytes are counted; every COLLECT_BYTES of finished flows' bodies, one full
+  cyclic collection runs (scheduled on the event loop right after the hook).
 - `running`: the objects that exist once the suite is loaded (modules, compiled patterns,
-  rules) are moved out of the collector's generations (`gc.freeze`). Why: mitmproxy's
-  finished flows die in reference cycles (its HTTP stream layer keeps bound methods of
-  itself), so a flow's bodies go back only when the cyclic GC collects the oldest
-  generation; CPython runs that collection only when the objects promoted since the last
-  one exceed a quarter of the long-lived ones, and the suite's start-up heap is hundreds of
-  thousands of them: flows that lived through two young collections (every flow in flight
-  at c=16) piled up between full collections, each holding its bodies.
-  Frozen, the start-up heap no longer counts nor is traversed, so full collections come at
-  the collector's own thresholds and cost only what was allocated since.
+  rules) are moved out of the collector's generations (`gc.freeze`), so that a full
+  collection only walks what was allocated since (a few ms, not tens).
+
+Why the collections: mitmproxy's finished flows die in reference cycles (its HTTP stream
+layer keeps bound methods of itself), so a flow and its bodies go back only when the cyclic
+GC collects the oldest generation. CPython's own thresholds count container objects, not
+bytes: every flow in flight at a young collection is promoted, and the oldest generation
+was collected about once per hundred young collections: 120-160 finished flows, each with
+its (masked) request and its response, were alive at once at 100 KB c=16 and in the
+multi-turn run. Counted in body bytes, 1 KB traffic collects about once per 4,000 flows
+(nothing to win there) and 100 KB traffic once per ~40.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import time
 
 from mitmproxy import http
 
@@ -33,17 +39,29 @@ from addons.frame.guard import guarded
 log = logging.getLogger("agentgate.memory")
 
 STEP = "memory"
+# Finished flows' body bytes (request + response, as on the wire) between two full
+# collections: what dead flows may hold beyond the ones in flight.
+COLLECT_BYTES = 8 << 20
 
 
 class Memory:
-    def __init__(self) -> None:
+    def __init__(self, collect_bytes: int = COLLECT_BYTES) -> None:
         self.frozen = 0  # objects gc.freeze moved out of the collector's generations
+        self.collect_bytes = collect_bytes
+        self.pending = 0  # body bytes of the flows finished since the last collection
+        self.scheduled = False
+        self.collections = 0
+        self.collect_seconds = 0.0
 
     # sync on purpose: mitmproxy invokes `running` with invoke_addon_sync on a reload
     def running(self) -> None:
         gc.collect()  # the garbage of loading goes first: what is frozen is never freed
         gc.freeze()
         self.frozen = gc.get_freeze_count()
+        # and one (now nearly empty) full collection after: CPython waits for a quarter of
+        # the long-lived count of the last full collection to be promoted before the next
+        # one, and that count (the whole start-up heap) survives the freeze
+        gc.collect()
         log.debug("agentgate: %d start-up objects frozen out of the cyclic GC", self.frozen)
 
     # Guarded like every flow hook. skip_answered=False: a refused flow's decoded body is
@@ -54,8 +72,34 @@ class Memory:
 
     @guarded(STEP, skip_answered=False)
     def response(self, flow: http.HTTPFlow) -> None:
-        decode.release(flow)
+        self._finished(flow)
 
     @guarded(STEP, skip_answered=False)
     def error(self, flow: http.HTTPFlow) -> None:
+        self._finished(flow)
+
+    def _finished(self, flow: http.HTTPFlow) -> None:
         decode.release(flow)
+        size = len(flow.request.raw_content or b"")
+        if flow.response is not None:
+            size += len(flow.response.raw_content or b"")
+        self.pending += size
+        if self.pending < self.collect_bytes or self.scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.collect()
+            return
+        # after the hook: this flow's answer is not held up by the collection
+        self.scheduled = True
+        loop.call_soon(self.collect)
+
+    def collect(self) -> None:
+        """One full cyclic collection (the finished flows' bodies go back)."""
+        self.scheduled = False
+        self.pending = 0
+        t0 = time.perf_counter()
+        gc.collect()
+        self.collect_seconds += time.perf_counter() - t0
+        self.collections += 1

@@ -4,6 +4,7 @@ cyclic GC's full collections), and the start-up heap is frozen out of the collec
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import weakref
@@ -99,3 +100,51 @@ def test_running_freezes_the_startup_heap() -> None:
         assert m.frozen > 0 and gc.get_freeze_count() == m.frozen
     finally:
         gc.unfreeze()
+
+
+class _Held:
+    """Stands in for what a finished flow keeps alive; weakref-able."""
+
+
+def _dead_cycle() -> weakref.ref:
+    """A reference cycle no one refers to any more (as mitmproxy's finished HTTP streams
+    and their flows): only the cyclic GC frees it."""
+    held = _Held()
+    held.me = held
+    ref = weakref.ref(held)
+    del held
+    return ref
+
+
+def test_finished_flows_are_collected_by_body_bytes() -> None:
+    with no_cyclic_gc(), taddons.context():
+        m = Memory(collect_bytes=3 * len(BODY))  # request + response: 2 bodies a flow
+        ref = _dead_cycle()
+        m.response(_flow(resp=True))
+        assert ref() is not None and m.collections == 0 and m.pending == 2 * len(BODY)
+        m.error(_flow(resp=True))  # over the budget: collected
+        assert ref() is None and m.collections == 1 and m.pending == 0
+
+
+def test_small_flows_do_not_collect() -> None:
+    with no_cyclic_gc(), taddons.context():
+        m = Memory()
+        ref = _dead_cycle()
+        for _ in range(50):
+            m.response(_flow(resp=True))
+        assert ref() is not None and m.collections == 0
+
+
+def test_collection_runs_after_the_hook_on_the_loop() -> None:
+    async def main() -> None:
+        m = Memory(collect_bytes=1)
+        ref = _dead_cycle()
+        m.response(_flow(resp=True))
+        # not inside the hook: the flow's answer is not held up by it
+        assert ref() is not None and m.scheduled
+        m.response(_flow(resp=True))  # one collection scheduled at a time
+        await asyncio.sleep(0)
+        assert ref() is None and m.collections == 1 and not m.scheduled
+
+    with no_cyclic_gc(), taddons.context():
+        asyncio.run(main())

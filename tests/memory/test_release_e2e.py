@@ -25,6 +25,7 @@ EMAIL = "ann.lee@example.com"
 
 PROBE = '''\
 import json, os
+from mitmproxy import ctx
 from addons.frame import decode
 
 OUT = os.environ["AGENTGATE_TEST_PROBE"]
@@ -40,7 +41,9 @@ class Probe:
 
     def response(self, flow):
         with open(OUT, "a") as f:
-            f.write(json.dumps({"request": self.at_request, "response": _slot(flow)}) + "\\n")
+            f.write(json.dumps({"request": self.at_request, "response": _slot(flow),
+                                "collections": ctx.master.addons.get("memory").collections})
+                    + "\\n")
 
 addons = [Probe()]
 '''
@@ -70,3 +73,26 @@ def test_decoded_bodies_released_after_every_step(gateway_factory, no_identity, 
     # nothing of the request's decode outlives the request hooks, nothing at the end
     assert "request" not in seen[0]["request"]["cached"], seen
     assert seen[0]["response"] == [], seen
+
+
+def test_finished_flows_collected_by_body_bytes(gateway_factory, no_identity,
+                                                tmp_path: Path) -> None:
+    # 10 finished flows of 1 MiB bodies are over the 8 MiB between two full collections
+    # (addons/health/memory.py): one ran by the time the next flow ends
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    out = tmp_path / "probe.jsonl"
+    gw: Gateway = gateway_factory(
+        "{standin_upstreams}" + no_identity + "masking:\n  max_body_bytes: 4194304\n",
+        env={"AGENTGATE_TEST_PROBE": str(out)}, extra_args=("-s", str(probe)))
+    big = {"model": "gpt-4o-mini",
+           "messages": [{"role": "user", "content": "lorem ipsum dolor " * 58000}]}
+    with httpx.Client(proxy=gw.proxy_url(), verify=str(gw.ca_cert), timeout=60) as c:
+        for i in range(11):
+            r = c.post("https://api.openai.com/v1/chat/completions",
+                       json=big if i < 10 else {"model": "gpt-4o-mini", "messages": []})
+            assert r.status_code in (200, 400), r.text[:300]
+    seen = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(seen) == 11
+    assert seen[0]["collections"] == 0, seen[0]
+    assert seen[-1]["collections"] >= 1, seen[-1]
