@@ -218,7 +218,8 @@ def writer_process_cpu(flows: int = 3000, rate: int = 400, agents: int = 20,
                        turns: int = 40) -> dict[str, Any]:
     """The writer process's CPU per flow at a steady load, as a gateway feeds it: the real
     `remote.WriterProcess` (default batching: 500 rows / 200 ms), records submitted in
-    ticks of 20 ms (1 KB chat flows at `rate`/s), or one round of `agents` multi-turn
+    ticks of 20 ms (1 KB chat flows at `rate`/s; bench/e2e.py's 100 KB body, half as
+    many flows at 200/s), or one round of `agents` multi-turn
     flows every 150 ms (bench_multiturn's conversations, lock-step by turn). CPU is the
     writer process's (/proc, every thread) from the first submit until all is committed;
     per thread too (the main thread reads the pipe, the writer thread builds and inserts).
@@ -232,7 +233,19 @@ def writer_process_cpu(flows: int = 3000, rate: int = 400, agents: int = 20,
                             origin_url="https://api.openai.com/v1/chat/completions",
                             size=3000) for i in range(flows)]
     tick = max(1, rate // 50)
+    # bench/e2e.py's 100 KB chat body (the same on every request, as there) at ~200/s,
+    # 16 connections: the load under which the writer's peak memory was highest
+    big = h.chat_body(100 * 1024)
+    hundred = []
+    for i in range(flows // 2):
+        st = dict(states[i % len(states)], id=f"big-{i}")
+        st["request"] = dict(st["request"], content=big)
+        hundred.append(store.Pending(state=st, session=f"c{i % 16}",
+                                     secrets=("sk-bench-REAL-0000000000000000",),
+                                     origin_url="https://api.openai.com/v1/chat/completions",
+                                     size=len(big)))
     loads = {"1kb": ([one_kb[i:i + tick] for i in range(0, flows, tick)], 0.02),
+             "100kb": ([hundred[i:i + 4] for i in range(0, len(hundred), 4)], 0.02),
              "multiturn": (_multiturn_pendings(agents, turns), 0.15)}
     out: dict[str, Any] = {}
     for name, (groups, gap) in loads.items():

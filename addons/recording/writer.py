@@ -254,6 +254,10 @@ class AuditWriter(store.BacklogBound):
         # audit_meta key under which each batch commits the highest `sub` it holds (the
         # gateway's record number, set by the writer process); None: not tracked
         self.progress_key: str | None = None
+        # called on the writer thread after each batch was written or failed (`written`
+        # or `failure` may have changed): the writer process acknowledges at once instead
+        # of looking every few milliseconds
+        self.on_progress: Callable[[], None] | None = None
 
     # -- lifecycle
     def start(self) -> None:
@@ -264,7 +268,9 @@ class AuditWriter(store.BacklogBound):
         if self.serve_queries:
             try:
                 self._server = QueryServer(socket_path(self.path), self._con)
-                threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                # (the poll interval only bounds how long close() waits for the loop to
+                # see its shutdown: 20 wake-ups a second cost the idle process ~1 ms/s)
+                threading.Thread(target=self._server.serve_forever, args=(0.5,),
                                  name="agentgate-audit-query",
                                  daemon=True).start()
             except OSError as e:
@@ -410,6 +416,11 @@ class AuditWriter(store.BacklogBound):
             sub = getattr(item, "sub", None)  # the gateway's number (writer process)
             if sub is not None:
                 row["_sub"] = sub
+            if row.get("_blobs"):
+                # what the store already holds is not sent (nor counted against the
+                # batch's bytes: a long conversation's row lists every blob of its
+                # history, ~120 KB, of which a turn adds a few KB)
+                row["_blobs"] = [b for b in row["_blobs"] if b[0] not in self._known]
             rows.append(row)
             size += row_bytes(row)
         with self._cv:
@@ -420,15 +431,19 @@ class AuditWriter(store.BacklogBound):
             # The connection itself may be what failed (e.g. invalidated after an I/O error):
             # reopen it, so the gateway recovers by itself once the store works again.
             self._reopen()
-        left = self._write_rows(rows)
-        if left:
-            self._retry = left
-            self._fail_count += 1
-            return
-        if self.failure:
-            log.warning("agentgate: audit store writable again; accepting flows")
-        self.failure = None
-        self._fail_count = 0
+        try:
+            left = self._write_rows(rows)
+            if left:
+                self._retry = left
+                self._fail_count += 1
+                return
+            if self.failure:
+                log.warning("agentgate: audit store writable again; accepting flows")
+            self.failure = None
+            self._fail_count = 0
+        finally:
+            if self.on_progress is not None:
+                self.on_progress()
 
     def _append(self, rows: list[dict[str, Any]]) -> Exception | None:
         """One transaction; on failure the rows are un-chained again and the error returned."""
