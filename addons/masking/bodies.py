@@ -1210,7 +1210,14 @@ class Masked:
                       ) -> list[tuple[str, str]] | None:
         """Mask header names and values (one detector pass), except the headers named in
         `passed`. A name that held a value (no longer a header token) is dropped with its
-        value. None if nothing changed."""
+        value. None if nothing changed.
+
+        With the session's message cache (a request's headers), a set of the fields
+        looked at that this session sent before with nothing found in it (an agent's SDK
+        sends the same ones every turn) is not scanned again: the detectors' answer
+        depends on that text alone, and nothing found means no change and no call to the
+        session (kept as a digest among the session's clean parts, as the parts of a body
+        around its message list)."""
         rows = [[k, v] for k, v in fields]
         slots = _Slots(False)
         for row in rows:
@@ -1219,7 +1226,19 @@ class Masked:
             slots.add(row[0], _setter(row, 0), -1)
             if row[1]:
                 slots.add(row[1], _setter(row, 1), -1)
+        cache = self.cache if self.detect and not self.restore and slots.texts else None
+        digest = b""
+        if cache is not None:
+            # the texts in order, as the one pass reads them (repr: every string quoted
+            # and escaped, so no two lists share it)
+            digest = hashlib.sha256(b"headers:" + repr(slots.texts).encode(
+                "utf-8", "surrogatepass")).digest()
+            if cache.clean_part(digest):
+                return None
+        counted = _counted(self.findings)
         if not self._apply(slots):
+            if cache is not None and _counted(self.findings) == counted:
+                cache.add_clean_part(digest)
             return None
         return [(k, v.replace("\r", " ").replace("\n", " ")) for k, v in rows
                 if _HEADER_TOKEN.fullmatch(k)]
