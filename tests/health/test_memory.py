@@ -148,3 +148,24 @@ def test_collection_runs_after_the_hook_on_the_loop() -> None:
 
     with no_cyclic_gc(), taddons.context():
         asyncio.run(main())
+
+
+def test_next_collection_waits_fifty_times_the_last_ones_duration() -> None:
+    # a large heap (mitmweb keeps every flow) makes a collection slow: the collections'
+    # share of a core stays bounded however large it gets
+    now = [100.0]
+
+    def clock() -> float:
+        now[0] += 0.01  # every reading 10 ms later: the collection "took" 10 ms
+        return now[0]
+
+    with no_cyclic_gc(), taddons.context():
+        m = Memory(collect_bytes=1, clock=clock)
+        m.response(_flow(resp=True))
+        assert m.collections == 1
+        ref = _dead_cycle()
+        m.response(_flow(resp=True))  # over the budget, but only ~20 ms later
+        assert m.collections == 1 and ref() is not None
+        now[0] += 0.5  # past 51 x 10 ms
+        m.response(_flow(resp=True))
+        assert m.collections == 2 and ref() is None
