@@ -474,28 +474,43 @@ def _cross_text(masker: Masker, slots: _Slots) -> CrossText | None:
     inert = getattr(getattr(masker, "detectors", None), "digits_alone_min", 0)
     plans: list[tuple[list[int], list[str], list[bool] | None]] = []
     spaced: list[tuple[list[int], list[str], list[bool] | None]] = []
+    # each plan's text when every slot of its run is whole in it (no longer than
+    # SPLIT_WINDOW: the usual run), made here as _lay_out would; None: _lay_out's windows
+    laid: list[str | None] = []
+    laid_spaced: list[str | None] = []
+    w = SPLIT_WINDOW
     for idxs in runs.values():
         if len(idxs) > 1:
             run = [texts[i] for i in idxs]
             joined = "".join(run)
             if len(joined) < inert and joined.isascii() and joined.isdigit():
                 continue
+            short = len(joined) <= w or max(map(len, run)) <= w
             plans.append((idxs, run, None))
+            laid.append(joined if short else None)
             gaps = _junctions(run, joined)
             if gaps is not None:
                 spaced.append((idxs, run, gaps))
+                laid_spaced.append(run[0] + "".join(
+                    [" " + t if gap else t for t, gap in zip(run[1:], gaps, strict=True)])
+                    if short else None)
     if not plans:
         return None
     plans += spaced
+    laid += laid_spaced
     buf: list[str] = []
     plan_start: list[int] = []
     pos = 0
-    for idxs, run, gaps in plans:
+    for (idxs, run, gaps), text in zip(plans, laid, strict=True):
         if buf:
             buf.append(_BREAK)
             pos += len(_BREAK)
         plan_start.append(pos)
-        pos = _lay_out(idxs, run, gaps, pos, buf, None)
+        if text is not None:
+            buf.append(text)
+            pos += len(text)
+        else:
+            pos = _lay_out(idxs, run, gaps, pos, buf, None)
     return "".join(buf), plans, plan_start
 
 
