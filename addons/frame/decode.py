@@ -29,6 +29,7 @@ import codecs
 import io
 import json
 import re
+import sys
 import threading
 import weakref
 import zlib
@@ -341,7 +342,8 @@ class ParsePrefix(NamedTuple):
     key: str
     items: tuple[Any, ...]
     generation: int
-    cost: int
+    cost: int         # bytes charged to the memo: the text and `held`
+    held: int = 0     # bytes of the parsed values (before, items), as _held counts them
 
 
 class ParseMemos:
@@ -470,16 +472,42 @@ def parse_memo(text: str, key: str, memos: ParseMemos | None = None) -> _Parsed 
     gen = 0
     if lst_key is not None and items:
         ptext = text[:last_end] if prev is None or last_end != len(prev.text) else prev.text
-        prefix = ParsePrefix(ptext, before, lst_key, tuple(items),
-                             memos.next_generation(),
-                             2 * len(ptext.encode("utf-8", "surrogatepass"))
-                             if not ptext.isascii() else 2 * len(ptext) + 64 * len(items))
+        # charged by real size: the text's str object (1, 2 or 4 bytes a character: one
+        # emoji makes all of it 4) and the values parsed from it; the items a continued
+        # parse reuses are the previous prefix's very objects, so only the new ones are
+        # walked
+        held = prev.held + _held(items[len(prev.items):]) if prev is not None \
+            else _held(items) + _held((before,))
+        kept = tuple(items)
+        prefix = ParsePrefix(ptext, before, lst_key, kept, memos.next_generation(),
+                             sys.getsizeof(ptext) + sys.getsizeof(kept) + held, held)
         memos.put(key, prefix)
         gen = prefix.generation
     if prev is None:
         return _Parsed(doc, gen, 0, 0, lst_key)
     return _Parsed(doc, gen, len(prev.items), prev.generation, lst_key,
                    len(text) - len(prev.text))
+
+
+def _held(values: Any) -> int:
+    """Bytes the parsed JSON values take (sys.getsizeof of every object under them; a
+    string shared by several, such as a repeated key, counted each time: an upper bound).
+    Why not a multiple of the text's length: what a character of JSON text costs once
+    parsed depends on the shape ("[1000,1001,…]": a 32-byte int per 5 characters; many
+    small objects: ~200 bytes each), 2.4-2.7x more than twice the text in
+    tests/frame/test_decode_memo.py's hostile shapes."""
+    n = 0
+    stack = list(values)
+    size = sys.getsizeof
+    while stack:
+        o = stack.pop()
+        n += size(o)
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+    return n
 
 
 def _read_object(text: str, prev: ParsePrefix | None) -> tuple[Any, ...] | None:

@@ -189,3 +189,48 @@ def test_the_memos_are_bounded_and_fair_per_identity() -> None:
     decode.parse_memo(huge, "alice\x00big", memos)
     assert memos.get("alice\x00big") is None  # over max_entry: not kept
     assert "prose" not in repr(memos)
+
+
+def _real_size(prefix: decode.ParsePrefix) -> int:
+    """What a prefix really holds: every distinct object under its text, pairs and items."""
+    import sys
+    seen: set[int] = set()
+    n = 0
+    todo: list = [prefix.text, prefix.before, prefix.items]
+    while todo:
+        o = todo.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        n += sys.getsizeof(o)
+        if isinstance(o, dict):
+            todo.extend(o.keys())
+            todo.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            todo.extend(o)
+    return n
+
+
+@pytest.mark.parametrize("shape", ["prose", "one emoji", "numbers", "small objects"])
+def test_a_memo_is_charged_at_least_its_real_size(shape: str) -> None:
+    # the memo's bound (16 MiB) is only a bound if each entry is charged what it holds:
+    # twice the text's length undercharged these shapes 2.4-2.7x
+    msgs: list = [{"role": "user", "content": "hello world, " * 700} for _ in range(8)]
+    if shape == "one emoji":
+        msgs[3]["content"] += "\U0001F600"  # the whole text becomes 4 bytes a character
+    elif shape == "numbers":
+        msgs = [{"role": "user", "content": list(range(1000, 4000))}]
+    elif shape == "small objects":
+        msgs = [{"a": i} for i in range(2000)]
+    memos = ParseMemos()
+    first = json.dumps({"model": "m", "messages": msgs}, ensure_ascii=False)
+    assert decode.parse_memo(first, "a\x00s", memos) is not None
+    p = memos.get("a\x00s")
+    assert p.cost >= _real_size(p) and memos.bytes == p.cost
+    # continued by a turn: the reused items keep their charge, the new ones add theirs
+    msgs.append({"role": "assistant", "content": "more text \u00e9 " * 300})
+    second = json.dumps({"model": "m", "messages": msgs}, ensure_ascii=False)
+    got = decode.parse_memo(second, "a\x00s", memos)
+    assert got is not None and got.reused == len(msgs) - 1
+    p2 = memos.get("a\x00s")
+    assert p2.cost >= _real_size(p2) and memos.bytes == p2.cost
