@@ -328,6 +328,8 @@ class Masking:
             else:  # not warmed (yet): built here, as it always could be
                 self._masker = self._build(cfg)
             self._masker_cfg = cfg
+            # the loop-or-thread estimate counts these rules' custom detectors too
+            cost.use_custom(getattr(cfg, "custom", ()))
             self._warming = None
         return self._masker
 

@@ -4,6 +4,12 @@ bodies, SSE chunks and WebSocket messages, the database relay's rows). Pure (no 
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+log = logging.getLogger("agentgate.masking")
+
 # Whatever its size, a body (or a continued body's new part) goes to a worker thread when
 # masking it is not small work. That cost follows the values in it more than its bytes
 # (measured in process, 16 KB bodies: ~3-7 us per e-mail address, 0.7-3.4 us per digit of
@@ -22,31 +28,194 @@ _NON_JOINERS = bytes(b for b in range(256) if b not in b"_-/")
 _TOKENS_MIN_BYTES = 2048
 
 
-def estimate(data: bytes) -> int:
-    """The estimated microseconds masking `data` takes (counting stops once over
-    LOOP_BUDGET_US), from what makes the detectors work (see LOOP_BUDGET_US): '@' (e-mail
+# What makes the other detectors work, in bodies of 2 KB or more (measured on 64 KB bodies
+# of each, bench/bench_cost.py; below 2 KB none of them reaches ~1.3 ms): the words that
+# start a password assignment ('passwd: x' runs: ~1.1 us each; one that is a finding,
+# 'password="…"': ~11.7), the bearer and AWS-secret words (~0.4-0.6 us), any casing — 4 us
+# an occurrence, a bearer word 8 (the token after it: ~7-17 us); and IPv6 triggers (two
+# colons with at most four hex digits between them: ~1.7-3.3 us each) — 4 us.
+# letters -> 'a', digits -> '0', anything else -> ' ' (the shape of IBAN candidates)
+_CLASSES = bytes(0x61 if chr(b).isascii() and chr(b).isalpha() else
+                 0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_KEYWORDS = (b"pass", b"pwd", b"secret", b"token", b"key", b"credent", b"bearer", b"aws")
+_HEX_TO_H = bytes.maketrans(b"0123456789abcdefABCDEF", b"h" * 22)
+_IPV6_TRIGGERS = (b"::", b":h:", b":hh:", b":hhh:", b":hhhh:")
+# a custom detector's match: ~1.8-5 us each to find, check and replace (any pattern)
+CUSTOM_MATCH_US = 6
+
+
+class CustomCost:
+    """What bounds the number of matches of one custom detector in a body: the pieces every
+    match holds (a literal string, or at least k characters of a class), from its pattern.
+    A body holds at most min(count(piece) // k) matches. A pattern that cannot be read
+    this way (no required piece, or syntax only the `regex` module knows) counts one
+    match per two bytes."""
+
+    def __init__(self, pattern: str, ignore_case: bool = False) -> None:
+        self.pieces: list[tuple[bytes | None, bytes | None, int]] = []  # (literal, deleted, k)
+        self.fold = ignore_case
+        try:
+            self._read(pattern)
+        except Exception as e:  # noqa: BLE001 - unreadable here: counted per byte
+            log.debug("masking: custom pattern cost counted per byte (%s)", type(e).__name__)
+            self.pieces = []
+
+    def _read(self, pattern: str) -> None:
+        import re._constants as c  # the standard parser reads most `regex` patterns
+        import re._parser as sre
+
+        tree = sre.parse(pattern)
+        if tree.state.flags & c.SRE_FLAG_IGNORECASE:
+            self.fold = True
+        run: list[int] = []
+        for op, av in _required(tree, c):
+            if op is c.LITERAL and av < 128:
+                run.append(av)
+                continue
+            self._literal(run)
+            run = []
+            if op is c.IN:
+                cls = _class_bytes(av, c)
+                if cls is not None:
+                    self._class(cls, 1)
+            elif op is c.MAX_REPEAT and av[0] >= 1 and len(av[2]) == 1:
+                sop, sav = av[2][0]
+                cls = bytes([sav]) if sop is c.LITERAL and sav < 128 else \
+                    _class_bytes(sav, c) if sop is c.IN else None
+                if cls is not None:
+                    self._class(cls, av[0])
+        self._literal(run)
+
+    def _literal(self, run: list[int]) -> None:
+        if run:
+            lit = bytes(run)
+            self.pieces.append((lit.lower() if self.fold else lit, None, 1))
+
+    def _class(self, cls: bytes, k: int) -> None:
+        if self.fold:
+            cls = bytes(set(cls) | set(cls.lower()) | set(cls.upper()))
+        keep = set(cls)
+        self.pieces.append((None, bytes(b for b in range(256) if b not in keep), k))
+
+    def matches(self, data: bytes, low: bytes) -> int:
+        """At most how many matches `data` (`low`: lower-cased) holds."""
+        if not self.pieces:
+            return len(data) // 2
+        best = len(data)
+        for lit, deleted, k in self.pieces:
+            if lit is not None:
+                n = (low if self.fold else data).count(lit)
+            else:
+                n = len(data.translate(None, deleted)) // k
+            best = min(best, n)
+            if not best:
+                break
+        return best
+
+
+def _required(tree: Any, c: Any) -> Iterable[tuple[Any, Any]]:
+    """The items every match goes through, in order (groups opened; alternatives,
+    optional parts and look-arounds left out)."""
+    for op, av in tree:
+        if op is c.SUBPATTERN:
+            yield from _required(av[3], c)
+        elif op is c.MAX_REPEAT and av[0] >= 1 and len(av[2]) == 1 and \
+                av[2][0][0] is c.SUBPATTERN:
+            yield from _required(av[2][0][1][3], c)
+        elif op in (c.LITERAL, c.IN, c.MAX_REPEAT):
+            yield op, av
+
+
+def _class_bytes(items: Any, c: Any) -> bytes | None:
+    """The bytes of a character class (non-ASCII characters: every byte past ASCII, their
+    UTF-8 bytes), or None (a negated class: too wide to be worth counting)."""
+    out: set[int] = set()
+    for op, av in items:
+        if op is c.NEGATE:
+            return None
+        if op is c.LITERAL:
+            out.update([av] if av < 128 else range(128, 256))
+        elif op is c.RANGE:
+            lo, hi = av
+            out.update(range(lo, min(hi, 127) + 1))
+            if hi >= 128:
+                out.update(range(128, 256))
+        elif op is c.CATEGORY:
+            name = str(av)
+            if "NOT" in name:
+                return None
+            if "DIGIT" in name:
+                out.update(b"0123456789")
+            elif "WORD" in name:
+                out.update(b"0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+            else:
+                out.update(b" \t\n\r\x0b\x0c")
+            out.update(range(128, 256))
+        else:
+            return None
+    return bytes(sorted(out))
+
+
+# the custom detectors of the rules in force (use_custom): their cost counts in every
+# estimate, as the built-ins' do
+_CUSTOM: tuple[CustomCost, ...] = ()
+
+
+def use_custom(custom: Sequence[Any]) -> None:
+    """Count these custom detectors (masking config `custom`: objects with `pattern`,
+    `ignore_case`, `enabled`) in every estimate from now on (the masking addon calls it
+    with each new rules' masker)."""
+    global _CUSTOM
+    _CUSTOM = tuple(CustomCost(d.pattern, d.ignore_case) for d in custom
+                    if getattr(d, "enabled", True))
+
+
+def estimate(data: bytes, custom: Sequence[CustomCost] | None = None,
+             limit: int | None = None) -> int:
+    """The estimated microseconds masking `data` takes (counting stops once over `limit`),
+    from what makes the detectors work (see LOOP_BUDGET_US): '@' (e-mail
     addresses), digits (every numeric detector, IBANs, IPs), '%' (escapes decoded), bytes
-    past ASCII (normalised), and the length. A few us per KB to ask."""
+    past ASCII (normalised), the length, and in 2 KB or more: capitals and joiners
+    (letter-only secrets), the words of password assignments, bearer tokens and AWS
+    secrets, IPv6 triggers, and what every match of a custom detector holds (`custom`, or
+    those of the rules in force: use_custom). A few us per KB to ask. `limit`:
+    LOOP_BUDGET_US unless given."""
+    if limit is None:
+        limit = LOOP_BUDGET_US
     est = len(data) // 100
-    if est <= LOOP_BUDGET_US:
+    if est <= limit:
         est += 8 * data.count(b"@") + data.count(b"%")
-    if est <= LOOP_BUDGET_US:
-        est += 2 * len(data.translate(None, _NON_DIGITS))
-    if est <= LOOP_BUDGET_US and not data.isascii():
+    if est <= limit:
+        digits = len(data.translate(None, _NON_DIGITS))
+        est += 2 * digits
+        if digits and est <= limit:
+            # IBAN candidates (a country code's two letters, any case, then two digits,
+            # not after a letter or digit: ' de12' runs ~6.6 us each, of which the digits
+            # count 4)
+            est += 5 * data.translate(_CLASSES).count(b" aa00")
+    if est <= limit and not data.isascii():
         est += len(data.translate(None, _ASCII_BYTES))
-    if est <= LOOP_BUDGET_US and len(data) >= _TOKENS_MIN_BYTES:
+    if est <= limit and len(data) >= _TOKENS_MIN_BYTES:
         # provider secrets made of letters (AKIA + 16 capitals, ghp_/glpat-/npm_/pplx-/
         # AIza tokens, Slack hook paths: ~12-30 us each to find, check and replace) have
         # none of the bytes above: each has a capital, '_', '-' or '/' (in the
         # secret rules' literals). Prose has a few per cent capitals and few of the rest.
         est += len(data.translate(None, _NON_CAPS))
-        if est <= LOOP_BUDGET_US:
+        if est <= limit:
             est += 2 * len(data.translate(None, _NON_JOINERS))
+        if est <= limit:
+            low = data.lower()
+            est += 4 * sum(low.count(w) for w in _KEYWORDS) + 4 * low.count(b"bearer")
+            if est <= limit and b":" in data:
+                hexed = data.translate(_HEX_TO_H)
+                est += 4 * sum(hexed.count(t) for t in _IPV6_TRIGGERS)
+            for det in _CUSTOM if custom is None else custom:
+                if est > limit:
+                    break
+                est += CUSTOM_MATCH_US * det.matches(data, low)
     return est
 
 
 def heavy(data: bytes) -> bool:
     """Would masking `data` likely take more than LOOP_BUDGET_US (estimate)?"""
     return estimate(data) > LOOP_BUDGET_US
-
-

@@ -210,3 +210,54 @@ def test_mcp_answer_work_is_in_the_identitys_share(gateway_factory, standin,
     assert_healthy(gw, standin)
     record = _records(gw)
     assert record.count("heavy body work") >= len(busy)  # each refusal recorded
+
+
+# ----------------------------------------------------- masking's estimate (masking/cost.py)
+@pytest.mark.parametrize("unit", ["passwd: x ", "acctqwerty "], ids=["passwd-runs", "custom"])
+def test_bodies_heavy_for_other_detectors_leave_the_loop(gateway_factory, standin,
+                                                         unit: str) -> None:
+    """60 KB (under masking's size threshold) of `passwd: x` runs (~7 ms to mask here) or of
+    a letters-only custom detector's matches (~28 ms): masking/cost.py counts what makes
+    those detectors work, so each goes to the identity's share of the worker threads —
+    here full (one slot held, one queued): at least one of three is refused at once with
+    429 and nothing of it forwarded. Before, both were estimated at ~0.6 ms and masked on
+    the event loop, holding every other flow: all three passed."""
+    gw = gateway_factory("{standin_upstreams}identity:\n  required: false\n"
+                         "masking:\n  custom:\n    - name: ACCT_REF\n"
+                         "      pattern: 'acct[a-z]{6}'\n",
+                         extra_args=("-s", str(TINY_POOL)))
+    done: dict[str, Any] = {}
+    occupier = _occupy(gw, done)
+    text = unit * (60_000 // len(unit))
+    body = json.dumps({"model": "gpt-4o-mini",
+                       "messages": [{"role": "user", "content": text}]}).encode()
+    outcomes: list[httpx.Response | None] = [None] * 3
+
+    def send(i: int) -> None:
+        with client(gw) as c:
+            outcomes[i] = c.post("https://api.openai.com/v1/chat/completions", content=body,
+                                 headers={"content-type": "application/json",
+                                          "authorization": f"Bearer {AGENT_KEY}"})
+
+    standin.clear()
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    occupier.join(90)
+    assert "at" in done, "the occupying request never finished"
+    codes = [r.status_code if r is not None else None for r in outcomes]
+    assert set(codes) <= {200, 429}, codes
+    # refused before it was forwarded: its request's masking had no place (the answer's
+    # masking may be refused too — the stand-in echoes the text — after it was forwarded)
+    refused = [r for r in outcomes if r is not None and r.status_code == 429
+               and "upstream response" not in r.json()["error"]["message"]]
+    assert refused, [r.text[:200] for r in outcomes if r is not None]
+    for r in refused:
+        assert r.json()["error"]["code"] == "busy", r.text
+    # what reached the upstream: the occupier and the ones not refused, masked
+    assert len(standin.requests) == 1 + len(outcomes) - len(refused)
+    if unit.startswith("acct"):
+        assert all("acctqwerty" not in json.dumps(q.get("body", "")) for q in standin.requests)
+    assert_healthy(gw, standin)
