@@ -5,6 +5,7 @@ bodies, SSE chunks and WebSocket messages, the database relay's rows). Pure (no 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -28,18 +29,85 @@ _NON_JOINERS = bytes(b for b in range(256) if b not in b"_-/")
 _TOKENS_MIN_BYTES = 2048
 
 
-# What makes the other detectors work, in bodies of 2 KB or more (measured on 64 KB bodies
-# of each, bench/bench_cost.py; below 2 KB none of them reaches ~1.3 ms): the words that
-# start a password assignment ('passwd: x' runs: ~1.1 us each; one that is a finding,
-# 'password="…"': ~11.7), the bearer and AWS-secret words (~0.4-0.6 us), any casing — 4 us
-# an occurrence, a bearer word 8 (the token after it: ~7-17 us); and IPv6 triggers (two
-# colons with at most four hex digits between them: ~1.7-3.3 us each) — 4 us.
+# What makes the other detectors work (measured on 64 KB bodies of each,
+# bench/bench_cost.py), with the estimate's us per occurrence: the words that start a
+# password assignment ('passwd: x' runs: ~1.1 us each; one that is a finding,
+# 'password="…"': ~11.7), the AWS-secret words (~0.4-1.2 us), any casing — 4; the word
+# bearer (the token after it: ~7-17 us) — 8; IPv6 triggers (two colons with at most four
+# hex digits between them: ~1.7-3.3 us each) — 4; IBAN candidates (a country code's two
+# letters, any case, then two digits, not after a letter or digit: ' de12' runs ~6.6 us,
+# of which the digits count 4) — 5. Counted in one Hyperscan pass (~0.6 us per KB; one
+# callback per occurrence, the scan stops once over the limit); without Hyperscan, by
+# byte counts (slower: ~20 us per KB).
+TRIGGERS: tuple[tuple[bytes, int], ...] = (
+    *((rb"(?i)" + w, 4) for w in (b"pass", b"pwd", b"secret", b"token", b"key", b"credent",
+                                  b"aws")),
+    (rb"(?i)bearer", 8),
+    (rb":[0-9A-Fa-f]{0,4}:", 4),
+    (rb"(?:^|[^A-Za-z0-9])[A-Za-z]{2}[0-9]{2}", 5),
+)
+# the byte-count fallback's forms of the same
+_KEYWORDS = (b"pass", b"pwd", b"secret", b"token", b"key", b"credent", b"aws")
+_HEX_TO_H = bytes.maketrans(b"0123456789abcdefABCDEF", b"h" * 22)
+_IPV6_TRIGGERS = (b"::", b":h:", b":hh:", b":hhh:", b":hhhh:")
 # letters -> 'a', digits -> '0', anything else -> ' ' (the shape of IBAN candidates)
 _CLASSES = bytes(0x61 if chr(b).isascii() and chr(b).isalpha() else
                  0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
-_KEYWORDS = (b"pass", b"pwd", b"secret", b"token", b"key", b"credent", b"bearer", b"aws")
-_HEX_TO_H = bytes.maketrans(b"0123456789abcdefABCDEF", b"h" * 22)
-_IPV6_TRIGGERS = (b"::", b":h:", b":hh:", b":hhh:", b":hhhh:")
+
+
+class _Scanner:
+    """TRIGGERS compiled once (Hyperscan); scratch space per thread."""
+
+    def __init__(self) -> None:
+        import hyperscan as hs
+
+        self.hs = hs
+        self.weights = [w for _, w in TRIGGERS]
+        self.db = hs.Database(mode=hs.HS_MODE_BLOCK)
+        self.db.compile(expressions=[p for p, _ in TRIGGERS], ids=list(range(len(TRIGGERS))),
+                        elements=len(TRIGGERS), flags=[0] * len(TRIGGERS))
+        self.local = threading.local()
+
+    def count(self, data: bytes, est: int, limit: int) -> int:
+        scratch = getattr(self.local, "scratch", None)
+        if scratch is None:
+            scratch = self.local.scratch = self.hs.Scratch(self.db)
+        total = [est, limit, self.weights]
+        try:
+            self.db.scan(data, match_event_handler=_hit, context=total, scratch=scratch)
+        except self.hs.ScanTerminated:
+            pass
+        return total[0]
+
+
+def _hit(pid: int, start: int, end: int, flags: int, total: list[Any]) -> bool | None:
+    total[0] += total[2][pid]
+    return True if total[0] > total[1] else None
+
+
+def _scanner() -> _Scanner | None:
+    try:
+        return _Scanner()
+    except Exception as e:  # noqa: BLE001 - no Hyperscan here: byte counts
+        log.info("masking: cost estimate by byte counts (%s)", type(e).__name__)
+        return None
+
+
+_SCANNER = _scanner()
+
+
+def _count_bytes(data: bytes, est: int, limit: int) -> int:
+    """TRIGGERS' occurrences by byte counts (no Hyperscan)."""
+    low = data.lower()
+    est += 4 * sum(low.count(w) for w in _KEYWORDS) + 8 * low.count(b"bearer")
+    if est <= limit and b":" in data:
+        hexed = data.translate(_HEX_TO_H)
+        est += 4 * sum(hexed.count(t) for t in _IPV6_TRIGGERS)
+    if est <= limit:
+        est += 5 * (b" " + data).translate(_CLASSES).count(b" aa00")
+    return est
+
+
 # a custom detector's match: ~1.8-5 us each to find, check and replace (any pattern)
 CUSTOM_MATCH_US = 6
 
@@ -97,14 +165,16 @@ class CustomCost:
         keep = set(cls)
         self.pieces.append((None, bytes(b for b in range(256) if b not in keep), k))
 
-    def matches(self, data: bytes, low: bytes) -> int:
-        """At most how many matches `data` (`low`: lower-cased) holds."""
+    def matches(self, data: bytes, low: bytes | None = None) -> int:
+        """At most how many matches `data` (`low`: lower-cased, when known) holds."""
         if not self.pieces:
             return len(data) // 2
         best = len(data)
         for lit, deleted, k in self.pieces:
             if lit is not None:
-                n = (low if self.fold else data).count(lit)
+                if self.fold and low is None:
+                    low = data.lower()
+                n = (low if self.fold and low is not None else data).count(lit)
             else:
                 n = len(data.translate(None, deleted)) // k
             best = min(best, n)
@@ -175,10 +245,10 @@ def estimate(data: bytes, custom: Sequence[CustomCost] | None = None,
     """The estimated microseconds masking `data` takes (counting stops once over `limit`),
     from what makes the detectors work (see LOOP_BUDGET_US): '@' (e-mail
     addresses), digits (every numeric detector, IBANs, IPs), '%' (escapes decoded), bytes
-    past ASCII (normalised), the length, and in 2 KB or more: capitals and joiners
-    (letter-only secrets), the words of password assignments, bearer tokens and AWS
-    secrets, IPv6 triggers, and what every match of a custom detector holds (`custom`, or
-    those of the rules in force: use_custom). A few us per KB to ask. `limit`:
+    past ASCII (normalised), the length, TRIGGERS (the words of password assignments,
+    bearer tokens and AWS secrets, IPv6 and IBAN candidates), and in 2 KB or more:
+    capitals and joiners (letter-only secrets) and what every match of a custom detector
+    holds (`custom`, or those of the rules in force: use_custom). A few us per KB to ask. `limit`:
     LOOP_BUDGET_US unless given."""
     if limit is None:
         limit = LOOP_BUDGET_US
@@ -186,15 +256,12 @@ def estimate(data: bytes, custom: Sequence[CustomCost] | None = None,
     if est <= limit:
         est += 8 * data.count(b"@") + data.count(b"%")
     if est <= limit:
-        digits = len(data.translate(None, _NON_DIGITS))
-        est += 2 * digits
-        if digits and est <= limit:
-            # IBAN candidates (a country code's two letters, any case, then two digits,
-            # not after a letter or digit: ' de12' runs ~6.6 us each, of which the digits
-            # count 4)
-            est += 5 * data.translate(_CLASSES).count(b" aa00")
+        est += 2 * len(data.translate(None, _NON_DIGITS))
     if est <= limit and not data.isascii():
         est += len(data.translate(None, _ASCII_BYTES))
+    if est <= limit:
+        est = _SCANNER.count(data, est, limit) if _SCANNER is not None else \
+            _count_bytes(data, est, limit)
     if est <= limit and len(data) >= _TOKENS_MIN_BYTES:
         # provider secrets made of letters (AKIA + 16 capitals, ghp_/glpat-/npm_/pplx-/
         # AIza tokens, Slack hook paths: ~12-30 us each to find, check and replace) have
@@ -203,16 +270,13 @@ def estimate(data: bytes, custom: Sequence[CustomCost] | None = None,
         est += len(data.translate(None, _NON_CAPS))
         if est <= limit:
             est += 2 * len(data.translate(None, _NON_JOINERS))
-        if est <= limit:
-            low = data.lower()
-            est += 4 * sum(low.count(w) for w in _KEYWORDS) + 4 * low.count(b"bearer")
-            if est <= limit and b":" in data:
-                hexed = data.translate(_HEX_TO_H)
-                est += 4 * sum(hexed.count(t) for t in _IPV6_TRIGGERS)
-            for det in _CUSTOM if custom is None else custom:
-                if est > limit:
-                    break
-                est += CUSTOM_MATCH_US * det.matches(data, low)
+        low: bytes | None = None
+        for det in _CUSTOM if custom is None else custom:
+            if est > limit:
+                break
+            if det.fold and low is None:
+                low = data.lower()
+            est += CUSTOM_MATCH_US * det.matches(data, low)
     return est
 
 

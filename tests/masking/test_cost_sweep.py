@@ -94,3 +94,16 @@ def test_the_rules_custom_detectors_count_in_every_estimate() -> None:
         assert cost.heavy(body)
     finally:
         cost.use_custom(())
+
+
+@pytest.mark.parametrize("name", [n for n in bc.TRIGGERS if n not in ("custom-near",)])
+def test_byte_counts_agree_with_the_scan_on_what_is_heavy(name: str) -> None:
+    """Without Hyperscan the same triggers are counted from bytes: the same verdict."""
+    if cost._SCANNER is None:
+        pytest.skip("hyperscan not importable here")
+    body = bc.chat(bc.body_of(bc.TRIGGERS[name], SIZE)[0])
+    big = 1 << 62
+    scanned = cost._SCANNER.count(body, 0, big)
+    counted = cost._count_bytes(body, 0, big)
+    assert (scanned > cost.LOOP_BUDGET_US) == (counted > cost.LOOP_BUDGET_US), (scanned, counted)
+    assert 0.5 <= (counted + 1) / (scanned + 1) <= 2, (scanned, counted)
