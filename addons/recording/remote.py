@@ -56,6 +56,8 @@ PIPE_SIZE = 1 << 20  # bytes the pipe to the process may hold (where the system 
 # costs more than the copy into the pipe; above it (a long conversation's history) the
 # copy dominates and is better done by the sender, beside the event loop (GIL released)
 DIRECT_MAX = 32 * 1024
+# the writer process's DuckDB allocator (see _spawn): freed pages back within ~0.1 s
+JEMALLOC_CONF = "dirty_decay_ms:100,muzzy_decay_ms:0"
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -121,6 +123,12 @@ class WriterProcess(store.BacklogBound):
     def _spawn(self) -> tuple[subprocess.Popen[bytes], int, int]:
         """Start the process and wait until its store is open; raises with its reason."""
         env = dict(os.environ)
+        # DuckDB allocates through the jemalloc linked into it, which keeps freed pages for
+        # DuckDB's decay time before giving them back: the writer's inserts and
+        # checkpoints free and allocate all day, and its RSS stood ~30-40 MiB above what
+        # it uses (8,000 1 KB rows in process: peak 203 -> 168 MiB at 100 ms, same CPU
+        # per row; at 0 ms 155 MiB but +15 % CPU). An operator's own setting is kept.
+        env.setdefault("DUCKDB_JE_MALLOC_CONF", JEMALLOC_CONF)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         proc = subprocess.Popen(

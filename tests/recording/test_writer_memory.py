@@ -168,3 +168,31 @@ def test_rows_without_the_cap_walk_are_the_rows_with_it(monkeypatch) -> None:  #
     monkeypatch.setattr(store, "fits", lambda v, limit: False)
     slow = [store.build_row(p) for p in cases]
     assert fast == slow
+
+
+def test_the_writer_process_gives_duckdbs_freed_pages_back_soon(tmp_path: Path,
+                                                                monkeypatch) -> None:  # noqa: ANN001
+    """The writer process runs DuckDB's jemalloc with a short decay (remote.JEMALLOC_CONF:
+    bench_recorder and BENCHMARKS.md have what it saves); an operator's own
+    DUCKDB_JE_MALLOC_CONF is left as it is."""
+    from addons.recording import remote
+
+    def child_conf(env_value: str | None) -> str | None:
+        if env_value is None:
+            monkeypatch.delenv("DUCKDB_JE_MALLOC_CONF", raising=False)
+        else:
+            monkeypatch.setenv("DUCKDB_JE_MALLOC_CONF", env_value)
+        w = WriterProcess(tmp_path / f"a{env_value is None}.duckdb", serve_queries=False)
+        w.start()
+        try:
+            assert w.pid is not None
+            env = Path(f"/proc/{w.pid}/environ").read_bytes().split(b"\0")
+        finally:
+            assert w.close(30)
+        got = [e.split(b"=", 1)[1].decode() for e in env
+               if e.startswith(b"DUCKDB_JE_MALLOC_CONF=")]
+        return got[0] if got else None
+
+    assert child_conf(None) == remote.JEMALLOC_CONF
+    assert "dirty_decay_ms" in remote.JEMALLOC_CONF
+    assert child_conf("dirty_decay_ms:5000") == "dirty_decay_ms:5000"
