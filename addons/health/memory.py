@@ -65,6 +65,9 @@ class Memory:
 
     # sync on purpose: mitmproxy invokes `running` with invoke_addon_sync on a reload
     def running(self) -> None:
+        # On a script reload (running again) the previous freeze is undone first: what it
+        # froze and is garbage now (the old addons) is collected, not kept for good.
+        gc.unfreeze()
         gc.collect()  # the garbage of loading goes first: what is frozen is never freed
         gc.freeze()
         self.frozen = gc.get_freeze_count()

@@ -169,3 +169,23 @@ def test_next_collection_waits_fifty_times_the_last_ones_duration() -> None:
         now[0] += 0.5  # past 51 x 10 ms
         m.response(_flow(resp=True))
         assert m.collections == 2 and ref() is None
+
+
+def test_running_again_frees_what_the_last_freeze_kept() -> None:
+    # a script reload runs `running` again: the old addons, frozen at the first one, are
+    # garbage now and must not be kept for good
+    gc.unfreeze()
+    try:
+        with no_cyclic_gc():
+            held = _Held()
+            held.me = held
+            ref = weakref.ref(held)
+            m = Memory()
+            m.running()  # frozen while alive
+            del held
+            gc.collect()
+            assert ref() is not None, "frozen: no collection frees it"
+            m.running()
+            assert ref() is None
+    finally:
+        gc.unfreeze()
