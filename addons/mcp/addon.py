@@ -237,6 +237,13 @@ class Mcp:
                    "unmaskable_body", "mcp")
             return
         resp.stream = McpStream(self, flow, self.config())
+        # Events may be dropped or rewritten: the length the server declared is not the
+        # body's (a client would wait for bytes that never come, or stop short). Masking
+        # does the same when it wraps this stream; with `mask: false` nobody else would.
+        if "content-length" in resp.headers:
+            del resp.headers["content-length"]
+            if flow.request.http_version == "HTTP/1.1":  # the client side's framing
+                resp.headers["transfer-encoding"] = "chunked"
 
     @guarded("mcp")
     async def response(self, flow: http.HTTPFlow) -> None:

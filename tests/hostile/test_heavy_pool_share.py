@@ -261,3 +261,63 @@ def test_bodies_heavy_for_other_detectors_leave_the_loop(gateway_factory, standi
     if unit.startswith("acct"):
         assert all("acctqwerty" not in json.dumps(q.get("body", "")) for q in standin.requests)
     assert_healthy(gw, standin)
+
+
+def test_mcp_stream_event_work_is_in_the_identitys_share(gateway_factory, standin,
+                                                        evil: HostileServer) -> None:
+    """A heavy SSE event (`mask: false`: the mcp addon's stream function is the response's
+    own) is judged in the identity's share too; with the share full, the agent gets a
+    JSON-RPC error event for its request instead — never the unjudged event."""
+    def answer(method: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        rid = json.loads(body)["id"]
+        event = json.dumps({"jsonrpc": "2.0", "id": rid, "result": {
+            "content": [{"type": "text", "text": "rows"}],
+            "structuredContent": {"rows": [{}] * 60_000}}}, separators=(",", ":"))
+        return 200, {"content-type": "text/event-stream"}, \
+            b"event: message\ndata: " + event.encode() + b"\n\n"
+
+    evil.script = answer
+    gw = gateway_factory(MCP_RULES.format(port=evil.port), extra_args=("-s", str(TINY_POOL)))
+    done: dict[str, Any] = {}
+    occupier = _occupy(gw, done)
+    outcomes: list[httpx.Response | None] = [None] * 3
+
+    errors: list[BaseException] = []
+
+    def call(i: int) -> None:
+        try:
+            _call(i)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    def _call(i: int) -> None:
+        with client(gw) as c:
+            outcomes[i] = c.post("https://evil-tools.example.com/mcp", content=json.dumps(
+                {"jsonrpc": "2.0", "id": 20 + i, "method": "tools/call",
+                 "params": {"name": "rows", "arguments": {}}}),
+                headers={"content-type": "application/json",
+                         "accept": "application/json, text/event-stream"})
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    occupier.join(90)
+    assert "at" in done, "the occupying request never finished"
+    assert not errors, errors
+    busy = 0
+    for i, r in enumerate(outcomes):
+        assert r is not None and r.status_code == 200, r
+        events = [e for e in r.content.split(b"\n\n") if e.strip()]
+        assert len(events) == 1, r.content[:300]
+        msg = json.loads(events[0].split(b"data: ", 1)[1])
+        assert msg["id"] == 20 + i
+        if "error" in msg:
+            busy += 1
+            assert "too busy" in msg["error"]["message"], msg
+            assert msg["error"]["data"]["code"] == "upstream_invalid_jsonrpc"
+        else:
+            assert len(msg["result"]["structuredContent"]["rows"]) == 60_000
+    assert busy, [r.content[:200] for r in outcomes if r is not None]
+    assert_healthy(gw, standin)
