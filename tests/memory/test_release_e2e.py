@@ -49,14 +49,20 @@ addons = [Probe()]
 '''
 
 
-def test_decoded_bodies_released_after_every_step(gateway_factory, no_identity, standin,
-                                                   tmp_path: Path) -> None:
+def _probed(gateway_factory, no_identity: str, tmp_path: Path) -> tuple[Gateway, Path]:
+    """The gateway with the probe script after it; the probe's output file."""
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     out = tmp_path / "probe.jsonl"
     gw: Gateway = gateway_factory(
         "{standin_upstreams}" + no_identity + "masking:\n  max_body_bytes: 4194304\n",
         env={"AGENTGATE_TEST_PROBE": str(out)}, extra_args=("-s", str(probe)))
+    return gw, out
+
+
+def test_decoded_bodies_released_after_every_step(gateway_factory, no_identity, standin,
+                                                   tmp_path: Path) -> None:
+    gw, out = _probed(gateway_factory, no_identity, tmp_path)
     standin.clear()
     body = {"model": "gpt-4o-mini", "messages": [
         {"role": "user", "content": f"write to {EMAIL} " + "lorem ipsum " * 2000}]}
@@ -79,12 +85,7 @@ def test_finished_flows_collected_by_body_bytes(gateway_factory, no_identity,
                                                 tmp_path: Path) -> None:
     # 10 finished flows of 1 MiB bodies are over the 8 MiB between two full collections
     # (addons/health/memory.py): one ran by the time the next flow ends
-    probe = tmp_path / "probe.py"
-    probe.write_text(PROBE)
-    out = tmp_path / "probe.jsonl"
-    gw: Gateway = gateway_factory(
-        "{standin_upstreams}" + no_identity + "masking:\n  max_body_bytes: 4194304\n",
-        env={"AGENTGATE_TEST_PROBE": str(out)}, extra_args=("-s", str(probe)))
+    gw, out = _probed(gateway_factory, no_identity, tmp_path)
     big = {"model": "gpt-4o-mini",
            "messages": [{"role": "user", "content": "lorem ipsum dolor " * 58000}]}
     with httpx.Client(proxy=gw.proxy_url(), verify=str(gw.ca_cert), timeout=60) as c:
