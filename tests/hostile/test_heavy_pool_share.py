@@ -50,7 +50,13 @@ def _occupy(gw: Any, done: dict[str, Any]) -> threading.Thread:
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
-    time.sleep(1.0)  # uploaded; its masking holds the slot
+    # its masking holds the slot (the probe logs it): wait for that, then a little more so
+    # that the slot is still held by it (the masking takes seconds), not by its policy step
+    deadline = time.monotonic() + 60
+    while "slot taken" not in gw.log_path.read_text(errors="replace"):
+        assert time.monotonic() < deadline and t.is_alive(), "the occupier never took the slot"
+        time.sleep(0.05)
+    time.sleep(0.3)
     return t
 
 
