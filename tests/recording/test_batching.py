@@ -53,7 +53,7 @@ def test_an_acknowledgement_never_runs_ahead_of_the_commit(tmp_path: Path) -> No
         for i in range(total):
             w.submit(pending(f"f{i}", b"x" * (200 + (i * 7919) % 30_000)))
             if i % 50 == 49:
-                time.sleep(0.03)  # bursts and pauses: batches of every size
+                time.sleep(0.05)  # bursts and pauses: batches of every size
         done.set()
 
     t = threading.Thread(target=feed)
