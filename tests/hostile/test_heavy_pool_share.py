@@ -17,17 +17,17 @@ import json
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import httpx
 import pytest
 
 from tests.hostile.edgekit import AGENT_KEY, assert_healthy, client, connect_tunnel
-from tests.hostile.test_mcp import HostileServer
+from tests.hostile.test_mcp import HostileServer, evil  # noqa: F401 - fixture
+from tests.hostile.test_websocket import _records
 
 pytestmark = pytest.mark.integration
 
@@ -60,16 +60,38 @@ def _occupy(gw: Any, done: dict[str, Any]) -> threading.Thread:
     return t
 
 
-def _records(gw: Any) -> str:
-    assert gw.stop() == 0
-    con = duckdb.connect(str(gw.data_dir / "agentgate.duckdb"), read_only=True)
-    try:
-        cols = [r[0] for r in con.execute("DESCRIBE flows").fetchall()]
-        rows = con.execute(f"SELECT {', '.join(f'CAST({c} AS VARCHAR)' for c in cols)} "
-                           "FROM flows").fetchall()
-    finally:
-        con.close()
-    return json.dumps(rows, default=str)
+def _while_occupied[R](gw: Any, n: int, send: Callable[[int], R]) -> list[R]:
+    """`send(0..n-1)` at once, in threads, while the identity's slot is held (_occupy);
+    their results, after the occupier finished."""
+    done: dict[str, Any] = {}
+    occupier = _occupy(gw, done)
+    out: list[Any] = [None] * n
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            out[i] = send(i)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    occupier.join(90)
+    assert "at" in done, "the occupying request never finished"
+    assert not errors, errors
+    return out
+
+
+def _mcp_call(gw: Any, rid: int) -> httpx.Response:
+    with client(gw) as c:
+        return c.post("https://evil-tools.example.com/mcp", content=json.dumps(
+            {"jsonrpc": "2.0", "id": rid, "method": "tools/call",
+             "params": {"name": "rows", "arguments": {}}}),
+            headers={"content-type": "application/json",
+                     "accept": "application/json, text/event-stream"})
 
 
 # ------------------------------------------------------------------------- WebSocket
@@ -117,27 +139,18 @@ def test_websocket_policy_work_is_in_the_identitys_share(gateway_factory, standi
             ws.send("hello")
             assert ws.recv(timeout=30) == "echo: 5"
         seen.clear()
-        done: dict[str, Any] = {}
-        occupier = _occupy(gw, done)
         big = "lorem ipsum dolor sit amet " * 3000  # 81 KB: judged in the pool
-        outcomes: list[Any] = [None] * len(sockets)
 
-        def send(i: int) -> None:
+        def send(i: int) -> Any:
             try:
                 sockets[i].send(big)
-                outcomes[i] = sockets[i].recv(timeout=60)
+                return sockets[i].recv(timeout=60)
             except ConnectionClosed as e:
-                outcomes[i] = e.rcvd
+                return e.rcvd
 
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(sockets))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(90)
-        occupier.join(90)
+        outcomes = _while_occupied(gw, len(sockets), send)
         for ws in sockets:
             ws.close()
-    assert "at" in done, "the occupying request never finished"
     refused = [o for o in outcomes if o is not None and not isinstance(o, str)]
     passed = [o for o in outcomes if isinstance(o, str)]
     assert refused, outcomes  # the identity's share was full: refused at once
@@ -162,17 +175,8 @@ identity:
 """
 
 
-@pytest.fixture
-def evil(standin) -> Iterator[HostileServer]:
-    s = HostileServer(Path(standin.ca_path).parent)
-    s.thread.start()
-    yield s
-    s.httpd.shutdown()
-    s.httpd.server_close()
-
-
-def test_mcp_answer_work_is_in_the_identitys_share(gateway_factory, standin,
-                                                  evil: HostileServer) -> None:
+def test_mcp_answer_work_is_in_the_identitys_share(
+        gateway_factory, standin, evil: HostileServer) -> None:  # noqa: F811
     def answer(method: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
         rid = json.loads(body)["id"]
         return 200, {"content-type": "application/json"}, json.dumps(
@@ -181,25 +185,7 @@ def test_mcp_answer_work_is_in_the_identitys_share(gateway_factory, standin,
 
     evil.script = answer
     gw = gateway_factory(MCP_RULES.format(port=evil.port), extra_args=("-s", str(TINY_POOL)))
-    done: dict[str, Any] = {}
-    occupier = _occupy(gw, done)
-    outcomes: list[httpx.Response | None] = [None] * 3
-
-    def call(i: int) -> None:
-        with client(gw) as c:
-            outcomes[i] = c.post("https://evil-tools.example.com/mcp", content=json.dumps(
-                {"jsonrpc": "2.0", "id": 10 + i, "method": "tools/call",
-                 "params": {"name": "rows", "arguments": {}}}),
-                headers={"content-type": "application/json",
-                         "accept": "application/json, text/event-stream"})
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(90)
-    occupier.join(90)
-    assert "at" in done, "the occupying request never finished"
+    outcomes = _while_occupied(gw, 3, lambda i: _mcp_call(gw, 10 + i))
     busy = []
     for i, r in enumerate(outcomes):
         assert r is not None and r.status_code == 200, r
@@ -232,27 +218,18 @@ def test_bodies_heavy_for_other_detectors_leave_the_loop(gateway_factory, standi
                          "masking:\n  custom:\n    - name: ACCT_REF\n"
                          "      pattern: 'acct[a-z]{6}'\n",
                          extra_args=("-s", str(TINY_POOL)))
-    done: dict[str, Any] = {}
-    occupier = _occupy(gw, done)
     text = unit * (60_000 // len(unit))
     body = json.dumps({"model": "gpt-4o-mini",
                        "messages": [{"role": "user", "content": text}]}).encode()
-    outcomes: list[httpx.Response | None] = [None] * 3
 
-    def send(i: int) -> None:
+    def send(i: int) -> httpx.Response:
         with client(gw) as c:
-            outcomes[i] = c.post("https://api.openai.com/v1/chat/completions", content=body,
-                                 headers={"content-type": "application/json",
-                                          "authorization": f"Bearer {AGENT_KEY}"})
+            return c.post("https://api.openai.com/v1/chat/completions", content=body,
+                          headers={"content-type": "application/json",
+                                   "authorization": f"Bearer {AGENT_KEY}"})
 
     standin.clear()
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(90)
-    occupier.join(90)
-    assert "at" in done, "the occupying request never finished"
+    outcomes = _while_occupied(gw, 3, send)
     codes = [r.status_code if r is not None else None for r in outcomes]
     assert set(codes) <= {200, 429}, codes
     # refused before it was forwarded: its request's masking had no place (the answer's
@@ -269,8 +246,8 @@ def test_bodies_heavy_for_other_detectors_leave_the_loop(gateway_factory, standi
     assert_healthy(gw, standin)
 
 
-def test_mcp_stream_event_work_is_in_the_identitys_share(gateway_factory, standin,
-                                                        evil: HostileServer) -> None:
+def test_mcp_stream_event_work_is_in_the_identitys_share(
+        gateway_factory, standin, evil: HostileServer) -> None:  # noqa: F811
     """A heavy SSE event (`mask: false`: the mcp addon's stream function is the response's
     own) is judged in the identity's share too; with the share full, the agent gets a
     JSON-RPC error event for its request instead — never the unjudged event."""
@@ -284,34 +261,7 @@ def test_mcp_stream_event_work_is_in_the_identitys_share(gateway_factory, standi
 
     evil.script = answer
     gw = gateway_factory(MCP_RULES.format(port=evil.port), extra_args=("-s", str(TINY_POOL)))
-    done: dict[str, Any] = {}
-    occupier = _occupy(gw, done)
-    outcomes: list[httpx.Response | None] = [None] * 3
-
-    errors: list[BaseException] = []
-
-    def call(i: int) -> None:
-        try:
-            _call(i)
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            errors.append(e)
-
-    def _call(i: int) -> None:
-        with client(gw) as c:
-            outcomes[i] = c.post("https://evil-tools.example.com/mcp", content=json.dumps(
-                {"jsonrpc": "2.0", "id": 20 + i, "method": "tools/call",
-                 "params": {"name": "rows", "arguments": {}}}),
-                headers={"content-type": "application/json",
-                         "accept": "application/json, text/event-stream"})
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(90)
-    occupier.join(90)
-    assert "at" in done, "the occupying request never finished"
-    assert not errors, errors
+    outcomes = _while_occupied(gw, 3, lambda i: _mcp_call(gw, 20 + i))
     busy = 0
     for i, r in enumerate(outcomes):
         assert r is not None and r.status_code == 200, r

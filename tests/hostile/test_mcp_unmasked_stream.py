@@ -13,19 +13,10 @@ import httpx
 import pytest
 
 from tests.hostile.edgekit import assert_healthy
+from tests.hostile.test_heavy_pool_share import MCP_RULES
 from tests.hostile.test_mcp import HostileServer, evil, sse  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.integration
-
-RULES = """{{standin_upstreams}}  - name: evil-tools
-    hosts: [evil-tools.example.com]
-    dialect: mcp
-    mask: false
-    forward_to: https://127.0.0.1:{port}
-identity:
-  required: false
-"""
-
 
 def test_a_rewritten_stream_of_declared_length_reaches_the_agent_whole(
         gateway_factory, standin, evil: HostileServer) -> None:  # noqa: F811
@@ -40,7 +31,7 @@ def test_a_rewritten_stream_of_declared_length_reaches_the_agent_whole(
         return sse(sampling, result)
 
     evil.script = answer
-    gw = gateway_factory(RULES.format(port=evil.port))
+    gw = gateway_factory(MCP_RULES.format(port=evil.port))
     with httpx.Client(proxy=gw.proxy_url(), verify=str(gw.ca_cert), timeout=10) as c:
         r = c.post("https://evil-tools.example.com/mcp", content=json.dumps(
             {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
