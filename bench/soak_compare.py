@@ -1,7 +1,7 @@
 """Peak memory of gateway trees side by side: `python -m bench.soak_compare`.
 
     python -m bench.soak_compare --compare base=/tmp/base-x new=. [new_arena2=.:MALLOC_ARENA_MAX=2]
-        [--bodies 1KB,100KB] [--concurrency 16] [--seconds 5] [--repeats 3] [--json FILE]
+        [--bodies 1KB,100KB[,2MB]] [--concurrency 16] [--seconds 5] [--repeats 3] [--json FILE]
 
 The issue-16 memory target is the gateway's peak RSS (VmHWM) against bare mitmdump's. A
 peak is a high-water mark, so one process gives one number: every repetition starts bare
@@ -45,6 +45,15 @@ def parse_config(spec: str) -> tuple[str, Path | None, dict[str, str]]:
         env[k] = v
     tree = None if path in (".", "") else Path(path).resolve()
     return name, tree, env
+
+
+def body_size(name: str) -> int:
+    """'1KB' -> 1024, '2MB' -> 2 MiB. Raises ValueError."""
+    units = {"KB": 1 << 10, "MB": 1 << 20}
+    n, unit = name[:-2], name[-2:].upper()
+    if unit not in units or not n.isdigit() or int(n) < 1:
+        raise ValueError(f"body size {name!r}: want NKB or NMB")
+    return int(n) * units[unit]
 
 
 def _one_round(env: e2e._Env, configs: list[tuple[str, Path | None, dict[str, str]]],
@@ -117,6 +126,10 @@ def run(configs: list[tuple[str, Path | None, dict[str, str]]],
         if err:
             res["error"] = err
             return res
+        for b in bodies:  # sizes beyond the shared two (e.g. 2MB: big bodies)
+            if b not in env.bodies:
+                env.bodies[b] = tmp / f"body-{b}.json"
+                env.bodies[b].write_bytes(h.chat_body(body_size(b)))
         for r in range(repeats):
             res["rounds"].append(_one_round(env, configs, bodies, concurrency, seconds, r))
         res["loadavg_end"] = os.getloadavg()
@@ -182,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     bodies = tuple(b for b in a.bodies.split(",") if b)
-    if set(bodies) - {"1KB", "100KB"}:
-        ap.error("--bodies: 1KB and/or 100KB")
+    try:
+        for b in bodies:
+            body_size(b)
+    except ValueError as e:
+        ap.error(f"--bodies: {e}")
     res = run(configs, bodies, a.concurrency, a.seconds, a.repeats)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1, default=repr))
