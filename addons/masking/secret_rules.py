@@ -256,6 +256,14 @@ _PW_KEY = (r"(?:pass(?:word|wd|phrase)?|pwd|secret|token|api[_\-]?key|apikey|acc
            r"private[_\-]?key|credentials?)[0-9]{0,2}")
 
 
+# Where a line starts and ends: every line break Python's str.splitlines knows (CR alone,
+# VT, FF, FS/GS/RS, NEL, U+2028/2029), not only LF: '^'/'$' in multi-line mode see LF
+# alone, so an env line ended by a bare CR or U+2028 went out unmasked.
+_LINE_BREAKS = "\\n\\r\\x0b\\x0c\\x1c-\\x1e\\x85\\u2028\\u2029"
+_LINE_START = r"(?:^|(?<=[" + _LINE_BREAKS + r"]))"
+_LINE_END = r"(?=[" + _LINE_BREAKS + r"]|$)"
+
+
 def _assignment(op: str) -> regex.Pattern:
     """Both forms for one operator character; a scan that starts with one literal character
     is ten times faster than one that starts with a class. '==' (a comparison) is not an
@@ -265,9 +273,10 @@ def _assignment(op: str) -> regex.Pattern:
         o + r"(?<![=!<>]" + o + r")(?:(?<=(?<![A-Za-z0-9_\-])(?i:[a-z0-9_\-]{0,30}" + _PW_KEY
         + r")[\"']?[ \t]{0,3}" + o + r")(?:>|(?<=:)=)?(?!=)[ \t]{0,3}"
         r"(?P<q>[\"'`])(?P<v>[^\"'`\s\\]{6,256})(?P=q)"
-        r"|(?<=(?m:^)[ \t]*(?:export[ \t]+)?[A-Z0-9_]{0,40}(?:PASSWORD|PASSWD|PASSPHRASE|SECRET|"
+        r"|(?<=" + _LINE_START
+        + r"[ \t]*(?:export[ \t]+)?[A-Z0-9_]{0,40}(?:PASSWORD|PASSWD|PASSPHRASE|SECRET|"
         r"TOKEN|API_KEY|APIKEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)[0-9]{0,2}[ \t]*" + o
-        + r")(?!=)[ \t]*(?P<v>[^\s\"'`#$<{]{6,256})[ \t]*(?=\r?\n|$))")
+        + r")(?!=)[ \t]*(?P<v>[^\s\"'`#$<{\x1c-\x1e]{6,256})[ \t]*" + _LINE_END + ")")
 
 
 PASSWORD_ASSIGNMENTS = (_assignment("="), _assignment(":"))

@@ -277,6 +277,20 @@ def test_password_values(text, value):
     assert found(text) == [("PASSWORD", value)]
 
 
+# Every line break str.splitlines knows ends (and starts) an env line, not LF alone: a bare
+# CR, VT, FF, FS, NEL or U+2028 after `DB_PASSWORD=...` let the value out unmasked.
+@pytest.mark.parametrize("sep", ["\n", "\r\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e",
+                                 "\x85", "\u2028", "\u2029"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_env_password_lines_end_at_every_line_break(sep, fast):
+    ds = DS if fast else DetectorSet(fast=False)
+    text = f"config:{sep}DB_PASSWORD=hunter2xy{sep}PORT=5432{sep}  export API_KEY=k3y-Val9{sep}"
+    assert found(text, ds) == [("PASSWORD", "hunter2xy"), ("PASSWORD", "k3y-Val9")]
+    # at the very end of the text too, and a key in the middle of a line is still no env line
+    assert found(f"x{sep}PASSWORD=hunter2xy", ds) == [("PASSWORD", "hunter2xy")]
+    assert found(f"x DB_PASSWORD=hunter2xy{sep}", ds) == []
+
+
 @pytest.mark.parametrize("text", [
     'api_key = os.environ.get("X")', "password = getpass()", '"token_type": "bearer"',
     '"api_key_env": "OPENAI_API_KEY"', 'secret: "changeme"', "https://user:${PASS}@host",
