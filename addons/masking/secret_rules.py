@@ -72,11 +72,22 @@ def _jwt_ok(m: regex.Match) -> bool:
     return body is not None and body.lstrip()[:1] == b"{"
 
 
-_BLANK_LINE = regex.compile(r"\n[ \t\r]*\n")
+# Where a line starts and ends: every line break Python's str.splitlines knows (CR alone,
+# VT, FF, FS/GS/RS, NEL, U+2028/2029), not only LF: '^'/'$' in multi-line mode see LF
+# alone, so an env line or a key block's header lines ended by a bare CR or U+2028 went
+# out unmasked.
+_LINE_BREAKS = "\\n\\r\\x0b\\x0c\\x1c-\\x1e\\x85\\u2028\\u2029"
+_LINE_START = r"(?:^|(?<=[" + _LINE_BREAKS + r"]))"
+_LINE_END = r"(?=[" + _LINE_BREAKS + r"]|$)"
 
 
-_PEM_HEADER_LINE = regex.compile(r"(?m)^[ \t]*[A-Za-z][A-Za-z0-9\-]*:[^\n]*$")
-_PEM_NOISE = regex.compile(r"\\[nr]|[\s\"'`+,]")
+_BREAK = r"(?>\r\n|[" + _LINE_BREAKS + r"])"  # atomic: CR LF is one break, never two
+_BLANK_LINE = regex.compile(_BREAK + r"[ \t]*" + _BREAK)
+
+
+_PEM_HEADER_LINE = regex.compile(_LINE_START + r"[ \t]*[A-Za-z][A-Za-z0-9\-]*:[^"
+                              + _LINE_BREAKS + r"]*" + _LINE_END)
+_PEM_NOISE = regex.compile(r"\\[nr]|[\s\"'`+,\x1c-\x1e]")  # FS/GS/RS: breaks, not \s
 _B64 = regex.compile(r"[A-Za-z0-9+/=]+")
 
 
@@ -254,14 +265,6 @@ URL_PASSWORD = _c(r"://(?<=[A-Za-z][A-Za-z0-9+.\-]{0,20}://)[^\s:/@?#\[\]\"'<>]{
 # OPENAI_API_KEY, password2) — 'token_endpoint' or 'secret_name' do not name a secret
 _PW_KEY = (r"(?:pass(?:word|wd|phrase)?|pwd|secret|token|api[_\-]?key|apikey|access[_\-]?key|"
            r"private[_\-]?key|credentials?)[0-9]{0,2}")
-
-
-# Where a line starts and ends: every line break Python's str.splitlines knows (CR alone,
-# VT, FF, FS/GS/RS, NEL, U+2028/2029), not only LF: '^'/'$' in multi-line mode see LF
-# alone, so an env line ended by a bare CR or U+2028 went out unmasked.
-_LINE_BREAKS = "\\n\\r\\x0b\\x0c\\x1c-\\x1e\\x85\\u2028\\u2029"
-_LINE_START = r"(?:^|(?<=[" + _LINE_BREAKS + r"]))"
-_LINE_END = r"(?=[" + _LINE_BREAKS + r"]|$)"
 
 
 def _assignment(op: str) -> regex.Pattern:

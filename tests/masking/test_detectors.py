@@ -291,6 +291,26 @@ def test_env_password_lines_end_at_every_line_break(sep, fast):
     assert found(f"x DB_PASSWORD=hunter2xy{sep}", ds) == []
 
 
+_B64_LINE = "MIIEpAIBAAKCAQEA3Tz2mr7SZiAMfQyuvBjM9Oi" * 2
+
+
+# The same for a key block: an encrypted key's `Proc-Type:` header lines and a truncated
+# block's closing blank line are found at every line break (bare CR or U+2028 let the whole
+# key out unmasked).
+@pytest.mark.parametrize("sep", ["\n", "\r\n", "\r", "\x0b", "\x0c", "\x1c", "\x85",
+                                 "\u2028", "\u2029"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_key_blocks_at_every_line_break(sep, fast):
+    ds = DS if fast else DetectorSet(fast=False)
+    begin, end = "-----BEGIN RSA PRIVATE KEY-----", "-----END RSA PRIVATE KEY-----"
+    whole = sep.join([begin, "Proc-Type: 4,ENCRYPTED", "DEK-Info: AES-128-CBC,8A9B", "",
+                      _B64_LINE, _B64_LINE, end])
+    assert found("key:" + sep + whole + sep + "done", ds) == [("PRIVATE_KEY", whole)]
+    cut = sep.join([begin, _B64_LINE, _B64_LINE])
+    text = "key:" + sep + cut + sep + sep + "and then some prose follows here."
+    assert found(text, ds) == [("PRIVATE_KEY", cut)]
+
+
 @pytest.mark.parametrize("text", [
     'api_key = os.environ.get("X")', "password = getpass()", '"token_type": "bearer"',
     '"api_key_env": "OPENAI_API_KEY"', 'secret: "changeme"', "https://user:${PASS}@host",
