@@ -58,6 +58,10 @@ def build_row(pending: store.Pending) -> dict[str, Any]:
     return store.build_row(pending, decode=_decode)
 
 
+# what a connection state costs beyond its certificates' PEM (a dict of ~20 small values)
+_STATE_BYTES = 1024
+
+
 class ConnStates:
     """Serialised connection states, reused across the flows of a kept-alive connection.
 
@@ -68,9 +72,13 @@ class ConnStates:
     write).
     """
 
-    def __init__(self, size: int = 4096) -> None:
-        self._cache: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+    # Bounded by count and by bytes: a state with a two-certificate chain is ~4.5 KB, so the
+    # count alone let 4096 states hold ~18 MiB once that many connections had been served.
+    def __init__(self, size: int = 4096, max_bytes: int = 4 << 20) -> None:
+        self._cache: OrderedDict[tuple, tuple[dict[str, Any], int]] = OrderedDict()
         self._size = size
+        self._max_bytes = max_bytes
+        self.bytes = 0
 
     def get(self, conn: connection.Connection) -> dict[str, Any]:
         key = (conn.id, conn.state, conn.error, conn.timestamp_start, conn.timestamp_end,
@@ -78,11 +86,15 @@ class ConnStates:
                conn.sni, conn.alpn, conn.peername, conn.sockname,
                getattr(conn, "timestamp_tcp_setup", None), getattr(conn, "address", None),
                getattr(conn, "via", None))
-        st = self._cache.get(key)
-        if st is None:
-            st = self._cache[key] = conn.get_state()
-            if len(self._cache) > self._size:
-                self._cache.popitem(last=False)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit[0]
+        st = conn.get_state()
+        cost = _STATE_BYTES + sum(len(c) for c in st.get("certificate_list") or ())
+        self._cache[key] = (st, cost)
+        self.bytes += cost
+        while self._cache and (len(self._cache) > self._size or self.bytes > self._max_bytes):
+            self.bytes -= self._cache.popitem(last=False)[1][1]
         return st
 
 

@@ -401,3 +401,23 @@ def test_record_is_the_flow_as_it_was_when_recorded(rec: Recorder) -> None:
     assert "late" not in meta and meta["findings"]["EMAIL"]["count"] == 1, meta
     assert out[1]["outcome"] == "record_error" and out[2]["outcome"] != "record_error"
     assert verified(rec)
+
+
+def test_connection_states_are_bounded_by_bytes(tmp_path) -> None:
+    """Served connections' states stay within the byte bound (a certificate chain each), and
+    a state still cached is the one serialised for that connection."""
+    from mitmproxy import certs
+    from mitmproxy.test import tflow
+
+    from addons.recording.addon import ConnStates
+    conns = ConnStates(size=100_000, max_bytes=64 << 10)
+    cert = certs.CertStore.from_store(tmp_path, "mitmproxy", 2048).get_cert(
+        "example.com", []).cert
+    for _ in range(500):
+        f = tflow.tflow(resp=True)
+        f.server_conn.certificate_list = [cert, cert]
+        st = conns.get(f.server_conn)
+        assert st == f.server_conn.get_state()
+        assert conns.get(f.server_conn) is st
+    assert 0 < conns.bytes <= 64 << 10
+    assert len(conns._cache) < 500  # noqa: SLF001 - the bound evicted old connections
