@@ -114,7 +114,16 @@ PEM_DOC_HIDDEN = {"a": PEM_DOC["a"],
                   "z": PEM_HEAD.replace("BEGIN", "BEG\u200bIN") + "\n" + PEM_BODY}
 
 
-@pytest.mark.parametrize("doc", [CONTEXT_DOC, PEM_DOC, PEM_DOC_HIDDEN,
+# the same with other line breaks (a bare CR, U+2028 close a cut block too: 47a3096), the
+# key's slot ending in one (the separator's first LF then makes a CR LF)
+PEM_DOC_CR = {"a": PEM_DOC["a"],
+              "z": PEM_HEAD + "\r" + PEM_BODY.replace("\n", "\r") + "\r"}
+PEM_DOC_LS = {"a": PEM_DOC["a"],
+              "z": PEM_HEAD + "\u2028" + PEM_BODY.replace("\n", "\u2028") + "\u2028 "}
+
+
+@pytest.mark.parametrize("doc", [CONTEXT_DOC, PEM_DOC, PEM_DOC_HIDDEN, PEM_DOC_CR, PEM_DOC_LS,
+                                 {"env": ["x", "y"], "z": "DB_PASSWORD=hunter2x9\r"},
                                  {"z": PEM_HEAD + "\n" + PEM_BODY},
                                  {"a": ["4111 1111 ", "1111 1111"], "b": "card"},
                                  {"a": ["jane.doe", "@example.com"]}])
