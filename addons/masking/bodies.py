@@ -62,6 +62,7 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable
 from itertools import chain
+from sys import getsizeof as _sizeof
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
@@ -1513,7 +1514,9 @@ CLEAN_PART_COST = 128
 
 
 def _entry_size(e: CachedMessage) -> int:
-    return 160 + len(e.json) + sum(48 + len(v) + len(r) for _, v, r in e.replacements)
+    # a str's real size (sys.getsizeof: header plus 1, 2 or 4 bytes a character, as its widest
+    # character needs), not len(): one emoji makes every character of a value 4 bytes
+    return 160 + len(e.json) + sum(_sizeof(v) + _sizeof(r) for _, v, r in e.replacements)
 
 
 class MessageCache:

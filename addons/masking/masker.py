@@ -32,6 +32,7 @@ import time
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from sys import getsizeof
 from typing import Any, Protocol
 
 log = logging.getLogger("agentgate.masking")
@@ -119,6 +120,16 @@ def partial(value: str, keep: int = 4) -> str:
 # bytes for an e-mail address (tests/masking/test_session_bounds.py checks the estimate
 # stays above what the interpreter really allocates).
 ENTRY_OVERHEAD = 384
+
+
+def _chars(text: str) -> int:
+    """What a str's characters take (1, 2 or 4 bytes each, as its widest character needs;
+    sys.getsizeof less an empty str's header), not len(): one emoji in a value makes every
+    character of it 4 bytes, and the bounds below are in bytes."""
+    return getsizeof(text) - _EMPTY_STR
+
+
+_EMPTY_STR = getsizeof("")
 RAW_OVERHEAD = 160  # one entry of the exact-spelling shortcut (_by_raw)
 # Defaults that fit the memory target (issue 16: the gateway's peak RSS at most twice bare
 # mitmdump's, ~105 MiB): all placeholder maps of a gateway together at most 16 MiB, one
@@ -205,7 +216,7 @@ class Session:
                 self._counters[lab] = n
                 ph = f"[{lab}_{n}]"
                 self._by_value[key] = ph
-                self._set_cost(ph, ENTRY_OVERHEAD + len(key[1]) + len(ph))
+                self._set_cost(ph, ENTRY_OVERHEAD + _chars(key[1]) + _chars(ph))
             else:
                 self._by_value.move_to_end(key)
             if len(self._by_raw) >= self._max_entries or \
@@ -216,7 +227,7 @@ class Session:
                 self.epoch = next(_EPOCHS)
             was = self._by_raw.get(raw_key)
             if was is None:
-                c = RAW_OVERHEAD + len(value)
+                c = RAW_OVERHEAD + _chars(value)
                 self._raw_bytes += c
                 self.bytes += c
             elif was != ph:
@@ -231,7 +242,7 @@ class Session:
                     self.epoch = next(_EPOCHS)
                 self._restore[ph] = value
                 self._restore.move_to_end(ph)
-                self._set_cost(ph, ENTRY_OVERHEAD + len(key[1]) + len(ph) + len(value))
+                self._set_cost(ph, ENTRY_OVERHEAD + _chars(key[1]) + _chars(ph) + _chars(value))
                 if len(self._restore) > self._max_entries:
                     self._restore.popitem(last=False)
                     self.epoch = next(_EPOCHS)

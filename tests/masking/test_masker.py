@@ -169,3 +169,22 @@ def test_label_is_worked_out_once_the_same(entity):
         re.sub(r"[^A-Z0-9_]+", "_", entity.upper()).strip("_") or "VALUE")
     assert label(entity) == want
     assert label(entity) == want
+
+
+def test_session_bytes_are_charged_by_real_size_of_wide_values() -> None:
+    """The byte bound counts what a value's str really takes: one 4-byte character (an emoji)
+    makes every character of it 4 bytes, which len() counted as 1 each."""
+    import sys
+
+    from addons.masking.bodies import CachedMessage, _entry_size
+    from addons.masking.masker import Session
+    narrow, wide = Session(), Session()
+    for i in range(50):
+        narrow.placeholder("PASSWORD", f"{i:04d}" + "a" * 200, restorable=True)
+        wide.placeholder("PASSWORD", f"{i:04d}" + "a" * 199 + "\U0001F600", restorable=True)
+    # the wide values take about 4x the memory of the narrow ones, and are charged so
+    real_wide = 50 * sys.getsizeof("0000" + "a" * 199 + "\U0001F600")
+    assert wide.bytes - narrow.bytes >= 2 * (real_wide - 50 * sys.getsizeof("0000" + "a" * 200))
+    v = "x" * 99 + "\U0001F600"
+    entry = CachedMessage(b"{}", True, (("PASSWORD", v, "[PASSWORD_1]"),), ())
+    assert _entry_size(entry) >= sys.getsizeof(v) + sys.getsizeof("[PASSWORD_1]")
