@@ -97,7 +97,9 @@ def test_running_freezes_the_startup_heap() -> None:
     try:
         m = Memory()
         m.running()
-        assert m.frozen > 0 and gc.get_freeze_count() == m.frozen
+        # a frozen object can still be freed by its reference count (another thread's, a
+        # cache entry's), so the count may only have gone down a little since
+        assert m.frozen > 1000 and m.frozen - 1000 <= gc.get_freeze_count() <= m.frozen
     finally:
         gc.unfreeze()
 
