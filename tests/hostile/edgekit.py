@@ -225,3 +225,16 @@ def serve_tls(handler: type[BaseHTTPRequestHandler], standin) -> tuple[Threading
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"https://127.0.0.1:{server.server_address[1]}"
+
+
+class ChunkedHandler(BaseHTTPRequestHandler):
+    """An upstream's handler that answers HTTP/1.1 in chunks it writes one at a time (the
+    streaming tests' servers subclass it and add do_POST), quietly."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a) -> None:  # noqa: ANN002
+        pass
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()

@@ -18,13 +18,12 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
 
 from tests.conftest import Gateway
-from tests.hostile.edgekit import AGENT_KEY, CHAT, client, serve_tls
+from tests.hostile.edgekit import AGENT_KEY, CHAT, ChunkedHandler, client, serve_tls
 
 pytestmark = pytest.mark.integration
 
@@ -56,16 +55,7 @@ class Server:
         self.answers: list[dict] = []
         srv = self
 
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a) -> None:  # noqa: ANN002
-                pass
-
-            def _chunk(self, data: bytes) -> None:
-                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-                self.wfile.flush()
-
+        class H(ChunkedHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length")
                                                       or 0)))

@@ -13,12 +13,11 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from tests.conftest import Gateway
-from tests.hostile.edgekit import AGENT_KEY, CHAT, client, serve_tls
+from tests.hostile.edgekit import AGENT_KEY, CHAT, ChunkedHandler, client, serve_tls
 from tests.hostile.test_fastpaths_streams import Upstream as _StreamingUpstream
 from tests.hostile.test_fastpaths_streams import gw  # noqa: F401 - fixture (see below)
 
@@ -43,16 +42,7 @@ class Upstream(_StreamingUpstream):
         self.finish = threading.Event()
         up = self
 
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a) -> None:  # noqa: ANN002
-                pass
-
-            def _chunk(self, data: bytes) -> None:
-                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-                self.wfile.flush()
-
+        class H(ChunkedHandler):
             def do_POST(self) -> None:  # noqa: N802
                 self.rfile.read(int(self.headers.get("content-length") or 0))
                 self.send_response(200)
