@@ -194,6 +194,20 @@ class StreamJob:
         self.done = True
 
 
+def take_ready(owner: Any, data: bytes) -> StreamJob | None:
+    """The job `owner` prepared for this very chunk (`owner._ready`, set when the layer asked
+    whether it is heavy), finished: run here, on the loop, when no worker thread ran it (small
+    work, or no handler ran the hook). None when the layer called without asking first."""
+    ready = owner._ready  # noqa: SLF001 - the stream function's own slot
+    if ready is None or ready[0] is not data:
+        return None
+    owner._ready = None  # noqa: SLF001
+    job = ready[1]
+    if not job.done:
+        job.run()
+    return job
+
+
 def flow_key(flow: Any) -> str:
     """The identity a flow's heavy work is counted against (issuer and subject)."""
     return principal(flow.metadata.get("identity"))

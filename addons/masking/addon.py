@@ -62,7 +62,7 @@ from mitmproxy import ctx, http
 from addons.config.holder import RulesHolder
 from addons.frame import decode
 from addons.frame.guard import guarded, refuse
-from addons.frame.offload import Busy, StreamJob, run_heavy
+from addons.frame.offload import Busy, StreamJob, run_heavy, take_ready
 from addons.frame.principal import flow_session_key
 from addons.masking import cost
 from addons.masking.bodies import (
@@ -723,12 +723,8 @@ class _SafeStream:
         return job
 
     def __call__(self, data: bytes) -> list[bytes] | bytes:
-        ready = self._ready
-        if ready is not None and ready[0] is data:
-            self._ready = None
-            job = ready[1]
-            if not job.done:  # small work (or no handler ran the hook): here, on the loop
-                job.run()
+        job = take_ready(self, data)
+        if job is not None:
             if job.error is not None:
                 raise job.error
             out = job.result

@@ -48,7 +48,7 @@ from addons.config.holder import RulesHolder
 from addons.frame import decode
 from addons.frame.errors import error_payload
 from addons.frame.guard import guarded, refuse
-from addons.frame.offload import Busy, StreamJob, run_heavy
+from addons.frame.offload import Busy, StreamJob, run_heavy, take_ready
 from addons.frame.principal import principal
 from addons.mcp import jsonrpc
 from addons.mcp.config import McpConfig
@@ -530,12 +530,8 @@ class McpStream:
         return job
 
     def __call__(self, data: bytes) -> list[bytes] | bytes:
-        ready = self._ready
-        if ready is not None and ready[0] is data:
-            self._ready = None
-            job = ready[1]
-            if not job.done:  # no handler ran the hook: here, on the loop
-                job.run()
+        job = take_ready(self, data)
+        if job is not None:
             if job.error is not None:
                 # _judge answers its own errors: this is the hook's (the identity's share
                 # of the worker threads is full: frame/offload.Busy). The events were not
