@@ -22,7 +22,6 @@ other load on a shared machine disturbs much less than wall-clock throughput.
 
 from __future__ import annotations
 
-import os
 import shutil
 import statistics
 import tempfile
@@ -387,8 +386,7 @@ def run(quick: bool = False, soak_minutes: float = 0, concerns: tuple[str, ...] 
         return out
     finally:
         env.stop()
-        if workdir is None and not os.environ.get("AGENTGATE_BENCH_KEEP"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        h.drop_workdir(tmp, workdir)
 
 
 def compare(trees: dict[str, Path | None], concerns: tuple[str, ...] = CONCERNS,
@@ -447,8 +445,7 @@ def compare(trees: dict[str, Path | None], concerns: tuple[str, ...] = CONCERNS,
         return out
     finally:
         env.stop()
-        if workdir is None and not os.environ.get("AGENTGATE_BENCH_KEEP"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        h.drop_workdir(tmp, workdir)
 
 
 def compare_markdown(res: dict[str, Any]) -> str:

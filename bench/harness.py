@@ -874,3 +874,10 @@ def ttft(url: str, *, proxy: str | None = None, n: int = 50, body: bytes = b"",
             "ttft_p90_ms": round(percentile(firsts, 90), 3),
             "ttft_mean_ms": round(statistics.fmean(firsts), 3),
             "total_p50_ms": round(percentile(totals, 50), 3)}
+
+
+def drop_workdir(tmp: Path, workdir: Path | str | None) -> None:
+    """Remove a run's temporary directory — unless the caller named it (`workdir`) or
+    AGENTGATE_BENCH_KEEP asks to keep it for a look afterwards."""
+    if workdir is None and not os.environ.get("AGENTGATE_BENCH_KEEP"):
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -169,8 +168,7 @@ def run(minutes: float = 10.0, concerns: tuple[str, ...] = e2e.CONCERNS, quick: 
         return out
     finally:
         env.stop()
-        if workdir is None and not os.environ.get("AGENTGATE_BENCH_KEEP"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        h.drop_workdir(tmp, workdir)
 
 
 def _peaks(pids: dict[str, int]) -> dict[str, int | None]:

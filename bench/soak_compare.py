@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -139,8 +138,7 @@ def run(configs: list[tuple[str, Path | None, dict[str, str]]],
         return res
     finally:
         env.stop()
-        if workdir is None and not os.environ.get("AGENTGATE_BENCH_KEEP"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        h.drop_workdir(tmp, workdir)
 
 
 def _med(vals: list[float]) -> float | None:
