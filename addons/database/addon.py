@@ -37,11 +37,14 @@ from mitmproxy import ctx
 from addons.approval.addon import Approval, spec_from_decision
 from addons.approval.config import ApprovalsConfig
 from addons.config.holder import RulesHolder
+from addons.database import depends
 from addons.database import protocol as pg
 from addons.database.config import Database
+from addons.database.depends import Resolved
 from addons.database.hooks import HookMissing, MaskerFactory, RecorderFactory, resolve_hooks
 from addons.database.policy import Verdict
 from addons.database.session import Context, KeyMap, Refused, login_server, serve
+from addons.database.sqlfacts import Statement
 from addons.frame import listeners
 from addons.identity.addon import verify_token
 from addons.masking.sessionstore import SharedSession
@@ -57,25 +60,39 @@ class _Catalog:
         self.db = db
         self.lock = asyncio.Lock()
         self.conn: Any = None
+        self.depends = depends.Cache()
 
     async def query(self, oids: set[int]) -> list[tuple[Any, ...]]:
         from addons.database.rowmask import CATALOG_SQL  # PG-B's module
+        arr = "{" + ",".join(str(int(o)) for o in sorted(oids)) + "}"
+        return await self.fetch(CATALOG_SQL, [arr])
+
+    async def fetch(self, sql: str, params: list[str]) -> list[tuple[Any, ...]]:
+        """Rows (text values) of one catalog statement with text parameters."""
         async with self.lock:
             try:
                 if self.conn is None:
                     self.conn = await login_server(self.db, [("application_name",
                                                               "agentgate-catalog")])
-                return await asyncio.wait_for(self._run(CATALOG_SQL, oids),
+                return await asyncio.wait_for(self._run(sql, params),
                                               self.db.connect_timeout)
             except BaseException:
                 self.close()
                 raise
 
-    async def _run(self, sql: str, oids: set[int]) -> list[tuple[Any, ...]]:
+    async def resolve(self, st: Statement) -> Resolved:
+        """What `st` reaches through views, functions and triggers (depends.py), cached."""
+        hit = self.depends.get(st)
+        if hit is None:
+            hit = await depends.resolve(st, self.fetch)
+            self.depends.put(st, hit)
+        return hit
+
+    async def _run(self, sql: str, params: list[str]) -> list[tuple[Any, ...]]:
         r, w = self.conn.reader, self.conn.writer
-        arr = ("{" + ",".join(str(int(o)) for o in sorted(oids)) + "}").encode()
+        binds = b"".join(struct.pack("!i", len(v.encode())) + v.encode() for v in params)
         w.write(pg.message(b"P", pg.cstr("") + pg.cstr(sql) + b"\x00\x00")
-                + pg.message(b"B", b"\x00\x00" + struct.pack("!hhi", 0, 1, len(arr)) + arr
+                + pg.message(b"B", b"\x00\x00" + struct.pack("!hh", 0, len(params)) + binds
                              + struct.pack("!h", 0))
                 + pg.message(b"E", b"\x00" + struct.pack("!i", 0)) + pg.message(b"S"))
         await w.drain()
@@ -286,6 +303,7 @@ class Databases:
                 rules=lambda: self.holder.rules, hold=self.approval.hold,
                 approval_spec=self._approval_spec, record=self._record,
                 masker_factory=self.masker_factory, catalog_query=catalog.query,
+                resolve=catalog.resolve,
                 client_tls=self.tls.get(name), keys=self.keys, big_parses=self._parses(),
                 current=lambda n=name: next((d for d in self._databases() if d.name == n),
                                             None),

@@ -45,8 +45,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from addons.config.schema import read_secret
+from addons.database import depends
 from addons.database import protocol as pg
 from addons.database.config import Database
+from addons.database.depends import Resolved
 from addons.database.hooks import MaskerFactory
 from addons.database.policy import Verdict, evaluate
 from addons.database.scram import MECHANISM, ScramClient, ScramError, md5_password
@@ -140,6 +142,10 @@ class Context:
     # the masking addon's masker and placeholder store ({"masker", "sessions"}), so a
     # result's [EMAIL_1] is the agent's LLM traffic's [EMAIL_1] in the same session
     placeholders: Callable[[], dict[str, Any]] | None = None
+    # statement -> the relations and functions it reaches through views, functions and
+    # triggers (depends.py, over the catalog login); None: statements a rule on tables or
+    # functions could judge are refused (nothing to resolve them with)
+    resolve: Callable[[Statement], Awaitable[Resolved]] | None = None
 
 
 @dataclass
@@ -593,6 +599,11 @@ class Session:
             return None, Verdict("block", "unparseable"), pg.error_response(
                 "42601", f"agentgate: the statement could not be parsed ({e}); it was not "
                          "sent")
+        if st.executes is None and (st.relation_refs or st.function_refs) \
+                and depends.needed(self.db):
+            st, refusal = await self._reach(st)
+            if refusal is not None:
+                return st, Verdict("block", refusal[0]), refusal[1]
         if st.executes is not None:
             # SQL EXECUTE runs a statement prepared earlier (SQL PREPARE or a protocol
             # Parse share one namespace): judge what it runs; one the gateway never saw
@@ -612,6 +623,34 @@ class Session:
         if v.action == "block":
             return st, v, self._blocked(v)
         return st, v, None
+
+    async def _reach(self, st: Statement) -> tuple[Statement, tuple[str, bytes] | None]:
+        """`st` widened by what its views, functions and triggers reach, so a rule on
+        `tables: [secret]` also judges `SELECT * FROM a_view_of_secret`; (rule, refusal)
+        when that cannot be known: a function in a language the gateway cannot read, or a
+        catalog that does not answer (fail closed)."""
+        why = None
+        if self.ctx.resolve is None:
+            why = "nothing to resolve views and functions with"
+        else:
+            try:
+                r = await self.ctx.resolve(st)
+            except Exception as e:  # noqa: BLE001 - any failure refuses the statement
+                log.warning("agentgate: database %s: catalog look-up of a statement's "
+                            "dependencies failed: %s", self.db.name, str(e)[:200])
+                why = "the catalog look-up of what it reaches failed"
+            else:
+                st = depends.widen(st, r)
+                if not r.unresolved:
+                    return st, None
+                rule = "guard:opaque_dependency"
+                return st, (rule, pg.error_response(
+                    "42501", f"agentgate: blocked by rule {rule}: it reaches code the gateway "
+                             f"cannot inspect ({', '.join(r.unresolved)[:300]}) while this "
+                             "database has rules on tables or functions; it was not sent"))
+        rule = "guard:dependencies"
+        return st, (rule, pg.error_response(
+            "42501", f"agentgate: blocked by rule {rule}: {why}; it was not sent"))
 
     def _blocked(self, v: Verdict) -> bytes:
         what = f"blocked by rule {v.rule}" if v.rule else "blocked by this database's sql_default"

@@ -114,6 +114,10 @@ class Statement:
     prepared: str | None = None      # SQL PREPARE name, for EXECUTE name later
     executes: str | None = None      # SQL EXECUTE name
     deallocates: str | None = None   # SQL DEALLOCATE name; "*" = every prepared statement
+    # the same relations and functions with their names' case kept (catalog look-ups in
+    # depends.py: a view's or a function's own dependencies)
+    relation_refs: tuple[tuple[str, ...], ...] = ()
+    function_refs: tuple[tuple[str, ...], ...] = ()
 
     @property
     def kind(self) -> str:
@@ -131,7 +135,8 @@ class _Walk:
     functions: list[str] = field(default_factory=list)
     unbounded: list[str] = field(default_factory=list)
     guards: list[str] = field(default_factory=list)
-    ctes: set[str] = field(default_factory=set)
+    relation_refs: list[tuple[str, ...]] = field(default_factory=list)
+    function_refs: list[tuple[str, ...]] = field(default_factory=list)
     prepared: str | None = None
     executes: str | None = None
     deallocates: str | None = None
@@ -184,26 +189,42 @@ def _relname(rv: dict[str, Any]) -> str:
 
 def _visit(root: Any, w: _Walk) -> None:
     """Pre-order walk (a statement's own kind before the kinds nested in it), iterative:
-    libpg_query accepts expressions far deeper than Python's recursion limit."""
-    stack: list[Any] = [root]
+    libpg_query accepts expressions far deeper than Python's recursion limit.
+
+    Each node carries the CTE names in scope where it stands, as PostgreSQL scopes them: a
+    WITH's names are visible in its own statement and in the CTE bodies after them (all of
+    them with RECURSIVE), nowhere else. Why: `WITH secret AS (SELECT * FROM secret) …` reads
+    the real table inside the CTE, and a CTE in a subquery does not hide a table of the same
+    name beside it; a set of every CTE name in the string let both through unlisted."""
+    stack: list[tuple[Any, frozenset[str]]] = [(root, frozenset())]
     while stack:
-        node = stack.pop()
+        node, scope = stack.pop()
         if isinstance(node, list):
-            stack.extend(reversed(node))
+            stack.extend((n, scope) for n in reversed(node))
             continue
         if not isinstance(node, dict):
             continue
-        children: list[Any] = []
+        children: list[tuple[Any, frozenset[str]]] = []
+        inner = scope
+        with_clause = node.get("withClause")
+        if isinstance(with_clause, dict):
+            ctes = [c for c in with_clause.get("ctes") or () if isinstance(c, dict)]
+            names = [str((c.get("CommonTableExpr") or {}).get("ctename") or "").lower()
+                     for c in ctes]
+            inner = scope | frozenset(names)
+            for i, cte in enumerate(ctes):
+                seen = inner if with_clause.get("recursive") else scope | frozenset(names[:i])
+                children.append((cte, seen))
         for key, val in node.items():
-            if not isinstance(val, dict):
-                children.append(val)
+            if key == "withClause" and isinstance(with_clause, dict):
                 continue
-            _facts(key, val, w)
-            children.append(val)
+            if isinstance(val, dict):
+                _facts(key, val, w, inner)
+            children.append((val, inner))
         stack.extend(reversed(children))
 
 
-def _facts(key: str, val: dict[str, Any], w: _Walk) -> None:
+def _facts(key: str, val: dict[str, Any], w: _Walk, ctes: frozenset[str]) -> None:
     if key in KINDS:
         w.add(w.kinds, KINDS[key])
     elif key.endswith("Stmt") and key[0].isupper() and key not in WRAPPERS:
@@ -212,13 +233,22 @@ def _facts(key: str, val: dict[str, Any], w: _Walk) -> None:
         w.add(w.kinds, "DDL")
     if key == "SelectStmt" and val.get("intoClause"):
         w.add(w.kinds, "DDL")  # SELECT … INTO creates a table
+    # a RangeVar (FROM item) may name a CTE in scope; the target of INSERT/UPDATE/DELETE/
+    # MERGE/COPY (`relation`) is always a table
     if key == "RangeVar" or (key in ("relation", "rel") and "relname" in val):
         name = _relname(val)
-        if name and not ("." not in name and name in w.ctes):
+        if name and not (key == "RangeVar" and "." not in name and name in ctes):
             w.add(w.tables, name)
+            ref = tuple(str(val[k]) for k in ("catalogname", "schemaname", "relname")
+                        if val.get(k))
+            if ref not in w.relation_refs:
+                w.relation_refs.append(ref)
     elif key == "FuncCall":
-        fn = ".".join(_strings(val.get("funcname"))).lower()
+        parts = tuple(_strings(val.get("funcname")))
+        fn = ".".join(parts).lower()
         w.add(w.functions, fn)
+        if parts not in w.function_refs:
+            w.function_refs.append(parts)
         base = fn.rsplit(".", 1)[-1]
         if base in DANGEROUS_FUNCTIONS and not (
                 base == "set_config" and fn in ("set_config", "pg_catalog.set_config")
@@ -256,19 +286,6 @@ def _facts(key: str, val: dict[str, Any], w: _Walk) -> None:
     elif key == "CreateFunctionStmt":
         # a function body is code the parser does not see into (LANGUAGE plpgsql, …)
         w.add(w.guards, "opaque_code")
-
-
-def _ctes(root: Any, out: set[str]) -> None:
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            cte = node.get("CommonTableExpr")
-            if isinstance(cte, dict) and cte.get("ctename"):
-                out.add(str(cte["ctename"]).lower())
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
 
 
 def scrub_literals(sql: str) -> str:
@@ -364,8 +381,6 @@ def analyze(sql: str) -> Statement:
         raise SqlError(f"statement too deeply nested or too large ({type(e).__name__})"
                        ) from None
     w = _Walk()
-    # CTE names first, so `WITH t AS (…) SELECT … FROM t` does not list t as a table
-    _ctes(tree, w.ctes)
     for raw in tree:
         _visit(raw.get("stmt") or {}, w)
     try:
@@ -375,4 +390,6 @@ def analyze(sql: str) -> Statement:
     return Statement(sql=sql, masked=masked, count=len(tree), kinds=tuple(w.kinds),
                      tables=tuple(w.tables), functions=tuple(w.functions),
                      unbounded=tuple(w.unbounded), guards=tuple(w.guards),
-                     prepared=w.prepared, executes=w.executes, deallocates=w.deallocates)
+                     prepared=w.prepared, executes=w.executes, deallocates=w.deallocates,
+                     relation_refs=tuple(w.relation_refs),
+                     function_refs=tuple(w.function_refs))

@@ -96,6 +96,31 @@ def test_cte_names_are_not_tables() -> None:
     assert set(st.tables) == {"orders", "s.recent"}
 
 
+@pytest.mark.parametrize(("sql", "tables"), [
+    # a non-recursive CTE's body reads the real table of its own name
+    ("WITH secret AS (SELECT * FROM secret) SELECT * FROM secret", {"secret"}),
+    # a CTE inside a subquery does not hide the table beside it
+    ("SELECT * FROM secret, (WITH secret AS (SELECT 1) SELECT * FROM secret) s", {"secret"}),
+    # the target of a write is always a table, whatever the WITH names
+    ("WITH secret AS (SELECT 1) DELETE FROM secret WHERE id = 1", {"secret"}),
+    ("WITH secret AS (SELECT 1) UPDATE secret SET a = 1 WHERE id = 1", {"secret"}),
+    # a later CTE is not visible to an earlier one without RECURSIVE ...
+    ("WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a", {"b"}),
+    # ... and is with it
+    ("WITH RECURSIVE a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a", set()),
+    ("WITH a AS (SELECT 1), b AS (SELECT * FROM a) SELECT * FROM b", set()),
+])
+def test_cte_names_hide_tables_only_in_their_scope(sql: str, tables: set[str]) -> None:
+    assert set(analyze(sql).tables) == tables
+
+
+def test_names_keep_their_case_for_the_catalog() -> None:
+    st = analyze('SELECT "Pub"."Leak"(1), lower(x) FROM "Sec"."T" JOIN u ON true')
+    assert st.relation_refs == (("Sec", "T"), ("u",))
+    assert st.function_refs == (("Pub", "Leak"), ("lower",))
+    assert set(st.tables) == {"sec.t", "u"}
+
+
 def test_functions_named() -> None:
     st = analyze("SELECT lower(name), pg_catalog.now() FROM t")
     assert set(st.functions) == {"lower", "pg_catalog.now"}

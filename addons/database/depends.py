@@ -1,0 +1,257 @@
+"""What a statement really reaches: the relations and functions behind the names it writes.
+
+Pure (no mitmproxy). A `sql` rule on `tables: [secret]` judged only the names in the SQL
+text, so `SELECT * FROM secret_view`, `SELECT leak()` (a function reading `secret`) or an
+INSERT into a table whose trigger writes to `secret` passed it. `resolve()` asks the
+server's catalog, through the gateway's own catalog login (addon.py), what each name
+depends on, transitively:
+
+- a relation: the rewrite rules on it (a view's query, `CREATE RULE … DO ALSO`), its row
+  security policies, column defaults and CHECK constraints — every relation and function
+  they reference (pg_depend); for a write, also its triggers' functions;
+- a function: in pg_catalog / information_schema (built in) or in C / internal (native code
+  only a superuser can install) it adds nothing; a SQL function's `BEGIN ATOMIC` body has its
+  references in pg_depend and a string body is parsed with the same parser as the agent's
+  SQL; any other language (plpgsql, …) is code the gateway cannot read: it is *unresolved*.
+
+Names resolve as the agent's session resolves them: same login, same search_path (changing
+it is a guard), `to_regclass` for relations, the session's schemas for unqualified
+functions (every overload of the name counts). The caller refuses a statement with anything
+unresolved when a rule names tables or functions (fail closed), and judges the resolved
+statement otherwise. Bounded: at most MAX_ROUNDS rounds of look-ups and MAX_OBJECTS objects,
+beyond which the statement counts as unresolved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from addons.database.config import Database
+from addons.database.sqlfacts import WRITES, SqlError, Statement, analyze
+
+# (sql, text parameters) -> rows of text values
+Query = Callable[[str, list[str]], Awaitable[list[tuple[Any, ...]]]]
+
+MAX_ROUNDS = 16
+MAX_OBJECTS = 2048
+CACHE_SIZE = 512
+# a view or function redefined by the DBA is seen within this time; the agent cannot
+# redefine one unnoticed (CREATE VIEW … names what it reads, function bodies are a guard)
+CACHE_TTL_S = 2.0
+BUILTIN_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
+NATIVE_LANGUAGES = frozenset({"c", "internal"})
+
+# relation names as written (each part quoted) -> oid, schema, name
+RELATIONS_SQL = """
+SELECT r.n, c.oid::int8, ns.nspname, c.relname
+FROM unnest($1::text[]) AS r(n)
+JOIN pg_class c ON c.oid = to_regclass(r.n)
+JOIN pg_namespace ns ON ns.oid = c.relnamespace
+"""
+# function names (schema or '' for the session's schemas, name) -> oids of every overload
+FUNCTIONS_SQL = """
+SELECT p.oid::int8
+FROM unnest($1::text[], $2::text[]) AS f(s, n)
+JOIN pg_proc p ON p.proname = f.n
+JOIN pg_namespace ns ON ns.oid = p.pronamespace
+WHERE CASE WHEN f.s = '' THEN ns.nspname = ANY (current_schemas(true)) ELSE ns.nspname = f.s END
+"""
+# what relations ($1) and functions ($2) reference; $3 = 't' adds the relations' triggers
+DEPENDS_SQL = """
+SELECT 'r', c.oid::int8, ns.nspname, c.relname, NULL, NULL, NULL, NULL
+FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
+WHERE c.relkind <> 'S' AND c.oid IN (
+  SELECT d.refobjid FROM pg_depend d
+  WHERE d.refclassid = 'pg_class'::regclass AND (
+    (d.classid = 'pg_rewrite'::regclass
+     AND d.objid IN (SELECT oid FROM pg_rewrite WHERE ev_class = ANY ($1::oid[])))
+    OR (d.classid = 'pg_policy'::regclass
+        AND d.objid IN (SELECT oid FROM pg_policy WHERE polrelid = ANY ($1::oid[])))
+    OR (d.classid = 'pg_attrdef'::regclass
+        AND d.objid IN (SELECT oid FROM pg_attrdef WHERE adrelid = ANY ($1::oid[])))
+    OR (d.classid = 'pg_constraint'::regclass AND d.objid IN (
+        SELECT oid FROM pg_constraint WHERE conrelid = ANY ($1::oid[]) AND contype = 'c'))
+    OR (d.classid = 'pg_proc'::regclass AND d.objid = ANY ($2::oid[]))))
+UNION
+SELECT 'f', p.oid::int8, ns.nspname, p.proname, l.lanname, p.prosrc,
+       (p.prosqlbody IS NOT NULL)::text, array_to_string(p.proconfig, ',')
+FROM pg_proc p JOIN pg_namespace ns ON ns.oid = p.pronamespace
+JOIN pg_language l ON l.oid = p.prolang
+WHERE p.oid = ANY ($2::oid[]) OR p.oid IN (
+  SELECT d.refobjid FROM pg_depend d
+  WHERE d.refclassid = 'pg_proc'::regclass AND (
+    (d.classid = 'pg_rewrite'::regclass
+     AND d.objid IN (SELECT oid FROM pg_rewrite WHERE ev_class = ANY ($1::oid[])))
+    OR (d.classid = 'pg_policy'::regclass
+        AND d.objid IN (SELECT oid FROM pg_policy WHERE polrelid = ANY ($1::oid[])))
+    OR (d.classid = 'pg_attrdef'::regclass
+        AND d.objid IN (SELECT oid FROM pg_attrdef WHERE adrelid = ANY ($1::oid[])))
+    OR (d.classid = 'pg_constraint'::regclass AND d.objid IN (
+        SELECT oid FROM pg_constraint WHERE conrelid = ANY ($1::oid[]) AND contype = 'c'))
+    OR (d.classid = 'pg_proc'::regclass AND d.objid = ANY ($2::oid[]))))
+  OR ($3 = 't' AND p.oid IN (
+    SELECT tgfoid FROM pg_trigger WHERE tgrelid = ANY ($1::oid[]) AND NOT tgisinternal))
+"""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    tables: tuple[str, ...] = ()      # "schema.relation", lowercased, as rules match them
+    functions: tuple[str, ...] = ()   # "schema.function", lowercased
+    guards: tuple[str, ...] = ()      # guards tripped inside SQL function bodies
+    unresolved: tuple[str, ...] = ()  # what the gateway cannot see into (named for the error)
+
+
+def needed(db: Database) -> bool:
+    """Only a rule that names tables or functions depends on what the names reach."""
+    return any(r.tables or r.functions for r in db.sql)
+
+
+def quote_ident(part: str) -> str:
+    return '"' + part.replace('"', '""') + '"'
+
+
+def _array(values: list[str]) -> str:
+    """A text[] literal (text format) for a parameter."""
+    return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                          for v in values) + "}"
+
+
+def _function_names(refs: tuple[tuple[str, ...], ...]) -> tuple[list[str], list[str]]:
+    schemas, names = [], []
+    for parts in refs:
+        if not parts or len(parts) > 3:
+            continue
+        schemas.append(parts[-2] if len(parts) >= 2 else "")
+        names.append(parts[-1])
+    return schemas, names
+
+
+async def resolve(st: Statement, query: Query) -> Resolved:
+    """The relations and functions `st` reaches through the catalog (see module doc).
+    Raises whatever `query` raises (the caller refuses the statement)."""
+    write = bool(WRITES & set(st.kinds))
+    tables: list[str] = []
+    functions: list[str] = []
+    guards: list[str] = []
+    unresolved: list[str] = []
+    seen_rel: set[int] = set()
+    queried_fn: set[int] = set()     # passed as $2: their pg_depend references are known
+    judged_fn: set[int] = set()      # classified (built in, native, SQL, opaque)
+    rel_refs = list(st.relation_refs)
+    fn_refs = list(st.function_refs)
+    pending_rel: set[int] = set()
+    pending_fn: set[int] = set()
+    for _ in range(MAX_ROUNDS):
+        if rel_refs:
+            written = {".".join(quote_ident(p) for p in r): ".".join(r).lower()
+                       for r in rel_refs if r}
+            for ref, oid, nsp, rel in await query(RELATIONS_SQL, [_array(list(written))]):
+                if int(oid) not in seen_rel:
+                    seen_rel.add(int(oid))
+                    pending_rel.add(int(oid))
+                    full = f"{nsp}.{rel}".lower()
+                    # the statement's own `orders` already says public.orders to a rule;
+                    # a name inside a function body is not in the statement's tables
+                    as_written = written.get(ref, "")
+                    if not (as_written in st.tables
+                            and full in (as_written, f"public.{as_written}")):
+                        _add(tables, full)
+        if fn_refs:
+            schemas, names = _function_names(tuple(dict.fromkeys(fn_refs)))
+            for (oid,) in await query(FUNCTIONS_SQL, [_array(schemas), _array(names)]):
+                if int(oid) not in queried_fn:
+                    pending_fn.add(int(oid))
+        rel_refs, fn_refs = [], []
+        if not pending_rel and not pending_fn:
+            return Resolved(tuple(tables), tuple(functions), tuple(guards),
+                            tuple(unresolved))
+        if len(seen_rel) + len(judged_fn) > MAX_OBJECTS:
+            break
+        rows = await query(DEPENDS_SQL, [_array([str(o) for o in sorted(pending_rel)]),
+                                         _array([str(o) for o in sorted(pending_fn)]),
+                                         "t" if write else "f"])
+        queried_fn |= pending_fn
+        pending_rel, pending_fn = set(), set()
+        for kind, oid, nsp, name, lang, src, atomic, config in rows:
+            oid = int(oid)
+            if kind == "r":
+                if oid not in seen_rel:
+                    seen_rel.add(oid)
+                    pending_rel.add(oid)
+                    _add(tables, f"{nsp}.{name}".lower())
+                continue
+            if oid in judged_fn:
+                continue
+            judged_fn.add(oid)
+            _add(functions, f"{nsp}.{name}".lower())
+            if nsp in BUILTIN_SCHEMAS or lang in NATIVE_LANGUAGES:
+                continue
+            if lang != "sql":
+                _add(unresolved, f"{nsp}.{name} (LANGUAGE {lang})")
+                continue
+            if atomic == "true":
+                if oid not in queried_fn:  # its references are in pg_depend: next round
+                    pending_fn.add(oid)
+                continue
+            if config and "search_path=" in config.lower():
+                # its unqualified names resolve in another search_path than the agent's
+                _add(unresolved, f"{nsp}.{name} (sets search_path)")
+                continue
+            try:
+                body = analyze(src or "")
+            except SqlError:
+                _add(unresolved, f"{nsp}.{name} (body does not parse)")
+                continue
+            for g in body.guards:
+                _add(guards, g)
+            rel_refs.extend(body.relation_refs)
+            fn_refs.extend(body.function_refs)
+    _add(unresolved, f"dependencies deeper than {MAX_ROUNDS} look-ups or over "
+                     f"{MAX_OBJECTS} objects")
+    return Resolved(tuple(tables), tuple(functions), tuple(guards), tuple(unresolved))
+
+
+def _add(lst: list[str], v: str) -> None:
+    if v not in lst:
+        lst.append(v)
+
+
+def widen(st: Statement, r: Resolved) -> Statement:
+    """`st` with what it reaches added to its tables, functions and guards."""
+    return dataclasses.replace(
+        st, tables=tuple(dict.fromkeys((*st.tables, *r.tables))),
+        functions=tuple(dict.fromkeys((*st.functions, *r.functions))),
+        guards=tuple(dict.fromkeys((*st.guards, *r.guards))))
+
+
+class Cache:
+    """Resolutions per (relation refs, function refs, write), bounded, CACHE_TTL_S long:
+    agents repeat the same statements, and the catalog login is one per database."""
+
+    def __init__(self, size: int = CACHE_SIZE, ttl: float = CACHE_TTL_S) -> None:
+        self.size, self.ttl = size, ttl
+        self._d: OrderedDict[Any, tuple[float, Resolved]] = OrderedDict()
+
+    def key(self, st: Statement) -> Any:
+        return st.relation_refs, st.function_refs, bool(WRITES & set(st.kinds))
+
+    def get(self, st: Statement) -> Resolved | None:
+        k = self.key(st)
+        hit = self._d.get(k)
+        if hit is None or time.monotonic() - hit[0] > self.ttl:
+            return None
+        self._d.move_to_end(k)
+        return hit[1]
+
+    def put(self, st: Statement, r: Resolved) -> None:
+        k = self.key(st)
+        self._d[k] = (time.monotonic(), r)
+        self._d.move_to_end(k)
+        while len(self._d) > self.size:
+            self._d.popitem(last=False)
