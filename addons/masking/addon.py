@@ -191,7 +191,11 @@ def _continues(ctx: Masked, flow: Any, raw: bytes) -> bool:
         doc = body.json
     except decode.DecodeError:
         return False
-    return isinstance(doc, dict) and _message_list_key(doc) == body.memo_list
+    if not isinstance(doc, dict):
+        return False
+    key = _message_list_key(doc)
+    ctx.list_key = (doc, key)  # asked again of the same parse when masked (bodies)
+    return key == body.memo_list
 
 
 def mask_message(ctx: Masked, raw: bytes, encoding: str, content_type: str, limit: int,

@@ -139,3 +139,71 @@ def test_another_identity_with_the_same_session_id_gets_nothing_from_the_prefix(
     assert reused == 0
     assert outs == run_reference(bodies[4:], masker, ref)[0]
     _same_maps(mallory, ref)
+
+
+def _prefix_held(cache: object) -> bool:
+    p = cache._prefix  # type: ignore[attr-defined]
+    entries = cache._entries  # type: ignore[attr-defined]
+    return p is None or all(entries.get(d) is e for d, e in p.entries)
+
+
+@pytest.mark.parametrize("max_entries", [2, 3, 5, 64])
+def test_the_prefix_never_names_an_entry_the_cache_dropped(max_entries: int) -> None:
+    """set_prefix looks up only the messages after the prefix the turn took whole while
+    that one is still the cache's: a cache too small for the history evicts some of them
+    while the turn puts its new messages, and then the prefix kept must still hold only
+    entries the cache holds (it never keeps an evicted one alive), turn after turn, with
+    the bytes those of masking again."""
+    masker = Masker(DETECTORS, b"k")
+    bodies = _growing(17, 10)
+    caches = MessageCaches(max_entries=max_entries)
+    key = session_key("alice", "t")
+    a, b = Session(), Session()
+    for body in bodies:
+        outs, founds, _ = run_cached([body], masker, key, a, caches)
+        cache = caches.get(key, a, masker)
+        assert _prefix_held(cache)
+        ref, ref_found = run_reference([body], masker, b)
+        assert outs == ref and founds == ref_found
+    _same_maps(a, b)
+
+
+def test_a_prefix_not_the_caches_own_is_looked_up_whole() -> None:
+    """A `base` that is no longer the cache's prefix (an entry was dropped since: _drop
+    forgets the prefix) gives no shortcut: every entry is looked up."""
+    from addons.masking.bodies import CachedMessage, CachedPrefix
+    masker = Masker(DETECTORS, b"k")
+    session = Session()
+    caches = MessageCaches(max_entries=8)
+    cache = caches.get("k", session, masker)
+    msgs = [(bytes([i]) * 32, CachedMessage(b"{}", False, (), (), True)) for i in range(4)]
+    for d, e in msgs:
+        cache.put(d, e)
+    base = CachedPrefix(1, tuple(msgs[:3]), True, True, "")
+    cache.set_prefix(base)
+    assert cache._prefix is base
+    cache.put(msgs[0][0], CachedMessage(b"[]", False, (), (), True))  # replaced: dropped
+    assert cache._prefix is None
+    longer = CachedPrefix(2, tuple(msgs), True, True, "", base=base)
+    cache.set_prefix(longer, base)
+    assert cache._prefix is None  # msgs[0]'s entry is not the one held any more
+
+
+def test_all_messages_answers_as_the_item_by_item_check() -> None:
+    from addons.masking.bodies import _all_messages
+
+    class S(str):
+        pass
+
+    class D(dict):
+        pass
+
+    cases: list[list] = [
+        [{"a": 1}], [{"text": "x"}], [{"text": S("x")}], [{"text": 1}], [D(text="x")],
+        [D(a=1)], ["x"], [{"a": 1}, "x"], [{"a": 1}, {"text": None}], [{}], [None],
+        [{"role": "user", "content": "c"}] * 50 + [{"text": "t"}],
+        [{"role": "user", "content": [{"type": "text", "text": "t"}]}], [[]], [{"text": b"x"}],
+    ]
+    for c in cases:
+        ref = all(isinstance(m, dict) and not isinstance(m.get("text"), str) for m in c)
+        assert _all_messages(c) is ref, c
