@@ -53,19 +53,28 @@ FROM unnest($1::text[]) AS r(n)
 JOIN pg_class c ON c.oid = to_regclass(r.n)
 JOIN pg_namespace ns ON ns.oid = c.relnamespace
 """
-# function names (schema or '' for the session's schemas, name) -> oids of every overload
+# function ('f') and operator ('o') names (schema or '' for the session's schemas, name) ->
+# oids of every overload's function
 FUNCTIONS_SQL = """
 SELECT p.oid::int8
-FROM unnest($1::text[], $2::text[]) AS f(s, n)
-JOIN pg_proc p ON p.proname = f.n
+FROM unnest($1::text[], $2::text[], $3::text[]) AS f(k, s, n)
+JOIN pg_proc p ON f.k = 'f' AND p.proname = f.n
 JOIN pg_namespace ns ON ns.oid = p.pronamespace
+WHERE CASE WHEN f.s = '' THEN ns.nspname = ANY (current_schemas(true)) ELSE ns.nspname = f.s END
+UNION
+SELECT o.oprcode::oid::int8
+FROM unnest($1::text[], $2::text[], $3::text[]) AS f(k, s, n)
+JOIN pg_operator o ON f.k = 'o' AND o.oprname = f.n
+JOIN pg_namespace ns ON ns.oid = o.oprnamespace
 WHERE CASE WHEN f.s = '' THEN ns.nspname = ANY (current_schemas(true)) ELSE ns.nspname = f.s END
 """
 # what relations ($1) and functions ($2) reference; $3 = 't' adds the relations' triggers
 DEPENDS_SQL = """
 SELECT 'r', c.oid::int8, ns.nspname, c.relname, NULL, NULL, NULL, NULL
 FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
-WHERE c.relkind <> 'S' AND c.oid IN (
+WHERE c.relkind <> 'S' AND (c.oid IN (
+  -- a parent's partitions and inheritance children are read with it
+  SELECT inhrelid FROM pg_inherits WHERE inhparent = ANY ($1::oid[])) OR c.oid IN (
   SELECT d.refobjid FROM pg_depend d
   WHERE d.refclassid = 'pg_class'::regclass AND (
     (d.classid = 'pg_rewrite'::regclass
@@ -76,7 +85,7 @@ WHERE c.relkind <> 'S' AND c.oid IN (
         AND d.objid IN (SELECT oid FROM pg_attrdef WHERE adrelid = ANY ($1::oid[])))
     OR (d.classid = 'pg_constraint'::regclass AND d.objid IN (
         SELECT oid FROM pg_constraint WHERE conrelid = ANY ($1::oid[]) AND contype = 'c'))
-    OR (d.classid = 'pg_proc'::regclass AND d.objid = ANY ($2::oid[]))))
+    OR (d.classid = 'pg_proc'::regclass AND d.objid = ANY ($2::oid[])))))
 UNION
 SELECT 'f', p.oid::int8, ns.nspname, p.proname, l.lanname, p.prosrc,
        (p.prosqlbody IS NOT NULL)::text, array_to_string(p.proconfig, ',')
@@ -122,14 +131,18 @@ def _array(values: list[str]) -> str:
                           for v in values) + "}"
 
 
-def _function_names(refs: tuple[tuple[str, ...], ...]) -> tuple[list[str], list[str]]:
-    schemas, names = [], []
-    for parts in refs:
-        if not parts or len(parts) > 3:
-            continue
-        schemas.append(parts[-2] if len(parts) >= 2 else "")
-        names.append(parts[-1])
-    return schemas, names
+def _function_names(funcs: list[tuple[str, ...]], ops: list[tuple[str, ...]]
+                    ) -> list[str]:
+    """The three text[] parameters of FUNCTIONS_SQL: kinds, schemas, names."""
+    kinds, schemas, names = [], [], []
+    for kind, refs in (("f", funcs), ("o", ops)):
+        for parts in dict.fromkeys(refs):
+            if not parts or len(parts) > 3:
+                continue
+            kinds.append(kind)
+            schemas.append(parts[-2] if len(parts) >= 2 else "")
+            names.append(parts[-1])
+    return [_array(kinds), _array(schemas), _array(names)]
 
 
 async def resolve(st: Statement, query: Query) -> Resolved:
@@ -145,6 +158,7 @@ async def resolve(st: Statement, query: Query) -> Resolved:
     judged_fn: set[int] = set()      # classified (built in, native, SQL, opaque)
     rel_refs = list(st.relation_refs)
     fn_refs = list(st.function_refs)
+    op_refs = list(st.operator_refs)
     pending_rel: set[int] = set()
     pending_fn: set[int] = set()
     for _ in range(MAX_ROUNDS):
@@ -162,12 +176,11 @@ async def resolve(st: Statement, query: Query) -> Resolved:
                     if not (as_written in st.tables
                             and full in (as_written, f"public.{as_written}")):
                         _add(tables, full)
-        if fn_refs:
-            schemas, names = _function_names(tuple(dict.fromkeys(fn_refs)))
-            for (oid,) in await query(FUNCTIONS_SQL, [_array(schemas), _array(names)]):
+        if fn_refs or op_refs:
+            for (oid,) in await query(FUNCTIONS_SQL, _function_names(fn_refs, op_refs)):
                 if int(oid) not in queried_fn:
                     pending_fn.add(int(oid))
-        rel_refs, fn_refs = [], []
+        rel_refs, fn_refs, op_refs = [], [], []
         if not pending_rel and not pending_fn:
             return Resolved(tuple(tables), tuple(functions), tuple(guards),
                             tuple(unresolved))
@@ -212,6 +225,7 @@ async def resolve(st: Statement, query: Query) -> Resolved:
                 _add(guards, g)
             rel_refs.extend(body.relation_refs)
             fn_refs.extend(body.function_refs)
+            op_refs.extend(body.operator_refs)
     _add(unresolved, f"dependencies deeper than {MAX_ROUNDS} look-ups or over "
                      f"{MAX_OBJECTS} objects")
     return Resolved(tuple(tables), tuple(functions), tuple(guards), tuple(unresolved))
@@ -231,7 +245,7 @@ def widen(st: Statement, r: Resolved) -> Statement:
 
 
 class Cache:
-    """Resolutions per (relation refs, function refs, write), bounded, CACHE_TTL_S long:
+    """Resolutions per (relation, function and operator refs, write), bounded, CACHE_TTL_S long:
     agents repeat the same statements, and the catalog login is one per database."""
 
     def __init__(self, size: int = CACHE_SIZE, ttl: float = CACHE_TTL_S) -> None:
@@ -239,7 +253,8 @@ class Cache:
         self._d: OrderedDict[Any, tuple[float, Resolved]] = OrderedDict()
 
     def key(self, st: Statement) -> Any:
-        return st.relation_refs, st.function_refs, bool(WRITES & set(st.kinds))
+        return (st.relation_refs, st.function_refs, st.operator_refs,
+                bool(WRITES & set(st.kinds)))
 
     def get(self, st: Statement) -> Resolved | None:
         k = self.key(st)

@@ -599,7 +599,8 @@ class Session:
             return None, Verdict("block", "unparseable"), pg.error_response(
                 "42601", f"agentgate: the statement could not be parsed ({e}); it was not "
                          "sent")
-        if st.executes is None and (st.relation_refs or st.function_refs) \
+        if st.executes is None and (st.relation_refs or st.function_refs
+                                    or st.operator_refs) \
                 and depends.needed(self.db):
             st, refusal = await self._reach(st)
             if refusal is not None:

@@ -118,6 +118,7 @@ class Statement:
     # depends.py: a view's or a function's own dependencies)
     relation_refs: tuple[tuple[str, ...], ...] = ()
     function_refs: tuple[tuple[str, ...], ...] = ()
+    operator_refs: tuple[tuple[str, ...], ...] = ()  # operators run functions too
 
     @property
     def kind(self) -> str:
@@ -137,6 +138,7 @@ class _Walk:
     guards: list[str] = field(default_factory=list)
     relation_refs: list[tuple[str, ...]] = field(default_factory=list)
     function_refs: list[tuple[str, ...]] = field(default_factory=list)
+    operator_refs: list[tuple[str, ...]] = field(default_factory=list)
     prepared: str | None = None
     executes: str | None = None
     deallocates: str | None = None
@@ -254,6 +256,10 @@ def _facts(key: str, val: dict[str, Any], w: _Walk, ctes: frozenset[str]) -> Non
                 base == "set_config" and fn in ("set_config", "pg_catalog.set_config")
                 and _const_text(val.get("args")) in SAFE_SETTINGS):
             w.add(w.guards, "dangerous_function")
+    elif key == "A_Expr":
+        parts = tuple(_strings(val.get("name")))
+        if parts and parts not in w.operator_refs:
+            w.operator_refs.append(parts)
     elif key in ("DeleteStmt", "UpdateStmt"):
         if not _reads_a_column(val.get("whereClause")):
             rel = _relname(val.get("relation") or {})
@@ -392,4 +398,5 @@ def analyze(sql: str) -> Statement:
                      unbounded=tuple(w.unbounded), guards=tuple(w.guards),
                      prepared=w.prepared, executes=w.executes, deallocates=w.deallocates,
                      relation_refs=tuple(w.relation_refs),
-                     function_refs=tuple(w.function_refs))
+                     function_refs=tuple(w.function_refs),
+                     operator_refs=tuple(w.operator_refs))

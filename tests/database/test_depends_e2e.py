@@ -1,5 +1,6 @@
 """A deny rule on a table holds whatever name the agent reaches it by (hostile, end to end:
 real postgres, the real gateway, psycopg as the agent): a view over it (nested views too),
+a partition through its parent, an operator whose function reads it,
 a SQL function reading it (string body and BEGIN ATOMIC), a plpgsql function (opaque:
 refused), a CTE named like the table that reads it, a CTE in a subquery beside the real
 table, DELETE through a CTE's name, COPY of a query over the view, a protocol Parse of the
@@ -33,7 +34,7 @@ databases:
     server_tls: {{mode: disable}}
     max_connections: 4
     sql:
-      - {{name: no-secrets, action: block, match: {{tables: [secret]}},
+      - {{name: no-secrets, action: block, match: {{tables: [secret, hidden_*]}},
          message: the secret table is off limits}}
 """
 
@@ -58,7 +59,14 @@ SETUP = [
     "CREATE TABLE memo (id int, body text)",
     "CREATE RULE memo_copy AS ON INSERT TO memo DO ALSO INSERT INTO secret VALUES "
     "(NEW.id, NEW.body)",
-    "GRANT ALL ON secret, secret_v, secret_vv, users_v, notes, memo TO agent_rw",
+    "CREATE FUNCTION peek(int, int) RETURNS boolean LANGUAGE sql AS "
+    "'SELECT EXISTS (SELECT 1 FROM secret WHERE id = $1 AND length(ssn) > $2)'",
+    "CREATE OPERATOR public.=== (LEFTARG = int, RIGHTARG = int, FUNCTION = peek)",
+    "CREATE TABLE logs (id int, ssn text) PARTITION BY RANGE (id)",
+    "CREATE TABLE hidden_2026 PARTITION OF logs FOR VALUES FROM (0) TO (100)",
+    "INSERT INTO logs VALUES (1, '219-09-9999')",
+    "GRANT ALL ON secret, secret_v, secret_vv, users_v, notes, memo, logs, hidden_2026 "
+    "TO agent_rw",
     "ALTER SYSTEM SET log_statement = 'all'",
     "SELECT pg_reload_conf()",
 ]
@@ -125,6 +133,8 @@ REFUSED = [
     ("WITH secret AS (SELECT 1 AS id) DELETE FROM secret WHERE id = 1", "no-secrets"),
     ("INSERT INTO notes VALUES (7, 'planted')", "guard:opaque_dependency"),
     ("INSERT INTO memo VALUES (8, 'planted')", "no-secrets"),
+    ("SELECT 1 === 5", "no-secrets"),                   # an operator's function
+    ("SELECT ssn FROM logs", "no-secrets"),             # a denied partition via its parent
 ]
 
 
@@ -137,7 +147,7 @@ def test_deny_rule_holds_through_views_functions_ctes_and_triggers(env: Env) -> 
                 raise AssertionError(f"ran: {sql}")
             assert e.value.sqlstate == "42501", (sql, e.value)
             assert f"rule {rule}" in str(e.value), (sql, str(e.value))
-            assert "078-05-1120" not in str(e.value)
+            assert "078-05-1120" not in str(e.value) and "219-09" not in str(e.value)
             # the connection keeps serving after each refusal
             assert c.execute("SELECT count(*) FROM users").fetchone() == (2,), sql
         # COPY out of a query over the view (the copy protocol)

@@ -119,6 +119,8 @@ def test_names_keep_their_case_for_the_catalog() -> None:
     assert st.relation_refs == (("Sec", "T"), ("u",))
     assert st.function_refs == (("Pub", "Leak"), ("lower",))
     assert set(st.tables) == {"sec.t", "u"}
+    assert analyze("SELECT 1 OPERATOR(public.===) 2 WHERE a = b").operator_refs == (
+        ("public", "==="), ("=",))
 
 
 def test_functions_named() -> None:
