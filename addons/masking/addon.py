@@ -483,8 +483,14 @@ class Masking:
             return
         cfg, up = plan
         hfound: dict = {}
-        hctx = Masked(self.masker(), self._session(flow), hfound, restorable=False,
-                      dialect=self._dialect(flow, up))
+        masker = self.masker()
+        session = self._session(flow)
+        # with the session's cache: a set of response header fields this session was
+        # answered with before, nothing found in it, is not scanned again (an upstream
+        # sends the same server, cache and rate headers on every answer; header_fields)
+        hctx = Masked(masker, session, hfound, restorable=False,
+                      dialect=self._dialect(flow, up),
+                      cache=self._message_cache(flow, session, masker))
         new_fields = _masked_fields(hctx, resp.headers, cfg.headers_pass)
         if new_fields is not None:
             resp.headers.fields = new_fields

@@ -104,3 +104,63 @@ def test_one_sessions_clean_sets_are_its_own():
         Masked(masker, session, {}, cache=caches.get(key, session, masker)).header_fields(
             BASE, PASSED)
     assert len(scanned) == 2
+
+
+def _both_ways(masker: Masker, sets: list[list[tuple[str, str]]], cached: bool
+               ) -> list[tuple[Any, dict, dict]]:
+    """Header sets of requests and responses in turn in ONE session (one cache): a
+    response's headers are masked with restorable=False, as the addon's responseheaders."""
+    session = Session()
+    cache = MessageCaches().get("s", session, masker) if cached else None
+    out = []
+    for i, fields in enumerate(sets):
+        found: dict = {}
+        new = Masked(masker, session, found, restorable=i % 2 == 0, cache=cache) \
+            .header_fields(list(fields), PASSED)
+        out.append((new, found, dict(session._by_value), dict(session._restore)))
+    return out
+
+
+@settings(max_examples=200, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(header_sets, st.integers(0, 3))
+def test_response_header_sets_cached_equal_uncached(sets, repeat):
+    # requests and responses of a session share its clean sets: the same fields, findings
+    # and map (placeholders and what they restore) as with no cache at all
+    seq = sets + sets[:repeat] + sets + sets[::-1]
+    assert _both_ways(Masker(DETECTORS, b"k"), seq, True) == \
+        _both_ways(Masker(DETECTORS, b"k"), seq, False)
+
+
+def test_the_addon_scans_a_sessions_clean_response_headers_once(tmp_path) -> None:
+    from mitmproxy import http
+    from mitmproxy.test import taddons, tutils
+
+    from tests.masking.test_addon import addon_for, chat, flow, run
+    m = addon_for(tmp_path)
+    scanned: list[str] = []
+    real = m._masker.find
+    m._masker.find = lambda t: (scanned.append(t), real(t))[1]  # type: ignore[method-assign]
+    hdrs = [("x-upstream-build", "upstream/1.2"), ("x-ratelimit-remaining", "99"),
+            ("content-type", "application/json")]
+
+    def answer(extra: list[tuple[str, str]]) -> http.HTTPFlow:
+        f = flow("openai", chat("hello"), headers={"x-agent-session": "s1"})
+        with taddons.context(m):
+            run(m.request(f))
+            f.response = tutils.tresp(content=b"{}", headers=http.Headers(
+                [(k.encode(), v.encode()) for k, v in hdrs + extra]))
+            scanned.clear()
+            m.responseheaders(f)
+        return f
+
+    first = answer([])
+    assert any("upstream/1.2" in t for t in scanned)  # scanned the first time
+    again = answer([])
+    assert not any("upstream/1.2" in t for t in scanned)  # the same clean set: not again
+    leaky = answer([("x-debug", "ann@example.com")])
+    assert any("upstream/1.2" in t for t in scanned)
+    assert "ann@example.com" not in str(leaky.response.headers)
+    assert "EMAIL" in leaky.metadata["findings"]
+    assert first.response.headers["x-upstream-build"] == \
+        again.response.headers["x-upstream-build"] == "upstream/1.2"
