@@ -50,7 +50,7 @@ from addons.frame.errors import error_payload
 from addons.frame.guard import guarded, refuse
 from addons.frame.offload import Busy, StreamJob, run_heavy, take_ready
 from addons.frame.principal import principal
-from addons.mcp import jsonrpc
+from addons.mcp import blobs, jsonrpc
 from addons.mcp.config import McpConfig
 from addons.mcp.pins import PinStore, scope_key
 from addons.mcp.sse import Event, EventTooLarge, Splitter
@@ -336,7 +336,28 @@ class Mcp:
             if obj is None:
                 break
             obj = t(flow, method, obj)
+        if obj is not None and m.kind == "response":
+            obj = self._readable(flow, obj, m.id)
         return obj
+
+    @staticmethod
+    def _readable(flow: http.HTTPFlow, obj: dict[str, Any], mid: Any) -> dict[str, Any]:
+        """Text sent as base64 (a resource blob, image/audio data) as text, so masking reads
+        it in every method's result (blobs.py); a result too deep to walk is answered with
+        a JSON-RPC error for its id instead (fail closed)."""
+        try:
+            new, changed = blobs.readable(obj)
+        except blobs.TooDeep as e:
+            meta = flow.metadata.setdefault("mcp", {})
+            meta.setdefault("refused_results", []).append(str(mid)[:80])
+            log.warning("agentgate: mcp: a result of %s refused: %s",
+                        (mcp_upstream(flow) or {}).get("name"), e)
+            return jsonrpc.error_message(mid, jsonrpc.INTERNAL_ERROR,
+                                         f"agentgate: the MCP server's result was refused: {e}",
+                                         {"code": "upstream_invalid_jsonrpc", "status": 502})
+        if changed:
+            flow.metadata.setdefault("mcp", {})["blobs_as_text"] = True
+        return new
 
     def _server_request(self, flow: http.HTTPFlow, cfg: McpConfig, m: jsonrpc.Message,
                         server: str) -> dict[str, Any] | None:

@@ -1,0 +1,208 @@
+"""MCP resources, prompts and completions get what tools/call gets (hostile, end to end
+through a real mitmdump with the suite and a scripted MCP server over HTTPS): a rule on a
+resource URI or a prompt name refuses the request with a JSON-RPC error for its id and the
+server never sees it; PII the server returns in a resource's text, a text-like blob, a
+prompt's messages or a completion never reaches the agent unmasked, JSON or streamed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.hostile.test_mcp import HostileServer, messages, post, sse
+
+pytestmark = pytest.mark.integration
+
+SSN = "536-90-4399"
+EMAIL = "jane.roe@example.org"
+CARD = "4111 1111 1111 1111"
+
+RULES = """
+identity:
+  required: false
+upstreams:
+  - name: evil-tools
+    hosts: [evil-tools.example.com]
+    dialect: mcp
+    forward_to: https://127.0.0.1:{port}
+policies:
+  - name: no-etc
+    match: {{mcp: {{resource: "file:///etc/*"}}}}
+    action: block
+  - name: no-admin-prompts
+    match: {{mcp: {{prompt: "admin*"}}}}
+    action: block
+"""
+
+
+@pytest.fixture
+def evil(standin) -> Iterator[HostileServer]:
+    s = HostileServer(Path(standin.ca_path).parent)
+    s.thread.start()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+@pytest.fixture
+def gw(gateway_factory, evil):
+    return gateway_factory(RULES.format(port=evil.port))
+
+
+def req(method: str, id: Any = 1, **params: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": id, "method": method, "params": params}
+
+
+PII_TEXT = f"patient {EMAIL} ssn {SSN} card {CARD}"
+
+
+def answer(method: str, mid: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """What a hostile server returns: PII in every place each method's result has text."""
+    blob = base64.b64encode(PII_TEXT.encode()).decode()
+    if method == "resources/read":
+        return {"contents": [
+            {"uri": params.get("uri"), "mimeType": "text/plain", "text": PII_TEXT},
+            {"uri": "mem://b", "mimeType": "text/plain", "blob": blob},
+            {"uri": "mem://c", "mimeType": "application/json",
+             "blob": base64.b64encode(json.dumps({"email": EMAIL}).encode()).decode()}]}
+    if method == "resources/list":
+        return {"resources": [{"uri": f"crm://customers/{EMAIL}", "name": EMAIL,
+                               "description": PII_TEXT}]}
+    if method == "prompts/get":
+        return {"description": PII_TEXT, "messages": [
+            {"role": "user", "content": {"type": "text", "text": PII_TEXT}},
+            {"role": "user", "content": {"type": "resource", "resource": {
+                "uri": "mem://r", "mimeType": "text/plain", "blob": blob}}}]}
+    if method == "prompts/list":
+        return {"prompts": [{"name": "triage", "description": PII_TEXT}]}
+    if method == "completion/complete":
+        return {"completion": {"values": [EMAIL, SSN], "hasMore": False}}
+    if method == "tools/call":
+        return {"content": [{"type": "resource", "resource": {
+            "uri": "mem://t", "mimeType": "text/plain", "blob": blob}},
+            {"type": "text", "text": PII_TEXT}]}
+    return {}
+
+
+def serve(stream: bool):
+    def script(method: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        if method != "POST":
+            return 405, {}, b""
+        msg = json.loads(body)
+        out = {"jsonrpc": "2.0", "id": msg["id"],
+               "result": answer(msg["method"], msg["id"], msg.get("params") or {})}
+        if stream:
+            return sse(out)
+        return 200, {"content-type": "application/json"}, json.dumps(out).encode()
+    return script
+
+
+def _blob_texts(obj: Any) -> list[str]:
+    out = []
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, dict):
+            for k, v in o.items():
+                if k == "blob" and isinstance(v, str):
+                    out.append(base64.b64decode(v).decode("utf-8", "replace"))
+                else:
+                    stack.append(v)
+        elif isinstance(o, list):
+            stack.extend(o)
+    return out
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize(("method", "params"), [
+    ("resources/read", {"uri": "mem://notes/1"}),
+    ("resources/list", {}),
+    ("prompts/get", {"name": "triage", "arguments": {}}),
+    ("prompts/list", {}),
+    ("completion/complete", {"ref": {"type": "ref/prompt", "name": "triage"},
+                             "argument": {"name": "who", "value": "ja"}}),
+    ("tools/call", {"name": "fetch_note", "arguments": {}}),
+])
+def test_pii_in_results_never_reaches_the_agent(gw, evil, stream, method, params) -> None:
+    evil.script = serve(stream)
+    r = post(gw, req(method, 7, **params))
+    assert r.status_code == 200, r.text
+    got = messages(r)
+    assert len(got) == 1 and got[0]["id"] == 7 and "result" in got[0], r.text
+    text = json.dumps(got[0])
+    plain = [p for p in (SSN, EMAIL, CARD) if p in text]
+    inside = [p for b in _blob_texts(got[0]) for p in (SSN, EMAIL, CARD) if p in b]
+    assert not plain and not inside, (method, plain, inside, text[:2000])
+
+
+@pytest.mark.parametrize(("method", "params", "rule"), [
+    ("resources/read", {"uri": "file:///etc/shadow"}, "no-etc"),
+    ("resources/subscribe", {"uri": "file:///etc/passwd"}, "no-etc"),
+    ("prompts/get", {"name": "admin_reset", "arguments": {}}, "no-admin-prompts"),
+])
+def test_denied_resource_or_prompt_never_reaches_the_server(gw, evil, method, params,
+                                                           rule) -> None:
+    evil.script = serve(False)
+    r = post(gw, req(method, 3, **params))
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["id"] == 3 and got["error"]["data"]["rule"] == rule, got
+    assert not [m for m in evil.jsonrpc() if m.get("method") == method], evil.jsonrpc()
+
+
+def test_blob_tricks_and_binary_payloads(gw, evil) -> None:
+    """A text blob with junk a lenient decoder skips, text disguised as an image, text
+    nested deeper than the walk: none reaches the agent readable; a real binary blob (PNG)
+    passes byte for byte."""
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
+    b64 = base64.b64encode(PII_TEXT.encode()).decode()
+    deep: Any = {"uri": "mem://deep", "blob": b64}
+    for _ in range(80):
+        deep = {"nested": [deep]}
+    results = {
+        "junk": {"contents": [{"uri": "mem://j", "blob": b64[:8] + "!*" + b64[8:]}]},
+        "image": {"content": [{"type": "image", "mimeType": "image/png", "data": b64}]},
+        "png": {"contents": [{"uri": "mem://p", "mimeType": "image/png",
+                              "blob": base64.b64encode(png).decode()}]},
+        "deep": {"contents": [deep]},
+    }
+
+    def script(method: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        msg = json.loads(body)
+        out = {"jsonrpc": "2.0", "id": msg["id"], "result": results[msg["params"]["uri"]]}
+        return 200, {"content-type": "application/json"}, json.dumps(out).encode()
+    evil.script = script
+    for name in results:
+        r = post(gw, req("resources/read", 5, uri=name))
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["id"] == 5, got
+        if name == "png":
+            assert base64.b64decode(got["result"]["contents"][0]["blob"]) == png
+            continue
+        text = json.dumps(got)
+        lenient = [base64.b64decode("".join(c for c in v if c.isalnum() or c in "+/="))
+                   for v in _payloads(got)]
+        assert not [p for p in (SSN, EMAIL, CARD) if p in text
+                    or any(p.encode() in raw for raw in lenient)], (name, text[:1500])
+        if name == "deep":
+            assert got["error"]["data"]["code"] == "upstream_invalid_jsonrpc", got
+
+
+def _payloads(obj: Any) -> list[str]:
+    out = []
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, dict):
+            out.extend(v for k, v in o.items() if k in ("blob", "data") and isinstance(v, str))
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+    return out
