@@ -69,17 +69,19 @@ def build(pending: store.Pending, known: Container[str] | None = None) -> dict[s
 MADV_DONTNEED = 4
 
 
-def drop_library_pages(fragment: str = "_duckdb") -> int:
-    """Unmap the resident pages of the read-only file mappings of the shared libraries whose
-    path contains `fragment`; returns the KiB dropped (0 where /proc or madvise is absent).
+def drop_library_pages(fragment: str = "/") -> int:
+    """Unmap the resident pages of the read-only file mappings (shared libraries) whose
+    path contains `fragment` (default: every one); returns the KiB dropped (0 where /proc
+    or madvise is absent).
 
-    Opening DuckDB (loading its 60 MB library, registering its ~1,000 built-in functions,
-    creating the store) faults in ~32 MiB of its code and tables, most of them never used
-    again by an INSERT and a COMMIT; they stay counted in this process's RSS for good. The
-    pages an insert or a checkpoint needs come back on their first use (minor faults from
-    the page cache). Only mappings without write permission and with no private copies
-    ("Anonymous: 0": not the relocated RELRO part) are touched: their pages are the file's
-    bytes, so dropping them cannot change what the process reads."""
+    Loading DuckDB (its 60 MB library: relocation tables, registering its ~1,000 built-in
+    functions) and opening the store fault in ~32 MiB of it, and Python's own libraries
+    (libpython, libcrypto, libstdc++ …) ~13 MiB more, most of which an INSERT and a COMMIT
+    never read again; they stayed counted in this process's RSS for good. The pages an
+    insert or a checkpoint needs come back on their first use (minor faults from the page
+    cache: ~16 MiB of DuckDB's). Only mappings without write permission and with no private
+    copies ("Anonymous: 0": not the relocated RELRO part) are touched: their pages are the
+    file's bytes, so dropping them cannot change what the process reads."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         madvise = libc.madvise
@@ -246,6 +248,8 @@ def main(argv: list[str]) -> int:
                         format="[%(asctime)s.%(msecs)03d] %(message)s", datefmt="%H:%M:%S")
     logscrub.install()
     db, cfg = argv[0], json.loads(argv[1])
+    # before opening the store too: the import's pages are not added to the open's
+    drop_library_pages()
     inp = wire.FrameReader(sys.stdin.fileno(), nap=READ_NAP)
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     # nothing else may write into the message stream (a stray print would corrupt it)
@@ -277,7 +281,7 @@ def main(argv: list[str]) -> int:
         done = int(got[0]) if got else 0
     rep.base = done
     rep.send(("ready", seq, head, done))
-    log.debug("agentgate: audit writer: %d KiB of DuckDB's library pages dropped after open",
+    log.debug("agentgate: audit writer: %d KiB of library pages dropped after open",
               drop_library_pages())
     threading.Thread(target=rep.run, name="agentgate-audit-report", daemon=True).start()
     shippers: list[lake.LakeShipper] = []
