@@ -464,8 +464,7 @@ class Masking:
                        "unmaskable_body", "masking")
                 return
             if new is not None:
-                req.headers.pop("content-encoding", None)
-                req.content = new
+                set_plain_body(req, new)
         if found:
             merge(self._findings(flow), found)
 
@@ -482,20 +481,21 @@ class Masking:
                 resp.stream = True  # unmasked, but never buffered whole (time to first token)
             return
         cfg, up = plan
-        hfound: dict = {}
-        masker = self.masker()
-        session = self._session(flow)
-        # with the session's cache: a set of response header fields this session was
-        # answered with before, nothing found in it, is not scanned again (an upstream
-        # sends the same server, cache and rate headers on every answer; header_fields)
-        hctx = Masked(masker, session, hfound, restorable=False,
-                      dialect=self._dialect(flow, up),
-                      cache=self._message_cache(flow, session, masker))
-        new_fields = _masked_fields(hctx, resp.headers, cfg.headers_pass)
-        if new_fields is not None:
-            resp.headers.fields = new_fields
-        if hfound:
-            merge(self._findings(flow), hfound)
+        if _unpassed(resp.headers, cfg.headers_pass):
+            hfound: dict = {}
+            masker = self.masker()
+            session = self._session(flow)
+            # with the session's cache: a set of response header fields this session was
+            # answered with before, nothing found in it, is not scanned again (an upstream
+            # sends the same server, cache and rate headers on every answer; header_fields)
+            hctx = Masked(masker, session, hfound, restorable=False,
+                          dialect=self._dialect(flow, up),
+                          cache=self._message_cache(flow, session, masker))
+            new_fields = _masked_fields(hctx, resp.headers, cfg.headers_pass)
+            if new_fields is not None:
+                resp.headers.fields = new_fields
+            if hfound:
+                merge(self._findings(flow), hfound)
         if not sse:
             cl = resp.headers.get("content-length", "")
             if resp.stream or (cl.strip().isdigit() and int(cl) > cfg.max_body_bytes):
@@ -575,8 +575,7 @@ class Masking:
             # restore: the agent gets its originals back; the recorder stores this instead
             flow.metadata["masked_response"] = masked
         if new is not None:
-            resp.headers.pop("content-encoding", None)
-            resp.content = new
+            set_plain_body(resp, new)
         if found:
             merge(self._findings(flow), found)
 
@@ -610,6 +609,46 @@ class Masking:
                 transport.resume_reading()
             except Exception:  # noqa: BLE001, S110 - the connection is gone
                 pass
+
+
+def set_plain_body(msg: http.Message, data: bytes) -> None:
+    """Exactly `msg.headers.pop("content-encoding", None); msg.content = data` (mitmproxy's
+    set_content with no encoding left: the bytes as they are, Content-Length set as
+    Headers.set_all sets it unless a Transfer-Encoding is there), in one pass over the
+    header fields: the two calls scanned them four times (a KeyError raised inside each
+    absent-name look-up), on every masked body."""
+    out: list[tuple[bytes, bytes]] = []
+    chunked = False
+    length = -1  # where the first Content-Length field is kept
+    for field in msg.headers.fields:
+        name = field[0].lower()
+        if name == b"content-encoding":
+            continue
+        if name == b"content-length":
+            if length < 0:
+                length = len(out)
+                out.append(field)
+            continue  # later ones: set_all keeps one
+        if name == b"transfer-encoding":
+            chunked = True
+        out.append(field)
+    if chunked:  # Content-Length left as it was (all of its fields)
+        out = [f for f in msg.headers.fields if f[0].lower() != b"content-encoding"]
+    else:
+        value = str(len(data)).encode()
+        if length < 0:
+            out.append((b"content-length", value))
+        else:
+            out[length] = (out[length][0], value)
+    msg.headers.fields = tuple(out)
+    msg.raw_content = data
+
+
+def _unpassed(headers: http.Headers, passed: frozenset[str]) -> bool:
+    """Is a header field not in `passed` (one header_fields would look at)? With none (a
+    response of only framing headers: server, date, content-type, ...) there is nothing
+    to mask, and no context, session cache or detector pass is set up for it."""
+    return any(k.decode("latin-1").lower() not in passed for k, _ in headers.fields)
 
 
 def _masked_fields(ctx: Masked, headers: http.Headers, passed: frozenset[str]
