@@ -213,6 +213,25 @@ def flow_key(flow: Any) -> str:
     return principal(flow.metadata.get("identity"))
 
 
+# Streams whose dialect can say "too busy" in-band: each callable gets the flow of a stream
+# job the pool refused and returns what to emit instead of that chunk (the stream then
+# emits nothing more of its own), or None. The mcp addon registers one: a JSON-RPC error
+# event for each pending request, where an aborted stream left the client hanging.
+BUSY_ANSWERS: list[Callable[[Any], Any]] = []
+
+
 async def run_heavy[R](flow: Any, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
-    """`fn(*args, **kwargs)` in a worker thread, in the flow's identity's share of POOL."""
-    return await POOL.run(flow_key(flow), fn, *args, **kwargs)
+    """`fn(*args, **kwargs)` in a worker thread, in the flow's identity's share of POOL.
+    Raises Busy, unless `fn` is a StreamJob's run and a BUSY_ANSWERS entry answers for its
+    flow: then that answer is the job's result (nothing of the chunk was judged or passed)."""
+    try:
+        return await POOL.run(flow_key(flow), fn, *args, **kwargs)
+    except Busy:
+        job = getattr(fn, "__self__", None)
+        if isinstance(job, StreamJob) and not job.done:
+            for answer in BUSY_ANSWERS:
+                out = answer(job.flow)
+                if out is not None:
+                    job.result, job.error, job.done = out, None, True
+                    return None  # type: ignore[return-value] - StreamJob.run returns None
+        raise

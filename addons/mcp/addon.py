@@ -48,7 +48,7 @@ from addons.config.holder import RulesHolder
 from addons.frame import decode
 from addons.frame.errors import error_payload
 from addons.frame.guard import guarded, refuse
-from addons.frame.offload import Busy, StreamJob, run_heavy, take_ready
+from addons.frame.offload import BUSY_ANSWERS, Busy, StreamJob, run_heavy, take_ready
 from addons.frame.principal import principal
 from addons.mcp import blobs, jsonrpc
 from addons.mcp.config import McpConfig
@@ -148,6 +148,13 @@ class Mcp:
         try:
             payload = await _off_loop(_read_payload, flow, "request", cfg.max_event_bytes)
         except Busy as e:
+            # the body was not read (that is the heavy work refused): the id its client
+            # waits for, from the body's first bytes, so the answer is a JSON-RPC error
+            # for that request, not a transport error
+            if not req.headers.get("content-encoding"):
+                found, rid = jsonrpc.head_id(req.raw_content or b"")
+                if found:
+                    meta["ids"] = [rid]
             refuse(flow, e.status, e.message, "busy", "mcp", headers={"retry-after": "1"})
             return
         except decode.TooLarge:
@@ -614,6 +621,26 @@ class McpStream:
             return b""
         return ev.render(json.dumps(out if payload.batch else out[0], ensure_ascii=False,
                                     separators=(",", ":")))
+
+
+def _busy_answer(flow: Any) -> list[bytes] | None:
+    """frame/offload.BUSY_ANSWERS: a stream job of an mcp upstream's event stream refused by
+    the pool (masking's job wrapping this addon's stream, or this addon's own) answers each
+    pending request with a JSON-RPC error event; the stream passes nothing more."""
+    resp = getattr(flow, "response", None)
+    if resp is None or mcp_upstream(flow) is None:
+        return None
+    stream = resp.stream
+    for _ in range(4):  # masking's stream wraps this addon's as `before`
+        if isinstance(stream, McpStream):
+            if stream.failed:
+                return []
+            return stream.fail("the gateway is too busy to judge it now; retry later")
+        stream = getattr(stream, "before", None)
+    return None
+
+
+BUSY_ANSWERS.append(_busy_answer)
 
 
 class McpAnswers:

@@ -255,5 +255,49 @@ def error_message(id: Any, code: int, message: str, data: dict[str, Any] | None 
     return {"jsonrpc": "2.0", "id": id, "error": err}
 
 
+HEAD_SCAN = 4096
+
+
+def head_id(data: bytes) -> tuple[bool, Any]:
+    """(found, id) of a single JSON-RPC message from its first HEAD_SCAN bytes, without
+    parsing the body: for an answer when the body itself cannot be read now (the worker
+    pool is full). Only a top-level `"id"` member with a string or number value counts
+    (every SDK writes `jsonrpc`, `id`, `method` first); anything else: (False, None)."""
+    head = data[:HEAD_SCAN].decode("utf-8", "ignore")
+    i, n, depth = 0, len(head), 0
+    dec = json.JSONDecoder()
+    while i < n:
+        c = head[i]
+        if c == '"':
+            try:
+                key, end = dec.raw_decode(head, i)
+            except ValueError:
+                return False, None
+            j = end
+            while j < n and head[j] in " \t\r\n":
+                j += 1
+            if depth == 1 and key == "id" and j < n and head[j] == ":":
+                j += 1
+                while j < n and head[j] in " \t\r\n":
+                    j += 1
+                if j < n and (head[j] == '"' or head[j] == "-" or head[j].isdigit()):
+                    try:
+                        value, _ = dec.raw_decode(head, j)
+                    except ValueError:
+                        return False, None
+                    return (True, value) if _is_id(value) else (False, None)
+                return False, None
+            i = end
+            continue
+        if c in "{[":
+            if depth == 0 and c == "[":
+                return False, None  # a batch: its ids are not read from a prefix
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+        i += 1
+    return False, None
+
+
 def dumps(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()

@@ -134,3 +134,19 @@ def test_event_fields_and_render() -> None:
     assert ev.render() == b'event: message\nid: 7\ndata: {"a":\ndata:1}\n\n'
     assert ev.render('{"b":2}') == b'event: message\nid: 7\ndata: {"b":2}\n\n'
     assert Event.parse([b": keep-alive"]).data is None
+
+
+@pytest.mark.parametrize(("data", "want"), [
+    (b'{"jsonrpc":"2.0","id":40,"method":"tools/call","params":{}}', (True, 40)),
+    (b'{"params":{"id":5,"s":"\\"id\\":9"},"id":"a\\"b"}', (True, 'a"b')),
+    (b'{"x":"}","id":7', (True, 7)),
+    # an id only inside params, a batch, an id that is not one, none in the first bytes
+    (b'{"jsonrpc":"2.0","method":"x","params":{"id":3}}', (False, None)),
+    (b'[{"jsonrpc":"2.0","id":1,"method":"x"}]', (False, None)),
+    (b'{"id":{"a":1}}', (False, None)),
+    (b'{"id":true}', (False, None)),
+    (b'{"pad":"' + b"x" * 5000 + b'","id":1}', (False, None)),
+])
+def test_head_id(data: bytes, want: tuple[bool, object]) -> None:
+    from addons.mcp.jsonrpc import head_id
+    assert head_id(data) == want
