@@ -37,7 +37,7 @@ def reference(monkeypatch: pytest.MonkeyPatch):
     """Switch the store module to the reference write path (see the module docstring)."""
     def use() -> None:
         monkeypatch.setattr(store, "_orjson", None)
-        monkeypatch.setattr(store, "_plain", lambda v: False)
+        monkeypatch.setattr(store, "_NOT_PLAIN", (b"",))  # (in every text: never the shortcut)
         monkeypatch.setattr(store, "INSERT_NEW_BLOBS", store.INSERT_BLOBS)
         monkeypatch.setattr(store, "_set_meta", _reference_set_meta)
     return use
