@@ -44,6 +44,12 @@ CACHE_SIZE = 512
 # redefine one unnoticed (CREATE VIEW … names what it reads, function bodies are a guard)
 CACHE_TTL_S = 2.0
 BUILTIN_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
+# catalog relations that show other tables' values (the planner's sampled most common values
+# and histograms of every column the login may read): a rule on `secret` cannot tell
+# which table's values a row of them holds, so they count as unresolved
+STATISTICS = frozenset({"pg_catalog.pg_stats", "pg_catalog.pg_stats_ext",
+                        "pg_catalog.pg_stats_ext_exprs", "pg_catalog.pg_statistic",
+                        "pg_catalog.pg_statistic_ext_data"})
 NATIVE_LANGUAGES = frozenset({"c", "internal"})
 
 # relation names as written (each part quoted) -> oid, schema, name
@@ -170,6 +176,8 @@ async def resolve(st: Statement, query: Query) -> Resolved:
                     seen_rel.add(int(oid))
                     pending_rel.add(int(oid))
                     full = f"{nsp}.{rel}".lower()
+                    if full in STATISTICS:
+                        _add(unresolved, f"{full} (sampled values of other tables)")
                     # the statement's own `orders` already says public.orders to a rule;
                     # a name inside a function body is not in the statement's tables
                     as_written = written.get(ref, "")
@@ -182,8 +190,7 @@ async def resolve(st: Statement, query: Query) -> Resolved:
                     pending_fn.add(int(oid))
         rel_refs, fn_refs, op_refs = [], [], []
         if not pending_rel and not pending_fn:
-            return Resolved(tuple(tables), tuple(functions), tuple(guards),
-                            tuple(unresolved))
+            return _done(tables, functions, guards, unresolved)
         if len(seen_rel) + len(judged_fn) > MAX_OBJECTS:
             break
         rows = await query(DEPENDS_SQL, [_array([str(o) for o in sorted(pending_rel)]),
@@ -228,6 +235,14 @@ async def resolve(st: Statement, query: Query) -> Resolved:
             op_refs.extend(body.operator_refs)
     _add(unresolved, f"dependencies deeper than {MAX_ROUNDS} look-ups or over "
                      f"{MAX_OBJECTS} objects")
+    return _done(tables, functions, guards, unresolved)
+
+
+def _done(tables: list[str], functions: list[str], guards: list[str],
+          unresolved: list[str]) -> Resolved:
+    for t in tables:
+        if t in STATISTICS:
+            _add(unresolved, f"{t} (sampled values of other tables)")
     return Resolved(tuple(tables), tuple(functions), tuple(guards), tuple(unresolved))
 
 

@@ -646,8 +646,8 @@ class Session:
                     return st, None
                 rule = "guard:opaque_dependency"
                 return st, (rule, pg.error_response(
-                    "42501", f"agentgate: blocked by rule {rule}: it reaches code the gateway "
-                             f"cannot inspect ({', '.join(r.unresolved)[:300]}) while this "
+                    "42501", f"agentgate: blocked by rule {rule}: it reaches what the gateway "
+                             f"cannot see into ({', '.join(r.unresolved)[:300]}) while this "
                              "database has rules on tables or functions; it was not sent"))
         rule = "guard:dependencies"
         return st, (rule, pg.error_response(

@@ -67,6 +67,7 @@ SETUP = [
     "INSERT INTO logs VALUES (1, '219-09-9999')",
     "GRANT ALL ON secret, secret_v, secret_vv, users_v, notes, memo, logs, hidden_2026 "
     "TO agent_rw",
+    "ANALYZE secret",
     "ALTER SYSTEM SET log_statement = 'all'",
     "SELECT pg_reload_conf()",
 ]
@@ -136,6 +137,9 @@ REFUSED = [
     ("PREPARE peek_v AS SELECT * FROM secret_v", "no-secrets"),
     ("EXPLAIN ANALYZE SELECT * FROM secret_vv", "no-secrets"),
     ("CALL nothing_here()", None),                       # no such procedure: the server's
+    ("SELECT most_common_vals::text FROM pg_stats WHERE tablename = 'secret'",
+     "guard:opaque_dependency"),                        # the planner's sample of secret
+    ("SELECT * FROM pg_catalog.pg_stats", "guard:opaque_dependency"),
     ("SELECT 1 === 5", "no-secrets"),                   # an operator's function
     ("SELECT ssn FROM logs", "no-secrets"),             # a denied partition via its parent
 ]
