@@ -60,7 +60,8 @@ JOIN pg_class c ON c.oid = to_regclass(r.n)
 JOIN pg_namespace ns ON ns.oid = c.relnamespace
 """
 # function ('f') and operator ('o') names (schema or '' for the session's schemas, name) ->
-# oids of every overload's function
+# oids of every overload's function; cast target types ('t', the quoted name) -> the
+# functions of casts to them and of their domain CHECK constraints
 FUNCTIONS_SQL = """
 SELECT p.oid::int8
 FROM unnest($1::text[], $2::text[], $3::text[]) AS f(k, s, n)
@@ -73,6 +74,16 @@ FROM unnest($1::text[], $2::text[], $3::text[]) AS f(k, s, n)
 JOIN pg_operator o ON f.k = 'o' AND o.oprname = f.n
 JOIN pg_namespace ns ON ns.oid = o.oprnamespace
 WHERE CASE WHEN f.s = '' THEN ns.nspname = ANY (current_schemas(true)) ELSE ns.nspname = f.s END
+UNION
+SELECT c.castfunc::int8
+FROM unnest($1::text[], $2::text[], $3::text[]) AS f(k, s, n)
+JOIN pg_cast c ON f.k = 't' AND c.casttarget = to_regtype(f.n) AND c.castfunc <> 0
+UNION
+SELECT d.refobjid::int8
+FROM unnest($1::text[], $2::text[], $3::text[]) AS f(k, s, n)
+JOIN pg_constraint con ON f.k = 't' AND con.contypid = to_regtype(f.n)
+JOIN pg_depend d ON d.classid = 'pg_constraint'::regclass AND d.objid = con.oid
+  AND d.refclassid = 'pg_proc'::regclass
 """
 # what relations ($1) and functions ($2) reference; $3 = 't' adds the relations' triggers
 DEPENDS_SQL = """
@@ -137,8 +148,8 @@ def _array(values: list[str]) -> str:
                           for v in values) + "}"
 
 
-def _function_names(funcs: list[tuple[str, ...]], ops: list[tuple[str, ...]]
-                    ) -> list[str]:
+def _function_names(funcs: list[tuple[str, ...]], ops: list[tuple[str, ...]],
+                    types: list[tuple[str, ...]]) -> list[str]:
     """The three text[] parameters of FUNCTIONS_SQL: kinds, schemas, names."""
     kinds, schemas, names = [], [], []
     for kind, refs in (("f", funcs), ("o", ops)):
@@ -148,6 +159,11 @@ def _function_names(funcs: list[tuple[str, ...]], ops: list[tuple[str, ...]]
             kinds.append(kind)
             schemas.append(parts[-2] if len(parts) >= 2 else "")
             names.append(parts[-1])
+    for parts in dict.fromkeys(types):
+        if parts and len(parts) <= 3:
+            kinds.append("t")
+            schemas.append("")
+            names.append(".".join(quote_ident(p) for p in parts))
     return [_array(kinds), _array(schemas), _array(names)]
 
 
@@ -165,6 +181,7 @@ async def resolve(st: Statement, query: Query) -> Resolved:
     rel_refs = list(st.relation_refs)
     fn_refs = list(st.function_refs)
     op_refs = list(st.operator_refs)
+    type_refs = list(st.type_refs)
     pending_rel: set[int] = set()
     pending_fn: set[int] = set()
     for _ in range(MAX_ROUNDS):
@@ -184,11 +201,12 @@ async def resolve(st: Statement, query: Query) -> Resolved:
                     if not (as_written in st.tables
                             and full in (as_written, f"public.{as_written}")):
                         _add(tables, full)
-        if fn_refs or op_refs:
-            for (oid,) in await query(FUNCTIONS_SQL, _function_names(fn_refs, op_refs)):
+        if fn_refs or op_refs or type_refs:
+            for (oid,) in await query(FUNCTIONS_SQL,
+                                      _function_names(fn_refs, op_refs, type_refs)):
                 if int(oid) not in queried_fn:
                     pending_fn.add(int(oid))
-        rel_refs, fn_refs, op_refs = [], [], []
+        rel_refs, fn_refs, op_refs, type_refs = [], [], [], []
         if not pending_rel and not pending_fn:
             return _done(tables, functions, guards, unresolved)
         if len(seen_rel) + len(judged_fn) > MAX_OBJECTS:
@@ -233,6 +251,7 @@ async def resolve(st: Statement, query: Query) -> Resolved:
             rel_refs.extend(body.relation_refs)
             fn_refs.extend(body.function_refs)
             op_refs.extend(body.operator_refs)
+            type_refs.extend(body.type_refs)
     _add(unresolved, f"dependencies deeper than {MAX_ROUNDS} look-ups or over "
                      f"{MAX_OBJECTS} objects")
     return _done(tables, functions, guards, unresolved)
@@ -268,7 +287,7 @@ class Cache:
         self._d: OrderedDict[Any, tuple[float, Resolved]] = OrderedDict()
 
     def key(self, st: Statement) -> Any:
-        return (st.relation_refs, st.function_refs, st.operator_refs,
+        return (st.relation_refs, st.function_refs, st.operator_refs, st.type_refs,
                 bool(WRITES & set(st.kinds)))
 
     def get(self, st: Statement) -> Resolved | None:

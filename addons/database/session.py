@@ -600,7 +600,7 @@ class Session:
                 "42601", f"agentgate: the statement could not be parsed ({e}); it was not "
                          "sent")
         if st.executes is None and (st.relation_refs or st.function_refs
-                                    or st.operator_refs) \
+                                    or st.operator_refs or st.type_refs) \
                 and depends.needed(self.db):
             st, refusal = await self._reach(st)
             if refusal is not None:

@@ -119,6 +119,7 @@ class Statement:
     relation_refs: tuple[tuple[str, ...], ...] = ()
     function_refs: tuple[tuple[str, ...], ...] = ()
     operator_refs: tuple[tuple[str, ...], ...] = ()  # operators run functions too
+    type_refs: tuple[tuple[str, ...], ...] = ()      # cast targets (cast and CHECK functions)
 
     @property
     def kind(self) -> str:
@@ -139,6 +140,7 @@ class _Walk:
     relation_refs: list[tuple[str, ...]] = field(default_factory=list)
     function_refs: list[tuple[str, ...]] = field(default_factory=list)
     operator_refs: list[tuple[str, ...]] = field(default_factory=list)
+    type_refs: list[tuple[str, ...]] = field(default_factory=list)
     prepared: str | None = None
     executes: str | None = None
     deallocates: str | None = None
@@ -260,6 +262,10 @@ def _facts(key: str, val: dict[str, Any], w: _Walk, ctes: frozenset[str]) -> Non
         parts = tuple(_strings(val.get("name")))
         if parts and parts not in w.operator_refs:
             w.operator_refs.append(parts)
+    elif key == "TypeCast":
+        parts = tuple(_strings((val.get("typeName") or {}).get("names")))
+        if parts and parts not in w.type_refs:
+            w.type_refs.append(parts)
     elif key in ("DeleteStmt", "UpdateStmt"):
         if not _reads_a_column(val.get("whereClause")):
             rel = _relname(val.get("relation") or {})
@@ -399,4 +405,5 @@ def analyze(sql: str) -> Statement:
                      prepared=w.prepared, executes=w.executes, deallocates=w.deallocates,
                      relation_refs=tuple(w.relation_refs),
                      function_refs=tuple(w.function_refs),
-                     operator_refs=tuple(w.operator_refs))
+                     operator_refs=tuple(w.operator_refs),
+                     type_refs=tuple(w.type_refs))

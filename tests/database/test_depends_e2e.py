@@ -62,6 +62,13 @@ SETUP = [
     "CREATE FUNCTION peek(int, int) RETURNS boolean LANGUAGE sql AS "
     "'SELECT EXISTS (SELECT 1 FROM secret WHERE id = $1 AND length(ssn) > $2)'",
     "CREATE OPERATOR public.=== (LEFTARG = int, RIGHTARG = int, FUNCTION = peek)",
+    "CREATE TYPE ticket AS (id int, ssn text)",
+    "CREATE FUNCTION ticket_of(int) RETURNS ticket LANGUAGE sql AS "
+    "'SELECT id, ssn FROM secret WHERE id = $1'",
+    "CREATE CAST (int AS ticket) WITH FUNCTION ticket_of(int)",
+    "CREATE FUNCTION has_ssn(int) RETURNS boolean LANGUAGE plpgsql AS "
+    "$$ BEGIN RETURN EXISTS (SELECT 1 FROM secret WHERE id = $1); END $$",
+    "CREATE DOMAIN known_id AS int CHECK (has_ssn(VALUE))",
     "CREATE TABLE logs (id int, ssn text) PARTITION BY RANGE (id)",
     "CREATE TABLE hidden_2026 PARTITION OF logs FOR VALUES FROM (0) TO (100)",
     "INSERT INTO logs VALUES (1, '219-09-9999')",
@@ -141,6 +148,8 @@ REFUSED = [
      "guard:opaque_dependency"),                        # the planner's sample of secret
     ("SELECT * FROM pg_catalog.pg_stats", "guard:opaque_dependency"),
     ("SELECT 1 === 5", "no-secrets"),                   # an operator's function
+    ("SELECT (1::ticket).ssn", "no-secrets"),            # a cast's function
+    ("SELECT 1::known_id", "guard:opaque_dependency"),   # a domain's CHECK function
     ("SELECT ssn FROM logs", "no-secrets"),             # a denied partition via its parent
 ]
 
