@@ -210,10 +210,18 @@ def _b64(v: Any) -> Any:
     return base64.b64encode(bytes(v)).decode("ascii") if v is not None else None
 
 
-def rows_json(rows: list[dict[str, Any]]) -> str:
-    """A batch of rows as the JSON INSERT_FLOWS_JSON takes (exact: blobs as base64)."""
-    return _batch_json([{c: (_b64(r.get(c)) if c in _BLOB_COLS else r.get(c))
-                         for c in ALL_NAMES} for r in rows])
+def rows_json(rows: list[dict[str, Any]], checked: bool = False) -> str:
+    """A batch of rows as the JSON INSERT_FLOWS_JSON takes (exact: blobs as base64).
+    `checked`: _canonical found every row's values orjson-safe (the batch's are the same
+    values, blobs as base64 text, seq and hash added), so they are not looked at again."""
+    doc = [{c: (_b64(r.get(c)) if c in _BLOB_COLS else r.get(c)) for c in ALL_NAMES}
+           for r in rows]
+    if checked and _orjson is not None:
+        try:
+            return _orjson.dumps(doc).decode()
+        except TypeError:
+            pass
+    return _batch_json(doc)
 
 
 def blobs_json(blobs: Iterable[Blob]) -> str:
@@ -276,8 +284,17 @@ def _s(v: Any) -> str:
 
 def canonical(row: dict[str, Any]) -> bytes:
     """The hashed content of a row: every column but seq and hash, blobs by digest."""
+    return _canonical(row)[0]
+
+
+_HASHED_SORTED = tuple(sorted(HASHED_COLUMNS))  # (ASCII names: code point order)
+
+
+def _canonical(row: dict[str, Any]) -> tuple[bytes, bool]:
+    """(canonical(row), whether orjson wrote it: every value one it writes as the json
+    module does — then so are the row's values in the batch JSON, see rows_json)."""
     out: dict[str, Any] = {}
-    for c in HASHED_COLUMNS:
+    for c in _HASHED_SORTED:  # in sorted order: no sort when it is written
         v = row.get(c)
         if v is None and c in OPTIONAL_HASHED:
             continue  # not a column of schema 1: absent, so old rows hash as they did
@@ -286,7 +303,7 @@ def canonical(row: dict[str, Any]) -> bytes:
         elif isinstance(v, tuple):
             v = list(v)
         out[c] = v
-    return _canonical_text(out)
+    return _canonical_written(out, ordered=True)
 
 
 _SCALARS = (str, int, type(None))  # bool is an int
@@ -313,12 +330,19 @@ def _canonical_text(out: dict[str, Any]) -> bytes:
     """json.dumps(out, sort_keys=True, separators=(",", ":"), ensure_ascii=False) as UTF-8:
     these exact bytes are hashed into the chain; orjson writes them ~5x faster where it
     writes the same (_orjson_same)."""
+    return _canonical_written(out)[0]
+
+
+def _canonical_written(out: dict[str, Any], ordered: bool = False) -> tuple[bytes, bool]:
+    """(_canonical_text(out), whether orjson wrote it); `ordered`: out's keys are in
+    sorted order already (orjson then need not sort them)."""
     if _orjson is not None and _orjson_same(out.values()):
         try:
-            return _orjson.dumps(out, option=_orjson.OPT_SORT_KEYS)
+            return _orjson.dumps(out, option=0 if ordered else _orjson.OPT_SORT_KEYS), True
         except TypeError:
             pass
-    return json.dumps(out, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(out, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode(), False
 
 
 _DIGITS = frozenset(b"0123456789")
@@ -396,24 +420,34 @@ class Scrubber:
         # UTF-8 (surrogatepass: a secret holding a lone surrogate matches no UTF-8 text)
         self.escaped = [json.dumps(v, ensure_ascii=False)[1:-1] for v in self.text]
         self.escaped_raw = [v.encode("utf-8", "surrogatepass") for v in self.escaped]
+        # The secrets that hold no other one: every secret holds one of them (or is one),
+        # so where none of them is, no secret is — a value without secrets (nearly every
+        # one) costs one search per such secret, not per secret ("Bearer sk-…" and
+        # "sk-…": one search of a 100 KB body instead of two)
+        self._min_text = [v for v in self.text if not any(o != v and o in v for o in self.text)]
+        self._min_raw = [v.encode() for v in self._min_text]
 
     def __bool__(self) -> bool:
         return bool(self.text)
 
     def str(self, s: str) -> str:
+        if not any(v in s for v in self._min_text):
+            return s
         for v in self.text:
             if v in s:
                 s = s.replace(v, REDACTED)
         return s
 
     def bytes(self, b: bytes) -> bytes:
+        if not any(v in b for v in self._min_raw):
+            return b
         for v in self.raw:
             if v in b:
                 b = b.replace(v, REDACTED.encode())
         return b
 
     def found_in(self, b: bytes) -> bool:
-        return any(v in b for v in self.raw)
+        return any(v in b for v in self._min_raw)
 
     def walk(self, obj: Any) -> Any:
         if not self:
@@ -454,12 +488,17 @@ def redact_header_pairs(pairs: Sequence[Sequence[Any]], names: frozenset[str],
                         scrub: Scrubber) -> tuple[tuple[bytes, bytes], ...]:
     """Header pairs (bytes, bytes) with credential headers' values replaced."""
     out = []
+    dirty = bool(scrub)
+    if dirty and all(isinstance(v, bytes) for _, v in pairs):
+        # one search of all the values (each is a part of the whole: a secret in one is in
+        # it) instead of one per value; the separator can only add a match
+        dirty = scrub.found_in(b"\0".join([v for _, v in pairs]))
     for k, v in pairs:
         kb = k if isinstance(k, bytes) else str(k).encode()
         vb = v if isinstance(v, bytes) else str(v).encode()
         if kb.decode("latin-1").lower() in names:
             vb = REDACTED.encode()
-        elif scrub:
+        elif dirty:
             vb = scrub.bytes(vb)
         out.append((kb, vb))
     return tuple(out)
@@ -1746,6 +1785,7 @@ def append(con: Any, rows: list[dict[str, Any]], last: tuple[int, str],
             if b[0] not in blobs and (known is None or b[0] not in known):
                 blobs[b[0]] = b
     approvals = []
+    checked = True  # every row's values orjson-safe (rows_json)
     for row in rows:
         seq += 1
         row["seq"] = seq
@@ -1754,20 +1794,21 @@ def append(con: Any, rows: list[dict[str, Any]], last: tuple[int, str],
         for c in lists:  # (as _valid_text leaves them)
             row[c] = list(row[c])
         try:
-            h = chain_hash(prev, row)
+            text, fast = _canonical(row)
         except UnicodeEncodeError:
             # Text that is not valid Unicode is the only thing _valid_text changes, and
             # the canonical form cannot be written with it (orjson refuses a lone
             # surrogate, the json module's text does not encode): fixed only when found,
             # instead of every value of every row looked at first (~15 us a row).
             _valid_text(row)
-            h = chain_hash(prev, row)
-        row["hash"] = prev = h
+            text, fast = _canonical(row)
+        checked = checked and fast
+        row["hash"] = prev = hashlib.sha256(prev.encode() + b"\n" + text).hexdigest()
         a = approval_row(row)
         if a is not None:
             approvals.append(a)
     blob_doc = blobs_json(blobs.values()) if blobs else None
-    row_doc = rows_json(rows)
+    row_doc = rows_json(rows, checked)
     # With `known` (the writer's BlobCache), the new blobs go in with a plain INSERT
     # first: INSERT OR IGNORE's conflict handling costs ~2 ms more per 100 blobs, and
     # the blobs sent are those the cache does not know to be stored. One stored all the

@@ -160,3 +160,36 @@ def test_headers_json_is_cjsons_text_for_every_byte() -> None:
     pairs.append((b"x", b"\xff\xfe\x80"))
     assert store._headers_json(pairs) == store.cjson(
         [[k.decode("latin-1"), v.decode("utf-8", "replace")] for k, v in pairs])
+
+
+def _reference_bytes(secrets: list[str], b: bytes) -> bytes:
+    """Scrubber.bytes before the shortcut: every secret looked for, longest first."""
+    for v in sorted({s for s in secrets if len(s) >= store.MIN_SECRET_LEN}, key=len,
+                    reverse=True):
+        if v.encode() in b:
+            b = b.replace(v.encode(), store.REDACTED.encode())
+    return b
+
+
+_piece = st.sampled_from(["sk-abcdefgh", "Bearer ", "[REDACTED]", "xyz", "abcdefgh", "\u00e9"])
+_secret = st.lists(_piece, min_size=1, max_size=3).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_secret, max_size=4, unique=True), st.lists(_piece | st.text(max_size=3),
+                                                          max_size=8).map("".join))
+def test_scrubber_shortcut_replaces_as_every_secret_looked_for(secrets: list[str],
+                                                               text: str) -> None:
+    """Only the secrets that hold no other one are looked for first: a value without them
+    holds none (every secret holds one); with one there, every secret is, as before. Same
+    for header blocks looked at whole first."""
+    scrub = store.Scrubber(secrets)
+    raw = text.encode()
+    assert scrub.bytes(raw) == _reference_bytes(secrets, raw)
+    assert scrub.str(text) == _reference_bytes(secrets, raw).decode()
+    assert scrub.found_in(raw) == any(len(s) >= store.MIN_SECRET_LEN and s.encode() in raw
+                                      for s in secrets)
+    pairs = [(b"x-b", b"plain"), (b"x-a", raw), (b"Authorization", raw), (b"x-c", raw[:5])]
+    assert store.redact_header_pairs(pairs, store.REDACT_HEADERS, scrub) == tuple(
+        (k, store.REDACTED.encode() if k.lower() == b"authorization"
+         else _reference_bytes(secrets, v)) for k, v in pairs)

@@ -211,6 +211,9 @@ ROW = st.dictionaries(st.sampled_from(store.HASHED_COLUMNS), SCALAR | st.lists(S
 def test_canonical_text_is_the_json_modules(row: dict[str, Any]) -> None:
     want = json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     assert store._canonical_text(row) == want  # noqa: SLF001
+    # the chain's own call: the columns in sorted order, written without sorting
+    ordered = dict(sorted(row.items()))
+    assert store._canonical_written(ordered, ordered=True)[0] == want  # noqa: SLF001
 
 
 @settings(max_examples=300, deadline=None)
