@@ -85,15 +85,12 @@ JOIN pg_constraint con ON f.k = 't' AND con.contypid = to_regtype(f.n)
 JOIN pg_depend d ON d.classid = 'pg_constraint'::regclass AND d.objid = con.oid
   AND d.refclassid = 'pg_proc'::regclass
 """
-# what relations ($1) and functions ($2) reference; $3 = 't' adds the relations' triggers
-DEPENDS_SQL = """
-SELECT 'r', c.oid::int8, ns.nspname, c.relname, NULL, NULL, NULL, NULL
-FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
-WHERE c.relkind <> 'S' AND (c.oid IN (
-  -- a parent's partitions and inheritance children are read with it
-  SELECT inhrelid FROM pg_inherits WHERE inhparent = ANY ($1::oid[])) OR c.oid IN (
+# what the rewrite rules (a view's query, DO ALSO), row security policies, column defaults
+# and CHECK constraints of relations $1 and the BEGIN ATOMIC bodies of functions $2 reference
+# in pg_class ('pg_class') or pg_proc ('pg_proc')
+_REFERENCED = """
   SELECT d.refobjid FROM pg_depend d
-  WHERE d.refclassid = 'pg_class'::regclass AND (
+  WHERE d.refclassid = '{0}'::regclass AND (
     (d.classid = 'pg_rewrite'::regclass
      AND d.objid IN (SELECT oid FROM pg_rewrite WHERE ev_class = ANY ($1::oid[])))
     OR (d.classid = 'pg_policy'::regclass
@@ -102,27 +99,25 @@ WHERE c.relkind <> 'S' AND (c.oid IN (
         AND d.objid IN (SELECT oid FROM pg_attrdef WHERE adrelid = ANY ($1::oid[])))
     OR (d.classid = 'pg_constraint'::regclass AND d.objid IN (
         SELECT oid FROM pg_constraint WHERE conrelid = ANY ($1::oid[]) AND contype = 'c'))
-    OR (d.classid = 'pg_proc'::regclass AND d.objid = ANY ($2::oid[])))))
+    OR (d.classid = 'pg_proc'::regclass AND d.objid = ANY ($2::oid[])))"""
+# those relations (and $1's partitions / inheritance children), and those functions with $2
+# themselves and, when $3 = 't' (a write), $1's triggers' functions
+DEPENDS_SQL = f"""
+SELECT 'r', c.oid::int8, ns.nspname, c.relname, NULL, NULL, NULL, NULL
+FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
+WHERE c.relkind <> 'S' AND (c.oid IN (
+  -- a parent's partitions and inheritance children are read with it
+  SELECT inhrelid FROM pg_inherits WHERE inhparent = ANY ($1::oid[]))
+  OR c.oid IN ({_REFERENCED.format("pg_class")}))
 UNION
 SELECT 'f', p.oid::int8, ns.nspname, p.proname, l.lanname, p.prosrc,
        (p.prosqlbody IS NOT NULL)::text, array_to_string(p.proconfig, ',')
 FROM pg_proc p JOIN pg_namespace ns ON ns.oid = p.pronamespace
 JOIN pg_language l ON l.oid = p.prolang
-WHERE p.oid = ANY ($2::oid[]) OR p.oid IN (
-  SELECT d.refobjid FROM pg_depend d
-  WHERE d.refclassid = 'pg_proc'::regclass AND (
-    (d.classid = 'pg_rewrite'::regclass
-     AND d.objid IN (SELECT oid FROM pg_rewrite WHERE ev_class = ANY ($1::oid[])))
-    OR (d.classid = 'pg_policy'::regclass
-        AND d.objid IN (SELECT oid FROM pg_policy WHERE polrelid = ANY ($1::oid[])))
-    OR (d.classid = 'pg_attrdef'::regclass
-        AND d.objid IN (SELECT oid FROM pg_attrdef WHERE adrelid = ANY ($1::oid[])))
-    OR (d.classid = 'pg_constraint'::regclass AND d.objid IN (
-        SELECT oid FROM pg_constraint WHERE conrelid = ANY ($1::oid[]) AND contype = 'c'))
-    OR (d.classid = 'pg_proc'::regclass AND d.objid = ANY ($2::oid[]))))
+WHERE p.oid = ANY ($2::oid[]) OR p.oid IN ({_REFERENCED.format("pg_proc")})
   OR ($3 = 't' AND p.oid IN (
     SELECT tgfoid FROM pg_trigger WHERE tgrelid = ANY ($1::oid[]) AND NOT tgisinternal))
-"""
+"""  # noqa: S608 - built from the constants above only
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,25 @@ import pytest
 from addons.devkit.launch import free_port
 from addons.devkit.postgres import Postgres, have_postgres, pg_bin
 
-__all__ = ["ADMIN_PASSWORD", "DB_PASSWORD", "ScramServer", "free_port", "need_postgres",
-           "pg_bin", "wait_port"]
+__all__ = ["ADMIN_PASSWORD", "DB_PASSWORD", "WAREHOUSE", "ScramServer", "free_port",
+           "need_postgres", "pg_bin", "wait_port"]
 
 DB_PASSWORD = "db-" + secrets.token_hex(12)   # the real credential: never on the agent side
 ADMIN_PASSWORD = "admin-" + secrets.token_hex(12)
+
+# The rules' start for the tests' database `warehouse` (a str.format template: fill
+# standin_upstreams, identity, listen, pgport); a test appends the database's other keys.
+WAREHOUSE = """
+{standin_upstreams}
+{identity}
+databases:
+  - name: warehouse
+    listen: 127.0.0.1:{listen}
+    upstream: 127.0.0.1:{pgport}
+    database: analytics
+    credential: {{user: agent_rw, password_env: WAREHOUSE_PASSWORD}}
+    server_tls: {{mode: disable}}
+"""
 
 
 def need_postgres() -> None:

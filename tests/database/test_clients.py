@@ -22,7 +22,7 @@ import duckdb
 import psycopg
 import pytest
 
-from tests.database.pgkit import DB_PASSWORD, ScramServer, free_port, pg_bin, wait_port
+from tests.database.pgkit import DB_PASSWORD, WAREHOUSE, ScramServer, free_port, pg_bin, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EMAIL = "carol.jones@example.com"
@@ -30,17 +30,7 @@ CARD = "4111 1111 1111 1111"
 SECRET = "vault-launch-code-77"
 THREAD = "thread-sql-agent-1"
 
-RULES = """
-{standin_upstreams}
-{identity}
-databases:
-  - name: warehouse
-    listen: 127.0.0.1:{listen}
-    upstream: 127.0.0.1:{pgport}
-    database: analytics
-    credential: {{user: agent_rw, password_env: WAREHOUSE_PASSWORD}}
-    server_tls: {{mode: disable}}
-    mask_columns:
+RULES = WAREHOUSE + """    mask_columns:
       - {{column: "customers.secret", strategy: redact}}
       - {{column: "*.customers.card", strategy: partial}}
 """

@@ -20,19 +20,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.database.pgkit import DB_PASSWORD, ScramServer, free_port, wait_port
+from tests.database.pgkit import DB_PASSWORD, WAREHOUSE, ScramServer, free_port, wait_port
 
-RULES = """
-{standin_upstreams}
-{identity}
-databases:
-  - name: warehouse
-    listen: 127.0.0.1:{listen}
-    upstream: 127.0.0.1:{pgport}
-    database: analytics
-    credential: {{user: agent_rw, password_env: WAREHOUSE_PASSWORD}}
-    server_tls: {{mode: disable}}
-    max_connections: 4
+RULES = WAREHOUSE + """    max_connections: 4
     sql:
       - {{name: no-secrets, action: block, match: {{tables: [secret, hidden_*]}},
          message: the secret table is off limits}}

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.database.pgkit import DB_PASSWORD, ScramServer, free_port, wait_port
+from tests.database.pgkit import DB_PASSWORD, WAREHOUSE, ScramServer, free_port, wait_port
 
 PSQL = "/usr/bin/psql"
 
@@ -30,19 +30,8 @@ def pgserver() -> Iterator[ScramServer]:
     s.stop()
 
 
-RULES = """
-{standin_upstreams}
-{identity}
-approvals:
-  default_timeout: 30
-databases:
-  - name: warehouse
-    listen: 127.0.0.1:{listen}
-    upstream: 127.0.0.1:{pgport}
-    database: analytics
-    credential: {{user: agent_rw, password_env: WAREHOUSE_PASSWORD}}
-    server_tls: {{mode: disable}}
-    max_connections: 4
+RULES = WAREHOUSE.replace("databases:\n", "approvals:\n  default_timeout: 30\ndatabases:\n",
+                          1) + """    max_connections: 4
     sql:
       - {{name: no-ddl, action: block, match: {{kinds: [DDL, DCL]}},
          message: schema changes go through migrations}}

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.hostile.test_mcp import HostileServer, messages, post, sse
+from tests.hostile.test_mcp import RULES as MCP_RULES
+from tests.hostile.test_mcp import evil, messages, post, sse  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.integration
 
@@ -23,15 +22,8 @@ SSN = "536-90-4399"
 EMAIL = "jane.roe@example.org"
 CARD = "4111 1111 1111 1111"
 
-RULES = """
-identity:
-  required: false
-upstreams:
-  - name: evil-tools
-    hosts: [evil-tools.example.com]
-    dialect: mcp
-    forward_to: https://127.0.0.1:{port}
-policies:
+# test_mcp's hostile server and upstream, with rules on resources and prompts
+RULES = MCP_RULES.split("policies:")[0] + """policies:
   - name: no-etc
     match: {{mcp: {{resource: "file:///etc/*"}}}}
     action: block
@@ -42,16 +34,7 @@ policies:
 
 
 @pytest.fixture
-def evil(standin) -> Iterator[HostileServer]:
-    s = HostileServer(Path(standin.ca_path).parent)
-    s.thread.start()
-    yield s
-    s.httpd.shutdown()
-    s.httpd.server_close()
-
-
-@pytest.fixture
-def gw(gateway_factory, evil):
+def gw(gateway_factory, evil):  # noqa: F811 - the fixture
     return gateway_factory(RULES.format(port=evil.port))
 
 
@@ -103,22 +86,6 @@ def serve(stream: bool):
     return script
 
 
-def _blob_texts(obj: Any) -> list[str]:
-    out = []
-    stack = [obj]
-    while stack:
-        o = stack.pop()
-        if isinstance(o, dict):
-            for k, v in o.items():
-                if k == "blob" and isinstance(v, str):
-                    out.append(base64.b64decode(v).decode("utf-8", "replace"))
-                else:
-                    stack.append(v)
-        elif isinstance(o, list):
-            stack.extend(o)
-    return out
-
-
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 @pytest.mark.parametrize(("method", "params"), [
     ("resources/read", {"uri": "mem://notes/1"}),
@@ -129,7 +96,8 @@ def _blob_texts(obj: Any) -> list[str]:
                              "argument": {"name": "who", "value": "ja"}}),
     ("tools/call", {"name": "fetch_note", "arguments": {}}),
 ])
-def test_pii_in_results_never_reaches_the_agent(gw, evil, stream, method, params) -> None:
+def test_pii_in_results_never_reaches_the_agent(gw, evil, stream, method,  # noqa: F811
+                                                params) -> None:
     evil.script = serve(stream)
     r = post(gw, req(method, 7, **params))
     assert r.status_code == 200, r.text
@@ -137,7 +105,8 @@ def test_pii_in_results_never_reaches_the_agent(gw, evil, stream, method, params
     assert len(got) == 1 and got[0]["id"] == 7 and "result" in got[0], r.text
     text = json.dumps(got[0])
     plain = [p for p in (SSN, EMAIL, CARD) if p in text]
-    inside = [p for b in _blob_texts(got[0]) for p in (SSN, EMAIL, CARD) if p in b]
+    inside = [p for v in _payloads(got[0]) for p in (SSN, EMAIL, CARD)
+              if p in base64.b64decode(v).decode("utf-8", "replace")]
     assert not plain and not inside, (method, plain, inside, text[:2000])
 
 
@@ -146,8 +115,8 @@ def test_pii_in_results_never_reaches_the_agent(gw, evil, stream, method, params
     ("resources/subscribe", {"uri": "file:///etc/passwd"}, "no-etc"),
     ("prompts/get", {"name": "admin_reset", "arguments": {}}, "no-admin-prompts"),
 ])
-def test_denied_resource_or_prompt_never_reaches_the_server(gw, evil, method, params,
-                                                           rule) -> None:
+def test_denied_resource_or_prompt_never_reaches_the_server(gw, evil, method,  # noqa: F811
+                                                           params, rule) -> None:
     evil.script = serve(False)
     r = post(gw, req(method, 3, **params))
     assert r.status_code == 200, r.text
@@ -156,7 +125,7 @@ def test_denied_resource_or_prompt_never_reaches_the_server(gw, evil, method, pa
     assert not [m for m in evil.jsonrpc() if m.get("method") == method], evil.jsonrpc()
 
 
-def test_blob_tricks_and_binary_payloads(gw, evil) -> None:
+def test_blob_tricks_and_binary_payloads(gw, evil) -> None:  # noqa: F811
     """A text blob with junk a lenient decoder skips, text disguised as an image, text
     nested deeper than the walk: none reaches the agent readable; a real binary blob (PNG)
     passes byte for byte."""
