@@ -175,3 +175,14 @@ def _payloads(obj: Any) -> list[str]:
         elif isinstance(o, list):
             stack.extend(o)
     return out
+
+
+def test_the_audit_store_holds_the_masked_text_not_the_blob(gw, evil) -> None:  # noqa: F811
+    from tests.hostile.test_websocket import _records
+    evil.script = serve(True)
+    r = post(gw, req("resources/read", 9, uri="mem://notes/9"))
+    assert r.status_code == 200 and messages(r)[0]["id"] == 9, r.text
+    stored = _records(gw)
+    blob = base64.b64encode(PII_TEXT.encode()).decode()
+    assert blob not in stored and EMAIL not in stored and SSN not in stored
+    assert "[EMAIL_" in stored and "blobs_as_text" in stored
