@@ -83,16 +83,28 @@ class Message:
 
     @property
     def uri(self) -> str | None:
-        """The resource a `resources/read` (or subscribe) names."""
+        """The resource a `resources/read` (or subscribe) names, or whose template
+        arguments a `completion/complete` completes (a rule on a resource holds there too:
+        completions list the values behind it)."""
         if self.method and self.method.startswith("resources/") and \
                 isinstance(self.params, dict) and isinstance(self.params.get("uri"), str):
             return self.params["uri"]
-        return None
+        return self._ref("ref/resource", "uri")
 
     @property
     def prompt(self) -> str | None:
+        """The prompt a `prompts/get` gets, or whose arguments a `completion/complete`
+        completes."""
         if self.method == "prompts/get" and isinstance(self.params, dict):
             return self.params.get("name")
+        return self._ref("ref/prompt", "name")
+
+    def _ref(self, kind: str, key: str) -> str | None:
+        if self.method != "completion/complete" or not isinstance(self.params, dict):
+            return None
+        ref = self.params.get("ref")
+        if isinstance(ref, dict) and ref.get("type") == kind and isinstance(ref.get(key), str):
+            return ref[key]
         return None
 
     def names(self) -> dict[str, Any]:
@@ -185,6 +197,17 @@ def _check_params(msg: Message) -> None:
     elif m == "prompts/get":
         if not isinstance(p, dict) or not isinstance(p.get("name"), str) or not p["name"]:
             raise JsonRpcError(INVALID_PARAMS, "prompts/get needs params.name (a string)",
+                               msg.id)
+    elif m == "completion/complete":
+        # what it completes must be what the rules read: a ref whose uri or name is not a
+        # string would be judged as naming nothing
+        ref = p.get("ref") if isinstance(p, dict) else None
+        kind = ref.get("type") if isinstance(ref, dict) else None
+        key = {"ref/resource": "uri", "ref/prompt": "name"}.get(kind) \
+            if isinstance(kind, str) else None
+        if key is None or not isinstance(ref, dict) or not isinstance(ref.get(key), str):
+            raise JsonRpcError(INVALID_PARAMS, "completion/complete needs params.ref with "
+                               "type ref/resource and a uri, or ref/prompt and a name",
                                msg.id)
 
 

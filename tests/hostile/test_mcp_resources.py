@@ -114,6 +114,12 @@ def test_pii_in_results_never_reaches_the_agent(gw, evil, stream, method,  # noq
     ("resources/read", {"uri": "file:///etc/shadow"}, "no-etc"),
     ("resources/subscribe", {"uri": "file:///etc/passwd"}, "no-etc"),
     ("prompts/get", {"name": "admin_reset", "arguments": {}}, "no-admin-prompts"),
+    # completing a denied template's or prompt's arguments lists what lies behind it
+    ("completion/complete", {"ref": {"type": "ref/resource", "uri": "file:///etc/{name}"},
+                             "argument": {"name": "name", "value": "sh"}}, "no-etc"),
+    ("completion/complete", {"ref": {"type": "ref/prompt", "name": "admin_reset"},
+                             "argument": {"name": "user", "value": "ro"}},
+     "no-admin-prompts"),
 ])
 def test_denied_resource_or_prompt_never_reaches_the_server(gw, evil, method,  # noqa: F811
                                                            params, rule) -> None:
@@ -186,3 +192,14 @@ def test_the_audit_store_holds_the_masked_text_not_the_blob(gw, evil) -> None:  
     blob = base64.b64encode(PII_TEXT.encode()).decode()
     assert blob not in stored and EMAIL not in stored and SSN not in stored
     assert "[EMAIL_" in stored and "blobs_as_text" in stored
+
+
+def test_completion_with_a_malformed_ref_is_refused(gw, evil) -> None:  # noqa: F811
+    evil.script = serve(False)
+    for ref in ({"type": "ref/resource", "uri": ["file:///etc/shadow"]}, {"uri": "x"},
+                "file:///etc/shadow"):
+        r = post(gw, req("completion/complete", 4, ref=ref,
+                         argument={"name": "n", "value": "s"}))
+        got = r.json()
+        assert got["id"] == 4 and got["error"]["code"] == -32602, got
+    assert not [m for m in evil.jsonrpc() if m.get("method") == "completion/complete"]
