@@ -196,3 +196,36 @@ def test_deny_rule_holds_through_views_functions_ctes_and_triggers(env: Env) -> 
     # the record names the table the statement really reached
     view = next(r for r in blocked if "secret_v" in str(r.get("tables")))
     assert "public.secret" in view["tables"], view
+
+
+def test_protocol_statement_names_reused_never_run_the_view(env: Env) -> None:
+    """Extended protocol by hand: a name defined with allowed SQL, then redefined (after a
+    Close, and as the unnamed statement) with SQL over the denied table's view, bound and
+    executed in the same pipeline: the redefinition is refused at Parse, the Bind and
+    Execute behind it never run it, and no row of the denied table comes back."""
+    from tests.database.test_relay_e2e import _msg, _until_ready, fields, raw_login
+    s, got = raw_login(env.port, env.issuer.token(sub="agent-7", groups=["agents"]))
+    assert got[-1][0] == b"Z"
+    describe = _msg(b"D", b"P\0")  # the result masker needs the columns described
+    bind_run = (_msg(b"B", b"\0s1\0\0\0\0\0\0\0") + describe + _msg(b"E", b"\0\0\0\0\0")
+                + _msg(b"S", b""))
+    s.sendall(_msg(b"P", b"s1\0SELECT name FROM users WHERE id = 1\0\0\0") + bind_run)
+    got = _until_ready(s)
+    assert any(t == b"D" and b"Ann" in p for t, p in got), got
+    s.sendall(_msg(b"C", b"Ss1\0") + _msg(b"S", b""))
+    assert _until_ready(s)[-1][0] == b"Z"
+    for name in (b"s1", b""):
+        s.sendall(_msg(b"P", name + b"\0SELECT ssn FROM secret_v\0\0\0")
+                  + _msg(b"B", b"\0" + name + b"\0\0\0\0\0\0\0") + describe
+                  + _msg(b"E", b"\0\0\0\0\0") + _msg(b"S", b""))
+        got = _until_ready(s)
+        errs = [fields(p) for t, p in got if t == b"E"]
+        assert errs and errs[0]["C"] == "42501" and "no-secrets" in errs[0]["M"], got
+        assert not [p for t, p in got if t == b"D"], got
+        # the name again on its own: nothing the gateway let through is behind it
+        s.sendall(_msg(b"B", b"\0" + name + b"\0\0\0\0\0\0\0") + describe
+                  + _msg(b"E", b"\0\0\0\0\0") + _msg(b"S", b""))
+        got = _until_ready(s)
+        assert not [p for t, p in got if t == b"D"], got
+        assert b"078-05" not in b"".join(p for _, p in got)
+    s.close()
