@@ -28,12 +28,15 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
 DB_NAME = "agentgate.duckdb"
+# flows per export request (as store.EXPORT_PAGE; not imported: the CLI starts without store)
+EXPORT_PAGE = 500
 
 
 # ---------------------------------------------------------------- plumbing
@@ -406,12 +409,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 2
     try:
         since = parse_since(args.since)
-        rows = call(_db(args), {"op": "export", "session": None if args.all else args.session,
-                                "since": since})["rows"]
+        db = _db(args)
+        req = {"op": "export", "session": None if args.all else args.session, "since": since}
+        first = call(db, {**req, "limit": EXPORT_PAGE})
+        n, masked = write_mitm(_pages(db, req, first), args.output,
+                               as_forwarded=args.as_forwarded, via=args.via)
     except (AuditError, argparse.ArgumentTypeError) as e:
         print(f"agentgate export: {e}", file=sys.stderr)
         return 1
-    n, masked = write_mitm(rows, args.output, as_forwarded=args.as_forwarded, via=args.via)
     if n == 0:
         print(f"agentgate export: no recorded flows for session {args.session!r}",
               file=sys.stderr)
@@ -425,7 +430,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_mitm(rows: list, output: Path, as_forwarded: bool = False,
+def _pages(db: Any, req: dict[str, Any], first: dict[str, Any]) -> Iterator[Any]:
+    """The flows of an export, a page per request (the gateway's socket or the file), so
+    neither side holds a whole store's states at once; an answer without "next" (a gateway
+    from before pages) was everything."""
+    resp = first
+    while True:
+        yield from resp["rows"]
+        if resp.get("next") is None:
+            return
+        resp = call(db, {**req, "after": resp["next"], "limit": EXPORT_PAGE})
+
+
+def write_mitm(rows: Iterable[Any], output: Path, as_forwarded: bool = False,
                via: str | None = None) -> tuple[int, int]:
     """Rebuild flows from their stored (already redacted) state and write a .mitm file.
 

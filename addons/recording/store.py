@@ -28,7 +28,7 @@ import marshal
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1934,13 +1934,44 @@ class VerifyResult:
         return dict(self.__dict__)
 
 
-def verify(con: Any, chunk: int = 2000) -> VerifyResult:
+# Records read per query by rows_by_seq (a window of seq numbers).
+SEQ_WINDOW = 500
+
+
+def rows_by_seq(con: Any, select: str, where: str = "TRUE", params: Sequence[Any] = (),
+                width: int = SEQ_WINDOW) -> Iterator[tuple[Any, ...]]:
+    """The rows of `select` ("SELECT … FROM flows") that match `where`, in seq order, read one
+    window of `width` seq numbers at a time. One ORDER BY over the whole table makes DuckDB
+    sort every row with all its columns at once: on a store of ~20,000 records that ran out
+    of the 64 MB memory_limit (DB_CONFIG), so `audit verify` and `export --all` failed on a
+    realistic store (and, asked through the gateway's socket, took the writer's memory). A
+    window sorts at most `width` records; gaps in seq (retention, deletions) cost one query
+    each, never a walk over the missing numbers."""
+    top = (1 << 63) - 1  # BIGINT's largest
+    nxt_sql = f"SELECT min(seq) FROM flows WHERE ({where}) AND seq > ?"  # noqa: S608
+    win_sql = f"{select} WHERE ({where}) AND seq BETWEEN ? AND ? ORDER BY seq"  # noqa: S608
+    nxt = con.execute(f"SELECT min(seq) FROM flows WHERE ({where})",  # noqa: S608
+                      list(params)).fetchone()[0]
+    while nxt is not None:
+        lo = int(nxt)
+        hi = lo + width - 1 if lo <= top - width else top
+        yield from con.execute(win_sql, [*params, lo, hi]).fetchall()
+        if hi == top:
+            break
+        nxt = con.execute(nxt_sql, [*params, hi]).fetchone()[0]
+    # last, as ORDER BY seq puts them (NULLS LAST): records without a seq (an edited file)
+    yield from con.execute(f"{select} WHERE ({where}) AND seq IS NULL", list(params)  # noqa: S608
+                           ).fetchall()
+
+
+def verify(con: Any, chunk: int = SEQ_WINDOW) -> VerifyResult:
     """Walk the chain by seq from the newest checkpoint; stop at the first bad record."""
     ck = con.execute("SELECT seq, hash FROM chain_checkpoints ORDER BY seq DESC LIMIT 1"
                      ).fetchone()
     exp_seq, exp_prev = (int(ck[0]) + 1, ck[1]) if ck else (1, GENESIS)
     ck_seq = int(ck[0]) if ck else 0
-    cur = con.execute(f"SELECT {_verify_select(con)} FROM flows ORDER BY seq")  # noqa: S608
+    rows = rows_by_seq(con, f"SELECT {_verify_select(con)} FROM flows",  # noqa: S608
+                       width=chunk)
     count = 0
     last_seq, last_hash = exp_seq - 1, exp_prev
 
@@ -1948,35 +1979,31 @@ def verify(con: Any, chunk: int = 2000) -> VerifyResult:
         return VerifyResult(False, count, last_seq, last_hash, problem,
                             row["seq"] if row else None, row["id"] if row else None, ck_seq)
 
-    while True:
-        batch = cur.fetchmany(chunk)
-        if not batch:
-            break
-        for values in batch:
-            row = dict(zip(ALL_NAMES, values, strict=True))
-            if isinstance(row.get("identity_groups"), tuple):
-                row["identity_groups"] = list(row["identity_groups"])
-            if chain_hash(row["prev_hash"] or "", row) != row["hash"]:
-                return fail(f"edited: record seq {row['seq']} (id {row['id']}) does not match "
-                            "its hash", row)
-            if row["prev_hash"] != exp_prev:
-                where = con.execute("SELECT seq FROM flows WHERE hash = ?",
-                                    [row["prev_hash"]]).fetchone()
-                if where is not None:
-                    return fail(f"reordered: record seq {row['seq']} (id {row['id']}) follows "
-                                f"seq {last_seq} but was chained after seq {where[0]}", row)
-                if row["seq"] != exp_seq:
-                    return fail(f"deleted: records seq {exp_seq}..{row['seq'] - 1} are missing "
-                                f"before record seq {row['seq']} (id {row['id']})", row)
-                return fail(f"edited or deleted: the record before seq {row['seq']} "
-                            f"(id {row['id']}) is not the one it was chained to (rewritten "
-                            "with a recomputed hash, or replaced)", row)
+    for values in rows:
+        row = dict(zip(ALL_NAMES, values, strict=True))
+        if isinstance(row.get("identity_groups"), tuple):
+            row["identity_groups"] = list(row["identity_groups"])
+        if chain_hash(row["prev_hash"] or "", row) != row["hash"]:
+            return fail(f"edited: record seq {row['seq']} (id {row['id']}) does not match "
+                        "its hash", row)
+        if row["prev_hash"] != exp_prev:
+            where = con.execute("SELECT seq FROM flows WHERE hash = ?",
+                                [row["prev_hash"]]).fetchone()
+            if where is not None:
+                return fail(f"reordered: record seq {row['seq']} (id {row['id']}) follows "
+                            f"seq {last_seq} but was chained after seq {where[0]}", row)
             if row["seq"] != exp_seq:
-                return fail(f"renumbered: record seq {row['seq']} (id {row['id']}) expected "
-                            f"seq {exp_seq}", row)
-            count += 1
-            last_seq, last_hash = row["seq"], row["hash"]
-            exp_seq, exp_prev = row["seq"] + 1, row["hash"]
+                return fail(f"deleted: records seq {exp_seq}..{row['seq'] - 1} are missing "
+                            f"before record seq {row['seq']} (id {row['id']})", row)
+            return fail(f"edited or deleted: the record before seq {row['seq']} "
+                        f"(id {row['id']}) is not the one it was chained to (rewritten "
+                        "with a recomputed hash, or replaced)", row)
+        if row["seq"] != exp_seq:
+            return fail(f"renumbered: record seq {row['seq']} (id {row['id']}) expected "
+                        f"seq {exp_seq}", row)
+        count += 1
+        last_seq, last_hash = row["seq"], row["hash"]
+        exp_seq, exp_prev = row["seq"] + 1, row["hash"]
     meta = con.execute("SELECT value FROM audit_meta WHERE key = 'head'").fetchone()
     if meta and meta[0]:
         h_seq, _, h_hash = meta[0].partition(":")
@@ -2100,21 +2127,44 @@ def export_rows(con: Any, session: str | None, since: float | None = None
                 ) -> list[tuple[str, str | None, bytes]]:
     """(id, url as the agent asked, flow_state) of a session's flows, in recorded order;
     each state whole again (bodies put back from their columns or blobs: see resolve_state)."""
+    rows, after = export_page(con, session, since)
+    while after is not None:
+        more, after = export_page(con, session, since, after)
+        rows += more
+    return rows
+
+
+# Flows per page of an export (one request to the gateway's socket, one read of the file).
+EXPORT_PAGE = 500
+
+
+def export_page(con: Any, session: str | None, since: float | None = None,
+                after: int | None = None, limit: int = EXPORT_PAGE
+                ) -> tuple[list[tuple[str, str | None, bytes]], int | None]:
+    """One page of export_rows: the flows after seq `after`, about `limit` of them (a page
+    ends where seq changes, so flows of several replicas sharing a seq in the lake are never
+    split), and the seq to continue after (None: that was the last page). Reading the whole
+    session in one query sorted every row at once (see rows_by_seq), and answering it in one
+    message held every state in the gateway's writer process."""
     us = micros(since)
     have = _columns(con, "flows")
     refs = ", ".join(c if c in have else f"NULL AS {c}" for c in REF_NAMES)
-    rows = con.execute(
-        "SELECT id, url, flow_state, request_body, response_body, metadata, "  # noqa: S608
-        f"request_headers, response_headers, {refs} "
-        "FROM flows "
-        "WHERE (? IS NULL OR session_id = ?) "
-        "AND (? IS NULL OR ended >= make_timestamp(?)) AND flow_state IS NOT NULL "
-        "ORDER BY seq", [session, session, us, us]).fetchall()
-    return [(fid, url, resolve_state(con, blob, {"request": (rq, rq_ref),
-                                                 "response": (rs, rs_ref)}, meta,
-                                 {"request": rq_h, "response": rs_h},
-                                 read_blob(con, c_ref) if c_ref else None))
-            for fid, url, blob, rq, rs, meta, rq_h, rs_h, rq_ref, rs_ref, c_ref in rows]
+    select = ("SELECT seq, id, url, flow_state, request_body, response_body, metadata, "  # noqa: S608
+              f"request_headers, response_headers, {refs} FROM flows")
+    where = ("(? IS NULL OR session_id = ?) AND (? IS NULL OR ended >= make_timestamp(?)) "
+             "AND flow_state IS NOT NULL AND (? IS NULL OR seq > ?)")
+    out: list[tuple[str, str | None, bytes]] = []
+    last = None
+    for seq, fid, url, blob, rq, rs, meta, rq_h, rs_h, rq_ref, rs_ref, c_ref in rows_by_seq(
+            con, select, where, [session, session, us, us, after, after]):
+        if len(out) >= max(1, limit) and seq != last:
+            return out, last
+        last = seq
+        out.append((fid, url, resolve_state(con, blob, {"request": (rq, rq_ref),
+                                                        "response": (rs, rs_ref)}, meta,
+                                            {"request": rq_h, "response": rs_h},
+                                            read_blob(con, c_ref) if c_ref else None)))
+    return out, None
 
 
 def row_state(row: dict[str, Any], con: Any = None) -> dict[str, Any]:

@@ -129,7 +129,13 @@ def handle_op(con: duckdb.DuckDBPyConnection, req: dict[str, Any]) -> dict[str, 
         cols, rows = store.sessions(con, int(req.get("limit", 50)), req.get("since"))
         return {"columns": cols, "rows": rows}
     if op == "export":
-        return {"rows": store.export_rows(con, req.get("session"), req.get("since"))}
+        if "limit" not in req:  # a CLI from before pages: everything in one answer
+            return {"rows": store.export_rows(con, req.get("session"), req.get("since"))}
+        after = req.get("after")
+        rows, nxt = store.export_page(con, req.get("session"), req.get("since"),
+                                      None if after is None else int(after),
+                                      min(max(int(req["limit"]), 1), 10_000))
+        return {"rows": rows, "next": nxt}
     raise ValueError(f"unknown operation {op!r}")
 
 
