@@ -34,6 +34,7 @@ keeps its 400 with `id: null`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import ssl
@@ -276,13 +277,15 @@ class Mcp:
                 # in this identity's share of the worker threads (frame/offload.py), not
                 # asyncio's executor: one identity's flood of large answers must not take
                 # every thread the others' work waits for
-                out = await run_heavy(flow, self.process, flow, cfg, payload.messages)
+                out = await run_heavy(flow, self.process, flow, cfg, payload.messages,
+                                      payload.payloads)
             elif _has_tools(payload):
                 # a small tool list: the pin store's file (read, locked, written) in a
                 # thread of its own (I/O: it must not hold a heavy-work slot)
-                out = await asyncio.to_thread(self.process, flow, cfg, payload.messages)
+                out = await asyncio.to_thread(self.process, flow, cfg, payload.messages,
+                                              payload.payloads)
             else:
-                out = self.process(flow, cfg, payload.messages)
+                out = self.process(flow, cfg, payload.messages, payload.payloads)
         except Busy as e:
             refuse(flow, e.status, f"the MCP server's answer cannot be judged now: "
                    f"{e.message}", "busy", "mcp", headers={"retry-after": "1"})
@@ -303,20 +306,23 @@ class Mcp:
 
     # -- server messages
     def process(self, flow: http.HTTPFlow, cfg: McpConfig,
-                msgs: tuple[jsonrpc.Message, ...]) -> list[dict[str, Any]] | None:
+                msgs: tuple[jsonrpc.Message, ...], payloads: bool = True
+                ) -> list[dict[str, Any]] | None:
         """The messages to pass on (None: all unchanged)."""
         out: list[dict[str, Any]] = []
         changed = False
         for m in msgs:
-            new = self.server_message(flow, cfg, m)
+            new = self.server_message(flow, cfg, m, payloads)
             if new is not m.raw:
                 changed = True
             if new is not None:
                 out.append(new)
         return out if changed else None
 
-    def server_message(self, flow: http.HTTPFlow, cfg: McpConfig, m: jsonrpc.Message
-                       ) -> dict[str, Any] | None:
+    def server_message(self, flow: http.HTTPFlow, cfg: McpConfig, m: jsonrpc.Message,
+                       payloads: bool = True) -> dict[str, Any] | None:
+        """`payloads`: the message's text may hold a `blob` / `data` member (False only
+        when its text was checked: jsonrpc.may_hold_payloads)."""
         up = mcp_upstream(flow) or {}
         server = up.get("name") or ""
         if m.kind == "request":
@@ -343,7 +349,7 @@ class Mcp:
             if obj is None:
                 break
             obj = t(flow, method, obj)
-        if obj is not None and m.kind == "response":
+        if obj is not None and m.kind == "response" and payloads:
             obj = self._readable(flow, obj, m.id)
         return obj
 
@@ -613,8 +619,9 @@ class McpStream:
                                            "endpoint event is not a path on this server")
             return ev.render()
         payload = jsonrpc.parse_payload(jsonrpc.loads_strict(ev.data))
+        payloads = jsonrpc.may_hold_payloads(ev.data)
         flow: Any = self.flow
-        out = self.addon.process(flow, self.cfg, payload.messages)
+        out = self.addon.process(flow, self.cfg, payload.messages, payloads)
         if out is None:
             return ev.render()
         if not out:
@@ -753,7 +760,9 @@ def _read_payload(flow: http.HTTPFlow, part: str, max_bytes: int) -> jsonrpc.Pay
     Raises decode.DecodeError or jsonrpc.JsonRpcError."""
     read = decode.request_body if part == "request" else decode.response_body
     body = read(flow, max_bytes=max_bytes)
-    return jsonrpc.parse_payload(jsonrpc.loads_strict(body.text if body is not None else ""))
+    text = body.text if body is not None else ""
+    payload = jsonrpc.parse_payload(jsonrpc.loads_strict(text))
+    return dataclasses.replace(payload, payloads=jsonrpc.may_hold_payloads(text))
 
 
 def _ids_of(flow: http.HTTPFlow) -> tuple[list[Any], bool, bool]:

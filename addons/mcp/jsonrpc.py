@@ -215,6 +215,15 @@ def _check_params(msg: Message) -> None:
 class Payload:
     messages: tuple[Message, ...]
     batch: bool
+    # may a member named "blob" or "data" be in it (mcp/blobs.py walks only then)
+    payloads: bool = True
+
+
+def may_hold_payloads(text: str) -> bool:
+    """Could the JSON text have a `blob` or `data` member? A key is written literally
+    unless spelled with \\u escapes: any escape counts as maybe (C-speed substring checks
+    instead of a walk of every value of a large answer)."""
+    return '"blob"' in text or '"data"' in text or "\\u" in text
 
 
 def parse_payload(value: Any) -> Payload:

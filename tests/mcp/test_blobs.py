@@ -53,3 +53,14 @@ def test_too_deep_is_refused() -> None:
         obj = [obj]
     with pytest.raises(TooDeep):
         readable(obj)
+
+
+@pytest.mark.parametrize(("text", "maybe"), [
+    ('{"result":{"rows":[{"a":1}]}}', False),
+    ('{"result":{"contents":[{"blob":"eA=="}]}}', True),
+    ('{"result":{"content":[{"type":"image","data":"eA=="}]}}', True),
+    ('{"result":{"contents":[{"\\u0062lob":"eA=="}]}}', True),   # a key spelled with escapes
+])
+def test_only_texts_that_may_hold_payloads_are_walked(text: str, maybe: bool) -> None:
+    from addons.mcp.jsonrpc import may_hold_payloads
+    assert may_hold_payloads(text) is maybe
