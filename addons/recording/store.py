@@ -412,8 +412,9 @@ class Scrubber:
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         vals = {s for s in secrets if isinstance(s, str) and len(s) >= MIN_SECRET_LEN}
-        # Longest first, so "Bearer sk-…" is replaced before its "sk-…" part.
-        self.text = sorted(vals, key=len, reverse=True)
+        # Longest first (then by value: the same order in every process, whatever the hash
+        # seed); redact() replaces the union of every secret's occurrences anyway.
+        self.text = sorted(vals, key=lambda v: (-len(v), v))
         self.raw = [s.encode() for s in self.text]
         # each secret as it reads inside JSON text (dump_state's replacements, the checks
         # on a serialised value), worked out once instead of per use; `escaped_raw` as
@@ -433,18 +434,12 @@ class Scrubber:
     def str(self, s: str) -> str:
         if not any(v in s for v in self._min_text):
             return s
-        for v in self.text:
-            if v in s:
-                s = s.replace(v, REDACTED)
-        return s
+        return redact(s, self.text, REDACTED)
 
     def bytes(self, b: bytes) -> bytes:
         if not any(v in b for v in self._min_raw):
             return b
-        for v in self.raw:
-            if v in b:
-                b = b.replace(v, REDACTED.encode())
-        return b
+        return redact(b, self.raw, _REDACTED_RAW)
 
     def found_in(self, b: bytes) -> bool:
         return any(v in b for v in self._min_raw)
@@ -463,6 +458,34 @@ class Scrubber:
         if isinstance(obj, tuple):
             return tuple(self.walk(v) for v in obj)
         return obj
+
+
+def redact[T: (str, bytes)](data: T, needles: Sequence[T], repl: T) -> T:
+    """`data` with every character that is part of an occurrence of any needle replaced:
+    overlapping occurrences (of one needle, or of two secrets sharing an edge: "…gh12" and
+    "gh12…" in "…gh12…") become one `repl`. Replacing each needle in turn left the part of
+    the second one that the first replacement did not cover (and which part depended on
+    the order)."""
+    spans: list[tuple[int, int]] = []
+    for v in needles:
+        i = data.find(v)
+        while i >= 0:
+            spans.append((i, i + len(v)))
+            i = data.find(v, i + 1)
+    if not spans:
+        return data
+    spans.sort()
+    out: list[T] = []
+    pos = 0
+    start, end = spans[0]
+    for a, b in spans[1:]:
+        if a < end:  # overlaps the current run
+            end = max(end, b)
+            continue
+        out += [data[pos:start], repl]
+        pos, (start, end) = end, (a, b)
+    out += [data[pos:start], repl, data[end:]]
+    return data[:0].join(out)
 
 
 _SCRUBBERS: dict[Any, Scrubber] = {}
@@ -886,24 +909,27 @@ def dump_state(st: dict[str, Any], scrub: Scrubber, checked: bool = False) -> by
         except TypeError:
             raw = None
         if raw is not None and not _odd_float(raw):
-            for b in scrub.escaped_raw:
-                if b in raw:
-                    raw = raw.replace(b, _REDACTED_RAW)
-            return raw
+            return redact(raw, scrub.escaped_raw, _REDACTED_RAW) if scrub else raw
     text = json.dumps(st, default=default, separators=(",", ":"), ensure_ascii=False)
-    for v in scrub.escaped:
-        text = text.replace(v, REDACTED)
+    if scrub:
+        text = redact(text, scrub.escaped, REDACTED)
     return text.encode("utf-8", "surrogatepass")
 
 
 def _state_hook(d: dict[str, Any]) -> Any:
+    """The one-key objects dump_state writes for bytes, back as bytes. An object of the same
+    key whose value has not that shape (a dict in the flow's metadata that merely looks like
+    one) stays the dict it was: reading a stored state never fails on what a flow carried."""
     if len(d) == 1:
-        if "$h" in d:
-            return [[k.encode("latin-1"), v.encode("latin-1")] for k, v in d["$h"]]
-        if "$bytes" in d:
-            return d["$bytes"].encode("utf-8", "surrogatepass")
-        if "$b64" in d:
-            return base64.b64decode(d["$b64"])
+        try:
+            if "$h" in d:
+                return [[k.encode("latin-1"), v.encode("latin-1")] for k, v in d["$h"]]
+            if "$bytes" in d:
+                return d["$bytes"].encode("utf-8", "surrogatepass")
+            if "$b64" in d:
+                return base64.b64decode(d["$b64"], validate=True)
+        except (TypeError, ValueError, AttributeError):
+            return d  # (binascii.Error and UnicodeEncodeError are ValueErrors)
     return d
 
 

@@ -163,12 +163,23 @@ def test_headers_json_is_cjsons_text_for_every_byte() -> None:
 
 
 def _reference_bytes(secrets: list[str], b: bytes) -> bytes:
-    """Scrubber.bytes before the shortcut: every secret looked for, longest first."""
-    for v in sorted({s for s in secrets if len(s) >= store.MIN_SECRET_LEN}, key=len,
-                    reverse=True):
-        if v.encode() in b:
-            b = b.replace(v.encode(), store.REDACTED.encode())
-    return b
+    """Scrubber.bytes without the shortcut: every occurrence of every secret (each start
+    position tried) replaced; occurrences that overlap become one marker, adjacent ones
+    stay two."""
+    spans = sorted((i, i + len(v)) for v in {s.encode() for s in secrets
+                                            if len(s) >= store.MIN_SECRET_LEN}
+                   for i in range(len(b)) if b.startswith(v, i))
+    runs: list[list[int]] = []
+    for x, y in spans:
+        if runs and x < runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], y)
+        else:
+            runs.append([x, y])
+    out, pos = b"", 0
+    for x, y in runs:
+        out += b[pos:x] + store.REDACTED.encode()
+        pos = y
+    return out + b[pos:]
 
 
 _piece = st.sampled_from(["sk-abcdefgh", "Bearer ", "[REDACTED]", "xyz", "abcdefgh", "\u00e9"])

@@ -138,3 +138,24 @@ def test_export_pages_give_every_flow_once_in_order(tmp_path: Path, capsys,
         ns = [json.loads(f.request.content)["n"] for f in mio.FlowReader(fh).stream()]
     assert ns == [i for i in range(30) if i % 3 and not 9 <= i <= 13]
     assert f"wrote {len(ns)} flows" in capsys.readouterr().out
+
+
+def test_metadata_that_looks_like_a_stored_tag_exports(tmp_path: Path) -> None:
+    """A flow whose metadata holds objects shaped like dump_state's one-key tags ("$h",
+    "$bytes", "$b64") but not of their form is exported with that metadata as it was; the
+    export of its session failed (TypeError) before."""
+    odd = {"a": {"$h": "not pairs"}, "b": {"$h": [["x"]]}, "c": {"$b64": "!!"},
+           "d": {"$bytes": 5}, "e": {"$h": [[1, 2]]}}
+    p = flow_pending(0)
+    p.state["metadata"] = {**(p.state.get("metadata") or {}), "odd": odd}
+    path = tmp_path / "agentgate.duckdb"
+    con = duckdb.connect(str(path))
+    store.init_schema(con)
+    store.append(con, [build(p)], store.head(con))
+    assert store.verify(con).ok
+    con.close()
+    out = tmp_path / "s1.mitm"
+    assert main(["export", "--db", str(path), "--session", "s1", "-o", str(out)]) == 0
+    with open(out, "rb") as fh:
+        (flow,) = list(mio.FlowReader(fh).stream())
+    assert flow.metadata["odd"] == odd
