@@ -214,14 +214,48 @@ def rows_json(rows: list[dict[str, Any]], checked: bool = False) -> str:
     """A batch of rows as the JSON INSERT_FLOWS_JSON takes (exact: blobs as base64).
     `checked`: _canonical found every row's values orjson-safe (the batch's are the same
     values, blobs as base64 text, seq and hash added), so they are not looked at again."""
-    doc = [{c: (_b64(r.get(c)) if c in _BLOB_COLS else r.get(c)) for c in ALL_NAMES}
-           for r in rows]
+    return rows_doc(rows, checked)[0]
+
+
+def rows_doc(rows: list[dict[str, Any]], checked: bool = False) -> tuple[str, str]:
+    """(the batch's JSON, the INSERT that takes it): a row's NULL values are left out of
+    its object and a column NULL in every row of the batch out of the INSERT (a 1 KB
+    flow has ~15 of the 44: approval, refusal, error, notes, body references …). DuckDB's
+    `from_json` reads an absent member as NULL and an INSERT leaves an unnamed column
+    NULL (no column has a DEFAULT), so the stored rows are the same; each column in the
+    statement costs its parse and cast per batch and per row (~12 % of the INSERT at
+    80 1 KB rows)."""
+    doc = []
+    present: set[str] = set()
+    for r in rows:
+        d = {c: v for c in ALL_NAMES if (v := r.get(c)) is not None}
+        for c in _BLOB_COLS.intersection(d):
+            d[c] = _b64(d[c])
+        present.update(d)
+        doc.append(d)
     if checked and _orjson is not None:
         try:
-            return _orjson.dumps(doc).decode()
+            text = _orjson.dumps(doc).decode()
         except TypeError:
-            pass
-    return _batch_json(doc)
+            text = _batch_json(doc)
+    else:
+        text = _batch_json(doc)
+    return text, flows_insert(frozenset(present))
+
+
+_FLOWS_INSERTS: dict[frozenset[str], str] = {}
+_FLOWS_INSERTS_MAX = 256  # column sets seen (a few in practice): bounded all the same
+
+
+def flows_insert(present: frozenset[str]) -> str:
+    """The JSON INSERT of flows naming only the columns in `present` (in schema order)."""
+    sql = _FLOWS_INSERTS.get(present)
+    if sql is None:
+        if len(_FLOWS_INSERTS) >= _FLOWS_INSERTS_MAX:
+            _FLOWS_INSERTS.clear()
+        cols = tuple((c, t) for c, t in ALL_COLUMNS if c in present)
+        sql = _FLOWS_INSERTS[present] = _json_insert("flows", cols)
+    return sql
 
 
 def blobs_json(blobs: Iterable[Blob]) -> str:
@@ -293,19 +327,33 @@ _HASHED_SORTED = tuple(sorted(HASHED_COLUMNS))  # (ASCII names: code point order
 def _canonical(row: dict[str, Any]) -> tuple[bytes, bool]:
     """(canonical(row), whether orjson wrote it: every value one it writes as the json
     module does — then so are the row's values in the batch JSON, see rows_json)."""
-    out: dict[str, Any] = {}
-    for c in _HASHED_SORTED:  # in sorted order: no sort when it is written
-        v = row.get(c)
-        if v is None and c in OPTIONAL_HASHED:
-            continue  # not a column of schema 1: absent, so old rows hash as they did
+    out = {c: row.get(c) for c in _HASHED_SORTED}  # in sorted order: no sort when written
+    same = _orjson is not None
+    for c, v in out.items():
+        if type(v) in _PLAIN_TYPES:  # most values: nothing to change or check (one test)
+            continue
         if isinstance(v, bytes | bytearray | memoryview):
-            v = "sha256:" + hashlib.sha256(v).hexdigest()
-        elif isinstance(v, tuple):
-            v = list(v)
-        out[c] = v
-    return _canonical_written(out, ordered=True)
+            out[c] = "sha256:" + hashlib.sha256(v).hexdigest()
+            continue
+        if isinstance(v, tuple):
+            v = out[c] = list(v)
+        if same and not _orjson_same((v,)):
+            same = False
+    for c in OPTIONAL_HASHED:
+        if out[c] is None:
+            del out[c]  # not a column of schema 1: absent, so old rows hash as they did
+    if same:
+        try:
+            return _orjson.dumps(out), True
+        except TypeError:
+            pass
+    return json.dumps(out, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode(), False
 
 
+# exact types orjson writes as the json module does, whatever their value (bool, int
+# past 64 bits aside: orjson refuses those, TypeError, and the json module writes them)
+_PLAIN_TYPES = frozenset({str, int, bool, type(None)})
 _SCALARS = (str, int, type(None))  # bool is an int
 
 
@@ -1834,7 +1882,7 @@ def append(con: Any, rows: list[dict[str, Any]], last: tuple[int, str],
         if a is not None:
             approvals.append(a)
     blob_doc = blobs_json(blobs.values()) if blobs else None
-    row_doc = rows_json(rows, checked)
+    row_doc, insert_flows = rows_doc(rows, checked)
     # With `known` (the writer's BlobCache), the new blobs go in with a plain INSERT
     # first: INSERT OR IGNORE's conflict handling costs ~2 ms more per 100 blobs, and
     # the blobs sent are those the cache does not know to be stored. One stored all the
@@ -1853,7 +1901,7 @@ def append(con: Any, rows: list[dict[str, Any]], last: tuple[int, str],
         try:
             if blob_doc is not None:
                 con.execute(insert_blobs, [blob_doc])
-            con.execute(INSERT_FLOWS_JSON, [row_doc])
+            con.execute(insert_flows, [row_doc])
             if approvals:
                 con.executemany(INSERT_APPROVAL, approvals)
             _set_meta(con, dict([("head", f"{seq}:{prev}"), *marks]))
