@@ -82,11 +82,7 @@ class _Catalog:
 
     async def resolve(self, st: Statement) -> Resolved:
         """What `st` reaches through views, functions and triggers (depends.py), cached."""
-        hit = self.depends.get(st)
-        if hit is None:
-            hit = await depends.resolve(st, self.fetch)
-            self.depends.put(st, hit)
-        return hit
+        return await self.depends.resolve(st, self.fetch)
 
     async def _run(self, sql: str, params: list[str]) -> list[tuple[Any, ...]]:
         r, w = self.conn.reader, self.conn.writer
@@ -303,7 +299,7 @@ class Databases:
                 rules=lambda: self.holder.rules, hold=self.approval.hold,
                 approval_spec=self._approval_spec, record=self._record,
                 masker_factory=self.masker_factory, catalog_query=catalog.query,
-                resolve=catalog.resolve,
+                resolve=catalog.resolve, forget=catalog.depends.forget,
                 client_tls=self.tls.get(name), keys=self.keys, big_parses=self._parses(),
                 current=lambda n=name: next((d for d in self._databases() if d.name == n),
                                             None),

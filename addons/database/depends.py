@@ -280,6 +280,24 @@ class Cache:
     def __init__(self, size: int = CACHE_SIZE, ttl: float = CACHE_TTL_S) -> None:
         self.size, self.ttl = size, ttl
         self._d: OrderedDict[Any, tuple[float, Resolved]] = OrderedDict()
+        # bumped by forget(): a resolution that began before it read the old catalog
+        self.generation = 0
+
+    def forget(self) -> None:
+        """DDL went through the gateway (an agent renamed a function, dropped a view …):
+        what names reached before may not hold now, so nothing cached is reused."""
+        self._d.clear()
+        self.generation += 1
+
+    async def resolve(self, st: Statement, query: Query) -> Resolved:
+        """`resolve(st, query)`, cached; a result read across a forget() is not kept."""
+        hit = self.get(st)
+        if hit is None:
+            gen = self.generation
+            hit = await resolve(st, query)
+            if gen == self.generation:
+                self.put(st, hit)
+        return hit
 
     def key(self, st: Statement) -> Any:
         return (st.relation_refs, st.function_refs, st.operator_refs, st.type_refs,

@@ -82,6 +82,8 @@ YIELD_AFTER_S = 0.001
 # of frame/offload's pool, so the event loop keeps serving every other flow meanwhile; rows
 # stay in order (the server loop awaits each). Under this size a row is always small work.
 HEAVY_ROW_MIN = 2048
+# statement kinds that may change what a name reaches (DCL: ALTER ROLE … SET)
+CATALOG_KINDS = frozenset({"DDL", "DCL"})
 MARKER = "agentgate_refused_"
 
 
@@ -146,6 +148,8 @@ class Context:
     # triggers (depends.py, over the catalog login); None: statements a rule on tables or
     # functions could judge are refused (nothing to resolve them with)
     resolve: Callable[[Statement], Awaitable[Resolved]] | None = None
+    # DDL went through: forget the resolutions cached from the catalog before it
+    forget: Callable[[], None] | None = None
 
 
 @dataclass
@@ -457,6 +461,10 @@ class Session:
         self.refusals: dict[str, bytes] = {}
         self.counter = 0
         self.prepared = Prepared()
+        # the ReadyForQuery count that ends the pipeline of the last DDL this session sent
+        # (None: none pending): until a ReadyForQuery at or past it says the transaction is
+        # idle, the catalog login cannot see what that DDL changed (uncommitted)
+        self.ddl_until: int | None = None
         self.ready = asyncio.Event()  # set at each ReadyForQuery (replaced after)
         self.portals: dict[str, tuple[Statement, Verdict]] = {}
         self.holding = False
@@ -602,6 +610,11 @@ class Session:
         if st.executes is None and (st.relation_refs or st.function_refs
                                     or st.operator_refs or st.type_refs) \
                 and depends.needed(self.db):
+            stale = self._stale_catalog(st)
+            if stale is not None:
+                return st, Verdict("block", "guard:dependencies"), pg.error_response(
+                    "42501", f"agentgate: blocked by rule guard:dependencies: {stale}; "
+                             "it was not sent")
             st, refusal = await self._reach(st)
             if refusal is not None:
                 return st, Verdict("block", refusal[0]), refusal[1]
@@ -624,6 +637,30 @@ class Session:
         if v.action == "block":
             return st, v, self._blocked(v)
         return st, v, None
+
+    def _stale_catalog(self, st: Statement) -> str | None:
+        """Why what `st` reaches cannot be read from the catalog login now, or None. Its
+        look-up runs on another connection: DDL of this session that is not committed
+        (inside BEGIN, earlier in a pipeline, or before `st` in one multi-statement query)
+        is invisible to it — `ALTER FUNCTION leak() RENAME TO ok` names nothing a rule
+        sees, and `SELECT ok()` would then be judged as the old `ok`."""
+        if self.ddl_until is not None:
+            return ("this session changed the catalog (DDL) in a transaction that has not "
+                    "ended, and the gateway cannot see what names reach inside it; commit "
+                    "or roll back first")
+        if st.count > 1 and CATALOG_KINDS & set(st.kinds):
+            return ("DDL and other statements in one query are judged before any of it "
+                    "runs; send the DDL on its own")
+        return None
+
+    def _catalog_changing(self, st: Statement | None) -> None:
+        """`st` (forwarded now) may change what names reach: forget the cached look-ups
+        now and again once its transaction ended (see server_loop)."""
+        if st is None or not CATALOG_KINDS & set(st.kinds):
+            return
+        self.ddl_until = self.prepared.sent + 1
+        if self.ctx.forget is not None:
+            self.ctx.forget()
 
     async def _reach(self, st: Statement) -> tuple[Statement, tuple[str, bytes] | None]:
         """`st` widened by what its views, functions and triggers reach, so a rule on
@@ -876,6 +913,7 @@ class Session:
             self._log(tok)
             return
         self._effects(st, v)
+        self._catalog_changing(st)
         self._log(tok)
         self._forward(b"Q", payload, tok)
 
@@ -916,6 +954,7 @@ class Session:
             self._log(tok)
             return
         self._effects(st, v)
+        self._catalog_changing(st)
         self._log(tok)
         self._forward(b"E", payload, tok)
 
@@ -955,6 +994,13 @@ class Session:
             if self.prepared.server(t, payload):
                 self.ready.set()
                 self.ready = asyncio.Event()
+                if self.ddl_until is not None and self.prepared.seen >= self.ddl_until \
+                        and payload[:1] == b"I":
+                    # committed or rolled back: the catalog login sees it now; a look-up
+                    # cached while it was open read the old catalog
+                    self.ddl_until = None
+                    if self.ctx.forget is not None:
+                        self.ctx.forget()
             if t == b"D" and len(payload) >= HEAVY_ROW_MIN and mask_cost.heavy(payload):
                 out = await self._mask_heavy_row(t, payload)
             else:

@@ -279,7 +279,10 @@ def _facts(key: str, val: dict[str, Any], w: _Walk, ctes: frozenset[str]) -> Non
         w.add(w.guards, "opaque_code")
     elif key == "LoadStmt":
         w.add(w.guards, "load_library")
-    elif key == "VariableSetStmt":
+    elif key in ("VariableSetStmt", "setstmt"):
+        # `setstmt`: ALTER ROLE / DATABASE … SET, the default of every later session of
+        # that login: the gateway's catalog login (depends.py) is one of them, and an
+        # agent that reconnects under another search_path would resolve names unlike it
         name = str(val.get("name") or "").lower()
         if name in ("client_encoding", "names") or val.get("kind") == "VAR_RESET_ALL":
             w.add(w.guards, "client_encoding")

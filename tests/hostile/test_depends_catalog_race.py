@@ -1,0 +1,150 @@
+"""Hostile, end to end (real postgres, the real gateway, psycopg as the agent): the agent
+changes what a name reaches with DDL that names nothing a rule sees, then calls the name
+while the gateway's catalog login still sees the old catalog.
+
+`ALTER FUNCTION leak() RENAME TO fresh` names no relation and no called function, so the
+rule on `secret` has nothing to judge in it. The catalog look-up of a later `SELECT fresh()`
+runs over the gateway's own catalog login, another connection: it cannot see the agent's
+uncommitted DDL (inside BEGIN, or earlier in the same multi-statement query) and, for 2 s,
+the dependency cache keeps what `fresh` reached before. Each way the SSN came back before;
+now the statement is refused (42501 guard:dependencies or the deny rule) and the server
+never ran it. ALTER ROLE / DATABASE … SET search_path (every later session's, the catalog
+login's included) is refused as SET search_path is.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.database.pgkit import DB_PASSWORD, WAREHOUSE, ScramServer, free_port, wait_port
+
+RULES = WAREHOUSE + """    max_connections: 4
+    sql:
+      - {{name: no-secrets, action: block, match: {{tables: [secret]}},
+         message: the secret table is off limits}}
+"""
+
+SSN = "078-05-1120"
+LEAK = "LANGUAGE sql AS 'SELECT ssn FROM secret LIMIT 1'"
+SETUP = [
+    "CREATE TABLE secret (id int, ssn text)",
+    f"INSERT INTO secret VALUES (1, '{SSN}')",
+    "ALTER TABLE secret OWNER TO agent_rw",
+    "ALTER TABLE users OWNER TO agent_rw",
+    *(f"CREATE FUNCTION {n}() RETURNS text {LEAK}" for n in ("leak_tx", "leak_multi",
+                                                            "leak_cache", "leak_pipe")),
+    "CREATE FUNCTION okf() RETURNS text LANGUAGE sql AS 'SELECT name FROM users LIMIT 1'",
+    *(f"ALTER FUNCTION {n}() OWNER TO agent_rw" for n in ("leak_tx", "leak_multi",
+                                                         "leak_cache", "leak_pipe", "okf")),
+    "ALTER SYSTEM SET log_statement = 'all'",
+    "SELECT pg_reload_conf()",
+]
+
+
+@pytest.fixture(scope="module")
+def pgserver() -> Iterator[ScramServer]:
+    s = ScramServer().start()
+    with psycopg.connect(s.admin_dsn(), autocommit=True) as c:
+        for sql in SETUP:
+            c.execute(sql)
+    yield s
+    s.stop()
+
+
+class Env:
+    def __init__(self, gw: Any, port: int, issuer: Any, records: Path, pg: ScramServer):
+        self.gw, self.port, self.issuer, self.records, self.pg = gw, port, issuer, records, pg
+
+    def connect(self) -> psycopg.Connection:
+        token = self.issuer.token(sub="agent-7", groups=["agents"])
+        return psycopg.connect(f"host=127.0.0.1 port={self.port} dbname=analytics "
+                               f"user=agent password={token} connect_timeout=10",
+                               autocommit=True)
+
+    def blocked(self) -> list[dict[str, Any]]:
+        if not self.records.exists():
+            return []
+        return [r for r in map(json.loads, self.records.read_text().splitlines())
+                if r.get("decision") == "block"]
+
+
+@pytest.fixture
+def env(gateway_factory, local_issuer, pgserver: ScramServer, tmp_path: Path
+        ) -> Iterator[Env]:
+    port = free_port()
+    records = tmp_path / "records.jsonl"
+    rules = RULES.format(standin_upstreams="{standin_upstreams}",
+                         identity=local_issuer.identity_yaml(), listen=port,
+                         pgport=pgserver.port)
+    gw = gateway_factory(rules, env={"WAREHOUSE_PASSWORD": DB_PASSWORD,
+                                     "AGENTGATE_TEST_PG_RECORDS": str(records)},
+                         script=Path(__file__).parents[1] / "database" / "gateway_records.py")
+    wait_port(port)
+    yield Env(gw, port, local_issuer, records, pgserver)
+    print("---- gateway log\n" + gw.logs()[-6000:])
+
+
+def _refused(c: psycopg.Connection, sql: str) -> str:
+    with pytest.raises(psycopg.Error) as e:
+        row = c.execute(sql).fetchall()
+        raise AssertionError(f"ran: {sql} -> {row}")
+    assert e.value.sqlstate == "42501", (sql, e.value)
+    assert SSN not in str(e.value)
+    return str(e.value)
+
+
+def test_ddl_renaming_a_function_never_lets_a_stale_catalog_judge_it(env: Env) -> None:
+    with env.connect() as c:
+        # 1. inside a transaction: the catalog login cannot see the uncommitted rename
+        c.execute("BEGIN")
+        c.execute("ALTER FUNCTION leak_tx() RENAME TO fresh_tx")
+        msg = _refused(c, "SELECT fresh_tx()")
+        assert "guard:dependencies" in msg or "no-secrets" in msg, msg
+        c.execute("ROLLBACK")
+        # after the transaction ended the name is judged by the catalog again
+        assert c.execute("SELECT okf()").fetchone() == ("Ann",)
+
+        # 2. the rename and the call in one multi-statement query (one implicit
+        # transaction, judged before any of it ran)
+        _refused(c, "ALTER FUNCTION leak_multi() RENAME TO fresh_multi; SELECT fresh_multi()")
+
+        # 3. autocommit, within the dependency cache's 2 s: okf() was judged a moment ago
+        # as reaching users only; the agent swaps a leaking function in under its name
+        assert c.execute("SELECT okf()").fetchone() == ("Ann",)
+        c.execute("ALTER FUNCTION okf() RENAME TO okf_old")
+        c.execute("ALTER FUNCTION leak_cache() RENAME TO okf")
+        msg = _refused(c, "SELECT okf()")
+        assert "no-secrets" in msg, msg
+
+        # 4. an explicit transaction's rename, committed, then the call at once
+        c.execute("BEGIN")
+        c.execute("ALTER FUNCTION okf() RENAME TO leak_cache")
+        c.execute("ALTER FUNCTION okf_old() RENAME TO okf")
+        c.execute("COMMIT")
+        assert c.execute("SELECT okf()").fetchone() == ("Ann",)
+        c.execute("BEGIN")
+        c.execute("ALTER FUNCTION okf() RENAME TO okf_old")
+        c.execute("ALTER FUNCTION leak_pipe() RENAME TO okf")
+        c.execute("COMMIT")
+        _refused(c, "SELECT okf()")
+
+        # 5. a later session's search_path (the catalog login's, the agent's after it
+        # reconnects): refused like SET search_path
+        for sql in ("ALTER ROLE agent_rw SET search_path = s2, public",
+                    "ALTER ROLE agent_rw IN DATABASE analytics SET search_path = s2",
+                    "ALTER DATABASE analytics SET search_path = s2, public"):
+            assert "guard:search_path" in _refused(c, sql), sql
+        # the connection keeps serving
+        assert c.execute("SELECT count(*) FROM users").fetchone() == (2,)
+    server_log = env.pg.log()
+    for text in ("SELECT fresh_tx()", "SELECT fresh_multi()"):
+        assert text not in server_log, text
+    assert server_log.count("statement: SELECT okf()") == 3, server_log[-3000:]
+    assert "SET search_path" not in server_log
+    assert len(env.blocked()) >= 4
