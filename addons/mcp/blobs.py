@@ -67,11 +67,14 @@ def _walk(obj: Any, depth: int) -> tuple[Any, bool]:
     if not isinstance(obj, dict):
         return obj, False
     new: dict[str, Any] | None = None
-    if "blob" in obj and "text" not in obj:
+    if "blob" in obj:
         t = _text(obj["blob"])
         if t is not None:
             new = {k: v for k, v in obj.items() if k != "blob"}
-            new["text"] = INVALID_NOTE if t is False else t
+            # an item with a `text` too (the schema allows one of them) keeps its text,
+            # masked: a client reading the blob first got the blob's text unmasked
+            if "text" not in obj:
+                new["text"] = INVALID_NOTE if t is False else t
     elif obj.get("type") in ("image", "audio") and "data" in obj:
         t = _text(obj["data"])
         if t is not None:
