@@ -18,9 +18,11 @@ import base64
 import binascii
 from typing import Any
 
-# a payload decodes to text when it is UTF-8 with no control characters but whitespace
-# (a PNG, JPEG, PDF or zip header is not UTF-8; UTF-16 text has NULs and stays binary)
-_CONTROL = frozenset(range(0, 32)) - {9, 10, 13}
+# a payload decodes to text when it is UTF-8 without NUL (a PNG, JPEG, PDF or zip header
+# is not UTF-8; UTF-16 text has NULs and stays binary). Other control characters do not
+# make it binary: a tool's log with colours (ESC [31m) is text a client shows, and one
+# \x01 put before the PII let a whole text blob pass unread. UTF-8 without NUL read as
+# text is lossless (its UTF-8 encoding is the payload's bytes).
 INVALID_NOTE = "[agentgate: a base64 payload that is not valid base64 was removed]"
 MAX_DEPTH = 64  # results nest content a few levels deep; bound the walk
 
@@ -42,7 +44,7 @@ def _text(payload: Any) -> str | None | bool:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if any(ord(c) in _CONTROL for c in text):
+    if "\x00" in text:
         return None
     return text
 
