@@ -68,6 +68,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from addons.frame import decode as _decode
 from addons.frame.decode import JsonFloat, NumberOutOfRange, parse_content_type
+from addons.masking.detectors import Finding
 from addons.masking.masker import Findings, Masker, Session, count
 
 try:  # a binary wheel: without it the standard library's encoder writes the same bytes
@@ -98,6 +99,13 @@ _BREAK = "\n\n"
 # Masked._detect: both passes in one detector call where the detectors allow it (False:
 # two calls, the reference the tests compare with)
 USE_ONE_CALL = True
+
+# the new messages of a request whose detection is one call (Masked._walk_ahead): at most
+# about this many characters of them each (one call's text, and the slots held meanwhile)
+BATCH_CHARS = 64 * 1024
+# ... and only messages of at least this many characters with their left context (a
+# shorter one may cost find() nearly nothing alone: its quick test, detectors._QUICK_LEN)
+MIN_BATCH_CHARS = 256
 
 # URL paths remembered as clean (nothing found) per masker, and the longest remembered
 CLEAN_PATHS = 4096
@@ -815,13 +823,18 @@ class Masked:
                                      escape=escape)
 
     # -- slots
-    def _apply(self, slots: _Slots, skip: int = 0) -> bool:
+    def _apply(self, slots: _Slots, skip: int = 0,
+               detected: tuple[list, Crossing] | None = None) -> bool:
         """Mask all slots with one detector pass. True if anything changed. Findings that
-        start before `skip` (a context-only first slot) are ignored."""
+        start before `skip` (a context-only first slot) are ignored. `detected`: what
+        _detect gives for these slots, worked out already (_detect_units)."""
         if not slots.texts and not slots.forced:
             return False
         joined = "".join(slots.parts)
-        found, cross = self._detect(slots, joined) if self.detect else ([], [])
+        if detected is not None:
+            found, cross = detected
+        else:
+            found, cross = self._detect(slots, joined) if self.detect else ([], [])
         restore = self.restore and "[" in joined
         if not found and not cross and not restore and not slots.forced:
             return False
@@ -931,6 +944,71 @@ class Masked:
         found = masker.find(joined)
         return found, _crossing(slots, found, masker.find(ct[0]), ct, 0)
 
+    def _detect_units(self, units: list[_Slots]) -> list[tuple[list, Crossing]] | None:
+        """_detect of each unit (the slots of one message), from ONE detector call: each
+        unit's text (its slots' text, then its cross-field text, as _detect joins them)
+        after the one before, apart by DetectorSet.isolating_break of all the text before
+        it, so find() over the whole is each unit's find() in turn, moved (a unit's fixed
+        cost, ~10 us of prefilter scans and per-call work, is paid once for a turn's new
+        messages). None where that separator is not available (custom detectors, the
+        reference switch off): then each unit is its own call. A finding outside the
+        unit's two texts is not expected (the separator's proof); that unit then gets
+        its own _detect, never a guess."""
+        brk = getattr(getattr(self.masker, "detectors", None), "isolating_break", None)
+        if brk is None or not USE_ONE_CALL or len(units) < 2:
+            return None
+        texts: list[str] = []
+        # per unit: (its start in the whole, its slots' text, where its cross text
+        # starts within the unit or -1, the unit's length, its cross text)
+        layout: list[tuple[int, str, int, int, CrossText | None]] = []
+        pos = 0
+        for slots in units:
+            joined = "".join(slots.parts)
+            ct = _cross_text(self.masker, slots)
+            if ct is None:
+                unit, cut = joined, -1
+            else:
+                sep = brk(joined)
+                if not sep:
+                    return None
+                cut = len(joined) + len(sep)
+                unit = joined + sep + ct[0]
+            if texts:
+                gap = brk("".join(texts))
+                if not gap:
+                    return None
+                texts.append(gap)
+                pos += len(gap)
+            layout.append((pos, joined, cut, len(unit), ct))
+            texts.append(unit)
+            pos += len(unit)
+        everything = self.masker.find("".join(texts))
+        out: list[tuple[list, Crossing]] = []
+        k, n_all = 0, len(everything)
+        for slots, (start, joined, cut, size, ct) in zip(units, layout, strict=True):
+            end = start + size
+            if k < n_all and everything[k].start < start:
+                return None  # one in a separator: cannot be (the proof); each unit alone
+            mine: list = []
+            while k < n_all and everything[k].start < end:
+                mine.append(everything[k])
+                k += 1
+            n = len(joined)
+            moved = [f if not start else
+                     Finding(f.entity, f.start - start, f.end - start, f.value)
+                     for f in mine]
+            found = [f for f in moved if f.end <= n]
+            crossing = moved[len(found):]
+            stray = (crossing and (ct is None or crossing[0].start < cut)) or \
+                any(f.end > size for f in moved)
+            if stray:
+                out.append(self._detect(slots, joined))
+            elif ct is None:
+                out.append((found, []))
+            else:
+                out.append((found, _crossing(slots, found, crossing, ct, cut)))
+        return out
+
     def _rebuild(self, old: str, edits: Any, restore: bool) -> str:
         if not (restore and self.session):  # the usual case: the gaps as they are
             if not edits:
@@ -1036,11 +1114,33 @@ class Masked:
                 done = len(prefix.entries)
                 record.extend(prefix.entries)
                 taken = prefix
-        for msg in msgs[done:] if done else msgs:
-            digest = _digest(self.restorable, prev_tail, msg)
-            tail = _last_text(msg)[-ctx_len:] if ctx_len else ""
-            prev_tail = tail
-            hit = cache.get(digest.key)
+        new_msgs = msgs[done:] if done else msgs
+        # the new messages' digests and left contexts, then the slots and findings of
+        # those the cache does not hold, from one detector call (_walk_ahead); what is
+        # not worked out ahead (an exception on the way: it is raised again below, at
+        # the same message as before) is worked out in the loop, one message at a time
+        heads: list[tuple[_Digest, str]] = []
+        for msg in new_msgs:
+            try:
+                digest = _digest(self.restorable, prev_tail, msg)
+            except Exception:  # noqa: BLE001 - any: the loop raises it at this message
+                break
+            prev_tail = _last_text(msg)[-ctx_len:] if ctx_len else ""
+            heads.append((digest, prev_tail))
+        # (looked up here, in message order, rather than each before its message is
+        # masked: a message this turn sends twice after the same context is then masked
+        # twice, not the second taken from the first; the same bytes either way)
+        hits = [cache.get(d.key) for d, _ in heads]
+        ahead = self._walk_ahead(new_msgs, heads, hits, shared) \
+            if hits.count(None) > 1 else {}
+        for i, msg in enumerate(new_msgs):
+            if i < len(heads):
+                digest, prev_tail = heads[i]
+                hit = hits[i]
+            else:
+                digest = _digest(self.restorable, prev_tail, msg)
+                prev_tail = _last_text(msg)[-ctx_len:] if ctx_len else ""
+                hit = cache.get(digest.key)
             if hit is not None and self._replay(hit):
                 parts.append(hit.json)
                 changed = changed or hit.changed
@@ -1051,13 +1151,13 @@ class Masked:
             one = Masked(self.masker, self.session, found, restorable=self.restorable)
             one.llm = self.llm
             one.trace = []
-            slots = _Slots(self.llm, cow=shared)
-            ctx = digest.context
-            if ctx:
-                slots.add(ctx, _noop, -1)
-            skip = slots.pos + len(_BREAK) if ctx else 0
-            slots.walk(msg, -1, 2)  # where it sits in the document (depth limit)
-            one_changed = one._apply(slots, skip)
+            got = ahead.get(i)
+            if got is not None:
+                slots, skip, detected = got
+            else:
+                slots, skip = self._message_slots(digest.context, msg, shared)
+                detected = None
+            one_changed = one._apply(slots, skip, detected)
             for entity, entry in found.items():
                 count(self.findings, entity, entry["strategy"], entry["count"])
             # kept in the cache: an exact copy (orjson's own bytes object keeps the whole
@@ -1107,6 +1207,58 @@ class Masked:
         parts[0] = head.encode() + b"[" + parts[0]
         parts[-1] = parts[-1] + b"]" + tail.encode()
         return b",".join(parts)
+
+    def _message_slots(self, ctx: str, msg: Any, shared: bool) -> tuple[_Slots, int]:
+        """One message's slots, after its left context `ctx` (a context-only first slot:
+        findings starting before the returned `skip` are not its own)."""
+        slots = _Slots(self.llm, cow=shared)
+        if ctx:
+            slots.add(ctx, _noop, -1)
+        skip = slots.pos + len(_BREAK) if ctx else 0
+        slots.walk(msg, -1, 2)  # where it sits in the document (depth limit)
+        return slots, skip
+
+    def _walk_ahead(self, msgs: list, heads: list[tuple[_Digest, str]], hits: list,
+                    shared: bool
+                    ) -> dict[int, tuple[_Slots, int, tuple[list, Crossing] | None]]:
+        """By index of `msgs`: the slots, skip and detector findings (None: _apply finds
+        them) of each message the cache did not give (`hits` None; `heads`: digests and
+        left contexts), found for up to BATCH_CHARS of them at a time in one detector
+        call (_detect_units). Detection reads the text alone (no session, no cache), so
+        working it out ahead changes nothing (a hit whose replay fails is walked in the
+        loop; one walked here is not walked again: without the shared parse's copy on
+        write a walk changes its message, e.g. logprobs dropped)."""
+        out: dict[int, tuple[_Slots, int, tuple[list, Crossing] | None]] = {}
+        group: list[tuple[int, _Slots, int]] = []
+        size = 0
+        for i, hit in enumerate(hits):
+            if hit is not None:
+                continue
+            try:
+                slots, skip = self._message_slots(heads[i][0].context, msgs[i], shared)
+            except Exception:  # noqa: BLE001 - any: raised again where it was before
+                break  # the loop walks it and raises there, after the messages before it
+            if slots.pos < MIN_BATCH_CHARS:
+                # short: find() may answer it at once (its quick test), alone, for nothing
+                out[i] = (slots, skip, None)
+                continue
+            group.append((i, slots, skip))
+            size += slots.pos
+            if size >= BATCH_CHARS:
+                self._detect_group(group, out)
+                size = 0
+        self._detect_group(group, out)
+        return out
+
+    def _detect_group(self, group: list[tuple[int, _Slots, int]],
+                      out: dict[int, tuple[_Slots, int, tuple[list, Crossing] | None]]
+                      ) -> None:
+        """_walk_ahead's messages in `group` (index, slots, skip) into `out`, with their
+        findings from one call when there are two or more; `group` emptied."""
+        got = self._detect_units([g[1] for g in group]) if len(group) > 1 else None
+        for k, (i, slots, skip) in enumerate(group):
+            out[i] = (slots, skip, got[k] if got is not None else None)
+        group.clear()
 
     def _apply_part(self, part: dict) -> bool:
         """Mask `part` (a new dict: changed in place; its values copied on write).
