@@ -628,7 +628,9 @@ class Session:
                 return st, v, pg.error_response(
                     "42501", "agentgate: blocked by rule guard:unknown_statement: EXECUTE of "
                              "a prepared statement the gateway has not seen")
-            inner = known[0]
+            (inner, iv), refusal = await self._rejudge(known)
+            if refusal is not None:
+                return inner, iv, refusal
             st = Statement(sql=st.sql, masked=st.masked, count=st.count,
                            kinds=("EXECUTE", *inner.kinds), tables=inner.tables,
                            functions=inner.functions, unbounded=inner.unbounded,
@@ -637,6 +639,30 @@ class Session:
         if v.action == "block":
             return st, v, self._blocked(v)
         return st, v, None
+
+    async def _rejudge(self, entry: tuple[Statement, Verdict]
+                       ) -> tuple[tuple[Statement, Verdict], bytes | None]:
+        """A statement judged at PREPARE / Parse, about to run (EXECUTE, Bind): PostgreSQL
+        parses it again when the catalog under it changed, so its `okf()` runs whatever
+        is named okf by then (a function renamed, a view replaced since). What it reaches
+        is looked up again (cached CACHE_TTL_S) and the rules judge it again; (entry,
+        refusal or None)."""
+        st, v = entry
+        if not ((st.relation_refs or st.function_refs or st.operator_refs or st.type_refs)
+                and depends.needed(self.db)):
+            return entry, None
+        stale = self._stale_catalog(st)
+        if stale is not None:
+            return (st, Verdict("block", "guard:dependencies")), pg.error_response(
+                "42501", f"agentgate: blocked by rule guard:dependencies: {stale}; it was not "
+                         "sent")
+        st, refusal = await self._reach(st)
+        if refusal is not None:
+            return (st, Verdict("block", refusal[0])), refusal[1]
+        v = evaluate(self.db, st, self.identity)
+        if v.action == "block":
+            return (st, v), self._blocked(v)
+        return (st, v), None
 
     def _stale_catalog(self, st: Statement) -> str | None:
         """Why what `st` reaches cannot be read from the catalog login now, or None. Its
@@ -866,8 +892,18 @@ class Session:
             elif t == b"B":
                 b = pg.parse_bind(payload)
                 entry = await self._lookup(b.statement)
+                refusal = None
+                if entry is not None:
+                    entry, refusal = await self._rejudge(entry)
                 await self._masker_idle()
-                if entry is None:
+                if refusal is not None and entry is not None:
+                    # the Bind is not sent: the server errors on the stand-in and skips
+                    # to Sync, the client reads this refusal in place of BindComplete
+                    self.portals.pop(b.portal, None)
+                    tok = Token(entry[0], entry[1], time.time())
+                    self._refuse_in_band(b"B", tok, refusal)
+                    self._log(tok)
+                elif entry is None:
                     self.portals.pop(b.portal, None)
                 else:
                     self.portals[b.portal] = entry

@@ -39,9 +39,12 @@ SETUP = [
     "ALTER TABLE users OWNER TO agent_rw",
     *(f"CREATE FUNCTION {n}() RETURNS text {LEAK}" for n in ("leak_tx", "leak_multi",
                                                             "leak_cache", "leak_pipe")),
-    "CREATE FUNCTION okf() RETURNS text LANGUAGE sql AS 'SELECT name FROM users LIMIT 1'",
-    *(f"ALTER FUNCTION {n}() OWNER TO agent_rw" for n in ("leak_tx", "leak_multi",
-                                                         "leak_cache", "leak_pipe", "okf")),
+    *(f"CREATE FUNCTION {n}() RETURNS text LANGUAGE sql AS 'SELECT name FROM users LIMIT 1'"
+      for n in ("okf", "okf_sql", "okf_proto")),
+    *(f"CREATE FUNCTION {n}() RETURNS text {LEAK}" for n in ("leak_sqlprep", "leak_proto")),
+    *(f"ALTER FUNCTION {n}() OWNER TO agent_rw"
+      for n in ("leak_tx", "leak_multi", "leak_cache", "leak_pipe", "okf", "okf_sql",
+                "okf_proto", "leak_sqlprep", "leak_proto")),
     "ALTER SYSTEM SET log_statement = 'all'",
     "SELECT pg_reload_conf()",
 ]
@@ -148,3 +151,35 @@ def test_ddl_renaming_a_function_never_lets_a_stale_catalog_judge_it(env: Env) -
     assert server_log.count("statement: SELECT okf()") == 3, server_log[-3000:]
     assert "SET search_path" not in server_log
     assert len(env.blocked()) >= 4
+
+
+def test_a_statement_prepared_before_the_ddl_is_judged_again(env: Env) -> None:
+    """PostgreSQL parses a prepared statement again when the catalog under it changed, so
+    `okf` in a statement prepared while it was harmless calls whatever is named okf by
+    the time it runs: judged once at PREPARE / Parse, it ran the leak unjudged. (libpq
+    calls, not psycopg's execute: psycopg itself deallocates everything after DDL.)"""
+    from psycopg.pq import ExecStatus
+
+    with env.connect() as c:
+        pq = c.pgconn
+
+        def run(res: Any) -> list[Any]:
+            if res.status == ExecStatus.FATAL_ERROR:
+                msg = (res.error_message or b"").decode()
+                assert SSN not in msg
+                return [("error", msg)]
+            return [res.get_value(i, 0) for i in range(res.ntuples)]
+
+        assert run(pq.exec_(b"PREPARE p AS SELECT okf_sql()")) == []
+        assert run(pq.exec_(b"EXECUTE p")) == [b"Ann"]
+        assert run(pq.prepare(b"s1", b"SELECT okf_proto()")) == []
+        assert run(pq.exec_prepared(b"s1", [])) == [b"Ann"]
+        for ok, leak in (("okf_sql", "leak_sqlprep"), ("okf_proto", "leak_proto")):
+            assert run(pq.exec_(f"ALTER FUNCTION {ok}() RENAME TO {ok}_old".encode())) == []
+            assert run(pq.exec_(f"ALTER FUNCTION {leak}() RENAME TO {ok}".encode())) == []
+        for res in (pq.exec_(b"EXECUTE p"), pq.exec_prepared(b"s1", [])):
+            got = run(res)
+            assert len(got) == 1 and isinstance(got[0], tuple), f"ran: {got}"
+            assert "no-secrets" in got[0][1], got
+            assert res.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"42501", got
+        assert run(pq.exec_(b"SELECT count(*) FROM users")) == [b"2"]
