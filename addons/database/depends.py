@@ -60,6 +60,9 @@ JOIN pg_class c ON c.oid = to_regclass(r.n)
 JOIN pg_namespace ns ON ns.oid = c.relnamespace
 """
 # function ('f') and operator ('o') names (schema or '' for the session's schemas, name) ->
+# oids of every overload's function; a qualified column's last field ('a': `u.leakf`) -> the
+# functions of that name whose first argument is a row type or a pseudo-type (attribute
+# notation calls them);
 # oids of every overload's function; cast target types ('t', the quoted name) -> the
 # functions of casts to them and of their domain CHECK constraints
 FUNCTIONS_SQL = """
@@ -84,6 +87,13 @@ FROM unnest($1::text[], $2::text[], $3::text[]) AS f(k, s, n)
 JOIN pg_constraint con ON f.k = 't' AND con.contypid = to_regtype(f.n)
 JOIN pg_depend d ON d.classid = 'pg_constraint'::regclass AND d.objid = con.oid
   AND d.refclassid = 'pg_proc'::regclass
+UNION
+SELECT p.oid::int8
+FROM unnest($1::text[], $2::text[], $3::text[]) AS f(k, s, n)
+JOIN pg_proc p ON f.k = 'a' AND p.proname = f.n AND p.pronargs >= 1
+JOIN pg_namespace ns ON ns.oid = p.pronamespace
+JOIN pg_type t ON t.oid = p.proargtypes[0]
+WHERE ns.nspname = ANY (current_schemas(true)) AND (t.typrelid <> 0 OR t.typtype = 'p')
 """
 # what the rewrite rules (a view's query, DO ALSO), row security policies, column defaults
 # and CHECK constraints of relations $1 and the BEGIN ATOMIC bodies of functions $2 reference
@@ -144,10 +154,11 @@ def _array(values: list[str]) -> str:
 
 
 def _function_names(funcs: list[tuple[str, ...]], ops: list[tuple[str, ...]],
-                    types: list[tuple[str, ...]]) -> list[str]:
+                    types: list[tuple[str, ...]],
+                    attrs: list[tuple[str, ...]] | None = None) -> list[str]:
     """The three text[] parameters of FUNCTIONS_SQL: kinds, schemas, names."""
     kinds, schemas, names = [], [], []
-    for kind, refs in (("f", funcs), ("o", ops)):
+    for kind, refs in (("f", funcs), ("o", ops), ("a", attrs or [])):
         for parts in dict.fromkeys(refs):
             if not parts or len(parts) > 3:
                 continue
@@ -177,6 +188,7 @@ async def resolve(st: Statement, query: Query) -> Resolved:
     fn_refs = list(st.function_refs)
     op_refs = list(st.operator_refs)
     type_refs = list(st.type_refs)
+    attr_refs = list(st.attribute_refs)
     pending_rel: set[int] = set()
     pending_fn: set[int] = set()
     for _ in range(MAX_ROUNDS):
@@ -196,12 +208,12 @@ async def resolve(st: Statement, query: Query) -> Resolved:
                     if not (as_written in st.tables
                             and full in (as_written, f"public.{as_written}")):
                         _add(tables, full)
-        if fn_refs or op_refs or type_refs:
-            for (oid,) in await query(FUNCTIONS_SQL,
-                                      _function_names(fn_refs, op_refs, type_refs)):
+        if fn_refs or op_refs or type_refs or attr_refs:
+            for (oid,) in await query(FUNCTIONS_SQL, _function_names(
+                    fn_refs, op_refs, type_refs, attr_refs)):
                 if int(oid) not in queried_fn:
                     pending_fn.add(int(oid))
-        rel_refs, fn_refs, op_refs, type_refs = [], [], [], []
+        rel_refs, fn_refs, op_refs, type_refs, attr_refs = [], [], [], [], []
         if not pending_rel and not pending_fn:
             return _done(tables, functions, guards, unresolved)
         if len(seen_rel) + len(judged_fn) > MAX_OBJECTS:
@@ -247,6 +259,7 @@ async def resolve(st: Statement, query: Query) -> Resolved:
             fn_refs.extend(body.function_refs)
             op_refs.extend(body.operator_refs)
             type_refs.extend(body.type_refs)
+            attr_refs.extend(body.attribute_refs)
     _add(unresolved, f"dependencies deeper than {MAX_ROUNDS} look-ups or over "
                      f"{MAX_OBJECTS} objects")
     return _done(tables, functions, guards, unresolved)
@@ -301,6 +314,7 @@ class Cache:
 
     def key(self, st: Statement) -> Any:
         return (st.relation_refs, st.function_refs, st.operator_refs, st.type_refs,
+                st.attribute_refs,
                 bool(WRITES & set(st.kinds)))
 
     def get(self, st: Statement) -> Resolved | None:

@@ -608,7 +608,8 @@ class Session:
                 "42601", f"agentgate: the statement could not be parsed ({e}); it was not "
                          "sent")
         if st.executes is None and (st.relation_refs or st.function_refs
-                                    or st.operator_refs or st.type_refs) \
+                                    or st.operator_refs or st.type_refs
+                                    or st.attribute_refs) \
                 and depends.needed(self.db):
             stale = self._stale_catalog(st)
             if stale is not None:
@@ -648,7 +649,8 @@ class Session:
         is looked up again (cached CACHE_TTL_S) and the rules judge it again; (entry,
         refusal or None)."""
         st, v = entry
-        if not ((st.relation_refs or st.function_refs or st.operator_refs or st.type_refs)
+        if not ((st.relation_refs or st.function_refs or st.operator_refs or st.type_refs
+                 or st.attribute_refs)
                 and depends.needed(self.db)):
             return entry, None
         stale = self._stale_catalog(st)

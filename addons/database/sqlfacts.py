@@ -120,6 +120,9 @@ class Statement:
     function_refs: tuple[tuple[str, ...], ...] = ()
     operator_refs: tuple[tuple[str, ...], ...] = ()  # operators run functions too
     type_refs: tuple[tuple[str, ...], ...] = ()      # cast targets (cast and CHECK functions)
+    # the last field of a qualified column (`u.leakf`, `(u).leakf`): PostgreSQL calls a
+    # function leakf(users) for it when users has no such column (attribute notation)
+    attribute_refs: tuple[tuple[str, ...], ...] = ()
 
     @property
     def kind(self) -> str:
@@ -141,6 +144,7 @@ class _Walk:
     function_refs: list[tuple[str, ...]] = field(default_factory=list)
     operator_refs: list[tuple[str, ...]] = field(default_factory=list)
     type_refs: list[tuple[str, ...]] = field(default_factory=list)
+    attribute_refs: list[tuple[str, ...]] = field(default_factory=list)
     prepared: str | None = None
     executes: str | None = None
     deallocates: str | None = None
@@ -247,7 +251,7 @@ def _facts(key: str, val: dict[str, Any], w: _Walk, ctes: frozenset[str]) -> Non
                         if val.get(k))
             if ref not in w.relation_refs:
                 w.relation_refs.append(ref)
-    elif key == "FuncCall":
+    elif key in ("FuncCall", "funccall"):  # funccall: CALL's, a FuncCall unwrapped
         parts = tuple(_strings(val.get("funcname")))
         fn = ".".join(parts).lower()
         w.add(w.functions, fn)
@@ -262,6 +266,18 @@ def _facts(key: str, val: dict[str, Any], w: _Walk, ctes: frozenset[str]) -> Non
         parts = tuple(_strings(val.get("name")))
         if parts and parts not in w.operator_refs:
             w.operator_refs.append(parts)
+    elif key in ("ColumnRef", "A_Indirection"):
+        fields = val.get("fields") if key == "ColumnRef" else val.get("indirection")
+        names = [f["String"].get("sval") for f in fields or ()
+                 if isinstance(f, dict) and isinstance(f.get("String"), dict)]
+        if key == "ColumnRef":  # `u.leakf`, not `leakf` nor `u.*`
+            last = (fields or [{}])[-1]
+            names = names[-1:] if len(fields) >= 2 and isinstance(last, dict) \
+                and "String" in last else []
+        if names:
+            for n in names:
+                if n and (n,) not in w.attribute_refs:
+                    w.attribute_refs.append((n,))
     elif key == "TypeCast":
         parts = tuple(_strings((val.get("typeName") or {}).get("names")))
         if parts and parts not in w.type_refs:
@@ -409,4 +425,5 @@ def analyze(sql: str) -> Statement:
                      relation_refs=tuple(w.relation_refs),
                      function_refs=tuple(w.function_refs),
                      operator_refs=tuple(w.operator_refs),
-                     type_refs=tuple(w.type_refs))
+                     type_refs=tuple(w.type_refs),
+                     attribute_refs=tuple(w.attribute_refs))

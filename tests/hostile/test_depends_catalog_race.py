@@ -45,6 +45,13 @@ SETUP = [
     *(f"ALTER FUNCTION {n}() OWNER TO agent_rw"
       for n in ("leak_tx", "leak_multi", "leak_cache", "leak_pipe", "okf", "okf_sql",
                 "okf_proto", "leak_sqlprep", "leak_proto")),
+    # names a statement reaches a function by without a call in its text
+    "CREATE FUNCTION leakf(users) RETURNS text LANGUAGE sql AS "
+    "'SELECT ssn FROM secret LIMIT 1'",
+    "CREATE FUNCTION leakany(anyelement) RETURNS text LANGUAGE sql AS "
+    "'SELECT ssn FROM secret LIMIT 1'",
+    "CREATE PROCEDURE leakp(INOUT s text) LANGUAGE sql AS 'SELECT ssn FROM secret LIMIT 1'",
+    "CREATE FUNCTION initial(users) RETURNS text LANGUAGE sql AS 'SELECT left($1.name, 1)'",
     "ALTER SYSTEM SET log_statement = 'all'",
     "SELECT pg_reload_conf()",
 ]
@@ -183,3 +190,22 @@ def test_a_statement_prepared_before_the_ddl_is_judged_again(env: Env) -> None:
             assert "no-secrets" in got[0][1], got
             assert res.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"42501", got
         assert run(pq.exec_(b"SELECT count(*) FROM users")) == [b"2"]
+
+
+def test_functions_reached_without_a_call_in_the_text(env: Env) -> None:
+    """`u.leakf` (attribute notation: PostgreSQL calls leakf(u) when users has no column
+    leakf) and CALL of a SQL procedure (CALL's call was never read as one) reached
+    `secret` unjudged: the SSN came back. Attribute notation over a harmless function, and
+    plain columns, still run."""
+    refused = ("SELECT u.leakf FROM users u", "SELECT (u).leakf FROM users u",
+               "SELECT users.leakf FROM users", "SELECT (u.*).leakf FROM users u",
+               "SELECT u.leakany FROM users u", "CALL leakp(NULL)", "CALL public.leakp(NULL)")
+    with env.connect() as c:
+        for sql in refused:
+            assert "no-secrets" in _refused(c, sql), sql
+        assert c.execute("SELECT u.initial, u.name FROM users u ORDER BY u.id").fetchall() \
+            == [("A", "Ann"), ("B", "Bob")]
+    server_log = env.pg.log()  # (the catalog login's look-ups name leakf as a parameter)
+    assert "SELECT u.initial, u.name" in server_log
+    for sql in refused:
+        assert sql not in server_log, sql
