@@ -51,6 +51,7 @@ STATISTICS = frozenset({"pg_catalog.pg_stats", "pg_catalog.pg_stats_ext",
                         "pg_catalog.pg_stats_ext_exprs", "pg_catalog.pg_statistic",
                         "pg_catalog.pg_statistic_ext_data"})
 NATIVE_LANGUAGES = frozenset({"c", "internal"})
+FIRST_USER_OID = 16384  # PostgreSQL's FirstNormalObjectId: below it, built in at initdb
 
 # relation names as written (each part quoted) -> oid, schema, name
 RELATIONS_SQL = """
@@ -127,6 +128,15 @@ JOIN pg_language l ON l.oid = p.prolang
 WHERE p.oid = ANY ($2::oid[]) OR p.oid IN ({_REFERENCED.format("pg_proc")})
   OR ($3 = 't' AND p.oid IN (
     SELECT tgfoid FROM pg_trigger WHERE tgrelid = ANY ($1::oid[]) AND NOT tgisinternal))
+  -- an implicit or assignment cast runs its function where no cast is written (f(1) for
+  -- f(ticket), INSERT of 1 into a ticket column): every user-made one to an argument type
+  -- of $2 or a column type of $1 counts (which ones run depends on types not inferred here)
+  OR p.oid IN (SELECT c.castfunc FROM pg_cast c WHERE c.castcontext <> 'e'
+               AND c.castfunc >= {FIRST_USER_OID} AND (c.casttarget IN (
+                 SELECT unnest(pp.proargtypes::oid[]) FROM pg_proc pp
+                 WHERE pp.oid = ANY ($2::oid[]))
+               OR c.casttarget IN (SELECT a.atttypid FROM pg_attribute a
+                                   WHERE a.attrelid = ANY ($1::oid[]) AND a.attnum > 0)))
 """  # noqa: S608 - built from the constants above only
 
 

@@ -52,6 +52,13 @@ SETUP = [
     "'SELECT ssn FROM secret LIMIT 1'",
     "CREATE PROCEDURE leakp(INOUT s text) LANGUAGE sql AS 'SELECT ssn FROM secret LIMIT 1'",
     "CREATE FUNCTION initial(users) RETURNS text LANGUAGE sql AS 'SELECT left($1.name, 1)'",
+    "CREATE TYPE ticket AS (id int, ssn text)",
+    "CREATE FUNCTION ticket_of(int) RETURNS ticket LANGUAGE sql AS "
+    "'SELECT id, ssn FROM secret WHERE id = $1'",
+    "CREATE CAST (int AS ticket) WITH FUNCTION ticket_of(int) AS IMPLICIT",
+    "CREATE FUNCTION show_ticket(ticket) RETURNS text LANGUAGE sql AS 'SELECT ($1).ssn'",
+    "CREATE TABLE tix (t ticket)",
+    "ALTER TABLE tix OWNER TO agent_rw",
     "ALTER SYSTEM SET log_statement = 'all'",
     "SELECT pg_reload_conf()",
 ]
@@ -194,12 +201,14 @@ def test_a_statement_prepared_before_the_ddl_is_judged_again(env: Env) -> None:
 
 def test_functions_reached_without_a_call_in_the_text(env: Env) -> None:
     """`u.leakf` (attribute notation: PostgreSQL calls leakf(u) when users has no column
-    leakf) and CALL of a SQL procedure (CALL's call was never read as one) reached
-    `secret` unjudged: the SSN came back. Attribute notation over a harmless function, and
+    leakf), CALL of a SQL procedure (CALL's call was never read as one) and an implicit
+    cast's function reached `secret` unjudged: the SSN came back. Attribute notation over a harmless function, and
     plain columns, still run."""
     refused = ("SELECT u.leakf FROM users u", "SELECT (u).leakf FROM users u",
                "SELECT users.leakf FROM users", "SELECT (u.*).leakf FROM users u",
-               "SELECT u.leakany FROM users u", "CALL leakp(NULL)", "CALL public.leakp(NULL)")
+               "SELECT u.leakany FROM users u", "CALL leakp(NULL)", "CALL public.leakp(NULL)",
+               # an implicit cast's function (int -> ticket reads secret): no cast written
+               "SELECT show_ticket(1)", "INSERT INTO tix VALUES (1) RETURNING (t).ssn")
     with env.connect() as c:
         for sql in refused:
             assert "no-secrets" in _refused(c, sql), sql
