@@ -13,7 +13,9 @@
   the process exits 0. A second SIGTERM (or SIGINT) stops at once.
 - Every `agentgate_heap_trim_seconds` (default 10; 0: never) the heap's free memory goes
   back to the OS (heap.py: glibc malloc_trim, in a worker thread), so RSS after a burst of
-  large bodies falls back instead of staying at the burst's peak.
+  large bodies falls back instead of staying at the burst's peak; and so do the shared
+  libraries' pages (frame/pages.py), those read only once in a while (a new host's
+  certificate) included: what serving reads comes back on first use.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.approval.config import bind_reason, listen_text, parse_listen
 from addons.frame.guard import guarded
+from addons.frame.pages import drop_library_pages
 from addons.health.heap import HeapTrimmer
 from addons.health.probes import Check, ProbeServer
 
@@ -68,8 +71,9 @@ class Health:
             f"stops (default: ${DRAIN_ENV}, else {DEFAULT_DRAIN}).")
         loader.add_option(
             "agentgate_heap_trim_seconds", int, DEFAULT_HEAP_TRIM,
-            "Every this many seconds, give the heap's free memory back to the OS (glibc "
-            "malloc_trim, off the event loop); 0: never.")
+            "Every this many seconds, give the heap's free memory and the shared "
+            "libraries' resident pages back to the OS (glibc malloc_trim, madvise; off "
+            "the event loop); 0: never.")
 
     def configure(self, updated: set[str]) -> None:
         if "agentgate_health_listen" in updated:
@@ -120,6 +124,10 @@ class Health:
             if every > 0:
                 try:
                     await asyncio.to_thread(self.heap.trim)
+                    # and the libraries' pages read since the last round (the first
+                    # connections' certificate code, a rules reload's compiler): what
+                    # serving reads comes back on first use, once a round
+                    await asyncio.to_thread(drop_library_pages)
                 except Exception:  # noqa: BLE001 - housekeeping: log, keep serving
                     log.exception("agentgate: returning free heap memory failed")
 

@@ -12,7 +12,15 @@ The last addon on the chain (addons/gateway.py puts it there):
   cyclic collection runs (scheduled on the event loop right after the hook).
 - `running`: the objects that exist once the suite is loaded (modules, compiled patterns,
   rules) are moved out of the collector's generations (`gc.freeze`), so that a full
-  collection only walks what was allocated since (a few ms, not tens).
+  collection only walks what was allocated since (a few ms, not tens); and the shared
+  libraries' pages that loading faulted in are dropped (frame/pages.py): ~15 MiB of the
+  process's peak (hyperscan's compiler, cryptography's and OpenSSL's start-up code) that
+  serving flows never reads again; what it does read comes back once. (health/addon.py
+  drops them again with each periodic heap trim: the first flows' certificate code.)
+- after each full collection, the heap's free memory goes back to the OS
+  (`malloc_trim`, in a worker thread): the bodies the collection freed leave holes that
+  glibc keeps resident, and as a conversation's bodies grow turn by turn a freed body is
+  too small for the next one, so the holes add up instead of being reused.
 
 Why the collections: mitmproxy's finished flows die in reference cycles (its HTTP stream
 layer keeps bound methods of itself), so a flow and its bodies go back only when the cyclic
@@ -40,6 +48,8 @@ from mitmproxy import http
 
 from addons.frame import decode
 from addons.frame.guard import guarded
+from addons.frame.pages import drop_library_pages
+from addons.health.heap import HeapTrimmer
 
 log = logging.getLogger("agentgate.memory")
 
@@ -62,6 +72,8 @@ class Memory:
         self.scheduled = False
         self.collections = 0
         self.collect_seconds = 0.0
+        self.trimmer = HeapTrimmer()
+        self.dropped_kib = 0  # library pages dropped at the last `running`
 
     # sync on purpose: mitmproxy invokes `running` with invoke_addon_sync on a reload
     def running(self) -> None:
@@ -75,7 +87,9 @@ class Memory:
         # the long-lived count of the last full collection to be promoted before the next
         # one, and that count (the whole start-up heap) survives the freeze
         gc.collect()
-        log.debug("agentgate: %d start-up objects frozen out of the cyclic GC", self.frozen)
+        self.dropped_kib = drop_library_pages()
+        log.debug("agentgate: %d start-up objects frozen out of the cyclic GC, %d KiB of "
+                  "library pages dropped", self.frozen, self.dropped_kib)
 
     # Guarded like every flow hook. skip_answered=False: a refused flow's decoded body is
     # released too.
@@ -119,3 +133,14 @@ class Memory:
         self.not_before = t0 + took * (1 + COLLECT_SPACING)
         self.collect_seconds += took
         self.collections += 1
+        if self.trimmer.available:
+            try:
+                asyncio.get_running_loop().run_in_executor(None, self._trim)
+            except RuntimeError:
+                self._trim()
+
+    def _trim(self) -> None:
+        try:
+            self.trimmer.trim()
+        except Exception:  # noqa: BLE001 - housekeeping: log, keep serving
+            log.exception("agentgate: returning free heap memory failed")

@@ -36,6 +36,7 @@ from typing import IO, Any
 
 from addons.frame import decode as body_decode
 from addons.frame import logscrub
+from addons.frame.pages import drop_library_pages
 from addons.recording import lake, store, wire
 from addons.recording.writer import AuditWriter, open_failure_hint
 
@@ -63,57 +64,6 @@ def build(pending: store.Pending, known: Container[str] | None = None) -> dict[s
     # the one bounded decoder, as in the gateway (a bomb must not blow up the writer)
     return store.build_row(pending, decode=body_decode.decompress, splits=SPLITS,
                            known=known)
-
-
-# madvise(2) advice: drop the mapping's pages from this process (file pages stay cached)
-MADV_DONTNEED = 4
-
-
-def drop_library_pages(fragment: str = "/") -> int:
-    """Unmap the resident pages of the read-only file mappings (shared libraries) whose
-    path contains `fragment` (default: every one); returns the KiB dropped (0 where /proc
-    or madvise is absent).
-
-    Loading DuckDB (its 60 MB library: relocation tables, registering its ~1,000 built-in
-    functions) and opening the store fault in ~32 MiB of it, and Python's own libraries
-    (libpython, libcrypto, libstdc++ …) ~13 MiB more, most of which an INSERT and a COMMIT
-    never read again; they stayed counted in this process's RSS for good. The pages an
-    insert or a checkpoint needs come back on their first use (minor faults from the page
-    cache: ~16 MiB of DuckDB's). Only mappings without write permission and with no private
-    copies ("Anonymous: 0": not the relocated RELRO part) are touched: their pages are the
-    file's bytes, so dropping them cannot change what the process reads."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-        with open("/proc/self/smaps") as f:
-            text = f.read()
-    except (OSError, AttributeError):
-        return 0
-    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], \
-        ctypes.c_int
-    dropped = 0
-    for head, fields in _smaps_blocks(text):
-        parts = head.split()
-        if (len(parts) < 6 or fragment not in parts[5] or "w" in parts[1]
-                or fields.get("Anonymous", 1) != 0 or not fields.get("Rss")):
-            continue
-        start, end = (int(x, 16) for x in parts[0].split("-"))
-        if madvise(start, end - start, MADV_DONTNEED) == 0:
-            dropped += fields["Rss"]
-    return dropped
-
-
-def _smaps_blocks(text: str) -> list[tuple[str, dict[str, int]]]:
-    """/proc/PID/smaps as (mapping line, {field: kB}) pairs."""
-    out: list[tuple[str, dict[str, int]]] = []
-    for line in text.splitlines():
-        key, sep, rest = line.partition(":")
-        if sep and " " not in key and rest.strip().endswith("kB"):
-            if out:
-                out[-1][1][key] = int(rest.split()[0])
-        elif line and not line[0].isupper():
-            out.append((line, {}))
-    return out
 
 
 def _malloc_trim() -> Any:

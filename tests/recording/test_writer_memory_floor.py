@@ -12,7 +12,8 @@ from pathlib import Path
 import duckdb
 from mitmproxy.test import tflow
 
-from addons.recording import store, writerproc
+from addons.frame.pages import smaps_blocks
+from addons.recording import store
 from addons.recording.addon import ConnStates, flow_state
 from addons.recording.remote import ROOT, WriterProcess
 
@@ -25,7 +26,7 @@ HEAVY = ("mitmproxy", "regex", "hyperscan", "cryptography", "tornado", "aioquic"
 def duckdb_library_kib(pid: int) -> tuple[int, int]:
     """(KiB resident of _duckdb's read-only mappings, KiB of its private copies)."""
     clean = copies = 0
-    for head, fields in writerproc._smaps_blocks(Path(f"/proc/{pid}/smaps").read_text()):  # noqa: SLF001
+    for head, fields in smaps_blocks(Path(f"/proc/{pid}/smaps").read_text()):
         parts = head.split()
         if len(parts) >= 6 and "_duckdb" in parts[5]:
             if "w" in parts[1] or fields.get("Anonymous"):
@@ -89,8 +90,3 @@ def test_duckdbs_library_pages_are_dropped_once_the_store_is_open(tmp_path: Path
         assert store.verify(con).ok
     finally:
         con.close()
-
-
-def test_dropping_pages_of_no_library_changes_nothing() -> None:
-    """In this (test) process: a fragment no mapping has drops nothing."""
-    assert writerproc.drop_library_pages("no-such-library-anywhere") == 0
