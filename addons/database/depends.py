@@ -110,15 +110,33 @@ _REFERENCED = """
         AND d.objid IN (SELECT oid FROM pg_attrdef WHERE adrelid = ANY ($1::oid[])))
     OR (d.classid = 'pg_constraint'::regclass AND d.objid IN (
         SELECT oid FROM pg_constraint WHERE conrelid = ANY ($1::oid[]) AND contype = 'c'))
+    -- a domain's CHECK runs on every value coerced to it: a column of $1, an argument of $2
+    -- (and of the domains under it: a domain over a domain checks both)
+    OR (d.classid = 'pg_constraint'::regclass AND d.objid IN (
+        WITH RECURSIVE ty(oid) AS (
+          SELECT atttypid FROM pg_attribute WHERE attrelid = ANY ($1::oid[]) AND attnum > 0
+          UNION SELECT unnest(proargtypes::oid[]) FROM pg_proc WHERE oid = ANY ($2::oid[])
+          UNION SELECT t.typbasetype FROM pg_type t JOIN ty ON t.oid = ty.oid
+          WHERE t.typbasetype <> 0)
+        SELECT con.oid FROM pg_constraint con
+        WHERE con.contypid <> 0 AND con.contypid IN (SELECT oid FROM ty)))
+    -- a write computes $1's index expressions and predicates
+    OR ($3 = 't' AND d.classid = 'pg_class'::regclass AND d.objid IN (
+        SELECT indexrelid FROM pg_index WHERE indrelid = ANY ($1::oid[])))
     OR (d.classid = 'pg_proc'::regclass AND d.objid = ANY ($2::oid[])))"""
-# those relations (and $1's partitions / inheritance children), and those functions with $2
-# themselves and, when $3 = 't' (a write), $1's triggers' functions
+# those relations (and $1's partitions / inheritance children, and for a write the tables
+# its foreign keys cascade to), and those functions with $2 themselves and, when $3 = 't'
+# (a write), $1's triggers' functions
 DEPENDS_SQL = f"""
 SELECT 'r', c.oid::int8, ns.nspname, c.relname, NULL, NULL, NULL, NULL
 FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
 WHERE c.relkind <> 'S' AND (c.oid IN (
   -- a parent's partitions and inheritance children are read with it
   SELECT inhrelid FROM pg_inherits WHERE inhparent = ANY ($1::oid[]))
+  -- a write to $1 deletes or updates the rows of tables whose foreign keys cascade from it
+  OR ($3 = 't' AND c.oid IN (
+    SELECT conrelid FROM pg_constraint WHERE contype = 'f' AND confrelid = ANY ($1::oid[])
+      AND (confdeltype IN ('c', 'n', 'd') OR confupdtype IN ('c', 'n', 'd'))))
   OR c.oid IN ({_REFERENCED.format("pg_class")}))
 UNION
 SELECT 'f', p.oid::int8, ns.nspname, p.proname, l.lanname, p.prosrc,

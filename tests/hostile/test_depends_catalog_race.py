@@ -59,6 +59,22 @@ SETUP = [
     "CREATE FUNCTION show_ticket(ticket) RETURNS text LANGUAGE sql AS 'SELECT ($1).ssn'",
     "CREATE TABLE tix (t ticket)",
     "ALTER TABLE tix OWNER TO agent_rw",
+    # what a write runs beside the table it names
+    "CREATE FUNCTION ssn_gt(int) RETURNS boolean LANGUAGE sql IMMUTABLE AS "
+    "'SELECT (SELECT ssn FROM secret LIMIT 1)::int > $1'",
+    "CREATE DOMAIN leaky_id AS int CHECK (ssn_gt(VALUE))",
+    "CREATE DOMAIN leaky_id2 AS leaky_id",
+    "CREATE DOMAIN leaky_id3 AS leaky_id2",
+    "CREATE TABLE dtab (id leaky_id3)",
+    "CREATE FUNCTION takes_leaky(leaky_id) RETURNS int LANGUAGE sql AS 'SELECT $1::int'",
+    "CREATE FUNCTION ssn_plus(int) RETURNS int LANGUAGE sql IMMUTABLE AS "
+    "'SELECT (SELECT ssn FROM secret LIMIT 1)::int + $1'",
+    "CREATE TABLE itab (x int)",
+    "CREATE INDEX ON itab (ssn_plus(x))",
+    "CREATE TABLE parent (id int PRIMARY KEY)",
+    "INSERT INTO parent VALUES (1)",
+    "ALTER TABLE secret ADD FOREIGN KEY (id) REFERENCES parent (id) ON DELETE CASCADE",
+    *(f"ALTER TABLE {t} OWNER TO agent_rw" for t in ("dtab", "itab", "parent")),
     "ALTER SYSTEM SET log_statement = 'all'",
     "SELECT pg_reload_conf()",
 ]
@@ -202,8 +218,8 @@ def test_a_statement_prepared_before_the_ddl_is_judged_again(env: Env) -> None:
 def test_functions_reached_without_a_call_in_the_text(env: Env) -> None:
     """`u.leakf` (attribute notation: PostgreSQL calls leakf(u) when users has no column
     leakf), CALL of a SQL procedure (CALL's call was never read as one) and an implicit
-    cast's function reached `secret` unjudged: the SSN came back. Attribute notation over a harmless function, and
-    plain columns, still run."""
+    cast's function reached `secret` unjudged: the SSN came back. Attribute notation over
+    a harmless function, and plain columns, still run."""
     refused = ("SELECT u.leakf FROM users u", "SELECT (u).leakf FROM users u",
                "SELECT users.leakf FROM users", "SELECT (u.*).leakf FROM users u",
                "SELECT u.leakany FROM users u", "CALL leakp(NULL)", "CALL public.leakp(NULL)",
@@ -216,5 +232,23 @@ def test_functions_reached_without_a_call_in_the_text(env: Env) -> None:
             == [("A", "Ann"), ("B", "Bob")]
     server_log = env.pg.log()  # (the catalog login's look-ups name leakf as a parameter)
     assert "SELECT u.initial, u.name" in server_log
+    for sql in refused:
+        assert sql not in server_log, sql
+
+
+def test_what_a_write_runs_beside_the_table_it_names(env: Env) -> None:
+    """A domain's CHECK (a column's type, nested domains, a function's argument), an index
+    expression and a foreign key's ON DELETE CASCADE run on a write to an allowed table:
+    the first three read secret (the SSN came back in the cast error's message), the last
+    deleted its rows. Refused now; the secret table keeps its row."""
+    refused = ("INSERT INTO dtab VALUES (1)", "SELECT takes_leaky(1)",
+               "INSERT INTO itab VALUES (1)", "DELETE FROM parent WHERE id = 1")
+    with env.connect() as c:
+        for sql in refused:
+            assert "no-secrets" in _refused(c, sql), sql
+        assert c.execute("SELECT count(*) FROM parent").fetchone() == (1,)
+    with psycopg.connect(env.pg.admin_dsn()) as admin:
+        assert admin.execute("SELECT ssn FROM secret").fetchall() == [(SSN,)]
+    server_log = env.pg.log()
     for sql in refused:
         assert sql not in server_log, sql
