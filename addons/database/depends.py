@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from addons.database.config import Database
-from addons.database.sqlfacts import WRITES, SqlError, Statement, analyze
+from addons.database.sqlfacts import DANGEROUS_FUNCTIONS, WRITES, SqlError, Statement, analyze
 
 # (sql, text parameters) -> rows of text values
 Query = Callable[[str, list[str]], Awaitable[list[tuple[Any, ...]]]]
@@ -102,8 +102,9 @@ WHERE ns.nspname = ANY (current_schemas(true)) AND (t.typrelid <> 0 OR t.typtype
 _REFERENCED = """
   SELECT d.refobjid FROM pg_depend d
   WHERE d.refclassid = '{0}'::regclass AND (
-    (d.classid = 'pg_rewrite'::regclass
-     AND d.objid IN (SELECT oid FROM pg_rewrite WHERE ev_class = ANY ($1::oid[])))
+    (d.classid = 'pg_rewrite'::regclass  -- a read fires only the SELECT rule (a view's)
+     AND d.objid IN (SELECT oid FROM pg_rewrite WHERE ev_class = ANY ($1::oid[])
+                     AND (ev_type = '1' OR $3 = 't')))
     OR (d.classid = 'pg_policy'::regclass
         AND d.objid IN (SELECT oid FROM pg_policy WHERE polrelid = ANY ($1::oid[])))
     OR (d.classid = 'pg_attrdef'::regclass
@@ -230,6 +231,8 @@ async def resolve(st: Statement, query: Query) -> Resolved:
                     full = f"{nsp}.{rel}".lower()
                     if full in STATISTICS:
                         _add(unresolved, f"{full} (sampled values of other tables)")
+                    if write and full == "pg_catalog.pg_settings":  # its rules: set_config
+                        _add(guards, "dangerous_function")
                     # the statement's own `orders` already says public.orders to a rule;
                     # a name inside a function body is not in the statement's tables
                     as_written = written.get(ref, "")
@@ -258,11 +261,17 @@ async def resolve(st: Statement, query: Query) -> Resolved:
                     seen_rel.add(oid)
                     pending_rel.add(oid)
                     _add(tables, f"{nsp}.{name}".lower())
+                    if write and f"{nsp}.{name}" == "pg_catalog.pg_settings":
+                        _add(guards, "dangerous_function")  # a view over it, written
                 continue
             if oid in judged_fn:
                 continue
             judged_fn.add(oid)
             _add(functions, f"{nsp}.{name}".lower())
+            if nsp in BUILTIN_SCHEMAS and name.lower() in DANGEROUS_FUNCTIONS:
+                # one a statement does not name but reaches: UPDATE pg_settings runs
+                # set_config (search_path = …) through the view's rule
+                _add(guards, "dangerous_function")
             if nsp in BUILTIN_SCHEMAS or lang in NATIVE_LANGUAGES:
                 continue
             if lang != "sql":

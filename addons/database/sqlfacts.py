@@ -61,6 +61,7 @@ WRITES = {"INSERT", "UPDATE", "DELETE", "MERGE", "TRUNCATE", "COPY"}
 
 # functions that read or write the server's files, run programs or open other connections:
 # a database credential in the gateway must not become a shell or a file browser
+SETTINGS_VIEWS = frozenset({"pg_settings", "pg_catalog.pg_settings"})
 DANGEROUS_FUNCTIONS = frozenset({
     "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file", "pg_ls_logdir",
     "pg_ls_waldir", "pg_ls_tmpdir", "pg_ls_archive_statusdir", "pg_ls_logicalmapdir",
@@ -282,7 +283,11 @@ def _facts(key: str, val: dict[str, Any], w: _Walk, ctes: frozenset[str]) -> Non
         parts = tuple(_strings((val.get("typeName") or {}).get("names")))
         if parts and parts not in w.type_refs:
             w.type_refs.append(parts)
-    elif key in ("DeleteStmt", "UpdateStmt"):
+    if key in ("UpdateStmt", "InsertStmt", "DeleteStmt", "MergeStmt") \
+            and _relname(val.get("relation") or {}) in SETTINGS_VIEWS:
+        # its rules run set_config (search_path, role …) for each row written
+        w.add(w.guards, "dangerous_function")
+    if key in ("DeleteStmt", "UpdateStmt"):
         if not _reads_a_column(val.get("whereClause")):
             rel = _relname(val.get("relation") or {})
             w.add(w.unbounded, f"{KINDS[key]} {rel}")

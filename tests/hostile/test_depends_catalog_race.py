@@ -9,7 +9,9 @@ uncommitted DDL (inside BEGIN, or earlier in the same multi-statement query) and
 the dependency cache keeps what `fresh` reached before. Each way the SSN came back before;
 now the statement is refused (42501 guard:dependencies or the deny rule) and the server
 never ran it. ALTER ROLE / DATABASE … SET search_path (every later session's, the catalog
-login's included) is refused as SET search_path is.
+login's included) is refused as SET search_path is, and so is UPDATE pg_settings (its
+rule runs set_config: the agent's session would resolve names in another search_path than
+the catalog login).
 """
 
 from __future__ import annotations
@@ -173,6 +175,13 @@ def test_ddl_renaming_a_function_never_lets_a_stale_catalog_judge_it(env: Env) -
                     "ALTER ROLE agent_rw IN DATABASE analytics SET search_path = s2",
                     "ALTER DATABASE analytics SET search_path = s2, public"):
             assert "guard:search_path" in _refused(c, sql), sql
+        # the same through pg_settings' update rule (it runs set_config): refused, and a
+        # read of pg_settings still runs
+        for sql in ("UPDATE pg_settings SET setting = 's2, public' WHERE name = 'search_path'",
+                    "UPDATE pg_catalog.pg_settings SET setting = 'x' WHERE name = 'role'"):
+            assert "guard:dangerous_function" in _refused(c, sql), sql
+        assert c.execute("SELECT setting FROM pg_settings WHERE name = 'search_path'"
+                         ).fetchone() == ('"$user", public',)
         # the connection keeps serving
         assert c.execute("SELECT count(*) FROM users").fetchone() == (2,)
     server_log = env.pg.log()
