@@ -85,6 +85,12 @@ BINARY_KEYS = frozenset({"b64_json", "file_data", "signature", "encrypted_conten
 BINARY_MIN_LEN = 256
 LOGPROB_KEYS = frozenset({"logprobs", "top_logprobs"})
 _PLAIN_KEY = re.compile(r"[A-Za-z_]+")
+# keys of 6+ characters known to match _PLAIN_KEY ("content", "finish_reason" ...): the
+# regex is not asked again; at most this many, of at most this length (bounded: keys are
+# the sender's to choose)
+_PLAIN_KEYS: set[str] = set()
+PLAIN_KEYS_MAX = 4096
+PLAIN_KEY_MAX_LEN = 64
 _DATA_URL = re.compile(r"\s*data:[\w.+-]+/[\w.+-]+(;[\w.+-]+=[^;,]*)*;base64,", re.ASCII)
 _BASE64 = re.compile(r"[A-Za-z0-9+/_\-]+={0,2}", re.ASCII)
 # characters on each side of a sibling boundary looked at by the cross-field pass (longer
@@ -379,7 +385,9 @@ class _Slots:
         dsib = None if self.path_mode else id(d)
         # (a snapshot of the items: the loop changes no value but the one of its own key)
         for k, v in list(d.items()):
-            if llm and _is_binary_field(d, k, v):
+            # (_is_binary_field's own first test, here: no call for the usual value)
+            if llm and isinstance(v, str) and len(v) >= BINARY_MIN_LEN and \
+                    _is_binary_field(d, k, v):
                 continue
             if llm and k in LOGPROB_KEYS and v and isinstance(v, dict | list):
                 # the output again, one token per entry: no detector sees a value split
@@ -389,7 +397,7 @@ class _Slots:
                 continue
             if skip_text and k == "text":
                 continue  # added by the list walk
-            if len(k) >= 6:  # (shorter keys are plain: _walk_key)
+            if len(k) >= 6 and k not in _PLAIN_KEYS:  # (shorter keys are plain: _walk_key)
                 self._walk_key(chain, k, owner)
             t = type(v)
             if t is int and dsib is not None:
@@ -399,8 +407,12 @@ class _Slots:
                 self._walk_value(chain, k, v, owner, depth + 1, _child(path, k), dsib)
 
     def _walk_key(self, chain: Chain, k: str, owner: int) -> None:
-        if len(k) < 6 or _PLAIN_KEY.fullmatch(k):
+        if len(k) < 6:
             return  # plain field names: nothing a detector could match
+        if _PLAIN_KEY.fullmatch(k):
+            if len(_PLAIN_KEYS) < PLAIN_KEYS_MAX and len(k) <= PLAIN_KEY_MAX_LEN:
+                _PLAIN_KEYS.add(k)  # (the same field names come in every body)
+            return
 
         def rename(new: str) -> None:
             self.rename(chain, k, new)
