@@ -365,7 +365,7 @@ def _orjson_same(values: Iterable[Any]) -> bool:
     for v in values:
         if isinstance(v, _SCALARS):
             continue
-        if isinstance(v, float):
+        if type(v) is float:  # a subclass: orjson raises TypeError, json writes its value
             if repr(v) == _orjson.dumps(v).decode():
                 continue
         elif isinstance(v, list) and all(isinstance(x, _SCALARS) for x in v):
