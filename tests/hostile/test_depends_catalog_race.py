@@ -16,21 +16,16 @@ the catalog login).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from tests.database.pgkit import DB_PASSWORD, WAREHOUSE, ScramServer, free_port, wait_port
+from tests.database.pgkit import ScramServer
 
-RULES = WAREHOUSE + """    max_connections: 4
-    sql:
-      - {{name: no-secrets, action: block, match: {{tables: [secret]}},
-         message: the secret table is off limits}}
-"""
+# test_depends_e2e's gateway (its rule no-secrets on `secret`) over this module's pgserver
+from tests.database.test_depends_e2e import Env, env  # noqa: F401 - fixture
 
 SSN = "078-05-1120"
 LEAK = "LANGUAGE sql AS 'SELECT ssn FROM secret LIMIT 1'"
@@ -92,39 +87,6 @@ def pgserver() -> Iterator[ScramServer]:
     s.stop()
 
 
-class Env:
-    def __init__(self, gw: Any, port: int, issuer: Any, records: Path, pg: ScramServer):
-        self.gw, self.port, self.issuer, self.records, self.pg = gw, port, issuer, records, pg
-
-    def connect(self) -> psycopg.Connection:
-        token = self.issuer.token(sub="agent-7", groups=["agents"])
-        return psycopg.connect(f"host=127.0.0.1 port={self.port} dbname=analytics "
-                               f"user=agent password={token} connect_timeout=10",
-                               autocommit=True)
-
-    def blocked(self) -> list[dict[str, Any]]:
-        if not self.records.exists():
-            return []
-        return [r for r in map(json.loads, self.records.read_text().splitlines())
-                if r.get("decision") == "block"]
-
-
-@pytest.fixture
-def env(gateway_factory, local_issuer, pgserver: ScramServer, tmp_path: Path
-        ) -> Iterator[Env]:
-    port = free_port()
-    records = tmp_path / "records.jsonl"
-    rules = RULES.format(standin_upstreams="{standin_upstreams}",
-                         identity=local_issuer.identity_yaml(), listen=port,
-                         pgport=pgserver.port)
-    gw = gateway_factory(rules, env={"WAREHOUSE_PASSWORD": DB_PASSWORD,
-                                     "AGENTGATE_TEST_PG_RECORDS": str(records)},
-                         script=Path(__file__).parents[1] / "database" / "gateway_records.py")
-    wait_port(port)
-    yield Env(gw, port, local_issuer, records, pgserver)
-    print("---- gateway log\n" + gw.logs()[-6000:])
-
-
 def _refused(c: psycopg.Connection, sql: str) -> str:
     with pytest.raises(psycopg.Error) as e:
         row = c.execute(sql).fetchall()
@@ -134,7 +96,7 @@ def _refused(c: psycopg.Connection, sql: str) -> str:
     return str(e.value)
 
 
-def test_ddl_renaming_a_function_never_lets_a_stale_catalog_judge_it(env: Env) -> None:
+def test_ddl_renaming_a_function_never_lets_a_stale_catalog_judge_it(env: Env) -> None:  # noqa: F811 - the fixture
     with env.connect() as c:
         # 1. inside a transaction: the catalog login cannot see the uncommitted rename
         c.execute("BEGIN")
@@ -189,10 +151,10 @@ def test_ddl_renaming_a_function_never_lets_a_stale_catalog_judge_it(env: Env) -
         assert text not in server_log, text
     assert server_log.count("statement: SELECT okf()") == 3, server_log[-3000:]
     assert "SET search_path" not in server_log
-    assert len(env.blocked()) >= 4
+    assert len([r for r in env.record_lines() if r.get("decision") == "block"]) >= 4
 
 
-def test_a_statement_prepared_before_the_ddl_is_judged_again(env: Env) -> None:
+def test_a_statement_prepared_before_the_ddl_is_judged_again(env: Env) -> None:  # noqa: F811 - the fixture
     """PostgreSQL parses a prepared statement again when the catalog under it changed, so
     `okf` in a statement prepared while it was harmless calls whatever is named okf by
     the time it runs: judged once at PREPARE / Parse, it ran the leak unjudged. (libpq
@@ -224,7 +186,7 @@ def test_a_statement_prepared_before_the_ddl_is_judged_again(env: Env) -> None:
         assert run(pq.exec_(b"SELECT count(*) FROM users")) == [b"2"]
 
 
-def test_functions_reached_without_a_call_in_the_text(env: Env) -> None:
+def test_functions_reached_without_a_call_in_the_text(env: Env) -> None:  # noqa: F811 - the fixture
     """`u.leakf` (attribute notation: PostgreSQL calls leakf(u) when users has no column
     leakf), CALL of a SQL procedure (CALL's call was never read as one) and an implicit
     cast's function reached `secret` unjudged: the SSN came back. Attribute notation over
@@ -245,7 +207,7 @@ def test_functions_reached_without_a_call_in_the_text(env: Env) -> None:
         assert sql not in server_log, sql
 
 
-def test_what_a_write_runs_beside_the_table_it_names(env: Env) -> None:
+def test_what_a_write_runs_beside_the_table_it_names(env: Env) -> None:  # noqa: F811 - the fixture
     """A domain's CHECK (a column's type, nested domains, a function's argument), an index
     expression and a foreign key's ON DELETE CASCADE run on a write to an allowed table:
     the first three read secret (the SSN came back in the cast error's message), the last

@@ -48,12 +48,10 @@ def test_blob_beside_text_and_control_characters_never_pass_unread(gw, evil  # n
                               "blob": _b64(png)}]},
     }
 
-    def script(method: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        msg = json.loads(body)
-        out = {"jsonrpc": "2.0", "id": msg["id"], "result": results[msg["params"]["uri"]]}
-        return 200, {"content-type": "application/json"}, json.dumps(out).encode()
-    evil.script = script
-    for name in results:
+    for name, result in results.items():
+        evil.script = lambda _m, _b, res=result: (
+            200, {"content-type": "application/json"},
+            json.dumps({"jsonrpc": "2.0", "id": 5, "result": res}).encode())
         r = post(gw, req("resources/read", 5, uri=name))
         assert r.status_code == 200, r.text
         got = r.json()
