@@ -78,13 +78,14 @@ SETUP = [
 
 
 @pytest.fixture(scope="module")
-def pgserver() -> Iterator[ScramServer]:
-    s = ScramServer().start()
-    with psycopg.connect(s.admin_dsn(), autocommit=True) as c:
-        for sql in SETUP:
-            c.execute(sql)
-    yield s
-    s.stop()
+def pgserver() -> Iterator[ScramServer]:  # (the env fixture's server, with this SETUP)
+    server = ScramServer().start()
+    try:
+        with psycopg.connect(server.admin_dsn(), autocommit=True) as admin:
+            list(map(admin.execute, SETUP))
+        yield server
+    finally:
+        server.stop()
 
 
 def _refused(c: psycopg.Connection, sql: str) -> str:
