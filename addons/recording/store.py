@@ -210,21 +210,17 @@ def _b64(v: Any) -> Any:
     return base64.b64encode(bytes(v)).decode("ascii") if v is not None else None
 
 
-def rows_json(rows: list[dict[str, Any]], checked: bool = False) -> str:
-    """A batch of rows as the JSON INSERT_FLOWS_JSON takes (exact: blobs as base64).
-    `checked`: _canonical found every row's values orjson-safe (the batch's are the same
-    values, blobs as base64 text, seq and hash added), so they are not looked at again."""
-    return rows_doc(rows, checked)[0]
-
-
 def rows_doc(rows: list[dict[str, Any]], checked: bool = False) -> tuple[str, str]:
-    """(the batch's JSON, the INSERT that takes it): a row's NULL values are left out of
-    its object and a column NULL in every row of the batch out of the INSERT (a 1 KB
-    flow has ~15 of the 44: approval, refusal, error, notes, body references …). DuckDB's
-    `from_json` reads an absent member as NULL and an INSERT leaves an unnamed column
-    NULL (no column has a DEFAULT), so the stored rows are the same; each column in the
-    statement costs its parse and cast per batch and per row (~12 % of the INSERT at
-    80 1 KB rows)."""
+    """(the batch's JSON, exact: blobs as base64; the INSERT that takes it). `checked`:
+    _canonical found every row's values orjson-safe (the batch's are the same values,
+    blobs as base64 text, seq and hash added), so they are not looked at again.
+
+    A row's NULL values are left out of its object and a column NULL in every row of
+    the batch out of the INSERT (a 1 KB flow has ~15 of the 44: approval, refusal, error,
+    notes, body references …). DuckDB's `from_json` reads an absent member as NULL and an
+    INSERT leaves an unnamed column NULL (no column has a DEFAULT), so the stored rows are
+    the same; each column in the statement costs its parse and cast per batch and per row
+    (~12 % of the INSERT at 80 1 KB rows)."""
     doc = []
     present: set[str] = set()
     for r in rows:
@@ -326,7 +322,7 @@ _HASHED_SORTED = tuple(sorted(HASHED_COLUMNS))  # (ASCII names: code point order
 
 def _canonical(row: dict[str, Any]) -> tuple[bytes, bool]:
     """(canonical(row), whether orjson wrote it: every value one it writes as the json
-    module does — then so are the row's values in the batch JSON, see rows_json)."""
+    module does — then so are the row's values in the batch JSON, see rows_doc)."""
     out = {c: row.get(c) for c in _HASHED_SORTED}  # in sorted order: no sort when written
     same = _orjson is not None
     for c, v in out.items():
@@ -1859,7 +1855,7 @@ def append(con: Any, rows: list[dict[str, Any]], last: tuple[int, str],
             if b[0] not in blobs and (known is None or b[0] not in known):
                 blobs[b[0]] = b
     approvals = []
-    checked = True  # every row's values orjson-safe (rows_json)
+    checked = True  # every row's values orjson-safe (rows_doc)
     for row in rows:
         seq += 1
         row["seq"] = seq
