@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mitmproxy.test import tflow
 
 from addons.frame import decode
 from addons.masking import bodies
@@ -28,6 +27,7 @@ from addons.masking.config import CustomDetector, MaskingConfig
 from addons.masking.detectors import SAMPLES, DetectorSet
 from addons.masking.masker import Masker, Session, session_key
 from tests.masking.test_one_call import AWS_KEY, PEM_BODY, PEM_FOOT, PEM_HEAD, pieces
+from tests.masking.test_prefix_reuse import _flow
 
 FAST = Masker(DetectorSet(MaskingConfig()), b"test-key")
 REFERENCE = Masker(DetectorSet(MaskingConfig(), fast=False), b"test-key")
@@ -60,12 +60,8 @@ def _run(masker: Masker, turns: list[bytes], batched: bool, monkeypatch: pytest.
         key = session_key("alice", "conv")
         outs, founds, maps = [], [], []
         for body in turns:
-            f = tflow.tflow()
-            f.request.headers["content-type"] = "application/json"
-            f.request.raw_content = body
-            b = decode.request_body(f, memo_key=key)  # as policy reads it
-            assert b is not None
-            b.json  # noqa: B018 - parsed here, as policy does, before masking
+            f = _flow(body)
+            decode.request_body(f, memo_key=key).json  # noqa: B018 - as policy parses it
             found: dict = {}
             ctx = Masked(masker, session, found, dialect="openai",
                          cache=caches.get(key, session, masker))
@@ -124,20 +120,13 @@ text_lists = st.lists(st.lists(pieces, min_size=1, max_size=5).map("".join), min
                  max_size=14)
 
 
-@settings(max_examples=120, derandomize=True, deadline=None,
+@pytest.mark.parametrize("masker", [FAST, REFERENCE], ids=["hyperscan", "reference"])
+@settings(max_examples=100, derandomize=True, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])
 @given(texts=text_lists, seed=st.integers(0, 1000), new=st.integers(2, 4))
-def test_one_call_per_turn_is_one_call_per_message(texts, seed, new, monkeypatch):
-    _same(FAST, _conversation(texts, seed, new), monkeypatch)
-
-
-@settings(max_examples=40, derandomize=True, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.function_scoped_fixture])
-@given(texts=text_lists, seed=st.integers(0, 1000), new=st.integers(2, 4))
-def test_one_call_per_turn_reference_engine(texts, seed, new, monkeypatch):
-    _same(REFERENCE, _conversation(texts, seed, new), monkeypatch)
+def test_one_call_per_turn_is_one_call_per_message(masker, texts, seed, new, monkeypatch):
+    _same(masker, _conversation(texts, seed, new), monkeypatch)
 
 
 SAMPLE_VALUES = [v for v in SAMPLES.values() if v]
@@ -193,16 +182,12 @@ def test_the_one_call_is_taken(monkeypatch):
     key = session_key("alice", "calls")
     monkeypatch.setattr(FAST.detectors, "find", find)
     for body in turns[:-1]:
-        f = tflow.tflow()
-        f.request.headers["content-type"] = "application/json"
-        f.request.raw_content = body
+        f = _flow(body)
         mask_message(Masked(FAST, session, {}, dialect="openai",
                             cache=caches.get(key, session, FAST)),
                      body, "", "application/json", 1 << 24, False, flow=f, memo_key=key)
     calls.clear()
-    f = tflow.tflow()
-    f.request.headers["content-type"] = "application/json"
-    f.request.raw_content = turns[-1]
+    f = _flow(turns[-1])
     mask_message(Masked(FAST, session, {}, dialect="openai",
                         cache=caches.get(key, session, FAST)),
                  turns[-1], "", "application/json", 1 << 24, False, flow=f, memo_key=key)
