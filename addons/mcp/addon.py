@@ -325,10 +325,12 @@ class Mcp:
         when its text was checked: jsonrpc.may_hold_payloads)."""
         up = mcp_upstream(flow) or {}
         server = up.get("name") or ""
-        if m.kind == "request":
-            return self._server_request(flow, cfg, m, server)
-        if m.kind == "notification":
-            return m.raw
+        if m.kind in ("request", "notification"):
+            obj = self._server_request(flow, cfg, m, server) if m.kind == "request" \
+                else m.raw
+            # a sampling/createMessage let through carries images and embedded resources
+            # to the agent's LLM as a result does: its base64 payloads are read the same
+            return self._readable(flow, obj, m.id) if obj is not None and payloads else obj
         meta = flow.metadata.get("mcp")
         method = None
         if isinstance(meta, dict):

@@ -86,3 +86,34 @@ def test_the_walk_itself() -> None:
     # control characters other than NUL keep a UTF-8 payload text
     assert readable({"blob": _b64(b"\x01\x1b[0mx")})[0] == {"text": "\x01\x1b[0mx"}
     assert readable({"blob": _b64("a".encode("utf-16-le"))})[1] is False
+
+
+def test_a_servers_sampling_request_gets_its_payloads_read_too(gateway_factory,  # noqa: F811
+                                                                evil) -> None:  # noqa: F811
+    """A sampling/createMessage the rules let through reaches the agent's LLM: an image
+    whose data is base64 text (and an embedded resource's blob) in its messages passed
+    unread, only results were walked. Now every message the server sends is."""
+    from tests.hostile.test_mcp import RULES as MCP_RULES
+    from tests.hostile.test_mcp import call, messages, sse
+
+    gate = gateway_factory(MCP_RULES.format(port=evil.port) + "mcp:\n  allow_sampling: true\n")
+    sampling = {"jsonrpc": "2.0", "id": "s1", "method": "sampling/createMessage", "params": {
+        "maxTokens": 50, "messages": [
+            {"role": "user", "content": {"type": "image", "mimeType": "image/png",
+                                         "data": _b64(PII_TEXT.encode())}},
+            {"role": "user", "content": {"type": "resource", "resource": {
+                "uri": "mem://s", "mimeType": "text/plain",
+                "blob": _b64(PII_TEXT.encode())}}}]}}
+    result = {"jsonrpc": "2.0", "id": 3, "result": {"content": [{"type": "text",
+                                                                 "text": "ok"}]}}
+    evil.script = lambda method, body: sse(sampling, result) if method == "POST" \
+        else (405, {}, b"")
+    r = post(gate, call("summarise", 3))
+    assert r.status_code == 200, r.text
+    got = messages(r)
+    assert [m.get("id") for m in got] == ["s1", 3], r.text
+    text = json.dumps(got)
+    decoded = [base64.b64decode(v).decode("utf-8", "replace") for v in _payloads(got)]
+    leaked = [p for p in (SSN, EMAIL, CARD) if p in text or any(p in d for d in decoded)]
+    assert not leaked, (leaked, text[:1500])
+    assert "[EMAIL_" in text, text[:1500]
