@@ -51,6 +51,7 @@ STATISTICS = frozenset({"pg_catalog.pg_stats", "pg_catalog.pg_stats_ext",
                         "pg_catalog.pg_stats_ext_exprs", "pg_catalog.pg_statistic",
                         "pg_catalog.pg_statistic_ext_data"})
 NATIVE_LANGUAGES = frozenset({"c", "internal"})
+CATALOG_KINDS = frozenset({"DDL", "DCL"})  # statement kinds that may change what names reach
 FIRST_USER_OID = 16384  # PostgreSQL's FirstNormalObjectId: below it, built in at initdb
 
 # relation names as written (each part quoted) -> oid, schema, name
@@ -165,6 +166,8 @@ class Resolved:
     functions: tuple[str, ...] = ()   # "schema.function", lowercased
     guards: tuple[str, ...] = ()      # guards tripped inside SQL function bodies
     unresolved: tuple[str, ...] = ()  # what the gateway cannot see into (named for the error)
+    # DDL / DCL inside SQL function bodies: the statement changes the catalog as it runs
+    kinds: tuple[str, ...] = ()
 
 
 def needed(db: Database) -> bool:
@@ -210,6 +213,7 @@ async def resolve(st: Statement, query: Query) -> Resolved:
     functions: list[str] = []
     guards: list[str] = []
     unresolved: list[str] = []
+    kinds: list[str] = []
     seen_rel: set[int] = set()
     queried_fn: set[int] = set()     # passed as $2: their pg_depend references are known
     judged_fn: set[int] = set()      # classified (built in, native, SQL, opaque)
@@ -246,7 +250,7 @@ async def resolve(st: Statement, query: Query) -> Resolved:
                     pending_fn.add(int(oid))
         rel_refs, fn_refs, op_refs, type_refs, attr_refs = [], [], [], [], []
         if not pending_rel and not pending_fn:
-            return _done(tables, functions, guards, unresolved)
+            return _done(tables, functions, guards, unresolved, kinds)
         if len(seen_rel) + len(judged_fn) > MAX_OBJECTS:
             break
         rows = await query(DEPENDS_SQL, [_array([str(o) for o in sorted(pending_rel)]),
@@ -292,6 +296,8 @@ async def resolve(st: Statement, query: Query) -> Resolved:
                 continue
             for g in body.guards:
                 _add(guards, g)
+            for k in CATALOG_KINDS.intersection(body.kinds):
+                _add(kinds, k)
             rel_refs.extend(body.relation_refs)
             fn_refs.extend(body.function_refs)
             op_refs.extend(body.operator_refs)
@@ -299,15 +305,16 @@ async def resolve(st: Statement, query: Query) -> Resolved:
             attr_refs.extend(body.attribute_refs)
     _add(unresolved, f"dependencies deeper than {MAX_ROUNDS} look-ups or over "
                      f"{MAX_OBJECTS} objects")
-    return _done(tables, functions, guards, unresolved)
+    return _done(tables, functions, guards, unresolved, kinds)
 
 
 def _done(tables: list[str], functions: list[str], guards: list[str],
-          unresolved: list[str]) -> Resolved:
+          unresolved: list[str], kinds: list[str]) -> Resolved:
     for t in tables:
         if t in STATISTICS:
             _add(unresolved, f"{t} (sampled values of other tables)")
-    return Resolved(tuple(tables), tuple(functions), tuple(guards), tuple(unresolved))
+    return Resolved(tuple(tables), tuple(functions), tuple(guards), tuple(unresolved),
+                    tuple(kinds))
 
 
 def _add(lst: list[str], v: str) -> None:
@@ -316,9 +323,11 @@ def _add(lst: list[str], v: str) -> None:
 
 
 def widen(st: Statement, r: Resolved) -> Statement:
-    """`st` with what it reaches added to its tables, functions and guards."""
+    """`st` with what it reaches added to its tables, functions and guards (and the DDL its
+    functions run to its kinds: rules on DDL see it, the session forgets the cache after)."""
     return dataclasses.replace(
-        st, tables=tuple(dict.fromkeys((*st.tables, *r.tables))),
+        st, kinds=tuple(dict.fromkeys((*st.kinds, *r.kinds))),
+        tables=tuple(dict.fromkeys((*st.tables, *r.tables))),
         functions=tuple(dict.fromkeys((*st.functions, *r.functions))),
         guards=tuple(dict.fromkeys((*st.guards, *r.guards))))
 

@@ -48,7 +48,7 @@ from addons.config.schema import read_secret
 from addons.database import depends
 from addons.database import protocol as pg
 from addons.database.config import Database
-from addons.database.depends import Resolved
+from addons.database.depends import CATALOG_KINDS, Resolved
 from addons.database.hooks import MaskerFactory
 from addons.database.policy import Verdict, evaluate
 from addons.database.scram import MECHANISM, ScramClient, ScramError, md5_password
@@ -82,8 +82,6 @@ YIELD_AFTER_S = 0.001
 # of frame/offload's pool, so the event loop keeps serving every other flow meanwhile; rows
 # stay in order (the server loop awaits each). Under this size a row is always small work.
 HEAVY_ROW_MIN = 2048
-# statement kinds that may change what a name reaches (DCL: ALTER ROLE … SET)
-CATALOG_KINDS = frozenset({"DDL", "DCL"})
 MARKER = "agentgate_refused_"
 
 

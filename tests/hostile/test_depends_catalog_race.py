@@ -72,6 +72,11 @@ SETUP = [
     "INSERT INTO parent VALUES (1)",
     "ALTER TABLE secret ADD FOREIGN KEY (id) REFERENCES parent (id) ON DELETE CASCADE",
     *(f"ALTER TABLE {t} OWNER TO agent_rw" for t in ("dtab", "itab", "parent")),
+    "CREATE FUNCTION okf_ddl() RETURNS text LANGUAGE sql AS 'SELECT name FROM users LIMIT 1'",
+    f"CREATE FUNCTION leak_ddl() RETURNS text {LEAK}",
+    "CREATE FUNCTION swap_names() RETURNS void LANGUAGE sql AS 'ALTER FUNCTION okf_ddl() "
+    "RENAME TO okf_ddl_old; ALTER FUNCTION leak_ddl() RENAME TO okf_ddl'",
+    *(f"ALTER FUNCTION {n}() OWNER TO agent_rw" for n in ("okf_ddl", "leak_ddl", "swap_names")),
     "ALTER SYSTEM SET log_statement = 'all'",
     "SELECT pg_reload_conf()",
 ]
@@ -224,3 +229,14 @@ def test_what_a_write_runs_beside_the_table_it_names(env: Env) -> None:  # noqa:
     server_log = env.pg.log()
     for sql in refused:
         assert sql not in server_log, sql
+
+
+def test_ddl_inside_a_sql_function_forgets_the_cache_too(env: Env) -> None:  # noqa: F811
+    """SELECT swap_names() runs the renames in its SQL body: the statement's own text has
+    no DDL, so the dependency cache kept okf_ddl's harmless look-up for 2 s and the leak
+    ran under its name. The DDL in a body now counts as the statement's (kinds) and the
+    cache is forgotten as for DDL sent directly."""
+    with env.connect() as c:
+        assert c.execute("SELECT okf_ddl()").fetchone() == ("Ann",)
+        c.execute("SELECT swap_names()")
+        assert "no-secrets" in _refused(c, "SELECT okf_ddl()")
