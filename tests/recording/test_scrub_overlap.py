@@ -9,43 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from addons.recording import store
+from tests.recording.test_exact_json import _reference_bytes
 
 A, B = "abcdefgh12", "gh12345678"  # equal lengths, sharing "gh12"
 
 
 def _reference(text: str, secrets: list[str]) -> str:
-    """Every character covered by an occurrence of a secret, replaced; runs of covered
-    characters that overlap become one marker."""
-    covered = [False] * len(text)
-    for s in secrets:
-        i = text.find(s)
-        while i >= 0:
-            for j in range(i, i + len(s)):
-                covered[j] = True
-            i = text.find(s, i + 1)
-    out, i = [], 0
-    spans = [(i, i + len(s)) for s in secrets for i in _all(text, s)]
-    spans.sort()
-    runs: list[list[int]] = []
-    for a, b in spans:
-        if runs and a < runs[-1][1]:
-            runs[-1][1] = max(runs[-1][1], b)
-        else:
-            runs.append([a, b])
-    for a, b in runs:
-        out += [text[i:a], store.REDACTED]
-        i = b
-    out.append(text[i:])
-    assert all(covered[j] for a, b in runs for j in range(a, b))
-    return "".join(out)
-
-
-def _all(text: str, s: str) -> list[int]:
-    out, i = [], text.find(s)
-    while i >= 0:
-        out.append(i)
-        i = text.find(s, i + 1)
-    return out
+    """Every occurrence of every secret replaced, overlapping ones by one marker (the
+    reference test_exact_json checks the scrubber's shortcut against)."""
+    return _reference_bytes(secrets, text.encode()).decode()
 
 
 def test_overlapping_secrets_leave_nothing_of_either() -> None:
