@@ -60,7 +60,7 @@ import time
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from itertools import chain, repeat
 from sys import getsizeof as _sizeof
 from typing import Any, NamedTuple
@@ -84,13 +84,8 @@ MAX_DEPTH = 256
 BINARY_KEYS = frozenset({"b64_json", "file_data", "signature", "encrypted_content"})
 BINARY_MIN_LEN = 256
 LOGPROB_KEYS = frozenset({"logprobs", "top_logprobs"})
-_PLAIN_KEY = re.compile(r"[A-Za-z_]+")
-# keys of 6+ characters known to match _PLAIN_KEY ("content", "finish_reason" ...): the
-# regex is not asked again; at most this many, of at most this length (bounded: keys are
-# the sender's to choose)
-_PLAIN_KEYS: set[str] = set()
-PLAIN_KEYS_MAX = 4096
-PLAIN_KEY_MAX_LEN = 64
+# no key is known plain (an unknown masker, or none): every key is walked
+_NO_KEYS: frozenset[str] = frozenset()
 _DATA_URL = re.compile(r"\s*data:[\w.+-]+/[\w.+-]+(;[\w.+-]+=[^;,]*)*;base64,", re.ASCII)
 _BASE64 = re.compile(r"[A-Za-z0-9+/_\-]+={0,2}", re.ASCII)
 # characters on each side of a sibling boundary looked at by the cross-field pass (longer
@@ -222,9 +217,9 @@ class _Slots:
 
     __slots__ = ("texts", "starts", "setters", "owners", "parts", "pos", "glue_key",
                  "subdocs", "llm", "forced", "sibs", "path_mode", "cow", "root", "_copies",
-                 "_renamed", "floats")
+                 "_renamed", "floats", "known_keys", "plain_key")
 
-    def __init__(self, llm: bool, cow: bool = False) -> None:
+    def __init__(self, llm: bool, cow: bool = False, masker: Any = None) -> None:
         self.texts: list[str] = []
         self.starts: list[int] = []
         self.setters: list[Setter] = []
@@ -252,6 +247,13 @@ class _Slots:
         # put there by code): _dump_bytes then leaves the document to the json module,
         # whose spelling of it ('1e-05', 'NaN') orjson's does not match
         self.floats = False
+        # object keys the masker's detectors provably find nothing in (Masker.plain_key:
+        # "content", "role", "finish_reason" ...) are not slots; every other key is, whatever
+        # it looks like: a Hugging Face token is letters and '_' only, and a custom
+        # detector may match any word. Without a masker that can tell: every key.
+        self.plain_key: Callable[[str], bool] | None = getattr(masker, "plain_key", None)
+        self.known_keys: Container[str] = getattr(masker, "plain_keys", None) or _NO_KEYS \
+            if self.plain_key is not None else _NO_KEYS
 
     def writable(self, chain: Chain) -> Any:
         """The container of `chain` as it may be changed: itself when ours, else its copy
@@ -382,6 +384,7 @@ class _Slots:
         if depth > MAX_DEPTH:
             raise Unparseable("JSON nested too deeply", 400)
         llm = self.llm
+        known, plain = self.known_keys, self.plain_key
         dsib = None if self.path_mode else id(d)
         # (a snapshot of the items: the loop changes no value but the one of its own key)
         for k, v in list(d.items()):
@@ -397,7 +400,7 @@ class _Slots:
                 continue
             if skip_text and k == "text":
                 continue  # added by the list walk
-            if len(k) >= 6 and k not in _PLAIN_KEYS:  # (shorter keys are plain: _walk_key)
+            if k not in known and (plain is None or not plain(k)):
                 self._walk_key(chain, k, owner)
             t = type(v)
             if t is int and dsib is not None:
@@ -407,13 +410,6 @@ class _Slots:
                 self._walk_value(chain, k, v, owner, depth + 1, _child(path, k), dsib)
 
     def _walk_key(self, chain: Chain, k: str, owner: int) -> None:
-        if len(k) < 6:
-            return  # plain field names: nothing a detector could match
-        if _PLAIN_KEY.fullmatch(k):
-            if len(_PLAIN_KEYS) < PLAIN_KEYS_MAX and len(k) <= PLAIN_KEY_MAX_LEN:
-                _PLAIN_KEYS.add(k)  # (the same field names come in every body)
-            return
-
         def rename(new: str) -> None:
             self.rename(chain, k, new)
 
@@ -1050,7 +1046,7 @@ class Masked:
     # -- JSON
     def json_obj(self, obj: Any) -> bool:
         """Mask a parsed JSON document in place. True if it changed."""
-        slots = _Slots(self.llm)
+        slots = _Slots(self.llm, masker=self.masker)
         if isinstance(obj, dict | list):
             slots.walk(obj, -1)
         else:
@@ -1061,7 +1057,7 @@ class Masked:
         """(the masked document, or _UNCHANGED; whether a plain float was walked: see
         _Slots.floats). `shared`: `obj` is the flow's one parse (read by other steps
         too): left as it is, changed parts copied."""
-        slots = _Slots(self.llm, cow=shared)
+        slots = _Slots(self.llm, cow=shared, masker=self.masker)
         slots.walk(obj, -1)
         if not self._apply(slots):
             return _UNCHANGED, slots.floats
@@ -1223,7 +1219,7 @@ class Masked:
     def _message_slots(self, ctx: str, msg: Any, shared: bool) -> tuple[_Slots, int]:
         """One message's slots, after its left context `ctx` (a context-only first slot:
         findings starting before the returned `skip` are not its own)."""
-        slots = _Slots(self.llm, cow=shared)
+        slots = _Slots(self.llm, cow=shared, masker=self.masker)
         if ctx:
             slots.add(ctx, _noop, -1)
         skip = slots.pos + len(_BREAK) if ctx else 0
@@ -1284,7 +1280,7 @@ class Masked:
         digest = _part_digest(self.llm, part) if cache is not None else None
         if digest is not None and cache is not None and cache.clean_part(digest):
             return False
-        slots = _Slots(self.llm, cow=True)
+        slots = _Slots(self.llm, cow=True, masker=self.masker)
         slots.walk(part, -1, chain=(part, _OWNED, None))
         counted = _counted(self.findings)
         changed = self._apply(slots)
@@ -1367,7 +1363,7 @@ class Masked:
     def pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]] | None:
         """Mask keys and values of a form or query string. None if unchanged."""
         rows = [[k, v] for k, v in pairs]
-        slots = _Slots(False)
+        slots = _Slots(False, masker=self.masker)
         for row in rows:
             if row[0]:
                 slots.add_string(row[0], _setter(row, 0), -1, 0)
@@ -1403,7 +1399,7 @@ class Masked:
         session (kept as a digest among the session's clean parts, as the parts of a body
         around its message list)."""
         rows = [[k, v] for k, v in fields]
-        slots = _Slots(False)
+        slots = _Slots(False, masker=self.masker)
         for row in rows:
             if row[0].lower() in passed:
                 continue
@@ -1437,7 +1433,7 @@ class Masked:
             return None  # the detectors found nothing in it before, whoever sent it
         segs = path.split("/")
         rows = [[unquote(seg, errors="surrogateescape")] for seg in segs]
-        slots = _Slots(False)
+        slots = _Slots(False, masker=self.masker)
         for row in rows:
             if row[0]:
                 slots.add(row[0], _setter(row, 0), -1, sib=("path",))
@@ -1470,7 +1466,7 @@ class Masked:
             else:
                 value = raw
             rows.append([value])
-        slots = _Slots(False)
+        slots = _Slots(False, masker=self.masker)
         for row in rows:
             if row[0]:
                 slots.add(row[0], _setter(row, 0), -1)
@@ -1568,7 +1564,7 @@ class Masked:
         stream's `message.content`, `response` …) is caught by the cross-field pass, which
         joins the strings at the same path on consecutive lines."""
         lines = content.split(b"\n")
-        slots = _Slots(self.llm)
+        slots = _Slots(self.llm, masker=self.masker)
         slots.path_mode = True
         for i, line in enumerate(lines):
             if not line.strip():

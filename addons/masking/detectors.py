@@ -1067,6 +1067,8 @@ def _ascii_window(t: str, lo: int, hi: int) -> bool:
 _MAYBE = _c(r"[0-9@:_/+=%\\&\x80-\U0010FFFF]|sk-|AKIA|ASIA|ABIA|ACCA|A3T|xox|xapp|AIza|pplx-|"
             r"ABSK|eyJ|bedrock-|-----BEGIN|glpat-|pypi-|SG\.")
 _QUICK_LEN = 256
+# what DetectorSet.plain_word vouches for: letters and '_' only (no digit: see there)
+_PLAIN_WORD = _c(r"[A-Za-z_]+")
 # characters from rare to common in English text and code (letters by frequency)
 _RARITY = "_J`QZXKV|~^$#@=-BPYG/FWMUCLDRHSNIOATjqzxkvbpygfwmucldrhsnioate."
 
@@ -1232,6 +1234,18 @@ class DetectorSet:
             return None
         plain, stop = self._breaks
         return plain if untouched(a) and "-----BEGIN " not in a else stop
+
+    def plain_word(self, text: str) -> bool:
+        """Does find() provably find nothing in `text` (letters and '_' only) wherever it
+        stands between two slot breaks of a body, whatever the slots around it hold? Then a
+        JSON key need not be one of the slots (bodies._Slots). Asked of find() itself:
+        every built-in reads a value and at most the character on each side of it (a line
+        break there, or the edge of `text` here: neither is a token character), save the
+        AWS secret key, confirmed by a context word before it, whose 40 characters hold
+        digits (aws_secret_ok): never such a text. False with custom detectors: their
+        patterns and context windows may read anything."""
+        return not self._custom and _PLAIN_WORD.fullmatch(text) is not None and \
+            not self.find(text)
 
     @property
     def fast(self) -> bool:

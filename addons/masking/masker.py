@@ -484,6 +484,11 @@ def hmac_key_from_env(env_name: str | None) -> tuple[bytes, bool]:
     return secrets.token_bytes(32), False
 
 
+# object keys Masker.plain_key remembers per masker, and the longest it looks at (a longer
+# key is always walked)
+PLAIN_KEYS_MAX = 4096
+PLAIN_KEY_MAX_LEN = 64
+
 # fewer replacements than this are asked one by one: the batch's own set-up costs more
 BATCH_MIN = 8
 
@@ -500,6 +505,9 @@ class Masker:
         # URL paths the detectors found nothing in (bodies.Masked.url_path): a path does
         # not depend on the session, and most requests of a gateway share a few paths
         self.clean_paths: dict[str, None] = {}
+        # JSON object keys plain_key() found nothing in (the same few field names come in
+        # every body): bounded, keys being the sender's to choose
+        self.plain_keys: dict[str, None] = {}
 
     def __repr__(self) -> str:
         return "<Masker>"
@@ -523,6 +531,21 @@ class Masker:
 
     def find(self, text: str) -> list[Any]:
         return self.detectors.find(text) if text else []
+
+    def plain_key(self, key: str) -> bool:
+        """Is `key` a JSON object key the detectors provably find nothing in, wherever it
+        stands in a body (bodies._Slots then leaves it out of the text they read)? Only
+        the detectors can tell (DetectorSet.plain_word): a key of letters and '_' is not
+        plain by its look (a Hugging Face token, an AWS access key id or a Stripe key
+        can be just that). Remembered when it is (bounded); anything else is walked."""
+        if key in self.plain_keys:
+            return True
+        plain = getattr(self.detectors, "plain_word", None)
+        if len(key) > PLAIN_KEY_MAX_LEN or plain is None or not plain(key):
+            return False
+        if len(self.plain_keys) < PLAIN_KEYS_MAX:
+            self.plain_keys[key] = None
+        return True
 
     def strategy(self, entity: str) -> str:
         s = self._strategy_cache.get(entity)

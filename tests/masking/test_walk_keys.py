@@ -1,9 +1,9 @@
-"""The body walk's shortcuts for keys and values (bodies._Slots._walk_dict): a key of 6+
-characters known plain (bodies._PLAIN_KEYS, filled only by _PLAIN_KEY's own answer) is
-not asked again, and a value too short to be a base64 payload is not handed to
-_is_binary_field: the slots walked (texts, positions, siblings) are those of the walk
-without either shortcut, on generated documents; the remembered keys stay bounded
-whatever keys a sender chooses."""
+"""The body walk's shortcuts for keys and values (bodies._Slots._walk_dict): a key the
+masker vouched for once (Masker.plain_keys, filled only by its detectors' own answer,
+DetectorSet.plain_word) is not asked again, and a value too short to be a base64 payload is
+not handed to _is_binary_field: the slots walked (texts, positions, siblings) are those of
+the walk without either shortcut, on generated documents; the remembered keys stay bounded
+whatever keys a sender chooses; without a masker that can tell, every key is walked."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from addons.masking import bodies
+from addons.masking import masker as masker_mod
 from addons.masking.bodies import _Slots
+from addons.masking.config import MaskingConfig
+from addons.masking.detectors import DetectorSet
+from addons.masking.masker import Masker
+
+MASKER = Masker(DetectorSet(MaskingConfig()), b"test-key")
 
 keys = st.one_of(
     st.sampled_from(["content", "finish_reason", "api_key", "aws_secret_access_key",
@@ -29,8 +35,8 @@ docs = st.recursive(values, lambda inner: st.one_of(
     st.lists(inner, max_size=5), st.dictionaries(keys, inner, max_size=6)), max_leaves=25)
 
 
-def _slots(doc: Any, llm: bool) -> tuple:
-    s = _Slots(llm, cow=True)
+def _slots(doc: Any, llm: bool, masker: Any = MASKER) -> tuple:
+    s = _Slots(llm, cow=True, masker=masker)
     s.walk(doc, -1)
     sibs = {}
     return (s.texts, s.starts, [sibs.setdefault(k, len(sibs)) if k is not None else None
@@ -38,7 +44,8 @@ def _slots(doc: Any, llm: bool) -> tuple:
 
 
 def _reference_walk_key(self: _Slots, chain: Any, k: str, owner: int) -> None:
-    if len(k) < 6 or bodies._PLAIN_KEY.fullmatch(k):
+    # asked of the detectors every time (nothing remembered)
+    if MASKER.detectors.plain_word(k):
         return
 
     def rename(new: str) -> None:
@@ -56,8 +63,8 @@ def test_shortcuts_walk_the_same_slots(doc, llm, monkeypatch):
     fast = _slots(doc, llm)
     fast_again = _slots(doc, llm)  # keys remembered by the first walk now
     with monkeypatch.context() as m:
-        m.setattr(bodies, "_PLAIN_KEYS", set())
-        m.setattr(bodies, "PLAIN_KEYS_MAX", 0)  # nothing remembered
+        # every key handed to _walk_key, which asks the detectors itself
+        m.setattr(masker_mod.Masker, "plain_key", lambda self, k: False)
         m.setattr(_Slots, "_walk_key", _reference_walk_key)
         # every string value handed to _is_binary_field, which answers as it did
         real, least = bodies._is_binary_field, bodies.BINARY_MIN_LEN
@@ -73,19 +80,25 @@ def test_shortcuts_walk_the_same_slots(doc, llm, monkeypatch):
 
 
 def test_remembered_keys_are_bounded(monkeypatch):
-    monkeypatch.setattr(bodies, "_PLAIN_KEYS", set())
-    monkeypatch.setattr(bodies, "PLAIN_KEYS_MAX", 50)
+    monkeypatch.setattr(masker_mod, "PLAIN_KEYS_MAX", 50)
+    masker = Masker(DetectorSet(MaskingConfig()), b"test-key")
     doc = {("k" * 6) + "".join(chr(97 + (i >> s) % 26) for s in (0, 5, 10)): "v"
            for i in range(2000)}
     doc["x" * 100] = "long key"
-    _slots(doc, True)
-    assert len(bodies._PLAIN_KEYS) <= 50
-    assert all(len(k) <= bodies.PLAIN_KEY_MAX_LEN for k in bodies._PLAIN_KEYS)
+    _slots(doc, True, masker)
+    assert len(masker.plain_keys) <= 50
+    assert all(len(k) <= masker_mod.PLAIN_KEY_MAX_LEN for k in masker.plain_keys)
 
 
-@pytest.mark.parametrize("key", ["api-key-4111", "user@example.com", "Ünïcode_key"])
-def test_a_key_that_is_not_plain_is_never_remembered(key, monkeypatch):
-    monkeypatch.setattr(bodies, "_PLAIN_KEYS", set())
-    texts = _slots({key: "v", "content": "w"}, True)[0]
+@pytest.mark.parametrize("key", ["api-key-4111", "user@example.com", "Ünïcode_key",
+                                 "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"])
+def test_a_key_that_is_not_plain_is_never_remembered(key):
+    masker = Masker(DetectorSet(MaskingConfig()), b"test-key")
+    texts = _slots({key: "v", "content": "w"}, True, masker)[0]
     assert key in texts
-    assert key not in bodies._PLAIN_KEYS and "content" in bodies._PLAIN_KEYS
+    assert key not in masker.plain_keys and "content" in masker.plain_keys
+
+
+def test_without_a_masker_every_key_is_walked():
+    texts = _slots({"content": "v", "role": "w"}, True, None)[0]
+    assert texts == ["content", "v", "role", "w"]
