@@ -2215,14 +2215,17 @@ def export_page(con: Any, session: str | None, since: float | None = None,
     ends where seq changes, so flows of several replicas sharing a seq in the lake are never
     split), and the seq to continue after (None: that was the last page). Reading the whole
     session in one query sorted every row at once (see rows_by_seq), and answering it in one
-    message held every state in the gateway's writer process."""
+    message held every state in the gateway's writer process. Records without a seq (an
+    edited file) come last, as rows_by_seq gives them: a page that reaches them takes them
+    all (no page is cut inside them), and `after` never leaves them out (a page never
+    yields one before a numbered record, so none is given twice)."""
     us = micros(since)
     have = _columns(con, "flows")
     refs = ", ".join(c if c in have else f"NULL AS {c}" for c in REF_NAMES)
     select = ("SELECT seq, id, url, flow_state, request_body, response_body, metadata, "  # noqa: S608
               f"request_headers, response_headers, {refs} FROM flows")
     where = ("(? IS NULL OR session_id = ?) AND (? IS NULL OR ended >= make_timestamp(?)) "
-             "AND flow_state IS NOT NULL AND (? IS NULL OR seq > ?)")
+             "AND flow_state IS NOT NULL AND (? IS NULL OR seq > ? OR seq IS NULL)")
     out: list[tuple[str, str | None, bytes]] = []
     last = None
     for seq, fid, url, blob, rq, rs, meta, rq_h, rs_h, rq_ref, rs_ref, c_ref in rows_by_seq(
