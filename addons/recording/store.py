@@ -496,7 +496,10 @@ class Scrubber:
         if isinstance(obj, bytes):
             return self.bytes(obj)
         if isinstance(obj, dict):
-            return {k: self.walk(v) for k, v in obj.items()}
+            # keys too: a secret as a key of the flow's metadata went into the metadata
+            # column whole (dump_state redacts the state's JSON text, keys and all)
+            return {(self.str(k) if isinstance(k, str) else k): self.walk(v)
+                    for k, v in obj.items()}
         if isinstance(obj, list):
             return [self.walk(v) for v in obj]
         if isinstance(obj, tuple):
