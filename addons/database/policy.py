@@ -30,6 +30,8 @@ GUARD_REASONS = {
     "client_encoding": "changing client_encoding (the gateway reads SQL and rows as UTF-8)",
     "change_role": "changing the session role or authorization",
     "search_path": "changing search_path (rules resolve unqualified tables as public.<name>)",
+    "string_syntax": "changing standard_conforming_strings (the gateway reads string "
+                     "literals as the default, on, does)",
 }
 
 

@@ -311,6 +311,12 @@ def _facts(key: str, val: dict[str, Any], w: _Walk, ctes: frozenset[str]) -> Non
             w.add(w.guards, "change_role")
         if name == "search_path":  # unqualified names would no longer mean public.<name>
             w.add(w.guards, "search_path")
+        if name == "standard_conforming_strings":
+            # libpg_query reads '\' in a string as the default `on` does; turned off, the
+            # server reads \' as a quote inside it: 'a\''; SELECT … FROM secret; --' is
+            # one literal here and two statements there (any change, RESET and a role's
+            # default included: the gateway reads SQL as the server does, or not at all)
+            w.add(w.guards, "string_syntax")
     elif key == "PrepareStmt":
         w.prepared = str(val.get("name") or "")
     elif key == "ExecuteStmt":

@@ -166,3 +166,18 @@ def test_masked_sql_keeps_no_value(sql: str, secret: str) -> None:
 def test_masked_sql_keeps_names_and_parameters() -> None:
     m = analyze('SELECT t1.a2, "Col 9" FROM s3.t1 WHERE id = $1 LIMIT 10').masked
     assert "t1.a2" in m and '"Col 9"' in m and "s3.t1" in m and "$1" in m and "10" not in m
+
+
+@pytest.mark.parametrize("sql", [
+    "SET standard_conforming_strings = off", "SET LOCAL standard_conforming_strings TO off",
+    "SET SESSION \"Standard_Conforming_Strings\" = 'off'", "RESET standard_conforming_strings",
+    "SET standard_conforming_strings TO DEFAULT",
+    "ALTER ROLE CURRENT_USER SET standard_conforming_strings = off",
+    "ALTER ROLE agent IN DATABASE analytics SET standard_conforming_strings = off",
+    "ALTER DATABASE analytics SET standard_conforming_strings TO off",
+    "ALTER SYSTEM SET standard_conforming_strings = off"])
+def test_changing_how_strings_are_read_is_a_guard(sql: str) -> None:
+    """The parser reads string literals as standard_conforming_strings = on does; a session
+    with it off reads 'a\\''; SELECT … --' as a quote and a second statement
+    (tests/database/test_string_syntax_e2e.py)."""
+    assert "string_syntax" in analyze(sql).guards
