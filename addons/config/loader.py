@@ -18,20 +18,27 @@ configures):
   databases  -> addons.database.config.parse_databases (list)
   audit_lake -> addons.recording.lake.parse_lake
   state      -> addons.approval.config.parse_state (a URL, or a mapping)
+
+A concern whose section most rules never use (`databases`: the Postgres path — its config,
+the relay, SQL facts, row masking, ~2 MiB of modules) is imported only when a rules file
+gives that section items (in the reload's thread, off the event loop): the gateway's process
+does not carry what its rules do not ask for. If that import fails, the section's error says
+so, like any invalid key: the gateway does not start, a reload keeps the previous rules.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from addons.approval.config import parse_approvals, parse_state
 from addons.config.schema import ConfigError, MapSection, Where, expect_map
-from addons.database.config import Database, parse_databases
 from addons.egress.config import Upstream, parse_upstreams
 from addons.identity.config import parse_identity
 from addons.masking.config import parse_masking
@@ -39,6 +46,9 @@ from addons.mcp.config import McpConfig, parse_mcp
 from addons.policy.config import parse_policies
 from addons.recording.config import parse_recorder
 from addons.recording.lake import LakeConfig, parse_lake
+
+if TYPE_CHECKING:
+    from addons.database.config import Database
 
 
 @dataclass(frozen=True)
@@ -158,6 +168,28 @@ def _iter_list(lists: list[tuple[str, Any]], section: str) -> Iterator[tuple[Any
             yield item, where.child(i)
 
 
+def concern_module(name: str, where: Where) -> ModuleType:
+    """A concern's module, imported now because a rules section asks for it; any failure to
+    import it is that section's error (fail closed: no start, or the old rules stay)."""
+    try:
+        return importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 - whatever breaks the import refuses the rules
+        raise where.error(f"this section needs {name}, which cannot be imported "
+                          f"({type(e).__name__}: {e})") from None
+
+
+def _databases(lists: list[tuple[str, Any]]) -> tuple[Database, ...]:
+    items = list(_iter_list(lists, "databases"))
+    if not items:  # what parse_databases([]) gives, without importing the Postgres path
+        return ()
+    where = Where(items[0][1].file, "databases")
+    config = concern_module("addons.database.config", where)
+    # the relay too (the Databases addon opens listeners with it): a broken install is an
+    # error of these rules, here, not a listener that fails to open later
+    concern_module("addons.database.session", where)
+    return config.parse_databases(items)
+
+
 def load_rules(directory: str | Path) -> Rules:
     """Parse every YAML file of a rules directory. Raises ConfigError."""
     d = Path(directory)
@@ -197,7 +229,7 @@ def load_rules(directory: str | Path) -> Rules:
         approvals=parse_approvals(section("approvals")),
         recorder=parse_recorder(section("recorder")),
         mcp=parse_mcp(section("mcp"), {u.name: u.dialect for u in upstreams}),
-        databases=parse_databases(list(_iter_list(lists["databases"], "databases"))),
+        databases=_databases(lists["databases"]),
         audit_lake=parse_lake(section("audit_lake")),
         state=parse_state(section("state")),
     )

@@ -16,6 +16,12 @@ in mitmweb); every statement is recorded in DuckDB (PG-B's records hook) instead
 Fail closed: a listener that cannot bind is logged as an error (mitmproxy stops during
 startup); a connection arriving while the rules are not loaded, or whose hooks (result
 masking, records) are not installed, is refused with a FATAL ErrorResponse.
+
+The Postgres path itself (the wire protocol, the session relay, SQL facts, row masking,
+dependency resolution: ~2 MiB of modules) is imported when the rules first declare a
+database, before its listener opens (`_load`), not with the gateway: most gateways have no
+`databases:` and this addon then only watches the rules. A failed import is logged as an
+error and no listener opens.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import struct
 import tempfile
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -37,17 +43,17 @@ from mitmproxy import ctx
 from addons.approval.addon import Approval, spec_from_decision
 from addons.approval.config import ApprovalsConfig
 from addons.config.holder import RulesHolder
-from addons.database import depends
-from addons.database import protocol as pg
-from addons.database.config import Database
-from addons.database.depends import Resolved
-from addons.database.hooks import HookMissing, MaskerFactory, RecorderFactory, resolve_hooks
-from addons.database.policy import Verdict
-from addons.database.session import Context, KeyMap, Refused, login_server, serve
-from addons.database.sqlfacts import Statement
 from addons.frame import listeners
 from addons.identity.addon import verify_token
 from addons.masking.sessionstore import SharedSession
+
+if TYPE_CHECKING:  # the Postgres path proper: imported by Databases._load
+    from addons.database.config import Database
+    from addons.database.depends import Resolved
+    from addons.database.hooks import MaskerFactory, RecorderFactory
+    from addons.database.policy import Verdict
+    from addons.database.session import KeyMap
+    from addons.database.sqlfacts import Statement
 
 log = logging.getLogger("agentgate.database")
 
@@ -57,6 +63,7 @@ class _Catalog:
     schema/table/column names), serialized; reopened after any failure."""
 
     def __init__(self, db: Database) -> None:
+        from addons.database import depends  # loaded (Databases._load)
         self.db = db
         self.lock = asyncio.Lock()
         self.conn: Any = None
@@ -69,6 +76,7 @@ class _Catalog:
 
     async def fetch(self, sql: str, params: list[str]) -> list[tuple[Any, ...]]:
         """Rows (text values) of one catalog statement with text parameters."""
+        from addons.database.session import login_server  # loaded (Databases._load)
         async with self.lock:
             try:
                 if self.conn is None:
@@ -85,6 +93,7 @@ class _Catalog:
         return await self.depends.resolve(st, self.fetch)
 
     async def _run(self, sql: str, params: list[str]) -> list[tuple[Any, ...]]:
+        from addons.database import protocol as pg  # loaded (Databases._load)
         r, w = self.conn.reader, self.conn.writer
         binds = b"".join(struct.pack("!i", len(v.encode())) + v.encode() for v in params)
         w.write(pg.message(b"P", pg.cstr("") + pg.cstr(sql) + b"\x00\x00")
@@ -146,7 +155,7 @@ class Databases:
         self.record_factory = record_factory
         self.servers: dict[str, tuple[tuple[str, int], asyncio.Server]] = {}
         self.catalogs: dict[str, _Catalog] = {}
-        self.keys = KeyMap()
+        self.keys: KeyMap | None = None  # with the Postgres path (_load)
         self.big_parses: asyncio.Semaphore | None = None  # shared by every connection
         self.tls: dict[str, ssl.SSLContext] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -205,12 +214,28 @@ class Databases:
     def _databases(self) -> tuple[Database, ...]:
         return tuple(getattr(self.holder.rules, "databases", ()) or ())
 
+    def _load(self) -> bool:
+        """Import the Postgres path, once the rules declare a database and before any of its
+        listeners opens (never on a connection). False, logged as an error (mitmproxy stops
+        during startup; on a reload no listener opens), when it cannot be imported."""
+        try:
+            from addons.database import depends, hooks, protocol, session  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - whatever breaks it, no listener opens
+            log.error("agentgate: databases: the Postgres path cannot be loaded, no listener "
+                      "opens: %s: %s", type(e).__name__, e)
+            return False
+        if self.keys is None:
+            self.keys = session.KeyMap()
+        return True
+
     async def _sync(self) -> None:
         """Listeners follow the rules: new entries start, removed ones stop."""
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
             wanted = {db.name: db for db in self._databases()}
+            if wanted and not self._load():
+                return
             for name, (addr, server) in list(self.servers.items()):
                 db = wanted.get(name)
                 if db is None or (db.listen_host, db.listen_port) != addr:
@@ -274,6 +299,10 @@ class Databases:
 
     async def _serve(self, name: str, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
+        # loaded before this listener opened (_load)
+        from addons.database import protocol as pg
+        from addons.database.hooks import HookMissing, resolve_hooks
+        from addons.database.session import Context, Refused, serve
         task = asyncio.current_task()
         if task is not None:  # cancelled in done()
             self._conns.add(task)
