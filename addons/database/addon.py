@@ -18,10 +18,11 @@ startup); a connection arriving while the rules are not loaded, or whose hooks (
 masking, records) are not installed, is refused with a FATAL ErrorResponse.
 
 The Postgres path itself (the wire protocol, the session relay, SQL facts, row masking,
-dependency resolution: ~2 MiB of modules) is imported when the rules first declare a
-database, before its listener opens (`_load`), not with the gateway: most gateways have no
-`databases:` and this addon then only watches the rules. A failed import is logged as an
-error and no listener opens.
+dependency resolution: ~2 MiB of modules) is not imported with the gateway: most gateways
+have no `databases:` and this addon then only watches the rules. Rules that declare a
+database import it while they are parsed (config/loader.py: a failure is a rules error);
+`_load` makes sure of it before a listener opens (a failure is logged as an error and no
+listener opens), never on a connection.
 """
 
 from __future__ import annotations
