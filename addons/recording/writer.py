@@ -256,6 +256,8 @@ class AuditWriter(store.BacklogBound):
         self._server: QueryServer | None = None
         self._head: tuple[int, str] = (0, store.GENESIS)
         self._known = store.BlobCache()  # blob addresses committed: not sent again
+        # the batch INSERTs prepared on self._con (bound once, not per batch)
+        self._stmts: store.BatchStatements | None = None
         self._last_retention = 0.0
         # audit_meta key under which each batch commits the highest `sub` it holds (the
         # gateway's record number, set by the writer process); None: not tracked
@@ -463,9 +465,12 @@ class AuditWriter(store.BacklogBound):
             subs = [r["_sub"] for r in rows if r.get("_sub") is not None]
             marks = [(self.progress_key, str(max(subs)))] if subs and self.progress_key \
                 else []
+            if self._stmts is None or self._stmts.con is not self._con:
+                self._stmts = store.BatchStatements(self._con)
             # (the cache: what the store holds, for append's choice of blob INSERT)
             self._head = store.append(self._con, rows, self._head, self._known,
-                                      **({"marks": marks} if marks else {}))
+                                      **({"marks": marks} if marks else {}),
+                                      stmts=self._stmts)
         except Exception as e:  # noqa: BLE001 - the caller decides: split, reduce or retry
             for r in rows:  # re-chained from the last good head on the next attempt
                 for k in ("seq", "prev_hash", "hash"):
