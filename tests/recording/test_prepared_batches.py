@@ -142,3 +142,16 @@ def test_the_writer_prepares_again_on_a_reopened_connection(tmp_path: Path) -> N
         assert [r[0] for r in got] == [f"flow-{i}" for i in range(4)]
     finally:
         w.close()
+
+
+def test_a_large_batch_binds_its_inserts_as_before(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past STAGE_MAX characters of JSON, copying the documents into the stage costs more
+    than binding saves: such a batch runs the INSERTs directly, and stores the same."""
+    batches = _batches()
+    monkeypatch.setattr(store.BatchStatements, "STAGE_MAX", 1)
+    rows, blobs, sql = _store(tmp_path / "large.duckdb", batches, True)
+    ref_rows, ref_blobs, _ = _store(tmp_path / "plain.duckdb", batches, False)
+    assert rows == ref_rows and blobs == ref_blobs
+    assert not any(s.startswith(("PREPARE ", "EXECUTE ")) for s in sql)
+    assert len([s for s in sql if "from_json(?" in s]) >= 2 * len(batches)
