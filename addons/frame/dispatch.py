@@ -40,12 +40,20 @@ costs nothing. Exactly what mitmproxy does, in the same order:
 - `handle_lifecycle`: the event's arguments are built once (mitmproxy builds them twice);
   the `update` that follows a flow event is built only when an addon has the `update` hook
   or the table has parents to check.
-- One exception, by design: mitmproxy's own `MapLocal.request` is not called while its
-  `map_local` option is empty (`_IDLE`). With no replacements it only computes
-  `pretty_url` (a strict Host parse with IDNA checks: ~8.5 µs per request) and returns;
-  its replacements change only through `configure` (every options change), which is an
-  event outside the table, so the table built next sees them. Its place in the chain is
-  still checked like any other addon's.
+- One exception, by design: a hook of mitmproxy's own addons that does nothing under the
+  options in force is not called (`_IDLE`): `MapLocal.request` while `map_local` is empty
+  (it would only compute `pretty_url`, a strict Host parse with IDNA checks: ~8.5 µs per
+  request), and 20 more hooks on every flow that with mitmdump's defaults (and the
+  gateway's `onboarding: false`) only read an option or an empty list and return:
+  anticache, anticomp, onboarding, block_list, map_remote, modify_body, modify_headers
+  (request side), proxyauth, upstream_auth, stickyauth, stickycookie (request side),
+  save_stream_file, hardump, and the dumper at flow_detail 0. An option read costs a
+  deep copy of its value, twice (OptManager); together ~100k instructions per request.
+  What each hook tests changes only through `configure` (every options change; Save's
+  stream also at `done`), an event outside the table, so the table built next sees it;
+  the options tested are those of `ctx.options`, where the hooks read them, and a table
+  built with another `ctx.options` (a second master) is built again. Each hook's source
+  is pinned (`_PINS`). Their places in the chain are still checked like any other addon's.
 Fail closed is not at stake here: our hooks are `guarded` (an exception refuses the flow),
 and an exception that reaches the manager is handled as before. The install is
 version-pinned and checks the source of what it replaces; anything unexpected leaves
@@ -63,9 +71,25 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
-from mitmproxy import addonmanager, exceptions, flow, hooks
+from mitmproxy import addonmanager, ctx, exceptions, flow, hooks
 from mitmproxy import version as mitmproxy_version
-from mitmproxy.addons import maplocal
+from mitmproxy.addons import (
+    anticache,
+    anticomp,
+    blocklist,
+    dumper,
+    maplocal,
+    mapremote,
+    modifybody,
+    modifyheaders,
+    onboarding,
+    proxyauth,
+    save,
+    savehar,
+    stickyauth,
+    stickycookie,
+    upstream_auth,
+)
 
 log = logging.getLogger("agentgate.dispatch")
 _manager_log = logging.getLogger(addonmanager.__name__)  # where safecall logs
@@ -86,6 +110,41 @@ _PINS: tuple[tuple[Any, str], ...] = (
     (maplocal.MapLocal.request, "for spec in self.replacements:"),
     (maplocal.MapLocal.request, "if all_candidates:"),
     (maplocal.MapLocal.configure, "self.replacements = []"),
+    # _IDLE: the other hooks that test an option, a list or an attribute set only by
+    # `configure` (Save's stream: also `done`) before they do anything
+    (anticache.AntiCache.request, "if ctx.options.anticache:"),
+    (anticomp.AntiComp.request, "if ctx.options.anticomp:"),
+    (onboarding.Onboarding.request, "if ctx.options.onboarding:"),
+    (blocklist.BlockList.request, "for spec in self.items:"),
+    (blocklist.BlockList.configure, "self.items = []"),
+    (mapremote.MapRemote.request, "for spec in self.replacements:"),
+    (mapremote.MapRemote.configure, "self.replacements = []"),
+    (modifybody.ModifyBody.request, "self.run(flow)"),
+    (modifybody.ModifyBody.response, "self.run(flow)"),
+    (modifybody.ModifyBody.run, "for spec in self.replacements:"),
+    (modifybody.ModifyBody.configure, "self.replacements = []"),
+    (modifyheaders.ModifyHeaders.requestheaders, "self.run(flow, flow.request.headers)"),
+    (modifyheaders.ModifyHeaders.run, "for spec in self.replacements:"),
+    (modifyheaders.ModifyHeaders.run, "for i, spec in enumerate(self.replacements):"),
+    (modifyheaders.ModifyHeaders.configure, "self.replacements = []"),
+    (proxyauth.ProxyAuth.requestheaders, "if self.validator:"),
+    (proxyauth.ProxyAuth.configure, "self.validator = None"),
+    (upstream_auth.UpstreamAuth.requestheaders, "if self.auth:"),
+    (upstream_auth.UpstreamAuth.configure, "self.auth = None"),
+    (stickyauth.StickyAuth.request, "if self.flt:"),
+    (stickyauth.StickyAuth.configure, "self.flt = None"),
+    (stickycookie.StickyCookie.request, "if self.flt:"),
+    (stickycookie.StickyCookie.configure, "self.flt = None"),
+    (save.Save.request, "if self.stream:"),
+    (save.Save.response, "self.save_flow(flow)"),
+    (save.Save.error, "self.response(flow)"),
+    (save.Save.save_flow, "if not self.stream:"),
+    (savehar.SaveHar.response, "self._save_flow(flow)"),
+    (savehar.SaveHar.error, "self.response(flow)"),
+    (savehar.SaveHar._save_flow, "if ctx.options.hardump:"),
+    (dumper.Dumper.response, "if self.match(f):"),
+    (dumper.Dumper.error, "if self.match(f):"),
+    (dumper.Dumper.match, "if ctx.options.flow_detail == 0:"),
 )
 ORIGINAL = {"_iter_hooks": addonmanager.AddonManager._iter_hooks,
             "trigger_event": addonmanager.AddonManager.trigger_event,
@@ -136,15 +195,59 @@ def _iter_hooks(self: addonmanager.AddonManager, addon: Any, event: hooks.Hook
 # (mitmproxy addon class, hook): does the addon's hook do nothing now? Asked when a table
 # is built; every change that could make it do something is an options change
 # (`configure`), after which the table is built again.
+def _empty(attr: str) -> Any:
+    return lambda a, o: type(getattr(a, attr)) is list and not getattr(a, attr)
+
+
+def _unset(attr: str) -> Any:
+    return lambda a, o: getattr(a, attr) is None
+
+
+def _off(option: str) -> Any:
+    # as the hook tests it (`if ctx.options.X:`), a bool option that is False
+    return lambda a, o: o is not None and getattr(o, option) is False
+
+
+# (addon class, hook) -> (addon, ctx.options) -> does the hook do nothing now?
 _IDLE: dict[tuple[type, str], Any] = {
-    (maplocal.MapLocal, "request"):
-        lambda a: type(a.replacements) is list and not a.replacements,
+    (maplocal.MapLocal, "request"): _empty("replacements"),
+    (anticache.AntiCache, "request"): _off("anticache"),
+    (anticomp.AntiComp, "request"): _off("anticomp"),
+    (onboarding.Onboarding, "request"): _off("onboarding"),
+    (blocklist.BlockList, "request"): _empty("items"),
+    (mapremote.MapRemote, "request"): _empty("replacements"),
+    (modifybody.ModifyBody, "request"): _empty("replacements"),
+    (modifybody.ModifyBody, "response"): _empty("replacements"),
+    (modifyheaders.ModifyHeaders, "requestheaders"): _empty("replacements"),
+    (proxyauth.ProxyAuth, "requestheaders"): _unset("validator"),
+    (upstream_auth.UpstreamAuth, "requestheaders"): _unset("auth"),
+    (stickyauth.StickyAuth, "request"): _unset("flt"),
+    (stickycookie.StickyCookie, "request"): _unset("flt"),
+    (save.Save, "request"): _unset("stream"),
+    (save.Save, "response"): _unset("stream"),
+    (save.Save, "error"): _unset("stream"),
+    (savehar.SaveHar, "response"): lambda a, o: o is not None and o.hardump == "",
+    (savehar.SaveHar, "error"): lambda a, o: o is not None and o.hardump == "",
+    (dumper.Dumper, "response"): lambda a, o: o is not None and o.flow_detail == 0,
+    (dumper.Dumper, "error"): lambda a, o: o is not None and o.flow_detail == 0,
 }
 
 
-def _idle(addon: Any, name: str) -> bool:
+def _options() -> Any:
+    """The options the skipped hooks read (`ctx.options`), or None before any master."""
+    return getattr(ctx, "options", None)
+
+
+def _idle(addon: Any, name: str, options: Any = None) -> bool:
+    """Does `addon`'s hook `name` do nothing now, with `options` (ctx.options) in force?
+    Only the exact classes of _IDLE (a subclass may do more)."""
     idle = _IDLE.get((type(addon), name))
-    return idle is not None and idle(addon)
+    if idle is None:
+        return False
+    try:
+        return bool(idle(addon, options if options is not None else _options()))
+    except Exception:  # noqa: BLE001 - an unexpected state: called, as mitmproxy would
+        return False
 
 
 def _gaps(indices: list[int], siblings: tuple[Any, ...]) -> list[tuple[tuple[int, Any], ...]]:
@@ -164,10 +267,11 @@ class _Plan:
     (steps None: its subtree is walked the generic way, e.g. `addons` is not a list);
     `tail` the addons after the last entry."""
 
-    __slots__ = ("chain", "entries", "generation", "snapshot", "tail")
+    __slots__ = ("chain", "entries", "generation", "options", "snapshot", "tail")
 
     def __init__(self, generation: int, chain: list[Any], name: str) -> None:
         self.generation = generation
+        self.options = _options()  # what _IDLE's verdicts were given with
         self.chain = tuple(chain)
         # what `chain` is compared with on every event: `==` on lists compares identity
         # first, at C speed; equal distinct objects can only come from an __eq__ of
@@ -175,7 +279,7 @@ class _Plan:
         self.snapshot = list(chain) if _plain_eq(chain) else None
         found: list[tuple[int, Any, Any]] = []
         for index, top in enumerate(self.chain):
-            if _idle(top, name):
+            if _idle(top, name, self.options):
                 continue  # not called; its place is checked with the gap it is in
             try:
                 steps = _steps(top, name)
@@ -192,7 +296,8 @@ class _Plan:
         self.tail = gaps[-1]
 
     def fits(self, generation: int, chain: list[Any]) -> bool:
-        if generation != self.generation or type(chain) is not list:
+        if generation != self.generation or type(chain) is not list \
+                or _options() is not self.options:
             return False
         if self.snapshot is not None:
             return chain == self.snapshot
