@@ -759,13 +759,33 @@ _cache: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, ...]]] = \
 _lock = threading.Lock()
 
 
+# where coding_and_type leaves its answer on a Headers object: (fields, answer)
+_CODING_AND_TYPE = "_agentgate_coding_and_type"
+
+
 def coding_and_type(headers: Any) -> tuple[str, str]:
     """(Content-Encoding, Content-Type) exactly as `headers.get(name, "")` gives them (all
     values of a repeated field joined with ", "), in one pass over mitmproxy's fields:
-    every step asks for both on every flow, and each `get` is a scan of its own."""
+    every step asks for both on every flow, and each `get` is a scan of its own.
+    The answer is kept on the Headers object with the very `fields` tuple it was read
+    from: policy, sessions, masking and the shared decode ask ~8 times per flow, and
+    `fields` is an immutable tuple of bytes that every change of the headers replaces
+    (mitmproxy assigns a new one), so the same tuple object means the same answer."""
     fields = getattr(headers, "fields", None)
     if not isinstance(fields, tuple):
         return headers.get("content-encoding", ""), headers.get("content-type", "")
+    memo = getattr(headers, "__dict__", None)
+    if memo is not None:
+        hit = memo.get(_CODING_AND_TYPE)
+        if hit is not None and hit[0] is fields:
+            return hit[1]
+    got = _coding_and_type(fields)
+    if memo is not None:
+        memo[_CODING_AND_TYPE] = (fields, got)
+    return got
+
+
+def _coding_and_type(fields: tuple[Any, ...]) -> tuple[str, str]:
     enc: list[str] = []
     ctype: list[str] = []
     for k, v in fields:

@@ -208,3 +208,31 @@ def test_coding_and_type_read_as_headers_get_does(fields) -> None:
     h = http.Headers(fields)
     assert decode.coding_and_type(h) == (h.get("content-encoding", ""),
                                          h.get("content-type", ""))
+
+
+def test_coding_and_type_is_read_once_per_fields_tuple() -> None:
+    """Asked again of the same headers (policy, sessions, masking, the shared decode: ~8
+    times a flow), the answer kept with the very `fields` tuple is given without a pass
+    over the fields; any change of the headers (a new tuple) is read again."""
+    from mitmproxy import http
+
+    passes: list[int] = []
+
+    class Counted(tuple):
+        def __iter__(self):  # noqa: ANN204 - one pass over the fields
+            passes.append(1)
+            return super().__iter__()
+
+    h = http.Headers([(b"Content-Type", b"application/json")])
+    h.fields = Counted(h.fields)
+    for _ in range(3):
+        assert decode.coding_and_type(h) == ("", "application/json")
+    assert len(passes) == 1
+    h["content-encoding"] = "gzip"  # mitmproxy assigns a new fields tuple
+    h.fields = Counted(h.fields)
+    passes.clear()  # (the assignment above walked the old fields itself)
+    assert decode.coding_and_type(h) == ("gzip", "application/json")
+    assert decode.coding_and_type(h) == ("gzip", "application/json")
+    assert len(passes) == 1
+    h.fields = ((b"content-type", b"text/plain"),)  # replaced whole, as masking does
+    assert decode.coding_and_type(h) == ("", "text/plain")
