@@ -180,7 +180,10 @@ def test_run_proxy_web_r_opens_read_only(tmp_path: Path) -> None:
 
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "python").symlink_to(sys.executable)
+    # a wrapper, not a symlink: a symlinked interpreter outside the venv does not see the
+    # venv's packages, and run_proxy.sh needs mitmproxy to make the CA on a fresh clone
+    (venv / "bin" / "python").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    (venv / "bin" / "python").chmod(0o755)
     fake = venv / "bin" / "mitmweb"
     fake.write_text('#!/bin/sh\necho "mitmweb $*"\n')
     fake.chmod(0o755)
@@ -209,7 +212,10 @@ def test_run_proxy_web_moves_mitmweb_ui_off_the_reviewers_port(tmp_path: Path) -
 
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "python").symlink_to(sys.executable)
+    # a wrapper, not a symlink: a symlinked interpreter outside the venv does not see the
+    # venv's packages, and run_proxy.sh needs mitmproxy to make the CA on a fresh clone
+    (venv / "bin" / "python").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    (venv / "bin" / "python").chmod(0o755)
     for tool, script in (("mitmweb", 'echo "mitmweb $*"'), ("agentgate", "exit 0")):
         fake = venv / "bin" / tool
         fake.write_text(f"#!/bin/sh\n{script}\n")
