@@ -252,8 +252,9 @@ class _Slots:
         # it looks like: a Hugging Face token is letters and '_' only, and a custom
         # detector may match any word. Without a masker that can tell: every key.
         self.plain_key: Callable[[str], bool] | None = getattr(masker, "plain_key", None)
-        self.known_keys: Container[str] = getattr(masker, "plain_keys", None) or _NO_KEYS \
-            if self.plain_key is not None else _NO_KEYS
+        # (the masker's own dict, empty or not: what plain_key adds during this walk is seen)
+        known = getattr(masker, "plain_keys", None) if self.plain_key is not None else None
+        self.known_keys: Container[str] = known if known is not None else _NO_KEYS
 
     def writable(self, chain: Chain) -> Any:
         """The container of `chain` as it may be changed: itself when ours, else its copy
