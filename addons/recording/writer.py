@@ -70,8 +70,17 @@ _no_pandas_lookups()
 # back to the system from a thread of its own, instead of only when a later task ends:
 # the writer process's RSS after a burst of 1 KB flows falls back ~20-50 MiB further than
 # with malloc_trim alone (the Reporter's), for the same CPU.
+# max_vacuum_tasks 0: no row-group merging at checkpoints. With it, every other automatic
+# checkpoint (each 16 MiB of WAL, ~3,500 rows) read the row groups it had written before
+# back, decompressed, and rewrote them merged with the new rows: a transient +25-45 MiB
+# in the writer process each time, which set its peak RSS (a replay of a 1 KB + 100 KB
+# load: 160-166 -> 140 MiB), and the merged-away blocks only grew the file's free list.
+# Without it each checkpoint writes its own row groups (~3,500 rows of a 122,880-row
+# group: the same ZSTD segments); retention's DELETE of a prefix still frees whole row
+# groups, which is how it reclaims room.
 DB_CONFIG = {"enable_external_access": False, "memory_limit": "64MB", "threads": 1,
-             "storage_compatibility_version": "v1.2.0", "allocator_background_threads": True}
+             "storage_compatibility_version": "v1.2.0", "allocator_background_threads": True,
+             "max_vacuum_tasks": 0}
 
 
 def socket_path(db_path: str | Path) -> str:
