@@ -1,11 +1,16 @@
-"""The audit store's checkpoints write new row groups and never merge old ones back in.
+"""The audit store's layout choices that bound the writer process's memory (writer.DB_CONFIG).
 
-DuckDB's default (max_vacuum_tasks 100) merges small row groups at a checkpoint: every other
-automatic checkpoint of the writer read the rows it had written before back from the file,
+Checkpoints write new row groups and never merge old ones back in. DuckDB's default
+(max_vacuum_tasks 100) merges small row groups at a checkpoint: every other automatic
+checkpoint of the writer read the rows it had written before back from the file,
 decompressed them and rewrote them with the new ones, a transient +25-45 MiB that set the
-writer process's peak RSS. writer.DB_CONFIG turns that off. What must hold: a checkpoint
-leaves the row groups it wrote before as they are (same blocks, not rewritten), the chain
-still verifies, and retention's DELETE of a prefix still gives whole row groups back.
+writer process's peak RSS. What must hold: a checkpoint leaves the row groups it wrote
+before as they are (same blocks, not rewritten), the chain still verifies, and retention's
+DELETE of a prefix still gives whole row groups back.
+
+A new store uses 64 KiB blocks (DuckDB's default 256 KiB: the partly filled block of each
+of ~40 columns held ~20 MiB); a store made with another block size keeps it and goes on
+being appended to and verified.
 """
 
 from __future__ import annotations
@@ -69,3 +74,42 @@ def test_deleting_a_prefix_still_frees_its_row_groups(tmp_path: Path) -> None:
         assert con.execute("SELECT min(seq), count(*) FROM t").fetchone() == (12000, 6000)
     finally:
         con.close()
+
+
+def _block_size(con: duckdb.DuckDBPyConnection) -> int:
+    return con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
+
+
+def test_a_new_store_uses_64_kib_blocks(tmp_path: Path) -> None:
+    con = writer.open_db(tmp_path / "n.duckdb")
+    try:
+        assert _block_size(con) == 64 * 1024
+    finally:
+        con.close()
+
+
+def test_a_store_made_with_256_kib_blocks_keeps_them_and_goes_on(tmp_path: Path) -> None:
+    """A store created before (DuckDB's default block size) opens with today's config,
+    takes new batches on the chain it has, and verifies; its block size does not change."""
+    path = tmp_path / "old.duckdb"
+    rows = [build(p) for p in _pendings(5)]
+    old_config = {k: v for k, v in writer.DB_CONFIG.items() if k != "default_block_size"}
+    con = duckdb.connect(str(path), config=old_config)
+    store.init_schema(con)
+    head = store.append(con, [dict(r) for r in rows[:10]], store.head(con), store.BlobCache())
+    con.close()
+    con = writer.open_db(path)
+    try:
+        assert _block_size(con) == 256 * 1024
+        assert store.head(con) == head
+        store.append(con, [dict(r) for r in rows[10:]], head, store.BlobCache())
+        con.execute("CHECKPOINT")
+        assert store.verify(con).ok
+        assert con.execute("SELECT count(*) FROM flows").fetchone() == (len(rows),)
+    finally:
+        con.close()
+    ro = writer.open_db(path, read_only=True)
+    try:
+        assert store.verify(ro).ok and _block_size(ro) == 256 * 1024
+    finally:
+        ro.close()
