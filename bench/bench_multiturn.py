@@ -288,7 +288,7 @@ def _dir_bytes(path: Path) -> int:
 def _held_bytes(db: Path) -> int | None:
     """The bytes of the values the audit store holds (every text and blob value of its
     tables, before DuckDB compresses them): a second, steadier measure beside the data
-    directory's growth, which moves in DuckDB's 256 KiB blocks."""
+    directory's growth, which moves in DuckDB's blocks (64 KiB in a store made now)."""
     import duckdb
     if not db.exists():
         return None
@@ -488,7 +488,7 @@ def markdown(res: dict[str, Any]) -> str:
     if (held := res.get("audit_held_bytes_per_session")) is not None:
         out += ["", "Values the audit store holds per session (every text and blob value, "
                 "before DuckDB compresses them; steadier than the data directory's growth, "
-                f"which moves in 256 KiB blocks): {held:,} "
+                f"which moves in whole DuckDB blocks): {held:,} "
                 f"({held / res['distinct_bytes_per_session']:.2f}x)."]
     return "\n".join(out)
 
