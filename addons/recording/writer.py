@@ -70,23 +70,22 @@ _no_pandas_lookups()
 # back to the system from a thread of its own, instead of only when a later task ends:
 # the writer process's RSS after a burst of 1 KB flows falls back ~20-50 MiB further than
 # with malloc_trim alone (the Reporter's), for the same CPU.
-# max_vacuum_tasks 0: no row-group merging at checkpoints. With it, every other automatic
-# checkpoint (each 16 MiB of WAL, ~3,500 rows) read the row groups it had written before
-# back, decompressed, and rewrote them merged with the new rows: a transient +25-45 MiB
-# in the writer process each time, which set its peak RSS (a replay of a 1 KB + 100 KB
-# load: 160-166 -> 140 MiB), and the merged-away blocks only grew the file's free list.
-# Without it each checkpoint writes its own row groups (~3,500 rows of a 122,880-row
-# group: the same ZSTD segments); retention's DELETE of a prefix still frees whole row
-# groups, which is how it reclaims room.
+# Row groups stay merged at checkpoints (DuckDB's max_vacuum_tasks, left at its default):
+# turning merging off removed a transient +25-45 MiB at every other checkpoint, but each
+# checkpoint then added a row group whose metadata stays pinned in memory (~256 KiB per
+# checkpoint measured) and the blocks it wrote stayed loaded until memory_limit: the
+# writer grew with uptime (a 10-minute soak: +15 MiB, drift 6.95 %). A bounded peak
+# beats an unbounded drift (tests/recording/test_store_memory_layout.py holds both).
 # default_block_size 64 KiB (a store created now; a file keeps the block size it was made
 # with): the rows appended since the last checkpoint live in one block per column being
 # filled, and the flows table has ~40 columns with their validity masks, so with DuckDB's
 # 256 KiB blocks those partly filled blocks alone held ~20 MiB. Replay of a 1 KB + 100 KB
-# load: writer peak 147 -> 128 MiB, the file 6.7 -> 3.9 MB, CPU within noise; 32 KiB gained
-# nothing more, 16 KiB lost again.
+# load: the file 6.7 -> 3.9 MB, CPU within noise; the writer's peak is set by the merges
+# (160 -> 162 MiB, same), its resting size between them is lower (with merging off, where
+# nothing else hid it: 147 -> 128 MiB). 16 KiB blocks lost again.
 DB_CONFIG = {"enable_external_access": False, "memory_limit": "64MB", "threads": 1,
              "storage_compatibility_version": "v1.2.0", "allocator_background_threads": True,
-             "max_vacuum_tasks": 0, "default_block_size": 65536}
+             "default_block_size": 65536}
 
 
 def socket_path(db_path: str | Path) -> str:
