@@ -70,12 +70,12 @@ _no_pandas_lookups()
 # back to the system from a thread of its own, instead of only when a later task ends:
 # the writer process's RSS after a burst of 1 KB flows falls back ~20-50 MiB further than
 # with malloc_trim alone (the Reporter's), for the same CPU.
-# Row groups stay merged at checkpoints (DuckDB's max_vacuum_tasks, left at its default):
-# turning merging off removed a transient +25-45 MiB at every other checkpoint, but each
-# checkpoint then added a row group whose metadata stays pinned in memory (~256 KiB per
-# checkpoint measured) and the blocks it wrote stayed loaded until memory_limit: the
-# writer grew with uptime (a 10-minute soak: +15 MiB, drift 6.95 %). A bounded peak
-# beats an unbounded drift (tests/recording/test_store_memory_layout.py holds both).
+# Row groups stay merged at checkpoints (DuckDB's max_vacuum_tasks, left at its default).
+# Merging off removed a transient +25-45 MiB at merging checkpoints, but then every
+# checkpoint added a row group whose metadata stays pinned and whose blocks stay loaded:
+# the writer grew with uptime until memory_limit, where COMMIT fails ("failed to pin
+# block", ~240 checkpoints in a replay) and the gateway refuses every flow.
+# tests/recording/test_store_memory_layout.py keeps the row groups few.
 # default_block_size 64 KiB (a store created now; a file keeps the block size it was made
 # with): the rows appended since the last checkpoint live in one block per column being
 # filled, and the flows table has ~40 columns with their validity masks, so with DuckDB's
