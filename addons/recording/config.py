@@ -89,7 +89,8 @@ def parse_recorder(section: MapSection) -> RecorderConfig:
     if "max_pending" in d:
         kw["max_pending"] = expect_int(d["max_pending"], w("max_pending"), minimum=1)
     if "max_body_bytes" in d:
-        # bounded: DuckDB's memory_limit (64 MB in the gateway) must hold a whole batch
+        # bounded: a batch must fit DuckDB's memory_limit (32 MB in the writer process,
+        # raised up to 128 MB when a batch does not fit: writer.AuditWriter._grow_memory)
         kw["max_body_bytes"] = expect_int(d["max_body_bytes"], w("max_body_bytes"), minimum=0,
                                           maximum=4 * 1024 * 1024)
     if "max_batch_bytes" in d:

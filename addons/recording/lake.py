@@ -355,10 +355,15 @@ class LakeShipper:
     60 s) and are logged without the catalog's credentials; flows are never held for the
     lake: the local store is the fail-closed one."""
 
-    def __init__(self, cfg: LakeConfig, replica: str, open_local: Callable[[], Any]) -> None:
+    def __init__(self, cfg: LakeConfig, replica: str, open_local: Callable[[], Any],
+                 reading: Callable[[], contextlib.AbstractContextManager[Any]]
+                 = contextlib.nullcontext) -> None:
         self.cfg = cfg
         self.replica = replica
         self._open_local = open_local
+        # held while a round reads the local store (AuditWriter.reading: in the writer
+        # process the instance then has the readers' memory_limit)
+        self._reading = reading
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -377,6 +382,10 @@ class LakeShipper:
 
     def ship_all(self) -> int:
         """Ship everything committed locally now (in segments); returns records shipped."""
+        with self._reading():
+            return self._ship_all()
+
+    def _ship_all(self) -> int:
         if self._local is None:
             self._local = self._open_local()
         top = self._local.execute("SELECT max(seq) FROM flows").fetchone()[0]

@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +83,55 @@ _no_pandas_lookups()
 # load: the file 6.7 -> 3.9 MB, CPU within noise; the writer's peak is set by the merges
 # (160 -> 162 MiB, same), its resting size between them is lower (with merging off, where
 # nothing else hid it: 147 -> 128 MiB). 16 KiB blocks lost again.
-DB_CONFIG = {"enable_external_access": False, "memory_limit": "64MB", "threads": 1,
+# memory_limit 32 MB (was 64): what DuckDB keeps loaded between checkpoints, and what a
+# merging checkpoint loads back, is held to it; replay of a 1 KB + 100 KB load's frames
+# (12,657 records, 3 rounds each): peak 164-186 -> 138-148 MiB, CPU within noise (a bit
+# more system time: DuckDB evicts sooner). 250,000 bench rows with automatic checkpoints
+# (two full row groups merged) wrote without an error; verify and export read windows of
+# seq numbers (store.rows_by_seq), tested under 24 MB; a batch larger than the limit is
+# written in halves (AuditWriter._write_rows).
+DB_CONFIG = {"enable_external_access": False, "memory_limit": "32MB", "threads": 1,
              "storage_compatibility_version": "v1.2.0", "allocator_background_threads": True,
              "default_block_size": 65536}
+# A batch (or a checkpoint) that does not fit the limit must not stop recording, which
+# would refuse every flow until restart: the writer raises the limit, doubling, up to this
+# (AuditWriter._grow_memory, logged); a single row that needs more is stored reduced.
+MAX_MEMORY_LIMIT_MB = 128
+
+
+def _limit_mb(value: str) -> int:
+    """DB_CONFIG's memory_limit ("32MB") in MB."""
+    return int(value.upper().removesuffix("MB"))
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """DuckDB ran out of its memory_limit (or a fatal error it reports was that: a
+    checkpoint that could not pin its blocks invalidates the database)."""
+    text = str(error).lower()
+    return isinstance(error, duckdb.OutOfMemoryException) or any(
+        m in text for m in ("out of memory", "failed to pin block", "could not allocate"))
+
+
+# Readers need more than appends: verify's joins hold ~22 MB of their own whatever the
+# store's size (a 32-row store failed verify under 24 MB). A reading connection (the CLI
+# with the gateway stopped) gets this limit, and while an audit query or a lake shipment
+# reads in the writer process, the instance has it (AuditWriter.reading).
+READ_MEMORY_LIMIT_MB = 64
+
+# A store made before 64 KiB blocks (DuckDB's default, 256 KiB) keeps its blocks, and a
+# checkpoint pins about a block per column at once: under 32 MB its checkpoint failed
+# FATAL ("failed to pin block of size 256.0 KiB (30.2 MiB/30.5 MiB used)"). Such a store
+# is written with the limit it had, 64 MB.
+LARGE_BLOCK_MEMORY_LIMIT_MB = 64
+
+
+def writer_limit_mb(con: duckdb.DuckDBPyConnection) -> int:
+    """The memory_limit (MB) the writer needs for the store `con` has open."""
+    base = _limit_mb(str(DB_CONFIG["memory_limit"]))
+    size = con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
+    if size > int(DB_CONFIG["default_block_size"]):
+        return max(base, LARGE_BLOCK_MEMORY_LIMIT_MB)
+    return base
 
 
 def socket_path(db_path: str | Path) -> str:
@@ -98,10 +144,21 @@ def socket_path(db_path: str | Path) -> str:
     return os.path.join(tempfile.gettempdir(), f"agentgate-{os.getuid()}-{digest}.sock")
 
 
-def open_db(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+def open_db(path: str | Path, read_only: bool = False,
+            memory_limit_mb: int | None = None) -> duckdb.DuckDBPyConnection:
+    """`memory_limit_mb`: the writer's limit when it differs from DB_CONFIG's (raised, or
+    the store's blocks need more: writer_limit_mb, the default for a writing connection).
+    It is set after connecting: a connection made with another config than a live
+    instance's is refused, and the process's other connections (the lake shipper's) join
+    with DB_CONFIG."""
     if not read_only:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(str(path), read_only=read_only, config=dict(DB_CONFIG))
+    if memory_limit_mb is None:
+        memory_limit_mb = READ_MEMORY_LIMIT_MB if read_only else writer_limit_mb(con)
+    if memory_limit_mb is not None and \
+            memory_limit_mb != _limit_mb(str(DB_CONFIG["memory_limit"])):
+        con.execute(f"SET memory_limit = '{int(memory_limit_mb)}MB'")
     if not read_only:
         store.init_schema(con)
     return con
@@ -163,12 +220,13 @@ class _Handler(socketserver.StreamRequestHandler):
             with self.server.lock:
                 con = self.server.db.cursor()  # own connection to the same database
             try:
-                # One snapshot for multi-statement operations (verify), rolled back always.
-                con.execute("BEGIN TRANSACTION")
-                try:
-                    out = handle_op(con, req)
-                finally:
-                    con.execute("ROLLBACK")
+                with self.server.reading():
+                    # One snapshot for multi-statement operations (verify), rolled back.
+                    con.execute("BEGIN TRANSACTION")
+                    try:
+                        out = handle_op(con, req)
+                    finally:
+                        con.execute("ROLLBACK")
             finally:
                 con.close()
         except Exception as e:  # noqa: BLE001 - report to the CLI, keep serving
@@ -182,6 +240,9 @@ class QueryServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def __init__(self, path: str, db: duckdb.DuckDBPyConnection) -> None:
         self.db = db.cursor()  # only ever used to open one connection per request
         self.lock = threading.Lock()
+        # held around each request (AuditWriter.reading: the readers' memory_limit)
+        self.reading: Callable[[], contextlib.AbstractContextManager[Any]] = \
+            contextlib.nullcontext
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # stale socket of a gateway that died; we hold the DB lock now
         old = os.umask(0o177)
@@ -258,6 +319,10 @@ class AuditWriter(store.BacklogBound):
         # bytes too, not only in records (fail closed: 503 while it is full).
         self.max_pending_bytes = max_pending_bytes
         self.pending_bytes = 0
+        self.memory_limit_mb = _limit_mb(str(DB_CONFIG["memory_limit"]))
+        self._readers = 0  # audit queries and lake shipments reading now (reading())
+        self._readers_lock = threading.Lock()
+        self._settings: duckdb.DuckDBPyConnection | None = None  # for SET, off the thread
         self.failure: str | None = None
         self.written = 0
         self._queue: deque[store.Pending | store.Direct] = deque()
@@ -285,11 +350,14 @@ class AuditWriter(store.BacklogBound):
     def start(self) -> None:
         """Open the store (raises on failure) and start the thread and the query socket."""
         self._con = open_db(self.path)
+        self.memory_limit_mb = writer_limit_mb(self._con)
+        self._settings = self._con.cursor()
         self._head = store.head(self._con)
         self._apply_retention()
         if self.serve_queries:
             try:
                 self._server = QueryServer(socket_path(self.path), self._con)
+                self._server.reading = self.reading
                 # (the poll interval only bounds how long close() waits for the loop to
                 # see its shutdown: 20 wake-ups a second cost the idle process ~1 ms/s)
                 threading.Thread(target=self._server.serve_forever, args=(0.5,),
@@ -378,6 +446,9 @@ class AuditWriter(store.BacklogBound):
         if self._con is not None and (self._thread is None or not self._thread.is_alive()):
             with contextlib.suppress(Exception):
                 self._con.execute("CHECKPOINT")
+            if self._settings is not None:
+                with contextlib.suppress(Exception):
+                    self._settings.close()
             self._con.close()
         if left:
             log.error("agentgate: %d audit records could not be written before exit (%s)",
@@ -386,6 +457,33 @@ class AuditWriter(store.BacklogBound):
             log.info("agentgate: audit store flushed and closed (%d records this run, "
                      "head seq %d hash %s)", self.written, self._head[0], self._head[1])
         return left == 0
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Held while an audit query or a lake shipment reads the store in this process:
+        the instance's memory_limit is then the readers' (READ_MEMORY_LIMIT_MB, or the
+        writer's if raised higher), and the writer's again once the last one is done."""
+        with self._readers_lock:
+            self._readers += 1
+            if self._readers == 1:
+                self._set_limit(max(self.memory_limit_mb, READ_MEMORY_LIMIT_MB))
+        try:
+            yield
+        finally:
+            with self._readers_lock:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._set_limit(self.memory_limit_mb)
+
+    def _set_limit(self, mb: int) -> None:
+        """(under _readers_lock) A limit below what DuckDB holds is refused: the higher
+        one stays until the next try, and recording goes on."""
+        try:
+            assert self._settings is not None
+            self._settings.execute(f"SET memory_limit = '{int(mb)}MB'")
+        except Exception as e:  # noqa: BLE001 - a setting, never a reason to fail
+            log.debug("agentgate: audit store memory_limit not set to %d MB (%s)", mb,
+                      type(e).__name__)
 
     # -- thread
     _busy = False
@@ -508,6 +606,11 @@ class AuditWriter(store.BacklogBound):
         err = self._append(rows)
         if err is None:
             return []
+        if out_of_memory(err) and self._grow_memory():
+            if not self._con_broken():
+                return self._write_rows(rows)  # the same batch again, with room
+            self._failed(err)  # reopened, with the raised limit, on the next round
+            return rows
         if len(rows) > 1:
             mid = len(rows) // 2
             left = self._write_rows(rows[:mid])
@@ -536,6 +639,21 @@ class AuditWriter(store.BacklogBound):
             log.error("agentgate: %s; refusing new flows until it recovers", msg)
         self.failure = msg
 
+    def _grow_memory(self) -> bool:
+        """Double DuckDB's memory_limit (up to MAX_MEMORY_LIMIT_MB) for the rest of this
+        run; False when it is at the maximum already."""
+        new = min(self.memory_limit_mb * 2, MAX_MEMORY_LIMIT_MB)
+        if new <= self.memory_limit_mb:
+            return False
+        log.warning("agentgate: the audit store needed more than DuckDB's memory_limit of "
+                    "%d MB to write a batch; raised to %d MB for this run",
+                    self.memory_limit_mb, new)
+        with self._readers_lock:
+            self.memory_limit_mb = new
+            # (a connection the error invalidated: _reopen sets it)
+            self._set_limit(max(new, READ_MEMORY_LIMIT_MB) if self._readers else new)
+        return True
+
     def _con_broken(self) -> bool:
         try:
             assert self._con is not None
@@ -546,18 +664,27 @@ class AuditWriter(store.BacklogBound):
 
     def _reopen(self) -> None:
         """Close and reopen the database connection (and the query socket's handle)."""
-        with contextlib.suppress(Exception):
-            if self._con is not None:
-                self._con.close()
-        try:
-            self._con = open_db(self.path)
-            self._head = store.head(self._con)
-        except Exception as e:  # noqa: BLE001 - still failing: retried on the next round
-            self._con = None
-            self._failed(e)
-            return
-        if self._server is not None:
-            with self._server.lock:
+        # The query socket's handle goes too, under its lock (a request waits): DuckDB
+        # keeps a database instance while any connection to it is open, and connecting
+        # again would join that one (an invalidated one stays invalid).
+        with self._server.lock if self._server is not None else contextlib.nullcontext(), \
+                self._readers_lock:
+            for con in (self._server.db if self._server is not None else None,
+                        self._settings, self._con):
+                if con is not None:
+                    with contextlib.suppress(Exception):
+                        con.close()
+            try:
+                self._con = open_db(self.path, memory_limit_mb=self.memory_limit_mb)
+                self._settings = self._con.cursor()
+                if self._readers:
+                    self._set_limit(max(self.memory_limit_mb, READ_MEMORY_LIMIT_MB))
+                self._head = store.head(self._con)
+            except Exception as e:  # noqa: BLE001 - still failing: retried on the next round
+                self._con = None
+                self._failed(e)
+                return
+            if self._server is not None:
                 self._server.db = self._con.cursor()
         log.warning("agentgate: audit store connection reopened (head seq %d)", self._head[0])
 

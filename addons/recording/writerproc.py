@@ -183,7 +183,8 @@ def pump(inp: wire.FrameReader, w: AuditWriter, rep: Reporter, done: int, db: st
             configure(w, msg[1])
         elif kind == "lake" and not shippers:
             shipper = lake.LakeShipper(lake.LakeConfig(**msg[1]), str(msg[2]),
-                                       functools.partial(lake.open_local, db))
+                                       functools.partial(lake.open_local, db),
+                                       reading=w.reading)
             shipper.start()
             shippers.append(shipper)
         elif kind == "flush":

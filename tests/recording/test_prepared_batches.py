@@ -100,6 +100,8 @@ def test_a_failed_batch_leaves_nothing_staged(tmp_path: Path,
         head = store.append(con, [dict(r) for r in batches[1]], head, stmts=stmts)
         n = len(batches[0]) + len(batches[1])
         assert con.execute("SELECT count(*), max(seq) FROM flows").fetchone() == (n, n)
+        # (verify reads with the readers' limit, as the writer process gives it)
+        con.execute(f"SET memory_limit = '{writer.READ_MEMORY_LIMIT_MB}MB'")
         assert head[0] == n and store.verify(con).ok
     finally:
         con.close()

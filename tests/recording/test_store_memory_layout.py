@@ -85,6 +85,7 @@ def test_a_store_made_with_256_kib_blocks_keeps_them_and_goes_on(tmp_path: Path)
     path = tmp_path / "old.duckdb"
     rows = [build(p) for p in _pendings(5)]
     old_config = {k: v for k, v in writer.DB_CONFIG.items() if k != "default_block_size"}
+    old_config["memory_limit"] = "64MB"  # (the limit such a store was written with)
     con = duckdb.connect(str(path), config=old_config)
     store.init_schema(con)
     head = store.append(con, [dict(r) for r in rows[:10]], store.head(con), store.BlobCache())
@@ -92,6 +93,7 @@ def test_a_store_made_with_256_kib_blocks_keeps_them_and_goes_on(tmp_path: Path)
     con = writer.open_db(path)
     try:
         assert _block_size(con) == 256 * 1024
+        assert _limit_mib(con) > 60  # its checkpoints pin 256 KiB blocks: 32 MB failed
         assert store.head(con) == head
         store.append(con, [dict(r) for r in rows[10:]], head, store.BlobCache())
         con.execute("CHECKPOINT")
@@ -102,5 +104,100 @@ def test_a_store_made_with_256_kib_blocks_keeps_them_and_goes_on(tmp_path: Path)
     ro = writer.open_db(path, read_only=True)
     try:
         assert store.verify(ro).ok and _block_size(ro) == 256 * 1024
+    finally:
+        ro.close()
+
+
+def _limit_mib(con: duckdb.DuckDBPyConnection) -> float:
+    text = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    value, unit = text.split()
+    return float(value) * {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024}[unit]
+
+
+def test_a_batch_that_does_not_fit_the_memory_limit_raises_it_and_nothing_is_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DB_CONFIG's memory_limit is small (it bounds the writer process); a batch or a
+    checkpoint that needs more must not stop recording, which refuses every flow until
+    restart (a 4 MB limit did: "could not allocate block", the gateway failing closed
+    forever). The writer doubles the limit for the rest of the run, logs it, and writes
+    the same batch whole: no record reduced, none lost, the chain intact; a reopened
+    connection keeps the raised limit."""
+    monkeypatch.setitem(writer.DB_CONFIG, "memory_limit", "4MB")
+    w = writer.AuditWriter(tmp_path / "a.duckdb", build=store.build_row,
+                           serve_queries=False, interval=0.01)
+    w.start()
+    try:
+        with caplog.at_level("WARNING", logger="agentgate.recorder"):
+            pendings = _pendings(7)
+            for p in pendings:
+                w.submit(p)
+            assert w.flush(60), w.failure
+        assert w.failure is None
+        assert w.memory_limit_mb > 4
+        assert "raised to 8 MB for this run" in caplog.text
+        assert w._con is not None
+        got = w._con.execute("SELECT count(*), count(flow_state), count(error) FROM flows"
+                             ).fetchone()
+        assert got == (len(pendings), len(pendings), 0)  # every record whole
+        assert _limit_mib(w._con) > 4
+        w._reopen()
+        assert _limit_mib(w._con) > 4
+        w._con.execute("SET memory_limit = '64MB'")  # (verify's windows, not the writer's)
+        assert store.verify(w._con).ok
+    finally:
+        w.close()
+
+
+def test_the_raised_limit_stops_at_its_maximum(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(writer.DB_CONFIG, "memory_limit", "32MB")
+    w = writer.AuditWriter(tmp_path / "a.duckdb", build=store.build_row, serve_queries=False)
+    w._con = writer.open_db(w.path)
+    w._settings = w._con.cursor()
+    try:
+        steps = []
+        while w._grow_memory():
+            steps.append(w.memory_limit_mb)
+        assert steps == [64, writer.MAX_MEMORY_LIMIT_MB] and _limit_mib(w._con) > 120
+    finally:
+        w._settings.close()
+        w._con.close()
+
+
+def test_readers_get_the_read_limit_while_they_read(tmp_path: Path) -> None:
+    """The writer's 32 MB is sized for appends; verify's joins alone hold ~22 MB. While an
+    audit query or a lake shipment reads in the writer process (reading()), the instance
+    has READ_MEMORY_LIMIT_MB; the writer's limit is back once the last reader is done."""
+    w = writer.AuditWriter(tmp_path / "a.duckdb", build=store.build_row,
+                           serve_queries=False, interval=0.01)
+    w.start()
+    try:
+        for p in _pendings(3):
+            w.submit(p)
+        assert w.flush(30), w.failure
+        assert w._con is not None
+        low = _limit_mib(w._con)
+        assert low < 40
+        with w.reading():
+            with w.reading():
+                assert _limit_mib(w._con) > 60
+            assert _limit_mib(w._con) > 60  # one reader still reads
+            cur = w._con.cursor()
+            try:
+                assert store.verify(cur).ok
+            finally:
+                cur.close()
+        assert _limit_mib(w._con) == low
+    finally:
+        w.close()
+
+
+def test_a_reading_connection_gets_the_read_limit(tmp_path: Path) -> None:
+    path = tmp_path / "a.duckdb"
+    writer.open_db(path).close()
+    ro = writer.open_db(path, read_only=True)
+    try:
+        assert _limit_mib(ro) > 60
     finally:
         ro.close()
