@@ -323,6 +323,7 @@ class AuditWriter(store.BacklogBound):
         self._readers = 0  # audit queries and lake shipments reading now (reading())
         self._readers_lock = threading.Lock()
         self._settings: duckdb.DuckDBPyConnection | None = None  # for SET, off the thread
+        self._limit_high = False  # the readers' limit could not be lowered yet
         self.failure: str | None = None
         self.written = 0
         self._queue: deque[store.Pending | store.Direct] = deque()
@@ -473,17 +474,26 @@ class AuditWriter(store.BacklogBound):
             with self._readers_lock:
                 self._readers -= 1
                 if self._readers == 0:
-                    self._set_limit(self.memory_limit_mb)
+                    self._limit_high = not self._set_limit(self.memory_limit_mb)
 
-    def _set_limit(self, mb: int) -> None:
-        """(under _readers_lock) A limit below what DuckDB holds is refused: the higher
-        one stays until the next try, and recording goes on."""
+    def _set_limit(self, mb: int) -> bool:
+        """(under _readers_lock) A limit below what DuckDB holds is refused when it cannot
+        evict enough: the higher one stays, the writer thread tries again after its next
+        batch (_lower_limit), and recording goes on."""
         try:
             assert self._settings is not None
             self._settings.execute(f"SET memory_limit = '{int(mb)}MB'")
         except Exception as e:  # noqa: BLE001 - a setting, never a reason to fail
             log.debug("agentgate: audit store memory_limit not set to %d MB (%s)", mb,
                       type(e).__name__)
+            return False
+        return True
+
+    def _lower_limit(self) -> None:
+        """The writer's limit again, when lowering it after the last reader failed."""
+        with self._readers_lock:
+            if self._limit_high and not self._readers:
+                self._limit_high = not self._set_limit(self.memory_limit_mb)
 
     # -- thread
     _busy = False
@@ -562,6 +572,8 @@ class AuditWriter(store.BacklogBound):
             self.failure = None
             self._fail_count = 0
         finally:
+            if self._limit_high:
+                self._lower_limit()
             if self.on_progress is not None:
                 self.on_progress()
 

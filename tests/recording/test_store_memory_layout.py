@@ -201,3 +201,40 @@ def test_a_reading_connection_gets_the_read_limit(tmp_path: Path) -> None:
         assert _limit_mib(ro) > 60
     finally:
         ro.close()
+
+
+def test_a_limit_that_could_not_be_lowered_is_lowered_after_the_next_batch(
+        tmp_path: Path) -> None:
+    """DuckDB refuses a lower memory_limit when it cannot evict enough: the readers'
+    limit stays, and the writer thread lowers it after its next batch."""
+    w = writer.AuditWriter(tmp_path / "a.duckdb", build=store.build_row,
+                           serve_queries=False, interval=0.01)
+    w.start()
+    real = w._settings
+    assert real is not None and w._con is not None
+
+    class Refusing:
+        """The first SET to the writer's limit fails, as DuckDB's does when it cannot
+        evict down to it."""
+        refused = 0
+
+        def execute(self, sql: str) -> object:
+            if f"'{w.memory_limit_mb}MB'" in sql and not self.refused:
+                self.refused += 1
+                raise duckdb.OutOfMemoryException("could not free up enough memory")
+            return real.execute(sql)
+
+        def close(self) -> None:
+            real.close()
+
+    try:
+        w._settings = Refusing()  # type: ignore[assignment]
+        with w.reading():
+            pass
+        assert w._limit_high and _limit_mib(w._con) > 60
+        for p in _pendings(3)[:2]:
+            w.submit(p)
+        assert w.flush(30), w.failure
+        assert not w._limit_high and _limit_mib(w._con) < 40
+    finally:
+        w.close()
