@@ -99,9 +99,9 @@ DB_CONFIG = {"enable_external_access": False, "memory_limit": "32MB", "threads":
 MAX_MEMORY_LIMIT_MB = 128
 
 
-def _limit_mb(value: str) -> int:
+def _base_limit_mb() -> int:
     """DB_CONFIG's memory_limit ("32MB") in MB."""
-    return int(value.upper().removesuffix("MB"))
+    return int(str(DB_CONFIG["memory_limit"]).upper().removesuffix("MB"))
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -127,7 +127,7 @@ LARGE_BLOCK_MEMORY_LIMIT_MB = 64
 
 def writer_limit_mb(con: duckdb.DuckDBPyConnection) -> int:
     """The memory_limit (MB) the writer needs for the store `con` has open."""
-    base = _limit_mb(str(DB_CONFIG["memory_limit"]))
+    base = _base_limit_mb()
     size = con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
     if size > int(DB_CONFIG["default_block_size"]):
         return max(base, LARGE_BLOCK_MEMORY_LIMIT_MB)
@@ -156,8 +156,7 @@ def open_db(path: str | Path, read_only: bool = False,
     con = duckdb.connect(str(path), read_only=read_only, config=dict(DB_CONFIG))
     if memory_limit_mb is None:
         memory_limit_mb = READ_MEMORY_LIMIT_MB if read_only else writer_limit_mb(con)
-    if memory_limit_mb is not None and \
-            memory_limit_mb != _limit_mb(str(DB_CONFIG["memory_limit"])):
+    if memory_limit_mb != _base_limit_mb():
         con.execute(f"SET memory_limit = '{int(memory_limit_mb)}MB'")
     if not read_only:
         store.init_schema(con)
@@ -319,7 +318,7 @@ class AuditWriter(store.BacklogBound):
         # bytes too, not only in records (fail closed: 503 while it is full).
         self.max_pending_bytes = max_pending_bytes
         self.pending_bytes = 0
-        self.memory_limit_mb = _limit_mb(str(DB_CONFIG["memory_limit"]))
+        self.memory_limit_mb = _base_limit_mb()
         self._readers = 0  # audit queries and lake shipments reading now (reading())
         self._readers_lock = threading.Lock()
         self._settings: duckdb.DuckDBPyConnection | None = None  # for SET, off the thread
@@ -467,14 +466,19 @@ class AuditWriter(store.BacklogBound):
         with self._readers_lock:
             self._readers += 1
             if self._readers == 1:
-                self._set_limit(max(self.memory_limit_mb, READ_MEMORY_LIMIT_MB))
+                self._set_limit(self._wanted_limit())
         try:
             yield
         finally:
             with self._readers_lock:
                 self._readers -= 1
                 if self._readers == 0:
-                    self._limit_high = not self._set_limit(self.memory_limit_mb)
+                    self._limit_high = not self._set_limit(self._wanted_limit())
+
+    def _wanted_limit(self) -> int:
+        """(under _readers_lock) The instance's limit now: the readers' while any reads."""
+        return max(self.memory_limit_mb, READ_MEMORY_LIMIT_MB) if self._readers \
+            else self.memory_limit_mb
 
     def _set_limit(self, mb: int) -> bool:
         """(under _readers_lock) A limit below what DuckDB holds is refused when it cannot
@@ -493,7 +497,7 @@ class AuditWriter(store.BacklogBound):
         """The writer's limit again, when lowering it after the last reader failed."""
         with self._readers_lock:
             if self._limit_high and not self._readers:
-                self._limit_high = not self._set_limit(self.memory_limit_mb)
+                self._limit_high = not self._set_limit(self._wanted_limit())
 
     # -- thread
     _busy = False
@@ -663,7 +667,7 @@ class AuditWriter(store.BacklogBound):
         with self._readers_lock:
             self.memory_limit_mb = new
             # (a connection the error invalidated: _reopen sets it)
-            self._set_limit(max(new, READ_MEMORY_LIMIT_MB) if self._readers else new)
+            self._set_limit(self._wanted_limit())
         return True
 
     def _con_broken(self) -> bool:
@@ -690,7 +694,7 @@ class AuditWriter(store.BacklogBound):
                 self._con = open_db(self.path, memory_limit_mb=self.memory_limit_mb)
                 self._settings = self._con.cursor()
                 if self._readers:
-                    self._set_limit(max(self.memory_limit_mb, READ_MEMORY_LIMIT_MB))
+                    self._set_limit(self._wanted_limit())
                 self._head = store.head(self._con)
             except Exception as e:  # noqa: BLE001 - still failing: retried on the next round
                 self._con = None
