@@ -386,8 +386,18 @@ class LakeShipper:
             return self._ship_all()
 
     def _ship_all(self) -> int:
-        if self._local is None:
-            self._local = self._open_local()
+        # the local connection lives for one round: in the writer process it is a cursor
+        # of the writer's DuckDB instance, and an instance kept alive by it between rounds
+        # would keep a reopened writer from attaching the store (AuditWriter.cursor)
+        self._local = self._open_local()
+        try:
+            return self._ship_round()
+        finally:
+            local, self._local = self._local, None
+            with contextlib.suppress(Exception):
+                local.close()
+
+    def _ship_round(self) -> int:
         top = self._local.execute("SELECT max(seq) FROM flows").fetchone()[0]
         if top is not None and top == self._shipped_to:
             # a hint only (the lake's head decides what is shipped): nothing new locally,
@@ -651,9 +661,10 @@ def env_replica() -> str | None:
 
 
 def open_local(path: str | Path) -> Any:
-    """A reading connection to a replica's local store. In the writer process it joins
-    the writer's DuckDB instance (same file, same config); unlike writer.open_db it writes
-    nothing (no schema step), so it never conflicts with the writer's transactions."""
+    """A reading connection to a replica's local store that no writer of this process
+    has open (the writer process gives its shipper AuditWriter.cursor instead: one file
+    is attached by one DuckDB instance of a process). Unlike writer.open_db it writes
+    nothing (no schema step)."""
     import duckdb
 
     from addons.recording.writer import DB_CONFIG

@@ -128,7 +128,8 @@ LARGE_BLOCK_MEMORY_LIMIT_MB = 64
 def writer_limit_mb(con: duckdb.DuckDBPyConnection) -> int:
     """The memory_limit (MB) the writer needs for the store `con` has open."""
     base = _base_limit_mb()
-    size = con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
+    size = con.execute("SELECT block_size FROM pragma_database_size() "
+                       "WHERE database_name = current_database()").fetchone()[0]
     if size > int(DB_CONFIG["default_block_size"]):
         return max(base, LARGE_BLOCK_MEMORY_LIMIT_MB)
     return base
@@ -144,16 +145,69 @@ def socket_path(db_path: str | Path) -> str:
     return os.path.join(tempfile.gettempdir(), f"agentgate-{os.getuid()}-{digest}.sock")
 
 
+# The writer's rows go into row groups of 4,096 rows (DuckDB's default: 122,880). A
+# checkpoint rewrites the row groups that changed since the last one, and merges
+# consecutive ones that fit in fewer (vacuum): with the default size every checkpoint
+# (every 16 MB of WAL, ~3,400 1 KB flows) rewrote the whole growing row group, so the
+# writer's CPU per flow grew with the rows stored until the group filled — in process,
+# 40,000 bench 1 KB rows in batches of 120: checkpoints 150 us of the 260 us per row, one
+# of 2.5 s; DuckDB evicted the group's blocks to temporary files and read them back
+# (~1,500 files per 8,000 rows) under the 32 MB limit. With 4,096-row groups a checkpoint
+# rewrites at most one partial group: 18 us of 147 us per row, flat (2,048: more
+# checkpoints rewriting partial groups, 48 us; 8,192 and 16,384 still merged large
+# groups). The size is an option of ATTACH, not of connect() (and not kept in the file):
+# the writing connection is an in-memory instance that attaches the store (open_db).
+ROW_GROUP_SIZE = 4096
+STORE_ALIAS = "audit"  # the attached store's name on the writing connection
+
+
+def _sql_text(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _attach_writing(path: str | Path) -> duckdb.DuckDBPyConnection:
+    """The writing connection: an instance of its own (DB_CONFIG; its temporary files
+    where DuckDB puts a file's, `<store>.tmp`) with the store attached, in use, and
+    external access off once it is. Two opens of one file in one process are refused by
+    DuckDB ("Unique file handle conflict"), as another process's are by its lock."""
+    cfg = dict(DB_CONFIG, enable_external_access=True, temp_directory=f"{path}.tmp")
+    con = duckdb.connect(":memory:", config=cfg)
+    try:
+        con.execute(f"ATTACH {_sql_text(str(path))} AS {STORE_ALIAS} "
+                    f"(ROW_GROUP_SIZE {ROW_GROUP_SIZE})")
+        con.execute(f"USE {STORE_ALIAS}")
+        con.execute("SET enable_external_access = false")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def store_cursor(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    """Another connection to `con`'s instance (a cursor), using the same database: a new
+    cursor starts in the instance's default database, which on the writing connection
+    is its empty in-memory one (_attach_writing: `flows` is not found there)."""
+    name = con.execute("SELECT current_database()").fetchone()[0]
+    cur = con.cursor()
+    try:
+        cur.execute(f'USE "{name.replace(chr(34), chr(34) * 2)}"')
+    except BaseException:
+        cur.close()
+        raise
+    return cur
+
+
 def open_db(path: str | Path, read_only: bool = False,
             memory_limit_mb: int | None = None) -> duckdb.DuckDBPyConnection:
     """`memory_limit_mb`: the writer's limit when it differs from DB_CONFIG's (raised, or
     the store's blocks need more: writer_limit_mb, the default for a writing connection).
-    It is set after connecting: a connection made with another config than a live
-    instance's is refused, and the process's other connections (the lake shipper's) join
-    with DB_CONFIG."""
-    if not read_only:
+    It is set after connecting: the process's other connections are cursors of this one
+    (store_cursor) and share its instance."""
+    if read_only:
+        con = duckdb.connect(str(path), read_only=True, config=dict(DB_CONFIG))
+    else:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(str(path), read_only=read_only, config=dict(DB_CONFIG))
+        con = _attach_writing(path)
     if memory_limit_mb is None:
         memory_limit_mb = READ_MEMORY_LIMIT_MB if read_only else writer_limit_mb(con)
     if memory_limit_mb != _base_limit_mb():
@@ -217,7 +271,7 @@ class _Handler(socketserver.StreamRequestHandler):
         try:
             req = json.loads(line)
             with self.server.lock:
-                con = self.server.db.cursor()  # own connection to the same database
+                con = store_cursor(self.server.db)  # own connection to the same database
             try:
                 with self.server.reading():
                     # One snapshot for multi-statement operations (verify), rolled back.
@@ -237,7 +291,7 @@ class QueryServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
     def __init__(self, path: str, db: duckdb.DuckDBPyConnection) -> None:
-        self.db = db.cursor()  # only ever used to open one connection per request
+        self.db = store_cursor(db)  # only ever used to open one connection per request
         self.lock = threading.Lock()
         # held around each request (AuditWriter.reading: the readers' memory_limit)
         self.reading: Callable[[], contextlib.AbstractContextManager[Any]] = \
@@ -351,7 +405,7 @@ class AuditWriter(store.BacklogBound):
         """Open the store (raises on failure) and start the thread and the query socket."""
         self._con = open_db(self.path)
         self.memory_limit_mb = writer_limit_mb(self._con)
-        self._settings = self._con.cursor()
+        self._settings = store_cursor(self._con)
         self._head = store.head(self._con)
         self._apply_retention()
         if self.serve_queries:
@@ -457,6 +511,16 @@ class AuditWriter(store.BacklogBound):
             log.info("agentgate: audit store flushed and closed (%d records this run, "
                      "head seq %d hash %s)", self.written, self._head[0], self._head[1])
         return left == 0
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """Another connection to the store's instance, for a reader of this process (the
+        lake shipper, a round at a time: an instance is held while any of its connections
+        is open, and a reopen cannot attach the store while the old one holds it). Made
+        from the settings cursor under its lock, never from the writer thread's own."""
+        with self._readers_lock:
+            if self._settings is None:
+                raise RuntimeError("the audit store is not open")
+            return store_cursor(self._settings)
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
@@ -692,7 +756,7 @@ class AuditWriter(store.BacklogBound):
                         con.close()
             try:
                 self._con = open_db(self.path, memory_limit_mb=self.memory_limit_mb)
-                self._settings = self._con.cursor()
+                self._settings = store_cursor(self._con)
                 if self._readers:
                     self._set_limit(self._wanted_limit())
                 self._head = store.head(self._con)
@@ -701,7 +765,7 @@ class AuditWriter(store.BacklogBound):
                 self._failed(e)
                 return
             if self._server is not None:
-                self._server.db = self._con.cursor()
+                self._server.db = store_cursor(self._con)
         log.warning("agentgate: audit store connection reopened (head seq %d)", self._head[0])
 
     def _apply_retention(self) -> None:

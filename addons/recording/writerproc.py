@@ -38,7 +38,7 @@ from addons.frame import decode as body_decode
 from addons.frame import logscrub
 from addons.frame.pages import drop_library_pages
 from addons.recording import lake, store, wire
-from addons.recording.writer import AuditWriter, open_failure_hint
+from addons.recording.writer import AuditWriter, open_db, open_failure_hint
 
 log = logging.getLogger("agentgate.recorder")
 
@@ -154,6 +154,15 @@ def configure(w: AuditWriter, cfg: dict[str, Any]) -> None:
     w.max_pending_bytes = 1 << 62
 
 
+def _local_store(w: AuditWriter, db: str) -> Any:
+    """The lake shipper's connection to the store, for one round: a cursor of the writer's
+    instance while it is open; once it closed (the last shipment, after its last write),
+    the file read by a connection of its own."""
+    if w.closed:
+        return open_db(db, read_only=True)
+    return w.cursor()
+
+
 def pump(inp: wire.FrameReader, w: AuditWriter, rep: Reporter, done: int, db: str,
          shippers: list[lake.LakeShipper]) -> None:
     """Read the gateway's messages until the end of the stream and hand the records to the
@@ -183,7 +192,7 @@ def pump(inp: wire.FrameReader, w: AuditWriter, rep: Reporter, done: int, db: st
             configure(w, msg[1])
         elif kind == "lake" and not shippers:
             shipper = lake.LakeShipper(lake.LakeConfig(**msg[1]), str(msg[2]),
-                                       functools.partial(lake.open_local, db),
+                                       functools.partial(_local_store, w, db),
                                        reading=w.reading)
             shipper.start()
             shippers.append(shipper)

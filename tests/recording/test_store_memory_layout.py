@@ -5,7 +5,8 @@ Row groups stay merged at checkpoints (DuckDB's default). Turning merging off
 checkpoint added a row group whose metadata stays pinned and whose blocks stay loaded: the
 writer's memory grew with uptime (a 10-minute soak drifted 6.95 %). What must hold: however
 many checkpoints a long-running writer makes, its table stays a few row groups and DuckDB's
-memory for it stays small.
+memory for it stays small. The writer's row groups hold ROW_GROUP_SIZE rows (4,096, not
+DuckDB's 122,880): a checkpoint rewrites at most one partial group.
 
 A new store uses 64 KiB blocks (DuckDB's default 256 KiB: the partly filled block of each
 of ~40 columns held ~20 MiB); a store made with another block size keeps it and goes on
@@ -68,7 +69,100 @@ def test_many_checkpoints_leave_few_row_groups_and_little_memory(
 
 
 def _block_size(con: duckdb.DuckDBPyConnection) -> int:
-    return con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
+    return con.execute("SELECT block_size FROM pragma_database_size() "
+                       "WHERE database_name = current_database()").fetchone()[0]
+
+
+def _group_rows(con: duckdb.DuckDBPyConnection) -> list[int]:
+    """Rows per row group of `flows` (its first column's segments summed)."""
+    return [r[0] for r in con.execute(
+        "SELECT sum(count) FROM pragma_storage_info('flows') WHERE column_id = 0 "
+        "AND segment_type <> 'VALIDITY' GROUP BY row_group_id ORDER BY row_group_id"
+    ).fetchall()]
+
+
+def test_checkpoints_keep_row_groups_at_the_writers_size(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer's row groups hold at most ROW_GROUP_SIZE rows, however the checkpoints
+    fell: a checkpoint then rewrites at most one partial group, not the whole growing
+    default-sized (122,880-row) group, which made the writer's CPU per flow grow with the
+    store. A connection without the option (connect() by path) merges them into one."""
+    monkeypatch.setattr(writer, "ROW_GROUP_SIZE", 2048)
+    monkeypatch.setitem(writer.DB_CONFIG, "checkpoint_threshold", "256KB")
+    path = tmp_path / "g.duckdb"
+    rows = [build(p) for p in _pendings(5)]
+    con = writer.open_db(path)
+    try:
+        head, known = store.head(con), store.BlobCache()
+        while sum(_group_rows(con) or [0]) < 5000:
+            for _ in range(20):
+                head = store.append(con, [dict(r) for r in rows], head, known)
+            con.execute("CHECKPOINT")
+        groups = _group_rows(con)
+        assert len(groups) >= 3 and max(groups) <= 2048, groups
+        assert store.verify(con).ok
+    finally:
+        con.close()
+    other = duckdb.connect(str(path), config=dict(writer.DB_CONFIG))
+    try:
+        store.append(other, [dict(r) for r in rows], store.head(other), store.BlobCache())
+        other.execute("CHECKPOINT")
+        assert max(_group_rows(other)) > 2048  # (what the writer's option prevents)
+    finally:
+        other.close()
+
+
+def test_the_writing_connection_keeps_its_temporary_files_beside_the_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An in-memory instance's temporary directory defaults to `.tmp` in the working
+    directory: the writer's is the store's own, as for a file opened by path."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "data" / "t.duckdb"
+    con = writer.open_db(path)
+    try:
+        got = con.execute("SELECT current_setting('temp_directory')").fetchone()[0]
+        assert got == f"{path}.tmp"
+    finally:
+        con.close()
+
+
+def test_one_process_cannot_open_the_store_for_writing_twice(tmp_path: Path) -> None:
+    """Two writing instances of one file in one process (a reopen while an old connection
+    lives) are refused by DuckDB, not run side by side; the first one goes on."""
+    path = tmp_path / "one.duckdb"
+    rows = [build(p) for p in _pendings(5)]
+    con = writer.open_db(path)
+    try:
+        with pytest.raises(duckdb.Error, match="already attached"):
+            writer.open_db(path)
+        with pytest.raises(duckdb.Error, match="already attached"):
+            duckdb.connect(str(path), config=dict(writer.DB_CONFIG))
+        store.append(con, [dict(r) for r in rows], store.head(con), store.BlobCache())
+        assert store.verify(con).ok
+    finally:
+        con.close()
+
+
+def test_the_writing_connection_has_no_external_access(tmp_path: Path) -> None:
+    """The store is attached before external access is turned off: nothing else can be
+    attached, read or written through the writer's connection or its cursors."""
+    outside = tmp_path / "outside.csv"
+    outside.write_text("a\n1\n")
+    con = writer.open_db(tmp_path / "x.duckdb")
+    cur = writer.store_cursor(con)
+    try:
+        for c in (con, cur):
+            for sql in (f"ATTACH '{tmp_path / 'y.duckdb'}' AS y",
+                        f"SELECT * FROM read_csv('{outside}')",
+                        f"COPY (SELECT 1) TO '{tmp_path / 'z.csv'}'",
+                        "SET enable_external_access = true"):
+                with pytest.raises(duckdb.Error):
+                    c.execute(sql)
+        assert cur.execute("SELECT count(*) FROM flows").fetchone() == (0,)
+        assert not (tmp_path / "y.duckdb").exists() and not (tmp_path / "z.csv").exists()
+    finally:
+        cur.close()
+        con.close()
 
 
 def test_a_new_store_uses_64_kib_blocks(tmp_path: Path) -> None:
@@ -154,7 +248,7 @@ def test_the_raised_limit_stops_at_its_maximum(tmp_path: Path,
     monkeypatch.setitem(writer.DB_CONFIG, "memory_limit", "32MB")
     w = writer.AuditWriter(tmp_path / "a.duckdb", build=store.build_row, serve_queries=False)
     w._con = writer.open_db(w.path)
-    w._settings = w._con.cursor()
+    w._settings = writer.store_cursor(w._con)
     try:
         steps = []
         while w._grow_memory():
@@ -183,7 +277,7 @@ def test_readers_get_the_read_limit_while_they_read(tmp_path: Path) -> None:
             with w.reading():
                 assert _limit_mib(w._con) > 60
             assert _limit_mib(w._con) > 60  # one reader still reads
-            cur = w._con.cursor()
+            cur = w.cursor()
             try:
                 assert store.verify(cur).ok
             finally:
