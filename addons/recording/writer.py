@@ -170,11 +170,15 @@ def _attach_writing(path: str | Path) -> duckdb.DuckDBPyConnection:
     where DuckDB puts a file's, `<store>.tmp`) with the store attached, in use, and
     external access off once it is. Two opens of one file in one process are refused by
     DuckDB ("Unique file handle conflict"), as another process's are by its lock."""
-    cfg = dict(DB_CONFIG, enable_external_access=True, temp_directory=f"{path}.tmp")
+    # (external access is on only for the ATTACH; no extension is loaded or installed for
+    # it, and TYPE duckdb: a file of another format is refused, not opened through an
+    # extension found on the machine)
+    cfg = dict(DB_CONFIG, enable_external_access=True, temp_directory=f"{path}.tmp",
+               autoload_known_extensions=False, autoinstall_known_extensions=False)
     con = duckdb.connect(":memory:", config=cfg)
     try:
         con.execute(f"ATTACH {_sql_text(str(path))} AS {STORE_ALIAS} "
-                    f"(ROW_GROUP_SIZE {ROW_GROUP_SIZE})")
+                    f"(TYPE duckdb, ROW_GROUP_SIZE {ROW_GROUP_SIZE})")
         con.execute(f"USE {STORE_ALIAS}")
         con.execute("SET enable_external_access = false")
     except BaseException:

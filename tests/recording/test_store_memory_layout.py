@@ -332,3 +332,20 @@ def test_a_limit_that_could_not_be_lowered_is_lowered_after_the_next_batch(
         assert not w._limit_high and _limit_mib(w._con) < 40
     finally:
         w.close()
+
+
+def test_a_file_of_another_format_is_refused_not_opened_by_an_extension(
+        tmp_path: Path) -> None:
+    """The store is attached as DuckDB storage, with no extension loaded for it: a SQLite
+    file where the store should be is refused with DuckDB's own reason (which the
+    gateway's hint recognises), not opened as a SQLite database."""
+    import sqlite3
+    path = tmp_path / "agentgate.duckdb"
+    lite = sqlite3.connect(path)
+    lite.execute("CREATE TABLE flows (a)")
+    lite.commit()
+    lite.close()
+    with pytest.raises(duckdb.Error) as got:
+        writer.open_db(path)
+    assert "not a valid DuckDB database" in str(got.value)
+    assert "damaged or not a DuckDB database" in writer.open_failure_hint(path, got.value)
