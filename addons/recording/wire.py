@@ -84,8 +84,12 @@ class FrameReader:
     once."""
 
     def __init__(self, fd: int, *, nap: float = 0.0, nap_below: int = 64 * 1024,
-                 chunk: int = 256 * 1024) -> None:
+                 chunk: int = 256 * 1024, keep: int = 0) -> None:
         self.fd = fd
+        # a frame of at most `keep` bytes is kept (as `frame`) until the next one is read:
+        # the writer process looks at a small flow's marshal data (store.frame_plain)
+        self.keep = keep
+        self.frame: bytes | None = None
         self.nap = nap
         self.nap_below = nap_below
         self.chunk = chunk
@@ -109,6 +113,7 @@ class FrameReader:
                 if have >= need:
                     with memoryview(buf) as view, view[start + HEADER.size:start + need] as data:
                         msg = marshal.loads(data)  # noqa: S302 - our own pipe
+                        self.frame = bytes(data) if need <= self.keep else None
                     self._start = start + need
                     if self._start == self._end:
                         self._start = self._end = 0

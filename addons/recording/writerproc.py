@@ -53,6 +53,10 @@ DRAIN_TIMEOUT = 120.0  # seconds to write what is queued once the gateway is gon
 # empty), at most once per TRIM_EVERY seconds.
 TRIM_AFTER_BYTES = 4 * 1024 * 1024
 TRIM_EVERY = 1.0
+# Frames up to this size are looked at for their row's build (store.Pending.frame): a 1 KB
+# chat flow's is ~5 KB; at the default max_body (256 KiB) a state read from a frame of up
+# to ~16 KB needs no measuring of its own (store.LEAF_GROWTH)
+FRAME_KEEP = 16 * 1024
 
 
 # the cuts of each session's last bodies: a turn that re-sends the history is parsed and
@@ -181,6 +185,8 @@ def pump(inp: wire.FrameReader, w: AuditWriter, rep: Reporter, done: int, db: st
             if first:
                 rep.base, first = n - 1, False
             item.sub = n  # type: ignore[union-attr] - committed with its batch
+            if inp.frame is not None and isinstance(item, store.Pending):
+                item.frame = (nbytes, store.frame_plain(inp.frame))
             # what it holds here: at least its frame (metadata, headers, bodies)
             item.size = max(item.size, nbytes)
             rep.received += nbytes
@@ -210,7 +216,7 @@ def main(argv: list[str]) -> int:
     db, cfg = argv[0], json.loads(argv[1])
     # before opening the store too: the import's pages are not added to the open's
     drop_library_pages()
-    inp = wire.FrameReader(sys.stdin.fileno(), nap=READ_NAP)
+    inp = wire.FrameReader(sys.stdin.fileno(), nap=READ_NAP, keep=FRAME_KEEP)
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     # nothing else may write into the message stream (a stray print would corrupt it)
     sys.stdout = sys.stderr
