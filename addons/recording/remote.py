@@ -56,8 +56,8 @@ PIPE_SIZE = 1 << 20  # bytes the pipe to the process may hold (where the system 
 # costs more than the copy into the pipe; above it (a long conversation's history) the
 # copy dominates and is better done by the sender, beside the event loop (GIL released)
 DIRECT_MAX = 32 * 1024
-# the writer process's DuckDB allocator (see _spawn): freed pages back within ~0.1 s
-JEMALLOC_CONF = "dirty_decay_ms:100,muzzy_decay_ms:0"
+# the writer process's DuckDB allocator (see _spawn): freed pages back within ~1 s
+JEMALLOC_CONF = "dirty_decay_ms:1000,muzzy_decay_ms:0"
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -127,7 +127,12 @@ class WriterProcess(store.BacklogBound):
         # DuckDB's decay time before giving them back: the writer's inserts and
         # checkpoints free and allocate all day, and its RSS stood ~30-40 MiB above what
         # it uses (8,000 1 KB rows in process: peak 203 -> 168 MiB at 100 ms, same CPU
-        # per row; at 0 ms 155 MiB but +15 % CPU). An operator's own setting is kept.
+        # per row; at 0 ms 155 MiB but +15 % CPU). 1,000 ms, not 100: a gateway's batches
+        # come every ~0.2 s, and at 100 ms each batch found its pages given back and
+        # faulted them in again (1 KB chat flows at 650/s: 15 faults a flow, 294 us of
+        # writer CPU; at 1,000 ms 6.7 faults, 257 us; peak 89-93 -> 92-93 MiB; replaying
+        # a 1 KB + 100 KB load back to back: 125 -> 140-145 MiB). An operator's own
+        # setting is kept.
         env.setdefault("DUCKDB_JE_MALLOC_CONF", JEMALLOC_CONF)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
