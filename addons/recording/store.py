@@ -697,7 +697,8 @@ class Pending:
 # Every leaf of a state as build_row caps it is at most this many times longer than in the
 # snapshot, plus len(REDACTED): scrubbing turns a secret (MIN_SECRET_LEN bytes or more) into
 # REDACTED (x1.25), a credential header's value becomes REDACTED, and a query's empty
-# value `&k=` becomes `&k=[REDACTED]` (x4.3). Bodies are measured, not bounded so.
+# value `&k=` becomes `&k=[REDACTED]` (x4.3). Bodies are measured, not bounded so (a
+# compressed one holding a secret is stored decoded), and so is a state with a backup.
 LEAF_GROWTH = 16
 
 
@@ -884,7 +885,9 @@ def _fits_state(st: dict[str, Any], limit: int,
         if isinstance(msg, dict) and isinstance(msg.get("content"), bytes) \
                 and len(msg["content"]) > limit:
             small = False
-    if frame is not None and frame[0] * LEAF_GROWTH + len(REDACTED) <= limit:
+    # (not with a backup: safe_state may put a backup's body in decoded, of any size)
+    if frame is not None and not st.get("backup") \
+            and frame[0] * LEAF_GROWTH + len(REDACTED) <= limit:
         return small, frame[1]
     rest = dict(st)
     for part in ("request", "response"):

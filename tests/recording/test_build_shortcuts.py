@@ -136,6 +136,27 @@ def test_a_frames_facts_build_the_row_measuring_builds(meta: int, max_body: int)
     assert build(got) == build(measured)
 
 
+def test_a_backups_body_decoded_past_the_limit_is_cut_as_measuring_cuts() -> None:
+    """safe_state stores a compressed body holding a secret decoded, the backup's too:
+    a frame's size does not bound that leaf, so a state with a backup is measured."""
+    import gzip
+
+    st = _state(3, b'{"model":"m"}', copy.deepcopy(METAS[0]), b"{}", 1.7e9)
+    backup = copy.deepcopy(st)
+    backup["request"]["headers"] = ((b"content-encoding", b"gzip"),)
+    backup["request"]["content"] = gzip.compress(b"x" * 80_000 + SECRET.encode())
+    st["backup"] = backup
+    p = store.Pending(state=st, session="s", secrets=(SECRET,), max_body=60_000)
+    got = _via_pipe(p)
+    assert got.frame is not None and got.frame[0] * store.LEAF_GROWTH < 60_000
+    measured = copy.deepcopy(got)
+    measured.frame = None
+    row = build(got)
+    assert row == build(measured)
+    stored = store.load_state(row["flow_state"])
+    assert len(stored["backup"]["request"]["content"]) <= 60_000
+
+
 def test_a_frame_larger_than_kept_is_measured_as_before() -> None:
     p = _pending(9, b'{"model":"m","x":"' + b"y" * 5000 + b'"}')
     assert _via_pipe(p, keep=1024).frame is None
