@@ -81,6 +81,7 @@ ensure_venv() { # $1: extras ("" | demo | test)
   want=$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)
   stamp=$VENV/.agentgate-deps${extras:+-$extras}
   if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
+    ensure_bytecode
     return  # dependencies already match setup.cfg: no pip run at all
   fi
   say "installing dependencies${extras:+ ($extras)} into $VENV …"
@@ -91,7 +92,18 @@ ensure_venv() { # $1: extras ("" | demo | test)
   fi
   echo "$want" > "$stamp"
   [[ -n $extras ]] && echo "$want" > "$VENV/.agentgate-deps"  # extras include the base
+  ensure_bytecode
   return 0
+}
+
+ensure_bytecode() {
+  # Python reads a module's cached bytecode, but under PYTHONDONTWRITEBYTECODE (usual in
+  # containers, set on CI machines) never writes it: every gateway and audit writer start
+  # compiled all of addons/ again (measured: importing the gateway 0.85 -> 0.60 s of CPU
+  # with it cached, its RSS after import 25 -> 20 MiB, the compiler's leftovers). pip
+  # compiles what it installs, not this editable checkout: compiled here, a no-op while
+  # fresh (~30 ms). A read-only checkout compiles at import as before.
+  "$VENV/bin/python" -m compileall -q -x node_modules "$ROOT/addons" >/dev/null 2>&1 || true
 }
 
 ensure_ca() {

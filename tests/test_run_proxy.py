@@ -67,3 +67,28 @@ def test_bad_listen_address(tmp_path: Path) -> None:
                    PATH=os.environ["PATH"])
     assert p.returncode == 1
     assert "AGENTGATE_LISTEN must be host:port" in p.stderr
+
+
+def test_gateway_bytecode_is_cached_even_when_python_writes_none(tmp_path: Path) -> None:
+    """Under PYTHONDONTWRITEBYTECODE (containers, CI machines) no import writes a .pyc:
+    run_proxy.sh compiles addons/ itself, or every gateway and audit writer start would
+    compile the whole package again (its CPU, and its RSS left behind)."""
+    import importlib.util
+    venv = ROOT / ".venv"
+    if not (venv / ".agentgate-deps").exists():
+        import pytest
+        pytest.skip("needs the venv made by ./run_proxy.sh")
+    src = ROOT / "addons" / "recording" / "writerproc.py"
+    pyc = Path(importlib.util.cache_from_source(str(src)))
+    pyc.unlink(missing_ok=True)
+    p = run_script(tmp_path, "cli", "rules", "check", str(ROOT / "rules"),
+                   AGENTGATE_VENV=str(venv), PATH=os.environ["PATH"],
+                   PYTHONDONTWRITEBYTECODE="1")
+    assert p.returncode == 0, p.stderr
+    assert pyc.is_file(), "addons/ was not compiled"
+    # fresh: the interpreter takes it instead of compiling (the source's mtime and size)
+    head = pyc.read_bytes()[:16]
+    st = src.stat()
+    if int.from_bytes(head[4:8], "little") == 0:  # (else hash-based: checked by hash)
+        assert int.from_bytes(head[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
+        assert int.from_bytes(head[12:16], "little") == st.st_size & 0xFFFFFFFF
