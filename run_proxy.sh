@@ -80,20 +80,18 @@ ensure_venv() { # $1: extras ("" | demo | test)
   fi
   want=$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)
   stamp=$VENV/.agentgate-deps${extras:+-$extras}
-  if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
-    ensure_bytecode
-    return  # dependencies already match setup.cfg: no pip run at all
+  # dependencies already matching setup.cfg: no pip run at all
+  if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
+    say "installing dependencies${extras:+ ($extras)} into $VENV …"
+    # (this machine's pip config names local index folders that may not exist: drop that noise)
+    if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+          -e ".${extras:+[$extras]}" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); then
+      die "dependency installation failed (see pip output above)"
+    fi
+    echo "$want" > "$stamp"
+    [[ -n $extras ]] && echo "$want" > "$VENV/.agentgate-deps"  # extras include the base
   fi
-  say "installing dependencies${extras:+ ($extras)} into $VENV …"
-  # (this machine's pip config names local index folders that may not exist: drop that noise)
-  if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-        -e ".${extras:+[$extras]}" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); then
-    die "dependency installation failed (see pip output above)"
-  fi
-  echo "$want" > "$stamp"
-  [[ -n $extras ]] && echo "$want" > "$VENV/.agentgate-deps"  # extras include the base
   ensure_bytecode
-  return 0
 }
 
 ensure_bytecode() {
