@@ -1648,6 +1648,10 @@ class SearchHistory:
                 and last[2][0] == old_gen:
             old = (last[1], last[2][1])
         out, cuts, kept = derive_text(fn, src, old, common)
+        if len(out) == len(src) and out == src:
+            # (normalising prose in ASCII changes nothing) the form is the prompt text
+            # itself: one string kept for both, not two equal ones (a memcmp, ~10 us)
+            out = src
         self.derived_chars += kept
         return out, self.begin(which, out, (gen, cuts))
 

@@ -711,9 +711,10 @@ def frame_plain(frame: bytes) -> bool:
 
 @dataclass
 class Direct:
-    """A record that is not an HTTP flow (a SQL statement, addons/database/records.py):
-    `row` is its whole row (every column but seq, prev_hash and hash), built by the caller as
-    plain data (it crosses to the writer process); it is chained and stored like every flow."""
+    """A record that is not an HTTP flow (a SQL statement, addons/database/records.py), or
+    a flow's row built ahead of its batch (writer.AuditWriter.prebuilt): `row` is its whole
+    row (every column but seq, prev_hash and hash), built by the caller as plain data (it
+    crosses to the writer process); it is chained and stored like every flow."""
 
     row: dict[str, Any]
     id: str

@@ -2,11 +2,12 @@
 
 The gateway (addons/recording/remote.py) starts this process and feeds it flow snapshots
 over its stdin (frames, addons/recording/wire.py); this process owns the DuckDB connection:
-it builds the rows (redaction, decoding, capping, blobs), chains and appends them in batches
-(addons/recording/writer.py's AuditWriter, on its thread here) and serves the `agentgate
-audit` query socket and, with `audit_lake:`, ships the store to the lake (lake.py's
-shipper, beside the writer's DuckDB instance). Row building and inserts (~0.3 ms of Python
-per 1 KB flow) no longer hold the gateway's GIL, and DuckDB's memory lives here.
+it builds each flow's row (redaction, decoding, capping, blobs; a large flow's as soon as it
+reads it), then chains and appends the rows in batches (addons/recording/writer.py's
+AuditWriter, on its thread here) and serves the `agentgate audit` query socket and, with
+`audit_lake:`, ships the store to the lake (lake.py's shipper, beside the writer's DuckDB
+instance). Row building and inserts (~0.3 ms of Python per 1 KB flow) no longer hold the
+gateway's GIL, and DuckDB's memory lives here.
 
 It reports on stdout: ("ready", seq, hash, n_committed_earlier) once the store is open (or
 ("fatal", why) and exit 1), then ("ack", n, failure) whenever the number of records
@@ -60,7 +61,7 @@ FRAME_KEEP = 16 * 1024
 
 
 # the cuts of each session's last bodies: a turn that re-sends the history is parsed and
-# hashed only past it (only the writer thread builds rows)
+# hashed only past it (rows are built under the writer's build_lock, by either thread)
 SPLITS = store.SplitCache()
 
 
@@ -190,6 +191,13 @@ def pump(inp: wire.FrameReader, w: AuditWriter, rep: Reporter, done: int, db: st
             # what it holds here: at least its frame (metadata, headers, bodies)
             item.size = max(item.size, nbytes)
             rep.received += nbytes
+            if isinstance(item, store.Pending) and inp.frame is None:
+                # A large snapshot (a conversation's turn with its whole history) is built
+                # now: the queue holds its row, which keeps only what the turn added. A
+                # small one (its frame kept, FRAME_KEEP) waits as it is: building it here
+                # would only add a hand-off between the threads (+~20 us of a 1 KB flow).
+                item = w.prebuilt(item)
+                item.sub = n  # type: ignore[attr-defined]
             w.submit(item)
             # Backpressure: while a whole batch waits behind the one being written, stop
             # reading; the pipe fills and the gateway's sender waits, its backlog bounded.

@@ -185,3 +185,22 @@ def test_histories_are_bounded_in_bytes_and_fair_per_identity() -> None:
     huge.begin("prompt_text", "z" * (2 << 20))  # alone over the total: keeps no text
     assert hs.bytes <= hs.max_bytes
     assert huge.bytes == 0
+
+
+def test_a_form_equal_to_the_prompt_text_is_kept_as_that_one_string() -> None:
+    """Normalising prose in ASCII changes nothing: the session keeps the prompt text once
+    for both forms (a 120 KB history, 20 sessions: 2.3 MiB), and a form that differs is
+    still its own text, exactly fn(src)."""
+    from addons.policy.skeleton import normalize, skeleton
+
+    h = SearchHistory()
+    src = "Plain words, nothing to normalise. " * 400  # (the skeleton folds the case)
+    src2 = src + "And A Few More. " * 50
+    for text in (src, src2):
+        shared = h.begin("prompt_text", text)
+        norm, _ = h.derive("norm_text", normalize, text, shared)
+        skel, _ = h.derive("skel_text", skeleton, text, shared)
+        assert norm is text and norm == normalize(text)
+        assert skel == skeleton(text) and skel is not text
+        last = h.last("norm_text")
+        assert last is not None and last[1] is text

@@ -8,6 +8,7 @@ import io
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -34,21 +35,10 @@ def rss_mib(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-def test_the_writer_reads_no_further_than_one_batch_ahead(tmp_path: Path) -> None:
-    """A store slower than the gateway: the process's queue stays within one batch (in
-    bytes) however much the gateway has sent, and every record is still written, once, in
-    order. Before, it read the pipe to the end into its queue (here ~1.3 MB)."""
-    def slow_build(p: store.Pending) -> dict:
-        time.sleep(0.003)  # a store that lags the gateway
-        return writerproc.build(p)
-
-    db = tmp_path / "a.duckdb"
-    w = AuditWriter(db, build=slow_build, serve_queries=False, batch_size=500,
-                    interval=0.05, max_batch_bytes=64 * 1024)
-    writerproc.configure(w, {})  # as in the process: the gateway bounds the backlog
-    w.start()
-    rep = writerproc.Reporter(io.BytesIO(), w)
-    frames = [wire.frame(wire.pending_msg(i + 1, pending(i, b"x" * 8000))) for i in range(150)]
+def pump_frames(w: AuditWriter, rep: writerproc.Reporter, db: Path, frames: list[bytes],
+                sample: Callable[[], None]) -> None:
+    """`frames` through a pipe into the process's reading loop (writerproc.pump) until the
+    end of the stream, calling `sample` every 0.5 ms meanwhile; every frame was written."""
     r, wfd = os.pipe()
     fed = threading.Event()
 
@@ -58,16 +48,14 @@ def test_the_writer_reads_no_further_than_one_batch_ahead(tmp_path: Path) -> Non
                 out.write(f)  # blocks while the pipe is full: the gateway's sender waits
         fed.set()
 
-    peak = {"bytes": 0, "records": 0}
     stop = threading.Event()
 
-    def sample() -> None:
+    def sampler() -> None:
         while not stop.is_set():
-            peak["bytes"] = max(peak["bytes"], w.pending_bytes)
-            peak["records"] = max(peak["records"], len(w._queue))  # noqa: SLF001
+            sample()
             time.sleep(0.0005)
 
-    threads = [threading.Thread(target=feed), threading.Thread(target=sample)]
+    threads = [threading.Thread(target=feed), threading.Thread(target=sampler)]
     for t in threads:
         t.start()
     try:
@@ -79,6 +67,34 @@ def test_the_writer_reads_no_further_than_one_batch_ahead(tmp_path: Path) -> Non
     for t in threads:
         t.join(10)
     assert fed.is_set()
+
+
+def test_the_writer_reads_no_further_than_one_batch_ahead(tmp_path: Path,
+                                                          monkeypatch) -> None:
+    """A store slower than the gateway: the process's queue stays within one batch (in
+    bytes) however much the gateway has sent, and every record is still written, once, in
+    order. Before, it read the pipe to the end into its queue (here ~1.3 MB)."""
+    real = store.append
+
+    def slow_append(con, rows, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        time.sleep(0.003 * len(rows))  # a store that lags the gateway
+        return real(con, rows, *a, **kw)
+
+    monkeypatch.setattr(store, "append", slow_append)
+    db = tmp_path / "a.duckdb"
+    w = AuditWriter(db, build=writerproc.build, serve_queries=False, batch_size=500,
+                    interval=0.05, max_batch_bytes=64 * 1024)
+    writerproc.configure(w, {})  # as in the process: the gateway bounds the backlog
+    w.start()
+    rep = writerproc.Reporter(io.BytesIO(), w)
+    frames = [wire.frame(wire.pending_msg(i + 1, pending(i, b"x" * 8000))) for i in range(150)]
+    peak = {"bytes": 0, "records": 0}
+
+    def sample() -> None:
+        peak["bytes"] = max(peak["bytes"], w.pending_bytes)
+        peak["records"] = max(peak["records"], len(w._queue))  # noqa: SLF001
+
+    pump_frames(w, rep, db, frames, sample)
     assert w.close(60)
     frame_max = max(len(f) for f in frames)
     assert peak["bytes"] <= 64 * 1024 + frame_max, peak
