@@ -239,3 +239,44 @@ def test_the_first_collection_drops_what_the_first_flows_faulted_in() -> None:
     dropped = m.dropped_kib
     m.collect()  # the second one does not drop again
     assert m.dropped_kib == dropped
+
+
+def _finished_flow_in(memory: Memory):  # noqa: ANN202
+    memory.running()
+    f = _flow(resp=True)
+    memory.response(f)
+    return f
+
+
+def test_mitmdump_lets_a_finished_flows_request_body_go() -> None:
+    """After every hook read it (the recorder's snapshot, mitmproxy's `save` before the
+    script), a finished flow's request body is not kept while the flow waits, dead, for a
+    collection; the response still goes out whole."""
+    m = Memory()
+    with taddons.context(m):
+        f = _finished_flow_in(m)
+        assert f.request.raw_content is None
+        assert f.response.raw_content == BODY
+        e = _flow()
+        e.error = tflow.terr()
+        m.error(e)
+        assert e.request.raw_content is None
+
+
+def test_request_bodies_stay_where_flows_are_shown_or_asked_for() -> None:
+    from mitmproxy.addons.view import View
+
+    m = Memory()
+    with taddons.context(m, View()):  # mitmweb, mitmproxy's console
+        assert _finished_flow_in(m).request.raw_content == BODY
+    m = Memory()
+    with taddons.context(m) as tctx:
+        tctx.configure(m, agentgate_keep_request_bodies=True)
+        assert _finished_flow_in(m).request.raw_content == BODY
+    m = Memory()
+    with taddons.context(m):
+        m.running()
+        ws = tflow.twebsocketflow()  # recorded again at its end: left whole
+        ws.request.content = b"hello"
+        m.response(ws)
+        assert ws.request.raw_content == b"hello"
